@@ -1,0 +1,46 @@
+//! `meshd`: the node agent and the command-line tool of the mesh.
+//!
+//! main only parses the command line and dispatches; each subcommand lives in its own module.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod output;
+
+/// meshd joins independent clusters of Linux nodes into one network: endpoints in any cluster
+/// reach each other over a VXLAN overlay that carries the sender's security identity, so
+/// identity-based policy holds across clusters.
+#[derive(Debug, Parser)]
+#[command(name = "meshd", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(flatten)]
+    telemetry: meshd_telemetry::TelemetryArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    // Subcommands are added by their modules.
+    /// Print version information.
+    Version(output::OutputArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = meshd_telemetry::init(&cli.telemetry) {
+        eprintln!("meshd: {e}");
+        return ExitCode::from(64);
+    }
+    let result = match cli.command {
+        Command::Version(out) => output::print_version(&out),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what building and testing meshd needs, only when missing (idempotent).
+# Debian packages: clang/llvm (eBPF objects), libbpf-dev (bpf_helpers.h), protobuf-compiler (gRPC),
+# etcd-server/etcd-client (the real etcd 3.4 every test runs against), iproute2 (netns, veth, VXLAN),
+# iperf3 (benchmarks), bpftool (inspection), openssl (TLS tests against a TLS-1.2-only server).
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have clang || need+=(clang)
+have llc || need+=(llvm)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+have protoc || need+=(protobuf-compiler)
+have etcd || need+=(etcd-server)
+have etcdctl || need+=(etcd-client)
+have ip || need+=(iproute2)
+have iperf3 || need+=(iperf3)
+have bpftool || need+=(bpftool)
+have openssl || need+=(openssl)
+have nsenter || need+=(util-linux)
+# asm/types.h for -target bpf lives under the multiarch include dir; the i386 headers provide
+# the generic asm/ links clang needs on Debian.
+[ -e /usr/include/asm/types.h ] || [ -e /usr/include/x86_64-linux-gnu/asm/types.h ] || need+=(linux-libc-dev)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need[*]}"
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: need root to apt-get install ${need[*]}" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# bpffs: the datapath pins its maps here.
+if ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    mount -t bpf bpf /sys/fs/bpf
+  fi
+fi
+echo "install-deps: ok"
