@@ -1,0 +1,422 @@
+//! Every etcd key of the schema, in one place. Each key type renders itself (`Display`) and
+//! parses itself (`ResourceKey::parse`); no other code builds or splits key strings.
+//!
+//! ```text
+//! meshd/cluster-config/<cluster>
+//! meshd/state/nodes/v1/<cluster>/<node>
+//! meshd/state/ip/v1/<cluster>/<ip>            host prefixes: the bare address
+//! meshd/state/ip/v1/<cluster>/<ip>/<len>      other prefixes
+//! meshd/state/identities/v1/<cluster>/id/<id>
+//! meshd/state/services/v1/<cluster>/<namespace>/<name>
+//! meshd/synced/<cluster>/<resource>
+//! ```
+
+use std::fmt;
+use std::hash::Hash;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::error::{FieldError, StateError};
+use crate::identity::NumericIdentity;
+use crate::names::{check_dns_label, check_dns_subdomain, ClusterName};
+
+/// Root of everything meshd stores.
+pub const ROOT: &str = "meshd/";
+pub const CLUSTER_CONFIG_PREFIX: &str = "meshd/cluster-config/";
+pub const NODES_PREFIX: &str = "meshd/state/nodes/v1/";
+pub const IPCACHE_PREFIX: &str = "meshd/state/ip/v1/";
+pub const IDENTITIES_PREFIX: &str = "meshd/state/identities/v1/";
+pub const SERVICES_PREFIX: &str = "meshd/state/services/v1/";
+pub const SYNCED_PREFIX: &str = "meshd/synced/";
+/// What remote clusters may read (together with `meshd/synced/`).
+pub const STATE_PREFIX: &str = "meshd/state/";
+
+/// A key type of the schema.
+pub trait ResourceKey:
+    Sized
+    + Clone
+    + PartialEq
+    + Eq
+    + PartialOrd
+    + Ord
+    + Hash
+    + fmt::Debug
+    + fmt::Display
+    + Send
+    + Sync
+    + 'static
+{
+    /// Parses a full etcd key; the error names the key.
+    fn parse(key: &str) -> Result<Self, StateError>;
+    /// The cluster whose state this key belongs to.
+    fn cluster(&self) -> &ClusterName;
+}
+
+/// Splits `key` after `prefix` into exactly `n` non-empty `/`-separated segments.
+fn segments<'k>(
+    key: &'k str,
+    prefix: &str,
+    n: usize,
+    shape: &str,
+) -> Result<Vec<&'k str>, StateError> {
+    let rest = key
+        .strip_prefix(prefix)
+        .ok_or_else(|| StateError::key(key, format!("does not start with {prefix:?}")))?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    if parts.len() != n || parts.iter().any(|p| p.is_empty()) {
+        return Err(StateError::key(key, format!("expected {prefix}{shape}")));
+    }
+    Ok(parts)
+}
+
+fn cluster_segment(key: &str, s: &str) -> Result<ClusterName, StateError> {
+    ClusterName::new(s).map_err(|e| StateError::key(key, e.to_string()))
+}
+
+fn check_segment(key: &str, r: Result<(), FieldError>) -> Result<(), StateError> {
+    r.map_err(|e| StateError::key(key, e.to_string()))
+}
+
+/// `meshd/cluster-config/<cluster>`
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClusterConfigKey {
+    pub cluster: ClusterName,
+}
+
+impl fmt::Display for ClusterConfigKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{CLUSTER_CONFIG_PREFIX}{}", self.cluster)
+    }
+}
+
+impl ResourceKey for ClusterConfigKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let s = segments(key, CLUSTER_CONFIG_PREFIX, 1, "<cluster>")?;
+        Ok(Self {
+            cluster: cluster_segment(key, s[0])?,
+        })
+    }
+    fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+}
+
+/// `meshd/state/nodes/v1/<cluster>/<node>`
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeKey {
+    pub cluster: ClusterName,
+    pub node: String,
+}
+
+impl fmt::Display for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{NODES_PREFIX}{}/{}", self.cluster, self.node)
+    }
+}
+
+impl ResourceKey for NodeKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let s = segments(key, NODES_PREFIX, 2, "<cluster>/<node>")?;
+        let cluster = cluster_segment(key, s[0])?;
+        check_segment(key, check_dns_subdomain("node", s[1]))?;
+        Ok(Self {
+            cluster,
+            node: s[1].to_owned(),
+        })
+    }
+    fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+}
+
+/// `meshd/state/ip/v1/<cluster>/<ip>` for a host prefix (/32, /128), `<ip>/<len>` otherwise.
+/// The prefix is always canonical (no host bits set), so one prefix has exactly one key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IpcacheKey {
+    pub cluster: ClusterName,
+    pub prefix: IpNet,
+}
+
+impl IpcacheKey {
+    /// The key of a single endpoint address.
+    pub fn host(cluster: ClusterName, ip: IpAddr) -> Self {
+        Self {
+            cluster,
+            prefix: IpNet::from(ip),
+        }
+    }
+}
+
+impl fmt::Display for IpcacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.prefix.prefix_len() == self.prefix.max_prefix_len() {
+            write!(f, "{IPCACHE_PREFIX}{}/{}", self.cluster, self.prefix.addr())
+        } else {
+            write!(f, "{IPCACHE_PREFIX}{}/{}", self.cluster, self.prefix)
+        }
+    }
+}
+
+impl ResourceKey for IpcacheKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let rest = key.strip_prefix(IPCACHE_PREFIX).ok_or_else(|| {
+            StateError::key(key, format!("does not start with {IPCACHE_PREFIX:?}"))
+        })?;
+        let (cluster, ip) = rest.split_once('/').ok_or_else(|| {
+            StateError::key(key, format!("expected {IPCACHE_PREFIX}<cluster>/<ip>"))
+        })?;
+        let cluster = cluster_segment(key, cluster)?;
+        let prefix =
+            if ip.contains('/') {
+                ip.parse::<IpNet>()
+                    .map_err(|e| StateError::key(key, format!("{ip:?} is not a prefix: {e}")))?
+            } else {
+                IpNet::from(ip.parse::<IpAddr>().map_err(|e| {
+                    StateError::key(key, format!("{ip:?} is not an IP address: {e}"))
+                })?)
+            };
+        if prefix.trunc() != prefix {
+            return Err(StateError::key(
+                key,
+                format!(
+                    "prefix {prefix} has host bits set (expected {})",
+                    prefix.trunc()
+                ),
+            ));
+        }
+        let me = Self { cluster, prefix };
+        // One prefix, one key: `10.0.0.1/32` must be written `10.0.0.1`.
+        if me.to_string() != key {
+            return Err(StateError::key(
+                key,
+                format!("not in canonical form (expected {me})"),
+            ));
+        }
+        Ok(me)
+    }
+    fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+}
+
+/// `meshd/state/identities/v1/<cluster>/id/<id>`
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IdentityKey {
+    pub cluster: ClusterName,
+    pub id: NumericIdentity,
+}
+
+impl fmt::Display for IdentityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{IDENTITIES_PREFIX}{}/id/{}", self.cluster, self.id)
+    }
+}
+
+impl ResourceKey for IdentityKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let s = segments(key, IDENTITIES_PREFIX, 3, "<cluster>/id/<id>")?;
+        let cluster = cluster_segment(key, s[0])?;
+        if s[1] != "id" {
+            return Err(StateError::key(
+                key,
+                format!("expected {IDENTITIES_PREFIX}<cluster>/id/<id>"),
+            ));
+        }
+        let n: u32 = s[2]
+            .parse()
+            .map_err(|_| StateError::key(key, format!("identity {:?} is not a number", s[2])))?;
+        let id = NumericIdentity::new(n).map_err(|e| StateError::key(key, e.to_string()))?;
+        if id.is_reserved() {
+            return Err(StateError::key(
+                key,
+                format!("identity {id} is reserved and never stored"),
+            ));
+        }
+        Ok(Self { cluster, id })
+    }
+    fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+}
+
+/// `meshd/state/services/v1/<cluster>/<namespace>/<name>`
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub cluster: ClusterName,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SERVICES_PREFIX}{}/{}/{}",
+            self.cluster, self.namespace, self.name
+        )
+    }
+}
+
+impl ResourceKey for ServiceKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let s = segments(key, SERVICES_PREFIX, 3, "<cluster>/<namespace>/<name>")?;
+        let cluster = cluster_segment(key, s[0])?;
+        check_segment(key, check_dns_label("namespace", s[1]))?;
+        check_segment(key, check_dns_label("name", s[2]))?;
+        Ok(Self {
+            cluster,
+            namespace: s[1].to_owned(),
+            name: s[2].to_owned(),
+        })
+    }
+    fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+}
+
+/// `meshd/synced/<cluster>/<resource>`: the initial sync of `resource` (a `Resource::KIND`) of
+/// `cluster` is complete.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SyncCanaryKey {
+    pub cluster: ClusterName,
+    pub resource: String,
+}
+
+impl fmt::Display for SyncCanaryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{SYNCED_PREFIX}{}/{}", self.cluster, self.resource)
+    }
+}
+
+impl ResourceKey for SyncCanaryKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let s = segments(key, SYNCED_PREFIX, 2, "<cluster>/<resource>")?;
+        let cluster = cluster_segment(key, s[0])?;
+        check_segment(key, check_dns_label("resource", s[1]))?;
+        Ok(Self {
+            cluster,
+            resource: s[1].to_owned(),
+        })
+    }
+    fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c1() -> ClusterName {
+        ClusterName::new("c1").unwrap()
+    }
+
+    fn round_trip<K: ResourceKey>(key: &K, text: &str) {
+        assert_eq!(key.to_string(), text);
+        assert_eq!(&K::parse(text).unwrap(), key);
+    }
+
+    #[test]
+    fn keys_render_and_parse() {
+        round_trip(
+            &ClusterConfigKey { cluster: c1() },
+            "meshd/cluster-config/c1",
+        );
+        round_trip(
+            &NodeKey {
+                cluster: c1(),
+                node: "n1".into(),
+            },
+            "meshd/state/nodes/v1/c1/n1",
+        );
+        round_trip(
+            &IpcacheKey::host(c1(), "10.1.0.5".parse().unwrap()),
+            "meshd/state/ip/v1/c1/10.1.0.5",
+        );
+        round_trip(
+            &IpcacheKey::host(c1(), "fd00::5".parse().unwrap()),
+            "meshd/state/ip/v1/c1/fd00::5",
+        );
+        round_trip(
+            &IpcacheKey {
+                cluster: c1(),
+                prefix: "10.1.0.0/16".parse().unwrap(),
+            },
+            "meshd/state/ip/v1/c1/10.1.0.0/16",
+        );
+        round_trip(
+            &IdentityKey {
+                cluster: c1(),
+                id: NumericIdentity::new((1 << 16) | 300).unwrap(),
+            },
+            "meshd/state/identities/v1/c1/id/65836",
+        );
+        round_trip(
+            &ServiceKey {
+                cluster: c1(),
+                namespace: "default".into(),
+                name: "echo".into(),
+            },
+            "meshd/state/services/v1/c1/default/echo",
+        );
+        round_trip(
+            &SyncCanaryKey {
+                cluster: c1(),
+                resource: "nodes".into(),
+            },
+            "meshd/synced/c1/nodes",
+        );
+    }
+
+    #[test]
+    fn bad_keys_are_rejected_with_the_key_named() {
+        type Parse = fn(&str) -> Result<(), StateError>;
+        let bad: &[(&str, Parse)] = &[
+            ("meshd/state/nodes/v1/c1", |k| NodeKey::parse(k).map(drop)),
+            ("meshd/state/nodes/v1/c1/n1/extra", |k| {
+                NodeKey::parse(k).map(drop)
+            }),
+            ("meshd/state/nodes/v1/C1/n1", |k| {
+                NodeKey::parse(k).map(drop)
+            }),
+            ("meshd/state/nodes/v1//n1", |k| NodeKey::parse(k).map(drop)),
+            ("other/nodes/v1/c1/n1", |k| NodeKey::parse(k).map(drop)),
+            ("meshd/state/ip/v1/c1/10.0.0.300", |k| {
+                IpcacheKey::parse(k).map(drop)
+            }),
+            ("meshd/state/ip/v1/c1/10.0.0.1/16", |k| {
+                IpcacheKey::parse(k).map(drop)
+            }),
+            ("meshd/state/ip/v1/c1/10.0.0.1/32", |k| {
+                IpcacheKey::parse(k).map(drop)
+            }),
+            ("meshd/state/ip/v1/c1", |k| IpcacheKey::parse(k).map(drop)),
+            ("meshd/state/identities/v1/c1/id/abc", |k| {
+                IdentityKey::parse(k).map(drop)
+            }),
+            ("meshd/state/identities/v1/c1/id/2", |k| {
+                IdentityKey::parse(k).map(drop)
+            }),
+            ("meshd/state/identities/v1/c1/xx/65836", |k| {
+                IdentityKey::parse(k).map(drop)
+            }),
+            ("meshd/state/services/v1/c1/default", |k| {
+                ServiceKey::parse(k).map(drop)
+            }),
+            ("meshd/state/services/v1/c1/Default/echo", |k| {
+                ServiceKey::parse(k).map(drop)
+            }),
+            ("meshd/synced/c1", |k| SyncCanaryKey::parse(k).map(drop)),
+            ("meshd/cluster-config/c1/x", |k| {
+                ClusterConfigKey::parse(k).map(drop)
+            }),
+        ];
+        for (key, parse) in bad {
+            let err = parse(key).unwrap_err();
+            assert!(matches!(err, StateError::Key { .. }), "{key}: {err}");
+            assert_eq!(err.key_str(), *key);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! The JSON records stored under the keys of [`crate::keys`].
+//!
+//! Unknown fields are ignored when decoding so a newer writer can add optional fields without
+//! breaking older readers; an incompatible change takes a new version segment (`v2`) in the key.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+use crate::identity::NumericIdentity;
+use crate::labels::Labels;
+use crate::names::{check_dns_label, check_dns_subdomain, ClusterId, ClusterName};
+
+/// `meshd/cluster-config/<cluster>`: who a cluster is and what its control plane supports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub name: ClusterName,
+    pub id: ClusterId,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+/// Features a cluster's publishers support, so readers know what to wait for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Publishers write `meshd/synced/...` canaries; readers wait for them before using state.
+    #[serde(default)]
+    pub sync_canaries: bool,
+    /// Largest cluster id in the mesh this cluster was configured for.
+    #[serde(default = "default_max_clusters")]
+    pub max_connected_clusters: u16,
+}
+
+fn default_max_clusters() -> u16 {
+    255
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            sync_canaries: true,
+            max_connected_clusters: default_max_clusters(),
+        }
+    }
+}
+
+/// `meshd/state/nodes/v1/<cluster>/<node>`: one node, published by its agent under a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub cluster: ClusterName,
+    pub cluster_id: ClusterId,
+    /// Underlay address: the tunnel endpoint for this node's endpoints.
+    pub node_ip: IpAddr,
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
+    #[serde(default)]
+    pub labels: Labels,
+    /// Changes on every reboot, so peers can drop state (conntrack, tunnels) of the old boot.
+    pub boot_id: String,
+}
+
+impl NodeRecord {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
+        check_dns_subdomain("name", &self.name)?;
+        for (i, cidr) in self.pod_cidrs.iter().enumerate() {
+            check_canonical(&format!("pod_cidrs[{i}]"), cidr)?;
+        }
+        self.labels.validate("labels")?;
+        if self.boot_id.is_empty() {
+            return Err(FieldError::new("boot_id", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// `meshd/state/ip/v1/<cluster>/<ip>`: where an endpoint address lives and who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcacheEntry {
+    pub prefix: IpNet,
+    pub identity: NumericIdentity,
+    /// Node IP hosting the endpoint: the remote end of the tunnel towards it.
+    pub host_ip: IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+impl IpcacheEntry {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
+        check_canonical("prefix", &self.prefix)?;
+        if let Some(ep) = &self.endpoint {
+            check_dns_subdomain("endpoint", ep)?;
+        }
+        if let Some(ns) = &self.namespace {
+            check_dns_label("namespace", ns)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+/// Which backends of a global service are preferred.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Affinity {
+    /// Remote backends only while no local backend is ready.
+    Local,
+    /// Local backends only while no remote backend is ready.
+    Remote,
+    #[default]
+    None,
+}
+
+/// An address clients connect to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceFrontend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Port name, matching backends of other clusters by name rather than number.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub port_name: String,
+}
+
+/// An endpoint serving a service port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceBackend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub ready: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub port_name: String,
+}
+
+/// `meshd/state/services/v1/<cluster>/<namespace>/<name>`: a service and this cluster's backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub frontends: Vec<ServiceFrontend>,
+    #[serde(default)]
+    pub backends: Vec<ServiceBackend>,
+    /// Merge backends of the same namespace/name from every cluster.
+    #[serde(default)]
+    pub global: bool,
+    /// Export this cluster's backends to the others.
+    #[serde(default)]
+    pub shared: bool,
+    #[serde(default)]
+    pub affinity: Affinity,
+}
+
+impl ServiceRecord {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
+        check_dns_label("namespace", &self.namespace)?;
+        check_dns_label("name", &self.name)?;
+        for (i, f) in self.frontends.iter().enumerate() {
+            if f.port == 0 {
+                return Err(FieldError::new(
+                    format!("frontends[{i}].port"),
+                    "must not be 0",
+                ));
+            }
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if b.port == 0 {
+                return Err(FieldError::new(
+                    format!("backends[{i}].port"),
+                    "must not be 0",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `meshd/synced/<cluster>/<resource>`: the publisher's initial state of `resource` is in etcd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncCanary {
+    /// Unix time in milliseconds when the initial sync completed.
+    pub synced_at_ms: u64,
+}
+
+fn check_canonical(field: &str, net: &IpNet) -> Result<(), FieldError> {
+    if net.trunc() == *net {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{net} has host bits set (expected {})", net.trunc()),
+        ))
+    }
+}
