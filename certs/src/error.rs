@@ -1,0 +1,92 @@
+use std::path::PathBuf;
+
+/// What went wrong with a certificate or key file. Every variant names the file (or files) and the
+/// reason in words an operator can act on: certificate trouble is the most common way a mesh
+/// breaks, and "bad certificate" from a TLS handshake says neither which file nor why.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot read {what} file {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {what} file {path}: {source}")]
+    Write {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} file {path}: {reason}")]
+    Invalid {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "{what} file {path} already exists; refusing to overwrite it (pass --force to replace it)"
+    )]
+    Exists { what: &'static str, path: PathBuf },
+    #[error("{what} file {path}: certificate expired at {not_after} (now {now})")]
+    Expired {
+        what: &'static str,
+        path: PathBuf,
+        not_after: String,
+        now: String,
+    },
+    #[error("{what} file {path}: certificate is not valid before {not_before} (now {now}); is a clock wrong?")]
+    NotYetValid {
+        what: &'static str,
+        path: PathBuf,
+        not_before: String,
+        now: String,
+    },
+    #[error("key file {key} does not match certificate file {cert}: its public key differs from the certificate's")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{what} file {path}: certificate (issuer \"{issuer}\") is not signed by the CA in {ca} (subject \"{ca_subject}\")")]
+    UnknownIssuer {
+        what: &'static str,
+        path: PathBuf,
+        issuer: String,
+        ca: PathBuf,
+        ca_subject: String,
+    },
+    #[error("{what} file {path}: incompatible key usage: {reason}")]
+    WrongUsage {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{what} file {path}: certificate is not valid for \"{name}\" (its SANs: {sans})")]
+    WrongName {
+        what: &'static str,
+        path: PathBuf,
+        name: String,
+        sans: String,
+    },
+    #[error("issuing a certificate for {subject}: {reason}")]
+    Issue { subject: String, reason: String },
+    #[error("building TLS config: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl CertError {
+    /// The file the error is about (the certificate for a key mismatch).
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            CertError::Read { path, .. }
+            | CertError::Write { path, .. }
+            | CertError::Invalid { path, .. }
+            | CertError::Exists { path, .. }
+            | CertError::Expired { path, .. }
+            | CertError::NotYetValid { path, .. }
+            | CertError::UnknownIssuer { path, .. }
+            | CertError::WrongUsage { path, .. }
+            | CertError::WrongName { path, .. } => Some(path),
+            CertError::KeyMismatch { cert, .. } => Some(cert),
+            CertError::Issue { .. } | CertError::Tls(_) => None,
+        }
+    }
+}

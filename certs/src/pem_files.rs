@@ -1,0 +1,143 @@
+//! Reading PEM files with errors that name the file, and writing them atomically with the right
+//! permissions.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::pem::{PemObject, SectionKind};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::CertError;
+
+/// Private keys are readable by their owner only.
+pub const KEY_MODE: u32 = 0o600;
+/// Certificates are public.
+pub const CERT_MODE: u32 = 0o644;
+
+pub(crate) fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|source| CertError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn invalid(what: &'static str, path: &Path, reason: impl Into<String>) -> CertError {
+    CertError::Invalid {
+        what,
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Every CERTIFICATE block of a PEM file, in order; at least one.
+pub fn read_certs(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let pem = read(what, path)?;
+    certs_from_pem(what, path, &pem)
+}
+
+pub(crate) fn certs_from_pem(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let mut certs = Vec::new();
+    let mut has_key = false;
+    for section in <(SectionKind, Vec<u8>) as PemObject>::pem_slice_iter(pem) {
+        let (kind, der) =
+            section.map_err(|e| invalid(what, path, format!("not valid PEM: {e}")))?;
+        match kind {
+            SectionKind::Certificate => certs.push(CertificateDer::from(der)),
+            SectionKind::PrivateKey | SectionKind::RsaPrivateKey | SectionKind::EcPrivateKey => {
+                has_key = true
+            }
+            _ => {}
+        }
+    }
+    if certs.is_empty() {
+        let reason = if has_key {
+            "holds a private key, not a certificate (are --cert and --key swapped?)"
+        } else {
+            "no CERTIFICATE block found"
+        };
+        return Err(invalid(what, path, reason));
+    }
+    Ok(certs)
+}
+
+/// The one private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn read_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    let pem = read(what, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        let reason = if CertificateDer::pem_slice_iter(&pem).next().is_some() {
+            "holds a certificate, not a private key (are --cert and --key swapped?)".to_string()
+        } else {
+            format!("no usable private key: {e}")
+        };
+        invalid(what, path, reason)
+    })
+}
+
+/// Writes `contents` to `path` atomically: a temporary file in the same directory with the final
+/// mode from the start (a key is never world-readable, not even for a moment), synced, then
+/// renamed over the target. A reader sees the old file or the new one, never a torn one.
+///
+/// With `overwrite` false an existing `path` is an error, so a key is never replaced by mistake.
+pub fn write_atomic(
+    what: &'static str,
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    overwrite: bool,
+) -> Result<(), CertError> {
+    let err = |source| CertError::Write {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    if !overwrite && path.exists() {
+        return Err(CertError::Exists {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err(std::io::Error::other("path has no file name")))?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{nanos}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // The umask may have narrowed the mode; a certificate must stay readable by others.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
