@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * from-endpoint: tc ingress on the host side of every endpoint veth, i.e. every packet an
+ * endpoint sends. Anti-spoofing, conntrack, egress policy (and the destination's ingress policy
+ * for local delivery), then local delivery or VXLAN encapsulation with the sender's identity as
+ * VNI. Service load-balancing (DNAT) will slot in between parsing and the conntrack lookup.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/ct.h"
+#include "lib/policy.h"
+#include "lib/deliver.h"
+#include "lib/exit.h"
+
+static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pkt_ctx *ctx)
+{
+	__u32 l3_off = 0;
+	int ret = parse_packet(skb, ctx, &l3_off);
+	if (ret < 0)
+		return ret;
+	if (ret == PARSE_ARP) {
+		/* The endpoint resolves its gateway with a static neighbour entry; any other ARP is
+		 * the node's business. */
+		ctx->action = TC_ACT_OK;
+		return MESHD_FWD_STACK;
+	}
+
+	struct endpoint_key skey = {.addr = ctx->saddr};
+	struct endpoint_value *src = bpf_map_lookup_elem(&ENDPOINTS, &skey);
+	if (!src || src->ifindex != skb->ingress_ifindex)
+		return MESHD_DROP_INVALID_SOURCE;
+	__u32 src_identity = src->identity;
+	ctx->src_identity = src_identity;
+
+	struct endpoint_key dkey = {.addr = ctx->daddr};
+	struct endpoint_value *dst = bpf_map_lookup_elem(&ENDPOINTS, &dkey);
+	struct ipcache_value *remote = 0;
+	if (dst) {
+		ctx->dst_identity = dst->identity;
+	} else {
+		struct ipcache_key ikey = {.prefixlen = 32, .addr = ctx->daddr};
+		remote = bpf_map_lookup_elem(&IPCACHE, &ikey);
+		if (!remote)
+			return MESHD_DROP_UNKNOWN_DEST;
+		ctx->dst_identity = remote->identity;
+	}
+
+	__u64 now = bpf_ktime_get_ns();
+	int ct = ct_lookup(skb, ctx, l3_off, now);
+	if (ct == CT_NEW || ct == CT_ESTABLISHED) {
+		/* Established connections are re-checked so that a policy change cuts them too;
+		 * only replies and related errors ride on the connection's first verdict. */
+		ret = policy_check(src_identity, ctx->dst_identity, ctx, MESHD_DIR_EGRESS);
+		if (ret < 0)
+			return ret;
+		if (dst) {
+			ctx->direction = MESHD_DIR_INGRESS;
+			ret = policy_check(ctx->dst_identity, src_identity, ctx, MESHD_DIR_INGRESS);
+			if (ret < 0)
+				return ret;
+			ctx->direction = MESHD_DIR_EGRESS;
+		}
+		if (ct == CT_NEW)
+			ct_create(ctx, now);
+	}
+
+	if (dst) {
+		ret = rewrite_macs(skb, dst);
+		if (ret < 0)
+			return ret;
+		/* Egress of the peer's host veth: veth_xmit hands it to the endpoint's namespace. */
+		ctx->action = bpf_redirect(dst->ifindex, 0);
+		return MESHD_FWD_LOCAL;
+	}
+	if (!remote->tunnel_endpoint) {
+		ctx->action = TC_ACT_OK;
+		return MESHD_FWD_STACK;
+	}
+
+	__u32 zero = 0;
+	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
+	if (!cfg || !cfg->vxlan_ifindex)
+		return MESHD_DROP_NO_CONFIG;
+	struct bpf_tunnel_key key = {};
+	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
+	key.tunnel_id = src_identity;
+	key.tunnel_ttl = 64;
+	/* Zero outer UDP checksum, as the kernel's own VXLAN does by default for IPv4. */
+	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	ctx->action = bpf_redirect(cfg->vxlan_ifindex, 0);
+	return MESHD_FWD_TUNNEL;
+}
+
+SEC("classifier")
+int from_endpoint(struct __sk_buff *skb)
+{
+	struct pkt_ctx ctx = {.direction = MESHD_DIR_EGRESS};
+	int ret = handle_from_endpoint(skb, &ctx);
+	return finish(skb, &ctx, ret);
+}
+
+/*
+ * Test-run entry point, never attached: BPF_PROG_RUN cannot show the tunnel key the program
+ * set, so this variant reads it back and returns it in skb->cb[0] (remote IPv4, host byte
+ * order) and cb[1] (VNI), which the test reads from the output context.
+ */
+SEC("classifier")
+int from_endpoint_probe(struct __sk_buff *skb)
+{
+	struct pkt_ctx ctx = {.direction = MESHD_DIR_EGRESS};
+	int ret = handle_from_endpoint(skb, &ctx);
+	if (ret == MESHD_FWD_TUNNEL) {
+		struct bpf_tunnel_key key = {};
+		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0) {
+			skb->cb[0] = key.remote_ipv4;
+			skb->cb[1] = key.tunnel_id;
+		}
+	}
+	return finish(skb, &ctx, ret);
+}
+
+char LICENSE[] SEC("license") = "GPL";

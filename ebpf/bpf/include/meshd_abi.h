@@ -1,0 +1,217 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * meshd datapath ABI: the one source of truth for everything the C programs and the Rust agent
+ * share (map keys and values, events, reason codes). The Rust mirror lives in
+ * ebpf/src/abi.rs; a test compares it field by field against the BTF of the compiled objects,
+ * so any change here must be made there too (the test says which field moved).
+ *
+ * Byte order: IPv4 addresses are network byte order everywhere (copied from packets as-is).
+ * Ports are network byte order in CT keys (copied from packets) and host byte order in policy
+ * keys and drop events (written or read by the agent). Identities are host byte order.
+ *
+ * Padding is always spelled out, so a zeroed Rust value is a valid key (hash maps compare all
+ * key bytes, and LPM tries compare prefix bits).
+ */
+#ifndef MESHD_ABI_H
+#define MESHD_ABI_H
+
+#include <linux/types.h>
+
+/*
+ * Constants are enums rather than #defines so that they appear in the objects' BTF, where the
+ * Rust mirror test checks them.
+ */
+
+/* Map capacities. Changing one requires removing the pinned map (it is reused by name). */
+enum meshd_limits {
+	MESHD_IPCACHE_MAX = 512000,
+	MESHD_ENDPOINTS_MAX = 65536,
+	MESHD_NODES_MAX = 16384,
+	MESHD_POLICY_MAX = 262144,
+	MESHD_CT_MAX = 262144,
+	MESHD_EVENTS_BYTES = 1 << 20,
+};
+
+/* Identity layout (DESIGN.md "Identities"): bits 16-23 cluster id, bits 0-15 local id. */
+enum meshd_identity {
+	MESHD_IDENTITY_HOST = 1,
+	MESHD_IDENTITY_WORLD = 2,
+	MESHD_IDENTITY_REMOTE_NODE = 6,
+	MESHD_IDENTITY_CLUSTER_SHIFT = 16,
+	MESHD_IDENTITY_CLUSTER_MASK = 0xff,
+	MESHD_IDENTITY_MAX = 0xffffff, /* must fit a 24-bit VNI */
+};
+
+/* Directions, as seen by the endpoint the policy is about. */
+enum meshd_dir {
+	MESHD_DIR_INGRESS = 0,
+	MESHD_DIR_EGRESS = 1,
+	MESHD_DIR_COUNT = 2,
+};
+
+/*
+ * Reason codes. A program's handler returns either a MESHD_FWD_* (>= 0, how the packet left) or a
+ * negative MESHD_DROP_* (why it was dropped). The single exit of each program counts the reason
+ * in METRICS at index (direction * MESHD_REASONS + abs(code)).
+ */
+enum meshd_reason {
+	MESHD_FWD_LOCAL = 1,  /* redirected to a local endpoint */
+	MESHD_FWD_TUNNEL = 2, /* encapsulated towards a remote node */
+	MESHD_FWD_STACK = 3,  /* handed to the node's own stack (ARP, ipcache entry without tunnel) */
+
+	MESHD_DROP_INVALID_PACKET = -130,   /* truncated or malformed headers */
+	MESHD_DROP_UNSUPPORTED_L3 = -131,   /* not IPv4 (IPv6 comes later) */
+	MESHD_DROP_INVALID_SOURCE = -132,   /* source IP is not the endpoint behind this interface */
+	MESHD_DROP_UNKNOWN_DEST = -133,     /* no endpoint and no ipcache entry for the destination */
+	MESHD_DROP_POLICY = -134,           /* policy enabled for this direction and no rule allows */
+	MESHD_DROP_POLICY_DENY = -135,      /* an explicit deny rule matched */
+	MESHD_DROP_UNKNOWN_NODE = -136,     /* overlay packet from an outer source that is no known node */
+	MESHD_DROP_INVALID_IDENTITY = -137, /* identity's cluster bits differ from the sending node's */
+	MESHD_DROP_NO_TUNNEL_KEY = -138,    /* overlay packet without tunnel metadata */
+	MESHD_DROP_NO_CONFIG = -139,        /* CONFIG not written yet by the agent */
+	MESHD_DROP_WRITE_ERROR = -140,      /* a helper rewriting the packet failed */
+	MESHD_DROP_FRAG_NOSUPPORT = -141,   /* non-first IPv4 fragment (no L4 header to match) */
+};
+
+enum meshd_metrics_layout {
+	MESHD_REASONS = 256,
+	MESHD_METRICS_MAX = MESHD_DIR_COUNT * MESHD_REASONS,
+};
+
+/* IPCACHE: longest-prefix match on the destination address. */
+struct ipcache_key {
+	__u32 prefixlen; /* LPM trie key header: number of significant bits in addr */
+	__u32 addr;      /* network byte order */
+};
+
+enum meshd_ipcache_flags {
+	MESHD_IPCACHE_F_LOCAL = 1, /* the prefix belongs to this node (informational) */
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 tunnel_endpoint; /* node IP, network byte order; 0 = deliver to the local stack */
+	__u32 flags;           /* MESHD_IPCACHE_F_* */
+};
+
+/* ENDPOINTS: local endpoints by IP. */
+struct endpoint_key {
+	__u32 addr; /* network byte order */
+};
+
+struct endpoint_value {
+	__u32 ifindex;    /* host side of the endpoint's veth, in the node's namespace */
+	__u32 identity;
+	__u8 mac[6];      /* the endpoint's own MAC (inside its namespace) */
+	__u8 node_mac[6]; /* the host side veth's MAC: the endpoint's gateway */
+	__u32 flags;      /* reserved, 0 */
+};
+
+/* NODES: outer source addresses accepted on the overlay. */
+struct node_key {
+	__u32 addr; /* node IP, network byte order */
+};
+
+struct node_value {
+	__u32 cluster_id; /* 1-255 */
+	__u32 flags;      /* reserved, 0 */
+};
+
+/*
+ * POLICY: (subject, peer, proto, dport, direction) -> verdict. Lookups go from most to least
+ * specific: exact port, any port of the protocol, any protocol; each first with the peer
+ * identity, then with peer 0 ("any peer"). An entry with direction | MESHD_POLICY_F_MARKER and
+ * everything else 0 says "policy is enabled for this subject and direction": without it the
+ * direction is default-allow, with it default-deny.
+ */
+enum meshd_policy_flags {
+	MESHD_POLICY_F_MARKER = 0x80,
+};
+
+struct policy_key {
+	__u32 subject_identity; /* the local endpoint's identity */
+	__u32 peer_identity;    /* 0 = any peer */
+	__u16 dport;            /* host byte order; 0 = any port */
+	__u8 proto;             /* IPPROTO_*; 0 = any protocol */
+	__u8 direction;         /* MESHD_DIR_*, or'ed with MESHD_POLICY_F_MARKER for the marker */
+};
+
+enum meshd_verdict {
+	MESHD_VERDICT_ALLOW = 1,
+	MESHD_VERDICT_DENY = 2,
+	MESHD_VERDICT_ENABLED = 3, /* value of a marker entry */
+};
+
+struct policy_value {
+	__u32 verdict; /* MESHD_VERDICT_* */
+	__u32 cookie;  /* opaque rule id for the agent (monitor output), not used by the datapath */
+};
+
+/*
+ * CT: one entry per connection, keyed by the tuple of its first packet as seen by this node.
+ * A packet whose reversed tuple has an entry is a reply; an ICMP error whose embedded tuple has
+ * an entry (either way) is related. Both skip policy.
+ */
+struct ct_key {
+	__u32 saddr; /* network byte order */
+	__u32 daddr;
+	__u16 sport; /* network byte order; ICMP echo: identifier in sport, 0 in dport */
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct ct_value {
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet either way */
+	__u32 flags;        /* MESHD_CT_F_* */
+	__u32 rev_nat_index; /* reserved for service load-balancing (reverse NAT), 0 for now */
+};
+
+enum meshd_ct_flags {
+	MESHD_CT_F_SEEN_REPLY = 1,
+	MESHD_CT_F_CLOSING = 2, /* FIN or RST seen */
+};
+#define MESHD_CT_LIFETIME_TCP_NS (6ull * 3600 * 1000000000)
+#define MESHD_CT_LIFETIME_CLOSING_NS (10ull * 1000000000)
+#define MESHD_CT_LIFETIME_OTHER_NS (60ull * 1000000000)
+
+/* METRICS: per-CPU, index direction * MESHD_REASONS + abs(reason code). */
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* CONFIG: a one-entry array written by the agent before it attaches the programs. */
+struct datapath_config {
+	__u32 vxlan_ifindex; /* the VXLAN device (external mode) in the node's namespace */
+	__u32 node_ip;       /* this node's underlay IP, network byte order */
+	__u32 cluster_id;    /* this node's cluster */
+	__u32 flags;         /* reserved, 0 */
+};
+
+/* EVENTS: ring buffer records, one per dropped packet. */
+enum meshd_event_type {
+	MESHD_EVENT_DROP = 1,
+};
+
+struct drop_event {
+	__u64 timestamp_ns; /* bpf_ktime_get_ns() */
+	__u32 event_type;   /* MESHD_EVENT_DROP */
+	__u32 src_identity; /* 0 if not known when dropped */
+	__u32 dst_identity;
+	__u32 saddr; /* network byte order */
+	__u32 daddr;
+	__u16 sport; /* host byte order */
+	__u16 dport;
+	__u8 proto;
+	__u8 direction;
+	__s16 reason; /* MESHD_DROP_* */
+	__u32 ifindex;
+	__u32 pad;
+};
+
+/* Reserved for service load-balancing (a later issue): SERVICES (frontend -> backend count,
+ * affinity) and BACKENDS (backend id -> address, port, cluster id) maps, a DNAT stage in
+ * from-endpoint before policy and a reverse-NAT stage keyed by ct_value.rev_nat_index. */
+
+#endif /* MESHD_ABI_H */

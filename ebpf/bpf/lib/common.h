@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Includes and small helpers shared by every meshd program. */
+#ifndef MESHD_COMMON_H
+#define MESHD_COMMON_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/icmp.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "meshd_abi.h"
+
+#ifndef __always_inline
+#define __always_inline inline __attribute__((always_inline))
+#endif
+
+#define PACKET_HOST 0
+
+/* Everything a program learned about the packet, for policy, CT, metrics and drop events. */
+struct pkt_ctx {
+	__u32 saddr; /* network byte order */
+	__u32 daddr;
+	__u16 sport; /* network byte order */
+	__u16 dport;
+	__u8 proto;
+	__u8 direction; /* MESHD_DIR_* of the decision being made (for metrics and events) */
+	__u8 tcp_flags; /* FIN/SYN/RST bits of a TCP header, 0 otherwise */
+	__u8 icmp_type;
+	__u32 src_identity;
+	__u32 dst_identity;
+	int action; /* TC_ACT_* to return when the handler forwards */
+};
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+
+static __always_inline int identity_cluster(__u32 identity)
+{
+	return (identity >> MESHD_IDENTITY_CLUSTER_SHIFT) & MESHD_IDENTITY_CLUSTER_MASK;
+}
+
+#endif

@@ -1,0 +1,78 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every map of the datapath, declared once and pinned by name, so both programs (separate
+ * objects) and every reload of them share the same maps under the node's bpffs directory.
+ */
+#ifndef MESHD_MAPS_H
+#define MESHD_MAPS_H
+
+#include "common.h"
+
+#ifndef LIBBPF_PIN_BY_NAME
+#define LIBBPF_PIN_BY_NAME 1
+#endif
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_value);
+	__uint(max_entries, MESHD_IPCACHE_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} IPCACHE SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct endpoint_key);
+	__type(value, struct endpoint_value);
+	__uint(max_entries, MESHD_ENDPOINTS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ENDPOINTS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct node_key);
+	__type(value, struct node_value);
+	__uint(max_entries, MESHD_NODES_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} NODES SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(max_entries, MESHD_POLICY_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} POLICY SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, MESHD_CT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CT SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct metrics_value);
+	__uint(max_entries, MESHD_METRICS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} METRICS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct datapath_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} CONFIG SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, MESHD_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} EVENTS SEC(".maps");
+
+#endif

@@ -1,0 +1,394 @@
+//! Rust mirror of `bpf/include/meshd_abi.h`. Every struct is `#[repr(C)]` with its padding
+//! spelled out, so `aya::Pod` is sound and a zeroed value is a valid map key;
+//! `tests/abi_layout.rs` checks sizes, offsets and constants against the compiled BTF.
+//!
+//! Byte order follows the header: IPv4 addresses are network byte order (use [`ip_to_be`] and
+//! [`ip_from_be`]), ports are network byte order in [`CtKey`] and host byte order in
+//! [`PolicyKey`] and [`DropEvent`], identities are host byte order.
+
+use std::net::Ipv4Addr;
+
+/// An IPv4 address as the datapath stores it: the four octets in memory order.
+pub fn ip_to_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// Inverse of [`ip_to_be`].
+pub fn ip_from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+// enum meshd_limits
+pub const IPCACHE_MAX: u32 = 512_000;
+pub const ENDPOINTS_MAX: u32 = 65_536;
+pub const NODES_MAX: u32 = 16_384;
+pub const POLICY_MAX: u32 = 262_144;
+pub const CT_MAX: u32 = 262_144;
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+// enum meshd_identity
+pub const IDENTITY_HOST: u32 = 1;
+pub const IDENTITY_WORLD: u32 = 2;
+pub const IDENTITY_REMOTE_NODE: u32 = 6;
+pub const IDENTITY_CLUSTER_SHIFT: u32 = 16;
+pub const IDENTITY_CLUSTER_MASK: u32 = 0xff;
+pub const IDENTITY_MAX: u32 = 0xff_ffff;
+
+// enum meshd_dir
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+pub const DIR_COUNT: u32 = 2;
+
+// enum meshd_reason: forwards (>= 0) and drops (< 0).
+pub const FWD_LOCAL: i32 = 1;
+pub const FWD_TUNNEL: i32 = 2;
+pub const FWD_STACK: i32 = 3;
+pub const DROP_INVALID_PACKET: i32 = -130;
+pub const DROP_UNSUPPORTED_L3: i32 = -131;
+pub const DROP_INVALID_SOURCE: i32 = -132;
+pub const DROP_UNKNOWN_DEST: i32 = -133;
+pub const DROP_POLICY: i32 = -134;
+pub const DROP_POLICY_DENY: i32 = -135;
+pub const DROP_UNKNOWN_NODE: i32 = -136;
+pub const DROP_INVALID_IDENTITY: i32 = -137;
+pub const DROP_NO_TUNNEL_KEY: i32 = -138;
+pub const DROP_NO_CONFIG: i32 = -139;
+pub const DROP_WRITE_ERROR: i32 = -140;
+pub const DROP_FRAG_NOSUPPORT: i32 = -141;
+
+// enum meshd_metrics_layout
+pub const REASONS: u32 = 256;
+pub const METRICS_MAX: u32 = DIR_COUNT * REASONS;
+
+// enum meshd_ipcache_flags
+pub const IPCACHE_F_LOCAL: u32 = 1;
+// enum meshd_policy_flags
+pub const POLICY_F_MARKER: u8 = 0x80;
+// enum meshd_verdict
+pub const VERDICT_ALLOW: u32 = 1;
+pub const VERDICT_DENY: u32 = 2;
+pub const VERDICT_ENABLED: u32 = 3;
+// enum meshd_ct_flags
+pub const CT_F_SEEN_REPLY: u32 = 1;
+pub const CT_F_CLOSING: u32 = 2;
+// enum meshd_event_type
+pub const EVENT_DROP: u32 = 1;
+
+/// Every constant above with its C name, for the layout test.
+pub const CONSTANTS: &[(&str, i64)] = &[
+    ("MESHD_IPCACHE_MAX", IPCACHE_MAX as i64),
+    ("MESHD_ENDPOINTS_MAX", ENDPOINTS_MAX as i64),
+    ("MESHD_NODES_MAX", NODES_MAX as i64),
+    ("MESHD_POLICY_MAX", POLICY_MAX as i64),
+    ("MESHD_CT_MAX", CT_MAX as i64),
+    ("MESHD_EVENTS_BYTES", EVENTS_BYTES as i64),
+    ("MESHD_IDENTITY_HOST", IDENTITY_HOST as i64),
+    ("MESHD_IDENTITY_WORLD", IDENTITY_WORLD as i64),
+    ("MESHD_IDENTITY_REMOTE_NODE", IDENTITY_REMOTE_NODE as i64),
+    (
+        "MESHD_IDENTITY_CLUSTER_SHIFT",
+        IDENTITY_CLUSTER_SHIFT as i64,
+    ),
+    ("MESHD_IDENTITY_CLUSTER_MASK", IDENTITY_CLUSTER_MASK as i64),
+    ("MESHD_IDENTITY_MAX", IDENTITY_MAX as i64),
+    ("MESHD_DIR_INGRESS", DIR_INGRESS as i64),
+    ("MESHD_DIR_EGRESS", DIR_EGRESS as i64),
+    ("MESHD_DIR_COUNT", DIR_COUNT as i64),
+    ("MESHD_FWD_LOCAL", FWD_LOCAL as i64),
+    ("MESHD_FWD_TUNNEL", FWD_TUNNEL as i64),
+    ("MESHD_FWD_STACK", FWD_STACK as i64),
+    ("MESHD_DROP_INVALID_PACKET", DROP_INVALID_PACKET as i64),
+    ("MESHD_DROP_UNSUPPORTED_L3", DROP_UNSUPPORTED_L3 as i64),
+    ("MESHD_DROP_INVALID_SOURCE", DROP_INVALID_SOURCE as i64),
+    ("MESHD_DROP_UNKNOWN_DEST", DROP_UNKNOWN_DEST as i64),
+    ("MESHD_DROP_POLICY", DROP_POLICY as i64),
+    ("MESHD_DROP_POLICY_DENY", DROP_POLICY_DENY as i64),
+    ("MESHD_DROP_UNKNOWN_NODE", DROP_UNKNOWN_NODE as i64),
+    ("MESHD_DROP_INVALID_IDENTITY", DROP_INVALID_IDENTITY as i64),
+    ("MESHD_DROP_NO_TUNNEL_KEY", DROP_NO_TUNNEL_KEY as i64),
+    ("MESHD_DROP_NO_CONFIG", DROP_NO_CONFIG as i64),
+    ("MESHD_DROP_WRITE_ERROR", DROP_WRITE_ERROR as i64),
+    ("MESHD_DROP_FRAG_NOSUPPORT", DROP_FRAG_NOSUPPORT as i64),
+    ("MESHD_REASONS", REASONS as i64),
+    ("MESHD_METRICS_MAX", METRICS_MAX as i64),
+    ("MESHD_IPCACHE_F_LOCAL", IPCACHE_F_LOCAL as i64),
+    ("MESHD_POLICY_F_MARKER", POLICY_F_MARKER as i64),
+    ("MESHD_VERDICT_ALLOW", VERDICT_ALLOW as i64),
+    ("MESHD_VERDICT_DENY", VERDICT_DENY as i64),
+    ("MESHD_VERDICT_ENABLED", VERDICT_ENABLED as i64),
+    ("MESHD_CT_F_SEEN_REPLY", CT_F_SEEN_REPLY as i64),
+    ("MESHD_CT_F_CLOSING", CT_F_CLOSING as i64),
+    ("MESHD_EVENT_DROP", EVENT_DROP as i64),
+];
+
+/// Human name of a reason code (forward or drop), for logs and `meshd monitor`.
+pub fn reason_name(code: i32) -> &'static str {
+    match code {
+        FWD_LOCAL => "forwarded-local",
+        FWD_TUNNEL => "forwarded-tunnel",
+        FWD_STACK => "forwarded-stack",
+        DROP_INVALID_PACKET => "invalid-packet",
+        DROP_UNSUPPORTED_L3 => "unsupported-l3",
+        DROP_INVALID_SOURCE => "invalid-source",
+        DROP_UNKNOWN_DEST => "unknown-destination",
+        DROP_POLICY => "policy-denied",
+        DROP_POLICY_DENY => "policy-deny-rule",
+        DROP_UNKNOWN_NODE => "unknown-node",
+        DROP_INVALID_IDENTITY => "invalid-identity",
+        DROP_NO_TUNNEL_KEY => "no-tunnel-key",
+        DROP_NO_CONFIG => "no-config",
+        DROP_WRITE_ERROR => "write-error",
+        DROP_FRAG_NOSUPPORT => "fragment-unsupported",
+        _ => "unknown-reason",
+    }
+}
+
+/// Index of a reason's counter in METRICS.
+pub fn metrics_index(direction: u8, code: i32) -> u32 {
+    u32::from(direction & 1) * REASONS + (code.unsigned_abs() & (REASONS - 1))
+}
+
+/// Key of IPCACHE (an LPM trie key: prefix length, then the address).
+/// aya's `LpmTrie` wraps the data in its own `Key { prefix_len, data }`; [`IpcacheKey`] is that
+/// whole layout, kept for the layout test and for raw reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheKey {
+    pub prefixlen: u32,
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    /// Node IP (network byte order); 0 hands packets to the local stack.
+    pub tunnel_endpoint: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointValue {
+    pub ifindex: u32,
+    pub identity: u32,
+    pub mac: [u8; 6],
+    pub node_mac: [u8; 6],
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeKey {
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NodeValue {
+    pub cluster_id: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub subject_identity: u32,
+    /// 0 = any peer.
+    pub peer_identity: u32,
+    /// Host byte order; 0 = any port.
+    pub dport: u16,
+    /// IPPROTO_*; 0 = any protocol.
+    pub proto: u8,
+    /// DIR_*, or'ed with [`POLICY_F_MARKER`] for the "policy enabled" marker.
+    pub direction: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyValue {
+    pub verdict: u32,
+    pub cookie: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub flags: u32,
+    pub rev_nat_index: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MetricsValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DatapathConfig {
+    pub vxlan_ifindex: u32,
+    /// Network byte order.
+    pub node_ip: u32,
+    pub cluster_id: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropEvent {
+    pub timestamp_ns: u64,
+    pub event_type: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub reason: i16,
+    pub ifindex: u32,
+    pub pad: u32,
+}
+
+// SAFETY: every type is `#[repr(C)]`, made only of integers and byte arrays, with all padding
+// spelled out as fields (checked by tests/abi_layout.rs), so any bit pattern is valid and no
+// byte is uninitialised.
+unsafe impl aya::Pod for IpcacheKey {}
+unsafe impl aya::Pod for IpcacheValue {}
+unsafe impl aya::Pod for EndpointKey {}
+unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for NodeKey {}
+unsafe impl aya::Pod for NodeValue {}
+unsafe impl aya::Pod for PolicyKey {}
+unsafe impl aya::Pod for PolicyValue {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for MetricsValue {}
+unsafe impl aya::Pod for DatapathConfig {}
+unsafe impl aya::Pod for DropEvent {}
+
+/// One mirrored struct: C name, Rust size, and every field's name and offset.
+pub struct Layout {
+    pub c_name: &'static str,
+    pub size: usize,
+    pub fields: Vec<(&'static str, usize)>,
+}
+
+macro_rules! layout {
+    ($c:literal, $t:ty { $($f:ident),* $(,)? }) => {
+        Layout {
+            c_name: $c,
+            size: core::mem::size_of::<$t>(),
+            fields: vec![$((stringify!($f), core::mem::offset_of!($t, $f))),*],
+        }
+    };
+}
+
+/// Layouts of every mirrored struct, for the test against the objects' BTF.
+pub fn layouts() -> Vec<Layout> {
+    vec![
+        layout!("ipcache_key", IpcacheKey { prefixlen, addr }),
+        layout!(
+            "ipcache_value",
+            IpcacheValue {
+                identity,
+                tunnel_endpoint,
+                flags
+            }
+        ),
+        layout!("endpoint_key", EndpointKey { addr }),
+        layout!(
+            "endpoint_value",
+            EndpointValue {
+                ifindex,
+                identity,
+                mac,
+                node_mac,
+                flags
+            }
+        ),
+        layout!("node_key", NodeKey { addr }),
+        layout!("node_value", NodeValue { cluster_id, flags }),
+        layout!(
+            "policy_key",
+            PolicyKey {
+                subject_identity,
+                peer_identity,
+                dport,
+                proto,
+                direction
+            }
+        ),
+        layout!("policy_value", PolicyValue { verdict, cookie }),
+        layout!(
+            "ct_key",
+            CtKey {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto,
+                pad
+            }
+        ),
+        layout!(
+            "ct_value",
+            CtValue {
+                last_seen_ns,
+                flags,
+                rev_nat_index
+            }
+        ),
+        layout!("metrics_value", MetricsValue { packets, bytes }),
+        layout!(
+            "datapath_config",
+            DatapathConfig {
+                vxlan_ifindex,
+                node_ip,
+                cluster_id,
+                flags
+            }
+        ),
+        layout!(
+            "drop_event",
+            DropEvent {
+                timestamp_ns,
+                event_type,
+                src_identity,
+                dst_identity,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto,
+                direction,
+                reason,
+                ifindex,
+                pad
+            }
+        ),
+    ]
+}
