@@ -10,7 +10,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::inspect::CertInfo;
-use crate::pem_files::{read, read_certs, write_atomic, CERT_MODE, KEY_MODE};
+use crate::pem_files::{read, read_certs, write_all_atomic, write_atomic, CERT_MODE, KEY_MODE};
 use crate::validate::check_validity;
 use crate::{CertError, CA_CERT_FILE, CA_KEY_FILE};
 
@@ -137,23 +137,14 @@ impl IssuedLeaf {
     pub fn write(&self, dir: &Path, overwrite: bool) -> Result<(PathBuf, PathBuf), CertError> {
         let cert = self.kind.cert_path(dir);
         let key = self.kind.key_path(dir);
-        if !overwrite {
-            for (what, path) in [("key", &key), ("certificate", &cert)] {
-                if path.exists() {
-                    return Err(CertError::Exists {
-                        what,
-                        path: path.clone(),
-                    });
-                }
-            }
-        }
-        write_atomic("key", &key, self.key_pem.as_bytes(), KEY_MODE, overwrite)?;
-        write_atomic(
-            "certificate",
-            &cert,
-            self.cert_pem.as_bytes(),
-            CERT_MODE,
-            true,
+        // A reader between the two renames sees a mismatching pair and re-reads
+        // (`TlsFiles::load`); it never sees a half-written file.
+        write_all_atomic(
+            &[
+                ("key", &key, self.key_pem.as_bytes(), KEY_MODE),
+                ("certificate", &cert, self.cert_pem.as_bytes(), CERT_MODE),
+            ],
+            overwrite,
         )?;
         Ok((cert, key))
     }
@@ -257,24 +248,14 @@ impl MeshCa {
     pub fn write(&self, dir: &Path, overwrite: bool) -> Result<(PathBuf, PathBuf), CertError> {
         let cert = dir.join(CA_CERT_FILE);
         let key = dir.join(CA_KEY_FILE);
-        if !overwrite {
-            for (what, path) in [("CA key", &key), ("CA", &cert)] {
-                if path.exists() {
-                    return Err(CertError::Exists {
-                        what,
-                        path: path.clone(),
-                    });
-                }
-            }
-        }
-        write_atomic(
-            "CA key",
-            &key,
-            self.issuer.key().serialize_pem().as_bytes(),
-            KEY_MODE,
+        let key_pem = self.issuer.key().serialize_pem();
+        write_all_atomic(
+            &[
+                ("CA key", &key, key_pem.as_bytes(), KEY_MODE),
+                ("CA", &cert, self.cert_pem.as_bytes(), CERT_MODE),
+            ],
             overwrite,
         )?;
-        write_atomic("CA", &cert, self.cert_pem.as_bytes(), CERT_MODE, true)?;
         Ok((cert, key))
     }
 

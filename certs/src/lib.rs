@@ -20,7 +20,7 @@ mod validate;
 pub use error::CertError;
 pub use inspect::{inspect_file, CertInfo};
 pub use issue::{IssuedLeaf, LeafKind, LeafRequest, MeshCa, ORGANIZATION};
-pub use pem_files::{read_certs, read_key, write_atomic, CERT_MODE, KEY_MODE};
+pub use pem_files::{read_certs, read_key, write_all_atomic, write_atomic, CERT_MODE, KEY_MODE};
 pub use tls_files::{LoadedTls, TlsFiles};
 pub use validate::{
     check_key_matches, check_name, check_signed_by, check_usage, check_validity, Usage,

@@ -94,21 +94,82 @@ pub fn write_atomic(
     mode: u32,
     overwrite: bool,
 ) -> Result<(), CertError> {
+    write_all_atomic(&[(what, path, contents, mode)], overwrite)
+}
+
+/// Writes several files as `write_atomic` does, but first stages (writes and syncs) every one of
+/// them and only then renames them in order, back to back. A key and its certificate are then
+/// replaced within microseconds of each other, so a reader rarely sees the new key with the old
+/// certificate (and `TlsFiles::load` re-reads when it does).
+pub fn write_all_atomic(
+    files: &[(&'static str, &Path, &[u8], u32)],
+    overwrite: bool,
+) -> Result<(), CertError> {
+    if !overwrite {
+        for (what, path, _, _) in files {
+            if path.exists() {
+                return Err(CertError::Exists {
+                    what,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+    }
+    let mut staged: Vec<(PathBuf, &Path, &'static str)> = Vec::new();
+    let result = (|| {
+        for (what, path, contents, mode) in files {
+            let tmp = stage(what, path, contents, *mode)?;
+            staged.push((tmp, path, what));
+        }
+        let mut dirs = Vec::new();
+        for (tmp, path, what) in &staged {
+            std::fs::rename(tmp, path).map_err(|source| CertError::Write {
+                what,
+                path: path.to_path_buf(),
+                source,
+            })?;
+            dirs.push((parent_dir(path), *path, *what));
+        }
+        // Make the renames durable.
+        for (dir, path, what) in dirs {
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| CertError::Write {
+                    what,
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for (tmp, _, _) in &staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+    result
+}
+
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes `contents` to a new temporary file next to `path`, with `mode`, synced.
+fn stage(
+    what: &'static str,
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<PathBuf, CertError> {
     let err = |source| CertError::Write {
         what,
         path: path.to_owned(),
         source,
     };
-    if !overwrite && path.exists() {
-        return Err(CertError::Exists {
-            what,
-            path: path.to_owned(),
-        });
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).map_err(err)?;
     let file_name = path
         .file_name()
@@ -131,13 +192,13 @@ pub fn write_atomic(
         // The umask may have narrowed the mode; a certificate must stay readable by others.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        std::fs::File::open(&dir)?.sync_all()
+        f.sync_all()
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(err(e))
+        }
     }
-    result.map_err(err)
 }

@@ -63,15 +63,18 @@ impl TlsFiles {
     }
 
     /// Reads and validates the files. A rotation replaces the key and the certificate by two
-    /// renames; a reader caught between them sees a key that does not match, so a mismatch is
-    /// re-read a few times before it is reported.
+    /// renames; a reader caught between them sees a key that does not match. The window is
+    /// microseconds, unless the rotating process is descheduled between the renames on a loaded
+    /// machine, so a mismatch is re-read for up to half a second before it is reported.
     pub fn load(&self, usage: Usage, names: &[String]) -> Result<LoadedTls, CertError> {
+        const RETRIES: u32 = 20;
+        const PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
         let mut attempt = 0;
         loop {
             match self.load_once(usage, names) {
-                Err(CertError::KeyMismatch { .. }) if attempt < 3 => {
+                Err(CertError::KeyMismatch { .. }) if attempt < RETRIES => {
                     attempt += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(PAUSE);
                 }
                 other => return other,
             }
