@@ -1,1 +1,58 @@
-//! See the crate description.
+//! Test harness: real etcd processes and (with the datapath) network namespaces.
+//!
+//! Everything here is unique per call (ports, directories, names), so tests run in parallel,
+//! and is torn down on drop, also when a test panics.
+
+pub mod etcd;
+
+/// Checks a prerequisite of a test (root, a binary, bpffs, ...).
+///
+/// Returns `true` when the test can run. When it cannot: under `CI=true` this panics, because
+/// CI must never pass by skipping; elsewhere it prints why and returns `false` so the test can
+/// return early.
+pub fn require(what: &str, available: bool) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("prerequisite missing under CI=true: {what}");
+    }
+    eprintln!("SKIPPED: prerequisite missing: {what}");
+    false
+}
+
+/// True when running as root (needed for namespaces, eBPF and bpffs).
+pub fn is_root() -> bool {
+    // Read from /proc rather than calling geteuid(): no libc dependency for one number.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// True when `name` is an executable on PATH.
+pub fn have_binary(name: &str) -> bool {
+    which(name).is_some()
+}
+
+/// Full path of `name` on PATH.
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A loopback TCP port that was free a moment ago. The OS hands out ephemeral ports in a
+/// rotating order, so a port just released is unlikely to be handed to another test at once;
+/// callers that bind it later must still retry on "address in use".
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
