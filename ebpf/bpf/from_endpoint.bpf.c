@@ -84,6 +84,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		return MESHD_DROP_NO_CONFIG;
 	struct bpf_tunnel_key key = {};
 	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
+	ctx->tunnel_remote = key.remote_ipv4;
 	key.tunnel_id = src_identity;
 	key.tunnel_ttl = 64;
 	/* Zero outer UDP checksum, as the kernel's own VXLAN does by default for IPv4. */
@@ -103,8 +104,8 @@ int from_endpoint(struct __sk_buff *skb)
 
 /*
  * Test-run entry point, never attached: BPF_PROG_RUN cannot show the tunnel key the program
- * set, so this variant reads it back and returns it in skb->cb[0] (remote IPv4, host byte
- * order) and cb[1] (VNI), which the test reads from the output context.
+ * set, so this variant returns it in skb->cb[0] (remote IPv4, host byte order), cb[1] (VNI)
+ * and cb[2] (TTL), which the test reads from the output context.
  */
 SEC("classifier")
 int from_endpoint_probe(struct __sk_buff *skb)
@@ -113,9 +114,13 @@ int from_endpoint_probe(struct __sk_buff *skb)
 	int ret = handle_from_endpoint(skb, &ctx);
 	if (ret == MESHD_FWD_TUNNEL) {
 		struct bpf_tunnel_key key = {};
+		/* Read back from the skb what the kernel will use; the remote address of a TX key
+		 * is not readable that way (get_tunnel_key reports the source), so it comes from
+		 * what the handler passed to bpf_skb_set_tunnel_key. */
 		if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) == 0) {
-			skb->cb[0] = key.remote_ipv4;
+			skb->cb[0] = ctx.tunnel_remote;
 			skb->cb[1] = key.tunnel_id;
+			skb->cb[2] = key.tunnel_ttl;
 		}
 	}
 	return finish(skb, &ctx, ret);

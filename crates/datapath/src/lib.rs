@@ -1,1 +1,25 @@
-//! See the crate description.
+//! meshd's eBPF datapath from user space: load and attach the programs of `meshd-ebpf` so
+//! they survive the agent ([`Datapath`]), drive and read their pinned maps ([`DatapathMaps`]),
+//! and the network plumbing around them ([`plumbing`], [`netns`]).
+//!
+//! A typical agent start on a node:
+//! 1. [`bpffs::ensure_mounted`], then [`Datapath::load`] with the node's pin directory (maps
+//!    are reused and pinned links get the new programs atomically);
+//! 2. [`plumbing::create_vxlan`], [`DatapathMaps::set_config`], [`Datapath::attach_overlay`];
+//! 3. per endpoint: [`plumbing::create_endpoint`], [`DatapathMaps::upsert_endpoint`],
+//!    [`Datapath::attach_endpoint`];
+//! 4. the reconciler keeps IPCACHE, NODES and POLICY equal to the merged view.
+
+pub mod bpffs;
+pub mod error;
+pub mod loader;
+pub mod maps;
+pub mod netns;
+pub mod plumbing;
+
+pub use error::{DatapathError, Result};
+pub use loader::{AttachPoint, Datapath, LoadOptions};
+pub use maps::{
+    Counter, DatapathMaps, Direction, DropRecord, IpcacheEntry, LocalEndpoint, NodeConfig,
+    PolicyEntry, Verdict,
+};

@@ -34,7 +34,8 @@ struct pkt_ctx {
 	__u8 icmp_type;
 	__u32 src_identity;
 	__u32 dst_identity;
-	int action; /* TC_ACT_* to return when the handler forwards */
+	int action;           /* TC_ACT_* to return when the handler forwards */
+	__u32 tunnel_remote; /* host byte order, as passed to bpf_skb_set_tunnel_key */
 };
 
 #define TCP_FLAG_FIN 0x01

@@ -1,0 +1,523 @@
+//! Typed access to the pinned maps of a node's datapath.
+//!
+//! [`DatapathMaps`] opens the maps from their pins, so any process (the agent's reconciler, a
+//! `meshd monitor`, a test) can drive or read them without loading programs.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{
+    lpm_trie::{Key as LpmKey, LpmTrie},
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf,
+};
+use ipnet::Ipv4Net;
+use meshd_ebpf::{abi, maps as names};
+
+use crate::error::{DatapathError, Result};
+
+/// Where an ipcache prefix lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcacheEntry {
+    /// Security identity of the addresses in the prefix.
+    pub identity: u32,
+    /// The node to tunnel to; `None` hands packets to the local node's stack.
+    pub tunnel_endpoint: Option<Ipv4Addr>,
+    /// `abi::IPCACHE_F_*`.
+    pub flags: u32,
+}
+
+/// An endpoint on this node, as the datapath delivers to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    /// ifindex of the host side of its veth (in the node's namespace).
+    pub ifindex: u32,
+    pub identity: u32,
+    /// The endpoint's own MAC.
+    pub mac: [u8; 6],
+    /// MAC of the host side of its veth, the endpoint's gateway.
+    pub node_mac: [u8; 6],
+}
+
+/// Policy direction, from the point of view of the subject endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    fn raw(self) -> u8 {
+        match self {
+            Direction::Ingress => abi::DIR_INGRESS,
+            Direction::Egress => abi::DIR_EGRESS,
+        }
+    }
+
+    fn from_raw(raw: u8) -> Direction {
+        if raw == abi::DIR_EGRESS {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    }
+}
+
+/// One policy key: which traffic of `subject` towards/from `peer` it is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyEntry {
+    pub subject: u32,
+    /// `None` = any peer.
+    pub peer: Option<u32>,
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP); `None` = any protocol.
+    pub proto: Option<u8>,
+    /// Destination port (TCP/UDP only); `None` = any port.
+    pub dport: Option<u16>,
+    pub direction: Direction,
+}
+
+impl PolicyEntry {
+    fn key(&self) -> Result<abi::PolicyKey> {
+        if self.dport.is_some() && self.proto.is_none() {
+            return Err(DatapathError::Invalid {
+                what: "policy entry",
+                detail: format!("{self:?}: a port needs a protocol"),
+            });
+        }
+        Ok(abi::PolicyKey {
+            subject_identity: self.subject,
+            peer_identity: self.peer.unwrap_or(0),
+            dport: self.dport.unwrap_or(0),
+            proto: self.proto.unwrap_or(0),
+            direction: self.direction.raw(),
+        })
+    }
+}
+
+/// What a matching policy entry does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+/// A counter of METRICS summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    pub direction: Direction,
+    /// `abi::FWD_*` (>0) or `abi::DROP_*` (<0).
+    pub reason: i32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A dropped packet, as reported by the EVENTS ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropRecord {
+    pub timestamp_ns: u64,
+    pub reason: i32,
+    pub direction: Direction,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ifindex: u32,
+}
+
+/// Node-wide settings the programs read from CONFIG.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// ifindex of the VXLAN device (external mode) in the node's namespace.
+    pub vxlan_ifindex: u32,
+    pub node_ip: Ipv4Addr,
+    pub cluster_id: u8,
+}
+
+/// The pinned maps of one node's datapath.
+pub struct DatapathMaps {
+    pin_dir: PathBuf,
+    ipcache: LpmTrie<MapData, u32, abi::IpcacheValue>,
+    endpoints: HashMap<MapData, abi::EndpointKey, abi::EndpointValue>,
+    nodes: HashMap<MapData, abi::NodeKey, abi::NodeValue>,
+    policy: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
+    ct: HashMap<MapData, abi::CtKey, abi::CtValue>,
+    metrics: PerCpuArray<MapData, abi::MetricsValue>,
+    config: Array<MapData, abi::DatapathConfig>,
+    events: RingBuf<MapData>,
+}
+
+impl std::fmt::Debug for DatapathMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatapathMaps")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open(pin_dir: &Path, name: &'static str) -> Result<Map> {
+    let path = pin_dir.join("maps").join(name);
+    let err = |source| DatapathError::OpenMap {
+        map: name,
+        path: path.clone(),
+        source: Box::new(source),
+    };
+    Map::from_map_data(MapData::from_pin(&path).map_err(err)?).map_err(err)
+}
+
+fn typed<T>(pin_dir: &Path, name: &'static str) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    // TryFrom checks the pinned map's type and key/value sizes against the Rust mirror.
+    T::try_from(open(pin_dir, name)?).map_err(|source| DatapathError::OpenMap {
+        map: name,
+        path: pin_dir.join("maps").join(name),
+        source: Box::new(source),
+    })
+}
+
+fn op_err(
+    op: &'static str,
+    map: &'static str,
+    key: impl std::fmt::Display,
+) -> impl FnOnce(MapError) -> DatapathError {
+    let key = key.to_string();
+    move |source| DatapathError::MapOp {
+        op,
+        map,
+        key,
+        source: Box::new(source),
+    }
+}
+
+/// Removing a key that is not there is success: every delete is idempotent.
+fn ignore_missing(r: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl DatapathMaps {
+    /// Opens the maps pinned under `pin_dir/maps` by [`crate::Datapath::load`].
+    pub fn open(pin_dir: impl AsRef<Path>) -> Result<Self> {
+        let pin_dir = pin_dir.as_ref();
+        Ok(DatapathMaps {
+            pin_dir: pin_dir.to_owned(),
+            ipcache: typed(pin_dir, names::IPCACHE)?,
+            endpoints: typed(pin_dir, names::ENDPOINTS)?,
+            nodes: typed(pin_dir, names::NODES)?,
+            policy: typed(pin_dir, names::POLICY)?,
+            ct: typed(pin_dir, names::CT)?,
+            metrics: typed(pin_dir, names::METRICS)?,
+            config: typed(pin_dir, names::CONFIG)?,
+            events: typed(pin_dir, names::EVENTS)?,
+        })
+    }
+
+    /// Writes the node-wide settings.
+    pub fn set_config(&mut self, config: NodeConfig) -> Result<()> {
+        let value = abi::DatapathConfig {
+            vxlan_ifindex: config.vxlan_ifindex,
+            node_ip: abi::ip_to_be(config.node_ip),
+            cluster_id: u32::from(config.cluster_id),
+            flags: 0,
+        };
+        self.config
+            .set(0, value, 0)
+            .map_err(op_err("set", names::CONFIG, 0))
+    }
+
+    /// Inserts or replaces the ipcache entry of `prefix`.
+    pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, entry: IpcacheEntry) -> Result<()> {
+        if entry.identity > abi::IDENTITY_MAX {
+            return Err(DatapathError::Invalid {
+                what: "identity",
+                detail: format!("{} for {prefix} does not fit a 24-bit VNI", entry.identity),
+            });
+        }
+        let key = ipcache_key(prefix);
+        let value = abi::IpcacheValue {
+            identity: entry.identity,
+            tunnel_endpoint: entry.tunnel_endpoint.map(abi::ip_to_be).unwrap_or(0),
+            flags: entry.flags,
+        };
+        self.ipcache
+            .insert(&key, value, 0)
+            .map_err(op_err("insert", names::IPCACHE, prefix))
+    }
+
+    /// Removes the ipcache entry of `prefix` (exact prefix, not longest match).
+    pub fn delete_ipcache(&mut self, prefix: Ipv4Net) -> Result<()> {
+        ignore_missing(self.ipcache.remove(&ipcache_key(prefix))).map_err(op_err(
+            "remove",
+            names::IPCACHE,
+            prefix,
+        ))
+    }
+
+    /// The ipcache entry of exactly `prefix`, if any.
+    pub fn ipcache_entry(&self, prefix: Ipv4Net) -> Result<Option<IpcacheEntry>> {
+        match self.ipcache.get(&ipcache_key(prefix), 0) {
+            Ok(v) => Ok(Some(IpcacheEntry {
+                identity: v.identity,
+                tunnel_endpoint: (v.tunnel_endpoint != 0)
+                    .then(|| abi::ip_from_be(v.tunnel_endpoint)),
+                flags: v.flags,
+            })),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(op_err("get", names::IPCACHE, prefix)(e)),
+        }
+    }
+
+    /// Every ipcache prefix (for level-triggered reconciliation: diff desired against actual).
+    pub fn ipcache_prefixes(&self) -> Result<Vec<Ipv4Net>> {
+        self.ipcache
+            .keys()
+            .map(|k| {
+                let k = k.map_err(op_err("iterate", names::IPCACHE, "*"))?;
+                Ipv4Net::new(abi::ip_from_be(k.data()), k.prefix_len() as u8).map_err(|e| {
+                    DatapathError::Invalid {
+                        what: "ipcache key",
+                        detail: e.to_string(),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Inserts or replaces the local endpoint with address `ip`.
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, endpoint: LocalEndpoint) -> Result<()> {
+        let key = abi::EndpointKey {
+            addr: abi::ip_to_be(ip),
+        };
+        let value = abi::EndpointValue {
+            ifindex: endpoint.ifindex,
+            identity: endpoint.identity,
+            mac: endpoint.mac,
+            node_mac: endpoint.node_mac,
+            flags: 0,
+        };
+        self.endpoints
+            .insert(key, value, 0)
+            .map_err(op_err("insert", names::ENDPOINTS, ip))
+    }
+
+    /// Removes the local endpoint with address `ip`.
+    pub fn delete_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let key = abi::EndpointKey {
+            addr: abi::ip_to_be(ip),
+        };
+        ignore_missing(self.endpoints.remove(&key)).map_err(op_err("remove", names::ENDPOINTS, ip))
+    }
+
+    /// Every local endpoint address.
+    pub fn endpoint_addrs(&self) -> Result<Vec<Ipv4Addr>> {
+        self.endpoints
+            .keys()
+            .map(|k| {
+                k.map(|k| abi::ip_from_be(k.addr))
+                    .map_err(op_err("iterate", names::ENDPOINTS, "*"))
+            })
+            .collect()
+    }
+
+    /// Accepts overlay packets from node `ip` carrying identities of cluster `cluster_id`.
+    pub fn upsert_node(&mut self, ip: Ipv4Addr, cluster_id: u8) -> Result<()> {
+        if cluster_id == 0 {
+            return Err(DatapathError::Invalid {
+                what: "cluster id",
+                detail: format!("0 for node {ip} (cluster ids are 1-255)"),
+            });
+        }
+        let key = abi::NodeKey {
+            addr: abi::ip_to_be(ip),
+        };
+        let value = abi::NodeValue {
+            cluster_id: u32::from(cluster_id),
+            flags: 0,
+        };
+        self.nodes
+            .insert(key, value, 0)
+            .map_err(op_err("insert", names::NODES, ip))
+    }
+
+    /// Stops accepting overlay packets from node `ip`.
+    pub fn delete_node(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let key = abi::NodeKey {
+            addr: abi::ip_to_be(ip),
+        };
+        ignore_missing(self.nodes.remove(&key)).map_err(op_err("remove", names::NODES, ip))
+    }
+
+    /// Inserts or replaces a policy entry.
+    pub fn upsert_policy(
+        &mut self,
+        entry: PolicyEntry,
+        verdict: Verdict,
+        cookie: u32,
+    ) -> Result<()> {
+        let key = entry.key()?;
+        let value = abi::PolicyValue {
+            verdict: match verdict {
+                Verdict::Allow => abi::VERDICT_ALLOW,
+                Verdict::Deny => abi::VERDICT_DENY,
+            },
+            cookie,
+        };
+        self.policy.insert(key, value, 0).map_err(op_err(
+            "insert",
+            names::POLICY,
+            format!("{entry:?}"),
+        ))
+    }
+
+    /// Removes a policy entry.
+    pub fn delete_policy(&mut self, entry: PolicyEntry) -> Result<()> {
+        let key = entry.key()?;
+        ignore_missing(self.policy.remove(&key)).map_err(op_err(
+            "remove",
+            names::POLICY,
+            format!("{entry:?}"),
+        ))
+    }
+
+    /// Turns default-deny on (`true`) or off for one direction of `subject`.
+    pub fn set_policy_enabled(
+        &mut self,
+        subject: u32,
+        direction: Direction,
+        enabled: bool,
+    ) -> Result<()> {
+        let key = abi::PolicyKey {
+            subject_identity: subject,
+            direction: direction.raw() | abi::POLICY_F_MARKER,
+            ..Default::default()
+        };
+        let what = format!("marker {subject}/{direction:?}");
+        if enabled {
+            let value = abi::PolicyValue {
+                verdict: abi::VERDICT_ENABLED,
+                cookie: 0,
+            };
+            self.policy
+                .insert(key, value, 0)
+                .map_err(op_err("insert", names::POLICY, what))
+        } else {
+            ignore_missing(self.policy.remove(&key)).map_err(op_err("remove", names::POLICY, what))
+        }
+    }
+
+    /// Every policy key currently in the map (markers excluded).
+    pub fn policy_entries(&self) -> Result<Vec<PolicyEntry>> {
+        let mut out = Vec::new();
+        for k in self.policy.keys() {
+            let k = k.map_err(op_err("iterate", names::POLICY, "*"))?;
+            if k.direction & abi::POLICY_F_MARKER != 0 {
+                continue;
+            }
+            out.push(PolicyEntry {
+                subject: k.subject_identity,
+                peer: (k.peer_identity != 0).then_some(k.peer_identity),
+                proto: (k.proto != 0).then_some(k.proto),
+                dport: (k.dport != 0).then_some(k.dport),
+                direction: Direction::from_raw(k.direction),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of conntrack entries (walks the map; for tests and status, not hot paths).
+    pub fn ct_len(&self) -> usize {
+        self.ct.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Removes every conntrack entry.
+    pub fn flush_ct(&mut self) -> Result<()> {
+        let keys: Vec<abi::CtKey> = self.ct.keys().filter_map(|k| k.ok()).collect();
+        for key in keys {
+            ignore_missing(self.ct.remove(&key)).map_err(op_err("remove", names::CT, "*"))?;
+        }
+        Ok(())
+    }
+
+    /// Every non-zero counter, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<Counter>> {
+        let mut out = Vec::new();
+        for index in 0..abi::METRICS_MAX {
+            let per_cpu =
+                self.metrics
+                    .get(&index, 0)
+                    .map_err(op_err("get", names::METRICS, index))?;
+            let (packets, bytes) = per_cpu
+                .iter()
+                .fold((0, 0), |(p, b), v| (p + v.packets, b + v.bytes));
+            if packets == 0 {
+                continue;
+            }
+            let direction = Direction::from_raw((index / abi::REASONS) as u8);
+            let slot = (index % abi::REASONS) as i32;
+            // Slots below 128 hold forwards, the others drops (whose codes are negative).
+            let reason = if slot < 128 { slot } else { -slot };
+            out.push(Counter {
+                direction,
+                reason,
+                packets,
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Packets counted for `reason` in `direction`, summed over CPUs.
+    pub fn counter(&self, direction: Direction, reason: i32) -> Result<u64> {
+        let index = abi::metrics_index(direction.raw(), reason);
+        let per_cpu = self
+            .metrics
+            .get(&index, 0)
+            .map_err(op_err("get", names::METRICS, index))?;
+        Ok(per_cpu.iter().map(|v| v.packets).sum())
+    }
+
+    /// Takes every drop event waiting in the ring buffer.
+    pub fn drain_drop_events(&mut self) -> Vec<DropRecord> {
+        let mut out = Vec::new();
+        while let Some(item) = self.events.next() {
+            if item.len() < std::mem::size_of::<abi::DropEvent>() {
+                continue;
+            }
+            // SAFETY: the record is at least size_of::<DropEvent>() bytes and DropEvent is a
+            // plain-old-data mirror of the C struct (checked by meshd-ebpf's layout test);
+            // read_unaligned copes with any alignment of the ring buffer slot.
+            let ev: abi::DropEvent =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::DropEvent>()) };
+            if ev.event_type != abi::EVENT_DROP {
+                continue;
+            }
+            out.push(DropRecord {
+                timestamp_ns: ev.timestamp_ns,
+                reason: i32::from(ev.reason),
+                direction: Direction::from_raw(ev.direction),
+                src_identity: ev.src_identity,
+                dst_identity: ev.dst_identity,
+                saddr: abi::ip_from_be(ev.saddr),
+                daddr: abi::ip_from_be(ev.daddr),
+                sport: ev.sport,
+                dport: ev.dport,
+                proto: ev.proto,
+                ifindex: ev.ifindex,
+            });
+        }
+        out
+    }
+}
+
+fn ipcache_key(prefix: Ipv4Net) -> LpmKey<u32> {
+    let prefix = prefix.trunc();
+    LpmKey::new(u32::from(prefix.prefix_len()), abi::ip_to_be(prefix.addr()))
+}

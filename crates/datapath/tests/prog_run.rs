@@ -1,0 +1,459 @@
+//! The C programs under BPF_PROG_RUN: built packets in, verdicts, rewritten bytes, counters and
+//! drop events out.
+//!
+//! BPF_PROG_RUN packets carry no tunnel metadata and the kernel does not report the tunnel key a
+//! program set, so tunnel behaviour is tested through the `*_probe` entry points: the same
+//! handlers, with `from_endpoint_probe` returning the key it set in skb->cb and
+//! `from_overlay_probe` taking outer source and VNI from skb->cb. The attached entry points'
+//! own key handling is exercised by the network-namespace tests.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use meshd_datapath::{Direction, IpcacheEntry, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
+use meshd_ebpf::{abi, programs};
+
+const CLUSTER1: u32 = 1 << 16;
+const CLUSTER2: u32 = 2 << 16;
+const CLIENT: u32 = CLUSTER1 | 1001;
+const WEB: u32 = CLUSTER1 | 1000;
+const REMOTE: u32 = CLUSTER2 | 600;
+
+const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2); // local endpoint, identity CLIENT
+const B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3); // local endpoint, identity WEB
+const R: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5); // remote endpoint in cluster 2
+const A_IF: u32 = 101;
+const B_IF: u32 = 102;
+const A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+const B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
+const A_GW_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0xfe];
+const B_GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0xfe];
+const NODE2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2); // owns 10.2.0.0/24, cluster 2
+const VXLAN_IF: u32 = 77;
+
+/// Two local endpoints, one remote prefix behind NODE2, NODE2 known as cluster 2.
+fn setup() -> Option<TestDatapath> {
+    if !can_run() {
+        return None;
+    }
+    let mut dp = TestDatapath::new();
+    let m = &mut dp.maps;
+    m.set_config(NodeConfig {
+        vxlan_ifindex: VXLAN_IF,
+        node_ip: Ipv4Addr::new(192, 168, 50, 1),
+        cluster_id: 1,
+    })
+    .unwrap();
+    for (ip, ifindex, identity, mac, node_mac) in [
+        (A, A_IF, CLIENT, A_MAC, A_GW_MAC),
+        (B, B_IF, WEB, B_MAC, B_GW_MAC),
+    ] {
+        m.upsert_endpoint(
+            ip,
+            LocalEndpoint {
+                ifindex,
+                identity,
+                mac,
+                node_mac,
+            },
+        )
+        .unwrap();
+    }
+    m.upsert_ipcache(
+        "10.2.0.0/24".parse().unwrap(),
+        IpcacheEntry {
+            identity: REMOTE,
+            tunnel_endpoint: Some(NODE2),
+            flags: 0,
+        },
+    )
+    .unwrap();
+    m.upsert_node(NODE2, 2).unwrap();
+    Some(dp)
+}
+
+fn counter(dp: &TestDatapath, direction: Direction, reason: i32) -> u64 {
+    dp.maps.counter(direction, reason).unwrap()
+}
+
+#[test]
+fn local_delivery_rewrites_macs_and_redirects() {
+    let Some(dp) = setup() else { return };
+    let pkt = Packet::tcp(A, 40000, B, 8080, 0x02);
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &B_MAC, "destination MAC = endpoint B");
+    assert_eq!(
+        &out[6..12],
+        &B_GW_MAC,
+        "source MAC = B's gateway (host veth)"
+    );
+    assert_eq!(
+        &out[12..],
+        &pkt.bytes()[12..],
+        "nothing but the MACs changes"
+    );
+    assert_eq!(counter(&dp, Direction::Egress, abi::FWD_LOCAL), 1);
+    assert_eq!(dp.maps.ct_len(), 1, "the connection is tracked");
+}
+
+#[test]
+fn remote_destination_is_encapsulated_with_the_source_identity_as_vni() {
+    let Some(dp) = setup() else { return };
+    let pkt = Packet::udp(A, 5000, R, 53);
+    let (verdict, out, cb) = dp.run(programs::FROM_ENDPOINT_PROBE, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        Ipv4Addr::from(cb[0]),
+        NODE2,
+        "tunnel remote = node owning the prefix"
+    );
+    assert_eq!(cb[1], CLIENT, "VNI = sender identity");
+    assert_eq!(cb[2], 64, "outer TTL");
+    assert_eq!(out, pkt.bytes(), "inner packet untouched");
+    assert_eq!(counter(&dp, Direction::Egress, abi::FWD_TUNNEL), 1);
+
+    // The attached entry point takes the same path.
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::FWD_TUNNEL), 2);
+}
+
+#[test]
+fn unknown_destination_is_dropped_with_an_event() {
+    let Some(mut dp) = setup() else { return };
+    let pkt = Packet::tcp(A, 40000, Ipv4Addr::new(10, 9, 9, 9), 80, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
+    let events = dp.maps.drain_drop_events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let ev = events[0];
+    assert_eq!(ev.reason, abi::DROP_UNKNOWN_DEST);
+    assert_eq!(ev.src_identity, CLIENT);
+    assert_eq!((ev.saddr, ev.daddr), (A, Ipv4Addr::new(10, 9, 9, 9)));
+    assert_eq!((ev.sport, ev.dport, ev.proto), (40000, 80, TCP));
+    assert_eq!(ev.direction, Direction::Egress);
+}
+
+#[test]
+fn spoofed_source_address_is_dropped() {
+    let Some(dp) = setup() else { return };
+    // B's address sent from A's interface.
+    let pkt = Packet::tcp(B, 40000, R, 80, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_INVALID_SOURCE), 1);
+    // An address no endpoint has.
+    let pkt = Packet::tcp(Ipv4Addr::new(10, 1, 0, 99), 40000, R, 80, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_INVALID_SOURCE), 2);
+}
+
+#[test]
+fn ingress_policy_allows_listed_port_and_denies_the_rest() {
+    let Some(mut dp) = setup() else { return };
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Ingress, true)
+        .unwrap();
+    dp.maps
+        .upsert_policy(
+            PolicyEntry {
+                subject: WEB,
+                peer: Some(CLIENT),
+                proto: Some(TCP),
+                dport: Some(8080),
+                direction: Direction::Ingress,
+            },
+            Verdict::Allow,
+            1,
+        )
+        .unwrap();
+
+    let allowed = Packet::tcp(A, 40000, B, 8080, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &allowed.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "client -> web:8080 is allowed");
+
+    let denied = Packet::tcp(A, 40001, B, 9090, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &denied.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT, "client -> web:9090 is not");
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_POLICY), 1);
+    let ev = dp.maps.drain_drop_events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (ev[0].reason, ev[0].src_identity, ev[0].dst_identity),
+        (abi::DROP_POLICY, CLIENT, WEB)
+    );
+
+    // An explicit deny for any peer on a port wins over the default allow of another subject.
+    dp.maps
+        .set_policy_enabled(CLIENT, Direction::Ingress, false)
+        .unwrap();
+    dp.maps
+        .upsert_policy(
+            PolicyEntry {
+                subject: WEB,
+                peer: None,
+                proto: Some(TCP),
+                dport: Some(22),
+                direction: Direction::Ingress,
+            },
+            Verdict::Deny,
+            2,
+        )
+        .unwrap();
+    let ssh = Packet::tcp(A, 40002, B, 22, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &ssh.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_POLICY_DENY), 1);
+
+    // Without the marker the direction is default-allow again.
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Ingress, false)
+        .unwrap();
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &denied.bytes(), A_IF, [0; 5]);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "unselected endpoints allow everything"
+    );
+}
+
+#[test]
+fn replies_and_related_icmp_errors_pass_despite_default_deny() {
+    let Some(dp_) = setup() else { return };
+    let mut dp = dp_;
+    // web may send nothing on its own.
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Egress, true)
+        .unwrap();
+
+    let syn = Packet::tcp(A, 40000, B, 8080, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &syn.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+
+    let reply = Packet::tcp(B, 8080, A, 40000, 0x12);
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &reply.bytes(), B_IF, [0; 5]);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "SYN-ACK of an allowed connection passes"
+    );
+    assert_eq!(&out[0..6], &A_MAC);
+
+    let icmp_err = Packet::icmp_error(B, A, &syn);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &icmp_err.bytes(), B_IF, [0; 5]);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "ICMP error about the connection passes"
+    );
+
+    let new_conn = Packet::tcp(B, 8081, A, 40000, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &new_conn.bytes(), B_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT, "a new connection from web is denied");
+    let unrelated_err = Packet::icmp_error(B, A, &Packet::udp(A, 1, B, 2));
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &unrelated_err.bytes(),
+        B_IF,
+        [0; 5],
+    );
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "an ICMP error about no connection is denied"
+    );
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_POLICY), 2);
+
+    // Echo request/reply are tracked by identifier.
+    let ping = Packet::icmp_echo(A, B, 7, false);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &ping.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+    let pong = Packet::icmp_echo(B, A, 7, true);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &pong.bytes(), B_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+    let stray_pong = Packet::icmp_echo(B, A, 8, true);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &stray_pong.bytes(), B_IF, [0; 5])
+            .0,
+        TC_ACT_SHOT
+    );
+}
+
+fn overlay_cb(outer: Ipv4Addr, vni: u32) -> [u32; 5] {
+    [abi::ip_to_be(outer), vni, 0, 0, 0]
+}
+
+#[test]
+fn overlay_delivers_to_the_endpoint_with_its_macs() {
+    let Some(dp) = setup() else { return };
+    let mut pkt = Packet::tcp(R, 33000, B, 8080, 0x02);
+    pkt.dst_mac = [0xde, 0xad, 0, 0, 0, 1]; // whatever the sender left there
+    let (verdict, out, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &pkt.bytes(),
+        VXLAN_IF,
+        overlay_cb(NODE2, REMOTE),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &B_MAC);
+    assert_eq!(&out[6..12], &B_GW_MAC);
+    assert_eq!(&out[12..], &pkt.bytes()[12..]);
+    assert_eq!(counter(&dp, Direction::Ingress, abi::FWD_LOCAL), 1);
+}
+
+#[test]
+fn overlay_from_unknown_node_is_dropped() {
+    let Some(mut dp) = setup() else { return };
+    let pkt = Packet::tcp(R, 33000, B, 8080, 0x02);
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &pkt.bytes(),
+        VXLAN_IF,
+        overlay_cb(Ipv4Addr::new(192, 168, 50, 99), REMOTE),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_UNKNOWN_NODE), 1);
+    let ev = dp.maps.drain_drop_events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(
+        (ev[0].reason, ev[0].src_identity),
+        (abi::DROP_UNKNOWN_NODE, REMOTE)
+    );
+}
+
+#[test]
+fn overlay_identity_of_another_cluster_than_the_node_is_dropped() {
+    let Some(dp) = setup() else { return };
+    // NODE2 is in cluster 2 but claims a cluster-1 identity.
+    let pkt = Packet::tcp(R, 33000, B, 8080, 0x02);
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &pkt.bytes(),
+        VXLAN_IF,
+        overlay_cb(NODE2, CLIENT),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    // A reserved identity (cluster bits 0) is never accepted from the overlay either.
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &pkt.bytes(),
+        VXLAN_IF,
+        overlay_cb(NODE2, abi::IDENTITY_WORLD),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(
+        counter(&dp, Direction::Ingress, abi::DROP_INVALID_IDENTITY),
+        2
+    );
+}
+
+#[test]
+fn overlay_unknown_destination_and_missing_tunnel_key_are_dropped() {
+    let Some(dp) = setup() else { return };
+    let pkt = Packet::tcp(R, 33000, Ipv4Addr::new(10, 1, 0, 200), 80, 0x02);
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &pkt.bytes(),
+        VXLAN_IF,
+        overlay_cb(NODE2, REMOTE),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_UNKNOWN_DEST), 1);
+
+    // The attached entry point reads the real tunnel key, which test-run packets lack.
+    let pkt = Packet::tcp(R, 33000, B, 8080, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_OVERLAY, &pkt.bytes(), VXLAN_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_NO_TUNNEL_KEY), 1);
+}
+
+#[test]
+fn overlay_ingress_policy_and_replies_of_outgoing_connections() {
+    let Some(dp_) = setup() else { return };
+    let mut dp = dp_;
+    for subject in [WEB, CLIENT] {
+        dp.maps
+            .set_policy_enabled(subject, Direction::Ingress, true)
+            .unwrap();
+    }
+    dp.maps
+        .upsert_policy(
+            PolicyEntry {
+                subject: WEB,
+                peer: Some(CLIENT),
+                proto: None,
+                dport: None,
+                direction: Direction::Ingress,
+            },
+            Verdict::Allow,
+            1,
+        )
+        .unwrap();
+    let cb = overlay_cb(NODE2, REMOTE);
+
+    let from_remote = Packet::tcp(R, 33000, B, 8080, 0x02);
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &from_remote.bytes(),
+        VXLAN_IF,
+        cb,
+    );
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "cluster-2 identity is not allowed into web"
+    );
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_POLICY), 1);
+
+    dp.maps
+        .upsert_policy(
+            PolicyEntry {
+                subject: WEB,
+                peer: Some(REMOTE),
+                proto: Some(TCP),
+                dport: Some(8080),
+                direction: Direction::Ingress,
+            },
+            Verdict::Allow,
+            2,
+        )
+        .unwrap();
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &from_remote.bytes(),
+        VXLAN_IF,
+        cb,
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "now it is");
+
+    // client's ingress is default-deny, but replies to its own connections come back.
+    let out = Packet::tcp(A, 41000, R, 443, 0x02);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &out.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+    let reply = Packet::tcp(R, 443, A, 41000, 0x12);
+    assert_eq!(
+        dp.run(programs::FROM_OVERLAY_PROBE, &reply.bytes(), VXLAN_IF, cb)
+            .0,
+        TC_ACT_REDIRECT
+    );
+    let unsolicited = Packet::tcp(R, 443, A, 41001, 0x02);
+    assert_eq!(
+        dp.run(
+            programs::FROM_OVERLAY_PROBE,
+            &unsolicited.bytes(),
+            VXLAN_IF,
+            cb
+        )
+        .0,
+        TC_ACT_SHOT
+    );
+}
