@@ -1,0 +1,133 @@
+//! The narrow interface the kvstore needs from etcd, implemented by the real client
+//! ([`crate::EtcdStore`]) and by an in-memory store ([`crate::MemoryStore`]) so that everything
+//! above it (list-then-watch, mark-and-sweep, publishing) runs the same tests against both.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+
+use crate::error::KvError;
+
+/// An etcd lease id.
+pub type LeaseId = i64;
+
+/// What every response carries: the store's revision and the id of the etcd cluster that
+/// answered. A different cluster id means a different etcd (restored, replaced), whose
+/// revisions are unrelated to the ones we saw: readers must list again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    pub revision: i64,
+    pub cluster_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+    pub lease: LeaseId,
+}
+
+/// One page of a range read.
+#[derive(Debug, Clone)]
+pub struct RangePage {
+    pub header: Header,
+    pub kvs: Vec<KeyValue>,
+    /// More keys follow the last one of this page.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// A change to one key. For deletes `value` is empty and `mod_revision` is the revision of the
+/// delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+}
+
+/// A message on a watch stream.
+#[derive(Debug, Clone)]
+pub enum WatchMessage {
+    /// Events (possibly none: creation and progress notifications) at `header.revision`.
+    Events {
+        header: Header,
+        events: Vec<RawEvent>,
+    },
+    /// The start revision was compacted; the watch is over and the reader must list again.
+    Compacted { compact_revision: i64 },
+}
+
+/// A watch; it ends (`None` or an error) when the connection is lost.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, KvError>> + Send>>;
+
+/// The operations of etcd meshd uses.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// Names the store (its endpoints) in logs and errors.
+    fn describe(&self) -> String;
+
+    /// Up to `limit` keys under `prefix`, in key order, strictly after `after` if given, as of
+    /// `revision` (0: the latest).
+    fn range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        revision: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<RangePage, KvError>> + Send;
+
+    /// Watches `prefix` from `start_revision` on (inclusive).
+    fn watch(
+        &self,
+        prefix: &str,
+        start_revision: i64,
+    ) -> impl Future<Output = Result<WatchStream, KvError>> + Send;
+
+    fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> impl Future<Output = Result<Header, KvError>> + Send;
+
+    fn delete(&self, key: &str) -> impl Future<Output = Result<Header, KvError>> + Send;
+
+    fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId, KvError>> + Send;
+
+    /// Refreshes a lease once; `Err(LeaseNotFound)` when it is gone.
+    fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<(), KvError>> + Send;
+
+    fn revoke_lease(&self, lease: LeaseId) -> impl Future<Output = Result<(), KvError>> + Send;
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end for a prefix).
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff (or the prefix is empty): to the end of the key space.
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end("meshd/"), b"meshd0");
+        assert_eq!(prefix_end("a"), b"b");
+        assert_eq!(prefix_end(""), vec![0]);
+    }
+}
