@@ -3,6 +3,8 @@ use std::path::PathBuf;
 /// What went wrong with a certificate or key file. Every variant names the file (or files) and the
 /// reason in words an operator can act on: certificate trouble is the most common way a mesh
 /// breaks, and "bad certificate" from a TLS handshake says neither which file nor why.
+// Kept small (at most 96 bytes): other crates' errors embed it, and clippy's result_large_err
+// counts the whole enum.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("cannot read {what} file {path}: {source}")]
@@ -45,13 +47,14 @@ pub enum CertError {
     },
     #[error("key file {key} does not match certificate file {cert}: its public key differs from the certificate's")]
     KeyMismatch { cert: PathBuf, key: PathBuf },
-    #[error("{what} file {path}: certificate (issuer \"{issuer}\") is not signed by the CA in {ca} (subject \"{ca_subject}\")")]
+    /// `names` says who issued the certificate and who the CA is, e.g.
+    /// `issuer "CN=other CA", CA subject "CN=meshd mesh CA"`.
+    #[error("{what} file {path}: certificate is not signed by the CA in {ca} ({names})")]
     UnknownIssuer {
         what: &'static str,
         path: PathBuf,
-        issuer: String,
         ca: PathBuf,
-        ca_subject: String,
+        names: String,
     },
     #[error("{what} file {path}: incompatible key usage: {reason}")]
     WrongUsage {
@@ -88,5 +91,13 @@ impl CertError {
             CertError::KeyMismatch { cert, .. } => Some(cert),
             CertError::Issue { .. } | CertError::Tls(_) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stays_small_enough_to_embed() {
+        assert!(std::mem::size_of::<super::CertError>() <= 96);
     }
 }

@@ -152,9 +152,12 @@ pub fn check_signed_by(
     Err(CertError::UnknownIssuer {
         what,
         path: path.to_owned(),
-        issuer: leaf_x509.issuer().to_string(),
         ca: ca_path.to_owned(),
-        ca_subject: ca_subjects.join("; "),
+        names: format!(
+            "issuer \"{}\", CA subject \"{}\"",
+            leaf_x509.issuer(),
+            ca_subjects.join("\"; \"")
+        ),
     })
 }
 
