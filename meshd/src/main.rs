@@ -6,13 +6,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod certs_cmd;
+mod etcd_auth;
+mod etcd_cmd;
 mod output;
+mod workload;
 
 /// meshd joins independent clusters of Linux nodes into one network: endpoints in any cluster
 /// reach each other over a VXLAN overlay that carries the sender's security identity, so
 /// identity-based policy holds across clusters.
 #[derive(Debug, Parser)]
-#[command(name = "meshd", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "meshd",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(flatten)]
     telemetry: meshd_telemetry::TelemetryArgs,
@@ -23,6 +32,15 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     // Subcommands are added by their modules.
+    /// Mesh CA and cluster certificates: create, issue, rotate, inspect, check.
+    #[command(subcommand)]
+    Certs(certs_cmd::CertsCommand),
+    /// Prepare a cluster's etcd for the mesh: users, roles, auth.
+    #[command(subcommand)]
+    Etcd(etcd_cmd::EtcdCommand),
+    /// Test workloads for endpoints: an HTTP echo server and a request client.
+    #[command(subcommand)]
+    Workload(workload::WorkloadCommand),
     /// Print version information.
     Version(output::OutputArgs),
 }
@@ -34,6 +52,9 @@ fn main() -> ExitCode {
         return ExitCode::from(64);
     }
     let result = match cli.command {
+        Command::Certs(cmd) => certs_cmd::run(cmd),
+        Command::Etcd(cmd) => etcd_cmd::run(cmd),
+        Command::Workload(cmd) => workload::run(cmd),
         Command::Version(out) => output::print_version(&out),
     };
     match result {
