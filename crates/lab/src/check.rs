@@ -1,0 +1,307 @@
+//! The lab's connectivity check: real requests from inside endpoints, a table of pass/fail.
+//!
+//! - every `app=client` endpoint reaches every `app=echo` endpoint over HTTP (the answer must
+//!   come from the endpoint that was asked: same node, other node, other cluster), and by ping;
+//! - where a policy selects the echo endpoints, a non-client endpoint (another echo) is denied;
+//! - every service a cluster knows answers from each of that cluster's clients; a global one
+//!   with backends in several clusters answers from more than one cluster.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::proc::netns_path;
+use crate::spec::ECHO_PORT;
+use crate::state::{LabEndpoint, LabState};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub check: String,
+    pub from: String,
+    pub to: String,
+    /// `allow` or `deny`.
+    pub expect: String,
+    pub pass: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub results: Vec<CheckResult>,
+    pub passed: usize,
+    pub failed: usize,
+}
+
+impl CheckReport {
+    pub fn all_passed(&self) -> bool {
+        self.failed == 0 && self.passed > 0
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<14} {:<22} {:<30} {:<6} {:<5} {}\n",
+            "CHECK", "FROM", "TO", "EXPECT", "PASS", "DETAIL"
+        );
+        for r in &self.results {
+            out.push_str(&format!(
+                "{:<14} {:<22} {:<30} {:<6} {:<5} {}\n",
+                r.check,
+                r.from,
+                r.to,
+                r.expect,
+                if r.pass { "ok" } else { "FAIL" },
+                r.detail
+            ));
+        }
+        out.push_str(&format!("{} passed, {} failed\n", self.passed, self.failed));
+        out
+    }
+}
+
+/// A service as `meshd get services -o json` lists it.
+#[derive(Debug, Clone)]
+pub struct ServiceTarget {
+    pub cluster: String,
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub global: bool,
+    pub clusters_with_backends: usize,
+}
+
+struct Pending {
+    result: CheckResult,
+    child: Child,
+    kind: Kind,
+}
+
+enum Kind {
+    /// The reply must name this endpoint.
+    Http {
+        endpoint: String,
+    },
+    Ping,
+    /// Must fail.
+    Denied,
+    /// All requests answered; `min_clusters` distinct clusters among the answers.
+    Service {
+        min_clusters: usize,
+    },
+}
+
+fn request(
+    meshd: &Path,
+    from: &LabEndpoint,
+    url: &str,
+    count: u32,
+    timeout_ms: u64,
+) -> anyhow::Result<Child> {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(&from.netns).display()))
+        .arg("--")
+        .arg(meshd)
+        .args(["workload", "request", url, "-n", &count.to_string()])
+        .args(["--timeout-ms", &timeout_ms.to_string(), "-o", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running a request from {}", from.name))
+}
+
+fn ping(from: &LabEndpoint, to: &str) -> anyhow::Result<Child> {
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns_path(&from.netns).display()))
+        .args(["--", "ping", "-c", "2", "-i", "0.2", "-W", "2", to])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running ping from {}", from.name))
+}
+
+fn label(ep: &LabEndpoint) -> String {
+    format!("{}/{}", ep.cluster, ep.name)
+}
+
+fn where_(from: &LabEndpoint, to: &LabEndpoint) -> &'static str {
+    if from.cluster != to.cluster {
+        "cross-cluster"
+    } else if from.node != to.node {
+        "cross-node"
+    } else {
+        "same-node"
+    }
+}
+
+/// Runs every check. `policy_denies_echo_to_echo`: a policy lets only clients into echo.
+pub fn run_check(
+    meshd: &Path,
+    state: &LabState,
+    services: &[ServiceTarget],
+    policy_denies_echo_to_echo: bool,
+) -> anyhow::Result<CheckReport> {
+    let has = |ep: &LabEndpoint, app: &str| ep.labels.get("app").map(String::as_str) == Some(app);
+    let clients: Vec<&LabEndpoint> = state
+        .endpoints
+        .iter()
+        .filter(|e| has(e, "client"))
+        .collect();
+    let echos: Vec<&LabEndpoint> = state.endpoints.iter().filter(|e| has(e, "echo")).collect();
+    let mut pending = Vec::new();
+    for from in &clients {
+        for to in &echos {
+            let url = format!("http://{}:{ECHO_PORT}/", to.ip);
+            pending.push(Pending {
+                result: result(
+                    format!("http {}", where_(from, to)),
+                    from,
+                    &label(to),
+                    "allow",
+                ),
+                child: request(meshd, from, &url, 2, 3000)?,
+                kind: Kind::Http {
+                    endpoint: to.name.clone(),
+                },
+            });
+            pending.push(Pending {
+                result: result(
+                    format!("ping {}", where_(from, to)),
+                    from,
+                    &label(to),
+                    "allow",
+                ),
+                child: ping(from, &to.ip)?,
+                kind: Kind::Ping,
+            });
+        }
+    }
+    if policy_denies_echo_to_echo {
+        // One echo asks another in its own cluster and one in another cluster: not a client.
+        if let Some(from) = echos.first() {
+            for to in echos.iter().filter(|t| t.name != from.name) {
+                if to.node == from.node {
+                    continue;
+                }
+                let url = format!("http://{}:{ECHO_PORT}/", to.ip);
+                pending.push(Pending {
+                    result: result(
+                        format!("policy {}", where_(from, to)),
+                        from,
+                        &label(to),
+                        "deny",
+                    ),
+                    child: request(meshd, from, &url, 1, 1500)?,
+                    kind: Kind::Denied,
+                });
+            }
+        }
+    }
+    for svc in services {
+        for from in clients.iter().filter(|c| c.cluster == svc.cluster) {
+            let url = format!("http://{}:{}/", svc.vip, svc.port);
+            let min_clusters = if svc.global {
+                svc.clusters_with_backends.max(1)
+            } else {
+                1
+            };
+            pending.push(Pending {
+                result: result(
+                    if svc.global {
+                        "service global".into()
+                    } else {
+                        "service".into()
+                    },
+                    from,
+                    &format!("{}/{} {}:{}", svc.cluster, svc.name, svc.vip, svc.port),
+                    "allow",
+                ),
+                child: request(meshd, from, &url, 40, 3000)?,
+                kind: Kind::Service { min_clusters },
+            });
+        }
+    }
+
+    let mut results = Vec::new();
+    for p in pending {
+        let Pending {
+            mut result,
+            child,
+            kind,
+        } = p;
+        let out = child.wait_with_output().context("waiting for a check")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_default();
+        match kind {
+            Kind::Http { endpoint } => {
+                let answered: Vec<String> = summary["by_endpoint"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                result.pass = out.status.success()
+                    && answered.len() == 1
+                    && answered[0].ends_with(&format!("/{endpoint}"));
+                result.detail = if result.pass {
+                    format!("{} answers", summary["ok"])
+                } else {
+                    format!("answered by {answered:?}; errors {}", summary["errors"])
+                };
+            }
+            Kind::Ping => {
+                result.pass = out.status.success();
+                result.detail = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .find(|l| l.contains("packets transmitted"))
+                    .unwrap_or("")
+                    .to_owned();
+            }
+            Kind::Denied => {
+                result.pass = !out.status.success() && summary["ok"] == 0;
+                result.detail = if result.pass {
+                    "no answer (dropped by policy)".into()
+                } else {
+                    format!("answered: {}", summary["by_endpoint"])
+                };
+            }
+            Kind::Service { min_clusters } => {
+                let clusters = summary["by_cluster"]
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default();
+                result.pass = out.status.success() && clusters.len() >= min_clusters;
+                result.detail = format!(
+                    "{}/{} answered, by cluster {}",
+                    summary["ok"],
+                    summary["sent"],
+                    serde_json::Value::Object(clusters)
+                );
+            }
+        }
+        results.push(result);
+    }
+    let passed = results.iter().filter(|r| r.pass).count();
+    let failed = results.len() - passed;
+    Ok(CheckReport {
+        results,
+        passed,
+        failed,
+    })
+}
+
+fn result(check: String, from: &LabEndpoint, to: &str, expect: &str) -> CheckResult {
+    CheckResult {
+        check,
+        from: label(from),
+        to: to.to_owned(),
+        expect: expect.to_owned(),
+        pass: false,
+        detail: String::new(),
+    }
+}
+
+/// Default run dir of the lab.
+pub fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/meshd-lab")
+}

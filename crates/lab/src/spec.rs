@@ -1,0 +1,162 @@
+//! What the lab is made of. Addresses are derived from positions, so a third cluster is one
+//! more entry in `clusters` (see README, "Adding a cluster").
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LabSpec {
+    /// Prefix of every namespace and host link name; keeps labs apart from anything else.
+    pub prefix: String,
+    /// Underlay subnet shared by nodes, etcd servers and apiservers (inside the lab's bridge).
+    pub underlay: Ipv4Net,
+    /// Address of the host side of the host <-> underlay veth.
+    pub host_ip: Ipv4Addr,
+    /// Underlay MTU; endpoints get 50 less (VXLAN).
+    pub mtu: u32,
+    pub tunnel_port: u16,
+    pub clusters: Vec<ClusterSpec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub id: u8,
+    /// etcd and the apiserver listen here (control-plane namespace).
+    pub control_plane_ip: Ipv4Addr,
+    pub etcd_port: u16,
+    pub apiserver_port: u16,
+    pub apiserver_health_port: u16,
+    pub service_cidr: Ipv4Net,
+    pub nodes: Vec<NodeSpec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointSpec {
+    pub name: String,
+    pub namespace: String,
+    /// `k=v` pairs (the agent adds `meshd.io/namespace` and `meshd.io/cluster`).
+    pub labels: Vec<(String, String)>,
+    /// Runs `meshd workload echo` on TCP 8080 inside the endpoint.
+    pub echo: bool,
+}
+
+pub const ECHO_PORT: u16 = 8080;
+pub const SERVICE_PORT: u16 = 80;
+
+impl LabSpec {
+    /// The default lab: clusters c1 and c2 (ids 1, 2), two nodes each, and on every node one
+    /// `app=echo` endpoint (running the echo workload) and one `app=client` endpoint.
+    pub fn two_clusters(prefix: &str) -> LabSpec {
+        let clusters = (1..=2u8).map(|id| cluster(id, 2)).collect();
+        LabSpec {
+            prefix: prefix.to_owned(),
+            underlay: "10.77.0.0/24".parse().expect("literal"),
+            host_ip: Ipv4Addr::new(10, 77, 0, 1),
+            mtu: 1500,
+            tunnel_port: 8472,
+            clusters,
+        }
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&ClusterSpec> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    pub fn underlay_netns(&self) -> String {
+        format!("{}-ul", self.prefix)
+    }
+
+    pub fn host_link(&self) -> String {
+        format!("{}-host", self.prefix)
+    }
+
+    pub fn control_plane_netns(&self, cluster: &ClusterSpec) -> String {
+        format!("{}-{}-cp", self.prefix, cluster.name)
+    }
+
+    pub fn node_netns(&self, cluster: &ClusterSpec, node: &NodeSpec) -> String {
+        format!("{}-{}-{}", self.prefix, cluster.name, node.name)
+    }
+
+    /// CLI context name of a cluster (like kind's `kind-<name>`).
+    pub fn context(&self, cluster: &ClusterSpec) -> String {
+        format!("lab-{}", cluster.name)
+    }
+}
+
+/// Cluster `c<id>`: control plane at 10.77.0.<100+id>, nodes at 10.77.0.<10*id + n>, pod CIDRs
+/// 10.<id>.<n>.0/24, services from 10.96.<id>.0/24.
+fn cluster(id: u8, nodes: u8) -> ClusterSpec {
+    let name = format!("c{id}");
+    ClusterSpec {
+        nodes: (1..=nodes)
+            .map(|n| NodeSpec {
+                name: format!("n{n}"),
+                ip: Ipv4Addr::new(10, 77, 0, 10 * id + n),
+                pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, id, n, 0), 24).expect("/24"),
+                endpoints: vec![
+                    EndpointSpec {
+                        name: format!("echo-{name}-n{n}"),
+                        namespace: "default".into(),
+                        labels: vec![("app".into(), "echo".into())],
+                        echo: true,
+                    },
+                    EndpointSpec {
+                        name: format!("client-{name}-n{n}"),
+                        namespace: "default".into(),
+                        labels: vec![("app".into(), "client".into())],
+                        echo: false,
+                    },
+                ],
+            })
+            .collect(),
+        name,
+        id,
+        control_plane_ip: Ipv4Addr::new(10, 77, 0, 100 + id),
+        etcd_port: 2379,
+        apiserver_port: 9443,
+        apiserver_health_port: 9444,
+        service_cidr: Ipv4Net::new(Ipv4Addr::new(10, 96, id, 0), 24).expect("/24"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_lab_addresses_are_distinct_and_inside_the_underlay() {
+        let spec = LabSpec::two_clusters("mlab");
+        let mut ips = vec![spec.host_ip];
+        for c in &spec.clusters {
+            ips.push(c.control_plane_ip);
+            ips.extend(c.nodes.iter().map(|n| n.ip));
+        }
+        let count = ips.len();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), count, "duplicate underlay address");
+        assert!(ips.iter().all(|ip| spec.underlay.contains(ip)));
+        let pods: Vec<_> = spec
+            .clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| n.pod_cidr))
+            .collect();
+        for (i, a) in pods.iter().enumerate() {
+            for b in &pods[i + 1..] {
+                assert!(!a.contains(b) && !b.contains(a), "{a} overlaps {b}");
+            }
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! What a running lab is made of, recorded in `<run dir>/lab.json` as it is created.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+pub const STATE_FILE: &str = "lab.json";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub run_dir: PathBuf,
+    /// bpffs directory holding every node's pinned maps and links.
+    pub bpffs_dir: PathBuf,
+    /// CLI config file holding the lab's contexts.
+    pub cli_config: PathBuf,
+    /// Network namespaces, in creation order.
+    pub netns: Vec<String>,
+    /// Links created in the host namespace.
+    pub host_links: Vec<String>,
+    pub processes: Vec<LabProcess>,
+    pub clusters: Vec<LabCluster>,
+    pub endpoints: Vec<LabEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabProcess {
+    pub pid: u32,
+    /// `etcd`, `apiserver`, `agent` or `workload`.
+    pub role: String,
+    pub cluster: String,
+    /// Node or endpoint name, empty for cluster-wide processes.
+    pub name: String,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabCluster {
+    pub name: String,
+    pub id: u8,
+    pub context: String,
+    pub etcd: LabEtcd,
+    pub apiserver: String,
+    pub nodes: Vec<LabNode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabEtcd {
+    pub endpoints: Vec<String>,
+    /// Namespace the endpoints are reachable from (also reachable from the host namespace).
+    pub netns: String,
+    pub pid: u32,
+    /// The cluster's read-only `remote` client certificate, as other clusters use it.
+    pub remote: TlsPaths,
+    /// The cluster's admin client certificate (components of the cluster, the CLI).
+    pub admin: TlsPaths,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub agent_pid: u32,
+    pub api_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabEndpoint {
+    pub name: String,
+    pub namespace: String,
+    pub cluster: String,
+    pub node: String,
+    /// Name of the endpoint's network namespace (usable with `ip netns exec`).
+    pub netns: String,
+    pub ip: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl LabState {
+    pub fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join(STATE_FILE)
+    }
+
+    pub fn load(run_dir: &Path) -> anyhow::Result<Option<LabState>> {
+        let path = Self::path(run_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("{}: not a lab state file", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Written after every step, atomically, so a crash mid-way leaves a usable record.
+    pub fn save(&self) -> anyhow::Result<()> {
+        let path = Self::path(&self.run_dir);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&LabCluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    pub fn endpoint(&self, cluster: &str, name: &str) -> Option<&LabEndpoint> {
+        self.endpoints
+            .iter()
+            .find(|e| e.cluster == cluster && e.name == name)
+    }
+}

@@ -1,0 +1,795 @@
+//! `up` builds the lab step by step, recording each created thing in the state file before
+//! moving on; `down` removes what the state file records (and, as a safety net, every process
+//! that carries the lab's marker in its environment).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use meshd_certs::{LeafKind, LeafRequest, MeshCa};
+use meshd_datapath::plumbing;
+
+use crate::proc::{self, run, spawn_daemon, wait_for};
+use crate::spec::{ClusterSpec, LabSpec, NodeSpec, ECHO_PORT};
+use crate::state::{LabCluster, LabEndpoint, LabEtcd, LabNode, LabProcess, LabState, TlsPaths};
+
+/// Environment variable set on every process the lab starts; its value is the run dir.
+pub const LAB_MARKER: &str = "MESHD_LAB_RUN_DIR";
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub spec: LabSpec,
+    /// Certificates, configs, logs, etcd data and the state file.
+    pub run_dir: PathBuf,
+    /// Directory holding the `meshd` and `clustermesh-apiserver` binaries.
+    pub bin_dir: PathBuf,
+    /// bpffs directory for every node's pins.
+    pub bpffs_dir: PathBuf,
+    /// Manifests applied once the mesh is ready (services, policies); none if `None`.
+    pub manifests: Option<PathBuf>,
+}
+
+impl UpOptions {
+    pub fn new(spec: LabSpec, run_dir: PathBuf, bin_dir: PathBuf) -> Self {
+        let bpffs_dir = PathBuf::from("/sys/fs/bpf").join(&spec.prefix);
+        UpOptions {
+            spec,
+            run_dir,
+            bin_dir,
+            bpffs_dir,
+            manifests: None,
+        }
+    }
+
+    fn meshd(&self) -> PathBuf {
+        self.bin_dir.join("meshd")
+    }
+
+    fn apiserver(&self) -> PathBuf {
+        self.bin_dir.join("clustermesh-apiserver")
+    }
+}
+
+/// Builds the lab. `progress` receives one line per step.
+pub fn up(opts: &UpOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<LabState> {
+    preflight(opts)?;
+    if LabState::load(&opts.run_dir)?.is_some() {
+        progress("a lab is already recorded in the run dir: removing it first");
+        down(&opts.run_dir, progress)?;
+    }
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    let mut state = LabState {
+        run_dir: opts.run_dir.clone(),
+        bpffs_dir: opts.bpffs_dir.clone(),
+        cli_config: opts.run_dir.join("meshd-cli.yaml"),
+        ..LabState::default()
+    };
+    state.save()?;
+    let result = build(opts, &mut state, progress);
+    // Whatever happened, the state file says what exists, so `down` can remove it.
+    state.save()?;
+    result.map(|()| state)
+}
+
+fn preflight(opts: &UpOptions) -> anyhow::Result<()> {
+    let mut missing = Vec::new();
+    for bin in [opts.meshd(), opts.apiserver()] {
+        if !bin.is_file() {
+            missing.push(format!(
+                "{} (build with `cargo build --release`)",
+                bin.display()
+            ));
+        }
+    }
+    for tool in ["etcd", "ip", "nsenter"] {
+        if run(
+            None,
+            Path::new("sh"),
+            &["-c".into(), format!("command -v {tool}")],
+        )
+        .is_err()
+        {
+            missing.push(format!("`{tool}` on PATH"));
+        }
+    }
+    if !meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")) {
+        missing.push("bpffs mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into());
+    }
+    if !missing.is_empty() {
+        bail!("the lab needs root and:\n  {}", missing.join("\n  "));
+    }
+    Ok(())
+}
+
+fn build(
+    opts: &UpOptions,
+    state: &mut LabState,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let spec = &opts.spec;
+    progress("certificates: mesh CA and per-cluster server, admin and remote certificates");
+    issue_certs(opts)?;
+
+    progress("network: underlay bridge namespace and the host link");
+    let ul = spec.underlay_netns();
+    plumbing::add_netns(&ul)?;
+    state.netns.push(ul.clone());
+    state.save()?;
+    ipc(Some(&ul), &["link", "add", "br0", "type", "bridge"])?;
+    ipc(Some(&ul), &["link", "set", "br0", "up"])?;
+    ipc(Some(&ul), &["link", "set", "lo", "up"])?;
+    let host_link = spec.host_link();
+    ipc(
+        None,
+        &[
+            "link", "add", &host_link, "type", "veth", "peer", "name", "host", "netns", &ul,
+        ],
+    )?;
+    state.host_links.push(host_link.clone());
+    state.save()?;
+    let host_cidr = format!("{}/{}", spec.host_ip, spec.underlay.prefix_len());
+    ipc(None, &["addr", "add", &host_cidr, "dev", &host_link])?;
+    ipc(None, &["link", "set", &host_link, "up"])?;
+    ipc(Some(&ul), &["link", "set", "host", "master", "br0", "up"])?;
+
+    for cluster in &spec.clusters {
+        start_control_plane(opts, state, cluster, progress)?;
+    }
+    write_cli_config(opts, state)?;
+    for cluster in &spec.clusters {
+        for node in &cluster.nodes {
+            start_node(opts, state, cluster, node, progress)?;
+        }
+    }
+    for cluster in &spec.clusters {
+        for node in &cluster.nodes {
+            add_endpoints(opts, state, cluster, node, progress)?;
+        }
+    }
+    if let Some(manifests) = &opts.manifests {
+        for cluster in &spec.clusters {
+            progress(&format!(
+                "{}: applying {}",
+                cluster.name,
+                manifests.display()
+            ));
+            meshd(
+                opts,
+                state,
+                &[
+                    "--context".into(),
+                    spec.context(cluster),
+                    "apply".into(),
+                    "-f".into(),
+                    manifests.display().to_string(),
+                ],
+            )?;
+        }
+    }
+    progress("waiting for every node to see every cluster ready");
+    wait_mesh_ready(opts, state)?;
+    Ok(())
+}
+
+fn ipc(netns: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
+    plumbing::ip(netns, args.last().copied().unwrap_or(""), args)?;
+    Ok(())
+}
+
+fn certs_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("certs")
+}
+
+fn cluster_certs(run_dir: &Path, cluster: &str) -> PathBuf {
+    certs_dir(run_dir).join(cluster)
+}
+
+fn tls_paths(run_dir: &Path, cluster: &str, kind: LeafKind) -> TlsPaths {
+    let dir = cluster_certs(run_dir, cluster);
+    TlsPaths {
+        ca: dir.join(meshd_certs::CA_CERT_FILE),
+        cert: kind.cert_path(&dir),
+        key: kind.key_path(&dir),
+    }
+}
+
+fn issue_certs(opts: &UpOptions) -> anyhow::Result<()> {
+    let ca = MeshCa::create("meshd-lab", 365)?;
+    ca.write(&certs_dir(&opts.run_dir), true)?;
+    for cluster in &opts.spec.clusters {
+        let dir = cluster_certs(&opts.run_dir, &cluster.name);
+        ca.write_ca_copy(&dir, true)?;
+        for kind in LeafKind::ALL {
+            let mut req = LeafRequest::new(kind, &cluster.name, 365);
+            if kind == LeafKind::Server {
+                // etcd and the apiserver share the control-plane address and this certificate.
+                req.ip_addresses = vec![cluster.control_plane_ip.into(), [127, 0, 0, 1].into()];
+                req.dns_names = vec![format!("etcd.{}", cluster.name), "localhost".into()];
+            }
+            ca.issue(&req)?.write(&dir, true)?;
+        }
+    }
+    Ok(())
+}
+
+fn etcd_endpoint(cluster: &ClusterSpec) -> String {
+    format!("https://{}:{}", cluster.control_plane_ip, cluster.etcd_port)
+}
+
+fn record(state: &mut LabState, pid: u32, role: &str, cluster: &str, name: &str, log: &Path) {
+    state.processes.push(LabProcess {
+        pid,
+        role: role.into(),
+        cluster: cluster.into(),
+        name: name.into(),
+        log: log.to_owned(),
+    });
+}
+
+fn marker(opts: &UpOptions) -> Vec<(&'static str, String)> {
+    vec![(LAB_MARKER, opts.run_dir.display().to_string())]
+}
+
+fn start_control_plane(
+    opts: &UpOptions,
+    state: &mut LabState,
+    cluster: &ClusterSpec,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let spec = &opts.spec;
+    let cp = spec.control_plane_netns(cluster);
+    progress(&format!(
+        "{}: control plane namespace {cp}: etcd, apiserver",
+        cluster.name
+    ));
+    attach_to_underlay(
+        spec,
+        state,
+        &cp,
+        &format!("v-{}-cp", cluster.name),
+        cluster.control_plane_ip,
+    )?;
+
+    let dir = opts.run_dir.join(&cluster.name);
+    std::fs::create_dir_all(&dir)?;
+    let server = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Server);
+    let admin = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Admin);
+    let client_url = etcd_endpoint(cluster);
+    let peer_url = format!("http://127.0.0.1:{}", cluster.etcd_port + 1);
+    let log = dir.join("etcd.log");
+    let args: Vec<String> = [
+        "--name",
+        &cluster.name,
+        "--data-dir",
+        &dir.join("etcd-data").display().to_string(),
+        "--listen-client-urls",
+        &client_url,
+        "--advertise-client-urls",
+        &client_url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("{}={peer_url}", cluster.name),
+        "--client-cert-auth",
+        "--trusted-ca-file",
+        &server.ca.display().to_string(),
+        "--cert-file",
+        &server.cert.display().to_string(),
+        "--key-file",
+        &server.key.display().to_string(),
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let pid = spawn_daemon(Some(&cp), Path::new("etcd"), &args, &marker(opts), &log)?;
+    record(state, pid, "etcd", &cluster.name, "", &log);
+    state.save()?;
+    let addr = SocketAddr::from((cluster.control_plane_ip, cluster.etcd_port));
+    wait_for(
+        &format!("etcd of {} on {addr}", cluster.name),
+        Duration::from_secs(30),
+        || proc::tcp_open(addr),
+    )
+    .with_context(|| format!("etcd log:\n{}", proc::log_tail(&log, 20)))?;
+
+    meshd(
+        opts,
+        state,
+        &[
+            "etcd".into(),
+            "bootstrap".into(),
+            "--endpoints".into(),
+            client_url.clone(),
+            "--ca".into(),
+            admin.ca.display().to_string(),
+            "--cert".into(),
+            admin.cert.display().to_string(),
+            "--key".into(),
+            admin.key.display().to_string(),
+        ],
+    )
+    .with_context(|| format!("bootstrapping etcd of {}", cluster.name))?;
+
+    let api_log = dir.join("apiserver.log");
+    let api_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_port));
+    let health_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_health_port));
+    let api_args: Vec<String> = vec![
+        "--cluster".into(),
+        cluster.name.clone(),
+        "--cluster-id".into(),
+        cluster.id.to_string(),
+        "--etcd-endpoints".into(),
+        client_url.clone(),
+        "--etcd-ca".into(),
+        admin.ca.display().to_string(),
+        "--etcd-cert".into(),
+        admin.cert.display().to_string(),
+        "--etcd-key".into(),
+        admin.key.display().to_string(),
+        "--listen".into(),
+        api_addr.to_string(),
+        "--tls-ca".into(),
+        server.ca.display().to_string(),
+        "--tls-cert".into(),
+        server.cert.display().to_string(),
+        "--tls-key".into(),
+        server.key.display().to_string(),
+        "--health-listen".into(),
+        health_addr.to_string(),
+        "--service-cidr".into(),
+        cluster.service_cidr.to_string(),
+    ];
+    let pid = spawn_daemon(
+        Some(&cp),
+        &opts.apiserver(),
+        &api_args,
+        &marker(opts),
+        &api_log,
+    )?;
+    record(state, pid, "apiserver", &cluster.name, "", &api_log);
+    state.save()?;
+    wait_for(
+        &format!("apiserver of {} on {api_addr}", cluster.name),
+        Duration::from_secs(30),
+        || proc::tcp_open(api_addr),
+    )
+    .with_context(|| format!("apiserver log:\n{}", proc::log_tail(&api_log, 20)))?;
+
+    state.clusters.push(LabCluster {
+        name: cluster.name.clone(),
+        id: cluster.id,
+        context: spec.context(cluster),
+        etcd: LabEtcd {
+            endpoints: vec![client_url],
+            netns: cp,
+            pid: state
+                .processes
+                .iter()
+                .rev()
+                .find(|p| p.role == "etcd")
+                .map_or(0, |p| p.pid),
+            remote: tls_paths(&opts.run_dir, &cluster.name, LeafKind::Remote),
+            admin,
+        },
+        apiserver: api_addr.to_string(),
+        nodes: Vec::new(),
+    });
+    state.save()
+}
+
+/// Creates namespace `netns` with `ul0` on the underlay bridge at `ip`.
+fn attach_to_underlay(
+    spec: &LabSpec,
+    state: &mut LabState,
+    netns: &str,
+    bridge_port: &str,
+    ip: std::net::Ipv4Addr,
+) -> anyhow::Result<()> {
+    let ul = spec.underlay_netns();
+    plumbing::add_netns(netns)?;
+    state.netns.push(netns.to_owned());
+    state.save()?;
+    let mtu = spec.mtu.to_string();
+    ipc(
+        Some(&ul),
+        &[
+            "link",
+            "add",
+            bridge_port,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            netns,
+        ],
+    )?;
+    ipc(
+        Some(&ul),
+        &["link", "set", bridge_port, "master", "br0", "up"],
+    )?;
+    let cidr = format!("{ip}/{}", spec.underlay.prefix_len());
+    ipc(Some(netns), &["addr", "add", &cidr, "dev", "ul0"])?;
+    ipc(Some(netns), &["link", "set", "ul0", "up"])?;
+    ipc(Some(netns), &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+fn write_cli_config(opts: &UpOptions, state: &LabState) -> anyhow::Result<()> {
+    let mut yaml =
+        String::from("# meshd CLI contexts of the lab (written by `meshd lab up`)\ncontexts:\n");
+    for c in &state.clusters {
+        writeln!(
+            yaml,
+            "  - name: {}\n    server: https://{}\n    ca: {}\n    cert: {}\n    key: {}",
+            c.context,
+            c.apiserver,
+            c.etcd.admin.ca.display(),
+            c.etcd.admin.cert.display(),
+            c.etcd.admin.key.display()
+        )?;
+    }
+    if let Some(first) = state.clusters.first() {
+        writeln!(yaml, "current-context: {}", first.context)?;
+    }
+    std::fs::write(&state.cli_config, yaml)
+        .with_context(|| format!("writing {}", state.cli_config.display()))?;
+    let _ = opts;
+    Ok(())
+}
+
+fn node_dir(opts: &UpOptions, cluster: &ClusterSpec, node: &NodeSpec) -> PathBuf {
+    opts.run_dir.join(&cluster.name).join(&node.name)
+}
+
+fn api_socket(opts: &UpOptions, cluster: &ClusterSpec, node: &NodeSpec) -> PathBuf {
+    node_dir(opts, cluster, node).join("agent.sock")
+}
+
+fn start_node(
+    opts: &UpOptions,
+    state: &mut LabState,
+    cluster: &ClusterSpec,
+    node: &NodeSpec,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let spec = &opts.spec;
+    let netns = spec.node_netns(cluster, node);
+    progress(&format!(
+        "{}: node {} ({netns}, {}): meshd agent",
+        cluster.name, node.name, node.ip
+    ));
+    attach_to_underlay(
+        spec,
+        state,
+        &netns,
+        &format!("v-{}-{}", cluster.name, node.name),
+        node.ip,
+    )?;
+
+    let dir = node_dir(opts, cluster, node);
+    let remotes = dir.join("clusters");
+    std::fs::create_dir_all(&remotes)?;
+    for other in spec.clusters.iter().filter(|c| c.name != cluster.name) {
+        let remote = tls_paths(&opts.run_dir, &other.name, LeafKind::Remote);
+        let file = format!(
+            "# etcd of cluster {name}, read with its read-only `remote` certificate\nendpoints: [{ep}]\nca: {ca}\ncert: {cert}\nkey: {key}\n",
+            name = other.name,
+            ep = etcd_endpoint(other),
+            ca = remote.ca.display(),
+            cert = remote.cert.display(),
+            key = remote.key.display(),
+        );
+        std::fs::write(remotes.join(&other.name), file)?;
+    }
+    let admin = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Admin);
+    let config = format!(
+        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\napi_socket: {sock}\nstate_dir: {state}\n",
+        c = cluster.name,
+        id = cluster.id,
+        n = node.name,
+        ip = node.ip,
+        pod = node.pod_cidr,
+        ep = etcd_endpoint(cluster),
+        ca = admin.ca.display(),
+        cert = admin.cert.display(),
+        key = admin.key.display(),
+        remotes = remotes.display(),
+        bpffs = opts.bpffs_dir.display(),
+        port = spec.tunnel_port,
+        sock = api_socket(opts, cluster, node).display(),
+        state = dir.join("state").display(),
+    );
+    let config_path = dir.join("agent.yaml");
+    std::fs::write(&config_path, config)?;
+    let log = dir.join("agent.log");
+    let pid = spawn_daemon(
+        Some(&netns),
+        &opts.meshd(),
+        &[
+            "agent".into(),
+            "--config".into(),
+            config_path.display().to_string(),
+        ],
+        &marker(opts),
+        &log,
+    )?;
+    record(state, pid, "agent", &cluster.name, &node.name, &log);
+    let socket = api_socket(opts, cluster, node);
+    let lab_cluster = state
+        .clusters
+        .iter_mut()
+        .find(|c| c.name == cluster.name)
+        .context("control plane recorded before nodes")?;
+    lab_cluster.nodes.push(LabNode {
+        name: node.name.clone(),
+        netns: netns.clone(),
+        ip: node.ip.to_string(),
+        agent_pid: pid,
+        api_socket: socket.clone(),
+    });
+    state.save()?;
+    wait_for(
+        &format!("meshd agent of {}/{}", cluster.name, node.name),
+        Duration::from_secs(60),
+        || agent_status(opts, &socket).is_ok() || !proc::is_alive(pid),
+    )?;
+    if !proc::is_alive(pid) {
+        bail!(
+            "meshd agent of {}/{} exited; log:\n{}",
+            cluster.name,
+            node.name,
+            proc::log_tail(&log, 30)
+        );
+    }
+    Ok(())
+}
+
+fn agent_status(opts: &UpOptions, socket: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = run(
+        None,
+        &opts.meshd(),
+        &[
+            "status".into(),
+            "--api-socket".into(),
+            socket.display().to_string(),
+            "-o".into(),
+            "json".into(),
+        ],
+    )?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn add_endpoints(
+    opts: &UpOptions,
+    state: &mut LabState,
+    cluster: &ClusterSpec,
+    node: &NodeSpec,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let socket = api_socket(opts, cluster, node);
+    for ep in &node.endpoints {
+        progress(&format!(
+            "{}/{}: endpoint {}",
+            cluster.name, node.name, ep.name
+        ));
+        let labels = ep
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = run(
+            None,
+            &opts.meshd(),
+            &[
+                "endpoint".into(),
+                "add".into(),
+                ep.name.clone(),
+                "--labels".into(),
+                labels,
+                "--namespace".into(),
+                ep.namespace.clone(),
+                "--api-socket".into(),
+                socket.display().to_string(),
+                "-o".into(),
+                "json".into(),
+            ],
+        )?;
+        let added: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("`meshd endpoint add -o json` printed {out:?}"))?;
+        let ip = added["ip"]
+            .as_str()
+            .context("endpoint without ip")?
+            .to_owned();
+        let netns_path = added["netns"].as_str().context("endpoint without netns")?;
+        let netns = Path::new(netns_path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let labels: BTreeMap<String, String> = added["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        state.endpoints.push(LabEndpoint {
+            name: ep.name.clone(),
+            namespace: ep.namespace.clone(),
+            cluster: cluster.name.clone(),
+            node: node.name.clone(),
+            netns: netns.clone(),
+            ip,
+            labels,
+        });
+        state.save()?;
+        if ep.echo {
+            let log = node_dir(opts, cluster, node).join(format!("{}.log", ep.name));
+            let pid = spawn_daemon(
+                Some(&netns),
+                &opts.meshd(),
+                &[
+                    "workload".into(),
+                    "echo".into(),
+                    "--listen".into(),
+                    format!("0.0.0.0:{ECHO_PORT}"),
+                    "--cluster".into(),
+                    cluster.name.clone(),
+                    "--node".into(),
+                    node.name.clone(),
+                    "--endpoint".into(),
+                    ep.name.clone(),
+                ],
+                &marker(opts),
+                &log,
+            )?;
+            record(state, pid, "workload", &cluster.name, &ep.name, &log);
+            state.save()?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the `meshd` CLI with the lab's CLI config.
+fn meshd(opts: &UpOptions, state: &LabState, args: &[String]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(opts.meshd())
+        .args(args)
+        .env("MESHD_CONFIG", &state.cli_config)
+        .output()
+        .with_context(|| format!("running meshd {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`meshd {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_mesh_ready(opts: &UpOptions, state: &LabState) -> anyhow::Result<()> {
+    let want = opts.spec.clusters.len();
+    for cluster in &state.clusters {
+        for node in &cluster.nodes {
+            let mut last = String::new();
+            wait_for(
+                &format!(
+                    "{}/{} to see all {want} clusters ready",
+                    cluster.name, node.name
+                ),
+                Duration::from_secs(90),
+                || match agent_status(opts, &node.api_socket) {
+                    Ok(status) => {
+                        let ready = status["clusters"]
+                            .as_array()
+                            .map(|cs| cs.iter().filter(|c| c["ready"] == true).count())
+                            .unwrap_or(0);
+                        last = status["clusters"].to_string();
+                        ready >= want
+                    }
+                    Err(e) => {
+                        last = format!("{e:#}");
+                        false
+                    }
+                },
+            )
+            .with_context(|| format!("last status: {last}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// What `down` removed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct DownReport {
+    pub processes: usize,
+    pub netns: usize,
+    pub pins_removed: bool,
+}
+
+/// Removes the lab recorded in `run_dir`. Safe to run when nothing (or half a lab) exists.
+pub fn down(run_dir: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<DownReport> {
+    let mut report = DownReport::default();
+    let Some(state) = LabState::load(run_dir)? else {
+        // Nothing recorded; still stop stray processes carrying this run dir's marker.
+        report.processes = kill_marked(run_dir);
+        return Ok(report);
+    };
+    progress("stopping workloads, agents, apiservers and etcd");
+    // Reverse creation order: workloads before their agents, agents before etcd.
+    for p in state.processes.iter().rev() {
+        if proc::is_alive(p.pid) {
+            proc::terminate(p.pid, Duration::from_secs(5));
+            report.processes += 1;
+        }
+    }
+    report.processes += kill_marked(run_dir);
+
+    progress("removing endpoint, node, control-plane and underlay namespaces");
+    let mut netns: Vec<String> = state.endpoints.iter().map(|e| e.netns.clone()).collect();
+    netns.extend(state.netns.iter().rev().cloned());
+    for ns in netns.iter().filter(|n| !n.is_empty()) {
+        if Path::new("/run/netns").join(ns).exists() {
+            plumbing::delete_netns(ns)?;
+            report.netns += 1;
+        }
+    }
+    for link in &state.host_links {
+        // Normally gone with its peer's namespace.
+        let _ = plumbing::ip(None, link, &["link", "del", link]);
+    }
+    if state.bpffs_dir.starts_with("/sys/fs/bpf") && state.bpffs_dir.exists() {
+        progress(&format!(
+            "removing pinned maps and links under {}",
+            state.bpffs_dir.display()
+        ));
+        std::fs::remove_dir_all(&state.bpffs_dir)
+            .with_context(|| format!("removing {}", state.bpffs_dir.display()))?;
+        report.pins_removed = true;
+    }
+    std::fs::remove_dir_all(run_dir).with_context(|| format!("removing {}", run_dir.display()))?;
+    Ok(report)
+}
+
+/// Kills every process whose environment carries `LAB_MARKER=<run_dir>`.
+fn kill_marked(run_dir: &Path) -> usize {
+    let needle = format!("{LAB_MARKER}={}", run_dir.display());
+    let mut killed = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
+            proc::terminate(pid, Duration::from_secs(5));
+            killed += 1;
+        }
+    }
+    killed
+}
