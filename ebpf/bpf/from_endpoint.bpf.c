@@ -46,11 +46,18 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ctx->dst_identity = remote->identity;
 	}
 
+	__u32 zero = 0;
+	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
+	if (!cfg)
+		return MESHD_DROP_NO_CONFIG;
+	__u32 revision = cfg->policy_revision;
+
 	__u64 now = bpf_ktime_get_ns();
-	int ct = ct_lookup(skb, ctx, l3_off, now);
-	if (ct == CT_NEW || ct == CT_ESTABLISHED) {
-		/* Established connections are re-checked so that a policy change cuts them too;
-		 * only replies and related errors ride on the connection's first verdict. */
+	struct ct_value *entry = 0;
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry);
+	/* Replies and related errors ride on their connection's verdict; the first direction is
+	 * re-checked once after every policy change, so a change cuts established connections too. */
+	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {
 		ret = policy_check(src_identity, ctx->dst_identity, ctx, MESHD_DIR_EGRESS);
 		if (ret < 0)
 			return ret;
@@ -62,7 +69,9 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 			ctx->direction = MESHD_DIR_EGRESS;
 		}
 		if (ct == CT_NEW)
-			ct_create(ctx, now);
+			ct_create(ctx, now, revision);
+		else if (entry)
+			entry->policy_revision = revision;
 	}
 
 	if (dst) {
@@ -78,9 +87,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		return MESHD_FWD_STACK;
 	}
 
-	__u32 zero = 0;
-	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
-	if (!cfg || !cfg->vxlan_ifindex)
+	if (!cfg->vxlan_ifindex)
 		return MESHD_DROP_NO_CONFIG;
 	struct bpf_tunnel_key key = {};
 	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);

@@ -39,14 +39,23 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 		return MESHD_DROP_UNKNOWN_DEST;
 	ctx->dst_identity = dst->identity;
 
+	__u32 zero = 0;
+	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
+	if (!cfg)
+		return MESHD_DROP_NO_CONFIG;
+	__u32 revision = cfg->policy_revision;
+
 	__u64 now = bpf_ktime_get_ns();
-	int ct = ct_lookup(skb, ctx, l3_off, now);
-	if (ct == CT_NEW || ct == CT_ESTABLISHED) {
+	struct ct_value *entry = 0;
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry);
+	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {
 		ret = policy_check(ctx->dst_identity, vni, ctx, MESHD_DIR_INGRESS);
 		if (ret < 0)
 			return ret;
 		if (ct == CT_NEW)
-			ct_create(ctx, now);
+			ct_create(ctx, now, revision);
+		else if (entry)
+			entry->policy_revision = revision;
 	}
 
 	ret = rewrite_macs(skb, dst);

@@ -69,7 +69,7 @@ pub const VERDICT_ALLOW: u32 = 1;
 pub const VERDICT_DENY: u32 = 2;
 pub const VERDICT_ENABLED: u32 = 3;
 // enum meshd_ct_flags
-pub const CT_F_SEEN_REPLY: u32 = 1;
+pub const CT_F_REPLY: u32 = 1;
 pub const CT_F_CLOSING: u32 = 2;
 // enum meshd_event_type
 pub const EVENT_DROP: u32 = 1;
@@ -116,7 +116,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_VERDICT_ALLOW", VERDICT_ALLOW as i64),
     ("MESHD_VERDICT_DENY", VERDICT_DENY as i64),
     ("MESHD_VERDICT_ENABLED", VERDICT_ENABLED as i64),
-    ("MESHD_CT_F_SEEN_REPLY", CT_F_SEEN_REPLY as i64),
+    ("MESHD_CT_F_REPLY", CT_F_REPLY as i64),
     ("MESHD_CT_F_CLOSING", CT_F_CLOSING as i64),
     ("MESHD_EVENT_DROP", EVENT_DROP as i64),
 ];
@@ -234,7 +234,9 @@ pub struct CtKey {
 pub struct CtValue {
     pub last_seen_ns: u64,
     pub flags: u32,
+    pub policy_revision: u32,
     pub rev_nat_index: u32,
+    pub pad: u32,
 }
 
 #[repr(C)]
@@ -252,6 +254,8 @@ pub struct DatapathConfig {
     pub node_ip: u32,
     pub cluster_id: u32,
     pub flags: u32,
+    /// Bumped after every POLICY change; CT entries remember the revision they were checked at.
+    pub policy_revision: u32,
 }
 
 #[repr(C)]

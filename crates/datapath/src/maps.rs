@@ -220,17 +220,46 @@ impl DatapathMaps {
         })
     }
 
-    /// Writes the node-wide settings.
+    /// Writes the node-wide settings (keeping the policy revision).
     pub fn set_config(&mut self, config: NodeConfig) -> Result<()> {
+        let current = self
+            .config
+            .get(&0, 0)
+            .map_err(op_err("get", names::CONFIG, 0))?;
         let value = abi::DatapathConfig {
             vxlan_ifindex: config.vxlan_ifindex,
             node_ip: abi::ip_to_be(config.node_ip),
             cluster_id: u32::from(config.cluster_id),
             flags: 0,
+            policy_revision: current.policy_revision,
         };
         self.config
             .set(0, value, 0)
             .map_err(op_err("set", names::CONFIG, 0))
+    }
+
+    /// Makes the programs re-check established connections against POLICY. Every policy
+    /// operation of this type calls it after writing; the agent's single map owner is the only
+    /// writer, so the read-modify-write does not race.
+    pub fn bump_policy_revision(&mut self) -> Result<u32> {
+        let mut value = self
+            .config
+            .get(&0, 0)
+            .map_err(op_err("get", names::CONFIG, 0))?;
+        value.policy_revision = value.policy_revision.wrapping_add(1);
+        self.config
+            .set(0, value, 0)
+            .map_err(op_err("set", names::CONFIG, 0))?;
+        Ok(value.policy_revision)
+    }
+
+    /// The current policy revision.
+    pub fn policy_revision(&self) -> Result<u32> {
+        Ok(self
+            .config
+            .get(&0, 0)
+            .map_err(op_err("get", names::CONFIG, 0))?
+            .policy_revision)
     }
 
     /// Inserts or replaces the ipcache entry of `prefix`.
@@ -374,7 +403,8 @@ impl DatapathMaps {
             "insert",
             names::POLICY,
             format!("{entry:?}"),
-        ))
+        ))?;
+        self.bump_policy_revision().map(|_| ())
     }
 
     /// Removes a policy entry.
@@ -384,7 +414,8 @@ impl DatapathMaps {
             "remove",
             names::POLICY,
             format!("{entry:?}"),
-        ))
+        ))?;
+        self.bump_policy_revision().map(|_| ())
     }
 
     /// Turns default-deny on (`true`) or off for one direction of `subject`.
@@ -407,10 +438,15 @@ impl DatapathMaps {
             };
             self.policy
                 .insert(key, value, 0)
-                .map_err(op_err("insert", names::POLICY, what))
+                .map_err(op_err("insert", names::POLICY, what))?;
         } else {
-            ignore_missing(self.policy.remove(&key)).map_err(op_err("remove", names::POLICY, what))
+            ignore_missing(self.policy.remove(&key)).map_err(op_err(
+                "remove",
+                names::POLICY,
+                what,
+            ))?;
         }
+        self.bump_policy_revision().map(|_| ())
     }
 
     /// Every policy key currently in the map (markers excluded).

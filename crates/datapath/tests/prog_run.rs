@@ -96,7 +96,11 @@ fn local_delivery_rewrites_macs_and_redirects() {
         "nothing but the MACs changes"
     );
     assert_eq!(counter(&dp, Direction::Egress, abi::FWD_LOCAL), 1);
-    assert_eq!(dp.maps.ct_len(), 1, "the connection is tracked");
+    assert_eq!(
+        dp.maps.ct_len(),
+        2,
+        "the connection is tracked, one entry per direction"
+    );
 }
 
 #[test]
@@ -209,6 +213,23 @@ fn ingress_policy_allows_listed_port_and_denies_the_rest() {
     let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &ssh.bytes(), A_IF, [0; 5]);
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_POLICY_DENY), 1);
+
+    // A policy change re-checks established connections: removing the rule cuts client ->
+    // web:8080 although its connection is tracked.
+    let more = Packet::tcp(A, 40000, B, 8080, 0x10);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &more.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "established and still allowed");
+    dp.maps
+        .delete_policy(PolicyEntry {
+            subject: WEB,
+            peer: Some(CLIENT),
+            proto: Some(TCP),
+            dport: Some(8080),
+            direction: Direction::Ingress,
+        })
+        .unwrap();
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &more.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT, "established but no longer allowed");
 
     // Without the marker the direction is default-allow again.
     dp.maps

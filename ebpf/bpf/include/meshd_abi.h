@@ -148,9 +148,11 @@ struct policy_value {
 };
 
 /*
- * CT: one entry per connection, keyed by the tuple of its first packet as seen by this node.
- * A packet whose reversed tuple has an entry is a reply; an ICMP error whose embedded tuple has
- * an entry (either way) is related. Both skip policy.
+ * CT: two entries per connection, one per direction, keyed by the tuple of the packets going
+ * that way, so every packet costs one lookup. The entry of the first packet's direction has
+ * flags 0, the other MESHD_CT_F_REPLY: packets hitting a reply entry, and ICMP errors whose
+ * embedded tuple has an entry, skip policy. Packets of the first direction are re-checked
+ * against policy whenever CONFIG's policy_revision moved since their entry was last checked.
  */
 struct ct_key {
 	__u32 saddr; /* network byte order */
@@ -162,15 +164,18 @@ struct ct_key {
 };
 
 struct ct_value {
-	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last packet either way */
-	__u32 flags;        /* MESHD_CT_F_* */
-	__u32 rev_nat_index; /* reserved for service load-balancing (reverse NAT), 0 for now */
+	__u64 last_seen_ns;    /* bpf_ktime_get_ns() of the last packet this way */
+	__u32 flags;           /* MESHD_CT_F_* */
+	__u32 policy_revision; /* CONFIG policy_revision when policy last allowed this direction */
+	__u32 rev_nat_index;   /* reserved for service load-balancing (reverse NAT), 0 for now */
+	__u32 pad;
 };
 
 enum meshd_ct_flags {
-	MESHD_CT_F_SEEN_REPLY = 1,
+	MESHD_CT_F_REPLY = 1,   /* this entry is the reply direction of the connection */
 	MESHD_CT_F_CLOSING = 2, /* FIN or RST seen */
 };
+
 #define MESHD_CT_LIFETIME_TCP_NS (6ull * 3600 * 1000000000)
 #define MESHD_CT_LIFETIME_CLOSING_NS (10ull * 1000000000)
 #define MESHD_CT_LIFETIME_OTHER_NS (60ull * 1000000000)
@@ -183,10 +188,11 @@ struct metrics_value {
 
 /* CONFIG: a one-entry array written by the agent before it attaches the programs. */
 struct datapath_config {
-	__u32 vxlan_ifindex; /* the VXLAN device (external mode) in the node's namespace */
-	__u32 node_ip;       /* this node's underlay IP, network byte order */
-	__u32 cluster_id;    /* this node's cluster */
-	__u32 flags;         /* reserved, 0 */
+	__u32 vxlan_ifindex;   /* the VXLAN device (external mode) in the node's namespace */
+	__u32 node_ip;         /* this node's underlay IP, network byte order */
+	__u32 cluster_id;      /* this node's cluster */
+	__u32 flags;           /* reserved, 0 */
+	__u32 policy_revision; /* bumped by the agent after every POLICY change */
 };
 
 /* EVENTS: ring buffer records, one per dropped packet. */

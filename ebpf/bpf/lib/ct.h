@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Connection tracking: just enough state to let replies and related ICMP errors of allowed
- * connections through without a policy lookup. Entries live in an LRU map, so an idle flood
+ * connections through without a policy lookup, and to skip re-checking policy for established
+ * connections while the policy has not changed. Entries live in an LRU map, so an idle flood
  * evicts the oldest connections instead of failing inserts; lifetimes bound how long a stale
  * entry can still admit a "reply".
  */
@@ -27,37 +28,59 @@ static __always_inline int ct_alive(const struct ct_key *key, const struct ct_va
 	return now - v->last_seen_ns < lifetime;
 }
 
-static __always_inline void ct_touch(struct ct_value *v, struct pkt_ctx *ctx, __u64 now, __u32 extra_flags)
+static __always_inline void ct_reverse(const struct ct_key *k, struct ct_key *r)
 {
-	__u32 flags = v->flags | extra_flags;
-	if (ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		flags |= MESHD_CT_F_CLOSING;
-	else if (ctx->tcp_flags & TCP_FLAG_SYN)
-		flags &= ~MESHD_CT_F_CLOSING; /* a new connection reusing the tuple */
-	if (flags != v->flags)
-		v->flags = flags;
-	if (now - v->last_seen_ns > CT_REFRESH_NS || flags & MESHD_CT_F_CLOSING)
+	r->saddr = k->daddr;
+	r->daddr = k->saddr;
+	r->sport = k->dport;
+	r->dport = k->sport;
+	r->proto = k->proto;
+}
+
+/* FIN/RST closes both directions; SYN on a closing tuple reopens it (port reuse). */
+static __always_inline void ct_touch(struct ct_key *key, struct ct_value *v, struct pkt_ctx *ctx, __u64 now)
+{
+	if (ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) {
+		v->flags |= MESHD_CT_F_CLOSING;
+		v->last_seen_ns = now;
+		struct ct_key rkey = {};
+		ct_reverse(key, &rkey);
+		struct ct_value *r = bpf_map_lookup_elem(&CT, &rkey);
+		if (r)
+			r->flags |= MESHD_CT_F_CLOSING;
+		return;
+	}
+	if ((ctx->tcp_flags & TCP_FLAG_SYN) && (v->flags & MESHD_CT_F_CLOSING))
+		v->flags &= ~MESHD_CT_F_CLOSING;
+	if (now - v->last_seen_ns > CT_REFRESH_NS)
 		v->last_seen_ns = now;
 }
 
-static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now)
+/* Classifies the packet; for CT_ESTABLISHED, *entry is the connection's entry (to record a
+ * fresh policy verdict in). One lookup in the steady state. */
+static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
+				     struct ct_value **entry)
 {
-	struct ct_key fwd = {
+	struct ct_key key = {
 		.saddr = ctx->saddr, .daddr = ctx->daddr, .sport = ctx->sport, .dport = ctx->dport, .proto = ctx->proto};
-	struct ct_key rev = {
-		.saddr = ctx->daddr, .daddr = ctx->saddr, .sport = ctx->dport, .dport = ctx->sport, .proto = ctx->proto};
-	struct ct_value *v;
+	struct ct_value *v = bpf_map_lookup_elem(&CT, &key);
+	if (v && ct_alive(&key, v, now)) {
+		ct_touch(&key, v, ctx, now);
+		*entry = v;
+		return (v->flags & MESHD_CT_F_REPLY) ? CT_REPLY : CT_ESTABLISHED;
+	}
 
-	v = bpf_map_lookup_elem(&CT, &rev);
-	if (v && ct_alive(&rev, v, now)) {
-		ct_touch(v, ctx, now, MESHD_CT_F_SEEN_REPLY);
+	/* The LRU may have evicted (or lifetimes expired) only the reply half of a live
+	 * connection: recreate it from the original half. */
+	struct ct_key rkey = {};
+	ct_reverse(&key, &rkey);
+	v = bpf_map_lookup_elem(&CT, &rkey);
+	if (v && !(v->flags & MESHD_CT_F_REPLY) && ct_alive(&rkey, v, now)) {
+		struct ct_value reply = {.last_seen_ns = now, .flags = MESHD_CT_F_REPLY};
+		bpf_map_update_elem(&CT, &key, &reply, BPF_ANY);
 		return CT_REPLY;
 	}
-	v = bpf_map_lookup_elem(&CT, &fwd);
-	if (v && ct_alive(&fwd, v, now)) {
-		ct_touch(v, ctx, now, 0);
-		return CT_ESTABLISHED;
-	}
+
 	if (ctx->proto == IPPROTO_ICMP && icmp_is_error(ctx->icmp_type)) {
 		struct ct_key inner = {};
 		if (parse_icmp_inner(skb, l3_off, &inner) < 0)
@@ -65,29 +88,24 @@ static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx,
 		v = bpf_map_lookup_elem(&CT, &inner);
 		if (v && ct_alive(&inner, v, now))
 			return CT_RELATED;
-		struct ct_key inner_rev = {.saddr = inner.daddr,
-					   .daddr = inner.saddr,
-					   .sport = inner.dport,
-					   .dport = inner.sport,
-					   .proto = inner.proto};
-		v = bpf_map_lookup_elem(&CT, &inner_rev);
-		if (v && ct_alive(&inner_rev, v, now))
-			return CT_RELATED;
 	}
 	return CT_NEW;
 }
 
-static __always_inline void ct_create(struct pkt_ctx *ctx, __u64 now)
+static __always_inline void ct_create(struct pkt_ctx *ctx, __u64 now, __u32 policy_revision)
 {
 	/* ICMP errors never open a connection. */
 	if (ctx->proto == IPPROTO_ICMP && icmp_is_error(ctx->icmp_type))
 		return;
-	struct ct_key fwd = {
+	struct ct_key key = {
 		.saddr = ctx->saddr, .daddr = ctx->daddr, .sport = ctx->sport, .dport = ctx->dport, .proto = ctx->proto};
-	struct ct_value v = {.last_seen_ns = now};
-	if (ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST))
-		v.flags |= MESHD_CT_F_CLOSING;
-	bpf_map_update_elem(&CT, &fwd, &v, BPF_ANY);
+	__u32 closing = (ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? MESHD_CT_F_CLOSING : 0;
+	struct ct_value v = {.last_seen_ns = now, .flags = closing, .policy_revision = policy_revision};
+	bpf_map_update_elem(&CT, &key, &v, BPF_ANY);
+	struct ct_key rkey = {};
+	ct_reverse(&key, &rkey);
+	struct ct_value r = {.last_seen_ns = now, .flags = MESHD_CT_F_REPLY | closing};
+	bpf_map_update_elem(&CT, &rkey, &r, BPF_ANY);
 }
 
 #endif

@@ -1,0 +1,291 @@
+//! Endpoint-to-endpoint traffic across two nodes: the meshd eBPF datapath against the same
+//! topology wired the plain kernel way (a VXLAN device with a fixed remote, IP forwarding and
+//! routes, no eBPF), both built side by side and measured alternately in the same run.
+//!
+//! - TCP throughput: iperf3, 1 and 4 streams;
+//! - TCP request/response latency (TCP_RR style): 1-byte ping-pong on one connection.
+//!
+//! `cargo bench -p meshd-datapath --bench datapath_net -- [--runs N] [--seconds S] [--rr N]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use common::topology::Topology;
+use meshd_datapath::netns::run_in;
+use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
+
+fn arg(name: &str, default: u32) -> u32 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Two nodes with one endpoint each, wired without eBPF: endpoint veth with a /24 and the
+/// node as gateway, `ip_forward`, a VXLAN device per node pointing at the other node, and a
+/// route to the other node's endpoint subnet through it. Same MTUs as the meshd topology.
+struct Baseline {
+    // Field order = drop order: endpoints, then nodes and bridge.
+    endpoints: Vec<Netns>,
+    _underlay: Underlay,
+}
+
+impl Baseline {
+    fn new(prefix: &str) -> anyhow::Result<Baseline> {
+        let mut underlay = Underlay::new(prefix, 1500)?;
+        let node_ips = [
+            Ipv4Addr::new(192, 168, 61, 1),
+            Ipv4Addr::new(192, 168, 61, 2),
+        ];
+        let mut endpoints = Vec::new();
+        for (i, ip) in node_ips.iter().enumerate() {
+            underlay.add_node(&format!("{prefix}-n{i}"), *ip)?;
+        }
+        for i in 0..2usize {
+            let node = underlay.node(i);
+            let other = 1 - i;
+            node.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            node.ip(&[
+                "link",
+                "add",
+                "vx0",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "dstport",
+                "8472",
+                "remote",
+                &node_ips[other].to_string(),
+                "local",
+                &node_ips[i].to_string(),
+                "dev",
+                UNDERLAY_IFNAME,
+                "nolearning",
+            ])?;
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("172.16.0.{}/24", i + 1),
+                "dev",
+                "vx0",
+            ])?;
+            node.ip(&["link", "set", "vx0", "up"])?;
+            node.ip(&[
+                "route",
+                "add",
+                &format!("10.{}.0.0/24", other + 1),
+                "via",
+                &format!("172.16.0.{}", other + 1),
+                "dev",
+                "vx0",
+            ])?;
+            let ep = Netns::new(&format!("{prefix}-e{i}"))?;
+            node.ip(&[
+                "link",
+                "add",
+                "veth0",
+                "mtu",
+                "1450",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "mtu",
+                "1450",
+                "netns",
+                ep.name(),
+            ])?;
+            node.ip(&[
+                "addr",
+                "add",
+                &format!("10.{}.0.1/24", i + 1),
+                "dev",
+                "veth0",
+            ])?;
+            node.ip(&["link", "set", "veth0", "up"])?;
+            ep.ip(&[
+                "addr",
+                "add",
+                &format!("10.{}.0.2/24", i + 1),
+                "dev",
+                "eth0",
+            ])?;
+            ep.ip(&["link", "set", "eth0", "up"])?;
+            ep.ip(&[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{}.0.1", i + 1),
+            ])?;
+            endpoints.push(ep);
+        }
+        Ok(Baseline {
+            endpoints,
+            _underlay: underlay,
+        })
+    }
+}
+
+/// A client namespace, a server namespace and the server's address.
+struct Pair<'a> {
+    client: &'a Netns,
+    server: &'a Netns,
+    server_ip: Ipv4Addr,
+}
+
+fn iperf_server(pair: &Pair<'_>, port: u16) -> anyhow::Result<ChildGuard> {
+    let guard = pair
+        .server
+        .spawn("iperf3", &["-s", "-p", &port.to_string()])?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(guard)
+}
+
+fn iperf(pair: &Pair<'_>, port: u16, streams: u32, seconds: u32) -> anyhow::Result<f64> {
+    let out = pair.client.run(
+        "iperf3",
+        &[
+            "-c",
+            &pair.server_ip.to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")?;
+    Ok(bps / 1e9)
+}
+
+/// Mean round trip (µs) of `transactions` 1-byte request/responses on one TCP connection.
+fn tcp_rr(pair: &Pair<'_>, port: u16, transactions: u32) -> anyhow::Result<f64> {
+    let ip = pair.server_ip;
+    let listener = run_in(&pair.server.path(), || -> anyhow::Result<TcpListener> {
+        Ok(TcpListener::bind((ip, port))?)
+    })?;
+    let server = std::thread::spawn(move || -> anyhow::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        while s.read(&mut b)? == 1 {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = run_in(&pair.client.path(), || -> anyhow::Result<TcpStream> {
+        Ok(TcpStream::connect((ip, port))?)
+    })?;
+    c.set_nodelay(true)?;
+    let mut b = [1u8; 1];
+    for _ in 0..100 {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let start = Instant::now();
+    for _ in 0..transactions {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let elapsed = start.elapsed();
+    drop(c);
+    server.join().expect("rr server")?;
+    Ok(elapsed.as_secs_f64() * 1e6 / f64::from(transactions))
+}
+
+fn main() -> anyhow::Result<()> {
+    if !common::can_run() || !meshd_testing::require("iperf3", meshd_testing::have_binary("iperf3"))
+    {
+        return Ok(());
+    }
+    let runs = arg("--runs", 5);
+    let seconds = arg("--seconds", 4);
+    let rr_transactions = arg("--rr", 20_000);
+
+    let meshd = Topology::new("bnm", &[1, 2], 1)?;
+    let baseline = Baseline::new("bnb")?;
+    let pairs = [
+        (
+            "meshd eBPF",
+            Pair {
+                client: &meshd.ep(0, 0).netns,
+                server: &meshd.ep(1, 0).netns,
+                server_ip: meshd.ep(1, 0).ip,
+            },
+        ),
+        (
+            "kernel VXLAN + routes",
+            Pair {
+                client: &baseline.endpoints[0],
+                server: &baseline.endpoints[1],
+                server_ip: Ipv4Addr::new(10, 2, 0, 2),
+            },
+        ),
+    ];
+    let servers: Vec<ChildGuard> = pairs
+        .iter()
+        .map(|(_, p)| iperf_server(p, 5201))
+        .collect::<anyhow::Result<_>>()?;
+
+    println!(
+        "two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU 1450, {runs} alternating runs each"
+    );
+    for streams in [1u32, 4] {
+        let mut results = [Vec::new(), Vec::new()];
+        for _ in 0..runs {
+            for (i, (_, pair)) in pairs.iter().enumerate() {
+                results[i].push(iperf(pair, 5201, streams, seconds)?);
+            }
+        }
+        let [m, b] = results.map(median);
+        println!("TCP throughput, {streams} stream(s): meshd {m:.2} Gbit/s, baseline {b:.2} Gbit/s (median of {runs} x {seconds}s)");
+        println!("RESULT datapath-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=0.95x", m / b);
+    }
+    drop(servers);
+
+    let mut results = [Vec::new(), Vec::new()];
+    for run in 0..runs {
+        for (i, (_, pair)) in pairs.iter().enumerate() {
+            results[i].push(tcp_rr(pair, 6000 + run as u16, rr_transactions)?);
+        }
+    }
+    let [m, b] = results.map(median);
+    println!("TCP_RR ({rr_transactions} x 1 byte): meshd {m:.1} µs, baseline {b:.1} µs per transaction (median of {runs})");
+    println!(
+        "RESULT datapath-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=1.05x",
+        m / b
+    );
+
+    for node in &meshd.nodes {
+        for c in node.maps.counters()? {
+            anyhow::ensure!(
+                c.reason > 0,
+                "meshd node {} dropped packets: {c:?}",
+                node.node_ip
+            );
+        }
+    }
+    Ok(())
+}

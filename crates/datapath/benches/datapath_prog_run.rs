@@ -1,0 +1,175 @@
+//! ns per packet of from_endpoint under BPF_PROG_RUN with a realistic map population (100k
+//! ipcache entries, 10k policy entries, egress policy enabled so every packet does the policy
+//! lookups), against the empty `baseline` classifier on the same packet.
+//!
+//! `cargo bench -p meshd-datapath --bench datapath_prog_run -- [--runs N] [--repeat N]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use common::{Packet, TestDatapath, TCP};
+use ipnet::Ipv4Net;
+use meshd_datapath::{Direction, IpcacheEntry, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
+use meshd_ebpf::programs;
+
+const CLIENT: u32 = (1 << 16) | 1001;
+const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const A_IF: u32 = 101;
+const IPCACHE_ENTRIES_DEFAULT: u32 = 100_000;
+const POLICY_ENTRIES: u32 = 10_000;
+
+fn arg(name: &str, default: u32) -> u32 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn remote_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i)
+}
+
+fn remote_identity(i: u32) -> u32 {
+    (2 << 16) | (1000 + i % 60_000)
+}
+
+fn ns_per_packet(program: &SchedClassifier, packet: &[u8], repeat: u32) -> f64 {
+    let mut ctx = [0u8; common::SKB_SIZE];
+    ctx[common::SKB_INGRESS_IFINDEX..common::SKB_INGRESS_IFINDEX + 4]
+        .copy_from_slice(&A_IF.to_ne_bytes());
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_RUN");
+    // The kernel reports the mean duration of one repetition.
+    result.duration.as_nanos() as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    if !common::can_run() {
+        return Ok(());
+    }
+    let runs = arg("--runs", 7);
+    let repeat = arg("--repeat", 1_000_000);
+    let ipcache_entries = arg("--ipcache", IPCACHE_ENTRIES_DEFAULT);
+
+    let mut dp = TestDatapath::new();
+    let m = &mut dp.maps;
+    m.set_config(NodeConfig {
+        vxlan_ifindex: 77,
+        node_ip: Ipv4Addr::new(192, 168, 70, 254),
+        cluster_id: 1,
+    })?;
+    m.upsert_endpoint(
+        A,
+        LocalEndpoint {
+            ifindex: A_IF,
+            identity: CLIENT,
+            mac: [2, 0, 0, 0, 0, 2],
+            node_mac: [2, 0, 0, 0, 0, 1],
+        },
+    )?;
+    let start = Instant::now();
+    for i in 0..ipcache_entries {
+        m.upsert_ipcache(
+            Ipv4Net::new(remote_addr(i), 32)?,
+            IpcacheEntry {
+                identity: remote_identity(i),
+                tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 70, (1 + i % 250) as u8)),
+                flags: 0,
+            },
+        )?;
+    }
+    let ipcache_fill = start.elapsed();
+    for i in 0..250u32 {
+        m.upsert_node(Ipv4Addr::new(192, 168, 70, (1 + i) as u8), 2)?;
+    }
+    let start = Instant::now();
+    for i in 0..POLICY_ENTRIES {
+        m.upsert_policy(
+            PolicyEntry {
+                subject: (1 << 16) | (2000 + i % 1000),
+                peer: Some(remote_identity(i)),
+                proto: Some(TCP),
+                dport: Some(1000 + (i / 1000) as u16),
+                direction: Direction::Egress,
+            },
+            Verdict::Allow,
+            i,
+        )?;
+    }
+    let target = 54_321.min(ipcache_entries - 1);
+    m.set_policy_enabled(CLIENT, Direction::Egress, true)?;
+    m.upsert_policy(
+        PolicyEntry {
+            subject: CLIENT,
+            peer: Some(remote_identity(target)),
+            proto: Some(TCP),
+            dport: Some(443),
+            direction: Direction::Egress,
+        },
+        Verdict::Allow,
+        0,
+    )?;
+    let policy_fill = start.elapsed();
+
+    let baseline_obj = aya::Ebpf::load(meshd_ebpf::BASELINE)?;
+    let mut baseline_obj = baseline_obj;
+    let baseline: &mut SchedClassifier = baseline_obj
+        .program_mut(programs::BASELINE)
+        .expect("baseline program")
+        .try_into()?;
+    baseline.load()?;
+
+    // An established connection's data packet: CT hit, egress policy lookups, tunnel key.
+    let packet = Packet::tcp(A, 40000, remote_addr(target), 443, 0x10).bytes();
+    let from_endpoint = dp.datapath.program(programs::FROM_ENDPOINT)?;
+    let first = ns_per_packet(from_endpoint, &packet, 1);
+    let _ = first;
+    let tunnel_before = dp
+        .maps
+        .counter(Direction::Egress, meshd_ebpf::abi::FWD_TUNNEL)?;
+
+    let mut fe = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..runs {
+        fe.push(ns_per_packet(from_endpoint, &packet, repeat));
+        base.push(ns_per_packet(baseline, &packet, repeat));
+    }
+    let tunnel_after = dp
+        .maps
+        .counter(Direction::Egress, meshd_ebpf::abi::FWD_TUNNEL)?;
+    anyhow::ensure!(
+        tunnel_after - tunnel_before == u64::from(runs) * u64::from(repeat),
+        "from_endpoint did not take the tunnel path on every repetition"
+    );
+    let (fe, base) = (median(fe), median(base));
+    println!(
+        "maps: {ipcache_entries} ipcache entries (filled in {:.2}s), {} policy entries (filled in {:.2}s)",
+        ipcache_fill.as_secs_f64(),
+        POLICY_ENTRIES + 1,
+        policy_fill.as_secs_f64()
+    );
+    println!("from_endpoint (CT hit, egress policy, VXLAN tunnel key): median {fe:.1} ns/packet over {runs} runs x {repeat} repeats");
+    println!("baseline (empty classifier):                            median {base:.1} ns/packet");
+    println!(
+        "RESULT datapath-prog-run from_endpoint_ns={fe:.1} baseline_ns={base:.1} added_ns={:.1} ratio={:.2}x",
+        fe - base,
+        fe / base
+    );
+    Ok(())
+}
