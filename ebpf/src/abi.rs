@@ -302,13 +302,18 @@ pub struct Layout {
 }
 
 macro_rules! layout {
-    ($c:literal, $t:ty { $($f:ident),* $(,)? }) => {
+    ($c:literal, $t:ident { $($f:ident),* $(,)? }) => {{
+        // An exhaustive destructuring: the list must name every field of the Rust struct, or
+        // this does not compile.
+        let _exhaustive = |v: $t| {
+            let $t { $($f: _),* } = v;
+        };
         Layout {
             c_name: $c,
             size: core::mem::size_of::<$t>(),
             fields: vec![$((stringify!($f), core::mem::offset_of!($t, $f))),*],
         }
-    };
+    }};
 }
 
 /// Layouts of every mirrored struct, for the test against the objects' BTF.
@@ -363,7 +368,9 @@ pub fn layouts() -> Vec<Layout> {
             CtValue {
                 last_seen_ns,
                 flags,
-                rev_nat_index
+                policy_revision,
+                rev_nat_index,
+                pad
             }
         ),
         layout!("metrics_value", MetricsValue { packets, bytes }),
@@ -373,7 +380,8 @@ pub fn layouts() -> Vec<Layout> {
                 vxlan_ifindex,
                 node_ip,
                 cluster_id,
-                flags
+                flags,
+                policy_revision
             }
         ),
         layout!(
