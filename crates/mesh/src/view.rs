@@ -271,10 +271,45 @@ enum Work {
     Identity(ClusterName, NumericIdentity),
 }
 
+/// Keys to re-evaluate. Nodes go first and identities next: entries depend on nodes, never
+/// the other way round, so an entry is judged once its node's fate is known.
+#[derive(Default)]
+struct WorkQueue {
+    nodes: VecDeque<Work>,
+    identities: VecDeque<Work>,
+    entries: VecDeque<Work>,
+}
+
+impl WorkQueue {
+    fn push_back(&mut self, work: Work) {
+        match work {
+            Work::Node(..) => self.nodes.push_back(work),
+            Work::Identity(..) => self.identities.push_back(work),
+            Work::Entry(..) => self.entries.push_back(work),
+        }
+    }
+
+    fn extend(&mut self, works: impl IntoIterator<Item = Work>) {
+        works.into_iter().for_each(|w| self.push_back(w));
+    }
+
+    fn pop_front(&mut self) -> Option<Work> {
+        self.nodes
+            .pop_front()
+            .or_else(|| self.identities.pop_front())
+            .or_else(|| self.entries.pop_front())
+    }
+}
+
 /// The bookkeeping of one `apply`.
 #[derive(Default)]
 struct Txn {
-    work: VecDeque<Work>,
+    work: WorkQueue,
+    /// Status of each key before its first change in this transaction, so only the net
+    /// outcome is reported (an entry judged pending and then admitted in one batch is not).
+    changed_nodes: BTreeMap<(ClusterName, String), Status>,
+    changed_entries: BTreeMap<(ClusterName, IpNet), Status>,
+    changed_identities: BTreeMap<(ClusterName, NumericIdentity), Status>,
     touched_prefixes: BTreeSet<IpNet>,
     touched_node_ips: BTreeSet<IpAddr>,
     applied: Applied,
@@ -733,17 +768,9 @@ impl MeshView {
         if new == Status::Admitted {
             *cs.admitted_node_ips.entry(ip).or_default() += 1;
         }
-        if let Status::Rejected(reason) = new {
-            cs.rejected_total += 1;
-            txn.applied.rejected.push(Rejection {
-                cluster: c.clone(),
-                key: RejectedKey::Node(NodeKey {
-                    cluster: c.clone(),
-                    node: name.to_owned(),
-                }),
-                reason,
-            });
-        }
+        txn.changed_nodes
+            .entry((c.clone(), name.to_owned()))
+            .or_insert(old);
         self.node_ip_changed(c, ip, txn);
     }
 
@@ -889,28 +916,7 @@ impl MeshView {
         cs.ipcache_counts.track(&old, false);
         cs.ipcache_counts.track(&new, true);
         txn.touched_prefixes.insert(*p);
-        match new {
-            Status::Rejected(reason) => {
-                cs.rejected_total += 1;
-                txn.applied.rejected.push(Rejection {
-                    cluster: c.clone(),
-                    key: RejectedKey::Ipcache(IpcacheKey {
-                        cluster: c.clone(),
-                        prefix: *p,
-                    }),
-                    reason,
-                });
-            }
-            Status::AwaitingNode(host_ip) => txn.applied.pending.push(PendingEntry {
-                cluster: c.clone(),
-                key: IpcacheKey {
-                    cluster: c.clone(),
-                    prefix: *p,
-                },
-                host_ip,
-            }),
-            _ => {}
-        }
+        txn.changed_entries.entry((c.clone(), *p)).or_insert(old);
         if !cs.is_local() {
             self.push_prefix_claimants(c, p, txn);
         }
@@ -972,24 +978,11 @@ impl MeshView {
             self.identities_out.remove(&id);
             txn.applied.policy_inputs_changed = true;
         }
-        match new {
-            Status::Admitted => {
-                self.identities_out.insert(id, stored.value.clone());
-                txn.applied.policy_inputs_changed = true;
-            }
-            Status::Rejected(reason) => {
-                cs.rejected_total += 1;
-                txn.applied.rejected.push(Rejection {
-                    cluster: c.clone(),
-                    key: RejectedKey::Identity(IdentityKey {
-                        cluster: c.clone(),
-                        id,
-                    }),
-                    reason,
-                });
-            }
-            _ => {}
+        if new == Status::Admitted {
+            self.identities_out.insert(id, stored.value.clone());
+            txn.applied.policy_inputs_changed = true;
         }
+        txn.changed_identities.entry((c.clone(), id)).or_insert(old);
     }
 
     // ---- resolution ----
@@ -1002,6 +995,7 @@ impl MeshView {
                 Work::Identity(c, id) => self.eval_identity(&c, id, &mut txn),
             }
         }
+        self.report(&mut txn);
         let mut ops = Vec::new();
         for ip in std::mem::take(&mut txn.touched_node_ips) {
             let new = self.resolve_node(ip);
@@ -1040,6 +1034,75 @@ impl MeshView {
             ..Applied::default()
         });
         applied
+    }
+
+    /// Reports and counts the keys whose status changed, net over the transaction.
+    fn report(&mut self, txn: &mut Txn) {
+        let mut rejected = Vec::new();
+        for ((c, name), before) in std::mem::take(&mut txn.changed_nodes) {
+            let now = self.clusters.get(&c).and_then(|cs| cs.nodes.get(&name));
+            if let Some(Status::Rejected(reason)) = now.map(|s| &s.status).filter(|s| **s != before)
+            {
+                rejected.push(Rejection {
+                    key: RejectedKey::Node(NodeKey {
+                        cluster: c.clone(),
+                        node: name,
+                    }),
+                    cluster: c,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        for ((c, prefix), before) in std::mem::take(&mut txn.changed_entries) {
+            let Some(now) = self
+                .clusters
+                .get(&c)
+                .and_then(|cs| cs.ipcache.get(&prefix))
+                .map(|s| &s.status)
+            else {
+                continue;
+            };
+            if *now == before {
+                continue;
+            }
+            let key = IpcacheKey {
+                cluster: c.clone(),
+                prefix,
+            };
+            match now {
+                Status::Rejected(reason) => rejected.push(Rejection {
+                    cluster: c,
+                    key: RejectedKey::Ipcache(key),
+                    reason: reason.clone(),
+                }),
+                Status::AwaitingNode(host_ip) => txn.applied.pending.push(PendingEntry {
+                    cluster: c,
+                    key,
+                    host_ip: *host_ip,
+                }),
+                _ => {}
+            }
+        }
+        for ((c, id), before) in std::mem::take(&mut txn.changed_identities) {
+            let now = self.clusters.get(&c).and_then(|cs| cs.identities.get(&id));
+            if let Some(Status::Rejected(reason)) = now.map(|s| &s.status).filter(|s| **s != before)
+            {
+                rejected.push(Rejection {
+                    key: RejectedKey::Identity(IdentityKey {
+                        cluster: c.clone(),
+                        id,
+                    }),
+                    cluster: c,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        for r in &rejected {
+            if let Some(cs) = self.clusters.get_mut(&r.cluster) {
+                cs.rejected_total += 1;
+            }
+        }
+        txn.applied.rejected.extend(rejected);
     }
 
     fn endpoint_target(&self, entry: &IpcacheEntry) -> IpcacheTarget {
@@ -1284,13 +1347,19 @@ impl MeshView {
     ) -> (BTreeMap<IpNet, IpcacheTarget>, BTreeMap<IpAddr, ClusterId>) {
         let mut fresh = MeshView::new(self.local.clone());
         let mut events = Vec::new();
-        for (c, cs) in &self.clusters {
-            if let Some(config) = &cs.config {
-                events.push(ClusterEvent::new(
-                    c.clone(),
-                    EventKind::ClusterConfig(config.clone()),
-                ));
-            }
+        // Accepted clusters first: they are the incumbents of their ids, the one decision
+        // that depends on history rather than on content.
+        let mut configs: Vec<(bool, &ClusterName, &ClusterConfig)> = self
+            .clusters
+            .iter()
+            .filter_map(|(c, cs)| Some((cs.accepted_id().is_none(), c, cs.config.as_ref()?)))
+            .collect();
+        configs.sort_by_key(|(later, _, _)| *later);
+        for (_, c, config) in configs {
+            events.push(ClusterEvent::new(
+                c.clone(),
+                EventKind::ClusterConfig(config.clone()),
+            ));
         }
         for (c, cs) in &self.clusters {
             for n in cs.nodes.values() {
@@ -1319,3 +1388,7 @@ fn remove_by_host(by_host: &mut HashMap<IpAddr, BTreeSet<IpNet>>, host: IpAddr, 
         }
     }
 }
+
+#[cfg(test)]
+#[path = "view_tests.rs"]
+mod tests;
