@@ -1,0 +1,337 @@
+//! `meshd lab ...`: the multi-cluster lab in network namespaces (see crates/lab).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use meshd_lab::check::{default_run_dir, ServiceTarget};
+use meshd_lab::{LabSpec, LabState, UpOptions};
+
+use crate::output::{Format, OutputArgs};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build and start the lab: certificates, clusters c1 and c2 (2 nodes each) with etcd
+    /// (TLS, client-certificate auth) and an apiserver, a meshd agent per node, echo and client
+    /// endpoints, the lab's manifests (global `echo` service, a policy); then run the check.
+    /// An existing lab in the run dir is removed first.
+    Up(UpArgs),
+    /// Remove everything the lab created: processes, namespaces, pinned maps, files.
+    Down(RunDirArgs),
+    /// Describe the running lab (clusters, nodes, endpoints, services).
+    Status(StatusArgs),
+    /// Run the connectivity check against the running lab and print a table of checks.
+    Check(StatusArgs),
+    /// Run a command inside an endpoint's network namespace: `meshd lab exec c1/client-c1-n1 -- ping 10.2.1.2`.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunDirArgs {
+    /// Where the lab keeps certificates, configs, logs and its state file.
+    #[arg(long, default_value_os_t = default_run_dir(), env = "MESHD_LAB_RUN_DIR")]
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    run: RunDirArgs,
+    /// Manifests applied to every cluster once it runs (file or directory).
+    #[arg(long, default_value = "lab/manifests")]
+    manifests: PathBuf,
+    /// Apply no manifests.
+    #[arg(long)]
+    no_manifests: bool,
+    /// Do not run the connectivity check at the end.
+    #[arg(long)]
+    no_check: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    run: RunDirArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    run: RunDirArgs,
+    /// CLUSTER/ENDPOINT, e.g. c1/client-c1-n1.
+    target: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LabCommand::Up(args) => up(args),
+        LabCommand::Down(args) => {
+            let report = meshd_lab::down(&args.run_dir, &mut |s| eprintln!("lab down: {s}"))?;
+            eprintln!(
+                "lab down: done ({} processes stopped, {} namespaces removed)",
+                report.processes, report.netns
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Status(args) => status(args),
+        LabCommand::Check(args) => {
+            let state = load(&args.run.run_dir)?;
+            check(&state, args.output.format)
+        }
+        LabCommand::Exec(args) => exec(args),
+    }
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the meshd binary")?;
+    Ok(exe
+        .parent()
+        .context("meshd binary has no directory")?
+        .to_owned())
+}
+
+fn load(run_dir: &std::path::Path) -> anyhow::Result<LabState> {
+    LabState::load(run_dir)?.with_context(|| {
+        format!(
+            "no lab is running (no state in {}); start one with `make lab`",
+            run_dir.display()
+        )
+    })
+}
+
+fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let mut opts = UpOptions::new(
+        LabSpec::two_clusters("mlab"),
+        args.run.run_dir.clone(),
+        bin_dir()?,
+    );
+    if !args.no_manifests {
+        if !args.manifests.exists() {
+            bail!(
+                "manifests {} not found (run from the repository root, or pass --manifests or --no-manifests)",
+                args.manifests.display()
+            );
+        }
+        opts.manifests = Some(args.manifests.canonicalize()?);
+    }
+    let state = meshd_lab::up(&opts, &mut |s| eprintln!("lab up: {s}")).with_context(|| {
+        format!(
+            "the lab did not come up; logs are in {}; `make lab-down` removes what was created",
+            args.run.run_dir.display()
+        )
+    })?;
+    eprintln!(
+        "lab up: running. Contexts for `meshd --context NAME`: {} (export MESHD_CONFIG={})",
+        state
+            .clusters
+            .iter()
+            .map(|c| c.context.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        state.cli_config.display()
+    );
+    if args.no_check {
+        return Ok(ExitCode::SUCCESS);
+    }
+    check(&state, args.output.format)
+}
+
+fn check(state: &LabState, format: Format) -> anyhow::Result<ExitCode> {
+    let services = services(state)?;
+    let targets: Vec<ServiceTarget> = services
+        .iter()
+        .filter_map(|s| {
+            Some(ServiceTarget {
+                cluster: s["cluster"].as_str()?.to_owned(),
+                name: s["name"].as_str()?.to_owned(),
+                vip: s["vip"].as_str()?.to_owned(),
+                port: s["ports"].get(0)?["port"].as_u64()? as u16,
+                global: s["global"].as_bool().unwrap_or(false),
+                clusters_with_backends: s["backend_clusters"].as_u64().unwrap_or(1) as usize,
+            })
+        })
+        .collect();
+    let policy = policies(state)?;
+    let exe = bin_dir()?.join("meshd");
+    let report = meshd_lab::run_check(&exe, state, &targets, policy)?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => print!("{}", report.table()),
+    }
+    Ok(if report.all_passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs this binary's own CLI against a lab cluster's apiserver.
+fn cli(state: &LabState, context: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let out = std::process::Command::new(bin_dir()?.join("meshd"))
+        .arg("--context")
+        .arg(context)
+        .args(args)
+        .env("MESHD_CONFIG", &state.cli_config)
+        .output()
+        .context("running meshd")?;
+    if !out.status.success() {
+        bail!(
+            "`meshd --context {context} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("`meshd {}` did not print JSON", args.join(" ")))
+}
+
+/// Every service every cluster knows, flattened for status and the check.
+fn services(state: &LabState) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut all = Vec::new();
+    for c in &state.clusters {
+        let listed = cli(state, &c.context, &["get", "services", "-o", "json"])?;
+        for s in listed.as_array().into_iter().flatten() {
+            let mut s = s.clone();
+            s["cluster"] = c.name.clone().into();
+            all.push(s);
+        }
+    }
+    Ok(all)
+}
+
+/// True when some cluster has a policy (the lab's selects the echo endpoints).
+fn policies(state: &LabState) -> anyhow::Result<bool> {
+    for c in &state.clusters {
+        let listed = cli(state, &c.context, &["get", "policies", "-o", "json"])?;
+        if listed.as_array().is_some_and(|a| !a.is_empty()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let state = load(&args.run.run_dir)?;
+    let services = services(&state)?;
+    let doc = serde_json::json!({
+        "run_dir": state.run_dir,
+        "cli_config": state.cli_config,
+        "clusters": state.clusters.iter().map(|c| serde_json::json!({
+            "name": c.name,
+            "id": c.id,
+            "context": c.context,
+            "apiserver": c.apiserver,
+            "etcd": {
+                "endpoints": c.etcd.endpoints,
+                "netns": c.etcd.netns,
+                "pid": c.etcd.pid,
+                "remote": c.etcd.remote,
+            },
+            "nodes": c.nodes.iter().map(|n| serde_json::json!({
+                "name": n.name,
+                "netns": n.netns,
+                "ip": n.ip,
+                "agent_pid": n.agent_pid,
+                "api_socket": n.api_socket,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "endpoints": state.endpoints,
+        "services": services.iter().map(|s| serde_json::json!({
+            "name": s["name"],
+            "namespace": s["namespace"],
+            "cluster": s["cluster"],
+            "vip": s["vip"],
+            "ports": s["ports"],
+        })).collect::<Vec<_>>(),
+    });
+    match args.output.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Format::Table => {
+            println!(
+                "lab in {} (MESHD_CONFIG={})",
+                state.run_dir.display(),
+                state.cli_config.display()
+            );
+            for c in &state.clusters {
+                println!(
+                    "cluster {} (id {}, context {}): etcd {} in {}, apiserver {}",
+                    c.name,
+                    c.id,
+                    c.context,
+                    c.etcd.endpoints.join(","),
+                    c.etcd.netns,
+                    c.apiserver
+                );
+                for n in &c.nodes {
+                    println!(
+                        "  node {:<4} {:<12} netns {:<14} agent pid {}",
+                        n.name, n.ip, n.netns, n.agent_pid
+                    );
+                }
+            }
+            println!(
+                "{:<18} {:<8} {:<5} {:<12} {:<26} LABELS",
+                "ENDPOINT", "CLUSTER", "NODE", "IP", "NETNS"
+            );
+            for e in &state.endpoints {
+                let labels: Vec<String> =
+                    e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<18} {:<8} {:<5} {:<12} {:<26} {}",
+                    e.name,
+                    e.cluster,
+                    e.node,
+                    e.ip,
+                    e.netns,
+                    labels.join(",")
+                );
+            }
+            for s in &services {
+                println!(
+                    "service {}/{} in {}: {} ports {}",
+                    s["namespace"].as_str().unwrap_or(""),
+                    s["name"].as_str().unwrap_or(""),
+                    s["cluster"].as_str().unwrap_or(""),
+                    s["vip"].as_str().unwrap_or(""),
+                    s["ports"]
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let state = load(&args.run.run_dir)?;
+    let (cluster, name) = args
+        .target
+        .split_once('/')
+        .with_context(|| format!("{:?}: expected CLUSTER/ENDPOINT", args.target))?;
+    let ep = state.endpoint(cluster, name).with_context(|| {
+        format!(
+            "no endpoint {name} in cluster {cluster}; endpoints: {}",
+            state
+                .endpoints
+                .iter()
+                .map(|e| format!("{}/{}", e.cluster, e.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ep.netns))
+        .arg("--")
+        .args(&args.command)
+        .status()
+        .with_context(|| format!("running {:?} in {}", args.command, ep.netns))?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}
