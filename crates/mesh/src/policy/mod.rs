@@ -46,7 +46,7 @@ use std::fmt;
 use meshd_state::{check_dns_label, check_dns_subdomain, Labels};
 use serde::{Deserialize, Serialize};
 
-pub use compile::{compile, rule_cookie, CompiledPolicy};
+pub use compile::{compile, rule_cookie, CompiledPolicy, BUILTIN_COOKIE};
 pub use selector::{EndpointSelector, Operator, SelectorRequirement};
 
 pub const API_VERSION: &str = "meshd.io/v1";

@@ -1,1 +1,475 @@
+//! Policy parsing, validation (errors name the field path) and compilation semantics.
 
+use std::collections::BTreeMap;
+
+use meshd_state::{ClusterId, Labels, NumericIdentity, CLUSTER_LABEL, NAMESPACE_LABEL};
+
+use super::*;
+use crate::desired::{Direction, IpProto, PolicyKey, Verdict};
+
+const DESIGN_EXAMPLE: &str = r#"
+apiVersion: meshd.io/v1
+kind: NetworkPolicy
+metadata: { name: echo-from-c1-clients, namespace: default }
+spec:
+  endpointSelector: { matchLabels: { app: echo } }
+  ingress:
+    - fromEndpoints: [ { matchLabels: { app: client, meshd.io/cluster: c1 } } ]
+      toPorts: [ { ports: [ { port: "8080", protocol: TCP } ] } ]
+"#;
+
+fn errors_of(yaml: &str) -> PolicyErrors {
+    NetworkPolicy::from_yaml(yaml).expect_err("should be refused")
+}
+
+fn with_spec(spec: &str) -> String {
+    format!(
+        "apiVersion: meshd.io/v1\nkind: NetworkPolicy\nmetadata: {{ name: p, namespace: default }}\nspec:\n{spec}"
+    )
+}
+
+#[test]
+fn the_design_example_parses() {
+    let p = NetworkPolicy::from_yaml(DESIGN_EXAMPLE).unwrap();
+    assert_eq!(p.id(), "default/echo-from-c1-clients");
+    let rule = &p.spec.ingress.as_ref().unwrap()[0];
+    assert_eq!(
+        rule.from_endpoints.as_ref().unwrap()[0].match_labels[CLUSTER_LABEL],
+        "c1"
+    );
+    assert_eq!(
+        rule.to_ports.as_ref().unwrap()[0].ports[0].protocol,
+        Some(L4Protocol::Tcp)
+    );
+    assert!(p.spec.egress.is_none());
+    // JSON (the form stored in etcd) round-trips.
+    assert_eq!(NetworkPolicy::from_json(&p.to_json()).unwrap(), p);
+}
+
+#[test]
+fn namespace_defaults_and_numeric_ports_are_accepted() {
+    let p = NetworkPolicy::from_yaml(
+        "apiVersion: meshd.io/v1\nkind: NetworkPolicy\nmetadata: { name: p }\nspec:\n  endpointSelector: {}\n  egress:\n    - toPorts: [ { ports: [ { port: 53, protocol: UDP }, { protocol: ICMP } ] } ]\n",
+    )
+    .unwrap();
+    assert_eq!(p.metadata.namespace, "default");
+}
+
+#[test]
+fn a_bad_port_names_its_field() {
+    let e = errors_of(&with_spec(
+        "  endpointSelector: {}\n  ingress:\n    - toPorts: [ { ports: [ { port: \"80a\", protocol: TCP } ] } ]\n",
+    ));
+    assert_eq!(e.fields(), vec!["spec.ingress[0].toPorts[0].ports[0].port"]);
+    let text = e.to_string();
+    assert!(
+        text.contains(r#"spec.ingress[0].toPorts[0].ports[0].port: "80a" is not a port"#),
+        "{text}"
+    );
+    let e = errors_of(&with_spec(
+        "  endpointSelector: {}\n  egress:\n    - toPorts: [ { ports: [ { port: 70000 } ] } ]\n",
+    ));
+    assert_eq!(e.fields(), vec!["spec.egress[0].toPorts[0].ports[0].port"]);
+    let e = errors_of(&with_spec(
+        "  endpointSelector: {}\n  egress:\n    - toPorts: [ { ports: [ { port: 8, protocol: ICMP } ] } ]\n",
+    ));
+    assert!(e.to_string().contains("ICMP has no ports"), "{e}");
+}
+
+#[test]
+fn unknown_fields_and_values_are_refused_with_their_path() {
+    // A typo in a section name must not silently drop the section.
+    let e = errors_of(&with_spec("  endpointSelector: {}\n  ingres: []\n"));
+    assert_eq!(e.fields(), vec!["spec.ingres"]);
+    assert!(e.to_string().contains("ingres"), "{e}");
+    let e = errors_of(&with_spec(
+        "  endpointSelector: { matchLabel: { app: x } }\n  ingress: []\n",
+    ));
+    assert_eq!(e.fields(), vec!["spec.endpointSelector.matchLabel"]);
+    let e = errors_of(&with_spec(
+        "  endpointSelector: {}\n  ingress:\n    - toPorts: [ { ports: [ { port: \"1\", protocol: SCTP } ] } ]\n",
+    ));
+    assert_eq!(
+        e.fields(),
+        vec!["spec.ingress[0].toPorts[0].ports[0].protocol"]
+    );
+    let e = errors_of(
+        "apiVersion: meshd.io/v1\nkind: NetworkPolicy\nmetadata: { name: p, uid: x }\nspec: { endpointSelector: {}, ingress: [] }\n",
+    );
+    assert_eq!(e.fields(), vec!["metadata.uid"]);
+    // Not a mapping at all.
+    let e = errors_of("- 1\n- 2\n");
+    assert_eq!(e.fields(), vec![""]);
+    // JSON errors carry paths too.
+    let e = NetworkPolicy::from_json(
+        r#"{"apiVersion":"meshd.io/v1","kind":"NetworkPolicy","metadata":{"name":"p"},"spec":{"endpointSelector":{"matchLabels":{"app":5}},"ingress":[]}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.fields(), vec!["spec.endpointSelector.matchLabels.app"]);
+}
+
+#[test]
+fn every_semantic_problem_is_reported_at_once() {
+    let e = errors_of(
+        r#"
+apiVersion: meshd.io/v2
+kind: Policy
+metadata: { name: Bad_Name, namespace: "my ns" }
+spec:
+  endpointSelector:
+    matchLabels: { "bad key!": x }
+    matchExpressions:
+      - { key: app, operator: In }
+      - { key: tier, operator: Exists, values: [a] }
+  ingress:
+    - fromEndpoints: []
+      toPorts: []
+    - toPorts: [ { ports: [] } ]
+"#,
+    );
+    assert_eq!(
+        e.fields(),
+        vec![
+            "apiVersion",
+            "kind",
+            "metadata.name",
+            "metadata.namespace",
+            r#"spec.endpointSelector.matchLabels["bad key!"]"#,
+            "spec.endpointSelector.matchExpressions[0].values",
+            "spec.endpointSelector.matchExpressions[1].values",
+            "spec.ingress[0].fromEndpoints",
+            "spec.ingress[0].toPorts",
+            "spec.ingress[1].toPorts[0].ports",
+        ],
+        "{e}"
+    );
+    assert!(e
+        .0
+        .iter()
+        .all(|x| x.policy.as_deref() == Some("my ns/Bad_Name")));
+}
+
+#[test]
+fn a_policy_needs_a_direction() {
+    let e = errors_of(&with_spec("  endpointSelector: {}\n"));
+    assert_eq!(e.fields(), vec!["spec"]);
+}
+
+// ---- compilation ----
+
+fn id(cluster: u32, local: u16) -> NumericIdentity {
+    NumericIdentity::allocated(ClusterId::new(cluster).unwrap(), local).unwrap()
+}
+
+/// Identities as the view holds them: cluster label always there.
+fn identities(list: &[(NumericIdentity, &[(&str, &str)])]) -> BTreeMap<NumericIdentity, Labels> {
+    list.iter()
+        .map(|(i, labels)| {
+            let mut l = Labels::from_pairs(labels.iter().copied());
+            let c = format!("c{}", i.cluster_id().unwrap().get());
+            l.insert(CLUSTER_LABEL, c);
+            (*i, l)
+        })
+        .collect()
+}
+
+fn key(
+    subject: NumericIdentity,
+    peer: Option<NumericIdentity>,
+    proto: Option<IpProto>,
+    dport: Option<u16>,
+    direction: Direction,
+) -> PolicyKey {
+    PolicyKey {
+        subject,
+        peer,
+        proto,
+        dport,
+        direction,
+    }
+}
+
+fn local_c2() -> ClusterId {
+    ClusterId::new(2).unwrap()
+}
+
+/// The acceptance scenario of the issue: c2's echo admits only c1's clients on TCP 8080.
+fn scenario() -> BTreeMap<NumericIdentity, Labels> {
+    let d = (NAMESPACE_LABEL, "default");
+    identities(&[
+        (id(2, 300), &[("app", "echo"), d]),
+        (id(2, 301), &[("app", "client"), d]),
+        (id(2, 302), &[("app", "other"), d]),
+        (id(1, 300), &[("app", "client"), d]),
+        (id(1, 301), &[("app", "other"), d]),
+        (id(1, 302), &[("app", "client"), (NAMESPACE_LABEL, "prod")]),
+    ])
+}
+
+fn policy(yaml: &str) -> NetworkPolicy {
+    NetworkPolicy::from_yaml(yaml).unwrap()
+}
+
+#[test]
+fn no_policy_means_no_entries_and_no_markers() {
+    let c = compile(std::iter::empty(), &scenario(), local_c2());
+    assert_eq!(c, CompiledPolicy::default());
+}
+
+#[test]
+fn the_acceptance_policy_admits_only_c1_clients_on_tcp_8080() {
+    let c = compile([&policy(DESIGN_EXAMPLE)], &scenario(), local_c2());
+    let echo = id(2, 300);
+    let want_cookie = rule_cookie("default", "echo-from-c1-clients", Direction::Ingress, 0);
+    let entries: Vec<(PolicyKey, u32)> = c.entries.iter().map(|(k, v)| (*k, v.cookie)).collect();
+    assert_eq!(
+        entries,
+        vec![
+            (
+                key(
+                    echo,
+                    Some(NumericIdentity::HOST),
+                    None,
+                    None,
+                    Direction::Ingress
+                ),
+                BUILTIN_COOKIE
+            ),
+            (
+                key(
+                    echo,
+                    Some(id(1, 300)),
+                    Some(IpProto::Tcp),
+                    Some(8080),
+                    Direction::Ingress
+                ),
+                want_cookie
+            ),
+        ],
+        "c2 clients, c1 others and c1 clients of another namespace get nothing"
+    );
+    assert!(c.entries.values().all(|v| v.verdict == Verdict::Allow));
+    assert_eq!(
+        c.enabled.iter().copied().collect::<Vec<_>>(),
+        vec![(echo, Direction::Ingress)],
+        "only echo's ingress is enforced; egress and every other endpoint stay open"
+    );
+}
+
+#[test]
+fn subjects_are_only_local_identities_of_the_policy_namespace() {
+    let mut ids = scenario();
+    ids.extend(identities(&[(
+        id(2, 310),
+        &[("app", "echo"), (NAMESPACE_LABEL, "prod")],
+    )]));
+    let c = compile([&policy(DESIGN_EXAMPLE)], &ids, local_c2());
+    let subjects: Vec<NumericIdentity> = c.enabled.iter().map(|(s, _)| *s).collect();
+    assert_eq!(subjects, vec![id(2, 300)]);
+    // Compiled for c1 instead, the same policy selects nothing (c1 has no echo).
+    let c = compile([&policy(DESIGN_EXAMPLE)], &ids, ClusterId::new(1).unwrap());
+    assert_eq!(c, CompiledPolicy::default());
+}
+
+#[test]
+fn l3_only_l4_only_and_empty_rules() {
+    let p = policy(&with_spec(
+        r#"  endpointSelector: { matchLabels: { app: echo } }
+  ingress:
+    - fromEndpoints: [ { matchLabels: { app: client } } ]
+    - toPorts: [ { ports: [ { port: "53" } ] } ]
+  egress: []
+"#,
+    ));
+    let c = compile([&p], &scenario(), local_c2());
+    let echo = id(2, 300);
+    let ingress: Vec<PolicyKey> = c
+        .entries
+        .keys()
+        .filter(|k| k.direction == Direction::Ingress)
+        .copied()
+        .collect();
+    assert_eq!(
+        ingress,
+        vec![
+            // L4 only: any peer (world included), TCP and UDP.
+            key(echo, None, Some(IpProto::Tcp), Some(53), Direction::Ingress),
+            key(echo, None, Some(IpProto::Udp), Some(53), Direction::Ingress),
+            key(
+                echo,
+                Some(NumericIdentity::HOST),
+                None,
+                None,
+                Direction::Ingress
+            ),
+            // L3 only: clients of the namespace in every cluster, every port.
+            key(echo, Some(id(1, 300)), None, None, Direction::Ingress),
+            key(echo, Some(id(2, 301)), None, None, Direction::Ingress),
+        ]
+    );
+    // `egress: []` denies all egress but the host.
+    let egress: Vec<PolicyKey> = c
+        .entries
+        .keys()
+        .filter(|k| k.direction == Direction::Egress)
+        .copied()
+        .collect();
+    assert_eq!(
+        egress,
+        vec![key(
+            echo,
+            Some(NumericIdentity::HOST),
+            None,
+            None,
+            Direction::Egress
+        )]
+    );
+    assert!(c.enabled.contains(&(echo, Direction::Egress)));
+}
+
+#[test]
+fn peers_of_other_namespaces_need_the_namespace_label() {
+    let p = policy(&with_spec(
+        r#"  endpointSelector: { matchLabels: { app: echo } }
+  ingress:
+    - fromEndpoints:
+        - matchLabels: { app: client }
+          matchExpressions: [ { key: meshd.io/namespace, operator: Exists } ]
+"#,
+    ));
+    let c = compile([&p], &scenario(), local_c2());
+    let peers: Vec<Option<NumericIdentity>> = c
+        .entries
+        .keys()
+        .map(|k| k.peer)
+        .filter(|p| *p != Some(NumericIdentity::HOST))
+        .collect();
+    assert_eq!(
+        peers,
+        vec![Some(id(1, 300)), Some(id(1, 302)), Some(id(2, 301))]
+    );
+}
+
+#[test]
+fn selection_by_cluster_and_expressions() {
+    let p = policy(&with_spec(
+        r#"  endpointSelector: { matchExpressions: [ { key: app, operator: In, values: [echo, other] } ] }
+  egress:
+    - toEndpoints: [ { matchExpressions: [ { key: meshd.io/cluster, operator: NotIn, values: [c2] } ] } ]
+      toPorts: [ { ports: [ { protocol: ICMP }, { port: "0", protocol: UDP } ] } ]
+"#,
+    ));
+    let c = compile([&p], &scenario(), local_c2());
+    let subjects: std::collections::BTreeSet<NumericIdentity> =
+        c.enabled.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        subjects.into_iter().collect::<Vec<_>>(),
+        vec![id(2, 300), id(2, 302)]
+    );
+    for s in [id(2, 300), id(2, 302)] {
+        for peer in [id(1, 300), id(1, 301)] {
+            assert!(c.entries.contains_key(&key(
+                s,
+                Some(peer),
+                Some(IpProto::Icmp),
+                None,
+                Direction::Egress
+            )));
+            assert!(c.entries.contains_key(&key(
+                s,
+                Some(peer),
+                Some(IpProto::Udp),
+                None,
+                Direction::Egress
+            )));
+        }
+        assert!(!c
+            .entries
+            .keys()
+            .any(|k| k.subject == s && k.peer.and_then(|p| p.cluster_id()) == Some(local_c2())));
+    }
+}
+
+#[test]
+fn several_policies_add_up_and_recompiling_is_stable() {
+    let a = policy(DESIGN_EXAMPLE);
+    let b = policy(
+        r#"
+apiVersion: meshd.io/v1
+kind: NetworkPolicy
+metadata: { name: also-8080, namespace: default }
+spec:
+  endpointSelector: { matchLabels: { app: echo } }
+  ingress:
+    - fromEndpoints: [ { matchLabels: { app: client } } ]
+      toPorts: [ { ports: [ { port: "8080", protocol: TCP } ] } ]
+"#,
+    );
+    let ab = compile([&a, &b], &scenario(), local_c2());
+    let ba = compile([&b, &a], &scenario(), local_c2());
+    assert_eq!(ab, ba, "order of policies does not matter");
+    let k = key(
+        id(2, 300),
+        Some(id(1, 300)),
+        Some(IpProto::Tcp),
+        Some(8080),
+        Direction::Ingress,
+    );
+    let ca = rule_cookie("default", "echo-from-c1-clients", Direction::Ingress, 0);
+    let cb = rule_cookie("default", "also-8080", Direction::Ingress, 0);
+    assert_ne!(ca, cb);
+    assert_eq!(
+        ab.entries[&k].cookie,
+        ca.min(cb),
+        "shared entry keeps the lower cookie"
+    );
+    assert!(ab.entries.contains_key(&key(
+        id(2, 300),
+        Some(id(2, 301)),
+        Some(IpProto::Tcp),
+        Some(8080),
+        Direction::Ingress
+    )));
+}
+
+#[test]
+fn a_remote_identity_that_appears_later_is_picked_up_by_recompiling() {
+    let p = policy(DESIGN_EXAMPLE);
+    let mut ids = scenario();
+    let before = compile([&p], &ids, local_c2());
+    ids.extend(identities(&[(
+        id(1, 400),
+        &[
+            ("app", "client"),
+            ("version", "2"),
+            (NAMESPACE_LABEL, "default"),
+        ],
+    )]));
+    let after = compile([&p], &ids, local_c2());
+    let k = key(
+        id(2, 300),
+        Some(id(1, 400)),
+        Some(IpProto::Tcp),
+        Some(8080),
+        Direction::Ingress,
+    );
+    assert!(!before.entries.contains_key(&k));
+    assert!(after.entries.contains_key(&k));
+    assert_eq!(after.entries.len(), before.entries.len() + 1);
+}
+
+#[test]
+fn identities_without_a_namespace_label_are_in_default() {
+    let ids = identities(&[
+        (id(2, 300), &[("app", "echo")]),
+        (id(1, 300), &[("app", "client")]),
+    ]);
+    let c = compile([&policy(DESIGN_EXAMPLE)], &ids, local_c2());
+    assert!(c.entries.contains_key(&key(
+        id(2, 300),
+        Some(id(1, 300)),
+        Some(IpProto::Tcp),
+        Some(8080),
+        Direction::Ingress
+    )));
+}
