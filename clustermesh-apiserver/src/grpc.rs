@@ -1,0 +1,292 @@
+//! The gRPC service: authorization by client certificate, validation of every document, then
+//! planning and executing each request as one etcd transaction (re-planned if another writer
+//! got in between).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use meshd_kvstore::EtcdStore;
+use meshd_manifest::{
+    check_unique, Document, DocumentError, Kind, ManifestErrors, ObjectRef, SourcedDocument,
+};
+use meshd_state::{check_dns_label, check_dns_subdomain, ClusterName, Resource, ServiceRecord};
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiserverError;
+use crate::keys::{kind_prefix, parse_object_key};
+use crate::pb;
+use crate::plan::{plan_apply, plan_delete, Outcome, Plan, Snapshot};
+use crate::store::{execute, range_all, read_snapshot};
+use crate::tls::PeerIdentity;
+use crate::vip::ServiceCidr;
+
+/// Attempts at planning against a fresh snapshot when other writers keep winning.
+const ATTEMPTS: usize = 8;
+
+#[derive(Clone)]
+pub struct ApiService {
+    pub store: EtcdStore,
+    pub cluster: ClusterName,
+    pub cidr: ServiceCidr,
+    pub max_txn_ops: usize,
+    /// Client certificate CNs allowed to use the API (the cluster's admin certificate).
+    pub admins: Arc<Vec<String>>,
+}
+
+impl From<ApiserverError> for Status {
+    fn from(e: ApiserverError) -> Self {
+        match &e {
+            ApiserverError::Manifests(_) | ApiserverError::TooLarge { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            ApiserverError::Contended { .. } => Status::aborted(e.to_string()),
+            _ => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+fn outcome_pb(o: &Outcome) -> pb::ObjectResult {
+    pb::ObjectResult {
+        object: Some(crate::client::object_ref(&o.object)),
+        action: o.action.to_string(),
+        vip: o.vip.map(|v| v.to_string()).unwrap_or_default(),
+    }
+}
+
+impl ApiService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let peer = request
+            .extensions()
+            .get::<PeerIdentity>()
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        match &peer.common_name {
+            Some(cn) if self.admins.iter().any(|a| a == cn) => Ok(()),
+            cn => {
+                tracing::info!(remote = %peer.remote, cn = ?cn, "API request refused");
+                Err(Status::permission_denied(format!(
+                    "client certificate CN {:?} may not use this API (allowed: {})",
+                    cn.as_deref().unwrap_or(""),
+                    self.admins.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Plans against a fresh snapshot and executes, again while guards fail.
+    async fn run(
+        &self,
+        kinds: &BTreeSet<Kind>,
+        dry_run: bool,
+        plan: impl Fn(&Snapshot) -> Result<Plan, ApiserverError>,
+    ) -> Result<(Plan, i64), ApiserverError> {
+        for _ in 0..ATTEMPTS {
+            let snapshot = read_snapshot(&self.store, kinds).await?;
+            let plan = plan(&snapshot)?;
+            if dry_run {
+                return Ok((plan, 0));
+            }
+            if let Some(revision) = execute(&self.store, &plan, self.max_txn_ops).await? {
+                return Ok((plan, revision));
+            }
+            tracing::debug!("plan guards failed; planning again on a fresh snapshot");
+        }
+        Err(ApiserverError::Contended { what: "apply" })
+    }
+}
+
+/// Parses and validates every document of a request; all problems reported together.
+pub fn parse_request(docs: &[pb::SourceDocument]) -> Result<Vec<SourcedDocument>, ManifestErrors> {
+    if docs.is_empty() {
+        return Err(ManifestErrors(vec![DocumentError::file(
+            "<request>",
+            "no documents",
+        )]));
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for d in docs {
+        let index = d.index as usize;
+        match meshd_manifest::parse_document(&d.file, index, &d.text) {
+            Ok(document) => out.push(SourcedDocument {
+                file: d.file.clone(),
+                index,
+                document,
+                text: d.text.clone(),
+            }),
+            Err(e) => errors.extend(e.0),
+        }
+    }
+    if let Err(e) = check_unique(&out) {
+        errors.extend(e.0);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ManifestErrors(errors))
+    }
+}
+
+fn parse_refs(refs: &[pb::ObjectRef]) -> Result<Vec<ObjectRef>, ManifestErrors> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        let at = |field: &str, reason: String| {
+            DocumentError::document("<request>", i + 1, format!("objects[{i}].{field}"), reason)
+        };
+        let kind = match r.kind.parse::<Kind>() {
+            Ok(k) => k,
+            Err(reason) => {
+                errors.push(at("kind", reason));
+                continue;
+            }
+        };
+        if let Err(e) = check_dns_label("namespace", &r.namespace) {
+            errors.push(at("namespace", e.reason));
+            continue;
+        }
+        // Policy names may be DNS subdomains (as in Kubernetes); service names are labels.
+        let name_ok = match kind {
+            Kind::Service => check_dns_label("name", &r.name),
+            Kind::NetworkPolicy => check_dns_subdomain("name", &r.name),
+        };
+        if let Err(e) = name_ok {
+            errors.push(at("name", e.reason));
+            continue;
+        }
+        out.push(ObjectRef {
+            kind,
+            namespace: r.namespace.clone(),
+            name: r.name.clone(),
+        });
+    }
+    if errors.is_empty() && out.is_empty() {
+        errors.push(DocumentError::file("<request>", "no objects"));
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ManifestErrors(errors))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_mesh_server::ClusterMesh for ApiService {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let docs = parse_request(&req.documents).map_err(ApiserverError::from)?;
+        // VIPs are read with every snapshot; services too, since a policy-only batch still
+        // plans nothing that needs them, and reading them keeps one code path.
+        let kinds: BTreeSet<Kind> = Kind::ALL.into_iter().collect();
+        let (plan, revision) = self
+            .run(&kinds, req.dry_run, |snapshot| {
+                Ok(plan_apply(&docs, snapshot, &self.cidr)?)
+            })
+            .await?;
+        for o in &plan.outcomes {
+            tracing::info!(object = %o.object, action = %o.action, dry_run = req.dry_run, "apply");
+        }
+        Ok(Response::new(pb::ApplyResponse {
+            results: plan.outcomes.iter().map(outcome_pb).collect(),
+            revision,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.authorize(&request)?;
+        let refs = parse_refs(&request.into_inner().objects).map_err(ApiserverError::from)?;
+        let kinds = crate::plan::kinds_of(&refs);
+        let (plan, revision) = self
+            .run(&kinds, false, |snapshot| {
+                Ok(plan_delete(&refs, snapshot, &self.cluster))
+            })
+            .await?;
+        for o in &plan.outcomes {
+            tracing::info!(object = %o.object, action = %o.action, "delete");
+        }
+        Ok(Response::new(pb::DeleteResponse {
+            results: plan.outcomes.iter().map(outcome_pb).collect(),
+            revision,
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.authorize(&request)?;
+        let namespace = request.into_inner().namespace;
+        let (kvs, rev) = range_all(&self.store, kind_prefix(Kind::Service), 0)
+            .await
+            .map_err(ApiserverError::from)?;
+        let (records, _) = range_all(
+            &self.store,
+            &ServiceRecord::cluster_prefix(&self.cluster),
+            rev,
+        )
+        .await
+        .map_err(ApiserverError::from)?;
+        let records: BTreeMap<String, Vec<u8>> =
+            records.into_iter().map(|kv| (kv.key, kv.value)).collect();
+        let mut services = Vec::new();
+        for kv in kvs {
+            let Some(object) = parse_object_key(&kv.key) else {
+                continue;
+            };
+            if !namespace.is_empty() && object.namespace != namespace {
+                continue;
+            }
+            let text = String::from_utf8_lossy(&kv.value).into_owned();
+            let vip = match meshd_manifest::parse_document(&kv.key, 1, &text) {
+                Ok(Document::Service(s)) => s.spec.cluster_ip.map(|ip| ip.to_string()),
+                _ => None,
+            };
+            let record_key = meshd_state::ServiceKey {
+                cluster: self.cluster.clone(),
+                namespace: object.namespace.clone(),
+                name: object.name.clone(),
+            }
+            .to_string();
+            services.push(pb::ServiceInfo {
+                namespace: object.namespace,
+                name: object.name,
+                vip: vip.unwrap_or_default(),
+                manifest_json: text,
+                record_json: records
+                    .get(&record_key)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        self.authorize(&request)?;
+        let namespace = request.into_inner().namespace;
+        let (kvs, _) = range_all(&self.store, kind_prefix(Kind::NetworkPolicy), 0)
+            .await
+            .map_err(ApiserverError::from)?;
+        let policies = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let object = parse_object_key(&kv.key)?;
+                (namespace.is_empty() || object.namespace == namespace).then(|| pb::PolicyInfo {
+                    namespace: object.namespace,
+                    name: object.name,
+                    manifest_json: String::from_utf8_lossy(&kv.value).into_owned(),
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::ListPoliciesResponse { policies }))
+    }
+}

@@ -1,0 +1,94 @@
+//! The etcd keys the apiserver owns besides those of the state schema (`meshd_state::keys`):
+//! the desired state users applied, VIP allocations and the leader lease. None of them is
+//! readable by remote clusters (they live outside `meshd/state/`).
+//!
+//! ```text
+//! meshd/config/services/v1/<namespace>/<name>   Service manifest (JSON), spec.clusterIP filled in
+//! meshd/config/policies/v1/<namespace>/<name>   NetworkPolicy manifest (JSON)
+//! meshd/config/service-ips/v1/<ip>              VipOwner {namespace, name}: the VIP is taken
+//! meshd/leader/clustermesh-apiserver/<cluster>  replica id, under the leader's lease
+//! ```
+
+use std::net::IpAddr;
+
+use meshd_manifest::{Kind, ObjectRef};
+use meshd_state::ClusterName;
+use serde::{Deserialize, Serialize};
+
+pub const SERVICES_CONFIG_PREFIX: &str = "meshd/config/services/v1/";
+pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";
+pub const SERVICE_IPS_PREFIX: &str = "meshd/config/service-ips/v1/";
+pub const LEADER_PREFIX: &str = "meshd/leader/clustermesh-apiserver/";
+
+pub fn kind_prefix(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Service => SERVICES_CONFIG_PREFIX,
+        Kind::NetworkPolicy => POLICIES_PREFIX,
+    }
+}
+
+/// Where an applied object is stored.
+pub fn object_key(r: &ObjectRef) -> String {
+    format!("{}{}/{}", kind_prefix(r.kind), r.namespace, r.name)
+}
+
+/// The object stored under `key`, if it is one of ours.
+pub fn parse_object_key(key: &str) -> Option<ObjectRef> {
+    Kind::ALL.into_iter().find_map(|kind| {
+        let rest = key.strip_prefix(kind_prefix(kind))?;
+        let (namespace, name) = rest.split_once('/')?;
+        (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then(|| ObjectRef {
+            kind,
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    })
+}
+
+pub fn vip_key(ip: IpAddr) -> String {
+    format!("{SERVICE_IPS_PREFIX}{ip}")
+}
+
+pub fn parse_vip_key(key: &str) -> Option<IpAddr> {
+    key.strip_prefix(SERVICE_IPS_PREFIX)?.parse().ok()
+}
+
+pub fn leader_key(cluster: &ClusterName) -> String {
+    format!("{LEADER_PREFIX}{cluster}")
+}
+
+/// The value of a VIP allocation key: which service holds the address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipOwner {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_round_trip() {
+        for kind in Kind::ALL {
+            let r = ObjectRef {
+                kind,
+                namespace: "default".into(),
+                name: "echo".into(),
+            };
+            assert_eq!(parse_object_key(&object_key(&r)), Some(r));
+        }
+        assert_eq!(
+            object_key(&ObjectRef {
+                kind: Kind::NetworkPolicy,
+                namespace: "ns".into(),
+                name: "p".into()
+            }),
+            "meshd/config/policies/v1/ns/p"
+        );
+        assert_eq!(parse_object_key("meshd/config/services/v1/a"), None);
+        assert_eq!(parse_object_key("meshd/config/services/v1/a/b/c"), None);
+        let ip: IpAddr = "10.96.0.1".parse().unwrap();
+        assert_eq!(parse_vip_key(&vip_key(ip)), Some(ip));
+    }
+}

@@ -1,0 +1,37 @@
+//! clustermesh-apiserver: the per-cluster control plane of meshd.
+//!
+//! - owns `meshd/cluster-config/<cluster>`;
+//! - serves the gRPC API (`proto/apiserver.proto`, mTLS with the cluster's admin certificate)
+//!   to apply, delete and list Services and NetworkPolicies, each request one etcd transaction;
+//! - allocates service VIPs from the service CIDR;
+//! - as leader among its replicas: publishes `meshd/state/services/v1/<cluster>/<ns>/<name>`
+//!   from the applied services and the cluster's endpoints, and deletes identities no endpoint
+//!   used for a grace period;
+//! - answers `/healthz` and `/readyz`.
+//!
+//! The library also holds the client (`client::connect`) the `meshd` CLI uses. etcd keys of its
+//! own are documented in `keys`.
+
+pub mod client;
+pub mod config;
+pub mod controller;
+pub mod error;
+pub mod grpc;
+pub mod health;
+pub mod keys;
+pub mod leader;
+pub mod plan;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod view;
+pub mod vip;
+
+/// Generated messages, client and server of `meshd.apiserver.v1`.
+pub mod pb {
+    tonic::include_proto!("meshd.apiserver.v1");
+}
+
+pub use config::{Config, ConfigArgs};
+pub use error::ApiserverError;
+pub use server::Apiserver;

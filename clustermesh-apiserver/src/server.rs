@@ -1,0 +1,216 @@
+//! Wiring: listeners, the gRPC API, health, the cluster config, and the leader loop.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_kvstore::EtcdStore;
+use meshd_state::{Capabilities, ClusterConfig};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::controller::{run_term, ControllerConfig};
+use crate::error::ApiserverError;
+use crate::grpc::ApiService;
+use crate::health::Health;
+use crate::keys::leader_key;
+use crate::leader::Leader;
+use crate::pb::cluster_mesh_server::ClusterMeshServer;
+use crate::store::ensure_cluster_config;
+
+/// A running apiserver. Dropping it aborts its tasks; `shutdown` stops it cleanly (and hands
+/// leadership over at once).
+pub struct Apiserver {
+    pub api_addr: SocketAddr,
+    pub health_addr: Option<SocketAddr>,
+    pub health: Arc<Health>,
+    stop: watch::Sender<bool>,
+    main: Option<JoinHandle<Result<(), ApiserverError>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ApiserverError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiserverError::Listen {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+impl Apiserver {
+    /// Binds the listeners (port 0 allowed: see `api_addr`) and starts every task. Fails on
+    /// unusable listeners or TLS files; an unreachable etcd is waited for, not an error.
+    pub async fn start(config: Config) -> Result<Apiserver, ApiserverError> {
+        // Bad server files are reported now, by name, not at the first handshake.
+        config.tls.server_config()?;
+        let api = bind("API listener", config.listen).await?;
+        let api_addr = api.local_addr().map_err(|source| ApiserverError::Listen {
+            what: "API listener",
+            addr: config.listen.to_string(),
+            source,
+        })?;
+        let health = Arc::new(Health::default());
+        let mut tasks = Vec::new();
+        let mut health_addr = None;
+        if let Some(addr) = config.health_listen {
+            let l = bind("health listener", addr).await?;
+            health_addr = l.local_addr().ok();
+            tasks.push(tokio::spawn(crate::health::serve(l, health.clone())));
+        }
+        let store = meshd_kvstore::connect_lazy(&config.etcd).await?;
+        let (stop, stop_rx) = watch::channel(false);
+
+        let service = ApiService {
+            store: store.clone(),
+            cluster: config.cluster.clone(),
+            cidr: config.service_cidr,
+            max_txn_ops: config.max_txn_ops,
+            admins: Arc::new(config.admins.clone()),
+        };
+        let incoming = crate::tls::incoming(api, config.tls.clone());
+        let mut grpc_stop = stop_rx.clone();
+        let serving = health.clone();
+        tasks.push(tokio::spawn(async move {
+            serving.api_serving.store(true, Ordering::Relaxed);
+            let r = tonic::transport::Server::builder()
+                .serve_with_incoming_shutdown(
+                    ClusterMeshServer::new(service),
+                    incoming,
+                    async move {
+                        let _ = grpc_stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await;
+            serving.api_serving.store(false, Ordering::Relaxed);
+            if let Err(e) = r {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+
+        tasks.push(tokio::spawn(watch_etcd(store.clone(), health.clone())));
+
+        let main = tokio::spawn(run(config, store, health.clone(), stop_rx));
+        tracing::info!(%api_addr, ?health_addr, "clustermesh-apiserver started");
+        Ok(Apiserver {
+            api_addr,
+            health_addr,
+            health,
+            stop,
+            main: Some(main),
+            tasks,
+        })
+    }
+
+    /// Runs until the apiserver fails (a fatal configuration conflict) or is shut down.
+    pub async fn wait(&mut self) -> Result<(), ApiserverError> {
+        match self.main.as_mut() {
+            Some(main) => {
+                let r = main.await.unwrap_or(Ok(()));
+                self.main = None;
+                r
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Stops serving, gives leadership up and waits for the leader loop to finish.
+    pub async fn shutdown(mut self) -> Result<(), ApiserverError> {
+        let _ = self.stop.send(true);
+        let r = self.wait().await;
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        r
+    }
+}
+
+impl Drop for Apiserver {
+    fn drop(&mut self) {
+        if let Some(main) = &self.main {
+            main.abort();
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Keeps `etcd_reachable` current.
+async fn watch_etcd(store: EtcdStore, health: Arc<Health>) {
+    loop {
+        let ok = store.status().await.is_ok();
+        health.etcd_reachable.store(ok, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(if ok { 5 } else { 1 })).await;
+    }
+}
+
+/// Cluster config first (retried while etcd is unreachable; a conflict is fatal), then the
+/// leader loop until stopped.
+async fn run(
+    config: Config,
+    store: EtcdStore,
+    health: Arc<Health>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ApiserverError> {
+    let cluster_config = ClusterConfig {
+        name: config.cluster.clone(),
+        id: config.cluster_id,
+        capabilities: Capabilities::default(),
+    };
+    loop {
+        match ensure_cluster_config(&store, &cluster_config).await {
+            Ok(()) => break,
+            Err(e @ ApiserverError::ClusterConfigConflict { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "writing the cluster config; retrying");
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    health.cluster_config_written.store(true, Ordering::Relaxed);
+
+    let leader = Leader::new(
+        store.clone(),
+        leader_key(&config.cluster),
+        config.replica_id.clone(),
+        config.leader_lease_ttl,
+    );
+    let controller = ControllerConfig {
+        cluster: config.cluster.clone(),
+        identity_gc_grace: config.identity_gc_grace,
+        resync_interval: config.resync_interval,
+    };
+    loop {
+        let lease = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            lease = leader.acquire() => lease,
+        };
+        let stopped = tokio::select! {
+            _ = stop.wait_for(|s| *s) => true,
+            _ = leader.hold(lease) => false,
+            r = run_term(&store, &leader, &controller) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "leader term ended");
+                }
+                false
+            }
+        };
+        leader.release(lease).await;
+        if stopped {
+            return Ok(());
+        }
+        // Let another replica take over if this one keeps failing.
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Service VIPs: the configured service CIDR and allocation of free addresses from it.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// The range service VIPs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCidr(IpNet);
+
+impl ServiceCidr {
+    pub fn new(net: IpNet) -> Result<Self, String> {
+        if net.trunc() != net {
+            return Err(format!(
+                "{net} has host bits set (expected {})",
+                net.trunc()
+            ));
+        }
+        if net.max_prefix_len() - net.prefix_len() < 2 {
+            return Err(format!("{net} is too small for service VIPs"));
+        }
+        Ok(Self(net))
+    }
+
+    pub fn net(&self) -> IpNet {
+        self.0
+    }
+
+    /// Whether `ip` may be a VIP: inside the range, and neither its network nor (IPv4) its
+    /// broadcast address.
+    pub fn is_assignable(&self, ip: IpAddr) -> bool {
+        self.0.contains(&ip) && ip != self.0.network() && ip != self.0.broadcast()
+    }
+
+    /// The lowest assignable address not in `taken`; `None` when the range is exhausted.
+    /// Lowest-first keeps allocation deterministic; replicas racing for the same address are
+    /// sorted out by the transaction (create-only compare on the allocation key).
+    pub fn allocate(&self, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
+        self.0
+            .hosts()
+            .find(|ip| self.is_assignable(*ip) && !taken.contains(ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocates_lowest_free_and_skips_network_and_broadcast() {
+        let cidr = ServiceCidr::new("10.96.0.0/30".parse().unwrap()).unwrap();
+        let mut taken = BTreeSet::new();
+        let a = cidr.allocate(&taken).unwrap();
+        assert_eq!(a.to_string(), "10.96.0.1");
+        taken.insert(a);
+        let b = cidr.allocate(&taken).unwrap();
+        assert_eq!(b.to_string(), "10.96.0.2");
+        taken.insert(b);
+        assert_eq!(cidr.allocate(&taken), None);
+        assert!(!cidr.is_assignable("10.96.0.0".parse().unwrap()));
+        assert!(!cidr.is_assignable("10.96.0.3".parse().unwrap()));
+        assert!(!cidr.is_assignable("10.97.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_and_bad_ranges() {
+        let cidr = ServiceCidr::new("fd00:96::/120".parse().unwrap()).unwrap();
+        assert_eq!(
+            cidr.allocate(&BTreeSet::new()).unwrap().to_string(),
+            "fd00:96::1"
+        );
+        assert!(ServiceCidr::new("10.96.0.1/16".parse().unwrap()).is_err());
+        assert!(ServiceCidr::new("10.96.0.0/31".parse().unwrap()).is_err());
+    }
+}
