@@ -261,18 +261,14 @@ impl Backend for EtcdStore {
 
     async fn keep_alive(&self, id: LeaseId) -> Result<(), KvError> {
         let mut lease = self.client.lease_client();
-        let once = async move {
-            let (mut keeper, mut stream) = lease.keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        match self.timed("lease keep-alive", "", once).await? {
-            Some(resp) if resp.ttl() > 0 => Ok(()),
-            // etcd answers a keep-alive of an unknown lease with TTL 0.
-            _ => Err(KvError::LeaseNotFound {
-                endpoints: self.describe(),
-                lease: id,
-            }),
+        // etcd-client sends one keep-alive and reads its answer before returning the stream;
+        // an unknown lease is answered with TTL 0, which it reports as "lease not found".
+        match self
+            .timed("lease keep-alive", "", lease.keep_alive(id))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.lease_gone(&e, id).unwrap_or(e)),
         }
     }
 

@@ -1,15 +1,31 @@
 //! meshd's etcd layer: connecting (plaintext or mTLS), lease-backed publishing, list-then-watch
 //! with mark-and-sweep, and sync canaries.
+//!
+//! Everything above the [`Backend`] trait is generic, and runs against a real etcd
+//! ([`EtcdStore`], from [`connect`]) or an in-memory one ([`MemoryStore`]); the test suite in
+//! `tests/suite.rs` runs the same cases against both.
 
 mod backend;
+mod backoff;
+mod canary;
 mod connect;
 mod error;
 mod etcd;
+mod memory;
+mod publisher;
+mod reflection;
+mod watcher;
 
 pub use backend::{
     prefix_end, Backend, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, WatchMessage,
     WatchStream,
 };
+pub use backoff::{Backoff, BackoffConfig};
+pub use canary::wait_for_canaries;
 pub use connect::{connect, connect_lazy, EtcdConfig};
 pub use error::KvError;
 pub use etcd::EtcdStore;
+pub use memory::MemoryStore;
+pub use publisher::{Publisher, PublisherConfig, PublisherStats};
+pub use reflection::{Reflection, WatchEvent, WatchStats};
+pub use watcher::{watch_cluster, watch_prefix, WatchConfig, WatchHandle};

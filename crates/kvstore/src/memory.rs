@@ -1,0 +1,470 @@
+//! An in-memory [`Backend`] with etcd's semantics where the kvstore depends on them: one global
+//! revision, range reads at a past revision, watches from a revision, compaction, leases that
+//! expire, and a cluster id. It also simulates failures for tests: a partition of one client
+//! handle ([`MemoryStore::cut`]), a server restart ([`MemoryStore::restart`]) and a replaced
+//! cluster ([`MemoryStore::replace_cluster`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::backend::{
+    Backend, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, WatchMessage, WatchStream,
+};
+use crate::error::KvError;
+
+#[derive(Debug, Clone)]
+struct Stored {
+    value: Vec<u8>,
+    mod_revision: i64,
+    lease: LeaseId,
+}
+
+/// One change, with what it replaced, so reads at a past revision can undo it.
+#[derive(Debug, Clone)]
+struct Change {
+    revision: i64,
+    key: String,
+    new: Option<Stored>,
+    prev: Option<Stored>,
+}
+
+struct Watcher {
+    handle: u64,
+    prefix: String,
+    tx: mpsc::UnboundedSender<Result<WatchMessage, KvError>>,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+}
+
+struct Mem {
+    cluster_id: u64,
+    revision: i64,
+    compact_revision: i64,
+    kvs: BTreeMap<String, Stored>,
+    history: Vec<Change>,
+    leases: HashMap<LeaseId, Lease>,
+    next_lease: LeaseId,
+    watchers: Vec<Watcher>,
+    next_handle: u64,
+}
+
+impl Mem {
+    fn header(&self) -> Header {
+        Header {
+            revision: self.revision,
+            cluster_id: self.cluster_id,
+        }
+    }
+
+    fn notify(&mut self, change: &Change) {
+        let kind = if change.new.is_some() {
+            EventKind::Put
+        } else {
+            EventKind::Delete
+        };
+        let stored = change.new.clone();
+        let ev = RawEvent {
+            kind,
+            kv: KeyValue {
+                key: change.key.clone(),
+                value: stored.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
+                mod_revision: change.revision,
+                lease: stored.map(|s| s.lease).unwrap_or(0),
+            },
+        };
+        let header = self.header();
+        self.watchers.retain(|w| {
+            !change.key.starts_with(&w.prefix)
+                || w.tx
+                    .send(Ok(WatchMessage::Events {
+                        header,
+                        events: vec![ev.clone()],
+                    }))
+                    .is_ok()
+        });
+    }
+
+    fn write(&mut self, key: &str, new: Option<Stored>) {
+        self.revision += 1;
+        let new = new.map(|mut s| {
+            s.mod_revision = self.revision;
+            s
+        });
+        let prev = match &new {
+            Some(s) => self.kvs.insert(key.to_owned(), s.clone()),
+            None => self.kvs.remove(key),
+        };
+        let change = Change {
+            revision: self.revision,
+            key: key.to_owned(),
+            new,
+            prev,
+        };
+        self.notify(&change);
+        self.history.push(change);
+    }
+
+    fn expire_leases(&mut self, now: Instant) {
+        let expired: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.drop_lease(id);
+        }
+    }
+
+    fn drop_lease(&mut self, id: LeaseId) -> bool {
+        if self.leases.remove(&id).is_none() {
+            return false;
+        }
+        let keys: Vec<String> = self
+            .kvs
+            .iter()
+            .filter(|(_, s)| s.lease == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.write(&k, None);
+        }
+        true
+    }
+}
+
+/// A handle on an in-memory etcd. Clones share the data and the partition state of the handle
+/// they came from; [`MemoryStore::new_handle`] makes an independent client of the same data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    mem: Arc<Mutex<Mem>>,
+    handle: u64,
+    cut: Arc<AtomicBool>,
+}
+
+static CLUSTER_IDS: AtomicU64 = AtomicU64::new(0x5eed_0000_0000_0001);
+
+impl MemoryStore {
+    /// A new, empty store. Needs a Tokio runtime: a background task expires leases.
+    pub fn new() -> Self {
+        let mem = Arc::new(Mutex::new(Mem {
+            cluster_id: CLUSTER_IDS.fetch_add(1, Ordering::Relaxed),
+            revision: 1,
+            compact_revision: 0,
+            kvs: BTreeMap::new(),
+            history: Vec::new(),
+            leases: HashMap::new(),
+            next_lease: 0x1000,
+            watchers: Vec::new(),
+            next_handle: 1,
+        }));
+        let weak: Weak<Mutex<Mem>> = Arc::downgrade(&mem);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let Some(mem) = weak.upgrade() else { return };
+                mem.lock()
+                    .expect("memory store lock")
+                    .expire_leases(Instant::now());
+            }
+        });
+        Self {
+            mem,
+            handle: 0,
+            cut: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Another client of the same data, with its own connection state (so it can be cut
+    /// while the others keep working).
+    pub fn new_handle(&self) -> Self {
+        let mut mem = self.lock();
+        let handle = mem.next_handle;
+        mem.next_handle += 1;
+        Self {
+            mem: self.mem.clone(),
+            handle,
+            cut: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mem> {
+        self.mem.lock().expect("memory store lock")
+    }
+
+    /// Partitions this handle: its requests fail and its watches end until [`Self::heal`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        let handle = self.handle;
+        self.lock().watchers.retain(|w| w.handle != handle);
+    }
+
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Like an etcd restart: every watch of every handle ends; data and leases stay.
+    pub fn restart(&self) {
+        self.lock().watchers.clear();
+    }
+
+    /// Like etcd replaced by a new cluster behind the same address: new cluster id, no data,
+    /// revisions start over. Open watches stay open and see the new cluster id in their next
+    /// response (as behind a load balancer), which must make readers relist.
+    pub fn replace_cluster(&self) {
+        let mut mem = self.lock();
+        mem.cluster_id = CLUSTER_IDS.fetch_add(1, Ordering::Relaxed);
+        mem.revision = 1;
+        mem.compact_revision = 0;
+        mem.kvs.clear();
+        mem.history.clear();
+        mem.leases.clear();
+    }
+
+    /// Forgets history up to `revision` (inclusive of older ones), like `etcdctl compact`.
+    pub fn compact(&self, revision: i64) {
+        let mut mem = self.lock();
+        let revision = revision.min(mem.revision);
+        mem.compact_revision = mem.compact_revision.max(revision);
+        // Like etcd, the compaction revision itself stays readable and watchable.
+        mem.history.retain(|c| c.revision >= revision);
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+
+    /// Drops a lease as if it had expired (its keys are deleted).
+    pub fn expire_lease(&self, lease: LeaseId) -> bool {
+        self.lock().drop_lease(lease)
+    }
+
+    fn check(&self, op: &'static str, key: &str) -> Result<(), KvError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(self.unavailable(op, key, "partitioned (test)"));
+        }
+        Ok(())
+    }
+
+    fn unavailable(&self, op: &'static str, key: &str, reason: &str) -> KvError {
+        KvError::Unavailable {
+            endpoints: self.describe(),
+            op,
+            key: key.to_owned(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for MemoryStore {
+    fn describe(&self) -> String {
+        format!("memory#{}", self.handle)
+    }
+
+    async fn range(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        revision: i64,
+        limit: usize,
+    ) -> Result<RangePage, KvError> {
+        self.check("range", prefix)?;
+        let mem = self.lock();
+        if revision > 0 && revision < mem.compact_revision {
+            return Err(KvError::Compacted {
+                endpoints: self.describe(),
+                op: "range",
+                key: prefix.to_owned(),
+                revision,
+                compact_revision: mem.compact_revision,
+            });
+        }
+        let in_range = |k: &str| k.starts_with(prefix) && after.is_none_or(|a| k > a);
+        // The state at `revision`: the current one with later changes undone.
+        let mut view: BTreeMap<String, Option<Stored>> = BTreeMap::new();
+        if revision > 0 && revision < mem.revision {
+            for c in mem
+                .history
+                .iter()
+                .rev()
+                .take_while(|c| c.revision > revision)
+            {
+                if in_range(&c.key) {
+                    view.insert(c.key.clone(), c.prev.clone());
+                }
+            }
+        }
+        let mut kvs = Vec::new();
+        let current = mem
+            .kvs
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(k, _)| in_range(k))
+            .filter(|(k, _)| !view.contains_key(*k))
+            .map(|(k, s)| (k.clone(), s.clone()));
+        let undone = view
+            .iter()
+            .filter_map(|(k, s)| s.clone().map(|s| (k.clone(), s)));
+        let mut merged: BTreeMap<String, Stored> = current.collect();
+        merged.extend(undone);
+        let mut more = false;
+        for (key, s) in merged {
+            if kvs.len() == limit {
+                more = true;
+                break;
+            }
+            kvs.push(KeyValue {
+                key,
+                value: s.value,
+                mod_revision: s.mod_revision,
+                lease: s.lease,
+            });
+        }
+        let header = Header {
+            revision: if revision > 0 { revision } else { mem.revision },
+            cluster_id: mem.cluster_id,
+        };
+        Ok(RangePage { header, kvs, more })
+    }
+
+    async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, KvError> {
+        self.check("watch", prefix)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut mem = self.lock();
+        if start_revision < mem.compact_revision {
+            let _ = tx.send(Ok(WatchMessage::Compacted {
+                compact_revision: mem.compact_revision,
+            }));
+        } else {
+            // Like etcd: a created response, then the history from the start revision.
+            let _ = tx.send(Ok(WatchMessage::Events {
+                header: mem.header(),
+                events: Vec::new(),
+            }));
+            let header = mem.header();
+            for c in mem.history.iter().filter(|c| c.revision >= start_revision) {
+                if !c.key.starts_with(prefix) {
+                    continue;
+                }
+                let ev = RawEvent {
+                    kind: if c.new.is_some() {
+                        EventKind::Put
+                    } else {
+                        EventKind::Delete
+                    },
+                    kv: KeyValue {
+                        key: c.key.clone(),
+                        value: c.new.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
+                        mod_revision: c.revision,
+                        lease: c.new.as_ref().map(|s| s.lease).unwrap_or(0),
+                    },
+                };
+                let _ = tx.send(Ok(WatchMessage::Events {
+                    header,
+                    events: vec![ev],
+                }));
+            }
+            mem.watchers.push(Watcher {
+                handle: self.handle,
+                prefix: prefix.to_owned(),
+                tx,
+            });
+        }
+        Ok(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        ))
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Header, KvError> {
+        self.check("put", key)?;
+        let mut mem = self.lock();
+        let lease = lease.unwrap_or(0);
+        if lease != 0 && !mem.leases.contains_key(&lease) {
+            return Err(KvError::LeaseNotFound {
+                endpoints: self.describe(),
+                lease,
+            });
+        }
+        mem.write(
+            key,
+            Some(Stored {
+                value,
+                mod_revision: 0,
+                lease,
+            }),
+        );
+        Ok(mem.header())
+    }
+
+    async fn delete(&self, key: &str) -> Result<Header, KvError> {
+        self.check("delete", key)?;
+        let mut mem = self.lock();
+        if mem.kvs.contains_key(key) {
+            mem.write(key, None);
+        }
+        Ok(mem.header())
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+        self.check("lease grant", "")?;
+        let mut mem = self.lock();
+        let id = mem.next_lease;
+        mem.next_lease += 1;
+        mem.leases.insert(
+            id,
+            Lease {
+                ttl,
+                deadline: Instant::now() + ttl,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), KvError> {
+        self.check("lease keep-alive", "")?;
+        let mut mem = self.lock();
+        mem.expire_leases(Instant::now());
+        match mem.leases.get_mut(&lease) {
+            Some(l) => {
+                l.deadline = Instant::now() + l.ttl;
+                Ok(())
+            }
+            None => Err(KvError::LeaseNotFound {
+                endpoints: self.describe(),
+                lease,
+            }),
+        }
+    }
+
+    async fn revoke_lease(&self, lease: LeaseId) -> Result<(), KvError> {
+        self.check("lease revoke", "")?;
+        if self.lock().drop_lease(lease) {
+            Ok(())
+        } else {
+            Err(KvError::LeaseNotFound {
+                endpoints: self.describe(),
+                lease,
+            })
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! The pure heart of list-then-watch: what a reader believes is in etcd, and the typed events
+//! that move it from one belief to the next. No I/O, so every case (relist with deletes,
+//! malformed values, foreign clusters) is unit-tested here; the watcher only feeds it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meshd_state::{decode, ClusterName, Resource, ResourceKey};
+
+use crate::backend::{EventKind, KeyValue, RawEvent};
+
+/// What a watcher emits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent<R: Resource> {
+    /// The key now holds this value (new, or different from what was last emitted).
+    Upsert { key: R::Key, value: R },
+    /// The key is gone (deleted, expired, malformed now, or not seen again by a relist).
+    Delete { key: R::Key },
+    /// A full list completed at `revision`: every key present then has been emitted and every
+    /// key absent then has been deleted. Sent after each list, not only the first.
+    Synced { revision: i64 },
+}
+
+/// Counters a watcher exposes (shared with its handle).
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    /// Entries skipped because the key did not parse or the value did not decode or validate.
+    pub malformed: AtomicU64,
+    /// Full lists done (the first one included).
+    pub lists: AtomicU64,
+    /// Watches that ended and were re-established after a list.
+    pub reconnects: AtomicU64,
+}
+
+impl WatchStats {
+    pub fn malformed(&self) -> u64 {
+        self.malformed.load(Ordering::Relaxed)
+    }
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::Relaxed)
+    }
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+struct Entry<R: Resource> {
+    key: R::Key,
+    value: R,
+}
+
+/// The reader's view of one prefix.
+pub struct Reflection<R: Resource> {
+    entries: HashMap<String, Entry<R>>,
+    /// Only keys of this cluster count (cluster config's prefix is one key, which other cluster
+    /// names can extend: `c1` is a prefix of `c10`).
+    scope: Option<ClusterName>,
+    /// Raw keys seen by the list in progress (the "mark" of mark-and-sweep).
+    listing: Option<HashSet<String>>,
+}
+
+/// The outcome of decoding one raw entry.
+enum Decoded<R: Resource> {
+    Ok(R::Key, R),
+    /// Belongs to another cluster: not ours, not an error.
+    Foreign,
+    Malformed,
+}
+
+impl<R: Resource> Reflection<R> {
+    pub fn new(scope: Option<ClusterName>) -> Self {
+        Self {
+            entries: HashMap::new(),
+            scope,
+            listing: None,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The current value of a key, by its rendered form.
+    pub fn get(&self, key: &str) -> Option<&R> {
+        self.entries.get(key).map(|e| &e.value)
+    }
+
+    /// Everything currently believed, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&R::Key, &R)> {
+        self.entries.values().map(|e| (&e.key, &e.value))
+    }
+
+    fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
+        match decode::<R>(key, value) {
+            Ok((k, v)) => match &self.scope {
+                Some(scope) if k.cluster() != scope => Decoded::Foreign,
+                _ => Decoded::Ok(k, v),
+            },
+            Err(e) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(key, kind = R::KIND, error = %e, "skipping malformed entry");
+                Decoded::Malformed
+            }
+        }
+    }
+
+    fn upsert(&mut self, raw: String, key: R::Key, value: R, out: &mut Vec<WatchEvent<R>>) {
+        if let Some(old) = self.entries.get(&raw) {
+            if old.value == value {
+                return;
+            }
+        }
+        out.push(WatchEvent::Upsert {
+            key: key.clone(),
+            value: value.clone(),
+        });
+        self.entries.insert(raw, Entry { key, value });
+    }
+
+    fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
+        if let Some(old) = self.entries.remove(raw) {
+            out.push(WatchEvent::Delete { key: old.key });
+        }
+    }
+
+    /// Starts a full list. Entries not seen again before [`Self::finish_list`] are deleted.
+    pub fn begin_list(&mut self) {
+        self.listing = Some(HashSet::with_capacity(self.entries.len()));
+    }
+
+    /// One entry of the list in progress.
+    pub fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        match self.decode(&kv.key, &kv.value, stats) {
+            Decoded::Ok(key, value) => {
+                if let Some(seen) = &mut self.listing {
+                    seen.insert(kv.key.clone());
+                }
+                self.upsert(kv.key, key, value, out);
+            }
+            // Not marked: if we held an older, valid value it is swept as deleted, since etcd
+            // no longer holds it.
+            Decoded::Foreign | Decoded::Malformed => {}
+        }
+    }
+
+    /// Ends the list: sweeps what was not seen and announces the sync.
+    pub fn finish_list(&mut self, revision: i64, out: &mut Vec<WatchEvent<R>>) {
+        let seen = self.listing.take().unwrap_or_default();
+        let mut gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        gone.sort();
+        for raw in gone {
+            self.remove(&raw, out);
+        }
+        out.push(WatchEvent::Synced { revision });
+    }
+
+    /// One event of the watch. A malformed put of a key we held deletes it: the old value is
+    /// no longer what etcd holds, and nothing else is disturbed.
+    pub fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        match ev.kind {
+            EventKind::Put => match self.decode(&ev.kv.key, &ev.kv.value, stats) {
+                Decoded::Ok(key, value) => self.upsert(ev.kv.key, key, value, out),
+                Decoded::Foreign => {}
+                Decoded::Malformed => self.remove(&ev.kv.key, out),
+            },
+            EventKind::Delete => self.remove(&ev.kv.key, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd_state::{ClusterConfig, IpcacheEntry, IpcacheKey, NumericIdentity};
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).unwrap()
+    }
+
+    fn entry(ip: &str, id: u32) -> KeyValue {
+        let key = IpcacheKey::host(c("c1"), ip.parse().unwrap());
+        let value = IpcacheEntry {
+            prefix: key.prefix,
+            identity: NumericIdentity::new(id).unwrap(),
+            host_ip: "192.168.0.1".parse().unwrap(),
+            endpoint: None,
+            namespace: None,
+        };
+        KeyValue {
+            key: key.to_string(),
+            value: serde_json::to_vec(&value).unwrap(),
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    fn raw(key: &str, value: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.to_vec(),
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    fn put(kv: KeyValue) -> RawEvent {
+        RawEvent {
+            kind: EventKind::Put,
+            kv,
+        }
+    }
+
+    fn del(key: &str) -> RawEvent {
+        RawEvent {
+            kind: EventKind::Delete,
+            kv: raw(key, b""),
+        }
+    }
+
+    fn list(
+        r: &mut Reflection<IpcacheEntry>,
+        kvs: Vec<KeyValue>,
+        stats: &WatchStats,
+    ) -> Vec<WatchEvent<IpcacheEntry>> {
+        let mut out = Vec::new();
+        r.begin_list();
+        for kv in kvs {
+            r.listed(kv, stats, &mut out);
+        }
+        r.finish_list(10, &mut out);
+        out
+    }
+
+    fn summary(events: &[WatchEvent<IpcacheEntry>]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                WatchEvent::Upsert { key, value } => {
+                    format!("+{} {}", key.prefix.addr(), value.identity)
+                }
+                WatchEvent::Delete { key } => format!("-{}", key.prefix.addr()),
+                WatchEvent::Synced { revision } => format!("synced@{revision}"),
+            })
+            .collect()
+    }
+
+    const ID1: u32 = (1 << 16) | 300;
+    const ID2: u32 = (1 << 16) | 301;
+
+    #[test]
+    fn relist_emits_changes_and_sweeps_what_is_gone() {
+        let stats = WatchStats::default();
+        let mut r = Reflection::new(Some(c("c1")));
+        let out = list(
+            &mut r,
+            vec![entry("10.0.0.1", ID1), entry("10.0.0.2", ID1)],
+            &stats,
+        );
+        assert_eq!(
+            summary(&out),
+            ["+10.0.0.1 65836", "+10.0.0.2 65836", "synced@10"]
+        );
+
+        // .1 unchanged (no event), .2 gone, .3 new.
+        let out = list(
+            &mut r,
+            vec![entry("10.0.0.1", ID1), entry("10.0.0.3", ID2)],
+            &stats,
+        );
+        assert_eq!(summary(&out), ["+10.0.0.3 65837", "-10.0.0.2", "synced@10"]);
+        assert_eq!(r.len(), 2);
+        assert_eq!(stats.malformed(), 0);
+    }
+
+    #[test]
+    fn watch_events_update_delete_and_ignore_no_ops() {
+        let stats = WatchStats::default();
+        let mut r = Reflection::new(None);
+        let mut out = Vec::new();
+        r.apply(put(entry("10.0.0.1", ID1)), &stats, &mut out);
+        r.apply(put(entry("10.0.0.1", ID1)), &stats, &mut out);
+        r.apply(put(entry("10.0.0.1", ID2)), &stats, &mut out);
+        r.apply(del("meshd/state/ip/v1/c1/10.0.0.1"), &stats, &mut out);
+        r.apply(del("meshd/state/ip/v1/c1/10.0.0.9"), &stats, &mut out);
+        assert_eq!(
+            summary(&out),
+            ["+10.0.0.1 65836", "+10.0.0.1 65837", "-10.0.0.1"]
+        );
+    }
+
+    #[test]
+    fn malformed_entries_are_counted_and_skipped_without_disturbing_others() {
+        let stats = WatchStats::default();
+        let mut r = Reflection::new(Some(c("c1")));
+        let out = list(
+            &mut r,
+            vec![
+                entry("10.0.0.1", ID1),
+                raw("meshd/state/ip/v1/c1/10.0.0.2", b"{not json"),
+                raw(
+                    "meshd/state/ip/v1/c1/10.0.0.3",
+                    br#"{"prefix":"10.0.0.3/32","identity":"x","host_ip":"1.1.1.1"}"#,
+                ),
+                raw("meshd/state/ip/v1/c1/not-an-ip", b"{}"),
+                entry("10.0.0.4", ID1),
+            ],
+            &stats,
+        );
+        assert_eq!(
+            summary(&out),
+            ["+10.0.0.1 65836", "+10.0.0.4 65836", "synced@10"]
+        );
+        assert_eq!(stats.malformed(), 3);
+
+        // A malformed update of a held key removes it; others stay.
+        let mut out = Vec::new();
+        r.apply(
+            put(raw("meshd/state/ip/v1/c1/10.0.0.1", b"[]")),
+            &stats,
+            &mut out,
+        );
+        assert_eq!(summary(&out), ["-10.0.0.1"]);
+        assert_eq!(stats.malformed(), 4);
+        assert!(r.get("meshd/state/ip/v1/c1/10.0.0.4").is_some());
+    }
+
+    #[test]
+    fn malformed_value_in_a_relist_sweeps_the_old_value() {
+        let stats = WatchStats::default();
+        let mut r = Reflection::new(None);
+        list(&mut r, vec![entry("10.0.0.1", ID1)], &stats);
+        let out = list(
+            &mut r,
+            vec![raw("meshd/state/ip/v1/c1/10.0.0.1", b"garbage")],
+            &stats,
+        );
+        assert_eq!(summary(&out), ["-10.0.0.1", "synced@10"]);
+    }
+
+    #[test]
+    fn keys_of_other_clusters_are_ignored_not_counted() {
+        let stats = WatchStats::default();
+        let mut r: Reflection<ClusterConfig> = Reflection::new(Some(c("c1")));
+        let mut out = Vec::new();
+        r.begin_list();
+        for (name, id) in [("c1", 1), ("c10", 10)] {
+            let cfg = ClusterConfig {
+                name: c(name),
+                id: meshd_state::ClusterId::new(id).unwrap(),
+                capabilities: Default::default(),
+            };
+            r.listed(
+                raw(
+                    &format!("meshd/cluster-config/{name}"),
+                    &serde_json::to_vec(&cfg).unwrap(),
+                ),
+                &stats,
+                &mut out,
+            );
+        }
+        r.finish_list(3, &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[0], WatchEvent::Upsert { key, .. } if key.cluster.as_str() == "c1"));
+        assert_eq!(stats.malformed(), 0);
+    }
+}

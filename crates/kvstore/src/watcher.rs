@@ -1,0 +1,294 @@
+//! List-then-watch of a prefix, typed, with mark-and-sweep relists.
+//!
+//! One task per watch: list the prefix page by page at one revision, then watch from that
+//! revision + 1. When the watch is compacted, when a response comes from a different etcd
+//! cluster id, and after every lost connection, it lists again; the [`Reflection`] turns each
+//! list into upserts for what changed and deletes for what was not seen again, followed by
+//! `Synced`. Failures are retried forever with capped exponential backoff and jitter; the
+//! consumer keeps its last known state meanwhile (fail-static).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use meshd_state::{ClusterName, Resource};
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::backend::{Backend, WatchMessage};
+use crate::backoff::{Backoff, BackoffConfig};
+use crate::error::KvError;
+use crate::reflection::{Reflection, WatchEvent, WatchStats};
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    /// Keys per range read. etcd-client refuses responses over 4 MiB by default; 5000
+    /// ipcache-sized records are about 0.7 MB.
+    pub page_size: usize,
+    pub backoff: BackoffConfig,
+    /// Events buffered towards a slow consumer before the watcher waits for it.
+    pub channel_capacity: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        Self {
+            page_size: 5000,
+            backoff: BackoffConfig::default(),
+            channel_capacity: 4096,
+        }
+    }
+}
+
+/// The receiving end of a watch. Dropping it stops the watch.
+pub struct WatchHandle<R: Resource> {
+    events: mpsc::Receiver<WatchEvent<R>>,
+    stats: Arc<WatchStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<R: Resource> WatchHandle<R> {
+    /// The next event; `None` only if the watch task ended (it does not end on errors).
+    pub async fn next(&mut self) -> Option<WatchEvent<R>> {
+        self.events.recv().await
+    }
+
+    pub fn stats(&self) -> Arc<WatchStats> {
+        self.stats.clone()
+    }
+}
+
+impl<R: Resource> Drop for WatchHandle<R> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Watches every key of `R` of `cluster` (`R::cluster_prefix`).
+pub fn watch_cluster<R: Resource, B: Backend>(
+    backend: B,
+    cluster: &ClusterName,
+    config: WatchConfig,
+) -> WatchHandle<R> {
+    watch_prefix(
+        backend,
+        R::cluster_prefix(cluster),
+        Some(cluster.clone()),
+        config,
+    )
+}
+
+/// Watches every key under `prefix`, keeping only keys of `scope` if given.
+pub fn watch_prefix<R: Resource, B: Backend>(
+    backend: B,
+    prefix: String,
+    scope: Option<ClusterName>,
+    config: WatchConfig,
+) -> WatchHandle<R> {
+    let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
+    let stats = Arc::new(WatchStats::default());
+    let span =
+        tracing::info_span!("watch", kind = R::KIND, prefix = %prefix, etcd = %backend.describe());
+    let task = tokio::spawn(
+        run(
+            backend,
+            prefix,
+            Reflection::new(scope),
+            config,
+            stats.clone(),
+            tx,
+        )
+        .instrument(span),
+    );
+    WatchHandle {
+        events: rx,
+        stats,
+        task,
+    }
+}
+
+/// Why a watch ended.
+enum End {
+    /// Consumer gone: stop.
+    Closed,
+    /// Compacted or a different cluster: relist at once.
+    Relist,
+    /// Connection lost or an error: relist after a backoff.
+    Lost,
+}
+
+async fn send_all<R: Resource>(
+    tx: &mpsc::Sender<WatchEvent<R>>,
+    out: &mut Vec<WatchEvent<R>>,
+) -> bool {
+    for ev in out.drain(..) {
+        if tx.send(ev).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn run<R: Resource, B: Backend>(
+    backend: B,
+    prefix: String,
+    mut reflection: Reflection<R>,
+    config: WatchConfig,
+    stats: Arc<WatchStats>,
+    tx: mpsc::Sender<WatchEvent<R>>,
+) {
+    let mut backoff = Backoff::new(config.backoff);
+    let mut cluster_id: Option<u64> = None;
+    let mut out = Vec::new();
+    loop {
+        let listed = list(
+            &backend,
+            &prefix,
+            &config,
+            &mut reflection,
+            &stats,
+            &tx,
+            &mut out,
+        )
+        .await;
+        let (revision, listed_cluster) = match listed {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "listing failed");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        if let Some(old) = cluster_id {
+            if old != listed_cluster {
+                tracing::warn!(
+                    old = format_args!("{old:x}"),
+                    new = format_args!("{listed_cluster:x}"),
+                    "etcd cluster id changed; state relisted"
+                );
+            }
+        }
+        cluster_id = Some(listed_cluster);
+
+        match watch(
+            &backend,
+            &prefix,
+            revision,
+            listed_cluster,
+            &mut reflection,
+            &stats,
+            &tx,
+            &mut out,
+            &mut backoff,
+        )
+        .await
+        {
+            End::Closed => return,
+            End::Relist => {}
+            End::Lost => {
+                let delay = backoff.next_delay();
+                tokio::time::sleep(delay).await;
+            }
+        }
+        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One full, consistent list: the first page fixes the revision, later pages read at it.
+/// Returns the revision and cluster id, or `None` if the consumer is gone.
+async fn list<R: Resource, B: Backend>(
+    backend: &B,
+    prefix: &str,
+    config: &WatchConfig,
+    reflection: &mut Reflection<R>,
+    stats: &WatchStats,
+    tx: &mpsc::Sender<WatchEvent<R>>,
+    out: &mut Vec<WatchEvent<R>>,
+) -> Result<Option<(i64, u64)>, KvError> {
+    reflection.begin_list();
+    let first = backend.range(prefix, None, 0, config.page_size).await?;
+    let revision = first.header.revision;
+    let cluster_id = first.header.cluster_id;
+    let mut page = first;
+    loop {
+        let last = page.kvs.last().map(|kv| kv.key.clone());
+        let more = page.more;
+        for kv in page.kvs {
+            reflection.listed(kv, stats, out);
+        }
+        if !send_all(tx, out).await {
+            return Ok(None);
+        }
+        match (more, last) {
+            (true, Some(last)) => {
+                page = backend
+                    .range(prefix, Some(&last), revision, config.page_size)
+                    .await?;
+            }
+            _ => break,
+        }
+    }
+    reflection.finish_list(revision, out);
+    stats.lists.fetch_add(1, Ordering::Relaxed);
+    if !send_all(tx, out).await {
+        return Ok(None);
+    }
+    tracing::debug!(revision, entries = reflection.len(), "listed");
+    Ok(Some((revision, cluster_id)))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn watch<R: Resource, B: Backend>(
+    backend: &B,
+    prefix: &str,
+    revision: i64,
+    cluster_id: u64,
+    reflection: &mut Reflection<R>,
+    stats: &WatchStats,
+    tx: &mpsc::Sender<WatchEvent<R>>,
+    out: &mut Vec<WatchEvent<R>>,
+    backoff: &mut Backoff,
+) -> End {
+    let mut stream = match backend.watch(prefix, revision + 1).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start watch");
+            return End::Lost;
+        }
+    };
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                None => {
+                    tracing::info!("watch stream ended; relisting");
+                    return End::Lost;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "watch failed; relisting");
+                    return End::Lost;
+                }
+                Some(Ok(WatchMessage::Compacted { compact_revision })) => {
+                    tracing::info!(compact_revision, "watch compacted; relisting");
+                    return End::Relist;
+                }
+                Some(Ok(WatchMessage::Events { header, events })) => {
+                    if header.cluster_id != 0 && header.cluster_id != cluster_id {
+                        tracing::warn!(listed = format_args!("{cluster_id:x}"), now = format_args!("{:x}", header.cluster_id), "etcd cluster id changed; relisting");
+                        return End::Relist;
+                    }
+                    // The watch works: the next failure starts from a short delay again.
+                    backoff.reset();
+                    for ev in events {
+                        reflection.apply(ev, stats, out);
+                    }
+                    if !send_all(tx, out).await {
+                        return End::Closed;
+                    }
+                }
+            },
+            _ = tx.closed() => return End::Closed,
+        }
+    }
+}

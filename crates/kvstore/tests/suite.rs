@@ -1,0 +1,470 @@
+//! The kvstore suite: every case runs against the in-memory store (`memory::`) and against a
+//! real etcd (`etcd::`), through the same generic test bodies.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use meshd_kvstore::{
+    wait_for_canaries, watch_cluster, Backend, Publisher, PublisherConfig, WatchConfig,
+};
+use meshd_state::{IpcacheEntry, SyncCanary, SyncCanaryKey};
+
+fn small_pages() -> WatchConfig {
+    WatchConfig {
+        page_size: 1000,
+        ..WatchConfig::default()
+    }
+}
+
+fn publisher_config(ttl_secs: u64) -> PublisherConfig {
+    PublisherConfig {
+        ttl: Duration::from_secs(ttl_secs),
+        ..PublisherConfig::default()
+    }
+}
+
+async fn publish_watch_round_trip<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let publisher = Publisher::start(f.writer(), c1(), publisher_config(10))
+        .await
+        .unwrap();
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "initial sync of an empty prefix", |m| m.synced == 1)
+        .await;
+    assert!(m.state.is_empty());
+
+    let records: Vec<_> = (1..=3).map(|n| ip(n, 1)).collect();
+    for (k, v) in &records {
+        publisher.publish(k, v).await.unwrap();
+    }
+    m.until(&mut w, "3 records", |m| m.state.len() == 3).await;
+    assert_eq!(m.state[&records[0].0.to_string()], records[0].1);
+
+    let (k2, v2) = ip(2, 7);
+    publisher.publish(&k2, &v2).await.unwrap();
+    publisher
+        .delete::<IpcacheEntry>(&records[0].0)
+        .await
+        .unwrap();
+    m.until(&mut w, "update and delete", |m| {
+        m.state.len() == 2 && m.state.get(&k2.to_string()) == Some(&v2)
+    })
+    .await;
+    assert!(m.deleted(&records[0].0.to_string()));
+    assert_eq!(w.stats().malformed(), 0);
+    publisher.close().await.unwrap();
+    m.until(&mut w, "close removes everything", |m| m.state.is_empty())
+        .await;
+}
+
+async fn lease_expiry_removes_dead_publisher_keys<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let alive = Publisher::start(f.writer(), c1(), publisher_config(10))
+        .await
+        .unwrap();
+    let (ka, va) = ip(100, 1);
+    alive.publish(&ka, &va).await.unwrap();
+    // etcd raises TTLs below its minimum (about 2 s for default timings) to that minimum.
+    let dying = Publisher::start(f.writer(), c1(), publisher_config(2))
+        .await
+        .unwrap();
+    for n in 1..=5 {
+        let (k, v) = ip(n, 1);
+        dying.publish(&k, &v).await.unwrap();
+    }
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "6 records", |m| m.state.len() == 6).await;
+
+    // A crash: no revoke, the keep-alive just stops.
+    drop(dying);
+    m.until(&mut w, "the dead publisher's records to expire", |m| {
+        m.state.len() == 1
+    })
+    .await;
+    assert_eq!(
+        m.keys(),
+        vec![ka.to_string()],
+        "the live publisher's record stays"
+    );
+}
+
+async fn restart_resumes_and_misses_nothing<F: Fixture>() {
+    let Some(mut f) = F::new().await else { return };
+    let writer = f.writer();
+    let recs: Vec<_> = (1..=3).map(|n| ip(n, 1)).collect();
+    for (k, v) in &recs {
+        put(&writer, k, v).await;
+    }
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "initial list", |m| m.synced == 1).await;
+    assert_eq!(m.state.len(), 3);
+    // Seeing a put proves the watch is established, so the restart below interrupts it.
+    let (k3, v3) = ip(3, 2);
+    put(&writer, &k3, &v3).await;
+    m.until(&mut w, "a put through the watch", |m| {
+        m.state.get(&k3.to_string()) == Some(&v3)
+    })
+    .await;
+
+    f.restart().await;
+    let (k4, v4) = ip(4, 1);
+    put(&writer, &k4, &v4).await;
+    delete(&writer, &recs[0].0.to_string()).await;
+    let (k2, v2) = ip(2, 9);
+    put(&writer, &k2, &v2).await;
+    m.until(&mut w, "changes after the restart", |m| {
+        m.state.len() == 3
+            && m.state.contains_key(&k4.to_string())
+            && m.state.get(&k2.to_string()) == Some(&v2)
+            && !m.state.contains_key(&recs[0].0.to_string())
+    })
+    .await;
+    assert!(
+        w.stats().lists() >= 2,
+        "a restart drops the watch, so the watcher relists"
+    );
+}
+
+async fn compaction_while_disconnected_relists_with_the_right_deletes<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let writer = f.writer();
+    let recs: Vec<_> = (1..=4).map(|n| ip(n, 1)).collect();
+    for (k, v) in &recs {
+        put(&writer, k, v).await;
+    }
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "initial list", |m| m.synced == 1).await;
+
+    f.cut();
+    delete(&writer, &recs[0].0.to_string()).await;
+    delete(&writer, &recs[2].0.to_string()).await;
+    for id in 2..6 {
+        let (k, v) = ip(2, id);
+        put(&writer, &k, &v).await;
+    }
+    let (k5, v5) = ip(5, 1);
+    put(&writer, &k5, &v5).await;
+    f.compact_now().await;
+    f.heal();
+
+    let expected = keys_of(&[recs[1].0.clone(), recs[3].0.clone(), k5.clone()]);
+    m.until(&mut w, "state after the relist", |m| {
+        m.synced >= 2 && m.keys() == expected
+    })
+    .await;
+    assert_eq!(
+        m.state[&recs[1].0.to_string()],
+        ip(2, 5).1,
+        "latest value wins"
+    );
+    assert!(m.deleted(&recs[0].0.to_string()));
+    assert!(m.deleted(&recs[2].0.to_string()));
+}
+
+async fn compaction_between_list_and_watch_relists<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let writer = f.writer();
+    let recs: Vec<_> = (1..=3).map(|n| ip(n, 1)).collect();
+    for (k, v) in &recs {
+        put(&writer, k, v).await;
+    }
+    // After the first list, before its watch starts: a delete, a put, and a compaction past
+    // them, so the watch from list revision + 1 is refused as compacted.
+    let hook_writer = writer.clone();
+    let deleted = recs[0].0.to_string();
+    let (k9, v9) = ip(9, 1);
+    let (hk, hv) = (k9.clone(), v9.clone());
+    let compact = Arc::new(tokio::sync::Notify::new());
+    let compact_done = Arc::new(tokio::sync::Notify::new());
+    let (c, d) = (compact.clone(), compact_done.clone());
+    let hook = Box::pin(async move {
+        delete(&hook_writer, &deleted).await;
+        put(&hook_writer, &hk, &hv).await;
+        c.notify_one();
+        d.notified().await;
+    });
+    let reader = BeforeFirstWatch {
+        inner: f.reader(),
+        hook: Arc::new(Mutex::new(Some(hook))),
+    };
+    let mut w = watch_cluster::<IpcacheEntry, _>(reader, &c1(), WatchConfig::default());
+    compact.notified().await;
+    f.compact_now().await;
+    compact_done.notify_one();
+
+    let mut m = Model::default();
+    let expected = keys_of(&[recs[1].0.clone(), recs[2].0.clone(), k9.clone()]);
+    m.until(&mut w, "relist after compaction", |m| {
+        m.synced >= 2 && m.keys() == expected
+    })
+    .await;
+    assert!(m.deleted(&recs[0].0.to_string()));
+    assert!(w.stats().lists() >= 2);
+}
+
+async fn delete_during_disconnect_arrives_after_reconnect<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let writer = f.writer();
+    let (k1, v1) = ip(1, 1);
+    let (k2, v2) = ip(2, 1);
+    put(&writer, &k1, &v1).await;
+    put(&writer, &k2, &v2).await;
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "initial list", |m| {
+        m.synced == 1 && m.state.len() == 2
+    })
+    .await;
+
+    f.cut();
+    delete(&writer, &k1.to_string()).await;
+    // Give the watcher time to notice the cut and fail a few reconnects (not asserted).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.heal();
+    m.until(&mut w, "the delete", |m| m.deleted(&k1.to_string()))
+        .await;
+    assert_eq!(m.keys(), vec![k2.to_string()]);
+}
+
+async fn malformed_values_are_skipped_and_counted<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let writer = f.writer();
+    let (k1, v1) = ip(1, 1);
+    put(&writer, &k1, &v1).await;
+    put_raw(
+        &writer,
+        "meshd/state/ip/v1/c1/10.0.0.2",
+        b"{not json".to_vec(),
+    )
+    .await;
+    put_raw(
+        &writer,
+        "meshd/state/ip/v1/c1/10.0.0.3",
+        br#"{"prefix":"10.0.0.3/32","identity":"web","host_ip":"192.168.0.1"}"#.to_vec(),
+    )
+    .await;
+    put_raw(
+        &writer,
+        "meshd/state/ip/v1/c1/not-an-address",
+        b"{}".to_vec(),
+    )
+    .await;
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "initial list", |m| m.synced == 1).await;
+    assert_eq!(m.keys(), vec![k1.to_string()]);
+    assert_eq!(w.stats().malformed(), 3);
+
+    // While watching: a bad value for a new key, then good ones; the watch goes on.
+    put_raw(&writer, "meshd/state/ip/v1/c1/10.0.0.4", b"[1,2]".to_vec()).await;
+    let (k5, v5) = ip(5, 1);
+    put(&writer, &k5, &v5).await;
+    m.until(&mut w, "the good record after a bad one", |m| {
+        m.state.len() == 2
+    })
+    .await;
+    assert!(w.stats().malformed() >= 4);
+    // A malformed update of a held key removes just that key.
+    put_raw(&writer, &k1.to_string(), b"null".to_vec()).await;
+    m.until(&mut w, "the key with a malformed update to go", |m| {
+        m.keys() == vec![k5.to_string()]
+    })
+    .await;
+}
+
+async fn ten_thousand_keys_listed_and_watched<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let writer = f.writer();
+    const N: u32 = 10_000;
+    write_many(&writer, 0).await;
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), small_pages());
+    let mut m = Model::default();
+    m.until(&mut w, "10k listed", |m| m.synced == 1).await;
+    assert_eq!(m.state.len(), N as usize);
+    assert_eq!(w.stats().lists(), 1);
+
+    write_many(&writer, 1).await;
+    m.until(&mut w, "10k updates", |m| {
+        m.state.values().all(|v| v.identity.local() == 257)
+    })
+    .await;
+    assert_eq!(m.state.len(), N as usize);
+    assert_eq!(m.state[&ip(4242, 1).0.to_string()], ip(4242, 1).1);
+}
+
+async fn write_many<B: Backend>(writer: &B, id: u16) {
+    futures::stream::iter(0..10_000u32)
+        .map(|n| {
+            let writer = writer.clone();
+            async move {
+                let (k, v) = ip(n, id);
+                put(&writer, &k, &v).await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+async fn publisher_republishes_after_lease_loss<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let publisher = Publisher::start(f.writer(), c1(), publisher_config(3))
+        .await
+        .unwrap();
+    let recs: Vec<_> = (1..=3).map(|n| ip(n, 1)).collect();
+    for (k, v) in &recs {
+        publisher.publish(k, v).await.unwrap();
+    }
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "3 records", |m| m.state.len() == 3).await;
+
+    // The lease disappears behind the publisher's back (as after a long partition).
+    let lost = publisher.lease().await;
+    f.writer().revoke_lease(lost).await.unwrap();
+    m.until(&mut w, "the records to go with the lease", |m| {
+        m.state.is_empty()
+    })
+    .await;
+    m.until(&mut w, "the records to come back", |m| m.state.len() == 3)
+        .await;
+    assert_ne!(publisher.lease().await, lost);
+    assert!(
+        publisher
+            .stats()
+            .leases
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    // New publishes go under the new lease.
+    let (k4, v4) = ip(4, 1);
+    publisher.publish(&k4, &v4).await.unwrap();
+    m.until(&mut w, "a publish after the renewal", |m| {
+        m.state.len() == 4
+    })
+    .await;
+}
+
+async fn sync_canaries_are_written_and_awaited<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let publisher = Publisher::start(f.writer(), c1(), publisher_config(10))
+        .await
+        .unwrap();
+    let (k, v) = ip(1, 1);
+    publisher.publish(&k, &v).await.unwrap();
+    let reader = f.reader();
+    let waiter =
+        tokio::spawn(async move { wait_for_canaries(reader, &c1(), &["ip", "nodes"]).await });
+    publisher.mark_synced::<IpcacheEntry>().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "the nodes canary is still missing");
+    publisher
+        .mark_synced::<meshd_state::NodeRecord>()
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, waiter)
+        .await
+        .expect("canaries seen")
+        .unwrap();
+
+    let page = f
+        .reader()
+        .range("meshd/synced/c1/", None, 0, 10)
+        .await
+        .unwrap();
+    let keys: Vec<&str> = page.kvs.iter().map(|kv| kv.key.as_str()).collect();
+    assert_eq!(keys, ["meshd/synced/c1/ip", "meshd/synced/c1/nodes"]);
+    let (key, canary) =
+        meshd_state::decode::<SyncCanary>(&page.kvs[0].key, &page.kvs[0].value).unwrap();
+    assert_eq!(
+        key,
+        SyncCanaryKey {
+            cluster: c1(),
+            resource: "ip".into()
+        }
+    );
+    assert!(canary.synced_at_ms > 0);
+}
+
+macro_rules! suite {
+    ($name:ident, $fixture:ty) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn publish_watch_round_trip() {
+                super::publish_watch_round_trip::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn lease_expiry_removes_dead_publisher_keys() {
+                super::lease_expiry_removes_dead_publisher_keys::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn restart_resumes_and_misses_nothing() {
+                super::restart_resumes_and_misses_nothing::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn compaction_while_disconnected_relists_with_the_right_deletes() {
+                super::compaction_while_disconnected_relists_with_the_right_deletes::<$fixture>()
+                    .await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn compaction_between_list_and_watch_relists() {
+                super::compaction_between_list_and_watch_relists::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn delete_during_disconnect_arrives_after_reconnect() {
+                super::delete_during_disconnect_arrives_after_reconnect::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn malformed_values_are_skipped_and_counted() {
+                super::malformed_values_are_skipped_and_counted::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ten_thousand_keys_listed_and_watched() {
+                super::ten_thousand_keys_listed_and_watched::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn publisher_republishes_after_lease_loss() {
+                super::publisher_republishes_after_lease_loss::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sync_canaries_are_written_and_awaited() {
+                super::sync_canaries_are_written_and_awaited::<$fixture>().await
+            }
+        }
+    };
+}
+
+suite!(memory, MemoryFixture);
+suite!(etcd, EtcdFixture);
+
+/// Only the in-memory store can swap in a new etcd cluster under a running watcher (a new
+/// etcd data dir on the same port keeps the cluster id, which derives from member URLs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_cluster_id_relists_and_sweeps() {
+    let store = meshd_kvstore::MemoryStore::new();
+    let writer = store.new_handle();
+    let (k1, v1) = ip(1, 1);
+    put(&writer, &k1, &v1).await;
+    let mut w = watch_cluster::<IpcacheEntry, _>(store.new_handle(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "initial list", |m| m.synced == 1).await;
+
+    store.replace_cluster();
+    let (k2, v2) = ip(2, 1);
+    put(&writer, &k2, &v2).await;
+    m.until(&mut w, "the new cluster's state", |m| {
+        m.keys() == vec![k2.to_string()]
+    })
+    .await;
+    assert!(m.deleted(&k1.to_string()));
+}
