@@ -15,6 +15,8 @@ struct policy_key abi_policy_key;
 struct policy_value abi_policy_value;
 struct ct_key abi_ct_key;
 struct ct_value abi_ct_value;
+struct frag_key abi_frag_key;
+struct frag_value abi_frag_value;
 struct metrics_value abi_metrics_value;
 struct datapath_config abi_datapath_config;
 struct drop_event abi_drop_event;

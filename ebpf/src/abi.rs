@@ -24,6 +24,7 @@ pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NODES_MAX: u32 = 16_384;
 pub const POLICY_MAX: u32 = 262_144;
 pub const CT_MAX: u32 = 262_144;
+pub const FRAGS_MAX: u32 = 8192;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
 // enum meshd_identity
@@ -54,7 +55,7 @@ pub const DROP_INVALID_IDENTITY: i32 = -137;
 pub const DROP_NO_TUNNEL_KEY: i32 = -138;
 pub const DROP_NO_CONFIG: i32 = -139;
 pub const DROP_WRITE_ERROR: i32 = -140;
-pub const DROP_FRAG_NOSUPPORT: i32 = -141;
+pub const DROP_FRAG_NOT_FOUND: i32 = -141;
 
 // enum meshd_metrics_layout
 pub const REASONS: u32 = 256;
@@ -81,6 +82,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_NODES_MAX", NODES_MAX as i64),
     ("MESHD_POLICY_MAX", POLICY_MAX as i64),
     ("MESHD_CT_MAX", CT_MAX as i64),
+    ("MESHD_FRAGS_MAX", FRAGS_MAX as i64),
     ("MESHD_EVENTS_BYTES", EVENTS_BYTES as i64),
     ("MESHD_IDENTITY_HOST", IDENTITY_HOST as i64),
     ("MESHD_IDENTITY_WORLD", IDENTITY_WORLD as i64),
@@ -108,7 +110,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_DROP_NO_TUNNEL_KEY", DROP_NO_TUNNEL_KEY as i64),
     ("MESHD_DROP_NO_CONFIG", DROP_NO_CONFIG as i64),
     ("MESHD_DROP_WRITE_ERROR", DROP_WRITE_ERROR as i64),
-    ("MESHD_DROP_FRAG_NOSUPPORT", DROP_FRAG_NOSUPPORT as i64),
+    ("MESHD_DROP_FRAG_NOT_FOUND", DROP_FRAG_NOT_FOUND as i64),
     ("MESHD_REASONS", REASONS as i64),
     ("MESHD_METRICS_MAX", METRICS_MAX as i64),
     ("MESHD_IPCACHE_F_LOCAL", IPCACHE_F_LOCAL as i64),
@@ -138,7 +140,7 @@ pub fn reason_name(code: i32) -> &'static str {
         DROP_NO_TUNNEL_KEY => "no-tunnel-key",
         DROP_NO_CONFIG => "no-config",
         DROP_WRITE_ERROR => "write-error",
-        DROP_FRAG_NOSUPPORT => "fragment-unsupported",
+        DROP_FRAG_NOT_FOUND => "fragment-without-first",
         _ => "unknown-reason",
     }
 }
@@ -241,6 +243,25 @@ pub struct CtValue {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// IPv4 identification, network byte order.
+    pub id: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    /// Network byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MetricsValue {
     pub packets: u64,
     pub bytes: u64,
@@ -290,6 +311,8 @@ unsafe impl aya::Pod for PolicyKey {}
 unsafe impl aya::Pod for PolicyValue {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
+unsafe impl aya::Pod for FragKey {}
+unsafe impl aya::Pod for FragValue {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for DatapathConfig {}
 unsafe impl aya::Pod for DropEvent {}
@@ -373,6 +396,17 @@ pub fn layouts() -> Vec<Layout> {
                 pad
             }
         ),
+        layout!(
+            "frag_key",
+            FragKey {
+                saddr,
+                daddr,
+                id,
+                proto,
+                pad
+            }
+        ),
+        layout!("frag_value", FragValue { sport, dport }),
         layout!("metrics_value", MetricsValue { packets, bytes }),
         layout!(
             "datapath_config",

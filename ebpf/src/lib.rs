@@ -48,11 +48,12 @@ pub mod maps {
     pub const NODES: &str = "NODES";
     pub const POLICY: &str = "POLICY";
     pub const CT: &str = "CT";
+    pub const FRAGS: &str = "FRAGS";
     pub const METRICS: &str = "METRICS";
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
     /// Every pinned map.
-    pub const ALL: [&str; 8] = [
-        IPCACHE, ENDPOINTS, NODES, POLICY, CT, METRICS, CONFIG, EVENTS,
+    pub const ALL: [&str; 9] = [
+        IPCACHE, ENDPOINTS, NODES, POLICY, CT, FRAGS, METRICS, CONFIG, EVENTS,
     ];
 }

@@ -62,6 +62,12 @@ pub enum DatapathError {
         path: PathBuf,
         source: Box<aya::maps::MapError>,
     },
+    #[error("pinned map {map} at {path} does not fit this build: {detail} (remove it, or load with replace_incompatible_maps)")]
+    IncompatibleMap {
+        map: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
     #[error("{op} in map {map} (key {key}): {source}")]
     MapOp {
         op: &'static str,

@@ -67,6 +67,116 @@ pub struct LoadOptions {
     /// Also load the `*_probe` test-run entry points (never attached; for BPF_PROG_RUN tests
     /// and benchmarks).
     pub probes: bool,
+    /// Replace pinned maps whose layout differs from this build's (their contents are lost:
+    /// the agent must write them again) instead of failing.
+    pub replace_incompatible_maps: bool,
+}
+
+/// The shape every pinned map must have for this build's programs, from the Rust mirror of
+/// the ABI header (whose sizes a test checks against the C layout).
+struct MapShape {
+    name: &'static str,
+    key_size: usize,
+    value_size: usize,
+    max_entries: u32,
+}
+
+fn expected_maps() -> [MapShape; 9] {
+    use meshd_ebpf::{abi, maps as m};
+    use std::mem::size_of;
+    let shape = |name, key_size, value_size, max_entries| MapShape {
+        name,
+        key_size,
+        value_size,
+        max_entries,
+    };
+    [
+        shape(
+            m::IPCACHE,
+            size_of::<abi::IpcacheKey>(),
+            size_of::<abi::IpcacheValue>(),
+            abi::IPCACHE_MAX,
+        ),
+        shape(
+            m::ENDPOINTS,
+            size_of::<abi::EndpointKey>(),
+            size_of::<abi::EndpointValue>(),
+            abi::ENDPOINTS_MAX,
+        ),
+        shape(
+            m::NODES,
+            size_of::<abi::NodeKey>(),
+            size_of::<abi::NodeValue>(),
+            abi::NODES_MAX,
+        ),
+        shape(
+            m::POLICY,
+            size_of::<abi::PolicyKey>(),
+            size_of::<abi::PolicyValue>(),
+            abi::POLICY_MAX,
+        ),
+        shape(
+            m::CT,
+            size_of::<abi::CtKey>(),
+            size_of::<abi::CtValue>(),
+            abi::CT_MAX,
+        ),
+        shape(
+            m::FRAGS,
+            size_of::<abi::FragKey>(),
+            size_of::<abi::FragValue>(),
+            abi::FRAGS_MAX,
+        ),
+        shape(
+            m::METRICS,
+            4,
+            size_of::<abi::MetricsValue>(),
+            abi::METRICS_MAX,
+        ),
+        shape(m::CONFIG, 4, size_of::<abi::DatapathConfig>(), 1),
+        shape(m::EVENTS, 0, 0, abi::EVENTS_BYTES),
+    ]
+}
+
+/// aya reuses a map pinned under the same name without comparing its layout; a map left by
+/// a build with another ABI would be misread. Checks (or replaces) every pinned map first.
+fn check_pinned_maps(maps_dir: &Path, replace: bool) -> Result<()> {
+    for shape in expected_maps() {
+        let path = maps_dir.join(shape.name);
+        if !path.exists() {
+            continue;
+        }
+        let info =
+            aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::OpenMap {
+                map: shape.name,
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        let want = (shape.key_size, shape.value_size, shape.max_entries);
+        if found == want {
+            continue;
+        }
+        let detail = format!("pinned (key, value, entries) = {found:?}, this build needs {want:?}");
+        if !replace {
+            return Err(DatapathError::IncompatibleMap {
+                map: shape.name,
+                path,
+                detail,
+            });
+        }
+        warn!(map = shape.name, %detail, "replacing pinned map with an incompatible layout");
+        std::fs::remove_file(&path).map_err(|source| DatapathError::Io {
+            what: "removing incompatible pinned map",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The loaded programs of one node. Dropping it leaves everything attached and pinned.
@@ -97,6 +207,7 @@ impl Datapath {
         let pin_dir = pin_dir.as_ref().to_owned();
         let maps_dir = bpffs::create_pin_dir(&pin_dir.join("maps"))?;
         bpffs::create_pin_dir(&pin_dir.join("links"))?;
+        check_pinned_maps(&maps_dir, options.replace_incompatible_maps)?;
 
         let mut endpoint_programs = vec![programs::FROM_ENDPOINT];
         let mut overlay_programs = vec![programs::FROM_OVERLAY];

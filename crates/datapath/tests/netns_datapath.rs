@@ -44,8 +44,9 @@ fn ping_tcp_udp_across_nodes_and_on_one_node() {
     let listener = tcp_listen(a0, 7003).unwrap();
     tcp_echo(b1, &listener, a0.ip, &[7u8; 20000]).expect("bulk tcp across nodes");
 
-    udp_echo(a1, b1, 7004).expect("udp across nodes");
-    udp_echo(b0, b1, 7005).expect("udp on one node");
+    udp_echo(a1, b1, 7004, 64).expect("udp across nodes");
+    udp_echo(b0, b1, 7005, 64).expect("udp on one node");
+    udp_echo(a0, b1, 7006, 4000).expect("fragmented udp across nodes");
 
     let n0 = &topo.nodes[0].maps;
     assert!(n0.counter(Direction::Egress, abi::FWD_TUNNEL).unwrap() > 0);

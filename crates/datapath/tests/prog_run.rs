@@ -478,3 +478,63 @@ fn overlay_ingress_policy_and_replies_of_outgoing_connections() {
         TC_ACT_SHOT
     );
 }
+
+#[test]
+fn later_fragments_follow_the_verdict_of_their_first_fragment() {
+    let Some(mut dp) = setup() else { return };
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Ingress, true)
+        .unwrap();
+    dp.maps
+        .upsert_policy(
+            PolicyEntry {
+                subject: WEB,
+                peer: Some(CLIENT),
+                proto: Some(UDP),
+                dport: Some(53),
+                direction: Direction::Ingress,
+            },
+            Verdict::Allow,
+            1,
+        )
+        .unwrap();
+
+    let first = Packet::udp(A, 5000, B, 53).first_fragment(77);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &first.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+    let later = Packet::udp(A, 0, B, 0).later_fragment(77, 1448, true);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &later.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT,
+        "a later fragment of an allowed datagram passes"
+    );
+
+    // A datagram to a port the policy does not allow: its later fragments are dropped too.
+    let first = Packet::udp(A, 5000, B, 54).first_fragment(78);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &first.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_SHOT
+    );
+    let later = Packet::udp(A, 0, B, 0).later_fragment(78, 1448, true);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &later.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(counter(&dp, Direction::Ingress, abi::DROP_POLICY), 2);
+
+    // A fragment whose first one never came has no ports to judge by.
+    let orphan = Packet::udp(A, 0, B, 0).later_fragment(79, 1448, true);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &orphan.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_FRAG_NOT_FOUND), 1);
+    dp.maps.drain_drop_events();
+}

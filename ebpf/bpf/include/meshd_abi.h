@@ -29,6 +29,7 @@ enum meshd_limits {
 	MESHD_NODES_MAX = 16384,
 	MESHD_POLICY_MAX = 262144,
 	MESHD_CT_MAX = 262144,
+	MESHD_FRAGS_MAX = 8192,
 	MESHD_EVENTS_BYTES = 1 << 20,
 };
 
@@ -70,7 +71,7 @@ enum meshd_reason {
 	MESHD_DROP_NO_TUNNEL_KEY = -138,    /* overlay packet without tunnel metadata */
 	MESHD_DROP_NO_CONFIG = -139,        /* CONFIG not written yet by the agent */
 	MESHD_DROP_WRITE_ERROR = -140,      /* a helper rewriting the packet failed */
-	MESHD_DROP_FRAG_NOSUPPORT = -141,   /* non-first IPv4 fragment (no L4 header to match) */
+	MESHD_DROP_FRAG_NOT_FOUND = -141,   /* non-first IPv4 fragment whose first one was not seen */
 };
 
 enum meshd_metrics_layout {
@@ -179,6 +180,24 @@ enum meshd_ct_flags {
 #define MESHD_CT_LIFETIME_TCP_NS (6ull * 3600 * 1000000000)
 #define MESHD_CT_LIFETIME_CLOSING_NS (10ull * 1000000000)
 #define MESHD_CT_LIFETIME_OTHER_NS (60ull * 1000000000)
+
+/*
+ * FRAGS: ports of fragmented datagrams, recorded from the first fragment so that later ones
+ * (which carry no L4 header) get the same conntrack and policy treatment. Fragments arriving
+ * before their first one are dropped.
+ */
+struct frag_key {
+	__u32 saddr; /* network byte order */
+	__u32 daddr;
+	__u16 id; /* IPv4 identification, network byte order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct frag_value {
+	__u16 sport; /* network byte order, as in ct_key */
+	__u16 dport;
+};
 
 /* METRICS: per-CPU, index direction * MESHD_REASONS + abs(reason code). */
 struct metrics_value {

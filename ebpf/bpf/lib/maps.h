@@ -54,6 +54,14 @@ struct {
 } CT SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+	__uint(max_entries, MESHD_FRAGS_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} FRAGS SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, struct metrics_value);

@@ -4,9 +4,13 @@
 #define MESHD_PARSE_H
 
 #include "common.h"
+#include "maps.h"
 
 #define PARSE_IPV4 0
 #define PARSE_ARP 1
+
+#define IP_MORE_FRAGMENTS 0x2000
+#define IP_OFFSET_MASK 0x1fff
 
 /* Bytes of headers we read directly: Ethernet, IPv4 with options, and the first 8 bytes of L4
  * (enough for ports, TCP flags are at offset 13 so TCP asks for 14). */
@@ -45,9 +49,18 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt_ctx *c
 	ctx->proto = ip->protocol;
 	*l3_off = ETH_HLEN;
 
-	/* Non-first fragments carry no L4 header: nothing to match ports against. */
-	if (ip->frag_off & bpf_htons(0x1fff))
-		return MESHD_DROP_FRAG_NOSUPPORT;
+	__u16 frag_off = bpf_ntohs(ip->frag_off);
+	struct frag_key fkey = {.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id, .proto = ip->protocol};
+	if (frag_off & IP_OFFSET_MASK) {
+		/* No L4 header here: take the ports the first fragment recorded. */
+		struct frag_value *fv = bpf_map_lookup_elem(&FRAGS, &fkey);
+		if (!fv)
+			return MESHD_DROP_FRAG_NOT_FOUND;
+		ctx->sport = fv->sport;
+		ctx->dport = fv->dport;
+		return PARSE_IPV4;
+	}
+	int more_fragments = frag_off & IP_MORE_FRAGMENTS;
 
 	__u32 l4_off = ETH_HLEN + ihl;
 	__u8 proto = ip->protocol;
@@ -76,14 +89,18 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt_ctx *c
 			ctx->sport = 0;
 			ctx->dport = icmp->un.echo.id;
 		}
-		return PARSE_IPV4;
+	} else {
+		ctx->sport = *(__u16 *)l4;
+		ctx->dport = *(__u16 *)(l4 + 2);
+		if (proto == IPPROTO_TCP) {
+			if ((void *)(l4 + 14) > data_end)
+				return MESHD_DROP_INVALID_PACKET;
+			ctx->tcp_flags = l4[13] & (TCP_FLAG_FIN | TCP_FLAG_SYN | TCP_FLAG_RST);
+		}
 	}
-	ctx->sport = *(__u16 *)l4;
-	ctx->dport = *(__u16 *)(l4 + 2);
-	if (proto == IPPROTO_TCP) {
-		if ((void *)(l4 + 14) > data_end)
-			return MESHD_DROP_INVALID_PACKET;
-		ctx->tcp_flags = l4[13] & (TCP_FLAG_FIN | TCP_FLAG_SYN | TCP_FLAG_RST);
+	if (more_fragments) {
+		struct frag_value fv = {.sport = ctx->sport, .dport = ctx->dport};
+		bpf_map_update_elem(&FRAGS, &fkey, &fv, BPF_ANY);
 	}
 	return PARSE_IPV4;
 }

@@ -38,8 +38,14 @@ impl TestDatapath {
             "meshd-test",
         )
         .expect("scratch pin dir");
-        let datapath = Datapath::load_with(pin_dir.path(), LoadOptions { probes: true })
-            .expect("load datapath");
+        let datapath = Datapath::load_with(
+            pin_dir.path(),
+            LoadOptions {
+                probes: true,
+                ..LoadOptions::default()
+            },
+        )
+        .expect("load datapath");
         let maps = DatapathMaps::open(pin_dir.path()).expect("open maps");
         TestDatapath {
             datapath,
@@ -106,6 +112,11 @@ pub struct Packet {
     pub icmp_code: u8,
     /// L4 payload (for ICMP errors: the embedded packet).
     pub payload: Vec<u8>,
+    /// IPv4 identification and the flags/fragment-offset word (0x4000 = DF).
+    pub ip_id: u16,
+    pub frag_off: u16,
+    /// Only `payload` after the IP header (a non-first fragment has no L4 header).
+    pub no_l4_header: bool,
 }
 
 impl Packet {
@@ -122,6 +133,28 @@ impl Packet {
             icmp_type: 0,
             icmp_code: 0,
             payload: b"hello".to_vec(),
+            ip_id: 1,
+            frag_off: 0x4000,
+            no_l4_header: false,
+        }
+    }
+
+    /// This packet as the first fragment of datagram `id` (more fragments follow).
+    pub fn first_fragment(self, id: u16) -> Packet {
+        Packet {
+            ip_id: id,
+            frag_off: 0x2000,
+            ..self
+        }
+    }
+
+    /// A later fragment of datagram `id` at byte offset `offset` (a multiple of 8).
+    pub fn later_fragment(self, id: u16, offset: u16, last: bool) -> Packet {
+        Packet {
+            ip_id: id,
+            frag_off: (offset / 8) | if last { 0 } else { 0x2000 },
+            no_l4_header: true,
+            ..self
         }
     }
 
@@ -157,6 +190,9 @@ impl Packet {
 
     fn l4_bytes(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
+        if self.no_l4_header {
+            return self.payload.clone();
+        }
         match self.proto {
             TCP => {
                 l4.extend_from_slice(&self.sport.to_be_bytes());
@@ -197,7 +233,8 @@ impl Packet {
         let total = (20 + l4.len()) as u16;
         let mut ip = vec![0x45, 0];
         ip.extend_from_slice(&total.to_be_bytes());
-        ip.extend_from_slice(&[0, 1, 0x40, 0]); // id 1, DF
+        ip.extend_from_slice(&self.ip_id.to_be_bytes());
+        ip.extend_from_slice(&self.frag_off.to_be_bytes());
         ip.push(64);
         ip.push(self.proto);
         ip.extend_from_slice(&[0, 0]);

@@ -271,16 +271,23 @@ pub fn tcp_echo(
     Ok(())
 }
 
-/// A UDP datagram from `from` to `to`'s socket and one back.
-pub fn udp_echo(from: &TestEndpoint, to: &TestEndpoint, port: u16) -> anyhow::Result<()> {
+/// A UDP datagram of `size` bytes from `from` to `to`'s socket and back (sizes above the MTU
+/// are fragmented by the endpoints' stacks).
+pub fn udp_echo(
+    from: &TestEndpoint,
+    to: &TestEndpoint,
+    port: u16,
+    size: usize,
+) -> anyhow::Result<()> {
+    let msg: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let to_ip = to.ip;
     let server = in_ep(to, move || Ok(UdpSocket::bind((to_ip, port))?))?;
     let client = in_ep(from, || Ok(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?))?;
     server.set_read_timeout(Some(Duration::from_millis(500)))?;
     client.set_read_timeout(Some(Duration::from_millis(500)))?;
     for _ in 0..10 {
-        client.send_to(b"meshd-udp", (to_ip, port))?;
-        let mut buf = [0u8; 64];
+        client.send_to(&msg, (to_ip, port))?;
+        let mut buf = vec![0u8; 65536];
         let Ok((n, peer)) = server.recv_from(&mut buf) else {
             continue;
         };
@@ -291,7 +298,7 @@ pub fn udp_echo(from: &TestEndpoint, to: &TestEndpoint, port: u16) -> anyhow::Re
         );
         server.send_to(&buf[..n], peer)?;
         if let Ok((m, _)) = client.recv_from(&mut buf) {
-            anyhow::ensure!(&buf[..m] == b"meshd-udp", "udp echo mismatch");
+            anyhow::ensure!(buf[..m] == msg[..], "udp echo mismatch");
             return Ok(());
         }
     }
