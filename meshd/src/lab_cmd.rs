@@ -21,7 +21,7 @@ pub enum LabCommand {
     /// Describe the running lab (clusters, nodes, endpoints, services).
     Status(StatusArgs),
     /// Run the connectivity check against the running lab and print a table of checks.
-    Check(StatusArgs),
+    Check(CheckArgs),
     /// Run a command inside an endpoint's network namespace: `meshd lab exec c1/client-c1-n1 -- ping 10.2.1.2`.
     Exec(ExecArgs),
 }
@@ -59,6 +59,15 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+    /// Check the docker-compose lab (compose project PROJECT) instead of the namespace lab.
+    #[arg(long, value_name = "PROJECT", num_args = 0..=1, default_missing_value = "meshd-lab")]
+    docker: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     #[command(flatten)]
     run: RunDirArgs,
@@ -82,8 +91,17 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         }
         LabCommand::Status(args) => status(args),
         LabCommand::Check(args) => {
-            let state = load(&args.run.run_dir)?;
-            check(&state, args.output.format)
+            let format = args.status.output.format;
+            match args.docker {
+                Some(project) => {
+                    let (state, docker) = docker_lab(&project)?;
+                    check(&state, &docker, format)
+                }
+                None => {
+                    let state = load(&args.status.run.run_dir)?;
+                    check(&state, &Clis::Local, format)
+                }
+            }
         }
         LabCommand::Exec(args) => exec(args),
     }
@@ -140,11 +158,93 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     if args.no_check {
         return Ok(ExitCode::SUCCESS);
     }
-    check(&state, args.output.format)
+    check(&state, &Clis::Local, args.output.format)
 }
 
-fn check(state: &LabState, format: Format) -> anyhow::Result<ExitCode> {
-    let services = services(state)?;
+/// Where the `meshd` CLI runs against a cluster's apiserver: here with the lab's CLI config,
+/// or inside a node container of the docker lab (which has the config in MESHD_CONFIG).
+enum Clis {
+    Local,
+    /// Cluster name -> a node container of that cluster.
+    Docker(std::collections::BTreeMap<String, String>),
+}
+
+/// The docker lab as the check sees it: its node containers' endpoints.
+fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "--filter"])
+        .arg(format!("label=com.docker.compose.project={project}"))
+        .args([
+            "--format",
+            "{{.Names}} {{.Label \"com.docker.compose.service\"}}",
+        ])
+        .output()
+        .context("running docker ps")?;
+    if !out.status.success() {
+        bail!(
+            "docker ps failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut state = LabState::default();
+    let mut nodes = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((container, service)) = line.split_once(' ') else {
+            continue;
+        };
+        // Node services are named CLUSTER-NODE (c1-n1); etcd and apiservers are not nodes.
+        let Some((cluster, node)) = service.split_once('-') else {
+            continue;
+        };
+        if !node.starts_with('n') || !node[1..].chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        nodes
+            .entry(cluster.to_owned())
+            .or_insert_with(|| container.to_owned());
+        let listed = std::process::Command::new("docker")
+            .args(["exec", container, "meshd", "endpoint", "list", "-o", "json"])
+            .output()
+            .with_context(|| format!("listing endpoints in {container}"))?;
+        if !listed.status.success() {
+            bail!(
+                "{container}: meshd endpoint list failed: {}",
+                String::from_utf8_lossy(&listed.stderr).trim()
+            );
+        }
+        let eps: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout)
+            .with_context(|| format!("{container}: endpoint list is not JSON"))?;
+        for ep in eps {
+            state.endpoints.push(meshd_lab::state::LabEndpoint {
+                name: ep["name"].as_str().unwrap_or_default().to_owned(),
+                namespace: ep["namespace"].as_str().unwrap_or_default().to_owned(),
+                cluster: cluster.to_owned(),
+                node: node.to_owned(),
+                netns: ep["netns"].as_str().unwrap_or_default().to_owned(),
+                ip: ep["ip"].as_str().unwrap_or_default().to_owned(),
+                labels: serde_json::from_value(ep["labels"].clone()).unwrap_or_default(),
+                container: Some(container.to_owned()),
+            });
+        }
+    }
+    if nodes.is_empty() {
+        bail!("no node containers of compose project {project} are running (make lab-docker)");
+    }
+    for cluster in nodes.keys() {
+        state.clusters.push(meshd_lab::state::LabCluster {
+            name: cluster.clone(),
+            id: 0,
+            context: format!("lab-{cluster}"),
+            etcd: meshd_lab::state::LabEtcd::default(),
+            apiserver: String::new(),
+            nodes: Vec::new(),
+        });
+    }
+    Ok((state, Clis::Docker(nodes)))
+}
+
+fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCode> {
+    let services = services(state, clis)?;
     let targets: Vec<ServiceTarget> = services
         .iter()
         .filter_map(|s| {
@@ -158,7 +258,7 @@ fn check(state: &LabState, format: Format) -> anyhow::Result<ExitCode> {
             })
         })
         .collect();
-    let policy = policies(state)?;
+    let policy = policies(state, clis)?;
     let exe = bin_dir()?.join("meshd");
     let report = meshd_lab::run_check(&exe, state, &targets, policy)?;
     match format {
@@ -172,13 +272,33 @@ fn check(state: &LabState, format: Format) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Runs this binary's own CLI against a lab cluster's apiserver.
-fn cli(state: &LabState, context: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = std::process::Command::new(bin_dir()?.join("meshd"))
+/// Runs the `meshd` CLI against a lab cluster's apiserver.
+fn cli(
+    state: &LabState,
+    clis: &Clis,
+    cluster: &str,
+    context: &str,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = match clis {
+        Clis::Local => {
+            let mut c = std::process::Command::new(bin_dir()?.join("meshd"));
+            c.env("MESHD_CONFIG", &state.cli_config);
+            c
+        }
+        Clis::Docker(nodes) => {
+            let container = nodes
+                .get(cluster)
+                .with_context(|| format!("no node container of cluster {cluster}"))?;
+            let mut c = std::process::Command::new("docker");
+            c.args(["exec", container.as_str(), "meshd"]);
+            c
+        }
+    };
+    let out = cmd
         .arg("--context")
         .arg(context)
         .args(args)
-        .env("MESHD_CONFIG", &state.cli_config)
         .output()
         .context("running meshd")?;
     if !out.status.success() {
@@ -193,10 +313,16 @@ fn cli(state: &LabState, context: &str, args: &[&str]) -> anyhow::Result<serde_j
 }
 
 /// Every service every cluster knows, flattened for status and the check.
-fn services(state: &LabState) -> anyhow::Result<Vec<serde_json::Value>> {
+fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut all = Vec::new();
     for c in &state.clusters {
-        let listed = cli(state, &c.context, &["get", "services", "-o", "json"])?;
+        let listed = cli(
+            state,
+            clis,
+            &c.name,
+            &c.context,
+            &["get", "services", "-o", "json"],
+        )?;
         for s in listed.as_array().into_iter().flatten() {
             let mut s = s.clone();
             s["cluster"] = c.name.clone().into();
@@ -207,9 +333,15 @@ fn services(state: &LabState) -> anyhow::Result<Vec<serde_json::Value>> {
 }
 
 /// True when some cluster has a policy (the lab's selects the echo endpoints).
-fn policies(state: &LabState) -> anyhow::Result<bool> {
+fn policies(state: &LabState, clis: &Clis) -> anyhow::Result<bool> {
     for c in &state.clusters {
-        let listed = cli(state, &c.context, &["get", "policies", "-o", "json"])?;
+        let listed = cli(
+            state,
+            clis,
+            &c.name,
+            &c.context,
+            &["get", "policies", "-o", "json"],
+        )?;
         if listed.as_array().is_some_and(|a| !a.is_empty()) {
             return Ok(true);
         }
@@ -219,7 +351,7 @@ fn policies(state: &LabState) -> anyhow::Result<bool> {
 
 fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let state = load(&args.run.run_dir)?;
-    let services = services(&state)?;
+    let services = services(&state, &Clis::Local)?;
     let doc = serde_json::json!({
         "run_dir": state.run_dir,
         "cli_config": state.cli_config,

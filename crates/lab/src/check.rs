@@ -91,6 +91,33 @@ enum Kind {
     },
 }
 
+/// A command run inside `ep`'s network namespace: through `nsenter` here, or inside the node
+/// container first in the docker lab.
+fn in_endpoint(ep: &LabEndpoint, program: &Path, args: &[&str]) -> Command {
+    let netns = if ep.netns.starts_with('/') {
+        PathBuf::from(&ep.netns)
+    } else {
+        netns_path(&ep.netns)
+    };
+    let (mut cmd, program) = match &ep.container {
+        // Inside the container the binaries are on PATH (/usr/local/bin).
+        Some(container) => {
+            let mut c = Command::new("docker");
+            c.args(["exec", container.as_str(), "nsenter"]);
+            (c, program.file_name().map(Path::new).unwrap_or(program))
+        }
+        None => (Command::new("nsenter"), program),
+    };
+    cmd.arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 fn request(
     meshd: &Path,
     from: &LabEndpoint,
@@ -98,26 +125,27 @@ fn request(
     count: u32,
     timeout_ms: u64,
 ) -> anyhow::Result<Child> {
-    Command::new("nsenter")
-        .arg(format!("--net={}", netns_path(&from.netns).display()))
-        .arg("--")
-        .arg(meshd)
-        .args(["workload", "request", url, "-n", &count.to_string()])
-        .args(["--timeout-ms", &timeout_ms.to_string(), "-o", "json"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let count = count.to_string();
+    let timeout = timeout_ms.to_string();
+    let args = [
+        "workload",
+        "request",
+        url,
+        "-n",
+        &count,
+        "--timeout-ms",
+        &timeout,
+        "-o",
+        "json",
+    ];
+    in_endpoint(from, meshd, &args)
         .spawn()
         .with_context(|| format!("running a request from {}", from.name))
 }
 
 fn ping(from: &LabEndpoint, to: &str) -> anyhow::Result<Child> {
-    Command::new("nsenter")
-        .arg(format!("--net={}", netns_path(&from.netns).display()))
-        .args(["--", "ping", "-c", "2", "-i", "0.2", "-W", "2", to])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let args = ["-c", "2", "-i", "0.2", "-W", "2", to];
+    in_endpoint(from, Path::new("ping"), &args)
         .spawn()
         .with_context(|| format!("running ping from {}", from.name))
 }

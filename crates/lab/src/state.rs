@@ -44,7 +44,7 @@ pub struct LabCluster {
     pub nodes: Vec<LabNode>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LabEtcd {
     pub endpoints: Vec<String>,
     /// Namespace the endpoints are reachable from (also reachable from the host namespace).
@@ -56,7 +56,7 @@ pub struct LabEtcd {
     pub admin: TlsPaths,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TlsPaths {
     pub ca: PathBuf,
     pub cert: PathBuf,
@@ -82,6 +82,10 @@ pub struct LabEndpoint {
     pub netns: String,
     pub ip: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Docker lab: the node container the endpoint lives in (commands run through
+    /// `docker exec`); `None` in the namespace lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl LabState {

@@ -564,7 +564,7 @@ fn agent_status(opts: &UpOptions, socket: &Path) -> anyhow::Result<serde_json::V
         &opts.meshd(),
         &[
             "status".into(),
-            "--api-socket".into(),
+            "--socket".into(),
             socket.display().to_string(),
             "-o".into(),
             "json".into(),
@@ -603,7 +603,7 @@ fn add_endpoints(
                 labels,
                 "--namespace".into(),
                 ep.namespace.clone(),
-                "--api-socket".into(),
+                "--socket".into(),
                 socket.display().to_string(),
                 "-o".into(),
                 "json".into(),
@@ -636,6 +636,7 @@ fn add_endpoints(
             netns: netns.clone(),
             ip,
             labels,
+            container: None,
         });
         state.save()?;
         if ep.echo {

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Entry point of a cluster's clustermesh-apiserver container.
+set -euo pipefail
+: "${CLUSTER:?}" "${CLUSTER_ID:?}" "${IP:?}" "${ETCD:?}" "${SERVICE_CIDR:?}"
+certs=/certs/$CLUSTER
+exec clustermesh-apiserver \
+  --cluster "$CLUSTER" --cluster-id "$CLUSTER_ID" \
+  --etcd-endpoints "$ETCD" --etcd-ca "$certs/ca.pem" \
+  --etcd-cert "$certs/admin.pem" --etcd-key "$certs/admin-key.pem" \
+  --listen "$IP:9443" --health-listen "$IP:9444" \
+  --tls-ca "$certs/ca.pem" --tls-cert "$certs/server.pem" --tls-key "$certs/server-key.pem" \
+  --service-cidr "$SERVICE_CIDR"

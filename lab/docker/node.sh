@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Entry point of a node container: bpffs, the meshd agent, then this node's endpoints (one
+# app=echo running the echo workload, one app=client), then it waits on the agent.
+set -euo pipefail
+: "${CLUSTER:?}" "${CLUSTER_ID:?}" "${NODE:?}" "${NODE_IP:?}" "${POD_CIDR:?}" "${ETCD:?}" "${REMOTES:=}"
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+certs=/certs/$CLUSTER
+mkdir -p /etc/meshd/clusters /var/lib/meshd /run/meshd
+# REMOTES: space-separated NAME=ENDPOINT pairs; each remote is read with its `remote` certificate.
+for r in $REMOTES; do
+  name=${r%%=*}
+  cat >"/etc/meshd/clusters/$name" <<YAML
+endpoints: [${r#*=}]
+ca: /certs/$name/ca.pem
+cert: /certs/$name/remote.pem
+key: /certs/$name/remote-key.pem
+YAML
+done
+dev=$(ip -o -4 addr show | awk -v ip="$NODE_IP" '$4 ~ "^"ip"/" {print $2; exit}')
+cat >/etc/meshd/agent.yaml <<YAML
+cluster: $CLUSTER
+cluster_id: $CLUSTER_ID
+node: $NODE
+node_ip: $NODE_IP
+pod_cidr: $POD_CIDR
+etcd:
+  endpoints: [$ETCD]
+  ca: $certs/ca.pem
+  cert: $certs/admin.pem
+  key: $certs/admin-key.pem
+remote_clusters_dir: /etc/meshd/clusters
+bpffs_dir: /sys/fs/bpf/meshd
+underlay_device: ${dev:-eth0}
+api_socket: /run/meshd/agent.sock
+state_dir: /var/lib/meshd
+YAML
+meshd agent --config /etc/meshd/agent.yaml &
+agent=$!
+for _ in $(seq 1 300); do
+  meshd status -o json >/dev/null 2>&1 && break
+  kill -0 "$agent" || exit 1
+  sleep 0.2
+done
+# Endpoints survive an agent restart (its state dir), so a restarted container re-adds nothing.
+add() { # NAME LABELS
+  if ! meshd endpoint list -o json | jq -e --arg n "$1" '.. | objects | select(.name? == $n)' >/dev/null; then
+    meshd endpoint add "$1" --labels "$2" -o json >/dev/null
+  fi
+}
+add "echo-$CLUSTER-$NODE" app=echo
+add "client-$CLUSTER-$NODE" app=client
+netns=$(meshd endpoint list -o json \
+  | jq -r --arg n "echo-$CLUSTER-$NODE" '[.. | objects | select(.name? == $n) | .netns][0]')
+nsenter --net="$netns" -- meshd workload echo --listen 0.0.0.0:8080 \
+  --cluster "$CLUSTER" --node "$NODE" --endpoint "echo-$CLUSTER-$NODE" &
+touch /tmp/ready
+echo "node.sh: $CLUSTER/$NODE ready"
+wait "$agent"
