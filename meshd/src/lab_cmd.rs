@@ -46,6 +46,13 @@ pub struct UpArgs {
     /// Do not run the connectivity check at the end.
     #[arg(long)]
     no_check: bool,
+    /// Prefix of the lab's namespaces, host link and bpffs directory (a second lab beside the
+    /// first needs another prefix, underlay and run dir).
+    #[arg(long, default_value = "mlab")]
+    prefix: String,
+    /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
+    #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
+    underlay: ipnet::Ipv4Net,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -125,8 +132,11 @@ fn load(run_dir: &std::path::Path) -> anyhow::Result<LabState> {
 }
 
 fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    if args.underlay.prefix_len() != 24 {
+        bail!("--underlay {}: the lab needs a /24", args.underlay);
+    }
     let mut opts = UpOptions::new(
-        LabSpec::two_clusters("mlab"),
+        LabSpec::two_clusters(&args.prefix, args.underlay),
         args.run.run_dir.clone(),
         bin_dir()?,
     );

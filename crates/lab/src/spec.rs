@@ -57,12 +57,16 @@ pub const SERVICE_PORT: u16 = 80;
 impl LabSpec {
     /// The default lab: clusters c1 and c2 (ids 1, 2), two nodes each, and on every node one
     /// `app=echo` endpoint (running the echo workload) and one `app=client` endpoint.
-    pub fn two_clusters(prefix: &str) -> LabSpec {
-        let clusters = (1..=2u8).map(|id| cluster(id, 2)).collect();
+    ///
+    /// `underlay` is a /24 (10.77.0.0/24 for `make lab`; tests use another one so they can run
+    /// beside a user's lab): the host gets .1, control planes .10x, nodes .<10*cluster + node>.
+    pub fn two_clusters(prefix: &str, underlay: Ipv4Net) -> LabSpec {
+        let base = underlay.network().octets();
+        let clusters = (1..=2u8).map(|id| cluster(base, id, 2)).collect();
         LabSpec {
             prefix: prefix.to_owned(),
-            underlay: "10.77.0.0/24".parse().expect("literal"),
-            host_ip: Ipv4Addr::new(10, 77, 0, 1),
+            underlay,
+            host_ip: Ipv4Addr::new(base[0], base[1], base[2], 1),
             mtu: 1500,
             tunnel_port: 8472,
             clusters,
@@ -95,15 +99,19 @@ impl LabSpec {
     }
 }
 
-/// Cluster `c<id>`: control plane at 10.77.0.<100+id>, nodes at 10.77.0.<10*id + n>, pod CIDRs
-/// 10.<id>.<n>.0/24, services from 10.96.<id>.0/24.
-fn cluster(id: u8, nodes: u8) -> ClusterSpec {
+/// The underlay of `make lab`.
+pub const DEFAULT_UNDERLAY: &str = "10.77.0.0/24";
+
+/// Cluster `c<id>`: control plane at <underlay>.<100+id>, nodes at <underlay>.<10*id + n>, pod
+/// CIDRs 10.<id>.<n>.0/24, services from 10.96.<id>.0/24.
+fn cluster(base: [u8; 4], id: u8, nodes: u8) -> ClusterSpec {
+    let at = |host: u8| Ipv4Addr::new(base[0], base[1], base[2], host);
     let name = format!("c{id}");
     ClusterSpec {
         nodes: (1..=nodes)
             .map(|n| NodeSpec {
                 name: format!("n{n}"),
-                ip: Ipv4Addr::new(10, 77, 0, 10 * id + n),
+                ip: at(10 * id + n),
                 pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, id, n, 0), 24).expect("/24"),
                 endpoints: vec![
                     EndpointSpec {
@@ -123,7 +131,7 @@ fn cluster(id: u8, nodes: u8) -> ClusterSpec {
             .collect(),
         name,
         id,
-        control_plane_ip: Ipv4Addr::new(10, 77, 0, 100 + id),
+        control_plane_ip: at(100 + id),
         etcd_port: 2379,
         apiserver_port: 9443,
         apiserver_health_port: 9444,
@@ -137,7 +145,7 @@ mod tests {
 
     #[test]
     fn default_lab_addresses_are_distinct_and_inside_the_underlay() {
-        let spec = LabSpec::two_clusters("mlab");
+        let spec = LabSpec::two_clusters("mlab", DEFAULT_UNDERLAY.parse().unwrap());
         let mut ips = vec![spec.host_ip];
         for c in &spec.clusters {
             ips.push(c.control_plane_ip);

@@ -1,0 +1,164 @@
+//! The namespace lab as a user runs it: `meshd lab up` (every check must pass), `meshd lab
+//! status -o json`, `meshd lab down`, and nothing left behind. Uses its own prefix, underlay and
+//! run dir, so it runs beside a user's `make lab`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/lab-<hash> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+fn prerequisites() -> bool {
+    let bins = bin_dir();
+    let built = bins.join("meshd").is_file() && bins.join("clustermesh-apiserver").is_file();
+    meshd_testing::require("root", meshd_testing::is_root())
+        && meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd"))
+        && meshd_testing::require(
+            "meshd and clustermesh-apiserver built next to the tests (cargo build --workspace --bins)",
+            built,
+        )
+        && meshd_testing::require(
+            "bpffs at /sys/fs/bpf",
+            meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")),
+        )
+}
+
+fn meshd(args: &[&str]) -> std::process::Output {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    Command::new(bin_dir().join("meshd"))
+        .args(args)
+        .current_dir(repo)
+        .output()
+        .expect("running meshd")
+}
+
+const PREFIX: &str = "mltest";
+
+fn leftovers(run_dir: &Path) -> Vec<String> {
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PREFIX) {
+            left.push(format!("netns {name}"));
+        }
+    }
+    if Path::new("/sys/fs/bpf").join(PREFIX).exists() {
+        left.push(format!("pins /sys/fs/bpf/{PREFIX}"));
+    }
+    if run_dir.exists() {
+        left.push(format!("run dir {}", run_dir.display()));
+    }
+    let marker = format!("MESHD_LAB_RUN_DIR={}", run_dir.display());
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(env) = std::fs::read(entry.path().join("environ")) {
+            if env.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+                left.push(format!("process {}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mounts.lines().filter(|l| l.contains(PREFIX)) {
+        left.push(format!("mount {line}"));
+    }
+    left
+}
+
+#[test]
+fn lab_up_check_status_down_twice() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("lab");
+    let run = run_dir.to_str().unwrap();
+    let up_args = [
+        "lab",
+        "up",
+        "--prefix",
+        PREFIX,
+        "--underlay",
+        "10.79.0.0/24",
+        "--run-dir",
+        run,
+    ];
+    // Twice in a row: the second `up` replaces the first lab.
+    for round in 1..=2 {
+        let up = meshd(&up_args);
+        let stdout = String::from_utf8_lossy(&up.stdout);
+        let stderr = String::from_utf8_lossy(&up.stderr);
+        if !up.status.success() {
+            let _ = meshd(&["lab", "down", "--run-dir", run]);
+            panic!("round {round}: lab up failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+        }
+        assert!(stdout.contains(" 0 failed"), "round {round}: {stdout}");
+        assert!(stdout.contains("cross-cluster"), "round {round}: {stdout}");
+    }
+
+    let status = meshd(&["lab", "status", "--run-dir", run, "-o", "json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let clusters = doc["clusters"].as_array().unwrap();
+    assert_eq!(clusters.len(), 2);
+    for c in clusters {
+        assert!(c["etcd"]["pid"].as_u64().unwrap() > 0, "{c}");
+        assert!(Path::new(c["etcd"]["remote"]["cert"].as_str().unwrap()).is_file());
+        assert_eq!(c["nodes"].as_array().unwrap().len(), 2);
+    }
+    let endpoints = doc["endpoints"].as_array().unwrap();
+    assert_eq!(endpoints.len(), 8);
+    for e in endpoints {
+        let netns = e["netns"].as_str().unwrap();
+        assert!(Path::new("/run/netns").join(netns).exists(), "{e}");
+    }
+    let services = doc["services"].as_array().unwrap();
+    assert!(
+        services
+            .iter()
+            .any(|s| s["name"] == "echo" && s["cluster"] == "c1"),
+        "{services:?}"
+    );
+
+    let exec = meshd(&[
+        "lab",
+        "exec",
+        "--run-dir",
+        run,
+        "c1/client-c1-n1",
+        "--",
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+    ]);
+    assert!(exec.status.success());
+    let client_ip = endpoints
+        .iter()
+        .find(|e| e["name"] == "client-c1-n1")
+        .unwrap()["ip"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(String::from_utf8_lossy(&exec.stdout).contains(&client_ip));
+
+    for round in 1..=2 {
+        let down = meshd(&["lab", "down", "--run-dir", run]);
+        assert!(
+            down.status.success(),
+            "down round {round}: {}",
+            String::from_utf8_lossy(&down.stderr)
+        );
+    }
+    let left = leftovers(&run_dir);
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
