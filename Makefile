@@ -19,7 +19,10 @@ lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Tests that need root, etcd, clang or bpffs fail (never skip) when CI=true and one is missing.
+# The end-to-end tests run the built binaries (meshd, clustermesh-apiserver) the way a user
+# does, so they are built first.
 test: deps lint
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 bench: deps
