@@ -322,6 +322,15 @@ impl DatapathMaps {
 
     /// Inserts or replaces the local endpoint with address `ip`.
     pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, endpoint: LocalEndpoint) -> Result<()> {
+        if endpoint.identity > abi::IDENTITY_MAX {
+            return Err(DatapathError::Invalid {
+                what: "identity",
+                detail: format!(
+                    "{} of endpoint {ip} does not fit a 24-bit VNI",
+                    endpoint.identity
+                ),
+            });
+        }
         let key = abi::EndpointKey {
             addr: abi::ip_to_be(ip),
         };

@@ -168,7 +168,8 @@ pub struct EndpointLink {
 pub const ENDPOINT_IFNAME: &str = "eth0";
 
 /// Creates the endpoint's veth pair and configures its namespace (address, MTU, routes, static
-/// gateway neighbour). Fails if the host side interface already exists.
+/// gateway neighbour), plus a /32 route to it in the node's namespace. Fails if the host side
+/// interface already exists.
 pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
     if spec.host_ifname.is_empty() || spec.host_ifname.len() > 15 {
         return Err(PlumbingError::Invalid {
@@ -255,6 +256,14 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
             "nud",
             "permanent",
         ],
+    )?;
+    // The node's own stack reaches the endpoint through its veth (replies to traffic that
+    // from_endpoint handed to the stack, health checks). ip_forward stays as it is: nothing
+    // else is routed this way.
+    ip(
+        node,
+        host,
+        &["route", "replace", &addr, "dev", host, "scope", "link"],
     )?;
     let ep_info = link_info(ep, ENDPOINT_IFNAME)?;
     Ok(EndpointLink {

@@ -14,7 +14,7 @@ use std::{
 
 use common::topology::*;
 use common::{can_run, TCP};
-use meshd_datapath::{Direction, PolicyEntry, Verdict};
+use meshd_datapath::{Direction, IpcacheEntry, PolicyEntry, Verdict};
 use meshd_ebpf::abi;
 
 #[test]
@@ -22,7 +22,20 @@ fn ping_tcp_udp_across_nodes_and_on_one_node() {
     if !can_run() {
         return;
     }
-    let topo = Topology::new("dpc", &[1, 2], 2).expect("topology");
+    let mut topo = Topology::new("dpc", &[1, 2], 2).expect("topology");
+    // The node itself: an ipcache entry without tunnel hands packets to the node's stack.
+    let node0_ip = topo.nodes[0].node_ip;
+    topo.nodes[0]
+        .maps
+        .upsert_ipcache(
+            ipnet::Ipv4Net::new(node0_ip, 32).unwrap(),
+            IpcacheEntry {
+                identity: abi::IDENTITY_HOST,
+                tunnel_endpoint: None,
+                flags: 0,
+            },
+        )
+        .unwrap();
     let (a0, a1) = (topo.ep(0, 0), topo.ep(0, 1));
     let (b0, b1) = (topo.ep(1, 0), topo.ep(1, 1));
 
@@ -44,11 +57,14 @@ fn ping_tcp_udp_across_nodes_and_on_one_node() {
     let listener = tcp_listen(a0, 7003).unwrap();
     tcp_echo(b1, &listener, a0.ip, &[7u8; 20000]).expect("bulk tcp across nodes");
 
+    ping(a0, node0_ip, 10).expect("ping the endpoint's own node (via the stack)");
+
     udp_echo(a1, b1, 7004, 64).expect("udp across nodes");
     udp_echo(b0, b1, 7005, 64).expect("udp on one node");
     udp_echo(a0, b1, 7006, 4000).expect("fragmented udp across nodes");
 
     let n0 = &topo.nodes[0].maps;
+    assert!(n0.counter(Direction::Egress, abi::FWD_STACK).unwrap() > 0);
     assert!(n0.counter(Direction::Egress, abi::FWD_TUNNEL).unwrap() > 0);
     assert!(n0.counter(Direction::Egress, abi::FWD_LOCAL).unwrap() > 0);
     assert!(n0.counter(Direction::Ingress, abi::FWD_LOCAL).unwrap() > 0);
