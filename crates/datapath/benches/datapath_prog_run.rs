@@ -146,6 +146,9 @@ fn main() -> anyhow::Result<()> {
     let tunnel_before = dp
         .maps
         .counter(Direction::Egress, meshd_ebpf::abi::FWD_TUNNEL)?;
+    let delivered_before = dp
+        .maps
+        .counter(Direction::Ingress, meshd_ebpf::abi::FWD_LOCAL)?;
 
     // For context: the receive side, an established connection's packet from the overlay
     // (the probe entry point takes the tunnel key from skb->cb instead of the skb's metadata).
