@@ -21,7 +21,7 @@ use crate::tls::PeerIdentity;
 use crate::vip::ServiceCidr;
 
 /// Attempts at planning against a fresh snapshot when other writers keep winning.
-const ATTEMPTS: usize = 8;
+const ATTEMPTS: usize = 16;
 
 #[derive(Clone)]
 pub struct ApiService {
@@ -77,11 +77,16 @@ impl ApiService {
         &self,
         kinds: &BTreeSet<Kind>,
         dry_run: bool,
-        plan: impl Fn(&Snapshot) -> Result<Plan, ApiserverError>,
+        plan: impl Fn(&Snapshot, usize) -> Result<Plan, ApiserverError>,
     ) -> Result<(Plan, i64), ApiserverError> {
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                // Jitter, so writers that collided do not collide again in lockstep.
+                let pause = rand::random::<u64>() % (10 * attempt as u64 + 10);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
             let snapshot = read_snapshot(&self.store, kinds).await?;
-            let plan = plan(&snapshot)?;
+            let plan = plan(&snapshot, attempt)?;
             if dry_run {
                 return Ok((plan, 0));
             }
@@ -182,8 +187,10 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
         // plans nothing that needs them, and reading them keeps one code path.
         let kinds: BTreeSet<Kind> = Kind::ALL.into_iter().collect();
         let (plan, revision) = self
-            .run(&kinds, req.dry_run, |snapshot| {
-                Ok(plan_apply(&docs, snapshot, &self.cidr)?)
+            .run(&kinds, req.dry_run, |snapshot, attempt| {
+                // Lowest-first unless a concurrent apply took our pick: then anywhere.
+                let offset = if attempt == 0 { 0 } else { rand::random() };
+                Ok(plan_apply(&docs, snapshot, &self.cidr, offset)?)
             })
             .await?;
         for o in &plan.outcomes {
@@ -203,7 +210,7 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
         let refs = parse_refs(&request.into_inner().objects).map_err(ApiserverError::from)?;
         let kinds = crate::plan::kinds_of(&refs);
         let (plan, revision) = self
-            .run(&kinds, false, |snapshot| {
+            .run(&kinds, false, |snapshot, _| {
                 Ok(plan_delete(&refs, snapshot, &self.cluster))
             })
             .await?;

@@ -96,12 +96,13 @@ fn err(d: &SourcedDocument, field: &str, reason: String) -> DocumentError {
 
 /// Plans storing every document. Services get a VIP: the one they already have, the one they
 /// ask for (`spec.clusterIP`, which must be free and inside the service CIDR), or the lowest
-/// free one. A VIP is immutable once given, as in Kubernetes: clients and remote clusters may
-/// hold it.
+/// free one (scanning from `offset`, 0 for lowest-first). A VIP is immutable once given, as in
+/// Kubernetes: clients and remote clusters may hold it.
 pub fn plan_apply(
     docs: &[SourcedDocument],
     snapshot: &Snapshot,
     cidr: &ServiceCidr,
+    offset: u128,
 ) -> Result<Plan, ManifestErrors> {
     meshd_manifest::check_unique(docs)?;
     let mut plan = Plan::default();
@@ -169,7 +170,7 @@ pub fn plan_apply(
                         }
                         want
                     }
-                    (None, None) => match cidr.allocate(&taken) {
+                    (None, None) => match cidr.allocate_from(&taken, offset) {
                         Some(ip) => {
                             taken.insert(ip);
                             plan.guards.push(Guard::Absent(vip_key(ip)));
@@ -335,13 +336,13 @@ mod tests {
     fn vips_are_allocated_once_and_kept() {
         let mut snap = Snapshot::default();
         let batch = docs(&(svc("a", "") + &svc("b", "") + &svc("c", ", clusterIP: 10.96.0.1")));
-        let err = plan_apply(&batch, &snap, &cidr()).unwrap_err();
+        let err = plan_apply(&batch, &snap, &cidr(), 0).unwrap_err();
         // c asks for the address a was just given in the same batch.
         assert_eq!(err.0.len(), 1, "{err}");
         assert_eq!(err.0[0].field, "spec.clusterIP");
 
         let batch = docs(&(svc("c", ", clusterIP: 10.96.0.1") + &svc("a", "") + &svc("b", "")));
-        let plan = plan_apply(&batch, &snap, &cidr()).unwrap();
+        let plan = plan_apply(&batch, &snap, &cidr(), 0).unwrap();
         let vips: Vec<String> = plan
             .outcomes
             .iter()
@@ -352,17 +353,30 @@ mod tests {
         commit(&mut snap, &plan);
 
         // Re-applying without clusterIP keeps the VIPs and changes nothing.
-        let again = plan_apply(&docs(&svc("a", "")), &snap, &cidr()).unwrap();
+        let again = plan_apply(&docs(&svc("a", "")), &snap, &cidr(), 0).unwrap();
         assert_eq!(again.outcomes[0].vip.unwrap().to_string(), "10.96.0.2");
         assert_eq!(again.outcomes[0].action, Action::Unchanged);
         assert!(again.writes.is_empty());
 
         // Changing the VIP is refused; taking another service's VIP is refused.
-        let e = plan_apply(&docs(&svc("a", ", clusterIP: 10.96.0.9")), &snap, &cidr()).unwrap_err();
+        let e = plan_apply(
+            &docs(&svc("a", ", clusterIP: 10.96.0.9")),
+            &snap,
+            &cidr(),
+            0,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("immutable"), "{e}");
-        let e = plan_apply(&docs(&svc("d", ", clusterIP: 10.96.0.3")), &snap, &cidr()).unwrap_err();
+        let e = plan_apply(
+            &docs(&svc("d", ", clusterIP: 10.96.0.3")),
+            &snap,
+            &cidr(),
+            0,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("Service default/b"), "{e}");
-        let e = plan_apply(&docs(&svc("d", ", clusterIP: 10.1.0.3")), &snap, &cidr()).unwrap_err();
+        let e =
+            plan_apply(&docs(&svc("d", ", clusterIP: 10.1.0.3")), &snap, &cidr(), 0).unwrap_err();
         assert!(e.to_string().contains("service CIDR"), "{e}");
 
         // Deleting releases the VIP and the published record; the address is reused.
@@ -375,14 +389,14 @@ mod tests {
             "meshd/config/service-ips/v1/10.96.0.2".into()
         )));
         commit(&mut snap, &del);
-        let p = plan_apply(&docs(&svc("e", "")), &snap, &cidr()).unwrap();
+        let p = plan_apply(&docs(&svc("e", "")), &snap, &cidr(), 0).unwrap();
         assert_eq!(p.outcomes[0].vip.unwrap().to_string(), "10.96.0.2");
     }
 
     #[test]
     fn guards_cover_every_object_and_new_vip() {
         let snap = Snapshot::default();
-        let plan = plan_apply(&docs(&svc("a", "")), &snap, &cidr()).unwrap();
+        let plan = plan_apply(&docs(&svc("a", "")), &snap, &cidr(), 0).unwrap();
         assert_eq!(
             plan.guards,
             vec![

@@ -27,6 +27,8 @@ pub struct Apiserver {
     pub api_addr: SocketAddr,
     pub health_addr: Option<SocketAddr>,
     pub health: Arc<Health>,
+    /// The value of the leader key while this replica leads.
+    pub replica_id: String,
     stop: watch::Sender<bool>,
     main: Option<JoinHandle<Result<(), ApiserverError>>>,
     tasks: Vec<JoinHandle<()>>,
@@ -94,12 +96,14 @@ impl Apiserver {
 
         tasks.push(tokio::spawn(watch_etcd(store.clone(), health.clone())));
 
+        let replica_id = config.replica_id.clone();
         let main = tokio::spawn(run(config, store, health.clone(), stop_rx));
         tracing::info!(%api_addr, ?health_addr, "clustermesh-apiserver started");
         Ok(Apiserver {
             api_addr,
             health_addr,
             health,
+            replica_id,
             stop,
             main: Some(main),
             tasks,

@@ -34,12 +34,47 @@ impl ServiceCidr {
     }
 
     /// The lowest assignable address not in `taken`; `None` when the range is exhausted.
-    /// Lowest-first keeps allocation deterministic; replicas racing for the same address are
+    /// Lowest-first keeps allocation predictable; replicas racing for the same address are
     /// sorted out by the transaction (create-only compare on the allocation key).
     pub fn allocate(&self, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
-        self.0
-            .hosts()
-            .find(|ip| self.is_assignable(*ip) && !taken.contains(ip))
+        self.allocate_from(taken, 0)
+    }
+
+    /// The first assignable address not in `taken`, scanning from `offset` into the range and
+    /// wrapping around. A retry after losing a race starts at a random offset, so concurrent
+    /// writers stop colliding on the same lowest address.
+    pub fn allocate_from(&self, taken: &BTreeSet<IpAddr>, offset: u128) -> Option<IpAddr> {
+        let bits = u32::from(self.0.max_prefix_len() - self.0.prefix_len());
+        let size: u128 = if bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << bits
+        };
+        let base: u128 = match self.0.network() {
+            IpAddr::V4(a) => u32::from(a).into(),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        // Only as many candidates as could be taken or unassignable, plus one: beyond that a
+        // free address has certainly been found (or the range is full).
+        let limit = size.min(taken.len() as u128 + 3);
+        let mut tried = 0u128;
+        let mut k = 0u128;
+        while k < size && tried <= limit {
+            let n = base + (offset.wrapping_add(k) % size);
+            k += 1;
+            let ip = match self.0 {
+                IpNet::V4(_) => IpAddr::V4((n as u32).into()),
+                IpNet::V6(_) => IpAddr::V6(n.into()),
+            };
+            if !self.is_assignable(ip) {
+                continue;
+            }
+            tried += 1;
+            if !taken.contains(&ip) {
+                return Some(ip);
+            }
+        }
+        None
     }
 }
 
@@ -58,6 +93,9 @@ mod tests {
         assert_eq!(b.to_string(), "10.96.0.2");
         taken.insert(b);
         assert_eq!(cidr.allocate(&taken), None);
+        assert_eq!(cidr.allocate_from(&taken, 7), None);
+        taken.remove(&a);
+        assert_eq!(cidr.allocate_from(&taken, 2), Some(a), "wraps around");
         assert!(!cidr.is_assignable("10.96.0.0".parse().unwrap()));
         assert!(!cidr.is_assignable("10.96.0.3".parse().unwrap()));
         assert!(!cidr.is_assignable("10.97.0.1".parse().unwrap()));

@@ -1,0 +1,396 @@
+//! The gRPC API end to end: mTLS, apply/list/delete, all-or-nothing batches, validation on the
+//! server, authorization, health and the cluster config key. Real etcd, real TLS.
+
+mod common;
+
+use clustermesh_apiserver::pb;
+use common::*;
+use meshd_certs::LeafKind;
+use meshd_kvstore::Backend;
+use tonic::Code;
+
+#[tokio::test]
+async fn apply_list_delete_round_trip_over_tls_etcd() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(Some(&certs)) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, true)).await;
+    let store = store(&etcd, &certs, true).await;
+    let mut api = admin(&server, &certs).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(
+        dir.path(),
+        "echo.yaml",
+        &format!(
+            "{}---\n{POLICY}",
+            service_yaml("echo", "echo", "service.meshd.io/global: \"true\"", "")
+        ),
+    );
+
+    let resp = api
+        .apply(pb::ApplyRequest {
+            documents: documents(&[file.clone()]),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<(String, String, String)> = resp
+        .results
+        .iter()
+        .map(|r| {
+            (
+                r.object.as_ref().unwrap().kind.clone(),
+                r.action.clone(),
+                r.vip.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("Service".into(), "created".into(), "10.96.0.1".into()),
+            ("NetworkPolicy".into(), "created".into(), String::new()),
+        ]
+    );
+    assert!(resp.revision > 0);
+
+    // Stored where the design says, with the VIP filled in.
+    let stored = get(&store, "meshd/config/services/v1/default/echo")
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&stored).contains("\"clusterIP\":\"10.96.0.1\""));
+    assert!(
+        get(&store, "meshd/config/policies/v1/default/echo-from-clients")
+            .await
+            .is_some()
+    );
+    assert!(get(&store, "meshd/config/service-ips/v1/10.96.0.1")
+        .await
+        .is_some());
+
+    // Applying the same file again changes nothing.
+    let again = api
+        .apply(pb::ApplyRequest {
+            documents: documents(&[file.clone()]),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.results.iter().all(|r| r.action == "unchanged"));
+
+    let services = api
+        .list_services(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    assert_eq!(services.len(), 1);
+    assert_eq!(
+        (services[0].name.as_str(), services[0].vip.as_str()),
+        ("echo", "10.96.0.1")
+    );
+    // The leader publishes the record (no endpoints yet: no backends).
+    let rec = eventually("service record", || async { record(&store, "echo").await }).await;
+    assert!(rec.global && rec.shared && rec.backends.is_empty());
+    let policies = api
+        .list_policies(pb::ListRequest {
+            namespace: "default".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .policies;
+    assert_eq!(policies.len(), 1);
+    assert!(policies[0].manifest_json.contains("endpointSelector"));
+    let other_ns = api
+        .list_policies(pb::ListRequest {
+            namespace: "prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .policies;
+    assert!(other_ns.is_empty());
+
+    // Delete both, plus one that does not exist.
+    let refs: Vec<pb::ObjectRef> = meshd_manifest::load_paths(&[file])
+        .unwrap()
+        .iter()
+        .map(|d| clustermesh_apiserver::client::object_ref(&d.document.object_ref()))
+        .chain([pb::ObjectRef {
+            kind: "Service".into(),
+            namespace: "default".into(),
+            name: "ghost".into(),
+        }])
+        .collect();
+    let deleted = api
+        .delete(pb::DeleteRequest { objects: refs })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<&str> = deleted.results.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions, ["deleted", "deleted", "not found"]);
+    assert!(keys(&store, "meshd/config/").await.is_empty());
+    assert!(record(&store, "echo").await.is_none());
+    assert!(api
+        .list_services(pb::ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .services
+        .is_empty());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_document_refuses_the_whole_batch_naming_file_document_and_field() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, false)).await;
+    let store = store(&etcd, &certs, false).await;
+    let mut api = admin(&server, &certs).await;
+    let good_a = service_yaml("a", "a", "", "");
+    let good_b = service_yaml("b", "b", "", "");
+    let cases = [
+        (
+            service_yaml("c", "c", "service.meshd.io/affinity: nearest", ""),
+            "metadata.annotations[\"service.meshd.io/affinity\"]",
+        ),
+        (
+            service_yaml("c", "c", "service.cilium.io/global: \"yes\"", ""),
+            "metadata.annotations[\"service.cilium.io/global\"]",
+        ),
+        (
+            service_yaml("c", "c", "", "").replace("port: 80,", "port: 70000,"),
+            "spec.ports[0].port",
+        ),
+        (
+            service_yaml("c", "c", "", "").replace("port: 80,", "port: 0,"),
+            "spec.ports[0].port",
+        ),
+        (service_yaml("c", "-c", "", ""), "spec.selector[\"app\"]"),
+        (
+            "apiVersion: meshd.io/v1\nkind: Deployment\nmetadata: { name: c }\n".to_string(),
+            "kind",
+        ),
+        (
+            POLICY.replace("\"8080\"", "\"http\""),
+            "spec.ingress[0].toPorts[0].ports[0].port",
+        ),
+    ];
+    for (bad, field) in cases {
+        let text = format!("{good_a}---\n{bad}---\n{good_b}");
+        // Client side: the loader refuses and names the document and the field.
+        let errs = meshd_manifest::parse_str("batch.yaml", &text).unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].document, 2, "{errs}");
+        assert_eq!(errs.0[0].field, field, "{errs}");
+        // Server side, bypassing the client's checks: the same refusal, nothing stored.
+        let documents = text
+            .split("---\n")
+            .enumerate()
+            .map(|(i, t)| pb::SourceDocument {
+                file: "batch.yaml".into(),
+                index: i as u32 + 1,
+                text: t.to_owned(),
+            })
+            .collect();
+        let status = api
+            .apply(pb::ApplyRequest {
+                documents,
+                dry_run: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        let msg = status.message();
+        assert!(
+            msg.contains("batch.yaml: document 2") && msg.contains(field),
+            "{field}: {msg}"
+        );
+        assert!(
+            keys(&store, "meshd/config/").await.is_empty(),
+            "{field}: something was applied"
+        );
+    }
+
+    // A VIP conflict found only by the server (against stored state) also refuses everything.
+    api.apply(pb::ApplyRequest {
+        documents: vec![pb::SourceDocument {
+            file: "a.yaml".into(),
+            index: 1,
+            text: good_a.clone(),
+        }],
+        dry_run: false,
+    })
+    .await
+    .unwrap();
+    let clash = service_yaml("d", "d", "", "  clusterIP: 10.96.0.1\n");
+    let status = api
+        .apply(pb::ApplyRequest {
+            documents: vec![
+                pb::SourceDocument {
+                    file: "x.yaml".into(),
+                    index: 1,
+                    text: good_b.clone(),
+                },
+                pb::SourceDocument {
+                    file: "x.yaml".into(),
+                    index: 2,
+                    text: clash,
+                },
+            ],
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("x.yaml: document 2")
+            && status.message().contains("spec.clusterIP")
+            && status.message().contains("Service default/a"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(
+        keys(&store, "meshd/config/services/").await,
+        ["meshd/config/services/v1/default/a"]
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn only_the_admin_certificate_of_the_mesh_ca_may_use_the_api() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, false)).await;
+    // The remote (read-only) certificate is from the right CA but may not write.
+    let mut remote = connect(&server, &certs.files(LeafKind::Remote)).await;
+    let status = remote
+        .list_services(pb::ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("remote"), "{status:?}");
+
+    // A certificate of another CA does not get through the handshake.
+    let stranger = Certs::named("another CA");
+    let refused = match clustermesh_apiserver::client::connect(
+        &format!("https://{}", server.api_addr),
+        &stranger.files(LeafKind::Admin),
+    )
+    .await
+    {
+        Err(_) => true,
+        Ok(mut c) => c.list_services(pb::ListRequest::default()).await.is_err(),
+    };
+    assert!(refused, "a certificate of another CA was accepted");
+    server.shutdown().await.unwrap();
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+#[tokio::test]
+async fn health_readiness_and_cluster_config() {
+    let certs = Certs::new();
+    let Some(mut etcd) = etcd(None) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, false)).await;
+    let health = server.health_addr.unwrap();
+    assert_eq!(http_get(health, "/healthz").await.0, 200);
+    eventually("ready", || async {
+        (http_get(health, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let store = store(&etcd, &certs, false).await;
+    let (_, config) = meshd_state::decode::<meshd_state::ClusterConfig>(
+        "meshd/cluster-config/c1",
+        &get(&store, "meshd/cluster-config/c1").await.unwrap(),
+    )
+    .unwrap();
+    assert_eq!((config.name.as_str(), config.id.get()), ("c1", 1));
+
+    // Another apiserver claiming the same cluster with another id is refused.
+    let mut other = config_with_id(&etcd, &certs, 2);
+    other.health_listen = None;
+    let mut conflicting = start(other).await;
+    let err = conflicting.wait().await.unwrap_err();
+    assert!(err.to_string().contains("id 1"), "{err}");
+
+    // etcd gone: not ready, but alive.
+    etcd.stop();
+    eventually("not ready", || async {
+        let (code, body) = http_get(health, "/readyz").await;
+        (code == 503 && body.contains("etcd")).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(health, "/healthz").await.0, 200);
+    drop(store);
+    server.shutdown().await.unwrap();
+}
+
+fn config_with_id(
+    etcd: &meshd_testing::etcd::Etcd,
+    certs: &Certs,
+    id: u32,
+) -> clustermesh_apiserver::Config {
+    let mut c = config(etcd, certs, false);
+    c.cluster_id = meshd_state::ClusterId::new(id).unwrap();
+    c
+}
+
+#[tokio::test]
+async fn dry_run_plans_without_writing() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, false)).await;
+    let store = store(&etcd, &certs, false).await;
+    let mut api = admin(&server, &certs).await;
+    let resp = api
+        .apply(pb::ApplyRequest {
+            documents: vec![pb::SourceDocument {
+                file: "a.yaml".into(),
+                index: 1,
+                text: service_yaml("a", "a", "", ""),
+            }],
+            dry_run: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.results[0].action, "created");
+    assert_eq!(resp.results[0].vip, "10.96.0.1");
+    assert!(keys(&store, "meshd/config/").await.is_empty());
+    // The store is reachable for writes all along (the harness's etcd works).
+    store
+        .put("meshd/test/x", b"1".to_vec(), None)
+        .await
+        .unwrap();
+    server.shutdown().await.unwrap();
+}
