@@ -30,7 +30,7 @@ async fn apply_list_delete_round_trip_over_tls_etcd() {
 
     let resp = api
         .apply(pb::ApplyRequest {
-            documents: documents(&[file.clone()]),
+            documents: documents(std::slice::from_ref(&file)),
             dry_run: false,
         })
         .await
@@ -73,7 +73,7 @@ async fn apply_list_delete_round_trip_over_tls_etcd() {
     // Applying the same file again changes nothing.
     let again = api
         .apply(pb::ApplyRequest {
-            documents: documents(&[file.clone()]),
+            documents: documents(std::slice::from_ref(&file)),
             dry_run: false,
         })
         .await
