@@ -6,10 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod certs_cmd;
+mod endpoint_cmd;
 mod etcd_auth;
 mod etcd_cmd;
 mod output;
+mod status_cmd;
 mod workload;
 
 /// meshd joins independent clusters of Linux nodes into one network: endpoints in any cluster
@@ -41,6 +44,16 @@ enum Command {
     /// Test workloads for endpoints: an HTTP echo server and a request client.
     #[command(subcommand)]
     Workload(workload::WorkloadCommand),
+    /// Run the node agent (datapath, endpoints, cluster mesh).
+    Agent(Box<agent::config::AgentArgs>),
+    /// Endpoints of the local node: add, del, list.
+    #[command(subcommand)]
+    Endpoint(endpoint_cmd::EndpointCommand),
+    /// The node, its endpoints, the datapath and every cluster it sees.
+    Status(status_cmd::StatusArgs),
+    /// The clusters of the mesh as this node sees them.
+    #[command(subcommand)]
+    Clustermesh(status_cmd::ClustermeshCommand),
     /// Print version information.
     Version(output::OutputArgs),
 }
@@ -55,6 +68,10 @@ fn main() -> ExitCode {
         Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Etcd(cmd) => etcd_cmd::run(cmd),
         Command::Workload(cmd) => workload::run(cmd),
+        Command::Agent(args) => agent::run(*args),
+        Command::Endpoint(cmd) => endpoint_cmd::run(cmd),
+        Command::Status(args) => status_cmd::run_status(args),
+        Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
         Command::Version(out) => output::print_version(&out),
     };
     match result {

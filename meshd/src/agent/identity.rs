@@ -1,0 +1,209 @@
+//! Cluster-scoped identity allocation in the local etcd.
+//!
+//! Two keys per identity:
+//! - `meshd/state/identities/v1/<cluster>/id/<id>`: the label set (what every node watches);
+//! - `meshd/state/identity-labels/v1/<cluster>/<labels>`: the number, an index so a label set is
+//!   found without scanning every identity. Outside the identities prefix, so watchers of
+//!   identities never see it.
+//!
+//! A new label set takes the lowest free local id in one transaction that creates both keys
+//! only if neither exists (compare create_revision == 0). Two nodes racing for the same label
+//! set compute the same candidate; one transaction wins, the other fails its compare, re-reads
+//! the index and gets the same number. Racing for different label sets, the loser retries with
+//! the next free id.
+
+use meshd_state::{
+    encode, ClusterId, ClusterName, IdentityKey, IdentityRecord, Labels, NumericIdentity,
+    MIN_LOCAL_ID,
+};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+
+/// Where the label-set index lives.
+pub const INDEX_PREFIX: &str = "meshd/state/identity-labels/v1/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("identity of {labels} in cluster {cluster}: etcd {op} {key}: {source}")]
+    Etcd {
+        cluster: ClusterName,
+        labels: Labels,
+        op: &'static str,
+        key: String,
+        source: etcd_client::Error,
+    },
+    #[error("identity of {labels} in cluster {cluster}: {reason}")]
+    Invalid {
+        cluster: ClusterName,
+        labels: Labels,
+        reason: String,
+    },
+    #[error("identity of {labels} in cluster {cluster}: no free id left (256-65535 all used)")]
+    Exhausted {
+        cluster: ClusterName,
+        labels: Labels,
+    },
+    #[error(
+        "identity of {labels} in cluster {cluster}: gave up after {attempts} contended attempts"
+    )]
+    Contended {
+        cluster: ClusterName,
+        labels: Labels,
+        attempts: u32,
+    },
+}
+
+/// The index key of a label set. Labels render canonically (sorted, `k=v,k=v`), so equal sets
+/// have equal keys.
+pub fn index_key(cluster: &ClusterName, labels: &Labels) -> String {
+    format!("{INDEX_PREFIX}{cluster}/{labels}")
+}
+
+/// The lowest local id not in `used`.
+pub fn lowest_free(used: &std::collections::BTreeSet<u16>) -> Option<u16> {
+    (MIN_LOCAL_ID..=u16::MAX).find(|id| !used.contains(id))
+}
+
+/// Returns the identity of `labels` in `cluster`, allocating it if no node did yet.
+pub async fn resolve(
+    client: &mut etcd_client::Client,
+    cluster: &ClusterName,
+    cluster_id: ClusterId,
+    labels: &Labels,
+) -> Result<NumericIdentity, IdentityError> {
+    const ATTEMPTS: u32 = 32;
+    let etcd = |op: &'static str, key: &str| {
+        let (cluster, labels, key) = (cluster.clone(), labels.clone(), key.to_owned());
+        move |source| IdentityError::Etcd {
+            cluster,
+            labels,
+            op,
+            key,
+            source,
+        }
+    };
+    let invalid = |reason: String| IdentityError::Invalid {
+        cluster: cluster.clone(),
+        labels: labels.clone(),
+        reason,
+    };
+    let record = IdentityRecord {
+        labels: labels.clone(),
+    };
+    let index = index_key(cluster, labels);
+
+    for _ in 0..ATTEMPTS {
+        let found = client
+            .get(index.as_str(), None)
+            .await
+            .map_err(etcd("get", &index))?;
+        if let Some(kv) = found.kvs().first() {
+            let n: u32 = std::str::from_utf8(kv.value())
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| invalid(format!("index key {index} holds no number")))?;
+            let id = NumericIdentity::new(n).map_err(|e| invalid(e.to_string()))?;
+            if id.cluster_id() != Some(cluster_id) {
+                return Err(invalid(format!(
+                    "index key {index} names {id}, which is not an identity of cluster id {cluster_id}"
+                )));
+            }
+            let key = IdentityKey {
+                cluster: cluster.clone(),
+                id,
+            }
+            .to_string();
+            // The identity key may have been garbage collected while the index stayed:
+            // recreate it (same number, so every published ipcache entry stays right).
+            let value = encode(
+                &IdentityKey {
+                    cluster: cluster.clone(),
+                    id,
+                },
+                &record,
+            )
+            .map_err(|e| invalid(e.to_string()))?;
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.as_str(), value, None)])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            client.txn(txn).await.map_err(etcd("txn", &key))?;
+            return Ok(id);
+        }
+
+        let prefix = format!("meshd/state/identities/v1/{cluster}/id/");
+        let existing = client
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(etcd("list", &prefix))?;
+        let used = existing
+            .kvs()
+            .iter()
+            .filter_map(|kv| kv.key_str().ok())
+            .filter_map(|k| k.strip_prefix(prefix.as_str()))
+            .filter_map(|id| id.parse::<u32>().ok())
+            .map(|n| (n & 0xffff) as u16)
+            .collect();
+        let local = lowest_free(&used).ok_or_else(|| IdentityError::Exhausted {
+            cluster: cluster.clone(),
+            labels: labels.clone(),
+        })?;
+        let id =
+            NumericIdentity::allocated(cluster_id, local).map_err(|e| invalid(e.to_string()))?;
+        let id_key = IdentityKey {
+            cluster: cluster.clone(),
+            id,
+        };
+        let value = encode(&id_key, &record).map_err(|e| invalid(e.to_string()))?;
+        let id_key = id_key.to_string();
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(id_key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(id_key.as_str(), value, None),
+                TxnOp::put(index.as_str(), id.get().to_string(), None),
+            ]);
+        let resp = client.txn(txn).await.map_err(etcd("txn", &id_key))?;
+        if resp.succeeded() {
+            tracing::info!(%cluster, identity = %id, %labels, "allocated identity");
+            return Ok(id);
+        }
+        // Someone took the id or allocated this label set: look again.
+    }
+    Err(IdentityError::Contended {
+        cluster: cluster.clone(),
+        labels: labels.clone(),
+        attempts: ATTEMPTS,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn index_keys_are_canonical() {
+        let c1 = ClusterName::new("c1").unwrap();
+        let a = Labels::from_pairs([("b", "2"), ("a", "1")]);
+        let b = Labels::from_pairs([("a", "1"), ("b", "2")]);
+        assert_eq!(index_key(&c1, &a), index_key(&c1, &b));
+        assert_eq!(
+            index_key(&c1, &a),
+            "meshd/state/identity-labels/v1/c1/a=1,b=2"
+        );
+    }
+
+    #[test]
+    fn lowest_free_skips_reserved_and_used() {
+        assert_eq!(lowest_free(&BTreeSet::new()), Some(256));
+        assert_eq!(lowest_free(&BTreeSet::from([256, 257, 259])), Some(258));
+        let all: BTreeSet<u16> = (256..=u16::MAX).collect();
+        assert_eq!(lowest_free(&all), None);
+    }
+}

@@ -1,0 +1,331 @@
+//! `meshd agent`: the node agent runtime.
+//!
+//! Tasks and who owns what:
+//! - the datapath is loaded and attached here at start (maps and links pinned under
+//!   `<bpffs_dir>/<cluster>/<node>`, so forwarding goes on while the agent restarts);
+//! - [`reconciler`] owns the maps and drives them to the desired state;
+//! - [`view_task`] owns the merged view (`meshd_mesh::MeshView`), fed by one [`watcher`] per
+//!   cluster (the local etcd, and each remote from [`remotes`]);
+//! - [`endpoints`] owns this node's endpoints (state file, addresses, veths, program links);
+//! - [`publisher`] owns the node lease and the records published under it;
+//! - [`server`] answers the API on the Unix socket from the snapshots the others publish.
+
+pub mod config;
+pub mod endpoints;
+pub mod identity;
+pub mod ipam;
+pub mod publisher;
+pub mod reconciler;
+pub mod remotes;
+pub mod server;
+pub mod store;
+pub mod view_task;
+pub mod watcher;
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use meshd_datapath::{bpffs, plumbing, Datapath, DatapathMaps, NodeConfig};
+use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
+use meshd_mesh::{LocalNode, MeshView};
+use meshd_state::{
+    encode, ClusterConfig, ClusterConfigKey, IdentityRecord, IpcacheEntry, NodeKey, NodeRecord,
+    Resource, SyncCanary, SyncCanaryKey,
+};
+use tokio::sync::{mpsc, watch};
+
+use self::config::{AgentArgs, AgentConfig};
+
+/// Name of the node's VXLAN device.
+pub const VXLAN_IFNAME: &str = "meshd_vxlan";
+
+/// How long a restarted agent waits for every cluster's initial sync before it reconciles the
+/// maps with what it has (see `view_task`).
+const GATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Entry point of `meshd agent`.
+pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = match config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("meshd agent: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_agent(Arc::new(config)))
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| format!("unknown-{}", now_ms()))
+}
+
+/// Loads and attaches the datapath of this node; returns it and the underlay MTU.
+fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
+    let underlay_mtu = match (config.underlay_mtu, &config.underlay_device) {
+        (Some(mtu), _) => mtu,
+        (None, Some(dev)) => {
+            plumbing::link_info(None, dev)
+                .with_context(|| format!("reading the MTU of underlay device {dev}"))?
+                .mtu
+        }
+        (None, None) => config::DEFAULT_UNDERLAY_MTU,
+    };
+    let _ = std::fs::create_dir_all(&config.bpffs_dir);
+    if !bpffs::is_bpffs(&config.bpffs_dir) {
+        bpffs::ensure_mounted(&config.bpffs_dir)?;
+    }
+    let pin_dir = config.pin_dir();
+    bpffs::create_pin_dir(&pin_dir)?;
+    let mut datapath = Datapath::load(&pin_dir)
+        .with_context(|| format!("loading the datapath pinned at {}", pin_dir.display()))?;
+    let vxlan_ifindex = plumbing::create_vxlan(None, VXLAN_IFNAME, config.tunnel_port)?;
+    let mut maps = DatapathMaps::open(&pin_dir)?;
+    maps.set_config(NodeConfig {
+        vxlan_ifindex,
+        node_ip: config.node_ip,
+        cluster_id: config.cluster_id.get(),
+    })?;
+    datapath.attach_overlay(VXLAN_IFNAME)?;
+    tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu, "datapath loaded");
+    Ok((datapath, underlay_mtu))
+}
+
+/// Writes `meshd/cluster-config/<cluster>` unless it exists (the apiserver may own it); an
+/// existing config with another id is a misconfiguration worth shouting about.
+async fn ensure_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyhow::Result<()> {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let key = ClusterConfigKey {
+        cluster: config.cluster.clone(),
+    };
+    let record = ClusterConfig {
+        name: config.cluster.clone(),
+        id: config.cluster_id,
+        capabilities: Default::default(),
+    };
+    let value = encode(&key, &record)?;
+    let k = key.to_string();
+    let txn = Txn::new()
+        .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(k.as_str(), value, None)])
+        .or_else([TxnOp::get(k.as_str(), None)]);
+    let resp = store.client().txn(txn).await?;
+    if !resp.succeeded() {
+        for r in resp.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(g) = r {
+                if let Some(kv) = g.kvs().first() {
+                    if let Ok((_, existing)) = meshd_state::decode::<ClusterConfig>(&k, kv.value())
+                    {
+                        if existing.id != config.cluster_id {
+                            tracing::error!(key = k, published = %existing.id, configured = %config.cluster_id,
+                                "the cluster's published id differs from this node's configuration");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_canaries(store: &EtcdStore, config: &AgentConfig) -> anyhow::Result<()> {
+    for kind in [NodeRecord::KIND, IpcacheEntry::KIND, IdentityRecord::KIND] {
+        let key = SyncCanaryKey {
+            cluster: config.cluster.clone(),
+            resource: kind.to_owned(),
+        };
+        let value = encode(
+            &key,
+            &SyncCanary {
+                synced_at_ms: now_ms(),
+            },
+        )?;
+        store.put(&key.to_string(), value, None).await?;
+    }
+    Ok(())
+}
+
+/// Retries `f` every second until it succeeds.
+async fn until_ok<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match f().await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "{what} failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
+    let started_ms = now_ms();
+    let (datapath, underlay_mtu) = start_datapath(&config)?;
+
+    let mut etcd = EtcdConfig::new(config.etcd_endpoints.clone());
+    if let Some(tls) = &config.etcd_tls {
+        etcd = etcd.with_tls(tls.clone());
+    }
+    // Lazy: the datapath forwards with what it has while etcd is away; everything below
+    // retries until it answers.
+    let store = match meshd_kvstore::connect_lazy(&etcd).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("meshd agent: local etcd: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
+
+    {
+        let (store, config) = (store.clone(), config.clone());
+        tokio::spawn(async move {
+            until_ok("writing the cluster config", || {
+                ensure_cluster_config(&store, &config)
+            })
+            .await
+        });
+    }
+
+    let publisher = publisher::spawn(store.clone(), config.lease_ttl);
+    let node_key = NodeKey {
+        cluster: config.cluster.clone(),
+        node: config.node.clone(),
+    };
+    let node_record = NodeRecord {
+        name: config.node.clone(),
+        cluster: config.cluster.clone(),
+        cluster_id: config.cluster_id,
+        node_ip: config.node_ip.into(),
+        pod_cidrs: vec![config.pod_cidr.into()],
+        labels: Default::default(),
+        boot_id: boot_id(),
+    };
+    if let Err(e) = publisher
+        .put(node_key.to_string(), encode(&node_key, &node_record)?)
+        .await
+    {
+        tracing::info!(error = %e, "node record queued until the lease is granted");
+    }
+
+    // Channels between the tasks.
+    let (view_tx, view_rx) = mpsc::channel(65_536);
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
+    let (policies_tx, policies_rx) = watch::channel(0usize);
+    let (local_eps_tx, local_eps_rx) =
+        watch::channel(Arc::new(reconciler::LocalEndpoints::default()));
+    let (reconciled_tx, reconciled_rx) = watch::channel(reconciler::ReconcileStatus::default());
+    let (local_conn_tx, local_conn_rx) = watch::channel(watcher::Connection::default());
+    let (registry_tx, registry_rx) = watch::channel(Arc::new(remotes::Registry::new()));
+
+    let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
+    tokio::spawn(reconciler.run(desired_rx, local_eps_rx, reconciled_tx));
+
+    tokio::spawn(
+        watcher::ClusterWatcher {
+            cluster: config.cluster.clone(),
+            backend: store.clone(),
+            local: true,
+            tx: view_tx.clone(),
+            connection: local_conn_tx,
+        }
+        .run(),
+    );
+
+    let mut wait_for: BTreeSet<_> = [config.cluster.clone()].into();
+    if let Some(dir) = &config.remote_clusters_dir {
+        wait_for.extend(remotes::configured(dir, &config.cluster));
+        tokio::spawn(remotes::run(
+            dir.clone(),
+            config.cluster.clone(),
+            view_tx.clone(),
+            registry_tx,
+        ));
+    }
+    tokio::spawn(
+        view_task::ViewTask {
+            view: MeshView::new(LocalNode {
+                cluster: config.cluster.clone(),
+                cluster_id: config.cluster_id,
+                node_name: config.node.clone(),
+                node_ip: config.node_ip.into(),
+                pod_cidrs: vec![config.pod_cidr.into()],
+            }),
+            inputs: view_rx,
+            desired: desired_tx,
+            status: view_status_tx,
+            policies: policies_tx,
+            wait_for,
+            gate_timeout: GATE_TIMEOUT,
+        }
+        .run(),
+    );
+
+    let endpoint_store =
+        store::EndpointStore::open(&config.state_dir, ipam::Ipam::new(config.pod_cidr))?;
+    let mut manager = endpoints::EndpointManager::new(
+        config.clone(),
+        endpoint_store,
+        datapath,
+        store.client(),
+        publisher.clone(),
+        local_eps_tx,
+        reconciled_rx.clone(),
+        underlay_mtu,
+    );
+    manager.recover().await;
+    let endpoints = manager.spawn();
+
+    {
+        let (store, config, publisher) = (store.clone(), config.clone(), publisher.clone());
+        tokio::spawn(async move {
+            // Canaries say "this node's initial state is in etcd": after the lease exists and
+            // the recovered records were written under it.
+            publisher.wait_lease().await;
+            until_ok("writing sync canaries", || write_canaries(&store, &config)).await
+        });
+    }
+
+    let listener = meshd_api::bind(&config.api_socket)?;
+    let service = server::AgentService {
+        config: config.clone(),
+        started_ms,
+        endpoints,
+        publisher,
+        view: view_status_rx,
+        local_connection: local_conn_rx,
+        remotes: registry_rx,
+        reconciler: reconciled_rx,
+        policies: policies_rx,
+    };
+    tracing::info!(socket = %config.api_socket.display(), cluster = %config.cluster, node = config.node, "agent ready");
+    meshd_api::serve(&config.api_socket, listener, service, shutdown_signal()).await?;
+    tracing::info!("shutting down; the datapath stays in place and the lease runs out unless the agent returns");
+    Ok(ExitCode::SUCCESS)
+}

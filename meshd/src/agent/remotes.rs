@@ -1,0 +1,259 @@
+//! Remote clusters, configured by a directory with one file per cluster (file name = cluster
+//! name, an optional `.yaml`/`.yml`/`.json` extension is ignored):
+//!
+//! ```yaml
+//! endpoints: [https://192.168.60.200:2379]
+//! ca: c2/ca.pem            # relative paths are relative to the directory
+//! cert: c2/remote.pem
+//! key: c2/remote-key.pem
+//! ```
+//!
+//! The directory is polled every second: a new file starts a watcher of that cluster, a
+//! changed file restarts it (keeping the view's state of the cluster, which the relist then
+//! sweeps), a removed file stops it and drains everything of that cluster from the view.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_certs::TlsFiles;
+use meshd_kvstore::EtcdConfig;
+use meshd_mesh::{ClusterEvent, EventKind};
+use meshd_state::ClusterName;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::watcher::{ClusterWatcher, Connection, ViewInput};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteClusterFile {
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// One remote cluster as status shows it.
+#[derive(Debug, Clone)]
+pub struct RemoteEntry {
+    pub endpoints: String,
+    /// The file could not be used (parse error, the local cluster's name...).
+    pub config_error: Option<String>,
+    pub connection: Option<watch::Receiver<Connection>>,
+}
+
+pub type Registry = BTreeMap<ClusterName, RemoteEntry>;
+
+const POLL: Duration = Duration::from_secs(1);
+
+/// The cluster a file configures, from its name.
+pub fn cluster_of(path: &Path) -> Option<ClusterName> {
+    let name = path.file_name()?.to_str()?;
+    if name.starts_with('.') || name.ends_with('~') || name.ends_with(".tmp") {
+        return None;
+    }
+    let stem = ["yaml", "yml", "json"]
+        .iter()
+        .find_map(|ext| name.strip_suffix(&format!(".{ext}")))
+        .unwrap_or(name);
+    ClusterName::new(stem).ok()
+}
+
+/// Parses a remote cluster file into an etcd config; relative paths are resolved against the
+/// file's directory.
+pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, String> {
+    let file: RemoteClusterFile =
+        serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if file.endpoints.is_empty() {
+        return Err(format!(
+            "{}: endpoints: at least one is required",
+            path.display()
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
+    let mut config = EtcdConfig::new(file.endpoints);
+    match (file.ca, file.cert, file.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            config = config.with_tls(TlsFiles::new(abs(ca), abs(cert), abs(key)));
+        }
+        (None, None, None) => {}
+        _ => {
+            return Err(format!(
+                "{}: ca, cert and key go together (all or none)",
+                path.display()
+            ))
+        }
+    }
+    Ok(config)
+}
+
+struct Running {
+    text: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Watches the directory until the agent stops.
+pub async fn run(
+    dir: PathBuf,
+    local: ClusterName,
+    tx: mpsc::Sender<ViewInput>,
+    registry: watch::Sender<Arc<Registry>>,
+) {
+    let mut running: BTreeMap<ClusterName, Running> = BTreeMap::new();
+    let mut reg: Registry = BTreeMap::new();
+    loop {
+        let mut present: BTreeMap<ClusterName, (PathBuf, String)> = BTreeMap::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    let path = e.path();
+                    if !path.is_file() {
+                        continue;
+                    }
+                    let Some(cluster) = cluster_of(&path) else {
+                        continue;
+                    };
+                    if let Ok(text) = std::fs::read_to_string(&path) {
+                        present.insert(cluster, (path, text));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the remote clusters directory")
+            }
+        }
+
+        // Removed (or changed) files stop their watcher.
+        let gone: Vec<ClusterName> = running
+            .iter()
+            .filter(|(c, r)| present.get(*c).is_none_or(|(_, t)| *t != r.text))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for cluster in gone {
+            let r = running.remove(&cluster).expect("listed");
+            if let Some(task) = r.task {
+                task.abort();
+            }
+            reg.remove(&cluster);
+            if !present.contains_key(&cluster) {
+                tracing::info!(%cluster, "remote cluster file removed; disconnecting and draining");
+                let _ = tx
+                    .send(ViewInput::Cluster(ClusterEvent::new(
+                        cluster.clone(),
+                        EventKind::ClusterRemoved,
+                    )))
+                    .await;
+            } else {
+                tracing::info!(%cluster, "remote cluster file changed; reconnecting");
+            }
+        }
+
+        for (cluster, (path, text)) in present {
+            if running.contains_key(&cluster) {
+                continue;
+            }
+            let mut entry = RemoteEntry {
+                endpoints: String::new(),
+                config_error: None,
+                connection: None,
+            };
+            let config = if cluster == local {
+                Err(format!(
+                    "{}: names the local cluster {local}; a cluster cannot be its own remote",
+                    path.display()
+                ))
+            } else {
+                parse(&path, &text)
+            };
+            let task = match config {
+                Err(e) => {
+                    tracing::error!(%cluster, error = %e, "remote cluster refused");
+                    entry.config_error = Some(e);
+                    None
+                }
+                Ok(config) => {
+                    entry.endpoints = config.describe();
+                    match meshd_kvstore::connect_lazy(&config).await {
+                        Err(e) => {
+                            tracing::error!(%cluster, error = %e, "remote cluster refused");
+                            entry.config_error = Some(e.to_string());
+                            None
+                        }
+                        Ok(store) => {
+                            tracing::info!(%cluster, endpoints = entry.endpoints, "connecting to remote cluster");
+                            let (conn_tx, conn_rx) = watch::channel(Connection::default());
+                            entry.connection = Some(conn_rx);
+                            let watcher = ClusterWatcher {
+                                cluster: cluster.clone(),
+                                backend: store,
+                                local: false,
+                                tx: tx.clone(),
+                                connection: conn_tx,
+                            };
+                            Some(tokio::spawn(watcher.run()))
+                        }
+                    }
+                }
+            };
+            reg.insert(cluster.clone(), entry);
+            running.insert(cluster, Running { text, task });
+        }
+        registry.send_replace(Arc::new(reg.clone()));
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The remote clusters configured right now (for the start-up gate).
+pub fn configured(dir: &Path, local: &ClusterName) -> Vec<ClusterName> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().is_file())
+                .filter_map(|e| cluster_of(&e.path()))
+                .filter(|c| c != local)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_name_clusters() {
+        assert_eq!(cluster_of(Path::new("/d/c2")).unwrap().as_str(), "c2");
+        assert_eq!(cluster_of(Path::new("/d/c2.yaml")).unwrap().as_str(), "c2");
+        assert!(cluster_of(Path::new("/d/.c2.swp")).is_none());
+        assert!(cluster_of(Path::new("/d/C_2")).is_none());
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_directory() {
+        let cfg = parse(
+            Path::new("/etc/meshd/clusters/c2"),
+            "endpoints: [https://10.0.0.1:2379]\nca: c2/ca.pem\ncert: /abs/remote.pem\nkey: c2/k.pem\n",
+        )
+        .unwrap();
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.ca, PathBuf::from("/etc/meshd/clusters/c2/ca.pem"));
+        assert_eq!(tls.cert, PathBuf::from("/abs/remote.pem"));
+    }
+
+    #[test]
+    fn bad_files_are_reported_with_their_path() {
+        for text in [
+            "endpoints: []",
+            "endpoints: [https://x:1]\nca: a\n",
+            "endpoints: [https://x:1]\nbogus: 1\n",
+        ] {
+            let err = parse(Path::new("/d/c2"), text).unwrap_err();
+            assert!(err.contains("/d/c2"), "{err}");
+        }
+    }
+}

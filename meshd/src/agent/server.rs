@@ -1,0 +1,154 @@
+//! The agent's gRPC API: endpoints go to the endpoint manager, status is assembled from the
+//! snapshots the tasks publish (no task is asked, nothing is locked).
+
+use std::sync::Arc;
+
+use meshd_api::pb;
+use meshd_mesh::ClusterStatus as ViewStatus;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::agent::config::AgentConfig;
+use crate::agent::endpoints::Endpoints;
+use crate::agent::publisher::Publisher;
+use crate::agent::reconciler::ReconcileStatus;
+use crate::agent::remotes::Registry;
+use crate::agent::watcher::Connection;
+
+pub struct AgentService {
+    pub config: Arc<AgentConfig>,
+    pub started_ms: u64,
+    pub endpoints: Endpoints,
+    pub publisher: Publisher,
+    pub view: watch::Receiver<Arc<Vec<ViewStatus>>>,
+    pub local_connection: watch::Receiver<Connection>,
+    pub remotes: watch::Receiver<Arc<Registry>>,
+    pub reconciler: watch::Receiver<ReconcileStatus>,
+    pub policies: watch::Receiver<usize>,
+}
+
+fn cluster_status(
+    name: &str,
+    local: bool,
+    view: Option<&ViewStatus>,
+    conn: Option<&Connection>,
+) -> pb::ClusterStatus {
+    let mut s = pb::ClusterStatus {
+        name: name.to_owned(),
+        local,
+        ..Default::default()
+    };
+    if let Some(v) = view {
+        s.cluster_id = v.cluster_id.map(|id| u32::from(id.get())).unwrap_or(0);
+        s.ready = v.ready;
+        s.refused = v
+            .refused
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        s.nodes = v.nodes.admitted as u64;
+        s.endpoints = v.ipcache.admitted as u64;
+        s.identities = v.identities.admitted as u64;
+        s.rejected = v.rejected_total;
+    }
+    if let Some(c) = conn {
+        s.connected = c.connected;
+        s.stale_since_ms = c.stale_since_ms;
+        s.last_error = c.last_error.clone().unwrap_or_default();
+        s.last_sync_ms = c.last_sync_ms;
+        s.rejected += c.malformed;
+    }
+    s
+}
+
+impl AgentService {
+    fn clusters(&self) -> Vec<pb::ClusterStatus> {
+        let view = self.view.borrow().clone();
+        let remotes = self.remotes.borrow().clone();
+        let local_name = self.config.cluster.as_str();
+        let find = |n: &str| view.iter().find(|v| v.name.as_str() == n);
+        let mut out = Vec::new();
+        let mut local = cluster_status(
+            local_name,
+            true,
+            find(local_name),
+            Some(&self.local_connection.borrow()),
+        );
+        local.cluster_id = u32::from(self.config.cluster_id.get());
+        local.etcd_endpoints = self.config.etcd_endpoints.join(",");
+        local.policies = *self.policies.borrow() as u64;
+        out.push(local);
+        for (name, entry) in remotes.iter() {
+            let conn = entry.connection.as_ref().map(|c| c.borrow().clone());
+            let mut s = cluster_status(name.as_str(), false, find(name.as_str()), conn.as_ref());
+            s.etcd_endpoints = entry.endpoints.clone();
+            if let Some(e) = &entry.config_error {
+                s.refused = e.clone();
+            }
+            out.push(s);
+        }
+        out
+    }
+}
+
+#[tonic::async_trait]
+impl meshd_api::Agent for AgentService {
+    async fn add_endpoint(
+        &self,
+        req: Request<pb::AddEndpointRequest>,
+    ) -> Result<Response<pb::Endpoint>, Status> {
+        Ok(Response::new(self.endpoints.add(req.into_inner()).await?))
+    }
+
+    async fn delete_endpoint(
+        &self,
+        req: Request<pb::DeleteEndpointRequest>,
+    ) -> Result<Response<pb::DeleteEndpointResponse>, Status> {
+        let deleted = self.endpoints.delete(req.into_inner().name).await?;
+        Ok(Response::new(pb::DeleteEndpointResponse {
+            deleted: Some(deleted),
+        }))
+    }
+
+    async fn list_endpoints(
+        &self,
+        _: Request<pb::ListEndpointsRequest>,
+    ) -> Result<Response<pb::ListEndpointsResponse>, Status> {
+        Ok(Response::new(pb::ListEndpointsResponse {
+            endpoints: self.endpoints.list().await,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let lease = self.publisher.lease();
+        let r = self.reconciler.borrow().clone();
+        Ok(Response::new(pb::StatusResponse {
+            node: Some(pb::NodeStatus {
+                cluster: self.config.cluster.to_string(),
+                cluster_id: u32::from(self.config.cluster_id.get()),
+                name: self.config.node.clone(),
+                node_ip: self.config.node_ip.to_string(),
+                pod_cidr: self.config.pod_cidr.to_string(),
+                lease_id: lease.unwrap_or(0),
+                published: lease.is_some(),
+                started_ms: self.started_ms,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            }),
+            endpoints: self.endpoints.list().await,
+            clusters: self.clusters(),
+            datapath: Some(pb::DatapathStatus {
+                pin_dir: self.config.pin_dir().display().to_string(),
+                ipcache_entries: r.ipcache_entries as u64,
+                endpoint_entries: r.endpoint_entries as u64,
+                node_entries: r.node_entries as u64,
+                policy_entries: r.policy_entries as u64,
+                reconciles: r.rounds,
+                last_reconcile_ms: r.last_round_ms,
+                last_error: r.last_error.unwrap_or_default(),
+            }),
+        }))
+    }
+}
