@@ -945,7 +945,8 @@ impl MeshView {
         txn.touched_prefixes.push(*p);
         // A key written in this transaction (New) is reported by its final status alone, so
         // the common New -> Admitted needs no record.
-        if !stored.marked && !(old == Status::New && new == Status::Admitted) {
+        let fresh_and_admitted = old == Status::New && new == Status::Admitted;
+        if !stored.marked && !fresh_and_admitted {
             stored.marked = true;
             txn.changed_entries.push((cs.name.clone(), *p, old));
         }
