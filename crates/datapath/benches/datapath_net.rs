@@ -35,6 +35,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// "min..max" of the samples: with other work on the machine the spread is the honest error bar.
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.2}..{max:.2}")
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// Two nodes with one endpoint each, wired without eBPF: endpoint veth with a /24 and the
 /// node as gateway, `ip_forward`, a VXLAN device per node pointing at the other node, and a
 /// route to the other node's endpoint subnet through it. Same MTUs as the meshd topology.
@@ -250,7 +263,8 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
 
     println!(
-        "two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU 1450, {runs} alternating runs each"
+        "two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU 1450, {runs} alternating runs each; load average {}",
+        load_average()
     );
     for streams in [1u32, 4] {
         let mut results = [Vec::new(), Vec::new()];
@@ -259,8 +273,12 @@ fn main() -> anyhow::Result<()> {
                 results[i].push(iperf(pair, 5201, streams, seconds)?);
             }
         }
+        let spreads = [spread(&results[0]), spread(&results[1])];
         let [m, b] = results.map(median);
-        println!("TCP throughput, {streams} stream(s): meshd {m:.2} Gbit/s, baseline {b:.2} Gbit/s (median of {runs} x {seconds}s)");
+        println!(
+            "TCP throughput, {streams} stream(s): meshd {m:.2} Gbit/s [{}], baseline {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
+            spreads[0], spreads[1]
+        );
         println!("RESULT datapath-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=0.95x", m / b);
     }
     drop(servers);
@@ -271,8 +289,13 @@ fn main() -> anyhow::Result<()> {
             results[i].push(tcp_rr(pair, 6000 + run as u16, rr_transactions)?);
         }
     }
+    let spreads = [spread(&results[0]), spread(&results[1])];
     let [m, b] = results.map(median);
-    println!("TCP_RR ({rr_transactions} x 1 byte): meshd {m:.1} µs, baseline {b:.1} µs per transaction (median of {runs})");
+    println!(
+        "TCP_RR ({rr_transactions} x 1 byte): meshd {m:.1} µs [{}], baseline {b:.1} µs [{}] per transaction (median of {runs})",
+        spreads[0], spreads[1]
+    );
+    println!("load average at the end: {}", load_average());
     println!(
         "RESULT datapath-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=1.05x",
         m / b
