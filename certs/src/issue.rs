@@ -325,10 +325,9 @@ impl MeshCa {
             params.subject_alt_names.push(SanType::IpAddress(*ip));
         }
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // ECDSA keys only sign (the TLS 1.3 CertificateVerify); keyEncipherment is an RSA
+        // key-transport bit.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = match req.kind {
             // etcd 3.4's gRPC gateway dials its own gRPC port with the server certificate as client
             // certificate; without clientAuth it logs "incompatible key usage" for every dial. The
