@@ -11,6 +11,7 @@
 //! by name and reason before any connection is attempted.
 
 mod error;
+mod handshake;
 mod inspect;
 mod issue;
 mod pem_files;
@@ -18,6 +19,7 @@ mod tls_files;
 mod validate;
 
 pub use error::CertError;
+pub use handshake::{explain, explain_tls_error, find_tls_error};
 pub use inspect::{inspect_file, CertInfo};
 pub use issue::{IssuedLeaf, LeafKind, LeafRequest, MeshCa, ORGANIZATION};
 pub use pem_files::{read_certs, read_key, write_all_atomic, write_atomic, CERT_MODE, KEY_MODE};

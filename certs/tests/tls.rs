@@ -38,9 +38,16 @@ async fn handshake(
     files: &TlsFiles,
     addr: SocketAddr,
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    handshake_as(files, addr, ServerName::IpAddress(addr.ip().into())).await
+}
+
+async fn handshake_as(
+    files: &TlsFiles,
+    addr: SocketAddr,
+    name: ServerName<'static>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let config = Arc::new(files.client_config()?);
     let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::IpAddress(addr.ip().into());
     let tls = tokio::time::timeout(
         DEADLINE,
         tokio_rustls::TlsConnector::from(config).connect(name, tcp),
@@ -123,6 +130,9 @@ async fn client_refuses_a_tls12_only_server() {
         msg.contains("ProtocolVersion") || msg.contains("protocol version"),
         "refused for the protocol version: {msg}"
     );
+    let why =
+        meshd_certs::explain_tls_error(err.as_ref(), &files, "127.0.0.1").expect("a TLS error");
+    assert!(why.contains("TLS 1.3"), "{why}");
 }
 
 /// A TLS 1.3 server with client-certificate auth that reports the serial of every client
@@ -243,4 +253,92 @@ fn reading_while_rotating_never_sees_a_torn_pair() {
     }
     rotator.join().unwrap();
     assert!(loads > 0);
+}
+
+#[tokio::test]
+async fn a_server_without_the_dialed_name_is_refused() {
+    let (dir, _ca) = mesh();
+    let (addr, _seen) = recording_server(TlsFiles::in_dir(dir.path(), "server")).await;
+    let files = TlsFiles::in_dir(dir.path(), "admin");
+    // The certificate names localhost and 127.0.0.1; dial it as another name.
+    let name = ServerName::try_from("etcd.c9.mesh").unwrap();
+    let err = handshake_as(&files, addr, name).await.unwrap_err();
+    let why = meshd_certs::explain_tls_error(err.as_ref(), &files, "etcd.c9.mesh").unwrap();
+    assert!(
+        why.contains("does not name etcd.c9.mesh") && why.contains("127.0.0.1"),
+        "{why}"
+    );
+    // Control: the names it has work.
+    handshake_as(&files, addr, ServerName::try_from("localhost").unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_plaintext_server_is_explained() {
+    let (dir, _ca) = mesh();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 512];
+        let _ = tcp.read(&mut buf).await;
+        let _ = tcp
+            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            .await;
+    });
+    let files = TlsFiles::in_dir(dir.path(), "admin");
+    let err = handshake(&files, addr).await.unwrap_err();
+    let why = meshd_certs::explain_tls_error(err.as_ref(), &files, "127.0.0.1").unwrap();
+    assert!(why.contains("does not speak TLS"), "{why}");
+}
+
+/// A server of our CA that trusts only client certificates of another CA: in TLS 1.3 the client
+/// finishes its handshake first and learns of the refusal on its first read.
+#[tokio::test]
+async fn a_server_refusing_our_client_certificate_is_explained() {
+    let (dir, _ca) = mesh();
+    let (other, _other_ca) = mesh_of("another CA");
+    let ours = TlsFiles::in_dir(dir.path(), "server")
+        .load(meshd_certs::Usage::Server, &[])
+        .unwrap();
+    let theirs = TlsFiles::in_dir(other.path(), "server")
+        .load(meshd_certs::Usage::Server, &[])
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(theirs.roots, provider.clone())
+            .build()
+            .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(ours.chain, ours.key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let _ = acceptor.accept(tcp).await;
+    });
+    let files = TlsFiles::in_dir(dir.path(), "admin");
+    let mut stream = handshake(&files, addr)
+        .await
+        .expect("client side of TLS 1.3 completes");
+    let _ = stream.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let err = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .expect_err("the server refuses the client certificate");
+    let why = meshd_certs::explain_tls_error(&err, &files, "127.0.0.1").expect("a TLS error");
+    assert!(
+        why.contains(&format!(
+            "refused our client certificate {}",
+            files.cert.display()
+        )),
+        "{why}"
+    );
 }
