@@ -166,9 +166,22 @@ enum Status {
     AwaitingConfig,
     /// Waiting for the node the entry tunnels to.
     AwaitingNode(IpAddr),
-    Rejected(RejectReason),
+    /// Boxed: rejections are rare, and a small status keeps 100k stored entries small.
+    Rejected(Box<RejectReason>),
     /// The cluster is refused.
     Blocked,
+}
+
+fn rejected(reason: RejectReason) -> Status {
+    Status::Rejected(Box::new(reason))
+}
+
+/// What the view keeps of an ipcache entry: what decisions and the datapath need. The
+/// endpoint and namespace names are not kept (about half the memory at 100k entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EntryValue {
+    identity: NumericIdentity,
+    host_ip: IpAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,7 +238,7 @@ struct ClusterState {
     node_ips: HashMap<IpAddr, BTreeSet<String>>,
     /// Admitted nodes by IP (a count: two records may share an IP during a rename).
     admitted_node_ips: HashMap<IpAddr, u32>,
-    ipcache: BTreeMap<IpNet, Stored<IpcacheEntry>>,
+    ipcache: BTreeMap<IpNet, Stored<EntryValue>>,
     ipcache_lengths: Lengths,
     /// Ipcache prefixes by the node IP they tunnel to.
     by_host: HashMap<IpAddr, BTreeSet<IpNet>>,
@@ -716,13 +729,13 @@ impl MeshView {
             Err(status) => return Some(status),
         };
         if record.cluster != *c {
-            return Some(Status::Rejected(RejectReason::WrongCluster {
+            return Some(rejected(RejectReason::WrongCluster {
                 named: record.cluster.to_string(),
                 actual: c.clone(),
             }));
         }
         if record.cluster_id != id {
-            return Some(Status::Rejected(RejectReason::NodeClusterIdMismatch {
+            return Some(rejected(RejectReason::NodeClusterIdMismatch {
                 record: record.cluster_id,
                 cluster: id,
             }));
@@ -730,13 +743,13 @@ impl MeshView {
         let ip = record.node_ip;
         if cs.is_local() {
             if ip == self.local.node_ip && record.name != self.local.node_name {
-                return Some(Status::Rejected(RejectReason::NodeIpConflict {
+                return Some(rejected(RejectReason::NodeIpConflict {
                     ip,
                     owner: format!("this node ({})", self.local.node_name),
                 }));
             }
         } else if self.local_node_ips.contains_key(&ip) {
-            return Some(Status::Rejected(RejectReason::NodeIpConflict {
+            return Some(rejected(RejectReason::NodeIpConflict {
                 ip,
                 owner: format!("a node of the local cluster {}", self.local.cluster),
             }));
@@ -764,7 +777,7 @@ impl MeshView {
             if let Some(names) = os.node_ips.get(&ip) {
                 for n in names {
                     if self.node_base_status(other, n) == Some(Status::Admitted) {
-                        return Some(Status::Rejected(RejectReason::NodeIpConflict {
+                        return Some(rejected(RejectReason::NodeIpConflict {
                             ip,
                             owner: format!("node {n} of cluster {other} (lower cluster id wins)"),
                         }));
@@ -806,6 +819,10 @@ impl MeshView {
 
     fn upsert_entry(&mut self, c: &ClusterName, entry: IpcacheEntry, txn: &mut Txn) {
         let p = entry.prefix;
+        let value = EntryValue {
+            identity: entry.identity,
+            host_ip: entry.host_ip,
+        };
         let local_cluster = *c == self.local.cluster;
         let cs = self.cluster_mut(c);
         let arc = cs.name.clone();
@@ -817,14 +834,14 @@ impl MeshView {
                 // A rewritten key is judged afresh: a repeated bad update is reported again.
                 cs.ipcache_counts.track(&stored.status, false);
                 stored.status = Status::New;
-                stored.value = entry;
+                stored.value = value;
                 if old_host != host {
                     remove_by_host(&mut cs.by_host, old_host, &p);
                     cs.by_host.entry(host).or_default().insert(p);
                 }
             }
             None => {
-                cs.ipcache.insert(p, Stored::new(entry));
+                cs.ipcache.insert(p, Stored::new(value));
                 cs.ipcache_lengths.add(&p);
                 cs.by_host.entry(host).or_default().insert(p);
                 new_prefix = true;
@@ -877,22 +894,17 @@ impl MeshView {
         };
         let identity = entry.identity;
         if identity.is_reserved() {
-            return Some(Status::Rejected(RejectReason::ReservedIdentity {
-                identity,
-            }));
+            return Some(rejected(RejectReason::ReservedIdentity { identity }));
         }
         if identity.cluster_id() != Some(id) {
-            return Some(Status::Rejected(RejectReason::IdentityOutOfRange {
+            return Some(rejected(RejectReason::IdentityOutOfRange {
                 identity,
                 cluster_id: id,
             }));
         }
         if !cs.is_local() {
             if let Some(local) = self.local_prefixes.first_overlap(p) {
-                return Some(Status::Rejected(RejectReason::OverlapsLocal {
-                    prefix: *p,
-                    local,
-                }));
+                return Some(rejected(RejectReason::OverlapsLocal { prefix: *p, local }));
             }
         }
         let host = entry.host_ip;
@@ -921,7 +933,7 @@ impl MeshView {
                 && os.ipcache.contains_key(p)
                 && self.entry_base_status(other, p) == Some(Status::Admitted)
             {
-                return Some(Status::Rejected(RejectReason::PrefixClaimed {
+                return Some(rejected(RejectReason::PrefixClaimed {
                     prefix: *p,
                     by: other.clone(),
                 }));
@@ -979,18 +991,16 @@ impl MeshView {
             Err(status) => return Some(status),
         };
         if id.cluster_id() != Some(cluster_id) {
-            return Some(Status::Rejected(RejectReason::IdentityOutOfRange {
+            return Some(rejected(RejectReason::IdentityOutOfRange {
                 identity: id,
                 cluster_id,
             }));
         }
         match labels.get(CLUSTER_LABEL) {
-            Some(named) if named != c.as_str() => {
-                Some(Status::Rejected(RejectReason::WrongCluster {
-                    named: named.to_owned(),
-                    actual: c.clone(),
-                }))
-            }
+            Some(named) if named != c.as_str() => Some(rejected(RejectReason::WrongCluster {
+                named: named.to_owned(),
+                actual: c.clone(),
+            })),
             _ => Some(Status::Admitted),
         }
     }
@@ -1105,7 +1115,7 @@ impl MeshView {
                             cluster: (*c).clone(),
                             node: name,
                         }),
-                        reason: reason.clone(),
+                        reason: (**reason).clone(),
                     });
                 }
             }
@@ -1130,7 +1140,7 @@ impl MeshView {
                 Status::Rejected(reason) => rejected.push(Rejection {
                     cluster: (*c).clone(),
                     key: RejectedKey::Ipcache(key),
-                    reason: reason.clone(),
+                    reason: (**reason).clone(),
                 }),
                 Status::AwaitingNode(host_ip) => txn.applied.pending.push(PendingEntry {
                     cluster: (*c).clone(),
@@ -1157,7 +1167,7 @@ impl MeshView {
                             cluster: (*c).clone(),
                             id,
                         }),
-                        reason: reason.clone(),
+                        reason: (**reason).clone(),
                     });
                 }
             }
@@ -1170,7 +1180,7 @@ impl MeshView {
         txn.applied.rejected.extend(rejected);
     }
 
-    fn endpoint_target(&self, entry: &IpcacheEntry) -> IpcacheTarget {
+    fn endpoint_target(&self, entry: &EntryValue) -> IpcacheTarget {
         let here = entry.host_ip == self.local.node_ip;
         IpcacheTarget {
             identity: entry.identity,
@@ -1350,7 +1360,7 @@ impl MeshView {
             Status::Rejected(reason) => Some(Rejection {
                 cluster: c.clone(),
                 key,
-                reason: reason.clone(),
+                reason: (**reason).clone(),
             }),
             _ => None,
         };
@@ -1433,10 +1443,16 @@ impl MeshView {
                     EventKind::UpsertNode(n.value.clone()),
                 ));
             }
-            for e in cs.ipcache.values() {
+            for (p, e) in &cs.ipcache {
                 events.push(ClusterEvent::new(
                     c.clone(),
-                    EventKind::UpsertIpcache(e.value.clone()),
+                    EventKind::UpsertIpcache(IpcacheEntry {
+                        prefix: *p,
+                        identity: e.value.identity,
+                        host_ip: e.value.host_ip,
+                        endpoint: None,
+                        namespace: None,
+                    }),
                 ));
             }
         }

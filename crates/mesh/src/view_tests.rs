@@ -1023,6 +1023,33 @@ fn check_desired_is_sound(v: &MeshView) {
     }
 }
 
+/// Counts live heap bytes, so the measurement can say what the view holds (RSS would include
+/// what the allocator keeps after freeing).
+struct CountingAlloc;
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts sizes.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn live_bytes() -> usize {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[test]
 #[ignore = "measurement: run with --release -- --ignored --nocapture"]
 fn measure_initial_sync_of_100k_remote_entries() {
@@ -1087,7 +1114,12 @@ fn measure_initial_sync_of_100k_remote_entries() {
         last = Some(fresh);
         elapsed
     });
-    let mut v = last.unwrap();
+    let v = last.unwrap();
+    let heap_before = live_bytes();
+    drop(v);
+    let view_heap = heap_before - live_bytes();
+    let mut v = MeshView::new(local());
+    v.apply_batch(events.clone());
     let t = Instant::now();
     let desired = v.desired();
     let desired_time = t.elapsed();
@@ -1114,12 +1146,13 @@ fn measure_initial_sync_of_100k_remote_entries() {
     println!(
         "100k remote ipcache entries: apply_batch {apply_time:?} (plain BTreeMap insert of the same records {raw_time:?}, ratio {:.1}), \
          desired() {desired_time:?}, diff(empty -> desired) {diff_time:?} ({} ops), diff(x, x) {noop_time:?}; \
-         single upsert on top: p50 {:?} p99 {:?} max {:?}",
+         single upsert on top: p50 {:?} p99 {:?} max {:?}; the view holds {} MB of heap",
         apply_time.as_secs_f64() / raw_time.as_secs_f64(),
         ops.len(),
         single[500],
         single[990],
         single[999],
+        view_heap / 1_000_000,
     );
     assert!(again.is_empty());
 }
