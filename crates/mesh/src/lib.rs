@@ -6,23 +6,31 @@
 //!
 //! ```text
 //! MeshView::new(LocalNode { cluster, cluster_id, node_name, node_ip, pod_cidrs })
-//! view.apply(ClusterEvent { cluster, kind }) -> Applied      // one watcher event
-//! view.apply_policy(PolicyEvent::Upsert(p) | Delete{..}) -> bool  // local policies
-//! view.desired() -> DesiredDatapath                           // full desired state (clone)
-//! view.desired_ipcache() / desired_nodes() -> &BTreeMap       // borrowed, maintained incrementally
-//! view.compile_policy() -> CompiledPolicy                     // policy part only
-//! view.status() -> Vec<ClusterStatus>; view.cluster_status(&name); view.rejections(&name)
-//! view.identities() -> &BTreeMap<NumericIdentity, Labels>      // admitted, all clusters
-//! view.services() -> iterator of (cluster, &ServiceRecord)    // stored for the services issue
+//! view.apply(ClusterEvent { cluster, kind }) -> Applied       // one watcher event
+//! view.apply_batch(events) -> Applied                          // a burst (initial list): faster, net report
+//! view.apply_policy(PolicyEvent::Upsert(p) | Delete{..}) -> Result<bool /*changed*/, PolicyErrors>
+//! view.desired() -> DesiredDatapath                            // full desired state (clone + policy compile)
+//! view.desired_ipcache() / desired_nodes() -> &BTreeMap        // borrowed, maintained incrementally
+//! view.compile_policy() -> CompiledPolicy                      // policy part only
+//! view.status() -> Vec<ClusterStatus>; view.cluster_status(&name)
+//! view.rejections(&name) -> Vec<Rejection>; view.pending(&name) -> Vec<PendingEntry>
+//! view.identities() -> &BTreeMap<NumericIdentity, Labels>       // admitted, all clusters
+//! view.services() -> iterator of (&ClusterName, &ServiceRecord) // stored for the services issue
 //!
-//! diff(&actual, &desired) -> Vec<DatapathOp>                  // ordered, idempotent
-//! diff_policy(&actual, &desired) -> Vec<DatapathOp>           // policy maps only
-//! DesiredDatapath::apply_ops(&mut self, &[DatapathOp])         // what a map writer does, in memory
+//! diff(&actual, &desired) -> Vec<DatapathOp>                   // ordered, idempotent
+//! diff_ipcache / diff_nodes (into a Vec) ; diff_policy(&actual, &desired)
+//! DesiredDatapath::apply_ops(&mut self, &[DatapathOp])          // what a map writer does, in memory
 //!
 //! NetworkPolicy::from_yaml(&str) / from_json(&str) -> Result<NetworkPolicy, PolicyErrors>
 //! NetworkPolicy::validate(&self) -> Result<(), PolicyErrors>
 //! compile(policies, &identities, local_cluster_id) -> CompiledPolicy
 //! ```
+//!
+//! Two ways to drive the maps, both correct: (1) level-triggered, `diff(&actual, &view.desired())`
+//! after any change (a few ms at 100k entries); (2) incremental, apply `Applied::ops` (the exact
+//! ipcache/node diff of that event, about 1 us per event at 100k entries) and, when
+//! `policy_inputs_changed` or a policy changed, `diff_policy(&last, &view.desired())`. Use (1)
+//! at start against the pinned maps read back, so wanted entries are left untouched.
 //!
 //! ## Events
 //!
@@ -34,23 +42,31 @@
 //! [`LocalNode`]) go through the same `apply`: the local etcd's nodes, ipcache and identities
 //! are a cluster like the others, only trusted for overlap and never refused.
 //!
-//! [`Applied`] says what one event did: `ops` (ipcache and node-map operations, already the exact
-//! incremental diff of the maintained desired state, in safe order), `rejected` (each a
-//! [`Rejection`] naming cluster, etcd key and reason: log it), `pending` (ipcache entries waiting
-//! for their node), `policy_inputs_changed` (identities changed: recompile policy), and `cluster`
-//! (a cluster-level refusal, e.g. a conflicting cluster id).
+//! [`Applied`] says what one call did: `ops` (ipcache and node-map operations, the exact diff
+//! of the maintained desired maps before and after, in safe order), `rejected` (each a
+//! [`Rejection`] naming cluster, etcd key and reason: log it), `pending` (ipcache entries now
+//! waiting for their node), `refusals` (a cluster refused, e.g. a conflicting cluster id, or the
+//! local cluster's published config disagreeing with the node's), and `policy_inputs_changed`
+//! (admitted identities changed: recompile policy). Only net changes are reported: within a
+//! batch, an entry that waits for a node listed later is not reported as pending.
+//!
+//! A cluster is `ready` ([`ClusterStatus::ready`]) once its config is accepted (remote) and
+//! `Synced` was seen for nodes, ipcache and identities.
 //!
 //! ## Rules of the merged view
 //!
 //! * A remote cluster's data is held back (pending) until its `ClusterConfig` arrives; a remote
 //!   whose published name differs from the configured one, whose id equals the local id, or
 //!   whose id is already used by another accepted remote is *refused*: nothing of it enters
-//!   the desired state. The incumbent keeps its id (a newcomer cannot evict a working
-//!   cluster); when the incumbent goes or changes id, refused clusters are re-examined.
+//!   the desired state, identities included. The incumbent keeps its id (a newcomer cannot
+//!   evict a working cluster); when the incumbent goes or changes id, refused clusters are
+//!   re-examined in name order. This is the one decision that depends on history.
 //! * Identities (ipcache entries and identity records) must carry the cluster bits of their
 //!   cluster's id. No reserved identity (1-255) is accepted from any cluster's ipcache: host,
 //!   world and remote-node are meanings this node assigns itself (node IPs get remote-node or
-//!   host from the node records), never claims a cluster may publish.
+//!   host from the node records), never claims a cluster may publish. Identity records whose
+//!   `meshd.io/cluster` label names another cluster are rejected; where the label is missing
+//!   the view adds it.
 //! * A remote ipcache prefix that overlaps (contains or is contained in) a local prefix (this
 //!   node's IP and pod CIDRs, every prefix in the local cluster's ipcache, every local node's
 //!   IP and pod CIDRs) is rejected. The same exact prefix from two remotes: the lower cluster id
@@ -58,12 +74,15 @@
 //! * An ipcache entry whose `host_ip` is not an admitted node of its cluster is *pending*, not
 //!   rejected: watchers deliver nodes and ipcache on independent streams, so an entry may come
 //!   before its node. It is admitted the moment the node appears and withdrawn (pending again)
-//!   when the node goes. Pending entries are counted in status.
-//! * Node records must carry their cluster's id; a remote node whose IP is a local node's IP,
-//!   or another remote's (lower id wins), is rejected.
-//! * Every decision is a function of the current content of the view, never of the order of
-//!   events: a rejected key is re-examined whenever something it depends on changes, and a
-//!   later valid update of the same key replaces the rejection.
+//!   when the node goes (lease expiry). Pending entries are counted in status and listed by
+//!   [`MeshView::pending`].
+//! * Node records must carry their cluster's name and id; a remote node whose IP is a local
+//!   node's IP, or another remote's (lower id wins), is rejected.
+//! * Apart from cluster-id incumbency, every decision is a function of the current content of
+//!   the view, never of the order of events: a rejected key is re-examined whenever something
+//!   it depends on changes, and a later valid update of the same key replaces the rejection.
+//!   (Tests check after every event that the maintained state equals a recomputation from
+//!   scratch.)
 //!
 //! ## Desired datapath
 //!
@@ -72,10 +91,25 @@
 //!   this node's IP -> host (1, local), every other admitted node's IP -> remote-node (6), no
 //!   tunnel (delivered by the underlay), unless an endpoint entry has the same prefix.
 //! * nodes: every admitted node's IP -> its cluster id, except this node itself.
-//! * policy: see [`policy`]. `policy_enabled` markers are per (subject identity, direction).
+//! * policy: see [`policy`] for the semantics. `policy_enabled` markers are per (subject
+//!   identity, direction); the host identity is always allowed for an enforced subject.
 //!
 //! IPv6 prefixes are kept in the view and the desired state; the IPv4-only datapath of today
 //! skips them when mapping (the agent's job).
+//!
+//! ## Cost (release build, this 2-core machine under load; `cargo test --release -p meshd-mesh
+//! measure -- --ignored --nocapture`)
+//!
+//! 100k remote ipcache entries over 100 nodes: `apply_batch` about 110 ms (a plain `BTreeMap`
+//! insert of the same records: about 30 ms in the same run), `desired()` about 2 ms,
+//! `diff(empty, desired)` about 2 ms, `diff(x, x)` about 1 ms; one more upsert on top: about
+//! 1 us (p99 about 2 us); the view holds about 26 MB of heap.
+//!
+//! ## Not covered yet
+//!
+//! Remote prefixes overlapping another *remote* cluster's pod CIDRs or node IPs are accepted
+//! (only exact prefix collisions are resolved); overlapping pod CIDRs between clusters are a
+//! later issue of the design.
 
 pub mod desired;
 pub mod policy;

@@ -901,6 +901,59 @@ spec:
     assert!(v.desired().policy_enabled.is_empty());
 }
 
+#[test]
+fn many_entries_across_clusters_drain_and_come_back() {
+    let mut v = MeshView::new(local());
+    let mut batch = Vec::new();
+    for (c, id) in [("c2", 2u32), ("c3", 3), ("c4", 4)] {
+        batch.push(ClusterEvent::new(cn(c), config(c, id)));
+        for n in 0..10u32 {
+            batch.push(ClusterEvent::new(
+                cn(c),
+                node(
+                    c,
+                    id,
+                    &format!("n{n}"),
+                    &format!("192.168.{id}.{}", n + 1),
+                    &format!("10.{id}.{n}.0/24"),
+                ),
+            ));
+        }
+        for i in 0..3000u32 {
+            let n = i % 10;
+            batch.push(ClusterEvent::new(
+                cn(c),
+                entry(
+                    &format!("10.{id}.{n}.{}", i / 10 % 250 + 1),
+                    ident(id, 256 + (i % 300) as u16),
+                    &format!("192.168.{id}.{}", n + 1),
+                ),
+            ));
+        }
+    }
+    // Entries listed before their nodes would arrive: shuffle deterministically.
+    let mut rng = Lcg(7);
+    for i in (1..batch.len()).rev() {
+        let j = rng.next(i as u64 + 1) as usize;
+        batch.swap(i, j);
+    }
+    let applied = apply_checked(&mut v, batch);
+    assert!(applied.rejected.is_empty() && applied.pending.is_empty());
+    // 3 clusters x 2500 distinct prefixes, 30 nodes, this node's IP.
+    assert_eq!(v.desired_ipcache().len(), 3 * 2500 + 30 + 1);
+    assert_eq!(v.desired_nodes().len(), 30);
+    check_desired_is_sound(&v);
+
+    let applied = apply(&mut v, "c3", EventKind::ClusterRemoved);
+    assert_eq!(applied.ops.len(), 2500 + 10 + 10);
+    assert!(v
+        .desired_ipcache()
+        .keys()
+        .all(|p| !net("10.3.0.0/16").contains(p)));
+    assert_eq!(v.desired_ipcache().len(), 2 * 2500 + 20 + 1);
+    check_desired_is_sound(&v);
+}
+
 /// A tiny deterministic generator, so the property test needs no crate and replays exactly.
 struct Lcg(u64);
 
