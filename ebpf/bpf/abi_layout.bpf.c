@@ -6,6 +6,7 @@
 #include "meshd_abi.h"
 
 struct ipcache_key abi_ipcache_key;
+struct ipcache_host_key abi_ipcache_host_key;
 struct ipcache_value abi_ipcache_value;
 struct endpoint_key abi_endpoint_key;
 struct endpoint_value abi_endpoint_value;

@@ -39,8 +39,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	if (dst) {
 		ctx->dst_identity = dst->identity;
 	} else {
-		struct ipcache_key ikey = {.prefixlen = 32, .addr = ctx->daddr};
-		remote = bpf_map_lookup_elem(&IPCACHE, &ikey);
+		remote = ipcache_lookup(ctx->daddr);
 		if (!remote)
 			return MESHD_DROP_UNKNOWN_DEST;
 		ctx->dst_identity = remote->identity;

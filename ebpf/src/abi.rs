@@ -20,6 +20,7 @@ pub fn ip_from_be(raw: u32) -> Ipv4Addr {
 
 // enum meshd_limits
 pub const IPCACHE_MAX: u32 = 512_000;
+pub const IPCACHE_HOSTS_MAX: u32 = 512_000;
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NODES_MAX: u32 = 16_384;
 pub const POLICY_MAX: u32 = 262_144;
@@ -78,6 +79,7 @@ pub const EVENT_DROP: u32 = 1;
 /// Every constant above with its C name, for the layout test.
 pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_IPCACHE_MAX", IPCACHE_MAX as i64),
+    ("MESHD_IPCACHE_HOSTS_MAX", IPCACHE_HOSTS_MAX as i64),
     ("MESHD_ENDPOINTS_MAX", ENDPOINTS_MAX as i64),
     ("MESHD_NODES_MAX", NODES_MAX as i64),
     ("MESHD_POLICY_MAX", POLICY_MAX as i64),
@@ -157,6 +159,13 @@ pub fn metrics_index(direction: u8, code: i32) -> u32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct IpcacheKey {
     pub prefixlen: u32,
+    pub addr: u32,
+}
+
+/// Key of IPCACHE_HOSTS, the /32 part of the ipcache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheHostKey {
     pub addr: u32,
 }
 
@@ -302,6 +311,7 @@ pub struct DropEvent {
 // spelled out as fields (checked by tests/abi_layout.rs), so any bit pattern is valid and no
 // byte is uninitialised.
 unsafe impl aya::Pod for IpcacheKey {}
+unsafe impl aya::Pod for IpcacheHostKey {}
 unsafe impl aya::Pod for IpcacheValue {}
 unsafe impl aya::Pod for EndpointKey {}
 unsafe impl aya::Pod for EndpointValue {}
@@ -343,6 +353,7 @@ macro_rules! layout {
 pub fn layouts() -> Vec<Layout> {
     vec![
         layout!("ipcache_key", IpcacheKey { prefixlen, addr }),
+        layout!("ipcache_host_key", IpcacheHostKey { addr }),
         layout!(
             "ipcache_value",
             IpcacheValue {

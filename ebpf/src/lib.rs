@@ -44,6 +44,7 @@ pub mod programs {
 /// Map names (pinned under these names in the node's bpffs directory).
 pub mod maps {
     pub const IPCACHE: &str = "IPCACHE";
+    pub const IPCACHE_HOSTS: &str = "IPCACHE_HOSTS";
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const NODES: &str = "NODES";
     pub const POLICY: &str = "POLICY";
@@ -53,7 +54,16 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
     /// Every pinned map.
-    pub const ALL: [&str; 9] = [
-        IPCACHE, ENDPOINTS, NODES, POLICY, CT, FRAGS, METRICS, CONFIG, EVENTS,
+    pub const ALL: [&str; 10] = [
+        IPCACHE,
+        IPCACHE_HOSTS,
+        ENDPOINTS,
+        NODES,
+        POLICY,
+        CT,
+        FRAGS,
+        METRICS,
+        CONFIG,
+        EVENTS,
     ];
 }

@@ -2,7 +2,7 @@
 //! ipcache entries, 10k policy entries, egress policy enabled for the sender), against the
 //! empty `baseline` classifier on the same packet. The packet belongs to an established
 //! connection, the common case: its policy verdict is cached in CT until the policy revision
-//! moves, so the cost is anti-spoofing, ipcache (LPM over 100k prefixes), CT, tunnel key.
+//! moves, so the cost is anti-spoofing, ipcache (/32 hash over 100k entries), CT, tunnel key.
 //!
 //! `cargo bench -p meshd-datapath --bench datapath_prog_run -- [--runs N] [--repeat N]`
 

@@ -81,7 +81,7 @@ struct MapShape {
     max_entries: u32,
 }
 
-fn expected_maps() -> [MapShape; 9] {
+fn expected_maps() -> [MapShape; 10] {
     use meshd_ebpf::{abi, maps as m};
     use std::mem::size_of;
     let shape = |name, key_size, value_size, max_entries| MapShape {
@@ -96,6 +96,12 @@ fn expected_maps() -> [MapShape; 9] {
             size_of::<abi::IpcacheKey>(),
             size_of::<abi::IpcacheValue>(),
             abi::IPCACHE_MAX,
+        ),
+        shape(
+            m::IPCACHE_HOSTS,
+            size_of::<abi::IpcacheHostKey>(),
+            size_of::<abi::IpcacheValue>(),
+            abi::IPCACHE_HOSTS_MAX,
         ),
         shape(
             m::ENDPOINTS,

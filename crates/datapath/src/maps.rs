@@ -141,6 +141,7 @@ pub struct NodeConfig {
 pub struct DatapathMaps {
     pin_dir: PathBuf,
     ipcache: LpmTrie<MapData, u32, abi::IpcacheValue>,
+    ipcache_hosts: HashMap<MapData, abi::IpcacheHostKey, abi::IpcacheValue>,
     endpoints: HashMap<MapData, abi::EndpointKey, abi::EndpointValue>,
     nodes: HashMap<MapData, abi::NodeKey, abi::NodeValue>,
     policy: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
@@ -210,6 +211,7 @@ impl DatapathMaps {
         Ok(DatapathMaps {
             pin_dir: pin_dir.to_owned(),
             ipcache: typed(pin_dir, names::IPCACHE)?,
+            ipcache_hosts: typed(pin_dir, names::IPCACHE_HOSTS)?,
             endpoints: typed(pin_dir, names::ENDPOINTS)?,
             nodes: typed(pin_dir, names::NODES)?,
             policy: typed(pin_dir, names::POLICY)?,
@@ -262,7 +264,8 @@ impl DatapathMaps {
             .policy_revision)
     }
 
-    /// Inserts or replaces the ipcache entry of `prefix`.
+    /// Inserts or replaces the ipcache entry of `prefix`. /32 prefixes go to IPCACHE_HOSTS
+    /// (a hash, looked up first), all others to the IPCACHE trie.
     pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, entry: IpcacheEntry) -> Result<()> {
         if entry.identity > abi::IDENTITY_MAX {
             return Err(DatapathError::Invalid {
@@ -270,29 +273,47 @@ impl DatapathMaps {
                 detail: format!("{} for {prefix} does not fit a 24-bit VNI", entry.identity),
             });
         }
-        let key = ipcache_key(prefix);
         let value = abi::IpcacheValue {
             identity: entry.identity,
             tunnel_endpoint: entry.tunnel_endpoint.map(abi::ip_to_be).unwrap_or(0),
             flags: entry.flags,
         };
-        self.ipcache
-            .insert(&key, value, 0)
-            .map_err(op_err("insert", names::IPCACHE, prefix))
+        match host_key(prefix) {
+            Some(key) => self.ipcache_hosts.insert(key, value, 0).map_err(op_err(
+                "insert",
+                names::IPCACHE_HOSTS,
+                prefix,
+            )),
+            None => self
+                .ipcache
+                .insert(&ipcache_key(prefix), value, 0)
+                .map_err(op_err("insert", names::IPCACHE, prefix)),
+        }
     }
 
     /// Removes the ipcache entry of `prefix` (exact prefix, not longest match).
     pub fn delete_ipcache(&mut self, prefix: Ipv4Net) -> Result<()> {
-        ignore_missing(self.ipcache.remove(&ipcache_key(prefix))).map_err(op_err(
-            "remove",
-            names::IPCACHE,
-            prefix,
-        ))
+        match host_key(prefix) {
+            Some(key) => ignore_missing(self.ipcache_hosts.remove(&key)).map_err(op_err(
+                "remove",
+                names::IPCACHE_HOSTS,
+                prefix,
+            )),
+            None => ignore_missing(self.ipcache.remove(&ipcache_key(prefix))).map_err(op_err(
+                "remove",
+                names::IPCACHE,
+                prefix,
+            )),
+        }
     }
 
     /// The ipcache entry of exactly `prefix`, if any.
     pub fn ipcache_entry(&self, prefix: Ipv4Net) -> Result<Option<IpcacheEntry>> {
-        match self.ipcache.get(&ipcache_key(prefix), 0) {
+        let found = match host_key(prefix) {
+            Some(key) => self.ipcache_hosts.get(&key, 0),
+            None => self.ipcache.get(&ipcache_key(prefix), 0),
+        };
+        match found {
             Ok(v) => Ok(Some(IpcacheEntry {
                 identity: v.identity,
                 tunnel_endpoint: (v.tunnel_endpoint != 0)
@@ -304,20 +325,26 @@ impl DatapathMaps {
         }
     }
 
-    /// Every ipcache prefix (for level-triggered reconciliation: diff desired against actual).
+    /// Every ipcache prefix, /32s included (for level-triggered reconciliation: diff desired
+    /// against actual).
     pub fn ipcache_prefixes(&self) -> Result<Vec<Ipv4Net>> {
-        self.ipcache
-            .keys()
-            .map(|k| {
-                let k = k.map_err(op_err("iterate", names::IPCACHE, "*"))?;
+        let mut out = Vec::new();
+        for k in self.ipcache_hosts.keys() {
+            let k = k.map_err(op_err("iterate", names::IPCACHE_HOSTS, "*"))?;
+            out.push(Ipv4Net::from(abi::ip_from_be(k.addr)));
+        }
+        for k in self.ipcache.keys() {
+            let k = k.map_err(op_err("iterate", names::IPCACHE, "*"))?;
+            out.push(
                 Ipv4Net::new(abi::ip_from_be(k.data()), k.prefix_len() as u8).map_err(|e| {
                     DatapathError::Invalid {
                         what: "ipcache key",
                         detail: e.to_string(),
                     }
-                })
-            })
-            .collect()
+                })?,
+            );
+        }
+        Ok(out)
     }
 
     /// Inserts or replaces the local endpoint with address `ip`.
@@ -560,6 +587,12 @@ impl DatapathMaps {
         }
         out
     }
+}
+
+fn host_key(prefix: Ipv4Net) -> Option<abi::IpcacheHostKey> {
+    (prefix.prefix_len() == 32).then(|| abi::IpcacheHostKey {
+        addr: abi::ip_to_be(prefix.addr()),
+    })
 }
 
 fn ipcache_key(prefix: Ipv4Net) -> LpmKey<u32> {

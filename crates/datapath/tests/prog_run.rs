@@ -538,3 +538,39 @@ fn later_fragments_follow_the_verdict_of_their_first_fragment() {
     assert_eq!(counter(&dp, Direction::Egress, abi::DROP_FRAG_NOT_FOUND), 1);
     dp.maps.drain_drop_events();
 }
+
+#[test]
+fn host_entries_win_over_covering_prefixes_and_deleting_them_falls_back() {
+    let Some(mut dp) = setup() else { return };
+    let node3 = Ipv4Addr::new(192, 168, 50, 3);
+    let host: ipnet::Ipv4Net = "10.2.0.5/32".parse().unwrap();
+    dp.maps
+        .upsert_ipcache(
+            host,
+            IpcacheEntry {
+                identity: REMOTE + 1,
+                tunnel_endpoint: Some(node3),
+                flags: 0,
+            },
+        )
+        .unwrap();
+    let mut prefixes = dp.maps.ipcache_prefixes().unwrap();
+    prefixes.sort();
+    assert_eq!(prefixes, vec!["10.2.0.0/24".parse().unwrap(), host]);
+
+    let to = |dp: &TestDatapath, dst: Ipv4Addr| {
+        let pkt = Packet::udp(A, 5000, dst, 53);
+        let (verdict, _, cb) = dp.run(programs::FROM_ENDPOINT_PROBE, &pkt.bytes(), A_IF, [0; 5]);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        Ipv4Addr::from(cb[0])
+    };
+    assert_eq!(to(&dp, R), node3, "the /32 wins");
+    assert_eq!(
+        to(&dp, Ipv4Addr::new(10, 2, 0, 6)),
+        NODE2,
+        "the /24 covers the rest"
+    );
+    dp.maps.delete_ipcache(host).unwrap();
+    assert_eq!(dp.maps.ipcache_entry(host).unwrap(), None);
+    assert_eq!(to(&dp, R), NODE2, "back to the /24");
+}

@@ -25,6 +25,7 @@
 /* Map capacities. Changing one requires removing the pinned map (it is reused by name). */
 enum meshd_limits {
 	MESHD_IPCACHE_MAX = 512000,
+	MESHD_IPCACHE_HOSTS_MAX = 512000,
 	MESHD_ENDPOINTS_MAX = 65536,
 	MESHD_NODES_MAX = 16384,
 	MESHD_POLICY_MAX = 262144,
@@ -79,7 +80,12 @@ enum meshd_metrics_layout {
 	MESHD_METRICS_MAX = MESHD_DIR_COUNT * MESHD_REASONS,
 };
 
-/* IPCACHE: longest-prefix match on the destination address. */
+/*
+ * IPCACHE: longest-prefix match on the destination address, split in two maps because almost
+ * every entry is an endpoint's /32: IPCACHE_HOSTS (hash, /32 entries) is looked up first, then
+ * IPCACHE (LPM trie, all shorter prefixes). With 100k /32 entries in the trie, its depth cost
+ * about 75 ns per packet (BENCHMARKS.md). The agent's map writer keeps /32s out of the trie.
+ */
 struct ipcache_key {
 	__u32 prefixlen; /* LPM trie key header: number of significant bits in addr */
 	__u32 addr;      /* network byte order */
@@ -87,6 +93,10 @@ struct ipcache_key {
 
 enum meshd_ipcache_flags {
 	MESHD_IPCACHE_F_LOCAL = 1, /* the prefix belongs to this node (informational) */
+};
+
+struct ipcache_host_key {
+	__u32 addr; /* network byte order */
 };
 
 struct ipcache_value {

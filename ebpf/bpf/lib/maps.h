@@ -23,6 +23,26 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct ipcache_host_key);
+	__type(value, struct ipcache_value);
+	__uint(max_entries, MESHD_IPCACHE_HOSTS_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} IPCACHE_HOSTS SEC(".maps");
+
+/* The ipcache entry covering addr (network byte order): /32 hash first, then the trie. */
+static __always_inline struct ipcache_value *ipcache_lookup(__u32 addr)
+{
+	struct ipcache_host_key hkey = {.addr = addr};
+	struct ipcache_value *v = bpf_map_lookup_elem(&IPCACHE_HOSTS, &hkey);
+	if (v)
+		return v;
+	struct ipcache_key key = {.prefixlen = 32, .addr = addr};
+	return bpf_map_lookup_elem(&IPCACHE, &key);
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct endpoint_key);
 	__type(value, struct endpoint_value);
 	__uint(max_entries, MESHD_ENDPOINTS_MAX);
