@@ -394,8 +394,9 @@ impl MeshView {
         self.apply_batch(std::iter::once(event))
     }
 
-    /// Applies several events as one: keys are evaluated once, against the state after the
-    /// last event, so an initial list costs one pass and reports no transient pending entries.
+    /// Applies several events as one transaction: one set of operations (the net diff) and
+    /// one report of net status changes, so an initial list reports no entry as pending whose
+    /// node comes later in the same batch, and a key changed twice yields one operation.
     pub fn apply_batch(&mut self, events: impl IntoIterator<Item = ClusterEvent>) -> Applied {
         let mut txn = Txn::default();
         for event in events {
