@@ -4,7 +4,7 @@ set -euo pipefail
 : "${CLUSTER:?}" "${CLUSTER_ID:?}" "${IP:?}" "${ETCD:?}" "${SERVICE_CIDR:?}"
 certs=/certs/$CLUSTER
 exec clustermesh-apiserver \
-  --cluster "$CLUSTER" --cluster-id "$CLUSTER_ID" \
+  --cluster-name "$CLUSTER" --cluster-id "$CLUSTER_ID" \
   --etcd-endpoints "$ETCD" --etcd-ca "$certs/ca.pem" \
   --etcd-cert "$certs/admin.pem" --etcd-key "$certs/admin-key.pem" \
   --listen "$IP:9443" --health-listen "$IP:9444" \

@@ -79,7 +79,7 @@ done
 
 step "applying lab/manifests to both clusters"
 for id in 1 2; do
-  docker exec "$(container "c$id-n1")" meshd --context "lab-c$id" apply -f /manifests >/dev/null
+  docker exec "$(container "c$id-n1")" meshd apply -f /manifests --context "lab-c$id" >/dev/null
 done
 
 step "connectivity check"

@@ -255,16 +255,23 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
 
 fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCode> {
     let services = services(state, clis)?;
+    // A global service answers from every cluster that publishes ready backends for it.
+    let backend_clusters = |name: &str| {
+        services
+            .iter()
+            .filter(|s| s.name == name && s.shared && s.ready_backends > 0)
+            .count()
+    };
     let targets: Vec<ServiceTarget> = services
         .iter()
         .filter_map(|s| {
             Some(ServiceTarget {
-                cluster: s["cluster"].as_str()?.to_owned(),
-                name: s["name"].as_str()?.to_owned(),
-                vip: s["vip"].as_str()?.to_owned(),
-                port: s["ports"].get(0)?["port"].as_u64()? as u16,
-                global: s["global"].as_bool().unwrap_or(false),
-                clusters_with_backends: s["backend_clusters"].as_u64().unwrap_or(1) as usize,
+                cluster: s.cluster.clone(),
+                name: s.name.clone(),
+                vip: s.vip.clone()?,
+                port: *s.ports.first()?,
+                global: s.global,
+                clusters_with_backends: backend_clusters(&s.name),
             })
         })
         .collect();
@@ -306,14 +313,14 @@ fn cli(
         }
     };
     let out = cmd
+        .args(args)
         .arg("--context")
         .arg(context)
-        .args(args)
         .output()
         .context("running meshd")?;
     if !out.status.success() {
         bail!(
-            "`meshd --context {context} {}` failed: {}",
+            "`meshd {} --context {context}` failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -322,8 +329,22 @@ fn cli(
         .with_context(|| format!("`meshd {}` did not print JSON", args.join(" ")))
 }
 
-/// Every service every cluster knows, flattened for status and the check.
-fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<serde_json::Value>> {
+/// A service as one cluster's apiserver lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LabService {
+    name: String,
+    namespace: String,
+    cluster: String,
+    /// None until the apiserver published the service.
+    vip: Option<String>,
+    ports: Vec<u16>,
+    global: bool,
+    shared: bool,
+    ready_backends: usize,
+}
+
+/// Every service every cluster knows (`meshd get services -o json` per cluster).
+fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<LabService>> {
     let mut all = Vec::new();
     for c in &state.clusters {
         let listed = cli(
@@ -333,10 +354,34 @@ fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<serde_json::Val
             &c.context,
             &["get", "services", "-o", "json"],
         )?;
-        for s in listed.as_array().into_iter().flatten() {
-            let mut s = s.clone();
-            s["cluster"] = c.name.clone().into();
-            all.push(s);
+        for item in listed["items"].as_array().into_iter().flatten() {
+            let status = &item["status"];
+            let frontends = status["frontends"].as_array().cloned().unwrap_or_default();
+            all.push(LabService {
+                name: item["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                namespace: item["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                cluster: c.name.clone(),
+                vip: frontends
+                    .first()
+                    .and_then(|f| f["ip"].as_str())
+                    .map(str::to_owned),
+                ports: frontends
+                    .iter()
+                    .filter_map(|f| f["port"].as_u64().map(|p| p as u16))
+                    .collect(),
+                global: status["global"].as_bool().unwrap_or(false),
+                shared: status["shared"].as_bool().unwrap_or(false),
+                ready_backends: status["backends"]
+                    .as_array()
+                    .map(|b| b.iter().filter(|b| b["ready"] == true).count())
+                    .unwrap_or(0),
+            });
         }
     }
     Ok(all)
@@ -352,7 +397,7 @@ fn policies(state: &LabState, clis: &Clis) -> anyhow::Result<bool> {
             &c.context,
             &["get", "policies", "-o", "json"],
         )?;
-        if listed.as_array().is_some_and(|a| !a.is_empty()) {
+        if listed["items"].as_array().is_some_and(|a| !a.is_empty()) {
             return Ok(true);
         }
     }
@@ -386,11 +431,12 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         })).collect::<Vec<_>>(),
         "endpoints": state.endpoints,
         "services": services.iter().map(|s| serde_json::json!({
-            "name": s["name"],
-            "namespace": s["namespace"],
-            "cluster": s["cluster"],
-            "vip": s["vip"],
-            "ports": s["ports"],
+            "name": s.name,
+            "namespace": s.namespace,
+            "cluster": s.cluster,
+            "vip": s.vip,
+            "ports": s.ports,
+            "global": s.global,
         })).collect::<Vec<_>>(),
     });
     match args.output.format {
@@ -437,12 +483,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             }
             for s in &services {
                 println!(
-                    "service {}/{} in {}: {} ports {}",
-                    s["namespace"].as_str().unwrap_or(""),
-                    s["name"].as_str().unwrap_or(""),
-                    s["cluster"].as_str().unwrap_or(""),
-                    s["vip"].as_str().unwrap_or(""),
-                    s["ports"]
+                    "service {}/{} in {}: {} ports {:?}{}",
+                    s.namespace,
+                    s.name,
+                    s.cluster,
+                    s.vip.as_deref().unwrap_or("(no VIP yet)"),
+                    s.ports,
+                    if s.global { " (global)" } else { "" }
                 );
             }
         }

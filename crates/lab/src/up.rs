@@ -161,11 +161,11 @@ fn build(
                 opts,
                 state,
                 &[
-                    "--context".into(),
-                    spec.context(cluster),
                     "apply".into(),
                     "-f".into(),
                     manifests.display().to_string(),
+                    "--context".into(),
+                    spec.context(cluster),
                 ],
             )?;
         }
@@ -324,7 +324,7 @@ fn start_control_plane(
     let api_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_port));
     let health_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_health_port));
     let api_args: Vec<String> = vec![
-        "--cluster".into(),
+        "--cluster-name".into(),
         cluster.name.clone(),
         "--cluster-id".into(),
         cluster.id.to_string(),
