@@ -473,3 +473,249 @@ fn identities_without_a_namespace_label_are_in_default() {
         Direction::Ingress
     )));
 }
+
+/// The datapath's lookup (ebpf/bpf/lib/policy.h), over compiled entries.
+fn datapath_allows(
+    c: &CompiledPolicy,
+    subject: NumericIdentity,
+    peer: NumericIdentity,
+    proto: IpProto,
+    port: u16,
+    direction: Direction,
+) -> bool {
+    if !c.enabled.contains(&(subject, direction)) {
+        return true;
+    }
+    let dport = matches!(proto, IpProto::Tcp | IpProto::Udp).then_some(port);
+    for p in [Some(peer), None] {
+        let mut keys = Vec::new();
+        if dport.is_some() {
+            keys.push(key(subject, p, Some(proto), dport, direction));
+        }
+        keys.push(key(subject, p, Some(proto), None, direction));
+        keys.push(key(subject, p, None, None, direction));
+        for k in keys {
+            if let Some(v) = c.entries.get(&k) {
+                return v.verdict == Verdict::Allow;
+            }
+        }
+    }
+    false
+}
+
+/// Peers and ports of one rule of either direction.
+type RuleRef<'a> = (Option<&'a Vec<EndpointSelector>>, Option<&'a Vec<PortRule>>);
+
+/// The semantics of the module docs, straight from the manifests.
+fn policy_allows(
+    policies: &[NetworkPolicy],
+    ids: &BTreeMap<NumericIdentity, Labels>,
+    subject: NumericIdentity,
+    peer: NumericIdentity,
+    proto: IpProto,
+    port: u16,
+    direction: Direction,
+) -> bool {
+    let ns_of = |l: &Labels| l.get(NAMESPACE_LABEL).unwrap_or("default").to_owned();
+    let subject_labels = &ids[&subject];
+    let mut enforced = false;
+    for p in policies {
+        if ns_of(subject_labels) != p.metadata.namespace
+            || !p.spec.endpoint_selector.matches(subject_labels)
+        {
+            continue;
+        }
+        let rules: Option<Vec<RuleRef<'_>>> = match direction {
+            Direction::Ingress => p.spec.ingress.as_ref().map(|rs| {
+                rs.iter()
+                    .map(|r| (r.from_endpoints.as_ref(), r.to_ports.as_ref()))
+                    .collect()
+            }),
+            Direction::Egress => p.spec.egress.as_ref().map(|rs| {
+                rs.iter()
+                    .map(|r| (r.to_endpoints.as_ref(), r.to_ports.as_ref()))
+                    .collect()
+            }),
+        };
+        let Some(rules) = rules else { continue };
+        enforced = true;
+        for (peers, ports) in rules {
+            let peer_ok = match peers {
+                None => true,
+                Some(sels) => ids.get(&peer).is_some_and(|pl| {
+                    sels.iter().any(|s| {
+                        s.matches(pl)
+                            && (s.mentions(NAMESPACE_LABEL) || ns_of(pl) == p.metadata.namespace)
+                    })
+                }),
+            };
+            let port_ok = match ports {
+                None => true,
+                Some(prs) => prs.iter().flat_map(|r| &r.ports).any(|pp| {
+                    let want = pp.port.as_ref().map_or(0, |x| x.parse().unwrap());
+                    let proto_ok = match pp.protocol.unwrap_or(L4Protocol::Any) {
+                        L4Protocol::Tcp => proto == IpProto::Tcp,
+                        L4Protocol::Udp => proto == IpProto::Udp,
+                        L4Protocol::Icmp => proto == IpProto::Icmp,
+                        L4Protocol::Any => want == 0 || proto != IpProto::Icmp,
+                    };
+                    let port_ok = want == 0 || (proto != IpProto::Icmp && want == port);
+                    proto_ok && port_ok
+                }),
+            };
+            if peer_ok && port_ok {
+                return true;
+            }
+        }
+    }
+    !enforced || peer == NumericIdentity::HOST
+}
+
+#[test]
+fn compiled_entries_under_the_datapath_lookup_match_the_manifest_semantics() {
+    let apps = ["echo", "client", "db"];
+    let nss = ["default", "prod"];
+    let mut seed: u64 = 42;
+    let mut next = |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    // [denied, allowed]: the generated policies must exercise both.
+    let mut outcomes = [0usize; 2];
+    for round in 0..40 {
+        // Identities: every app in every namespace, in clusters 1 and 2.
+        let mut list = Vec::new();
+        let mut local = 300u16;
+        for c in [1u32, 2] {
+            for app in apps {
+                for ns in nss {
+                    list.push((id(c, local), vec![("app", app), (NAMESPACE_LABEL, ns)]));
+                    local += 1;
+                }
+            }
+        }
+        let ids: BTreeMap<NumericIdentity, Labels> = list
+            .iter()
+            .map(|(i, l)| {
+                let mut labels = Labels::from_pairs(l.iter().copied());
+                labels.insert(CLUSTER_LABEL, format!("c{}", i.cluster_id().unwrap().get()));
+                (*i, labels)
+            })
+            .collect();
+        // A few random policies, built as values (every combination the types allow).
+        let mut policies = Vec::new();
+        for n in 0..1 + next(3) {
+            let sel = |next: &mut dyn FnMut(u64) -> u64| -> EndpointSelector {
+                match next(5) {
+                    0 => EndpointSelector::default(),
+                    1 => EndpointSelector::labels([("app", apps[next(3) as usize])]),
+                    2 => EndpointSelector::labels([
+                        ("app", apps[next(3) as usize].to_owned()),
+                        (CLUSTER_LABEL, format!("c{}", 1 + next(2))),
+                    ]),
+                    3 => EndpointSelector::labels([(NAMESPACE_LABEL, nss[next(2) as usize])]),
+                    _ => EndpointSelector {
+                        match_labels: BTreeMap::new(),
+                        match_expressions: vec![SelectorRequirement {
+                            key: "app".into(),
+                            operator: Operator::NotIn,
+                            values: vec![apps[next(3) as usize].into()],
+                        }],
+                    },
+                }
+            };
+            let subject = sel(&mut next);
+            let mut rules = Vec::new();
+            for _ in 0..next(3) {
+                let n_peers = next(3);
+                let peers =
+                    (n_peers > 0).then(|| (0..n_peers).map(|_| sel(&mut next)).collect::<Vec<_>>());
+                let pp = |port: Option<&str>, protocol| PortProtocol {
+                    port: port.map(|p| PortSpec::Text(p.into())),
+                    protocol,
+                };
+                let ports = match next(4) {
+                    0 => Some(vec![pp(Some("80"), Some(L4Protocol::Tcp))]),
+                    1 => Some(vec![pp(Some("53"), None), pp(None, Some(L4Protocol::Icmp))]),
+                    2 => Some(vec![pp(None, Some(L4Protocol::Udp))]),
+                    _ => None,
+                };
+                rules.push((peers, ports.map(|ports| vec![PortRule { ports }])));
+            }
+            let ingress = next(2) == 0;
+            let spec = PolicySpec {
+                endpoint_selector: subject,
+                ingress: ingress.then(|| {
+                    rules
+                        .iter()
+                        .map(|(peers, ports)| IngressRule {
+                            from_endpoints: peers.clone(),
+                            to_ports: ports.clone(),
+                        })
+                        .collect()
+                }),
+                egress: (!ingress).then(|| {
+                    rules
+                        .iter()
+                        .map(|(peers, ports)| EgressRule {
+                            to_endpoints: peers.clone(),
+                            to_ports: ports.clone(),
+                        })
+                        .collect()
+                }),
+            };
+            let p = NetworkPolicy {
+                api_version: API_VERSION.into(),
+                kind: KIND.into(),
+                metadata: PolicyMetadata {
+                    name: format!("p{n}"),
+                    namespace: nss[next(2) as usize].into(),
+                    labels: BTreeMap::new(),
+                    annotations: BTreeMap::new(),
+                },
+                spec,
+            };
+            if let Err(e) = p.validate() {
+                panic!("round {round}: generated policy refused: {e}");
+            }
+            policies.push(p);
+        }
+        let compiled = compile(&policies, &ids, ClusterId::new(1).unwrap());
+        let peers: Vec<NumericIdentity> = ids
+            .keys()
+            .copied()
+            .chain([NumericIdentity::HOST, NumericIdentity::WORLD])
+            .collect();
+        for subject in ids
+            .keys()
+            .filter(|i| i.cluster_id() == ClusterId::new(1).ok())
+        {
+            for peer in &peers {
+                for (proto, port) in [
+                    (IpProto::Tcp, 80),
+                    (IpProto::Tcp, 53),
+                    (IpProto::Udp, 53),
+                    (IpProto::Udp, 9),
+                    (IpProto::Icmp, 0),
+                ] {
+                    for direction in [Direction::Ingress, Direction::Egress] {
+                        let allowed =
+                            datapath_allows(&compiled, *subject, *peer, proto, port, direction);
+                        outcomes[usize::from(allowed)] += 1;
+                        assert_eq!(
+                            allowed,
+                            policy_allows(&policies, &ids, *subject, *peer, proto, port, direction),
+                            "round {round}: {subject} {direction} peer {peer} {proto:?}/{port}\n{policies:#?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        outcomes[0] > 1000 && outcomes[1] > 1000,
+        "denied/allowed: {outcomes:?}"
+    );
+}
