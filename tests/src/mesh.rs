@@ -1,0 +1,573 @@
+//! A multi-cluster mesh in network namespaces, driven through the real `meshd` binary.
+//!
+//! Layout (addresses inside namespaces this harness creates; nothing leaves the machine):
+//! - one underlay bridge namespace, `br0` = 192.168.77.254/24, where a [`Proxy`] per cluster
+//!   listens on port 2379 + cluster id and relays to that cluster's etcd on the host loopback;
+//! - per cluster: etcd with TLS, client-certificate auth and the RBAC of `meshd etcd bootstrap`;
+//! - per node: a namespace with `ul0` = 192.168.77.(10 * cluster id + node)/24, pod CIDR
+//!   10.<cluster id>.<node>.0/24, running `meshd agent` (maps pinned under a per-mesh bpffs
+//!   directory), with the other clusters in its remote-clusters directory;
+//! - endpoints made with `meshd endpoint add`, in namespaces named `<prefix>-ep-...`.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
+use meshd_certs::LeafKind;
+use meshd_testing::etcd::{Etcd, EtcdOptions, EtcdTls};
+use meshd_testing::netns::Underlay;
+
+use crate::pki::Pki;
+use crate::proxy::Proxy;
+use crate::wait_for;
+
+/// Address of the underlay bridge, where nodes reach their etcd.
+pub const CONTROL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 254);
+pub const UNDERLAY_MTU: u32 = 1500;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// (cluster name, cluster id, number of nodes)
+    pub clusters: Vec<(String, u8, u8)>,
+    /// TTL of each agent's lease: how long a dead node's records outlive it.
+    pub lease_ttl_secs: u64,
+}
+
+impl MeshOptions {
+    /// `n` clusters c1..cn with `nodes` nodes each.
+    pub fn clusters(n: u8, nodes: u8) -> Self {
+        Self {
+            clusters: (1..=n).map(|i| (format!("c{i}"), i, nodes)).collect(),
+            lease_ttl_secs: 4,
+        }
+    }
+}
+
+pub struct Node {
+    pub cluster: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+    /// The node's network namespace.
+    pub netns: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub pin_dir: PathBuf,
+    agent: Option<Child>,
+}
+
+pub struct Cluster {
+    pub name: String,
+    pub id: u8,
+    pub etcd: Etcd,
+    proxy: Proxy,
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// etcd as nodes dial it.
+    pub fn etcd_url(&self) -> String {
+        format!("https://{}", self.proxy.addr())
+    }
+}
+
+/// An endpoint as `meshd endpoint add -o json` described it.
+#[derive(Debug, Clone)]
+pub struct EndpointInfo {
+    pub cluster: String,
+    pub node: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub identity: u32,
+    pub netns: PathBuf,
+}
+
+pub struct Mesh {
+    pub prefix: String,
+    meshd: PathBuf,
+    bpffs_root: PathBuf,
+    pub clusters: Vec<Cluster>,
+    pub underlay: Underlay,
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The `meshd` binary next to this test executable (target/<profile>/meshd): `make test`
+/// (`cargo test --workspace`) builds it before running tests.
+pub fn meshd_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target/<profile> directory")?;
+    let bin = profile_dir.join("meshd");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it first (`cargo build -p meshd`, or run `make test`)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Checks what an end-to-end test needs; false (after printing why) when it cannot run here.
+pub fn prerequisites() -> bool {
+    meshd_testing::require("root", meshd_testing::is_root())
+        && meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd"))
+        && meshd_testing::require("nsenter on PATH", meshd_testing::have_binary("nsenter"))
+        && meshd_testing::require(
+            "bpffs at /sys/fs/bpf",
+            meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")),
+        )
+        && meshd_testing::require(
+            "the meshd binary (cargo build -p meshd)",
+            meshd_binary().is_ok(),
+        )
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Mesh {
+    /// Builds the mesh, starts every agent and waits until every node sees every cluster
+    /// ready.
+    pub fn start(opts: MeshOptions) -> anyhow::Result<Mesh> {
+        let meshd = meshd_binary()?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("m{}x{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("meshd-e2e-{prefix}-"))
+            .tempdir()?;
+        let bpffs_root = PathBuf::from("/sys/fs/bpf").join(format!("meshd-e2e-{prefix}"));
+        let pki = Pki::new(dir.path())?;
+        let underlay = Underlay::new(&prefix, UNDERLAY_MTU)?;
+        underlay
+            .bridge()
+            .ip(&["addr", "add", &format!("{CONTROL_IP}/24"), "dev", "br0"])?;
+
+        let mut mesh = Mesh {
+            prefix: prefix.clone(),
+            meshd,
+            bpffs_root,
+            clusters: Vec::new(),
+            underlay,
+            pki,
+            dir,
+        };
+
+        for (name, id, nodes) in &opts.clusters {
+            mesh.pki
+                .issue_cluster(name, &[IpAddr::from([127, 0, 0, 1]), CONTROL_IP.into()])?;
+            let server = mesh.pki.files(name, LeafKind::Server);
+            let admin = mesh.pki.files(name, LeafKind::Admin);
+            let etcd = Etcd::start_with(EtcdOptions {
+                tls: Some(EtcdTls {
+                    ca: server.ca.clone(),
+                    cert: server.cert.clone(),
+                    key: server.key.clone(),
+                    client_cert_auth: true,
+                    etcdctl_client: Some((admin.cert.clone(), admin.key.clone())),
+                }),
+                extra_args: Vec::new(),
+            })?;
+            run(Command::new(&mesh.meshd).args([
+                "etcd",
+                "bootstrap",
+                "--endpoints",
+                &etcd.endpoint(),
+                "--ca",
+                &admin.ca.display().to_string(),
+                "--cert",
+                &admin.cert.display().to_string(),
+                "--key",
+                &admin.key.display().to_string(),
+            ]))
+            .with_context(|| format!("bootstrapping etcd of {name}"))?;
+            let proxy = Proxy::start(
+                &mesh.underlay.bridge().path(),
+                SocketAddr::from((CONTROL_IP, 2379 + u16::from(*id))),
+                SocketAddr::from(([127, 0, 0, 1], etcd.client_url_port())),
+            )?;
+            let mut cluster = Cluster {
+                name: name.clone(),
+                id: *id,
+                etcd,
+                proxy,
+                nodes: Vec::new(),
+            };
+            for k in 1..=*nodes {
+                let node_name = format!("n{k}");
+                let ip = Ipv4Addr::new(192, 168, 77, 10 * id + k);
+                let index = mesh
+                    .underlay
+                    .add_node(&format!("{prefix}-{name}{node_name}"), ip)?;
+                let netns = mesh.underlay.node(index).path();
+                let node_dir = mesh.dir.path().join(format!("{name}-{node_name}"));
+                fs::create_dir_all(&node_dir)?;
+                cluster.nodes.push(Node {
+                    cluster: name.clone(),
+                    name: node_name.clone(),
+                    ip,
+                    pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, *id, k, 0), 24)?,
+                    netns,
+                    config: node_dir.join("agent.yaml"),
+                    socket: node_dir.join("agent.sock"),
+                    log: node_dir.join("agent.log"),
+                    pin_dir: mesh.bpffs_root.join(name).join(&node_name),
+                    agent: None,
+                });
+            }
+            mesh.clusters.push(cluster);
+        }
+
+        // Remote-cluster directories: every other cluster, read with its remote certificate.
+        for c in &mesh.clusters {
+            let remotes = mesh.remotes_dir(&c.name);
+            fs::create_dir_all(&remotes)?;
+            for other in mesh.clusters.iter().filter(|o| o.name != c.name) {
+                mesh.write_remote_file(&c.name, &other.name)?;
+            }
+        }
+        for ci in 0..mesh.clusters.len() {
+            for ni in 0..mesh.clusters[ci].nodes.len() {
+                mesh.write_config(ci, ni, opts.lease_ttl_secs)?;
+            }
+        }
+        for ci in 0..mesh.clusters.len() {
+            for ni in 0..mesh.clusters[ci].nodes.len() {
+                let (c, n) = (
+                    mesh.clusters[ci].name.clone(),
+                    mesh.clusters[ci].nodes[ni].name.clone(),
+                );
+                mesh.start_agent(&c, &n)?;
+            }
+        }
+        mesh.wait_all_ready(Duration::from_secs(60))?;
+        Ok(mesh)
+    }
+
+    pub fn remotes_dir(&self, cluster: &str) -> PathBuf {
+        self.dir.path().join(format!("{cluster}-remotes"))
+    }
+
+    /// Writes `<cluster>-remotes/<other>`, connecting `cluster`'s nodes to `other`.
+    pub fn write_remote_file(&self, cluster: &str, other: &str) -> anyhow::Result<()> {
+        let o = self.cluster(other)?;
+        let remote = self.pki.files(other, LeafKind::Remote);
+        fs::write(
+            self.remotes_dir(cluster).join(other),
+            format!(
+                "endpoints: [{}]\nca: {}\ncert: {}\nkey: {}\n",
+                o.etcd_url(),
+                remote.ca.display(),
+                remote.cert.display(),
+                remote.key.display()
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn write_config(&self, ci: usize, ni: usize, lease_ttl_secs: u64) -> anyhow::Result<()> {
+        let c = &self.clusters[ci];
+        let n = &c.nodes[ni];
+        let admin = self.pki.files(&c.name, LeafKind::Admin);
+        let state = n.config.parent().expect("node dir").join("state");
+        let text = format!(
+            "cluster: {cluster}\ncluster_id: {id}\nnode: {node}\nnode_ip: {ip}\npod_cidr: {pod}\n\
+             etcd:\n  endpoints: [{etcd}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\n\
+             remote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: 8472\n\
+             underlay_mtu: {mtu}\napi_socket: {sock}\nstate_dir: {state}\n\
+             lease_ttl_secs: {ttl}\nendpoint_netns_prefix: {prefix}-ep-{cluster}{node}-\n",
+            cluster = c.name,
+            id = c.id,
+            node = n.name,
+            ip = n.ip,
+            pod = n.pod_cidr,
+            etcd = c.etcd_url(),
+            ca = admin.ca.display(),
+            cert = admin.cert.display(),
+            key = admin.key.display(),
+            remotes = self.remotes_dir(&c.name).display(),
+            bpffs = self.bpffs_root.display(),
+            mtu = UNDERLAY_MTU,
+            sock = n.socket.display(),
+            state = state.display(),
+            ttl = lease_ttl_secs,
+            prefix = self.prefix,
+        );
+        fs::write(&n.config, text)?;
+        Ok(())
+    }
+
+    pub fn cluster(&self, name: &str) -> anyhow::Result<&Cluster> {
+        self.clusters
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no cluster {name}"))
+    }
+
+    pub fn cluster_mut(&mut self, name: &str) -> anyhow::Result<&mut Cluster> {
+        self.clusters
+            .iter_mut()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no cluster {name}"))
+    }
+
+    pub fn node(&self, cluster: &str, node: &str) -> anyhow::Result<&Node> {
+        self.cluster(cluster)?
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node {cluster}/{node}"))
+    }
+
+    fn node_mut(&mut self, cluster: &str, node: &str) -> anyhow::Result<&mut Node> {
+        self.cluster_mut(cluster)?
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node {cluster}/{node}"))
+    }
+
+    /// Every (cluster, node) pair.
+    pub fn node_names(&self) -> Vec<(String, String)> {
+        self.clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| (c.name.clone(), n.name.clone())))
+            .collect()
+    }
+
+    /// Starts (or restarts) the agent of a node, inside its namespace, logging to its log file.
+    pub fn start_agent(&mut self, cluster: &str, node: &str) -> anyhow::Result<()> {
+        let meshd = self.meshd.clone();
+        let n = self.node_mut(cluster, node)?;
+        if let Some(mut old) = n.agent.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", n.netns.display()))
+            .arg("--")
+            .arg(&meshd)
+            .args(["--log-level", "info,meshd=debug", "agent", "--config"])
+            .arg(&n.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning meshd agent")?;
+        n.agent = Some(child);
+        let socket = n.socket.clone();
+        let log = n.log.clone();
+        let meshd = self.meshd.clone();
+        wait_for(
+            &format!("agent of {cluster}/{node} answering"),
+            Duration::from_secs(30),
+            || {
+                run(Command::new(&meshd)
+                    .args(["status", "-o", "json", "--socket"])
+                    .arg(&socket))
+            },
+        )
+        .with_context(|| format!("agent log:\n{}", tail(&log, 40)))?;
+        Ok(())
+    }
+
+    /// SIGKILL: the agent dies without a word; its lease runs out on its own.
+    pub fn kill_agent(&mut self, cluster: &str, node: &str) -> anyhow::Result<()> {
+        let n = self.node_mut(cluster, node)?;
+        if let Some(mut child) = n.agent.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for the agent to exit.
+    pub fn stop_agent(&mut self, cluster: &str, node: &str) -> anyhow::Result<()> {
+        let n = self.node_mut(cluster, node)?;
+        if let Some(mut child) = n.agent.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `meshd ARGS --socket <node's socket>`.
+    pub fn meshd(&self, cluster: &str, node: &str, args: &[&str]) -> anyhow::Result<String> {
+        let n = self.node(cluster, node)?;
+        run(Command::new(&self.meshd)
+            .args(args)
+            .arg("--socket")
+            .arg(&n.socket))
+    }
+
+    pub fn status(&self, cluster: &str, node: &str) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.meshd(
+            cluster,
+            node,
+            &["status", "-o", "json"],
+        )?)?)
+    }
+
+    /// The status of `of` as seen by a node.
+    pub fn cluster_status(
+        &self,
+        cluster: &str,
+        node: &str,
+        of: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let s = self.status(cluster, node)?;
+        s["clusters"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == of))
+            .cloned()
+            .with_context(|| format!("{cluster}/{node} does not list cluster {of}: {s}"))
+    }
+
+    pub fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        for (c, n) in self.node_names() {
+            wait_for(
+                &format!("{c}/{n} sees every cluster ready"),
+                timeout,
+                || {
+                    let s = self.status(&c, &n)?;
+                    let clusters = s["clusters"].as_array().cloned().unwrap_or_default();
+                    if clusters.len() != self.clusters.len() {
+                        bail!("{c}/{n} lists {} clusters: {s}", clusters.len());
+                    }
+                    for cl in clusters {
+                        if cl["state"] != "ready" {
+                            bail!("{c}/{n}: cluster {} is {}: {cl}", cl["name"], cl["state"]);
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .with_context(|| format!("agent log:\n{}", self.log_tail(&c, &n, 30)))?;
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self, cluster: &str, node: &str, lines: usize) -> String {
+        self.node(cluster, node)
+            .map(|n| tail(&n.log, lines))
+            .unwrap_or_default()
+    }
+
+    /// Every agent's log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.node_names()
+            .iter()
+            .map(|(c, n)| format!("--- {c}/{n} ---\n{}", self.log_tail(c, n, 25)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `meshd endpoint add NAME --labels ... ` on a node.
+    pub fn add_endpoint(
+        &self,
+        cluster: &str,
+        node: &str,
+        name: &str,
+        labels: &str,
+    ) -> anyhow::Result<EndpointInfo> {
+        let out = self.meshd(
+            cluster,
+            node,
+            &["endpoint", "add", name, "--labels", labels, "-o", "json"],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(EndpointInfo {
+            cluster: cluster.to_owned(),
+            node: node.to_owned(),
+            name: name.to_owned(),
+            ip: v["ip"]
+                .as_str()
+                .context("no ip")?
+                .parse()
+                .with_context(|| format!("ip in {v}"))?,
+            identity: v["identity"].as_u64().context("no identity")? as u32,
+            netns: PathBuf::from(v["netns"].as_str().context("no netns")?),
+        })
+    }
+
+    pub fn delete_endpoint(&self, ep: &EndpointInfo) -> anyhow::Result<()> {
+        self.meshd(&ep.cluster, &ep.node, &["endpoint", "del", &ep.name])?;
+        Ok(())
+    }
+
+    /// The ipcache map entry of exactly `ip/32` on a node (read from its pinned maps).
+    pub fn ipcache_entry(
+        &self,
+        cluster: &str,
+        node: &str,
+        ip: Ipv4Addr,
+    ) -> anyhow::Result<Option<meshd_datapath::IpcacheEntry>> {
+        let n = self.node(cluster, node)?;
+        let maps = meshd_datapath::DatapathMaps::open(&n.pin_dir)?;
+        Ok(maps.ipcache_entry(Ipv4Net::from(ip))?)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for c in &mut self.clusters {
+            for n in &mut c.nodes {
+                if let Some(mut child) = n.agent.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        // Endpoint namespaces the agents made.
+        let ep_prefix = format!("{}-ep-", self.prefix);
+        if let Ok(entries) = fs::read_dir("/run/netns") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&ep_prefix) {
+                    let _ = Command::new("ip")
+                        .args(["netns", "del", &name])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.bpffs_root);
+    }
+}
+
+/// Pings `to` once from inside `netns` (ICMP echo, 1 s timeout).
+pub fn ping(netns: &Path, to: Ipv4Addr) -> anyhow::Result<()> {
+    crate::netns_io::icmp_ping(netns, to, Duration::from_secs(1))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

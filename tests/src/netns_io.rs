@@ -1,0 +1,150 @@
+//! Sockets inside network namespaces. `setns` changes only the calling thread, and a socket
+//! stays in the namespace it was created in, so each socket is created on a short-lived thread
+//! that entered the namespace and then used from anywhere.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Runs `f` on a thread inside the network namespace at `netns`.
+pub fn in_netns<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            // SAFETY: a valid namespace fd; CLONE_NEWNET affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!(
+                    "setns into {}: {}",
+                    netns.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// A TCP listener inside `netns`.
+pub fn listen(netns: &Path, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    in_netns(netns, || {
+        TcpListener::bind(addr).with_context(|| format!("binding {addr} in {}", netns.display()))
+    })
+}
+
+/// A TCP connection from inside `netns`.
+pub fn connect(netns: &Path, addr: SocketAddr, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let stream = in_netns(netns, || {
+        TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("connecting to {addr} from {}", netns.display()))
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Serves TCP echo on `port` inside `netns` until the process exits.
+pub fn spawn_echo(netns: &Path, port: u16) -> anyhow::Result<()> {
+    let listener = listen(netns, SocketAddr::from(([0, 0, 0, 0], port)))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Sends `msg` and expects it back.
+pub fn echo_round_trip(stream: &mut TcpStream, msg: &[u8]) -> anyhow::Result<()> {
+    stream.write_all(msg).context("sending")?;
+    let mut back = vec![0u8; msg.len()];
+    stream.read_exact(&mut back).context("receiving the echo")?;
+    if back != msg {
+        bail!("echo differs: sent {msg:?}, got {back:?}");
+    }
+    Ok(())
+}
+
+/// Connects from `netns` to an echo server at `addr` and checks one round trip.
+pub fn tcp_check(netns: &Path, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let mut s = connect(netns, addr, timeout)?;
+    echo_round_trip(&mut s, format!("hello {addr}").as_bytes())
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// One ICMP echo from inside `netns` to `to`, answered within `timeout`. A raw socket (root),
+/// so it needs no `ping` binary and no ping_group_range.
+pub fn icmp_ping(netns: &Path, to: std::net::Ipv4Addr, timeout: Duration) -> anyhow::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    static SEQ: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+    let fd = in_netns(netns, || {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        if raw < 0 {
+            bail!("raw ICMP socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh, valid fd nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    })?;
+    let socket = std::net::UdpSocket::from(fd); // only for its timeout setters and fd
+    socket.set_read_timeout(Some(timeout))?;
+    let id = (std::process::id() & 0xffff) as u16;
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut pkt = vec![8u8, 0, 0, 0];
+    pkt.extend_from_slice(&id.to_be_bytes());
+    pkt.extend_from_slice(&seq.to_be_bytes());
+    pkt.extend_from_slice(b"meshd-e2e-ping..");
+    let sum = checksum(&pkt);
+    pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    socket
+        .send_to(&pkt, SocketAddr::from((to, 0)))
+        .with_context(|| format!("sending ICMP echo to {to} from {}", netns.display()))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (n, from) = socket
+            .recv_from(&mut buf)
+            .with_context(|| format!("no ICMP echo reply from {to} to {}", netns.display()))?;
+        // A raw IPv4 socket returns the IP header too.
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if from.ip() == std::net::IpAddr::V4(to)
+            && n >= ihl + 8
+            && buf[ihl] == 0
+            && buf[ihl + 4..ihl + 6] == id.to_be_bytes()
+            && buf[ihl + 6..ihl + 8] == seq.to_be_bytes()
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("no ICMP echo reply from {to} to {}", netns.display());
+        }
+    }
+}

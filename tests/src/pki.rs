@@ -1,0 +1,42 @@
+//! Certificates of a test mesh: one CA, and per cluster the etcd server certificate (IP SANs
+//! of loopback and the underlay address nodes dial), the admin client certificate (etcd user
+//! `root`) and the remote client certificate (read-only etcd user `remote`).
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use meshd_certs::{LeafKind, LeafRequest, MeshCa, TlsFiles};
+
+pub struct Pki {
+    dir: PathBuf,
+    ca: MeshCa,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> anyhow::Result<Pki> {
+        let ca = MeshCa::create("meshd e2e CA", 30)?;
+        ca.write(&dir.join("mesh-ca"), false)?;
+        Ok(Pki {
+            dir: dir.to_owned(),
+            ca,
+        })
+    }
+
+    /// Issues server, admin and remote certificates of `cluster` into `<dir>/<cluster>/`.
+    pub fn issue_cluster(&self, cluster: &str, server_ips: &[IpAddr]) -> anyhow::Result<PathBuf> {
+        let out = self.dir.join(cluster);
+        self.ca.write_ca_copy(&out, false)?;
+        for kind in LeafKind::ALL {
+            let mut req = LeafRequest::new(kind, cluster, 2);
+            if kind == LeafKind::Server {
+                req.ip_addresses = server_ips.to_vec();
+            }
+            self.ca.issue(&req)?.write(&out, false)?;
+        }
+        Ok(out)
+    }
+
+    pub fn files(&self, cluster: &str, kind: LeafKind) -> TlsFiles {
+        TlsFiles::in_dir(&self.dir.join(cluster), kind.file_stem())
+    }
+}
