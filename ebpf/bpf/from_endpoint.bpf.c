@@ -86,6 +86,10 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		return MESHD_FWD_STACK;
 	}
 
+	/* The merged view lists this node's endpoints with this node as tunnel endpoint too; one
+	 * that is not in ENDPOINTS (any more) is gone, not somewhere to tunnel to. */
+	if (remote->tunnel_endpoint == cfg->node_ip)
+		return MESHD_DROP_UNKNOWN_DEST;
 	if (!cfg->vxlan_ifindex)
 		return MESHD_DROP_NO_CONFIG;
 	struct bpf_tunnel_key key = {};

@@ -140,6 +140,23 @@ fn unknown_destination_is_dropped_with_an_event() {
     assert_eq!((ev.saddr, ev.daddr), (A, Ipv4Addr::new(10, 9, 9, 9)));
     assert_eq!((ev.sport, ev.dport, ev.proto), (40000, 80, TCP));
     assert_eq!(ev.direction, Direction::Egress);
+
+    // An address the ipcache places on this very node, but no local endpoint has (any more).
+    let gone: ipnet::Ipv4Net = "10.1.0.77/32".parse().unwrap();
+    dp.maps
+        .upsert_ipcache(
+            gone,
+            IpcacheEntry {
+                identity: WEB,
+                tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 50, 1)),
+                flags: abi::IPCACHE_F_LOCAL,
+            },
+        )
+        .unwrap();
+    let pkt = Packet::tcp(A, 40000, gone.addr(), 80, 0x02);
+    let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_SHOT, "not tunnelled to ourselves");
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST), 2);
 }
 
 #[test]
