@@ -392,6 +392,41 @@ impl DatapathMaps {
             .collect()
     }
 
+    /// The local endpoint with address `ip`, if any.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> Result<Option<LocalEndpoint>> {
+        let key = abi::EndpointKey {
+            addr: abi::ip_to_be(ip),
+        };
+        match self.endpoints.get(&key, 0) {
+            Ok(v) => Ok(Some(LocalEndpoint {
+                ifindex: v.ifindex,
+                identity: v.identity,
+                mac: v.mac,
+                node_mac: v.node_mac,
+            })),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(op_err("get", names::ENDPOINTS, ip)(e)),
+        }
+    }
+
+    /// Every known node and its cluster id.
+    pub fn nodes(&self) -> Result<Vec<(Ipv4Addr, u8)>> {
+        self.nodes
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (abi::ip_from_be(k.addr), v.cluster_id as u8))
+                    .map_err(op_err("iterate", names::NODES, "*"))
+            })
+            .collect()
+    }
+
+    /// The drop-event ring buffer's fd, to wait for events (e.g. with tokio's `AsyncFd`)
+    /// before [`DatapathMaps::drain_drop_events`].
+    pub fn drop_events_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.events.as_fd()
+    }
+
     /// Accepts overlay packets from node `ip` carrying identities of cluster `cluster_id`.
     pub fn upsert_node(&mut self, ip: Ipv4Addr, cluster_id: u8) -> Result<()> {
         if cluster_id == 0 {
@@ -485,21 +520,42 @@ impl DatapathMaps {
         self.bump_policy_revision().map(|_| ())
     }
 
-    /// Every policy key currently in the map (markers excluded).
-    pub fn policy_entries(&self) -> Result<Vec<PolicyEntry>> {
+    /// Every policy entry with its verdict and cookie (markers excluded), for diffing.
+    pub fn policy_entries(&self) -> Result<Vec<(PolicyEntry, Verdict, u32)>> {
         let mut out = Vec::new();
-        for k in self.policy.keys() {
-            let k = k.map_err(op_err("iterate", names::POLICY, "*"))?;
+        for item in self.policy.iter() {
+            let (k, v) = item.map_err(op_err("iterate", names::POLICY, "*"))?;
             if k.direction & abi::POLICY_F_MARKER != 0 {
                 continue;
             }
-            out.push(PolicyEntry {
+            let entry = PolicyEntry {
                 subject: k.subject_identity,
                 peer: (k.peer_identity != 0).then_some(k.peer_identity),
                 proto: (k.proto != 0).then_some(k.proto),
                 dport: (k.dport != 0).then_some(k.dport),
                 direction: Direction::from_raw(k.direction),
-            });
+            };
+            let verdict = if v.verdict == abi::VERDICT_DENY {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            };
+            out.push((entry, verdict, v.cookie));
+        }
+        Ok(out)
+    }
+
+    /// Every (subject, direction) whose policy is enabled (default-deny).
+    pub fn policy_enabled(&self) -> Result<Vec<(u32, Direction)>> {
+        let mut out = Vec::new();
+        for k in self.policy.keys() {
+            let k = k.map_err(op_err("iterate", names::POLICY, "*"))?;
+            if k.direction & abi::POLICY_F_MARKER != 0 {
+                out.push((
+                    k.subject_identity,
+                    Direction::from_raw(k.direction & !abi::POLICY_F_MARKER),
+                ));
+            }
         }
         Ok(out)
     }

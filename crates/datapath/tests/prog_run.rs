@@ -591,3 +591,103 @@ fn host_entries_win_over_covering_prefixes_and_deleting_them_falls_back() {
     assert_eq!(dp.maps.ipcache_entry(host).unwrap(), None);
     assert_eq!(to(&dp, R), NODE2, "back to the /24");
 }
+
+#[test]
+fn a_reply_passes_when_the_lru_evicted_only_the_reply_half() {
+    let Some(mut dp) = setup() else { return };
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Egress, true)
+        .unwrap();
+    let syn = Packet::tcp(A, 40000, B, 8080, 0x02);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &syn.bytes(), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+
+    // Drop the reply half, as LRU eviction might.
+    let ct_path = dp.pin_dir.path().join("maps").join(meshd_ebpf::maps::CT);
+    let mut ct: aya::maps::HashMap<_, abi::CtKey, abi::CtValue> = aya::maps::HashMap::try_from(
+        aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&ct_path).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let reply_key = abi::CtKey {
+        saddr: abi::ip_to_be(B),
+        daddr: abi::ip_to_be(A),
+        sport: 8080u16.to_be(),
+        dport: 40000u16.to_be(),
+        proto: TCP,
+        pad: [0; 3],
+    };
+    assert_eq!(ct.get(&reply_key, 0).unwrap().flags, abi::CT_F_REPLY);
+    ct.remove(&reply_key).unwrap();
+    assert_eq!(dp.maps.ct_len(), 1);
+
+    let reply = Packet::tcp(B, 8080, A, 40000, 0x12);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &reply.bytes(), B_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT,
+        "the original half vouches for the reply"
+    );
+    assert_eq!(dp.maps.ct_len(), 2, "the reply half is back");
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_POLICY), 0);
+}
+
+#[test]
+fn listings_reflect_what_was_written() {
+    let Some(mut dp) = setup() else { return };
+    let entry = PolicyEntry {
+        subject: WEB,
+        peer: None,
+        proto: Some(UDP),
+        dport: Some(53),
+        direction: Direction::Egress,
+    };
+    dp.maps.upsert_policy(entry, Verdict::Deny, 42).unwrap();
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Egress, true)
+        .unwrap();
+    assert_eq!(
+        dp.maps.policy_entries().unwrap(),
+        vec![(entry, Verdict::Deny, 42)]
+    );
+    assert_eq!(
+        dp.maps.policy_enabled().unwrap(),
+        vec![(WEB, Direction::Egress)]
+    );
+    assert_eq!(
+        dp.maps.policy_revision().unwrap(),
+        2,
+        "one bump per policy write"
+    );
+    assert_eq!(dp.maps.nodes().unwrap(), vec![(NODE2, 2)]);
+    assert_eq!(dp.maps.endpoint(B).unwrap().map(|e| e.identity), Some(WEB));
+    let mut addrs = dp.maps.endpoint_addrs().unwrap();
+    addrs.sort();
+    assert_eq!(addrs, vec![A, B]);
+
+    dp.maps.delete_policy(entry).unwrap();
+    dp.maps.delete_policy(entry).unwrap(); // deletes are idempotent
+    dp.maps.delete_endpoint(B).unwrap();
+    dp.maps.delete_node(NODE2).unwrap();
+    assert!(dp.maps.policy_entries().unwrap().is_empty());
+    assert_eq!(dp.maps.endpoint(B).unwrap(), None);
+    assert!(dp.maps.nodes().unwrap().is_empty());
+    assert!(dp
+        .maps
+        .upsert_node(NODE2, 0)
+        .is_err_and(|e| e.to_string().contains("cluster ids are 1-255")));
+    assert!(dp
+        .maps
+        .upsert_policy(
+            PolicyEntry {
+                dport: Some(80),
+                proto: None,
+                ..entry
+            },
+            Verdict::Allow,
+            0
+        )
+        .is_err());
+}
