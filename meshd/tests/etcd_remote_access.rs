@@ -230,6 +230,21 @@ async fn other_ca_and_plaintext_clients_are_refused() {
     );
     // Control: the same etcdctl call with our admin certificate works.
     etcd.etcdctl(&["get", NODE]).unwrap();
+    // The other way round: a consistent set of another mesh does not trust this etcd, and the
+    // error says so with the file, not just "UnknownIssuer".
+    let run = mesh.run(&[
+        "etcd",
+        "bootstrap",
+        "--endpoints",
+        &etcd.endpoint(),
+        "--ca",
+        "evil/ca.pem",
+        "--cert",
+        "evil/admin.pem",
+        "--key",
+        "evil/admin-key.pem",
+    ]);
+    run.fails_saying(&["the certificate of 127.0.0.1 is not signed by the CA in evil/ca.pem"]);
 
     // Plaintext gRPC to the TLS port.
     let plain = format!("http://127.0.0.1:{}", etcd.client_url_port());

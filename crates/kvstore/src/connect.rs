@@ -251,9 +251,14 @@ async fn dial(shared: &Shared, target: &Target) -> Result<Box<dyn Io>, BoxError>
         config.alpn_protocols = vec![b"h2".to_vec()];
         let name = ServerName::try_from(target.host.clone())
             .map_err(|e| format!("{:?} is not a valid server name: {e}", target.host))?;
+        // A handshake error says "UnknownIssuer" or "BadCertificate"; say which file and side.
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
-            .await?;
+            .await
+            .map_err(|e| {
+                meshd_certs::explain_tls_error(&e, files, &target.host)
+                    .unwrap_or_else(|| e.to_string())
+            })?;
         Ok(Box::new(tls))
     };
     match tokio::time::timeout(shared.connect_timeout, attempt).await {
