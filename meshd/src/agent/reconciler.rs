@@ -238,6 +238,11 @@ impl Reconciler {
                 }
             }
         }
+        // Generation 0: the endpoint manager has not recovered this node's endpoints yet (agent
+        // start); what the map holds stays until it has, or a restart would cut local traffic.
+        if endpoints.generation == 0 {
+            return self.finish_round(failed, first_error, &ops, endpoints);
+        }
         // Endpoints: add and change first, then remove (the order of the other maps too).
         for (ip, ep) in &endpoints.endpoints {
             if self.applied_endpoints.get(ip) == Some(ep) {
@@ -272,6 +277,16 @@ impl Reconciler {
                 }
             }
         }
+        self.finish_round(failed, first_error, &ops, endpoints)
+    }
+
+    fn finish_round(
+        &mut self,
+        failed: usize,
+        first_error: Option<String>,
+        ops: &[DatapathOp],
+        endpoints: &LocalEndpoints,
+    ) -> usize {
         self.status.rounds += 1;
         self.status.last_round_ms = now_ms();
         self.status.ipcache_entries = self.applied.ipcache.len();
