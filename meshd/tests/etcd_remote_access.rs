@@ -159,6 +159,32 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
     }
     // The admin still writes everywhere.
     admin.put(POLICY, "{\"v\":2}", None).await.unwrap();
+
+    // A component certificate with CN admin: read-write on meshd/, nothing else, no user admin.
+    mesh.run(&[
+        "certs",
+        "issue",
+        "admin",
+        "--cn",
+        "admin",
+        "--cluster",
+        "c1",
+        "--out-dir",
+        "c1-component",
+        "--ca",
+        "mesh-ca/ca.pem",
+        "--ca-key",
+        "mesh-ca/ca-key.pem",
+    ])
+    .ok();
+    let mut component = connect(&etcd, files(&mesh.path().join("c1-component"), "admin"))
+        .await
+        .unwrap()
+        .client();
+    component.put(POLICY, "{\"v\":3}", None).await.unwrap();
+    component.get(NODE, None).await.unwrap();
+    assert!(is_denied(component.put("elsewhere", "x", None).await));
+    assert!(is_denied(component.auth_client().role_add("sneaky").await));
 }
 
 #[tokio::test(flavor = "current_thread")]
