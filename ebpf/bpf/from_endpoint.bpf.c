@@ -20,8 +20,16 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	if (ret < 0)
 		return ret;
 	if (ret == PARSE_ARP) {
-		/* The endpoint resolves its gateway with a static neighbour entry; any other ARP is
-		 * the node's business. */
+		/* The endpoint resolves its gateway with a static neighbour entry, so its ARP is
+		 * answers to the node (which routes to it by a /32): the node's business, as long as
+		 * the endpoint speaks for its own address only (ARP sender IP at offset 28). */
+		struct endpoint_key akey = {};
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 14, &akey.addr, sizeof(akey.addr)) < 0)
+			return MESHD_DROP_INVALID_PACKET;
+		ctx->saddr = akey.addr;
+		struct endpoint_value *sender = bpf_map_lookup_elem(&ENDPOINTS, &akey);
+		if (!sender || sender->ifindex != skb->ingress_ifindex)
+			return MESHD_DROP_INVALID_SOURCE;
 		ctx->action = TC_ACT_OK;
 		return MESHD_FWD_STACK;
 	}

@@ -691,3 +691,21 @@ fn listings_reflect_what_was_written() {
         )
         .is_err());
 }
+
+#[test]
+fn arp_passes_to_the_node_only_for_the_endpoints_own_address() {
+    let Some(dp) = setup() else { return };
+    let node_ip = Ipv4Addr::new(192, 168, 50, 1);
+    let own = arp_reply(A_MAC, A, node_ip);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &own, A_IF, [0; 5]).0,
+        TC_ACT_OK
+    );
+    assert_eq!(counter(&dp, Direction::Egress, abi::FWD_STACK), 1);
+    let claims_b = arp_reply(A_MAC, B, node_ip);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &claims_b, A_IF, [0; 5]).0,
+        TC_ACT_SHOT
+    );
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_INVALID_SOURCE), 1);
+}

@@ -270,3 +270,17 @@ fn checksum(bytes: &[u8]) -> u16 {
 }
 
 pub mod topology;
+
+/// An ARP reply frame claiming `sender_ip` is at `sender_mac`, to `target_ip`.
+pub fn arp_reply(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xfe]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]); // Ethernet/IPv4, reply
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender_ip.octets());
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0xfe]);
+    f.extend_from_slice(&target_ip.octets());
+    f
+}
