@@ -18,6 +18,7 @@ have iperf3 || need+=(iperf3)
 have bpftool || need+=(bpftool)
 have openssl || need+=(openssl)
 have jq || need+=(jq)
+have ping || need+=(iputils-ping)
 have nsenter || need+=(util-linux)
 # asm/types.h for -target bpf lives under the multiarch include dir; the i386 headers provide
 # the generic asm/ links clang needs on Debian.

@@ -42,12 +42,12 @@ impl CheckReport {
 
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<14} {:<22} {:<30} {:<6} {:<5} {}\n",
+            "{:<20} {:<18} {:<26} {:<6} {:<5} {}\n",
             "CHECK", "FROM", "TO", "EXPECT", "PASS", "DETAIL"
         );
         for r in &self.results {
             out.push_str(&format!(
-                "{:<14} {:<22} {:<30} {:<6} {:<5} {}\n",
+                "{:<20} {:<18} {:<26} {:<6} {:<5} {}\n",
                 r.check,
                 r.from,
                 r.to,
@@ -215,7 +215,7 @@ pub fn run_check(
         // One echo asks another in its own cluster and one in another cluster: not a client.
         if let Some(from) = echos.first() {
             for to in echos.iter().filter(|t| t.name != from.name) {
-                if to.node == from.node {
+                if to.cluster == from.cluster && to.node == from.node {
                     continue;
                 }
                 let url = format!("http://{}:{ECHO_PORT}/", to.ip);

@@ -198,7 +198,7 @@ fn tls_paths(run_dir: &Path, cluster: &str, kind: LeafKind) -> TlsPaths {
 }
 
 fn issue_certs(opts: &UpOptions) -> anyhow::Result<()> {
-    let ca = MeshCa::create("meshd-lab", 365)?;
+    let ca = MeshCa::create("meshd-lab", 3650)?;
     ca.write(&certs_dir(&opts.run_dir), true)?;
     for cluster in &opts.spec.clusters {
         let dir = cluster_certs(&opts.run_dir, &cluster.name);
