@@ -16,13 +16,15 @@ use std::time::Duration;
 use meshd_api::pb;
 use meshd_datapath::{plumbing, Datapath, LocalEndpoint};
 use meshd_state::{
-    check_dns_label, check_dns_subdomain, encode, IpcacheEntry, IpcacheKey, Labels, CLUSTER_LABEL,
+    check_dns_label, check_dns_subdomain, IpcacheEntry, IpcacheKey, Labels, CLUSTER_LABEL,
     NAMESPACE_LABEL,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agent::config::AgentConfig;
-use crate::agent::publisher::Publisher;
+
+/// This node's lease-backed publisher (kvstore's).
+pub type Publisher = meshd_kvstore::Publisher<meshd_kvstore::EtcdStore>;
 use crate::agent::reconciler::{LocalEndpoints, ReconcileStatus};
 use crate::agent::store::{EndpointRecord, EndpointStore};
 use crate::agent::{identity, now_ms};
@@ -114,7 +116,7 @@ pub struct EndpointManager {
     store: EndpointStore,
     datapath: Datapath,
     etcd: etcd_client::Client,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     links: BTreeMap<String, Link>,
     local: watch::Sender<Arc<LocalEndpoints>>,
     reconciled: watch::Receiver<ReconcileStatus>,
@@ -131,7 +133,7 @@ impl EndpointManager {
         store: EndpointStore,
         datapath: Datapath,
         etcd: etcd_client::Client,
-        publisher: Publisher,
+        publisher: Arc<Publisher>,
         local: watch::Sender<Arc<LocalEndpoints>>,
         reconciled: watch::Receiver<ReconcileStatus>,
         underlay_mtu: u32,
@@ -384,8 +386,8 @@ impl EndpointManager {
             .cloned()
             .ok_or_else(|| EndpointError::NotFound(name.to_owned()))?;
         let described = self.describe(&rec);
-        let key = IpcacheKey::host(self.config.cluster.clone(), rec.ip.into()).to_string();
-        if let Err(e) = self.publisher.delete(key).await {
+        let key = IpcacheKey::host(self.config.cluster.clone(), rec.ip.into());
+        if let Err(e) = self.publisher.delete::<IpcacheEntry>(&key).await {
             tracing::warn!(endpoint = name, error = %e, "ipcache record not deleted yet; retrying");
         }
         self.links.remove(name);
@@ -421,7 +423,7 @@ impl EndpointManager {
         }
     }
 
-    async fn publish(&self, rec: &EndpointRecord) -> Result<(), String> {
+    async fn publish(&self, rec: &EndpointRecord) -> Result<(), meshd_kvstore::KvError> {
         let key = IpcacheKey::host(self.config.cluster.clone(), rec.ip.into());
         let entry = IpcacheEntry {
             prefix: key.prefix,
@@ -430,8 +432,7 @@ impl EndpointManager {
             endpoint: Some(rec.name.clone()),
             namespace: Some(rec.namespace.clone()),
         };
-        let value = encode(&key, &entry).map_err(|e| e.to_string())?;
-        self.publisher.put(key.to_string(), value).await
+        self.publisher.publish(&key, &entry).await
     }
 
     /// Sends the current endpoint set to the reconciler; returns its generation.

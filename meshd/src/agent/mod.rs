@@ -7,14 +7,14 @@
 //! - [`view_task`] owns the merged view (`meshd_mesh::MeshView`), fed by one [`watcher`] per
 //!   cluster (the local etcd, and each remote from [`remotes`]);
 //! - [`endpoints`] owns this node's endpoints (state file, addresses, veths, program links);
-//! - [`publisher`] owns the node lease and the records published under it;
+//! - kvstore's `Publisher` owns the node lease and the records published under it (the node
+//!   record, each endpoint's ipcache entry) and writes the sync canaries;
 //! - [`server`] answers the API on the Unix socket from the snapshots the others publish.
 
 pub mod config;
 pub mod endpoints;
 pub mod identity;
 pub mod ipam;
-pub mod publisher;
 pub mod reconciler;
 pub mod remotes;
 pub mod server;
@@ -29,15 +29,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use meshd_datapath::{bpffs, plumbing, Datapath, DatapathMaps, NodeConfig};
-use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
+use meshd_kvstore::{EtcdConfig, EtcdStore};
 use meshd_mesh::{LocalNode, MeshView};
 use meshd_state::{
     encode, ClusterConfig, ClusterConfigKey, IdentityRecord, IpcacheEntry, NodeKey, NodeRecord,
-    Resource, SyncCanary, SyncCanaryKey,
 };
 use tokio::sync::{mpsc, watch};
 
 use self::config::{AgentArgs, AgentConfig};
+use self::endpoints::Publisher;
 
 /// Name of the node's VXLAN device.
 pub const VXLAN_IFNAME: &str = "meshd_vxlan";
@@ -143,21 +143,27 @@ async fn ensure_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyho
     Ok(())
 }
 
-async fn write_canaries(store: &EtcdStore, config: &AgentConfig) -> anyhow::Result<()> {
-    for kind in [NodeRecord::KIND, IpcacheEntry::KIND, IdentityRecord::KIND] {
-        let key = SyncCanaryKey {
-            cluster: config.cluster.clone(),
-            resource: kind.to_owned(),
+/// Starts the lease-backed publisher, retrying until the local etcd grants a lease (the
+/// datapath keeps forwarding with its pinned state meanwhile).
+async fn start_publisher(store: &EtcdStore, config: &AgentConfig) -> Publisher {
+    let mut backoff = meshd_kvstore::Backoff::new(Default::default());
+    loop {
+        let cfg = meshd_kvstore::PublisherConfig {
+            ttl: config.lease_ttl,
+            ..Default::default()
         };
-        let value = encode(
-            &key,
-            &SyncCanary {
-                synced_at_ms: now_ms(),
-            },
-        )?;
-        store.put(&key.to_string(), value, None).await?;
+        match Publisher::start(store.clone(), config.cluster.clone(), cfg).await {
+            Ok(p) => {
+                tracing::info!(lease = format!("{:x}", p.lease().await), ttl = ?config.lease_ttl, "node lease granted");
+                return p;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot take the node lease");
+                tokio::time::sleep(delay).await;
+            }
+        }
     }
-    Ok(())
 }
 
 /// Retries `f` every second until it succeeds.
@@ -212,7 +218,10 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let publisher = publisher::spawn(store.clone(), config.lease_ttl);
+    // The lease is not revoked on shutdown: a restarting agent writes the same records under
+    // its new lease, so peers never see its endpoints go; if it does not come back, the lease
+    // runs out and takes them along.
+    let publisher = Arc::new(start_publisher(&store, &config).await);
     let node_key = NodeKey {
         cluster: config.cluster.clone(),
         node: config.node.clone(),
@@ -226,11 +235,8 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         labels: Default::default(),
         boot_id: boot_id(),
     };
-    if let Err(e) = publisher
-        .put(node_key.to_string(), encode(&node_key, &node_record)?)
-        .await
-    {
-        tracing::info!(error = %e, "node record queued until the lease is granted");
+    if let Err(e) = publisher.publish(&node_key, &node_record).await {
+        tracing::warn!(error = %e, "node record not published yet; retrying in the background");
     }
 
     // Channels between the tasks.
@@ -303,12 +309,17 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let endpoints = manager.spawn();
 
     {
-        let (store, config, publisher) = (store.clone(), config.clone(), publisher.clone());
+        let publisher = publisher.clone();
         tokio::spawn(async move {
-            // Canaries say "this node's initial state is in etcd": after the lease exists and
-            // the recovered records were written under it.
-            publisher.wait_lease().await;
-            until_ok("writing sync canaries", || write_canaries(&store, &config)).await
+            // Canaries say "this node's initial state is in etcd": written once the node
+            // record and the recovered endpoints' records are (kvstore re-publishes first).
+            until_ok("writing sync canaries", || async {
+                publisher.mark_synced::<NodeRecord>().await?;
+                publisher.mark_synced::<IpcacheEntry>().await?;
+                publisher.mark_synced::<IdentityRecord>().await?;
+                Ok(())
+            })
+            .await
         });
     }
 

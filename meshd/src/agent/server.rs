@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::config::AgentConfig;
 use crate::agent::endpoints::Endpoints;
-use crate::agent::publisher::Publisher;
+use crate::agent::endpoints::Publisher;
 use crate::agent::reconciler::ReconcileStatus;
 use crate::agent::remotes::Registry;
 use crate::agent::watcher::Connection;
@@ -19,7 +19,7 @@ pub struct AgentService {
     pub config: Arc<AgentConfig>,
     pub started_ms: u64,
     pub endpoints: Endpoints,
-    pub publisher: Publisher,
+    pub publisher: Arc<Publisher>,
     pub view: watch::Receiver<Arc<Vec<ViewStatus>>>,
     pub local_connection: watch::Receiver<Connection>,
     pub remotes: watch::Receiver<Arc<Registry>>,
@@ -123,7 +123,7 @@ impl meshd_api::Agent for AgentService {
         &self,
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let lease = self.publisher.lease();
+        let lease = self.publisher.lease().await;
         let r = self.reconciler.borrow().clone();
         Ok(Response::new(pb::StatusResponse {
             node: Some(pb::NodeStatus {
@@ -132,8 +132,8 @@ impl meshd_api::Agent for AgentService {
                 name: self.config.node.clone(),
                 node_ip: self.config.node_ip.to_string(),
                 pod_cidr: self.config.pod_cidr.to_string(),
-                lease_id: lease.unwrap_or(0),
-                published: lease.is_some(),
+                lease_id: lease,
+                published: lease != 0,
                 started_ms: self.started_ms,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             }),
