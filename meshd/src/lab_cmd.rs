@@ -50,6 +50,9 @@ pub struct UpArgs {
     /// first needs another prefix, underlay and run dir).
     #[arg(long, default_value = "mlab")]
     prefix: String,
+    /// Number of clusters (c1, c2, c3, ...; two nodes each).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=meshd_lab::spec::MAX_CLUSTERS as i64))]
+    clusters: u8,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -136,7 +139,7 @@ fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         bail!("--underlay {}: the lab needs a /24", args.underlay);
     }
     let mut opts = UpOptions::new(
-        LabSpec::two_clusters(&args.prefix, args.underlay),
+        LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters),
         args.run.run_dir.clone(),
         bin_dir()?,
     );

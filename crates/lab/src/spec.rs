@@ -61,8 +61,15 @@ impl LabSpec {
     /// `underlay` is a /24 (10.77.0.0/24 for `make lab`; tests use another one so they can run
     /// beside a user's lab): the host gets .1, control planes .10x, nodes .<10*cluster + node>.
     pub fn two_clusters(prefix: &str, underlay: Ipv4Net) -> LabSpec {
+        Self::with_clusters(prefix, underlay, 2)
+    }
+
+    /// Clusters c1..c<count> (ids 1..count, at most [`MAX_CLUSTERS`]), two nodes each.
+    pub fn with_clusters(prefix: &str, underlay: Ipv4Net, count: u8) -> LabSpec {
         let base = underlay.network().octets();
-        let clusters = (1..=2u8).map(|id| cluster(base, id, 2)).collect();
+        let clusters = (1..=count.clamp(1, MAX_CLUSTERS))
+            .map(|id| cluster(base, id, 2))
+            .collect();
         LabSpec {
             prefix: prefix.to_owned(),
             underlay,
@@ -98,6 +105,9 @@ impl LabSpec {
         format!("lab-{}", cluster.name)
     }
 }
+
+/// Node addresses are .<10*id + n> and control planes .<100 + id> in one /24: up to 9 clusters.
+pub const MAX_CLUSTERS: u8 = 9;
 
 /// The underlay of `make lab`.
 pub const DEFAULT_UNDERLAY: &str = "10.77.0.0/24";
@@ -144,8 +154,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_lab_addresses_are_distinct_and_inside_the_underlay() {
-        let spec = LabSpec::two_clusters("mlab", DEFAULT_UNDERLAY.parse().unwrap());
+    fn lab_addresses_are_distinct_and_inside_the_underlay() {
+        for count in [2, MAX_CLUSTERS] {
+            check_addresses(&LabSpec::with_clusters(
+                "mlab",
+                DEFAULT_UNDERLAY.parse().unwrap(),
+                count,
+            ));
+        }
+    }
+
+    fn check_addresses(spec: &LabSpec) {
         let mut ips = vec![spec.host_ip];
         for c in &spec.clusters {
             ips.push(c.control_plane_ip);
