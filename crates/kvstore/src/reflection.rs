@@ -2,7 +2,7 @@
 //! that move it from one belief to the next. No I/O, so every case (relist with deletes,
 //! malformed values, foreign clusters) is unit-tested here; the watcher only feeds it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use meshd_state::{decode, ClusterName, Resource, ResourceKey};
@@ -47,6 +47,8 @@ impl WatchStats {
 struct Entry<R: Resource> {
     key: R::Key,
     value: R,
+    /// The list generation that last saw this entry (the "mark" of mark-and-sweep).
+    seen: u64,
 }
 
 /// The reader's view of one prefix.
@@ -55,8 +57,9 @@ pub struct Reflection<R: Resource> {
     /// Only keys of this cluster count (cluster config's prefix is one key, which other cluster
     /// names can extend: `c1` is a prefix of `c10`).
     scope: Option<ClusterName>,
-    /// Raw keys seen by the list in progress (the "mark" of mark-and-sweep).
-    listing: Option<HashSet<String>>,
+    /// Generation of the list in progress (or of the last one); entries of older generations
+    /// were not seen by it. A counter instead of a set of seen keys: no key copies, no hashing.
+    generation: u64,
 }
 
 /// The outcome of decoding one raw entry.
@@ -72,7 +75,7 @@ impl<R: Resource> Reflection<R> {
         Self {
             entries: HashMap::new(),
             scope,
-            listing: None,
+            generation: 0,
         }
     }
 
@@ -109,16 +112,24 @@ impl<R: Resource> Reflection<R> {
     }
 
     fn upsert(&mut self, raw: String, key: R::Key, value: R, out: &mut Vec<WatchEvent<R>>) {
-        if let Some(old) = self.entries.get(&raw) {
-            if old.value == value {
-                return;
+        let seen = self.generation;
+        match self.entries.get_mut(&raw) {
+            Some(old) if old.value == value => old.seen = seen,
+            Some(old) => {
+                out.push(WatchEvent::Upsert {
+                    key: key.clone(),
+                    value: value.clone(),
+                });
+                *old = Entry { key, value, seen };
+            }
+            None => {
+                out.push(WatchEvent::Upsert {
+                    key: key.clone(),
+                    value: value.clone(),
+                });
+                self.entries.insert(raw, Entry { key, value, seen });
             }
         }
-        out.push(WatchEvent::Upsert {
-            key: key.clone(),
-            value: value.clone(),
-        });
-        self.entries.insert(raw, Entry { key, value });
     }
 
     fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
@@ -129,18 +140,13 @@ impl<R: Resource> Reflection<R> {
 
     /// Starts a full list. Entries not seen again before [`Self::finish_list`] are deleted.
     pub fn begin_list(&mut self) {
-        self.listing = Some(HashSet::with_capacity(self.entries.len()));
+        self.generation += 1;
     }
 
     /// One entry of the list in progress.
     pub fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
         match self.decode(&kv.key, &kv.value, stats) {
-            Decoded::Ok(key, value) => {
-                if let Some(seen) = &mut self.listing {
-                    seen.insert(kv.key.clone());
-                }
-                self.upsert(kv.key, key, value, out);
-            }
+            Decoded::Ok(key, value) => self.upsert(kv.key, key, value, out),
             // Not marked: if we held an older, valid value it is swept as deleted, since etcd
             // no longer holds it.
             Decoded::Foreign | Decoded::Malformed => {}
@@ -149,12 +155,12 @@ impl<R: Resource> Reflection<R> {
 
     /// Ends the list: sweeps what was not seen and announces the sync.
     pub fn finish_list(&mut self, revision: i64, out: &mut Vec<WatchEvent<R>>) {
-        let seen = self.listing.take().unwrap_or_default();
+        let generation = self.generation;
         let mut gone: Vec<String> = self
             .entries
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
+            .iter()
+            .filter(|(_, e)| e.seen != generation)
+            .map(|(raw, _)| raw.clone())
             .collect();
         gone.sort();
         for raw in gone {

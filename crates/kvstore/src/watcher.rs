@@ -213,21 +213,38 @@ async fn list<R: Resource, B: Backend>(
     let cluster_id = first.header.cluster_id;
     let mut page = first;
     loop {
-        let last = page.kvs.last().map(|kv| kv.key.clone());
-        let more = page.more;
+        // Fetch the next page while this one is decoded: the decode then hides behind etcd's
+        // response time instead of adding to it.
+        let next = match (page.more, page.kvs.last()) {
+            (true, Some(last)) => {
+                let (backend, prefix, last) =
+                    (backend.clone(), prefix.to_owned(), last.key.clone());
+                let limit = config.page_size;
+                Some(tokio::spawn(async move {
+                    backend.range(&prefix, Some(&last), revision, limit).await
+                }))
+            }
+            _ => None,
+        };
         for kv in page.kvs {
             reflection.listed(kv, stats, out);
         }
         if !send_all(tx, out).await {
+            if let Some(next) = next {
+                next.abort();
+            }
             return Ok(None);
         }
-        match (more, last) {
-            (true, Some(last)) => {
-                page = backend
-                    .range(prefix, Some(&last), revision, config.page_size)
-                    .await?;
+        match next {
+            Some(next) => {
+                page = next.await.map_err(|e| KvError::Unavailable {
+                    endpoints: backend.describe(),
+                    op: "range",
+                    key: prefix.to_owned(),
+                    reason: format!("page fetch task failed: {e}"),
+                })??;
             }
-            _ => break,
+            None => break,
         }
     }
     reflection.finish_list(revision, out);
