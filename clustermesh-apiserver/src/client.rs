@@ -14,6 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 use crate::pb;
 
 pub type Client = pb::cluster_mesh_client::ClusterMeshClient<Channel>;
+/// What a call fails with, so users of the client need no tonic dependency of their own.
+pub use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

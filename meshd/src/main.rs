@@ -8,9 +8,11 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod certs_cmd;
+mod context;
 mod endpoint_cmd;
 mod etcd_auth;
 mod etcd_cmd;
+mod manifest_cmd;
 mod output;
 mod status_cmd;
 mod workload;
@@ -54,6 +56,15 @@ enum Command {
     /// The clusters of the mesh as this node sees them.
     #[command(subcommand)]
     Clustermesh(status_cmd::ClustermeshCommand),
+    /// Apply Service and NetworkPolicy manifests to a cluster's apiserver (whole or not at all).
+    Apply(manifest_cmd::ApplyArgs),
+    /// Delete the objects named by manifests from a cluster's apiserver.
+    Delete(manifest_cmd::DeleteArgs),
+    /// List services or policies of a cluster's apiserver.
+    Get(manifest_cmd::GetArgs),
+    /// CLI contexts (apiservers and their certificates): set-context, use-context, get-contexts.
+    #[command(subcommand)]
+    Config(context::ConfigCommand),
     /// Print version information.
     Version(output::OutputArgs),
 }
@@ -72,6 +83,10 @@ fn main() -> ExitCode {
         Command::Endpoint(cmd) => endpoint_cmd::run(cmd),
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
+        Command::Apply(args) => manifest_cmd::apply(args),
+        Command::Delete(args) => manifest_cmd::delete(args),
+        Command::Get(args) => manifest_cmd::get(args),
+        Command::Config(cmd) => context::run(cmd),
         Command::Version(out) => output::print_version(&out),
     };
     match result {
