@@ -172,7 +172,7 @@ pub fn order_ops(ops: &mut [DatapathOp]) {
 /// Walks two sorted maps in step, calling `change(key, Some(new))` for keys new or changed in
 /// `new` and `change(key, None)` for keys gone. Linear in the sizes, which matters at 100k
 /// entries.
-fn diff_maps<K: Ord, V: PartialEq>(
+pub(crate) fn diff_maps<K: Ord, V: PartialEq>(
     old: &BTreeMap<K, V>,
     new: &BTreeMap<K, V>,
     mut change: impl FnMut(&K, Option<&V>),

@@ -15,7 +15,9 @@
 //! view.status() -> Vec<ClusterStatus>; view.cluster_status(&name)
 //! view.rejections(&name) -> Vec<Rejection>; view.pending(&name) -> Vec<PendingEntry>
 //! view.identities() -> &BTreeMap<NumericIdentity, Labels>       // admitted, all clusters
-//! view.services() -> iterator of (&ClusterName, &ServiceRecord) // stored for the services issue
+//! view.services() -> iterator of (&ClusterName, &ServiceRecord) // as published, admitted clusters
+//! view.desired_services() -> DesiredServices                   // SERVICES/BACKENDS (see [`services`])
+//! diff_services(&actual, &desired) -> Vec<ServiceOp>           // ordered, idempotent
 //!
 //! diff(&actual, &desired) -> Vec<DatapathOp>                   // ordered, idempotent
 //! diff_ipcache / diff_nodes (into a Vec) ; diff_policy(&actual, &desired)
@@ -115,6 +117,7 @@ pub mod desired;
 pub mod policy;
 mod prefix;
 pub mod reject;
+pub mod services;
 pub mod view;
 
 pub use desired::{
@@ -123,6 +126,10 @@ pub use desired::{
 };
 pub use policy::{compile, CompiledPolicy, NetworkPolicy, PolicyError, PolicyErrors};
 pub use reject::{ClusterRefusal, PendingEntry, RejectReason, RejectedKey, Rejection};
+pub use services::{
+    desired_services, diff_services, Backend, BackendSlot, ClusterService, DesiredServices,
+    Frontend, ServiceOp,
+};
 pub use view::{
     Applied, ClusterEvent, ClusterStatus, EventKind, KindCounts, LocalNode, MeshView, PolicyEvent,
     ResourceKind,

@@ -23,6 +23,7 @@ use crate::desired::{order_ops, DatapathOp, DesiredDatapath, IpcacheTarget};
 use crate::policy::{compile, CompiledPolicy, NetworkPolicy, PolicyErrors};
 use crate::prefix::{overlapping, Lengths, PrefixSet};
 use crate::reject::{ClusterRefusal, PendingEntry, RejectReason, RejectedKey, Rejection};
+use crate::services::{desired_services, ClusterService, DesiredServices};
 
 /// Who this node is. The local cluster's events come through [`MeshView::apply`] like any
 /// other cluster's; this is what the node knows before reading any of them.
@@ -65,7 +66,7 @@ pub enum EventKind {
     DeleteIdentity {
         id: NumericIdentity,
     },
-    /// Stored for the services issue; not part of the desired state yet.
+    /// A cluster's service record: see [`MeshView::desired_services`].
     UpsertService(ServiceRecord),
     DeleteService {
         namespace: String,
@@ -1310,6 +1311,20 @@ impl MeshView {
             .iter()
             .filter(|(_, cs)| matches!(cs.admission, Admission::Local | Admission::Accepted(_)))
             .flat_map(|(c, cs)| cs.services.values().map(move |s| (c, s)))
+    }
+
+    /// The SERVICES/BACKENDS content for this node: the local cluster's frontends over the
+    /// backends the rules of [`crate::services`] pick from every admitted cluster's records.
+    pub fn desired_services(&self) -> DesiredServices {
+        let records = self.clusters.iter().filter_map(|(c, cs)| {
+            let id = self.cluster_id_of(cs).ok()?;
+            Some(cs.services.values().map(move |record| ClusterService {
+                cluster: c,
+                cluster_id: id,
+                record,
+            }))
+        });
+        desired_services(&self.local.cluster, records.flatten())
     }
 
     /// Status of every cluster, the local one included, by name.

@@ -1,0 +1,699 @@
+//! Service load-balancing: which backends each of this cluster's service frontends (VIP, port,
+//! protocol) spreads new connections over, computed from every cluster's published
+//! [`ServiceRecord`]s, and the diff that drives the datapath's SERVICES and BACKENDS maps.
+//!
+//! # Rules
+//!
+//! * Frontends are the *local* cluster's: a client reaches a service through its own cluster's
+//!   VIP. A service that exists only in remote clusters has no frontend here.
+//! * A non-global service uses the local cluster's backends only.
+//! * A global service (the local record says `global`) merges the backends of the same
+//!   namespace/name from every cluster whose record is `shared` (which the apiserver only sets
+//!   on global services). The local cluster's own backends always count, shared or not: a
+//!   cluster that does not share still uses its own backends and the others'.
+//! * Affinity (from the local record), decided per frontend: `local` uses remote backends only
+//!   while no local backend is ready; `remote` uses local backends only while no remote backend
+//!   is ready; `none` uses all.
+//! * A backend serves a frontend when it has the same protocol and port name (ports of other
+//!   clusters are matched by name, as their target port numbers may differ). Only ready
+//!   backends count. A backend whose address family differs from the frontend's is skipped.
+//! * SCTP frontends are skipped: the datapath balances TCP and UDP only.
+//!
+//! The Cilium annotation aliases are normalised by the manifest parser (`meshd-manifest`)
+//! before the apiserver publishes a record, so records only carry the three booleans.
+//!
+//! # Map shape
+//!
+//! [`DesiredServices`] mirrors the two maps: `services` (frontend -> backend count) and
+//! `backends` ((frontend, slot) -> backend), slots `0..count`. Backends are in a deterministic
+//! order (by cluster id, address, port), so the desired state is a function of content only and
+//! a restarted agent reading the maps back finds nothing to change. Connections keep their
+//! backend through conntrack, so moving a backend to another slot does not move a connection.
+//!
+//! [`diff_services`] orders writes so that a packet never meets a slot beyond what is written:
+//! new and changed slots first, then the count, then deleted services, then slots beyond the new
+//! count.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use meshd_state::{Affinity, ClusterId, ClusterName, Protocol, ServiceRecord};
+
+use crate::desired::{diff_maps, IpProto};
+
+/// What a client connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub proto: IpProto,
+}
+
+/// Where a connection to a frontend is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// The backend's cluster first, so a frontend's slots group by cluster.
+    pub cluster_id: ClusterId,
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+/// One slot of a frontend's backend table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSlot {
+    pub frontend: Frontend,
+    pub slot: u32,
+}
+
+/// The content of the SERVICES and BACKENDS maps. Also the shape of their content read back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredServices {
+    /// Frontend -> number of backends (slots `0..count` of `backends`). 0 = the service exists
+    /// but has no ready backend: the datapath refuses new connections to it.
+    pub services: BTreeMap<Frontend, u32>,
+    pub backends: BTreeMap<BackendSlot, Backend>,
+}
+
+impl DesiredServices {
+    /// The backends of a frontend, in slot order (the slots `0..count` present).
+    pub fn backends_of(&self, frontend: &Frontend) -> Vec<Backend> {
+        let count = self.services.get(frontend).copied().unwrap_or(0);
+        (0..count)
+            .filter_map(|slot| {
+                self.backends
+                    .get(&BackendSlot {
+                        frontend: *frontend,
+                        slot,
+                    })
+                    .copied()
+            })
+            .collect()
+    }
+
+    /// Applies operations as a map writer would (an in-memory stand-in for the maps).
+    pub fn apply_ops(&mut self, ops: &[ServiceOp]) {
+        for op in ops {
+            match *op {
+                ServiceOp::UpsertBackend { slot, backend } => {
+                    self.backends.insert(slot, backend);
+                }
+                ServiceOp::UpsertService { frontend, count } => {
+                    self.services.insert(frontend, count);
+                }
+                ServiceOp::DeleteService { frontend } => {
+                    self.services.remove(&frontend);
+                }
+                ServiceOp::DeleteBackend { slot } => {
+                    self.backends.remove(&slot);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, frontend: Frontend, backends: &BTreeSet<Backend>) {
+        for (slot, backend) in backends.iter().enumerate() {
+            let slot = u32::try_from(slot).expect("fewer than 2^32 backends");
+            self.backends
+                .insert(BackendSlot { frontend, slot }, *backend);
+        }
+        let count = u32::try_from(backends.len()).expect("fewer than 2^32 backends");
+        self.services.insert(frontend, count);
+    }
+}
+
+/// One write to the SERVICES or BACKENDS map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceOp {
+    UpsertBackend { slot: BackendSlot, backend: Backend },
+    UpsertService { frontend: Frontend, count: u32 },
+    DeleteService { frontend: Frontend },
+    DeleteBackend { slot: BackendSlot },
+}
+
+impl ServiceOp {
+    /// Position in a batch: a count never covers a slot not yet written, and a slot is removed
+    /// only once no count covers it.
+    pub fn phase(&self) -> u8 {
+        match self {
+            ServiceOp::UpsertBackend { .. } => 0,
+            ServiceOp::UpsertService { .. } => 1,
+            ServiceOp::DeleteService { .. } => 2,
+            ServiceOp::DeleteBackend { .. } => 3,
+        }
+    }
+}
+
+/// Operations turning the maps' `actual` content into `desired`, in phase order. Unchanged
+/// entries produce nothing.
+pub fn diff_services(actual: &DesiredServices, desired: &DesiredServices) -> Vec<ServiceOp> {
+    let mut ops = Vec::new();
+    diff_maps(&actual.backends, &desired.backends, |slot, backend| {
+        ops.push(match backend {
+            Some(backend) => ServiceOp::UpsertBackend {
+                slot: *slot,
+                backend: *backend,
+            },
+            None => ServiceOp::DeleteBackend { slot: *slot },
+        })
+    });
+    diff_maps(&actual.services, &desired.services, |frontend, count| {
+        ops.push(match count {
+            Some(count) => ServiceOp::UpsertService {
+                frontend: *frontend,
+                count: *count,
+            },
+            None => ServiceOp::DeleteService {
+                frontend: *frontend,
+            },
+        })
+    });
+    ops.sort_by_key(ServiceOp::phase);
+    ops
+}
+
+/// One cluster's published record of a service, as the view admits it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterService<'a> {
+    pub cluster: &'a ClusterName,
+    pub cluster_id: ClusterId,
+    pub record: &'a ServiceRecord,
+}
+
+fn ip_proto(p: Protocol) -> Option<IpProto> {
+    match p {
+        Protocol::Tcp => Some(IpProto::Tcp),
+        Protocol::Udp => Some(IpProto::Udp),
+        Protocol::Sctp => None,
+    }
+}
+
+/// The desired SERVICES/BACKENDS content for a node of cluster `local`, from the records of
+/// every admitted cluster (the local one included). See the module docs for the rules.
+pub fn desired_services<'a>(
+    local: &ClusterName,
+    records: impl IntoIterator<Item = ClusterService<'a>>,
+) -> DesiredServices {
+    // Group by namespace/name: the local record (if any) and the remote ones.
+    let mut by_service: BTreeMap<(&str, &str), (Option<ClusterService<'a>>, Vec<_>)> =
+        BTreeMap::new();
+    for cs in records {
+        let slot = by_service
+            .entry((cs.record.namespace.as_str(), cs.record.name.as_str()))
+            .or_default();
+        if cs.cluster == local {
+            slot.0 = Some(cs);
+        } else {
+            slot.1.push(cs);
+        }
+    }
+    let mut out = DesiredServices::default();
+    for (own, remotes) in by_service.values() {
+        let Some(own) = own else {
+            continue;
+        };
+        let record = own.record;
+        let remotes: &[ClusterService<'_>] = if record.global { remotes } else { &[] };
+        for f in &record.frontends {
+            let Some(proto) = ip_proto(f.protocol) else {
+                continue;
+            };
+            let frontend = Frontend {
+                ip: f.ip,
+                port: f.port,
+                proto,
+            };
+            let serving = |cs: &ClusterService<'_>| -> BTreeSet<Backend> {
+                cs.record
+                    .backends
+                    .iter()
+                    .filter(|b| {
+                        b.ready
+                            && b.protocol == f.protocol
+                            && b.port_name == f.port_name
+                            && b.ip.is_ipv4() == f.ip.is_ipv4()
+                    })
+                    .map(|b| Backend {
+                        cluster_id: cs.cluster_id,
+                        ip: b.ip,
+                        port: b.port,
+                    })
+                    .collect()
+            };
+            let local_backends = serving(own);
+            let remote_backends: BTreeSet<Backend> = remotes
+                .iter()
+                .filter(|cs| cs.record.global && cs.record.shared)
+                .flat_map(serving)
+                .collect();
+            let chosen: BTreeSet<Backend> = match record.affinity {
+                Affinity::Local if !local_backends.is_empty() => local_backends,
+                Affinity::Remote if !remote_backends.is_empty() => remote_backends,
+                _ => local_backends.union(&remote_backends).copied().collect(),
+            };
+            out.insert(frontend, &chosen);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd_state::{ServiceBackend, ServiceFrontend};
+
+    use super::*;
+
+    fn cn(s: &str) -> ClusterName {
+        ClusterName::new(s).unwrap()
+    }
+
+    fn cid(n: u32) -> ClusterId {
+        ClusterId::new(n).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    const VIP: &str = "10.96.0.10";
+
+    fn frontend() -> Frontend {
+        Frontend {
+            ip: ip(VIP),
+            port: 80,
+            proto: IpProto::Tcp,
+        }
+    }
+
+    fn record(vip: &str, backends: &[&str], global: bool, shared: bool) -> ServiceRecord {
+        ServiceRecord {
+            namespace: "default".into(),
+            name: "echo".into(),
+            frontends: vec![ServiceFrontend {
+                ip: ip(vip),
+                port: 80,
+                protocol: Protocol::Tcp,
+                port_name: "http".into(),
+            }],
+            backends: backends
+                .iter()
+                .map(|b| ServiceBackend {
+                    ip: ip(b),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                    ready: true,
+                    port_name: "http".into(),
+                })
+                .collect(),
+            global,
+            shared,
+            affinity: Affinity::None,
+        }
+    }
+
+    struct Mesh {
+        records: Vec<(ClusterName, ClusterId, ServiceRecord)>,
+    }
+
+    impl Mesh {
+        fn new() -> Self {
+            Self {
+                records: Vec::new(),
+            }
+        }
+
+        fn with(mut self, cluster: &str, id: u32, r: ServiceRecord) -> Self {
+            self.records.push((cn(cluster), cid(id), r));
+            self
+        }
+
+        fn desired(&self, local: &str) -> DesiredServices {
+            desired_services(
+                &cn(local),
+                self.records.iter().map(|(c, id, r)| ClusterService {
+                    cluster: c,
+                    cluster_id: *id,
+                    record: r,
+                }),
+            )
+        }
+
+        /// The backend IPs the node of `local` balances `vip:80/tcp` over.
+        fn ips(&self, local: &str, vip: &str) -> Vec<String> {
+            let f = Frontend {
+                ip: ip(vip),
+                ..frontend()
+            };
+            let d = self.desired(local);
+            assert!(
+                d.services.contains_key(&f),
+                "{vip} is a frontend in {local}"
+            );
+            d.backends_of(&f).iter().map(|b| b.ip.to_string()).collect()
+        }
+    }
+
+    fn with_affinity(mut r: ServiceRecord, a: Affinity) -> ServiceRecord {
+        r.affinity = a;
+        r
+    }
+
+    #[test]
+    fn global_service_merges_every_shared_cluster() {
+        let mesh = Mesh::new()
+            .with("c1", 1, record(VIP, &["10.1.0.5", "10.1.0.6"], true, true))
+            .with("c2", 2, record("10.97.0.10", &["10.2.0.5"], true, true))
+            .with("c3", 3, record("10.98.0.10", &["10.3.0.5"], true, true));
+        assert_eq!(
+            mesh.ips("c1", VIP),
+            ["10.1.0.5", "10.1.0.6", "10.2.0.5", "10.3.0.5"]
+        );
+        let d = mesh.desired("c1");
+        let backends = d.backends_of(&frontend());
+        assert_eq!(
+            backends.iter().map(|b| b.cluster_id).collect::<Vec<_>>(),
+            [cid(1), cid(1), cid(2), cid(3)]
+        );
+        assert!(backends.iter().all(|b| b.port == 8080));
+        // Frontends are the local cluster's VIPs only.
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(mesh.ips("c2", "10.97.0.10").len(), 4);
+    }
+
+    #[test]
+    fn a_cluster_that_does_not_share_uses_the_others_but_exports_none() {
+        let mesh = Mesh::new()
+            .with("c1", 1, record(VIP, &["10.1.0.5"], true, true))
+            .with("c2", 2, record("10.97.0.10", &["10.2.0.5"], true, false));
+        assert_eq!(mesh.ips("c1", VIP), ["10.1.0.5"]);
+        assert_eq!(mesh.ips("c2", "10.97.0.10"), ["10.1.0.5", "10.2.0.5"]);
+    }
+
+    #[test]
+    fn a_non_global_service_stays_in_its_cluster() {
+        let mesh = Mesh::new()
+            .with("c1", 1, record(VIP, &["10.1.0.5"], false, false))
+            .with("c2", 2, record("10.97.0.10", &["10.2.0.5"], true, true));
+        assert_eq!(mesh.ips("c1", VIP), ["10.1.0.5"]);
+        // c2's global record does not pull in c1's non-shared backends either.
+        assert_eq!(mesh.ips("c2", "10.97.0.10"), ["10.2.0.5"]);
+        // A remote record that is shared but not global (never published so) is not merged.
+        let mut odd = record("10.97.0.10", &["10.2.0.5"], false, true);
+        odd.global = false;
+        let mesh = Mesh::new()
+            .with("c1", 1, record(VIP, &["10.1.0.5"], true, true))
+            .with("c2", 2, odd);
+        assert_eq!(mesh.ips("c1", VIP), ["10.1.0.5"]);
+    }
+
+    #[test]
+    fn a_service_only_in_remote_clusters_has_no_frontend_here() {
+        let mesh = Mesh::new().with("c2", 2, record("10.97.0.10", &["10.2.0.5"], true, true));
+        assert_eq!(mesh.desired("c1"), DesiredServices::default());
+    }
+
+    #[test]
+    fn affinity_local_uses_remote_backends_only_without_local_ones() {
+        let c1 =
+            |backends: &[&str]| with_affinity(record(VIP, backends, true, true), Affinity::Local);
+        let c2 = record("10.97.0.10", &["10.2.0.5"], true, true);
+        let mesh = Mesh::new()
+            .with("c1", 1, c1(&["10.1.0.5"]))
+            .with("c2", 2, c2.clone());
+        assert_eq!(mesh.ips("c1", VIP), ["10.1.0.5"]);
+        let mesh = Mesh::new().with("c1", 1, c1(&[])).with("c2", 2, c2.clone());
+        assert_eq!(mesh.ips("c1", VIP), ["10.2.0.5"]);
+        // Unready local backends do not count as local backends.
+        let mut unready = c1(&["10.1.0.5"]);
+        unready.backends[0].ready = false;
+        let mesh = Mesh::new().with("c1", 1, unready).with("c2", 2, c2);
+        assert_eq!(mesh.ips("c1", VIP), ["10.2.0.5"]);
+    }
+
+    #[test]
+    fn affinity_remote_uses_local_backends_only_without_remote_ones() {
+        let c1 = with_affinity(record(VIP, &["10.1.0.5"], true, true), Affinity::Remote);
+        let mesh = Mesh::new().with("c1", 1, c1.clone()).with(
+            "c2",
+            2,
+            record("10.97.0.10", &["10.2.0.5"], true, true),
+        );
+        assert_eq!(mesh.ips("c1", VIP), ["10.2.0.5"]);
+        let mesh = Mesh::new().with("c1", 1, c1.clone()).with(
+            "c2",
+            2,
+            record("10.97.0.10", &[], true, true),
+        );
+        assert_eq!(mesh.ips("c1", VIP), ["10.1.0.5"]);
+        // A remote that does not share is no remote backend.
+        let mesh = Mesh::new().with("c1", 1, c1).with(
+            "c2",
+            2,
+            record("10.97.0.10", &["10.2.0.5"], true, false),
+        );
+        assert_eq!(mesh.ips("c1", VIP), ["10.1.0.5"]);
+    }
+
+    #[test]
+    fn no_backend_anywhere_keeps_the_frontend_with_count_zero() {
+        let mesh = Mesh::new()
+            .with("c1", 1, record(VIP, &[], true, true))
+            .with("c2", 2, record("10.97.0.10", &[], true, true));
+        let d = mesh.desired("c1");
+        assert_eq!(d.services.get(&frontend()), Some(&0));
+        assert!(d.backends.is_empty());
+    }
+
+    #[test]
+    fn ports_match_by_protocol_and_name() {
+        let mut c1 = record(VIP, &["10.1.0.5"], true, true);
+        c1.frontends.push(ServiceFrontend {
+            ip: ip(VIP),
+            port: 53,
+            protocol: Protocol::Udp,
+            port_name: "dns".into(),
+        });
+        c1.frontends.push(ServiceFrontend {
+            ip: ip(VIP),
+            port: 9,
+            protocol: Protocol::Sctp,
+            port_name: "sctp".into(),
+        });
+        c1.backends.push(ServiceBackend {
+            ip: ip("10.1.0.5"),
+            port: 5353,
+            protocol: Protocol::Udp,
+            ready: true,
+            port_name: "dns".into(),
+        });
+        let mut c2 = record("10.97.0.10", &["10.2.0.5"], true, true);
+        // c2 serves http on another target port, and dns over TCP only.
+        c2.backends[0].port = 9090;
+        c2.backends.push(ServiceBackend {
+            ip: ip("10.2.0.5"),
+            port: 53,
+            protocol: Protocol::Tcp,
+            ready: true,
+            port_name: "dns".into(),
+        });
+        // An IPv6 backend never serves an IPv4 frontend.
+        c2.backends.push(ServiceBackend {
+            ip: ip("fd00::5"),
+            port: 8080,
+            protocol: Protocol::Tcp,
+            ready: true,
+            port_name: "http".into(),
+        });
+        let d = Mesh::new()
+            .with("c1", 1, c1)
+            .with("c2", 2, c2)
+            .desired("c1");
+        assert_eq!(d.services.len(), 2, "SCTP is skipped");
+        let http = d.backends_of(&frontend());
+        assert_eq!(
+            http.iter().map(|b| (b.ip, b.port)).collect::<Vec<_>>(),
+            [(ip("10.1.0.5"), 8080), (ip("10.2.0.5"), 9090)]
+        );
+        let dns = d.backends_of(&Frontend {
+            ip: ip(VIP),
+            port: 53,
+            proto: IpProto::Udp,
+        });
+        assert_eq!(
+            dns.iter().map(|b| (b.ip, b.port)).collect::<Vec<_>>(),
+            [(ip("10.1.0.5"), 5353)]
+        );
+    }
+
+    /// A sample of map contents: services with varying backend sets.
+    fn sample(seed: u32) -> DesiredServices {
+        let mut d = DesiredServices::default();
+        for s in 0..6u32 {
+            if (s + seed) % 4 == 0 {
+                continue;
+            }
+            let f = Frontend {
+                ip: ip(&format!("10.96.0.{s}")),
+                port: 80 + (s as u16 % 2),
+                proto: if s % 3 == 0 {
+                    IpProto::Udp
+                } else {
+                    IpProto::Tcp
+                },
+            };
+            let backends: BTreeSet<Backend> = (0..(seed * 7 + s) % 5)
+                .map(|b| Backend {
+                    cluster_id: cid(1 + (b + seed) % 3),
+                    ip: ip(&format!("10.{}.0.{}", s, b * (seed + 1))),
+                    port: 8080,
+                })
+                .collect();
+            d.insert(f, &backends);
+        }
+        d
+    }
+
+    #[test]
+    fn diff_converges_is_idempotent_and_leaves_equal_entries_alone() {
+        for a in 0..8 {
+            assert!(diff_services(&sample(a), &sample(a)).is_empty());
+            for b in 0..8 {
+                let (mut actual, desired) = (sample(a), sample(b));
+                let ops = diff_services(&actual, &desired);
+                actual.apply_ops(&ops);
+                assert_eq!(actual, desired, "from {a} to {b}");
+                assert!(diff_services(&actual, &desired).is_empty());
+                actual.apply_ops(&ops);
+                assert_eq!(actual, desired);
+            }
+        }
+    }
+
+    /// Applying the ops one at a time, a frontend's count never covers a missing slot, so the
+    /// datapath never picks a slot that is not there.
+    #[test]
+    fn every_intermediate_state_is_consistent() {
+        for a in 0..8 {
+            for b in 0..8 {
+                let mut state = sample(a);
+                for op in diff_services(&state, &sample(b)) {
+                    state.apply_ops(&[op]);
+                    for (f, count) in &state.services {
+                        assert_eq!(
+                            state.backends_of(f).len() as u32,
+                            *count,
+                            "{f:?} after {op:?} ({a} -> {b})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn losing_the_last_local_backend_fails_over_in_one_diff() {
+        let c1 =
+            |backends: &[&str]| with_affinity(record(VIP, backends, true, true), Affinity::Local);
+        let c2 = record("10.97.0.10", &["10.2.0.5", "10.2.0.6"], true, true);
+        let before = Mesh::new()
+            .with("c1", 1, c1(&["10.1.0.5"]))
+            .with("c2", 2, c2.clone())
+            .desired("c1");
+        let after = Mesh::new()
+            .with("c1", 1, c1(&[]))
+            .with("c2", 2, c2)
+            .desired("c1");
+        let ops = diff_services(&before, &after);
+        let slot = |slot| BackendSlot {
+            frontend: frontend(),
+            slot,
+        };
+        let b = |ip_: &str| Backend {
+            cluster_id: cid(2),
+            ip: ip(ip_),
+            port: 8080,
+        };
+        assert_eq!(
+            ops,
+            [
+                ServiceOp::UpsertBackend {
+                    slot: slot(0),
+                    backend: b("10.2.0.5")
+                },
+                ServiceOp::UpsertBackend {
+                    slot: slot(1),
+                    backend: b("10.2.0.6")
+                },
+                ServiceOp::UpsertService {
+                    frontend: frontend(),
+                    count: 2
+                },
+            ]
+        );
+    }
+
+    /// Through the merged view: only admitted clusters count, and a removed cluster's backends go.
+    #[test]
+    fn the_view_merges_admitted_clusters_only() {
+        use meshd_state::{Capabilities, ClusterConfig};
+
+        use crate::view::{ClusterEvent, EventKind, LocalNode, MeshView};
+
+        let mut view = MeshView::new(LocalNode {
+            cluster: cn("c1"),
+            cluster_id: cid(1),
+            node_name: "n1".into(),
+            node_ip: ip("192.168.1.1"),
+            pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+        });
+        let ev = |c: &str, kind| ClusterEvent::new(cn(c), kind);
+        let config = |name: &str, id: u32| {
+            EventKind::ClusterConfig(ClusterConfig {
+                name: cn(name),
+                id: cid(id),
+                capabilities: Capabilities::default(),
+            })
+        };
+        let ips = |view: &MeshView| -> Vec<String> {
+            view.desired_services()
+                .backends_of(&frontend())
+                .iter()
+                .map(|b| b.ip.to_string())
+                .collect()
+        };
+        view.apply(ev(
+            "c1",
+            EventKind::UpsertService(record(VIP, &["10.1.1.5"], true, true)),
+        ));
+        view.apply(ev(
+            "c2",
+            EventKind::UpsertService(record("10.97.0.10", &["10.2.0.5"], true, true)),
+        ));
+        assert_eq!(ips(&view), ["10.1.1.5"], "c2 awaits its config");
+        view.apply(ev("c2", config("c2", 2)));
+        assert_eq!(ips(&view), ["10.1.1.5", "10.2.0.5"]);
+        // c3 claims c2's id: refused, its backends stay out.
+        view.apply(ev(
+            "c3",
+            EventKind::UpsertService(record("10.98.0.10", &["10.3.0.5"], true, true)),
+        ));
+        view.apply(ev("c3", config("c3", 2)));
+        assert_eq!(ips(&view), ["10.1.1.5", "10.2.0.5"]);
+        view.apply(ev(
+            "c2",
+            EventKind::DeleteService {
+                namespace: "default".into(),
+                name: "echo".into(),
+            },
+        ));
+        assert_eq!(ips(&view), ["10.1.1.5"]);
+        view.apply(ev(
+            "c2",
+            EventKind::UpsertService(record("10.97.0.10", &["10.2.0.5"], true, true)),
+        ));
+        view.apply(ev("c2", EventKind::ClusterRemoved));
+        // c2 gone: c3 takes id 2 and its backends come in.
+        assert_eq!(ips(&view), ["10.1.1.5", "10.3.0.5"]);
+        view.apply(ev("c1", EventKind::ClusterRemoved));
+        assert_eq!(view.desired_services(), DesiredServices::default());
+    }
+}
