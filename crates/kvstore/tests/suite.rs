@@ -353,6 +353,42 @@ async fn publisher_republishes_after_lease_loss<F: Fixture>() {
     .await;
 }
 
+async fn partition_longer_than_ttl_republishes<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    // The publisher sits behind the partition; the watcher does not.
+    let publisher = Publisher::start(f.reader(), c1(), publisher_config(2))
+        .await
+        .unwrap();
+    let recs: Vec<_> = (1..=3).map(|n| ip(n, 1)).collect();
+    for (k, v) in &recs {
+        publisher.publish(k, v).await.unwrap();
+    }
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.writer(), &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "3 records", |m| m.state.len() == 3).await;
+
+    f.cut();
+    m.until(&mut w, "the lease to expire during the partition", |m| {
+        m.state.is_empty()
+    })
+    .await;
+    // Written while partitioned: kept, and published once the partition heals.
+    let (k4, v4) = ip(4, 1);
+    assert!(publisher.publish(&k4, &v4).await.is_err());
+    f.heal();
+    m.until(&mut w, "everything re-published under a new lease", |m| {
+        m.state.len() == 4
+    })
+    .await;
+    assert!(
+        publisher
+            .stats()
+            .leases
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+}
+
 async fn sync_canaries_are_written_and_awaited<F: Fixture>() {
     let Some(f) = F::new().await else { return };
     let publisher = Publisher::start(f.writer(), c1(), publisher_config(10))
@@ -435,6 +471,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn publisher_republishes_after_lease_loss() {
                 super::publisher_republishes_after_lease_loss::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn partition_longer_than_ttl_republishes() {
+                super::partition_longer_than_ttl_republishes::<$fixture>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sync_canaries_are_written_and_awaited() {
