@@ -11,7 +11,7 @@
 //! Connection state for status comes from a probe of the etcd (a status call per second):
 //! connected, unreachable since when, and the last error.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -166,7 +166,16 @@ impl ClusterWatcher {
         let cfg = WatchConfig::default;
         let c = &self.cluster;
         let b = || self.backend.clone();
-        let mut config: WatchHandle<ClusterConfig> = watch_cluster(b(), c, cfg());
+        // Every cluster config the etcd holds, not only ours: an etcd that publishes only
+        // another name is a misconfigured remote (a file named after the wrong cluster), which
+        // the view refuses by name instead of waiting forever.
+        let mut config: WatchHandle<ClusterConfig> = watch_prefix(
+            b(),
+            meshd_state::keys::CLUSTER_CONFIG_PREFIX.to_owned(),
+            None,
+            cfg(),
+        );
+        let mut configs: BTreeMap<ClusterName, ClusterConfig> = BTreeMap::new();
         let mut nodes: WatchHandle<NodeRecord> = watch_cluster(b(), c, cfg());
         let mut ipcache: WatchHandle<IpcacheEntry> = watch_cluster(b(), c, cfg());
         let mut identities: WatchHandle<IdentityRecord> = watch_cluster(b(), c, cfg());
@@ -189,8 +198,15 @@ impl ClusterWatcher {
             let mut out: Vec<EventKind> = Vec::new();
             tokio::select! {
                 Some(ev) = config.next() => {
-                    if let WatchEvent::Upsert { value, .. } = ev {
-                        out.push(EventKind::ClusterConfig(value));
+                    let before = effective_config(&self.cluster, &configs).cloned();
+                    match ev {
+                        WatchEvent::Upsert { key, value } => { configs.insert(key.cluster, value); }
+                        WatchEvent::Delete { key } => { configs.remove(&key.cluster); }
+                        WatchEvent::Synced { .. } => {}
+                    }
+                    let after = effective_config(&self.cluster, &configs).cloned();
+                    if let (Some(cfg), true) = (after.as_ref(), after != before) {
+                        out.push(EventKind::ClusterConfig(cfg.clone()));
                     }
                 }
                 Some(ev) = nodes.next() => match ev {
@@ -248,6 +264,15 @@ impl ClusterWatcher {
             }
         }
     }
+}
+
+/// The config that speaks for `cluster`: its own, or else (misconfiguration) the one another
+/// name publishes there.
+fn effective_config<'a>(
+    cluster: &ClusterName,
+    configs: &'a BTreeMap<ClusterName, ClusterConfig>,
+) -> Option<&'a ClusterConfig> {
+    configs.get(cluster).or_else(|| configs.values().next())
 }
 
 /// Asks the etcd for its status every second; records reachability.

@@ -1,0 +1,141 @@
+//! Remote clusters at runtime: files added and removed in the remote-clusters directory,
+//! a conflicting remote refused, malformed or hostile remote data rejected and counted.
+
+use std::time::Duration;
+
+use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::wait_for;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn in_maps(mesh: &Mesh, c: &str, n: &str, ip: std::net::Ipv4Addr) -> anyhow::Result<bool> {
+    Ok(mesh.ipcache_entry(c, n, ip)?.is_some())
+}
+
+#[test]
+fn remote_cluster_files_connect_and_disconnect_at_runtime() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshOptions::clusters(2, 2))?;
+    let ep = mesh.add_endpoint("c2", "n2", "remote-web", "app=web")?;
+    wait_for("c2 endpoint in c1's maps", WAIT, || {
+        anyhow::ensure!(in_maps(&mesh, "c1", "n1", ep.ip)?);
+        Ok(())
+    })?;
+
+    // Removing the file disconnects c2 and drains everything of it.
+    std::fs::remove_file(mesh.remotes_dir("c1").join("c2"))?;
+    wait_for("c2 drained from c1", WAIT, || {
+        for n in ["n1", "n2"] {
+            anyhow::ensure!(!in_maps(&mesh, "c1", n, ep.ip)?, "still in c1/{n}");
+            let s = mesh.status("c1", n)?;
+            let names: Vec<_> = s["clusters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            anyhow::ensure!(names == ["c1"], "c1/{n} still lists {names:?}");
+        }
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    // c2 still sees c1 (its own file is untouched).
+    assert_eq!(mesh.cluster_status("c2", "n1", "c1")?["state"], "ready");
+
+    // Adding it back connects again.
+    mesh.write_remote_file("c1", "c2")?;
+    wait_for("c2 back in c1", WAIT, || {
+        anyhow::ensure!(in_maps(&mesh, "c1", "n1", ep.ip)?);
+        let c2 = mesh.cluster_status("c1", "n1", "c2")?;
+        anyhow::ensure!(c2["state"] == "ready", "{c2}");
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+
+    // A file named c3 that points at c2's etcd: c2's config names it c2, so it is refused
+    // and nothing of it enters the datapath twice; c2 itself stays fine.
+    let text = std::fs::read_to_string(mesh.remotes_dir("c1").join("c2"))?;
+    std::fs::write(mesh.remotes_dir("c1").join("c3"), text)?;
+    wait_for("c3 refused", WAIT, || {
+        let c3 = mesh.cluster_status("c1", "n1", "c3")?;
+        anyhow::ensure!(c3["state"] == "refused", "{c3}");
+        anyhow::ensure!(c3["refused"].as_str().unwrap_or("").contains("c2"), "{c3}");
+        Ok(())
+    })?;
+    assert_eq!(mesh.cluster_status("c1", "n1", "c2")?["state"], "ready");
+    let table = mesh.meshd("c1", "n1", &["clustermesh", "status"])?;
+    assert!(table.contains("refused") && table.contains("c2"), "{table}");
+    assert!(in_maps(&mesh, "c1", "n1", ep.ip)?);
+    Ok(())
+}
+
+#[test]
+fn malformed_and_hostile_remote_entries_are_rejected_and_counted() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshOptions::clusters(2, 2))?;
+    let good = mesh.add_endpoint("c2", "n1", "good", "app=web")?;
+    let local = mesh.add_endpoint("c1", "n1", "local", "app=web")?;
+    wait_for("good c2 endpoint in c1's maps", WAIT, || {
+        anyhow::ensure!(in_maps(&mesh, "c1", "n1", good.ip)?);
+        Ok(())
+    })?;
+    let before = mesh.cluster_status("c1", "n1", "c2")?["rejected"]
+        .as_u64()
+        .unwrap_or(0);
+    let c2_node = mesh.node("c2", "n1")?.ip;
+    let etcd = &mesh.cluster("c2")?.etcd;
+    // Not JSON at all.
+    etcd.etcdctl(&["put", "meshd/state/ip/v1/c2/10.2.1.200", "{not json"])?;
+    // An identity of cluster 1 (65836 = 1 << 16 | 300) claimed by c2.
+    etcd.etcdctl(&[
+        "put",
+        "meshd/state/ip/v1/c2/10.2.1.201",
+        &format!(r#"{{"prefix":"10.2.1.201/32","identity":65836,"host_ip":"{c2_node}"}}"#),
+    ])?;
+    // A prefix over c1's local endpoint, with a valid c2 identity.
+    etcd.etcdctl(&[
+        "put",
+        &format!("meshd/state/ip/v1/c2/{}", local.ip),
+        &format!(
+            r#"{{"prefix":"{}/32","identity":{},"host_ip":"{c2_node}"}}"#,
+            local.ip, good.identity
+        ),
+    ])?;
+    // A tunnel endpoint that is no node of c2.
+    etcd.etcdctl(&[
+        "put",
+        "meshd/state/ip/v1/c2/10.2.1.202",
+        &format!(
+            r#"{{"prefix":"10.2.1.202/32","identity":{},"host_ip":"192.168.77.99"}}"#,
+            good.identity
+        ),
+    ])?;
+    wait_for("rejections counted", WAIT, || {
+        let c2 = mesh.cluster_status("c1", "n1", "c2")?;
+        let rejected = c2["rejected"].as_u64().unwrap_or(0);
+        anyhow::ensure!(rejected >= before + 3, "{c2}");
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    for n in ["n1", "n2"] {
+        for ip in ["10.2.1.200", "10.2.1.201", "10.2.1.202"] {
+            assert!(
+                !in_maps(&mesh, "c1", n, ip.parse()?)?,
+                "{ip} reached c1/{n}"
+            );
+        }
+        // The local endpoint's entry is still this cluster's, not c2's claim.
+        if let Some(e) = mesh.ipcache_entry("c1", n, local.ip)? {
+            assert_eq!(e.identity, local.identity, "c1/{n}: {e:?}");
+        }
+        assert!(
+            in_maps(&mesh, "c1", n, good.ip)?,
+            "the good entry was disturbed"
+        );
+    }
+    Ok(())
+}
