@@ -16,7 +16,7 @@ use meshd_state::{
 };
 
 use crate::error::ApiserverError;
-use crate::keys::object_key;
+use crate::keys::{identity_index_key, object_key};
 use crate::leader::Leader;
 use crate::store::{range_all, txn_call};
 use crate::view::{ClusterView, IdentityGc, RecordChange};
@@ -216,12 +216,25 @@ async fn collect_identities(
             id,
         }
         .to_string();
+        // The index entry goes too, but only if it still names this number (a nested
+        // transaction: an identity whose index is gone or re-pointed is still collected).
+        let index = identity_index_key(view.cluster(), &known.labels);
+        let drop_index = Txn::new()
+            .when(vec![Compare::value(
+                index.as_str(),
+                CompareOp::Equal,
+                id.get().to_string(),
+            )])
+            .and_then(vec![TxnOp::delete(index.as_str(), None)]);
         let txn = Txn::new()
             .when(vec![
                 leader.guard(),
                 Compare::mod_revision(key.as_str(), CompareOp::Equal, known.mod_revision),
             ])
-            .and_then(vec![TxnOp::delete(key.as_str(), None)]);
+            .and_then(vec![
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::txn(drop_index),
+            ]);
         if txn_call(store, txn, "identity gc").await?.succeeded() {
             tracing::info!(key = %key, labels = %known.labels, "deleted unused identity");
             view.identities.remove(&id);

@@ -8,6 +8,9 @@
 //! meshd/config/service-ips/v1/<ip>              VipOwner {namespace, name}: the VIP is taken
 //! meshd/leader/clustermesh-apiserver/<cluster>  replica id, under the leader's lease
 //! ```
+//!
+//! It also deletes, on identity GC, the agents' index entry of the identity
+//! (`meshd/state/identity-labels/v1/<cluster>/<labels>`).
 
 use std::net::IpAddr;
 
@@ -19,6 +22,15 @@ pub const SERVICES_CONFIG_PREFIX: &str = "meshd/config/services/v1/";
 pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";
 pub const SERVICE_IPS_PREFIX: &str = "meshd/config/service-ips/v1/";
 pub const LEADER_PREFIX: &str = "meshd/leader/clustermesh-apiserver/";
+/// The agents' label-set index of identities (`meshd/src/agent/identity.rs`): key
+/// `<prefix><cluster>/<labels as k=v,k=v>`, value the identity number. Identity GC deletes
+/// an identity's index entry with it, or a later allocation could hand the same number to
+/// another label set while the stale index still maps the old one to it.
+pub const IDENTITY_INDEX_PREFIX: &str = "meshd/state/identity-labels/v1/";
+
+pub fn identity_index_key(cluster: &ClusterName, labels: &meshd_state::Labels) -> String {
+    format!("{IDENTITY_INDEX_PREFIX}{cluster}/{labels}")
+}
 
 pub fn kind_prefix(kind: Kind) -> &'static str {
     match kind {

@@ -27,6 +27,12 @@ async fn unused_identities_are_deleted_after_the_grace_period() {
     })
     .await;
     assert!(get(&store, &used).await.is_some());
+    // The agents' index entry of the collected identity went with it; the used one stayed.
+    let index = keys(&store, "meshd/state/identity-labels/v1/c1/").await;
+    assert_eq!(
+        index,
+        ["meshd/state/identity-labels/v1/c1/app=web,meshd.io/cluster=c1,meshd.io/namespace=default"]
+    );
 
     // The used one becomes unused too once its endpoint goes.
     remove_endpoint(&store, "10.1.0.5").await;

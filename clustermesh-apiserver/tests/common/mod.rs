@@ -212,6 +212,17 @@ pub async fn add_endpoint(store: &EtcdStore, ip: &str, local_id: u16, app: &str,
         )
         .await
         .unwrap();
+    // The agents' label-set index (meshd/src/agent/identity.rs), which GC must clean too.
+    store
+        .put(
+            &format!(
+                "meshd/state/identity-labels/v1/c1/app={app},meshd.io/cluster=c1,meshd.io/namespace={ns}"
+            ),
+            id.to_string().into_bytes(),
+            None,
+        )
+        .await
+        .unwrap();
     store
         .put(
             &format!("meshd/state/ip/v1/c1/{ip}"),
