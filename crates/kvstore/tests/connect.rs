@@ -282,3 +282,50 @@ async fn server_certificate_must_name_the_endpoint() {
         "a server certificate without 127.0.0.1 must be refused"
     );
 }
+
+/// The connector uses the certs crate's TLS 1.3-only config: a server that speaks at most
+/// TLS 1.2 (here `openssl s_server -tls1_2`, with a certificate we trust) is refused.
+#[tokio::test]
+async fn tls_1_2_only_server_is_refused() {
+    if !meshd_testing::require("openssl on PATH", meshd_testing::have_binary("openssl")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ca(d, "mesh");
+    leaf(d, "mesh", "server", "serverAuth");
+    leaf(d, "mesh", "client", "clientAuth");
+    let port = meshd_testing::free_port();
+    let mut server = Command::new("openssl")
+        .current_dir(d)
+        .args(["s_server", "-quiet", "-tls1_2", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-cert", "server.pem", "-key", "server.key"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting openssl s_server");
+    // Wait until it listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "openssl s_server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let files = TlsFiles {
+        ca: p(d, "mesh-ca.pem"),
+        cert: p(d, "client.pem"),
+        key: p(d, "client.key"),
+    };
+    let config = quick(EtcdConfig::new([format!("https://127.0.0.1:{port}")]).with_tls(files));
+    let result = connect(&config).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let err = result.err().expect("a TLS 1.2-only server must be refused");
+    // Refused in the handshake (not later, for not speaking HTTP/2): the server answers our
+    // TLS 1.3-only hello with a protocol_version alert.
+    assert!(err.to_string().contains("ProtocolVersion"), "{err}");
+}
