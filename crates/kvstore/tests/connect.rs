@@ -281,7 +281,10 @@ async fn server_certificate_must_name_the_endpoint() {
         .await
         .err()
         .expect("a server certificate without 127.0.0.1 must be refused");
-    assert!(err.to_string().contains("etcd.example"), "refused for the name: {err}");
+    assert!(
+        err.to_string().contains("etcd.example"),
+        "refused for the name: {err}"
+    );
 }
 
 /// The connector uses the certs crate's TLS 1.3-only config: a server that speaks at most
