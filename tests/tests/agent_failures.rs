@@ -266,5 +266,8 @@ fn restarting_agents_under_traffic_breaks_no_connection() -> anyhow::Result<()> 
         ips.contains(&local_echo.ip.to_string().as_str()),
         "{listed}"
     );
+    // The address allocation survived too: a new endpoint gets an address no one holds.
+    let fresh = mesh.add_endpoint("c1", "n1", "after-restart", "app=web")?;
+    assert!(![client.ip, local_echo.ip].contains(&fresh.ip), "{fresh:?}");
     Ok(())
 }

@@ -37,6 +37,21 @@ fn every_endpoint_reaches_every_other_across_clusters() -> anyhow::Result<()> {
     // Control: an address no cluster published is not reachable, so the pings below prove
     // the mesh's entries, not some default route.
     assert!(ping(&eps[0].netns, "10.2.9.9".parse()?).is_err());
+    // One label set, one identity per cluster: both nodes of a cluster allocated app=echo
+    // (through the etcd transaction) and got the same number; the other cluster's differs
+    // and carries its cluster id in bits 16-23.
+    let echo = |c: &str, n: &str| {
+        eps.iter()
+            .find(|e| e.name == format!("b{c}{n}"))
+            .expect("echo endpoint")
+            .identity
+    };
+    assert_eq!(echo("c1", "n1"), echo("c1", "n2"));
+    assert_eq!(echo("c2", "n1"), echo("c2", "n2"));
+    assert_ne!(echo("c1", "n1"), echo("c2", "n1"));
+    assert_eq!(echo("c1", "n1") >> 16, 1);
+    assert_eq!(echo("c2", "n1") >> 16, 2);
+
     for from in &eps {
         for to in &eps {
             if from.name == to.name {
@@ -56,5 +71,16 @@ fn every_endpoint_reaches_every_other_across_clusters() -> anyhow::Result<()> {
             .map_err(|e| e.context(format!("TCP {} -> {}", from.name, to.name)))?;
         }
     }
+
+    // Status, as people read it.
+    let table = mesh.meshd("c1", "n1", &["status"])?;
+    for want in ["Node:", "c1 (local)", "c2", "ready", "bc1n1"] {
+        assert!(table.contains(want), "{want:?} missing from:\n{table}");
+    }
+    let c2 = mesh.cluster_status("c1", "n1", "c2")?;
+    assert_eq!(c2["nodes"], 2, "{c2}");
+    assert_eq!(c2["endpoints"], 4, "{c2}");
+    assert!(c2["identities"].as_u64() >= Some(2), "{c2}");
+    assert!(c2["last_sync_ms"].as_u64() > Some(0), "{c2}");
     Ok(())
 }

@@ -1,0 +1,78 @@
+//! `meshd agent` configuration errors: every problem reported at once, each naming its field,
+//! exit code 64, before anything is touched.
+
+use std::process::Command;
+
+#[test]
+fn a_bad_config_is_reported_whole_with_exit_code_64() -> anyhow::Result<()> {
+    let Ok(meshd) = meshd_e2e::mesh::meshd_binary() else {
+        meshd_testing::require("the meshd binary (cargo build -p meshd)", false);
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        "cluster: Not_A_Name\ncluster_id: 0\nnode_ip: ::1\npod_cidr: 10.1.1.1/24\n\
+         etcd:\n  endpoints: [ftp://x]\n  ca: /nonexistent/ca.pem\ntunnel_port: 0\n",
+    )?;
+    let out = Command::new(&meshd)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for field in [
+        "cluster:",
+        "cluster_id:",
+        "node:",
+        "node_ip:",
+        "pod_cidr:",
+        "etcd.endpoints[0]:",
+        "etcd.ca:",
+        "etcd.cert:",
+        "etcd.key:",
+        "tunnel_port:",
+    ] {
+        assert!(stderr.contains(field), "{field} not reported in:\n{stderr}");
+    }
+    assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+
+    // Flags override the file: with the missing and wrong fields given as flags only the
+    // file's remaining problems are left.
+    let out = Command::new(&meshd)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .args([
+            "--cluster",
+            "c1",
+            "--cluster-id",
+            "1",
+            "--node",
+            "n1",
+            "--node-ip",
+            "192.168.77.11",
+            "--pod-cidr",
+            "10.1.1.0/24",
+            "--tunnel-port",
+            "8472",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    for gone in ["cluster:", "node:", "node_ip:", "pod_cidr:", "tunnel_port:"] {
+        assert!(
+            !stderr.contains(&format!("  {gone}")),
+            "{gone} still reported:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("etcd.endpoints[0]:"), "{stderr}");
+
+    // An unreadable file is one clear problem, too.
+    let out = Command::new(&meshd)
+        .args(["agent", "--config", "/nonexistent/agent.yaml"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.yaml"));
+    Ok(())
+}
