@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use meshd_state::{encode, ClusterName, Resource, SyncCanary, SyncCanaryKey};
+use meshd_state::{
+    encode, ClusterName, FieldError, Resource, ResourceKey, StateError, SyncCanary, SyncCanaryKey,
+};
 use tracing::Instrument;
 
 use crate::backend::{Backend, LeaseId};
@@ -124,6 +126,7 @@ impl<B: Backend> Publisher<B> {
     /// record is still held and written again in the background; the error is returned so the
     /// caller can log it.
     pub async fn publish<R: Resource>(&self, key: &R::Key, value: &R) -> Result<(), KvError> {
+        self.check_cluster::<R>(key)?;
         let bytes = encode(key, value)?;
         let raw = key.to_string();
         let mut st = self.shared.state.lock().await;
@@ -140,8 +143,28 @@ impl<B: Backend> Publisher<B> {
         }
     }
 
+    /// A publisher writes only its own cluster's state: a key of another cluster is a bug.
+    fn check_cluster<R: Resource>(&self, key: &R::Key) -> Result<(), KvError> {
+        if key.cluster() == &self.shared.cluster {
+            return Ok(());
+        }
+        Err(StateError::field(
+            key.to_string(),
+            FieldError::new(
+                "cluster",
+                format!(
+                    "the publisher of cluster {} does not write records of cluster {}",
+                    self.shared.cluster,
+                    key.cluster()
+                ),
+            ),
+        )
+        .into())
+    }
+
     /// Removes a record. Like [`Self::publish`], a failed delete is retried in the background.
     pub async fn delete<R: Resource>(&self, key: &R::Key) -> Result<(), KvError> {
+        self.check_cluster::<R>(key)?;
         let raw = key.to_string();
         let mut st = self.shared.state.lock().await;
         st.held.remove(&raw);

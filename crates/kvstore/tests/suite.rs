@@ -508,3 +508,21 @@ async fn changed_cluster_id_relists_and_sweeps() {
     .await;
     assert!(m.deleted(&k1.to_string()));
 }
+
+#[tokio::test]
+async fn publisher_refuses_records_of_another_cluster() {
+    let store = meshd_kvstore::MemoryStore::new();
+    let publisher = Publisher::start(store.clone(), c1(), publisher_config(10))
+        .await
+        .unwrap();
+    let (mut k, v) = ip(1, 1);
+    k.cluster = meshd_state::ClusterName::new("c2").unwrap();
+    let err = publisher.publish(&k, &v).await.unwrap_err();
+    assert!(err.to_string().contains("cluster c2"), "{err}");
+    assert!(store
+        .range("meshd/", None, 0, 10)
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+}
