@@ -21,6 +21,10 @@ struct frag_value abi_frag_value;
 struct metrics_value abi_metrics_value;
 struct datapath_config abi_datapath_config;
 struct drop_event abi_drop_event;
+struct service_key abi_service_key;
+struct service_value abi_service_value;
+struct backend_key abi_backend_key;
+struct backend_value abi_backend_value;
 
 enum meshd_limits abi_limits;
 enum meshd_identity abi_identity;

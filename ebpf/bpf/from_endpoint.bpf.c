@@ -3,13 +3,17 @@
  * from-endpoint: tc ingress on the host side of every endpoint veth, i.e. every packet an
  * endpoint sends. Anti-spoofing, conntrack, egress policy (and the destination's ingress policy
  * for local delivery), then local delivery or VXLAN encapsulation with the sender's identity as
- * VNI. Service load-balancing (DNAT) will slot in between parsing and the conntrack lookup.
+ * VNI. Service load-balancing (lib/lb.h) comes first: a packet to a service frontend is DNATed
+ * to its connection's backend before anything else looks at it, so policy, conntrack and
+ * forwarding are about the backend; replies of service connections to an endpoint of this node
+ * from a backend of this node get their frontend source back here.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/ct.h"
 #include "lib/policy.h"
+#include "lib/lb.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
 
@@ -41,6 +45,11 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	__u32 src_identity = src->identity;
 	ctx->src_identity = src_identity;
 
+	__u64 now = bpf_ktime_get_ns();
+	ret = lb_translate(skb, ctx, l3_off, now);
+	if (ret < 0)
+		return ret;
+
 	struct endpoint_key dkey = {.addr = ctx->daddr};
 	struct endpoint_value *dst = bpf_map_lookup_elem(&ENDPOINTS, &dkey);
 	struct ipcache_value *remote = 0;
@@ -59,9 +68,17 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		return MESHD_DROP_NO_CONFIG;
 	__u32 revision = cfg->policy_revision;
 
-	__u64 now = bpf_ktime_get_ns();
 	struct ct_value *entry = 0;
 	int ct = ct_lookup(skb, ctx, l3_off, now, &entry);
+	/* The same tuple as an earlier connection that went through another frontend (or none):
+	 * a new connection, whose CT entries must say how to reverse-NAT its replies. */
+	if (ct == CT_ESTABLISHED && entry && (entry->nat_addr != ctx->svc_addr || entry->nat_port != ctx->svc_port))
+		ct = CT_NEW;
+	if (ct == CT_REPLY) {
+		ret = lb_reverse(skb, ctx, l3_off, entry);
+		if (ret < 0)
+			return ret;
+	}
 	/* Replies and related errors ride on their connection's verdict; the first direction is
 	 * re-checked once after every policy change, so a change cuts established connections too. */
 	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {

@@ -3,14 +3,16 @@
  * from-overlay: tc ingress on the node's VXLAN device (external / collect-metadata mode), i.e.
  * every packet another node tunnelled to us. The VNI carries the sender's identity; it is only
  * believed if the outer source is a known node of the cluster the identity belongs to. Then
- * ingress policy and delivery straight into the endpoint's namespace. Reverse NAT for services
- * will slot in before delivery.
+ * ingress policy and delivery straight into the endpoint's namespace. Replies of service
+ * connections (a client here, its backend on another node) get their frontend source back
+ * before delivery (lib/lb.h).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/ct.h"
 #include "lib/policy.h"
+#include "lib/lb.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
 
@@ -56,6 +58,11 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 			ct_create(ctx, now, revision);
 		else if (entry)
 			entry->policy_revision = revision;
+	}
+	if (ct == CT_REPLY) {
+		ret = lb_reverse(skb, ctx, l3_off, entry);
+		if (ret < 0)
+			return ret;
 	}
 
 	ret = rewrite_macs(skb, dst);

@@ -26,6 +26,8 @@ pub const NODES_MAX: u32 = 16_384;
 pub const POLICY_MAX: u32 = 262_144;
 pub const CT_MAX: u32 = 262_144;
 pub const FRAGS_MAX: u32 = 8192;
+pub const SERVICES_MAX: u32 = 65_536;
+pub const BACKENDS_MAX: u32 = 262_144;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
 // enum meshd_identity
@@ -57,6 +59,7 @@ pub const DROP_NO_TUNNEL_KEY: i32 = -138;
 pub const DROP_NO_CONFIG: i32 = -139;
 pub const DROP_WRITE_ERROR: i32 = -140;
 pub const DROP_FRAG_NOT_FOUND: i32 = -141;
+pub const DROP_NO_SERVICE_BACKEND: i32 = -142;
 
 // enum meshd_metrics_layout
 pub const REASONS: u32 = 256;
@@ -73,6 +76,8 @@ pub const VERDICT_ENABLED: u32 = 3;
 // enum meshd_ct_flags
 pub const CT_F_REPLY: u32 = 1;
 pub const CT_F_CLOSING: u32 = 2;
+pub const CT_F_SERVICE: u32 = 4;
+pub const CT_F_REV_NAT: u32 = 8;
 // enum meshd_event_type
 pub const EVENT_DROP: u32 = 1;
 
@@ -85,6 +90,8 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_POLICY_MAX", POLICY_MAX as i64),
     ("MESHD_CT_MAX", CT_MAX as i64),
     ("MESHD_FRAGS_MAX", FRAGS_MAX as i64),
+    ("MESHD_SERVICES_MAX", SERVICES_MAX as i64),
+    ("MESHD_BACKENDS_MAX", BACKENDS_MAX as i64),
     ("MESHD_EVENTS_BYTES", EVENTS_BYTES as i64),
     ("MESHD_IDENTITY_HOST", IDENTITY_HOST as i64),
     ("MESHD_IDENTITY_WORLD", IDENTITY_WORLD as i64),
@@ -113,6 +120,10 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_DROP_NO_CONFIG", DROP_NO_CONFIG as i64),
     ("MESHD_DROP_WRITE_ERROR", DROP_WRITE_ERROR as i64),
     ("MESHD_DROP_FRAG_NOT_FOUND", DROP_FRAG_NOT_FOUND as i64),
+    (
+        "MESHD_DROP_NO_SERVICE_BACKEND",
+        DROP_NO_SERVICE_BACKEND as i64,
+    ),
     ("MESHD_REASONS", REASONS as i64),
     ("MESHD_METRICS_MAX", METRICS_MAX as i64),
     ("MESHD_IPCACHE_F_LOCAL", IPCACHE_F_LOCAL as i64),
@@ -122,6 +133,8 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_VERDICT_ENABLED", VERDICT_ENABLED as i64),
     ("MESHD_CT_F_REPLY", CT_F_REPLY as i64),
     ("MESHD_CT_F_CLOSING", CT_F_CLOSING as i64),
+    ("MESHD_CT_F_SERVICE", CT_F_SERVICE as i64),
+    ("MESHD_CT_F_REV_NAT", CT_F_REV_NAT as i64),
     ("MESHD_EVENT_DROP", EVENT_DROP as i64),
 ];
 
@@ -143,6 +156,7 @@ pub fn reason_name(code: i32) -> &'static str {
         DROP_NO_CONFIG => "no-config",
         DROP_WRITE_ERROR => "write-error",
         DROP_FRAG_NOT_FOUND => "fragment-without-first",
+        DROP_NO_SERVICE_BACKEND => "no-service-backend",
         _ => "unknown-reason",
     }
 }
@@ -246,8 +260,12 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     pub flags: u32,
     pub policy_revision: u32,
-    pub rev_nat_index: u32,
-    pub pad: u32,
+    /// Network byte order: the backend of a [`CT_F_SERVICE`] entry, the frontend of the
+    /// entries of a translated connection; 0 otherwise.
+    pub nat_addr: u32,
+    /// Network byte order.
+    pub nat_port: u16,
+    pub pad: u16,
 }
 
 #[repr(C)]
@@ -307,6 +325,45 @@ pub struct DropEvent {
     pub pad: u32,
 }
 
+/// Key of SERVICES: a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Backends in slots `0..count` of BACKENDS; 0 refuses new connections.
+    pub count: u32,
+    pub flags: u32,
+}
+
+/// Key of BACKENDS: one slot of a frontend's backend table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub frontend: ServiceKey,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendValue {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub pad: u16,
+    pub cluster_id: u32,
+}
+
 // SAFETY: every type is `#[repr(C)]`, made only of integers and byte arrays, with all padding
 // spelled out as fields (checked by tests/abi_layout.rs), so any bit pattern is valid and no
 // byte is uninitialised.
@@ -326,6 +383,10 @@ unsafe impl aya::Pod for FragValue {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for DatapathConfig {}
 unsafe impl aya::Pod for DropEvent {}
+unsafe impl aya::Pod for ServiceKey {}
+unsafe impl aya::Pod for ServiceValue {}
+unsafe impl aya::Pod for BackendKey {}
+unsafe impl aya::Pod for BackendValue {}
 
 /// One mirrored struct: C name, Rust size, and every field's name and offset.
 pub struct Layout {
@@ -403,7 +464,8 @@ pub fn layouts() -> Vec<Layout> {
                 last_seen_ns,
                 flags,
                 policy_revision,
-                rev_nat_index,
+                nat_addr,
+                nat_port,
                 pad
             }
         ),
@@ -445,6 +507,26 @@ pub fn layouts() -> Vec<Layout> {
                 reason,
                 ifindex,
                 pad
+            }
+        ),
+        layout!(
+            "service_key",
+            ServiceKey {
+                addr,
+                port,
+                proto,
+                pad
+            }
+        ),
+        layout!("service_value", ServiceValue { count, flags }),
+        layout!("backend_key", BackendKey { frontend, slot }),
+        layout!(
+            "backend_value",
+            BackendValue {
+                addr,
+                port,
+                pad,
+                cluster_id
             }
         ),
     ]

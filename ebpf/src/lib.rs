@@ -53,8 +53,10 @@ pub mod maps {
     pub const METRICS: &str = "METRICS";
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
     /// Every pinned map.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         IPCACHE,
         IPCACHE_HOSTS,
         ENDPOINTS,
@@ -65,5 +67,7 @@ pub mod maps {
         METRICS,
         CONFIG,
         EVENTS,
+        SERVICES,
+        BACKENDS,
     ];
 }

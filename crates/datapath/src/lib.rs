@@ -8,7 +8,8 @@
 //! 2. [`plumbing::create_vxlan`], [`DatapathMaps::set_config`], [`Datapath::attach_overlay`];
 //! 3. per endpoint: [`plumbing::create_endpoint`], [`DatapathMaps::upsert_endpoint`],
 //!    [`Datapath::attach_endpoint`];
-//! 4. the reconciler keeps IPCACHE, NODES and POLICY equal to the merged view.
+//! 4. the reconciler keeps IPCACHE, NODES, POLICY, SERVICES and BACKENDS equal to the merged
+//!    view.
 
 pub mod bpffs;
 pub mod error;
@@ -20,6 +21,6 @@ pub mod plumbing;
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
 pub use maps::{
-    Counter, DatapathMaps, Direction, DropRecord, IpcacheEntry, LocalEndpoint, NodeConfig,
-    PolicyEntry, Verdict,
+    Counter, DatapathMaps, Direction, DropRecord, IpcacheEntry, LbBackend, LbFrontend,
+    LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };

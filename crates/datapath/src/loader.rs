@@ -81,7 +81,7 @@ struct MapShape {
     max_entries: u32,
 }
 
-fn expected_maps() -> [MapShape; 10] {
+fn expected_maps() -> [MapShape; 12] {
     use meshd_ebpf::{abi, maps as m};
     use std::mem::size_of;
     let shape = |name, key_size, value_size, max_entries| MapShape {
@@ -141,6 +141,18 @@ fn expected_maps() -> [MapShape; 10] {
         ),
         shape(m::CONFIG, 4, size_of::<abi::DatapathConfig>(), 1),
         shape(m::EVENTS, 0, 0, abi::EVENTS_BYTES),
+        shape(
+            m::SERVICES,
+            size_of::<abi::ServiceKey>(),
+            size_of::<abi::ServiceValue>(),
+            abi::SERVICES_MAX,
+        ),
+        shape(
+            m::BACKENDS,
+            size_of::<abi::BackendKey>(),
+            size_of::<abi::BackendValue>(),
+            abi::BACKENDS_MAX,
+        ),
     ]
 }
 

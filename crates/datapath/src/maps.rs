@@ -128,6 +128,54 @@ pub struct DropRecord {
     pub ifindex: u32,
 }
 
+/// A service frontend as SERVICES and BACKENDS key it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbFrontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// IP protocol number: 6 TCP or 17 UDP.
+    pub proto: u8,
+}
+
+impl LbFrontend {
+    fn key(&self) -> Result<abi::ServiceKey> {
+        if self.proto != 6 && self.proto != 17 {
+            return Err(DatapathError::Invalid {
+                what: "service frontend",
+                detail: format!("{self:?}: only TCP (6) and UDP (17) are balanced"),
+            });
+        }
+        Ok(abi::ServiceKey {
+            addr: abi::ip_to_be(self.addr),
+            port: self.port.to_be(),
+            proto: self.proto,
+            pad: 0,
+        })
+    }
+
+    fn from_key(k: &abi::ServiceKey) -> LbFrontend {
+        LbFrontend {
+            addr: abi::ip_from_be(k.addr),
+            port: u16::from_be(k.port),
+            proto: k.proto,
+        }
+    }
+}
+
+impl std::fmt::Display for LbFrontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto)
+    }
+}
+
+/// Where a frontend's slot sends new connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbBackend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub cluster_id: u8,
+}
+
 /// Node-wide settings the programs read from CONFIG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -149,6 +197,8 @@ pub struct DatapathMaps {
     metrics: PerCpuArray<MapData, abi::MetricsValue>,
     config: Array<MapData, abi::DatapathConfig>,
     events: RingBuf<MapData>,
+    services: HashMap<MapData, abi::ServiceKey, abi::ServiceValue>,
+    backends: HashMap<MapData, abi::BackendKey, abi::BackendValue>,
 }
 
 impl std::fmt::Debug for DatapathMaps {
@@ -219,6 +269,8 @@ impl DatapathMaps {
             metrics: typed(pin_dir, names::METRICS)?,
             config: typed(pin_dir, names::CONFIG)?,
             events: typed(pin_dir, names::EVENTS)?,
+            services: typed(pin_dir, names::SERVICES)?,
+            backends: typed(pin_dir, names::BACKENDS)?,
         })
     }
 
@@ -558,6 +610,101 @@ impl DatapathMaps {
             }
         }
         Ok(out)
+    }
+
+    /// Inserts or replaces a service frontend with `count` backends (slots `0..count` of
+    /// BACKENDS, which should be written first; see the ABI header).
+    pub fn upsert_service(&mut self, frontend: LbFrontend, count: u32) -> Result<()> {
+        let key = frontend.key()?;
+        let value = abi::ServiceValue { count, flags: 0 };
+        self.services
+            .insert(key, value, 0)
+            .map_err(op_err("insert", names::SERVICES, frontend))
+    }
+
+    /// Removes a service frontend (new connections to it are no longer balanced).
+    pub fn delete_service(&mut self, frontend: LbFrontend) -> Result<()> {
+        let key = frontend.key()?;
+        ignore_missing(self.services.remove(&key)).map_err(op_err(
+            "remove",
+            names::SERVICES,
+            frontend,
+        ))
+    }
+
+    /// Every service frontend and its backend count.
+    pub fn services(&self) -> Result<Vec<(LbFrontend, u32)>> {
+        self.services
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| (LbFrontend::from_key(&k), v.count))
+                    .map_err(op_err("iterate", names::SERVICES, "*"))
+            })
+            .collect()
+    }
+
+    /// Inserts or replaces slot `slot` of a frontend's backends.
+    pub fn upsert_backend(
+        &mut self,
+        frontend: LbFrontend,
+        slot: u32,
+        backend: LbBackend,
+    ) -> Result<()> {
+        if backend.cluster_id == 0 || backend.port == 0 {
+            return Err(DatapathError::Invalid {
+                what: "service backend",
+                detail: format!("{backend:?} of {frontend}: cluster id and port must not be 0"),
+            });
+        }
+        let key = abi::BackendKey {
+            frontend: frontend.key()?,
+            slot,
+        };
+        let value = abi::BackendValue {
+            addr: abi::ip_to_be(backend.addr),
+            port: backend.port.to_be(),
+            pad: 0,
+            cluster_id: u32::from(backend.cluster_id),
+        };
+        self.backends.insert(key, value, 0).map_err(op_err(
+            "insert",
+            names::BACKENDS,
+            format!("{frontend} slot {slot}"),
+        ))
+    }
+
+    /// Removes slot `slot` of a frontend's backends.
+    pub fn delete_backend(&mut self, frontend: LbFrontend, slot: u32) -> Result<()> {
+        let key = abi::BackendKey {
+            frontend: frontend.key()?,
+            slot,
+        };
+        ignore_missing(self.backends.remove(&key)).map_err(op_err(
+            "remove",
+            names::BACKENDS,
+            format!("{frontend} slot {slot}"),
+        ))
+    }
+
+    /// Every backend slot: (frontend, slot, backend).
+    pub fn backends(&self) -> Result<Vec<(LbFrontend, u32, LbBackend)>> {
+        self.backends
+            .iter()
+            .map(|item| {
+                item.map(|(k, v)| {
+                    (
+                        LbFrontend::from_key(&k.frontend),
+                        k.slot,
+                        LbBackend {
+                            addr: abi::ip_from_be(v.addr),
+                            port: u16::from_be(v.port),
+                            cluster_id: v.cluster_id as u8,
+                        },
+                    )
+                })
+                .map_err(op_err("iterate", names::BACKENDS, "*"))
+            })
+            .collect()
     }
 
     /// Number of conntrack entries (walks the map; for tests and status, not hot paths).

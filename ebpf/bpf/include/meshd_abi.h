@@ -31,6 +31,8 @@ enum meshd_limits {
 	MESHD_POLICY_MAX = 262144,
 	MESHD_CT_MAX = 262144,
 	MESHD_FRAGS_MAX = 8192,
+	MESHD_SERVICES_MAX = 65536,
+	MESHD_BACKENDS_MAX = 262144,
 	MESHD_EVENTS_BYTES = 1 << 20,
 };
 
@@ -73,6 +75,7 @@ enum meshd_reason {
 	MESHD_DROP_NO_CONFIG = -139,        /* CONFIG not written yet by the agent */
 	MESHD_DROP_WRITE_ERROR = -140,      /* a helper rewriting the packet failed */
 	MESHD_DROP_FRAG_NOT_FOUND = -141,   /* non-first IPv4 fragment whose first one was not seen */
+	MESHD_DROP_NO_SERVICE_BACKEND = -142, /* new connection to a service frontend without backends */
 };
 
 enum meshd_metrics_layout {
@@ -178,13 +181,21 @@ struct ct_value {
 	__u64 last_seen_ns;    /* bpf_ktime_get_ns() of the last packet this way */
 	__u32 flags;           /* MESHD_CT_F_* */
 	__u32 policy_revision; /* CONFIG policy_revision when policy last allowed this direction */
-	__u32 rev_nat_index;   /* reserved for service load-balancing (reverse NAT), 0 for now */
-	__u32 pad;
+	/* Service connections (see SERVICES below), network byte order:
+	 * - MESHD_CT_F_SERVICE entry (client -> frontend tuple): the backend chosen for it;
+	 * - entries of the translated tuple (client -> backend and its reply): the frontend, which
+	 *   the reply entry (MESHD_CT_F_REV_NAT) writes back as the source of replies.
+	 * 0 for connections that are not to a service. */
+	__u32 nat_addr;
+	__u16 nat_port;
+	__u16 pad;
 };
 
 enum meshd_ct_flags {
 	MESHD_CT_F_REPLY = 1,   /* this entry is the reply direction of the connection */
 	MESHD_CT_F_CLOSING = 2, /* FIN or RST seen */
+	MESHD_CT_F_SERVICE = 4, /* keyed by the frontend tuple: nat_* is the connection's backend */
+	MESHD_CT_F_REV_NAT = 8, /* replies get source nat_addr:nat_port (the frontend) back */
 };
 
 #define MESHD_CT_LIFETIME_TCP_NS (6ull * 3600 * 1000000000)
@@ -245,8 +256,39 @@ struct drop_event {
 	__u32 pad;
 };
 
-/* Reserved for service load-balancing (a later issue): SERVICES (frontend -> backend count,
- * affinity) and BACKENDS (backend id -> address, port, cluster id) maps, a DNAT stage in
- * from-endpoint before policy and a reverse-NAT stage keyed by ct_value.rev_nat_index. */
+/*
+ * SERVICES and BACKENDS: service load-balancing in from-endpoint. A new connection (no
+ * MESHD_CT_F_SERVICE entry for its tuple) to a frontend picks slot prandom % count of the
+ * frontend's BACKENDS, and the choice is kept in CT for the connection's life. The packet is
+ * then DNATed (destination address and port, checksums fixed) before anything else looks at
+ * it, so policy, conntrack and forwarding see the backend. Replies get the frontend back as
+ * their source where they re-enter the client's node: from-overlay (remote backend) or
+ * from-endpoint (backend on the same node), keyed by the reply's CT entry (MESHD_CT_F_REV_NAT).
+ * The agent writes a frontend's slots 0..count-1 before raising count and lowers count before
+ * deleting slots, so a packet never picks a slot that is not there.
+ */
+struct service_key {
+	__u32 addr;  /* frontend IP (VIP), network byte order */
+	__u16 port;  /* network byte order */
+	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;
+};
+
+struct service_value {
+	__u32 count; /* backends in slots 0..count-1; 0 = refuse new connections */
+	__u32 flags; /* reserved, 0 */
+};
+
+struct backend_key {
+	struct service_key frontend;
+	__u32 slot;
+};
+
+struct backend_value {
+	__u32 addr;       /* network byte order */
+	__u16 port;       /* network byte order */
+	__u16 pad;
+	__u32 cluster_id; /* the backend's cluster (informational: forwarding goes by IPCACHE) */
+};
 
 #endif /* MESHD_ABI_H */

@@ -36,6 +36,10 @@ struct pkt_ctx {
 	__u32 dst_identity;
 	int action;           /* TC_ACT_* to return when the handler forwards */
 	__u32 tunnel_remote; /* host byte order, as passed to bpf_skb_set_tunnel_key */
+	__u32 l4_off;        /* offset of the TCP/UDP/ICMP header; 0 if none here (later fragment) */
+	__u32 svc_addr;      /* service frontend the packet was sent to (DNATed away), 0 if none */
+	__u16 svc_port;      /* network byte order */
+	__u16 pad;
 };
 
 #define TCP_FLAG_FIN 0x01

@@ -75,9 +75,14 @@ static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx,
 	struct ct_key rkey = {};
 	ct_reverse(&key, &rkey);
 	v = bpf_map_lookup_elem(&CT, &rkey);
-	if (v && !(v->flags & MESHD_CT_F_REPLY) && ct_alive(&rkey, v, now)) {
-		struct ct_value reply = {.last_seen_ns = now, .flags = MESHD_CT_F_REPLY};
+	if (v && !(v->flags & (MESHD_CT_F_REPLY | MESHD_CT_F_SERVICE)) && ct_alive(&rkey, v, now)) {
+		/* The original half of a service connection knows the frontend to reverse-NAT to. */
+		struct ct_value reply = {.last_seen_ns = now,
+					 .flags = MESHD_CT_F_REPLY | (v->nat_addr ? MESHD_CT_F_REV_NAT : 0),
+					 .nat_addr = v->nat_addr,
+					 .nat_port = v->nat_port};
 		bpf_map_update_elem(&CT, &key, &reply, BPF_ANY);
+		*entry = bpf_map_lookup_elem(&CT, &key);
 		return CT_REPLY;
 	}
 
@@ -100,11 +105,20 @@ static __always_inline void ct_create(struct pkt_ctx *ctx, __u64 now, __u32 poli
 	struct ct_key key = {
 		.saddr = ctx->saddr, .daddr = ctx->daddr, .sport = ctx->sport, .dport = ctx->dport, .proto = ctx->proto};
 	__u32 closing = (ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? MESHD_CT_F_CLOSING : 0;
-	struct ct_value v = {.last_seen_ns = now, .flags = closing, .policy_revision = policy_revision};
+	/* A service connection (DNATed, see lb.h): both halves remember the frontend, and the
+	 * reply half turns the source of replies back into it. */
+	struct ct_value v = {.last_seen_ns = now,
+			     .flags = closing,
+			     .policy_revision = policy_revision,
+			     .nat_addr = ctx->svc_addr,
+			     .nat_port = ctx->svc_port};
 	bpf_map_update_elem(&CT, &key, &v, BPF_ANY);
 	struct ct_key rkey = {};
 	ct_reverse(&key, &rkey);
-	struct ct_value r = {.last_seen_ns = now, .flags = MESHD_CT_F_REPLY | closing};
+	struct ct_value r = {.last_seen_ns = now,
+			     .flags = MESHD_CT_F_REPLY | closing | (ctx->svc_addr ? MESHD_CT_F_REV_NAT : 0),
+			     .nat_addr = ctx->svc_addr,
+			     .nat_port = ctx->svc_port};
 	bpf_map_update_elem(&CT, &rkey, &r, BPF_ANY);
 }
 

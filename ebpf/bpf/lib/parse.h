@@ -77,6 +77,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt_ctx *c
 	__u8 *l4 = data + l4_off;
 	if ((void *)(l4 + 8) > data_end)
 		return MESHD_DROP_INVALID_PACKET;
+	ctx->l4_off = l4_off;
 
 	if (proto == IPPROTO_ICMP) {
 		struct icmphdr *icmp = (void *)l4;

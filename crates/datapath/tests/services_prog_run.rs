@@ -1,0 +1,501 @@
+//! Service load-balancing under BPF_PROG_RUN: DNAT of connections to a frontend (bytes and
+//! checksums), the backend kept for the connection's life, reverse NAT of replies on both
+//! paths back into the client (from a local backend through from-endpoint, from a remote one
+//! through from-overlay), policy against the backend, and frontends without backends.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use common::*;
+use meshd_datapath::{
+    Direction, IpcacheEntry, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
+};
+use meshd_ebpf::{abi, programs};
+
+const CLUSTER1: u32 = 1 << 16;
+const CLUSTER2: u32 = 2 << 16;
+const CLIENT: u32 = CLUSTER1 | 1001;
+const WEB: u32 = CLUSTER1 | 1000;
+const REMOTE: u32 = CLUSTER2 | 600;
+
+const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2); // local client
+const B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3); // local backend (WEB)
+const C: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 4); // second local backend (WEB)
+const R: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5); // remote backend in cluster 2
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const A_IF: u32 = 101;
+const B_IF: u32 = 102;
+const C_IF: u32 = 103;
+const NODE2: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 2);
+
+fn mac(last: u8) -> [u8; 6] {
+    [0x02, 0xaa, 0, 0, 0, last]
+}
+
+fn setup() -> Option<TestDatapath> {
+    if !can_run() {
+        return None;
+    }
+    let mut dp = TestDatapath::new();
+    let m = &mut dp.maps;
+    m.set_config(NodeConfig {
+        vxlan_ifindex: 77,
+        node_ip: Ipv4Addr::new(192, 168, 50, 1),
+        cluster_id: 1,
+    })
+    .unwrap();
+    for (ip, ifindex, identity) in [(A, A_IF, CLIENT), (B, B_IF, WEB), (C, C_IF, WEB)] {
+        m.upsert_endpoint(
+            ip,
+            LocalEndpoint {
+                ifindex,
+                identity,
+                mac: mac(ip.octets()[3]),
+                node_mac: mac(0xf0 | ip.octets()[3]),
+            },
+        )
+        .unwrap();
+    }
+    m.upsert_ipcache(
+        "10.2.0.0/24".parse().unwrap(),
+        IpcacheEntry {
+            identity: REMOTE,
+            tunnel_endpoint: Some(NODE2),
+            flags: 0,
+        },
+    )
+    .unwrap();
+    m.upsert_node(NODE2, 2).unwrap();
+    Some(dp)
+}
+
+fn frontend(proto: u8) -> LbFrontend {
+    LbFrontend {
+        addr: VIP,
+        port: 80,
+        proto,
+    }
+}
+
+/// Points `frontend` at `backends` (port 8080), slots first, then the count.
+fn set_backends(dp: &mut TestDatapath, frontend: LbFrontend, backends: &[(Ipv4Addr, u8)]) {
+    for (slot, (addr, cluster_id)) in backends.iter().enumerate() {
+        dp.maps
+            .upsert_backend(
+                frontend,
+                slot as u32,
+                LbBackend {
+                    addr: *addr,
+                    port: 8080,
+                    cluster_id: *cluster_id,
+                },
+            )
+            .unwrap();
+    }
+    dp.maps
+        .upsert_service(frontend, backends.len() as u32)
+        .unwrap();
+}
+
+/// One's complement sum of 16-bit words.
+fn sum16(bytes: &[u8], mut sum: u32) -> u32 {
+    for chunk in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+const ETH: usize = 14;
+
+/// Offset of the L4 checksum field in a frame built by `Packet`.
+fn l4_csum_off(frame: &[u8]) -> usize {
+    ETH + 20 + if frame[ETH + 9] == TCP { 16 } else { 6 }
+}
+
+/// The TCP/UDP checksum over pseudo-header and segment, with the checksum field as it is:
+/// 0xffff (all ones folded) when the field is right.
+fn l4_sum(frame: &[u8]) -> u16 {
+    let ip = &frame[ETH..];
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let l4 = &ip[20..total];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, ip[9]]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    fold(sum16(l4, sum16(&pseudo, 0)))
+}
+
+/// The frame with a correct TCP/UDP checksum.
+fn with_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let off = l4_csum_off(&frame);
+    frame[off..off + 2].copy_from_slice(&[0, 0]);
+    let mut csum = !l4_sum(&frame);
+    if csum == 0 && frame[ETH + 9] == UDP {
+        csum = 0xffff;
+    }
+    frame[off..off + 2].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+fn assert_checksums_valid(frame: &[u8], what: &str) {
+    assert_eq!(
+        fold(sum16(&frame[ETH..ETH + 20], 0)),
+        0xffff,
+        "{what}: IPv4 header checksum"
+    );
+    assert_eq!(l4_sum(frame), 0xffff, "{what}: L4 checksum");
+}
+
+fn daddr(frame: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
+}
+
+fn saddr(frame: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29])
+}
+
+fn sport(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[34], frame[35]])
+}
+
+fn dport(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[36], frame[37]])
+}
+
+fn tcp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    with_l4_checksum(Packet::tcp(saddr, sport, daddr, dport, flags).bytes())
+}
+
+fn counter(dp: &TestDatapath, direction: Direction, reason: i32) -> u64 {
+    dp.maps.counter(direction, reason).unwrap()
+}
+
+#[test]
+fn a_connection_to_a_frontend_is_dnated_to_a_local_backend_with_valid_checksums() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[(B, 1)]);
+    let syn = tcp(A, 40000, VIP, 80, 0x02);
+    assert_checksums_valid(&syn, "the built packet");
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &syn, A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((daddr(&out), dport(&out)), (B, 8080), "DNAT to the backend");
+    assert_eq!((saddr(&out), sport(&out)), (A, 40000), "source untouched");
+    assert_eq!(&out[0..6], &mac(3), "delivered to the backend's MAC");
+    assert_checksums_valid(&out, "after DNAT");
+    assert_eq!(
+        &out[ETH + 20 + 20..],
+        &syn[ETH + 20 + 20..],
+        "payload untouched"
+    );
+    // The frontend's service entry plus both halves of the translated connection.
+    assert_eq!(dp.maps.ct_len(), 3);
+
+    // The backend's reply, through from-endpoint of the backend (same node): source back to
+    // the frontend.
+    let reply = tcp(B, 8080, A, 40000, 0x12);
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &reply, B_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((saddr(&out), sport(&out)), (VIP, 80), "reverse NAT");
+    assert_eq!((daddr(&out), dport(&out)), (A, 40000));
+    assert_eq!(&out[0..6], &mac(2), "delivered to the client");
+    assert_checksums_valid(&out, "after reverse NAT");
+    assert_eq!(counter(&dp, Direction::Egress, abi::FWD_LOCAL), 2);
+}
+
+#[test]
+fn a_connection_keeps_its_backend_and_new_ones_spread() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[(B, 1), (C, 1)]);
+    let mut seen = BTreeSet::new();
+    for port in 40000..40064u16 {
+        let (v, first, _) = dp.run(
+            programs::FROM_ENDPOINT,
+            &tcp(A, port, VIP, 80, 0x02),
+            A_IF,
+            [0; 5],
+        );
+        assert_eq!(v, TC_ACT_REDIRECT);
+        let backend = daddr(&first);
+        seen.insert(backend);
+        for flags in [0x10, 0x18, 0x10] {
+            let (_, next, _) = dp.run(
+                programs::FROM_ENDPOINT,
+                &tcp(A, port, VIP, 80, flags),
+                A_IF,
+                [0; 5],
+            );
+            assert_eq!(daddr(&next), backend, "port {port} keeps its backend");
+        }
+    }
+    assert_eq!(
+        seen,
+        BTreeSet::from([B, C]),
+        "64 connections over 2 backends"
+    );
+
+    // The backends change: an established connection keeps its backend, which is no longer
+    // in the table; a new connection only gets the new one.
+    let (_, out, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 50000, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    let kept = daddr(&out);
+    let other = if kept == B { C } else { B };
+    set_backends(&mut dp, frontend(TCP), &[(other, 1)]);
+    let (_, out, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 50000, VIP, 80, 0x10),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(
+        daddr(&out),
+        kept,
+        "an established connection keeps its backend"
+    );
+    for port in 51000..51010u16 {
+        let (_, out, _) = dp.run(
+            programs::FROM_ENDPOINT,
+            &tcp(A, port, VIP, 80, 0x02),
+            A_IF,
+            [0; 5],
+        );
+        assert_eq!(daddr(&out), other);
+    }
+
+    // After FIN the tuple is closing; a SYN reusing it picks among today's backends.
+    dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 50000, VIP, 80, 0x11),
+        A_IF,
+        [0; 5],
+    );
+    let (_, out, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 50000, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(daddr(&out), other, "a reused port is a new connection");
+    let reply = tcp(other, 8080, A, 50000, 0x12);
+    let (_, out, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &reply,
+        if other == B { B_IF } else { C_IF },
+        [0; 5],
+    );
+    assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
+}
+
+#[test]
+fn a_remote_backend_is_tunnelled_to_and_its_reply_reverse_natted_in_from_overlay() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[(R, 2)]);
+    let syn = tcp(A, 40001, VIP, 80, 0x02);
+    let (verdict, out, cb) = dp.run(programs::FROM_ENDPOINT_PROBE, &syn, A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        Ipv4Addr::from(cb[0]),
+        NODE2,
+        "tunnelled to the backend's node"
+    );
+    assert_eq!(cb[1], CLIENT, "VNI = client identity");
+    assert_eq!((daddr(&out), dport(&out)), (R, 8080));
+    assert_checksums_valid(&out, "after DNAT");
+
+    // The reply comes back over the overlay from NODE2 with the backend's identity.
+    let reply = tcp(R, 8080, A, 40001, 0x12);
+    let (verdict, out, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &reply,
+        0,
+        [abi::ip_to_be(NODE2), REMOTE, 0, 0, 0],
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((saddr(&out), sport(&out)), (VIP, 80), "reverse NAT");
+    assert_eq!((daddr(&out), dport(&out)), (A, 40001));
+    assert_checksums_valid(&out, "after reverse NAT");
+
+    // A direct connection to the backend's address is not translated, nor are its replies.
+    let direct = tcp(A, 40002, R, 8080, 0x02);
+    let (_, out, _) = dp.run(programs::FROM_ENDPOINT_PROBE, &direct, A_IF, [0; 5]);
+    assert_eq!(out, direct);
+    let reply = tcp(R, 8080, A, 40002, 0x12);
+    let (_, out, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &reply,
+        0,
+        [abi::ip_to_be(NODE2), REMOTE, 0, 0, 0],
+    );
+    assert_eq!(&out[12..], &reply[12..], "only the MACs change");
+}
+
+#[test]
+fn udp_is_balanced_and_a_zero_udp_checksum_stays_zero() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(UDP), &[(B, 1)]);
+    let dgram = with_l4_checksum(Packet::udp(A, 5353, VIP, 80).bytes());
+    assert_checksums_valid(&dgram, "the built datagram");
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &dgram, A_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((daddr(&out), dport(&out)), (B, 8080));
+    assert_checksums_valid(&out, "UDP after DNAT");
+    let reply = with_l4_checksum(Packet::udp(B, 8080, A, 5353).bytes());
+    let (_, out, _) = dp.run(programs::FROM_ENDPOINT, &reply, B_IF, [0; 5]);
+    assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
+    assert_checksums_valid(&out, "UDP after reverse NAT");
+
+    // No checksum (0) is legal for UDP over IPv4 and must not become a wrong one.
+    let bare = Packet::udp(A, 5354, VIP, 80).bytes();
+    let (_, out, _) = dp.run(programs::FROM_ENDPOINT, &bare, A_IF, [0; 5]);
+    assert_eq!(daddr(&out), B);
+    let off = l4_csum_off(&out);
+    assert_eq!(&out[off..off + 2], &[0, 0]);
+    assert_eq!(fold(sum16(&out[ETH..ETH + 20], 0)), 0xffff);
+    // A TCP frontend on the same address and port is another frontend: UDP only here.
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 40000, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "no TCP frontend: unknown destination");
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
+}
+
+#[test]
+fn a_frontend_without_backends_refuses_new_connections() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[]);
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 40000, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(
+        counter(&dp, Direction::Egress, abi::DROP_NO_SERVICE_BACKEND),
+        1
+    );
+    let events = dp.maps.drain_drop_events();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].daddr, events[0].dport), (VIP, 80));
+    assert_eq!(abi::reason_name(events[0].reason), "no-service-backend");
+
+    // Deleting the frontend: the VIP is no destination at all any more.
+    dp.maps.delete_service(frontend(TCP)).unwrap();
+    assert!(dp.maps.services().unwrap().is_empty());
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 40000, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
+}
+
+#[test]
+fn policy_is_decided_against_the_backend() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[(B, 1)]);
+    // WEB admits CLIENT on 8080 only (the backend port, not the frontend's 80).
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Ingress, true)
+        .unwrap();
+    let allow = |dport| PolicyEntry {
+        subject: WEB,
+        peer: Some(CLIENT),
+        proto: Some(TCP),
+        dport: Some(dport),
+        direction: Direction::Ingress,
+    };
+    dp.maps
+        .upsert_policy(allow(8080), Verdict::Allow, 1)
+        .unwrap();
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 40000, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT, "allowed to the backend's port");
+
+    dp.maps.delete_policy(allow(8080)).unwrap();
+    dp.maps.upsert_policy(allow(80), Verdict::Allow, 2).unwrap();
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(A, 40001, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "a rule for the frontend port admits nothing"
+    );
+    let events = dp.maps.drain_drop_events();
+    let ev = events.last().expect("a drop event");
+    assert_eq!(ev.reason, abi::DROP_POLICY);
+    assert_eq!(
+        ev.dst_identity, WEB,
+        "decided against the backend's identity"
+    );
+    assert_eq!((ev.daddr, ev.dport), (B, 8080));
+}
+
+#[test]
+fn maps_list_what_was_written() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[(B, 1), (R, 2)]);
+    assert_eq!(dp.maps.services().unwrap(), [(frontend(TCP), 2)]);
+    let mut backends = dp.maps.backends().unwrap();
+    backends.sort();
+    assert_eq!(
+        backends,
+        [
+            (
+                frontend(TCP),
+                0,
+                LbBackend {
+                    addr: B,
+                    port: 8080,
+                    cluster_id: 1
+                }
+            ),
+            (
+                frontend(TCP),
+                1,
+                LbBackend {
+                    addr: R,
+                    port: 8080,
+                    cluster_id: 2
+                }
+            ),
+        ]
+    );
+    dp.maps.delete_backend(frontend(TCP), 1).unwrap();
+    dp.maps.delete_backend(frontend(TCP), 1).unwrap();
+    assert_eq!(dp.maps.backends().unwrap().len(), 1);
+    assert!(dp
+        .maps
+        .upsert_service(
+            LbFrontend {
+                proto: ICMP,
+                ..frontend(TCP)
+            },
+            1
+        )
+        .is_err());
+}
