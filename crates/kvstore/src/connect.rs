@@ -169,13 +169,17 @@ pub async fn connect_lazy(config: &EtcdConfig) -> Result<EtcdStore, KvError> {
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
     let channel = endpoint.connect_with_connector_lazy(connector);
+    // `require_leader`: a member cut off from its leader fails requests and ends watches
+    // instead of serving a silently frozen view, so readers move on to another member.
+    let options = etcd_client::ConnectOptions::new().with_require_leader(true);
     // Without a user and password, `from_channel` does no I/O.
-    let client = etcd_client::Client::from_channel(etcd_client::Channel::Tonic(channel), None)
-        .await
-        .map_err(|source| KvError::Config {
-            endpoints: config.describe(),
-            reason: source.to_string(),
-        })?;
+    let client =
+        etcd_client::Client::from_channel(etcd_client::Channel::Tonic(channel), Some(options))
+            .await
+            .map_err(|source| KvError::Config {
+                endpoints: config.describe(),
+                reason: source.to_string(),
+            })?;
     Ok(EtcdStore::new(client, config.clone()))
 }
 
