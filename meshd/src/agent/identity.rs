@@ -199,6 +199,63 @@ mod tests {
         );
     }
 
+    /// Real etcd: concurrent allocations of one label set (as two nodes adding endpoints with
+    /// the same labels) all get one number; of different label sets, different numbers; and a
+    /// collected identity key comes back with the same number.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_nodes_agree_on_numbers() {
+        if !meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd")) {
+            return;
+        }
+        let etcd = meshd_testing::etcd::Etcd::start().unwrap();
+        let client = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        let c1 = ClusterName::new("c1").unwrap();
+        let id1 = ClusterId::new(1).unwrap();
+        let same = Labels::from_pairs([("app", "web"), ("meshd.io/cluster", "c1")]);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (mut client, c1, same) = (client.clone(), c1.clone(), same.clone());
+                tokio::spawn(async move { resolve(&mut client, &c1, id1, &same).await.unwrap() })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert_eq!(ids[0].cluster_id(), Some(id1));
+
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (mut client, c1) = (client.clone(), c1.clone());
+                let labels = Labels::from_pairs([("app", format!("svc{i}"))]);
+                tokio::spawn(async move { resolve(&mut client, &c1, id1, &labels).await.unwrap() })
+            })
+            .collect();
+        let mut distinct = BTreeSet::new();
+        for t in tasks {
+            assert!(
+                distinct.insert(t.await.unwrap()),
+                "a number was handed out twice"
+            );
+        }
+        assert!(!distinct.contains(&ids[0]));
+
+        // The identity key garbage-collected behind our back: the index brings back the same
+        // number and the key is written again.
+        let key = IdentityKey {
+            cluster: c1.clone(),
+            id: ids[0],
+        }
+        .to_string();
+        let mut c = client.clone();
+        c.delete(key.as_str(), None).await.unwrap();
+        assert_eq!(resolve(&mut c, &c1, id1, &same).await.unwrap(), ids[0]);
+        assert_eq!(c.get(key.as_str(), None).await.unwrap().kvs().len(), 1);
+    }
+
     #[test]
     fn lowest_free_skips_reserved_and_used() {
         assert_eq!(lowest_free(&BTreeSet::new()), Some(256));

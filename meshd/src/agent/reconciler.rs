@@ -20,13 +20,13 @@ use ipnet::IpNet;
 use meshd_datapath::{DatapathMaps, IpcacheEntry, LocalEndpoint, PolicyEntry};
 use meshd_ebpf::abi;
 use meshd_mesh::{
-    diff, DatapathOp, DesiredDatapath, Direction, IpProto, IpcacheTarget, PolicyKey, PolicyValue,
-    Verdict,
+    diff, DatapathOp, DesiredDatapath, DesiredServices, Direction, IpProto, IpcacheTarget,
+    PolicyKey, PolicyValue, Verdict,
 };
 use meshd_state::{ClusterId, NumericIdentity};
 use tokio::sync::watch;
 
-use crate::agent::now_ms;
+use crate::agent::{now_ms, services};
 
 /// This node's endpoints as the ENDPOINTS map should hold them, with a generation number the
 /// endpoint manager waits on ("my change is in the maps").
@@ -49,6 +49,8 @@ pub struct ReconcileStatus {
     pub node_entries: usize,
     pub policy_entries: usize,
     pub endpoint_entries: usize,
+    /// Service frontends in SERVICES.
+    pub service_entries: usize,
 }
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -61,6 +63,8 @@ pub struct Reconciler {
     policy: BpfHashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
     applied: DesiredDatapath,
     applied_endpoints: BTreeMap<Ipv4Addr, LocalEndpoint>,
+    /// SERVICES and BACKENDS as written (see `agent::services`).
+    applied_services: DesiredServices,
     status: ReconcileStatus,
 }
 
@@ -105,6 +109,7 @@ impl Reconciler {
             policy,
             applied: DesiredDatapath::default(),
             applied_endpoints: BTreeMap::new(),
+            applied_services: DesiredServices::default(),
             status: ReconcileStatus::default(),
         })
     }
@@ -198,6 +203,7 @@ impl Reconciler {
             );
         }
         self.applied = actual;
+        self.applied_services = services::read_back(&mut self.maps)?;
         // ENDPOINTS values are not read back: rewriting an identical value is an atomic
         // replace that no packet notices, so every wanted endpoint is simply upserted again.
         self.applied_endpoints.clear();
@@ -236,6 +242,18 @@ impl Reconciler {
                     tracing::warn!(error = %e, ?op, "datapath write failed; will retry");
                     first_error.get_or_insert(e.to_string());
                 }
+            }
+        }
+        if let Some(desired) = desired {
+            let round = services::reconcile(
+                &mut self.maps,
+                &mut self.applied_services,
+                &desired.services,
+            );
+            self.status.ops_applied += round.applied;
+            failed += round.failed;
+            if let Some(e) = round.first_error {
+                first_error.get_or_insert(e);
             }
         }
         // Generation 0: the endpoint manager has not recovered this node's endpoints yet (agent
@@ -293,6 +311,7 @@ impl Reconciler {
         self.status.node_entries = self.applied.nodes.len();
         self.status.policy_entries = self.applied.policy.len();
         self.status.endpoint_entries = self.applied_endpoints.len();
+        self.status.service_entries = self.applied_services.services.len();
         if failed == 0 {
             self.status.endpoints_generation = endpoints.generation;
             self.status.last_error = None;
@@ -442,12 +461,124 @@ pub fn ipv4_only(d: &DesiredDatapath) -> DesiredDatapath {
             .collect(),
         policy: d.policy.clone(),
         policy_enabled: d.policy_enabled.clone(),
+        services: services::ipv4_services(&d.services),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(n: u32) -> NumericIdentity {
+        NumericIdentity::new(n).unwrap()
+    }
+
+    fn remote(identity: u32, host: [u8; 4]) -> IpcacheTarget {
+        IpcacheTarget {
+            identity: id(identity),
+            tunnel_endpoint: Some(IpAddr::from(host)),
+            local: false,
+        }
+    }
+
+    /// Real pinned maps: start-up reconciliation removes what is not wanted, adds what is
+    /// missing and rewrites nothing that is right; a second round does nothing; ENDPOINTS is
+    /// left alone until the endpoint manager has spoken (generation > 0).
+    #[test]
+    fn start_up_reconciliation_against_pinned_maps() {
+        if !meshd_testing::require("root", meshd_testing::is_root())
+            || !meshd_testing::require(
+                "bpffs at /sys/fs/bpf",
+                meshd_datapath::bpffs::is_bpffs(std::path::Path::new("/sys/fs/bpf")),
+            )
+        {
+            return;
+        }
+        let pin = meshd_datapath::bpffs::ScratchPinDir::new(
+            std::path::Path::new("/sys/fs/bpf"),
+            "meshd-agent-reconciler",
+        )
+        .unwrap();
+        let _datapath = meshd_datapath::Datapath::load(pin.path()).unwrap();
+        let c2 = (2 << 16) | 300;
+        {
+            let mut maps = DatapathMaps::open(pin.path()).unwrap();
+            let e = |host: [u8; 4]| IpcacheEntry {
+                identity: c2,
+                tunnel_endpoint: Some(Ipv4Addr::from(host)),
+                flags: 0,
+            };
+            maps.upsert_ipcache("10.2.0.5/32".parse().unwrap(), e([192, 168, 0, 2]))
+                .unwrap();
+            maps.upsert_ipcache("10.2.0.6/32".parse().unwrap(), e([192, 168, 0, 2]))
+                .unwrap();
+            maps.upsert_node([192, 168, 0, 2].into(), 2).unwrap();
+            maps.upsert_node([192, 168, 0, 3].into(), 2).unwrap();
+            maps.upsert_endpoint(
+                [10, 1, 0, 9].into(),
+                LocalEndpoint {
+                    ifindex: 7,
+                    identity: (1 << 16) | 300,
+                    mac: [2, 0, 0, 0, 0, 1],
+                    node_mac: [2, 0, 0, 0, 0, 2],
+                },
+            )
+            .unwrap();
+        }
+        let mut desired = DesiredDatapath::default();
+        desired
+            .ipcache
+            .insert("10.2.0.5/32".parse().unwrap(), remote(c2, [192, 168, 0, 2]));
+        desired
+            .ipcache
+            .insert("10.2.0.7/32".parse().unwrap(), remote(c2, [192, 168, 0, 2]));
+        desired
+            .nodes
+            .insert([192, 168, 0, 2].into(), ClusterId::new(2).unwrap());
+
+        let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
+        r.read_back().unwrap();
+        assert_eq!(r.applied.ipcache.len(), 2);
+        assert_eq!(r.applied.nodes.len(), 2);
+        let not_yet = LocalEndpoints::default();
+        assert_eq!(r.round(Some(&desired), &not_yet), 0);
+        // Delete 10.2.0.6, add 10.2.0.7, delete node .3: nothing else was written.
+        assert_eq!(r.status.ops_applied, 3);
+        let maps = DatapathMaps::open(pin.path()).unwrap();
+        let mut prefixes = maps.ipcache_prefixes().unwrap();
+        prefixes.sort();
+        assert_eq!(
+            prefixes,
+            vec![
+                "10.2.0.5/32".parse().unwrap(),
+                "10.2.0.7/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            maps.endpoint_addrs().unwrap().len(),
+            1,
+            "ENDPOINTS touched too early"
+        );
+
+        assert_eq!(r.round(Some(&desired), &not_yet), 0);
+        assert_eq!(
+            r.status.ops_applied, 3,
+            "a second round must change nothing"
+        );
+
+        // Once the manager has recovered (none here), stale endpoints go.
+        let recovered = LocalEndpoints {
+            generation: 1,
+            endpoints: BTreeMap::new(),
+        };
+        assert_eq!(r.round(Some(&desired), &recovered), 0);
+        assert!(maps.endpoint_addrs().unwrap().is_empty());
+        assert_eq!(r.status.endpoints_generation, 1);
+
+        // Before the view is complete (None), the maps are left as they are.
+        assert_eq!(r.round(None, &recovered), 0);
+        assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
+    }
 
     #[test]
     fn ipv6_stays_out_of_the_maps() {
