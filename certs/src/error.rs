@@ -7,19 +7,19 @@ use std::path::PathBuf;
 // counts the whole enum.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
-    #[error("cannot read {what} file {path}: {source}")]
+    // The I/O error is part of the message and deliberately not a `source`: callers print the
+    // whole chain (`{:#}`), which would repeat it.
+    #[error("cannot read {what} file {path}: {cause}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot write {what} file {path}: {source}")]
+    #[error("cannot write {what} file {path}: {cause}")]
     Write {
         what: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{what} file {path}: {reason}")]
     Invalid {
@@ -72,7 +72,14 @@ pub enum CertError {
     #[error("issuing a certificate for {subject}: {reason}")]
     Issue { subject: String, reason: String },
     #[error("building TLS config: {0}")]
-    Tls(#[from] rustls::Error),
+    Tls(rustls::Error),
+}
+
+// Not `#[from]`: that would also make it the `source`, and the message already carries it.
+impl From<rustls::Error> for CertError {
+    fn from(e: rustls::Error) -> Self {
+        CertError::Tls(e)
+    }
 }
 
 impl CertError {

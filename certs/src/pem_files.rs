@@ -16,10 +16,10 @@ pub const KEY_MODE: u32 = 0o600;
 pub const CERT_MODE: u32 = 0o644;
 
 pub(crate) fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|source| CertError::Read {
+    std::fs::read(path).map_err(|cause| CertError::Read {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
@@ -123,10 +123,10 @@ pub fn write_all_atomic(
         }
         let mut dirs = Vec::new();
         for (tmp, path, what) in &staged {
-            std::fs::rename(tmp, path).map_err(|source| CertError::Write {
+            std::fs::rename(tmp, path).map_err(|cause| CertError::Write {
                 what,
                 path: path.to_path_buf(),
-                source,
+                cause,
             })?;
             dirs.push((parent_dir(path), *path, *what));
         }
@@ -134,10 +134,10 @@ pub fn write_all_atomic(
         for (dir, path, what) in dirs {
             std::fs::File::open(&dir)
                 .and_then(|d| d.sync_all())
-                .map_err(|source| CertError::Write {
+                .map_err(|cause| CertError::Write {
                     what,
                     path: path.to_path_buf(),
-                    source,
+                    cause,
                 })?;
         }
         Ok(())
@@ -164,10 +164,10 @@ fn stage(
     contents: &[u8],
     mode: u32,
 ) -> Result<PathBuf, CertError> {
-    let err = |source| CertError::Write {
+    let err = |cause| CertError::Write {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     };
     let dir = parent_dir(path);
     std::fs::create_dir_all(&dir).map_err(err)?;

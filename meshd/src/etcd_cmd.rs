@@ -100,7 +100,9 @@ async fn bootstrap(args: &BootstrapArgs) -> anyhow::Result<ExitCode> {
         bail!("endpoint {plain}: bootstrap needs https:// (etcd with TLS and --client-cert-auth)");
     }
     let config = EtcdConfig::new(args.endpoints.clone()).with_tls(files);
-    let store = meshd_kvstore::connect(&config).await?;
+    let store = meshd_kvstore::connect(&config)
+        .await
+        .map_err(connect_error)?;
     let mut auth = store.client().auth_client();
     let endpoints = config.describe();
 
@@ -138,6 +140,22 @@ async fn bootstrap(args: &BootstrapArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A connection failure as one line: etcd-client repeats the transport error in its message,
+/// its status and its source, and the connector's message already says what failed and why
+/// (e.g. which CA file does not trust the server).
+fn connect_error(e: meshd_kvstore::KvError) -> anyhow::Error {
+    match &e {
+        meshd_kvstore::KvError::Etcd {
+            endpoints,
+            source: etcd_client::Error::GRpcStatus(status),
+            ..
+        } if status.code() == tonic::Code::Unavailable => {
+            anyhow::anyhow!("etcd {endpoints}: cannot connect: {}", status.message())
+        }
+        _ => e.into(),
+    }
 }
 
 /// Timeout per auth call: bootstrap is interactive, a hung etcd should not hang it.
