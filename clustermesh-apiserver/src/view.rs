@@ -181,12 +181,13 @@ impl ClusterView {
 
     /// The records that should be published, one per applied service.
     pub fn desired_records(&self) -> BTreeMap<ServiceId, ServiceRecord> {
+        let endpoints = endpoints_by_identity(&self.ipcache);
         self.services
             .iter()
             .map(|(id, s)| {
                 (
                     id.clone(),
-                    compute_record(&s.service, &self.ipcache, &self.identities),
+                    compute_record(&s.service, &endpoints, &self.identities),
                 )
             })
             .collect()
@@ -224,13 +225,29 @@ impl ClusterView {
     }
 }
 
+/// The cluster's endpoints grouped by identity: services select by identity labels, so each
+/// service checks every identity once instead of every endpoint.
+pub type EndpointsByIdentity<'a> = BTreeMap<NumericIdentity, Vec<&'a IpcacheEntry>>;
+
+/// Groups the endpoints (single-address entries; wider prefixes such as world or node CIDRs
+/// are not endpoints) by identity.
+pub fn endpoints_by_identity(ipcache: &BTreeMap<IpNet, IpcacheEntry>) -> EndpointsByIdentity<'_> {
+    let mut by_id: EndpointsByIdentity<'_> = BTreeMap::new();
+    for entry in ipcache.values() {
+        if entry.prefix.prefix_len() == entry.prefix.max_prefix_len() {
+            by_id.entry(entry.identity).or_default().push(entry);
+        }
+    }
+    by_id
+}
+
 /// A service's record in this cluster: a frontend per port on the VIP, and a backend per port
 /// for every endpoint of the service's namespace whose identity labels include the selector.
 /// An endpoint is ready when it is published: agents publish an endpoint once it is plumbed and
 /// withdraw it (or its lease expires) when it goes away.
 pub fn compute_record(
     service: &Service,
-    ipcache: &BTreeMap<IpNet, IpcacheEntry>,
+    endpoints: &EndpointsByIdentity<'_>,
     identities: &BTreeMap<NumericIdentity, KnownIdentity>,
 ) -> ServiceRecord {
     // Validated when applied; a stored service always has options and a VIP.
@@ -248,38 +265,36 @@ pub fn compute_record(
         }
     }
     let mut backends = Vec::new();
-    for entry in ipcache.values() {
-        // Only single addresses are endpoints; wider prefixes (world, node CIDRs) are not.
-        if entry.prefix.prefix_len() != entry.prefix.max_prefix_len() {
-            continue;
-        }
-        let Some(identity) = identities.get(&entry.identity) else {
+    for (id, entries) in endpoints {
+        let Some(identity) = identities.get(id) else {
             continue;
         };
         let labels = &identity.labels;
-        // The namespace from the entry, else from the identity's labels. An endpoint that
-        // names none is treated as belonging to every namespace rather than to none.
-        let namespace = entry
-            .namespace
-            .as_deref()
-            .or_else(|| labels.get(NAMESPACE_LABEL));
-        if namespace.is_some_and(|ns| ns != service.namespace()) {
-            continue;
-        }
         if !selector
             .iter()
             .all(|(k, v)| labels.get(k) == Some(v.as_str()))
         {
             continue;
         }
-        for p in &service.spec.ports {
-            backends.push(ServiceBackend {
-                ip: entry.prefix.addr(),
-                port: p.target_port(),
-                protocol: p.protocol(),
-                ready: true,
-                port_name: p.name().to_owned(),
-            });
+        for entry in entries {
+            // The namespace from the entry, else from the identity's labels. An endpoint that
+            // names none is treated as belonging to every namespace rather than to none.
+            let namespace = entry
+                .namespace
+                .as_deref()
+                .or_else(|| labels.get(NAMESPACE_LABEL));
+            if namespace.is_some_and(|ns| ns != service.namespace()) {
+                continue;
+            }
+            for p in &service.spec.ports {
+                backends.push(ServiceBackend {
+                    ip: entry.prefix.addr(),
+                    port: p.target_port(),
+                    protocol: p.protocol(),
+                    ready: true,
+                    port_name: p.name().to_owned(),
+                });
+            }
         }
     }
     backends.sort_by(|a, b| {
