@@ -444,25 +444,12 @@ fn policy_entry(key: &PolicyKey) -> PolicyEntry {
 
 /// The datapath is IPv4 only for now: IPv6 prefixes and nodes stay in the view, not the maps.
 pub fn ipv4_only(d: &DesiredDatapath) -> DesiredDatapath {
-    DesiredDatapath {
-        ipcache: d
-            .ipcache
-            .iter()
-            .filter(|(p, t)| {
-                matches!(p, IpNet::V4(_)) && !matches!(t.tunnel_endpoint, Some(IpAddr::V6(_)))
-            })
-            .map(|(p, t)| (*p, *t))
-            .collect(),
-        nodes: d
-            .nodes
-            .iter()
-            .filter(|(ip, _)| ip.is_ipv4())
-            .map(|(ip, id)| (*ip, *id))
-            .collect(),
-        policy: d.policy.clone(),
-        policy_enabled: d.policy_enabled.clone(),
-        services: services::ipv4_services(&d.services),
-    }
+    let mut out = d.clone();
+    out.ipcache.retain(|p, t| {
+        matches!(p, IpNet::V4(_)) && !matches!(t.tunnel_endpoint, Some(IpAddr::V6(_)))
+    });
+    out.nodes.retain(|ip, _| ip.is_ipv4());
+    out
 }
 
 #[cfg(test)]
