@@ -422,3 +422,67 @@ async fn rotation_under_a_running_watcher() {
     .expect("reader reconnects with the rotated certificate");
     assert_eq!(got.kvs().len(), 1);
 }
+
+/// Bootstrap converges: a permission granted to the remote role by hand is revoked by the next
+/// run, and --dry-run only reports.
+#[tokio::test(flavor = "current_thread")]
+async fn bootstrap_repairs_a_widened_remote_role() {
+    if !have_etcd() {
+        return;
+    }
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let etcd = bootstrapped_etcd(&mesh, &c1);
+    // Someone widens the remote role (the harness etcdctl runs as root).
+    etcd.etcdctl(&[
+        "role",
+        "grant-permission",
+        "remote",
+        "--prefix=true",
+        "readwrite",
+        "meshd/",
+    ])
+    .unwrap();
+    let mut remote = connect(&etcd, files(&c1, "remote")).await.unwrap().client();
+    remote
+        .put("meshd/config/x", "widened", None)
+        .await
+        .expect("the widened role writes");
+
+    let endpoint = etcd.endpoint();
+    let bootstrap = |extra: &[&str]| {
+        let mut args = vec![
+            "etcd",
+            "bootstrap",
+            "--endpoints",
+            &endpoint,
+            "--ca",
+            "c1/ca.pem",
+            "--cert",
+            "c1/admin.pem",
+            "--key",
+            "c1/admin-key.pem",
+            "-o",
+            "json",
+        ];
+        args.extend(extra);
+        let run = mesh.run(&args).ok();
+        serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap()
+    };
+    let dry = bootstrap(&["--dry-run"]);
+    assert_eq!(dry["changes"], 1, "{dry}");
+    assert_eq!(dry["steps"][0]["step"], "revoke_permission", "{dry}");
+    remote
+        .put("meshd/config/x", "still", None)
+        .await
+        .expect("dry run changed nothing");
+
+    let fixed = bootstrap(&[]);
+    assert_eq!(fixed["changes"], 1, "{fixed}");
+    assert!(is_denied(remote.put("meshd/config/x", "again", None).await));
+    remote
+        .get(NODE, None)
+        .await
+        .expect("reads of the shared prefixes stay");
+    assert_eq!(bootstrap(&[])["changes"], 0);
+}
