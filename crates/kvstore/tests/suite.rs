@@ -487,8 +487,9 @@ macro_rules! suite {
 suite!(memory, MemoryFixture);
 suite!(etcd, EtcdFixture);
 
-/// Only the in-memory store can swap in a new etcd cluster under a running watcher (a new
-/// etcd data dir on the same port keeps the cluster id, which derives from member URLs).
+/// Only the in-memory store can change the cluster id inside one open watch stream, which
+/// exercises the response-header check; a real etcd cluster is only replaced across a
+/// reconnect (`etcd_replaced_by_another_cluster_relists_and_sweeps`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_cluster_id_relists_and_sweeps() {
     let store = meshd_kvstore::MemoryStore::new();
@@ -525,4 +526,64 @@ async fn publisher_refuses_records_of_another_cluster() {
         .unwrap()
         .kvs
         .is_empty());
+}
+
+/// A real etcd replaced by another etcd cluster behind the same address: after the reconnect
+/// the watcher relists against the new cluster (lower revisions, other cluster id) and deletes
+/// what only the old one had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_replaced_by_another_cluster_relists_and_sweeps() {
+    let have = meshd_testing::have_binary("etcd") && meshd_testing::have_binary("etcdctl");
+    if !meshd_testing::require("etcd and etcdctl on PATH", have) {
+        return;
+    }
+    let old = tokio::task::block_in_place(meshd_testing::etcd::Etcd::start).unwrap();
+    let new = tokio::task::block_in_place(meshd_testing::etcd::Etcd::start).unwrap();
+    let config = |endpoint: String| meshd_kvstore::EtcdConfig {
+        request_timeout: Duration::from_secs(5),
+        ..meshd_kvstore::EtcdConfig::new([endpoint])
+    };
+    let old_writer = meshd_kvstore::connect(&config(old.endpoint()))
+        .await
+        .unwrap();
+    let new_writer = meshd_kvstore::connect(&config(new.endpoint()))
+        .await
+        .unwrap();
+    let old_id = old_writer.status().await.unwrap().cluster_id;
+    let new_id = new_writer.status().await.unwrap().cluster_id;
+    assert_ne!(old_id, new_id, "two etcd clusters with distinct ids");
+
+    // The old cluster has more history, so the new one's revisions are lower.
+    for id in 0..20 {
+        for n in 1..=3 {
+            let (k, v) = ip(n, id);
+            put(&old_writer, &k, &v).await;
+        }
+    }
+    let (k2, v2) = ip(2, 100);
+    let (k4, v4) = ip(4, 100);
+    put(&new_writer, &k2, &v2).await;
+    put(&new_writer, &k4, &v4).await;
+
+    let proxy = Proxy::start(old.client_url_port()).await;
+    let reader = meshd_kvstore::connect(&config(format!("http://127.0.0.1:{}", proxy.port)))
+        .await
+        .unwrap();
+    let mut w = watch_cluster::<IpcacheEntry, _>(reader, &c1(), WatchConfig::default());
+    let mut m = Model::default();
+    m.until(&mut w, "the old cluster's state", |m| {
+        m.synced == 1 && m.state.len() == 3
+    })
+    .await;
+
+    proxy.retarget(new.client_url_port());
+    proxy.cut();
+    proxy.heal();
+    let expected = keys_of(&[k2.clone(), k4.clone()]);
+    m.until(&mut w, "the new cluster's state", |m| {
+        m.keys() == expected && m.state[&k2.to_string()] == v2
+    })
+    .await;
+    assert!(m.deleted(&ip(1, 0).0.to_string()));
+    assert!(m.deleted(&ip(3, 0).0.to_string()));
 }

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -138,6 +138,7 @@ impl Fixture for EtcdFixture {
 /// refused until healed. This is a partition of one client, with etcd itself still serving.
 pub struct Proxy {
     pub port: u16,
+    target: Arc<AtomicU16>,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<AbortHandle>>>,
     accept: tokio::task::JoinHandle<()>,
@@ -148,8 +149,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(AtomicU16::new(target_port));
         let conns: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let (c, cs) = (cut.clone(), conns.clone());
+        let (c, cs, t) = (cut.clone(), conns.clone(), target.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
@@ -159,6 +161,7 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
+                let target_port = t.load(Ordering::SeqCst);
                 let task = tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target_port)).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -169,6 +172,7 @@ impl Proxy {
         });
         Proxy {
             port,
+            target,
             cut,
             conns,
             accept,
@@ -184,6 +188,11 @@ impl Proxy {
 
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Points new connections at another server (open ones are left alone).
+    pub fn retarget(&self, port: u16) {
+        self.target.store(port, Ordering::SeqCst);
     }
 }
 
