@@ -197,6 +197,10 @@ pub struct CheckArgs {
     /// (repeatable).
     #[arg(long = "name", value_name = "NAME_OR_IP")]
     names: Vec<String>,
+    /// Fail when the certificate or the CA expires within this many days (for monitoring and
+    /// before a rollout: rotate in time, not after the outage).
+    #[arg(long, value_name = "DAYS")]
+    min_days: Option<u32>,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -421,6 +425,32 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         bail!("--name applies to --role server: client certificates are not checked against names");
     }
     let info = files.load(usage, &args.names)?.info;
+    let now = OffsetDateTime::now_utc();
+    let days_left = (info.not_after - now).whole_days();
+    if let Some(min) = args.min_days {
+        let mut expiring = Vec::new();
+        if days_left < i64::from(min) {
+            expiring.push(format!(
+                "certificate file {} expires at {}, in {days_left} days (rotate it: `meshd certs rotate`)",
+                args.cert.display(),
+                rfc3339(info.not_after)
+            ));
+        }
+        for ca in meshd_certs::inspect_file(&args.ca)? {
+            let ca_days = (ca.not_after - now).whole_days();
+            if ca_days < i64::from(min) {
+                expiring.push(format!(
+                    "CA file {} (\"{}\") expires at {}, in {ca_days} days",
+                    args.ca.display(),
+                    ca.subject,
+                    rfc3339(ca.not_after)
+                ));
+            }
+        }
+        if !expiring.is_empty() {
+            bail!("{} (--min-days {min})", expiring.join("; "));
+        }
+    }
     match args.output.format {
         Format::Json => println!(
             "{}",
@@ -430,6 +460,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
                 "ca": args.ca,
                 "cert": args.cert,
                 "key": args.key,
+                "days_left": days_left,
                 "certificate": info,
             }))?
         ),

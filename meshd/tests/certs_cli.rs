@@ -354,3 +354,42 @@ fn check_names_the_file_and_the_reason() {
     check("old/ca.pem", "old/remote.pem", "old/remote-key.pem", &[])
         .fails_saying(&["old/remote.pem", "certificate expired at"]);
 }
+
+#[test]
+fn check_warns_of_certificates_expiring_soon() {
+    let mesh = Mesh::new();
+    let mut args = vec![
+        "certs",
+        "issue",
+        "remote",
+        "--cluster",
+        "c1",
+        "--out-dir",
+        "c1",
+        "--days",
+        "10",
+    ];
+    args.extend(CA);
+    mesh.run(&args).ok();
+    let check = |min: &str| {
+        mesh.run(&[
+            "certs",
+            "check",
+            "--ca",
+            "c1/ca.pem",
+            "--cert",
+            "c1/remote.pem",
+            "--key",
+            "c1/remote-key.pem",
+            "--min-days",
+            min,
+            "-o",
+            "json",
+        ])
+    };
+    let ok = json(&check("5").ok());
+    assert!(ok["days_left"].as_i64().unwrap() >= 9, "{ok}");
+    check("30").fails_saying(&["c1/remote.pem", "expires at", "--min-days 30"]);
+    // The CA (3650 days) is checked too.
+    check("4000").fails_saying(&["CA file c1/ca.pem", "meshd mesh CA"]);
+}
