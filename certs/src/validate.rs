@@ -267,3 +267,69 @@ pub(crate) fn check_chain(
         reason: format!("certificate chain rejected: {e}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::Duration;
+
+    fn info(not_before: OffsetDateTime, not_after: OffsetDateTime) -> CertInfo {
+        CertInfo {
+            subject: "CN=remote".into(),
+            common_name: Some("remote".into()),
+            organizational_unit: None,
+            issuer: "CN=ca".into(),
+            serial: "01".into(),
+            not_before,
+            not_after,
+            is_ca: false,
+            key_usage: vec!["digitalSignature".into()],
+            extended_key_usage: vec!["clientAuth".into()],
+            dns_names: vec![],
+            ip_addresses: vec![],
+            public_key_algorithm: "ecdsa".into(),
+        }
+    }
+
+    #[test]
+    fn validity_is_inclusive_at_both_ends() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let c = info(t, t + Duration::days(1));
+        let p = Path::new("c1/remote.pem");
+        assert!(check_validity("certificate", p, &c, t).is_ok());
+        assert!(check_validity("certificate", p, &c, t + Duration::days(1)).is_ok());
+        let early = check_validity("certificate", p, &c, t - Duration::seconds(1)).unwrap_err();
+        assert!(matches!(early, CertError::NotYetValid { .. }), "{early}");
+        let late = check_validity(
+            "certificate",
+            p,
+            &c,
+            t + Duration::days(1) + Duration::seconds(1),
+        )
+        .unwrap_err();
+        assert!(
+            late.to_string().contains("expired at 2027-01-16T08:00:00Z"),
+            "{late}"
+        );
+    }
+
+    #[test]
+    fn usage_follows_the_extended_key_usage() {
+        let t = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let p = Path::new("c1/x.pem");
+        let mut c = info(t, t);
+        assert!(check_usage("certificate", p, &c, Usage::Client).is_ok());
+        assert!(check_usage("certificate", p, &c, Usage::Server).is_err());
+        // No extension at all: any purpose (RFC 5280 4.2.1.12), as Go and webpki accept it.
+        c.extended_key_usage.clear();
+        assert!(check_usage("certificate", p, &c, Usage::Server).is_ok());
+        c.key_usage = vec!["keyEncipherment".into()];
+        let err = check_usage("certificate", p, &c, Usage::Server).unwrap_err();
+        assert!(err.to_string().contains("lacks digitalSignature"), "{err}");
+        c.is_ca = true;
+        assert!(check_usage("certificate", p, &c, Usage::Client)
+            .unwrap_err()
+            .to_string()
+            .contains("CA certificate"));
+    }
+}
