@@ -82,7 +82,7 @@ async fn replicas_share_one_etcd_without_fighting_and_fail_over() {
     let a = start(config(&etcd, &certs, false)).await;
     let b = start(config(&etcd, &certs, false)).await;
     let leader_key = "meshd/leader/clustermesh-apiserver/c1";
-    let first = eventually("a leader", || async { get(&store, leader_key).await }).await;
+    eventually("a leader", || async { get(&store, leader_key).await }).await;
 
     // Both replicas serve the API; the one leader publishes.
     let mut api_a = admin(&a, &certs).await;
