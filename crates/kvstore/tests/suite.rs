@@ -389,6 +389,68 @@ async fn partition_longer_than_ttl_republishes<F: Fixture>() {
     );
 }
 
+async fn writes_during_a_paginated_list_are_not_lost<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let writer = f.writer();
+    futures::stream::iter(0..5000u32)
+        .map(|n| {
+            let writer = writer.clone();
+            async move {
+                let (k, v) = ip(n, 0);
+                put(&writer, &k, &v).await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    // Updates, deletes and new keys race with a list of small pages: pages are read at the
+    // first page's revision and the watch resumes right after it, so nothing falls between.
+    let churn = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            for round in 1..=3u16 {
+                for n in (0..5000u32).step_by(7) {
+                    let (k, v) = ip(n, round);
+                    put(&writer, &k, &v).await;
+                    if n % 3 == 0 {
+                        delete(&writer, &ip(n + 1, 0).0.to_string()).await;
+                    }
+                    let (k, v) = ip(10_000 + n, round);
+                    put(&writer, &k, &v).await;
+                }
+            }
+        })
+    };
+    let page = WatchConfig {
+        page_size: 200,
+        ..WatchConfig::default()
+    };
+    let mut w = watch_cluster::<IpcacheEntry, _>(f.reader(), &c1(), page);
+    let mut m = Model::default();
+    m.until(&mut w, "the first list", |m| m.synced >= 1).await;
+    churn.await.unwrap();
+
+    // Ground truth: what etcd holds now.
+    let mut truth = std::collections::BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = writer
+            .range("meshd/state/ip/v1/c1/", after.as_deref(), 0, 1000)
+            .await
+            .unwrap();
+        for kv in &page.kvs {
+            let (_, v) = meshd_state::decode::<IpcacheEntry>(&kv.key, &kv.value).unwrap();
+            truth.insert(kv.key.clone(), v);
+        }
+        after = page.kvs.last().map(|kv| kv.key.clone());
+        if !page.more {
+            break;
+        }
+    }
+    m.until(&mut w, "the watcher to match etcd", |m| m.state == truth)
+        .await;
+}
+
 async fn sync_canaries_are_written_and_awaited<F: Fixture>() {
     let Some(f) = F::new().await else { return };
     let publisher = Publisher::start(f.writer(), c1(), publisher_config(10))
@@ -475,6 +537,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn partition_longer_than_ttl_republishes() {
                 super::partition_longer_than_ttl_republishes::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn writes_during_a_paginated_list_are_not_lost() {
+                super::writes_during_a_paginated_list_are_not_lost::<$fixture>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sync_canaries_are_written_and_awaited() {
