@@ -172,7 +172,8 @@ async fn run<R: Resource, B: Backend>(
         }
         cluster_id = Some(listed_cluster);
 
-        match watch(
+        let watched = tokio::time::Instant::now();
+        let end = watch(
             &backend,
             &prefix,
             revision,
@@ -181,14 +182,19 @@ async fn run<R: Resource, B: Backend>(
             &stats,
             &tx,
             &mut out,
-            &mut backoff,
         )
-        .await
-        {
+        .await;
+        // Only a watch that stayed up for a while counts as recovered: a connection that flaps
+        // right after each list keeps backing off instead of relisting every 100 ms.
+        if watched.elapsed() >= config.backoff.max {
+            backoff.reset();
+        }
+        match end {
             End::Closed => return,
             End::Relist => {}
             End::Lost => {
                 let delay = backoff.next_delay();
+                tracing::debug!(retry_in = ?delay, "watch lost");
                 tokio::time::sleep(delay).await;
             }
         }
@@ -266,7 +272,6 @@ async fn watch<R: Resource, B: Backend>(
     stats: &WatchStats,
     tx: &mpsc::Sender<WatchEvent<R>>,
     out: &mut Vec<WatchEvent<R>>,
-    backoff: &mut Backoff,
 ) -> End {
     let mut stream = match backend.watch(prefix, revision + 1).await {
         Ok(s) => s,
@@ -295,8 +300,6 @@ async fn watch<R: Resource, B: Backend>(
                         tracing::warn!(listed = format_args!("{cluster_id:x}"), now = format_args!("{:x}", header.cluster_id), "etcd cluster id changed; relisting");
                         return End::Relist;
                     }
-                    // The watch works: the next failure starts from a short delay again.
-                    backoff.reset();
                     for ev in events {
                         reflection.apply(ev, stats, out);
                     }
