@@ -21,8 +21,9 @@ pub use tonic::{Code, Status};
 pub enum ClientError {
     #[error("server address {server:?}: {reason} (expected https://HOST:PORT)")]
     Address { server: String, reason: String },
+    // Not a `#[source]`: the message already carries it, and `{:#}` would print it twice.
     #[error("client TLS files: {0}")]
-    Tls(#[from] meshd_certs::CertError),
+    Tls(meshd_certs::CertError),
     #[error("cannot reach the apiserver at {server}: {reason}")]
     Connect { server: String, reason: String },
 }
@@ -59,7 +60,7 @@ pub async fn connect(server: &str, files: &TlsFiles) -> Result<Client, ClientErr
         .to_owned();
     let port = uri.port_u16().ok_or_else(|| bad("no port"))?;
     // Report bad files by name before dialing.
-    files.client_config()?;
+    files.client_config().map_err(ClientError::Tls)?;
     let name = ServerName::try_from(host.clone()).map_err(|_| bad("invalid host name"))?;
     let files = files.clone();
     let dial_host = host.clone();
