@@ -2,7 +2,8 @@
 //! revision, range reads at a past revision, watches from a revision, compaction, leases that
 //! expire, and a cluster id. It also simulates failures for tests: a partition of one client
 //! handle ([`MemoryStore::cut`]), a server restart ([`MemoryStore::restart`]) and a replaced
-//! cluster ([`MemoryStore::replace_cluster`]).
+//! cluster ([`MemoryStore::replace_cluster`]). Meant for tests and pure-logic checks: history
+//! grows until [`MemoryStore::compact`] is called.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
