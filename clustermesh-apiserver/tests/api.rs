@@ -394,3 +394,37 @@ async fn dry_run_plans_without_writing() {
         .unwrap();
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_larger_than_one_transaction_is_refused_whole() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let mut cfg = config(&etcd, &certs, false);
+    cfg.max_txn_ops = 4;
+    let server = start(cfg).await;
+    let store = store(&etcd, &certs, false).await;
+    let mut api = admin(&server, &certs).await;
+    // Three services: six guards (service key + VIP key each), over the limit of four.
+    let documents = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| pb::SourceDocument {
+            file: "big.yaml".into(),
+            index: i as u32 + 1,
+            text: service_yaml(n, n, "", ""),
+        })
+        .collect();
+    let status = api
+        .apply(pb::ApplyRequest {
+            documents,
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("max-txn-ops"), "{status:?}");
+    assert!(keys(&store, "meshd/config/").await.is_empty());
+    server.shutdown().await.unwrap();
+}

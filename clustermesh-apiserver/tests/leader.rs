@@ -147,3 +147,44 @@ async fn replicas_share_one_etcd_without_fighting_and_fail_over() {
     .await;
     follower.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn only_the_leader_publishes() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let store = store(&etcd, &certs, false).await;
+    // Another replica (not running here) holds the leader key.
+    let leader_key = "meshd/leader/clustermesh-apiserver/c1";
+    store
+        .put(leader_key, b"someone-else".to_vec(), None)
+        .await
+        .unwrap();
+    let server = start(config(&etcd, &certs, false)).await;
+    let mut api = admin(&server, &certs).await;
+    // The API works without leadership: the service is stored...
+    api.apply(pb::ApplyRequest {
+        documents: vec![pb::SourceDocument {
+            file: "a.yaml".into(),
+            index: 1,
+            text: service_yaml("a", "a", "", ""),
+        }],
+        dry_run: false,
+    })
+    .await
+    .unwrap();
+    // ...and the cluster config is written, so this replica is up and running its loops.
+    eventually("ready", || async { server.health.readiness().ok() }).await;
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(record(&store, "a").await.is_none(), "a follower published");
+    }
+    // The other replica goes away: this one leads and publishes.
+    store.delete(leader_key).await.unwrap();
+    eventually("published by the new leader", || async {
+        record(&store, "a").await
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
