@@ -26,10 +26,14 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = meshd_telemetry::init(&cli.telemetry) {
-        eprintln!("clustermesh-apiserver: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    // Held to the end of main: dropping it flushes exported spans.
+    let _telemetry = match meshd_telemetry::init(&cli.telemetry, "clustermesh-apiserver") {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("clustermesh-apiserver: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let file = match &cli.config {
         Some(path) => match ConfigArgs::from_file(path) {
             Ok(f) => f,

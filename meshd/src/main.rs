@@ -12,6 +12,7 @@ mod context;
 mod endpoint_cmd;
 mod etcd_auth;
 mod etcd_cmd;
+mod lab_cmd;
 mod manifest_cmd;
 mod output;
 mod status_cmd;
@@ -56,6 +57,9 @@ enum Command {
     /// The clusters of the mesh as this node sees them.
     #[command(subcommand)]
     Clustermesh(status_cmd::ClustermeshCommand),
+    /// The multi-cluster lab in network namespaces: up, down, status, check, exec.
+    #[command(subcommand)]
+    Lab(lab_cmd::LabCommand),
     /// Apply Service and NetworkPolicy manifests to a cluster's apiserver (whole or not at all).
     Apply(manifest_cmd::ApplyArgs),
     /// Delete the objects named by manifests from a cluster's apiserver.
@@ -71,10 +75,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = meshd_telemetry::init(&cli.telemetry) {
-        eprintln!("meshd: {e}");
-        return ExitCode::from(64);
-    }
+    // Held to the end of main: dropping it flushes exported spans.
+    let _telemetry = match meshd_telemetry::init(&cli.telemetry, "meshd") {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("meshd: {e}");
+            return ExitCode::from(64);
+        }
+    };
     let result = match cli.command {
         Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Etcd(cmd) => etcd_cmd::run(cmd),
@@ -83,6 +91,7 @@ fn main() -> ExitCode {
         Command::Endpoint(cmd) => endpoint_cmd::run(cmd),
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
+        Command::Lab(cmd) => lab_cmd::run(cmd),
         Command::Apply(args) => manifest_cmd::apply(args),
         Command::Delete(args) => manifest_cmd::delete(args),
         Command::Get(args) => manifest_cmd::get(args),
