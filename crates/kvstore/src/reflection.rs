@@ -12,7 +12,8 @@ use crate::backend::{EventKind, KeyValue, RawEvent};
 /// What a watcher emits.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent<R: Resource> {
-    /// The key now holds this value (new, or different from what was last emitted).
+    /// The key now holds this value: new, or its stored JSON differs from what was last emitted
+    /// (a rewrite with identical bytes, e.g. on re-publish, emits nothing).
     Upsert { key: R::Key, value: R },
     /// The key is gone (deleted, expired, malformed now, or not seen again by a relist).
     Delete { key: R::Key },
@@ -46,7 +47,10 @@ impl WatchStats {
 
 struct Entry<R: Resource> {
     key: R::Key,
-    value: R,
+    /// The stored JSON as last emitted. Comparing bytes makes an unchanged entry of a relist
+    /// cost a lookup and a memcmp, no decoding, and the decoded value moves into the event
+    /// instead of being cloned into the cache.
+    value: Vec<u8>,
     /// The list generation that last saw this entry (the "mark" of mark-and-sweep).
     seen: u64,
 }
@@ -87,14 +91,14 @@ impl<R: Resource> Reflection<R> {
         self.entries.is_empty()
     }
 
-    /// The current value of a key, by its rendered form.
-    pub fn get(&self, key: &str) -> Option<&R> {
-        self.entries.get(key).map(|e| &e.value)
+    /// Whether a key (in its rendered form) is currently believed present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
     }
 
-    /// Everything currently believed, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = (&R::Key, &R)> {
-        self.entries.values().map(|e| (&e.key, &e.value))
+    /// The keys currently believed present, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &R::Key> {
+        self.entries.values().map(|e| &e.key)
     }
 
     fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
@@ -111,25 +115,29 @@ impl<R: Resource> Reflection<R> {
         }
     }
 
-    fn upsert(&mut self, raw: String, key: R::Key, value: R, out: &mut Vec<WatchEvent<R>>) {
-        let seen = self.generation;
-        match self.entries.get_mut(&raw) {
-            Some(old) if old.value == value => old.seen = seen,
-            Some(old) => {
-                out.push(WatchEvent::Upsert {
-                    key: key.clone(),
-                    value: value.clone(),
-                });
-                *old = Entry { key, value, seen };
+    /// Marks an entry seen if its bytes did not change; `true` if so (nothing else to do).
+    fn unchanged(&mut self, kv: &KeyValue) -> bool {
+        let generation = self.generation;
+        match self.entries.get_mut(&kv.key) {
+            Some(e) if e.value == kv.value => {
+                e.seen = generation;
+                true
             }
-            None => {
-                out.push(WatchEvent::Upsert {
-                    key: key.clone(),
-                    value: value.clone(),
-                });
-                self.entries.insert(raw, Entry { key, value, seen });
-            }
+            _ => false,
         }
+    }
+
+    fn upsert(&mut self, kv: KeyValue, key: R::Key, value: R, out: &mut Vec<WatchEvent<R>>) {
+        out.push(WatchEvent::Upsert {
+            key: key.clone(),
+            value,
+        });
+        let entry = Entry {
+            key,
+            value: kv.value,
+            seen: self.generation,
+        };
+        self.entries.insert(kv.key, entry);
     }
 
     fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
@@ -145,8 +153,11 @@ impl<R: Resource> Reflection<R> {
 
     /// One entry of the list in progress.
     pub fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        if self.unchanged(&kv) {
+            return;
+        }
         match self.decode(&kv.key, &kv.value, stats) {
-            Decoded::Ok(key, value) => self.upsert(kv.key, key, value, out),
+            Decoded::Ok(key, value) => self.upsert(kv, key, value, out),
             // Not marked: if we held an older, valid value it is swept as deleted, since etcd
             // no longer holds it.
             Decoded::Foreign | Decoded::Malformed => {}
@@ -173,11 +184,16 @@ impl<R: Resource> Reflection<R> {
     /// no longer what etcd holds, and nothing else is disturbed.
     pub fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
         match ev.kind {
-            EventKind::Put => match self.decode(&ev.kv.key, &ev.kv.value, stats) {
-                Decoded::Ok(key, value) => self.upsert(ev.kv.key, key, value, out),
-                Decoded::Foreign => {}
-                Decoded::Malformed => self.remove(&ev.kv.key, out),
-            },
+            EventKind::Put => {
+                if self.unchanged(&ev.kv) {
+                    return;
+                }
+                match self.decode(&ev.kv.key, &ev.kv.value, stats) {
+                    Decoded::Ok(key, value) => self.upsert(ev.kv, key, value, out),
+                    Decoded::Foreign => {}
+                    Decoded::Malformed => self.remove(&ev.kv.key, out),
+                }
+            }
             EventKind::Delete => self.remove(&ev.kv.key, out),
         }
     }
@@ -336,7 +352,7 @@ mod tests {
         );
         assert_eq!(summary(&out), ["-10.0.0.1"]);
         assert_eq!(stats.malformed(), 4);
-        assert!(r.get("meshd/state/ip/v1/c1/10.0.0.4").is_some());
+        assert!(r.contains("meshd/state/ip/v1/c1/10.0.0.4"));
     }
 
     #[test]

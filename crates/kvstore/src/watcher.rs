@@ -7,6 +7,7 @@
 //! `Synced`. Failures are retried forever with capped exponential backoff and jitter; the
 //! consumer keeps its last known state meanwhile (fail-static).
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -26,7 +27,8 @@ pub struct WatchConfig {
     /// ipcache-sized records are about 0.7 MB.
     pub page_size: usize,
     pub backoff: BackoffConfig,
-    /// Events buffered towards a slow consumer before the watcher waits for it.
+    /// Batches (one per page or watch response) buffered towards a slow consumer before the
+    /// watcher waits for it.
     pub channel_capacity: usize,
 }
 
@@ -35,14 +37,17 @@ impl Default for WatchConfig {
         Self {
             page_size: 5000,
             backoff: BackoffConfig::default(),
-            channel_capacity: 4096,
+            channel_capacity: 16,
         }
     }
 }
 
 /// The receiving end of a watch. Dropping it stops the watch.
 pub struct WatchHandle<R: Resource> {
-    events: mpsc::Receiver<WatchEvent<R>>,
+    /// Events travel in batches (a page, a watch response): one channel operation and one
+    /// wake-up per batch rather than per event.
+    events: mpsc::Receiver<Vec<WatchEvent<R>>>,
+    buffered: VecDeque<WatchEvent<R>>,
     stats: Arc<WatchStats>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -50,7 +55,12 @@ pub struct WatchHandle<R: Resource> {
 impl<R: Resource> WatchHandle<R> {
     /// The next event; `None` only if the watch task ended (it does not end on errors).
     pub async fn next(&mut self) -> Option<WatchEvent<R>> {
-        self.events.recv().await
+        loop {
+            if let Some(ev) = self.buffered.pop_front() {
+                return Some(ev);
+            }
+            self.buffered = self.events.recv().await?.into();
+        }
     }
 
     pub fn stats(&self) -> Arc<WatchStats> {
@@ -102,10 +112,13 @@ pub fn watch_prefix<R: Resource, B: Backend>(
     );
     WatchHandle {
         events: rx,
+        buffered: VecDeque::new(),
         stats,
         task,
     }
 }
+
+type Batches<R> = mpsc::Sender<Vec<WatchEvent<R>>>;
 
 /// Why a watch ended.
 enum End {
@@ -117,16 +130,12 @@ enum End {
     Lost,
 }
 
-async fn send_all<R: Resource>(
-    tx: &mpsc::Sender<WatchEvent<R>>,
-    out: &mut Vec<WatchEvent<R>>,
-) -> bool {
-    for ev in out.drain(..) {
-        if tx.send(ev).await.is_err() {
-            return false;
-        }
+/// Hands the pending events to the consumer as one batch; `false` if it is gone.
+async fn send_all<R: Resource>(tx: &Batches<R>, out: &mut Vec<WatchEvent<R>>) -> bool {
+    if out.is_empty() {
+        return !tx.is_closed();
     }
-    true
+    tx.send(std::mem::take(out)).await.is_ok()
 }
 
 async fn run<R: Resource, B: Backend>(
@@ -135,7 +144,7 @@ async fn run<R: Resource, B: Backend>(
     mut reflection: Reflection<R>,
     config: WatchConfig,
     stats: Arc<WatchStats>,
-    tx: mpsc::Sender<WatchEvent<R>>,
+    tx: Batches<R>,
 ) {
     let mut backoff = Backoff::new(config.backoff);
     let mut cluster_id: Option<u64> = None;
@@ -210,7 +219,7 @@ async fn list<R: Resource, B: Backend>(
     config: &WatchConfig,
     reflection: &mut Reflection<R>,
     stats: &WatchStats,
-    tx: &mpsc::Sender<WatchEvent<R>>,
+    tx: &Batches<R>,
     out: &mut Vec<WatchEvent<R>>,
 ) -> Result<Option<(i64, u64)>, KvError> {
     reflection.begin_list();
@@ -270,7 +279,7 @@ async fn watch<R: Resource, B: Backend>(
     cluster_id: u64,
     reflection: &mut Reflection<R>,
     stats: &WatchStats,
-    tx: &mpsc::Sender<WatchEvent<R>>,
+    tx: &Batches<R>,
     out: &mut Vec<WatchEvent<R>>,
 ) -> End {
     let mut stream = match backend.watch(prefix, revision + 1).await {
