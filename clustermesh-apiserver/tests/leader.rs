@@ -188,3 +188,48 @@ async fn only_the_leader_publishes() {
     .await;
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn publishing_resumes_after_an_etcd_restart() {
+    let certs = Certs::new();
+    let Some(mut etcd) = etcd(None) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, false)).await;
+    let mut api = admin(&server, &certs).await;
+    {
+        let store = store(&etcd, &certs, false).await;
+        add_endpoint(&store, "10.1.0.5", 300, "echo", "default").await;
+    }
+    api.apply(pb::ApplyRequest {
+        documents: vec![pb::SourceDocument {
+            file: "echo.yaml".into(),
+            index: 1,
+            text: service_yaml("echo", "echo", "", ""),
+        }],
+        dry_run: false,
+    })
+    .await
+    .unwrap();
+    {
+        let store = store(&etcd, &certs, false).await;
+        eventually("published", || async {
+            record(&store, "echo")
+                .await
+                .filter(|r| r.backends.len() == 1)
+        })
+        .await;
+    }
+    // etcd goes away (the leader's watch breaks) and comes back on the same data and port.
+    etcd.stop();
+    etcd.restart().unwrap();
+    let store = store(&etcd, &certs, false).await;
+    add_endpoint(&store, "10.1.0.6", 300, "echo", "default").await;
+    eventually("published after the restart", || async {
+        record(&store, "echo")
+            .await
+            .filter(|r| backends(r) == ["10.1.0.5:8080", "10.1.0.6:8080"])
+    })
+    .await;
+    server.shutdown().await.unwrap();
+}
