@@ -428,3 +428,51 @@ async fn a_batch_larger_than_one_transaction_is_refused_whole() {
     assert!(keys(&store, "meshd/config/").await.is_empty());
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rotated_server_certificate_is_used_by_the_next_connection() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let server = start(config(&etcd, &certs, false)).await;
+    let admin_files = certs.files(LeafKind::Admin);
+    let by_ip = format!("https://{}", server.api_addr);
+    let by_name = format!("https://localhost:{}", server.api_addr.port());
+    let mut before = clustermesh_apiserver::client::connect(&by_ip, &admin_files)
+        .await
+        .unwrap();
+    before
+        .list_services(pb::ListRequest::default())
+        .await
+        .unwrap();
+
+    // The new server certificate names only `localhost`: dialing the IP must now fail, which
+    // shows the files are read again for each connection, without a restart.
+    let mut req = meshd_certs::LeafRequest::new(LeafKind::Server, "c1", 10);
+    req.dns_names = vec!["localhost".into()];
+    certs
+        .ca
+        .issue(&req)
+        .unwrap()
+        .write(certs.path(), true)
+        .unwrap();
+    let mut after = clustermesh_apiserver::client::connect(&by_name, &admin_files)
+        .await
+        .unwrap();
+    after
+        .list_services(pb::ListRequest::default())
+        .await
+        .unwrap();
+    let refused = match clustermesh_apiserver::client::connect(&by_ip, &admin_files).await {
+        Err(_) => true,
+        Ok(mut c) => c.list_services(pb::ListRequest::default()).await.is_err(),
+    };
+    assert!(refused, "the old certificate is still served");
+    // The connection made before the rotation goes on.
+    before
+        .list_services(pb::ListRequest::default())
+        .await
+        .unwrap();
+    server.shutdown().await.unwrap();
+}
