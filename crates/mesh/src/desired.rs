@@ -15,6 +15,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use meshd_state::{ClusterId, NumericIdentity};
 
+use crate::services::DesiredServices;
+
 /// Policy direction, from the point of view of the subject (local) endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
@@ -109,6 +111,9 @@ pub struct DesiredDatapath {
     pub policy: BTreeMap<PolicyKey, PolicyValue>,
     /// (subject, direction) whose direction is default-deny (the marker entries).
     pub policy_enabled: BTreeSet<(NumericIdentity, Direction)>,
+    /// SERVICES and BACKENDS. Driven by [`crate::services::diff_services`] (its own ordered
+    /// operations), not by [`diff`].
+    pub services: DesiredServices,
 }
 
 /// One write to one map.

@@ -9,7 +9,7 @@
 //! view.apply(ClusterEvent { cluster, kind }) -> Applied       // one watcher event
 //! view.apply_batch(events) -> Applied                          // a burst (initial list): faster, net report
 //! view.apply_policy(PolicyEvent::Upsert(p) | Delete{..}) -> Result<bool /*changed*/, PolicyErrors>
-//! view.desired() -> DesiredDatapath                            // full desired state (clone + policy compile)
+//! view.desired() -> DesiredDatapath                            // full desired state (clone + policy compile + services)
 //! view.desired_ipcache() / desired_nodes() -> &BTreeMap        // borrowed, maintained incrementally
 //! view.compile_policy() -> CompiledPolicy                      // policy part only
 //! view.status() -> Vec<ClusterStatus>; view.cluster_status(&name)

@@ -1289,6 +1289,7 @@ impl MeshView {
             nodes: self.nodes_out.clone(),
             policy: compiled.entries,
             policy_enabled: compiled.enabled,
+            services: self.desired_services(),
         }
     }
 

@@ -3,7 +3,8 @@
 //! Tasks and who owns what:
 //! - the datapath is loaded and attached here at start (maps and links pinned under
 //!   `<bpffs_dir>/<cluster>/<node>`, so forwarding goes on while the agent restarts);
-//! - [`reconciler`] owns the maps and drives them to the desired state;
+//! - [`reconciler`] owns the maps and drives them to the desired state ([`services`]: its
+//!   SERVICES/BACKENDS part);
 //! - [`view_task`] owns the merged view (`meshd_mesh::MeshView`), fed by one [`watcher`] per
 //!   cluster (the local etcd, and each remote from [`remotes`]);
 //! - [`endpoints`] owns this node's endpoints (state file, addresses, veths, program links);
@@ -18,6 +19,7 @@ pub mod ipam;
 pub mod reconciler;
 pub mod remotes;
 pub mod server;
+pub mod services;
 pub mod store;
 pub mod view_task;
 pub mod watcher;
