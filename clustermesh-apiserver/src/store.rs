@@ -99,11 +99,8 @@ pub async fn execute(
     plan: &Plan,
     max_txn_ops: usize,
 ) -> Result<Option<i64>, ApiserverError> {
-    if plan.writes.is_empty() {
-        // Nothing to write; the guards still say whether the plan's view was current.
-        if plan.guards.is_empty() {
-            return Ok(Some(0));
-        }
+    if plan.guards.is_empty() && plan.writes.is_empty() {
+        return Ok(Some(0));
     }
     if plan.guards.len() > max_txn_ops || plan.writes.len() > max_txn_ops {
         return Err(ApiserverError::TooLarge {
@@ -114,10 +111,15 @@ pub async fn execute(
     let txn = Txn::new()
         .when(plan.guards.iter().map(compare).collect::<Vec<_>>())
         .and_then(plan.writes.iter().map(op).collect::<Vec<_>>());
+    // With nothing to write the guards still run: they say whether the plan's view (and so
+    // the outcome reported) was current. Nothing changed, so no revision is reported.
     let resp = txn_call(store, txn, "apply").await?;
-    Ok(resp
-        .succeeded()
-        .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+    let revision = if plan.writes.is_empty() {
+        0
+    } else {
+        resp.header().map(|h| h.revision()).unwrap_or(0)
+    };
+    Ok(resp.succeeded().then_some(revision))
 }
 
 /// One transaction, errors naming the store and what it was for.

@@ -80,6 +80,7 @@ async fn apply_list_delete_round_trip_over_tls_etcd() {
         .unwrap()
         .into_inner();
     assert!(again.results.iter().all(|r| r.action == "unchanged"));
+    assert_eq!(again.revision, 0, "nothing written");
 
     let services = api
         .list_services(pb::ListRequest::default())
