@@ -12,7 +12,8 @@ use meshd_kvstore::{Backend, EtcdStore, EventKind, RawEvent, WatchMessage};
 use meshd_manifest::{Kind, ObjectRef};
 use meshd_state::keys::ROOT;
 use meshd_state::{
-    encode, ClusterName, IdentityKey, Resource, ServiceRecord, SyncCanary, SyncCanaryKey,
+    encode, ClusterName, IdentityKey, IpcacheEntry, Resource, ServiceRecord, SyncCanary,
+    SyncCanaryKey,
 };
 
 use crate::error::ApiserverError;
@@ -59,6 +60,7 @@ pub async fn run_term(
     // One watch over everything the view reads, from right after the listed revision: no
     // event is lost between the list and the watch.
     let mut watch = store.watch(ROOT, revision + 1).await?;
+    let mut seen = revision;
     converge(store, leader, &mut view).await?;
     write_canary(store, leader, &config.cluster).await?;
 
@@ -68,31 +70,34 @@ pub async fn run_term(
     loop {
         tokio::select! {
             msg = watch.next() => {
-                handle(&mut view, msg)?;
+                handle(&mut view, &mut seen, msg)?;
                 // Take everything already delivered before converging: one write per service
                 // for a burst of endpoint changes, not one per event.
                 while let Some(msg) = watch.next().now_or_never() {
-                    handle(&mut view, msg)?;
+                    handle(&mut view, &mut seen, msg)?;
                 }
                 converge(store, leader, &mut view).await?;
             }
             _ = tick.tick() => {
                 converge(store, leader, &mut view).await?;
-                collect_identities(store, leader, &mut view, &mut gc, config.identity_gc_grace).await?;
+                collect_identities(store, leader, &view, seen, &mut gc, config.identity_gc_grace).await?;
             }
         }
     }
 }
 
+/// Applies one watch message; `seen` becomes the revision the view now reflects completely.
 fn handle(
     view: &mut ClusterView,
+    seen: &mut i64,
     msg: Option<Result<WatchMessage, meshd_kvstore::KvError>>,
 ) -> Result<(), ApiserverError> {
     match msg {
-        Some(Ok(WatchMessage::Events { events, .. })) => {
+        Some(Ok(WatchMessage::Events { header, events })) => {
             for e in &events {
                 view.apply(e);
             }
+            *seen = (*seen).max(header.revision);
             Ok(())
         }
         Some(Ok(WatchMessage::Compacted { compact_revision })) => {
@@ -192,11 +197,15 @@ async fn write_canary(
 
 /// Deletes identities no endpoint used for the grace period. The delete is guarded by the
 /// identity key's revision, so an identity re-written meanwhile (re-allocated by an agent)
-/// survives.
+/// survives, and by "no ipcache entry of the cluster was written after `seen`" (the revision
+/// the view reflects): an endpoint published with this identity since then, which the view
+/// has not seen yet, keeps it alive. Under constant endpoint churn collection is retried at
+/// the next tick; it is never unsafe.
 async fn collect_identities(
     store: &EtcdStore,
     leader: &Leader,
-    view: &mut ClusterView,
+    view: &ClusterView,
+    seen: i64,
     gc: &mut IdentityGc,
     grace: Duration,
 ) -> Result<(), ApiserverError> {
@@ -207,6 +216,7 @@ async fn collect_identities(
         view.identities.keys().copied(),
         &in_use,
     );
+    let ipcache_prefix = IpcacheEntry::cluster_prefix(view.cluster());
     for id in garbage {
         let Some(known) = view.identities.get(&id) else {
             continue;
@@ -230,6 +240,8 @@ async fn collect_identities(
             .when(vec![
                 leader.guard(),
                 Compare::mod_revision(key.as_str(), CompareOp::Equal, known.mod_revision),
+                Compare::mod_revision(ipcache_prefix.as_str(), CompareOp::Less, seen + 1)
+                    .with_prefix(),
             ])
             .and_then(vec![
                 TxnOp::delete(key.as_str(), None),
@@ -237,8 +249,10 @@ async fn collect_identities(
             ]);
         if txn_call(store, txn, "identity gc").await?.succeeded() {
             tracing::info!(key = %key, labels = %known.labels, "deleted unused identity");
-            view.identities.remove(&id);
+            // The watch delivers the delete to the view; forget the clock now.
             gc.forget(id);
+        } else {
+            tracing::debug!(key = %key, "identity gc skipped: endpoints changed meanwhile");
         }
     }
     Ok(())
