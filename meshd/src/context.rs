@@ -29,7 +29,7 @@ use crate::output::Format;
 #[derive(Debug, Clone, Args)]
 pub struct ContextArgs {
     /// Context to use instead of the current one.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "MESHD_CONTEXT")]
     pub context: Option<String>,
     /// Contexts file [default: $MESHD_CONFIG or ~/.config/meshd/config.yaml].
     #[arg(long = "meshd-config", value_name = "FILE", env = "MESHD_CONFIG")]
