@@ -321,3 +321,120 @@ async fn watch<R: Resource, B: Backend>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::{Header, LeaseId, RangePage, WatchStream};
+    use crate::memory::MemoryStore;
+    use meshd_state::IpcacheEntry;
+
+    /// Counts range reads; optionally ends every watch right after it starts (a flapping
+    /// connection).
+    #[derive(Clone)]
+    struct Counting {
+        inner: MemoryStore,
+        ranges: Arc<AtomicU64>,
+        flap: bool,
+    }
+
+    impl Backend for Counting {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        async fn range(
+            &self,
+            p: &str,
+            a: Option<&str>,
+            r: i64,
+            l: usize,
+        ) -> Result<RangePage, KvError> {
+            self.ranges.fetch_add(1, Ordering::Relaxed);
+            self.inner.range(p, a, r, l).await
+        }
+        async fn watch(&self, prefix: &str, start: i64) -> Result<WatchStream, KvError> {
+            let s = self.inner.watch(prefix, start).await?;
+            if self.flap {
+                // The created message, then the stream ends.
+                return Ok(Box::pin(s.take(1)));
+            }
+            Ok(s)
+        }
+        async fn put(&self, k: &str, v: Vec<u8>, l: Option<LeaseId>) -> Result<Header, KvError> {
+            self.inner.put(k, v, l).await
+        }
+        async fn delete(&self, k: &str) -> Result<Header, KvError> {
+            self.inner.delete(k).await
+        }
+        async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {
+            self.inner.grant_lease(ttl).await
+        }
+        async fn keep_alive(&self, l: LeaseId) -> Result<(), KvError> {
+            self.inner.keep_alive(l).await
+        }
+        async fn revoke_lease(&self, l: LeaseId) -> Result<(), KvError> {
+            self.inner.revoke_lease(l).await
+        }
+    }
+
+    fn c1() -> ClusterName {
+        ClusterName::new("c1").unwrap()
+    }
+
+    /// Range reads during one minute (virtual time) against `backend`.
+    async fn ranges_in_a_minute(backend: Counting) -> u64 {
+        let ranges = backend.ranges.clone();
+        let mut w = watch_cluster::<IpcacheEntry, _>(backend, &c1(), WatchConfig::default());
+        let drain = tokio::spawn(async move { while w.next().await.is_some() {} });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drain.abort();
+        ranges.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_store_is_retried_with_growing_delays() {
+        let store = MemoryStore::new();
+        let reader = store.new_handle();
+        reader.cut();
+        let n = ranges_in_a_minute(Counting {
+            inner: reader,
+            ranges: Arc::default(),
+            flap: false,
+        })
+        .await;
+        // 100 ms doubling to a 10 s cap (with jitter down to half): about 10-20 attempts in a
+        // minute, against 600 at a fixed 100 ms.
+        assert!((5..=30).contains(&n), "{n} attempts");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_watch_does_not_relist_in_a_tight_loop() {
+        let store = MemoryStore::new();
+        store
+            .put("meshd/state/ip/v1/c1/10.0.0.1", b"{}".to_vec(), None)
+            .await
+            .unwrap();
+        let n = ranges_in_a_minute(Counting {
+            inner: store.new_handle(),
+            ranges: Arc::default(),
+            flap: true,
+        })
+        .await;
+        assert!((5..=30).contains(&n), "{n} lists");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_watch_lists_once() {
+        let store = MemoryStore::new();
+        let n = ranges_in_a_minute(Counting {
+            inner: store.new_handle(),
+            ranges: Arc::default(),
+            flap: false,
+        })
+        .await;
+        assert_eq!(n, 1);
+    }
+}
