@@ -497,7 +497,7 @@ fn start_node(
     }
     let admin = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Admin);
     let config = format!(
-        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\napi_socket: {sock}\nstate_dir: {state}\n",
+        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
         c = cluster.name,
         id = cluster.id,
         n = node.name,
@@ -512,6 +512,9 @@ fn start_node(
         port = spec.tunnel_port,
         sock = api_socket(opts, cluster, node).display(),
         state = dir.join("state").display(),
+        // Endpoint namespaces carry the lab's prefix (through the node's), so two labs (a
+        // user's and a test's) never fight over one name.
+        netns = spec.node_netns(cluster, node),
     );
     let config_path = dir.join("agent.yaml");
     std::fs::write(&config_path, config)?;

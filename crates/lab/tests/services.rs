@@ -1,0 +1,402 @@
+//! Global services end to end, in a namespace lab of two clusters (real etcd, apiservers, agents
+//! and eBPF datapath), driven the way a user does: `meshd apply -f` against a cluster's
+//! apiserver, `meshd endpoint add|del` on a node, and HTTP requests to a service VIP from a
+//! client endpoint (`meshd lab exec ... meshd workload request -o json`, which counts answers by
+//! the cluster of the backend that answered).
+//!
+//! Each test brings up its own lab (own prefix, underlay and run dir) and takes it down.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bin_dir() -> PathBuf {
+    // target/<profile>/deps/services-<hash> -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+fn meshd_bin() -> PathBuf {
+    bin_dir().join("meshd")
+}
+
+fn prerequisites() -> bool {
+    let bins = bin_dir();
+    let built = bins.join("meshd").is_file() && bins.join("clustermesh-apiserver").is_file();
+    meshd_testing::require("root", meshd_testing::is_root())
+        && meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd"))
+        && meshd_testing::require(
+            "meshd and clustermesh-apiserver built next to the tests (cargo build --workspace --bins)",
+            built,
+        )
+        && meshd_testing::require(
+            "bpffs at /sys/fs/bpf",
+            meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")),
+        )
+}
+
+/// A running lab; taken down on drop, with the extra endpoints and workloads a test added.
+struct Lab {
+    _tmp: tempfile::TempDir,
+    run_dir: PathBuf,
+    state: Value,
+    extra: Vec<ExtraEndpoint>,
+}
+
+struct ExtraEndpoint {
+    socket: String,
+    name: String,
+    echo: Option<Child>,
+}
+
+impl Lab {
+    fn up(prefix: &str, underlay: &str) -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let run_dir = tmp.path().join("lab");
+        let out = Command::new(meshd_bin())
+            .args(["lab", "up", "--prefix", prefix, "--underlay", underlay])
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+            .output()
+            .expect("running meshd lab up");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lab = Lab {
+            state: serde_json::from_slice(
+                &std::fs::read(run_dir.join("lab.json")).unwrap_or_default(),
+            )
+            .unwrap_or_default(),
+            _tmp: tmp,
+            run_dir,
+            extra: Vec::new(),
+        };
+        assert!(
+            out.status.success() && stdout.contains(" 0 failed"),
+            "lab up failed\nstdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn meshd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(meshd_bin())
+            .args(args)
+            .env("MESHD_CONFIG", self.run_dir.join("meshd-cli.yaml"))
+            .env("MESHD_LAB_RUN_DIR", &self.run_dir)
+            .output()
+            .expect("running meshd")
+    }
+
+    fn meshd_ok(&self, args: &[&str]) -> String {
+        let out = self.meshd(args);
+        assert!(
+            out.status.success(),
+            "meshd {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `meshd apply -f` of `yaml` against cluster `cluster`'s apiserver.
+    fn apply(&self, cluster: &str, yaml: &str) {
+        let file = self
+            .run_dir
+            .join(format!("extra-{cluster}-{}.yaml", fnv(yaml)));
+        std::fs::write(&file, yaml).unwrap();
+        self.meshd_ok(&[
+            "apply",
+            "-f",
+            file.to_str().unwrap(),
+            "--context",
+            &format!("lab-{cluster}"),
+        ]);
+    }
+
+    /// The VIP the apiserver of `cluster` allocated for service `name`.
+    fn vip(&self, cluster: &str, name: &str) -> String {
+        let out = self.meshd_ok(&[
+            "get",
+            "services",
+            "-o",
+            "json",
+            "--context",
+            &format!("lab-{cluster}"),
+        ]);
+        let doc: Value = serde_json::from_str(&out).unwrap();
+        doc["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["metadata"]["name"] == name)
+            .and_then(|s| s["spec"]["clusterIP"].as_str())
+            .unwrap_or_else(|| panic!("service {name} in {cluster}: {out}"))
+            .to_owned()
+    }
+
+    /// `n` HTTP requests from endpoint `from` (CLUSTER/NAME) to `vip:80`: the workload's summary.
+    fn requests(&self, from: &str, vip: &str, n: u32) -> Summary {
+        let url = format!("http://{vip}:80/");
+        let count = n.to_string();
+        let out = self.meshd(&[
+            "lab",
+            "exec",
+            from,
+            "--",
+            meshd_bin().to_str().unwrap(),
+            "workload",
+            "request",
+            &url,
+            "-n",
+            &count,
+            "--timeout-ms",
+            "2000",
+            "-o",
+            "json",
+        ]);
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Summary {
+            ok: doc["ok"].as_u64().unwrap_or(0),
+            by_cluster: doc["by_cluster"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            errors: doc["errors"].to_string(),
+        }
+    }
+
+    /// Requests batches until `ok` holds for one (the change has reached the datapath), or
+    /// panics after a generous deadline with the last summary.
+    fn wait_for(&self, what: &str, from: &str, vip: &str, ok: impl Fn(&Summary) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.requests(from, vip, 20);
+            if ok(&s) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: last summary {s:?} (errors: {})",
+                s.errors
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn node_socket(&self, cluster: &str, node: &str) -> String {
+        self.state["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == cluster)
+            .and_then(|c| c["nodes"].as_array()?.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["api_socket"].as_str())
+            .unwrap_or_else(|| panic!("node {cluster}/{node} in lab.json"))
+            .to_owned()
+    }
+
+    /// Adds endpoint `name` with `labels` on `cluster/node` and starts an echo workload in it.
+    fn add_backend(&mut self, cluster: &str, node: &str, name: &str, labels: &str) {
+        let socket = self.node_socket(cluster, node);
+        let out = self.meshd_ok(&[
+            "endpoint", "add", name, "--labels", labels, "--socket", &socket, "-o", "json",
+        ]);
+        let added: Value = serde_json::from_str(&out).unwrap();
+        let netns = added["netns"].as_str().unwrap().to_owned();
+        let echo = Command::new("nsenter")
+            .arg(format!("--net={netns}"))
+            .arg("--")
+            .arg(meshd_bin())
+            .args(["workload", "echo", "--listen", "0.0.0.0:8080"])
+            .args(["--cluster", cluster, "--node", node, "--endpoint", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting an echo workload");
+        self.extra
+            .retain(|e| !(e.socket == socket && e.name == name));
+        self.extra.push(ExtraEndpoint {
+            socket,
+            name: name.to_owned(),
+            echo: Some(echo),
+        });
+    }
+
+    fn del_endpoint(&mut self, cluster: &str, node: &str, name: &str) {
+        let socket = self.node_socket(cluster, node);
+        self.meshd_ok(&["endpoint", "del", name, "--socket", &socket]);
+        for e in self
+            .extra
+            .iter_mut()
+            .filter(|e| e.socket == socket && e.name == name)
+        {
+            if let Some(mut child) = e.echo.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for e in std::mem::take(&mut self.extra) {
+            if let Some(mut child) = e.echo {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = self.meshd(&["endpoint", "del", &e.name, "--socket", &e.socket]);
+        }
+        let run_dir = self.run_dir.to_string_lossy().into_owned();
+        let _ = self.meshd(&["lab", "down", "--run-dir", &run_dir]);
+    }
+}
+
+#[derive(Debug)]
+struct Summary {
+    ok: u64,
+    by_cluster: BTreeMap<String, u64>,
+    errors: String,
+}
+
+impl Summary {
+    fn only(&self, cluster: &str) -> bool {
+        self.ok > 0 && self.by_cluster.keys().eq([cluster])
+    }
+
+    fn from(&self, cluster: &str) -> u64 {
+        self.by_cluster.get(cluster).copied().unwrap_or(0)
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn service(name: &str, app: &str, annotations: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "apiVersion: meshd.io/v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n"
+    );
+    if !annotations.is_empty() {
+        yaml.push_str("  annotations:\n");
+        for (k, v) in annotations {
+            yaml.push_str(&format!("    {k}: \"{v}\"\n"));
+        }
+    }
+    yaml.push_str(&format!(
+        "spec:\n  selector: {{ app: {app} }}\n  ports:\n    - {{ name: http, port: 80, targetPort: 8080, protocol: TCP }}\n"
+    ));
+    yaml
+}
+
+const GLOBAL: &str = "service.meshd.io/global";
+const SHARED: &str = "service.meshd.io/shared";
+const AFFINITY: &str = "service.meshd.io/affinity";
+
+/// The lab's global `echo` spreads over both clusters; a cluster that does not share uses the
+/// others' backends but exports none; a service without the global annotation stays home.
+#[test]
+fn global_shared_and_local_services() {
+    if !prerequisites() {
+        return;
+    }
+    let lab = Lab::up("svcg", "10.82.0.0/24");
+
+    // The lab's `echo`: global, shared, no affinity; two echo backends per cluster.
+    let vip = lab.vip("c1", "echo");
+    let s = lab.requests("c1/client-c1-n1", &vip, 200);
+    assert_eq!(s.ok, 200, "{s:?}");
+    assert!(
+        s.from("c1") >= 40 && s.from("c2") >= 40,
+        "both clusters serve at least 20%: {s:?}"
+    );
+
+    // `split`: global in both, but c2 does not share.
+    lab.apply("c1", &service("split", "echo", &[(GLOBAL, "true")]));
+    lab.apply(
+        "c2",
+        &service("split", "echo", &[(GLOBAL, "true"), (SHARED, "false")]),
+    );
+    let (vip1, vip2) = (lab.vip("c1", "split"), lab.vip("c2", "split"));
+    lab.wait_for(
+        "c2 clients see both clusters",
+        "c2/client-c2-n1",
+        &vip2,
+        |s| s.ok == 20 && s.from("c1") > 0 && s.from("c2") > 0,
+    );
+    let s = lab.requests("c2/client-c2-n2", &vip2, 100);
+    assert!(s.ok == 100 && s.from("c1") > 0 && s.from("c2") > 0, "{s:?}");
+    let s = lab.requests("c1/client-c1-n1", &vip1, 100);
+    assert!(s.ok == 100 && s.only("c1"), "c1 sees only c1: {s:?}");
+
+    // `home`: no global annotation in either cluster.
+    lab.apply("c1", &service("home", "echo", &[]));
+    lab.apply("c2", &service("home", "echo", &[]));
+    let (vip1, vip2) = (lab.vip("c1", "home"), lab.vip("c2", "home"));
+    lab.wait_for("home answers in c1", "c1/client-c1-n2", &vip1, |s| {
+        s.ok == 20
+    });
+    lab.wait_for("home answers in c2", "c2/client-c2-n1", &vip2, |s| {
+        s.ok == 20
+    });
+    for (from, vip, cluster) in [
+        ("c1/client-c1-n1", &vip1, "c1"),
+        ("c1/client-c1-n2", &vip1, "c1"),
+        ("c2/client-c2-n1", &vip2, "c2"),
+        ("c2/client-c2-n2", &vip2, "c2"),
+    ] {
+        let s = lab.requests(from, vip, 60);
+        assert!(s.ok == 60 && s.only(cluster), "{from}: {s:?}");
+    }
+}
+
+/// Affinity `local`: c1's clients stay in c1 while c1 has a ready backend, fail over to c2 by
+/// themselves when c1's last backend goes, and come back when it returns.
+#[test]
+fn affinity_local_fails_over_and_back() {
+    if !prerequisites() {
+        return;
+    }
+    let mut lab = Lab::up("svca", "10.83.0.0/24");
+    lab.add_backend("c1", "n2", "aff-c1", "app=aff");
+    lab.add_backend("c2", "n1", "aff-c2", "app=aff");
+    lab.add_backend("c2", "n2", "aff-c2b", "app=aff");
+    lab.apply(
+        "c1",
+        &service("aff", "aff", &[(GLOBAL, "true"), (AFFINITY, "local")]),
+    );
+    lab.apply("c2", &service("aff", "aff", &[(GLOBAL, "true")]));
+    let vip = lab.vip("c1", "aff");
+    let client = "c1/client-c1-n1";
+    lab.wait_for("aff answers", client, &vip, |s| s.ok == 20);
+    // c2's records may still be on their way: c1's clients must stay in c1 all along.
+    let s = lab.requests(client, &vip, 100);
+    assert!(s.ok == 100 && s.only("c1"), "local affinity: {s:?}");
+    // c2's own clients (affinity none there) use both.
+    let vip2 = lab.vip("c2", "aff");
+    lab.wait_for("c2 clients see both", "c2/client-c2-n1", &vip2, |s| {
+        s.from("c1") > 0 && s.from("c2") > 0
+    });
+
+    lab.del_endpoint("c1", "n2", "aff-c1");
+    lab.wait_for("failover to c2", client, &vip, |s| {
+        s.ok == 20 && s.only("c2")
+    });
+    let s = lab.requests(client, &vip, 100);
+    assert!(s.ok == 100 && s.only("c2"), "served by c2: {s:?}");
+
+    lab.add_backend("c1", "n2", "aff-c1", "app=aff");
+    lab.wait_for("back to c1", client, &vip, |s| s.ok == 20 && s.only("c1"));
+    let s = lab.requests(client, &vip, 100);
+    assert!(s.ok == 100 && s.only("c1"), "back in c1: {s:?}");
+}
