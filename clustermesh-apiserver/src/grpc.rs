@@ -2,7 +2,7 @@
 //! planning and executing each request as one etcd transaction (re-planned if another writer
 //! got in between).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use meshd_kvstore::EtcdStore;
@@ -75,7 +75,7 @@ impl ApiService {
     /// Plans against a fresh snapshot and executes, again while guards fail.
     async fn run(
         &self,
-        kinds: &BTreeSet<Kind>,
+        objects: &[ObjectRef],
         dry_run: bool,
         plan: impl Fn(&Snapshot, usize) -> Result<Plan, ApiserverError>,
     ) -> Result<(Plan, i64), ApiserverError> {
@@ -85,7 +85,7 @@ impl ApiService {
                 let pause = rand::random::<u64>() % (10 * attempt as u64 + 10);
                 tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             }
-            let snapshot = read_snapshot(&self.store, kinds).await?;
+            let snapshot = read_snapshot(&self.store, objects).await?;
             let plan = plan(&snapshot, attempt)?;
             if dry_run {
                 return Ok((plan, 0));
@@ -183,11 +183,9 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
         self.authorize(&request)?;
         let req = request.into_inner();
         let docs = parse_request(&req.documents).map_err(ApiserverError::from)?;
-        // VIPs are read with every snapshot; services too, since a policy-only batch still
-        // plans nothing that needs them, and reading them keeps one code path.
-        let kinds: BTreeSet<Kind> = Kind::ALL.into_iter().collect();
+        let objects: Vec<ObjectRef> = docs.iter().map(|d| d.document.object_ref()).collect();
         let (plan, revision) = self
-            .run(&kinds, req.dry_run, |snapshot, attempt| {
+            .run(&objects, req.dry_run, |snapshot, attempt| {
                 // Lowest-first unless a concurrent apply took our pick: then anywhere.
                 let offset = if attempt == 0 { 0 } else { rand::random() };
                 Ok(plan_apply(&docs, snapshot, &self.cidr, offset)?)
@@ -208,9 +206,8 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         self.authorize(&request)?;
         let refs = parse_refs(&request.into_inner().objects).map_err(ApiserverError::from)?;
-        let kinds = crate::plan::kinds_of(&refs);
         let (plan, revision) = self
-            .run(&kinds, false, |snapshot, _| {
+            .run(&refs, false, |snapshot, _| {
                 Ok(plan_delete(&refs, snapshot, &self.cluster))
             })
             .await?;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use meshd_manifest::{Document, DocumentError, Kind, ManifestErrors, ObjectRef, SourcedDocument};
+use meshd_manifest::{Document, DocumentError, ManifestErrors, ObjectRef, SourcedDocument};
 use meshd_state::{ClusterName, ServiceKey};
 
 use crate::keys::{object_key, vip_key, VipOwner};
@@ -23,7 +23,8 @@ pub struct StoredObject {
     pub mod_revision: i64,
 }
 
-/// What etcd holds that planning needs, read at one revision.
+/// What etcd holds that planning needs, read at one revision: the objects of the request and
+/// every VIP allocation.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub objects: BTreeMap<ObjectRef, StoredObject>,
@@ -276,14 +277,10 @@ pub fn plan_delete(objects: &[ObjectRef], snapshot: &Snapshot, cluster: &Cluster
     plan
 }
 
-/// Kinds a snapshot must cover to plan these objects.
-pub fn kinds_of<'a>(objects: impl IntoIterator<Item = &'a ObjectRef>) -> BTreeSet<Kind> {
-    objects.into_iter().map(|o| o.kind).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshd_manifest::Kind;
 
     fn docs(text: &str) -> Vec<SourcedDocument> {
         meshd_manifest::parse_str("t.yaml", text).unwrap()

@@ -6,7 +6,6 @@ mod common;
 use clustermesh_apiserver::pb;
 use common::*;
 use meshd_certs::LeafKind;
-use meshd_kvstore::Backend;
 use tonic::Code;
 
 #[tokio::test]
@@ -388,11 +387,22 @@ async fn dry_run_plans_without_writing() {
     assert_eq!(resp.results[0].action, "created");
     assert_eq!(resp.results[0].vip, "10.96.0.1");
     assert!(keys(&store, "meshd/config/").await.is_empty());
-    // The store is reachable for writes all along (the harness's etcd works).
-    store
-        .put("meshd/test/x", b"1".to_vec(), None)
-        .await
-        .unwrap();
+
+    // `ab` stored: `a` (whose key is a prefix of `ab`'s) is still new, `ab` unchanged.
+    let one = |name: &str, dry_run: bool| pb::ApplyRequest {
+        documents: vec![pb::SourceDocument {
+            file: format!("{name}.yaml"),
+            index: 1,
+            text: service_yaml(name, name, "", ""),
+        }],
+        dry_run,
+    };
+    api.apply(one("ab", false)).await.unwrap();
+    let a = api.apply(one("a", true)).await.unwrap().into_inner();
+    assert_eq!(a.results[0].action, "created");
+    assert_eq!(a.results[0].vip, "10.96.0.2");
+    let ab = api.apply(one("ab", true)).await.unwrap().into_inner();
+    assert_eq!(ab.results[0].action, "unchanged");
     server.shutdown().await.unwrap();
 }
 
