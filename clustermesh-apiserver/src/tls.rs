@@ -107,7 +107,14 @@ pub fn incoming(
                     Ok(conn) => {
                         let _ = tx.send(Ok(conn)).await;
                     }
-                    Err(e) => tracing::info!(%remote, error = %e, "API TLS handshake failed"),
+                    // A TCP probe (a port check, a load balancer) connects and closes without
+                    // a handshake: not worth an info line per probe.
+                    Err(Handshake::Probe) => {
+                        tracing::debug!(%remote, "connection closed before the TLS handshake")
+                    }
+                    Err(Handshake::Failed(e)) => {
+                        tracing::info!(%remote, error = %e, "API TLS handshake failed")
+                    }
                 }
             });
         }
@@ -115,19 +122,30 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// Why a connection did not become an API connection.
+enum Handshake {
+    /// Closed before saying anything.
+    Probe,
+    Failed(String),
+}
+
 async fn handshake(
     tcp: TcpStream,
     remote: SocketAddr,
     files: &TlsFiles,
-) -> Result<MtlsConnection, String> {
-    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-    let mut config = files.server_config().map_err(|e| e.to_string())?;
+) -> Result<MtlsConnection, Handshake> {
+    let failed = |e: &dyn std::fmt::Display| Handshake::Failed(e.to_string());
+    tcp.set_nodelay(true).map_err(|e| failed(&e))?;
+    let mut config = files.server_config().map_err(|e| failed(&e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
-        .map_err(|_| format!("no handshake within {HANDSHAKE_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| Handshake::Failed(format!("no handshake within {HANDSHAKE_TIMEOUT:?}")))?
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => Handshake::Probe,
+            _ => Handshake::Failed(e.to_string()),
+        })?;
     let common_name = stream
         .get_ref()
         .1
