@@ -204,12 +204,8 @@ impl Lab {
 
     /// Adds endpoint `name` with `labels` on `cluster/node` and starts an echo workload in it.
     fn add_backend(&mut self, cluster: &str, node: &str, name: &str, labels: &str) {
+        let netns = self.add_endpoint(cluster, node, name, labels);
         let socket = self.node_socket(cluster, node);
-        let out = self.meshd_ok(&[
-            "endpoint", "add", name, "--labels", labels, "--socket", &socket, "-o", "json",
-        ]);
-        let added: Value = serde_json::from_str(&out).unwrap();
-        let netns = added["netns"].as_str().unwrap().to_owned();
         let echo = Command::new("nsenter")
             .arg(format!("--net={netns}"))
             .arg("--")
@@ -221,13 +217,29 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting an echo workload");
+        let extra = self
+            .extra
+            .iter_mut()
+            .find(|e| e.socket == socket && e.name == name)
+            .expect("added above");
+        extra.echo = Some(echo);
+    }
+
+    /// Adds endpoint `name` with `labels` on `cluster/node`; returns its netns path.
+    fn add_endpoint(&mut self, cluster: &str, node: &str, name: &str, labels: &str) -> String {
+        let socket = self.node_socket(cluster, node);
+        let out = self.meshd_ok(&[
+            "endpoint", "add", name, "--labels", labels, "--socket", &socket, "-o", "json",
+        ]);
+        let added: Value = serde_json::from_str(&out).unwrap();
         self.extra
             .retain(|e| !(e.socket == socket && e.name == name));
         self.extra.push(ExtraEndpoint {
             socket,
             name: name.to_owned(),
-            echo: Some(echo),
+            echo: None,
         });
+        added["netns"].as_str().unwrap().to_owned()
     }
 
     fn del_endpoint(&mut self, cluster: &str, node: &str, name: &str) {
@@ -399,4 +411,222 @@ fn affinity_local_fails_over_and_back() {
     lab.wait_for("back to c1", client, &vip, |s| s.ok == 20 && s.only("c1"));
     let s = lab.requests(client, &vip, 100);
     assert!(s.ok == 100 && s.only("c1"), "back in c1: {s:?}");
+}
+
+// ---- benchmarks (`scripts/bench.d/services-*.sh`; ignored by `cargo test`) ----
+
+/// The netns path of a lab endpoint (CLUSTER/NAME) from lab.json.
+fn endpoint_netns(lab: &Lab, target: &str) -> PathBuf {
+    let (cluster, name) = target.split_once('/').unwrap();
+    let ep = lab.state["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["cluster"] == cluster && e["name"] == name)
+        .unwrap_or_else(|| panic!("endpoint {target} in lab.json"));
+    meshd_datapath::netns::named_path(ep["netns"].as_str().unwrap())
+}
+
+/// One HTTP GET on a new connection; the answering cluster, or None if it failed.
+fn get_cluster(addr: std::net::SocketAddr, timeout: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let at = body.find("\"cluster\":\"")? + 11;
+    Some(body[at..].split('"').next()?.to_owned())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Failover: with affinity local and one local backend, the local backend is deleted while a
+/// client keeps opening connections to the VIP; the figure is the time from the deletion
+/// command to the first answer of a remote backend, over 20 trials.
+#[test]
+#[ignore = "benchmark: scripts/bench.d/services-failover.sh"]
+fn bench_failover() {
+    if !prerequisites() {
+        return;
+    }
+    let trials: usize = std::env::var("SERVICES_FAILOVER_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut lab = Lab::up("svcbf", "10.84.0.0/24");
+    lab.add_backend("c2", "n1", "fo-c2", "app=fo");
+    lab.apply(
+        "c1",
+        &service("fo", "fo", &[(GLOBAL, "true"), (AFFINITY, "local")]),
+    );
+    lab.apply("c2", &service("fo", "fo", &[(GLOBAL, "true")]));
+    let vip: std::net::IpAddr = lab.vip("c1", "fo").parse().unwrap();
+    let client = "c1/client-c1-n1";
+    let netns = endpoint_netns(&lab, client);
+    let mut failover_ms = Vec::new();
+    let mut delete_ms = Vec::new();
+    for trial in 0..trials {
+        lab.add_backend("c1", "n2", "fo-c1", "app=fo");
+        lab.wait_for("c1 backend serving", client, &vip.to_string(), |s| {
+            s.ok == 20 && s.only("c1")
+        });
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let t0 = std::sync::Mutex::new(None::<Instant>);
+        let first_remote = std::thread::scope(|scope| {
+            let prober = scope.spawn(|| {
+                meshd_datapath::netns::run_in(&netns, || -> anyhow::Result<Option<Instant>> {
+                    let addr = std::net::SocketAddr::new(vip, 80);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let answer = get_cluster(addr, Duration::from_millis(50));
+                        let started = t0.lock().unwrap().is_some();
+                        if started && answer.as_deref() == Some("c2") {
+                            return Ok(Some(Instant::now()));
+                        }
+                    }
+                    Ok(None)
+                })
+                .unwrap()
+            });
+            // Let the prober run against the local backend first.
+            std::thread::sleep(Duration::from_millis(100));
+            let start = Instant::now();
+            *t0.lock().unwrap() = Some(start);
+            lab.del_endpoint("c1", "n2", "fo-c1");
+            delete_ms.push(start.elapsed().as_secs_f64() * 1e3);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !prober.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            prober.join().unwrap().map(|t| t - start)
+        });
+        let d = first_remote.unwrap_or_else(|| panic!("trial {trial}: no remote answer in 30 s"));
+        failover_ms.push(d.as_secs_f64() * 1e3);
+        println!(
+            "trial {trial}: first remote answer {:.1} ms after the deletion started (deletion command {:.1} ms)",
+            failover_ms.last().unwrap(),
+            delete_ms.last().unwrap()
+        );
+    }
+    failover_ms.sort_by(f64::total_cmp);
+    delete_ms.sort_by(f64::total_cmp);
+    println!(
+        "failover over {trials} trials: p50 {:.1} ms, p90 {:.1} ms, min {:.1}, max {:.1} (goal p50 < 200 ms); \
+         baseline (the `meshd endpoint del` command alone): p50 {:.1} ms",
+        percentile(&failover_ms, 0.5),
+        percentile(&failover_ms, 0.9),
+        failover_ms[0],
+        failover_ms[failover_ms.len() - 1],
+        percentile(&delete_ms, 0.5),
+    );
+}
+
+/// New-connection rate through a VIP versus straight to the backend's IP, in the same run: two
+/// clients on one node open connections at the same time (connect, GET, read to close; 4
+/// threads each), one to the VIP, one to the backend's IP; the service has one backend, on
+/// another node of the clients' cluster.
+#[test]
+#[ignore = "benchmark: scripts/bench.d/services-connrate.sh"]
+fn bench_connection_rate() {
+    if !prerequisites() {
+        return;
+    }
+    let runs: usize = 7;
+    let per_thread: usize = std::env::var("SERVICES_CONNRATE_PER_THREAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let threads: usize = std::env::var("SERVICES_CONNRATE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let mut lab = Lab::up("svcbr", "10.85.0.0/24");
+    lab.add_backend("c1", "n2", "one-c1", "app=one");
+    lab.apply("c1", &service("one", "one", &[]));
+    let vip: std::net::IpAddr = lab.vip("c1", "one").parse().unwrap();
+    let client = "c1/client-c1-n1";
+    lab.wait_for("one answers", client, &vip.to_string(), |s| s.ok == 20);
+    let out = lab.meshd_ok(&["get", "services", "-o", "json", "--context", "lab-c1"]);
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    let backend: std::net::IpAddr = doc["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["metadata"]["name"] == "one")
+        .and_then(|s| s["status"]["backends"][0]["ip"].as_str())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The direct connections come from a second client on the same node: after DNAT a VIP
+    // connection and a direct one from the same client may share a 4-tuple at the backend
+    // (the client's kernel picks their source ports independently), and the backend's
+    // TIME_WAIT handling of such collisions would be measured instead of the datapath.
+    let vip_netns = endpoint_netns(&lab, client);
+    let direct_netns = PathBuf::from(lab.add_endpoint("c1", "n1", "cr-direct", "app=client"));
+    let (vip_addr, direct_addr) = (
+        std::net::SocketAddr::new(vip, 80),
+        std::net::SocketAddr::new(backend, 8080),
+    );
+    // Both clients run at once, `threads` connection loops each, so load drift on this shared
+    // machine hits both alike; a target's rate is its connections over its wall time.
+    let connect_loop = |netns: &Path, addr: std::net::SocketAddr| -> f64 {
+        meshd_datapath::netns::run_in(netns, || -> anyhow::Result<f64> {
+            let failed = std::sync::atomic::AtomicUsize::new(0);
+            let start = Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..threads {
+                    scope.spawn(|| {
+                        for _ in 0..per_thread {
+                            if get_cluster(addr, Duration::from_secs(2)).is_none() {
+                                failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let failed = failed.load(std::sync::atomic::Ordering::Relaxed);
+            anyhow::ensure!(failed == 0, "{failed} connections to {addr} failed");
+            Ok((threads * per_thread) as f64 / start.elapsed().as_secs_f64())
+        })
+        .unwrap()
+    };
+    let run = || -> (f64, f64) {
+        std::thread::scope(|scope| {
+            let v = scope.spawn(|| connect_loop(&vip_netns, vip_addr));
+            let d = scope.spawn(|| connect_loop(&direct_netns, direct_addr));
+            (v.join().unwrap(), d.join().unwrap())
+        })
+    };
+    let (mut via_vip, mut direct, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let (v, d) = run();
+        println!(
+            "run {r}: via VIP {v:.0} conn/s, direct {d:.0} conn/s = {:.2}x",
+            v / d
+        );
+        via_vip.push(v);
+        direct.push(d);
+        ratios.push(v / d);
+    }
+    via_vip.sort_by(f64::total_cmp);
+    direct.sort_by(f64::total_cmp);
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "new connections/s, median of {runs} runs x {} connections each way: via VIP {:.0} [{:.0}..{:.0}], \
+         direct to the backend {:.0} [{:.0}..{:.0}]; ratio median {:.2}x [{:.2}..{:.2}] (goal >= 0.9x)",
+        threads * per_thread,
+        percentile(&via_vip, 0.5),
+        via_vip[0],
+        via_vip[runs - 1],
+        percentile(&direct, 0.5),
+        direct[0],
+        direct[runs - 1],
+        percentile(&ratios, 0.5),
+        ratios[0],
+        ratios[runs - 1],
+    );
 }
