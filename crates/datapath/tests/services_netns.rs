@@ -1,0 +1,150 @@
+//! Service load-balancing with real kernels and sockets: TCP and UDP (a fragmented datagram
+//! too) through a VIP to a backend on the client's node and on another node. The client's
+//! socket talks to the VIP only, so every answer it accepts proves the reverse NAT (and the
+//! checksums, which the real stacks verify, unlike BPF_PROG_RUN).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use common::can_run;
+use common::topology::*;
+use meshd_datapath::{Direction, LbBackend, LbFrontend};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+fn point(topo: &mut Topology, port: u16, proto: u8, backend: Ipv4Addr, backend_port: u16) {
+    let frontend = LbFrontend {
+        addr: VIP,
+        port,
+        proto,
+    };
+    let maps = &mut topo.nodes[0].maps;
+    maps.upsert_backend(
+        frontend,
+        0,
+        LbBackend {
+            addr: backend,
+            port: backend_port,
+            cluster_id: 1,
+        },
+    )
+    .unwrap();
+    maps.upsert_service(frontend, 1).unwrap();
+}
+
+/// One TCP exchange from `from` to VIP:`port`; the backend (listening on `backend`) sees the
+/// client's own address, the client sees the VIP.
+fn tcp_via_vip(from: &TestEndpoint, backend: &TestEndpoint, port: u16, backend_port: u16) {
+    let listener = tcp_listen(backend, backend_port).unwrap();
+    let client_ip = from.ip;
+    let server = std::thread::spawn(move || {
+        let (mut s, peer) = listener.accept().unwrap();
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(client_ip), "no SNAT");
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0;
+        while total < 30000 {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            s.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+    });
+    let mut client = tcp_connect(from, VIP, port, Duration::from_secs(5)).expect("connect to VIP");
+    assert_eq!(
+        client.peer_addr().unwrap(),
+        SocketAddr::new(VIP.into(), port)
+    );
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Several segments each way, so checksums of full-sized segments are exercised too.
+    let msg: Vec<u8> = (0..30000).map(|i| (i % 253) as u8).collect();
+    client.write_all(&msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    client.read_exact(&mut got).unwrap();
+    assert!(got == msg, "echo through the VIP");
+    server.join().unwrap();
+}
+
+/// A UDP datagram of `size` bytes to VIP:`port` and its answer, which must come from VIP:port.
+fn udp_via_vip(
+    from: &TestEndpoint,
+    backend: &TestEndpoint,
+    port: u16,
+    backend_port: u16,
+    size: usize,
+) {
+    let backend_ip = backend.ip;
+    let server = in_ep(backend, move || {
+        Ok(UdpSocket::bind((backend_ip, backend_port))?)
+    })
+    .unwrap();
+    let client = in_ep(from, || Ok(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?)).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let msg: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    for _ in 0..10 {
+        client.send_to(&msg, (VIP, port)).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let Ok((n, peer)) = server.recv_from(&mut buf) else {
+            continue;
+        };
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(from.ip), "no SNAT");
+        assert_eq!(&buf[..n], &msg[..], "datagram intact after DNAT");
+        server.send_to(&buf[..n], peer).unwrap();
+        if let Ok((m, answered_by)) = client.recv_from(&mut buf) {
+            assert_eq!(
+                answered_by,
+                SocketAddr::new(VIP.into(), port),
+                "reverse NAT"
+            );
+            assert_eq!(&buf[..m], &msg[..]);
+            return;
+        }
+    }
+    panic!("no UDP answer through {VIP}:{port} ({size} bytes)");
+}
+
+#[test]
+fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new("dps", &[1, 1], 2).expect("topology");
+    let (a1_ip, b0_ip) = (topo.ep(0, 1).ip, topo.ep(1, 0).ip);
+    point(&mut topo, 80, TCP, b0_ip, 8080);
+    point(&mut topo, 81, TCP, a1_ip, 8081);
+    point(&mut topo, 53, UDP, b0_ip, 5353);
+    point(&mut topo, 54, UDP, a1_ip, 5354);
+    let (a0, a1, b0) = (topo.ep(0, 0), topo.ep(0, 1), topo.ep(1, 0));
+
+    tcp_via_vip(a0, b0, 80, 8080);
+    tcp_via_vip(a0, a1, 81, 8081);
+    udp_via_vip(a0, b0, 53, 5353, 64);
+    udp_via_vip(a0, a1, 54, 5354, 64);
+    // Larger than the endpoint MTU: the client's stack fragments it, and every fragment must
+    // follow the first one's backend.
+    udp_via_vip(a0, b0, 53, 5353, 4000);
+    udp_via_vip(a0, a1, 54, 5354, 4000);
+
+    for node in &topo.nodes {
+        for c in node.maps.counters().unwrap() {
+            assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
+        }
+    }
+    let n0 = &topo.nodes[0].maps;
+    assert!(
+        n0.counter(Direction::Ingress, meshd_ebpf::abi::FWD_LOCAL)
+            .unwrap()
+            > 0
+    );
+}
