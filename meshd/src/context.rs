@@ -24,15 +24,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::output::Format;
 
-/// Where the contexts file is and which context to use; flattened into every command that
-/// talks to an apiserver.
+/// Where the contexts file is and which context to use. Global flags of `meshd`, so both
+/// `meshd --context c2 get services` and `meshd get services --context c2` work.
 #[derive(Debug, Clone, Args)]
 pub struct ContextArgs {
-    /// Context to use instead of the current one.
-    #[arg(long, value_name = "NAME", env = "MESHD_CONTEXT")]
+    /// Context (apiserver and certificates) to use instead of the current one.
+    #[arg(long, global = true, value_name = "NAME", env = "MESHD_CONTEXT")]
     pub context: Option<String>,
     /// Contexts file [default: $MESHD_CONFIG or ~/.config/meshd/config.yaml].
-    #[arg(long = "meshd-config", value_name = "FILE", env = "MESHD_CONFIG")]
+    #[arg(
+        long = "meshd-config",
+        global = true,
+        value_name = "FILE",
+        env = "MESHD_CONFIG"
+    )]
     pub file: Option<PathBuf>,
 }
 
@@ -51,6 +56,12 @@ impl ContextArgs {
     /// The selected context, with paths resolved.
     pub fn resolve(&self) -> anyhow::Result<ResolvedContext> {
         let path = self.path()?;
+        if !path.exists() {
+            bail!(
+                "no contexts file at {}; create one with `meshd config set-context NAME --server https://HOST:PORT --ca ... --cert ... --key ...` (the lab writes its own: see `meshd lab status`)",
+                path.display()
+            );
+        }
         let file = ContextFile::load(&path)?;
         let name = match (&self.context, &file.current_context) {
             (Some(n), _) => n.clone(),
@@ -189,15 +200,11 @@ pub struct SetContextArgs {
     pub cert: PathBuf,
     #[arg(long, value_name = "FILE")]
     pub key: PathBuf,
-    #[command(flatten)]
-    pub file: ContextArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct UseContextArgs {
     pub name: String,
-    #[command(flatten)]
-    pub file: ContextArgs,
 }
 
 #[derive(Debug, Args)]
@@ -205,8 +212,6 @@ pub struct GetContextsArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    #[command(flatten)]
-    pub file: ContextArgs,
 }
 
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
@@ -217,10 +222,10 @@ fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
     }
 }
 
-pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: ConfigCommand, file: &ContextArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         ConfigCommand::SetContext(a) => {
-            let path = a.file.path()?;
+            let path = file.path()?;
             let mut file = ContextFile::load(&path)?;
             if !a.server.starts_with("https://") {
                 bail!("--server {:?}: expected https://HOST:PORT", a.server);
@@ -238,7 +243,7 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
             println!("context {:?} set in {}", a.name, path.display());
         }
         ConfigCommand::UseContext(a) => {
-            let path = a.file.path()?;
+            let path = file.path()?;
             let mut file = ContextFile::load(&path)?;
             if file.get(&a.name).is_none() {
                 bail!(
@@ -253,7 +258,7 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
             println!("switched to context {:?}", a.name);
         }
         ConfigCommand::GetContexts(a) => {
-            let path = a.file.path()?;
+            let path = file.path()?;
             let file = ContextFile::load(&path)?;
             match a.format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&file)?),

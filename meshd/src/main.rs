@@ -31,6 +31,8 @@ mod workload;
 struct Cli {
     #[command(flatten)]
     telemetry: meshd_telemetry::TelemetryArgs,
+    #[command(flatten)]
+    context: context::ContextArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -92,10 +94,10 @@ fn main() -> ExitCode {
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
         Command::Lab(cmd) => lab_cmd::run(cmd),
-        Command::Apply(args) => manifest_cmd::apply(args),
-        Command::Delete(args) => manifest_cmd::delete(args),
-        Command::Get(args) => manifest_cmd::get(args),
-        Command::Config(cmd) => context::run(cmd),
+        Command::Apply(args) => manifest_cmd::apply(args, &cli.context),
+        Command::Delete(args) => manifest_cmd::delete(args, &cli.context),
+        Command::Get(args) => manifest_cmd::get(args, &cli.context),
+        Command::Config(cmd) => context::run(cmd, &cli.context),
         Command::Version(out) => output::print_version(&out),
     };
     match result {

@@ -32,8 +32,6 @@ pub struct ApplyArgs {
     /// Validate and show what would change (VIPs included) without storing anything.
     #[arg(long)]
     pub dry_run: bool,
-    #[command(flatten)]
-    pub context: ContextArgs,
 }
 
 #[derive(Debug, Args)]
@@ -46,8 +44,6 @@ pub struct DeleteArgs {
         value_name = "FILE|DIR"
     )]
     pub files: Vec<PathBuf>,
-    #[command(flatten)]
-    pub context: ContextArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,8 +73,6 @@ pub struct GetArgs {
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = GetFormat::Table)]
     pub format: GetFormat,
-    #[command(flatten)]
-    pub context: ContextArgs,
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -144,12 +138,12 @@ fn print_results(results: &[pb::ObjectResult], dry_run: bool) {
     }
 }
 
-pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+pub fn apply(args: ApplyArgs, context: &ContextArgs) -> anyhow::Result<ExitCode> {
     let Some(docs) = load(&args.files) else {
         return Ok(ExitCode::from(EXIT_INVALID));
     };
     runtime()?.block_on(async {
-        let mut api = connect(&args.context).await?;
+        let mut api = connect(context).await?;
         let req = pb::ApplyRequest {
             documents: docs.iter().map(client::source_document).collect(),
             dry_run: args.dry_run,
@@ -164,12 +158,12 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub fn delete(args: DeleteArgs) -> anyhow::Result<ExitCode> {
+pub fn delete(args: DeleteArgs, context: &ContextArgs) -> anyhow::Result<ExitCode> {
     let Some(docs) = load(&args.files) else {
         return Ok(ExitCode::from(EXIT_INVALID));
     };
     runtime()?.block_on(async {
-        let mut api = connect(&args.context).await?;
+        let mut api = connect(context).await?;
         let objects = docs
             .iter()
             .map(|d| client::object_ref(&d.document.object_ref()))
@@ -275,9 +269,9 @@ fn services_table(services: &[pb::ServiceInfo]) {
     }
 }
 
-pub fn get(args: GetArgs) -> anyhow::Result<ExitCode> {
+pub fn get(args: GetArgs, context: &ContextArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
-        let mut api = connect(&args.context).await?;
+        let mut api = connect(context).await?;
         let req = pb::ListRequest {
             namespace: args.namespace.clone().unwrap_or_default(),
         };
