@@ -396,6 +396,15 @@ impl Mesh {
         Ok(())
     }
 
+    /// Process id of a node's running agent.
+    pub fn agent_pid(&self, cluster: &str, node: &str) -> Option<u32> {
+        self.node(cluster, node)
+            .ok()?
+            .agent
+            .as_ref()
+            .map(|c| c.id())
+    }
+
     /// SIGKILL: the agent dies without a word; its lease runs out on its own.
     pub fn kill_agent(&mut self, cluster: &str, node: &str) -> anyhow::Result<()> {
         let n = self.node_mut(cluster, node)?;

@@ -443,13 +443,20 @@ fn policy_entry(key: &PolicyKey) -> PolicyEntry {
 }
 
 /// The datapath is IPv4 only for now: IPv6 prefixes and nodes stay in the view, not the maps.
-pub fn ipv4_only(d: &DesiredDatapath) -> DesiredDatapath {
+pub fn ipv4_only(d: &DesiredDatapath) -> std::borrow::Cow<'_, DesiredDatapath> {
+    let v6 = d.ipcache.iter().any(|(p, t)| {
+        matches!(p, IpNet::V6(_)) || matches!(t.tunnel_endpoint, Some(IpAddr::V6(_)))
+    }) || d.nodes.keys().any(IpAddr::is_ipv6);
+    // Without IPv6 (the common case) no copy: at 100k entries a copy per round is megabytes.
+    if !v6 {
+        return std::borrow::Cow::Borrowed(d);
+    }
     let mut out = d.clone();
     out.ipcache.retain(|p, t| {
         matches!(p, IpNet::V4(_)) && !matches!(t.tunnel_endpoint, Some(IpAddr::V6(_)))
     });
     out.nodes.retain(|ip, _| ip.is_ipv4());
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
