@@ -54,6 +54,8 @@ pub struct ReconcileStatus {
 }
 
 const RETRY: Duration = Duration::from_secs(1);
+/// Rounds with at least this many writes return freed heap to the system afterwards.
+const BIG_ROUND: usize = 10_000;
 const RESYNC: Duration = Duration::from_secs(60);
 
 pub struct Reconciler {
@@ -321,6 +323,7 @@ impl Reconciler {
         if !ops.is_empty() {
             tracing::debug!(ops = ops.len(), failed, "reconciled datapath");
         }
+
         failed
     }
 
@@ -402,7 +405,16 @@ impl Reconciler {
         loop {
             let d = desired.borrow_and_update().clone();
             let e = endpoints.borrow_and_update().clone();
+            let before = self.status.ops_applied;
             let failed = self.round(d.as_deref(), &e);
+            if self.status.ops_applied - before >= BIG_ROUND as u64 {
+                // A big round (an initial sync) leaves freed snapshots and op lists behind;
+                // glibc keeps such memory mapped unless asked, which shows as resident memory
+                // for good. SAFETY: malloc_trim only releases free heap memory.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
             status.send_replace(self.status.clone());
             let retry = async {
                 if failed > 0 {
