@@ -202,9 +202,11 @@ impl Lab {
             .to_owned()
     }
 
-    /// Adds endpoint `name` with `labels` on `cluster/node` and starts an echo workload in it.
-    fn add_backend(&mut self, cluster: &str, node: &str, name: &str, labels: &str) {
-        let netns = self.add_endpoint(cluster, node, name, labels);
+    /// Adds endpoint `name` with `labels` on `cluster/node` and starts an echo workload in it;
+    /// returns what `endpoint add -o json` printed.
+    fn add_backend(&mut self, cluster: &str, node: &str, name: &str, labels: &str) -> Value {
+        let added = self.add_endpoint(cluster, node, name, labels);
+        let netns = added["netns"].as_str().unwrap().to_owned();
         let socket = self.node_socket(cluster, node);
         let echo = Command::new("nsenter")
             .arg(format!("--net={netns}"))
@@ -223,10 +225,12 @@ impl Lab {
             .find(|e| e.socket == socket && e.name == name)
             .expect("added above");
         extra.echo = Some(echo);
+        added
     }
 
-    /// Adds endpoint `name` with `labels` on `cluster/node`; returns its netns path.
-    fn add_endpoint(&mut self, cluster: &str, node: &str, name: &str, labels: &str) -> String {
+    /// Adds endpoint `name` with `labels` on `cluster/node`; returns what `endpoint add -o
+    /// json` printed (ip, netns, ...).
+    fn add_endpoint(&mut self, cluster: &str, node: &str, name: &str, labels: &str) -> Value {
         let socket = self.node_socket(cluster, node);
         let out = self.meshd_ok(&[
             "endpoint", "add", name, "--labels", labels, "--socket", &socket, "-o", "json",
@@ -239,7 +243,7 @@ impl Lab {
             name: name.to_owned(),
             echo: None,
         });
-        added["netns"].as_str().unwrap().to_owned()
+        added
     }
 
     fn del_endpoint(&mut self, cluster: &str, node: &str, name: &str) {
@@ -525,10 +529,10 @@ fn bench_failover() {
     );
 }
 
-/// New-connection rate through a VIP versus straight to the backend's IP, in the same run: two
+/// New-connection rate through a VIP versus straight to a backend's IP, in the same run: two
 /// clients on one node open connections at the same time (connect, GET, read to close; 4
-/// threads each), one to the VIP, one to the backend's IP; the service has one backend, on
-/// another node of the clients' cluster.
+/// threads each), one to the VIP of a one-backend service, one to the IP of a twin backend
+/// beside that backend, on another node of the clients' cluster.
 #[test]
 #[ignore = "benchmark: scripts/bench.d/services-connrate.sh"]
 fn bench_connection_rate() {
@@ -550,23 +554,17 @@ fn bench_connection_rate() {
     let vip: std::net::IpAddr = lab.vip("c1", "one").parse().unwrap();
     let client = "c1/client-c1-n1";
     lab.wait_for("one answers", client, &vip.to_string(), |s| s.ok == 20);
-    let out = lab.meshd_ok(&["get", "services", "-o", "json", "--context", "lab-c1"]);
-    let doc: Value = serde_json::from_str(&out).unwrap();
-    let backend: std::net::IpAddr = doc["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["metadata"]["name"] == "one")
-        .and_then(|s| s["status"]["backends"][0]["ip"].as_str())
-        .unwrap()
-        .parse()
-        .unwrap();
-    // The direct connections come from a second client on the same node: after DNAT a VIP
-    // connection and a direct one from the same client may share a 4-tuple at the backend
-    // (the client's kernel picks their source ports independently), and the backend's
-    // TIME_WAIT handling of such collisions would be measured instead of the datapath.
+    // The direct target is a twin backend on the same node (its own echo server, not in the
+    // service), so neither side waits for the other's server. The direct connections come
+    // from a second client on the client's node: after DNAT, a VIP connection and a direct one
+    // from one client could share a 4-tuple at a backend (the client's kernel picks their
+    // source ports independently), and TIME_WAIT collisions would be measured, not the
+    // datapath.
+    let twin = lab.add_backend("c1", "n2", "two-c1", "app=two");
+    let backend: std::net::IpAddr = twin["ip"].as_str().unwrap().parse().unwrap();
+    let direct_client = lab.add_endpoint("c1", "n1", "cr-direct", "app=client");
     let vip_netns = endpoint_netns(&lab, client);
-    let direct_netns = PathBuf::from(lab.add_endpoint("c1", "n1", "cr-direct", "app=client"));
+    let direct_netns = PathBuf::from(direct_client["netns"].as_str().unwrap());
     let (vip_addr, direct_addr) = (
         std::net::SocketAddr::new(vip, 80),
         std::net::SocketAddr::new(backend, 8080),
