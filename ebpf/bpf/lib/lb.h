@@ -4,6 +4,13 @@
  * backend, kept in a MESHD_CT_F_SERVICE conntrack entry keyed by the frontend tuple; its packets
  * are DNATed to that backend, and its replies get the frontend back as their source (reverse
  * NAT) from the reply's CT entry.
+ *
+ * Known gaps: the translation happens per packet below the client's socket, so the client's
+ * kernel does not know its VIP connection is to the backend's address: a client connecting to
+ * both the VIP and a backend directly may pick the same source port for both, and after DNAT the
+ * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing). A client
+ * that is chosen as its own backend (hairpin) gets no answer (needs SNAT). ICMP errors about a
+ * service connection are not translated back.
  */
 #ifndef MESHD_LB_H
 #define MESHD_LB_H
