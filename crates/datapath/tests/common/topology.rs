@@ -254,11 +254,15 @@ pub fn tcp_echo(
 ) -> anyhow::Result<()> {
     let port = listener.local_addr()?.port();
     let listener = listener.try_clone()?;
+    let len = msg.len();
+    // The server reads the whole message before echoing and closing: closing a socket with
+    // unread data makes the kernel answer with RST, which a single read() of a multi-segment
+    // message would provoke (seen as "connection reset" on a loaded machine).
     let server = std::thread::spawn(move || -> anyhow::Result<()> {
         let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; 65536];
-        let n = s.read(&mut buf)?;
-        s.write_all(&buf[..n])?;
+        let mut buf = vec![0u8; len];
+        s.read_exact(&mut buf)?;
+        s.write_all(&buf)?;
         Ok(())
     });
     let mut client = tcp_connect(from, to, port, Duration::from_secs(5))?;
