@@ -19,18 +19,10 @@ use meshd_state::ClusterName;
 use serde::{Deserialize, Serialize};
 
 pub const SERVICES_CONFIG_PREFIX: &str = "meshd/config/services/v1/";
-pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";
+pub use meshd_state::keys::POLICIES_PREFIX;
 pub const SERVICE_IPS_PREFIX: &str = "meshd/config/service-ips/v1/";
 pub const LEADER_PREFIX: &str = "meshd/leader/clustermesh-apiserver/";
-/// The agents' label-set index of identities (`meshd/src/agent/identity.rs`): key
-/// `<prefix><cluster>/<labels as k=v,k=v>`, value the identity number. Identity GC deletes
-/// an identity's index entry with it, or a later allocation could hand the same number to
-/// another label set while the stale index still maps the old one to it.
-pub const IDENTITY_INDEX_PREFIX: &str = "meshd/state/identity-labels/v1/";
-
-pub fn identity_index_key(cluster: &ClusterName, labels: &meshd_state::Labels) -> String {
-    format!("{IDENTITY_INDEX_PREFIX}{cluster}/{labels}")
-}
+pub use meshd_state::keys::identity_index_key;
 
 pub fn kind_prefix(kind: Kind) -> &'static str {
     match kind {

@@ -31,6 +31,19 @@ pub const SERVICES_PREFIX: &str = "meshd/state/services/v1/";
 pub const SYNCED_PREFIX: &str = "meshd/synced/";
 /// What remote clusters may read (together with `meshd/synced/`).
 pub const STATE_PREFIX: &str = "meshd/state/";
+/// NetworkPolicy manifests of the local cluster (written by the apiserver, read by its agents;
+/// not readable by remote clusters).
+pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";
+/// The label-set index of identities: `<prefix><cluster>/<labels as k=v,k=v>` -> the number.
+/// Agents allocate through it (two nodes with one label set get one number); identity GC in
+/// the apiserver deletes an identity's index entry with it, or a later allocation could hand
+/// the same number to another label set while the stale index still maps the old one to it.
+pub const IDENTITY_INDEX_PREFIX: &str = "meshd/state/identity-labels/v1/";
+
+/// Index key of `labels` in `cluster` (labels render sorted, so the key is canonical).
+pub fn identity_index_key(cluster: &crate::ClusterName, labels: &crate::Labels) -> String {
+    format!("{IDENTITY_INDEX_PREFIX}{cluster}/{labels}")
+}
 
 /// A key type of the schema.
 pub trait ResourceKey:

@@ -19,9 +19,6 @@ use meshd_state::{
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
-/// Where the label-set index lives.
-pub const INDEX_PREFIX: &str = "meshd/state/identity-labels/v1/";
-
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("identity of {labels} in cluster {cluster}: etcd {op} {key}: {source}")]
@@ -56,7 +53,7 @@ pub enum IdentityError {
 /// The index key of a label set. Labels render canonically (sorted, `k=v,k=v`), so equal sets
 /// have equal keys.
 pub fn index_key(cluster: &ClusterName, labels: &Labels) -> String {
-    format!("{INDEX_PREFIX}{cluster}/{labels}")
+    meshd_state::keys::identity_index_key(cluster, labels)
 }
 
 /// The lowest local id not in `used`.

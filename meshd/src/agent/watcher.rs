@@ -36,7 +36,7 @@ pub enum ViewInput {
 }
 
 /// Where policies of the local cluster live (written by the apiserver, JSON manifests).
-pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";
+pub use meshd_state::keys::POLICIES_PREFIX;
 
 /// Connection state of one cluster's etcd, for status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
