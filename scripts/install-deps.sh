@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing meshd needs, only when missing (idempotent).
-# Debian packages: clang/llvm (eBPF objects), libbpf-dev (bpf_helpers.h), protobuf-compiler (gRPC),
-# etcd-server/etcd-client (the real etcd 3.4 every test runs against), iproute2 (netns, veth, VXLAN),
-# iperf3 (benchmarks), bpftool (inspection), openssl (TLS tests against a TLS-1.2-only server).
+# Debian packages: clang/llvm (eBPF objects), libbpf-dev (bpf_helpers.h), protobuf-compiler and
+# libprotobuf-dev (gRPC), etcd-server/etcd-client (the real etcd 3.4 every test runs against),
+# iproute2 (netns, veth, VXLAN), iperf3 (benchmarks), bpftool (inspection), openssl (TLS tests
+# against a TLS-1.2-only server).
 set -euo pipefail
 
 need=()
@@ -11,6 +12,9 @@ have clang || need+=(clang)
 have llc || need+=(llvm)
 [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 have protoc || need+=(protobuf-compiler)
+# The well-known types (google/protobuf/descriptor.proto, struct.proto) that etcd-client's
+# protos import; protoc alone does not ship them and --no-install-recommends skips them.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 have etcd || need+=(etcd-server)
 have etcdctl || need+=(etcd-client)
 have ip || need+=(iproute2)
