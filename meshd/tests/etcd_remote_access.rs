@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bootstrapped_etcd, connect, files, have_etcd, Mesh};
+use common::{bootstrapped_etcd, connect, files, Mesh};
 use etcd_client::{GetOptions, WatchOptions};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -57,7 +57,7 @@ async fn next_put(stream: &mut etcd_client::WatchStream, key: &str) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn remote_lists_and_watches_shared_state_and_nothing_else() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let mesh = Mesh::new();
@@ -189,7 +189,7 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn other_ca_and_plaintext_clients_are_refused() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let mesh = Mesh::new();
@@ -312,7 +312,7 @@ async fn other_ca_and_plaintext_clients_are_refused() {
 /// new files were used; the old connection's watch keeps delivering events.
 #[tokio::test(flavor = "current_thread")]
 async fn rotation_under_a_running_watcher() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let mesh = Mesh::new();
@@ -427,7 +427,7 @@ async fn rotation_under_a_running_watcher() {
 /// run, and --dry-run only reports.
 #[tokio::test(flavor = "current_thread")]
 async fn bootstrap_repairs_a_widened_remote_role() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let mesh = Mesh::new();

@@ -51,7 +51,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apply_get_delete_through_a_context() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let mesh = Mesh::new();

@@ -104,12 +104,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// The `meshd` binary next to this test executable (target/<profile>/meshd): `make test`
 /// (`cargo test --workspace`) builds it before running tests.
 pub fn meshd_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test executable has no target/<profile> directory")?;
-    let bin = profile_dir.join("meshd");
+    let bin = meshd_testing::workspace_bin("meshd");
     if !bin.is_file() {
         bail!(
             "{} not found: build it first (`cargo build -p meshd`, or run `make test`)",
@@ -121,17 +116,11 @@ pub fn meshd_binary() -> anyhow::Result<PathBuf> {
 
 /// Checks what an end-to-end test needs; false (after printing why) when it cannot run here.
 pub fn prerequisites() -> bool {
-    meshd_testing::require("root", meshd_testing::is_root())
-        && meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd"))
+    meshd_testing::require_root()
+        && meshd_testing::require_etcd()
         && meshd_testing::require("nsenter on PATH", meshd_testing::have_binary("nsenter"))
-        && meshd_testing::require(
-            "bpffs at /sys/fs/bpf",
-            meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")),
-        )
-        && meshd_testing::require(
-            "the meshd binary (cargo build -p meshd)",
-            meshd_binary().is_ok(),
-        )
+        && meshd_testing::require_bpffs()
+        && meshd_testing::require_workspace_bins(&["meshd"])
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {

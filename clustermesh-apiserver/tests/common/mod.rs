@@ -53,7 +53,7 @@ impl Certs {
 
 /// A real etcd, plaintext or with TLS and client-certificate auth (as in production).
 pub fn etcd(certs: Option<&Certs>) -> Option<Etcd> {
-    if !meshd_testing::require("etcd binary", meshd_testing::have_binary("etcd")) {
+    if !meshd_testing::require_etcd() {
         return None;
     }
     let opts = match certs {

@@ -8,13 +8,6 @@ use meshd_certs::TlsFiles;
 use meshd_kvstore::{connect, Backend, EtcdConfig};
 use meshd_testing::etcd::{Etcd, EtcdOptions, EtcdTls};
 
-fn have_etcd() -> bool {
-    meshd_testing::require(
-        "etcd and etcdctl on PATH",
-        meshd_testing::have_binary("etcd") && meshd_testing::have_binary("etcdctl"),
-    )
-}
-
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .current_dir(dir)
@@ -116,7 +109,7 @@ fn quick(config: EtcdConfig) -> EtcdConfig {
 
 #[tokio::test]
 async fn plaintext_connect_put_and_read() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let etcd = Etcd::start().unwrap();
@@ -146,7 +139,7 @@ async fn connect_fails_with_the_endpoint_named_when_nothing_listens() {
 
 #[tokio::test]
 async fn second_endpoint_is_used_when_the_first_is_down() {
-    if !have_etcd() {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let etcd = Etcd::start().unwrap();
@@ -162,7 +155,7 @@ async fn second_endpoint_is_used_when_the_first_is_down() {
 
 #[tokio::test]
 async fn mtls_rereads_rotated_files_on_reconnect() {
-    if !have_etcd()
+    if !meshd_testing::require_etcd()
         || !meshd_testing::require("openssl on PATH", meshd_testing::have_binary("openssl"))
     {
         return;
@@ -249,7 +242,7 @@ async fn mtls_rereads_rotated_files_on_reconnect() {
 
 #[tokio::test]
 async fn server_certificate_must_name_the_endpoint() {
-    if !have_etcd()
+    if !meshd_testing::require_etcd()
         || !meshd_testing::require("openssl on PATH", meshd_testing::have_binary("openssl"))
     {
         return;

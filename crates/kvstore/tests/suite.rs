@@ -599,8 +599,7 @@ async fn publisher_refuses_records_of_another_cluster() {
 /// what only the old one had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_replaced_by_another_cluster_relists_and_sweeps() {
-    let have = meshd_testing::have_binary("etcd") && meshd_testing::have_binary("etcdctl");
-    if !meshd_testing::require("etcd and etcdctl on PATH", have) {
+    if !meshd_testing::require_etcd() {
         return;
     }
     let old = tokio::task::block_in_place(meshd_testing::etcd::Etcd::start).unwrap();

@@ -2,33 +2,19 @@
 //! status -o json`, `meshd lab down`, and nothing left behind. Uses its own prefix, underlay and
 //! run dir, so it runs beside a user's `make lab`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-fn bin_dir() -> PathBuf {
-    // target/<profile>/deps/lab-<hash> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_owned()
-}
-
 fn prerequisites() -> bool {
-    let bins = bin_dir();
-    let built = bins.join("meshd").is_file() && bins.join("clustermesh-apiserver").is_file();
-    meshd_testing::require("root", meshd_testing::is_root())
-        && meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd"))
-        && meshd_testing::require(
-            "meshd and clustermesh-apiserver built next to the tests (cargo build --workspace --bins)",
-            built,
-        )
-        && meshd_testing::require(
-            "bpffs at /sys/fs/bpf",
-            meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")),
-        )
+    meshd_testing::require_root()
+        && meshd_testing::require_etcd()
+        && meshd_testing::require_bpffs()
+        && meshd_testing::require_workspace_bins(&["meshd", "clustermesh-apiserver"])
 }
 
 fn meshd(args: &[&str]) -> std::process::Output {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    Command::new(bin_dir().join("meshd"))
+    Command::new(meshd_testing::workspace_bin("meshd"))
         .args(args)
         .current_dir(repo)
         .output()

@@ -13,29 +13,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn bin_dir() -> PathBuf {
-    // target/<profile>/deps/services-<hash> -> target/<profile>
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_owned()
-}
-
 fn meshd_bin() -> PathBuf {
-    bin_dir().join("meshd")
+    meshd_testing::workspace_bin("meshd")
 }
 
 fn prerequisites() -> bool {
-    let bins = bin_dir();
-    let built = bins.join("meshd").is_file() && bins.join("clustermesh-apiserver").is_file();
-    meshd_testing::require("root", meshd_testing::is_root())
-        && meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd"))
-        && meshd_testing::require(
-            "meshd and clustermesh-apiserver built next to the tests (cargo build --workspace --bins)",
-            built,
-        )
-        && meshd_testing::require(
-            "bpffs at /sys/fs/bpf",
-            meshd_datapath::bpffs::is_bpffs(Path::new("/sys/fs/bpf")),
-        )
+    meshd_testing::require_root()
+        && meshd_testing::require_etcd()
+        && meshd_testing::require_bpffs()
+        && meshd_testing::require_workspace_bins(&["meshd", "clustermesh-apiserver"])
 }
 
 /// A running lab; taken down on drop, with the extra endpoints and workloads a test added.

@@ -348,16 +348,9 @@ fn tail(s: &str, lines: usize) -> String {
 mod tests {
     use super::*;
 
-    fn have_etcd() -> bool {
-        crate::require(
-            "etcd and etcdctl on PATH",
-            crate::have_binary("etcd") && crate::have_binary("etcdctl"),
-        )
-    }
-
     #[test]
     fn starts_restarts_and_compacts() {
-        if !have_etcd() {
+        if !crate::require_etcd() {
             return;
         }
         let mut etcd = Etcd::start().unwrap();
@@ -379,7 +372,7 @@ mod tests {
 
     #[test]
     fn stop_makes_it_unreachable() {
-        if !have_etcd() {
+        if !crate::require_etcd() {
             return;
         }
         let mut etcd = Etcd::start().unwrap();

@@ -22,6 +22,64 @@ pub fn require(what: &str, available: bool) -> bool {
     false
 }
 
+/// etcd and etcdctl on PATH: every test against a real etcd server.
+pub fn require_etcd() -> bool {
+    require(
+        "etcd and etcdctl on PATH (apt install etcd-server etcd-client)",
+        have_binary("etcd") && have_binary("etcdctl"),
+    )
+}
+
+/// Root: network namespaces, eBPF programs and bpffs pins.
+pub fn require_root() -> bool {
+    require("root (namespaces, eBPF, bpffs)", is_root())
+}
+
+/// A bpffs mounted at /sys/fs/bpf, where the datapath pins its maps.
+pub fn require_bpffs() -> bool {
+    require(
+        "bpffs at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)",
+        is_mounted("/sys/fs/bpf", "bpf"),
+    )
+}
+
+/// Workspace binaries (`meshd`, `clustermesh-apiserver`) built next to the test executable,
+/// which end-to-end tests run the way a user does.
+pub fn require_workspace_bins(names: &[&str]) -> bool {
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| !workspace_bin(name).is_file())
+        .collect();
+    require(
+        &format!(
+            "{} built next to the tests (cargo build --workspace --bins, or make test)",
+            missing.join(" and ")
+        ),
+        missing.is_empty(),
+    )
+}
+
+/// Where cargo puts the workspace binary `name` of the profile this test was built with: the
+/// test runs as target/<profile>/deps/<test>-<hash>, the binaries sit in target/<profile>.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("locating the test executable");
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test executable lives in target/<profile>/deps")
+        .join(name)
+}
+
+/// True when /proc/self/mounts lists a filesystem of type `fstype` mounted at `mount_point`.
+fn is_mounted(mount_point: &str, fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next() == Some(mount_point) && fields.next() == Some(fstype)
+        })
+    })
+}
+
 /// True when running as root (needed for namespaces, eBPF and bpffs).
 pub fn is_root() -> bool {
     // Read from /proc rather than calling geteuid(): no libc dependency for one number.

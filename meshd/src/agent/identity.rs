@@ -201,7 +201,7 @@ mod tests {
     /// collected identity key comes back with the same number.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_nodes_agree_on_numbers() {
-        if !meshd_testing::require("etcd on PATH", meshd_testing::have_binary("etcd")) {
+        if !meshd_testing::require_etcd() {
             return;
         }
         let etcd = meshd_testing::etcd::Etcd::start().unwrap();

@@ -492,12 +492,7 @@ mod tests {
     /// left alone until the endpoint manager has spoken (generation > 0).
     #[test]
     fn start_up_reconciliation_against_pinned_maps() {
-        if !meshd_testing::require("root", meshd_testing::is_root())
-            || !meshd_testing::require(
-                "bpffs at /sys/fs/bpf",
-                meshd_datapath::bpffs::is_bpffs(std::path::Path::new("/sys/fs/bpf")),
-            )
-        {
+        if !(meshd_testing::require_root() && meshd_testing::require_bpffs()) {
             return;
         }
         let pin = meshd_datapath::bpffs::ScratchPinDir::new(

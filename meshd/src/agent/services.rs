@@ -156,12 +156,7 @@ mod tests {
     /// small diff, and IPv6 frontends are left out.
     #[test]
     fn service_maps_follow_the_desired_state() {
-        if !meshd_testing::require("root", meshd_testing::is_root())
-            || !meshd_testing::require(
-                "bpffs at /sys/fs/bpf",
-                meshd_datapath::bpffs::is_bpffs(std::path::Path::new("/sys/fs/bpf")),
-            )
-        {
+        if !(meshd_testing::require_root() && meshd_testing::require_bpffs()) {
             return;
         }
         let pin = meshd_datapath::bpffs::ScratchPinDir::new(

@@ -112,13 +112,6 @@ impl Mesh {
     }
 }
 
-pub fn have_etcd() -> bool {
-    meshd_testing::require(
-        "etcd and etcdctl on PATH",
-        meshd_testing::have_binary("etcd") && meshd_testing::have_binary("etcdctl"),
-    )
-}
-
 /// etcd with TLS and `--client-cert-auth` against the mesh CA, bootstrapped with
 /// `meshd etcd bootstrap`. etcdctl of the harness uses the admin (root) certificate.
 pub fn bootstrapped_etcd(mesh: &Mesh, cluster_dir: &Path) -> Etcd {

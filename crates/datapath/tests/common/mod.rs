@@ -21,7 +21,7 @@ pub const SKB_SIZE: usize = 192;
 
 /// Checks the prerequisites of datapath tests (root and bpffs); false = skip.
 pub fn can_run() -> bool {
-    meshd_testing::require("root (eBPF and bpffs)", meshd_testing::is_root())
+    meshd_testing::require_root() && meshd_testing::require_bpffs()
 }
 
 /// A datapath loaded (with test-run probes) into its own scratch pin directory.

@@ -95,8 +95,7 @@ fn etcd_config(endpoint: String) -> EtcdConfig {
 impl Fixture for EtcdFixture {
     type B = EtcdStore;
     async fn new() -> Option<Self> {
-        let have = meshd_testing::have_binary("etcd") && meshd_testing::have_binary("etcdctl");
-        if !meshd_testing::require("etcd and etcdctl on PATH", have) {
+        if !meshd_testing::require_etcd() {
             return None;
         }
         let etcd = tokio::task::block_in_place(Etcd::start).expect("starting etcd");
