@@ -50,7 +50,12 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	if (ret < 0)
 		return ret;
 
-	struct endpoint_key dkey = {.addr = ctx->daddr};
+	/* Hairpin (lb.h): the SNATed request goes to the client itself, and a reply to the service
+	 * loopback address goes back to its sender. Either way source and destination are one
+	 * endpoint, which policy does not stand between. */
+	int hairpin = is_service_loopback(ctx->saddr);
+	int hairpin_reply = is_service_loopback(ctx->daddr);
+	struct endpoint_key dkey = {.addr = hairpin_reply ? ctx->saddr : ctx->daddr};
 	struct endpoint_value *dst = bpf_map_lookup_elem(&ENDPOINTS, &dkey);
 	struct ipcache_value *remote = 0;
 	if (dst) {
@@ -78,14 +83,18 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ret = lb_reverse(skb, ctx, l3_off, entry);
 		if (ret < 0)
 			return ret;
+	} else if (hairpin_reply) {
+		/* To the loopback address but no hairpin connection of this sender's: nobody to
+		 * deliver it to. */
+		return MESHD_DROP_UNKNOWN_DEST;
 	}
 	/* Replies and related errors ride on their connection's verdict; the first direction is
 	 * re-checked once after every policy change, so a change cuts established connections too. */
 	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {
-		ret = policy_check(src_identity, ctx->dst_identity, ctx, MESHD_DIR_EGRESS);
+		ret = hairpin ? 0 : policy_check(src_identity, ctx->dst_identity, ctx, MESHD_DIR_EGRESS);
 		if (ret < 0)
 			return ret;
-		if (dst) {
+		if (dst && !hairpin) {
 			ctx->direction = MESHD_DIR_INGRESS;
 			ret = policy_check(ctx->dst_identity, src_identity, ctx, MESHD_DIR_INGRESS);
 			if (ret < 0)

@@ -18,6 +18,10 @@ pub fn ip_from_be(raw: u32) -> Ipv4Addr {
     Ipv4Addr::from(raw.to_ne_bytes())
 }
 
+/// `MESHD_SERVICE_LOOPBACK_ADDR`: the source address of hairpin service connections (a client
+/// load-balanced to itself), as the client's backend side sees them.
+pub const SERVICE_LOOPBACK_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
 // enum meshd_limits
 pub const IPCACHE_MAX: u32 = 512_000;
 pub const IPCACHE_HOSTS_MAX: u32 = 512_000;

@@ -119,3 +119,21 @@ fn reason_codes_have_names_and_distinct_metric_slots() {
         }
     }
 }
+
+/// The one `#define` the Rust side mirrors (BTF keeps no macros): read from the header itself.
+#[test]
+fn service_loopback_address_matches_the_header() {
+    let header = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/bpf/include/meshd_abi.h"
+    ))
+    .unwrap();
+    let value = header
+        .lines()
+        .find_map(|l| l.strip_prefix("#define MESHD_SERVICE_LOOPBACK_ADDR "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|hex| hex.strip_prefix("0x"))
+        .map(|hex| u32::from_str_radix(hex, 16).unwrap())
+        .expect("#define MESHD_SERVICE_LOOPBACK_ADDR 0x... in meshd_abi.h");
+    assert_eq!(std::net::Ipv4Addr::from(value), abi::SERVICE_LOOPBACK_ADDR);
+}

@@ -1,5 +1,6 @@
 //! Service load-balancing with real kernels and sockets: TCP and UDP (a fragmented datagram
-//! too) through a VIP to a backend on the client's node and on another node. The client's
+//! too) through a VIP to a backend on the client's node, on another node, and to the client
+//! itself (hairpin). The client's
 //! socket talks to the VIP only, so every answer it accepts proves the reverse NAT (and the
 //! checksums, which the real stacks verify, unlike BPF_PROG_RUN).
 
@@ -37,14 +38,28 @@ fn point(topo: &mut Topology, port: u16, proto: u8, backend: Ipv4Addr, backend_p
     maps.upsert_service(frontend, 1).unwrap();
 }
 
+/// The address a backend sees a client connect from: its own, but for a client that is its own
+/// backend (hairpin), which is SNATed to the service loopback address.
+fn seen_from(from: &TestEndpoint, backend: &TestEndpoint) -> Ipv4Addr {
+    if from.ip == backend.ip {
+        meshd_ebpf::abi::SERVICE_LOOPBACK_ADDR
+    } else {
+        from.ip
+    }
+}
+
 /// One TCP exchange from `from` to VIP:`port`; the backend (listening on `backend`) sees the
-/// client's own address, the client sees the VIP.
+/// client's own address (see `seen_from`), the client sees the VIP.
 fn tcp_via_vip(from: &TestEndpoint, backend: &TestEndpoint, port: u16, backend_port: u16) {
     let listener = tcp_listen(backend, backend_port).unwrap();
-    let client_ip = from.ip;
+    let client_ip = seen_from(from, backend);
     let server = std::thread::spawn(move || {
         let (mut s, peer) = listener.accept().unwrap();
-        assert_eq!(peer.ip(), std::net::IpAddr::V4(client_ip), "no SNAT");
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(client_ip),
+            "the client's address"
+        );
         let mut buf = vec![0u8; 65536];
         let mut total = 0;
         while total < 30000 {
@@ -98,7 +113,11 @@ fn udp_via_vip(
         let Ok((n, peer)) = server.recv_from(&mut buf) else {
             continue;
         };
-        assert_eq!(peer.ip(), std::net::IpAddr::V4(from.ip), "no SNAT");
+        assert_eq!(
+            peer.ip(),
+            std::net::IpAddr::V4(seen_from(from, backend)),
+            "the client's address"
+        );
         assert_eq!(&buf[..n], &msg[..], "datagram intact after DNAT");
         server.send_to(&buf[..n], peer).unwrap();
         if let Ok((m, answered_by)) = client.recv_from(&mut buf) {
@@ -125,6 +144,10 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     point(&mut topo, 81, TCP, a1_ip, 8081);
     point(&mut topo, 53, UDP, b0_ip, 5353);
     point(&mut topo, 54, UDP, a1_ip, 5354);
+    // Hairpin: a0 is the only backend of these.
+    let a0_ip = topo.ep(0, 0).ip;
+    point(&mut topo, 82, TCP, a0_ip, 8082);
+    point(&mut topo, 55, UDP, a0_ip, 5355);
     let (a0, a1, b0) = (topo.ep(0, 0), topo.ep(0, 1), topo.ep(1, 0));
 
     tcp_via_vip(a0, b0, 80, 8080);
@@ -135,6 +158,8 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     // follow the first one's backend.
     udp_via_vip(a0, b0, 53, 5353, 4000);
     udp_via_vip(a0, a1, 54, 5354, 4000);
+    tcp_via_vip(a0, a0, 82, 8082);
+    udp_via_vip(a0, a0, 55, 5355, 64);
 
     for node in &topo.nodes {
         for c in node.maps.counters().unwrap() {

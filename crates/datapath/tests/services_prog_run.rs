@@ -211,6 +211,80 @@ fn a_connection_to_a_frontend_is_dnated_to_a_local_backend_with_valid_checksums(
     assert_eq!(counter(&dp, Direction::Egress, abi::FWD_LOCAL), 2);
 }
 
+/// Hairpin: the client is the frontend's only backend. The request comes back to it from the
+/// service loopback address (its own address as source would be a martian to its kernel), and
+/// the reply to that address goes back to it from the frontend. Policy does not stand between
+/// an endpoint and itself; it still holds for another endpoint of the same identity.
+#[test]
+fn a_client_load_balanced_to_itself_talks_through_the_service_loopback_address() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(TCP), &[(B, 1)]);
+    // WEB admits nothing: not even WEB.
+    dp.maps
+        .set_policy_enabled(WEB, Direction::Ingress, true)
+        .unwrap();
+    let lo = abi::SERVICE_LOOPBACK_ADDR;
+
+    let syn = tcp(B, 41000, VIP, 80, 0x02);
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &syn, B_IF, [0; 5]);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "hairpin past WEB's ingress policy"
+    );
+    assert_eq!((daddr(&out), dport(&out)), (B, 8080), "DNAT to itself");
+    assert_eq!(
+        (saddr(&out), sport(&out)),
+        (lo, 41000),
+        "SNAT to the loopback address"
+    );
+    assert_eq!(&out[0..6], &mac(3), "back to the client's MAC");
+    assert_checksums_valid(&out, "after DNAT and SNAT");
+
+    let synack = tcp(B, 8080, lo, 41000, 0x12);
+    let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &synack, B_IF, [0; 5]);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        (saddr(&out), sport(&out)),
+        (VIP, 80),
+        "source back to the frontend"
+    );
+    assert_eq!(
+        (daddr(&out), dport(&out)),
+        (B, 41000),
+        "destination back to the client"
+    );
+    assert_eq!(&out[0..6], &mac(3));
+    assert_checksums_valid(&out, "after reverse NAT");
+
+    // The connection goes on the same way.
+    let (_, out, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(B, 41000, VIP, 80, 0x10),
+        B_IF,
+        [0; 5],
+    );
+    assert_eq!((saddr(&out), daddr(&out)), (lo, B));
+
+    // A packet to the loopback address that belongs to no hairpin connection goes nowhere.
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(B, 8080, lo, 42000, 0x12),
+        B_IF,
+        [0; 5],
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST) > 0);
+
+    // Another WEB endpoint to B through the frontend: policy applies.
+    let (verdict, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &tcp(C, 41001, VIP, 80, 0x02),
+        C_IF,
+        [0; 5],
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "WEB admits no WEB but itself");
+}
+
 #[test]
 fn a_connection_keeps_its_backend_and_new_ones_spread() {
     let Some(mut dp) = setup() else { return };

@@ -266,7 +266,17 @@ struct drop_event {
  * from-endpoint (backend on the same node), keyed by the reply's CT entry (MESHD_CT_F_REV_NAT).
  * The agent writes a frontend's slots 0..count-1 before raising count and lowers count before
  * deleting slots, so a packet never picks a slot that is not there.
+ *
+ * Hairpin: a client chosen as its own backend gets the packet back with its own address as
+ * destination; with its own address as source too, its kernel would drop it as a martian. Such
+ * a packet's source becomes MESHD_SERVICE_LOOPBACK_ADDR instead, and from-endpoint returns
+ * the replies to that address to their sender (destination back to the client, source back to
+ * the frontend). Link-local, so no endpoint has it and it is never routed off the node. Policy
+ * is not checked on hairpin connections: an endpoint reaching itself crosses no boundary, as
+ * it would not over its own loopback.
  */
+#define MESHD_SERVICE_LOOPBACK_ADDR 0xa9fe2a01 /* 169.254.42.1, host byte order */
+
 struct service_key {
 	__u32 addr;  /* frontend IP (VIP), network byte order */
 	__u16 port;  /* network byte order */

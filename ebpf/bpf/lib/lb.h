@@ -8,9 +8,11 @@
  * Known gaps: the translation happens per packet below the client's socket, so the client's
  * kernel does not know its VIP connection is to the backend's address: a client connecting to
  * both the VIP and a backend directly may pick the same source port for both, and after DNAT the
- * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing). A client
- * that is chosen as its own backend (hairpin) gets no answer (needs SNAT). ICMP errors about a
- * service connection are not translated back.
+ * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing). ICMP
+ * errors about a service connection are not translated back.
+ *
+ * A client chosen as its own backend (hairpin) is also SNATed, to MESHD_SERVICE_LOOPBACK_ADDR
+ * (see meshd_abi.h); lb_reverse undoes both translations on the replies.
  */
 #ifndef MESHD_LB_H
 #define MESHD_LB_H
@@ -26,6 +28,14 @@
 /* Ports sit at the same offsets in TCP and UDP headers. */
 #define L4_SPORT_OFF 0
 #define L4_DPORT_OFF 2
+
+#define SERVICE_LOOPBACK bpf_htonl(MESHD_SERVICE_LOOPBACK_ADDR)
+
+/* The source of a hairpin connection's packets after SNAT, the destination of its replies. */
+static __always_inline int is_service_loopback(__u32 addr)
+{
+	return addr == SERVICE_LOOPBACK;
+}
 
 /*
  * Rewrites the address at l3_off + addr_off from old_addr to new_addr and, when the L4 header is
@@ -126,19 +136,39 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *c
 	ctx->svc_port = ctx->dport;
 	ctx->daddr = backend_addr;
 	ctx->dport = backend_port;
+
+	/* Hairpin: the client is its own backend (see meshd_abi.h). The port stays: the client's
+	 * kernel made (address, port) unique among its connections, and the loopback address
+	 * stands for this one client only. */
+	if (backend_addr == ctx->saddr) {
+		ret = nat_rewrite(skb, ctx, l3_off, IP_SADDR_OFF, ctx->saddr, SERVICE_LOOPBACK, L4_SPORT_OFF,
+				  ctx->sport, ctx->sport);
+		if (ret < 0)
+			return ret;
+		ctx->saddr = SERVICE_LOOPBACK;
+	}
 	return 0;
 }
 
 /* A reply of a service connection (its CT entry has MESHD_CT_F_REV_NAT): the source goes back
- * from the backend to the frontend the client connected to. */
+ * from the backend to the frontend the client connected to, and a hairpin reply's destination
+ * from the service loopback address to the client, which is its sender. */
 static __always_inline int lb_reverse(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off,
 				      const struct ct_value *entry)
 {
 	if (!entry || !(entry->flags & MESHD_CT_F_REV_NAT))
 		return 0;
+	int ret;
+	if (is_service_loopback(ctx->daddr)) {
+		ret = nat_rewrite(skb, ctx, l3_off, IP_DADDR_OFF, ctx->daddr, ctx->saddr, L4_DPORT_OFF, ctx->dport,
+				  ctx->dport);
+		if (ret < 0)
+			return ret;
+		ctx->daddr = ctx->saddr;
+	}
 	__u32 addr = entry->nat_addr;
 	__u16 port = entry->nat_port;
-	int ret = nat_rewrite(skb, ctx, l3_off, IP_SADDR_OFF, ctx->saddr, addr, L4_SPORT_OFF, ctx->sport, port);
+	ret = nat_rewrite(skb, ctx, l3_off, IP_SADDR_OFF, ctx->saddr, addr, L4_SPORT_OFF, ctx->sport, port);
 	if (ret < 0)
 		return ret;
 	ctx->saddr = addr;
