@@ -83,6 +83,10 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ret = lb_reverse(skb, ctx, l3_off, entry);
 		if (ret < 0)
 			return ret;
+	} else if (ct == CT_RELATED && !hairpin_reply) {
+		ret = lb_reverse_icmp(skb, ctx, l3_off, entry);
+		if (ret < 0)
+			return ret;
 	} else if (hairpin_reply) {
 		/* To the loopback address but no hairpin connection of this sender's: nobody to
 		 * deliver it to. */

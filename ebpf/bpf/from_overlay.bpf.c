@@ -63,6 +63,10 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 		ret = lb_reverse(skb, ctx, l3_off, entry);
 		if (ret < 0)
 			return ret;
+	} else if (ct == CT_RELATED) {
+		ret = lb_reverse_icmp(skb, ctx, l3_off, entry);
+		if (ret < 0)
+			return ret;
 	}
 
 	ret = rewrite_macs(skb, dst);

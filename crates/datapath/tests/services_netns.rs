@@ -1,6 +1,6 @@
 //! Service load-balancing with real kernels and sockets: TCP and UDP (a fragmented datagram
 //! too) through a VIP to a backend on the client's node, on another node, and to the client
-//! itself (hairpin). The client's
+//! itself (hairpin); and a backend's "port unreachable" reaching the client's socket. The client's
 //! socket talks to the VIP only, so every answer it accepts proves the reverse NAT (and the
 //! checksums, which the real stacks verify, unlike BPF_PROG_RUN).
 
@@ -133,6 +133,31 @@ fn udp_via_vip(
     panic!("no UDP answer through {VIP}:{port} ({size} bytes)");
 }
 
+/// A datagram to VIP:`port` whose backend listens on nothing: the backend's port unreachable,
+/// translated back to name the frontend, reaches the client's connected socket as
+/// ECONNREFUSED (untranslated, it names a socket the client does not have, and the client
+/// waits).
+fn udp_refused_via_vip(from: &TestEndpoint, port: u16) {
+    let client = in_ep(from, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect((VIP, port))?;
+        Ok(s)
+    })
+    .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let refused = |r: std::io::Result<usize>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+    let mut buf = [0u8; 64];
+    for _ in 0..10 {
+        // A refusal still pending from the previous round surfaces on send.
+        if refused(client.send(b"anyone?")) || refused(client.recv(&mut buf)) {
+            return;
+        }
+    }
+    panic!("no ECONNREFUSED through {VIP}:{port}");
+}
+
 #[test]
 fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     if !can_run() {
@@ -148,6 +173,9 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     let a0_ip = topo.ep(0, 0).ip;
     point(&mut topo, 82, TCP, a0_ip, 8082);
     point(&mut topo, 55, UDP, a0_ip, 5355);
+    // Nothing listens on these backend ports.
+    point(&mut topo, 56, UDP, b0_ip, 5356);
+    point(&mut topo, 57, UDP, a1_ip, 5357);
     let (a0, a1, b0) = (topo.ep(0, 0), topo.ep(0, 1), topo.ep(1, 0));
 
     tcp_via_vip(a0, b0, 80, 8080);
@@ -160,6 +188,8 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     udp_via_vip(a0, a1, 54, 5354, 4000);
     tcp_via_vip(a0, a0, 82, 8082);
     udp_via_vip(a0, a0, 55, 5355, 64);
+    udp_refused_via_vip(a0, 56);
+    udp_refused_via_vip(a0, 57);
 
     for node in &topo.nodes {
         for c in node.maps.counters().unwrap() {

@@ -372,6 +372,115 @@ fn a_connection_keeps_its_backend_and_new_ones_spread() {
     assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
 }
 
+/// The ICMP checksum (no pseudo-header) over everything after the outer IP header, with the
+/// field as it is: 0xffff when right.
+fn icmp_sum(frame: &[u8]) -> u16 {
+    let ip = &frame[ETH..];
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    fold(sum16(&ip[20..total], 0))
+}
+
+fn with_icmp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let off = ETH + 20 + 2;
+    frame[off..off + 2].copy_from_slice(&[0, 0]);
+    let csum = !icmp_sum(&frame);
+    frame[off..off + 2].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+/// The packet an ICMP error quotes (after the outer IP and ICMP headers): source and
+/// destination address and port.
+fn quoted(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    let q = ETH + 20 + 8;
+    let addr = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    ((addr(q + 12), port(q + 20)), (addr(q + 16), port(q + 22)))
+}
+
+fn assert_icmp_error_valid(frame: &[u8], what: &str) {
+    assert_eq!(
+        fold(sum16(&frame[ETH..ETH + 20], 0)),
+        0xffff,
+        "{what}: outer IPv4 checksum"
+    );
+    let q = ETH + 20 + 8;
+    assert_eq!(
+        fold(sum16(&frame[q..q + 20], 0)),
+        0xffff,
+        "{what}: quoted IPv4 checksum"
+    );
+    assert_eq!(icmp_sum(frame), 0xffff, "{what}: ICMP checksum");
+}
+
+/// A backend's ICMP error about a client's packet (port unreachable for UDP) must name the
+/// frontend the client sent to, or the client's kernel finds no socket for it: from a local
+/// backend through from-endpoint, from a remote one through from-overlay, and from a router on
+/// the way (which keeps its own source).
+#[test]
+fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(UDP), &[(B, 1)]);
+    let (v, out, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &with_l4_checksum(Packet::udp(A, 40000, VIP, 80).bytes()),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!((v, daddr(&out)), (TC_ACT_REDIRECT, B));
+
+    // B's kernel quotes the datagram as it got it: A:40000 -> B:8080.
+    let seen = Packet::udp(A, 40000, B, 8080);
+    let err = with_icmp_checksum(Packet::icmp_error(B, A, &seen).bytes());
+    assert_icmp_error_valid(&err, "the built error");
+    let (v, out, _) = dp.run(programs::FROM_ENDPOINT, &err, B_IF, [0; 5]);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &mac(2), "delivered to the client");
+    assert_eq!(saddr(&out), VIP, "from the frontend");
+    assert_eq!(daddr(&out), A);
+    assert_eq!(quoted(&out), ((A, 40000), (VIP, 80)), "quotes the frontend");
+    assert_icmp_error_valid(&out, "after translation");
+
+    // A remote backend, over the overlay.
+    set_backends(&mut dp, frontend(TCP), &[(R, 2)]);
+    let (v, _, _) = dp.run(
+        programs::FROM_ENDPOINT_PROBE,
+        &tcp(A, 40001, VIP, 80, 0x02),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let seen = Packet::tcp(A, 40001, R, 8080, 0x02);
+    let overlay = [abi::ip_to_be(NODE2), REMOTE, 0, 0, 0];
+    let err = with_icmp_checksum(Packet::icmp_error(R, A, &seen).bytes());
+    let (v, out, _) = dp.run(programs::FROM_OVERLAY_PROBE, &err, 0, overlay);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&out), VIP);
+    assert_eq!(quoted(&out), ((A, 40001), (VIP, 80)));
+    assert_icmp_error_valid(&out, "after translation in from-overlay");
+
+    // The same error from a router on the way: it keeps its source.
+    let router = Ipv4Addr::new(10, 2, 0, 1);
+    let err = with_icmp_checksum(Packet::icmp_error(router, A, &seen).bytes());
+    let (v, out, _) = dp.run(programs::FROM_OVERLAY_PROBE, &err, 0, overlay);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&out), router);
+    assert_eq!(quoted(&out), ((A, 40001), (VIP, 80)));
+    assert_icmp_error_valid(&out, "a router's error");
+
+    // An error about a connection that is not to a service is left as it is.
+    let direct = Packet::udp(A, 40002, B, 9999);
+    dp.run(
+        programs::FROM_ENDPOINT,
+        &with_l4_checksum(direct.bytes()),
+        A_IF,
+        [0; 5],
+    );
+    let err = with_icmp_checksum(Packet::icmp_error(B, A, &direct).bytes());
+    let (v, out, _) = dp.run(programs::FROM_ENDPOINT, &err, B_IF, [0; 5]);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(&out[ETH..], &err[ETH..], "untouched");
+}
+
 #[test]
 fn a_remote_backend_is_tunnelled_to_and_its_reply_reverse_natted_in_from_overlay() {
     let Some(mut dp) = setup() else { return };

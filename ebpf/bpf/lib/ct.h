@@ -56,8 +56,9 @@ static __always_inline void ct_touch(struct ct_key *key, struct ct_value *v, str
 		v->last_seen_ns = now;
 }
 
-/* Classifies the packet; for CT_ESTABLISHED, *entry is the connection's entry (to record a
- * fresh policy verdict in). One lookup in the steady state. */
+/* Classifies the packet; *entry is the connection's entry: for CT_ESTABLISHED to record a fresh
+ * policy verdict in, for CT_REPLY to reverse-NAT by, for CT_RELATED (an ICMP error) the entry of
+ * the embedded packet's direction. One lookup in the steady state. */
 static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
 				     struct ct_value **entry)
 {
@@ -91,8 +92,10 @@ static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx,
 		if (parse_icmp_inner(skb, l3_off, &inner) < 0)
 			return CT_NEW;
 		v = bpf_map_lookup_elem(&CT, &inner);
-		if (v && ct_alive(&inner, v, now))
+		if (v && ct_alive(&inner, v, now)) {
+			*entry = v;
 			return CT_RELATED;
+		}
 	}
 	return CT_NEW;
 }

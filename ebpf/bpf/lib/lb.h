@@ -8,8 +8,11 @@
  * Known gaps: the translation happens per packet below the client's socket, so the client's
  * kernel does not know its VIP connection is to the backend's address: a client connecting to
  * both the VIP and a backend directly may pick the same source port for both, and after DNAT the
- * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing). ICMP
- * errors about a service connection are not translated back.
+ * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing).
+ *
+ * An ICMP error about a client's packet to a backend (port unreachable, fragmentation needed)
+ * is translated back too (lb_reverse_icmp), so the client's socket hears of it. Errors the
+ * client sends about a backend's reply, and errors within hairpin connections, are not.
  *
  * A client chosen as its own backend (hairpin) is also SNATed, to MESHD_SERVICE_LOOPBACK_ADDR
  * (see meshd_abi.h); lb_reverse undoes both translations on the replies.
@@ -173,6 +176,67 @@ static __always_inline int lb_reverse(struct __sk_buff *skb, struct pkt_ctx *ctx
 		return ret;
 	ctx->saddr = addr;
 	ctx->sport = port;
+	return 0;
+}
+
+/*
+ * An ICMP error about a packet of a service connection (ct CT_RELATED, entry = the CT entry of
+ * the embedded packet's direction, client -> backend): the embedded destination goes back from
+ * the backend to the frontend the client sent to, since the client's kernel matches the error to
+ * a socket by it; and when the backend itself sent the error, its source becomes the frontend.
+ * The ICMP checksum follows each changed word; the embedded IP header's checksum is fixed; the
+ * embedded TCP/UDP checksum is left stale, as no receiver checks the checksum of a quoted
+ * packet (it is often cut short anyway).
+ */
+static __always_inline int lb_reverse_icmp(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off,
+					   const struct ct_value *entry)
+{
+	if (!entry || !entry->nat_addr || (entry->flags & (MESHD_CT_F_REPLY | MESHD_CT_F_SERVICE)))
+		return 0;
+	__u8 ihl_byte;
+	if (bpf_skb_load_bytes(skb, l3_off, &ihl_byte, 1) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	__u32 icmp_off = l3_off + (ihl_byte & 0x0f) * 4;
+	__u32 icmp_csum_off = icmp_off + offsetof(struct icmphdr, checksum);
+	__u32 inner_off = icmp_off + sizeof(struct icmphdr);
+	struct iphdr inner;
+	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP)
+		return 0;
+	__u32 inner_dport_off = inner_off + inner.ihl * 4 + L4_DPORT_OFF;
+	__u16 backend_port;
+	if (bpf_skb_load_bytes(skb, inner_dport_off, &backend_port, sizeof(backend_port)) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	__u32 backend_addr = inner.daddr;
+	__u32 frontend_addr = entry->nat_addr;
+	__u16 frontend_port = entry->nat_port;
+
+	/* Embedded destination address, and the embedded header checksum that covers it. */
+	__u16 old_inner_csum = inner.check;
+	if (bpf_l3_csum_replace(skb, inner_off + IP_CSUM_OFF, backend_addr, frontend_addr, sizeof(frontend_addr)) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	__u16 new_inner_csum;
+	if (bpf_skb_load_bytes(skb, inner_off + IP_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	if (bpf_skb_store_bytes(skb, inner_off + IP_DADDR_OFF, &frontend_addr, sizeof(frontend_addr), 0) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	if (bpf_skb_store_bytes(skb, inner_dport_off, &frontend_port, sizeof(frontend_port), 0) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	/* The ICMP checksum covers all three words (no pseudo-header). */
+	if (bpf_l4_csum_replace(skb, icmp_csum_off, backend_addr, frontend_addr, sizeof(frontend_addr)) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum_off, old_inner_csum, new_inner_csum, sizeof(new_inner_csum)) < 0 ||
+	    bpf_l4_csum_replace(skb, icmp_csum_off, backend_port, frontend_port, sizeof(frontend_port)) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+
+	/* A router on the way keeps its own address as the source. */
+	if (ctx->saddr == backend_addr) {
+		if (bpf_l3_csum_replace(skb, l3_off + IP_CSUM_OFF, ctx->saddr, frontend_addr, sizeof(frontend_addr)) < 0)
+			return MESHD_DROP_WRITE_ERROR;
+		if (bpf_skb_store_bytes(skb, l3_off + IP_SADDR_OFF, &frontend_addr, sizeof(frontend_addr), 0) < 0)
+			return MESHD_DROP_WRITE_ERROR;
+		ctx->saddr = frontend_addr;
+	}
 	return 0;
 }
 
