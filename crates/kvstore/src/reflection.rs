@@ -3,6 +3,7 @@
 //! malformed values, foreign clusters) is unit-tested here; the watcher only feeds it.
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use meshd_state::{decode, ClusterName, Resource, ResourceKey};
@@ -45,19 +46,31 @@ impl WatchStats {
     }
 }
 
-struct Entry<R: Resource> {
-    key: R::Key,
-    /// The stored JSON as last emitted. Comparing bytes makes an unchanged entry of a relist
-    /// cost a lookup and a memcmp, no decoding, and the decoded value moves into the event
-    /// instead of being cloned into the cache.
-    value: Vec<u8>,
+/// What the reflection keeps of a key: 16 bytes besides the key itself. A remote cluster's
+/// ipcache can hold 100k entries per node agent; keeping the JSON and the parsed key as well
+/// cost about 300 bytes an entry, a third of the agent's memory at that size.
+struct Entry {
+    /// Fingerprint of the stored JSON as last emitted, so an unchanged entry of a relist or a
+    /// re-publish costs a lookup and a hash, no decoding. 64-bit SipHash: two different values
+    /// of one key collide (and the change is missed) with probability 2^-64.
+    fingerprint: u64,
     /// The list generation that last saw this entry (the "mark" of mark-and-sweep).
     seen: u64,
 }
 
+fn fingerprint(value: &[u8]) -> u64 {
+    // Keyed with zeros: the same in every process, which nothing relies on.
+    let mut hasher = std::hash::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The reader's view of one prefix.
 pub struct Reflection<R: Resource> {
-    entries: HashMap<String, Entry<R>>,
+    /// Rendered key -> what was last emitted for it. The typed key of a delete is parsed again
+    /// from the rendered one (it parsed when it was inserted).
+    entries: HashMap<String, Entry>,
+    kind: std::marker::PhantomData<R>,
     /// Only keys of this cluster count (cluster config's prefix is one key, which other cluster
     /// names can extend: `c1` is a prefix of `c10`).
     scope: Option<ClusterName>,
@@ -78,6 +91,7 @@ impl<R: Resource> Reflection<R> {
     pub fn new(scope: Option<ClusterName>) -> Self {
         Self {
             entries: HashMap::new(),
+            kind: std::marker::PhantomData,
             scope,
             generation: 0,
         }
@@ -94,11 +108,6 @@ impl<R: Resource> Reflection<R> {
     /// Whether a key (in its rendered form) is currently believed present.
     pub fn contains(&self, key: &str) -> bool {
         self.entries.contains_key(key)
-    }
-
-    /// The keys currently believed present, in no particular order.
-    pub fn keys(&self) -> impl Iterator<Item = &R::Key> {
-        self.entries.values().map(|e| &e.key)
     }
 
     fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
@@ -119,7 +128,7 @@ impl<R: Resource> Reflection<R> {
     fn unchanged(&mut self, kv: &KeyValue) -> bool {
         let generation = self.generation;
         match self.entries.get_mut(&kv.key) {
-            Some(e) if e.value == kv.value => {
+            Some(e) if e.fingerprint == fingerprint(&kv.value) => {
                 e.seen = generation;
                 true
             }
@@ -128,21 +137,22 @@ impl<R: Resource> Reflection<R> {
     }
 
     fn upsert(&mut self, kv: KeyValue, key: R::Key, value: R, out: &mut Vec<WatchEvent<R>>) {
-        out.push(WatchEvent::Upsert {
-            key: key.clone(),
-            value,
-        });
+        out.push(WatchEvent::Upsert { key, value });
         let entry = Entry {
-            key,
-            value: kv.value,
+            fingerprint: fingerprint(&kv.value),
             seen: self.generation,
         };
         self.entries.insert(kv.key, entry);
     }
 
     fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
-        if let Some(old) = self.entries.remove(raw) {
-            out.push(WatchEvent::Delete { key: old.key });
+        if self.entries.remove(raw).is_none() {
+            return;
+        }
+        match R::Key::parse(raw) {
+            Ok(key) => out.push(WatchEvent::Delete { key }),
+            // Only keys that parsed are inserted, and parsing is a pure function of the text.
+            Err(e) => tracing::error!(key = raw, error = %e, "a held key no longer parses"),
         }
     }
 
