@@ -158,6 +158,39 @@ fn c2_etcd_down_keeps_traffic_and_shows_stale_then_catches_up() -> anyhow::Resul
     Ok(())
 }
 
+/// A node whose own etcd is down still starts an endpoint whose label set one of its endpoints
+/// already has (the identity is known on the node): it reaches the node's other endpoints at
+/// once, and its ipcache record reaches etcd, and so the other cluster, when etcd is back. A
+/// label set the node does not know is refused, saying why.
+#[test]
+fn an_endpoint_of_known_labels_starts_while_the_local_etcd_is_down() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mut mesh = Mesh::start(MeshOptions::clusters(2, 1))?;
+    let first = mesh.add_endpoint("c1", "n1", "web-1", "app=web")?;
+    wait_in_maps(&mesh, &first, &[("c2", "n1")], true)?;
+
+    mesh.cluster_mut("c1")?.etcd.stop();
+    let second = mesh.add_endpoint("c1", "n1", "web-2", "app=web")?;
+    assert_eq!(second.identity, first.identity, "the identity of app=web");
+    wait_for("web-1 -> web-2 while c1's etcd is down", WAIT, || {
+        meshd_e2e::mesh::ping(&first.netns, second.ip)
+    })?;
+    let refused = mesh
+        .add_endpoint("c1", "n1", "db", "app=db")
+        .expect_err("a new label set needs etcd");
+    assert!(
+        format!("{refused:#}").contains("cannot be known without etcd"),
+        "{refused:#}"
+    );
+
+    mesh.cluster_mut("c1")?.etcd.restart()?;
+    wait_in_maps(&mesh, &second, &[("c2", "n1")], true)?;
+    mesh.add_endpoint("c1", "n1", "db", "app=db")?;
+    Ok(())
+}
+
 /// Round trips on every connection, as fast as they go, counting failures, until stopped.
 struct Traffic {
     stop: Arc<AtomicBool>,

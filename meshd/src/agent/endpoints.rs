@@ -327,15 +327,28 @@ impl EndpointManager {
         .await
         {
             Ok(Ok(id)) => id,
-            Ok(Err(e)) => {
-                self.store.release_ip(ip);
-                return Err(EndpointError::Unavailable(e.to_string()));
-            }
-            Err(_) => {
-                self.store.release_ip(ip);
-                return Err(EndpointError::Unavailable(format!(
-                    "identity of {labels}: etcd did not answer within {IDENTITY_TIMEOUT:?}"
-                )));
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!(
+                        "identity of {labels}: etcd did not answer within {IDENTITY_TIMEOUT:?}"
+                    ),
+                };
+                // Without etcd a label set already in use on this node still has a known
+                // number: the endpoint starts, and its ipcache record is published once etcd
+                // answers (the publisher keeps it). A new label set has to wait for etcd.
+                match self.store.identity_of(&labels) {
+                    Some(id) => {
+                        tracing::warn!(endpoint = name, identity = %id, error = %why, "etcd unavailable: using the identity of an endpoint with the same labels on this node");
+                        id
+                    }
+                    None => {
+                        self.store.release_ip(ip);
+                        return Err(EndpointError::Unavailable(format!(
+                            "{why} (no endpoint on this node has these labels, so their identity cannot be known without etcd)"
+                        )));
+                    }
+                }
             }
         };
         let rec = EndpointRecord {

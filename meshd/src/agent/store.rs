@@ -119,6 +119,15 @@ impl EndpointStore {
         self.endpoints.values()
     }
 
+    /// The identity an endpoint of this node with exactly `labels` has: what `add` can use when
+    /// etcd cannot be asked. The identity stays allocated while that endpoint's ipcache record
+    /// refers to it.
+    pub fn identity_of(&self, labels: &Labels) -> Option<NumericIdentity> {
+        self.endpoints()
+            .find(|rec| rec.labels == *labels)
+            .map(|rec| rec.identity)
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.endpoints.len()
