@@ -21,7 +21,12 @@
 //! api_socket: /run/meshd/agent.sock
 //! state_dir: /var/lib/meshd/n1                # endpoints and IP allocations
 //! lease_ttl_secs: 15
+//! startup_sync_timeout_secs: 30               # see below
 //! ```
+//!
+//! At start the agent leaves its maps as they are until every cluster configured then has
+//! synced (its canaries seen), so a restart never withdraws entries it has not re-read yet; an
+//! unreachable cluster holds that up for at most `startup_sync_timeout_secs`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -91,6 +96,10 @@ pub struct AgentArgs {
     /// TTL of the lease the node's records live under, in seconds.
     #[arg(long)]
     pub lease_ttl_secs: Option<u64>,
+    /// How long, in seconds, the maps stay as they are at start while a configured cluster has
+    /// not synced yet [default: 30].
+    #[arg(long)]
+    pub startup_sync_timeout_secs: Option<u64>,
     /// Prefix of endpoint network namespace names (default meshd-<cluster>-<node>-).
     #[arg(long)]
     pub endpoint_netns_prefix: Option<String>,
@@ -115,6 +124,7 @@ pub struct ConfigFile {
     pub api_socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub lease_ttl_secs: Option<u64>,
+    pub startup_sync_timeout_secs: Option<u64>,
     pub endpoint_netns_prefix: Option<String>,
 }
 
@@ -147,6 +157,8 @@ pub struct AgentConfig {
     pub api_socket: PathBuf,
     pub state_dir: PathBuf,
     pub lease_ttl: Duration,
+    /// Longest wait at start for every configured cluster to sync before the maps are driven.
+    pub startup_sync_timeout: Duration,
     /// Endpoint `NAME` lives in network namespace `<prefix><NAME>`.
     pub endpoint_netns_prefix: String,
 }
@@ -154,6 +166,7 @@ pub struct AgentConfig {
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/meshd";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 15;
+pub const DEFAULT_STARTUP_SYNC_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 
 impl AgentConfig {
@@ -457,6 +470,17 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         );
     }
 
+    let startup_sync_timeout_secs = args
+        .startup_sync_timeout_secs
+        .or(file.startup_sync_timeout_secs)
+        .unwrap_or(DEFAULT_STARTUP_SYNC_TIMEOUT_SECS);
+    if !(1..=3600).contains(&startup_sync_timeout_secs) {
+        problem(
+            "startup_sync_timeout_secs",
+            format!("{startup_sync_timeout_secs} out of range (1-3600)"),
+        );
+    }
+
     let endpoint_netns_prefix = args
         .endpoint_netns_prefix
         .clone()
@@ -490,6 +514,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 api_socket,
                 state_dir,
                 lease_ttl: Duration::from_secs(lease_ttl_secs),
+                startup_sync_timeout: Duration::from_secs(startup_sync_timeout_secs),
                 endpoint_netns_prefix: endpoint_netns_prefix
                     .unwrap_or_else(|| format!("meshd-{cluster}-{node}-")),
             })
@@ -526,6 +551,7 @@ etcd:
         assert_eq!(cfg.api_socket, PathBuf::from(meshd_api::DEFAULT_SOCKET));
         assert_eq!(cfg.pin_dir(), PathBuf::from("/sys/fs/bpf/meshd/c1/n1"));
         assert_eq!(cfg.lease_ttl, Duration::from_secs(15));
+        assert_eq!(cfg.startup_sync_timeout, Duration::from_secs(30));
     }
 
     #[test]
@@ -540,11 +566,17 @@ etcd:
         let args = AgentArgs {
             node: Some("n2".into()),
             tunnel_port: Some(4789),
+            startup_sync_timeout_secs: Some(5),
             ..Default::default()
         };
-        let cfg = resolve(file(GOOD), &args).unwrap();
+        let cfg = resolve(
+            file(&format!("{GOOD}startup_sync_timeout_secs: 90\n")),
+            &args,
+        )
+        .unwrap();
         assert_eq!(cfg.node, "n2");
         assert_eq!(cfg.tunnel_port, 4789);
+        assert_eq!(cfg.startup_sync_timeout, Duration::from_secs(5));
     }
 
     #[test]
@@ -559,6 +591,7 @@ etcd:
   ca: /nonexistent/ca.pem
 tunnel_port: 0
 lease_ttl_secs: 1
+startup_sync_timeout_secs: 0
 ";
         let problems = resolve(file(bad), &AgentArgs::default()).unwrap_err();
         let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
@@ -573,6 +606,7 @@ lease_ttl_secs: 1
             "etcd.key",
             "tunnel_port",
             "lease_ttl_secs",
+            "startup_sync_timeout_secs",
         ] {
             assert!(fields.contains(&f), "{f} missing from {problems:?}");
         }

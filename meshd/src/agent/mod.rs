@@ -44,10 +44,6 @@ use self::endpoints::Publisher;
 /// Name of the node's VXLAN device.
 pub const VXLAN_IFNAME: &str = "meshd_vxlan";
 
-/// How long a restarted agent waits for every cluster's initial sync before it reconciles the
-/// maps with what it has (see `view_task`).
-const GATE_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -290,7 +286,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             status: view_status_tx,
             policies: policies_tx,
             wait_for,
-            gate_timeout: GATE_TIMEOUT,
+            gate_timeout: config.startup_sync_timeout,
         }
         .run(),
     );
