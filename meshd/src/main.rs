@@ -14,6 +14,7 @@ mod etcd_auth;
 mod etcd_cmd;
 mod lab_cmd;
 mod manifest_cmd;
+mod monitor_cmd;
 mod output;
 mod status_cmd;
 mod workload;
@@ -59,6 +60,8 @@ enum Command {
     /// The clusters of the mesh as this node sees them.
     #[command(subcommand)]
     Clustermesh(status_cmd::ClustermeshCommand),
+    /// Packets the node's datapath drops, as they happen: reason, addresses, identities.
+    Monitor(monitor_cmd::MonitorArgs),
     /// The multi-cluster lab in network namespaces: up, down, status, check, exec.
     #[command(subcommand)]
     Lab(lab_cmd::LabCommand),
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
         Command::Endpoint(cmd) => endpoint_cmd::run(cmd),
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
+        Command::Monitor(args) => monitor_cmd::run(args),
         Command::Lab(cmd) => lab_cmd::run(cmd),
         Command::Apply(args) => manifest_cmd::apply(args, &cli.context),
         Command::Delete(args) => manifest_cmd::delete(args, &cli.context),

@@ -120,7 +120,18 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "reconciles": dp.reconciles,
             "last_reconcile_ms": dp.last_reconcile_ms,
             "last_error": dp.last_error,
+            "counters": dp.counters.iter().map(counter_json).collect::<Vec<_>>(),
         },
+    })
+}
+
+fn counter_json(c: &pb::DatapathCounter) -> serde_json::Value {
+    serde_json::json!({
+        "direction": c.direction,
+        "reason": c.reason,
+        "reason_name": c.reason_name,
+        "packets": c.packets,
+        "bytes": c.bytes,
     })
 }
 
@@ -202,6 +213,29 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     format!(", error: {}", dp.last_error)
                 }
             );
+            let drops: Vec<&pb::DatapathCounter> =
+                dp.counters.iter().filter(|c| c.reason < 0).collect();
+            let forwarded: u64 = dp
+                .counters
+                .iter()
+                .filter(|c| c.reason > 0)
+                .map(|c| c.packets)
+                .sum();
+            println!(
+                "Packets:   {forwarded} forwarded, {} dropped{}",
+                drops.iter().map(|c| c.packets).sum::<u64>(),
+                if drops.is_empty() {
+                    ""
+                } else {
+                    " (meshd monitor shows them as they happen)"
+                }
+            );
+            for c in drops {
+                println!(
+                    "  {:<24} {:<8} {:>10} packets",
+                    c.reason_name, c.direction, c.packets
+                );
+            }
             println!("Endpoints: {}", s.endpoints.len());
             for e in &s.endpoints {
                 println!(

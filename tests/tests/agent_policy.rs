@@ -1,8 +1,10 @@
 //! Identity policy across clusters, with real connections: c2 allows only
 //! `app=client, meshd.io/cluster=c1` into `app=echo` on TCP 8080.
 
+use std::io::BufRead;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions};
 use meshd_e2e::netns_io::{spawn_echo, tcp_check};
@@ -70,6 +72,7 @@ fn c2_policy_admits_only_c1_clients_into_echo() -> anyhow::Result<()> {
         "a c2 web endpoint (other node) must be denied"
     );
     assert!(reach(&c1_web, &echo).is_err(), "c1 web must be denied");
+    drops_are_reported(&mesh, &c1_web, &echo)?;
 
     // A c1 identity that appears after the policy is picked up with no action.
     let late = mesh.add_endpoint("c1", "n2", "late-client", "app=client,team=late")?;
@@ -90,4 +93,84 @@ fn c2_policy_admits_only_c1_clients_into_echo() -> anyhow::Result<()> {
         reach(&c2_web, &echo)
     })?;
     Ok(())
+}
+
+/// `meshd monitor -o json` on echo's node shows the denied connection as it happens (reason,
+/// addresses, identities), and `meshd status` counts it.
+fn drops_are_reported(mesh: &Mesh, from: &EndpointInfo, to: &EndpointInfo) -> anyhow::Result<()> {
+    let node = mesh.node(&to.cluster, &to.node)?;
+    let mut monitor = Command::new(meshd_e2e::mesh::meshd_binary()?)
+        .args(["monitor", "-o", "json", "--socket"])
+        .arg(&node.socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = monitor.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let found = loop {
+        // Each attempt sends SYNs that echo's node drops; the monitor may still be
+        // subscribing when the first ones go.
+        let _ = reach(from, to);
+        let mut hit = None;
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if v["saddr"] == from.ip.to_string() && v["daddr"] == to.ip.to_string() {
+                hit = Some(v);
+                break;
+            }
+            seen.push(line);
+        }
+        if let Some(v) = hit {
+            break v;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no drop of {} -> {} reported; other drops seen: {seen:?}",
+            from.ip,
+            to.ip
+        );
+    };
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert_eq!(found["reason_name"], "policy-denied", "{found}");
+    assert_eq!(found["direction"], "ingress", "{found}");
+    assert_eq!(found["dport"], PORT, "{found}");
+    assert_eq!(found["src_identity"], from.identity, "{found}");
+    assert_eq!(found["dst_identity"], to.identity, "{found}");
+    assert_eq!(
+        found["src"],
+        format!("{}/{}", from.cluster, from.identity & 0xffff),
+        "{found}"
+    );
+
+    wait_for(
+        "status to count policy drops",
+        Duration::from_secs(10),
+        || {
+            let status = mesh.status(&to.cluster, &to.node)?;
+            let counters = status["datapath"]["counters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            anyhow::ensure!(
+            counters
+                .iter()
+                .any(|c| c["reason_name"] == "policy-denied" && c["packets"].as_u64() > Some(0)),
+            "counters: {counters:?}"
+        );
+            Ok(())
+        },
+    )
 }

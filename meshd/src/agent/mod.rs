@@ -16,6 +16,7 @@ pub mod config;
 pub mod endpoints;
 pub mod identity;
 pub mod ipam;
+pub mod monitor;
 pub mod reconciler;
 pub mod remotes;
 pub mod server;
@@ -250,6 +251,8 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
     tokio::spawn(reconciler.run(desired_rx, local_eps_rx, reconciled_tx));
+    let (monitor, monitor_handle) = monitor::Monitor::open(config.pin_dir())?;
+    tokio::spawn(monitor.run());
 
     tokio::spawn(
         watcher::ClusterWatcher {
@@ -332,6 +335,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         remotes: registry_rx,
         reconciler: reconciled_rx,
         policies: policies_rx,
+        monitor: monitor_handle,
     };
     tracing::info!(socket = %config.api_socket.display(), cluster = %config.cluster, node = config.node, "agent ready");
     meshd_api::serve(&config.api_socket, listener, service, shutdown_signal()).await?;

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 
 use meshd_api::pb;
+use meshd_datapath::{Counter, Direction, DropRecord};
 use meshd_mesh::ClusterStatus as ViewStatus;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
 use crate::agent::config::AgentConfig;
 use crate::agent::endpoints::Endpoints;
 use crate::agent::endpoints::Publisher;
+use crate::agent::monitor::MonitorHandle;
 use crate::agent::reconciler::ReconcileStatus;
 use crate::agent::remotes::Registry;
 use crate::agent::watcher::Connection;
@@ -25,6 +27,58 @@ pub struct AgentService {
     pub remotes: watch::Receiver<Arc<Registry>>,
     pub reconciler: watch::Receiver<ReconcileStatus>,
     pub policies: watch::Receiver<usize>,
+    pub monitor: MonitorHandle,
+}
+
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    }
+}
+
+fn drop_notification(d: &DropRecord, missed_before: u64) -> pb::DropNotification {
+    pb::DropNotification {
+        timestamp_ns: d.timestamp_ns,
+        reason: d.reason,
+        reason_name: meshd_ebpf::abi::reason_name(d.reason).to_owned(),
+        direction: direction_name(d.direction).to_owned(),
+        src_identity: d.src_identity,
+        dst_identity: d.dst_identity,
+        saddr: d.saddr.to_string(),
+        daddr: d.daddr.to_string(),
+        sport: u32::from(d.sport),
+        dport: u32::from(d.dport),
+        proto: u32::from(d.proto),
+        ifindex: d.ifindex,
+        missed_before,
+    }
+}
+
+fn counter(c: &Counter) -> pb::DatapathCounter {
+    pb::DatapathCounter {
+        direction: direction_name(c.direction).to_owned(),
+        reason: c.reason,
+        reason_name: meshd_ebpf::abi::reason_name(c.reason).to_owned(),
+        packets: c.packets,
+        bytes: c.bytes,
+    }
+}
+
+/// Drop notifications for one subscriber, until it goes away (the send fails) or the agent
+/// stops; a subscriber that fell behind gets the count of what it missed with the next one.
+fn drop_stream(
+    rx: broadcast::Receiver<DropRecord>,
+) -> impl futures::Stream<Item = Result<pb::DropNotification, Status>> {
+    futures::stream::unfold((rx, 0u64), |(mut rx, mut missed)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(d) => return Some((Ok(drop_notification(&d, missed)), (rx, 0))),
+                Err(broadcast::error::RecvError::Lagged(n)) => missed += n,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
 }
 
 fn cluster_status(
@@ -93,6 +147,19 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl meshd_api::Agent for AgentService {
+    type MonitorStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::DropNotification, Status>> + Send + 'static>,
+    >;
+
+    async fn monitor(
+        &self,
+        _: Request<pb::MonitorRequest>,
+    ) -> Result<Response<Self::MonitorStream>, Status> {
+        Ok(Response::new(Box::pin(drop_stream(
+            self.monitor.drops.subscribe(),
+        ))))
+    }
+
     async fn add_endpoint(
         &self,
         req: Request<pb::AddEndpointRequest>,
@@ -148,6 +215,7 @@ impl meshd_api::Agent for AgentService {
                 reconciles: r.rounds,
                 last_reconcile_ms: r.last_round_ms,
                 last_error: r.last_error.unwrap_or_default(),
+                counters: self.monitor.counters.borrow().iter().map(counter).collect(),
             }),
         }))
     }
