@@ -145,6 +145,23 @@ mod tests {
         ) -> Result<Response<pb::StatusResponse>, Status> {
             Ok(Response::new(pb::StatusResponse::default()))
         }
+        type MonitorStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<pb::DropNotification, Status>>>;
+        async fn monitor(
+            &self,
+            _: Request<pb::MonitorRequest>,
+        ) -> Result<Response<Self::MonitorStream>, Status> {
+            let drop = |reason| {
+                Ok(pb::DropNotification {
+                    reason,
+                    ..Default::default()
+                })
+            };
+            Ok(Response::new(tokio_stream::iter(vec![
+                drop(-134),
+                drop(-133),
+            ])))
+        }
     }
 
     #[tokio::test]
@@ -179,6 +196,17 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound);
+        // A server stream over the socket, to its end.
+        let mut drops = client
+            .monitor(pb::MonitorRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let mut reasons = Vec::new();
+        while let Some(d) = drops.message().await.unwrap() {
+            reasons.push(d.reason);
+        }
+        assert_eq!(reasons, [-134, -133]);
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
     }
