@@ -78,8 +78,26 @@ enum Command {
     Version(output::OutputArgs),
 }
 
+/// Commands that print and exit die quietly when their reader goes away (`meshd status |
+/// head`), as Unix tools do, instead of panicking on a broken pipe. Rust ignores SIGPIPE by
+/// default; the long-running commands (agent, workloads, lab) keep it so, handling write errors
+/// where they occur.
+fn default_sigpipe_for(command: &Command) {
+    if matches!(
+        command,
+        Command::Agent(_) | Command::Workload(_) | Command::Lab(_)
+    ) {
+        return;
+    }
+    // SAFETY: called before any thread is started; restores the default disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    default_sigpipe_for(&cli.command);
     // Held to the end of main: dropping it flushes exported spans.
     let _telemetry = match meshd_telemetry::init(&cli.telemetry, "meshd") {
         Ok(guard) => guard,
