@@ -1,5 +1,5 @@
 //! `meshd monitor`: every packet the node's datapath drops, as it happens, with the reason, the
-//! addresses and the identities (shown as `<cluster>/<identity>`), one line each; `-o json`
+//! addresses and the identities (shown as `<cluster>/<identity>` and their labels), one line each; `-o json`
 //! prints one JSON object per line for scripts. The first tool to reach for when traffic does
 //! not get through: a policy drop names the identities the policy saw.
 
@@ -62,6 +62,20 @@ fn endpoint(addr: &str, port: u32, proto: u32) -> String {
     }
 }
 
+/// `cluster/number labels`, the labels without the cluster one (already shown).
+fn who(id: u32, labels: &str, clusters: &BTreeMap<u32, String>) -> String {
+    let shown: Vec<&str> = labels
+        .split(',')
+        .filter(|l| !l.is_empty() && !l.starts_with("meshd.io/cluster="))
+        .collect();
+    let id = identity_display(id, clusters);
+    if shown.is_empty() {
+        id
+    } else {
+        format!("{id} {}", shown.join(","))
+    }
+}
+
 fn line(d: &pb::DropNotification, clusters: &BTreeMap<u32, String>) -> String {
     format!(
         "{} DROP {:<24} {:<7} {:<4} {} ({}) -> {} ({}) ifindex {}",
@@ -70,9 +84,9 @@ fn line(d: &pb::DropNotification, clusters: &BTreeMap<u32, String>) -> String {
         d.direction,
         proto_name(d.proto),
         endpoint(&d.saddr, d.sport, d.proto),
-        identity_display(d.src_identity, clusters),
+        who(d.src_identity, &d.src_labels, clusters),
         endpoint(&d.daddr, d.dport, d.proto),
-        identity_display(d.dst_identity, clusters),
+        who(d.dst_identity, &d.dst_labels, clusters),
         d.ifindex,
     )
 }
@@ -90,8 +104,10 @@ fn json(d: &pb::DropNotification, clusters: &BTreeMap<u32, String>) -> serde_jso
         "dport": d.dport,
         "src_identity": d.src_identity,
         "src": identity_display(d.src_identity, clusters),
+        "src_labels": d.src_labels,
         "dst_identity": d.dst_identity,
         "dst": identity_display(d.dst_identity, clusters),
+        "dst_labels": d.dst_labels,
         "ifindex": d.ifindex,
         "missed_before": d.missed_before,
     })
@@ -186,5 +202,14 @@ mod tests {
         assert_eq!(identity_display(0, &clusters), "?");
         assert_eq!(endpoint("10.0.0.1", 80, 6), "10.0.0.1:80");
         assert_eq!(endpoint("10.0.0.1", 7, 1), "10.0.0.1");
+        assert_eq!(
+            who(
+                (1 << 16) | 256,
+                "app=echo,meshd.io/cluster=c1,meshd.io/namespace=default",
+                &clusters
+            ),
+            "c1/256 app=echo,meshd.io/namespace=default"
+        );
+        assert_eq!(who(2, "", &clusters), "world");
     }
 }

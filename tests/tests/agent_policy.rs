@@ -154,6 +154,14 @@ fn drops_are_reported(mesh: &Mesh, from: &EndpointInfo, to: &EndpointInfo) -> an
         format!("{}/{}", from.cluster, from.identity & 0xffff),
         "{found}"
     );
+    // Both identities' labels, as the node knows them (the source is another cluster's).
+    let labels = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    assert!(
+        labels(&found["src_labels"]).contains("app=web")
+            && labels(&found["src_labels"]).contains(&format!("meshd.io/cluster={}", from.cluster)),
+        "{found}"
+    );
+    assert!(labels(&found["dst_labels"]).contains("app=echo"), "{found}");
 
     wait_for(
         "status to count policy drops",

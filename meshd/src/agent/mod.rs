@@ -243,6 +243,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (desired_tx, desired_rx) = watch::channel(None);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
     let (policies_tx, policies_rx) = watch::channel(0usize);
+    let (identities_tx, identities_rx) = watch::channel(Arc::new(view_task::IdentityLabels::new()));
     let (local_eps_tx, local_eps_rx) =
         watch::channel(Arc::new(reconciler::LocalEndpoints::default()));
     let (reconciled_tx, reconciled_rx) = watch::channel(reconciler::ReconcileStatus::default());
@@ -288,6 +289,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             desired: desired_tx,
             status: view_status_tx,
             policies: policies_tx,
+            identities: identities_tx,
             wait_for,
             gate_timeout: config.startup_sync_timeout,
         }
@@ -336,6 +338,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         reconciler: reconciled_rx,
         policies: policies_rx,
         monitor: monitor_handle,
+        identities: identities_rx,
     };
     tracing::info!(socket = %config.api_socket.display(), cluster = %config.cluster, node = config.node, "agent ready");
     meshd_api::serve(&config.api_socket, listener, service, shutdown_signal()).await?;

@@ -15,6 +15,7 @@ use crate::agent::endpoints::Publisher;
 use crate::agent::monitor::MonitorHandle;
 use crate::agent::reconciler::ReconcileStatus;
 use crate::agent::remotes::Registry;
+use crate::agent::view_task::IdentityLabels;
 use crate::agent::watcher::Connection;
 
 pub struct AgentService {
@@ -28,6 +29,7 @@ pub struct AgentService {
     pub reconciler: watch::Receiver<ReconcileStatus>,
     pub policies: watch::Receiver<usize>,
     pub monitor: MonitorHandle,
+    pub identities: watch::Receiver<Arc<IdentityLabels>>,
 }
 
 fn direction_name(d: Direction) -> &'static str {
@@ -37,8 +39,15 @@ fn direction_name(d: Direction) -> &'static str {
     }
 }
 
-fn drop_notification(d: &DropRecord, missed_before: u64) -> pb::DropNotification {
+fn drop_notification(
+    d: &DropRecord,
+    missed_before: u64,
+    identities: &IdentityLabels,
+) -> pb::DropNotification {
+    let labels = |id: u32| identities.get(&id).cloned().unwrap_or_default();
     pb::DropNotification {
+        src_labels: labels(d.src_identity),
+        dst_labels: labels(d.dst_identity),
         timestamp_ns: d.timestamp_ns,
         reason: d.reason,
         reason_name: meshd_ebpf::abi::reason_name(d.reason).to_owned(),
@@ -69,13 +78,20 @@ fn counter(c: &Counter) -> pb::DatapathCounter {
 /// stops; a subscriber that fell behind gets the count of what it missed with the next one.
 fn drop_stream(
     rx: broadcast::Receiver<DropRecord>,
+    identities: watch::Receiver<Arc<IdentityLabels>>,
 ) -> impl futures::Stream<Item = Result<pb::DropNotification, Status>> {
-    futures::stream::unfold((rx, 0u64), |(mut rx, mut missed)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(d) => return Some((Ok(drop_notification(&d, missed)), (rx, 0))),
-                Err(broadcast::error::RecvError::Lagged(n)) => missed += n,
-                Err(broadcast::error::RecvError::Closed) => return None,
+    futures::stream::unfold((rx, 0u64), move |(mut rx, mut missed)| {
+        let identities = identities.clone();
+        async move {
+            loop {
+                match rx.recv().await {
+                    Ok(d) => {
+                        let known = identities.borrow().clone();
+                        return Some((Ok(drop_notification(&d, missed, &known)), (rx, 0)));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => missed += n,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
             }
         }
     })
@@ -157,6 +173,7 @@ impl meshd_api::Agent for AgentService {
     ) -> Result<Response<Self::MonitorStream>, Status> {
         Ok(Response::new(Box::pin(drop_stream(
             self.monitor.drops.subscribe(),
+            self.identities.clone(),
         ))))
     }
 

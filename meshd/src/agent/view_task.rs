@@ -7,7 +7,7 @@
 //! configured at start are ready (their sync canaries seen), or until `gate_timeout` passes
 //! (a remote that is down at start must not block the node forever).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ use meshd_state::ClusterName;
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::watcher::ViewInput;
+
+/// Identity number -> its labels, rendered canonically.
+pub type IdentityLabels = BTreeMap<u32, String>;
 
 /// Most inputs applied before a snapshot is published: bounds the latency of a huge burst
 /// (an initial sync of 100k entries) without publishing per event.
@@ -29,6 +32,9 @@ pub struct ViewTask {
     pub status: watch::Sender<Arc<Vec<ClusterStatus>>>,
     /// Number of local policies in force.
     pub policies: watch::Sender<usize>,
+    /// Every admitted identity's labels, rendered (for `meshd monitor`); republished when they
+    /// change, which is rare next to ipcache churn.
+    pub identities: watch::Sender<Arc<IdentityLabels>>,
     /// Clusters to wait for before the first desired state (the local one included).
     pub wait_for: BTreeSet<ClusterName>,
     pub gate_timeout: Duration,
@@ -61,7 +67,9 @@ impl ViewTask {
                     Err(_) => break,
                 }
             }
-            let _ = policy_changed;
+            if policy_changed {
+                self.publish_identities();
+            }
             if !gate_open && self.unready().is_empty() {
                 tracing::info!("initial sync of every cluster complete");
                 gate_open = true;
@@ -99,6 +107,16 @@ impl ViewTask {
                 }
             },
         }
+    }
+
+    fn publish_identities(&self) {
+        let labels = self
+            .view
+            .identities()
+            .iter()
+            .map(|(id, labels)| (id.get(), labels.to_string()))
+            .collect();
+        self.identities.send_replace(Arc::new(labels));
     }
 
     fn publish(&self, gate_open: bool) {
