@@ -280,6 +280,29 @@ impl MeshCa {
         Ok(path)
     }
 
+    /// A cluster's whole set in `dir`: a copy of this CA and the server (valid for
+    /// `server_ips` and `server_dns`), admin and remote certificates, each valid `days`.
+    pub fn issue_cluster_set(
+        &self,
+        dir: &Path,
+        cluster: &str,
+        days: u32,
+        server_ips: &[IpAddr],
+        server_dns: &[String],
+        overwrite: bool,
+    ) -> Result<(), CertError> {
+        self.write_ca_copy(dir, overwrite)?;
+        for kind in LeafKind::ALL {
+            let mut req = LeafRequest::new(kind, cluster, days);
+            if kind == LeafKind::Server {
+                req.ip_addresses = server_ips.to_vec();
+                req.dns_names = server_dns.to_vec();
+            }
+            self.issue(&req)?.write(dir, overwrite)?;
+        }
+        Ok(())
+    }
+
     /// Issues one leaf certificate with a new key.
     pub fn issue(&self, req: &LeafRequest) -> Result<IssuedLeaf, CertError> {
         let cn = req.common_name();

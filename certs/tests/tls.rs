@@ -22,15 +22,15 @@ fn mesh() -> (tempfile::TempDir, MeshCa) {
 fn mesh_of(ca_name: &str) -> (tempfile::TempDir, MeshCa) {
     let dir = tempfile::tempdir().unwrap();
     let ca = MeshCa::create(ca_name, 30).unwrap();
-    ca.write_ca_copy(dir.path(), false).unwrap();
-    for kind in LeafKind::ALL {
-        let mut req = LeafRequest::new(kind, "c1", 10);
-        if kind == LeafKind::Server {
-            req.ip_addresses = vec!["127.0.0.1".parse().unwrap()];
-            req.dns_names = vec!["localhost".into()];
-        }
-        ca.issue(&req).unwrap().write(dir.path(), false).unwrap();
-    }
+    ca.issue_cluster_set(
+        dir.path(),
+        "c1",
+        10,
+        &["127.0.0.1".parse().unwrap()],
+        &["localhost".into()],
+        false,
+    )
+    .unwrap();
     (dir, ca)
 }
 

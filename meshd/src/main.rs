@@ -61,6 +61,15 @@ enum Command {
     #[command(subcommand)]
     Clustermesh(status_cmd::ClustermeshCommand),
     /// Packets the node's datapath drops, as they happen: reason, addresses, identities.
+    ///
+    /// One line per drop, e.g.
+    ///
+    ///   09:56:06.869 DROP policy-denied  ingress tcp  10.1.1.1:45966 (c1/256 app=web) ->
+    ///   10.1.2.1:8080 (c1/257 app=echo) ifindex 3
+    ///
+    /// Identities read `<cluster>/<number>` with their labels as this node knows them;
+    /// `world`, `host` and `remote-node` are the reserved ones. `meshd status` counts every
+    /// drop by reason, also those that happened while nobody watched.
     Monitor(monitor_cmd::MonitorArgs),
     /// The multi-cluster lab in network namespaces: up, down, status, check, exec.
     #[command(subcommand)]

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use meshd_certs::{LeafKind, LeafRequest, MeshCa, TlsFiles};
+use meshd_certs::{LeafKind, MeshCa, TlsFiles};
 
 pub struct Pki {
     dir: PathBuf,
@@ -25,14 +25,8 @@ impl Pki {
     /// Issues server, admin and remote certificates of `cluster` into `<dir>/<cluster>/`.
     pub fn issue_cluster(&self, cluster: &str, server_ips: &[IpAddr]) -> anyhow::Result<PathBuf> {
         let out = self.dir.join(cluster);
-        self.ca.write_ca_copy(&out, false)?;
-        for kind in LeafKind::ALL {
-            let mut req = LeafRequest::new(kind, cluster, 2);
-            if kind == LeafKind::Server {
-                req.ip_addresses = server_ips.to_vec();
-            }
-            self.ca.issue(&req)?.write(&out, false)?;
-        }
+        self.ca
+            .issue_cluster_set(&out, cluster, 2, server_ips, &[], false)?;
         Ok(out)
     }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clustermesh_apiserver::client::{self, Client};
 use clustermesh_apiserver::{Apiserver, Config, ConfigArgs};
-use meshd_certs::{LeafKind, LeafRequest, MeshCa, TlsFiles};
+use meshd_certs::{LeafKind, MeshCa, TlsFiles};
 use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
 use meshd_testing::etcd::{Etcd, EtcdOptions, EtcdTls};
 
@@ -30,15 +30,15 @@ impl Certs {
     pub fn named(ca_name: &str) -> Certs {
         let dir = tempfile::tempdir().unwrap();
         let ca = MeshCa::create(ca_name, 30).unwrap();
-        ca.write_ca_copy(dir.path(), false).unwrap();
-        for kind in LeafKind::ALL {
-            let mut req = LeafRequest::new(kind, "c1", 10);
-            if kind == LeafKind::Server {
-                req.ip_addresses = vec!["127.0.0.1".parse().unwrap()];
-                req.dns_names = vec!["localhost".into()];
-            }
-            ca.issue(&req).unwrap().write(dir.path(), false).unwrap();
-        }
+        ca.issue_cluster_set(
+            dir.path(),
+            "c1",
+            10,
+            &["127.0.0.1".parse().unwrap()],
+            &["localhost".into()],
+            false,
+        )
+        .unwrap();
         Certs { dir, ca }
     }
 

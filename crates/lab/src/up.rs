@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use meshd_certs::{LeafKind, LeafRequest, MeshCa};
+use meshd_certs::{LeafKind, MeshCa};
 use meshd_datapath::plumbing;
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
@@ -201,17 +201,15 @@ fn issue_certs(opts: &UpOptions) -> anyhow::Result<()> {
     let ca = MeshCa::create("meshd-lab", 3650)?;
     ca.write(&certs_dir(&opts.run_dir), true)?;
     for cluster in &opts.spec.clusters {
-        let dir = cluster_certs(&opts.run_dir, &cluster.name);
-        ca.write_ca_copy(&dir, true)?;
-        for kind in LeafKind::ALL {
-            let mut req = LeafRequest::new(kind, &cluster.name, 365);
-            if kind == LeafKind::Server {
-                // etcd and the apiserver share the control-plane address and this certificate.
-                req.ip_addresses = vec![cluster.control_plane_ip.into(), [127, 0, 0, 1].into()];
-                req.dns_names = vec![format!("etcd.{}", cluster.name), "localhost".into()];
-            }
-            ca.issue(&req)?.write(&dir, true)?;
-        }
+        // etcd and the apiserver share the control-plane address and the server certificate.
+        ca.issue_cluster_set(
+            &cluster_certs(&opts.run_dir, &cluster.name),
+            &cluster.name,
+            365,
+            &[cluster.control_plane_ip.into(), [127, 0, 0, 1].into()],
+            &[format!("etcd.{}", cluster.name), "localhost".into()],
+            true,
+        )?;
     }
     Ok(())
 }
