@@ -81,78 +81,32 @@ struct MapShape {
     max_entries: u32,
 }
 
+/// The shape of a hash/array map with key `K` and value `V`.
+fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
+    MapShape {
+        name,
+        key_size: std::mem::size_of::<K>(),
+        value_size: std::mem::size_of::<V>(),
+        max_entries,
+    }
+}
+
 fn expected_maps() -> [MapShape; 12] {
     use meshd_ebpf::{abi, maps as m};
-    use std::mem::size_of;
-    let shape = |name, key_size, value_size, max_entries| MapShape {
-        name,
-        key_size,
-        value_size,
-        max_entries,
-    };
     [
-        shape(
-            m::IPCACHE,
-            size_of::<abi::IpcacheKey>(),
-            size_of::<abi::IpcacheValue>(),
-            abi::IPCACHE_MAX,
-        ),
-        shape(
-            m::IPCACHE_HOSTS,
-            size_of::<abi::IpcacheHostKey>(),
-            size_of::<abi::IpcacheValue>(),
-            abi::IPCACHE_HOSTS_MAX,
-        ),
-        shape(
-            m::ENDPOINTS,
-            size_of::<abi::EndpointKey>(),
-            size_of::<abi::EndpointValue>(),
-            abi::ENDPOINTS_MAX,
-        ),
-        shape(
-            m::NODES,
-            size_of::<abi::NodeKey>(),
-            size_of::<abi::NodeValue>(),
-            abi::NODES_MAX,
-        ),
-        shape(
-            m::POLICY,
-            size_of::<abi::PolicyKey>(),
-            size_of::<abi::PolicyValue>(),
-            abi::POLICY_MAX,
-        ),
-        shape(
-            m::CT,
-            size_of::<abi::CtKey>(),
-            size_of::<abi::CtValue>(),
-            abi::CT_MAX,
-        ),
-        shape(
-            m::FRAGS,
-            size_of::<abi::FragKey>(),
-            size_of::<abi::FragValue>(),
-            abi::FRAGS_MAX,
-        ),
-        shape(
-            m::METRICS,
-            4,
-            size_of::<abi::MetricsValue>(),
-            abi::METRICS_MAX,
-        ),
-        shape(m::CONFIG, 4, size_of::<abi::DatapathConfig>(), 1),
-        shape(m::EVENTS, 0, 0, abi::EVENTS_BYTES),
-        shape(
-            m::SERVICES,
-            size_of::<abi::ServiceKey>(),
-            size_of::<abi::ServiceValue>(),
-            abi::SERVICES_MAX,
-        ),
-        shape(
-            m::BACKENDS,
-            size_of::<abi::BackendKey>(),
-            size_of::<abi::BackendValue>(),
-            abi::BACKENDS_MAX,
-        ),
+        shape::<abi::IpcacheKey, abi::IpcacheValue>(m::IPCACHE, abi::IPCACHE_MAX),
+        shape::<abi::IpcacheHostKey, abi::IpcacheValue>(m::IPCACHE_HOSTS, abi::IPCACHE_HOSTS_MAX),
+        shape::<abi::EndpointKey, abi::EndpointValue>(m::ENDPOINTS, abi::ENDPOINTS_MAX),
+        shape::<abi::NodeKey, abi::NodeValue>(m::NODES, abi::NODES_MAX),
+        shape::<abi::PolicyKey, abi::PolicyValue>(m::POLICY, abi::POLICY_MAX),
+        shape::<abi::CtKey, abi::CtValue>(m::CT, abi::CT_MAX),
+        shape::<abi::FragKey, abi::FragValue>(m::FRAGS, abi::FRAGS_MAX),
+        shape::<u32, abi::MetricsValue>(m::METRICS, abi::METRICS_MAX),
+        shape::<u32, abi::DatapathConfig>(m::CONFIG, 1),
+        // A ring buffer has no key or value; its size is its max_entries.
+        shape::<(), ()>(m::EVENTS, abi::EVENTS_BYTES),
+        shape::<abi::ServiceKey, abi::ServiceValue>(m::SERVICES, abi::SERVICES_MAX),
+        shape::<abi::BackendKey, abi::BackendValue>(m::BACKENDS, abi::BACKENDS_MAX),
     ]
 }
 
