@@ -6,7 +6,8 @@
  * VNI. Service load-balancing (lib/lb.h) comes first: a packet to a service frontend is DNATed
  * to its connection's backend before anything else looks at it, so policy, conntrack and
  * forwarding are about the backend; replies of service connections to an endpoint of this node
- * from a backend of this node get their frontend source back here.
+ * from a backend of this node, and ICMP errors about their requests, get their frontend back
+ * here, and a client load-balanced to itself is SNATed (hairpin, see lb.h).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -83,14 +84,14 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ret = lb_reverse(skb, ctx, l3_off, entry);
 		if (ret < 0)
 			return ret;
-	} else if (ct == CT_RELATED && !hairpin_reply) {
+	} else if (hairpin_reply) {
+		/* To the loopback address but no reply of a hairpin connection of this sender's
+		 * (errors within one are not translated either): nobody to deliver it to. */
+		return MESHD_DROP_UNKNOWN_DEST;
+	} else if (ct == CT_RELATED) {
 		ret = lb_reverse_icmp(skb, ctx, l3_off, entry);
 		if (ret < 0)
 			return ret;
-	} else if (hairpin_reply) {
-		/* To the loopback address but no hairpin connection of this sender's: nobody to
-		 * deliver it to. */
-		return MESHD_DROP_UNKNOWN_DEST;
 	}
 	/* Replies and related errors ride on their connection's verdict; the first direction is
 	 * re-checked once after every policy change, so a change cuts established connections too. */
