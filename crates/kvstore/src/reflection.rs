@@ -124,11 +124,12 @@ impl<R: Resource> Reflection<R> {
         }
     }
 
-    /// Marks an entry seen if its bytes did not change; `true` if so (nothing else to do).
-    fn unchanged(&mut self, kv: &KeyValue) -> bool {
+    /// Marks an entry seen if its bytes (fingerprint `fp`) did not change; `true` if so
+    /// (nothing else to do).
+    fn unchanged(&mut self, key: &str, fp: u64) -> bool {
         let generation = self.generation;
-        match self.entries.get_mut(&kv.key) {
-            Some(e) if e.fingerprint == fingerprint(&kv.value) => {
+        match self.entries.get_mut(key) {
+            Some(e) if e.fingerprint == fp => {
                 e.seen = generation;
                 true
             }
@@ -136,13 +137,20 @@ impl<R: Resource> Reflection<R> {
         }
     }
 
-    fn upsert(&mut self, kv: KeyValue, key: R::Key, value: R, out: &mut Vec<WatchEvent<R>>) {
+    fn upsert(
+        &mut self,
+        raw: String,
+        fp: u64,
+        key: R::Key,
+        value: R,
+        out: &mut Vec<WatchEvent<R>>,
+    ) {
         out.push(WatchEvent::Upsert { key, value });
         let entry = Entry {
-            fingerprint: fingerprint(&kv.value),
+            fingerprint: fp,
             seen: self.generation,
         };
-        self.entries.insert(kv.key, entry);
+        self.entries.insert(raw, entry);
     }
 
     fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
@@ -163,11 +171,12 @@ impl<R: Resource> Reflection<R> {
 
     /// One entry of the list in progress.
     pub fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
-        if self.unchanged(&kv) {
+        let fp = fingerprint(&kv.value);
+        if self.unchanged(&kv.key, fp) {
             return;
         }
         match self.decode(&kv.key, &kv.value, stats) {
-            Decoded::Ok(key, value) => self.upsert(kv, key, value, out),
+            Decoded::Ok(key, value) => self.upsert(kv.key, fp, key, value, out),
             // Not marked: if we held an older, valid value it is swept as deleted, since etcd
             // no longer holds it.
             Decoded::Foreign | Decoded::Malformed => {}
@@ -195,11 +204,12 @@ impl<R: Resource> Reflection<R> {
     pub fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
         match ev.kind {
             EventKind::Put => {
-                if self.unchanged(&ev.kv) {
+                let fp = fingerprint(&ev.kv.value);
+                if self.unchanged(&ev.kv.key, fp) {
                     return;
                 }
                 match self.decode(&ev.kv.key, &ev.kv.value, stats) {
-                    Decoded::Ok(key, value) => self.upsert(ev.kv, key, value, out),
+                    Decoded::Ok(key, value) => self.upsert(ev.kv.key, fp, key, value, out),
                     Decoded::Foreign => {}
                     Decoded::Malformed => self.remove(&ev.kv.key, out),
                 }
