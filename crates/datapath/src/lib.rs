@@ -21,6 +21,6 @@ pub mod plumbing;
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
 pub use maps::{
-    Counter, DatapathMaps, Direction, DropRecord, IpcacheEntry, LbBackend, LbFrontend,
+    Counter, DatapathMaps, Direction, DropEvents, DropRecord, IpcacheEntry, LbBackend, LbFrontend,
     LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };

@@ -761,35 +761,71 @@ impl DatapathMaps {
 
     /// Takes every drop event waiting in the ring buffer.
     pub fn drain_drop_events(&mut self) -> Vec<DropRecord> {
-        let mut out = Vec::new();
-        while let Some(item) = self.events.next() {
-            if item.len() < std::mem::size_of::<abi::DropEvent>() {
-                continue;
-            }
-            // SAFETY: the record is at least size_of::<DropEvent>() bytes and DropEvent is a
-            // plain-old-data mirror of the C struct (checked by meshd-ebpf's layout test);
-            // read_unaligned copes with any alignment of the ring buffer slot.
-            let ev: abi::DropEvent =
-                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::DropEvent>()) };
-            if ev.event_type != abi::EVENT_DROP {
-                continue;
-            }
-            out.push(DropRecord {
-                timestamp_ns: ev.timestamp_ns,
-                reason: i32::from(ev.reason),
-                direction: Direction::from_raw(ev.direction),
-                src_identity: ev.src_identity,
-                dst_identity: ev.dst_identity,
-                saddr: abi::ip_from_be(ev.saddr),
-                daddr: abi::ip_from_be(ev.daddr),
-                sport: ev.sport,
-                dport: ev.dport,
-                proto: ev.proto,
-                ifindex: ev.ifindex,
-            });
-        }
-        out
+        drain(&mut self.events)
     }
+}
+
+/// The EVENTS ring buffer on its own, for its one reader: it can be polled for readiness
+/// (`AsFd`, e.g. with tokio's `AsyncFd`) instead of on a timer.
+pub struct DropEvents {
+    ring: RingBuf<MapData>,
+}
+
+impl DropEvents {
+    /// Opens the ring buffer pinned under `pin_dir/maps` by [`crate::Datapath::load`].
+    pub fn open(pin_dir: impl AsRef<Path>) -> Result<Self> {
+        Ok(DropEvents {
+            ring: typed(pin_dir.as_ref(), names::EVENTS)?,
+        })
+    }
+
+    /// Takes every drop event waiting.
+    pub fn drain(&mut self) -> Vec<DropRecord> {
+        drain(&mut self.ring)
+    }
+}
+
+impl std::os::fd::AsFd for DropEvents {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.ring.as_fd()
+    }
+}
+
+impl std::os::fd::AsRawFd for DropEvents {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<DropRecord> {
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<abi::DropEvent>() {
+            continue;
+        }
+        // SAFETY: the record is at least size_of::<DropEvent>() bytes and DropEvent is a
+        // plain-old-data mirror of the C struct (checked by meshd-ebpf's layout test);
+        // read_unaligned copes with any alignment of the ring buffer slot.
+        let ev: abi::DropEvent =
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::DropEvent>()) };
+        if ev.event_type != abi::EVENT_DROP {
+            continue;
+        }
+        out.push(DropRecord {
+            timestamp_ns: ev.timestamp_ns,
+            reason: i32::from(ev.reason),
+            direction: Direction::from_raw(ev.direction),
+            src_identity: ev.src_identity,
+            dst_identity: ev.dst_identity,
+            saddr: abi::ip_from_be(ev.saddr),
+            daddr: abi::ip_from_be(ev.daddr),
+            sport: ev.sport,
+            dport: ev.dport,
+            proto: ev.proto,
+            ifindex: ev.ifindex,
+        });
+    }
+    out
 }
 
 fn host_key(prefix: Ipv4Net) -> Option<abi::IpcacheHostKey> {

@@ -252,7 +252,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
     tokio::spawn(reconciler.run(desired_rx, local_eps_rx, reconciled_tx));
-    let (monitor, monitor_handle) = monitor::Monitor::open(config.pin_dir())?;
+    let (monitor, monitor_handle) = monitor::Monitor::open(&config.pin_dir())?;
     tokio::spawn(monitor.run());
 
     tokio::spawn(

@@ -232,7 +232,7 @@ impl meshd_api::Agent for AgentService {
                 reconciles: r.rounds,
                 last_reconcile_ms: r.last_round_ms,
                 last_error: r.last_error.unwrap_or_default(),
-                counters: self.monitor.counters.borrow().iter().map(counter).collect(),
+                counters: self.monitor.counters().await.iter().map(counter).collect(),
             }),
         }))
     }
