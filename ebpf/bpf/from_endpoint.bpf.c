@@ -50,6 +50,9 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	ret = lb_translate(skb, ctx, l3_off, now);
 	if (ret < 0)
 		return ret;
+	ret = lb_translate_icmp(skb, ctx, l3_off);
+	if (ret < 0)
+		return ret;
 
 	/* Hairpin (lb.h): the SNATed request goes to the client itself, and a reply to the service
 	 * loopback address goes back to its sender. Either way source and destination are one

@@ -1,6 +1,6 @@
 //! Service load-balancing with real kernels and sockets: TCP and UDP (a fragmented datagram
 //! too) through a VIP to a backend on the client's node, on another node, and to the client
-//! itself (hairpin); and a backend's "port unreachable" reaching the client's socket. The client's
+//! itself (hairpin); and "port unreachable" from either side reaching the other's socket. The client's
 //! socket talks to the VIP only, so every answer it accepts proves the reverse NAT (and the
 //! checksums, which the real stacks verify, unlike BPF_PROG_RUN).
 
@@ -158,6 +158,43 @@ fn udp_refused_via_vip(from: &TestEndpoint, port: u16) {
     panic!("no ECONNREFUSED through {VIP}:{port}");
 }
 
+/// The other way: the backend answers (through the VIP) a client whose socket has closed; the
+/// client's kernel answers with port unreachable about the frontend's datagram, which reaches
+/// the backend translated, and its connected socket gets ECONNREFUSED.
+fn backend_hears_the_client_is_gone(
+    from: &TestEndpoint,
+    backend: &TestEndpoint,
+    port: u16,
+    backend_port: u16,
+) {
+    let backend_ip = backend.ip;
+    let server = in_ep(backend, move || {
+        Ok(UdpSocket::bind((backend_ip, backend_port))?)
+    })
+    .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let peer = (0..10)
+        .find_map(|_| {
+            let client = in_ep(from, || Ok(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?)).unwrap();
+            client.send_to(b"hello", (VIP, port)).unwrap();
+            let (_, peer) = server.recv_from(&mut buf).ok()?;
+            drop(client);
+            Some(peer)
+        })
+        .unwrap_or_else(|| panic!("no datagram through {VIP}:{port}"));
+    server.connect(peer).unwrap();
+    let refused = |r: std::io::Result<usize>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+    for _ in 0..10 {
+        if refused(server.send(b"still there?")) || refused(server.recv(&mut buf)) {
+            return;
+        }
+    }
+    panic!("the backend {backend_ip}:{backend_port} never heard that {peer} is gone");
+}
+
 #[test]
 fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     if !can_run() {
@@ -176,6 +213,8 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     // Nothing listens on these backend ports.
     point(&mut topo, 56, UDP, b0_ip, 5356);
     point(&mut topo, 57, UDP, a1_ip, 5357);
+    point(&mut topo, 58, UDP, b0_ip, 5358);
+    point(&mut topo, 59, UDP, a1_ip, 5359);
     let (a0, a1, b0) = (topo.ep(0, 0), topo.ep(0, 1), topo.ep(1, 0));
 
     tcp_via_vip(a0, b0, 80, 8080);
@@ -190,6 +229,8 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     udp_via_vip(a0, a0, 55, 5355, 64);
     udp_refused_via_vip(a0, 56);
     udp_refused_via_vip(a0, 57);
+    backend_hears_the_client_is_gone(a0, b0, 58, 5358);
+    backend_hears_the_client_is_gone(a0, a1, 59, 5359);
 
     for node in &topo.nodes {
         for c in node.maps.counters().unwrap() {

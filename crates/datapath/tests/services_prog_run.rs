@@ -481,6 +481,70 @@ fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() 
     assert_eq!(&out[ETH..], &err[ETH..], "untouched");
 }
 
+/// The other way: a client's ICMP error about a reply it got from the frontend (port
+/// unreachable for a UDP reply to a closed socket) goes to the connection's backend, quoting
+/// the backend, for a local and for a remote backend; so the backend's socket hears of it.
+#[test]
+fn a_clients_icmp_error_about_a_reply_goes_to_the_backend() {
+    let Some(mut dp) = setup() else { return };
+    set_backends(&mut dp, frontend(UDP), &[(B, 1)]);
+    let (v, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &with_l4_checksum(Packet::udp(A, 40010, VIP, 80).bytes()),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let (v, _, _) = dp.run(
+        programs::FROM_ENDPOINT,
+        &with_l4_checksum(Packet::udp(B, 8080, A, 40010).bytes()),
+        B_IF,
+        [0; 5],
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+
+    // A's kernel quotes the reply as it got it: VIP:80 -> A:40010.
+    let seen = Packet::udp(VIP, 80, A, 40010);
+    let err = with_icmp_checksum(Packet::icmp_error(A, VIP, &seen).bytes());
+    let (v, out, _) = dp.run(programs::FROM_ENDPOINT, &err, A_IF, [0; 5]);
+    assert_eq!(
+        v, TC_ACT_REDIRECT,
+        "not dropped as to an unknown destination"
+    );
+    assert_eq!(&out[0..6], &mac(3), "delivered to the backend");
+    assert_eq!((saddr(&out), daddr(&out)), (A, B));
+    assert_eq!(quoted(&out), ((B, 8080), (A, 40010)), "quotes the backend");
+    assert_icmp_error_valid(&out, "after translation");
+
+    // A remote backend: tunnelled to its node.
+    set_backends(&mut dp, frontend(UDP), &[(R, 2)]);
+    let (v, _, _) = dp.run(
+        programs::FROM_ENDPOINT_PROBE,
+        &with_l4_checksum(Packet::udp(A, 40011, VIP, 80).bytes()),
+        A_IF,
+        [0; 5],
+    );
+    assert_eq!(v, TC_ACT_REDIRECT);
+    let seen = Packet::udp(VIP, 80, A, 40011);
+    let err = with_icmp_checksum(Packet::icmp_error(A, VIP, &seen).bytes());
+    let (v, out, cb) = dp.run(programs::FROM_ENDPOINT_PROBE, &err, A_IF, [0; 5]);
+    assert_eq!(v, TC_ACT_REDIRECT);
+    assert_eq!(
+        Ipv4Addr::from(cb[0]),
+        NODE2,
+        "tunnelled to the backend's node"
+    );
+    assert_eq!(daddr(&out), R);
+    assert_eq!(quoted(&out), ((R, 8080), (A, 40011)));
+    assert_icmp_error_valid(&out, "after translation to a remote backend");
+
+    // About a port of the frontend no connection of A's used: nothing to translate.
+    let seen = Packet::udp(VIP, 80, A, 49999);
+    let err = with_icmp_checksum(Packet::icmp_error(A, VIP, &seen).bytes());
+    let (v, _, _) = dp.run(programs::FROM_ENDPOINT, &err, A_IF, [0; 5]);
+    assert_eq!(v, TC_ACT_SHOT);
+}
+
 #[test]
 fn a_remote_backend_is_tunnelled_to_and_its_reply_reverse_natted_in_from_overlay() {
     let Some(mut dp) = setup() else { return };

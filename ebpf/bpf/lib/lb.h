@@ -11,8 +11,9 @@
  * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing).
  *
  * An ICMP error about a client's packet to a backend (port unreachable, fragmentation needed)
- * is translated back too (lb_reverse_icmp), so the client's socket hears of it. Errors the
- * client sends about a backend's reply, and errors within hairpin connections, are not.
+ * is translated back too (lb_reverse_icmp), so the client's socket hears of it, and one the
+ * client sends about a backend's reply goes to that backend (lb_translate_icmp). Errors within
+ * hairpin connections are not translated.
  *
  * A client chosen as its own backend (hairpin) is also SNATed, to MESHD_SERVICE_LOOPBACK_ADDR
  * (see meshd_abi.h); lb_reverse undoes both translations on the replies.
@@ -179,64 +180,138 @@ static __always_inline int lb_reverse(struct __sk_buff *skb, struct pkt_ctx *ctx
 	return 0;
 }
 
+/* The packet an ICMP error quotes: where it sits in the skb, and its addresses and ports. */
+struct icmp_quote {
+	__u32 icmp_csum_off;
+	__u32 ip_off;
+	__u32 ports_off; /* its TCP/UDP source port; the destination port follows */
+	struct iphdr ip;
+	__u16 sport; /* network byte order */
+	__u16 dport;
+};
+
+/* 0 with *q filled for a quoted TCP/UDP packet, 1 for another protocol, < 0 on a short packet. */
+static __always_inline int icmp_quote_load(struct __sk_buff *skb, __u32 l3_off, struct icmp_quote *q)
+{
+	__u8 ihl_byte;
+	if (bpf_skb_load_bytes(skb, l3_off, &ihl_byte, 1) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	__u32 icmp_off = l3_off + (ihl_byte & 0x0f) * 4;
+	q->icmp_csum_off = icmp_off + offsetof(struct icmphdr, checksum);
+	q->ip_off = icmp_off + sizeof(struct icmphdr);
+	if (bpf_skb_load_bytes(skb, q->ip_off, &q->ip, sizeof(q->ip)) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	if (q->ip.protocol != IPPROTO_TCP && q->ip.protocol != IPPROTO_UDP)
+		return 1;
+	q->ports_off = q->ip_off + q->ip.ihl * 4;
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, q->ports_off, ports, sizeof(ports)) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	q->sport = ports[0];
+	q->dport = ports[1];
+	return 0;
+}
+
 /*
- * An ICMP error about a packet of a service connection (ct CT_RELATED, entry = the CT entry of
- * the embedded packet's direction, client -> backend): the embedded destination goes back from
- * the backend to the frontend the client sent to, since the client's kernel matches the error to
- * a socket by it; and when the backend itself sent the error, its source becomes the frontend.
- * The ICMP checksum follows each changed word; the embedded IP header's checksum is fixed; the
- * embedded TCP/UDP checksum is left stale, as no receiver checks the checksum of a quoted
- * packet (it is often cut short anyway).
+ * Rewrites one side of the quoted packet (addr_off IP_SADDR_OFF or IP_DADDR_OFF, port_off
+ * L4_SPORT_OFF or L4_DPORT_OFF): its address, its IP header checksum and its port, and the
+ * ICMP checksum (no pseudo-header) by each changed word. The quoted TCP/UDP checksum is left
+ * stale: no receiver checks the checksum of a quoted packet (often cut short anyway).
+ */
+static __always_inline int icmp_quote_rewrite(struct __sk_buff *skb, const struct icmp_quote *q, __u32 addr_off,
+					      __u32 old_addr, __u32 new_addr, __u32 port_off, __u16 old_port,
+					      __u16 new_port)
+{
+	__u16 old_csum = q->ip.check;
+	if (bpf_l3_csum_replace(skb, q->ip_off + IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	__u16 new_csum;
+	if (bpf_skb_load_bytes(skb, q->ip_off + IP_CSUM_OFF, &new_csum, sizeof(new_csum)) < 0)
+		return MESHD_DROP_INVALID_PACKET;
+	if (bpf_skb_store_bytes(skb, q->ip_off + addr_off, &new_addr, sizeof(new_addr), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, q->ports_off + port_off, &new_port, sizeof(new_port), 0) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	if (bpf_l4_csum_replace(skb, q->icmp_csum_off, old_addr, new_addr, sizeof(new_addr)) < 0 ||
+	    bpf_l4_csum_replace(skb, q->icmp_csum_off, old_csum, new_csum, sizeof(new_csum)) < 0 ||
+	    bpf_l4_csum_replace(skb, q->icmp_csum_off, old_port, new_port, sizeof(new_port)) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	return 0;
+}
+
+/* The outer address of an ICMP error: only the IP header checksum covers it. */
+static __always_inline int icmp_outer_rewrite(struct __sk_buff *skb, __u32 l3_off, __u32 addr_off, __u32 old_addr,
+					      __u32 new_addr)
+{
+	if (bpf_l3_csum_replace(skb, l3_off + IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) < 0 ||
+	    bpf_skb_store_bytes(skb, l3_off + addr_off, &new_addr, sizeof(new_addr), 0) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	return 0;
+}
+
+/*
+ * An ICMP error about a client's packet to a backend (ct CT_RELATED, entry = the CT entry of the
+ * quoted packet's direction, client -> backend): the quoted destination goes back from the
+ * backend to the frontend the client sent to, since the client's kernel matches the error to a
+ * socket by it; and when the backend itself sent the error, its source becomes the frontend (a
+ * router on the way keeps its own).
  */
 static __always_inline int lb_reverse_icmp(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off,
 					   const struct ct_value *entry)
 {
 	if (!entry || !entry->nat_addr || (entry->flags & (MESHD_CT_F_REPLY | MESHD_CT_F_SERVICE)))
 		return 0;
-	__u8 ihl_byte;
-	if (bpf_skb_load_bytes(skb, l3_off, &ihl_byte, 1) < 0)
-		return MESHD_DROP_INVALID_PACKET;
-	__u32 icmp_off = l3_off + (ihl_byte & 0x0f) * 4;
-	__u32 icmp_csum_off = icmp_off + offsetof(struct icmphdr, checksum);
-	__u32 inner_off = icmp_off + sizeof(struct icmphdr);
-	struct iphdr inner;
-	if (bpf_skb_load_bytes(skb, inner_off, &inner, sizeof(inner)) < 0)
-		return MESHD_DROP_INVALID_PACKET;
-	if (inner.protocol != IPPROTO_TCP && inner.protocol != IPPROTO_UDP)
-		return 0;
-	__u32 inner_dport_off = inner_off + inner.ihl * 4 + L4_DPORT_OFF;
-	__u16 backend_port;
-	if (bpf_skb_load_bytes(skb, inner_dport_off, &backend_port, sizeof(backend_port)) < 0)
-		return MESHD_DROP_INVALID_PACKET;
-	__u32 backend_addr = inner.daddr;
-	__u32 frontend_addr = entry->nat_addr;
-	__u16 frontend_port = entry->nat_port;
-
-	/* Embedded destination address, and the embedded header checksum that covers it. */
-	__u16 old_inner_csum = inner.check;
-	if (bpf_l3_csum_replace(skb, inner_off + IP_CSUM_OFF, backend_addr, frontend_addr, sizeof(frontend_addr)) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	__u16 new_inner_csum;
-	if (bpf_skb_load_bytes(skb, inner_off + IP_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) < 0)
-		return MESHD_DROP_INVALID_PACKET;
-	if (bpf_skb_store_bytes(skb, inner_off + IP_DADDR_OFF, &frontend_addr, sizeof(frontend_addr), 0) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	if (bpf_skb_store_bytes(skb, inner_dport_off, &frontend_port, sizeof(frontend_port), 0) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	/* The ICMP checksum covers all three words (no pseudo-header). */
-	if (bpf_l4_csum_replace(skb, icmp_csum_off, backend_addr, frontend_addr, sizeof(frontend_addr)) < 0 ||
-	    bpf_l4_csum_replace(skb, icmp_csum_off, old_inner_csum, new_inner_csum, sizeof(new_inner_csum)) < 0 ||
-	    bpf_l4_csum_replace(skb, icmp_csum_off, backend_port, frontend_port, sizeof(frontend_port)) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-
-	/* A router on the way keeps its own address as the source. */
+	struct icmp_quote q;
+	int ret = icmp_quote_load(skb, l3_off, &q);
+	if (ret != 0)
+		return ret < 0 ? ret : 0;
+	__u32 backend_addr = q.ip.daddr;
+	ret = icmp_quote_rewrite(skb, &q, IP_DADDR_OFF, backend_addr, entry->nat_addr, L4_DPORT_OFF, q.dport,
+				 entry->nat_port);
+	if (ret < 0)
+		return ret;
 	if (ctx->saddr == backend_addr) {
-		if (bpf_l3_csum_replace(skb, l3_off + IP_CSUM_OFF, ctx->saddr, frontend_addr, sizeof(frontend_addr)) < 0)
-			return MESHD_DROP_WRITE_ERROR;
-		if (bpf_skb_store_bytes(skb, l3_off + IP_SADDR_OFF, &frontend_addr, sizeof(frontend_addr), 0) < 0)
-			return MESHD_DROP_WRITE_ERROR;
-		ctx->saddr = frontend_addr;
+		ret = icmp_outer_rewrite(skb, l3_off, IP_SADDR_OFF, ctx->saddr, entry->nat_addr);
+		if (ret < 0)
+			return ret;
+		ctx->saddr = entry->nat_addr;
 	}
+	return 0;
+}
+
+/*
+ * The other way: an ICMP error a client sends about a reply it got from a frontend (quoting
+ * frontend -> client, e.g. port unreachable for a UDP reply to a closed socket) goes to that
+ * connection's backend, quoting the backend, as if the client had talked to it directly. Runs
+ * before forwarding looks at the destination, like lb_translate. Not for hairpin connections.
+ */
+static __always_inline int lb_translate_icmp(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off)
+{
+	if (ctx->proto != IPPROTO_ICMP || !icmp_is_error(ctx->icmp_type))
+		return 0;
+	struct icmp_quote q;
+	int ret = icmp_quote_load(skb, l3_off, &q);
+	if (ret != 0)
+		return ret < 0 ? ret : 0;
+	if (q.ip.saddr != ctx->daddr)
+		return 0;
+	struct service_key skey = {.addr = q.ip.saddr, .port = q.sport, .proto = q.ip.protocol};
+	if (!bpf_map_lookup_elem(&SERVICES, &skey))
+		return 0;
+	/* The connection's frontend entry, keyed as the client sent: client -> frontend. */
+	struct ct_key ckey = {
+		.saddr = q.ip.daddr, .daddr = q.ip.saddr, .sport = q.dport, .dport = q.sport, .proto = q.ip.protocol};
+	struct ct_value *conn = bpf_map_lookup_elem(&CT, &ckey);
+	if (!conn || !(conn->flags & MESHD_CT_F_SERVICE) || conn->nat_addr == ctx->saddr)
+		return 0;
+	__u32 backend_addr = conn->nat_addr;
+	ret = icmp_quote_rewrite(skb, &q, IP_SADDR_OFF, q.ip.saddr, backend_addr, L4_SPORT_OFF, q.sport,
+				 conn->nat_port);
+	if (ret < 0)
+		return ret;
+	ret = icmp_outer_rewrite(skb, l3_off, IP_DADDR_OFF, ctx->daddr, backend_addr);
+	if (ret < 0)
+		return ret;
+	ctx->daddr = backend_addr;
 	return 0;
 }
 
