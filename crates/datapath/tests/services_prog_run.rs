@@ -175,6 +175,10 @@ fn tcp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, flags: u8) -> V
     with_l4_checksum(Packet::tcp(saddr, sport, daddr, dport, flags).bytes())
 }
 
+fn udp(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16) -> Vec<u8> {
+    with_l4_checksum(Packet::udp(saddr, sport, daddr, dport).bytes())
+}
+
 fn counter(dp: &TestDatapath, direction: Direction, reason: i32) -> u64 {
     dp.maps.counter(direction, reason).unwrap()
 }
@@ -388,6 +392,11 @@ fn with_icmp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     frame
 }
 
+/// Port unreachable from `saddr` to `daddr` about `original`, with a correct ICMP checksum.
+fn icmp_error(saddr: Ipv4Addr, daddr: Ipv4Addr, original: &Packet) -> Vec<u8> {
+    with_icmp_checksum(Packet::icmp_error(saddr, daddr, original).bytes())
+}
+
 /// The packet an ICMP error quotes (after the outer IP and ICMP headers): source and
 /// destination address and port.
 fn quoted(frame: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
@@ -422,7 +431,7 @@ fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() 
     set_backends(&mut dp, frontend(UDP), &[(B, 1)]);
     let (v, out, _) = dp.run(
         programs::FROM_ENDPOINT,
-        &with_l4_checksum(Packet::udp(A, 40000, VIP, 80).bytes()),
+        &udp(A, 40000, VIP, 80),
         A_IF,
         [0; 5],
     );
@@ -430,7 +439,7 @@ fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() 
 
     // B's kernel quotes the datagram as it got it: A:40000 -> B:8080.
     let seen = Packet::udp(A, 40000, B, 8080);
-    let err = with_icmp_checksum(Packet::icmp_error(B, A, &seen).bytes());
+    let err = icmp_error(B, A, &seen);
     assert_icmp_error_valid(&err, "the built error");
     let (v, out, _) = dp.run(programs::FROM_ENDPOINT, &err, B_IF, [0; 5]);
     assert_eq!(v, TC_ACT_REDIRECT);
@@ -451,7 +460,7 @@ fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() 
     assert_eq!(v, TC_ACT_REDIRECT);
     let seen = Packet::tcp(A, 40001, R, 8080, 0x02);
     let overlay = [abi::ip_to_be(NODE2), REMOTE, 0, 0, 0];
-    let err = with_icmp_checksum(Packet::icmp_error(R, A, &seen).bytes());
+    let err = icmp_error(R, A, &seen);
     let (v, out, _) = dp.run(programs::FROM_OVERLAY_PROBE, &err, 0, overlay);
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(saddr(&out), VIP);
@@ -460,7 +469,7 @@ fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() 
 
     // The same error from a router on the way: it keeps its source.
     let router = Ipv4Addr::new(10, 2, 0, 1);
-    let err = with_icmp_checksum(Packet::icmp_error(router, A, &seen).bytes());
+    let err = icmp_error(router, A, &seen);
     let (v, out, _) = dp.run(programs::FROM_OVERLAY_PROBE, &err, 0, overlay);
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(saddr(&out), router);
@@ -475,7 +484,7 @@ fn icmp_errors_about_a_service_connection_are_translated_back_to_the_frontend() 
         A_IF,
         [0; 5],
     );
-    let err = with_icmp_checksum(Packet::icmp_error(B, A, &direct).bytes());
+    let err = icmp_error(B, A, &direct);
     let (v, out, _) = dp.run(programs::FROM_ENDPOINT, &err, B_IF, [0; 5]);
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(&out[ETH..], &err[ETH..], "untouched");
@@ -490,14 +499,14 @@ fn a_clients_icmp_error_about_a_reply_goes_to_the_backend() {
     set_backends(&mut dp, frontend(UDP), &[(B, 1)]);
     let (v, _, _) = dp.run(
         programs::FROM_ENDPOINT,
-        &with_l4_checksum(Packet::udp(A, 40010, VIP, 80).bytes()),
+        &udp(A, 40010, VIP, 80),
         A_IF,
         [0; 5],
     );
     assert_eq!(v, TC_ACT_REDIRECT);
     let (v, _, _) = dp.run(
         programs::FROM_ENDPOINT,
-        &with_l4_checksum(Packet::udp(B, 8080, A, 40010).bytes()),
+        &udp(B, 8080, A, 40010),
         B_IF,
         [0; 5],
     );
@@ -505,7 +514,7 @@ fn a_clients_icmp_error_about_a_reply_goes_to_the_backend() {
 
     // A's kernel quotes the reply as it got it: VIP:80 -> A:40010.
     let seen = Packet::udp(VIP, 80, A, 40010);
-    let err = with_icmp_checksum(Packet::icmp_error(A, VIP, &seen).bytes());
+    let err = icmp_error(A, VIP, &seen);
     let (v, out, _) = dp.run(programs::FROM_ENDPOINT, &err, A_IF, [0; 5]);
     assert_eq!(
         v, TC_ACT_REDIRECT,
@@ -520,13 +529,13 @@ fn a_clients_icmp_error_about_a_reply_goes_to_the_backend() {
     set_backends(&mut dp, frontend(UDP), &[(R, 2)]);
     let (v, _, _) = dp.run(
         programs::FROM_ENDPOINT_PROBE,
-        &with_l4_checksum(Packet::udp(A, 40011, VIP, 80).bytes()),
+        &udp(A, 40011, VIP, 80),
         A_IF,
         [0; 5],
     );
     assert_eq!(v, TC_ACT_REDIRECT);
     let seen = Packet::udp(VIP, 80, A, 40011);
-    let err = with_icmp_checksum(Packet::icmp_error(A, VIP, &seen).bytes());
+    let err = icmp_error(A, VIP, &seen);
     let (v, out, cb) = dp.run(programs::FROM_ENDPOINT_PROBE, &err, A_IF, [0; 5]);
     assert_eq!(v, TC_ACT_REDIRECT);
     assert_eq!(
@@ -540,7 +549,7 @@ fn a_clients_icmp_error_about_a_reply_goes_to_the_backend() {
 
     // About a port of the frontend no connection of A's used: nothing to translate.
     let seen = Packet::udp(VIP, 80, A, 49999);
-    let err = with_icmp_checksum(Packet::icmp_error(A, VIP, &seen).bytes());
+    let err = icmp_error(A, VIP, &seen);
     let (v, _, _) = dp.run(programs::FROM_ENDPOINT, &err, A_IF, [0; 5]);
     assert_eq!(v, TC_ACT_SHOT);
 }
@@ -592,13 +601,13 @@ fn a_remote_backend_is_tunnelled_to_and_its_reply_reverse_natted_in_from_overlay
 fn udp_is_balanced_and_a_zero_udp_checksum_stays_zero() {
     let Some(mut dp) = setup() else { return };
     set_backends(&mut dp, frontend(UDP), &[(B, 1)]);
-    let dgram = with_l4_checksum(Packet::udp(A, 5353, VIP, 80).bytes());
+    let dgram = udp(A, 5353, VIP, 80);
     assert_checksums_valid(&dgram, "the built datagram");
     let (verdict, out, _) = dp.run(programs::FROM_ENDPOINT, &dgram, A_IF, [0; 5]);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!((daddr(&out), dport(&out)), (B, 8080));
     assert_checksums_valid(&out, "UDP after DNAT");
-    let reply = with_l4_checksum(Packet::udp(B, 8080, A, 5353).bytes());
+    let reply = udp(B, 8080, A, 5353);
     let (_, out, _) = dp.run(programs::FROM_ENDPOINT, &reply, B_IF, [0; 5]);
     assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
     assert_checksums_valid(&out, "UDP after reverse NAT");
