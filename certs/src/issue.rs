@@ -11,6 +11,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::inspect::CertInfo;
 use crate::pem_files::{read, read_certs, write_all_atomic, write_atomic, CERT_MODE, KEY_MODE};
+use crate::principal::Principal;
 use crate::validate::check_validity;
 use crate::{CertError, CA_CERT_FILE, CA_KEY_FILE};
 
@@ -20,19 +21,26 @@ const BACKDATE: Duration = Duration::hours(1);
 /// The Organization of every certificate the mesh issues.
 pub const ORGANIZATION: &str = "meshd";
 
-/// The three leaf certificates every cluster has.
+/// The leaf certificates of a cluster: a server, an admin and a remote certificate per cluster
+/// (`ALL`), and one node certificate per node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LeafKind {
     /// The cluster's etcd server.
     Server,
-    /// The cluster's own components (meshd, apiserver, bootstrap): etcd user `root`.
+    /// The cluster's apiserver and its operators: etcd user `admin-<cluster>` (role root) in
+    /// that cluster's etcd only. Never given to agents.
     Admin,
-    /// What other clusters present to read this cluster's etcd: etcd user `remote`.
+    /// What the cluster's agents present to read other clusters' etcd: etcd user
+    /// `remote-<cluster>` there, read-only, added by `meshd clustermesh connect <cluster>`.
     Remote,
+    /// One node's agent: etcd user `node-<cluster>-<node>`, which may publish only what agents
+    /// publish, in its own cluster.
+    Node,
 }
 
 impl LeafKind {
+    /// The certificates `meshd certs issue all` issues: one each per cluster.
     pub const ALL: [LeafKind; 3] = [LeafKind::Server, LeafKind::Admin, LeafKind::Remote];
 
     /// File stem in an issue directory: `server.pem`/`server-key.pem`, ...
@@ -41,16 +49,20 @@ impl LeafKind {
             LeafKind::Server => "server",
             LeafKind::Admin => "admin",
             LeafKind::Remote => "remote",
+            LeafKind::Node => "node",
         }
     }
 
-    /// The subject CN. etcd with `--client-cert-auth` takes a client certificate's CN as the user
-    /// name, so these are the etcd users `meshd etcd bootstrap` creates.
-    pub fn common_name(self, cluster: &str) -> String {
+    /// The subject CN (`node` only for `Node`). etcd with `--client-cert-auth` takes a client
+    /// certificate's CN as the user name, so client CNs are the etcd users `meshd etcd
+    /// bootstrap` and `meshd clustermesh connect` create, and carry their cluster (see
+    /// `Principal`).
+    pub fn common_name(self, cluster: &str, node: Option<&str>) -> String {
         match self {
             LeafKind::Server => format!("etcd.{cluster}"),
-            LeafKind::Admin => crate::ADMIN_USER.to_owned(),
-            LeafKind::Remote => crate::REMOTE_USER.to_owned(),
+            LeafKind::Admin => Principal::admin(cluster).common_name(),
+            LeafKind::Remote => Principal::remote(cluster).common_name(),
+            LeafKind::Node => Principal::node(cluster, node.unwrap_or("")).common_name(),
         }
     }
 
@@ -68,8 +80,11 @@ impl std::str::FromStr for LeafKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         LeafKind::ALL
             .into_iter()
+            .chain([LeafKind::Node])
             .find(|k| k.file_stem() == s)
-            .ok_or_else(|| format!("unknown certificate kind {s:?} (server, admin or remote)"))
+            .ok_or_else(|| {
+                format!("unknown certificate kind {s:?} (server, admin, remote or node)")
+            })
     }
 }
 
@@ -78,6 +93,8 @@ impl std::str::FromStr for LeafKind {
 pub struct LeafRequest {
     pub kind: LeafKind,
     pub cluster: String,
+    /// The node of a `Node` certificate.
+    pub node: Option<String>,
     /// Subject CN; `None` means the kind's default (see `LeafKind::common_name`).
     pub common_name: Option<String>,
     pub dns_names: Vec<String>,
@@ -93,6 +110,7 @@ impl LeafRequest {
         LeafRequest {
             kind,
             cluster: cluster.to_owned(),
+            node: None,
             common_name: None,
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),
@@ -110,6 +128,9 @@ impl LeafRequest {
             days,
         );
         req.common_name = existing.common_name.clone();
+        if kind == LeafKind::Node {
+            req.node = Principal::from_cert(existing).ok().and_then(|p| p.node);
+        }
         req.dns_names = existing.dns_names.clone();
         req.ip_addresses = existing.ip_addresses.clone();
         req
@@ -118,7 +139,7 @@ impl LeafRequest {
     fn common_name(&self) -> String {
         self.common_name
             .clone()
-            .unwrap_or_else(|| self.kind.common_name(&self.cluster))
+            .unwrap_or_else(|| self.kind.common_name(&self.cluster, self.node.as_deref()))
     }
 }
 
@@ -303,9 +324,52 @@ impl MeshCa {
         Ok(())
     }
 
+    /// The node certificate of `node` in `cluster`, in `dir` (`node.pem`, `node-key.pem` and a
+    /// copy of this CA): what that node's agent uses for its own cluster's etcd.
+    pub fn issue_node(
+        &self,
+        dir: &Path,
+        cluster: &str,
+        node: &str,
+        days: u32,
+        overwrite: bool,
+    ) -> Result<(), CertError> {
+        self.write_ca_copy(dir, overwrite)?;
+        let mut req = LeafRequest::new(LeafKind::Node, cluster, days);
+        req.node = Some(node.to_owned());
+        self.issue(&req)?.write(dir, overwrite)?;
+        Ok(())
+    }
+
     /// Issues one leaf certificate with a new key.
     pub fn issue(&self, req: &LeafRequest) -> Result<IssuedLeaf, CertError> {
         let cn = req.common_name();
+        if req.kind == LeafKind::Node && req.node.as_deref().unwrap_or("").is_empty() {
+            return Err(issue_err(
+                &cn,
+                "a node certificate needs the node's name (--node)",
+            ));
+        }
+        // etcd maps a client certificate's CN to its user, and user `root` exists in every
+        // cluster's etcd (etcd refuses `auth enable` without it). Under one mesh CA a certificate
+        // named root would be root of every cluster, so the mesh never issues one.
+        if req.kind != LeafKind::Server && crate::LEGACY_COMMON_NAMES.contains(&cn.as_str()) {
+            return Err(issue_err(
+                &cn,
+                "this CN is valid in every cluster's etcd (user root, or a name without its cluster); client certificates are named per cluster (leave out --cn)",
+            ));
+        }
+        // A hand-picked CN in the mesh's own shape must name the certificate's cluster: etcd
+        // reads only the CN, so `admin-c1` issued "for c2" would be root of c1.
+        if req.kind != LeafKind::Server
+            && ["admin-", "node-", "remote-"]
+                .iter()
+                .any(|p| cn.starts_with(p))
+        {
+            if let Err(e) = Principal::parse(&cn, &req.cluster) {
+                return Err(issue_err(&cn, e));
+            }
+        }
         if req.kind == LeafKind::Server && req.dns_names.is_empty() && req.ip_addresses.is_empty() {
             return Err(issue_err(
                 &cn,
@@ -359,7 +423,9 @@ impl MeshCa {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
-            LeafKind::Admin | LeafKind::Remote => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            LeafKind::Admin | LeafKind::Remote | LeafKind::Node => {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            }
         };
         params.use_authority_key_identifier_extension = true;
         params.not_before = req.not_before;

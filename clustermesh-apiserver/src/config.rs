@@ -47,7 +47,8 @@ pub struct ConfigArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// Client certificate CNs allowed to use the API, comma separated [default: root].
+    /// Client certificate CNs allowed to use the API besides admin-<cluster>, comma separated;
+    /// their certificates must still be of this cluster (OU).
     #[arg(long, value_delimiter = ',')]
     #[serde(default)]
     pub admin_cn: Vec<String>,
@@ -229,6 +230,13 @@ impl ConfigArgs {
                 None
             }
         };
+        for cn in &self.admin_cn {
+            if meshd_certs::LEGACY_COMMON_NAMES.contains(&cn.as_str()) {
+                errors.push(format!(
+                    "--admin-cn {cn}: this name is valid in every cluster (etcd's root, or a name without its cluster) and no longer accepted; the cluster's admin certificate (admin-<cluster>) is always allowed"
+                ));
+            }
+        }
         let max_txn_ops = self.max_txn_ops.unwrap_or(128);
         if max_txn_ops < 4 {
             errors.push("--max-txn-ops: must be at least 4".into());
@@ -250,11 +258,7 @@ impl ConfigArgs {
                 self.tls_cert.expect("checked"),
                 self.tls_key.expect("checked"),
             ),
-            admins: if self.admin_cn.is_empty() {
-                vec![meshd_certs::ADMIN_USER.to_owned()]
-            } else {
-                self.admin_cn
-            },
+            admins: self.admin_cn,
             service_cidr: service_cidr.expect("checked"),
             identity_gc_grace,
             resync_interval,

@@ -3,7 +3,10 @@
 //! got in between).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use meshd_certs::{Principal, Role};
 
 use meshd_kvstore::EtcdStore;
 use meshd_manifest::{
@@ -29,8 +32,11 @@ pub struct ApiService {
     pub cluster: ClusterName,
     pub cidr: ServiceCidr,
     pub max_txn_ops: usize,
-    /// Client certificate CNs allowed to use the API (the cluster's admin certificate).
+    /// Client certificate CNs allowed to use the API besides the cluster's admin certificate
+    /// (`admin-<cluster>`): operators' own certificates, still of this cluster (OU).
     pub admins: Arc<Vec<String>>,
+    /// Requests refused by authorization, for `/counters` on the health listener.
+    pub refused: Arc<AtomicU64>,
 }
 
 impl From<ApiserverError> for Status {
@@ -54,22 +60,22 @@ fn outcome_pb(o: &Outcome) -> pb::ObjectResult {
 }
 
 impl ApiService {
+    /// Only this cluster's admins may use the API. The whole identity counts, never the CN
+    /// alone: one mesh CA signs every cluster's certificates, so the cluster (the OU the CA
+    /// wrote, which the CN must repeat) decides as much as the role.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let peer = request
             .extensions()
             .get::<PeerIdentity>()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        match &peer.common_name {
-            Some(cn) if self.admins.iter().any(|a| a == cn) => Ok(()),
-            cn => {
-                tracing::info!(remote = %peer.remote, cn = ?cn, "API request refused");
-                Err(Status::permission_denied(format!(
-                    "client certificate CN {:?} may not use this API (allowed: {})",
-                    cn.as_deref().unwrap_or(""),
-                    self.admins.join(", ")
-                )))
-            }
+        let cn = peer.common_name.as_deref().unwrap_or("");
+        let ou = peer.organizational_unit.as_deref().unwrap_or("");
+        let verdict = authorize_principal(&self.cluster, &self.admins, cn, ou);
+        if let Err(reason) = &verdict {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(remote = %peer.remote, cn, ou, %reason, "API request refused");
         }
+        verdict.map_err(Status::permission_denied)
     }
 
     /// Plans against a fresh snapshot and executes, again while guards fail.
@@ -96,6 +102,37 @@ impl ApiService {
             tracing::debug!("plan guards failed; planning again on a fresh snapshot");
         }
         Err(ApiserverError::Contended { what: "apply" })
+    }
+}
+
+/// Whether the client certificate `cn`/`ou` may use the API of `cluster`; the refusal says why
+/// in words the client can act on (it becomes the gRPC status message).
+pub fn authorize_principal(
+    cluster: &ClusterName,
+    extra_admins: &[String],
+    cn: &str,
+    ou: &str,
+) -> Result<(), String> {
+    if ou == cluster.as_str() && extra_admins.iter().any(|a| a == cn) {
+        return Ok(());
+    }
+    let principal = Principal::parse(cn, ou).map_err(|e| {
+        format!("refused: certificate CN {cn:?} may not use this API: {e}; this apiserver serves cluster {cluster}")
+    })?;
+    if principal.cluster != cluster.as_str() {
+        return Err(format!(
+            "refused: {principal} may not use this API: it is a certificate of cluster {}, and this apiserver serves cluster {cluster}, which only its own admin certificate (admin-{cluster}) may use",
+            principal.cluster
+        ));
+    }
+    match principal.role {
+        Role::Admin => Ok(()),
+        Role::Node => Err(format!(
+            "refused: {principal} may not use this API: it is a node certificate, which publishes its node's records in etcd and calls no apiserver; use the cluster's admin certificate (admin-{cluster})"
+        )),
+        Role::Remote => Err(format!(
+            "refused: {principal} may not use this API: it is a remote certificate, which only reads other clusters' shared state in their etcd; use the cluster's admin certificate (admin-{cluster})"
+        )),
     }
 }
 

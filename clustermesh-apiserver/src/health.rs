@@ -1,8 +1,8 @@
-//! `/healthz` (the process serves) and `/readyz` (it can do its job: cluster config written,
-//! etcd answering) over plain HTTP, for probes and load balancers.
+//! `/healthz` (the process serves), `/readyz` (it can do its job: cluster config written,
+//! etcd answering) and `/counters` (JSON: API requests refused by authorization) over plain HTTP, for probes and load balancers.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +18,9 @@ pub struct Health {
     pub cluster_config_written: AtomicBool,
     pub etcd_reachable: AtomicBool,
     pub api_serving: AtomicBool,
+    /// API requests refused by authorization (a certificate of another cluster, a node or
+    /// remote certificate, a certificate from before per-cluster names).
+    pub api_refused: Arc<AtomicU64>,
 }
 
 impl Health {
@@ -54,6 +57,13 @@ fn route(health: &Health, path: &str) -> Response<Full<Bytes>> {
             Ok(()) => respond(StatusCode::OK, "ready".into()),
             Err(why) => respond(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
         },
+        "/counters" => respond(
+            StatusCode::OK,
+            serde_json::json!({
+                "api_requests_refused": health.api_refused.load(Ordering::Relaxed),
+            })
+            .to_string(),
+        ),
         _ => respond(StatusCode::NOT_FOUND, "not found".into()),
     }
 }

@@ -73,6 +73,7 @@ impl Apiserver {
             cidr: config.service_cidr,
             max_txn_ops: config.max_txn_ops,
             admins: Arc::new(config.admins.clone()),
+            refused: health.api_refused.clone(),
         };
         let incoming = crate::tls::incoming(api, config.tls.clone());
         let mut grpc_stop = stop_rx.clone();

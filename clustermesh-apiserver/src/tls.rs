@@ -1,7 +1,7 @@
 //! mTLS for the gRPC API, with our own rustls configs (TLS 1.3 only, client certificate signed
 //! by the mesh CA) rather than tonic's: the files are re-read for every connection, so rotated
-//! certificates are used without a restart, and the client's certificate CN is handed to the
-//! handlers (`PeerIdentity`) for authorization.
+//! certificates are used without a restart, and the client's certificate CN and OU are handed to
+//! the handlers (`PeerIdentity`) for authorization.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,6 +25,8 @@ pub struct PeerIdentity {
     pub remote: SocketAddr,
     /// CN of the verified client certificate.
     pub common_name: Option<String>,
+    /// OU of the verified client certificate: the cluster the mesh CA issued it for.
+    pub organizational_unit: Option<String>,
 }
 
 /// An accepted, handshaken connection.
@@ -146,18 +148,22 @@ async fn handshake(
             io::ErrorKind::UnexpectedEof => Handshake::Probe,
             _ => Handshake::Failed(e.to_string()),
         })?;
-    let common_name = stream
+    let info = stream
         .get_ref()
         .1
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .and_then(|der| CertInfo::from_der("client certificate", Path::new("<peer>"), der).ok())
-        .and_then(|info| info.common_name);
+        .and_then(|der| CertInfo::from_der("client certificate", Path::new("<peer>"), der).ok());
+    let (common_name, organizational_unit) = match info {
+        Some(info) => (info.common_name, info.organizational_unit),
+        None => (None, None),
+    };
     Ok(MtlsConnection {
         stream,
         peer: PeerIdentity {
             remote,
             common_name,
+            organizational_unit,
         },
     })
 }

@@ -5,7 +5,7 @@ mod common;
 
 use clustermesh_apiserver::pb;
 use common::*;
-use meshd_certs::LeafKind;
+use meshd_certs::{LeafKind, TlsFiles};
 use tonic::Code;
 
 #[tokio::test]
@@ -265,20 +265,82 @@ async fn a_bad_document_refuses_the_whole_batch_naming_file_document_and_field()
 }
 
 #[tokio::test]
-async fn only_the_admin_certificate_of_the_mesh_ca_may_use_the_api() {
+async fn only_the_admin_certificate_of_its_own_cluster_may_use_the_api() {
     let certs = Certs::new();
     let Some(etcd) = etcd(None) else {
         return;
     };
     let server = start(config(&etcd, &certs, false)).await;
-    // The remote (read-only) certificate is from the right CA but may not write.
-    let mut remote = connect(&server, &certs.files(LeafKind::Remote)).await;
-    let status = remote
+    // Denied with a status that says who was refused and why.
+    async fn denied(server: &clustermesh_apiserver::Apiserver, files: &TlsFiles) -> String {
+        let mut client = connect(server, files).await;
+        let status = client
+            .list_services(pb::ListRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        status.message().to_owned()
+    }
+
+    // The remote (read-only) certificate is from the right CA but may not use the API.
+    let msg = denied(&server, &certs.files(LeafKind::Remote)).await;
+    assert!(
+        msg.contains("remote-c1") && msg.contains("remote certificate"),
+        "{msg}"
+    );
+
+    // Another cluster's admin certificate, from the same mesh CA.
+    let c2 = certs.path().join("c2");
+    certs
+        .ca
+        .issue_cluster_set(&c2, "c2", 10, &["127.0.0.1".parse().unwrap()], &[], false)
+        .unwrap();
+    let msg = denied(&server, &TlsFiles::in_dir(&c2, "admin")).await;
+    assert!(
+        msg.contains("admin-c2") && msg.contains("cluster c2") && msg.contains("serves cluster c1"),
+        "{msg}"
+    );
+
+    // A node certificate of this very cluster: agents make no apiserver calls.
+    let n1 = certs.path().join("n1");
+    certs.ca.issue_node(&n1, "c1", "n1", 10, false).unwrap();
+    let msg = denied(&server, &TlsFiles::in_dir(&n1, "node")).await;
+    assert!(
+        msg.contains("node-c1-n1") && msg.contains("node certificate"),
+        "{msg}"
+    );
+
+    // A certificate from before per-cluster names (CN root): refused, saying how to re-issue.
+    let ca_dir = certs.path().join("mesh-ca");
+    certs.ca.write(&ca_dir, false).unwrap();
+    let legacy = certs.path().join("legacy");
+    meshd_testing::legacy_certs::issue_client(
+        &ca_dir.join("ca.pem"),
+        &ca_dir.join("ca-key.pem"),
+        "root",
+        "c1",
+        &legacy,
+        "admin",
+    )
+    .unwrap();
+    std::fs::copy(ca_dir.join("ca.pem"), legacy.join("ca.pem")).unwrap();
+    let msg = denied(&server, &TlsFiles::in_dir(&legacy, "admin")).await;
+    assert!(
+        msg.contains("\"root\"") && msg.contains("meshd certs issue admin --cluster c1"),
+        "{msg}"
+    );
+
+    // Control: this cluster's admin certificate works.
+    admin(&server, &certs)
+        .await
         .list_services(pb::ListRequest::default())
         .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(status.message().contains("remote"), "{status:?}");
+        .expect("admin-c1 may use c1's apiserver");
+
+    // Every refusal is counted.
+    let (code, body) = http_get(server.health_addr.unwrap(), "/counters").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"api_requests_refused\":4"), "{body}");
 
     // A certificate of another CA does not get through the handshake.
     let stranger = Certs::named("another CA");

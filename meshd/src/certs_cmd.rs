@@ -6,8 +6,10 @@
 //! mesh-ca/ca.pem  mesh-ca/ca-key.pem                 the mesh CA (keep the key offline)
 //! c1/ca.pem                                          copy of the CA certificate
 //! c1/server.pem   c1/server-key.pem                  etcd server of cluster c1
-//! c1/admin.pem    c1/admin-key.pem                   c1's own components (etcd user root)
-//! c1/remote.pem   c1/remote-key.pem                  what other clusters use to read c1
+//! c1/admin.pem    c1/admin-key.pem                   c1's apiserver and operators (admin-c1)
+//! c1/remote.pem   c1/remote-key.pem                  what c1's agents read other clusters with
+//!                                                    (remote-c1)
+//! c1/n1/node.pem  c1/n1/node-key.pem  c1/n1/ca.pem   node n1's agent (node-c1-n1)
 //! ```
 
 use std::net::IpAddr;
@@ -32,11 +34,17 @@ pub enum CertsCommand {
     /// certificate, so the directory holds complete CA/certificate/key sets. An existing key is
     /// never replaced without --force.
     ///
-    /// Kinds: `server` is the etcd server certificate (serverAuth; SANs from --dns and --ip,
-    /// every name and address clients dial); `admin` is the client certificate of the cluster's
-    /// own components (clientAuth, CN=root: the etcd root user); `remote` is the client
-    /// certificate other clusters use to read this cluster (clientAuth, CN=remote: a read-only
-    /// etcd user); `all` issues the three.
+    /// Kinds (client certificates carry their cluster in the CN, which etcd takes as the user,
+    /// and in the OU):
+    ///   server  the etcd server certificate (serverAuth; SANs from --dns and --ip, every name
+    ///           and address clients dial)
+    ///   admin   CN admin-<cluster>: the cluster's apiserver and operators; root of that
+    ///           cluster's etcd and nothing elsewhere
+    ///   remote  CN remote-<cluster>: what this cluster's agents read other clusters with;
+    ///           each other cluster lets it in with `meshd clustermesh connect <cluster>`
+    ///   node    CN node-<cluster>-<node> (needs --node): one node's agent; publishes that
+    ///           node's records in its own cluster (`meshd etcd bootstrap --node <node>`)
+    ///   all     server, admin and remote
     #[command(verbatim_doc_comment)]
     Issue(IssueArgs),
     /// Replace leaf certificates with new keys and certificates under the same CA.
@@ -99,6 +107,7 @@ pub enum KindArg {
     Server,
     Admin,
     Remote,
+    Node,
     All,
 }
 
@@ -108,6 +117,7 @@ impl KindArg {
             KindArg::Server => vec![LeafKind::Server],
             KindArg::Admin => vec![LeafKind::Admin],
             KindArg::Remote => vec![LeafKind::Remote],
+            KindArg::Node => vec![LeafKind::Node],
             KindArg::All => LeafKind::ALL.to_vec(),
         }
     }
@@ -118,9 +128,12 @@ pub struct IssueArgs {
     /// Which certificate(s).
     #[arg(value_enum)]
     kind: KindArg,
-    /// Cluster name (recorded as the subject OU).
+    /// Cluster name (recorded as the subject OU and in client CNs).
     #[arg(long)]
     cluster: String,
+    /// The node of a `node` certificate.
+    #[arg(long, value_name = "NAME")]
+    node: Option<String>,
     #[command(flatten)]
     ca: CaFilesArgs,
     /// Directory for the certificates (created if missing).
@@ -132,8 +145,9 @@ pub struct IssueArgs {
     /// IP address SAN of the server certificate (repeatable).
     #[arg(long = "ip", value_name = "ADDR")]
     ip: Vec<IpAddr>,
-    /// Subject CN instead of the kind's default (etcd.<cluster>, root, remote). For a client
-    /// certificate the CN is the etcd user.
+    /// Subject CN instead of the kind's default (etcd.<cluster>, admin-<cluster>,
+    /// remote-<cluster>, node-<cluster>-<node>). For a client certificate the CN is the etcd
+    /// user; `root` and names of another cluster are refused.
     #[arg(long, value_name = "NAME")]
     cn: Option<String>,
     /// Validity in days.
@@ -268,7 +282,13 @@ fn issue(args: &IssueArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if args.cn.is_some() && kinds.len() > 1 {
-        bail!("--cn applies to one certificate; name the kind (server, admin or remote)");
+        bail!("--cn applies to one certificate; name the kind (server, admin, remote or node)");
+    }
+    match (&args.node, kinds.contains(&LeafKind::Node)) {
+        (None, true) => bail!("a node certificate needs the node's name: pass --node NAME"),
+        (Some(_), false) => bail!("--node applies to `meshd certs issue node` only"),
+        (Some(node), true) => meshd_state::check_dns_subdomain("--node", node)?,
+        (None, false) => {}
     }
     if kinds.contains(&LeafKind::Server) && !sans_given {
         bail!(
@@ -296,6 +316,7 @@ fn issue(args: &IssueArgs) -> anyhow::Result<ExitCode> {
     for kind in kinds {
         let mut req = LeafRequest::new(kind, &args.cluster, args.days);
         req.common_name = args.cn.clone();
+        req.node = args.node.clone();
         if kind == LeafKind::Server {
             req.dns_names = args.dns.clone();
             req.ip_addresses = args.ip.clone();

@@ -1,27 +1,60 @@
 //! The etcd users and roles of a mesh cluster, and the steps that bring an etcd there.
 //!
 //! Pure: `plan` compares what etcd has with what the mesh needs and returns the steps; the
-//! `meshd etcd bootstrap` command reads the state and applies them. Running it again finds
-//! nothing to do, so bootstrap is idempotent and also repairs drift (a permission too many on
-//! the `remote` role is revoked).
+//! `meshd etcd bootstrap` and `meshd clustermesh connect|disconnect` commands read the state and
+//! apply them. Running bootstrap again finds nothing to do, so it is idempotent and also repairs
+//! drift (a permission too many on a role is revoked).
 //!
 //! With `--client-cert-auth`, etcd 3.4 takes a client certificate's CN as the user name, so the
-//! users here are certificate CNs and have no password.
+//! users here are certificate CNs (see `meshd_certs::Principal`) and have no password. Every
+//! name carries its cluster: one mesh CA signs every cluster's certificates, so a user that
+//! existed under the same name in every cluster would let one cluster's certificate into all.
+//!
+//! | user                    | roles                          | may                                     |
+//! |-------------------------|--------------------------------|-----------------------------------------|
+//! | `root`                  | root                           | (etcd requires it; no certificate names it) |
+//! | `admin-<cluster>`       | root                           | everything, in its own cluster only     |
+//! | `node-<cluster>-<node>` | node, node-<cluster>-<node>    | publish what agents publish; read what agents read |
+//! | `remote-<other>`        | remote                         | read the shared prefixes; added by `clustermesh connect <other>` |
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshd_state::keys::{CLUSTER_CONFIG_PREFIX, ROOT, STATE_PREFIX, SYNCED_PREFIX};
+use meshd_certs::Principal;
+use meshd_state::keys::{
+    CLUSTER_CONFIG_PREFIX, IDENTITIES_PREFIX, IDENTITY_INDEX_PREFIX, IPCACHE_PREFIX, NODES_PREFIX,
+    POLICIES_PREFIX, STATE_PREFIX, SYNCED_PREFIX,
+};
+use meshd_state::{IdentityRecord, IpcacheEntry, NodeRecord, Resource};
 
 /// etcd's built-in superuser role; `auth enable` requires a user `root` holding it.
 pub const ROOT_ROLE: &str = "root";
-/// Read-write on everything meshd stores, for a cluster's own components that need no user
-/// management (a certificate with `--cn admin`).
-pub const ADMIN_ROLE: &str = "admin";
+/// What every agent of the cluster may do (its node's own record is a role per node).
+pub const NODE_ROLE: &str = "node";
 /// Read-only on what other clusters may see.
 pub const REMOTE_ROLE: &str = "remote";
 
+/// Users of the scheme before names carried their cluster: `remote` and `admin` were the same
+/// user in every cluster, so a certificate of one cluster opened all of them. Bootstrap removes
+/// them (user `root` stays: etcd refuses to delete it).
+pub const LEGACY_USERS: [&str; 2] = ["remote", "admin"];
+/// Roles of that scheme (`admin`: read-write on everything meshd stores).
+pub const LEGACY_ROLES: [&str; 1] = ["admin"];
+
 /// The prefixes a remote cluster may read (DESIGN.md "State in etcd"); nothing else.
 pub const REMOTE_READABLE: [&str; 3] = [STATE_PREFIX, SYNCED_PREFIX, CLUSTER_CONFIG_PREFIX];
+
+/// The prefix of the mirrors of remote clusters (the cache), which local agents read.
+pub const CACHE_PREFIX: &str = "meshd/cache/";
+
+/// What an agent reads in its own cluster: the shared state, the canaries, the cluster config,
+/// the policies and the cache. Not the apiserver's manifests, VIP allocations or leader key.
+pub const NODE_READABLE: [&str; 5] = [
+    STATE_PREFIX,
+    SYNCED_PREFIX,
+    CLUSTER_CONFIG_PREFIX,
+    POLICIES_PREFIX,
+    CACHE_PREFIX,
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,6 +80,15 @@ impl Grant {
             access,
             key: prefix.to_owned(),
             range_end: prefix_end(prefix),
+        }
+    }
+
+    /// Exactly one key.
+    pub fn key(access: Access, key: &str) -> Grant {
+        Grant {
+            access,
+            key: key.to_owned(),
+            range_end: String::new(),
         }
     }
 }
@@ -89,37 +131,108 @@ pub struct AuthState {
     pub users: BTreeMap<String, BTreeSet<String>>,
 }
 
-/// What every mesh cluster's etcd needs.
-pub fn desired() -> AuthState {
+/// The grants every agent of `cluster` holds in its own etcd: write what agents publish (node
+/// records are per node, see `node_role`), read what agents watch.
+fn node_grants(cluster: &str) -> BTreeSet<Grant> {
+    let mut grants: BTreeSet<Grant> = NODE_READABLE
+        .iter()
+        .map(|p| Grant::prefix(Access::Read, p))
+        .collect();
+    // Endpoints and identities are the cluster's, not one node's: any node may allocate an
+    // identity another node then uses, and an endpoint's key is its IP.
+    for prefix in [IPCACHE_PREFIX, IDENTITIES_PREFIX, IDENTITY_INDEX_PREFIX] {
+        grants.insert(Grant::prefix(
+            Access::ReadWrite,
+            &format!("{prefix}{cluster}/"),
+        ));
+    }
+    // The agents' sync canaries, and not the apiserver's (services): a node that marked services
+    // synced would make remote clusters withdraw services that were never listed.
+    for kind in [NodeRecord::KIND, IpcacheEntry::KIND, IdentityRecord::KIND] {
+        grants.insert(Grant::key(
+            Access::ReadWrite,
+            &format!("{SYNCED_PREFIX}{cluster}/{kind}"),
+        ));
+    }
+    grants
+}
+
+/// The role of one node: its own node record, so a node cannot take over another node's tunnel
+/// endpoint or pod CIDRs. Named like its user.
+fn node_role(cluster: &str, node: &str) -> (String, BTreeSet<Grant>) {
+    (
+        Principal::node(cluster, node).common_name(),
+        BTreeSet::from([Grant::key(
+            Access::ReadWrite,
+            &format!("{NODES_PREFIX}{cluster}/{node}"),
+        )]),
+    )
+}
+
+fn remote_grants() -> BTreeSet<Grant> {
+    REMOTE_READABLE
+        .iter()
+        .map(|p| Grant::prefix(Access::Read, p))
+        .collect()
+}
+
+/// What the etcd of `cluster` needs, with a user for each of `nodes`.
+pub fn desired(cluster: &str, nodes: &[String]) -> AuthState {
     let mut roles = BTreeMap::new();
     // The root role carries no explicit grants: etcd lets it do everything.
     roles.insert(ROOT_ROLE.to_owned(), BTreeSet::new());
-    roles.insert(
-        ADMIN_ROLE.to_owned(),
-        BTreeSet::from([Grant::prefix(Access::ReadWrite, ROOT)]),
-    );
-    roles.insert(
-        REMOTE_ROLE.to_owned(),
-        REMOTE_READABLE
-            .iter()
-            .map(|p| Grant::prefix(Access::Read, p))
-            .collect(),
-    );
-    let users = BTreeMap::from([
+    roles.insert(NODE_ROLE.to_owned(), node_grants(cluster));
+    roles.insert(REMOTE_ROLE.to_owned(), remote_grants());
+    let mut users = BTreeMap::from([
         (
-            meshd_certs::ADMIN_USER.to_owned(),
+            meshd_certs::ETCD_ROOT_USER.to_owned(),
             BTreeSet::from([ROOT_ROLE.to_owned()]),
         ),
         (
-            ADMIN_ROLE.to_owned(),
-            BTreeSet::from([ADMIN_ROLE.to_owned()]),
-        ),
-        (
-            meshd_certs::REMOTE_USER.to_owned(),
-            BTreeSet::from([REMOTE_ROLE.to_owned()]),
+            Principal::admin(cluster).common_name(),
+            BTreeSet::from([ROOT_ROLE.to_owned()]),
         ),
     ]);
+    for node in nodes {
+        let (role, grants) = node_role(cluster, node);
+        users.insert(
+            Principal::node(cluster, node).common_name(),
+            BTreeSet::from([NODE_ROLE.to_owned(), role.clone()]),
+        );
+        roles.insert(role, grants);
+    }
     AuthState { roles, users }
+}
+
+/// What connecting `other` needs: the remote role and the user `remote-<other>` holding it.
+pub fn connected(other: &str) -> AuthState {
+    AuthState {
+        roles: BTreeMap::from([(REMOTE_ROLE.to_owned(), remote_grants())]),
+        users: BTreeMap::from([(
+            Principal::remote(other).common_name(),
+            BTreeSet::from([REMOTE_ROLE.to_owned()]),
+        )]),
+    }
+}
+
+/// The steps that cut `other` off: its user goes. The role stays for the other clusters.
+pub fn plan_disconnect(current: &AuthState, other: &str) -> Vec<Step> {
+    let user = Principal::remote(other).common_name();
+    if current.users.contains_key(&user) {
+        vec![Step::DeleteUser { user }]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The remote clusters connected in `current`: every `remote-<cluster>` user.
+pub fn connected_clusters(current: &AuthState) -> Vec<String> {
+    current
+        .users
+        .keys()
+        .filter_map(|u| u.strip_prefix("remote-"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// One change to etcd's auth configuration.
@@ -141,6 +254,12 @@ pub enum Step {
     AddUser {
         user: String,
     },
+    DeleteUser {
+        user: String,
+    },
+    DeleteRole {
+        role: String,
+    },
     GrantRole {
         user: String,
         role: String,
@@ -149,8 +268,7 @@ pub enum Step {
         user: String,
         role: String,
     },
-    /// Always last, and always planned: etcd 3.4 has no call that says whether auth is on, and
-    /// enabling it again is a no-op.
+    /// Last step of every bootstrap (see `plan_bootstrap`).
     EnableAuth,
 }
 
@@ -161,6 +279,8 @@ impl std::fmt::Display for Step {
             Step::GrantPermission { role, grant } => write!(f, "grant role {role}: {grant}"),
             Step::RevokePermission { role, grant } => write!(f, "revoke from role {role}: {grant}"),
             Step::AddUser { user } => write!(f, "add user {user} (no password, certificate CN)"),
+            Step::DeleteUser { user } => write!(f, "delete user {user}"),
+            Step::DeleteRole { role } => write!(f, "delete role {role}"),
             Step::GrantRole { user, role } => write!(f, "grant role {role} to user {user}"),
             Step::RevokeRole { user, role } => write!(f, "revoke role {role} from user {user}"),
             Step::EnableAuth => write!(f, "enable auth"),
@@ -168,10 +288,26 @@ impl std::fmt::Display for Step {
     }
 }
 
-/// The steps that turn `current` into `desired` for the roles and users `desired` names.
-/// Roles and users etcd has beyond those are left alone: they are the operator's.
+/// The steps that turn `current` into `desired` for the roles and users `desired` names, and
+/// remove the users and roles of the scheme before per-cluster names (`LEGACY_USERS`,
+/// `LEGACY_ROLES`). Other roles and users etcd has are left alone: they are the operator's, or
+/// connections made by `meshd clustermesh connect`. No `EnableAuth`: see `plan_bootstrap`.
 pub fn plan(current: &AuthState, desired: &AuthState) -> Vec<Step> {
     let mut steps = Vec::new();
+    for user in LEGACY_USERS {
+        if current.users.contains_key(user) && !desired.users.contains_key(user) {
+            steps.push(Step::DeleteUser {
+                user: user.to_owned(),
+            });
+        }
+    }
+    for role in LEGACY_ROLES {
+        if current.roles.contains_key(role) && !desired.roles.contains_key(role) {
+            steps.push(Step::DeleteRole {
+                role: role.to_owned(),
+            });
+        }
+    }
     for (role, grants) in &desired.roles {
         let have = current.roles.get(role);
         if have.is_none() {
@@ -212,6 +348,13 @@ pub fn plan(current: &AuthState, desired: &AuthState) -> Vec<Step> {
             });
         }
     }
+    steps
+}
+
+/// `plan`, then `auth enable` (always: etcd 3.4 has no call that says whether auth is on, and
+/// enabling it again is a no-op).
+pub fn plan_bootstrap(current: &AuthState, desired: &AuthState) -> Vec<Step> {
+    let mut steps = plan(current, desired);
     steps.push(Step::EnableAuth);
     steps
 }
@@ -236,6 +379,15 @@ mod tests {
                 Step::AddUser { user } => {
                     state.users.entry(user.clone()).or_default();
                 }
+                Step::DeleteUser { user } => {
+                    assert!(state.users.remove(user).is_some(), "no user {user}");
+                }
+                Step::DeleteRole { role } => {
+                    assert!(state.roles.remove(role).is_some(), "no role {role}");
+                    for roles in state.users.values_mut() {
+                        roles.remove(role);
+                    }
+                }
                 Step::GrantRole { user, role } => {
                     assert!(
                         state.roles.contains_key(role),
@@ -251,23 +403,35 @@ mod tests {
         }
     }
 
+    fn nodes(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
     #[test]
     fn fresh_etcd_gets_everything_then_nothing() {
-        let want = desired();
+        let want = desired("c1", &nodes(&["n1", "n2"]));
         let mut etcd = AuthState::default();
-        let steps = plan(&etcd, &want);
+        let steps = plan_bootstrap(&etcd, &want);
         assert_eq!(steps.last(), Some(&Step::EnableAuth));
-        assert!(steps.contains(&Step::AddUser {
-            user: "root".into()
-        }));
-        assert!(steps.contains(&Step::GrantRole {
-            user: "root".into(),
-            role: "root".into()
-        }));
+        for (user, role) in [
+            ("root", "root"),
+            ("admin-c1", "root"),
+            ("node-c1-n1", "node"),
+            ("node-c1-n1", "node-c1-n1"),
+            ("node-c1-n2", "node-c1-n2"),
+        ] {
+            assert!(
+                steps.contains(&Step::GrantRole {
+                    user: user.into(),
+                    role: role.into()
+                }),
+                "{user} {role}: {steps:?}"
+            );
+        }
         apply(&mut etcd, &steps);
         assert_eq!(etcd, want);
         assert_eq!(
-            plan(&etcd, &want),
+            plan_bootstrap(&etcd, &want),
             vec![Step::EnableAuth],
             "second run changes nothing"
         );
@@ -275,7 +439,7 @@ mod tests {
 
     #[test]
     fn remote_reads_exactly_the_shared_prefixes() {
-        let want = desired();
+        let want = desired("c1", &[]);
         let remote: Vec<String> = want.roles["remote"].iter().map(|g| g.to_string()).collect();
         assert_eq!(
             remote,
@@ -285,7 +449,8 @@ mod tests {
                 "read meshd/synced/*"
             ]
         );
-        assert_eq!(want.users["remote"], BTreeSet::from(["remote".to_string()]));
+        // Nobody holds it until a cluster is connected.
+        assert!(want.users.values().all(|r| !r.contains("remote")));
         assert_eq!(
             Grant::prefix(Access::Read, "meshd/state/").range_end,
             "meshd/state0"
@@ -293,19 +458,112 @@ mod tests {
     }
 
     #[test]
-    fn drift_is_repaired_and_foreign_entries_kept() {
-        let want = desired();
+    fn a_node_writes_only_what_agents_publish_in_its_own_cluster() {
+        let want = desired("c1", &nodes(&["n1"]));
+        let mut writable: Vec<String> = want.roles["node"]
+            .iter()
+            .chain(want.roles["node-c1-n1"].iter())
+            .filter(|g| g.access != Access::Read)
+            .map(|g| g.to_string())
+            .collect();
+        writable.sort();
+        assert_eq!(
+            writable,
+            vec![
+                "readwrite meshd/state/identities/v1/c1/*",
+                "readwrite meshd/state/identity-labels/v1/c1/*",
+                "readwrite meshd/state/ip/v1/c1/*",
+                "readwrite meshd/state/nodes/v1/c1/n1",
+                "readwrite meshd/synced/c1/identities",
+                "readwrite meshd/synced/c1/ip",
+                "readwrite meshd/synced/c1/nodes",
+            ]
+        );
+        let readable: Vec<String> = want.roles["node"]
+            .iter()
+            .filter(|g| g.access == Access::Read)
+            .map(|g| g.to_string())
+            .collect();
+        assert!(!readable.iter().any(|g| g.contains("meshd/config/services")));
+        assert!(readable.contains(&"read meshd/config/policies/v1/*".to_string()));
+    }
+
+    #[test]
+    fn legacy_users_go_and_connections_stay() {
+        let want = desired("c1", &[]);
         let mut etcd = want.clone();
-        // Someone widened the remote role and gave the remote user more power.
+        // Bootstrapped before per-cluster names, and c2 connected since.
+        etcd.roles.insert(
+            "admin".into(),
+            BTreeSet::from([Grant::prefix(Access::ReadWrite, "meshd/")]),
+        );
+        etcd.users
+            .insert("admin".into(), BTreeSet::from(["admin".to_string()]));
+        etcd.users
+            .insert("remote".into(), BTreeSet::from(["remote".to_string()]));
+        apply(&mut etcd, &plan(&AuthState::default(), &connected("c2")));
+        let steps = plan(&etcd, &want);
+        assert_eq!(
+            steps,
+            vec![
+                Step::DeleteUser {
+                    user: "remote".into()
+                },
+                Step::DeleteUser {
+                    user: "admin".into()
+                },
+                Step::DeleteRole {
+                    role: "admin".into()
+                },
+            ]
+        );
+        apply(&mut etcd, &steps);
+        assert_eq!(connected_clusters(&etcd), vec!["c2".to_string()]);
+        assert_eq!(plan(&etcd, &want), vec![]);
+    }
+
+    #[test]
+    fn connect_and_disconnect_touch_one_cluster() {
+        let mut etcd = desired("c1", &[]);
+        for other in ["c2", "c3"] {
+            let steps = plan(&etcd, &connected(other));
+            apply(&mut etcd, &steps);
+        }
+        assert_eq!(etcd.users["remote-c2"], BTreeSet::from(["remote".into()]));
+        assert_eq!(
+            plan(&etcd, &connected("c2")),
+            vec![],
+            "connect is idempotent"
+        );
+        let steps = plan_disconnect(&etcd, "c2");
+        assert_eq!(
+            steps,
+            vec![Step::DeleteUser {
+                user: "remote-c2".into()
+            }]
+        );
+        apply(&mut etcd, &steps);
+        assert_eq!(connected_clusters(&etcd), vec!["c3".to_string()]);
+        assert!(plan_disconnect(&etcd, "c2").is_empty(), "already gone");
+    }
+
+    #[test]
+    fn drift_is_repaired_and_foreign_entries_kept() {
+        let want = desired("c1", &[]);
+        let mut etcd = want.clone();
+        // Someone widened the remote role and gave the admin more roles.
         etcd.roles
             .get_mut("remote")
             .unwrap()
             .insert(Grant::prefix(Access::ReadWrite, "meshd/"));
-        etcd.users.get_mut("remote").unwrap().insert("admin".into());
+        etcd.users
+            .get_mut("admin-c1")
+            .unwrap()
+            .insert("remote".into());
         // An operator's own user stays.
         etcd.users
-            .insert("alice".into(), BTreeSet::from(["admin".to_string()]));
-        let steps = plan(&etcd, &want);
+            .insert("alice".into(), BTreeSet::from(["root".to_string()]));
+        let steps = plan_bootstrap(&etcd, &want);
         assert_eq!(
             steps,
             vec![
@@ -314,14 +572,14 @@ mod tests {
                     grant: Grant::prefix(Access::ReadWrite, "meshd/")
                 },
                 Step::RevokeRole {
-                    user: "remote".into(),
-                    role: "admin".into()
+                    user: "admin-c1".into(),
+                    role: "remote".into()
                 },
                 Step::EnableAuth,
             ]
         );
         apply(&mut etcd, &steps);
         assert!(etcd.users.contains_key("alice"));
-        assert_eq!(plan(&etcd, &want), vec![Step::EnableAuth]);
+        assert_eq!(plan_bootstrap(&etcd, &want), vec![Step::EnableAuth]);
     }
 }

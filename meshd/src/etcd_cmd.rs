@@ -8,10 +8,11 @@
 //!      --listen-client-urls https://10.0.0.1:2379 --advertise-client-urls https://10.0.0.1:2379
 //! ```
 //!
-//! `meshd etcd bootstrap` then connects with the cluster's admin certificate (CN `root`) and
-//! creates the users and roles of `etcd_auth::desired`, then enables auth. From then on etcd
-//! takes each client certificate's CN as the user: `root` may do everything, `remote` may only
-//! read the shared prefixes.
+//! `meshd etcd bootstrap` then connects with the cluster's admin certificate (CN
+//! `admin-<cluster>`) and creates the users and roles of `etcd_auth::desired`, then enables auth.
+//! From then on etcd takes each client certificate's CN as the user: `admin-<cluster>` may do
+//! everything, `node-<cluster>-<node>` may publish what agents publish, and `remote-<other>` —
+//! added by `meshd clustermesh connect <other>` — may only read the shared prefixes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,19 +25,31 @@ use etcd_client::{Permission, PermissionType, RoleRevokePermissionOptions, UserA
 use meshd_certs::TlsFiles;
 use meshd_kvstore::EtcdConfig;
 
+use meshd_certs::{Principal, Role};
+
 use crate::etcd_auth::{self, Access, AuthState, Grant, Step};
 use crate::output::{Format, OutputArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum EtcdCommand {
-    /// Create the mesh's etcd users and roles and enable auth (idempotent).
+    /// Create the cluster's etcd users and roles and enable auth (idempotent).
     ///
-    /// Connects as the cluster's admin certificate, whose CN must be `root`. Creates role
-    /// `root` and user `root`; role `admin` (read-write on meshd/) and user `admin`; role
-    /// `remote` with read on meshd/state/, meshd/synced/ and meshd/cluster-config/ only, and
-    /// user `remote`. Users have no password: etcd started with --client-cert-auth maps a
-    /// client certificate's CN to the user. Finally `auth enable`. Running it again changes
-    /// nothing, and revokes permissions added to these roles by hand.
+    /// Connects as the cluster's admin certificate (CN admin-<cluster>; the cluster is read
+    /// from it). Creates:
+    ///   user root              role root   (etcd requires it; no certificate carries this CN)
+    ///   user admin-<cluster>   role root   (the apiserver and operators)
+    ///   role node              write the cluster's ipcache, identities, identity index and the
+    ///                          agents' sync canaries; read meshd/state/, meshd/synced/,
+    ///                          meshd/cluster-config/, meshd/config/policies/, meshd/cache/
+    ///   user node-<cluster>-<node>, role node-<cluster>-<node>   per --node: role node, and
+    ///                          its own node record meshd/state/nodes/v1/<cluster>/<node>
+    ///   role remote            read meshd/state/, meshd/synced/, meshd/cluster-config/ only;
+    ///                          held by remote-<other> users (`meshd clustermesh connect`)
+    /// It deletes the users `admin` and `remote` and the role `admin` of meshd before
+    /// per-cluster names (their certificates were valid in every cluster). Users have no
+    /// password: etcd started with --client-cert-auth maps a client certificate's CN to the
+    /// user. Finally `auth enable`. Running it again changes nothing, and revokes permissions
+    /// added to these roles by hand; users and roles it does not name are left alone.
     ///
     /// etcd must be started with TLS against the mesh CA:
     ///   etcd --client-cert-auth --trusted-ca-file DIR/ca.pem \
@@ -46,8 +59,9 @@ pub enum EtcdCommand {
     Bootstrap(BootstrapArgs),
 }
 
+/// How to reach a cluster's etcd as its admin.
 #[derive(Debug, Args)]
-pub struct BootstrapArgs {
+pub struct EtcdAdminArgs {
     /// etcd client URLs, comma separated (https://IP:PORT).
     #[arg(
         long,
@@ -57,14 +71,24 @@ pub struct BootstrapArgs {
     )]
     endpoints: Vec<String>,
     /// CA certificate (the mesh CA).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "MESHD_ETCD_CA")]
     ca: PathBuf,
-    /// Admin client certificate (CN=root), e.g. c1/admin.pem.
-    #[arg(long, value_name = "FILE")]
+    /// The cluster's admin client certificate (CN admin-<cluster>), e.g. c1/admin.pem.
+    #[arg(long, value_name = "FILE", env = "MESHD_ETCD_CERT")]
     cert: PathBuf,
     /// Its key, e.g. c1/admin-key.pem.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "MESHD_ETCD_KEY")]
     key: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
+    #[command(flatten)]
+    etcd: EtcdAdminArgs,
+    /// A node of the cluster whose agent gets a user (node-<cluster>-<node>); repeatable or
+    /// comma separated. Its certificate: `meshd certs issue node --node NAME`.
+    #[arg(long = "node", value_name = "NAME", value_delimiter = ',')]
+    nodes: Vec<String>,
     /// Only print the steps, change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -72,72 +96,231 @@ pub struct BootstrapArgs {
     output: OutputArgs,
 }
 
-pub fn run(cmd: EtcdCommand) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The remote cluster that may read (connect) or may no longer read (disconnect) this one.
+    #[arg(value_name = "CLUSTER")]
+    cluster: String,
+    #[command(flatten)]
+    etcd: EtcdAdminArgs,
+    /// Only print the steps, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
+        .context("starting the async runtime")
+}
+
+pub fn run(cmd: EtcdCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        EtcdCommand::Bootstrap(args) => runtime.block_on(bootstrap(&args)),
+        EtcdCommand::Bootstrap(args) => runtime()?.block_on(bootstrap(&args)),
     }
 }
 
-async fn bootstrap(args: &BootstrapArgs) -> anyhow::Result<ExitCode> {
-    let files = TlsFiles::new(&args.ca, &args.cert, &args.key);
-    // Checked before connecting: with auth on, etcd takes the CN as the user, and only `root`
-    // may manage users and roles. Bootstrapping as anyone else would lock the admin out.
-    let info = files.validate_client()?;
-    if info.common_name.as_deref() != Some(meshd_certs::ADMIN_USER) {
-        bail!(
-            "certificate file {}: CN is {:?}, but bootstrap must connect as etcd user {:?} \
-             (use the admin certificate: `meshd certs issue admin`)",
-            args.cert.display(),
-            info.common_name.as_deref().unwrap_or(""),
-            meshd_certs::ADMIN_USER
-        );
-    }
-    if let Some(plain) = args.endpoints.iter().find(|e| !e.starts_with("https://")) {
-        bail!("endpoint {plain}: bootstrap needs https:// (etcd with TLS and --client-cert-auth)");
-    }
-    let config = EtcdConfig::new(args.endpoints.clone()).with_tls(files);
-    let store = meshd_kvstore::connect(&config)
-        .await
-        .map_err(connect_error)?;
-    let mut auth = store.client().auth_client();
-    let endpoints = config.describe();
+/// A cluster's etcd, reached as that cluster's admin.
+struct AdminSession {
+    cluster: String,
+    endpoints: String,
+    auth: etcd_client::AuthClient,
+}
 
-    let current = read_state(&mut auth)
-        .await
-        .with_context(|| format!("etcd {endpoints}: reading users and roles"))?;
-    let steps = etcd_auth::plan(&current, &etcd_auth::desired());
-    if !args.dry_run {
-        for step in &steps {
-            apply(&mut auth, step)
-                .await
-                .with_context(|| format!("etcd {endpoints}: {step}"))?;
-            tracing::debug!(endpoints = %endpoints, "{step}");
+impl EtcdAdminArgs {
+    /// Checks the certificate before connecting: with auth on, etcd takes the CN as the user,
+    /// and only a root-role user may manage users and roles. The cluster is the one the CA wrote
+    /// into the certificate, so an admin certificate cannot be pointed at another cluster by a
+    /// flag.
+    async fn connect(&self) -> anyhow::Result<AdminSession> {
+        let files = TlsFiles::new(&self.ca, &self.cert, &self.key);
+        let info = files.validate_client()?;
+        let principal = Principal::from_cert(&info)
+            .with_context(|| format!("certificate file {}", self.cert.display()))?;
+        if principal.role != Role::Admin {
+            bail!(
+                "certificate file {}: {principal} is a {} certificate; managing etcd users takes the cluster's admin certificate (admin-{}, `meshd certs issue admin`)",
+                self.cert.display(),
+                principal.role,
+                principal.cluster
+            );
         }
+        if let Some(plain) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+            bail!("endpoint {plain}: needs https:// (etcd with TLS and --client-cert-auth)");
+        }
+        let config = EtcdConfig::new(self.endpoints.clone()).with_tls(files);
+        let store = meshd_kvstore::connect(&config)
+            .await
+            .map_err(connect_error)?;
+        Ok(AdminSession {
+            cluster: principal.cluster,
+            endpoints: config.describe(),
+            auth: store.client().auth_client(),
+        })
     }
-    let changes = steps.len() - 1;
-    match args.output.format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "endpoints": args.endpoints,
-                "dry_run": args.dry_run,
-                "changes": changes,
-                "steps": steps,
-            }))?
-        ),
+}
+
+impl AdminSession {
+    async fn read_state(&mut self) -> anyhow::Result<AuthState> {
+        read_state(&mut self.auth).await.map_err(|e| {
+            let hint = if e.to_string().contains("permission denied") {
+                format!(
+                    " (is user admin-{} in this etcd? a cluster's admin certificate opens that cluster's etcd only)",
+                    self.cluster
+                )
+            } else {
+                String::new()
+            };
+            e.context(format!(
+                "etcd {}: reading users and roles{hint}",
+                self.endpoints
+            ))
+        })
+    }
+
+    async fn apply_all(&mut self, steps: &[Step], dry_run: bool) -> anyhow::Result<()> {
+        if dry_run {
+            return Ok(());
+        }
+        for step in steps {
+            apply(&mut self.auth, step)
+                .await
+                .with_context(|| format!("etcd {}: {step}", self.endpoints))?;
+            tracing::debug!(endpoints = %self.endpoints, "{step}");
+        }
+        Ok(())
+    }
+}
+
+fn print_steps(
+    steps: &[Step],
+    dry_run: bool,
+    output: &OutputArgs,
+    json: serde_json::Value,
+    nothing: &str,
+) -> anyhow::Result<()> {
+    let changes = steps
+        .iter()
+        .filter(|s| !matches!(s, Step::EnableAuth))
+        .count();
+    match output.format {
+        Format::Json => {
+            let mut json = json;
+            json["dry_run"] = dry_run.into();
+            json["changes"] = changes.into();
+            json["steps"] = serde_json::to_value(steps)?;
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
         Format::Table => {
-            let verb = if args.dry_run { "would" } else { "did" };
-            for step in &steps {
+            let verb = if dry_run { "would" } else { "did" };
+            for step in steps {
                 println!("{verb}: {step}");
             }
             if changes == 0 {
-                println!("etcd {endpoints}: already bootstrapped, nothing changed");
+                println!("{nothing}");
             }
         }
+    }
+    Ok(())
+}
+
+async fn bootstrap(args: &BootstrapArgs) -> anyhow::Result<ExitCode> {
+    let mut session = args.etcd.connect().await?;
+    for node in &args.nodes {
+        meshd_state::check_dns_subdomain("--node", node)?;
+    }
+    let current = session.read_state().await?;
+    let steps =
+        etcd_auth::plan_bootstrap(&current, &etcd_auth::desired(&session.cluster, &args.nodes));
+    session.apply_all(&steps, args.dry_run).await?;
+    print_steps(
+        &steps,
+        args.dry_run,
+        &args.output,
+        serde_json::json!({
+            "endpoints": args.etcd.endpoints,
+            "cluster": session.cluster,
+            "nodes": args.nodes,
+        }),
+        &format!(
+            "etcd {}: already bootstrapped, nothing changed",
+            session.endpoints
+        ),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `meshd clustermesh connect CLUSTER`: lets CLUSTER's agents (user remote-CLUSTER) read this
+/// cluster's shared state.
+pub fn connect(args: &ConnectArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(connect_or_disconnect(args, true))
+}
+
+/// `meshd clustermesh disconnect CLUSTER`: removes user remote-CLUSTER.
+pub fn disconnect(args: &ConnectArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(connect_or_disconnect(args, false))
+}
+
+async fn connect_or_disconnect(args: &ConnectArgs, connect: bool) -> anyhow::Result<ExitCode> {
+    meshd_state::ClusterName::new(args.cluster.as_str())
+        .map_err(|e| anyhow::anyhow!("cluster {:?}: {e}", args.cluster))?;
+    let mut session = args.etcd.connect().await?;
+    if session.cluster == args.cluster {
+        bail!(
+            "cluster {} is this etcd's own cluster (the admin certificate's); connect names another cluster",
+            args.cluster
+        );
+    }
+    let current = session.read_state().await?;
+    let steps = if connect {
+        etcd_auth::plan(&current, &etcd_auth::connected(&args.cluster))
+    } else {
+        etcd_auth::plan_disconnect(&current, &args.cluster)
+    };
+    session.apply_all(&steps, args.dry_run).await?;
+    let mut connected = etcd_auth::connected_clusters(&current);
+    if !args.dry_run {
+        connected.retain(|c| c != &args.cluster);
+        if connect {
+            connected.push(args.cluster.clone());
+            connected.sort();
+        }
+    }
+    let user = Principal::remote(&args.cluster).common_name();
+    let nothing = if connect {
+        format!(
+            "{}: {} may already read {} (user {user}), nothing changed",
+            session.endpoints, args.cluster, session.cluster
+        )
+    } else {
+        format!(
+            "{}: {} is not connected (no user {user}), nothing changed",
+            session.endpoints, args.cluster
+        )
+    };
+    print_steps(
+        &steps,
+        args.dry_run,
+        &args.output,
+        serde_json::json!({
+            "endpoints": args.etcd.endpoints,
+            "cluster": session.cluster,
+            "remote": args.cluster,
+            "connected": connected,
+        }),
+        &nothing,
+    )?;
+    if !connect && !steps.is_empty() && args.output.format == Format::Table {
+        // etcd 3.4 checks permissions when a request or a watch starts, not while a watch
+        // runs: meshd agents re-check their access periodically and stop, but a client that
+        // does not keeps its open watches until its connection ends.
+        println!(
+            "note: {} can no longer read {}; meshd agents notice within their access check interval. A watch another client already holds open lasts until its connection ends (restart etcd's members to end it at once).",
+            args.cluster, session.cluster
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -223,6 +406,12 @@ async fn apply(auth: &mut etcd_client::AuthClient, step: &Step) -> anyhow::Resul
         Step::AddUser { user } => {
             let opts = UserAddOptions::new().with_no_pwd();
             timed(auth.user_add(user.clone(), "", Some(opts))).await?;
+        }
+        Step::DeleteUser { user } => {
+            timed(auth.user_delete(user.clone())).await?;
+        }
+        Step::DeleteRole { role } => {
+            timed(auth.role_delete(role.clone())).await?;
         }
         Step::GrantRole { user, role } => {
             timed(auth.user_grant_role(user.clone(), role.clone())).await?;

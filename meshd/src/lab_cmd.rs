@@ -249,6 +249,7 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
             id: 0,
             context: format!("lab-{cluster}"),
             etcd: meshd_lab::state::LabEtcd::default(),
+            admin: Default::default(),
             apiserver: String::new(),
             nodes: Vec::new(),
         });
@@ -424,12 +425,14 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "pid": c.etcd.pid,
                 "remote": c.etcd.remote,
             },
+            "admin": c.admin,
             "nodes": c.nodes.iter().map(|n| serde_json::json!({
                 "name": n.name,
                 "netns": n.netns,
                 "ip": n.ip,
                 "agent_pid": n.agent_pid,
                 "api_socket": n.api_socket,
+                "etcd": n.etcd,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "endpoints": state.endpoints,

@@ -22,6 +22,14 @@ pub struct StatusArgs {
 pub enum ClustermeshCommand {
     /// Every cluster this node sees: connected, ready, stale, counts, last error.
     Status(StatusArgs),
+    /// Let another cluster's agents read this cluster (etcd user remote-CLUSTER, read-only on
+    /// the shared prefixes). Run against this cluster's etcd with its admin certificate; the
+    /// other cluster reads with its own `remote` certificate (CN remote-CLUSTER).
+    Connect(crate::etcd_cmd::ConnectArgs),
+    /// Cut another cluster off: removes etcd user remote-CLUSTER, leaving every other cluster's
+    /// access and every certificate as they are. Its agents report "permission denied" in
+    /// `meshd clustermesh status` and keep their last state (fail-static).
+    Disconnect(crate::etcd_cmd::ConnectArgs),
 }
 
 async fn fetch(socket: &SocketArgs) -> anyhow::Result<pb::StatusResponse> {
@@ -254,7 +262,11 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<ExitCode> {
-    let ClustermeshCommand::Status(args) = cmd;
+    let args = match cmd {
+        ClustermeshCommand::Status(args) => args,
+        ClustermeshCommand::Connect(args) => return crate::etcd_cmd::connect(&args),
+        ClustermeshCommand::Disconnect(args) => return crate::etcd_cmd::disconnect(&args),
+    };
     let s = block_on(fetch(&args.socket))?;
     match args.output.format {
         Format::Json => {

@@ -1,11 +1,13 @@
 //! A real etcd with TLS and client-certificate auth, bootstrapped by `meshd etcd bootstrap`:
-//! what the `remote` certificate may do, who is refused, and rotation under a running watcher.
+//! what another cluster's `remote` certificate may do once connected, what a node certificate
+//! may do, that one cluster's credentials open no other cluster, disconnecting, who is refused,
+//! and rotation under a running watcher.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{bootstrapped_etcd, connect, files, Mesh};
+use common::{bootstrapped_etcd, clustermesh, connect, files, Mesh};
 use etcd_client::{GetOptions, WatchOptions};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -25,9 +27,14 @@ async fn seed(admin: &mut etcd_client::Client) {
     }
 }
 
+/// etcd refused: "permission denied", or for auth management by a CN that is no user, "user
+/// name not found".
 fn is_denied(r: Result<impl std::fmt::Debug, etcd_client::Error>) -> bool {
     match r {
-        Err(e) => e.to_string().contains("permission denied"),
+        Err(e) => {
+            let e = e.to_string();
+            e.contains("permission denied") || e.contains("user name not found")
+        }
         Ok(v) => panic!("expected permission denied, got {v:?}"),
     }
 }
@@ -62,6 +69,7 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
     }
     let mesh = Mesh::new();
     let c1 = mesh.issue_cluster("c1");
+    let c2 = mesh.issue_cluster("c2");
     let etcd = bootstrapped_etcd(&mesh, &c1);
     // Bootstrap is idempotent: a second run changes nothing.
     let again = mesh
@@ -76,6 +84,8 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
             "c1/admin.pem",
             "--key",
             "c1/admin-key.pem",
+            "--node",
+            "n1",
             "-o",
             "json",
         ])
@@ -85,10 +95,19 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
 
     let mut admin = connect(&etcd, files(&c1, "admin")).await.unwrap().client();
     seed(&mut admin).await;
-    let mut remote = connect(&etcd, files(&c1, "remote"))
+    // c2 reads c1 with its own remote certificate (remote-c2), once c1 connected it.
+    let mut remote = connect(&etcd, files(&c2, "remote"))
         .await
         .expect("remote connects")
         .client();
+    assert!(is_denied(remote.get(NODE, None).await), "not connected yet");
+    let connected = clustermesh(&mesh, &etcd, &c1, "connect", "c2").ok();
+    let connected: serde_json::Value = serde_json::from_str(&connected.stdout).unwrap();
+    assert_eq!(
+        connected["connected"],
+        serde_json::json!(["c2"]),
+        "{connected}"
+    );
 
     // Reads of the shared prefixes.
     let listed = remote
@@ -160,31 +179,268 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
     // The admin still writes everywhere.
     admin.put(POLICY, "{\"v\":2}", None).await.unwrap();
 
-    // A component certificate with CN admin: read-write on meshd/, nothing else, no user admin.
+    // The mesh CA no longer issues a client certificate whose name is valid in every cluster.
+    for cn in ["root", "remote", "admin", "admin-c2"] {
+        mesh.run(&[
+            "certs",
+            "issue",
+            "admin",
+            "--cn",
+            cn,
+            "--cluster",
+            "c1",
+            "--out-dir",
+            "c1-component",
+            "--ca",
+            "mesh-ca/ca.pem",
+            "--ca-key",
+            "mesh-ca/ca-key.pem",
+        ])
+        .fails_saying(&[cn]);
+    }
+}
+
+/// The etcd of a second cluster, from the same mesh CA, bootstrapped with node n1.
+fn second_cluster(mesh: &Mesh) -> (std::path::PathBuf, meshd_testing::etcd::Etcd) {
+    let c2 = mesh.issue_cluster("c2");
+    let etcd = bootstrapped_etcd(mesh, &c2);
+    (c2, etcd)
+}
+
+/// `meshd certs issue node` of `node` in `cluster`, into `<cluster>/<node>/`.
+fn issue_node(mesh: &Mesh, cluster: &str, node: &str) -> std::path::PathBuf {
+    let dir = format!("{cluster}/{node}");
     mesh.run(&[
         "certs",
         "issue",
-        "admin",
-        "--cn",
-        "admin",
+        "node",
         "--cluster",
-        "c1",
+        cluster,
+        "--node",
+        node,
         "--out-dir",
-        "c1-component",
+        &dir,
         "--ca",
         "mesh-ca/ca.pem",
         "--ca-key",
         "mesh-ca/ca-key.pem",
     ])
     .ok();
-    let mut component = connect(&etcd, files(&mesh.path().join("c1-component"), "admin"))
+    mesh.path().join(dir)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_clusters_credentials_open_no_other_cluster() {
+    if !meshd_testing::require_etcd() {
+        return;
+    }
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let etcd1 = bootstrapped_etcd(&mesh, &c1);
+    let (c2, etcd2) = second_cluster(&mesh);
+    let mut admin1 = connect(&etcd1, files(&c1, "admin")).await.unwrap().client();
+    seed(&mut admin1).await;
+
+    // c2's admin certificate, from the same CA, neither reads nor writes c1.
+    let mut admin2_in_c1 = connect(&etcd1, files(&c2, "admin")).await.unwrap().client();
+    assert!(is_denied(admin2_in_c1.get(NODE, None).await));
+    assert!(is_denied(
+        admin2_in_c1.put("meshd/state/attack", "x", None).await
+    ));
+    assert!(is_denied(admin2_in_c1.put(POLICY, "x", None).await));
+    assert!(is_denied(
+        admin2_in_c1.auth_client().user_add("x", "", None).await
+    ));
+    // ... while c1's admin does everything in c1, and nothing in c2.
+    admin1.put("meshd/state/attack", "x", None).await.unwrap();
+    admin1.delete("meshd/state/attack", None).await.unwrap();
+    let mut admin1_in_c2 = connect(&etcd2, files(&c1, "admin")).await.unwrap().client();
+    assert!(is_denied(
+        admin1_in_c2.put("meshd/state/attack", "x", None).await
+    ));
+    assert!(is_denied(admin1_in_c2.get(NODE, None).await));
+
+    // Node n1 of c1: its own records and the cluster's endpoints and identities.
+    let n1 = issue_node(&mesh, "c1", "n1");
+    let mut node = connect(&etcd1, files(&n1, "node")).await.unwrap().client();
+    for key in [
+        "meshd/state/nodes/v1/c1/n1",
+        "meshd/state/ip/v1/c1/10.1.1.5",
+        "meshd/state/identities/v1/c1/id/300",
+        "meshd/state/identity-labels/v1/c1/app=web",
+        "meshd/synced/c1/nodes",
+        "meshd/synced/c1/ip",
+        "meshd/synced/c1/identities",
+    ] {
+        node.put(key, "{}", None)
+            .await
+            .unwrap_or_else(|e| panic!("node put {key}: {e}"));
+        node.delete(key, None)
+            .await
+            .unwrap_or_else(|e| panic!("node delete {key}: {e}"));
+    }
+    // It reads what agents watch: state, canaries, cluster config, policies.
+    for key in [NODE, SYNCED, CLUSTER_CONFIG, POLICY] {
+        node.get(key, None)
+            .await
+            .unwrap_or_else(|e| panic!("node get {key}: {e}"));
+    }
+    // And writes nothing else: no config, services, cluster config, other nodes, the
+    // apiserver's canary, users.
+    for key in [
+        POLICY,
+        "meshd/config/services/v1/default/web",
+        CLUSTER_CONFIG,
+        "meshd/state/services/v1/c1/default/web",
+        "meshd/state/nodes/v1/c1/n2",
+        "meshd/synced/c1/services",
+        "meshd/state/ip/v1/c2/10.2.1.5",
+        "elsewhere",
+    ] {
+        assert!(is_denied(node.put(key, "x", None).await), "node put {key}");
+    }
+    assert!(is_denied(
+        node.get(
+            "meshd/config/services/",
+            Some(GetOptions::new().with_prefix())
+        )
+        .await
+    ));
+    assert!(is_denied(node.auth_client().role_add("sneaky").await));
+    // Nothing at all in c2.
+    let mut node_in_c2 = connect(&etcd2, files(&n1, "node")).await.unwrap().client();
+    assert!(is_denied(node_in_c2.get(NODE, None).await));
+    assert!(is_denied(
+        node_in_c2
+            .put("meshd/state/nodes/v1/c1/n1", "x", None)
+            .await
+    ));
+    assert!(is_denied(
+        node_in_c2
+            .put("meshd/state/nodes/v1/c2/n1", "x", None)
+            .await
+    ));
+    // A node the cluster never added has no user.
+    let n9 = issue_node(&mesh, "c1", "n9");
+    let mut stranger = connect(&etcd1, files(&n9, "node")).await.unwrap().client();
+    assert!(is_denied(stranger.get(NODE, None).await));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn disconnect_cuts_off_one_cluster_and_connect_restores_it() {
+    if !meshd_testing::require_etcd() {
+        return;
+    }
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let c2 = mesh.issue_cluster("c2");
+    let c3 = mesh.issue_cluster("c3");
+    let etcd = bootstrapped_etcd(&mesh, &c1);
+    let mut admin = connect(&etcd, files(&c1, "admin")).await.unwrap().client();
+    seed(&mut admin).await;
+    clustermesh(&mesh, &etcd, &c1, "connect", "c2").ok();
+    clustermesh(&mesh, &etcd, &c1, "connect", "c3").ok();
+    let mut r2 = connect(&etcd, files(&c2, "remote")).await.unwrap().client();
+    let mut r3 = connect(&etcd, files(&c3, "remote")).await.unwrap().client();
+    r2.get(NODE, None).await.expect("c2 reads c1");
+    r3.get(NODE, None).await.expect("c3 reads c1");
+
+    let out = clustermesh(&mesh, &etcd, &c1, "disconnect", "c2").ok();
+    let out: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(out["changes"], 1, "{out}");
+    assert_eq!(out["connected"], serde_json::json!(["c3"]), "{out}");
+    assert!(is_denied(r2.get(NODE, None).await), "c2 is cut off");
+    // A new watch is canceled by etcd.
+    let mut denied = r2
+        .watch("meshd/state/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    match tokio::time::timeout(DEADLINE, denied.message())
+        .await
+        .unwrap()
+    {
+        Ok(Some(r)) => assert!(r.canceled(), "watch after disconnect: {r:?}"),
+        Ok(None) => {}
+        Err(e) => assert!(e.to_string().contains("permission denied"), "{e}"),
+    }
+    r3.get(NODE, None).await.expect("c3 still reads c1");
+    // Again: nothing to do, and it says so.
+    let again = clustermesh(&mesh, &etcd, &c1, "disconnect", "c2").ok();
+    let again: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(again["changes"], 0, "{again}");
+    // A cluster cannot disconnect itself.
+    clustermesh(&mesh, &etcd, &c1, "disconnect", "c1").fails_saying(&["own cluster"]);
+
+    clustermesh(&mesh, &etcd, &c1, "connect", "c2").ok();
+    r2.get(NODE, None).await.expect("c2 reads c1 again");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn certificates_from_before_per_cluster_names_are_refused() {
+    if !meshd_testing::require_etcd() {
+        return;
+    }
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let etcd = bootstrapped_etcd(&mesh, &c1);
+    let legacy = mesh.path().join("legacy");
+    for (cn, stem) in [("root", "admin"), ("remote", "remote")] {
+        meshd_testing::legacy_certs::issue_client(
+            &mesh.path().join("mesh-ca/ca.pem"),
+            &mesh.path().join("mesh-ca/ca-key.pem"),
+            cn,
+            "c1",
+            &legacy,
+            stem,
+        )
+        .unwrap();
+    }
+    std::fs::copy(c1.join("ca.pem"), legacy.join("ca.pem")).unwrap();
+    // Our commands refuse them before connecting, naming the command that re-issues them.
+    let run = mesh.run(&[
+        "etcd",
+        "bootstrap",
+        "--endpoints",
+        &etcd.endpoint(),
+        "--ca",
+        "legacy/ca.pem",
+        "--cert",
+        "legacy/admin.pem",
+        "--key",
+        "legacy/admin-key.pem",
+    ]);
+    run.fails_saying(&["legacy/admin.pem", "meshd certs issue admin --cluster c1"]);
+    // etcd itself: bootstrap removed meshd's old users, so the old remote certificate reads
+    // nothing. (User root stays, as etcd requires; the mesh issues no certificate named root.)
+    etcd.etcdctl(&["user", "add", "remote", "--no-password"])
+        .unwrap();
+    etcd.etcdctl(&["user", "grant-role", "remote", "remote"])
+        .unwrap();
+    let mut old = connect(&etcd, files(&legacy, "remote"))
         .await
         .unwrap()
         .client();
-    component.put(POLICY, "{\"v\":3}", None).await.unwrap();
-    component.get(NODE, None).await.unwrap();
-    assert!(is_denied(component.put("elsewhere", "x", None).await));
-    assert!(is_denied(component.auth_client().role_add("sneaky").await));
+    old.get(NODE, None)
+        .await
+        .expect("the old user reads before the upgrade");
+    let out = mesh
+        .run(&[
+            "etcd",
+            "bootstrap",
+            "--endpoints",
+            &etcd.endpoint(),
+            "--ca",
+            "c1/ca.pem",
+            "--cert",
+            "c1/admin.pem",
+            "--key",
+            "c1/admin-key.pem",
+            "--node",
+            "n1",
+        ])
+        .ok();
+    assert!(out.stdout.contains("delete user remote"), "{}", out.stdout);
+    assert!(is_denied(old.get(NODE, None).await));
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -196,7 +452,8 @@ async fn other_ca_and_plaintext_clients_are_refused() {
     let c1 = mesh.issue_cluster("c1");
     let etcd = bootstrapped_etcd(&mesh, &c1);
 
-    // A client of another mesh, even with CN root: our own check refuses it before connecting...
+    // A client of another mesh, even named like this cluster's admin: our own check refuses it
+    // before connecting...
     mesh.run(&[
         "certs",
         "ca",
@@ -317,28 +574,30 @@ async fn rotation_under_a_running_watcher() {
     }
     let mesh = Mesh::new();
     let c1 = mesh.issue_cluster("c1");
-    // Replace the remote certificate with one that expires in a few seconds.
+    // c2 reads c1; its remote certificate is replaced with one that expires in a few seconds.
+    let c2 = mesh.issue_cluster("c2");
     let ca = meshd_certs::MeshCa::load(
         &mesh.path().join("mesh-ca/ca.pem"),
         &mesh.path().join("mesh-ca/ca-key.pem"),
     )
     .unwrap();
-    let mut short = meshd_certs::LeafRequest::new(meshd_certs::LeafKind::Remote, "c1", 1);
+    let mut short = meshd_certs::LeafRequest::new(meshd_certs::LeafKind::Remote, "c2", 1);
     let old_not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(8);
     short.not_after = old_not_after;
-    ca.issue(&short).unwrap().write(&c1, true).unwrap();
+    ca.issue(&short).unwrap().write(&c2, true).unwrap();
     let old_copy = mesh.path().join("old");
     std::fs::create_dir_all(&old_copy).unwrap();
     for f in ["ca.pem", "remote.pem", "remote-key.pem"] {
-        std::fs::copy(c1.join(f), old_copy.join(f)).unwrap();
+        std::fs::copy(c2.join(f), old_copy.join(f)).unwrap();
     }
 
     let etcd = bootstrapped_etcd(&mesh, &c1);
+    clustermesh(&mesh, &etcd, &c1, "connect", "c2").ok();
     let mut admin = connect(&etcd, files(&c1, "admin")).await.unwrap().client();
     seed(&mut admin).await;
 
     // A remote reader, as another cluster's agent would run it: its client stays up throughout.
-    let reader = connect(&etcd, files(&c1, "remote")).await.unwrap();
+    let reader = connect(&etcd, files(&c2, "remote")).await.unwrap();
     let mut watch = reader
         .client()
         .watch("meshd/state/", Some(WatchOptions::new().with_prefix()))
@@ -355,7 +614,7 @@ async fn rotation_under_a_running_watcher() {
         "rotate",
         "remote",
         "--out-dir",
-        "c1",
+        "c2",
         "--ca",
         "mesh-ca/ca.pem",
         "--ca-key",
@@ -398,7 +657,7 @@ async fn rotation_under_a_running_watcher() {
     next_put(&mut watch, "meshd/state/nodes/v1/c1/after").await;
 
     // A new connection from the same files uses the rotated certificate.
-    let mut fresh = connect(&etcd, files(&c1, "remote"))
+    let mut fresh = connect(&etcd, files(&c2, "remote"))
         .await
         .expect("connects with the rotated files")
         .client();
@@ -432,7 +691,9 @@ async fn bootstrap_repairs_a_widened_remote_role() {
     }
     let mesh = Mesh::new();
     let c1 = mesh.issue_cluster("c1");
+    let c2 = mesh.issue_cluster("c2");
     let etcd = bootstrapped_etcd(&mesh, &c1);
+    clustermesh(&mesh, &etcd, &c1, "connect", "c2").ok();
     // Someone widens the remote role (the harness etcdctl runs as root).
     etcd.etcdctl(&[
         "role",
@@ -443,7 +704,7 @@ async fn bootstrap_repairs_a_widened_remote_role() {
         "meshd/",
     ])
     .unwrap();
-    let mut remote = connect(&etcd, files(&c1, "remote")).await.unwrap().client();
+    let mut remote = connect(&etcd, files(&c2, "remote")).await.unwrap().client();
     remote
         .put("meshd/config/x", "widened", None)
         .await
@@ -462,6 +723,8 @@ async fn bootstrap_repairs_a_widened_remote_role() {
             "c1/admin.pem",
             "--key",
             "c1/admin-key.pem",
+            "--node",
+            "n1",
             "-o",
             "json",
         ];

@@ -178,19 +178,27 @@ impl Mesh {
                 }),
                 extra_args: Vec::new(),
             })?;
-            run(Command::new(&mesh.meshd).args([
-                "etcd",
-                "bootstrap",
-                "--endpoints",
-                &etcd.endpoint(),
-                "--ca",
-                &admin.ca.display().to_string(),
-                "--cert",
-                &admin.cert.display().to_string(),
-                "--key",
-                &admin.key.display().to_string(),
-            ]))
+            let node_names: Vec<String> = (1..=*nodes).map(|k| format!("n{k}")).collect();
+            for node in &node_names {
+                mesh.pki.issue_node(name, node)?;
+            }
+            run(Command::new(&mesh.meshd)
+                .args(["etcd", "bootstrap", "--node", &node_names.join(",")])
+                .args(admin_args(&etcd.endpoint(), &admin)))
             .with_context(|| format!("bootstrapping etcd of {name}"))?;
+            // What the cluster's apiserver writes at start (this harness runs none); agents
+            // read it and may not write it.
+            let config_key = meshd_state::ClusterConfigKey {
+                cluster: meshd_state::ClusterName::new(name.as_str())?,
+            };
+            let config = meshd_state::ClusterConfig {
+                name: config_key.cluster.clone(),
+                id: meshd_state::ClusterId::new(u32::from(*id))?,
+                capabilities: Default::default(),
+            };
+            let value = meshd_state::encode(&config_key, &config)?;
+            etcd.etcdctl(&["put", &config_key.to_string(), std::str::from_utf8(&value)?])
+                .with_context(|| format!("writing the cluster config of {name}"))?;
             let proxy = Proxy::start(
                 &mesh.underlay.bridge().path(),
                 SocketAddr::from((CONTROL_IP, 2379 + u16::from(*id))),
@@ -228,7 +236,14 @@ impl Mesh {
             mesh.clusters.push(cluster);
         }
 
-        // Remote-cluster directories: every other cluster, read with its remote certificate.
+        // Every cluster lets every other one read it (user remote-<other>).
+        for c in &mesh.clusters {
+            for other in mesh.clusters.iter().filter(|o| o.name != c.name) {
+                mesh.clustermesh(&c.name, "connect", &other.name)?;
+            }
+        }
+        // Remote-cluster directories: every other cluster, read with this cluster's remote
+        // certificate.
         for c in &mesh.clusters {
             let remotes = mesh.remotes_dir(&c.name);
             fs::create_dir_all(&remotes)?;
@@ -258,10 +273,21 @@ impl Mesh {
         self.dir.path().join(format!("{cluster}-remotes"))
     }
 
-    /// Writes `<cluster>-remotes/<other>`, connecting `cluster`'s nodes to `other`.
+    /// `meshd clustermesh connect|disconnect <other>` against `cluster`'s etcd, as its admin.
+    pub fn clustermesh(&self, cluster: &str, verb: &str, other: &str) -> anyhow::Result<String> {
+        let c = self.cluster(cluster)?;
+        let admin = self.pki.files(cluster, LeafKind::Admin);
+        run(Command::new(&self.meshd)
+            .args(["clustermesh", verb, other])
+            .args(admin_args(&c.etcd.endpoint(), &admin)))
+        .with_context(|| format!("meshd clustermesh {verb} {other} in {cluster}"))
+    }
+
+    /// Writes `<cluster>-remotes/<other>`, connecting `cluster`'s nodes to `other`: `other`'s
+    /// etcd, read with `cluster`'s own remote certificate.
     pub fn write_remote_file(&self, cluster: &str, other: &str) -> anyhow::Result<()> {
         let o = self.cluster(other)?;
-        let remote = self.pki.files(other, LeafKind::Remote);
+        let remote = self.pki.files(cluster, LeafKind::Remote);
         fs::write(
             self.remotes_dir(cluster).join(other),
             format!(
@@ -278,7 +304,7 @@ impl Mesh {
     fn write_config(&self, ci: usize, ni: usize, lease_ttl_secs: u64) -> anyhow::Result<()> {
         let c = &self.clusters[ci];
         let n = &c.nodes[ni];
-        let admin = self.pki.files(&c.name, LeafKind::Admin);
+        let etcd = self.pki.node_files(&c.name, &n.name);
         let state = n.config.parent().expect("node dir").join("state");
         let text = format!(
             "cluster: {cluster}\ncluster_id: {id}\nnode: {node}\nnode_ip: {ip}\npod_cidr: {pod}\n\
@@ -292,9 +318,9 @@ impl Mesh {
             ip = n.ip,
             pod = n.pod_cidr,
             etcd = c.etcd_url(),
-            ca = admin.ca.display(),
-            cert = admin.cert.display(),
-            key = admin.key.display(),
+            ca = etcd.ca.display(),
+            cert = etcd.cert.display(),
+            key = etcd.key.display(),
             remotes = self.remotes_dir(&c.name).display(),
             bpffs = self.bpffs_root.display(),
             mtu = UNDERLAY_MTU,
@@ -560,6 +586,21 @@ impl Drop for Mesh {
 }
 
 /// Pings `to` once from inside `netns` (ICMP echo, 1 s timeout).
+/// The flags that reach a cluster's etcd as its admin (`meshd etcd ...`, `meshd clustermesh
+/// connect|disconnect`).
+fn admin_args(endpoint: &str, admin: &meshd_certs::TlsFiles) -> Vec<String> {
+    vec![
+        "--endpoints".into(),
+        endpoint.to_owned(),
+        "--ca".into(),
+        admin.ca.display().to_string(),
+        "--cert".into(),
+        admin.cert.display().to_string(),
+        "--key".into(),
+        admin.key.display().to_string(),
+    ]
+}
+
 pub fn ping(netns: &Path, to: Ipv4Addr) -> anyhow::Result<()> {
     crate::netns_io::icmp_ping(netns, to, Duration::from_secs(1))
 }

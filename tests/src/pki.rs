@@ -1,6 +1,7 @@
 //! Certificates of a test mesh: one CA, and per cluster the etcd server certificate (IP SANs
-//! of loopback and the underlay address nodes dial), the admin client certificate (etcd user
-//! `root`) and the remote client certificate (read-only etcd user `remote`).
+//! of loopback and the underlay address nodes dial), the admin client certificate
+//! (`admin-<cluster>`), the remote certificate its agents read other clusters with
+//! (`remote-<cluster>`) and one node certificate per node (`node-<cluster>-<node>`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -32,5 +33,19 @@ impl Pki {
 
     pub fn files(&self, cluster: &str, kind: LeafKind) -> TlsFiles {
         TlsFiles::in_dir(&self.dir.join(cluster), kind.file_stem())
+    }
+
+    /// Issues node `node`'s certificate into `<dir>/<cluster>/<node>/`.
+    pub fn issue_node(&self, cluster: &str, node: &str) -> anyhow::Result<TlsFiles> {
+        let out = self.dir.join(cluster).join(node);
+        self.ca.issue_node(&out, cluster, node, 2, false)?;
+        Ok(self.node_files(cluster, node))
+    }
+
+    pub fn node_files(&self, cluster: &str, node: &str) -> TlsFiles {
+        TlsFiles::in_dir(
+            &self.dir.join(cluster).join(node),
+            LeafKind::Node.file_stem(),
+        )
     }
 }

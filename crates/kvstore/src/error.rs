@@ -52,6 +52,23 @@ pub enum KvError {
 }
 
 impl KvError {
+    /// etcd refused the request for the certificate's user (no such user, or no permission on
+    /// the key): the credentials, not the network, are what to fix.
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            Self::Etcd {
+                source: etcd_client::Error::GRpcStatus(status),
+                ..
+            } => {
+                status.code() == tonic::Code::PermissionDenied
+                    // etcd 3.4 answers a certificate whose CN is no user with "user name not
+                    // found" (InvalidArgument), not PermissionDenied.
+                    || status.message().contains("user name not found")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether retrying later can help (as opposed to a configuration or data error).
     pub fn is_transient(&self) -> bool {
         matches!(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use meshd_state::{ClusterName, Resource};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::Instrument;
 
 use crate::backend::{Backend, WatchMessage};
@@ -49,10 +49,19 @@ pub struct WatchHandle<R: Resource> {
     events: mpsc::Receiver<Vec<WatchEvent<R>>>,
     buffered: VecDeque<WatchEvent<R>>,
     stats: Arc<WatchStats>,
+    relist: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl<R: Resource> WatchHandle<R> {
+    /// Ends the running watch and lists again (after the usual backoff), keeping what was
+    /// listed before until the new list says otherwise. For a consumer that learned the watch
+    /// should no longer be trusted: etcd checks permissions when a watch starts, not while it
+    /// runs, so a watch opened before its user lost access keeps delivering.
+    pub fn relist(&self) {
+        self.relist.notify_one();
+    }
+
     /// The next event; `None` only if the watch task ended (it does not end on errors).
     pub async fn next(&mut self) -> Option<WatchEvent<R>> {
         loop {
@@ -97,6 +106,7 @@ pub fn watch_prefix<R: Resource, B: Backend>(
 ) -> WatchHandle<R> {
     let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
     let stats = Arc::new(WatchStats::default());
+    let relist = Arc::new(Notify::new());
     let span =
         tracing::info_span!("watch", kind = R::KIND, prefix = %prefix, etcd = %backend.describe());
     let task = tokio::spawn(
@@ -106,6 +116,7 @@ pub fn watch_prefix<R: Resource, B: Backend>(
             Reflection::new(scope),
             config,
             stats.clone(),
+            relist.clone(),
             tx,
         )
         .instrument(span),
@@ -114,6 +125,7 @@ pub fn watch_prefix<R: Resource, B: Backend>(
         events: rx,
         buffered: VecDeque::new(),
         stats,
+        relist,
         task,
     }
 }
@@ -144,6 +156,7 @@ async fn run<R: Resource, B: Backend>(
     mut reflection: Reflection<R>,
     config: WatchConfig,
     stats: Arc<WatchStats>,
+    relist: Arc<Notify>,
     tx: Batches<R>,
 ) {
     let mut backoff = Backoff::new(config.backoff);
@@ -189,6 +202,7 @@ async fn run<R: Resource, B: Backend>(
             listed_cluster,
             &mut reflection,
             &stats,
+            &relist,
             &tx,
             &mut out,
         )
@@ -279,6 +293,7 @@ async fn watch<R: Resource, B: Backend>(
     cluster_id: u64,
     reflection: &mut Reflection<R>,
     stats: &WatchStats,
+    relist: &Notify,
     tx: &Batches<R>,
     out: &mut Vec<WatchEvent<R>>,
 ) -> End {
@@ -317,6 +332,10 @@ async fn watch<R: Resource, B: Backend>(
                     }
                 }
             },
+            _ = relist.notified() => {
+                tracing::info!("relist requested; ending the watch");
+                return End::Lost;
+            }
             _ = tx.closed() => return End::Closed,
         }
     }

@@ -40,6 +40,9 @@ pub struct LabCluster {
     pub id: u8,
     pub context: String,
     pub etcd: LabEtcd,
+    /// The cluster's admin certificate (admin-<cluster>): its apiserver, the CLI, operators.
+    #[serde(default)]
+    pub admin: TlsPaths,
     pub apiserver: String,
     pub nodes: Vec<LabNode>,
 }
@@ -50,9 +53,10 @@ pub struct LabEtcd {
     /// Namespace the endpoints are reachable from (also reachable from the host namespace).
     pub netns: String,
     pub pid: u32,
-    /// The cluster's read-only `remote` client certificate, as other clusters use it.
+    /// The cluster's read-only `remote` certificate (remote-<cluster>): what its agents read
+    /// the other clusters with.
     pub remote: TlsPaths,
-    /// The cluster's admin client certificate (components of the cluster, the CLI).
+    /// The cluster's admin certificate (also `LabCluster::admin`).
     pub admin: TlsPaths,
 }
 
@@ -70,6 +74,9 @@ pub struct LabNode {
     pub ip: String,
     pub agent_pid: u32,
     pub api_socket: PathBuf,
+    /// The credentials the node's agent uses for its own cluster's etcd (node-<cluster>-<node>).
+    #[serde(default)]
+    pub etcd: TlsPaths,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

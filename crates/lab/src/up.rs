@@ -197,19 +197,33 @@ fn tls_paths(run_dir: &Path, cluster: &str, kind: LeafKind) -> TlsPaths {
     }
 }
 
+/// The certificates of a node's agent: `certs/<cluster>/<node>/node.pem` (node-<cluster>-<node>).
+fn node_tls_paths(run_dir: &Path, cluster: &str, node: &str) -> TlsPaths {
+    let dir = cluster_certs(run_dir, cluster).join(node);
+    TlsPaths {
+        ca: dir.join(meshd_certs::CA_CERT_FILE),
+        cert: LeafKind::Node.cert_path(&dir),
+        key: LeafKind::Node.key_path(&dir),
+    }
+}
+
 fn issue_certs(opts: &UpOptions) -> anyhow::Result<()> {
     let ca = MeshCa::create("meshd-lab", 3650)?;
     ca.write(&certs_dir(&opts.run_dir), true)?;
     for cluster in &opts.spec.clusters {
+        let dir = cluster_certs(&opts.run_dir, &cluster.name);
         // etcd and the apiserver share the control-plane address and the server certificate.
         ca.issue_cluster_set(
-            &cluster_certs(&opts.run_dir, &cluster.name),
+            &dir,
             &cluster.name,
             365,
             &[cluster.control_plane_ip.into(), [127, 0, 0, 1].into()],
             &[format!("etcd.{}", cluster.name), "localhost".into()],
             true,
         )?;
+        for node in &cluster.nodes {
+            ca.issue_node(&dir.join(&node.name), &cluster.name, &node.name, 365, true)?;
+        }
     }
     Ok(())
 }
@@ -300,23 +314,30 @@ fn start_control_plane(
     )
     .with_context(|| format!("etcd log:\n{}", proc::log_tail(&log, 20)))?;
 
-    meshd(
-        opts,
-        state,
-        &[
-            "etcd".into(),
-            "bootstrap".into(),
-            "--endpoints".into(),
-            client_url.clone(),
-            "--ca".into(),
-            admin.ca.display().to_string(),
-            "--cert".into(),
-            admin.cert.display().to_string(),
-            "--key".into(),
-            admin.key.display().to_string(),
-        ],
-    )
-    .with_context(|| format!("bootstrapping etcd of {}", cluster.name))?;
+    let as_admin = [
+        "--endpoints".to_string(),
+        client_url.clone(),
+        "--ca".into(),
+        admin.ca.display().to_string(),
+        "--cert".into(),
+        admin.cert.display().to_string(),
+        "--key".into(),
+        admin.key.display().to_string(),
+    ];
+    let nodes: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+    let mut bootstrap: Vec<String> = vec!["etcd".into(), "bootstrap".into()];
+    bootstrap.extend(as_admin.iter().cloned());
+    bootstrap.extend(["--node".into(), nodes.join(",")]);
+    meshd(opts, state, &bootstrap)
+        .with_context(|| format!("bootstrapping etcd of {}", cluster.name))?;
+    // Every other cluster of the lab may read this one (user remote-<other>).
+    for other in spec.clusters.iter().filter(|c| c.name != cluster.name) {
+        let mut connect: Vec<String> = vec!["clustermesh".into(), "connect".into()];
+        connect.push(other.name.clone());
+        connect.extend(as_admin.iter().cloned());
+        meshd(opts, state, &connect)
+            .with_context(|| format!("connecting {} to {}", other.name, cluster.name))?;
+    }
 
     let api_log = dir.join("apiserver.log");
     let api_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_port));
@@ -377,8 +398,9 @@ fn start_control_plane(
                 .find(|p| p.role == "etcd")
                 .map_or(0, |p| p.pid),
             remote: tls_paths(&opts.run_dir, &cluster.name, LeafKind::Remote),
-            admin,
+            admin: admin.clone(),
         },
+        admin,
         apiserver: api_addr.to_string(),
         nodes: Vec::new(),
     });
@@ -481,10 +503,13 @@ fn start_node(
     let dir = node_dir(opts, cluster, node);
     let remotes = dir.join("clusters");
     std::fs::create_dir_all(&remotes)?;
+    // Every remote is read with this cluster's own remote certificate (remote-<cluster>), which
+    // each other cluster let in with `meshd clustermesh connect`.
+    let remote = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Remote);
     for other in spec.clusters.iter().filter(|c| c.name != cluster.name) {
-        let remote = tls_paths(&opts.run_dir, &other.name, LeafKind::Remote);
         let file = format!(
-            "# etcd of cluster {name}, read with its read-only `remote` certificate\nendpoints: [{ep}]\nca: {ca}\ncert: {cert}\nkey: {key}\n",
+            "# etcd of cluster {name}, read with {own}'s read-only `remote` certificate\nendpoints: [{ep}]\nca: {ca}\ncert: {cert}\nkey: {key}\n",
+            own = cluster.name,
             name = other.name,
             ep = etcd_endpoint(other),
             ca = remote.ca.display(),
@@ -493,7 +518,7 @@ fn start_node(
         );
         std::fs::write(remotes.join(&other.name), file)?;
     }
-    let admin = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Admin);
+    let etcd = node_tls_paths(&opts.run_dir, &cluster.name, &node.name);
     let config = format!(
         "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
         c = cluster.name,
@@ -502,9 +527,9 @@ fn start_node(
         ip = node.ip,
         pod = node.pod_cidr,
         ep = etcd_endpoint(cluster),
-        ca = admin.ca.display(),
-        cert = admin.cert.display(),
-        key = admin.key.display(),
+        ca = etcd.ca.display(),
+        cert = etcd.cert.display(),
+        key = etcd.key.display(),
         remotes = remotes.display(),
         bpffs = opts.bpffs_dir.display(),
         port = spec.tunnel_port,
@@ -541,6 +566,7 @@ fn start_node(
         ip: node.ip.to_string(),
         agent_pid: pid,
         api_socket: socket.clone(),
+        etcd,
     });
     state.save()?;
     wait_for(

@@ -11,8 +11,8 @@
 //! etcd:
 //!   endpoints: [https://192.168.60.100:2379]
 //!   ca: /etc/meshd/c1/ca.pem
-//!   cert: /etc/meshd/c1/admin.pem
-//!   key: /etc/meshd/c1/admin-key.pem
+//!   cert: /etc/meshd/c1/n1/node.pem           # node-c1-n1: `meshd certs issue node`
+//!   key: /etc/meshd/c1/n1/node-key.pem
 //! remote_clusters_dir: /etc/meshd/clusters   # one file per remote cluster
 //! bpffs_dir: /sys/fs/bpf/meshd                # pins under <bpffs_dir>/<cluster>/<node>
 //! tunnel_port: 8472
@@ -387,6 +387,11 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 let key = files.pop().expect("three");
                 let cert = files.pop().expect("three");
                 let ca = files.pop().expect("three");
+                if let (Some(cluster), Some(node)) = (&cluster, &node) {
+                    if let Err(reason) = check_node_certificate(&cert, cluster, node) {
+                        problem("etcd.cert", reason);
+                    }
+                }
                 Some(TlsFiles::new(ca, cert, key))
             } else {
                 None
@@ -520,6 +525,27 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
             })
         }
         _ => Err(problems),
+    }
+}
+
+/// The local etcd takes this node's own certificate, `node-<cluster>-<node>`: it may publish
+/// only what agents publish. The cluster's admin certificate would make every node root of its
+/// cluster, and one compromised node its owner.
+fn check_node_certificate(cert: &Path, cluster: &ClusterName, node: &str) -> Result<(), String> {
+    let info = meshd_certs::inspect_file(cert)
+        .map_err(|e| e.to_string())?
+        .remove(0);
+    let want = meshd_certs::Principal::node(cluster.as_str(), node);
+    let reissue = format!(
+        "issue this node's certificate with `meshd certs issue node --cluster {cluster} --node {node}` (and add its user with `meshd etcd bootstrap --node {node}`)"
+    );
+    match meshd_certs::Principal::from_cert(&info) {
+        Ok(p) if p == want => Ok(()),
+        Ok(p) => Err(format!(
+            "{}: certificate {p} is not this node's ({want}); {reissue}",
+            cert.display()
+        )),
+        Err(e) => Err(format!("{}: {e}", cert.display())),
     }
 }
 

@@ -35,7 +35,7 @@ use meshd_datapath::{bpffs, plumbing, Datapath, DatapathMaps, NodeConfig};
 use meshd_kvstore::{EtcdConfig, EtcdStore};
 use meshd_mesh::{LocalNode, MeshView};
 use meshd_state::{
-    encode, ClusterConfig, ClusterConfigKey, IdentityRecord, IpcacheEntry, NodeKey, NodeRecord,
+    ClusterConfig, ClusterConfigKey, IdentityRecord, IpcacheEntry, NodeKey, NodeRecord,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -105,39 +105,24 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
     Ok((datapath, underlay_mtu))
 }
 
-/// Writes `meshd/cluster-config/<cluster>` unless it exists (the apiserver may own it); an
-/// existing config with another id is a misconfiguration worth shouting about.
-async fn ensure_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyhow::Result<()> {
-    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+/// Reads `meshd/cluster-config/<cluster>`, which the cluster's apiserver writes (agents may not:
+/// their certificates write only what agents publish), and shouts when it names another id.
+/// Missing is retried: remote clusters admit this cluster only once it is there.
+async fn check_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyhow::Result<()> {
     let key = ClusterConfigKey {
         cluster: config.cluster.clone(),
     };
-    let record = ClusterConfig {
-        name: config.cluster.clone(),
-        id: config.cluster_id,
-        capabilities: Default::default(),
-    };
-    let value = encode(&key, &record)?;
     let k = key.to_string();
-    let txn = Txn::new()
-        .when([Compare::create_revision(k.as_str(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(k.as_str(), value, None)])
-        .or_else([TxnOp::get(k.as_str(), None)]);
-    let resp = store.client().txn(txn).await?;
-    if !resp.succeeded() {
-        for r in resp.op_responses() {
-            if let etcd_client::TxnOpResponse::Get(g) = r {
-                if let Some(kv) = g.kvs().first() {
-                    if let Ok((_, existing)) = meshd_state::decode::<ClusterConfig>(&k, kv.value())
-                    {
-                        if existing.id != config.cluster_id {
-                            tracing::error!(key = k, published = %existing.id, configured = %config.cluster_id,
-                                "the cluster's published id differs from this node's configuration");
-                        }
-                    }
-                }
-            }
-        }
+    let resp = store.client().get(k.as_str(), None).await?;
+    let Some(kv) = resp.kvs().first() else {
+        anyhow::bail!(
+            "{k} is not published yet (the cluster's clustermesh-apiserver writes it; remote clusters admit this cluster only once it is there)"
+        );
+    };
+    let (_, existing) = meshd_state::decode::<ClusterConfig>(&k, kv.value())?;
+    if existing.id != config.cluster_id {
+        tracing::error!(key = k, published = %existing.id, configured = %config.cluster_id,
+            "the cluster's published id differs from this node's configuration");
     }
     Ok(())
 }
@@ -210,8 +195,8 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     {
         let (store, config) = (store.clone(), config.clone());
         tokio::spawn(async move {
-            until_ok("writing the cluster config", || {
-                ensure_cluster_config(&store, &config)
+            until_ok("reading the cluster config", || {
+                check_cluster_config(&store, &config)
             })
             .await
         });

@@ -4,9 +4,13 @@
 //! ```yaml
 //! endpoints: [https://192.168.60.200:2379]
 //! ca: c2/ca.pem            # relative paths are relative to the directory
-//! cert: c2/remote.pem
-//! key: c2/remote-key.pem
+//! cert: c1/remote.pem      # this cluster's (c1's) remote certificate: CN remote-c1
+//! key: c1/remote-key.pem
 //! ```
+//!
+//! The certificate is this cluster's own `remote-<cluster>` certificate, the same in every
+//! remote file: each remote cluster lets it read (`meshd clustermesh connect <cluster>` there)
+//! or cuts it off, on its own.
 //!
 //! The directory is polled every second: a new file starts a watcher of that cluster, a
 //! changed file restarts it (keeping the view's state of the cluster, which the relist then
@@ -90,6 +94,32 @@ pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, String> {
     Ok(config)
 }
 
+/// A remote file reads with this cluster's own remote certificate (`remote-<local>`): the
+/// admin or a node certificate would be refused there anyway, and a certificate of another
+/// cluster would read under that cluster's name.
+fn check_remote_certificate(
+    path: &Path,
+    config: &EtcdConfig,
+    local: &ClusterName,
+) -> Result<EtcdConfig, String> {
+    let Some(tls) = &config.tls else {
+        return Ok(config.clone());
+    };
+    let info = meshd_certs::inspect_file(&tls.cert)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .remove(0);
+    let want = meshd_certs::Principal::remote(local.as_str());
+    match meshd_certs::Principal::from_cert(&info) {
+        Ok(p) if p == want => Ok(config.clone()),
+        Ok(p) => Err(format!(
+            "{}: cert {} is {p}; remote clusters are read with this cluster's remote certificate ({want}, `meshd certs issue remote --cluster {local}`)",
+            path.display(),
+            tls.cert.display()
+        )),
+        Err(e) => Err(format!("{}: cert {}: {e}", path.display(), tls.cert.display())),
+    }
+}
+
 struct Running {
     text: String,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -167,7 +197,7 @@ pub async fn run(
                     path.display()
                 ))
             } else {
-                parse(&path, &text)
+                parse(&path, &text).and_then(|c| check_remote_certificate(&path, &c, &local))
             };
             let task = match config {
                 Err(e) => {

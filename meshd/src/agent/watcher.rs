@@ -8,8 +8,13 @@
 //! publishers wrote its sync canary. Nothing is deleted because a cluster is unreachable: the
 //! watchers keep the last state (fail-static) until a relist says otherwise.
 //!
-//! Connection state for status comes from a probe of the etcd (a status call per second):
-//! connected, unreachable since when, and the last error.
+//! Connection state for status comes from a probe of the etcd (a one-key read of the cluster's
+//! sync canaries per second): connected, unreachable since when, and the last error. The probe
+//! reads rather than asking for etcd's status because a read also checks the certificate's
+//! permission: etcd checks permissions when a watch starts, not while it runs, so a cluster that
+//! disconnected this one (`meshd clustermesh disconnect`) would otherwise go on feeding the
+//! watches opened before. On a refusal the watches are ended and relisted, which fails until the
+//! access comes back; the last state stays in the datapath meanwhile (fail-static).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -49,6 +54,8 @@ pub struct Connection {
     pub last_sync_ms: u64,
     /// Entries that failed to decode or validate (bad JSON, bad key...), skipped.
     pub malformed: u64,
+    /// The etcd answers but refuses this node's certificate (disconnected, or never connected).
+    pub access_denied: bool,
 }
 
 /// `meshd/config/policies/v1/<namespace>/<name>`. Policies are local configuration, not
@@ -161,7 +168,12 @@ impl SyncState {
 
 impl ClusterWatcher {
     pub async fn run(self) {
-        let probe = tokio::spawn(probe(self.backend.clone(), self.connection.clone()));
+        let probe = tokio::spawn(probe(
+            self.backend.clone(),
+            self.cluster.clone(),
+            self.local,
+            self.connection.clone(),
+        ));
         let _abort_probe = AbortOnDrop(probe.abort_handle());
         let cfg = WatchConfig::default;
         let c = &self.cluster;
@@ -194,9 +206,28 @@ impl ClusterWatcher {
         ];
         let policy_stats = policies.as_ref().map(|p| p.stats());
         let mut sync = SyncState::default();
+        let mut access = self.connection.subscribe();
+        let mut denied = false;
         loop {
             let mut out: Vec<EventKind> = Vec::new();
             tokio::select! {
+                Ok(()) = access.changed() => {
+                    let now_denied = access.borrow_and_update().access_denied;
+                    if now_denied && !denied {
+                        tracing::warn!(cluster = %self.cluster, "access refused; ending the watches opened before");
+                        config.relist();
+                        nodes.relist();
+                        ipcache.relist();
+                        identities.relist();
+                        services.relist();
+                        canaries.relist();
+                        if let Some(p) = &policies {
+                            p.relist();
+                        }
+                    }
+                    denied = now_denied;
+                    continue;
+                }
                 Some(ev) = config.next() => {
                     let before = effective_config(&self.cluster, &configs).cloned();
                     match ev {
@@ -275,30 +306,57 @@ fn effective_config<'a>(
     configs.get(cluster).or_else(|| configs.values().next())
 }
 
-/// Asks the etcd for its status every second; records reachability.
-async fn probe(backend: EtcdStore, connection: watch::Sender<Connection>) {
+/// Reads one key of the cluster's sync canaries every second; records reachability and
+/// whether etcd still lets this node's certificate read.
+async fn probe(
+    backend: EtcdStore,
+    cluster: ClusterName,
+    local: bool,
+    connection: watch::Sender<Connection>,
+) {
+    let prefix = format!("{}{cluster}/", meshd_state::keys::SYNCED_PREFIX);
     let mut tick = tokio::time::interval(PROBE);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match backend.status().await {
+        match backend.range(&prefix, None, 0, 1).await {
             Ok(_) => connection.send_if_modified(|c| {
-                let changed = !c.connected || c.last_error.is_some();
+                let changed = !c.connected || c.last_error.is_some() || c.access_denied;
                 c.connected = true;
+                c.access_denied = false;
                 c.stale_since_ms = 0;
                 c.last_error = None;
                 changed
             }),
             Err(e) => connection.send_if_modified(|c| {
+                let denied = e.is_permission_denied();
                 if c.connected {
                     c.stale_since_ms = now_ms();
-                    tracing::warn!(etcd = %backend.describe(), error = %e, "etcd unreachable; keeping its last known state");
+                    tracing::warn!(etcd = %backend.describe(), error = %e, "etcd unreachable or refusing access; keeping its last known state");
                 }
                 c.connected = false;
-                c.last_error = Some(e.to_string());
+                c.access_denied = denied;
+                c.last_error = Some(if denied {
+                    access_denied_hint(&cluster, local, &e)
+                } else {
+                    e.to_string()
+                });
                 true
             }),
         };
+    }
+}
+
+/// What a refusal means and who can fix it.
+fn access_denied_hint(cluster: &ClusterName, local: bool, e: &meshd_kvstore::KvError) -> String {
+    if local {
+        format!(
+            "access denied: {e}; this node's certificate may not read its own cluster's etcd (is its user node-{cluster}-<node> there? `meshd etcd bootstrap --node <node>`)"
+        )
+    } else {
+        format!(
+            "access denied: {e}; cluster {cluster} does not let this cluster read it (never connected, or disconnected): `meshd clustermesh connect <this cluster>` against {cluster}'s etcd restores it"
+        )
     }
 }
 

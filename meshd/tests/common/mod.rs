@@ -113,7 +113,8 @@ impl Mesh {
 }
 
 /// etcd with TLS and `--client-cert-auth` against the mesh CA, bootstrapped with
-/// `meshd etcd bootstrap`. etcdctl of the harness uses the admin (root) certificate.
+/// `meshd etcd bootstrap --node n1`. etcdctl of the harness uses the cluster's admin
+/// certificate (admin-<cluster>, role root).
 pub fn bootstrapped_etcd(mesh: &Mesh, cluster_dir: &Path) -> Etcd {
     let etcd = Etcd::start_with(EtcdOptions {
         tls: Some(EtcdTls {
@@ -141,9 +142,32 @@ pub fn bootstrapped_etcd(mesh: &Mesh, cluster_dir: &Path) -> Etcd {
         &format!("{dir}/admin.pem"),
         "--key",
         &format!("{dir}/admin-key.pem"),
+        "--node",
+        "n1",
     ])
     .ok();
     etcd
+}
+
+/// `meshd clustermesh VERB OTHER` (connect, disconnect) against `etcd`, as the admin of the
+/// cluster in `cluster_dir`.
+pub fn clustermesh(mesh: &Mesh, etcd: &Etcd, cluster_dir: &Path, verb: &str, other: &str) -> Run {
+    let dir = cluster_dir.display().to_string();
+    mesh.run(&[
+        "clustermesh",
+        verb,
+        other,
+        "--endpoints",
+        &etcd.endpoint(),
+        "--ca",
+        &format!("{dir}/ca.pem"),
+        "--cert",
+        &format!("{dir}/admin.pem"),
+        "--key",
+        &format!("{dir}/admin-key.pem"),
+        "-o",
+        "json",
+    ])
 }
 
 pub fn files(cluster_dir: &Path, kind: &str) -> TlsFiles {
