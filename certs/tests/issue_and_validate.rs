@@ -83,10 +83,10 @@ fn issued_leaves_carry_subject_sans_and_usages() {
     assert_eq!(server.issuer, mesh.ca.info().subject);
 
     let admin = &meshd_certs::inspect_file(&LeafKind::Admin.cert_path(&mesh.c1())).unwrap()[0];
-    assert_eq!(admin.common_name.as_deref(), Some("root"));
+    assert_eq!(admin.common_name.as_deref(), Some("admin-c1"));
     assert_eq!(admin.extended_key_usage, vec!["clientAuth"]);
     let remote = &meshd_certs::inspect_file(&LeafKind::Remote.cert_path(&mesh.c1())).unwrap()[0];
-    assert_eq!(remote.common_name.as_deref(), Some("remote"));
+    assert_eq!(remote.common_name.as_deref(), Some("remote-c1"));
     assert_eq!(remote.extended_key_usage, vec!["clientAuth"]);
     assert!(remote.dns_names.is_empty() && remote.ip_addresses.is_empty());
     assert!(remote.not_after > OffsetDateTime::now_utc() + Duration::days(9));

@@ -333,7 +333,8 @@ mod tests {
         let config = flags.over(file).build().unwrap();
         assert_eq!(config.cluster_id.get(), 2);
         assert_eq!(config.cluster.as_str(), "c1");
-        assert_eq!(config.admins, ["root"]);
+        // No extra admins by default: admin-<cluster> is always allowed (see grpc::authorize).
+        assert!(config.admins.is_empty());
         assert!(serde_yaml::from_str::<ConfigArgs>("clustr-name: x\n").is_err());
     }
 }

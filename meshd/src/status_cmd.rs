@@ -87,6 +87,7 @@ pub fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
         "local": c.local,
         "state": cluster_state(c),
         "connected": c.connected,
+        "access_denied": c.access_denied,
         "ready": c.ready,
         "stale": c.stale_since_ms != 0,
         "stale_since_ms": c.stale_since_ms,

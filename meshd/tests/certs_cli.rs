@@ -21,7 +21,9 @@ fn help_documents_every_subcommand() {
     }
     let issue = meshd(dir.path(), &["certs", "issue", "--help"]).ok().stdout;
     assert!(
-        issue.contains("CN=remote") && issue.contains("--force"),
+        issue.contains("CN remote-<cluster>")
+            && issue.contains("CN node-<cluster>-<node>")
+            && issue.contains("--force"),
         "{issue}"
     );
     let bootstrap = meshd(dir.path(), &["etcd", "bootstrap", "--help"])
@@ -63,9 +65,40 @@ fn issue_inspect_and_check_a_cluster() {
 
     let table = mesh.run(&["certs", "inspect", "c1/remote.pem"]).ok().stdout;
     assert!(
-        table.contains("CN=remote, O=meshd, OU=c1") && table.contains("clientAuth"),
+        table.contains("CN=remote-c1, O=meshd, OU=c1") && table.contains("clientAuth"),
         "{table}"
     );
+    // A node's certificate names its cluster and node; without --node there is none to issue.
+    let node_args = |node: Option<&str>| {
+        let mut args = vec![
+            "certs",
+            "issue",
+            "node",
+            "--cluster",
+            "c1",
+            "--out-dir",
+            "c1/n1",
+            "--ca",
+            "mesh-ca/ca.pem",
+            "--ca-key",
+            "mesh-ca/ca-key.pem",
+        ];
+        if let Some(n) = node {
+            args.extend(["--node", n]);
+        }
+        mesh.run(&args)
+    };
+    node_args(None).fails_saying(&["--node"]);
+    node_args(Some("N_1")).fails_saying(&["--node", "N_1"]);
+    node_args(Some("n1")).ok();
+    let node = json(
+        &mesh
+            .run(&["certs", "inspect", "-o", "json", "c1/n1/node.pem"])
+            .ok(),
+    );
+    assert_eq!(node["certificates"][0]["common_name"], "node-c1-n1");
+    assert_eq!(node["certificates"][0]["organizational_unit"], "c1");
+    assert!(c1.join("n1/ca.pem").exists());
 
     mesh.run(&[
         "certs",

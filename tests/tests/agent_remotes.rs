@@ -139,3 +139,68 @@ fn malformed_and_hostile_remote_entries_are_rejected_and_counted() -> anyhow::Re
     }
     Ok(())
 }
+
+/// `meshd clustermesh disconnect c2` run in c1 cuts c2's agents off c1 — they say so and keep
+/// c1's last state (fail-static) — while c3 still reads c1; `connect` restores it.
+#[test]
+fn a_disconnected_cluster_can_no_longer_read_and_says_so() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshOptions::clusters(3, 1))?;
+    let before = mesh.add_endpoint("c1", "n1", "before", "app=web")?;
+    wait_for("c1's endpoint in c2 and c3", WAIT, || {
+        anyhow::ensure!(in_maps(&mesh, "c2", "n1", before.ip)?, "not in c2");
+        anyhow::ensure!(in_maps(&mesh, "c3", "n1", before.ip)?, "not in c3");
+        Ok(())
+    })?;
+
+    mesh.clustermesh("c1", "disconnect", "c2")?;
+    wait_for("c2 sees c1 refuse it", WAIT, || {
+        let c1 = mesh.cluster_status("c2", "n1", "c1")?;
+        anyhow::ensure!(c1["access_denied"] == true, "{c1}");
+        anyhow::ensure!(c1["connected"] == false, "{c1}");
+        let err = c1["last_error"].as_str().unwrap_or("");
+        anyhow::ensure!(
+            err.contains("permission denied") && err.contains("meshd clustermesh connect"),
+            "{c1}"
+        );
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    let table = mesh.meshd("c2", "n1", &["clustermesh", "status"])?;
+    assert!(table.contains("access denied"), "{table}");
+    // The watches c2 opened before are ended, not trusted: give c2's watcher a moment to act on
+    // the refusal before c1 changes.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let after = mesh.add_endpoint("c1", "n1", "after", "app=web")?;
+    wait_for("c3 still reads c1", WAIT, || {
+        anyhow::ensure!(in_maps(&mesh, "c3", "n1", after.ip)?);
+        Ok(())
+    })?;
+    // c3 has it, so c1 published it; give c2 the same time again.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !in_maps(&mesh, "c2", "n1", after.ip)?,
+        "c2 still reads c1 after the disconnect"
+    );
+    assert!(
+        in_maps(&mesh, "c2", "n1", before.ip)?,
+        "c2 keeps c1's last state (fail-static)"
+    );
+    assert_eq!(mesh.cluster_status("c3", "n1", "c1")?["state"], "ready");
+
+    mesh.clustermesh("c1", "connect", "c2")?;
+    wait_for("c2 reads c1 again", Duration::from_secs(90), || {
+        anyhow::ensure!(in_maps(&mesh, "c2", "n1", after.ip)?);
+        let c1 = mesh.cluster_status("c2", "n1", "c1")?;
+        anyhow::ensure!(
+            c1["state"] == "ready" && c1["access_denied"] == false,
+            "{c1}"
+        );
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    Ok(())
+}

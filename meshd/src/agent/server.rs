@@ -123,6 +123,7 @@ fn cluster_status(
     }
     if let Some(c) = conn {
         s.connected = c.connected;
+        s.access_denied = c.access_denied;
         s.stale_since_ms = c.stale_since_ms;
         s.last_error = c.last_error.clone().unwrap_or_default();
         s.last_sync_ms = c.last_sync_ms;
