@@ -303,12 +303,14 @@ mod tests {
             service_cidr: Some("10.96.0.1/16".into()),
             identity_gc_grace: Some("soon".into()),
             etcd_ca: Some("ca.pem".into()),
+            admin_cn: vec!["root".into()],
             ..Default::default()
         }
         .build()
         .unwrap_err();
         let text = errors.join("\n");
         for needle in [
+            "--admin-cn root",
             "--cluster-name",
             "--cluster-id",
             "--service-cidr",

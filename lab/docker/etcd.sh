@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Entry point of a cluster's etcd container: etcd with TLS and client-certificate auth against
-# the mesh CA, then the mesh's users and roles (`meshd etcd bootstrap`, idempotent).
+# the mesh CA, then the cluster's users and roles (`meshd etcd bootstrap`, idempotent): a user
+# per node in NODES (comma separated), and read access for each cluster in PEERS (space
+# separated, `meshd clustermesh connect`).
 set -euo pipefail
-: "${CLUSTER:?}" "${IP:?}"
+: "${CLUSTER:?}" "${IP:?}" "${NODES:?}" "${PEERS:=}"
 certs=/certs/$CLUSTER
 etcd --name "$CLUSTER" --data-dir /var/lib/etcd \
   --listen-client-urls "https://$IP:2379" --advertise-client-urls "https://$IP:2379" \
@@ -13,8 +15,11 @@ etcd --name "$CLUSTER" --data-dir /var/lib/etcd \
   --logger zap --log-outputs stderr &
 etcd_pid=$!
 for _ in $(seq 1 100); do
-  if meshd etcd bootstrap --endpoints "https://$IP:2379" --ca "$certs/ca.pem" \
-       --cert "$certs/admin.pem" --key "$certs/admin-key.pem" >/tmp/bootstrap.log 2>&1; then
+  admin=(--endpoints "https://$IP:2379" --ca "$certs/ca.pem" --cert "$certs/admin.pem" --key "$certs/admin-key.pem")
+  if meshd etcd bootstrap "${admin[@]}" --node "$NODES" >/tmp/bootstrap.log 2>&1; then
+    for peer in $PEERS; do
+      meshd clustermesh connect "$peer" "${admin[@]}" >>/tmp/bootstrap.log 2>&1
+    done
     echo "etcd.sh: $CLUSTER etcd bootstrapped"
     touch /tmp/ready
     break

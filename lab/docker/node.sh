@@ -6,14 +6,15 @@ set -euo pipefail
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 certs=/certs/$CLUSTER
 mkdir -p /etc/meshd/clusters /var/lib/meshd /run/meshd
-# REMOTES: space-separated NAME=ENDPOINT pairs; each remote is read with its `remote` certificate.
+# REMOTES: space-separated NAME=ENDPOINT pairs; every remote is read with this cluster's own
+# `remote` certificate (remote-$CLUSTER), which each remote lets in (`meshd clustermesh connect`).
 for r in $REMOTES; do
   name=${r%%=*}
   cat >"/etc/meshd/clusters/$name" <<YAML
 endpoints: [${r#*=}]
 ca: /certs/$name/ca.pem
-cert: /certs/$name/remote.pem
-key: /certs/$name/remote-key.pem
+cert: $certs/remote.pem
+key: $certs/remote-key.pem
 YAML
 done
 dev=$(ip -o -4 addr show | awk -v ip="$NODE_IP" '$4 ~ "^"ip"/" {print $2; exit}')
@@ -25,9 +26,9 @@ node_ip: $NODE_IP
 pod_cidr: $POD_CIDR
 etcd:
   endpoints: [$ETCD]
-  ca: $certs/ca.pem
-  cert: $certs/admin.pem
-  key: $certs/admin-key.pem
+  ca: $certs/$NODE/ca.pem
+  cert: $certs/$NODE/node.pem
+  key: $certs/$NODE/node-key.pem
 remote_clusters_dir: /etc/meshd/clusters
 bpffs_dir: /sys/fs/bpf/meshd
 underlay_device: ${dev:-eth0}

@@ -22,15 +22,22 @@ step "building image meshd-lab:latest"
 docker build -q -t meshd-lab:latest --build-arg BASE=meshd-lab-base:bookworm "$stage" >/dev/null
 
 # Certificates: one mesh CA; per cluster the etcd/apiserver server certificate (SANs: the etcd
-# and apiserver container addresses), the admin and the read-only remote client certificates.
+# and apiserver container addresses), the admin (admin-cN) and remote (remote-cN) client
+# certificates, and one node certificate per node (node-cN-nM, in cN/nM/).
 certs=$run/certs
-if [ ! -e "$certs/ca.pem" ]; then
+# Certificates from before per-cluster names (no node certificates) are issued anew.
+if [ ! -e "$certs/c1/n1/node.pem" ]; then
+  rm -rf "$certs"
   step "certificates in $certs"
   mkdir -p "$certs"
   "$meshd" certs ca create --out-dir "$certs" >/dev/null
   for id in 1 2; do
     "$meshd" certs issue all --cluster "c$id" --ca "$certs/ca.pem" --ca-key "$certs/ca-key.pem" \
       --out-dir "$certs/c$id" --ip "10.78.0.10$id" --ip "10.78.0.11$id" --dns "etcd.c$id" >/dev/null
+    for n in n1 n2; do
+      "$meshd" certs issue node --cluster "c$id" --node "$n" --ca "$certs/ca.pem" \
+        --ca-key "$certs/ca-key.pem" --out-dir "$certs/c$id/$n" >/dev/null
+    done
   done
   # The CLI config the node containers use (MESHD_CONFIG): paths as seen inside them.
   {

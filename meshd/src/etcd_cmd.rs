@@ -318,7 +318,7 @@ async fn connect_or_disconnect(args: &ConnectArgs, connect: bool) -> anyhow::Res
         // runs: meshd agents re-check their access periodically and stop, but a client that
         // does not keeps its open watches until its connection ends.
         println!(
-            "note: {} can no longer read {}; meshd agents notice within their access check interval. A watch another client already holds open lasts until its connection ends (restart etcd's members to end it at once).",
+            "note: {} can no longer read {}; meshd agents notice within a second or two and keep its last state (fail-static). A watch another client already holds open lasts until its connection ends (restart etcd's members to end it at once).",
             args.cluster, session.cluster
         );
     }
