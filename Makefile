@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean
+.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install
 
 all: build
 
@@ -46,6 +46,22 @@ lab-docker: deps
 
 lab-docker-down:
 	lab/docker/down.sh
+
+# Binaries, shell completions and man pages (generated from the CLI definition) under
+# $(DESTDIR)$(PREFIX).
+PREFIX ?= /usr/local
+install: deps
+	$(CARGO) build --release -p meshd -p clustermesh-apiserver
+	install -D -m 0755 target/release/meshd $(DESTDIR)$(PREFIX)/bin/meshd
+	install -D -m 0755 target/release/clustermesh-apiserver $(DESTDIR)$(PREFIX)/bin/clustermesh-apiserver
+	install -d $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d \
+		$(DESTDIR)$(PREFIX)/share/man/man1
+	target/release/meshd completion bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/meshd
+	target/release/meshd completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_meshd
+	target/release/meshd completion fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/meshd.fish
+	target/release/meshd man --out-dir $(DESTDIR)$(PREFIX)/share/man/man1 > /dev/null
+	@echo "make install: meshd and clustermesh-apiserver in $(DESTDIR)$(PREFIX)/bin, completions and man pages under $(DESTDIR)$(PREFIX)/share"
 
 fmt:
 	$(CARGO) fmt --all

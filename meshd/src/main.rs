@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod agent;
 mod certs_cmd;
@@ -16,6 +16,7 @@ mod lab_cmd;
 mod manifest_cmd;
 mod monitor_cmd;
 mod output;
+mod shell_cmd;
 mod status_cmd;
 mod workload;
 
@@ -85,6 +86,10 @@ enum Command {
     Config(context::ConfigCommand),
     /// Print version information.
     Version(output::OutputArgs),
+    /// Shell completions (bash, zsh, fish, elvish, powershell) on standard output.
+    Completion(shell_cmd::CompletionArgs),
+    /// Man pages of meshd and every subcommand, into a directory.
+    Man(shell_cmd::ManArgs),
 }
 
 /// Commands that print and exit die quietly when their reader goes away (`meshd status |
@@ -130,6 +135,8 @@ fn main() -> ExitCode {
         Command::Get(args) => manifest_cmd::get(args, &cli.context),
         Command::Config(cmd) => context::run(cmd, &cli.context),
         Command::Version(out) => output::print_version(&out),
+        Command::Completion(args) => shell_cmd::completion(&args, Cli::command()),
+        Command::Man(args) => shell_cmd::man(&args, Cli::command()),
     };
     match result {
         Ok(code) => code,

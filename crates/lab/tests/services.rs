@@ -314,6 +314,13 @@ fn global_shared_and_local_services() {
     }
     let lab = Lab::up("svcg", "10.82.0.0/24");
 
+    // Logs written to files carry no terminal colour codes (they used to be full of them).
+    let log = std::fs::read_to_string(lab.run_dir.join("c1/n1/agent.log")).unwrap();
+    assert!(
+        !log.is_empty() && !log.contains('\x1b'),
+        "escape codes in agent.log"
+    );
+
     // The lab's `echo`: global, shared, no affinity; two echo backends per cluster.
     let vip = lab.vip("c1", "echo");
     let s = lab.requests("c1/client-c1-n1", &vip, 200);

@@ -120,6 +120,13 @@ where
     tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()))
 }
 
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything non-empty
+/// (no-color.org): logs written to a file or a pipe (the lab's `agent.log`, journald) would
+/// otherwise carry escape codes.
+fn use_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber. Call once, first thing in `main`, and keep the guard.
 pub fn init(args: &TelemetryArgs, service: &str) -> Result<TelemetryGuard, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
@@ -139,6 +146,10 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Result<TelemetryGuard, Telem
         LogFormat::Plain => fmt::layer()
             .with_writer(std::io::stderr)
             .with_target(true)
+            .with_ansi(use_colour(
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                std::env::var_os("NO_COLOR").as_deref(),
+            ))
             .boxed(),
         LogFormat::Json => fmt::layer()
             .json()
@@ -158,6 +169,15 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Result<TelemetryGuard, Telem
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(super::use_colour(true, None));
+        assert!(super::use_colour(true, Some(OsStr::new(""))));
+        assert!(!super::use_colour(true, Some(OsStr::new("1"))));
+        assert!(!super::use_colour(false, None));
+    }
+
     use super::*;
     use std::io::Read;
     use tracing_subscriber::layer::SubscriberExt;
