@@ -18,6 +18,7 @@ mod monitor_cmd;
 mod output;
 mod shell_cmd;
 mod status_cmd;
+mod troubleshoot_cmd;
 mod workload;
 
 /// meshd joins independent clusters of Linux nodes into one network: endpoints in any cluster
@@ -72,6 +73,10 @@ enum Command {
     /// `world`, `host` and `remote-node` are the reserved ones. `meshd status` counts every
     /// drop by reason, also those that happened while nobody watched.
     Monitor(monitor_cmd::MonitorArgs),
+    /// Find out why something does not work: `troubleshoot clustermesh` checks every remote
+    /// cluster step by step and says what to fix.
+    #[command(subcommand)]
+    Troubleshoot(troubleshoot_cmd::TroubleshootCommand),
     /// The multi-cluster lab in network namespaces: up, down, status, check, exec.
     #[command(subcommand)]
     Lab(lab_cmd::LabCommand),
@@ -129,6 +134,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
         Command::Monitor(args) => monitor_cmd::run(args),
+        Command::Troubleshoot(cmd) => troubleshoot_cmd::run(cmd),
         Command::Lab(cmd) => lab_cmd::run(cmd),
         Command::Apply(args) => manifest_cmd::apply(args, &cli.context),
         Command::Delete(args) => manifest_cmd::delete(args, &cli.context),

@@ -97,7 +97,7 @@ pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, String> {
 /// A remote file reads with this cluster's own remote certificate (`remote-<local>`): the
 /// admin or a node certificate would be refused there anyway, and a certificate of another
 /// cluster would read under that cluster's name.
-fn check_remote_certificate(
+pub fn check_remote_certificate(
     path: &Path,
     config: &EtcdConfig,
     local: &ClusterName,
