@@ -18,10 +18,24 @@ pub struct StatusArgs {
     output: OutputArgs,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ClustermeshStatusArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+    /// Wait until every cluster the node sees is ready (connected and synced), printing each
+    /// change of state on stderr; exit 1 naming the clusters that are not when --timeout
+    /// passes. For scripts that bring up a mesh.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300, requires = "wait")]
+    timeout: u64,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum ClustermeshCommand {
     /// Every cluster this node sees: connected, ready, stale, counts, last error.
-    Status(StatusArgs),
+    Status(ClustermeshStatusArgs),
     /// Let another cluster's agents read this cluster (etcd user remote-CLUSTER, read-only on
     /// the shared prefixes). Run against this cluster's etcd with its admin certificate; the
     /// other cluster reads with its own `remote` certificate (CN remote-CLUSTER).
@@ -263,12 +277,20 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<ExitCode> {
-    let args = match cmd {
-        ClustermeshCommand::Status(args) => args,
+    let (args, wait) = match cmd {
+        ClustermeshCommand::Status(args) => {
+            let wait = args
+                .wait
+                .then(|| std::time::Duration::from_secs(args.timeout));
+            (args.status, wait)
+        }
         ClustermeshCommand::Connect(args) => return crate::etcd_cmd::connect(&args),
         ClustermeshCommand::Disconnect(args) => return crate::etcd_cmd::disconnect(&args),
     };
-    let s = block_on(fetch(&args.socket))?;
+    let (s, all_ready) = match wait {
+        None => (block_on(fetch(&args.socket))?, true),
+        Some(timeout) => block_on(wait_ready(&args.socket, timeout))?,
+    };
     match args.output.format {
         Format::Json => {
             let v: Vec<serde_json::Value> = s.clusters.iter().map(cluster_json).collect();
@@ -279,7 +301,59 @@ pub fn run_clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<ExitCode> {
         }
         Format::Table => print_clusters(&s.clusters),
     }
+    if !all_ready {
+        let waiting: Vec<String> = not_ready(&s.clusters)
+            .into_iter()
+            .map(|(name, state)| format!("{name} ({state})"))
+            .collect();
+        eprintln!(
+            "meshd: clusters not ready when the timeout passed: {}",
+            waiting.join(", ")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The clusters that are not ready, with their state.
+fn not_ready(clusters: &[pb::ClusterStatus]) -> Vec<(String, &'static str)> {
+    clusters
+        .iter()
+        .map(|c| (c.name.clone(), cluster_state(c)))
+        .filter(|(_, state)| *state != "ready")
+        .collect()
+}
+
+/// Polls the agent until every cluster is ready or `timeout` passes; the last status and
+/// whether all were ready. A node that cannot be asked yet (starting) counts as not ready.
+async fn wait_ready(
+    socket: &SocketArgs,
+    timeout: std::time::Duration,
+) -> anyhow::Result<(pb::StatusResponse, bool)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last: Vec<(String, &'static str)> = Vec::new();
+    loop {
+        let fetched = fetch(socket).await;
+        if let Ok(s) = &fetched {
+            let waiting = not_ready(&s.clusters);
+            if waiting != last {
+                for (name, state) in &waiting {
+                    eprintln!("waiting: {name} {state}");
+                }
+                last = waiting;
+            }
+            if last.is_empty() && !s.clusters.is_empty() {
+                return Ok((fetched?, true));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return match fetched {
+                Ok(s) => Ok((s, false)),
+                Err(e) => Err(e.context(format!("no answer from the agent within {timeout:?}"))),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 #[cfg(test)]

@@ -170,6 +170,18 @@ fn a_disconnected_cluster_can_no_longer_read_and_says_so() -> anyhow::Result<()>
     .map_err(|e| e.context(mesh.logs()))?;
     let table = mesh.meshd("c2", "n1", &["clustermesh", "status"])?;
     assert!(table.contains("access denied"), "{table}");
+    // Scripts waiting for the mesh hear which cluster is not ready.
+    let waited = mesh
+        .meshd(
+            "c2",
+            "n1",
+            &["clustermesh", "status", "--wait", "--timeout", "2"],
+        )
+        .expect_err("c1 is not ready for c2");
+    assert!(
+        format!("{waited:#}").contains("not ready when the timeout passed: c1"),
+        "{waited:#}"
+    );
     // The watches c2 opened before are ended, not trusted: give c2's watcher a moment to act on
     // the refusal before c1 changes.
     std::thread::sleep(Duration::from_secs(2));
@@ -192,6 +204,11 @@ fn a_disconnected_cluster_can_no_longer_read_and_says_so() -> anyhow::Result<()>
     assert_eq!(mesh.cluster_status("c3", "n1", "c1")?["state"], "ready");
 
     mesh.clustermesh("c1", "connect", "c2")?;
+    mesh.meshd(
+        "c2",
+        "n1",
+        &["clustermesh", "status", "--wait", "--timeout", "90"],
+    )?;
     wait_for("c2 reads c1 again", Duration::from_secs(90), || {
         anyhow::ensure!(in_maps(&mesh, "c2", "n1", after.ip)?);
         let c1 = mesh.cluster_status("c2", "n1", "c1")?;
