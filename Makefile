@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install
+.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install fuzz
 
 all: build
 
@@ -28,6 +28,12 @@ test: deps lint
 bench: deps
 	$(CARGO) build --release --workspace --all-targets
 	scripts/bench.sh
+
+# Coverage-guided fuzzing of the decoders of untrusted input (nightly + cargo-fuzz, installed
+# when missing): every target for FUZZ_SECONDS.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
 
 # The namespace lab: two clusters, two nodes each, a global service and a policy, then a
 # connectivity check. It keeps running; `make lab-down` removes it.
