@@ -158,6 +158,58 @@ fn c2_etcd_down_keeps_traffic_and_shows_stale_then_catches_up() -> anyhow::Resul
     Ok(())
 }
 
+/// A hung etcd (SIGSTOP: the connection stays open and nothing answers) is worse than a stopped
+/// one, which refuses at once: c1 must notice through its probe and keepalives, keep c2's last
+/// state (fail-static) and its traffic, and catch up when c2's etcd runs again.
+#[test]
+fn c2_etcd_hung_keeps_traffic_and_shows_stale_then_catches_up() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mut mesh = Mesh::start(MeshOptions::clusters(2, 1))?;
+    let client = mesh.add_endpoint("c1", "n1", "client", "app=client")?;
+    let echo = mesh.add_endpoint("c2", "n1", "echo", "app=echo")?;
+    spawn_echo(&echo.netns, PORT)?;
+    let echo_addr = SocketAddr::from((echo.ip, PORT));
+    wait_for("client -> echo", WAIT, || {
+        tcp_check(&client.netns, echo_addr, Duration::from_secs(2))
+    })?;
+    let mut conn = connect(&client.netns, echo_addr, Duration::from_secs(5))?;
+    echo_round_trip(&mut conn, b"before")?;
+
+    mesh.cluster_mut("c2")?.etcd.pause();
+    let stale = wait_for("c1 sees hung c2 stale", WAIT, || {
+        let c2 = mesh.cluster_status("c1", "n1", "c2")?;
+        anyhow::ensure!(c2["state"] == "stale" && c2["stale"] == true, "{c2}");
+        Ok(())
+    });
+    if stale.is_err() {
+        mesh.cluster_mut("c2")?.etcd.resume();
+    }
+    stale.map_err(|e| e.context(mesh.logs()))?;
+    for i in 0..10 {
+        echo_round_trip(&mut conn, format!("while hung {i}").as_bytes())?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tcp_check(&client.netns, echo_addr, Duration::from_secs(2))?;
+    assert!(
+        mesh.ipcache_entry("c1", "n1", echo.ip)?.is_some(),
+        "c1 dropped c2's entry while c2's etcd hung"
+    );
+
+    mesh.cluster_mut("c2")?.etcd.resume();
+    wait_for("c1 sees c2 ready again", WAIT, || {
+        let c2 = mesh.cluster_status("c1", "n1", "c2")?;
+        anyhow::ensure!(c2["state"] == "ready", "{c2}");
+        Ok(())
+    })?;
+    // What c2 publishes after the hang reaches c1: its watch resumed or relisted.
+    let later = mesh.add_endpoint("c2", "n1", "later", "app=web")?;
+    wait_in_maps(&mesh, &later, &[("c1", "n1")], true)?;
+    echo_round_trip(&mut conn, b"after")?;
+    Ok(())
+}
+
 /// A node whose own etcd is down still starts an endpoint whose label set one of its endpoints
 /// already has (the identity is known on the node): it reaches the node's other endpoints at
 /// once, and its ipcache record reaches etcd, and so the other cluster, when etcd is back. A

@@ -221,3 +221,48 @@ fn a_disconnected_cluster_can_no_longer_read_and_says_so() -> anyhow::Result<()>
     .map_err(|e| e.context(mesh.logs()))?;
     Ok(())
 }
+
+/// Two remote clusters claiming one cluster id, end to end: c3's apiserver (here: its admin)
+/// publishes c2's id; c1 admits the first and refuses the other by name, shows it in
+/// `clustermesh status`, and keeps the refused cluster's endpoints out of its maps.
+#[test]
+fn a_duplicate_cluster_id_is_refused_and_shown() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshOptions::clusters(3, 1))?;
+    let in_c2 = mesh.add_endpoint("c2", "n1", "in-c2", "app=web")?;
+    wait_for("c2's endpoint in c1", WAIT, || {
+        anyhow::ensure!(in_maps(&mesh, "c1", "n1", in_c2.ip)?);
+        Ok(())
+    })?;
+    // c3 now claims id 2, which c1 already admitted for c2.
+    mesh.cluster("c3")?.etcd.etcdctl(&[
+        "put",
+        "meshd/cluster-config/c3",
+        r#"{"name":"c3","id":2}"#,
+    ])?;
+    let in_c3 = mesh.add_endpoint("c3", "n1", "in-c3", "app=web")?;
+    wait_for("c3 refused by c1 for its id", WAIT, || {
+        let c3 = mesh.cluster_status("c1", "n1", "c3")?;
+        anyhow::ensure!(c3["state"] == "refused", "{c3}");
+        let why = c3["refused"].as_str().unwrap_or("");
+        anyhow::ensure!(why.contains("cluster id 2") && why.contains("c2"), "{c3}");
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    let table = mesh.meshd("c1", "n1", &["clustermesh", "status"])?;
+    assert!(
+        table.contains("refused") && table.contains("cluster id 2"),
+        "{table}"
+    );
+    // The incumbent stays; nothing of the refused cluster is in the datapath.
+    assert_eq!(mesh.cluster_status("c1", "n1", "c2")?["state"], "ready");
+    assert!(in_maps(&mesh, "c1", "n1", in_c2.ip)?);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !in_maps(&mesh, "c1", "n1", in_c3.ip)?,
+        "an endpoint of the refused cluster entered c1's maps"
+    );
+    Ok(())
+}
