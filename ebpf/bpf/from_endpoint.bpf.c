@@ -46,13 +46,24 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	__u32 src_identity = src->identity;
 	ctx->src_identity = src_identity;
 
-	__u64 now = bpf_ktime_get_ns();
-	ret = lb_translate(skb, ctx, l3_off, now);
-	if (ret < 0)
-		return ret;
-	ret = lb_translate_icmp(skb, ctx, l3_off);
-	if (ret < 0)
-		return ret;
+	/* Conntrack on the tuple as sent comes first: a live connection that is not a service
+	 * connection (nor a SYN reusing its tuple) went to no frontend when it started, so it
+	 * skips the SERVICES lookup, and its entry is the one ct_lookup would find (no DNAT). A
+	 * frontend added for an address and port in use takes new connections only. */
+	__u64 now = ct_now();
+	struct ct_value *conn = ct_find(ctx, now);
+	struct ct_value *plain = 0;
+	if (conn && !(conn->flags & MESHD_CT_F_SERVICE) && !(ctx->tcp_flags & TCP_FLAG_SYN) &&
+	    !(ctx->proto == IPPROTO_ICMP && icmp_is_error(ctx->icmp_type))) {
+		plain = conn;
+	} else {
+		ret = lb_translate(skb, ctx, l3_off, now, conn);
+		if (ret < 0)
+			return ret;
+		ret = lb_translate_icmp(skb, ctx, l3_off);
+		if (ret < 0)
+			return ret;
+	}
 
 	/* Hairpin (lb.h): the SNATed request goes to the client itself, and a reply to the service
 	 * loopback address goes back to its sender. Either way source and destination are one
@@ -78,7 +89,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	__u32 revision = cfg->policy_revision;
 
 	struct ct_value *entry = 0;
-	int ct = ct_lookup(skb, ctx, l3_off, now, &entry);
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, plain);
 	/* The same tuple as an earlier connection that went through another frontend (or none):
 	 * a new connection, whose CT entries must say how to reverse-NAT its replies. */
 	if (ct == CT_ESTABLISHED && entry && (entry->nat_addr != ctx->svc_addr || entry->nat_port != ctx->svc_port))

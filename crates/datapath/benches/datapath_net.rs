@@ -5,7 +5,13 @@
 //! - TCP throughput: iperf3, 1 and 4 streams;
 //! - TCP request/response latency (TCP_RR style): 1-byte ping-pong on one connection.
 //!
-//! `cargo bench -p meshd-datapath --bench datapath_net -- [--runs N] [--seconds S] [--rr N]`
+//! `cargo bench -p meshd-datapath --bench datapath_net -- [--runs N] [--seconds S] [--rr N]
+//! [--profile 1]`
+//!
+//! `--profile 1` adds a pass after the measured runs with the kernel's BPF run-time statistics
+//! on (BPF_ENABLE_STATS, held only for that pass: the statistics cost every program two clock
+//! reads, which the no-eBPF baseline would not pay): per program, runs per second, ns per run
+//! and bytes per run (GSO super-packets count once) during an iperf3 run of each size.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -228,6 +234,62 @@ fn tcp_rr(pair: &Pair<'_>, port: u16, transactions: u32) -> anyhow::Result<f64> 
     Ok(elapsed.as_secs_f64() * 1e6 / f64::from(transactions))
 }
 
+/// (runs, total run time in ns) of a loaded program, from the kernel's statistics (bpftool:
+/// aya 0.14's `ProgramInfo` does not expose them).
+fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string(), "-j"])
+        .output()
+        .context("bpftool prog show")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
+    Ok((
+        v["run_cnt"].as_u64().unwrap_or(0),
+        v["run_time_ns"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// One iperf3 run of each size with BPF run-time statistics on: what each program of the
+/// sending node (node 0) and the receiving node (node 1) costs per run and per byte.
+fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32) -> anyhow::Result<()> {
+    use meshd_ebpf::programs::{FROM_ENDPOINT, FROM_OVERLAY};
+    let mut progs = Vec::new();
+    for (node, name, role) in [
+        (0, FROM_ENDPOINT, "sender from_endpoint (data)"),
+        (1, FROM_OVERLAY, "receiver from_overlay (data)"),
+        (1, FROM_ENDPOINT, "receiver from_endpoint (ACKs)"),
+        (0, FROM_OVERLAY, "sender from_overlay (ACKs)"),
+    ] {
+        let dp = meshd.nodes[node]
+            .datapath
+            .as_ref()
+            .context("node without datapath")?;
+        progs.push((role, dp.program(name)?.info()?.id()));
+    }
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    for streams in [1u32, 4] {
+        let before: Vec<_> = progs
+            .iter()
+            .map(|(_, id)| prog_stats(*id))
+            .collect::<anyhow::Result<_>>()?;
+        let gbps = iperf(pair, 5201, streams, seconds)?;
+        println!("profile, {streams} stream(s), {gbps:.2} Gbit/s with statistics on:");
+        for ((role, id), (cnt0, ns0)) in progs.iter().zip(before) {
+            let (cnt1, ns1) = prog_stats(*id)?;
+            let (cnt, ns) = (cnt1 - cnt0, ns1 - ns0);
+            let per_run = if cnt > 0 { ns as f64 / cnt as f64 } else { 0.0 };
+            // Data bytes per run of the data-path programs: how many wire packets one run
+            // stands for (1450-byte MTU), since TSO/GRO super-packets pass the program once.
+            let bytes_per_run = gbps * 1e9 / 8.0 * f64::from(seconds) / cnt.max(1) as f64;
+            println!(
+                "PROFILE {streams}stream {role}: {:.0} runs/s, {per_run:.0} ns/run, {:.1}% of a CPU, ~{bytes_per_run:.0} payload bytes/run",
+                cnt as f64 / f64::from(seconds),
+                ns as f64 / (f64::from(seconds) * 1e9) * 100.0
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     if !common::can_run() || !meshd_testing::require("iperf3", meshd_testing::have_binary("iperf3"))
     {
@@ -236,6 +298,7 @@ fn main() -> anyhow::Result<()> {
     let runs = arg("--runs", 5);
     let seconds = arg("--seconds", 4);
     let rr_transactions = arg("--rr", 20_000);
+    let profile_pass = arg("--profile", 0) != 0;
 
     let meshd = Topology::new("bnm", &[1, 2], 1)?;
     let baseline = Baseline::new("bnb")?;
@@ -280,6 +343,24 @@ fn main() -> anyhow::Result<()> {
             spreads[0], spreads[1]
         );
         println!("RESULT datapath-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=0.95x", m / b);
+    }
+    if profile_pass {
+        profile(&meshd, &pairs[0].1, seconds)?;
+    }
+    // `--perf 1`: a system-wide perf profile (cpu-clock, call graphs) of one 4-stream run of
+    // each path, in /tmp/meshd-perf-{meshd,baseline}.data, for `perf report --comm iperf3`.
+    if arg("--perf", 0) != 0 {
+        for (name, (_, pair)) in ["meshd", "baseline"].iter().zip(&pairs) {
+            let perf = std::process::Command::new("perf")
+                .args(["record", "-q", "-a", "-g", "-e", "cpu-clock", "-o"])
+                .arg(format!("/tmp/meshd-perf-{name}.data"))
+                .args(["--", "sleep", &seconds.to_string()])
+                .spawn()
+                .context("perf record")?;
+            let gbps = iperf(pair, 5201, 4, seconds)?;
+            perf.wait_with_output()?;
+            println!("perf {name}: {gbps:.2} Gbit/s");
+        }
     }
     drop(servers);
 
