@@ -634,6 +634,90 @@ fn a_reply_passes_when_the_lru_evicted_only_the_reply_half() {
     assert_eq!(counter(&dp, Direction::Egress, abi::DROP_POLICY), 0);
 }
 
+/// An established tunnelled connection is forwarded from its CT entry's cache (no ENDPOINTS or
+/// IPCACHE lookups), so every change the cached answers came from has to reach it: the
+/// destination moving to another node, the sender's identity, the destination going away, a
+/// packet of the connection from another interface, and a policy change.
+#[test]
+fn cached_forwarding_follows_every_map_change() {
+    let Some(mut dp) = setup() else { return };
+    let node3 = Ipv4Addr::new(192, 168, 50, 3);
+    let host: ipnet::Ipv4Net = "10.2.0.5/32".parse().unwrap();
+    let pkt = |flags| Packet::tcp(A, 40000, R, 443, flags).bytes();
+    let send = |dp: &TestDatapath, ifindex| {
+        dp.run(programs::FROM_ENDPOINT_PROBE, &pkt(0x10), ifindex, [0; 5])
+    };
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT_PROBE, &pkt(0x02), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+    for _ in 0..3 {
+        let (verdict, _, cb) = send(&dp, A_IF);
+        assert_eq!(
+            (verdict, Ipv4Addr::from(cb[0]), cb[1]),
+            (TC_ACT_REDIRECT, NODE2, CLIENT)
+        );
+    }
+
+    // The destination moves to node 3.
+    dp.maps
+        .upsert_ipcache(
+            host,
+            IpcacheEntry {
+                identity: REMOTE,
+                tunnel_endpoint: Some(node3),
+                flags: 0,
+            },
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let (_, _, cb) = send(&dp, A_IF);
+        assert_eq!(Ipv4Addr::from(cb[0]), node3, "new tunnel endpoint");
+    }
+
+    // The sender's identity changes (labels changed).
+    dp.maps
+        .upsert_endpoint(
+            A,
+            LocalEndpoint {
+                ifindex: A_IF,
+                identity: CLIENT + 7,
+                mac: A_MAC,
+                node_mac: A_GW_MAC,
+            },
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let (_, _, cb) = send(&dp, A_IF);
+        assert_eq!(cb[1], CLIENT + 7, "new VNI");
+    }
+
+    // Another endpoint sending with A's address (and A's connection's tuple).
+    let (verdict, _, _) = send(&dp, B_IF);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_INVALID_SOURCE), 1);
+
+    // A policy change that no longer allows the connection cuts it.
+    dp.maps
+        .set_policy_enabled(CLIENT + 7, Direction::Egress, true)
+        .unwrap();
+    assert_eq!(send(&dp, A_IF).0, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_POLICY), 1);
+    dp.maps
+        .set_policy_enabled(CLIENT + 7, Direction::Egress, false)
+        .unwrap();
+    assert_eq!(send(&dp, A_IF).0, TC_ACT_REDIRECT);
+
+    // The destination is gone from the ipcache.
+    dp.maps.delete_ipcache(host).unwrap();
+    dp.maps
+        .delete_ipcache("10.2.0.0/24".parse().unwrap())
+        .unwrap();
+    assert_eq!(send(&dp, A_IF).0, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
+}
+
 /// The CT map of a test datapath, opened from its pin (DatapathMaps keeps it private).
 fn ct_map(dp: &TestDatapath) -> aya::maps::HashMap<aya::maps::MapData, abi::CtKey, abi::CtValue> {
     let ct_path = dp.pin_dir.path().join("maps").join(meshd_ebpf::maps::CT);
