@@ -8,6 +8,10 @@
 //! `cargo bench -p meshd-datapath --bench datapath_net -- [--runs N] [--seconds S] [--rr N]
 //! [--profile 1]`
 //!
+//! `--offloads show` prints the offload settings of every interface of both topologies;
+//! `--offloads gro|bigtcp|gro,bigtcp` applies a tuning to both topologies alike before
+//! measuring (see `tune`).
+//!
 //! `--profile 1` adds a pass after the measured runs with the kernel's BPF run-time statistics
 //! on (BPF_ENABLE_STATS, held only for that pass: the statistics cost every program two clock
 //! reads, which the no-eBPF baseline would not pay): per program, runs per second, ns per run
@@ -60,7 +64,7 @@ fn load_average() -> String {
 struct Baseline {
     // Field order = drop order: endpoints, then nodes and bridge.
     endpoints: Vec<Netns>,
-    _underlay: Underlay,
+    underlay: Underlay,
 }
 
 impl Baseline {
@@ -157,9 +161,152 @@ impl Baseline {
         }
         Ok(Baseline {
             endpoints,
-            _underlay: underlay,
+            underlay,
         })
     }
+}
+
+/// Every interface but loopback of a namespace.
+fn links(ns: &Netns) -> anyhow::Result<Vec<String>> {
+    let out = ns.ip(&["-j", "link", "show"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
+    Ok(v.as_array()
+        .context("ip -j link: not an array")?
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+        .filter(|n| n != "lo")
+        .collect())
+}
+
+/// The offload features that matter here, as "name=on/off" of `ethtool -k`.
+fn offload_summary(ns: &Netns, dev: &str) -> anyhow::Result<String> {
+    const SHOWN: [&str; 8] = [
+        "tx-checksumming",
+        "tcp-segmentation-offload",
+        "generic-segmentation-offload",
+        "generic-receive-offload",
+        "rx-gro-list",
+        "rx-udp-gro-forwarding",
+        "tx-udp_tnl-segmentation",
+        "rx-checksumming",
+    ];
+    let out = ns.run("ethtool", &["-k", dev])?;
+    let mut parts = Vec::new();
+    for line in out.lines() {
+        if let Some((name, value)) = line.trim().split_once(": ") {
+            if SHOWN.contains(&name) {
+                parts.push(format!(
+                    "{name}={}",
+                    value.split_whitespace().next().unwrap_or("")
+                ));
+            }
+        }
+    }
+    let details = ns.ip(&["-d", "-j", "link", "show", dev])?;
+    let d: serde_json::Value = serde_json::from_str(&details).context("ip -d -j link")?;
+    for key in [
+        "gso_max_size",
+        "gso_ipv4_max_size",
+        "gro_max_size",
+        "gro_ipv4_max_size",
+    ] {
+        parts.push(format!("{key}={}", d[0][key]));
+    }
+    Ok(parts.join(" "))
+}
+
+/// Applies one tuning to every interface of the given namespaces:
+/// - `gro`: GRO on every veth (which gives a veth NAPI receive, so the bridge and the node
+///   get coalesced packets) and UDP GRO forwarding;
+/// - `bigtcp`: BIG TCP sizes (GSO/GRO up to 192 KiB for IPv4 and IPv6) on every device but
+///   the VXLAN ones.
+fn tune(namespaces: &[&Netns], what: &str) -> anyhow::Result<()> {
+    for ns in namespaces {
+        for dev in links(ns)? {
+            for t in what.split(',') {
+                match t {
+                    "gro" => {
+                        ns.run("ethtool", &["-K", &dev, "gro", "on"])?;
+                        // Not every device has it (the bridge does not): best effort.
+                        let _ = ns.run("ethtool", &["-K", &dev, "rx-udp-gro-forwarding", "on"]);
+                    }
+                    // Kernel 6.18's VXLAN device refuses gso_max_size above 64 KiB ("too
+                    // big gso_max_size": its tso_max_size is 64 KiB): everything else.
+                    "bigtcp" if dev.contains("vx") => {}
+                    "bigtcp" => {
+                        ns.ip(&[
+                            "link",
+                            "set",
+                            &dev,
+                            "gso_max_size",
+                            "196608",
+                            "gro_max_size",
+                            "196608",
+                        ])?;
+                        set_ipv4_gso_gro_max(ns, &dev, 196_608)?;
+                    }
+                    other => anyhow::bail!("unknown tuning {other:?}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets a device's IPv4 GSO and GRO maximum sizes (IPv4 BIG TCP) with RTM_NEWLINK:
+/// iproute2 6.1 (Debian 12) has no words for IFLA_GSO_IPV4_MAX_SIZE / IFLA_GRO_IPV4_MAX_SIZE
+/// (kernel 6.3+), and the kernel applies gso_max_size/gro_max_size above 64 KiB to IPv6 only.
+fn set_ipv4_gso_gro_max(ns: &Netns, dev: &str, size: u32) -> anyhow::Result<()> {
+    const RTM_NEWLINK: u16 = 16;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
+    const IFLA_GRO_IPV4_MAX_SIZE: u16 = 64;
+    let out = ns.ip(&["-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("ip -j link")?;
+    let ifindex = v[0]["ifindex"].as_i64().context("no ifindex")? as i32;
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&48u32.to_ne_bytes());
+    msg.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    msg.extend_from_slice(&[0, 0, 0, 0]); // ifinfomsg: family, pad, type
+    msg.extend_from_slice(&ifindex.to_ne_bytes());
+    msg.extend_from_slice(&[0; 8]); // flags, change
+    for attr in [IFLA_GSO_IPV4_MAX_SIZE, IFLA_GRO_IPV4_MAX_SIZE] {
+        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&attr.to_ne_bytes());
+        msg.extend_from_slice(&size.to_ne_bytes());
+    }
+    let error = run_in(&ns.path(), move || -> anyhow::Result<i32> {
+        // SAFETY: plain socket syscalls on a buffer we own; the fd is closed below.
+        unsafe {
+            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+            anyhow::ensure!(
+                fd >= 0,
+                "netlink socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let sent = libc::send(fd, msg.as_ptr().cast(), msg.len(), 0);
+            let mut buf = [0u8; 1024];
+            let got = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            libc::close(fd);
+            anyhow::ensure!(sent == msg.len() as isize && got >= 20, "netlink send/recv");
+            anyhow::ensure!(
+                u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR,
+                "netlink: no ack"
+            );
+            Ok(i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]))
+        }
+    })?;
+    anyhow::ensure!(
+        error == 0,
+        "RTM_NEWLINK IPv4 GSO/GRO max size on {dev}: {}",
+        std::io::Error::from_raw_os_error(-error)
+    );
+    Ok(())
 }
 
 /// A client namespace, a server namespace and the server's address.
@@ -320,6 +467,39 @@ fn main() -> anyhow::Result<()> {
             },
         ),
     ];
+    let mut namespaces: Vec<(&str, &Netns)> = vec![("bridge", meshd.underlay.bridge())];
+    for node in &meshd.nodes {
+        namespaces.push(("meshd node", meshd.underlay.node(node.index)));
+        for ep in &node.endpoints {
+            namespaces.push(("meshd endpoint", &ep.netns));
+        }
+    }
+    namespaces.push(("baseline bridge", baseline.underlay.bridge()));
+    for i in 0..2 {
+        namespaces.push(("baseline node", baseline.underlay.node(i)));
+        namespaces.push(("baseline endpoint", &baseline.endpoints[i]));
+    }
+    let offloads = std::env::args()
+        .skip_while(|a| a != "--offloads")
+        .nth(1)
+        .unwrap_or_default();
+    if !offloads.is_empty() && offloads != "show" {
+        let all: Vec<&Netns> = namespaces.iter().map(|(_, ns)| *ns).collect();
+        tune(&all, &offloads)?;
+        println!("tuning applied to both topologies: {offloads}");
+    }
+    if !offloads.is_empty() {
+        for (role, ns) in &namespaces {
+            for dev in links(ns)? {
+                println!(
+                    "OFFLOADS {role} {} {dev}: {}",
+                    ns.name(),
+                    offload_summary(ns, &dev)?
+                );
+            }
+        }
+    }
+
     let servers: Vec<ChildGuard> = pairs
         .iter()
         .map(|(_, p)| iperf_server(p, 5201))
