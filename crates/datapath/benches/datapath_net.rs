@@ -442,7 +442,7 @@ fn main() -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    let runs = arg("--runs", 5);
+    let runs = arg("--runs", 9);
     let seconds = arg("--seconds", 4);
     let rr_transactions = arg("--rr", 20_000);
     let profile_pass = arg("--profile", 0) != 0;
@@ -522,7 +522,7 @@ fn main() -> anyhow::Result<()> {
             "TCP throughput, {streams} stream(s): meshd {m:.2} Gbit/s [{}], baseline {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
             spreads[0], spreads[1]
         );
-        println!("RESULT datapath-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=0.95x", m / b);
+        println!("RESULT datapath-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=1.1x (issue 18)", m / b);
     }
     if profile_pass {
         profile(&meshd, &pairs[0].1, seconds)?;
@@ -558,7 +558,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!("load average at the end: {}", load_average());
     println!(
-        "RESULT datapath-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=1.05x",
+        "RESULT datapath-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=0.9x (issue 18)",
         m / b
     );
 
