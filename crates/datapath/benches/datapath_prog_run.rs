@@ -92,6 +92,8 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     let start = Instant::now();
+    // One forward revision bump for the whole fill, as the agent's reconciler does per round.
+    m.defer_forward_revision();
     for i in 0..ipcache_entries {
         m.upsert_ipcache(
             Ipv4Net::new(remote_addr(i), 32)?,
@@ -102,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             },
         )?;
     }
+    m.flush_forward_revision()?;
     let ipcache_fill = start.elapsed();
     for i in 0..250u32 {
         m.upsert_node(Ipv4Addr::new(192, 168, 70, (1 + i) as u8), 2)?;
