@@ -2,7 +2,7 @@
 # Installs what building and testing meshd needs, only when missing (idempotent).
 # Debian packages: clang/llvm (eBPF objects), libbpf-dev (bpf_helpers.h), protobuf-compiler and
 # libprotobuf-dev (gRPC), etcd-server/etcd-client (the real etcd 3.4 every test runs against),
-# iproute2 (netns, veth, VXLAN), iperf3 (benchmarks), bpftool (inspection), openssl (TLS tests
+# iproute2 (netns, veth, VXLAN), iperf3 and ethtool (benchmarks), bpftool (inspection), openssl (TLS tests
 # against a TLS-1.2-only server).
 set -euo pipefail
 
@@ -19,6 +19,8 @@ have etcd || need+=(etcd-server)
 have etcdctl || need+=(etcd-client)
 have ip || need+=(iproute2)
 have iperf3 || need+=(iperf3)
+# ethtool: the datapath-net benchmark's --offloads (offload settings of both topologies).
+have ethtool || need+=(ethtool)
 have bpftool || need+=(bpftool)
 have openssl || need+=(openssl)
 have jq || need+=(jq)

@@ -15,6 +15,7 @@
 #include "lib/ct.h"
 #include "lib/policy.h"
 #include "lib/lb.h"
+#include "lib/fwd_cache.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
 
@@ -39,6 +40,22 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		return MESHD_FWD_STACK;
 	}
 
+	/* Conntrack on the tuple as sent comes first. The common case, an established tunnelled
+	 * connection, is forwarded from its entry's cache (lib/fwd_cache.h). Otherwise a live
+	 * connection that is not a service connection (nor a SYN reusing its tuple) went to no
+	 * frontend when it started, so it skips the SERVICES lookup, and its entry is the one
+	 * ct_lookup would find (no DNAT). A frontend added for an address and port in use takes
+	 * new connections only. */
+	__u32 zero = 0;
+	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
+	__u64 now = ct_now();
+	struct ct_value *conn = ct_find(ctx, now);
+	if (conn && cfg) {
+		ret = fwd_cache_forward(skb, ctx, conn, cfg, now);
+		if (ret)
+			return ret;
+	}
+
 	struct endpoint_key skey = {.addr = ctx->saddr};
 	struct endpoint_value *src = bpf_map_lookup_elem(&ENDPOINTS, &skey);
 	if (!src || src->ifindex != skb->ingress_ifindex)
@@ -46,13 +63,18 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	__u32 src_identity = src->identity;
 	ctx->src_identity = src_identity;
 
-	__u64 now = bpf_ktime_get_ns();
-	ret = lb_translate(skb, ctx, l3_off, now);
-	if (ret < 0)
-		return ret;
-	ret = lb_translate_icmp(skb, ctx, l3_off);
-	if (ret < 0)
-		return ret;
+	struct ct_value *plain = 0;
+	if (conn && !(conn->flags & MESHD_CT_F_SERVICE) && !(ctx->tcp_flags & TCP_FLAG_SYN) &&
+	    !(ctx->proto == IPPROTO_ICMP && icmp_is_error(ctx->icmp_type))) {
+		plain = conn;
+	} else {
+		ret = lb_translate(skb, ctx, l3_off, now, conn);
+		if (ret < 0)
+			return ret;
+		ret = lb_translate_icmp(skb, ctx, l3_off);
+		if (ret < 0)
+			return ret;
+	}
 
 	/* Hairpin (lb.h): the SNATed request goes to the client itself, and a reply to the service
 	 * loopback address goes back to its sender. Either way source and destination are one
@@ -71,14 +93,12 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ctx->dst_identity = remote->identity;
 	}
 
-	__u32 zero = 0;
-	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
 	if (!cfg)
 		return MESHD_DROP_NO_CONFIG;
 	__u32 revision = cfg->policy_revision;
 
 	struct ct_value *entry = 0;
-	int ct = ct_lookup(skb, ctx, l3_off, now, &entry);
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, plain);
 	/* The same tuple as an earlier connection that went through another frontend (or none):
 	 * a new connection, whose CT entries must say how to reverse-NAT its replies. */
 	if (ct == CT_ESTABLISHED && entry && (entry->nat_addr != ctx->svc_addr || entry->nat_port != ctx->svc_port))
@@ -143,6 +163,9 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
 		return MESHD_DROP_WRITE_ERROR;
 	ctx->action = bpf_redirect(cfg->vxlan_ifindex, 0);
+	/* A new connection's entries were written by ct_create: its next packet fills them. */
+	if (entry && (ct == CT_ESTABLISHED || ct == CT_REPLY) && !hairpin)
+		fwd_cache_fill(skb, ctx, entry, cfg, remote->tunnel_endpoint);
 	return MESHD_FWD_TUNNEL;
 }
 

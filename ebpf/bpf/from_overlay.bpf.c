@@ -47,9 +47,9 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 		return MESHD_DROP_NO_CONFIG;
 	__u32 revision = cfg->policy_revision;
 
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = ct_now();
 	struct ct_value *entry = 0;
-	int ct = ct_lookup(skb, ctx, l3_off, now, &entry);
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
 	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {
 		ret = policy_check(ctx->dst_identity, vni, ctx, MESHD_DIR_INGRESS);
 		if (ret < 0)

@@ -270,6 +270,15 @@ pub struct CtValue {
     /// Network byte order.
     pub nat_port: u16,
     pub pad: u16,
+    /// from_endpoint's forwarding cache of this direction (see the header): valid while
+    /// [`DatapathConfig::forward_revision`] equals `fwd_revision`.
+    pub fwd_revision: u32,
+    pub fwd_ifindex: u32,
+    pub fwd_src_identity: u32,
+    pub fwd_dst_identity: u32,
+    /// Network byte order; 0 = empty cache.
+    pub fwd_tunnel_endpoint: u32,
+    pub fwd_pad: u32,
 }
 
 #[repr(C)]
@@ -308,6 +317,8 @@ pub struct DatapathConfig {
     pub flags: u32,
     /// Bumped after every POLICY change; CT entries remember the revision they were checked at.
     pub policy_revision: u32,
+    /// Bumped after ENDPOINTS, IPCACHE and CONFIG changes; empties the CT forwarding caches.
+    pub forward_revision: u32,
 }
 
 #[repr(C)]
@@ -470,7 +481,13 @@ pub fn layouts() -> Vec<Layout> {
                 policy_revision,
                 nat_addr,
                 nat_port,
-                pad
+                pad,
+                fwd_revision,
+                fwd_ifindex,
+                fwd_src_identity,
+                fwd_dst_identity,
+                fwd_tunnel_endpoint,
+                fwd_pad
             }
         ),
         layout!(
@@ -492,7 +509,8 @@ pub fn layouts() -> Vec<Layout> {
                 node_ip,
                 cluster_id,
                 flags,
-                policy_revision
+                policy_revision,
+                forward_revision
             }
         ),
         layout!(

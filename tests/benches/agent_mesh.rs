@@ -174,6 +174,9 @@ async fn initial_sync(mesh: &mut Mesh, records: usize) -> anyhow::Result<()> {
     )?;
     let _dp = meshd_datapath::Datapath::load(scratch.path())?;
     let mut scratch_maps = meshd_datapath::DatapathMaps::open(scratch.path())?;
+    // One forward revision bump for the batch, as the agent's reconciler does per round: the
+    // baseline stays one map write per record.
+    scratch_maps.defer_forward_revision();
     let prefix = "meshd/state/ip/v1/c2/";
     let t0 = Instant::now();
     let mut after: Option<String> = None;
@@ -199,6 +202,7 @@ async fn initial_sync(mesh: &mut Mesh, records: usize) -> anyhow::Result<()> {
             break;
         }
     }
+    scratch_maps.flush_forward_revision()?;
     let raw = t0.elapsed();
     anyhow::ensure!(count >= records, "raw read saw {count} records");
 

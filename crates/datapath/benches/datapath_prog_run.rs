@@ -2,7 +2,10 @@
 //! ipcache entries, 10k policy entries, egress policy enabled for the sender), against the
 //! empty `baseline` classifier on the same packet. The packet belongs to an established
 //! connection, the common case: its policy verdict is cached in CT until the policy revision
-//! moves, so the cost is anti-spoofing, ipcache (/32 hash over 100k entries), CT, tunnel key.
+//! moves, and so are its forwarding answers (sender, destination, tunnel endpoint) until the
+//! forward revision moves, so the cost is one CT lookup and the tunnel key (the first packet
+//! measured fills the cache; before issue 18 it was anti-spoofing, a SERVICES miss, ipcache
+//! (/32 hash over 100k entries), CT, tunnel key).
 //!
 //! `cargo bench -p meshd-datapath --bench datapath_prog_run -- [--runs N] [--repeat N]`
 
@@ -68,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     if !common::can_run() {
         return Ok(());
     }
-    let runs = arg("--runs", 7);
+    let runs = arg("--runs", 9);
     let repeat = arg("--repeat", 1_000_000);
     let ipcache_entries = arg("--ipcache", IPCACHE_ENTRIES_DEFAULT);
 
@@ -89,6 +92,8 @@ fn main() -> anyhow::Result<()> {
         },
     )?;
     let start = Instant::now();
+    // One forward revision bump for the whole fill, as the agent's reconciler does per round.
+    m.defer_forward_revision();
     for i in 0..ipcache_entries {
         m.upsert_ipcache(
             Ipv4Net::new(remote_addr(i), 32)?,
@@ -99,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             },
         )?;
     }
+    m.flush_forward_revision()?;
     let ipcache_fill = start.elapsed();
     for i in 0..250u32 {
         m.upsert_node(Ipv4Addr::new(192, 168, 70, (1 + i) as u8), 2)?;
@@ -200,7 +206,7 @@ fn main() -> anyhow::Result<()> {
     println!("baseline (empty classifier):                            median {base:.1} ns/packet");
     println!("from_overlay_probe (reply of that connection, delivery): median {fo:.1} ns/packet");
     println!(
-        "RESULT datapath-prog-run from_endpoint_ns={fe:.1} baseline_ns={base:.1} added_ns={:.1} ratio={:.2}x",
+        "RESULT datapath-prog-run from_endpoint_ns={fe:.1} baseline_ns={base:.1} added_ns={:.1} ratio={:.2}x goal: added<=80ns (issue 18)",
         fe - base,
         fe / base
     );

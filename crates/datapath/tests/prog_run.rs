@@ -634,6 +634,250 @@ fn a_reply_passes_when_the_lru_evicted_only_the_reply_half() {
     assert_eq!(counter(&dp, Direction::Egress, abi::DROP_POLICY), 0);
 }
 
+/// An established tunnelled connection is forwarded from its CT entry's cache (no ENDPOINTS or
+/// IPCACHE lookups), so every change the cached answers came from has to reach it: the
+/// destination moving to another node, the sender's identity, the destination going away, a
+/// packet of the connection from another interface, and a policy change.
+#[test]
+fn cached_forwarding_follows_every_map_change() {
+    let Some(mut dp) = setup() else { return };
+    let node3 = Ipv4Addr::new(192, 168, 50, 3);
+    let host: ipnet::Ipv4Net = "10.2.0.5/32".parse().unwrap();
+    let pkt = |flags| Packet::tcp(A, 40000, R, 443, flags).bytes();
+    let send = |dp: &TestDatapath, ifindex| {
+        dp.run(programs::FROM_ENDPOINT_PROBE, &pkt(0x10), ifindex, [0; 5])
+    };
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT_PROBE, &pkt(0x02), A_IF, [0; 5])
+            .0,
+        TC_ACT_REDIRECT
+    );
+    for _ in 0..3 {
+        let (verdict, _, cb) = send(&dp, A_IF);
+        assert_eq!(
+            (verdict, Ipv4Addr::from(cb[0]), cb[1]),
+            (TC_ACT_REDIRECT, NODE2, CLIENT)
+        );
+    }
+
+    // The destination moves to node 3.
+    dp.maps
+        .upsert_ipcache(
+            host,
+            IpcacheEntry {
+                identity: REMOTE,
+                tunnel_endpoint: Some(node3),
+                flags: 0,
+            },
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let (_, _, cb) = send(&dp, A_IF);
+        assert_eq!(Ipv4Addr::from(cb[0]), node3, "new tunnel endpoint");
+    }
+
+    // The sender's identity changes (labels changed).
+    dp.maps
+        .upsert_endpoint(
+            A,
+            LocalEndpoint {
+                ifindex: A_IF,
+                identity: CLIENT + 7,
+                mac: A_MAC,
+                node_mac: A_GW_MAC,
+            },
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let (_, _, cb) = send(&dp, A_IF);
+        assert_eq!(cb[1], CLIENT + 7, "new VNI");
+    }
+
+    // Another endpoint sending with A's address (and A's connection's tuple).
+    let (verdict, _, _) = send(&dp, B_IF);
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_INVALID_SOURCE), 1);
+
+    // A policy change that no longer allows the connection cuts it.
+    dp.maps
+        .set_policy_enabled(CLIENT + 7, Direction::Egress, true)
+        .unwrap();
+    assert_eq!(send(&dp, A_IF).0, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_POLICY), 1);
+    dp.maps
+        .set_policy_enabled(CLIENT + 7, Direction::Egress, false)
+        .unwrap();
+    assert_eq!(send(&dp, A_IF).0, TC_ACT_REDIRECT);
+
+    // The destination is gone from the ipcache.
+    dp.maps.delete_ipcache(host).unwrap();
+    dp.maps
+        .delete_ipcache("10.2.0.0/24".parse().unwrap())
+        .unwrap();
+    assert_eq!(send(&dp, A_IF).0, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
+}
+
+/// The CT map of a test datapath, opened from its pin (DatapathMaps keeps it private).
+fn ct_map(dp: &TestDatapath) -> aya::maps::HashMap<aya::maps::MapData, abi::CtKey, abi::CtValue> {
+    let ct_path = dp.pin_dir.path().join("maps").join(meshd_ebpf::maps::CT);
+    aya::maps::HashMap::try_from(
+        aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&ct_path).unwrap()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Every CT entry, sorted, for comparing the whole map before and after.
+fn ct_snapshot(dp: &TestDatapath) -> Vec<(abi::CtKey, abi::CtValue)> {
+    let mut entries: Vec<_> = ct_map(dp).iter().map(|e| e.unwrap()).collect();
+    entries.sort_by_key(|(k, _)| (k.saddr, k.daddr, k.sport, k.dport, k.proto));
+    entries
+}
+
+/// An established connection's packets leave its conntrack entries alone within the refresh
+/// interval (1 s, CT_REFRESH_NS in ct.h): a write per packet to an entry every CPU of the
+/// connection reads would bounce its cache line between them. The entries change when the
+/// interval has passed (last_seen only) and when the policy revision moves (the verdict).
+#[test]
+fn established_packets_do_not_rewrite_their_conntrack_entries_within_the_refresh_interval() {
+    let Some(mut dp) = setup() else { return };
+    // Policy on both ways, so that the cached verdicts are what lets the packets through.
+    dp.maps
+        .set_policy_enabled(CLIENT, Direction::Egress, true)
+        .unwrap();
+    dp.maps
+        .set_policy_enabled(CLIENT, Direction::Ingress, true)
+        .unwrap();
+    for (direction, peer) in [(Direction::Egress, REMOTE), (Direction::Ingress, WEB)] {
+        dp.maps
+            .upsert_policy(
+                PolicyEntry {
+                    subject: CLIENT,
+                    peer: Some(peer),
+                    proto: None,
+                    dport: None,
+                    direction,
+                },
+                Verdict::Allow,
+                1,
+            )
+            .unwrap();
+    }
+    let cb = overlay_cb(NODE2, REMOTE);
+    // A -> R through the tunnel and its replies from the overlay; B -> A on this node.
+    let out = |flags| Packet::tcp(A, 40000, R, 443, flags).bytes();
+    let back = |flags| Packet::tcp(R, 443, A, 40000, flags).bytes();
+    let local = |flags| Packet::tcp(B, 41000, A, 8080, flags).bytes();
+    let local_back = |flags| Packet::tcp(A, 8080, B, 41000, flags).bytes();
+    let send = |dp: &TestDatapath, flags_out: u8, flags_back: u8| {
+        assert_eq!(
+            dp.run(programs::FROM_ENDPOINT, &out(flags_out), A_IF, [0; 5])
+                .0,
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(
+            dp.run(programs::FROM_OVERLAY_PROBE, &back(flags_back), 0, cb)
+                .0,
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(
+            dp.run(programs::FROM_ENDPOINT, &local(flags_out), B_IF, [0; 5])
+                .0,
+            TC_ACT_REDIRECT
+        );
+        assert_eq!(
+            dp.run(
+                programs::FROM_ENDPOINT,
+                &local_back(flags_back),
+                A_IF,
+                [0; 5]
+            )
+            .0,
+            TC_ACT_REDIRECT
+        );
+    };
+    send(&dp, 0x02, 0x12); // SYN, SYN-ACK
+    send(&dp, 0x10, 0x10); // the handshake's last ACK and the first data
+    let before = ct_snapshot(&dp);
+    assert_eq!(
+        before.len(),
+        4,
+        "two connections, one entry per direction: {before:?}"
+    );
+
+    // Spread over several ticks of the coarse clock conntrack reads (at most 10 ms apart), so
+    // that a write per packet would change last_seen.
+    let start = std::time::Instant::now();
+    for _ in 0..5 {
+        for _ in 0..20 {
+            send(&dp, 0x10, 0x10);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(15));
+    }
+    let after = ct_snapshot(&dp);
+    // A runner descheduled for a second would see the refresh this test is not about.
+    if start.elapsed() < std::time::Duration::from_millis(900) {
+        assert_eq!(
+            after, before,
+            "established packets rewrote conntrack entries"
+        );
+    }
+
+    // The refresh itself: an entry last refreshed 10 s ago gets a new last_seen and nothing
+    // else (so the comparison above would have seen a write).
+    let mut ct = ct_map(&dp);
+    let (key, value) = after
+        .iter()
+        .find(|(k, _)| k.saddr == abi::ip_to_be(A) && k.daddr == abi::ip_to_be(R))
+        .copied()
+        .unwrap();
+    let old = abi::CtValue {
+        last_seen_ns: value.last_seen_ns - 10_000_000_000,
+        ..value
+    };
+    ct.insert(key, old, 0).unwrap();
+    send(&dp, 0x10, 0x10);
+    let refreshed = ct.get(&key, 0).unwrap();
+    assert!(
+        refreshed.last_seen_ns >= value.last_seen_ns,
+        "{refreshed:?} after {old:?}"
+    );
+    assert_eq!(
+        abi::CtValue {
+            last_seen_ns: 0,
+            ..refreshed
+        },
+        abi::CtValue {
+            last_seen_ns: 0,
+            ..value
+        }
+    );
+
+    // A policy change re-checks the established direction once, then leaves it alone again.
+    dp.maps
+        .upsert_policy(
+            PolicyEntry {
+                subject: CLIENT,
+                peer: Some(REMOTE),
+                proto: Some(TCP),
+                dport: Some(443),
+                direction: Direction::Egress,
+            },
+            Verdict::Allow,
+            2,
+        )
+        .unwrap();
+    send(&dp, 0x10, 0x10);
+    let rechecked = ct.get(&key, 0).unwrap();
+    assert_eq!(
+        rechecked.policy_revision,
+        dp.maps.policy_revision().unwrap()
+    );
+    let settled = ct_snapshot(&dp);
+    send(&dp, 0x10, 0x10);
+    assert_eq!(ct_snapshot(&dp), settled);
+}
+
 #[test]
 fn listings_reflect_what_was_written() {
     let Some(mut dp) = setup() else { return };

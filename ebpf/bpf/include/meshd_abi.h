@@ -178,7 +178,8 @@ struct ct_key {
 };
 
 struct ct_value {
-	__u64 last_seen_ns;    /* bpf_ktime_get_ns() of the last packet this way */
+	/* bpf_ktime_get_coarse_ns() of a packet this way, refreshed at most once a second */
+	__u64 last_seen_ns;
 	__u32 flags;           /* MESHD_CT_F_* */
 	__u32 policy_revision; /* CONFIG policy_revision when policy last allowed this direction */
 	/* Service connections (see SERVICES below), network byte order:
@@ -189,6 +190,18 @@ struct ct_value {
 	__u32 nat_addr;
 	__u16 nat_port;
 	__u16 pad;
+	/*
+	 * Forwarding cache of from-endpoint for this direction's packets when they are tunnelled
+	 * (lib/fwd_cache.h): what the ENDPOINTS lookup of the sender and the ENDPOINTS and IPCACHE
+	 * lookups of the destination decided, valid while CONFIG forward_revision equals
+	 * fwd_revision and the packet comes in on fwd_ifindex. fwd_tunnel_endpoint 0 = empty.
+	 */
+	__u32 fwd_revision;
+	__u32 fwd_ifindex;         /* the sender's host veth, checked as ENDPOINTS would */
+	__u32 fwd_src_identity;    /* the sender's identity (the VNI) */
+	__u32 fwd_dst_identity;    /* the destination's identity (metrics and events) */
+	__u32 fwd_tunnel_endpoint; /* node IP to tunnel to, network byte order */
+	__u32 fwd_pad;
 };
 
 enum meshd_ct_flags {
@@ -233,6 +246,9 @@ struct datapath_config {
 	__u32 cluster_id;      /* this node's cluster */
 	__u32 flags;           /* reserved, 0 */
 	__u32 policy_revision; /* bumped by the agent after every POLICY change */
+	/* bumped by the agent after ENDPOINTS, IPCACHE or CONFIG changes: empties every CT
+	 * forwarding cache (ct_value fwd_*) */
+	__u32 forward_revision;
 };
 
 /* EVENTS: ring buffer records, one per dropped packet. */

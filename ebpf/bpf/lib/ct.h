@@ -17,15 +17,28 @@
 #define CT_REPLY 2
 #define CT_RELATED 3
 
-/* Refreshing last_seen on every packet would make every CPU write the same cache line. */
+/* Refreshing last_seen on every packet would make every CPU write the same cache line: an
+ * established connection's entries are written at most once per interval (and when their
+ * state changes: closing, reopening, a new policy verdict). */
 #define CT_REFRESH_NS 1000000000ull
+
+/* Conntrack's clock. The coarse clock (CLOCK_MONOTONIC_COARSE, a tick behind at most) is
+ * plenty for lifetimes of seconds and hours, and skips the clock-source read of
+ * bpf_ktime_get_ns(), which was about an eighth of from_endpoint's cost under BPF_PROG_RUN
+ * (read_tsc in a perf profile on the 2-vCPU EPYC VM, BENCHMARKS.md). */
+static __always_inline __u64 ct_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
 
 static __always_inline int ct_alive(const struct ct_key *key, const struct ct_value *v, __u64 now)
 {
 	__u64 lifetime = MESHD_CT_LIFETIME_OTHER_NS;
 	if (key->proto == IPPROTO_TCP)
 		lifetime = (v->flags & MESHD_CT_F_CLOSING) ? MESHD_CT_LIFETIME_CLOSING_NS : MESHD_CT_LIFETIME_TCP_NS;
-	return now - v->last_seen_ns < lifetime;
+	/* Signed: a stamp from the fine clock (an entry written from user space) may be up to a
+	 * tick ahead of the coarse now; that entry is alive, not 584 years old. */
+	return (__s64)(now - v->last_seen_ns) < (__s64)lifetime;
 }
 
 static __always_inline void ct_reverse(const struct ct_key *k, struct ct_key *r)
@@ -52,20 +65,44 @@ static __always_inline void ct_touch(struct ct_key *key, struct ct_value *v, str
 	}
 	if ((ctx->tcp_flags & TCP_FLAG_SYN) && (v->flags & MESHD_CT_F_CLOSING))
 		v->flags &= ~MESHD_CT_F_CLOSING;
-	if (now - v->last_seen_ns > CT_REFRESH_NS)
+	if ((__s64)(now - v->last_seen_ns) > (__s64)CT_REFRESH_NS)
 		v->last_seen_ns = now;
+}
+
+static __always_inline void ct_key_of(const struct pkt_ctx *ctx, struct ct_key *key)
+{
+	key->saddr = ctx->saddr;
+	key->daddr = ctx->daddr;
+	key->sport = ctx->sport;
+	key->dport = ctx->dport;
+	key->proto = ctx->proto;
+}
+
+/* The live entry of the packet's tuple as it stands in ctx, or 0. */
+static __always_inline struct ct_value *ct_find(const struct pkt_ctx *ctx, __u64 now)
+{
+	struct ct_key key = {};
+	ct_key_of(ctx, &key);
+	struct ct_value *v = bpf_map_lookup_elem(&CT, &key);
+	return v && ct_alive(&key, v, now) ? v : 0;
 }
 
 /* Classifies the packet; *entry is the connection's entry: for CT_ESTABLISHED to record a fresh
  * policy verdict in, for CT_REPLY to reverse-NAT by, for CT_RELATED (an ICMP error) the entry of
- * the embedded packet's direction. One lookup in the steady state. */
+ * the embedded packet's direction. One lookup in the steady state, none when the caller already
+ * found the live entry of this very tuple (found, from ct_find; 0 = look it up here). */
 static __always_inline int ct_lookup(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
-				     struct ct_value **entry)
+				     struct ct_value **entry, struct ct_value *found)
 {
-	struct ct_key key = {
-		.saddr = ctx->saddr, .daddr = ctx->daddr, .sport = ctx->sport, .dport = ctx->dport, .proto = ctx->proto};
-	struct ct_value *v = bpf_map_lookup_elem(&CT, &key);
-	if (v && ct_alive(&key, v, now)) {
+	struct ct_key key = {};
+	ct_key_of(ctx, &key);
+	struct ct_value *v = found;
+	if (!v) {
+		v = bpf_map_lookup_elem(&CT, &key);
+		if (v && !ct_alive(&key, v, now))
+			v = 0;
+	}
+	if (v) {
 		ct_touch(&key, v, ctx, now);
 		*entry = v;
 		return (v->flags & MESHD_CT_F_REPLY) ? CT_REPLY : CT_ESTABLISHED;

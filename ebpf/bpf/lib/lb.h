@@ -82,10 +82,12 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt_c
 
 /*
  * If the packet goes to a service frontend: finds or picks its connection's backend and DNATs
- * the packet to it. Afterwards ctx holds the backend as destination and ctx->svc_* the frontend
- * (ct_create records it for the reverse NAT). Returns 0 or a negative drop reason.
+ * the packet to it. conn is the live CT entry of the packet's tuple as sent (ct_find), 0 if
+ * none. Afterwards ctx holds the backend as destination and ctx->svc_* the frontend (ct_create
+ * records it for the reverse NAT). Returns 0 or a negative drop reason.
  */
-static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now)
+static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
+					struct ct_value *conn)
 {
 	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
 		return 0;
@@ -94,22 +96,21 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *c
 	if (!svc)
 		return 0;
 
-	struct ct_key ckey = {
-		.saddr = ctx->saddr, .daddr = ctx->daddr, .sport = ctx->sport, .dport = ctx->dport, .proto = ctx->proto};
-	struct ct_value *conn = bpf_map_lookup_elem(&CT, &ckey);
+	struct ct_key ckey = {};
+	ct_key_of(ctx, &ckey);
 	__u32 backend_addr;
 	__u16 backend_port;
 	__u8 closing_now = ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST);
 	/* A SYN on a closed connection's tuple (client port reuse) is a new connection: it gets a
 	 * fresh choice among the backends of now, not the old connection's backend. */
-	if (conn && (conn->flags & MESHD_CT_F_SERVICE) && ct_alive(&ckey, conn, now) &&
+	if (conn && (conn->flags & MESHD_CT_F_SERVICE) &&
 	    !((ctx->tcp_flags & TCP_FLAG_SYN) && (conn->flags & MESHD_CT_F_CLOSING))) {
 		backend_addr = conn->nat_addr;
 		backend_port = conn->nat_port;
 		if (closing_now) {
 			conn->flags |= MESHD_CT_F_CLOSING;
 			conn->last_seen_ns = now;
-		} else if (now - conn->last_seen_ns > CT_REFRESH_NS) {
+		} else if ((__s64)(now - conn->last_seen_ns) > (__s64)CT_REFRESH_NS) {
 			conn->last_seen_ns = now;
 		}
 	} else {

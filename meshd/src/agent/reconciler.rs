@@ -233,6 +233,8 @@ impl Reconciler {
         };
         let mut failed = 0;
         let mut first_error = None;
+        // One forward revision bump for the whole round (finish_round), not one per write.
+        self.maps.defer_forward_revision();
         for op in &ops {
             match self.apply(op) {
                 Ok(()) => {
@@ -302,11 +304,16 @@ impl Reconciler {
 
     fn finish_round(
         &mut self,
-        failed: usize,
-        first_error: Option<String>,
+        mut failed: usize,
+        mut first_error: Option<String>,
         ops: &[DatapathOp],
         endpoints: &LocalEndpoints,
     ) -> usize {
+        if let Err(e) = self.maps.flush_forward_revision() {
+            // Cached forwarding answers may be stale until a round bumps it: retry soon.
+            failed += 1;
+            first_error.get_or_insert(e.to_string());
+        }
         self.status.rounds += 1;
         self.status.last_round_ms = now_ms();
         self.status.ipcache_entries = self.applied.ipcache.len();
