@@ -145,7 +145,48 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "last_error": dp.last_error,
             "counters": dp.counters.iter().map(counter_json).collect::<Vec<_>>(),
         },
+        "certificates": s.certificates.iter().map(certificate_json).collect::<Vec<_>>(),
     })
+}
+
+fn certificate_json(c: &pb::CertificateStatus) -> serde_json::Value {
+    serde_json::json!({
+        "used_for": c.used_for,
+        "kind": c.kind,
+        "path": c.path,
+        "subject": c.subject,
+        "not_after_ms": c.not_after_ms,
+        "days_left": c.days_left,
+        "expiring": c.expiring,
+        "error": c.error,
+    })
+}
+
+/// One line per certificate or CA in use that expires within the agent's warning window (or
+/// cannot be read), saying what to do.
+fn print_certificate_warnings(certificates: &[pb::CertificateStatus]) {
+    for c in certificates.iter().filter(|c| c.expiring) {
+        let what = format!("{} {} ({})", c.kind, c.path, c.used_for);
+        if !c.error.is_empty() {
+            println!("WARNING: {what}: {}", c.error);
+        } else if c.days_left < 0 {
+            println!(
+                "WARNING: {what}, {}: expired {} days ago; rotate it (`meshd certs rotate`)",
+                c.subject, -c.days_left
+            );
+        } else {
+            println!(
+                "WARNING: {what}, {}: expires in {} days; rotate it (`meshd certs rotate`{})",
+                c.subject,
+                c.days_left,
+                if c.kind == "ca" {
+                    ", and move the mesh to a new CA"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
 }
 
 fn counter_json(c: &pb::DatapathCounter) -> serde_json::Value {
@@ -271,6 +312,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             }
             println!();
             print_clusters(&s.clusters);
+            print_certificate_warnings(&s.certificates);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -294,12 +336,19 @@ pub fn run_clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<ExitCode> {
     match args.output.format {
         Format::Json => {
             let v: Vec<serde_json::Value> = s.clusters.iter().map(cluster_json).collect();
+            let certs: Vec<serde_json::Value> =
+                s.certificates.iter().map(certificate_json).collect();
             println!(
                 "{}",
-                serde_json::to_string_pretty(&serde_json::json!({ "clusters": v }))?
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "clusters": v, "certificates": certs })
+                )?
             );
         }
-        Format::Table => print_clusters(&s.clusters),
+        Format::Table => {
+            print_clusters(&s.clusters);
+            print_certificate_warnings(&s.certificates);
+        }
     }
     if !all_ready {
         let waiting: Vec<String> = not_ready(&s.clusters)

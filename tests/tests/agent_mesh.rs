@@ -2,6 +2,7 @@
 //! client-certificate auth, RBAC), real datapath in network namespaces, agents as the built
 //! `meshd` binary.
 
+use anyhow::Context;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -82,5 +83,55 @@ fn every_endpoint_reaches_every_other_across_clusters() -> anyhow::Result<()> {
     assert_eq!(c2["endpoints"], 4, "{c2}");
     assert!(c2["identities"].as_u64() >= Some(2), "{c2}");
     assert!(c2["last_sync_ms"].as_u64() > Some(0), "{c2}");
+
+    // Certificates in use, with their expiry: the harness issues leaves for 2 days, inside the
+    // default 30-day warning window, and its CA for 30 days.
+    let status = mesh.status("c1", "n1")?;
+    let certs = status["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let node_cert = certs
+        .iter()
+        .find(|c| c["used_for"] == "local etcd" && c["kind"] == "certificate")
+        .with_context(|| format!("no local etcd certificate in {certs:?}"))?;
+    assert!(
+        node_cert["path"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("node.pem"),
+        "{node_cert}"
+    );
+    assert!(
+        node_cert["subject"]
+            .as_str()
+            .unwrap_or("")
+            .contains("CN=node-c1-n1"),
+        "{node_cert}"
+    );
+    assert_eq!(node_cert["expiring"], true, "{node_cert}");
+    assert!(
+        node_cert["days_left"]
+            .as_i64()
+            .is_some_and(|d| (0..=2).contains(&d)),
+        "{node_cert}"
+    );
+    let remote = certs
+        .iter()
+        .find(|c| c["used_for"] == "remote c2" && c["kind"] == "certificate")
+        .with_context(|| format!("no certificate for c2 in {certs:?}"))?;
+    assert!(
+        remote["subject"]
+            .as_str()
+            .unwrap_or("")
+            .contains("CN=remote-c1"),
+        "{remote}"
+    );
+    assert!(
+        table.contains("WARNING: certificate") && table.contains("node.pem"),
+        "no expiry warning in:\n{table}"
+    );
+    let cm = mesh.meshd("c1", "n1", &["clustermesh", "status"])?;
+    assert!(cm.contains("WARNING: certificate"), "{cm}");
     Ok(())
 }

@@ -22,6 +22,7 @@
 //! state_dir: /var/lib/meshd/n1                # endpoints and IP allocations
 //! lease_ttl_secs: 15
 //! startup_sync_timeout_secs: 30               # see below
+//! cert_expiry_warning_days: 30                # status warns of certificates expiring sooner
 //! ```
 //!
 //! At start the agent leaves its maps as they are until every cluster configured then has
@@ -103,6 +104,10 @@ pub struct AgentArgs {
     /// Prefix of endpoint network namespace names (default meshd-<cluster>-<node>-).
     #[arg(long)]
     pub endpoint_netns_prefix: Option<String>,
+    /// `meshd status` and `clustermesh status` warn of certificates and CAs in use that expire
+    /// within this many days [default: 30].
+    #[arg(long)]
+    pub cert_expiry_warning_days: Option<u32>,
 }
 
 /// The file, as written. Every field optional here: what is missing is reported by `resolve`.
@@ -126,6 +131,7 @@ pub struct ConfigFile {
     pub lease_ttl_secs: Option<u64>,
     pub startup_sync_timeout_secs: Option<u64>,
     pub endpoint_netns_prefix: Option<String>,
+    pub cert_expiry_warning_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -161,6 +167,8 @@ pub struct AgentConfig {
     pub startup_sync_timeout: Duration,
     /// Endpoint `NAME` lives in network namespace `<prefix><NAME>`.
     pub endpoint_netns_prefix: String,
+    /// Status warns of certificates expiring within this many days.
+    pub cert_expiry_warning_days: u32,
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/meshd";
@@ -168,6 +176,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 15;
 pub const DEFAULT_STARTUP_SYNC_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+pub const DEFAULT_CERT_EXPIRY_WARNING_DAYS: u32 = 30;
 
 impl AgentConfig {
     /// Where this node's maps and links are pinned.
@@ -499,6 +508,17 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         }
     }
 
+    let cert_expiry_warning_days = args
+        .cert_expiry_warning_days
+        .or(file.cert_expiry_warning_days)
+        .unwrap_or(DEFAULT_CERT_EXPIRY_WARNING_DAYS);
+    if cert_expiry_warning_days > 3650 {
+        problem(
+            "cert_expiry_warning_days",
+            format!("{cert_expiry_warning_days} out of range (0-3650)"),
+        );
+    }
+
     match (cluster, cluster_id, node, node_ip, pod_cidr) {
         (Some(cluster), Some(cluster_id), Some(node), Some(node_ip), Some(pod_cidr))
             if problems.is_empty() =>
@@ -522,6 +542,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 startup_sync_timeout: Duration::from_secs(startup_sync_timeout_secs),
                 endpoint_netns_prefix: endpoint_netns_prefix
                     .unwrap_or_else(|| format!("meshd-{cluster}-{node}-")),
+                cert_expiry_warning_days,
             })
         }
         _ => Err(problems),

@@ -46,6 +46,8 @@ pub struct RemoteEntry {
     /// The file could not be used (parse error, the local cluster's name...).
     pub config_error: Option<String>,
     pub connection: Option<watch::Receiver<Connection>>,
+    /// The files the cluster is read with, for the certificate expiry report.
+    pub tls: Option<TlsFiles>,
 }
 
 pub type Registry = BTreeMap<ClusterName, RemoteEntry>;
@@ -190,6 +192,7 @@ pub async fn run(
                 endpoints: String::new(),
                 config_error: None,
                 connection: None,
+                tls: None,
             };
             let config = if cluster == local {
                 Err(format!(
@@ -207,6 +210,7 @@ pub async fn run(
                 }
                 Ok(config) => {
                     entry.endpoints = config.describe();
+                    entry.tls = config.tls.clone();
                     match meshd_kvstore::connect_lazy(&config).await {
                         Err(e) => {
                             tracing::error!(%cluster, error = %e, "remote cluster refused");

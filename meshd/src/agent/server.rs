@@ -235,6 +235,71 @@ impl meshd_api::Agent for AgentService {
                 last_error: r.last_error.unwrap_or_default(),
                 counters: self.monitor.counters().await.iter().map(counter).collect(),
             }),
+            certificates: self.certificates(),
         }))
+    }
+}
+
+impl AgentService {
+    /// Every certificate and CA file in use, read now: rotated files show their new dates
+    /// without a restart, as the connections use them.
+    fn certificates(&self) -> Vec<pb::CertificateStatus> {
+        let window = i64::from(self.config.cert_expiry_warning_days);
+        let mut out = Vec::new();
+        let mut report = |used_for: &str, tls: &meshd_certs::TlsFiles| {
+            for (kind, path) in [("certificate", &tls.cert), ("ca", &tls.ca)] {
+                out.extend(certificate_status(used_for, kind, path, window));
+            }
+        };
+        if let Some(tls) = &self.config.etcd_tls {
+            report("local etcd", tls);
+        }
+        for (cluster, entry) in self.remotes.borrow().iter() {
+            if let Some(tls) = &entry.tls {
+                report(&format!("remote {cluster}"), tls);
+            }
+        }
+        out
+    }
+}
+
+/// The certificates of one PEM file (a CA bundle holds several during a CA rotation).
+fn certificate_status(
+    used_for: &str,
+    kind: &str,
+    path: &std::path::Path,
+    window_days: i64,
+) -> Vec<pb::CertificateStatus> {
+    let base = pb::CertificateStatus {
+        used_for: used_for.to_owned(),
+        kind: kind.to_owned(),
+        path: path.display().to_string(),
+        ..Default::default()
+    };
+    match meshd_certs::inspect_file(path) {
+        Err(e) => vec![pb::CertificateStatus {
+            error: e.to_string(),
+            expiring: true,
+            ..base
+        }],
+        Ok(infos) => {
+            let now = time::OffsetDateTime::now_utc();
+            infos
+                .into_iter()
+                .map(|info| {
+                    let days_left = (info.not_after - now).whole_days();
+                    pb::CertificateStatus {
+                        subject: info.subject,
+                        not_after_ms: u64::try_from(
+                            (info.not_after.unix_timestamp_nanos() / 1_000_000).max(0),
+                        )
+                        .unwrap_or(0),
+                        days_left,
+                        expiring: info.not_after - now < time::Duration::days(window_days),
+                        ..base.clone()
+                    }
+                })
+                .collect()
+        }
     }
 }
