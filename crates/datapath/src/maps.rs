@@ -40,27 +40,21 @@ pub struct LocalEndpoint {
     pub node_mac: [u8; 6],
 }
 
-/// Policy direction, from the point of view of the subject endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    Ingress,
-    Egress,
+/// Policy (and counter) direction: the view's own type, one name for the concept.
+pub use meshd_mesh::{Direction, Verdict};
+
+fn direction_raw(d: Direction) -> u8 {
+    match d {
+        Direction::Ingress => abi::DIR_INGRESS,
+        Direction::Egress => abi::DIR_EGRESS,
+    }
 }
 
-impl Direction {
-    fn raw(self) -> u8 {
-        match self {
-            Direction::Ingress => abi::DIR_INGRESS,
-            Direction::Egress => abi::DIR_EGRESS,
-        }
-    }
-
-    fn from_raw(raw: u8) -> Direction {
-        if raw == abi::DIR_EGRESS {
-            Direction::Egress
-        } else {
-            Direction::Ingress
-        }
+fn direction_from_raw(raw: u8) -> Direction {
+    if raw == abi::DIR_EGRESS {
+        Direction::Egress
+    } else {
+        Direction::Ingress
     }
 }
 
@@ -90,16 +84,9 @@ impl PolicyEntry {
             peer_identity: self.peer.unwrap_or(0),
             dport: self.dport.unwrap_or(0),
             proto: self.proto.unwrap_or(0),
-            direction: self.direction.raw(),
+            direction: direction_raw(self.direction),
         })
     }
-}
-
-/// What a matching policy entry does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Allow,
-    Deny,
 }
 
 /// A counter of METRICS summed over CPUs.
@@ -550,7 +537,7 @@ impl DatapathMaps {
     ) -> Result<()> {
         let key = abi::PolicyKey {
             subject_identity: subject,
-            direction: direction.raw() | abi::POLICY_F_MARKER,
+            direction: direction_raw(direction) | abi::POLICY_F_MARKER,
             ..Default::default()
         };
         let what = format!("marker {subject}/{direction:?}");
@@ -585,7 +572,7 @@ impl DatapathMaps {
                 peer: (k.peer_identity != 0).then_some(k.peer_identity),
                 proto: (k.proto != 0).then_some(k.proto),
                 dport: (k.dport != 0).then_some(k.dport),
-                direction: Direction::from_raw(k.direction),
+                direction: direction_from_raw(k.direction),
             };
             let verdict = if v.verdict == abi::VERDICT_DENY {
                 Verdict::Deny
@@ -605,7 +592,7 @@ impl DatapathMaps {
             if k.direction & abi::POLICY_F_MARKER != 0 {
                 out.push((
                     k.subject_identity,
-                    Direction::from_raw(k.direction & !abi::POLICY_F_MARKER),
+                    direction_from_raw(k.direction & !abi::POLICY_F_MARKER),
                 ));
             }
         }
@@ -735,7 +722,7 @@ impl DatapathMaps {
             if packets == 0 {
                 continue;
             }
-            let direction = Direction::from_raw((index / abi::REASONS) as u8);
+            let direction = direction_from_raw((index / abi::REASONS) as u8);
             let slot = (index % abi::REASONS) as i32;
             // Slots below 128 hold forwards, the others drops (whose codes are negative).
             let reason = if slot < 128 { slot } else { -slot };
@@ -751,7 +738,7 @@ impl DatapathMaps {
 
     /// Packets counted for `reason` in `direction`, summed over CPUs.
     pub fn counter(&self, direction: Direction, reason: i32) -> Result<u64> {
-        let index = abi::metrics_index(direction.raw(), reason);
+        let index = abi::metrics_index(direction_raw(direction), reason);
         let per_cpu = self
             .metrics
             .get(&index, 0)
@@ -814,7 +801,7 @@ fn drain(ring: &mut RingBuf<MapData>) -> Vec<DropRecord> {
         out.push(DropRecord {
             timestamp_ns: ev.timestamp_ns,
             reason: i32::from(ev.reason),
-            direction: Direction::from_raw(ev.direction),
+            direction: direction_from_raw(ev.direction),
             src_identity: ev.src_identity,
             dst_identity: ev.dst_identity,
             saddr: abi::ip_from_be(ev.saddr),

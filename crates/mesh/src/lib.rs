@@ -131,6 +131,6 @@ pub use services::{
     Frontend, ServiceOp,
 };
 pub use view::{
-    Applied, ClusterEvent, ClusterStatus, EventKind, KindCounts, LocalNode, MeshView, PolicyEvent,
-    ResourceKind,
+    Applied, ClusterEvent, ClusterStatus, DesiredCounts, EventKind, KindCounts, LocalNode,
+    MeshView, PolicyEvent, ResourceKind,
 };
