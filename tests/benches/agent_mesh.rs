@@ -248,10 +248,10 @@ async fn raw_sync(store: &EtcdStore, records: usize) -> anyhow::Result<Duration>
             if let (ipnet::IpNet::V4(p), std::net::IpAddr::V4(h)) = (e.prefix, e.host_ip) {
                 scratch_maps.upsert_ipcache(
                     p,
-                    meshd_datapath::IpcacheEntry {
-                        identity: e.identity.get(),
-                        tunnel_endpoint: Some(h),
-                        flags: 0,
+                    meshd_datapath::IpcacheTarget {
+                        identity: e.identity,
+                        tunnel_endpoint: Some(h.into()),
+                        local: false,
                     },
                 )?;
                 count += 1;

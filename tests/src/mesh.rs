@@ -531,7 +531,7 @@ impl Mesh {
         cluster: &str,
         node: &str,
         ip: Ipv4Addr,
-    ) -> anyhow::Result<Option<meshd_datapath::IpcacheEntry>> {
+    ) -> anyhow::Result<Option<meshd_datapath::IpcacheTarget>> {
         let n = self.node(cluster, node)?;
         let maps = meshd_datapath::DatapathMaps::open(&n.pin_dir)?;
         Ok(maps.ipcache_entry(Ipv4Net::from(ip))?)

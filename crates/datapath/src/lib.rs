@@ -24,7 +24,7 @@ pub mod seam;
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
 pub use maps::{
-    Counter, DatapathMaps, Direction, DropEvents, DropRecord, IpcacheEntry, LbBackend, LbFrontend,
+    Counter, DatapathMaps, Direction, DropEvents, DropRecord, IpcacheTarget, LbBackend, LbFrontend,
     LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };
 pub use seam::ipv4_only;

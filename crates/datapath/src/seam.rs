@@ -11,7 +11,6 @@ use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
-use meshd_ebpf::abi;
 use meshd_mesh::{
     Backend, BackendSlot, DatapathOp, DesiredDatapath, DesiredServices, Frontend, IpProto,
     IpcacheTarget, PolicyKey, PolicyValue, ServiceOp,
@@ -19,24 +18,7 @@ use meshd_mesh::{
 use meshd_state::{ClusterId, NumericIdentity};
 
 use crate::error::Result;
-use crate::maps::{DatapathMaps, IpcacheEntry, LbBackend, LbFrontend, PolicyEntry};
-
-fn ipcache_value(target: &IpcacheTarget) -> Option<IpcacheEntry> {
-    let tunnel_endpoint = match target.tunnel_endpoint {
-        None => None,
-        Some(IpAddr::V4(ip)) => Some(ip),
-        Some(IpAddr::V6(_)) => return None,
-    };
-    Some(IpcacheEntry {
-        identity: target.identity.get(),
-        tunnel_endpoint,
-        flags: if target.local {
-            abi::IPCACHE_F_LOCAL
-        } else {
-            0
-        },
-    })
-}
+use crate::maps::{ipcache_target, DatapathMaps, LbBackend, LbFrontend, PolicyEntry};
 
 fn policy_entry(key: &PolicyKey) -> PolicyEntry {
     PolicyEntry {
@@ -93,12 +75,12 @@ impl DatapathMaps {
                 IpAddr::V4(ip) => self.delete_node(ip),
                 IpAddr::V6(_) => Ok(()),
             },
-            DatapathOp::UpsertIpcache { prefix, target } => {
-                match (prefix, ipcache_value(&target)) {
-                    (IpNet::V4(prefix), Some(value)) => self.upsert_ipcache(prefix, value),
-                    _ => Ok(()),
+            DatapathOp::UpsertIpcache { prefix, target } => match prefix {
+                IpNet::V4(prefix) if !ipcache_is_v6(&IpNet::V4(prefix), &target) => {
+                    self.upsert_ipcache(prefix, target)
                 }
-            }
+                _ => Ok(()),
+            },
             DatapathOp::DeleteIpcache { prefix } => match prefix {
                 IpNet::V4(prefix) => self.delete_ipcache(prefix),
                 IpNet::V6(_) => Ok(()),
@@ -154,21 +136,14 @@ impl DatapathMaps {
     pub fn read_back(&mut self) -> Result<DesiredDatapath> {
         let mut actual = DesiredDatapath::default();
         for prefix in self.ipcache_prefixes()? {
-            let Some(entry) = self.ipcache_entry(prefix)? else {
+            let Some(value) = self.ipcache_value(prefix)? else {
                 continue;
             };
-            match NumericIdentity::new(entry.identity) {
-                Ok(identity) => {
-                    actual.ipcache.insert(
-                        IpNet::V4(prefix),
-                        IpcacheTarget {
-                            identity,
-                            tunnel_endpoint: entry.tunnel_endpoint.map(IpAddr::V4),
-                            local: entry.flags & abi::IPCACHE_F_LOCAL != 0,
-                        },
-                    );
+            match ipcache_target(&value) {
+                Some(target) => {
+                    actual.ipcache.insert(IpNet::V4(prefix), target);
                 }
-                Err(_) => self.delete_ipcache(prefix)?,
+                None => self.delete_ipcache(prefix)?,
             }
         }
         for (ip, cluster_id) in self.nodes()? {

@@ -5,6 +5,7 @@ mod common;
 
 use common::can_run;
 use meshd_datapath::{bpffs::ScratchPinDir, ipv4_only, Datapath, DatapathMaps};
+use meshd_ebpf::abi;
 use meshd_mesh::{
     diff, DatapathOp, DesiredDatapath, DesiredServices, Direction, IpProto, IpcacheTarget,
     PolicyKey, PolicyValue, Verdict,
@@ -217,16 +218,23 @@ fn operations_and_read_back_round_trip() {
     })
     .unwrap();
 
-    // An entry no view could want (identity 0) is removed by the read-back.
-    maps.upsert_ipcache(
-        "10.9.0.1/32".parse().unwrap(),
-        meshd_datapath::IpcacheEntry {
-            identity: 0,
-            tunnel_endpoint: None,
-            flags: 0,
-        },
-    )
-    .unwrap();
+    // An entry no view could want (identity 0; the typed API cannot write one, so raw) is
+    // an error to read and is removed by the read-back.
+    {
+        let path = pin
+            .path()
+            .join("maps")
+            .join(meshd_ebpf::maps::IPCACHE_HOSTS);
+        let map =
+            aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&path).unwrap()).unwrap();
+        let mut hosts: aya::maps::HashMap<_, abi::IpcacheHostKey, abi::IpcacheValue> =
+            aya::maps::HashMap::try_from(map).unwrap();
+        let key = abi::IpcacheHostKey {
+            addr: abi::ip_to_be("10.9.0.1".parse().unwrap()),
+        };
+        hosts.insert(key, abi::IpcacheValue::default(), 0).unwrap();
+    }
+    assert!(maps.ipcache_entry("10.9.0.1/32".parse().unwrap()).is_err());
     let back = maps.read_back().unwrap();
     assert_eq!(back.ipcache.len(), 2);
     assert!(maps

@@ -371,7 +371,6 @@ impl Reconciler {
 mod tests {
     use std::net::IpAddr;
 
-    use meshd_datapath::IpcacheEntry;
     use meshd_mesh::{Direction, IpProto, IpcacheTarget, PolicyKey, PolicyValue, Verdict};
     use meshd_state::{ClusterId, NumericIdentity};
 
@@ -423,11 +422,7 @@ mod tests {
         let c2 = (2 << 16) | 300;
         {
             let mut maps = DatapathMaps::open(pin.path()).unwrap();
-            let e = |host: [u8; 4]| IpcacheEntry {
-                identity: c2,
-                tunnel_endpoint: Some(Ipv4Addr::from(host)),
-                flags: 0,
-            };
+            let e = |host: [u8; 4]| remote(c2, host);
             maps.upsert_ipcache("10.2.0.5/32".parse().unwrap(), e([192, 168, 0, 2]))
                 .unwrap();
             maps.upsert_ipcache("10.2.0.6/32".parse().unwrap(), e([192, 168, 0, 2]))
