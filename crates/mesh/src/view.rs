@@ -19,8 +19,8 @@ use meshd_state::{
     Labels, NodeKey, NodeRecord, NumericIdentity, ServiceRecord, CLUSTER_LABEL,
 };
 
-use crate::desired::{diff_policy_parts, order_ops, DatapathOp, DesiredDatapath, IpcacheTarget};
-use crate::policy::{compile, CompiledPolicy, NetworkPolicy, PolicyErrors};
+use crate::desired::{order_ops, DatapathOp, DesiredDatapath, IpcacheTarget};
+use crate::policy::{compile, CompiledPolicy, NetworkPolicy, PolicyErrors, PolicyIndex};
 use crate::prefix::{overlapping, Lengths, PrefixSet};
 use crate::reject::{ClusterRefusal, PendingEntry, RejectReason, RejectedKey, Rejection};
 use crate::services::{desired_services, ClusterService, DesiredServices, Frontend, ServiceOp};
@@ -353,6 +353,8 @@ struct Txn {
     /// Prefixes to resolve again (sorted and deduplicated at the end: cheaper than a set).
     touched_prefixes: Vec<IpNet>,
     touched_node_ips: BTreeSet<IpAddr>,
+    /// Identities admitted or withdrawn (the policy follows them at the end).
+    touched_identities: Vec<NumericIdentity>,
     /// Services (namespace, name) whose records changed.
     touched_services: BTreeSet<ServiceName>,
     /// A cluster's admission changed or it went: every service is looked at again (rare).
@@ -378,9 +380,9 @@ pub struct MeshView {
     nodes_out: BTreeMap<IpAddr, ClusterId>,
     identities_out: BTreeMap<NumericIdentity, Labels>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
-    /// The policy map content, compiled when identities or policies change (never on ipcache
-    /// or node events).
-    policy_out: CompiledPolicy,
+    /// The policy map content, maintained per identity and per policy (never touched by
+    /// ipcache or node events).
+    policy_index: PolicyIndex,
     /// SERVICES/BACKENDS content, maintained per service (see [`MeshView::refresh_services`]).
     services_out: DesiredServices,
     /// What each service contributes on its own (its local frontends over its backends).
@@ -404,7 +406,7 @@ impl MeshView {
             nodes_out: BTreeMap::new(),
             identities_out: BTreeMap::new(),
             policies: BTreeMap::new(),
-            policy_out: CompiledPolicy::default(),
+            policy_index: PolicyIndex::new(local.cluster_id),
             services_out: DesiredServices::default(),
             service_parts: BTreeMap::new(),
             frontend_owners: BTreeMap::new(),
@@ -1027,6 +1029,7 @@ impl MeshView {
         cs.identity_counts.track(&old.status, false);
         if old.status == Status::Admitted {
             self.identities_out.remove(&id);
+            txn.touched_identities.push(id);
             txn.applied.policy_inputs_changed = true;
         }
     }
@@ -1067,10 +1070,12 @@ impl MeshView {
         cs.identity_counts.track(&new, true);
         if old == Status::Admitted {
             self.identities_out.remove(&id);
+            txn.touched_identities.push(id);
             txn.applied.policy_inputs_changed = true;
         }
         if new == Status::Admitted {
             self.identities_out.insert(id, stored.value.clone());
+            txn.touched_identities.push(id);
             txn.applied.policy_inputs_changed = true;
         }
         if !stored.marked {
@@ -1133,9 +1138,14 @@ impl MeshView {
                 (btree_map::Entry::Vacant(_), None) => {}
             }
         }
-        if txn.applied.policy_inputs_changed {
-            self.recompile_policy(&mut ops);
+        let mut identities = std::mem::take(&mut txn.touched_identities);
+        identities.sort_unstable();
+        identities.dedup();
+        for id in identities {
+            self.policy_index
+                .set_identity(id, self.identities_out.get(&id));
         }
+        self.policy_index.flush(&mut ops);
         let service_ops = self.refresh_services(&mut txn);
         order_ops(&mut ops);
         let mut applied = std::mem::take(&mut txn.applied);
@@ -1145,18 +1155,6 @@ impl MeshView {
             ..Applied::default()
         });
         applied
-    }
-
-    /// Compiles the policy again and appends the changes of the policy map to `ops`. Runs only
-    /// when identities or policies changed: O(identities x policies), not O(mesh).
-    fn recompile_policy(&mut self, ops: &mut Vec<DatapathOp>) {
-        let new = self.compile_policy();
-        diff_policy_parts(
-            (&self.policy_out.entries, &self.policy_out.enabled),
-            (&new.entries, &new.enabled),
-            ops,
-        );
-        self.policy_out = new;
     }
 
     /// What one service contributes, from its records in every admitted cluster (a lookup per
@@ -1409,18 +1407,27 @@ impl MeshView {
 
     /// [`MeshView::apply_policy`], with the policy map operations it implies.
     pub fn update_policy(&mut self, event: PolicyEvent) -> Result<Applied, PolicyErrors> {
+        let (key, changed) = self.store_policy(event)?;
         let mut applied = Applied {
-            policies_changed: self.store_policy(event)?,
+            policies_changed: changed,
             ..Applied::default()
         };
-        if applied.policies_changed {
-            self.recompile_policy(&mut applied.ops);
+        if changed {
+            self.policy_index.set_policy(
+                key.clone(),
+                self.policies.get(&key),
+                &self.identities_out,
+            );
+            self.policy_index.flush(&mut applied.ops);
             order_ops(&mut applied.ops);
         }
         Ok(applied)
     }
 
-    fn store_policy(&mut self, event: PolicyEvent) -> Result<bool, PolicyErrors> {
+    fn store_policy(
+        &mut self,
+        event: PolicyEvent,
+    ) -> Result<((String, String), bool), PolicyErrors> {
         match event {
             PolicyEvent::Upsert(policy) => {
                 policy.validate()?;
@@ -1429,11 +1436,13 @@ impl MeshView {
                     policy.metadata.name.clone(),
                 );
                 let changed = self.policies.get(&key) != Some(&policy);
-                self.policies.insert(key, policy);
-                Ok(changed)
+                self.policies.insert(key.clone(), policy);
+                Ok((key, changed))
             }
             PolicyEvent::Delete { namespace, name } => {
-                Ok(self.policies.remove(&(namespace, name)).is_some())
+                let key = (namespace, name);
+                let changed = self.policies.remove(&key).is_some();
+                Ok((key, changed))
             }
         }
     }
@@ -1460,8 +1469,8 @@ impl MeshView {
         DesiredDatapath {
             ipcache: self.ipcache_out.clone(),
             nodes: self.nodes_out.clone(),
-            policy: self.policy_out.entries.clone(),
-            policy_enabled: self.policy_out.enabled.clone(),
+            policy: self.policy_index.compiled().entries.clone(),
+            policy_enabled: self.policy_index.compiled().enabled.clone(),
             services: self.services_out.clone(),
         }
     }
@@ -1471,7 +1480,7 @@ impl MeshView {
         DesiredCounts {
             ipcache: self.ipcache_out.len(),
             nodes: self.nodes_out.len(),
-            policy: self.policy_out.entries.len(),
+            policy: self.policy_index.compiled().entries.len(),
             services: self.services_out.services.len(),
         }
     }

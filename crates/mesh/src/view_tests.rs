@@ -970,8 +970,23 @@ impl Lcg {
 }
 
 /// A policy of the random streams: `app=<subject>` in `default` accepts `app=<peer>` (any
-/// cluster) on TCP `port`.
-fn random_policy(name: &str, subject: &str, peer: &str, port: u16) -> NetworkPolicy {
+/// cluster) on TCP `port`; the variants add an egress section whose first rule allows any
+/// peer on UDP and whose second reaches `app=<peer>` in every namespace, or a second ingress
+/// rule overlapping the first.
+fn random_policy(name: &str, subject: &str, peer: &str, port: u16, variant: u64) -> NetworkPolicy {
+    let extra = match variant {
+        0 => format!(
+            r#"
+  egress:
+    - toPorts: [ {{ ports: [ {{ port: "53", protocol: UDP }} ] }} ]
+    - toEndpoints: [ {{ matchLabels: {{ app: {peer} }}, matchExpressions: [ {{ key: meshd.io/namespace, operator: Exists }} ] }} ]"#
+        ),
+        1 => format!(
+            r#"
+    - fromEndpoints: [ {{ matchLabels: {{ app: {subject} }} }}, {{ matchLabels: {{ app: {peer} }} }} ]"#
+        ),
+        _ => String::new(),
+    };
     NetworkPolicy::from_yaml(&format!(
         r#"
 apiVersion: meshd.io/v1
@@ -981,7 +996,7 @@ spec:
   endpointSelector: {{ matchLabels: {{ app: {subject} }} }}
   ingress:
     - fromEndpoints: [ {{ matchLabels: {{ app: {peer} }} }} ]
-      toPorts: [ {{ ports: [ {{ port: "{port}", protocol: TCP }} ] }} ]
+      toPorts: [ {{ ports: [ {{ port: "{port}", protocol: TCP }} ] }} ]{extra}
 "#
     ))
     .unwrap()
@@ -1054,6 +1069,7 @@ fn random_event_streams_keep_every_invariant() {
                         apps[rng.next(3) as usize],
                         apps[rng.next(3) as usize],
                         8000 + rng.next(3) as u16,
+                        rng.next(3),
                     ))
                 };
                 let applied = v.update_policy(event).unwrap();
