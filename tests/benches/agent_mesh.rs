@@ -12,6 +12,10 @@
 //!    keys plus decoding and writing each into a scratch datapath's ipcache map. Goal <= 1.3x.
 //! 3. Memory per remote endpoint: (agent RSS with R entries - RSS of a fresh agent with an
 //!    empty view) / R. Goal <= 250 bytes.
+//! 4. Churn on top of R entries: 1,000 ipcache puts/deletes per second in c2's etcd for 30 s,
+//!    while a probe record every 100 ms measures put -> map (goal p99 <= 10 ms); then how long
+//!    the last changes take to land (a growing backlog would show here), and the agent's CPU
+//!    time per event (goal <= 50 us).
 //!
 //! Usage: cargo bench -p meshd-e2e --bench agent_mesh -- [--endpoints N] [--records R]
 //! [--rounds K] (needs root, etcd, bpffs and the release `meshd` binary).
@@ -296,6 +300,94 @@ fn agent_sync(mesh: &mut Mesh, records: usize) -> anyhow::Result<Duration> {
     Ok(t0.elapsed())
 }
 
+/// User + system CPU time of a process, from /proc/<pid>/stat (clock ticks of 10 ms).
+fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+async fn churn(
+    mesh: &Mesh,
+    store: &EtcdStore,
+    records: usize,
+    identity: u32,
+    host: Ipv4Addr,
+    secs: u64,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let pid = mesh.agent_pid("c1", "n1").context("agent pid")?;
+    let cpu0 = cpu_time(pid)?;
+    let events = secs * rate;
+    // Puts of new records alternating with deletes of ones put 500 events earlier, paced.
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            for k in 0..events as usize {
+                tick.tick().await;
+                let ip = nth_ip(220, k / 2);
+                if k % 2 == 0 {
+                    let (key, value) = record("c2", ip, identity, host)?;
+                    store.put(&key, value, None).await?;
+                } else if k >= 1000 {
+                    let (key, _) = record("c2", nth_ip(220, k / 2 - 250), identity, host)?;
+                    store.delete(&key).await?;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let maps = meshd_datapath::DatapathMaps::open(&mesh.node("c1", "n1")?.pin_dir)?;
+    let mut lat = Vec::new();
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        let ip = nth_ip(240, i);
+        i += 1;
+        let (key, value) = record("c2", ip, identity, host)?;
+        let t0 = Instant::now();
+        store.put(&key, value, None).await?;
+        let deadline = t0 + Duration::from_secs(10);
+        while maps.ipcache_entry(Ipv4Net::from(ip))?.is_none() {
+            anyhow::ensure!(Instant::now() < deadline, "{ip} never reached c1's map");
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        lat.push(t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.await??;
+    let written = started.elapsed();
+    // The last put of the churn, and the last delete, in the maps: how far behind the agent is.
+    let last_put = Ipv4Net::from(nth_ip(220, (events as usize - 2) / 2));
+    let last_deleted = Ipv4Net::from(nth_ip(220, (events as usize - 1) / 2 - 250));
+    let t0 = Instant::now();
+    while maps.ipcache_entry(last_put)?.is_none() || maps.ipcache_entry(last_deleted)?.is_some() {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(60),
+            "churn never drained"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let drain = t0.elapsed();
+    let cpu = cpu_time(pid)? - cpu0;
+    lat.sort();
+    println!(
+        "churn on top of {records} entries ({rate} puts/deletes per second for {:.1} s, {} probes):          probe put -> map p50 {:.2} ms, p99 {:.2} ms (goal p99 <= 10 ms); last change in the maps          {:.1} ms after the writer finished; agent CPU {:.2} s = {:.1} us per event (goal <= 50 us)",
+        written.as_secs_f64(),
+        lat.len(),
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+        ms(drain),
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / (events as f64 + lat.len() as f64)
+    );
+    Ok(())
+}
+
 async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow::Result<()> {
     let c2 = admin_store(mesh, "c2").await?;
     let identity = mesh
@@ -350,6 +442,16 @@ async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow
          p99 <= 5 ms)",
         full99 / empty99.max(1e-9)
     );
+    churn(
+        mesh,
+        &c2,
+        records,
+        identity,
+        host,
+        arg("--churn-secs", 30) as u64,
+        arg("--churn-rate", 1000) as u64,
+    )
+    .await?;
     let status = mesh.status("c1", "n1")?;
     println!(
         "c1/n1 datapath status: {} ipcache entries, {} full diffs, {} corrections, {} failed writes",
