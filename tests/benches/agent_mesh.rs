@@ -376,7 +376,9 @@ async fn churn(
     let cpu = cpu_time(pid)? - cpu0;
     lat.sort();
     println!(
-        "churn on top of {records} entries ({rate} puts/deletes per second for {:.1} s, {} probes):          probe put -> map p50 {:.2} ms, p99 {:.2} ms (goal p99 <= 10 ms); last change in the maps          {:.1} ms after the writer finished; agent CPU {:.2} s = {:.1} us per event (goal <= 50 us)",
+        "churn on top of {records} entries ({rate} puts/deletes per second for {:.1} s, {} probes): \
+         probe put -> map p50 {:.2} ms, p99 {:.2} ms (goal p99 <= 10 ms); last change in the maps \
+         {:.1} ms after the writer finished; agent CPU {:.2} s = {:.1} us per event (goal <= 50 us)",
         written.as_secs_f64(),
         lat.len(),
         ms(percentile(&lat, 0.5)),

@@ -194,7 +194,12 @@ impl Reconciler {
     fn update(&mut self, update: DatapathUpdate) {
         let (w, counts) = match update {
             DatapathUpdate::Full { desired, counts } => {
-                let why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
+                let mut why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
+                // A write failed while the safety net's copy was on its way: this diff is the
+                // retry, and what it writes is no correction.
+                if self.dirty && why == FullDiff::SafetyNet {
+                    why = FullDiff::AfterFailure;
+                }
                 self.dirty = false;
                 (self.full_diff(&desired, why), counts)
             }
