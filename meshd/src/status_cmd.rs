@@ -144,6 +144,10 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "last_reconcile_ms": dp.last_reconcile_ms,
             "last_error": dp.last_error,
             "counters": dp.counters.iter().map(counter_json).collect::<Vec<_>>(),
+            "service_entries": dp.service_entries,
+            "full_diffs": dp.full_diffs,
+            "corrections": dp.corrections,
+            "failed_writes": dp.failed_writes,
         },
         "certificates": s.certificates.iter().map(certificate_json).collect::<Vec<_>>(),
     })
@@ -276,6 +280,10 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     format!(", error: {}", dp.last_error)
                 }
+            );
+            println!(
+                "           {} full diffs, {} corrections, {} failed writes",
+                dp.full_diffs, dp.corrections, dp.failed_writes
             );
             let drops: Vec<&pb::DatapathCounter> =
                 dp.counters.iter().filter(|c| c.reason < 0).collect();

@@ -37,6 +37,8 @@ pub struct MeshOptions {
     pub clusters: Vec<(String, u8, u8)>,
     /// TTL of each agent's lease: how long a dead node's records outlive it.
     pub lease_ttl_secs: u64,
+    /// Period of each agent's safety-net diff of its maps; `None`: the agent's default.
+    pub resync_interval_secs: Option<u64>,
 }
 
 impl MeshOptions {
@@ -45,6 +47,7 @@ impl MeshOptions {
         Self {
             clusters: (1..=n).map(|i| (format!("c{i}"), i, nodes)).collect(),
             lease_ttl_secs: 4,
+            resync_interval_secs: None,
         }
     }
 }
@@ -253,7 +256,7 @@ impl Mesh {
         }
         for ci in 0..mesh.clusters.len() {
             for ni in 0..mesh.clusters[ci].nodes.len() {
-                mesh.write_config(ci, ni, opts.lease_ttl_secs)?;
+                mesh.write_config(ci, ni, &opts)?;
             }
         }
         for ci in 0..mesh.clusters.len() {
@@ -301,12 +304,12 @@ impl Mesh {
         Ok(())
     }
 
-    fn write_config(&self, ci: usize, ni: usize, lease_ttl_secs: u64) -> anyhow::Result<()> {
+    fn write_config(&self, ci: usize, ni: usize, opts: &MeshOptions) -> anyhow::Result<()> {
         let c = &self.clusters[ci];
         let n = &c.nodes[ni];
         let etcd = self.pki.node_files(&c.name, &n.name);
         let state = n.config.parent().expect("node dir").join("state");
-        let text = format!(
+        let mut text = format!(
             "cluster: {cluster}\ncluster_id: {id}\nnode: {node}\nnode_ip: {ip}\npod_cidr: {pod}\n\
              etcd:\n  endpoints: [{etcd}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\n\
              remote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: 8472\n\
@@ -326,9 +329,12 @@ impl Mesh {
             mtu = UNDERLAY_MTU,
             sock = n.socket.display(),
             state = state.display(),
-            ttl = lease_ttl_secs,
+            ttl = opts.lease_ttl_secs,
             prefix = self.prefix,
         );
+        if let Some(secs) = opts.resync_interval_secs {
+            text.push_str(&format!("resync_interval_secs: {secs}\n"));
+        }
         fs::write(&n.config, text)?;
         Ok(())
     }
@@ -551,7 +557,7 @@ impl Mesh {
         cluster: &str,
         node: &str,
         ip: Ipv4Addr,
-    ) -> anyhow::Result<Option<meshd_datapath::IpcacheEntry>> {
+    ) -> anyhow::Result<Option<meshd_datapath::IpcacheTarget>> {
         let n = self.node(cluster, node)?;
         let maps = meshd_datapath::DatapathMaps::open(&n.pin_dir)?;
         Ok(maps.ipcache_entry(Ipv4Net::from(ip))?)

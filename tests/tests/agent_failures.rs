@@ -32,7 +32,7 @@ fn wait_in_maps(
             || {
                 let entry = mesh.ipcache_entry(c, n, ep.ip)?;
                 match (present, entry) {
-                    (true, Some(e)) if e.identity == ep.identity => Ok(()),
+                    (true, Some(e)) if e.identity.get() == ep.identity => Ok(()),
                     (false, None) => Ok(()),
                     (_, other) => anyhow::bail!("entry is {other:?}"),
                 }
@@ -63,7 +63,7 @@ fn an_endpoint_deleted_in_c1_disappears_from_c2_maps() -> anyhow::Result<()> {
     let entry = mesh.ipcache_entry("c2", "n1", ep.ip)?.expect("present");
     assert_eq!(
         entry.tunnel_endpoint,
-        Some(mesh.node("c1", "n1")?.ip),
+        Some(mesh.node("c1", "n1")?.ip.into()),
         "{entry:?}"
     );
     mesh.delete_endpoint(&ep)?;

@@ -130,7 +130,7 @@ fn malformed_and_hostile_remote_entries_are_rejected_and_counted() -> anyhow::Re
         }
         // The local endpoint's entry is still this cluster's, not c2's claim.
         if let Some(e) = mesh.ipcache_entry("c1", n, local.ip)? {
-            assert_eq!(e.identity, local.identity, "c1/{n}: {e:?}");
+            assert_eq!(e.identity.get(), local.identity, "c1/{n}: {e:?}");
         }
         assert!(
             in_maps(&mesh, "c1", n, good.ip)?,

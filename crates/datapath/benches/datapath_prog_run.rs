@@ -12,12 +12,14 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use meshd_state::NumericIdentity;
+use std::net::IpAddr;
 use std::{net::Ipv4Addr, time::Instant};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{Packet, TestDatapath, TCP};
 use ipnet::Ipv4Net;
-use meshd_datapath::{Direction, IpcacheEntry, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
+use meshd_datapath::{Direction, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
 use meshd_ebpf::programs;
 
 const CLIENT: u32 = (1 << 16) | 1001;
@@ -97,10 +99,15 @@ fn main() -> anyhow::Result<()> {
     for i in 0..ipcache_entries {
         m.upsert_ipcache(
             Ipv4Net::new(remote_addr(i), 32)?,
-            IpcacheEntry {
-                identity: remote_identity(i),
-                tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 70, (1 + i % 250) as u8)),
-                flags: 0,
+            IpcacheTarget {
+                identity: NumericIdentity::new(remote_identity(i)).unwrap(),
+                tunnel_endpoint: Some(IpAddr::from(Ipv4Addr::new(
+                    192,
+                    168,
+                    70,
+                    (1 + i % 250) as u8,
+                ))),
+                local: false,
             },
         )?;
     }

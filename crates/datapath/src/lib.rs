@@ -9,7 +9,9 @@
 //! 3. per endpoint: [`plumbing::create_endpoint`], [`DatapathMaps::upsert_endpoint`],
 //!    [`Datapath::attach_endpoint`];
 //! 4. the reconciler keeps IPCACHE, NODES, POLICY, SERVICES and BACKENDS equal to the merged
-//!    view.
+//!    view, through the typed seam of [`seam`]: [`DatapathMaps::apply`] and
+//!    [`DatapathMaps::apply_service`] take the view's operations, [`DatapathMaps::read_back`]
+//!    returns the maps in the view's shape for the full diff.
 
 pub mod bpffs;
 pub mod error;
@@ -17,10 +19,12 @@ pub mod loader;
 pub mod maps;
 pub mod netns;
 pub mod plumbing;
+pub mod seam;
 
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
 pub use maps::{
-    Counter, DatapathMaps, Direction, DropEvents, DropRecord, IpcacheEntry, LbBackend, LbFrontend,
+    Counter, DatapathMaps, Direction, DropEvents, DropRecord, IpcacheTarget, LbBackend, LbFrontend,
     LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };
+pub use seam::ipv4_only;

@@ -4,7 +4,7 @@
 //! `meshd monitor`, a test) can drive or read them without loading programs.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -17,16 +17,8 @@ use meshd_ebpf::{abi, maps as names};
 
 use crate::error::{DatapathError, Result};
 
-/// Where an ipcache prefix lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IpcacheEntry {
-    /// Security identity of the addresses in the prefix.
-    pub identity: u32,
-    /// The node to tunnel to; `None` hands packets to the local node's stack.
-    pub tunnel_endpoint: Option<Ipv4Addr>,
-    /// `abi::IPCACHE_F_*`.
-    pub flags: u32,
-}
+/// Where an ipcache prefix lives: the view's type (one name for the concept).
+pub use meshd_mesh::IpcacheTarget;
 
 /// An endpoint on this node, as the datapath delivers to it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,27 +32,21 @@ pub struct LocalEndpoint {
     pub node_mac: [u8; 6],
 }
 
-/// Policy direction, from the point of view of the subject endpoint.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Direction {
-    Ingress,
-    Egress,
+/// Policy (and counter) direction: the view's own type, one name for the concept.
+pub use meshd_mesh::{Direction, Verdict};
+
+fn direction_raw(d: Direction) -> u8 {
+    match d {
+        Direction::Ingress => abi::DIR_INGRESS,
+        Direction::Egress => abi::DIR_EGRESS,
+    }
 }
 
-impl Direction {
-    fn raw(self) -> u8 {
-        match self {
-            Direction::Ingress => abi::DIR_INGRESS,
-            Direction::Egress => abi::DIR_EGRESS,
-        }
-    }
-
-    fn from_raw(raw: u8) -> Direction {
-        if raw == abi::DIR_EGRESS {
-            Direction::Egress
-        } else {
-            Direction::Ingress
-        }
+fn direction_from_raw(raw: u8) -> Direction {
+    if raw == abi::DIR_EGRESS {
+        Direction::Egress
+    } else {
+        Direction::Ingress
     }
 }
 
@@ -90,16 +76,9 @@ impl PolicyEntry {
             peer_identity: self.peer.unwrap_or(0),
             dport: self.dport.unwrap_or(0),
             proto: self.proto.unwrap_or(0),
-            direction: self.direction.raw(),
+            direction: direction_raw(self.direction),
         })
     }
-}
-
-/// What a matching policy entry does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Allow,
-    Deny,
 }
 
 /// A counter of METRICS summed over CPUs.
@@ -378,17 +357,33 @@ impl DatapathMaps {
 
     /// Inserts or replaces the ipcache entry of `prefix`. /32 prefixes go to IPCACHE_HOSTS
     /// (a hash, looked up first), all others to the IPCACHE trie.
-    pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, entry: IpcacheEntry) -> Result<()> {
-        if entry.identity > abi::IDENTITY_MAX {
+    /// The datapath is IPv4 only: an IPv6 tunnel endpoint is refused.
+    pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, target: IpcacheTarget) -> Result<()> {
+        let identity = target.identity.get();
+        if identity > abi::IDENTITY_MAX {
             return Err(DatapathError::Invalid {
                 what: "identity",
-                detail: format!("{} for {prefix} does not fit a 24-bit VNI", entry.identity),
+                detail: format!("{identity} for {prefix} does not fit a 24-bit VNI"),
             });
         }
+        let tunnel_endpoint = match target.tunnel_endpoint {
+            None => 0,
+            Some(IpAddr::V4(ip)) => abi::ip_to_be(ip),
+            Some(IpAddr::V6(ip)) => {
+                return Err(DatapathError::Invalid {
+                    what: "tunnel endpoint",
+                    detail: format!("{ip} for {prefix}: the datapath tunnels over IPv4 only"),
+                })
+            }
+        };
         let value = abi::IpcacheValue {
-            identity: entry.identity,
-            tunnel_endpoint: entry.tunnel_endpoint.map(abi::ip_to_be).unwrap_or(0),
-            flags: entry.flags,
+            identity,
+            tunnel_endpoint,
+            flags: if target.local {
+                abi::IPCACHE_F_LOCAL
+            } else {
+                0
+            },
         };
         match host_key(prefix) {
             Some(key) => self.ipcache_hosts.insert(key, value, 0).map_err(op_err(
@@ -421,19 +416,27 @@ impl DatapathMaps {
         self.forward_changed()
     }
 
-    /// The ipcache entry of exactly `prefix`, if any.
-    pub fn ipcache_entry(&self, prefix: Ipv4Net) -> Result<Option<IpcacheEntry>> {
+    /// The ipcache entry of exactly `prefix`, if any. An entry no view could have written
+    /// (an identity that is not one) is an error naming it.
+    pub fn ipcache_entry(&self, prefix: Ipv4Net) -> Result<Option<IpcacheTarget>> {
+        self.ipcache_value(prefix)?
+            .map(|v| {
+                ipcache_target(&v).ok_or_else(|| DatapathError::Invalid {
+                    what: "ipcache entry",
+                    detail: format!("{prefix}: identity {} is not one", v.identity),
+                })
+            })
+            .transpose()
+    }
+
+    /// The raw value of exactly `prefix` (the read-back needs it to find invalid entries).
+    pub(crate) fn ipcache_value(&self, prefix: Ipv4Net) -> Result<Option<abi::IpcacheValue>> {
         let found = match host_key(prefix) {
             Some(key) => self.ipcache_hosts.get(&key, 0),
             None => self.ipcache.get(&ipcache_key(prefix), 0),
         };
         match found {
-            Ok(v) => Ok(Some(IpcacheEntry {
-                identity: v.identity,
-                tunnel_endpoint: (v.tunnel_endpoint != 0)
-                    .then(|| abi::ip_from_be(v.tunnel_endpoint)),
-                flags: v.flags,
-            })),
+            Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(op_err("get", names::IPCACHE, prefix)(e)),
         }
@@ -618,7 +621,7 @@ impl DatapathMaps {
     ) -> Result<()> {
         let key = abi::PolicyKey {
             subject_identity: subject,
-            direction: direction.raw() | abi::POLICY_F_MARKER,
+            direction: direction_raw(direction) | abi::POLICY_F_MARKER,
             ..Default::default()
         };
         let what = format!("marker {subject}/{direction:?}");
@@ -653,7 +656,7 @@ impl DatapathMaps {
                 peer: (k.peer_identity != 0).then_some(k.peer_identity),
                 proto: (k.proto != 0).then_some(k.proto),
                 dport: (k.dport != 0).then_some(k.dport),
-                direction: Direction::from_raw(k.direction),
+                direction: direction_from_raw(k.direction),
             };
             let verdict = if v.verdict == abi::VERDICT_DENY {
                 Verdict::Deny
@@ -673,7 +676,7 @@ impl DatapathMaps {
             if k.direction & abi::POLICY_F_MARKER != 0 {
                 out.push((
                     k.subject_identity,
-                    Direction::from_raw(k.direction & !abi::POLICY_F_MARKER),
+                    direction_from_raw(k.direction & !abi::POLICY_F_MARKER),
                 ));
             }
         }
@@ -803,7 +806,7 @@ impl DatapathMaps {
             if packets == 0 {
                 continue;
             }
-            let direction = Direction::from_raw((index / abi::REASONS) as u8);
+            let direction = direction_from_raw((index / abi::REASONS) as u8);
             let slot = (index % abi::REASONS) as i32;
             // Slots below 128 hold forwards, the others drops (whose codes are negative).
             let reason = if slot < 128 { slot } else { -slot };
@@ -819,7 +822,7 @@ impl DatapathMaps {
 
     /// Packets counted for `reason` in `direction`, summed over CPUs.
     pub fn counter(&self, direction: Direction, reason: i32) -> Result<u64> {
-        let index = abi::metrics_index(direction.raw(), reason);
+        let index = abi::metrics_index(direction_raw(direction), reason);
         let per_cpu = self
             .metrics
             .get(&index, 0)
@@ -882,7 +885,7 @@ fn drain(ring: &mut RingBuf<MapData>) -> Vec<DropRecord> {
         out.push(DropRecord {
             timestamp_ns: ev.timestamp_ns,
             reason: i32::from(ev.reason),
-            direction: Direction::from_raw(ev.direction),
+            direction: direction_from_raw(ev.direction),
             src_identity: ev.src_identity,
             dst_identity: ev.dst_identity,
             saddr: abi::ip_from_be(ev.saddr),
@@ -905,4 +908,14 @@ fn host_key(prefix: Ipv4Net) -> Option<abi::IpcacheHostKey> {
 fn ipcache_key(prefix: Ipv4Net) -> LpmKey<u32> {
     let prefix = prefix.trunc();
     LpmKey::new(u32::from(prefix.prefix_len()), abi::ip_to_be(prefix.addr()))
+}
+
+/// The view's shape of an ipcache value; `None` for an identity no view could write.
+pub(crate) fn ipcache_target(v: &abi::IpcacheValue) -> Option<IpcacheTarget> {
+    Some(IpcacheTarget {
+        identity: meshd_state::NumericIdentity::new(v.identity).ok()?,
+        tunnel_endpoint: (v.tunnel_endpoint != 0)
+            .then(|| IpAddr::V4(abi::ip_from_be(v.tunnel_endpoint))),
+        local: v.flags & abi::IPCACHE_F_LOCAL != 0,
+    })
 }

@@ -2,6 +2,8 @@
 
 mod common;
 
+use meshd_state::NumericIdentity;
+use std::net::IpAddr;
 use std::{net::Ipv4Addr, process::Command};
 
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -10,7 +12,7 @@ use meshd_datapath::{
     bpffs::{ScratchPinDir, DEFAULT_ROOT},
     loader::pinned_links,
     netns::run_in,
-    AttachPoint, Datapath, DatapathError, DatapathMaps, IpcacheEntry, LoadOptions, LocalEndpoint,
+    AttachPoint, Datapath, DatapathError, DatapathMaps, IpcacheTarget, LoadOptions, LocalEndpoint,
 };
 use meshd_testing::netns::Netns;
 
@@ -29,10 +31,10 @@ fn maps_keep_their_contents_across_loads() {
         let mut maps = DatapathMaps::open(dir.path()).unwrap();
         maps.upsert_ipcache(
             "10.7.0.0/16".parse().unwrap(),
-            IpcacheEntry {
-                identity: (3 << 16) | 300,
-                tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 1, 9)),
-                flags: 0,
+            IpcacheTarget {
+                identity: NumericIdentity::new((3 << 16) | 300).unwrap(),
+                tunnel_endpoint: Some(IpAddr::from(Ipv4Addr::new(192, 168, 1, 9))),
+                local: false,
             },
         )
         .unwrap();
@@ -52,10 +54,10 @@ fn maps_keep_their_contents_across_loads() {
     let maps = DatapathMaps::open(dir.path()).unwrap();
     assert_eq!(
         maps.ipcache_entry("10.7.0.0/16".parse().unwrap()).unwrap(),
-        Some(IpcacheEntry {
-            identity: (3 << 16) | 300,
-            tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 1, 9)),
-            flags: 0,
+        Some(IpcacheTarget {
+            identity: NumericIdentity::new((3 << 16) | 300).unwrap(),
+            tunnel_endpoint: Some(IpAddr::from(Ipv4Addr::new(192, 168, 1, 9))),
+            local: false,
         })
     );
     assert_eq!(

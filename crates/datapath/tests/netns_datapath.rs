@@ -3,6 +3,7 @@
 
 mod common;
 
+use meshd_state::NumericIdentity;
 use std::{
     io::{Read, Write},
     sync::{
@@ -14,7 +15,7 @@ use std::{
 
 use common::topology::*;
 use common::{can_run, TCP};
-use meshd_datapath::{Direction, IpcacheEntry, PolicyEntry, Verdict};
+use meshd_datapath::{Direction, IpcacheTarget, PolicyEntry, Verdict};
 use meshd_ebpf::abi;
 
 #[test]
@@ -29,10 +30,10 @@ fn ping_tcp_udp_across_nodes_and_on_one_node() {
         .maps
         .upsert_ipcache(
             ipnet::Ipv4Net::new(node0_ip, 32).unwrap(),
-            IpcacheEntry {
-                identity: abi::IDENTITY_HOST,
+            IpcacheTarget {
+                identity: NumericIdentity::new(abi::IDENTITY_HOST).unwrap(),
                 tunnel_endpoint: None,
-                flags: 0,
+                local: false,
             },
         )
         .unwrap();

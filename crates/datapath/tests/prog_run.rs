@@ -9,10 +9,12 @@
 
 mod common;
 
+use meshd_state::NumericIdentity;
+use std::net::IpAddr;
 use std::net::Ipv4Addr;
 
 use common::*;
-use meshd_datapath::{Direction, IpcacheEntry, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
+use meshd_datapath::{Direction, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
 use meshd_ebpf::{abi, programs};
 
 const CLUSTER1: u32 = 1 << 16;
@@ -63,10 +65,10 @@ fn setup() -> Option<TestDatapath> {
     }
     m.upsert_ipcache(
         "10.2.0.0/24".parse().unwrap(),
-        IpcacheEntry {
-            identity: REMOTE,
-            tunnel_endpoint: Some(NODE2),
-            flags: 0,
+        IpcacheTarget {
+            identity: NumericIdentity::new(REMOTE).unwrap(),
+            tunnel_endpoint: Some(IpAddr::from(NODE2)),
+            local: false,
         },
     )
     .unwrap();
@@ -146,10 +148,10 @@ fn unknown_destination_is_dropped_with_an_event() {
     dp.maps
         .upsert_ipcache(
             gone,
-            IpcacheEntry {
-                identity: WEB,
-                tunnel_endpoint: Some(Ipv4Addr::new(192, 168, 50, 1)),
-                flags: abi::IPCACHE_F_LOCAL,
+            IpcacheTarget {
+                identity: NumericIdentity::new(WEB).unwrap(),
+                tunnel_endpoint: Some(IpAddr::from(Ipv4Addr::new(192, 168, 50, 1))),
+                local: true,
             },
         )
         .unwrap();
@@ -564,10 +566,10 @@ fn host_entries_win_over_covering_prefixes_and_deleting_them_falls_back() {
     dp.maps
         .upsert_ipcache(
             host,
-            IpcacheEntry {
-                identity: REMOTE + 1,
-                tunnel_endpoint: Some(node3),
-                flags: 0,
+            IpcacheTarget {
+                identity: NumericIdentity::new(REMOTE + 1).unwrap(),
+                tunnel_endpoint: Some(IpAddr::from(node3)),
+                local: false,
             },
         )
         .unwrap();
@@ -664,10 +666,10 @@ fn cached_forwarding_follows_every_map_change() {
     dp.maps
         .upsert_ipcache(
             host,
-            IpcacheEntry {
-                identity: REMOTE,
-                tunnel_endpoint: Some(node3),
-                flags: 0,
+            IpcacheTarget {
+                identity: NumericIdentity::new(REMOTE).unwrap(),
+                tunnel_endpoint: Some(IpAddr::from(node3)),
+                local: false,
             },
         )
         .unwrap();

@@ -5,12 +5,15 @@
 
 mod common;
 
+use meshd_state::NumericIdentity;
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::net::Ipv4Addr;
 
 use common::*;
 use meshd_datapath::{
-    Direction, IpcacheEntry, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
+    Direction, IpcacheTarget, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry,
+    Verdict,
 };
 use meshd_ebpf::{abi, programs};
 
@@ -60,10 +63,10 @@ fn setup() -> Option<TestDatapath> {
     }
     m.upsert_ipcache(
         "10.2.0.0/24".parse().unwrap(),
-        IpcacheEntry {
-            identity: REMOTE,
-            tunnel_endpoint: Some(NODE2),
-            flags: 0,
+        IpcacheTarget {
+            identity: NumericIdentity::new(REMOTE).unwrap(),
+            tunnel_endpoint: Some(IpAddr::from(NODE2)),
+            local: false,
         },
     )
     .unwrap();

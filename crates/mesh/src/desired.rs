@@ -264,7 +264,26 @@ fn diff_policy_into(
     desired: &DesiredDatapath,
     ops: &mut Vec<DatapathOp>,
 ) {
-    diff_maps(&actual.policy, &desired.policy, |key, value| {
+    diff_policy_parts(
+        (&actual.policy, &actual.policy_enabled),
+        (&desired.policy, &desired.policy_enabled),
+        ops,
+    );
+}
+
+/// The policy entries and the (subject, direction) markers of a policy map.
+pub(crate) type PolicyParts<'a> = (
+    &'a BTreeMap<PolicyKey, PolicyValue>,
+    &'a BTreeSet<(NumericIdentity, Direction)>,
+);
+
+/// Operations turning one policy map content into another (unordered: callers sort).
+pub(crate) fn diff_policy_parts(
+    (actual_policy, actual_enabled): PolicyParts<'_>,
+    (desired_policy, desired_enabled): PolicyParts<'_>,
+    ops: &mut Vec<DatapathOp>,
+) {
+    diff_maps(actual_policy, desired_policy, |key, value| {
         ops.push(match value {
             Some(value) => DatapathOp::UpsertPolicy {
                 key: *key,
@@ -273,10 +292,10 @@ fn diff_policy_into(
             None => DatapathOp::DeletePolicy { key: *key },
         })
     });
-    for &(subject, direction) in desired.policy_enabled.difference(&actual.policy_enabled) {
+    for &(subject, direction) in desired_enabled.difference(actual_enabled) {
         ops.push(DatapathOp::EnablePolicy { subject, direction });
     }
-    for &(subject, direction) in actual.policy_enabled.difference(&desired.policy_enabled) {
+    for &(subject, direction) in actual_enabled.difference(desired_enabled) {
         ops.push(DatapathOp::DisablePolicy { subject, direction });
     }
 }

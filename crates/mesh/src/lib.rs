@@ -9,7 +9,10 @@
 //! view.apply(ClusterEvent { cluster, kind }) -> Applied       // one watcher event
 //! view.apply_batch(events) -> Applied                          // a burst (initial list): faster, net report
 //! view.apply_policy(PolicyEvent::Upsert(p) | Delete{..}) -> Result<bool /*changed*/, PolicyErrors>
-//! view.desired() -> DesiredDatapath                            // full desired state (clone + policy compile + services)
+//! view.update_policy(event) -> Result<Applied, PolicyErrors>   // the same, with its policy map ops
+//! view.desired() -> DesiredDatapath                            // a copy of the maintained state (for full diffs)
+//! view.desired_counts() -> DesiredCounts                       // sizes, O(1)
+//! view.desired_from_scratch() -> DesiredDatapath               // the oracle: replay + compile + desired_services
 //! view.desired_ipcache() / desired_nodes() -> &BTreeMap        // borrowed, maintained incrementally
 //! view.compile_policy() -> CompiledPolicy                      // policy part only
 //! view.status() -> Vec<ClusterStatus>; view.cluster_status(&name)
@@ -28,11 +31,12 @@
 //! compile(policies, &identities, local_cluster_id) -> CompiledPolicy
 //! ```
 //!
-//! Two ways to drive the maps, both correct: (1) level-triggered, `diff(&actual, &view.desired())`
-//! after any change (a few ms at 100k entries); (2) incremental, apply `Applied::ops` (the exact
-//! ipcache/node diff of that event, about 1 us per event at 100k entries) and, when
-//! `policy_inputs_changed` or a policy changed, `diff_policy(&last, &view.desired())`. Use (1)
-//! at start against the pinned maps read back, so wanted entries are left untouched.
+//! How the agent drives the maps: incrementally, applying `Applied::ops` and
+//! `Applied::service_ops` as they come (the exact diff of that event: about 1 us per ipcache or
+//! node event at 100k entries; a service event looks at that service only; an identity event at
+//! the policy rules its labels enter or leave, see [`policy::PolicyIndex`]); level-triggered,
+//! `diff(&read_back, &view.desired())`, at start against the pinned maps (so wanted entries
+//! are left untouched), after a failed write and on a slow safety-net timer.
 //!
 //! ## Events
 //!
@@ -44,13 +48,14 @@
 //! [`LocalNode`]) go through the same `apply`: the local etcd's nodes, ipcache and identities
 //! are a cluster like the others, only trusted for overlap and never refused.
 //!
-//! [`Applied`] says what one call did: `ops` (ipcache and node-map operations, the exact diff
-//! of the maintained desired maps before and after, in safe order), `rejected` (each a
-//! [`Rejection`] naming cluster, etcd key and reason: log it), `pending` (ipcache entries now
-//! waiting for their node), `refusals` (a cluster refused, e.g. a conflicting cluster id, or the
-//! local cluster's published config disagreeing with the node's), and `policy_inputs_changed`
-//! (admitted identities changed: recompile policy). Only net changes are reported: within a
-//! batch, an entry that waits for a node listed later is not reported as pending.
+//! [`Applied`] says what one call did: `ops` (ipcache, node and policy map operations, the
+//! exact diff of the maintained desired maps before and after, in safe order), `service_ops`
+//! (SERVICES/BACKENDS, likewise), `rejected` (each a [`Rejection`] naming cluster, etcd key
+//! and reason: log it), `pending` (ipcache entries now waiting for their node), `refusals` (a
+//! cluster refused, e.g. a conflicting cluster id, or the local cluster's published config
+//! disagreeing with the node's), and `policy_inputs_changed` (admitted identities changed;
+//! the policy followed, its operations are in `ops`). Only net changes are reported: within
+//! a batch, an entry that waits for a node listed later is not reported as pending.
 //!
 //! A cluster is `ready` ([`ClusterStatus::ready`]) once its config is accepted (remote) and
 //! `Synced` was seen for nodes, ipcache and identities.
@@ -97,7 +102,7 @@
 //!   identity, direction); the host identity is always allowed for an enforced subject.
 //!
 //! IPv6 prefixes are kept in the view and the desired state; the IPv4-only datapath of today
-//! skips them when mapping (the agent's job).
+//! skips them when mapping (`meshd_datapath::seam`).
 //!
 //! ## Cost (release build, this 2-core machine under load; `cargo test --release -p meshd-mesh
 //! measure -- --ignored --nocapture`)
@@ -131,6 +136,6 @@ pub use services::{
     Frontend, ServiceOp,
 };
 pub use view::{
-    Applied, ClusterEvent, ClusterStatus, EventKind, KindCounts, LocalNode, MeshView, PolicyEvent,
-    ResourceKind,
+    Applied, ClusterEvent, ClusterStatus, DesiredCounts, EventKind, KindCounts, LocalNode,
+    MeshView, PolicyEvent, ResourceKind,
 };

@@ -117,6 +117,24 @@ impl DesiredServices {
                 .insert(BackendSlot { frontend, slot }, *backend);
         }
         let count = u32::try_from(backends.len()).expect("fewer than 2^32 backends");
+        // Two services declaring the same frontend: the later one replaces the earlier one
+        // whole, so no slot of the earlier one lingers beyond the count.
+        let beyond: Vec<BackendSlot> = self
+            .backends
+            .range(
+                BackendSlot {
+                    frontend,
+                    slot: count,
+                }..=BackendSlot {
+                    frontend,
+                    slot: u32::MAX,
+                },
+            )
+            .map(|(s, _)| *s)
+            .collect();
+        for slot in beyond {
+            self.backends.remove(&slot);
+        }
         self.services.insert(frontend, count);
     }
 }

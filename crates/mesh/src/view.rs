@@ -20,10 +20,10 @@ use meshd_state::{
 };
 
 use crate::desired::{order_ops, DatapathOp, DesiredDatapath, IpcacheTarget};
-use crate::policy::{compile, CompiledPolicy, NetworkPolicy, PolicyErrors};
+use crate::policy::{compile, CompiledPolicy, NetworkPolicy, PolicyErrors, PolicyIndex};
 use crate::prefix::{overlapping, Lengths, PrefixSet};
 use crate::reject::{ClusterRefusal, PendingEntry, RejectReason, RejectedKey, Rejection};
-use crate::services::{desired_services, ClusterService, DesiredServices};
+use crate::services::{desired_services, ClusterService, DesiredServices, Frontend, ServiceOp};
 
 /// Who this node is. The local cluster's events come through [`MeshView::apply`] like any
 /// other cluster's; this is what the node knows before reading any of them.
@@ -98,21 +98,26 @@ pub enum PolicyEvent {
     Delete { namespace: String, name: String },
 }
 
-/// What one call of [`MeshView::apply`] did.
+/// What one call of [`MeshView::apply`] (or [`MeshView::update_policy`]) did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
-    /// Operations on the ipcache and node maps: exactly the diff between the desired state
-    /// before and after the event(s), in safe order. A reconciler whose maps hold the previous
-    /// desired state applies them as they are.
+    /// Operations on the ipcache, node and policy maps: exactly the diff between the desired
+    /// state before and after the event(s), in safe order. A reconciler whose maps hold the
+    /// previous desired state applies them as they are.
     pub ops: Vec<DatapathOp>,
+    /// Operations on the SERVICES and BACKENDS maps, likewise (only the services whose records
+    /// or clusters changed are looked at), in [`ServiceOp::phase`] order.
+    pub service_ops: Vec<ServiceOp>,
     /// Keys that became rejected (log each, it names cluster and key).
     pub rejected: Vec<Rejection>,
     /// Ipcache entries that became pending on their node.
     pub pending: Vec<PendingEntry>,
     /// Clusters refused by this event (or the local cluster's config disagreeing).
     pub refusals: Vec<ClusterRefusal>,
-    /// The admitted identities changed: the policy must be recompiled.
+    /// The admitted identities changed (the policy was recompiled; its changes are in `ops`).
     pub policy_inputs_changed: bool,
+    /// [`MeshView::update_policy`]: the stored policies changed.
+    pub policies_changed: bool,
 }
 
 impl Applied {
@@ -123,7 +128,21 @@ impl Applied {
         self.pending.extend(other.pending);
         self.refusals.extend(other.refusals);
         self.policy_inputs_changed |= other.policy_inputs_changed;
+        self.policies_changed |= other.policies_changed;
+        self.service_ops.extend(other.service_ops);
+        self.service_ops.sort_by_key(ServiceOp::phase);
     }
+}
+
+/// Sizes of the desired maps ([`MeshView::desired_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DesiredCounts {
+    pub ipcache: usize,
+    pub nodes: usize,
+    /// Policy entries, markers not included.
+    pub policy: usize,
+    /// Service frontends.
+    pub services: usize,
 }
 
 /// Counts of one kind of record of one cluster.
@@ -334,8 +353,18 @@ struct Txn {
     /// Prefixes to resolve again (sorted and deduplicated at the end: cheaper than a set).
     touched_prefixes: Vec<IpNet>,
     touched_node_ips: BTreeSet<IpAddr>,
+    /// Identities admitted or withdrawn (the policy follows them at the end).
+    touched_identities: Vec<NumericIdentity>,
+    /// Services (namespace, name) whose records changed.
+    touched_services: BTreeSet<ServiceName>,
+    /// A cluster's admission changed or it went: every service is looked at again (rare).
+    all_services_touched: bool,
     applied: Applied,
 }
+
+/// A service's namespace and name: records of the same name in several clusters are one
+/// (global) service.
+type ServiceName = (String, String);
 
 /// The merged view. A single owner (the agent's view task) applies events; readers get
 /// [`MeshView::desired`] snapshots.
@@ -351,6 +380,16 @@ pub struct MeshView {
     nodes_out: BTreeMap<IpAddr, ClusterId>,
     identities_out: BTreeMap<NumericIdentity, Labels>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
+    /// The policy map content, maintained per identity and per policy (never touched by
+    /// ipcache or node events).
+    policy_index: PolicyIndex,
+    /// SERVICES/BACKENDS content, maintained per service (see [`MeshView::refresh_services`]).
+    services_out: DesiredServices,
+    /// What each service contributes on its own (its local frontends over its backends).
+    service_parts: BTreeMap<ServiceName, DesiredServices>,
+    /// The services declaring each frontend: two may (a misconfiguration); the greatest
+    /// (namespace, name) wins, as in [`desired_services`].
+    frontend_owners: BTreeMap<Frontend, BTreeSet<ServiceName>>,
 }
 
 fn host_net(ip: IpAddr) -> IpNet {
@@ -367,6 +406,10 @@ impl MeshView {
             nodes_out: BTreeMap::new(),
             identities_out: BTreeMap::new(),
             policies: BTreeMap::new(),
+            policy_index: PolicyIndex::new(local.cluster_id),
+            services_out: DesiredServices::default(),
+            service_parts: BTreeMap::new(),
+            frontend_owners: BTreeMap::new(),
             local,
         };
         view.clusters.insert(
@@ -437,13 +480,16 @@ impl MeshView {
             }
             EventKind::DeleteIdentity { id } => self.delete_identity(&c, id, txn),
             EventKind::UpsertService(s) => {
-                self.cluster_mut(&c)
-                    .services
-                    .insert((s.namespace.clone(), s.name.clone()), s);
+                let key = (s.namespace.clone(), s.name.clone());
+                txn.touched_services.insert(key.clone());
+                self.cluster_mut(&c).services.insert(key, s);
             }
             EventKind::DeleteService { namespace, name } => {
                 if let Some(cs) = self.clusters.get_mut(&c) {
-                    cs.services.remove(&(namespace, name));
+                    let key = (namespace, name);
+                    if cs.services.remove(&key).is_some() {
+                        txn.touched_services.insert(key);
+                    }
                 }
             }
             EventKind::Synced(kind) => {
@@ -531,6 +577,7 @@ impl MeshView {
                     continue;
                 }
                 changed = true;
+                txn.all_services_touched = true;
                 if let Admission::Refused(r) = &new {
                     txn.applied.refusals.push(r.clone());
                 }
@@ -577,6 +624,7 @@ impl MeshView {
         for id in ids {
             self.delete_identity(c, id, txn);
         }
+        txn.all_services_touched = true;
         if *c == self.local.cluster {
             // The local cluster stays: this node belongs to it whatever its etcd says.
             let cs = self.cluster_mut(c);
@@ -981,6 +1029,7 @@ impl MeshView {
         cs.identity_counts.track(&old.status, false);
         if old.status == Status::Admitted {
             self.identities_out.remove(&id);
+            txn.touched_identities.push(id);
             txn.applied.policy_inputs_changed = true;
         }
     }
@@ -1021,10 +1070,12 @@ impl MeshView {
         cs.identity_counts.track(&new, true);
         if old == Status::Admitted {
             self.identities_out.remove(&id);
+            txn.touched_identities.push(id);
             txn.applied.policy_inputs_changed = true;
         }
         if new == Status::Admitted {
             self.identities_out.insert(id, stored.value.clone());
+            txn.touched_identities.push(id);
             txn.applied.policy_inputs_changed = true;
         }
         if !stored.marked {
@@ -1087,13 +1138,116 @@ impl MeshView {
                 (btree_map::Entry::Vacant(_), None) => {}
             }
         }
+        let mut identities = std::mem::take(&mut txn.touched_identities);
+        identities.sort_unstable();
+        identities.dedup();
+        for id in identities {
+            self.policy_index
+                .set_identity(id, self.identities_out.get(&id));
+        }
+        self.policy_index.flush(&mut ops);
+        let service_ops = self.refresh_services(&mut txn);
         order_ops(&mut ops);
         let mut applied = std::mem::take(&mut txn.applied);
         applied.merge(Applied {
             ops,
+            service_ops,
             ..Applied::default()
         });
         applied
+    }
+
+    /// What one service contributes, from its records in every admitted cluster (a lookup per
+    /// cluster).
+    fn service_part(&self, key: &ServiceName) -> DesiredServices {
+        let records = self.clusters.iter().filter_map(|(c, cs)| {
+            let cluster_id = self.cluster_id_of(cs).ok()?;
+            let record = cs.services.get(key)?;
+            Some(ClusterService {
+                cluster: c,
+                cluster_id,
+                record,
+            })
+        });
+        desired_services(&self.local.cluster, records)
+    }
+
+    /// Brings `services_out` up to date for the services touched in `txn` and returns the
+    /// operations, in phase order. A backend change costs its own service's frontends only.
+    fn refresh_services(&mut self, txn: &mut Txn) -> Vec<ServiceOp> {
+        let keys: BTreeSet<ServiceName> = if std::mem::take(&mut txn.all_services_touched) {
+            self.clusters
+                .values()
+                .flat_map(|cs| cs.services.keys().cloned())
+                .chain(self.service_parts.keys().cloned())
+                .collect()
+        } else {
+            std::mem::take(&mut txn.touched_services)
+        };
+        txn.touched_services.clear();
+        let mut affected = BTreeSet::new();
+        for key in keys {
+            let part = self.service_part(&key);
+            if let Some(old) = self.service_parts.remove(&key) {
+                for f in old.services.keys() {
+                    affected.insert(*f);
+                    if let Some(owners) = self.frontend_owners.get_mut(f) {
+                        owners.remove(&key);
+                        if owners.is_empty() {
+                            self.frontend_owners.remove(f);
+                        }
+                    }
+                }
+            }
+            for f in part.services.keys() {
+                affected.insert(*f);
+                self.frontend_owners
+                    .entry(*f)
+                    .or_default()
+                    .insert(key.clone());
+            }
+            if !part.services.is_empty() {
+                self.service_parts.insert(key, part);
+            }
+        }
+        let mut ops = Vec::new();
+        for frontend in affected {
+            let want = self
+                .frontend_owners
+                .get(&frontend)
+                .and_then(|owners| owners.last())
+                .and_then(|owner| self.service_parts.get(owner))
+                .map(|part| part.backends_of(&frontend));
+            let old_count = self.services_out.services.get(&frontend).copied();
+            let new_count = want.as_ref().map(|b| b.len() as u32);
+            for (slot, backend) in want.iter().flatten().enumerate() {
+                let slot = crate::services::BackendSlot {
+                    frontend,
+                    slot: slot as u32,
+                };
+                if self.services_out.backends.get(&slot) != Some(backend) {
+                    ops.push(ServiceOp::UpsertBackend {
+                        slot,
+                        backend: *backend,
+                    });
+                }
+            }
+            match (old_count, new_count) {
+                (old, Some(count)) if old != Some(count) => {
+                    ops.push(ServiceOp::UpsertService { frontend, count })
+                }
+                (Some(_), None) => ops.push(ServiceOp::DeleteService { frontend }),
+                _ => {}
+            }
+            for slot in new_count.unwrap_or(0)..old_count.unwrap_or(0) {
+                ops.push(ServiceOp::DeleteBackend {
+                    slot: crate::services::BackendSlot { frontend, slot },
+                });
+            }
+        }
+        ops.sort_by_key(ServiceOp::phase);
+        self.services_out.apply_ops(&ops);
+        ops
     }
 
     /// Reports and counts the keys whose status changed, net over the transaction, and
@@ -1248,6 +1402,32 @@ impl MeshView {
     /// of that policy (if any) stays in force: a typo must not silently open a workload.
     /// Returns whether the stored policies changed.
     pub fn apply_policy(&mut self, event: PolicyEvent) -> Result<bool, PolicyErrors> {
+        self.update_policy(event).map(|a| a.policies_changed)
+    }
+
+    /// [`MeshView::apply_policy`], with the policy map operations it implies.
+    pub fn update_policy(&mut self, event: PolicyEvent) -> Result<Applied, PolicyErrors> {
+        let (key, changed) = self.store_policy(event)?;
+        let mut applied = Applied {
+            policies_changed: changed,
+            ..Applied::default()
+        };
+        if changed {
+            self.policy_index.set_policy(
+                key.clone(),
+                self.policies.get(&key),
+                &self.identities_out,
+            );
+            self.policy_index.flush(&mut applied.ops);
+            order_ops(&mut applied.ops);
+        }
+        Ok(applied)
+    }
+
+    fn store_policy(
+        &mut self,
+        event: PolicyEvent,
+    ) -> Result<((String, String), bool), PolicyErrors> {
         match event {
             PolicyEvent::Upsert(policy) => {
                 policy.validate()?;
@@ -1256,11 +1436,13 @@ impl MeshView {
                     policy.metadata.name.clone(),
                 );
                 let changed = self.policies.get(&key) != Some(&policy);
-                self.policies.insert(key, policy);
-                Ok(changed)
+                self.policies.insert(key.clone(), policy);
+                Ok((key, changed))
             }
             PolicyEvent::Delete { namespace, name } => {
-                Ok(self.policies.remove(&(namespace, name)).is_some())
+                let key = (namespace, name);
+                let changed = self.policies.remove(&key).is_some();
+                Ok((key, changed))
             }
         }
     }
@@ -1281,15 +1463,25 @@ impl MeshView {
 
     // ---- outputs ----
 
-    /// The whole desired datapath state.
+    /// The whole desired datapath state, as maintained: a copy, for the reconciler's full
+    /// diff (start-up, after a failed write, the safety-net timer), not for every event.
     pub fn desired(&self) -> DesiredDatapath {
-        let compiled = self.compile_policy();
         DesiredDatapath {
             ipcache: self.ipcache_out.clone(),
             nodes: self.nodes_out.clone(),
-            policy: compiled.entries,
-            policy_enabled: compiled.enabled,
-            services: self.desired_services(),
+            policy: self.policy_index.compiled().entries.clone(),
+            policy_enabled: self.policy_index.compiled().enabled.clone(),
+            services: self.services_out.clone(),
+        }
+    }
+
+    /// Sizes of the maintained desired maps (for status, without copying them).
+    pub fn desired_counts(&self) -> DesiredCounts {
+        DesiredCounts {
+            ipcache: self.ipcache_out.len(),
+            nodes: self.nodes_out.len(),
+            policy: self.policy_index.compiled().entries.len(),
+            services: self.services_out.services.len(),
         }
     }
 
@@ -1437,6 +1629,31 @@ impl MeshView {
     pub fn recompute_from_scratch(
         &self,
     ) -> (BTreeMap<IpNet, IpcacheTarget>, BTreeMap<IpAddr, ClusterId>) {
+        let fresh = self.replayed();
+        (fresh.ipcache_out, fresh.nodes_out)
+    }
+
+    /// The whole desired state recomputed from what the view stores: every stored record
+    /// replayed into a new view as one batch, the policy compiled and the services computed by
+    /// the plain functions. The oracle the maintained state (and the operations emitted on the
+    /// way) is checked against.
+    pub fn desired_from_scratch(&self) -> DesiredDatapath {
+        let fresh = self.replayed();
+        let compiled = compile(
+            self.policies.values(),
+            &fresh.identities_out,
+            self.local.cluster_id,
+        );
+        DesiredDatapath {
+            services: fresh.desired_services(),
+            ipcache: fresh.ipcache_out,
+            nodes: fresh.nodes_out,
+            policy: compiled.entries,
+            policy_enabled: compiled.enabled,
+        }
+    }
+
+    fn replayed(&self) -> MeshView {
         let mut fresh = MeshView::new(self.local.clone());
         let mut events = Vec::new();
         // Accepted clusters first: they are the incumbents of their ids, the one decision
@@ -1472,9 +1689,26 @@ impl MeshView {
                     }),
                 ));
             }
+            for (id, labels) in &cs.identities {
+                events.push(ClusterEvent::new(
+                    c.clone(),
+                    EventKind::UpsertIdentity {
+                        id: *id,
+                        record: IdentityRecord {
+                            labels: labels.value.clone(),
+                        },
+                    },
+                ));
+            }
+            for s in cs.services.values() {
+                events.push(ClusterEvent::new(
+                    c.clone(),
+                    EventKind::UpsertService(s.clone()),
+                ));
+            }
         }
         fresh.apply_batch(events);
-        (fresh.ipcache_out, fresh.nodes_out)
+        fresh
     }
 }
 

@@ -111,6 +111,7 @@ fn apply_checked(view: &mut MeshView, events: Vec<ClusterEvent>) -> Applied {
     assert_eq!(applied.ops, diff(&before, &after), "ops are the exact diff");
     let mut replay = before.clone();
     replay.apply_ops(&applied.ops);
+    replay.services.apply_ops(&applied.service_ops);
     assert_eq!(replay, after);
     let (ipcache, nodes) = view.recompute_from_scratch();
     assert_eq!(
@@ -118,15 +119,16 @@ fn apply_checked(view: &mut MeshView, events: Vec<ClusterEvent>) -> Applied {
         "incremental ipcache == from scratch"
     );
     assert_eq!(nodes, after.nodes, "incremental nodes == from scratch");
+    assert_eq!(
+        applied.service_ops,
+        crate::services::diff_services(&before.services, &after.services)
+    );
     applied
 }
 
+/// Everything the view maintains for the maps.
 fn maps_of(view: &MeshView) -> DesiredDatapath {
-    DesiredDatapath {
-        ipcache: view.desired_ipcache().clone(),
-        nodes: view.desired_nodes().clone(),
-        ..DesiredDatapath::default()
-    }
+    view.desired()
 }
 
 fn target_of(view: &MeshView, prefix: &str) -> Option<IpcacheTarget> {
@@ -967,14 +969,114 @@ impl Lcg {
     }
 }
 
+/// A policy of the random streams: `app=<subject>` in `default` accepts `app=<peer>` (any
+/// cluster) on TCP `port`; the variants add an egress section whose first rule allows any
+/// peer on UDP and whose second reaches `app=<peer>` in every namespace, or a second ingress
+/// rule overlapping the first.
+fn random_policy(name: &str, subject: &str, peer: &str, port: u16, variant: u64) -> NetworkPolicy {
+    let extra = match variant {
+        0 => format!(
+            r#"
+  egress:
+    - toPorts: [ {{ ports: [ {{ port: "53", protocol: UDP }} ] }} ]
+    - toEndpoints: [ {{ matchLabels: {{ app: {peer} }}, matchExpressions: [ {{ key: meshd.io/namespace, operator: Exists }} ] }} ]"#
+        ),
+        1 => format!(
+            r#"
+    - fromEndpoints: [ {{ matchLabels: {{ app: {subject} }} }}, {{ matchLabels: {{ app: {peer} }} }} ]"#
+        ),
+        _ => String::new(),
+    };
+    NetworkPolicy::from_yaml(&format!(
+        r#"
+apiVersion: meshd.io/v1
+kind: NetworkPolicy
+metadata: {{ name: {name}, namespace: default }}
+spec:
+  endpointSelector: {{ matchLabels: {{ app: {subject} }} }}
+  ingress:
+    - fromEndpoints: [ {{ matchLabels: {{ app: {peer} }} }} ]
+      toPorts: [ {{ ports: [ {{ port: "{port}", protocol: TCP }} ] }} ]{extra}
+"#
+    ))
+    .unwrap()
+}
+
+/// A service of the random streams: one frontend (the VIP depends on the cluster, so the
+/// local record's decides) and `backends` ready backends.
+fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> EventKind {
+    use meshd_state::{Affinity, Protocol, ServiceBackend, ServiceFrontend};
+    EventKind::UpsertService(meshd_state::ServiceRecord {
+        namespace: "default".into(),
+        name: name.into(),
+        frontends: vec![ServiceFrontend {
+            ip: ip(&format!("10.96.{cluster}.{}", name.len())),
+            port: 80,
+            protocol: Protocol::Tcp,
+            port_name: "http".into(),
+        }],
+        backends: (0..backends)
+            .map(|b| ServiceBackend {
+                ip: ip(&format!("10.{cluster}.9.{b}")),
+                port: 8080,
+                protocol: Protocol::Tcp,
+                ready: b % 3 != 2,
+                port_name: "http".into(),
+            })
+            .collect(),
+        global,
+        shared: global,
+        affinity: Affinity::None,
+    })
+}
+
 #[test]
 fn random_event_streams_keep_every_invariant() {
     let clusters = [("c1", 1u32), ("c2", 2), ("c3", 3), ("c4", 4)];
+    let apps = ["x", "y", "z"];
     let mut seen = (0, 0, 0, 0);
+    let mut seen_policy_and_service_ops = (0, 0);
     for seed in 0..8u64 {
         let mut rng = Lcg(seed);
         let mut v = MeshView::new(local());
+        // The maps as a reconciler drives them: empty, then the start-up full diff, then only
+        // the operations the view emits. After every event they must equal the oracle.
+        let mut model = DesiredDatapath::default();
+        model.apply_ops(&diff(&model, &v.desired()));
+        model.services.apply_ops(&crate::services::diff_services(
+            &model.services,
+            &v.desired().services,
+        ));
+        let check_model = |model: &DesiredDatapath, v: &MeshView| {
+            assert_eq!(
+                *model,
+                v.desired_from_scratch(),
+                "ops applied == from scratch"
+            );
+        };
+        check_model(&model, &v);
         for _ in 0..60 {
+            if rng.next(4) == 0 {
+                let name = format!("p{}", rng.next(3));
+                let event = if rng.next(3) == 0 {
+                    PolicyEvent::Delete {
+                        namespace: "default".into(),
+                        name,
+                    }
+                } else {
+                    PolicyEvent::Upsert(random_policy(
+                        &name,
+                        apps[rng.next(3) as usize],
+                        apps[rng.next(3) as usize],
+                        8000 + rng.next(3) as u16,
+                        rng.next(3),
+                    ))
+                };
+                let applied = v.update_policy(event).unwrap();
+                seen_policy_and_service_ops.0 += applied.ops.len();
+                model.apply_ops(&applied.ops);
+                check_model(&model, &v);
+            }
             let mut batch = Vec::new();
             for _ in 0..1 + rng.next(30) {
                 let (c, id) = clusters[rng.next(4) as usize];
@@ -1012,10 +1114,28 @@ fn random_event_streams_keep_every_invariant() {
                         name: format!("n{n}"),
                     },
                     9 => config(c, if rng.next(6) == 0 { other } else { id }),
-                    10 => identity(
+                    10 if rng.next(2) == 0 => identity(
                         ident(ident_cluster, 256 + rng.next(50) as u16),
-                        &[("app", "x")],
+                        &[
+                            ("app", apps[rng.next(3) as usize]),
+                            (NAMESPACE_LABEL, "default"),
+                        ],
                     ),
+                    10 => match rng.next(3) {
+                        0 => EventKind::DeleteIdentity {
+                            id: ident(ident_cluster, 256 + rng.next(50) as u16),
+                        },
+                        1 => EventKind::DeleteService {
+                            namespace: "default".into(),
+                            name: format!("s{}", rng.next(3)),
+                        },
+                        _ => random_service(
+                            &format!("s{}", rng.next(3)),
+                            id,
+                            rng.next(5),
+                            rng.next(3) != 0,
+                        ),
+                    },
                     _ => {
                         if rng.next(4) == 0 {
                             EventKind::ClusterRemoved
@@ -1027,6 +1147,15 @@ fn random_event_streams_keep_every_invariant() {
                 batch.push(ClusterEvent::new(cn(c), kind));
             }
             let applied = apply_checked(&mut v, batch);
+            model.apply_ops(&applied.ops);
+            model.services.apply_ops(&applied.service_ops);
+            check_model(&model, &v);
+            seen_policy_and_service_ops.0 += applied
+                .ops
+                .iter()
+                .filter(|op| op.phase() >= 2 && op.phase() <= 5)
+                .count();
+            seen_policy_and_service_ops.1 += applied.service_ops.len();
             seen.0 += applied.rejected.len();
             seen.1 += applied.pending.len();
             seen.2 += applied.refusals.len();
@@ -1038,6 +1167,10 @@ fn random_event_streams_keep_every_invariant() {
     assert!(
         seen.0 > 50 && seen.1 > 50 && seen.2 > 5 && seen.3 > 500,
         "{seen:?}"
+    );
+    assert!(
+        seen_policy_and_service_ops.0 > 50 && seen_policy_and_service_ops.1 > 50,
+        "{seen_policy_and_service_ops:?}"
     );
 }
 

@@ -22,6 +22,7 @@
 //! state_dir: /var/lib/meshd/n1                # endpoints and IP allocations
 //! lease_ttl_secs: 15
 //! startup_sync_timeout_secs: 30               # see below
+//! resync_interval_secs: 300                   # the maps' safety-net full diff
 //! cert_expiry_warning_days: 30                # status warns of certificates expiring sooner
 //! ```
 //!
@@ -101,6 +102,9 @@ pub struct AgentArgs {
     /// not synced yet [default: 30].
     #[arg(long)]
     pub startup_sync_timeout_secs: Option<u64>,
+    /// Period, in seconds, of the safety-net diff of the maps against the view [default: 300].
+    #[arg(long)]
+    pub resync_interval_secs: Option<u64>,
     /// Prefix of endpoint network namespace names (default meshd-<cluster>-<node>-).
     #[arg(long)]
     pub endpoint_netns_prefix: Option<String>,
@@ -130,6 +134,7 @@ pub struct ConfigFile {
     pub state_dir: Option<PathBuf>,
     pub lease_ttl_secs: Option<u64>,
     pub startup_sync_timeout_secs: Option<u64>,
+    pub resync_interval_secs: Option<u64>,
     pub endpoint_netns_prefix: Option<String>,
     pub cert_expiry_warning_days: Option<u32>,
 }
@@ -165,6 +170,8 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
     /// Longest wait at start for every configured cluster to sync before the maps are driven.
     pub startup_sync_timeout: Duration,
+    /// Period of the reconciler's safety-net full diff.
+    pub resync_interval: Duration,
     /// Endpoint `NAME` lives in network namespace `<prefix><NAME>`.
     pub endpoint_netns_prefix: String,
     /// Status warns of certificates expiring within this many days.
@@ -176,6 +183,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 15;
 pub const DEFAULT_STARTUP_SYNC_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
+pub const DEFAULT_RESYNC_INTERVAL_SECS: u64 = 300;
 pub const DEFAULT_CERT_EXPIRY_WARNING_DAYS: u32 = 30;
 
 impl AgentConfig {
@@ -495,6 +503,17 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         );
     }
 
+    let resync_interval_secs = args
+        .resync_interval_secs
+        .or(file.resync_interval_secs)
+        .unwrap_or(DEFAULT_RESYNC_INTERVAL_SECS);
+    if !(1..=86_400).contains(&resync_interval_secs) {
+        problem(
+            "resync_interval_secs",
+            format!("{resync_interval_secs} out of range (1-86400)"),
+        );
+    }
+
     let endpoint_netns_prefix = args
         .endpoint_netns_prefix
         .clone()
@@ -540,6 +559,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 state_dir,
                 lease_ttl: Duration::from_secs(lease_ttl_secs),
                 startup_sync_timeout: Duration::from_secs(startup_sync_timeout_secs),
+                resync_interval: Duration::from_secs(resync_interval_secs),
                 endpoint_netns_prefix: endpoint_netns_prefix
                     .unwrap_or_else(|| format!("meshd-{cluster}-{node}-")),
                 cert_expiry_warning_days,

@@ -3,8 +3,9 @@
 //! Tasks and who owns what:
 //! - the datapath is loaded and attached here at start (maps and links pinned under
 //!   `<bpffs_dir>/<cluster>/<node>`, so forwarding goes on while the agent restarts);
-//! - [`reconciler`] owns the maps and drives them to the desired state ([`services`]: its
-//!   SERVICES/BACKENDS part);
+//! - [`reconciler`] owns the maps and drives them to the desired state with the view's own
+//!   operations (through `meshd_datapath`'s typed seam), with a full diff at start, after a
+//!   failed write and on a safety-net timer;
 //! - [`view_task`] owns the merged view (`meshd_mesh::MeshView`), fed by one [`watcher`] per
 //!   cluster (the local etcd, and each remote from [`remotes`]);
 //! - [`endpoints`] owns this node's endpoints (state file, addresses, veths, program links);
@@ -20,7 +21,6 @@ pub mod monitor;
 pub mod reconciler;
 pub mod remotes;
 pub mod server;
-pub mod services;
 pub mod store;
 pub mod view_task;
 pub mod watcher;
@@ -225,7 +225,10 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
 
     // Channels between the tasks.
     let (view_tx, view_rx) = mpsc::channel(65_536);
-    let (desired_tx, desired_rx) = watch::channel(None);
+    // Bounded: a reconciler that falls behind slows the view task down instead of queueing
+    // without limit.
+    let (datapath_tx, datapath_rx) = mpsc::channel(64);
+    let (full_request_tx, full_request_rx) = mpsc::channel(1);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
     let (policies_tx, policies_rx) = watch::channel(0usize);
     let (identities_tx, identities_rx) = watch::channel(Arc::new(view_task::IdentityLabels::new()));
@@ -236,7 +239,13 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (registry_tx, registry_rx) = watch::channel(Arc::new(remotes::Registry::new()));
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
-    tokio::spawn(reconciler.run(desired_rx, local_eps_rx, reconciled_tx));
+    tokio::spawn(reconciler.run(
+        datapath_rx,
+        full_request_tx,
+        local_eps_rx,
+        reconciled_tx,
+        config.resync_interval,
+    ));
     let (monitor, monitor_handle) = monitor::Monitor::open(&config.pin_dir())?;
     tokio::spawn(monitor.run());
 
@@ -271,7 +280,8 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 pod_cidrs: vec![config.pod_cidr.into()],
             }),
             inputs: view_rx,
-            desired: desired_tx,
+            datapath: datapath_tx,
+            full_requests: full_request_rx,
             status: view_status_tx,
             policies: policies_tx,
             identities: identities_tx,

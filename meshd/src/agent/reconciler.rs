@@ -1,32 +1,30 @@
 //! The one task that owns the eBPF maps.
 //!
-//! Inputs are two `watch` channels: the merged view's desired state (ipcache, nodes, policy) and
-//! this node's endpoints (ENDPOINTS map). `watch` keeps only the latest value, so a burst of
-//! changes is applied as one batch. Level-triggered: on start the maps are read back into an
-//! "applied" state and diffed against the desired one, so entries that are right are left
-//! untouched (no flapping across agent restarts) and stale ones removed; every later round
-//! diffs applied against desired again. A failed write leaves that entry un-applied and the
-//! round is retried after a pause; a periodic resync re-reads the maps to repair anything
-//! changed behind our back.
+//! Inputs: the view task's [`DatapathUpdate`]s, and this node's endpoints (ENDPOINTS) as a
+//! `watch` channel from the endpoint manager.
+//!
+//! Incremental: each [`DatapathUpdate::Changes`] holds the exact operations of a batch of
+//! events (the view computes them), applied as they come, so an ipcache or node event costs
+//! one map write whatever the size of the mesh. Level-triggered where it matters: a full
+//! read-back diff ([`DatapathUpdate::Full`], diffed against the maps read back through
+//! `meshd_datapath`'s typed seam) runs at start (entries that are right are left untouched, so
+//! an agent restart does not flap, and stale ones go), after any failed write, and on a slow
+//! safety-net timer. What the safety net has to fix is counted as corrections, which should
+//! stay 0: anything else means an incremental operation went missing. A failed write (map
+//! full, kernel error) is counted, shown in status and retried by the next full diff; it never
+//! stops the other writes of its batch.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use ipnet::IpNet;
-use meshd_datapath::{DatapathMaps, IpcacheEntry, LocalEndpoint, PolicyEntry};
-use meshd_ebpf::abi;
-use meshd_mesh::{
-    diff, DatapathOp, DesiredDatapath, DesiredServices, Direction, IpProto, IpcacheTarget,
-    PolicyKey, PolicyValue, Verdict,
-};
-use meshd_state::{ClusterId, NumericIdentity};
-use tokio::sync::watch;
+use meshd_datapath::{ipv4_only, DatapathError, DatapathMaps, LocalEndpoint};
+use meshd_mesh::{diff, diff_services, DatapathOp, DesiredCounts, DesiredDatapath, ServiceOp};
+use tokio::sync::{mpsc, watch};
 
-use crate::agent::{now_ms, services};
+use crate::agent::now_ms;
+use crate::agent::view_task::DatapathUpdate;
 
 /// This node's endpoints as the ENDPOINTS map should hold them, with a generation number the
 /// endpoint manager waits on ("my change is in the maps").
@@ -41,6 +39,7 @@ pub struct LocalEndpoints {
 pub struct ReconcileStatus {
     /// Highest [`LocalEndpoints::generation`] fully in the maps.
     pub endpoints_generation: u64,
+    /// Batches applied (incremental or full).
     pub rounds: u64,
     pub ops_applied: u64,
     pub last_round_ms: u64,
@@ -51,235 +50,226 @@ pub struct ReconcileStatus {
     pub endpoint_entries: usize,
     /// Service frontends in SERVICES.
     pub service_entries: usize,
+    /// Full read-back diffs run (start, after failed writes, safety net).
+    pub full_diffs: u64,
+    /// Writes the safety-net diff had to make: maps that differed from what the incremental
+    /// operations should have left. Stays 0 unless something is wrong.
+    pub corrections: u64,
+    /// Writes that failed (each retried by a full diff).
+    pub failed_writes: u64,
 }
 
+/// Pause after a failed write before the full diff retries it.
 const RETRY: Duration = Duration::from_secs(1);
-/// Rounds with at least this many writes return freed heap to the system afterwards.
+/// Batches with at least this many writes return freed heap to the system afterwards.
 const BIG_ROUND: usize = 10_000;
-const RESYNC: Duration = Duration::from_secs(60);
+
+/// Why a full diff was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FullDiff {
+    Start,
+    AfterFailure,
+    SafetyNet,
+}
 
 pub struct Reconciler {
     pin_dir: PathBuf,
     maps: DatapathMaps,
-    nodes: BpfHashMap<MapData, abi::NodeKey, abi::NodeValue>,
-    policy: BpfHashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
-    applied: DesiredDatapath,
     applied_endpoints: BTreeMap<Ipv4Addr, LocalEndpoint>,
-    /// SERVICES and BACKENDS as written (see `agent::services`).
-    applied_services: DesiredServices,
     status: ReconcileStatus,
+    /// The full diff the next [`DatapathUpdate::Full`] is for; `Start` until the first.
+    next_full: Option<FullDiff>,
+    /// A write of the view's maps failed since the last full diff.
+    dirty: bool,
+    /// An ENDPOINTS write failed: the endpoints are driven again after a pause.
+    endpoints_dirty: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error(transparent)]
-    Datapath(#[from] meshd_datapath::DatapathError),
-    #[error("map {map} pinned at {path}: {reason}")]
-    Map {
-        map: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    Datapath(#[from] DatapathError),
 }
 
-/// DatapathMaps has no listing of NODES and POLICY values (markers included), which the
-/// start-up diff needs; those two are opened here as well, read-only in spirit.
-fn open_raw<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &std::path::Path,
-    map: &'static str,
-) -> Result<BpfHashMap<MapData, K, V>, ReconcileError> {
-    let path = pin_dir.join("maps").join(map);
-    let err = |reason: String| ReconcileError::Map {
-        map,
-        path: path.clone(),
-        reason,
-    };
-    let data = MapData::from_pin(&path).map_err(|e| err(e.to_string()))?;
-    let map_ = Map::from_map_data(data).map_err(|e| err(e.to_string()))?;
-    BpfHashMap::try_from(map_).map_err(|e| err(e.to_string()))
+/// Outcome of applying a list of operations.
+#[derive(Debug, Default)]
+struct Writes {
+    applied: u64,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+impl Writes {
+    fn record(&mut self, result: Result<(), DatapathError>, what: &dyn std::fmt::Debug) {
+        match result {
+            Ok(()) => self.applied += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, op = ?what, "datapath write failed; the next full diff retries it");
+                self.failed += 1;
+                self.first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
 }
 
 impl Reconciler {
     pub fn open(pin_dir: PathBuf) -> Result<Self, ReconcileError> {
         let maps = DatapathMaps::open(&pin_dir)?;
-        let nodes = open_raw(&pin_dir, meshd_ebpf::maps::NODES)?;
-        let policy = open_raw(&pin_dir, meshd_ebpf::maps::POLICY)?;
         Ok(Self {
             pin_dir,
             maps,
-            nodes,
-            policy,
-            applied: DesiredDatapath::default(),
             applied_endpoints: BTreeMap::new(),
-            applied_services: DesiredServices::default(),
             status: ReconcileStatus::default(),
+            next_full: Some(FullDiff::Start),
+            dirty: false,
+            endpoints_dirty: false,
         })
     }
 
-    /// Reads what the maps hold into `applied`. Entries that cannot be expressed as desired
-    /// state (an invalid identity, a cluster id of 0) are deleted right away: nothing would
-    /// ever want them.
-    fn read_back(&mut self) -> Result<(), ReconcileError> {
-        let mut actual = DesiredDatapath::default();
-        for prefix in self.maps.ipcache_prefixes()? {
-            let Some(entry) = self.maps.ipcache_entry(prefix)? else {
-                continue;
-            };
-            match NumericIdentity::new(entry.identity) {
-                Ok(identity) => {
-                    actual.ipcache.insert(
-                        IpNet::V4(prefix),
-                        IpcacheTarget {
-                            identity,
-                            tunnel_endpoint: entry.tunnel_endpoint.map(IpAddr::V4),
-                            local: entry.flags & abi::IPCACHE_F_LOCAL != 0,
-                        },
-                    );
+    /// Applies operations in order. A failed write does not stop the others, except that a
+    /// service whose slot failed gets no further write in this batch (its count must not cover
+    /// a slot that is not there); the full diff puts it right.
+    fn write(&mut self, ops: &[DatapathOp], service_ops: &[ServiceOp]) -> Writes {
+        let mut w = Writes::default();
+        for op in ops {
+            w.record(self.maps.apply(op), op);
+        }
+        let mut broken = Vec::new();
+        for op in service_ops {
+            let frontend = match op {
+                ServiceOp::UpsertBackend { slot, .. } | ServiceOp::DeleteBackend { slot } => {
+                    slot.frontend
                 }
-                Err(_) => self.maps.delete_ipcache(prefix)?,
-            }
-        }
-        let nodes: Vec<(abi::NodeKey, abi::NodeValue)> =
-            self.nodes.iter().filter_map(Result::ok).collect();
-        for (k, v) in nodes {
-            let ip = abi::ip_from_be(k.addr);
-            match ClusterId::new(v.cluster_id) {
-                Ok(id) => {
-                    actual.nodes.insert(IpAddr::V4(ip), id);
-                }
-                Err(_) => self.maps.delete_node(ip)?,
-            }
-        }
-        let policy: Vec<(abi::PolicyKey, abi::PolicyValue)> =
-            self.policy.iter().filter_map(Result::ok).collect();
-        for (k, v) in policy {
-            let direction = if k.direction & !abi::POLICY_F_MARKER == abi::DIR_EGRESS {
-                Direction::Egress
-            } else {
-                Direction::Ingress
+                ServiceOp::UpsertService { frontend, .. }
+                | ServiceOp::DeleteService { frontend } => *frontend,
             };
-            let Ok(subject) = NumericIdentity::new(k.subject_identity) else {
-                let _ = self.policy.remove(&k);
-                continue;
-            };
-            if k.direction & abi::POLICY_F_MARKER != 0 {
-                actual.policy_enabled.insert((subject, direction));
+            if broken.contains(&frontend) {
+                w.failed += 1;
                 continue;
             }
-            let peer = match k.peer_identity {
-                0 => None,
-                n => match NumericIdentity::new(n) {
-                    Ok(p) => Some(p),
-                    Err(_) => {
-                        let _ = self.policy.remove(&k);
-                        continue;
-                    }
-                },
-            };
-            let proto = match k.proto {
-                0 => None,
-                n => match IpProto::from_number(n) {
-                    Some(p) => Some(p),
-                    None => {
-                        let _ = self.policy.remove(&k);
-                        continue;
-                    }
-                },
-            };
-            let verdict = match v.verdict {
-                abi::VERDICT_DENY => Verdict::Deny,
-                _ => Verdict::Allow,
-            };
-            actual.policy.insert(
-                PolicyKey {
-                    subject,
-                    peer,
-                    proto,
-                    dport: (k.dport != 0).then_some(k.dport),
-                    direction,
-                },
-                PolicyValue {
-                    verdict,
-                    cookie: v.cookie,
-                },
-            );
+            let before = w.failed;
+            w.record(self.maps.apply_service(op), op);
+            if w.failed > before {
+                broken.push(frontend);
+            }
         }
-        self.applied = actual;
-        self.applied_services = services::read_back(&mut self.maps)?;
-        // ENDPOINTS values are not read back: rewriting an identical value is an atomic
-        // replace that no packet notices, so every wanted endpoint is simply upserted again.
-        self.applied_endpoints.clear();
-        for ip in self.maps.endpoint_addrs()? {
-            self.applied_endpoints.insert(
-                ip,
-                LocalEndpoint {
-                    ifindex: 0,
-                    identity: 0,
-                    mac: [0; 6],
-                    node_mac: [0; 6],
-                },
-            );
-        }
-        Ok(())
+        w
     }
 
-    /// One round: drive the maps from `applied` to `desired`. Returns the number of failed
-    /// writes (0: the maps hold exactly the desired state).
-    fn round(&mut self, desired: Option<&DesiredDatapath>, endpoints: &LocalEndpoints) -> usize {
-        // Until the view is complete (start-up gate), what the maps hold stays as it is.
-        let ops = match desired {
-            Some(desired) => diff(&self.applied, &ipv4_only(desired)),
-            None => Vec::new(),
+    /// Reads the maps back and drives them to `desired`. Returns the writes it made.
+    fn full_diff(&mut self, desired: &DesiredDatapath, why: FullDiff) -> Writes {
+        let actual = match self.maps.read_back() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(pin_dir = %self.pin_dir.display(), error = %e, "reading the maps back failed; retrying");
+                return Writes {
+                    failed: 1,
+                    first_error: Some(e.to_string()),
+                    ..Writes::default()
+                };
+            }
         };
-        let mut failed = 0;
-        let mut first_error = None;
-        // One forward revision bump for the whole round (finish_round), not one per write.
+        let desired = ipv4_only(desired);
+        let ops = diff(&actual, &desired);
+        let service_ops = diff_services(&actual.services, &desired.services);
+        drop(actual);
+        let w = self.write(&ops, &service_ops);
+        self.status.full_diffs += 1;
+        if why == FullDiff::SafetyNet {
+            self.status.corrections += w.applied;
+            if w.applied > 0 {
+                tracing::error!(corrections = w.applied, "the safety-net diff found maps differing from the view: an incremental write went missing");
+            }
+        }
+        tracing::info!(
+            ?why,
+            writes = w.applied,
+            failed = w.failed,
+            "full diff of the maps"
+        );
+        w
+    }
+
+    /// Applies one update from the view task.
+    fn update(&mut self, update: DatapathUpdate) {
+        // One forward revision bump for the whole round (in `finish`), not one per write: two
+        // CONFIG syscalls per ipcache write would slow an initial sync by about a third.
         self.maps.defer_forward_revision();
-        for op in &ops {
-            match self.apply(op) {
-                Ok(()) => {
-                    self.applied.apply_ops(std::slice::from_ref(op));
-                    self.status.ops_applied += 1;
+        let (w, counts) = match update {
+            DatapathUpdate::Full { desired, counts } => {
+                let mut why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
+                // A write failed while the safety net's copy was on its way: this diff is the
+                // retry, and what it writes is no correction.
+                if self.dirty && why == FullDiff::SafetyNet {
+                    why = FullDiff::AfterFailure;
                 }
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(error = %e, ?op, "datapath write failed; will retry");
-                    first_error.get_or_insert(e.to_string());
-                }
+                self.dirty = false;
+                (self.full_diff(&desired, why), counts)
+            }
+            DatapathUpdate::Changes {
+                ops,
+                service_ops,
+                counts,
+            } => (self.write(&ops, &service_ops), counts),
+        };
+        self.finish(w, Some(counts));
+    }
+
+    fn finish(&mut self, mut w: Writes, counts: Option<DesiredCounts>) {
+        if let Err(e) = self.maps.flush_forward_revision() {
+            // Forwarding answers cached in conntrack may be stale until a bump goes through:
+            // the maps keep it pending, and the full diff this failure asks for retries it.
+            w.failed += 1;
+            w.first_error.get_or_insert(e.to_string());
+            self.dirty = true;
+        }
+        self.status.rounds += 1;
+        self.status.last_round_ms = now_ms();
+        self.status.ops_applied += w.applied;
+        self.status.failed_writes += w.failed;
+        if let Some(c) = counts {
+            self.status.ipcache_entries = c.ipcache;
+            self.status.node_entries = c.nodes;
+            self.status.policy_entries = c.policy;
+            self.status.service_entries = c.services;
+        }
+        self.status.endpoint_entries = self.applied_endpoints.len();
+        if w.failed > 0 {
+            // Only the view's maps are retried by a full diff; ENDPOINTS by `endpoints`.
+            self.dirty |= counts.is_some();
+            self.status.last_error = w.first_error;
+        } else if !self.dirty {
+            self.status.last_error = None;
+        }
+        if w.applied >= BIG_ROUND as u64 {
+            // A big batch (an initial sync) leaves freed snapshots and op lists behind; glibc
+            // keeps such memory mapped unless asked, which shows as resident memory for good.
+            // SAFETY: malloc_trim only releases free heap memory.
+            unsafe {
+                libc::malloc_trim(0);
             }
         }
-        if let Some(desired) = desired {
-            let round = services::reconcile(
-                &mut self.maps,
-                &mut self.applied_services,
-                &desired.services,
-            );
-            self.status.ops_applied += round.applied;
-            failed += round.failed;
-            if let Some(e) = round.first_error {
-                first_error.get_or_insert(e);
-            }
-        }
+    }
+
+    /// Drives ENDPOINTS to `endpoints` (this node's, a few hundred at most, so a diff).
+    fn endpoints(&mut self, endpoints: &LocalEndpoints) {
         // Generation 0: the endpoint manager has not recovered this node's endpoints yet (agent
         // start); what the map holds stays until it has, or a restart would cut local traffic.
         if endpoints.generation == 0 {
-            return self.finish_round(failed, first_error, &ops, endpoints);
+            return;
         }
-        // Endpoints: add and change first, then remove (the order of the other maps too).
+        self.maps.defer_forward_revision();
+        let mut w = Writes::default();
+        // Add and change first, then remove (the order of the other maps too).
         for (ip, ep) in &endpoints.endpoints {
             if self.applied_endpoints.get(ip) == Some(ep) {
                 continue;
             }
-            match self.maps.upsert_endpoint(*ip, *ep) {
-                Ok(()) => {
-                    self.applied_endpoints.insert(*ip, *ep);
-                    self.status.ops_applied += 1;
-                }
-                Err(e) => {
-                    failed += 1;
-                    first_error.get_or_insert(e.to_string());
-                }
+            let result = self.maps.upsert_endpoint(*ip, *ep);
+            if result.is_ok() {
+                self.applied_endpoints.insert(*ip, *ep);
             }
+            w.record(result, ip);
         }
         let stale: Vec<Ipv4Addr> = self
             .applied_endpoints
@@ -288,198 +278,118 @@ impl Reconciler {
             .copied()
             .collect();
         for ip in stale {
-            match self.maps.delete_endpoint(ip) {
-                Ok(()) => {
-                    self.applied_endpoints.remove(&ip);
-                    self.status.ops_applied += 1;
-                }
-                Err(e) => {
-                    failed += 1;
-                    first_error.get_or_insert(e.to_string());
-                }
+            let result = self.maps.delete_endpoint(ip);
+            if result.is_ok() {
+                self.applied_endpoints.remove(&ip);
             }
+            w.record(result, &ip);
         }
-        self.finish_round(failed, first_error, &ops, endpoints)
-    }
-
-    fn finish_round(
-        &mut self,
-        mut failed: usize,
-        mut first_error: Option<String>,
-        ops: &[DatapathOp],
-        endpoints: &LocalEndpoints,
-    ) -> usize {
-        if let Err(e) = self.maps.flush_forward_revision() {
-            // Cached forwarding answers may be stale until a round bumps it: retry soon.
-            failed += 1;
-            first_error.get_or_insert(e.to_string());
-        }
-        self.status.rounds += 1;
-        self.status.last_round_ms = now_ms();
-        self.status.ipcache_entries = self.applied.ipcache.len();
-        self.status.node_entries = self.applied.nodes.len();
-        self.status.policy_entries = self.applied.policy.len();
-        self.status.endpoint_entries = self.applied_endpoints.len();
-        self.status.service_entries = self.applied_services.services.len();
-        if failed == 0 {
+        if w.failed == 0 {
             self.status.endpoints_generation = endpoints.generation;
-            self.status.last_error = None;
-        } else {
-            self.status.last_error = first_error;
         }
-        if !ops.is_empty() {
-            tracing::debug!(ops = ops.len(), failed, "reconciled datapath");
-        }
-
-        failed
+        // ENDPOINTS is retried from `applied_endpoints` (what is known written), not by the
+        // full diff of the view's maps.
+        self.endpoints_dirty = w.failed > 0;
+        self.finish(w, None);
     }
 
-    fn apply(&mut self, op: &DatapathOp) -> Result<(), meshd_datapath::DatapathError> {
-        match *op {
-            DatapathOp::UpsertNode { ip, cluster_id } => match ip {
-                IpAddr::V4(ip) => self.maps.upsert_node(ip, cluster_id.get()),
-                IpAddr::V6(_) => Ok(()),
-            },
-            DatapathOp::DeleteNode { ip } => match ip {
-                IpAddr::V4(ip) => self.maps.delete_node(ip),
-                IpAddr::V6(_) => Ok(()),
-            },
-            DatapathOp::UpsertIpcache { prefix, target } => {
-                match (prefix, target.tunnel_endpoint) {
-                    (IpNet::V4(prefix), None | Some(IpAddr::V4(_))) => self.maps.upsert_ipcache(
-                        prefix,
-                        IpcacheEntry {
-                            identity: target.identity.get(),
-                            tunnel_endpoint: match target.tunnel_endpoint {
-                                Some(IpAddr::V4(ip)) => Some(ip),
-                                _ => None,
+    /// What ENDPOINTS holds: values are not read back, since rewriting an identical value is
+    /// an atomic replace no packet notices, so every wanted endpoint is simply upserted again.
+    fn read_back_endpoints(&mut self) {
+        match self.maps.endpoint_addrs() {
+            Ok(addrs) => {
+                self.applied_endpoints = addrs
+                    .into_iter()
+                    .map(|ip| {
+                        (
+                            ip,
+                            LocalEndpoint {
+                                ifindex: 0,
+                                identity: 0,
+                                mac: [0; 6],
+                                node_mac: [0; 6],
                             },
-                            flags: if target.local {
-                                abi::IPCACHE_F_LOCAL
-                            } else {
-                                0
-                            },
-                        },
-                    ),
-                    _ => Ok(()),
-                }
+                        )
+                    })
+                    .collect();
             }
-            DatapathOp::DeleteIpcache { prefix } => match prefix {
-                IpNet::V4(prefix) => self.maps.delete_ipcache(prefix),
-                IpNet::V6(_) => Ok(()),
-            },
-            DatapathOp::UpsertPolicy { key, value } => self.maps.upsert_policy(
-                policy_entry(&key),
-                match value.verdict {
-                    Verdict::Allow => meshd_datapath::Verdict::Allow,
-                    Verdict::Deny => meshd_datapath::Verdict::Deny,
-                },
-                value.cookie,
-            ),
-            DatapathOp::DeletePolicy { key } => self.maps.delete_policy(policy_entry(&key)),
-            DatapathOp::EnablePolicy { subject, direction } => {
-                self.maps
-                    .set_policy_enabled(subject.get(), dp_direction(direction), true)
-            }
-            DatapathOp::DisablePolicy { subject, direction } => {
-                self.maps
-                    .set_policy_enabled(subject.get(), dp_direction(direction), false)
+            Err(e) => {
+                tracing::error!(pin_dir = %self.pin_dir.display(), error = %e, "reading ENDPOINTS back failed; assuming it is empty");
             }
         }
     }
 
-    /// Runs until both inputs are closed (the agent is shutting down).
+    /// Runs until the view task and the endpoint manager are gone (the agent is shutting down).
     pub async fn run(
         mut self,
-        mut desired: watch::Receiver<Option<Arc<DesiredDatapath>>>,
-        mut endpoints: watch::Receiver<Arc<LocalEndpoints>>,
+        mut updates: mpsc::Receiver<DatapathUpdate>,
+        full_requests: mpsc::Sender<()>,
+        mut endpoints: watch::Receiver<std::sync::Arc<LocalEndpoints>>,
         status: watch::Sender<ReconcileStatus>,
+        // The safety net's period (`resync_interval_secs`, 300 s by default): reading 500k
+        // entries back takes a second or more of syscalls, during which nothing else is
+        // applied, so it is a backstop, not a path.
+        resync: Duration,
     ) {
-        if let Err(e) = self.read_back() {
-            tracing::error!(pin_dir = %self.pin_dir.display(), error = %e, "reading the pinned maps back failed; assuming they are empty");
-        } else {
-            tracing::info!(
-                ipcache = self.applied.ipcache.len(),
-                nodes = self.applied.nodes.len(),
-                policy = self.applied.policy.len(),
-                endpoints = self.applied_endpoints.len(),
-                "read back pinned maps"
-            );
-        }
-        let mut resync = tokio::time::interval(RESYNC);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        resync.tick().await;
+        self.read_back_endpoints();
+        self.status.endpoint_entries = self.applied_endpoints.len();
+        let mut safety_net = tokio::time::interval(resync);
+        safety_net.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        safety_net.tick().await;
         loop {
-            let d = desired.borrow_and_update().clone();
-            let e = endpoints.borrow_and_update().clone();
-            let before = self.status.ops_applied;
-            let failed = self.round(d.as_deref(), &e);
-            if self.status.ops_applied - before >= BIG_ROUND as u64 {
-                // A big round (an initial sync) leaves freed snapshots and op lists behind;
-                // glibc keeps such memory mapped unless asked, which shows as resident memory
-                // for good. SAFETY: malloc_trim only releases free heap memory.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
-            }
             status.send_replace(self.status.clone());
             let retry = async {
-                if failed > 0 {
+                if self.endpoints_dirty || (self.dirty && self.next_full.is_none()) {
                     tokio::time::sleep(RETRY).await
                 } else {
                     std::future::pending().await
                 }
             };
             tokio::select! {
-                r = desired.changed() => if r.is_err() { return },
-                r = endpoints.changed() => if r.is_err() { return },
-                _ = retry => {}
-                _ = resync.tick() => {
-                    if let Err(e) = self.read_back() {
-                        tracing::warn!(error = %e, "periodic read-back of the maps failed");
+                u = updates.recv() => match u {
+                    Some(u) => self.update(u),
+                    None => return,
+                },
+                r = endpoints.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let e = endpoints.borrow_and_update().clone();
+                    self.endpoints(&e);
+                }
+                _ = retry => {
+                    if self.endpoints_dirty {
+                        let e = endpoints.borrow().clone();
+                        self.endpoints(&e);
+                    }
+                    if self.dirty {
+                        self.ask_full(&full_requests, FullDiff::AfterFailure);
+                    }
+                }
+                _ = safety_net.tick() => {
+                    if self.next_full.is_none() {
+                        self.ask_full(&full_requests, FullDiff::SafetyNet);
                     }
                 }
             }
         }
     }
-}
 
-fn dp_direction(d: Direction) -> meshd_datapath::Direction {
-    match d {
-        Direction::Ingress => meshd_datapath::Direction::Ingress,
-        Direction::Egress => meshd_datapath::Direction::Egress,
+    fn ask_full(&mut self, requests: &mpsc::Sender<()>, why: FullDiff) {
+        // One request at a time: the view task answers each with one full copy.
+        if requests.try_send(()).is_ok() {
+            self.next_full = Some(why);
+        }
     }
-}
-
-fn policy_entry(key: &PolicyKey) -> PolicyEntry {
-    PolicyEntry {
-        subject: key.subject.get(),
-        peer: key.peer.map(NumericIdentity::get),
-        proto: key.proto.map(IpProto::number),
-        dport: key.dport,
-        direction: dp_direction(key.direction),
-    }
-}
-
-/// The datapath is IPv4 only for now: IPv6 prefixes and nodes stay in the view, not the maps.
-pub fn ipv4_only(d: &DesiredDatapath) -> std::borrow::Cow<'_, DesiredDatapath> {
-    let v6 = d.ipcache.iter().any(|(p, t)| {
-        matches!(p, IpNet::V6(_)) || matches!(t.tunnel_endpoint, Some(IpAddr::V6(_)))
-    }) || d.nodes.keys().any(IpAddr::is_ipv6);
-    // Without IPv6 (the common case) no copy: at 100k entries a copy per round is megabytes.
-    if !v6 {
-        return std::borrow::Cow::Borrowed(d);
-    }
-    let mut out = d.clone();
-    out.ipcache.retain(|p, t| {
-        matches!(p, IpNet::V4(_)) && !matches!(t.tunnel_endpoint, Some(IpAddr::V6(_)))
-    });
-    out.nodes.retain(|ip, _| ip.is_ipv4());
-    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
+    use meshd_mesh::{Direction, IpProto, IpcacheTarget, PolicyKey, PolicyValue, Verdict};
+    use meshd_state::{ClusterId, NumericIdentity};
+
     use super::*;
 
     fn id(n: u32) -> NumericIdentity {
@@ -494,28 +404,41 @@ mod tests {
         }
     }
 
-    /// Real pinned maps: start-up reconciliation removes what is not wanted, adds what is
-    /// missing and rewrites nothing that is right; a second round does nothing; ENDPOINTS is
-    /// left alone until the endpoint manager has spoken (generation > 0).
+    fn full(desired: &DesiredDatapath) -> DatapathUpdate {
+        DatapathUpdate::Full {
+            desired: Box::new(desired.clone()),
+            counts: DesiredCounts::default(),
+        }
+    }
+
+    fn scratch(
+        name: &str,
+    ) -> Option<(
+        meshd_datapath::bpffs::ScratchPinDir,
+        meshd_datapath::Datapath,
+    )> {
+        if !(meshd_testing::require_root() && meshd_testing::require_bpffs()) {
+            return None;
+        }
+        let pin =
+            meshd_datapath::bpffs::ScratchPinDir::new(std::path::Path::new("/sys/fs/bpf"), name)
+                .unwrap();
+        let datapath = meshd_datapath::Datapath::load(pin.path()).unwrap();
+        Some((pin, datapath))
+    }
+
+    /// Real pinned maps: the start-up full diff removes what is not wanted, adds what is
+    /// missing and rewrites nothing that is right; a second full diff does nothing; ENDPOINTS
+    /// is left alone until the endpoint manager has spoken (generation > 0).
     #[test]
     fn start_up_reconciliation_against_pinned_maps() {
-        if !(meshd_testing::require_root() && meshd_testing::require_bpffs()) {
+        let Some((pin, _datapath)) = scratch("meshd-agent-reconciler") else {
             return;
-        }
-        let pin = meshd_datapath::bpffs::ScratchPinDir::new(
-            std::path::Path::new("/sys/fs/bpf"),
-            "meshd-agent-reconciler",
-        )
-        .unwrap();
-        let _datapath = meshd_datapath::Datapath::load(pin.path()).unwrap();
+        };
         let c2 = (2 << 16) | 300;
         {
             let mut maps = DatapathMaps::open(pin.path()).unwrap();
-            let e = |host: [u8; 4]| IpcacheEntry {
-                identity: c2,
-                tunnel_endpoint: Some(Ipv4Addr::from(host)),
-                flags: 0,
-            };
+            let e = |host: [u8; 4]| remote(c2, host);
             maps.upsert_ipcache("10.2.0.5/32".parse().unwrap(), e([192, 168, 0, 2]))
                 .unwrap();
             maps.upsert_ipcache("10.2.0.6/32".parse().unwrap(), e([192, 168, 0, 2]))
@@ -545,13 +468,19 @@ mod tests {
             .insert([192, 168, 0, 2].into(), ClusterId::new(2).unwrap());
 
         let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
-        r.read_back().unwrap();
-        assert_eq!(r.applied.ipcache.len(), 2);
-        assert_eq!(r.applied.nodes.len(), 2);
+        let actual = r.maps.read_back().unwrap();
+        assert_eq!(actual.ipcache.len(), 2);
+        assert_eq!(actual.nodes.len(), 2);
         let not_yet = LocalEndpoints::default();
-        assert_eq!(r.round(Some(&desired), &not_yet), 0);
+        r.update(full(&desired));
+        r.endpoints(&not_yet);
+        assert_eq!(r.status.failed_writes, 0);
         // Delete 10.2.0.6, add 10.2.0.7, delete node .3: nothing else was written.
         assert_eq!(r.status.ops_applied, 3);
+        assert_eq!(
+            r.status.corrections, 0,
+            "the start-up diff is no correction"
+        );
         let maps = DatapathMaps::open(pin.path()).unwrap();
         let mut prefixes = maps.ipcache_prefixes().unwrap();
         prefixes.sort();
@@ -568,7 +497,8 @@ mod tests {
             "ENDPOINTS touched too early"
         );
 
-        assert_eq!(r.round(Some(&desired), &not_yet), 0);
+        r.update(full(&desired));
+        assert_eq!(r.status.failed_writes, 0);
         assert_eq!(
             r.status.ops_applied, 3,
             "a second round must change nothing"
@@ -579,13 +509,106 @@ mod tests {
             generation: 1,
             endpoints: BTreeMap::new(),
         };
-        assert_eq!(r.round(Some(&desired), &recovered), 0);
+        r.read_back_endpoints();
+        r.endpoints(&recovered);
+        assert_eq!(r.status.failed_writes, 0);
         assert!(maps.endpoint_addrs().unwrap().is_empty());
         assert_eq!(r.status.endpoints_generation, 1);
 
-        // Before the view is complete (None), the maps are left as they are.
-        assert_eq!(r.round(None, &recovered), 0);
+        // Until the view is complete nothing comes from the view task (its start-up gate); an
+        // empty batch leaves the maps as they are.
+        r.update(DatapathUpdate::Changes {
+            ops: Vec::new(),
+            service_ops: Vec::new(),
+            counts: DesiredCounts::default(),
+        });
+        assert_eq!(r.status.failed_writes, 0);
         assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
+    }
+
+    /// A write that fails is counted and shown, does not stop the rest of its batch, and is
+    /// retried by the next full diff; the safety net counts what it had to correct.
+    #[test]
+    fn a_failed_write_is_counted_and_does_not_stop_the_batch() {
+        let Some((pin, _datapath)) = scratch("meshd-agent-reconciler-fail") else {
+            return;
+        };
+        let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
+        let c2 = (2 << 16) | 300;
+        let a: ipnet::IpNet = "10.2.0.5/32".parse().unwrap();
+        let b: ipnet::IpNet = "10.2.0.6/32".parse().unwrap();
+        // A port without a protocol: the datapath refuses to encode it.
+        let bad = PolicyKey {
+            subject: id((1 << 16) | 300),
+            peer: None,
+            proto: None,
+            dport: Some(80),
+            direction: Direction::Ingress,
+        };
+        let good = PolicyKey {
+            proto: Some(IpProto::Tcp),
+            ..bad
+        };
+        let allow = PolicyValue {
+            verdict: Verdict::Allow,
+            cookie: 1,
+        };
+        r.update(full(&DesiredDatapath::default()));
+        r.update(DatapathUpdate::Changes {
+            ops: vec![
+                DatapathOp::UpsertIpcache {
+                    prefix: a,
+                    target: remote(c2, [192, 168, 0, 2]),
+                },
+                DatapathOp::UpsertPolicy {
+                    key: bad,
+                    value: allow,
+                },
+                DatapathOp::UpsertIpcache {
+                    prefix: b,
+                    target: remote(c2, [192, 168, 0, 2]),
+                },
+            ],
+            service_ops: Vec::new(),
+            counts: DesiredCounts::default(),
+        });
+        assert_eq!(r.status.failed_writes, 1);
+        assert!(r
+            .status
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("needs a protocol"));
+        assert!(r.dirty, "a full diff is due");
+        let maps = DatapathMaps::open(pin.path()).unwrap();
+        assert_eq!(
+            maps.ipcache_prefixes().unwrap().len(),
+            2,
+            "the rest was written"
+        );
+
+        // The view meanwhile holds the valid rule: the full diff after the failure writes it
+        // and clears the error.
+        r.next_full = Some(FullDiff::AfterFailure);
+        let mut desired = DesiredDatapath::default();
+        desired.ipcache.insert(a, remote(c2, [192, 168, 0, 2]));
+        desired.ipcache.insert(b, remote(c2, [192, 168, 0, 2]));
+        desired.policy.insert(good, allow);
+        r.update(full(&desired));
+        assert_eq!(r.status.failed_writes, 1);
+        assert!(!r.dirty);
+        assert_eq!(r.status.last_error, None);
+        assert_eq!(r.status.corrections, 0);
+        assert_eq!(maps.policy_entries().unwrap().len(), 1);
+
+        // Something changed behind the agent's back: the safety net puts it right and counts.
+        let mut raw = DatapathMaps::open(pin.path()).unwrap();
+        raw.delete_ipcache("10.2.0.5/32".parse().unwrap()).unwrap();
+        r.next_full = Some(FullDiff::SafetyNet);
+        r.update(full(&desired));
+        assert_eq!(r.status.corrections, 1);
+        assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
+        assert_eq!(r.status.full_diffs, 3);
     }
 
     #[test]

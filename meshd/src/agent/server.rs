@@ -234,6 +234,10 @@ impl meshd_api::Agent for AgentService {
                 last_reconcile_ms: r.last_round_ms,
                 last_error: r.last_error.unwrap_or_default(),
                 counters: self.monitor.counters().await.iter().map(counter).collect(),
+                full_diffs: r.full_diffs,
+                corrections: r.corrections,
+                failed_writes: r.failed_writes,
+                service_entries: r.service_entries as u64,
             }),
             certificates: self.certificates(),
         }))

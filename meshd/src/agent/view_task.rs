@@ -1,17 +1,21 @@
 //! The single writer of the merged view: applies watcher events to `meshd_mesh::MeshView` and
-//! publishes snapshots (desired datapath state for the reconciler, cluster status for the API).
+//! hands the reconciler what each batch changed (the view's own operations, so one event costs
+//! O(1) map writes however big the mesh is), and publishes cluster status for the API.
 //!
 //! Start-up gate: the reconciler must not act on a view that has not heard from every cluster
 //! yet, or an agent restart would delete every remote entry from the maps and re-add it a
-//! moment later. So no desired state is published until the local cluster and every remote
+//! moment later. So nothing goes to the reconciler until the local cluster and every remote
 //! configured at start are ready (their sync canaries seen), or until `gate_timeout` passes
-//! (a remote that is down at start must not block the node forever).
+//! (a remote that is down at start must not block the node forever). Then the whole desired
+//! state goes once, for the full diff against the pinned maps; after that only changes, and a
+//! whole copy again whenever the reconciler asks for one (after a failed write, and on its
+//! safety-net timer).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshd_mesh::{ClusterStatus, DesiredDatapath, MeshView};
+use meshd_mesh::{ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, MeshView, ServiceOp};
 use meshd_state::ClusterName;
 use tokio::sync::{mpsc, watch};
 
@@ -20,15 +24,33 @@ use crate::agent::watcher::ViewInput;
 /// Identity number -> its labels, rendered canonically.
 pub type IdentityLabels = BTreeMap<u32, String>;
 
-/// Most inputs applied before a snapshot is published: bounds the latency of a huge burst
-/// (an initial sync of 100k entries) without publishing per event.
+/// Most inputs applied before their changes are handed on: bounds the latency of a huge burst
+/// (an initial sync of 100k entries) without a message per event.
 const BATCH: usize = 4096;
+
+/// What the view task hands the reconciler, in order.
+#[derive(Debug)]
+pub enum DatapathUpdate {
+    /// Everything the maps should hold: diff it against the maps read back.
+    Full {
+        desired: Box<DesiredDatapath>,
+        counts: DesiredCounts,
+    },
+    /// The net change of one batch of events, to apply as it is on top of what came before.
+    Changes {
+        ops: Vec<DatapathOp>,
+        service_ops: Vec<ServiceOp>,
+        counts: DesiredCounts,
+    },
+}
 
 pub struct ViewTask {
     pub view: MeshView,
     pub inputs: mpsc::Receiver<ViewInput>,
-    /// `None` until the start-up gate opens.
-    pub desired: watch::Sender<Option<Arc<DesiredDatapath>>>,
+    /// To the reconciler; nothing until the start-up gate opens.
+    pub datapath: mpsc::Sender<DatapathUpdate>,
+    /// The reconciler asking for a [`DatapathUpdate::Full`].
+    pub full_requests: mpsc::Receiver<()>,
     pub status: watch::Sender<Arc<Vec<ClusterStatus>>>,
     /// Number of local policies in force.
     pub policies: watch::Sender<usize>,
@@ -40,13 +62,29 @@ pub struct ViewTask {
     pub gate_timeout: Duration,
 }
 
+/// What a batch changed, accumulated until it is handed on.
+#[derive(Default)]
+struct Pending {
+    ops: Vec<DatapathOp>,
+    service_ops: Vec<ServiceOp>,
+    identities_changed: bool,
+}
+
 impl ViewTask {
     pub async fn run(mut self) {
         let deadline = tokio::time::Instant::now() + self.gate_timeout;
         let mut gate_open = false;
         loop {
             let first = if gate_open {
-                self.inputs.recv().await
+                tokio::select! {
+                    i = self.inputs.recv() => i,
+                    r = self.full_requests.recv() => {
+                        if r.is_some() && !self.send_full().await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
             } else {
                 tokio::select! {
                     i = self.inputs.recv() => i,
@@ -54,28 +92,55 @@ impl ViewTask {
                         let waiting: Vec<String> = self.unready().iter().map(|c| c.to_string()).collect();
                         tracing::warn!(?waiting, "start-up sync not complete in time; reconciling with what is known");
                         gate_open = true;
-                        self.publish(true);
+                        self.publish_status();
+                        if !self.send_full().await {
+                            return;
+                        }
                         continue;
                     }
                 }
             };
             let Some(first) = first else { return };
-            let mut policy_changed = self.apply(first);
+            let mut pending = Pending::default();
+            self.apply(first, &mut pending);
             for _ in 0..BATCH {
                 match self.inputs.try_recv() {
-                    Ok(i) => policy_changed |= self.apply(i),
+                    Ok(i) => self.apply(i, &mut pending),
                     Err(_) => break,
                 }
             }
-            if policy_changed {
+            if pending.identities_changed {
                 self.publish_identities();
             }
-            if !gate_open && self.unready().is_empty() {
+            self.publish_status();
+            let opening = !gate_open && self.unready().is_empty();
+            if opening {
                 tracing::info!("initial sync of every cluster complete");
                 gate_open = true;
+                if !self.send_full().await {
+                    return;
+                }
+            } else if gate_open && !(pending.ops.is_empty() && pending.service_ops.is_empty()) {
+                let update = DatapathUpdate::Changes {
+                    ops: pending.ops,
+                    service_ops: pending.service_ops,
+                    counts: self.view.desired_counts(),
+                };
+                if self.datapath.send(update).await.is_err() {
+                    return;
+                }
             }
-            self.publish(gate_open);
         }
+    }
+
+    /// Hands the reconciler the whole desired state (a copy: at start, after a failed write
+    /// and on the safety-net timer, never per event). False once the reconciler is gone.
+    async fn send_full(&mut self) -> bool {
+        let update = DatapathUpdate::Full {
+            desired: Box::new(self.view.desired()),
+            counts: self.view.desired_counts(),
+        };
+        self.datapath.send(update).await.is_ok()
     }
 
     fn unready(&self) -> Vec<ClusterName> {
@@ -86,8 +151,8 @@ impl ViewTask {
             .collect()
     }
 
-    fn apply(&mut self, input: ViewInput) -> bool {
-        match input {
+    fn apply(&mut self, input: ViewInput, pending: &mut Pending) {
+        let applied = match input {
             ViewInput::Cluster(event) => {
                 let cluster = event.cluster.clone();
                 let applied = self.view.apply(event);
@@ -97,16 +162,22 @@ impl ViewTask {
                 for r in &applied.refusals {
                     tracing::error!(%cluster, refusal = %r, "cluster refused");
                 }
-                applied.policy_inputs_changed
+                applied
             }
-            ViewInput::Policy(event) => match self.view.apply_policy(event) {
-                Ok(changed) => changed,
+            ViewInput::Policy(event) => match self.view.update_policy(event) {
+                Ok(applied) => applied,
                 Err(e) => {
                     tracing::warn!(error = %e, "policy refused; the previous version stays in force");
-                    false
+                    return;
                 }
             },
-        }
+        };
+        pending.identities_changed |= applied.policy_inputs_changed;
+        // Each event's operations are in safe order and are applied in arrival order: the
+        // concatenation is a valid sequence (no re-sorting across events, which could put a
+        // delete of one event before the upsert of an earlier one for the same key).
+        pending.ops.extend(applied.ops);
+        pending.service_ops.extend(applied.service_ops);
     }
 
     fn publish_identities(&self) {
@@ -119,11 +190,7 @@ impl ViewTask {
         self.identities.send_replace(Arc::new(labels));
     }
 
-    fn publish(&self, gate_open: bool) {
-        if gate_open {
-            self.desired
-                .send_replace(Some(Arc::new(self.view.desired())));
-        }
+    fn publish_status(&self) {
         self.status.send_replace(Arc::new(self.view.status()));
         self.policies.send_replace(self.view.policies().count());
     }

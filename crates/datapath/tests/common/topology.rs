@@ -2,6 +2,8 @@
 //! underlay veth to a shared bridge, a VXLAN device in external mode with from_overlay, and
 //! endpoints (namespace + veth, MTU = underlay - 50) with from_endpoint.
 
+use meshd_state::NumericIdentity;
+use std::net::IpAddr;
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -15,7 +17,7 @@ use meshd_datapath::{
     bpffs::ScratchPinDir,
     netns::run_in,
     plumbing::{self, EndpointSpec},
-    Datapath, DatapathMaps, IpcacheEntry, LocalEndpoint, NodeConfig,
+    Datapath, DatapathMaps, IpcacheTarget, LocalEndpoint, NodeConfig,
 };
 use meshd_testing::netns::{Netns, Underlay};
 
@@ -142,10 +144,10 @@ impl Topology {
                 for (ip, identity) in eps {
                     node.maps.upsert_ipcache(
                         Ipv4Net::new(*ip, 32)?,
-                        IpcacheEntry {
-                            identity: *identity,
-                            tunnel_endpoint: Some(*node_ip),
-                            flags: 0,
+                        IpcacheTarget {
+                            identity: NumericIdentity::new(*identity).unwrap(),
+                            tunnel_endpoint: Some(IpAddr::from(*node_ip)),
+                            local: false,
                         },
                     )?;
                 }

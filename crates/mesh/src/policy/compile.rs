@@ -32,7 +32,7 @@ pub fn rule_cookie(namespace: &str, name: &str, direction: Direction, index: usi
     h.max(1)
 }
 
-fn namespace_of(labels: &Labels) -> &str {
+pub(super) fn namespace_of(labels: &Labels) -> &str {
     labels.get(NAMESPACE_LABEL).unwrap_or(DEFAULT_NAMESPACE)
 }
 
@@ -43,7 +43,7 @@ struct Rule<'a> {
 }
 
 /// Protocol and port pairs a rule allows; `(None, None)` is everything.
-fn expand_ports(rules: Option<&[PortRule]>) -> Vec<(Option<IpProto>, Option<u16>)> {
+pub(super) fn expand_ports(rules: Option<&[PortRule]>) -> Vec<(Option<IpProto>, Option<u16>)> {
     let Some(rules) = rules else {
         return vec![(None, None)];
     };

@@ -38,6 +38,7 @@
 //! * The datapath is stateful: replies of allowed connections pass without a policy entry.
 
 mod compile;
+mod index;
 mod selector;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,7 @@ use meshd_state::{check_dns_label, check_dns_subdomain, Labels};
 use serde::{Deserialize, Serialize};
 
 pub use compile::{compile, rule_cookie, CompiledPolicy, BUILTIN_COOKIE};
+pub use index::PolicyIndex;
 pub use selector::{EndpointSelector, Operator, SelectorRequirement};
 
 pub const API_VERSION: &str = "meshd.io/v1";
