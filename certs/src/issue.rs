@@ -10,7 +10,10 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::inspect::CertInfo;
-use crate::pem_files::{read, read_certs, write_all_atomic, write_atomic, CERT_MODE, KEY_MODE};
+use crate::pem_files::{
+    certs_from_pem as read_certs_pem, read, read_certs, write_all_atomic, write_atomic, CERT_MODE,
+    KEY_MODE,
+};
 use crate::principal::Principal;
 use crate::validate::check_validity;
 use crate::{CertError, CA_CERT_FILE, CA_KEY_FILE};
@@ -281,19 +284,24 @@ impl MeshCa {
     }
 
     /// Copies the CA certificate into an issue directory as `ca.pem`, so the directory holds a
-    /// complete `TlsFiles` triple per leaf. An existing `ca.pem` of another CA is an error unless
-    /// `overwrite`: the certificates next to it were issued by that other CA.
+    /// complete `TlsFiles` triple per leaf. An existing `ca.pem` that already trusts this CA is
+    /// kept as it is, also when it is a bundle of several CAs (during a CA rotation, see
+    /// `TrustBundle`). One that does not is an error unless `overwrite`: the certificates next
+    /// to it were issued by another CA.
     pub fn write_ca_copy(&self, dir: &Path, overwrite: bool) -> Result<PathBuf, CertError> {
         let path = dir.join(CA_CERT_FILE);
-        if let Ok(existing) = std::fs::read_to_string(&path) {
-            if existing.trim() == self.cert_pem.trim() {
-                return Ok(path);
+        if path.exists() {
+            if let Ok(existing) = read_certs("CA", &path) {
+                let mine = read_certs_pem("CA", &path, self.cert_pem.as_bytes())?;
+                if existing.iter().any(|c| mine.contains(c)) {
+                    return Ok(path);
+                }
             }
             if !overwrite {
                 return Err(CertError::Invalid {
                     what: "CA",
                     path,
-                    reason: "holds a different CA than the one issuing now; certificates in this directory were issued by it (pass --force to replace it)".into(),
+                    reason: "holds a different CA than the one issuing now; certificates in this directory were issued by it (pass --force to replace it, or `meshd certs ca trust --add` to trust both while rotating the CA)".into(),
                 });
             }
         }

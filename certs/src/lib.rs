@@ -20,6 +20,7 @@ mod issue;
 mod pem_files;
 mod principal;
 mod tls_files;
+mod trust;
 mod validate;
 
 pub use error::CertError;
@@ -29,6 +30,7 @@ pub use issue::{IssuedLeaf, LeafKind, LeafRequest, MeshCa, ORGANIZATION};
 pub use pem_files::{read_certs, read_key, write_all_atomic, write_atomic, CERT_MODE, KEY_MODE};
 pub use principal::{Principal, PrincipalError, Role, LEGACY_COMMON_NAMES};
 pub use tls_files::{LoadedTls, TlsFiles};
+pub use trust::TrustBundle;
 pub use validate::{
     check_key_matches, check_name, check_signed_by, check_usage, check_validity, Usage,
 };

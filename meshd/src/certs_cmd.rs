@@ -65,6 +65,35 @@ pub enum CertsCommand {
 pub enum CaCommand {
     /// Create a new self-signed mesh CA: ca.pem and ca-key.pem (mode 0600) in --out-dir.
     Create(CaCreateArgs),
+    /// Add CAs to, or remove CAs from, a CA file (ca.pem) that peers trust: how a mesh moves to
+    /// a new CA without a moment in which one side refuses the other.
+    ///
+    /// Moving to a new CA, on every cluster:
+    ///   1. `meshd certs ca trust --file DIR/ca.pem --add new-ca/ca.pem` on every ca.pem (the
+    ///      cluster's, each node's), then restart etcd (it reads its CA file at start only);
+    ///   2. `meshd certs rotate KIND --out-dir DIR --ca new-ca/ca.pem --ca-key new-ca/ca-key.pem
+    ///      --change-ca` for every certificate (server, admin, remote, each node);
+    ///   3. `meshd certs ca trust --file DIR/ca.pem --remove old-ca/ca.pem` everywhere, and
+    ///      restart etcd again. Certificates of the old CA (also any named root) are refused
+    ///      from then on.
+    /// meshd and the apiserver read the files on every new connection: nothing else restarts.
+    #[command(verbatim_doc_comment)]
+    Trust(CaTrustArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CaTrustArgs {
+    /// The CA file to change (written atomically).
+    #[arg(long, value_name = "FILE")]
+    file: PathBuf,
+    /// A CA file whose CAs to trust as well (repeatable).
+    #[arg(long = "add", value_name = "CA_FILE")]
+    add: Vec<PathBuf>,
+    /// A CA file whose CAs to trust no longer (repeatable).
+    #[arg(long = "remove", value_name = "CA_FILE")]
+    remove: Vec<PathBuf>,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +202,11 @@ pub struct RotateArgs {
     /// Validity of the new certificates in days.
     #[arg(long, default_value_t = 365)]
     days: u32,
+    /// Re-issue under --ca although the existing certificates were issued by another CA (moving
+    /// the mesh to a new CA; see `meshd certs ca trust --help`). The directory's ca.pem must
+    /// already trust --ca, so peers accept the new certificates at once.
+    #[arg(long)]
+    change_ca: bool,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -222,6 +256,7 @@ pub struct CheckArgs {
 pub fn run(cmd: CertsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         CertsCommand::Ca(CaCommand::Create(args)) => ca_create(&args),
+        CertsCommand::Ca(CaCommand::Trust(args)) => ca_trust(&args),
         CertsCommand::Issue(args) => issue(&args),
         CertsCommand::Rotate(args) => rotate(&args),
         CertsCommand::Inspect(args) => inspect(&args),
@@ -239,6 +274,42 @@ fn ca_create(args: &CaCreateArgs) -> anyhow::Result<ExitCode> {
         info: ca.info().clone(),
     }];
     print_written(&written, args.output.format)
+}
+
+fn ca_trust(args: &CaTrustArgs) -> anyhow::Result<ExitCode> {
+    if args.add.is_empty() && args.remove.is_empty() {
+        bail!("nothing to do: pass --add CA_FILE and/or --remove CA_FILE");
+    }
+    let mut bundle = meshd_certs::TrustBundle::read(&args.file)?;
+    let mut added = 0;
+    for path in &args.add {
+        added += bundle.add(&meshd_certs::TrustBundle::read(path)?);
+    }
+    let mut removed = 0;
+    for path in &args.remove {
+        removed += bundle.remove(&meshd_certs::TrustBundle::read(path)?, &args.file)?;
+    }
+    if added + removed > 0 {
+        bundle.write(&args.file)?;
+    }
+    let trusted = bundle.subjects(&args.file)?;
+    match args.output.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "file": args.file,
+                "added": added,
+                "removed": removed,
+                "trusted": trusted,
+            }))?
+        ),
+        Format::Table => println!(
+            "{}: {added} added, {removed} removed; trusts {}",
+            args.file.display(),
+            trusted.join("; ")
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One certificate and key written by issue, rotate or ca create.
@@ -354,10 +425,32 @@ fn rotate(args: &RotateArgs) -> anyhow::Result<ExitCode> {
         }
         let chain = meshd_certs::read_certs("certificate", &cert_path)?;
         let existing = CertInfo::from_der("certificate", &cert_path, &chain[0])?;
-        // Rotation stays under the same CA: a certificate of another CA here means the
-        // directory or the --ca flag is wrong.
         let ca_ders = meshd_certs::read_certs("CA", &args.ca.ca)?;
-        meshd_certs::check_signed_by("certificate", &cert_path, &chain[0], &args.ca.ca, &ca_ders)?;
+        if args.change_ca {
+            // The peers of these certificates read the directory's ca.pem: it must trust the
+            // new CA before anything it signed is put in place.
+            let trusted =
+                meshd_certs::read_certs("CA", &args.out_dir.join(meshd_certs::CA_CERT_FILE))?;
+            if !ca_ders.iter().any(|c| trusted.contains(c)) {
+                bail!(
+                    "{}/ca.pem does not trust {} yet: add it first (`meshd certs ca trust --file {}/ca.pem --add {}`)",
+                    args.out_dir.display(),
+                    args.ca.ca.display(),
+                    args.out_dir.display(),
+                    args.ca.ca.display()
+                );
+            }
+        } else {
+            // Rotation stays under the same CA: a certificate of another CA here means the
+            // directory or the --ca flag is wrong.
+            meshd_certs::check_signed_by(
+                "certificate",
+                &cert_path,
+                &chain[0],
+                &args.ca.ca,
+                &ca_ders,
+            )?;
+        }
         renewals.push(LeafRequest::renewal_of(kind, &existing, args.days));
     }
     ca.write_ca_copy(&args.out_dir, false)?;

@@ -426,3 +426,101 @@ fn check_warns_of_certificates_expiring_soon() {
     // The CA (3650 days) is checked too.
     check("4000").fails_saying(&["CA file c1/ca.pem", "meshd mesh CA"]);
 }
+
+#[test]
+fn moving_a_cluster_to_a_new_ca_goes_through_a_bundle() {
+    let mesh = Mesh::new();
+    mesh.issue_cluster("c1");
+    mesh.run(&[
+        "certs",
+        "ca",
+        "create",
+        "--out-dir",
+        "new-ca",
+        "--name",
+        "new CA",
+    ])
+    .ok();
+    let rotate = || {
+        mesh.run(&[
+            "certs",
+            "rotate",
+            "remote",
+            "--out-dir",
+            "c1",
+            "--ca",
+            "new-ca/ca.pem",
+            "--ca-key",
+            "new-ca/ca-key.pem",
+            "--change-ca",
+        ])
+    };
+    // Peers would refuse certificates of a CA their ca.pem does not trust yet.
+    rotate().fails_saying(&["does not trust", "meshd certs ca trust"]);
+    // Nor can the last CA go.
+    mesh.run(&[
+        "certs",
+        "ca",
+        "trust",
+        "--file",
+        "c1/ca.pem",
+        "--remove",
+        "mesh-ca/ca.pem",
+    ])
+    .fails_saying(&["trusting none"]);
+    let added = json(
+        &mesh
+            .run(&[
+                "certs",
+                "ca",
+                "trust",
+                "--file",
+                "c1/ca.pem",
+                "--add",
+                "new-ca/ca.pem",
+                "-o",
+                "json",
+            ])
+            .ok(),
+    );
+    assert_eq!(added["added"], 1, "{added}");
+    assert_eq!(added["trusted"].as_array().unwrap().len(), 2, "{added}");
+    rotate().ok();
+    let remote = json(
+        &mesh
+            .run(&["certs", "inspect", "-o", "json", "c1/remote.pem"])
+            .ok(),
+    );
+    assert_eq!(
+        remote["certificates"][0]["issuer"], "CN=new CA, O=meshd",
+        "{remote}"
+    );
+    assert_eq!(
+        remote["certificates"][0]["common_name"], "remote-c1",
+        "{remote}"
+    );
+    // The bundle stays as it is when the new CA issues into the directory.
+    let bundle = std::fs::read_to_string(mesh.path().join("c1/ca.pem")).unwrap();
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+    let removed = json(
+        &mesh
+            .run(&[
+                "certs",
+                "ca",
+                "trust",
+                "--file",
+                "c1/ca.pem",
+                "--remove",
+                "mesh-ca/ca.pem",
+                "-o",
+                "json",
+            ])
+            .ok(),
+    );
+    assert_eq!(removed["removed"], 1, "{removed}");
+    assert_eq!(
+        removed["trusted"],
+        serde_json::json!(["CN=new CA, O=meshd"]),
+        "{removed}"
+    );
+}

@@ -31,6 +31,11 @@ impl Pki {
         Ok(out)
     }
 
+    /// Where the certificates live: `mesh-ca/`, `<cluster>/`, `<cluster>/<node>/`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn files(&self, cluster: &str, kind: LeafKind) -> TlsFiles {
         TlsFiles::in_dir(&self.dir.join(cluster), kind.file_stem())
     }
