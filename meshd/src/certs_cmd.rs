@@ -76,6 +76,7 @@ pub enum CaCommand {
     ///   3. `meshd certs ca trust --file DIR/ca.pem --remove old-ca/ca.pem` everywhere, and
     ///      restart etcd again. Certificates of the old CA (also any named root) are refused
     ///      from then on.
+    ///
     /// meshd and the apiserver read the files on every new connection: nothing else restarts.
     #[command(verbatim_doc_comment)]
     Trust(CaTrustArgs),
