@@ -145,32 +145,35 @@ fn moving_to_a_new_ca_loses_no_connection() -> anyhow::Result<()> {
     echo_round_trip(&mut conn, b"after")?;
 
     // A certificate of the old CA no longer gets in: etcd refuses it (the client trusts the new
-    // CA, so the refusal is the server's).
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &mesh.cluster("c1")?.etcd.endpoint()])
-        .args(["--dial-timeout=3s", "--command-timeout=5s"])
-        .args(["--cacert", &s(&new_ca)])
-        .args(["--cert", &s(&old.join("admin.pem"))])
-        .args(["--key", &s(&old.join("admin-key.pem"))])
-        .args(["get", "meshd/cluster-config/c1"])
-        .output()
-        .context("running etcdctl")?;
+    // CA, so the refusal is the server's). Control: the re-issued admin certificate does.
+    let endpoint = mesh.cluster("c1")?.etcd.endpoint();
+    let get_as = |cert: &Path, key: &Path| -> anyhow::Result<std::process::Output> {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &endpoint,
+                "--dial-timeout=3s",
+                "--command-timeout=5s",
+            ])
+            .args([
+                "--cacert",
+                &s(&new_ca),
+                "--cert",
+                &s(cert),
+                "--key",
+                &s(key),
+            ])
+            .args(["get", "meshd/cluster-config/c1"])
+            .output()
+            .context("running etcdctl")
+    };
+    let refused = get_as(&old.join("admin.pem"), &old.join("admin-key.pem"))?;
     anyhow::ensure!(
-        !out.status.success(),
+        !refused.status.success(),
         "etcd still accepts a certificate of the retired CA"
     );
-    // Control: the same call with the re-issued admin certificate works.
-    let ok = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &mesh.cluster("c1")?.etcd.endpoint()])
-        .args(["--dial-timeout=3s", "--command-timeout=5s"])
-        .args(["--cacert", &s(&new_ca)])
-        .args(["--cert", &s(&root.join("c1/admin.pem"))])
-        .args(["--key", &s(&root.join("c1/admin-key.pem"))])
-        .args(["get", "meshd/cluster-config/c1"])
-        .output()
-        .context("running etcdctl")?;
+    let ok = get_as(&root.join("c1/admin.pem"), &root.join("c1/admin-key.pem"))?;
     anyhow::ensure!(
         ok.status.success(),
         "the new admin certificate is refused: {}",
