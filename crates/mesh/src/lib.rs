@@ -107,10 +107,12 @@
 //! ## Cost (release build, this 2-core machine under load; `cargo test --release -p meshd-mesh
 //! measure -- --ignored --nocapture`)
 //!
-//! 100k remote ipcache entries over 100 nodes: `apply_batch` about 110 ms (a plain `BTreeMap`
-//! insert of the same records: about 30 ms in the same run), `desired()` about 2 ms,
-//! `diff(empty, desired)` about 2 ms, `diff(x, x)` about 1 ms; one more upsert on top: about
-//! 1 us (p99 about 2 us); the view holds about 26 MB of heap.
+//! 100k remote ipcache entries over 100 nodes: `apply_batch` about 110-130 ms (a plain
+//! `BTreeMap` insert of the same records: about 30 ms in the same run), `desired()` (a copy, for
+//! full diffs only) about 2 ms, `diff(empty, desired)` about 2 ms, `diff(x, x)` about 1 ms; one
+//! more upsert on top, operations included: about 1 us (p99 about 2 us); the view holds about
+//! 26 MB of heap. The agent applies each event's operations, so the per-event cost is the
+//! upsert's, whatever the size of the mesh (BENCHMARKS.md, issue 11).
 //!
 //! ## Not covered yet
 //!

@@ -1,6 +1,7 @@
 //! The merged view of the local cluster and every remote cluster: what each cluster published,
-//! what was admitted, held back or rejected, and the desired ipcache and node maps that follow,
-//! maintained incrementally so one event costs a few map operations, not a recomputation.
+//! what was admitted, held back or rejected, and the desired maps that follow (ipcache, nodes,
+//! policy, services), maintained incrementally so one event costs a few map operations, not a
+//! recomputation.
 //!
 //! Every admission decision is a function of the current content (see the crate docs for the
 //! rules). One event pushes the keys it may affect onto a work list; each is re-evaluated, and
@@ -8,6 +9,9 @@
 //! to a node, the other claimants of a prefix or node IP, the remote prefixes overlapping a
 //! local one). At the end, every prefix and node IP touched is resolved against the view and
 //! compared with the maintained desired maps, which yields the operations of [`Applied::ops`].
+//! Identities admitted or withdrawn go to the policy index ([`PolicyIndex`]), services whose
+//! records (or whose clusters' admission) changed are recomputed one by one
+//! (`refresh_services`); their operations join the same [`Applied`].
 
 use std::collections::{btree_map, BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;

@@ -74,13 +74,19 @@ impl ViewTask {
     pub async fn run(mut self) {
         let deadline = tokio::time::Instant::now() + self.gate_timeout;
         let mut gate_open = false;
+        // False once the reconciler dropped its end: a closed channel is always ready, and
+        // polling it would spin.
+        let mut requests_open = true;
         loop {
             let first = if gate_open {
                 tokio::select! {
                     i = self.inputs.recv() => i,
-                    r = self.full_requests.recv() => {
-                        if r.is_some() && !self.send_full().await {
-                            return;
+                    r = self.full_requests.recv(), if requests_open => {
+                        match r {
+                            Some(()) => if !self.send_full().await {
+                                return;
+                            },
+                            None => requests_open = false,
                         }
                         continue;
                     }
@@ -193,5 +199,116 @@ impl ViewTask {
     fn publish_status(&self) {
         self.status.send_replace(Arc::new(self.view.status()));
         self.policies.send_replace(self.view.policies().count());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd_mesh::{ClusterEvent, DatapathOp, EventKind, LocalNode, ResourceKind};
+    use meshd_state::{ClusterId, IpcacheEntry, NumericIdentity};
+
+    use super::*;
+
+    fn c1() -> ClusterName {
+        ClusterName::new("c1").unwrap()
+    }
+
+    fn event(kind: EventKind) -> ViewInput {
+        ViewInput::Cluster(ClusterEvent::new(c1(), kind))
+    }
+
+    fn endpoint(ip: &str) -> ViewInput {
+        event(EventKind::UpsertIpcache(IpcacheEntry {
+            prefix: ip.parse::<std::net::IpAddr>().unwrap().into(),
+            identity: NumericIdentity::new((1 << 16) | 300).unwrap(),
+            host_ip: "192.168.1.1".parse().unwrap(),
+            endpoint: None,
+            namespace: None,
+        }))
+    }
+
+    /// Nothing reaches the reconciler before the start-up gate; then the whole state once,
+    /// then only each batch's operations, and a whole copy again when the reconciler asks.
+    #[tokio::test]
+    async fn the_reconciler_gets_one_full_state_then_operations() {
+        let (inputs_tx, inputs) = mpsc::channel(16);
+        let (datapath, mut updates) = mpsc::channel(16);
+        let (requests_tx, full_requests) = mpsc::channel(1);
+        let task = ViewTask {
+            view: MeshView::new(LocalNode {
+                cluster: c1(),
+                cluster_id: ClusterId::new(1).unwrap(),
+                node_name: "n1".into(),
+                node_ip: "192.168.1.1".parse().unwrap(),
+                pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+            }),
+            inputs,
+            datapath,
+            full_requests,
+            status: watch::channel(Arc::new(Vec::new())).0,
+            policies: watch::channel(0).0,
+            identities: watch::channel(Arc::new(IdentityLabels::new())).0,
+            wait_for: [c1()].into(),
+            gate_timeout: Duration::from_secs(3600),
+        };
+        let handle = tokio::spawn(task.run());
+
+        inputs_tx.send(endpoint("10.1.1.5")).await.unwrap();
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(updates.try_recv().is_err(), "nothing before the gate");
+
+        for kind in [
+            ResourceKind::Nodes,
+            ResourceKind::Ipcache,
+            ResourceKind::Identities,
+        ] {
+            inputs_tx
+                .send(event(EventKind::Synced(kind)))
+                .await
+                .unwrap();
+        }
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Full { desired, counts } => {
+                assert!(desired
+                    .ipcache
+                    .contains_key(&"10.1.1.5/32".parse().unwrap()));
+                assert_eq!(counts.ipcache, desired.ipcache.len());
+            }
+            other => panic!("expected the whole state first, got {other:?}"),
+        }
+
+        inputs_tx.send(endpoint("10.1.1.6")).await.unwrap();
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Changes {
+                ops, service_ops, ..
+            } => {
+                assert!(service_ops.is_empty());
+                assert!(
+                    matches!(ops.as_slice(), [DatapathOp::UpsertIpcache { prefix, .. }] if *prefix == "10.1.1.6/32".parse::<ipnet::IpNet>().unwrap()),
+                    "{ops:?}"
+                );
+            }
+            other => panic!("expected one operation, got {other:?}"),
+        }
+
+        requests_tx.send(()).await.unwrap();
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Full { desired, .. } => {
+                assert!(desired
+                    .ipcache
+                    .contains_key(&"10.1.1.6/32".parse().unwrap()));
+            }
+            other => panic!("expected a whole copy on request, got {other:?}"),
+        }
+
+        // The reconciler's request end gone, then the inputs: the task ends.
+        drop(requests_tx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(inputs_tx);
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .expect("the view task ends with its inputs")
+            .unwrap();
     }
 }
