@@ -56,6 +56,7 @@ lab-docker-down:
 # Binaries, shell completions and man pages (generated from the CLI definition) under
 # $(DESTDIR)$(PREFIX).
 PREFIX ?= /usr/local
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 install: deps
 	$(CARGO) build --release -p meshd -p clustermesh-apiserver
 	install -D -m 0755 target/release/meshd $(DESTDIR)$(PREFIX)/bin/meshd
@@ -67,7 +68,11 @@ install: deps
 	target/release/meshd completion zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_meshd
 	target/release/meshd completion fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/meshd.fish
 	target/release/meshd man --out-dir $(DESTDIR)$(PREFIX)/share/man/man1 > /dev/null
-	@echo "make install: meshd and clustermesh-apiserver in $(DESTDIR)$(PREFIX)/bin, completions and man pages under $(DESTDIR)$(PREFIX)/share"
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	for unit in deploy/systemd/*.service; do \
+		sed 's|@BINDIR@|$(PREFIX)/bin|g' $$unit > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$(basename $$unit); \
+	done
+	@echo "make install: meshd and clustermesh-apiserver in $(DESTDIR)$(PREFIX)/bin, completions and man pages under $(DESTDIR)$(PREFIX)/share, systemd units in $(DESTDIR)$(SYSTEMD_UNIT_DIR)"
 
 fmt:
 	$(CARGO) fmt --all

@@ -63,6 +63,21 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         let mut server = Apiserver::start(config).await?;
+        // systemd (Type=notify) hears READY=1 once the apiserver can do its job (what /readyz
+        // reports); without NOTIFY_SOCKET nothing is sent.
+        let health = server.health.clone();
+        tokio::spawn(async move {
+            while health.readiness().is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            let _ = sd_notify::notify(
+                false,
+                &[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status("serving"),
+                ],
+            );
+        });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|source| clustermesh_apiserver::ApiserverError::Listen {
                 what: "signal handler",

@@ -64,6 +64,8 @@ pub struct Node {
     pub log: PathBuf,
     pub pin_dir: PathBuf,
     agent: Option<Child>,
+    /// Where the agent's readiness notifications arrive (its NOTIFY_SOCKET, as under systemd).
+    notify: Option<std::os::unix::net::UnixDatagram>,
 }
 
 pub struct Cluster {
@@ -234,6 +236,7 @@ impl Mesh {
                     log: node_dir.join("agent.log"),
                     pin_dir: mesh.bpffs_root.join(name).join(&node_name),
                     agent: None,
+                    notify: None,
                 });
             }
             mesh.clusters.push(cluster);
@@ -389,7 +392,14 @@ impl Mesh {
             .create(true)
             .append(true)
             .open(&n.log)?;
+        // A fresh socket per start, so a notification read later is this start's.
+        let notify_path = n.config.with_file_name("notify.sock");
+        let _ = fs::remove_file(&notify_path);
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path)?;
+        notify.set_nonblocking(true)?;
+        n.notify = Some(notify);
         let child = Command::new("nsenter")
+            .env("NOTIFY_SOCKET", &notify_path)
             .arg(format!("--net={}", n.netns.display()))
             .arg("--")
             .arg(&meshd)
@@ -418,6 +428,20 @@ impl Mesh {
     }
 
     /// Process id of a node's running agent.
+    /// The readiness notifications (systemd's sd_notify protocol) the node's agent sent since
+    /// it was last started, one message per entry.
+    pub fn notifications(&self, cluster: &str, node: &str) -> anyhow::Result<Vec<String>> {
+        let n = self.node(cluster, node)?;
+        let mut out = Vec::new();
+        if let Some(socket) = &n.notify {
+            let mut buf = [0u8; 1024];
+            while let Ok(len) = socket.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
     pub fn agent_pid(&self, cluster: &str, node: &str) -> Option<u32> {
         self.node(cluster, node)
             .ok()?

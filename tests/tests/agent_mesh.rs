@@ -133,5 +133,14 @@ fn every_endpoint_reaches_every_other_across_clusters() -> anyhow::Result<()> {
     );
     let cm = mesh.meshd("c1", "n1", &["clustermesh", "status"])?;
     assert!(cm.contains("WARNING: certificate"), "{cm}");
+
+    // Under systemd (Type=notify) every agent said it was ready: its maps follow the view.
+    for (c, n) in mesh.node_names() {
+        let sent = mesh.notifications(&c, &n)?;
+        assert!(
+            sent.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+            "{c}/{n} sent {sent:?}"
+        );
+    }
     Ok(())
 }

@@ -321,6 +321,26 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         });
     }
 
+    {
+        // systemd (Type=notify) hears READY=1 once the start-up gate opened and the first full
+        // diff drove the maps to the merged view: from then on a restart of a neighbour unit
+        // that waits for this one finds the datapath in order. Without NOTIFY_SOCKET nothing is
+        // sent.
+        let mut reconciled = reconciled_rx.clone();
+        tokio::spawn(async move {
+            if reconciled.wait_for(|s| s.full_diffs > 0).await.is_ok() {
+                let _ = sd_notify::notify(
+                    false,
+                    &[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status("maps follow the merged view"),
+                    ],
+                );
+                tracing::info!("initial sync done; readiness notified");
+            }
+        });
+    }
+
     let listener = meshd_api::bind(&config.api_socket)?;
     let service = server::AgentService {
         config: config.clone(),
