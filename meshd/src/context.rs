@@ -162,6 +162,47 @@ impl ContextFile {
         self.contexts.iter().map(|c| c.name.as_str()).collect()
     }
 
+    /// Adds every context of `other` (replacing those of the same name), as `kind` merges its
+    /// clusters into kubeconfig; the names merged. The current context stays; with none,
+    /// `other`'s current (or first) becomes current.
+    pub fn merge(&mut self, other: &ContextFile) -> Vec<String> {
+        let had_current = self.current_context.is_some();
+        for ctx in &other.contexts {
+            self.set(ctx.clone());
+        }
+        if !had_current {
+            self.current_context = other
+                .current_context
+                .clone()
+                .or_else(|| other.contexts.first().map(|c| c.name.clone()));
+        }
+        other.contexts.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// Removes the contexts `merge` added from `other`: same name *and* same server, so a
+    /// context of the same name the user pointed elsewhere stays. The names removed.
+    pub fn unmerge(&mut self, other: &ContextFile) -> Vec<String> {
+        let mut removed = Vec::new();
+        self.contexts.retain(|c| {
+            let ours = other
+                .contexts
+                .iter()
+                .any(|o| o.name == c.name && o.server == c.server);
+            if ours {
+                removed.push(c.name.clone());
+            }
+            !ours
+        });
+        if self
+            .current_context
+            .as_ref()
+            .is_some_and(|cur| removed.contains(cur))
+        {
+            self.current_context = self.contexts.first().map(|c| c.name.clone());
+        }
+        removed
+    }
+
     /// Adds or replaces the context of that name; the first context becomes current.
     pub fn set(&mut self, ctx: Context) {
         match self.contexts.iter_mut().find(|c| c.name == ctx.name) {
@@ -282,6 +323,53 @@ pub fn run(cmd: ConfigCommand, file: &ContextArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ctx(name: &str, server: &str) -> Context {
+        Context {
+            name: name.into(),
+            server: server.into(),
+            ca: "ca.pem".into(),
+            cert: "admin.pem".into(),
+            key: "admin-key.pem".into(),
+        }
+    }
+
+    #[test]
+    fn a_lab_merges_its_contexts_and_takes_only_its_own_back() {
+        let mut user = ContextFile::default();
+        user.set(ctx("prod", "https://10.0.0.1:9443"));
+        user.set(ctx("lab-c2", "https://192.0.2.1:9443"));
+        let lab = ContextFile {
+            current_context: Some("lab-c1".into()),
+            contexts: vec![
+                ctx("lab-c1", "https://10.77.0.101:9443"),
+                ctx("lab-c2", "https://10.77.0.102:9443"),
+            ],
+        };
+        assert_eq!(user.merge(&lab), ["lab-c1", "lab-c2"]);
+        assert_eq!(
+            user.current_context.as_deref(),
+            Some("prod"),
+            "the user's stays"
+        );
+        assert_eq!(
+            user.get("lab-c2").unwrap().server,
+            "https://10.77.0.102:9443"
+        );
+        assert_eq!(user.unmerge(&lab), ["lab-c1", "lab-c2"]);
+        assert_eq!(user.names(), ["prod"]);
+
+        // A user context of the same name pointing elsewhere is not the lab's to remove.
+        let mut other = ContextFile::default();
+        other.set(ctx("lab-c1", "https://192.0.2.9:9443"));
+        assert!(other.unmerge(&lab).is_empty());
+        // With no current context the lab's becomes current, and goes with it.
+        let mut empty = ContextFile::default();
+        empty.merge(&lab);
+        assert_eq!(empty.current_context.as_deref(), Some("lab-c1"));
+        empty.unmerge(&lab);
+        assert_eq!(empty.current_context, None);
+    }
 
     #[test]
     fn set_use_and_resolve_relative_paths() {

@@ -88,10 +88,15 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: LabCommand, contexts: &crate::context::ContextArgs) -> anyhow::Result<ExitCode> {
     match cmd {
-        LabCommand::Up(args) => up(args),
+        LabCommand::Up(args) => {
+            let code = up(&args)?;
+            merge_contexts(&args.run.run_dir, contexts, true);
+            Ok(code)
+        }
         LabCommand::Down(args) => {
+            merge_contexts(&args.run_dir, contexts, false);
             let report = meshd_lab::down(&args.run_dir, &mut |s| eprintln!("lab down: {s}"))?;
             eprintln!(
                 "lab down: done ({} processes stopped, {} namespaces removed)",
@@ -134,7 +139,52 @@ fn load(run_dir: &std::path::Path) -> anyhow::Result<LabState> {
     })
 }
 
-fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+/// The lab in the default run directory merges its contexts into the user's contexts file (as
+/// `kind` does with kubeconfig), so `meshd --context lab-c2 get services` works without
+/// exporting anything, and `lab down` takes them back. Labs in other run directories (tests,
+/// a second lab) leave the user's file alone: their context names would collide. A failure here
+/// is reported, never fatal: the lab's own file still works.
+fn merge_contexts(run_dir: &std::path::Path, contexts: &crate::context::ContextArgs, add: bool) {
+    use crate::context::ContextFile;
+    if run_dir != default_run_dir() {
+        return;
+    }
+    let lab_file = run_dir.join("meshd-cli.yaml");
+    let result = (|| -> anyhow::Result<Option<(PathBuf, Vec<String>)>> {
+        let target = contexts.path()?;
+        if target == lab_file || !lab_file.exists() {
+            return Ok(None);
+        }
+        let lab = ContextFile::load(&lab_file)?;
+        let mut user = ContextFile::load(&target)?;
+        let names = if add {
+            user.merge(&lab)
+        } else {
+            user.unmerge(&lab)
+        };
+        if !names.is_empty() {
+            user.save(&target)?;
+        }
+        Ok(Some((target, names)))
+    })();
+    match (result, add) {
+        (Ok(Some((target, names))), true) => eprintln!(
+            "lab up: contexts {} merged into {} (`meshd --context {} get services`)",
+            names.join(", "),
+            target.display(),
+            names.last().map(String::as_str).unwrap_or("lab-c1")
+        ),
+        (Ok(Some((target, names))), false) if !names.is_empty() => eprintln!(
+            "lab down: contexts {} removed from {}",
+            names.join(", "),
+            target.display()
+        ),
+        (Err(e), _) => eprintln!("lab: the contexts file was not updated: {e:#}"),
+        _ => {}
+    }
+}
+
+fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     if args.underlay.prefix_len() != 24 {
         bail!("--underlay {}: the lab needs a /24", args.underlay);
     }

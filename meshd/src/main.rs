@@ -135,7 +135,7 @@ fn main() -> ExitCode {
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
         Command::Monitor(args) => monitor_cmd::run(args),
         Command::Troubleshoot(cmd) => troubleshoot_cmd::run(cmd),
-        Command::Lab(cmd) => lab_cmd::run(cmd),
+        Command::Lab(cmd) => lab_cmd::run(cmd, &cli.context),
         Command::Apply(args) => manifest_cmd::apply(args, &cli.context),
         Command::Delete(args) => manifest_cmd::delete(args, &cli.context),
         Command::Get(args) => manifest_cmd::get(args, &cli.context),
