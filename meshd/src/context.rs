@@ -356,7 +356,9 @@ mod tests {
             user.get("lab-c2").unwrap().server,
             "https://10.77.0.102:9443"
         );
-        assert_eq!(user.unmerge(&lab), ["lab-c1", "lab-c2"]);
+        let mut removed = user.unmerge(&lab);
+        removed.sort();
+        assert_eq!(removed, ["lab-c1", "lab-c2"]);
         assert_eq!(user.names(), ["prod"]);
 
         // A user context of the same name pointing elsewhere is not the lab's to remove.
