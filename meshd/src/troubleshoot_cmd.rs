@@ -118,17 +118,17 @@ pub fn run(cmd: TroubleshootCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn print_table(checks: &[Check]) {
-    println!("{:<12} {:<26} {:<5} DETAIL", "CLUSTER", "CHECK", "");
+    println!("{:<12} {:<26} {:<6} DETAIL", "CLUSTER", "CHECK", "RESULT");
     for c in checks {
         println!(
-            "{:<12} {:<26} {:<5} {}",
+            "{:<12} {:<26} {:<6} {}",
             c.cluster,
             c.check,
             if c.ok { "ok" } else { "FAIL" },
             c.detail
         );
         if let Some(fix) = &c.fix {
-            println!("{:<12} {:<26} {:<5} fix: {fix}", "", "", "");
+            println!("{:<12} {:<26} {:<6} fix: {fix}", "", "", "");
         }
     }
 }
