@@ -73,7 +73,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
     let ready = gauge_family::<ClusterLabels>(
         &mut r,
         "remote_cluster_ready",
-        "1 when the remote cluster has synced and is admitted, else 0.",
+        "1 when the remote cluster is ready (connected, synced, admitted, not stale), else 0.",
     );
     let connected = gauge_family::<ClusterLabels>(
         &mut r,
@@ -104,7 +104,9 @@ pub fn render(s: &Snapshot<'_>) -> String {
         let l = ClusterLabels {
             cluster: c.name.clone(),
         };
-        ready.get_or_create(&l).set(i64::from(c.ready));
+        // The same word `meshd status` shows: a stale cluster was synced once but is not ready.
+        let is_ready = crate::status_cmd::cluster_state(c) == "ready";
+        ready.get_or_create(&l).set(i64::from(is_ready));
         connected.get_or_create(&l).set(i64::from(c.connected));
         denied.get_or_create(&l).set(i64::from(c.access_denied));
         stale
@@ -208,10 +210,16 @@ mod tests {
             },
             pb::ClusterStatus {
                 name: "c2".into(),
-                ready: false,
-                connected: false,
+                ready: true,
+                connected: true,
                 stale_since_ms: 5,
                 nodes: 2,
+                ..Default::default()
+            },
+            pb::ClusterStatus {
+                name: "c3".into(),
+                ready: true,
+                connected: true,
                 ..Default::default()
             },
         ];
@@ -244,6 +252,7 @@ mod tests {
         for line in [
             "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
             "meshd_remote_cluster_stale{cluster=\"c2\"} 1",
+            "meshd_remote_cluster_ready{cluster=\"c3\"} 1",
             "meshd_remote_cluster_entries{cluster=\"c2\",kind=\"nodes\"} 2",
             "meshd_datapath_dropped_packets_total{direction=\"ingress\",reason=\"policy-denied\"} 3",
             "meshd_datapath_forwarded_packets_total{direction=\"egress\",reason=\"forwarded-tunnel\"} 7",
