@@ -1,9 +1,8 @@
 //! Reading Prometheus text exposition (format 0.0.4) as the tests scrape it: a check of the
 //! format and the conventions meshd follows, and the value of one sample.
 //!
-//! `promtool check metrics` is the reference check; Debian ships it only in the full
-//! `prometheus` server package (~96 MB with its web assets), so the e2e tests run it when it is
-//! on PATH and always run this check, which covers what meshd's metrics can get wrong.
+//! `promtool check metrics` is the reference check (`scripts/install-deps.sh` installs it);
+//! this one runs too, so the tests check the format also on a machine without promtool.
 
 use std::collections::BTreeMap;
 
@@ -148,33 +147,7 @@ pub fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .map(|s| s.value)
 }
 
-/// `promtool check metrics` on `text` when promtool is installed; `Ok(false)` when it is not.
-pub fn promtool_check(text: &str) -> anyhow::Result<bool> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        return Ok(false);
-    };
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(true)
-}
+pub use meshd_testing::promtool_check;
 
 #[cfg(test)]
 mod tests {
