@@ -12,6 +12,7 @@
 //! - kvstore's `Publisher` owns the node lease and the records published under it (the node
 //!   record, each endpoint's ipcache entry) and writes the sync canaries;
 //! - [`server`] answers the API on the Unix socket from the snapshots the others publish.
+//! - [`metrics`] renders `/metrics` (with `metrics_addr`) from those same snapshots, per scrape.
 
 pub mod config;
 pub mod endpoints;
