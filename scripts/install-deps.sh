@@ -41,6 +41,22 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# promtool, for `promtool check metrics` in the e2e metrics test. Debian ships it only inside
+# the prometheus server package (~96 MB installed with its web assets and a service to start);
+# only the promtool binary is taken from it (a ~19 MB download; it links libc only).
+if ! have promtool && [ "$(id -u)" = 0 ]; then
+  tmp=$(mktemp -d)
+  fetch() { (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); }
+  if { fetch || { apt-get update -qq && fetch; }; } \
+    && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" \
+    && install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool; then
+    echo "install-deps: installed promtool"
+  else
+    echo "install-deps: promtool not installed; the metrics test checks the format itself" >&2
+  fi
+  rm -rf "$tmp"
+fi
+
 # bpffs: the datapath pins its maps here.
 if ! mountpoint -q /sys/fs/bpf 2>/dev/null; then
   if [ "$(id -u)" = 0 ]; then

@@ -67,6 +67,9 @@ pub struct ConfigArgs {
     /// HTTP address of /healthz and /readyz; none when absent.
     #[arg(long, value_name = "ADDR")]
     pub health_listen: Option<SocketAddr>,
+    /// HTTP address of Prometheus /metrics; none when absent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// etcd's --max-txn-ops: the largest batch one apply can be [default: 128].
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
@@ -86,6 +89,7 @@ pub struct Config {
     pub resync_interval: Duration,
     pub leader_lease_ttl: Duration,
     pub health_listen: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
     pub max_txn_ops: usize,
     /// Unique per process: the value of the leader key while this replica leads.
     pub replica_id: String,
@@ -148,6 +152,7 @@ impl ConfigArgs {
             resync_interval: self.resync_interval.or(file.resync_interval),
             leader_lease_ttl: self.leader_lease_ttl.or(file.leader_lease_ttl),
             health_listen: self.health_listen.or(file.health_listen),
+            metrics_addr: self.metrics_addr.or(file.metrics_addr),
             max_txn_ops: self.max_txn_ops.or(file.max_txn_ops),
         }
     }
@@ -264,6 +269,7 @@ impl ConfigArgs {
             resync_interval,
             leader_lease_ttl,
             health_listen: self.health_listen,
+            metrics_addr: self.metrics_addr,
             max_txn_ops,
             replica_id: replica_id(),
         })

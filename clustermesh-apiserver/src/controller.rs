@@ -4,6 +4,8 @@
 //! every batch of events converges the records from the whole view; a resync tick converges
 //! again (and retries writes that lost a race), so a missed write is never permanent.
 
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
@@ -29,6 +31,8 @@ pub struct ControllerConfig {
     pub identity_gc_grace: Duration,
     /// How often garbage is looked for and the records re-converged.
     pub resync_interval: Duration,
+    /// Identities in this leader's view, for `/metrics`; -1 until this replica has led.
+    pub identities: Arc<AtomicI64>,
 }
 
 /// Runs one leadership term: returns on a watch failure or compaction (the caller starts a new
@@ -64,6 +68,9 @@ pub async fn run_term(
     converge(store, leader, &mut view).await?;
     write_canary(store, leader, &config.cluster).await?;
 
+    config
+        .identities
+        .store(view.identities.len() as i64, Ordering::Relaxed);
     let mut gc = IdentityGc::default();
     let mut tick = tokio::time::interval(config.resync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -77,6 +84,7 @@ pub async fn run_term(
                     handle(&mut view, &mut seen, msg)?;
                 }
                 converge(store, leader, &mut view).await?;
+                config.identities.store(view.identities.len() as i64, Ordering::Relaxed);
             }
             _ = tick.tick() => {
                 converge(store, leader, &mut view).await?;

@@ -3,7 +3,7 @@
 //! got in between).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use meshd_certs::{Principal, Role};
@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ApiserverError;
 use crate::keys::{kind_prefix, parse_object_key};
+use crate::metrics::ApiMetrics;
 use crate::pb;
 use crate::plan::{plan_apply, plan_delete, Outcome, Plan, Snapshot};
 use crate::store::{execute, range_all, read_snapshot};
@@ -35,8 +36,8 @@ pub struct ApiService {
     /// Client certificate CNs allowed to use the API besides the cluster's admin certificate
     /// (`admin-<cluster>`): operators' own certificates, still of this cluster (OU).
     pub admins: Arc<Vec<String>>,
-    /// Requests refused by authorization, for `/counters` on the health listener.
-    pub refused: Arc<AtomicU64>,
+    /// Requests by method and code, and the refused ones (also on `/counters`).
+    pub metrics: ApiMetrics,
 }
 
 impl From<ApiserverError> for Status {
@@ -72,7 +73,7 @@ impl ApiService {
         let ou = peer.organizational_unit.as_deref().unwrap_or("");
         let verdict = authorize_principal(&self.cluster, &self.admins, cn, ou);
         if let Err(reason) = &verdict {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(remote = %peer.remote, cn, ou, %reason, "API request refused");
         }
         verdict.map_err(Status::permission_denied)
@@ -211,9 +212,9 @@ fn parse_refs(refs: &[pb::ObjectRef]) -> Result<Vec<ObjectRef>, ManifestErrors> 
     }
 }
 
-#[tonic::async_trait]
-impl pb::cluster_mesh_server::ClusterMesh for ApiService {
-    async fn apply(
+/// The calls themselves; the trait below counts each one.
+impl ApiService {
+    async fn apply_call(
         &self,
         request: Request<pb::ApplyRequest>,
     ) -> Result<Response<pb::ApplyResponse>, Status> {
@@ -237,7 +238,7 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
         }))
     }
 
-    async fn delete(
+    async fn delete_call(
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
@@ -257,7 +258,7 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
         }))
     }
 
-    async fn list_services(
+    async fn list_services_call(
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
@@ -308,7 +309,7 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
-    async fn list_policies(
+    async fn list_policies_call(
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
@@ -329,5 +330,44 @@ impl pb::cluster_mesh_server::ClusterMesh for ApiService {
             })
             .collect();
         Ok(Response::new(pb::ListPoliciesResponse { policies }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_mesh_server::ClusterMesh for ApiService {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        self.metrics
+            .observe("Apply", self.apply_call(request))
+            .await
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        self.metrics
+            .observe("Delete", self.delete_call(request))
+            .await
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.metrics
+            .observe("ListServices", self.list_services_call(request))
+            .await
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        self.metrics
+            .observe("ListPolicies", self.list_policies_call(request))
+            .await
     }
 }

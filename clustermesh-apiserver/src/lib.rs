@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod health;
 pub mod keys;
 pub mod leader;
+pub mod metrics;
 pub mod plan;
 pub mod server;
 pub mod store;

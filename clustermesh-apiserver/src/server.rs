@@ -1,7 +1,7 @@
 //! Wiring: listeners, the gRPC API, health, the cluster config, and the leader loop.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use crate::grpc::ApiService;
 use crate::health::Health;
 use crate::keys::leader_key;
 use crate::leader::Leader;
+use crate::metrics::ApiMetrics;
 use crate::pb::cluster_mesh_server::ClusterMeshServer;
 use crate::store::ensure_cluster_config;
 
@@ -27,6 +28,8 @@ pub struct Apiserver {
     pub api_addr: SocketAddr,
     pub health_addr: Option<SocketAddr>,
     pub health: Arc<Health>,
+    /// Where `/metrics` is served, if it is (the bound port when configured as 0).
+    pub metrics_addr: Option<SocketAddr>,
     /// The value of the leader key while this replica leads.
     pub replica_id: String,
     stop: watch::Sender<bool>,
@@ -64,6 +67,20 @@ impl Apiserver {
             health_addr = l.local_addr().ok();
             tasks.push(tokio::spawn(crate::health::serve(l, health.clone())));
         }
+        let metrics = ApiMetrics::new(health.api_refused.clone());
+        let mut metrics_addr = None;
+        if let Some(addr) = config.metrics_addr {
+            let l = bind("metrics listener (metrics-addr)", addr).await?;
+            metrics_addr = l.local_addr().ok();
+            let m = metrics.clone();
+            tasks.push(tokio::spawn(meshd_telemetry::metrics::serve(
+                l,
+                move || {
+                    let m = m.clone();
+                    async move { m.render() }
+                },
+            )));
+        }
         let store = meshd_kvstore::connect_lazy(&config.etcd).await?;
         let (stop, stop_rx) = watch::channel(false);
 
@@ -73,7 +90,7 @@ impl Apiserver {
             cidr: config.service_cidr,
             max_txn_ops: config.max_txn_ops,
             admins: Arc::new(config.admins.clone()),
-            refused: health.api_refused.clone(),
+            metrics: metrics.clone(),
         };
         let incoming = crate::tls::incoming(api, config.tls.clone());
         let mut grpc_stop = stop_rx.clone();
@@ -98,12 +115,19 @@ impl Apiserver {
         tasks.push(tokio::spawn(watch_etcd(store.clone(), health.clone())));
 
         let replica_id = config.replica_id.clone();
-        let main = tokio::spawn(run(config, store, health.clone(), stop_rx));
+        let main = tokio::spawn(run(
+            config,
+            store,
+            health.clone(),
+            metrics.identities.clone(),
+            stop_rx,
+        ));
         tracing::info!(%api_addr, ?health_addr, "clustermesh-apiserver started");
         Ok(Apiserver {
             api_addr,
             health_addr,
             health,
+            metrics_addr,
             replica_id,
             stop,
             main: Some(main),
@@ -160,6 +184,7 @@ async fn run(
     config: Config,
     store: EtcdStore,
     health: Arc<Health>,
+    identities: Arc<AtomicI64>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ApiserverError> {
     let cluster_config = ClusterConfig {
@@ -192,6 +217,7 @@ async fn run(
         cluster: config.cluster.clone(),
         identity_gc_grace: config.identity_gc_grace,
         resync_interval: config.resync_interval,
+        identities,
     };
     loop {
         let lease = tokio::select! {

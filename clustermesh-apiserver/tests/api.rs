@@ -341,6 +341,20 @@ async fn only_the_admin_certificate_of_its_own_cluster_may_use_the_api() {
     let (code, body) = http_get(server.health_addr.unwrap(), "/counters").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"api_requests_refused\":4"), "{body}");
+    // And shown on /metrics, with every answer by method and code.
+    let (code, body) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    for line in [
+        "meshd_apiserver_requests_refused_total 4",
+        "meshd_apiserver_requests_total{method=\"ListServices\",code=\"PERMISSION_DENIED\"} 4",
+        "meshd_apiserver_requests_total{method=\"ListServices\",code=\"OK\"} 1",
+        "meshd_apiserver_request_duration_seconds_count{method=\"ListServices\"} 5",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "{line} missing from\n{body}"
+        );
+    }
 
     // A certificate of another CA does not get through the handshake.
     let stranger = Certs::named("another CA");
@@ -548,4 +562,19 @@ async fn a_rotated_server_certificate_is_used_by_the_next_connection() {
         .await
         .unwrap();
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_metrics_port_in_use_is_a_start_error_naming_the_field() {
+    let certs = Certs::new();
+    let Some(etcd) = etcd(None) else {
+        return;
+    };
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = config(&etcd, &certs, false);
+    config.metrics_addr = Some(taken.local_addr().unwrap());
+    let Err(e) = clustermesh_apiserver::Apiserver::start(config).await else {
+        panic!("started with its metrics port taken");
+    };
+    assert!(e.to_string().contains("metrics-addr"), "{e}");
 }

@@ -39,6 +39,8 @@ pub struct MeshOptions {
     pub lease_ttl_secs: u64,
     /// Period of each agent's safety-net diff of its maps; `None`: the agent's default.
     pub resync_interval_secs: Option<u64>,
+    /// Each agent serves `/metrics` on 127.0.0.1:PORT inside its node's namespace.
+    pub metrics_port: Option<u16>,
 }
 
 impl MeshOptions {
@@ -48,6 +50,7 @@ impl MeshOptions {
             clusters: (1..=n).map(|i| (format!("c{i}"), i, nodes)).collect(),
             lease_ttl_secs: 4,
             resync_interval_secs: None,
+            metrics_port: None,
         }
     }
 }
@@ -102,6 +105,7 @@ pub struct Mesh {
     pub underlay: Underlay,
     pub pki: Pki,
     pub dir: tempfile::TempDir,
+    metrics_port: Option<u16>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -166,6 +170,7 @@ impl Mesh {
             underlay,
             pki,
             dir,
+            metrics_port: opts.metrics_port,
         };
 
         for (name, id, nodes) in &opts.clusters {
@@ -338,6 +343,9 @@ impl Mesh {
         if let Some(secs) = opts.resync_interval_secs {
             text.push_str(&format!("resync_interval_secs: {secs}\n"));
         }
+        if let Some(port) = opts.metrics_port {
+            text.push_str(&format!("metrics_addr: 127.0.0.1:{port}\n"));
+        }
         fs::write(&n.config, text)?;
         Ok(())
     }
@@ -425,6 +433,35 @@ impl Mesh {
         )
         .with_context(|| format!("agent log:\n{}", tail(&log, 40)))?;
         Ok(())
+    }
+
+    /// The agent's `/metrics` text, fetched from inside its node's namespace (the mesh must
+    /// have been started with `metrics_port`).
+    pub fn metrics(&self, cluster: &str, node: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let port = self
+            .metrics_port
+            .context("the mesh was started without metrics_port")?;
+        let n = self.node(cluster, node)?;
+        let mut tcp = crate::netns_io::connect(
+            &n.netns,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(5),
+        )?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        tcp.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .context("no end of HTTP headers")?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+        anyhow::ensure!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        Ok(body.to_owned())
     }
 
     /// Process id of a node's running agent.

@@ -116,6 +116,7 @@ pub fn config(etcd: &Etcd, certs: &Certs, tls: bool) -> Config {
         resync_interval: Some("200ms".into()),
         leader_lease_ttl: Some("2s".into()),
         health_listen: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         ..Default::default()
     }
     .build()

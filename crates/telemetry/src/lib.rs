@@ -5,6 +5,8 @@
 //! OpenTelemetry (OTLP/gRPC) export of spans is optional and off unless an endpoint is given
 //! (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`).
 
+pub mod metrics;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 

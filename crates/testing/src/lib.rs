@@ -116,3 +116,33 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("binding an ephemeral loopback port")
 }
+
+/// `promtool check metrics` (format and Prometheus' naming lints) on an exposition `text`;
+/// `Ok(false)` when promtool is not installed (`scripts/install-deps.sh` installs it).
+pub fn promtool_check(text: &str) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        return Ok(false);
+    };
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(true)
+}

@@ -24,6 +24,7 @@
 //! startup_sync_timeout_secs: 30               # see below
 //! resync_interval_secs: 300                   # the maps' safety-net full diff
 //! cert_expiry_warning_days: 30                # status warns of certificates expiring sooner
+//! metrics_addr: 0.0.0.0:9962                   # Prometheus /metrics; off when absent
 //! ```
 //!
 //! At start the agent leaves its maps as they are until every cluster configured then has
@@ -31,7 +32,7 @@
 //! unreachable cluster holds that up for at most `startup_sync_timeout_secs`.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +113,9 @@ pub struct AgentArgs {
     /// within this many days [default: 30].
     #[arg(long)]
     pub cert_expiry_warning_days: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 /// The file, as written. Every field optional here: what is missing is reported by `resolve`.
@@ -137,6 +141,7 @@ pub struct ConfigFile {
     pub resync_interval_secs: Option<u64>,
     pub endpoint_netns_prefix: Option<String>,
     pub cert_expiry_warning_days: Option<u32>,
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -176,6 +181,8 @@ pub struct AgentConfig {
     pub endpoint_netns_prefix: String,
     /// Status warns of certificates expiring within this many days.
     pub cert_expiry_warning_days: u32,
+    /// Where `/metrics` is served; None: not served.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/meshd";
@@ -538,6 +545,20 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         );
     }
 
+    let metrics_addr = match args.metrics_addr.clone().or(file.metrics_addr) {
+        None => None,
+        Some(a) => match a.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                problem(
+                    "metrics_addr",
+                    format!("{a:?} is not an IP:PORT address: {e}"),
+                );
+                None
+            }
+        },
+    };
+
     match (cluster, cluster_id, node, node_ip, pod_cidr) {
         (Some(cluster), Some(cluster_id), Some(node), Some(node_ip), Some(pod_cidr))
             if problems.is_empty() =>
@@ -563,6 +584,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 endpoint_netns_prefix: endpoint_netns_prefix
                     .unwrap_or_else(|| format!("meshd-{cluster}-{node}-")),
                 cert_expiry_warning_days,
+                metrics_addr,
             })
         }
         _ => Err(problems),
@@ -644,6 +666,28 @@ etcd:
         assert_eq!(cfg.node, "n2");
         assert_eq!(cfg.tunnel_port, 4789);
         assert_eq!(cfg.startup_sync_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn metrics_are_off_unless_an_address_is_given() {
+        assert_eq!(
+            resolve(file(GOOD), &AgentArgs::default())
+                .unwrap()
+                .metrics_addr,
+            None
+        );
+        let cfg = resolve(
+            file(&format!("{GOOD}metrics_addr: 127.0.0.1:9962\n")),
+            &AgentArgs::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.metrics_addr, Some("127.0.0.1:9962".parse().unwrap()));
+        let args = AgentArgs {
+            metrics_addr: Some("localhost".into()),
+            ..Default::default()
+        };
+        let problems = resolve(file(GOOD), &args).unwrap_err();
+        assert_eq!(problems[0].field, "metrics_addr");
     }
 
     #[test]

@@ -12,11 +12,13 @@
 //! - kvstore's `Publisher` owns the node lease and the records published under it (the node
 //!   record, each endpoint's ipcache entry) and writes the sync canaries;
 //! - [`server`] answers the API on the Unix socket from the snapshots the others publish.
+//! - [`metrics`] renders `/metrics` (with `metrics_addr`) from those same snapshots, per scrape.
 
 pub mod config;
 pub mod endpoints;
 pub mod identity;
 pub mod ipam;
+pub mod metrics;
 pub mod monitor;
 pub mod reconciler;
 pub mod remotes;
@@ -176,6 +178,17 @@ async fn shutdown_signal() {
 
 async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let started_ms = now_ms();
+    // Bound first: a port in use is a start error, before anything else is touched.
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => match meshd_telemetry::metrics::bind("metrics_addr", addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("meshd agent: {e}");
+                return Ok(ExitCode::from(64));
+            }
+        },
+        None => None,
+    };
     let (datapath, underlay_mtu) = start_datapath(&config)?;
 
     let mut etcd = EtcdConfig::new(config.etcd_endpoints.clone());
@@ -355,6 +368,14 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         monitor: monitor_handle,
         identities: identities_rx,
     };
+    if let Some(listener) = metrics_listener {
+        let service = service.clone();
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+        tokio::spawn(meshd_telemetry::metrics::serve(listener, move || {
+            let service = service.clone();
+            async move { service.metrics().await }
+        }));
+    }
     tracing::info!(socket = %config.api_socket.display(), cluster = %config.cluster, node = config.node, "agent ready");
     meshd_api::serve(&config.api_socket, listener, service, shutdown_signal()).await?;
     tracing::info!("shutting down; the datapath stays in place and the lease runs out unless the agent returns");

@@ -18,6 +18,7 @@ use crate::agent::remotes::Registry;
 use crate::agent::view_task::IdentityLabels;
 use crate::agent::watcher::Connection;
 
+#[derive(Clone)]
 pub struct AgentService {
     pub config: Arc<AgentConfig>,
     pub started_ms: u64,
@@ -209,7 +210,6 @@ impl meshd_api::Agent for AgentService {
         _: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let lease = self.publisher.lease().await;
-        let r = self.reconciler.borrow().clone();
         Ok(Response::new(pb::StatusResponse {
             node: Some(pb::NodeStatus {
                 cluster: self.config.cluster.to_string(),
@@ -224,27 +224,44 @@ impl meshd_api::Agent for AgentService {
             }),
             endpoints: self.endpoints.list().await,
             clusters: self.clusters(),
-            datapath: Some(pb::DatapathStatus {
-                pin_dir: self.config.pin_dir().display().to_string(),
-                ipcache_entries: r.ipcache_entries as u64,
-                endpoint_entries: r.endpoint_entries as u64,
-                node_entries: r.node_entries as u64,
-                policy_entries: r.policy_entries as u64,
-                reconciles: r.rounds,
-                last_reconcile_ms: r.last_round_ms,
-                last_error: r.last_error.unwrap_or_default(),
-                counters: self.monitor.counters().await.iter().map(counter).collect(),
-                full_diffs: r.full_diffs,
-                corrections: r.corrections,
-                failed_writes: r.failed_writes,
-                service_entries: r.service_entries as u64,
-            }),
+            datapath: Some(self.datapath().await),
             certificates: self.certificates(),
         }))
     }
 }
 
 impl AgentService {
+    async fn datapath(&self) -> pb::DatapathStatus {
+        let r = self.reconciler.borrow().clone();
+        pb::DatapathStatus {
+            pin_dir: self.config.pin_dir().display().to_string(),
+            ipcache_entries: r.ipcache_entries as u64,
+            endpoint_entries: r.endpoint_entries as u64,
+            node_entries: r.node_entries as u64,
+            policy_entries: r.policy_entries as u64,
+            reconciles: r.rounds,
+            last_reconcile_ms: r.last_round_ms,
+            last_error: r.last_error.unwrap_or_default(),
+            counters: self.monitor.counters().await.iter().map(counter).collect(),
+            full_diffs: r.full_diffs,
+            corrections: r.corrections,
+            failed_writes: r.failed_writes,
+            service_entries: r.service_entries as u64,
+        }
+    }
+
+    /// The text of `/metrics`, from the same snapshots as `Status`.
+    pub async fn metrics(&self) -> String {
+        let datapath = self.datapath().await;
+        let clusters = self.clusters();
+        let identities = self.identities.borrow().len();
+        crate::agent::metrics::render(&crate::agent::metrics::Snapshot {
+            clusters: &clusters,
+            datapath: &datapath,
+            identities,
+        })
+    }
+
     /// Every certificate and CA file in use, read now: rotated files show their new dates
     /// without a restart, as the connections use them.
     fn certificates(&self) -> Vec<pb::CertificateStatus> {
