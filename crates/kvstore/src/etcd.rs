@@ -12,6 +12,7 @@ use crate::backend::{
 };
 use crate::connect::EtcdConfig;
 use crate::error::KvError;
+use crate::retry::retry_transient;
 
 /// A connected etcd client (see [`crate::connect`]). Cheap to clone; clones share connections.
 #[derive(Clone)]
@@ -105,8 +106,16 @@ impl EtcdStore {
 
     /// Asks the member for its status; works for every authenticated user.
     pub async fn status(&self) -> Result<Header, KvError> {
-        let mut m = self.client.maintenance_client();
-        let resp = self.timed("status", "", m.status()).await?;
+        let m = self.client.maintenance_client();
+        // Reads are safe to repeat: a leader election or a member's loss is waited out.
+        let budget = self.config.request_timeout;
+        let attempt = || {
+            let mut m = m.clone();
+            async move { m.status().await }
+        };
+        let resp = self
+            .timed("status", "", retry_transient(budget, attempt))
+            .await?;
         Ok(header(resp.header()))
     }
 
@@ -146,12 +155,17 @@ impl Backend for EtcdStore {
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let mut kv_client = self
+        let kv_client = self
             .client
             .kv_client()
             .max_decoding_message_size(MAX_DECODE);
+        let attempt = || {
+            let (mut kv, start, opts) = (kv_client.clone(), start.clone(), opts.clone());
+            async move { kv.get(start, Some(opts)).await }
+        };
+        let budget = self.config.request_timeout;
         let mut resp = self
-            .timed("range", prefix, kv_client.get(start, Some(opts)))
+            .timed("range", prefix, retry_transient(budget, attempt))
             .await?;
         let header = header(resp.header());
         let more = resp.more();
