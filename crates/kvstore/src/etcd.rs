@@ -26,6 +26,10 @@ pub struct EtcdStore {
 /// service with many backends); a generous decode limit keeps one big page from failing.
 const MAX_DECODE: usize = 64 << 20;
 
+/// How long a read waits out transient refusals: an election takes about one election timeout
+/// (1 s by default), a failover one reconnect.
+const TRANSIENT_BUDGET: Duration = Duration::from_secs(5);
+
 fn header(h: Option<&etcd_client::ResponseHeader>) -> Header {
     h.map(|h| Header {
         revision: h.revision(),
@@ -106,16 +110,9 @@ impl EtcdStore {
 
     /// Asks the member for its status; works for every authenticated user.
     pub async fn status(&self) -> Result<Header, KvError> {
-        let m = self.client.maintenance_client();
-        // Reads are safe to repeat: a leader election or a member's loss is waited out.
-        let budget = self.config.request_timeout;
-        let attempt = || {
-            let mut m = m.clone();
-            async move { m.status().await }
-        };
-        let resp = self
-            .timed("status", "", retry_transient(budget, attempt))
-            .await?;
+        // Not retried: callers use it to learn whether etcd answers now.
+        let mut m = self.client.maintenance_client();
+        let resp = self.timed("status", "", m.status()).await?;
         Ok(header(resp.header()))
     }
 
@@ -163,7 +160,10 @@ impl Backend for EtcdStore {
             let (mut kv, start, opts) = (kv_client.clone(), start.clone(), opts.clone());
             async move { kv.get(start, Some(opts)).await }
         };
-        let budget = self.config.request_timeout;
+        // Reads are safe to repeat: a leader election or the loss of the member this client
+        // talks to is waited out, for a while. Not for long: with every member down, the
+        // caller should hear it soon.
+        let budget = self.config.request_timeout.min(TRANSIENT_BUDGET);
         let mut resp = self
             .timed("range", prefix, retry_transient(budget, attempt))
             .await?;

@@ -22,7 +22,9 @@ use meshd_kvstore::retry_transient;
 
 /// How long one etcd request of an allocation waits out a leader election or a failover to
 /// another member before the allocation fails.
-const TRANSIENT_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+/// An election takes about one election timeout (1 s by default), a failover one reconnect; with
+/// every member down, the endpoint add should fail soon rather than at the CLI's deadline.
+const TRANSIENT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
