@@ -824,6 +824,24 @@ pub fn down(run_dir: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Do
 
     progress("removing endpoint, node, control-plane and underlay namespaces");
     let mut netns: Vec<String> = state.endpoints.iter().map(|e| e.netns.clone()).collect();
+    // Endpoints added later with `meshd endpoint add` are not in the state file; their
+    // namespaces carry the node's namespace name as prefix (the agents'
+    // `endpoint_netns_prefix`).
+    let node_prefixes: Vec<String> = state
+        .clusters
+        .iter()
+        .flat_map(|c| c.nodes.iter().map(|n| format!("{}-", n.netns)))
+        .collect();
+    for entry in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if node_prefixes.iter().any(|p| name.starts_with(p)) && !netns.contains(&name) {
+            netns.push(name);
+        }
+    }
     netns.extend(state.netns.iter().rev().cloned());
     for ns in netns.iter().filter(|n| !n.is_empty()) {
         if Path::new("/run/netns").join(ns).exists() {

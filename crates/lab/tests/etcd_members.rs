@@ -138,4 +138,15 @@ fn three_member_etcds_are_listed_and_survive_a_dead_member() {
     }
     let check = ok(&["lab", "check", "--run-dir", run]);
     assert!(check.contains(" 0 failed"), "{check}");
+
+    // `lab down` also removes what was added by hand (the endpoint above).
+    ok(&["lab", "down", "--run-dir", run]);
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("mlm3-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
