@@ -53,6 +53,9 @@ pub struct UpArgs {
     /// Number of clusters (c1, c2, c3, ...; two nodes each).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=meshd_lab::spec::MAX_CLUSTERS as i64))]
     clusters: u8,
+    /// Members of each cluster's etcd (3 for a replicated etcd, as production runs it).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=meshd_lab::spec::MAX_ETCD_MEMBERS as i64))]
+    etcd_members: u8,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -189,7 +192,8 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         bail!("--underlay {}: the lab needs a /24", args.underlay);
     }
     let mut opts = UpOptions::new(
-        LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters),
+        LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
+            .with_etcd_members(args.etcd_members),
         args.run.run_dir.clone(),
         bin_dir()?,
     );
@@ -474,6 +478,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "netns": c.etcd.netns,
                 "pid": c.etcd.pid,
                 "remote": c.etcd.remote,
+                "members": c.etcd.members.iter().map(|m| serde_json::json!({
+                    "name": m.name,
+                    "endpoint": m.endpoint,
+                    "peer_url": m.peer_url,
+                    "pid": m.pid,
+                    "log": m.log,
+                })).collect::<Vec<_>>(),
             },
             "admin": c.admin,
             "nodes": c.nodes.iter().map(|n| serde_json::json!({

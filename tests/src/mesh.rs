@@ -1,14 +1,18 @@
 //! A multi-cluster mesh in network namespaces, driven through the real `meshd` binary.
 //!
 //! Layout (addresses inside namespaces this harness creates; nothing leaves the machine):
-//! - one underlay bridge namespace, `br0` = 192.168.77.254/24, where a [`Proxy`] per cluster
-//!   listens on port 2379 + cluster id and relays to that cluster's etcd on the host loopback;
-//! - per cluster: etcd with TLS, client-certificate auth and the RBAC of `meshd etcd bootstrap`;
+//! - one underlay bridge namespace, `br0` = 192.168.77.254/24, where a [`Proxy`] per etcd
+//!   member listens on port 2379 + cluster id + 100 * member and relays to that member on the
+//!   host loopback;
+//! - per cluster: etcd (one member, or a replicated cluster of [`MeshOptions::etcd_members`])
+//!   with TLS, client-certificate auth and the RBAC of `meshd etcd bootstrap`; agents and
+//!   remote-cluster files list every member;
 //! - per node: a namespace with `ul0` = 192.168.77.(10 * cluster id + node)/24, pod CIDR
 //!   10.<cluster id>.<node>.0/24, running `meshd agent` (maps pinned under a per-mesh bpffs
 //!   directory), with the other clusters in its remote-clusters directory;
 //! - endpoints made with `meshd endpoint add`, in namespaces named `<prefix>-ep-...`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -19,7 +23,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
 use meshd_certs::LeafKind;
-use meshd_testing::etcd::{Etcd, EtcdOptions, EtcdTls};
+use meshd_testing::etcd::{EtcdOptions, EtcdTls};
+use meshd_testing::etcd_cluster::EtcdCluster;
 use meshd_testing::netns::Underlay;
 
 use crate::pki::Pki;
@@ -41,6 +46,8 @@ pub struct MeshOptions {
     pub resync_interval_secs: Option<u64>,
     /// Each agent serves `/metrics` on 127.0.0.1:PORT inside its node's namespace.
     pub metrics_port: Option<u16>,
+    /// Members of each cluster's etcd (1, or 3 for a replicated one).
+    pub etcd_members: usize,
 }
 
 impl MeshOptions {
@@ -51,7 +58,14 @@ impl MeshOptions {
             lease_ttl_secs: 4,
             resync_interval_secs: None,
             metrics_port: None,
+            etcd_members: 1,
         }
+    }
+
+    /// Each cluster's etcd replicated on `members` members.
+    pub fn etcd_members(mut self, members: usize) -> Self {
+        self.etcd_members = members;
+        self
     }
 }
 
@@ -74,15 +88,19 @@ pub struct Node {
 pub struct Cluster {
     pub name: String,
     pub id: u8,
-    pub etcd: Etcd,
-    proxy: Proxy,
+    pub etcd: EtcdCluster,
+    /// One relay per etcd member, in member order.
+    proxies: Vec<Proxy>,
     pub nodes: Vec<Node>,
 }
 
 impl Cluster {
-    /// etcd as nodes dial it.
-    pub fn etcd_url(&self) -> String {
-        format!("https://{}", self.proxy.addr())
+    /// etcd as nodes dial it: every member, in member order.
+    pub fn etcd_urls(&self) -> Vec<String> {
+        self.proxies
+            .iter()
+            .map(|p| format!("https://{}", p.addr()))
+            .collect()
     }
 }
 
@@ -178,23 +196,26 @@ impl Mesh {
                 .issue_cluster(name, &[IpAddr::from([127, 0, 0, 1]), CONTROL_IP.into()])?;
             let server = mesh.pki.files(name, LeafKind::Server);
             let admin = mesh.pki.files(name, LeafKind::Admin);
-            let etcd = Etcd::start_with(EtcdOptions {
-                tls: Some(EtcdTls {
-                    ca: server.ca.clone(),
-                    cert: server.cert.clone(),
-                    key: server.key.clone(),
-                    client_cert_auth: true,
-                    etcdctl_client: Some((admin.cert.clone(), admin.key.clone())),
-                }),
-                extra_args: Vec::new(),
-            })?;
+            let etcd = EtcdCluster::start(
+                opts.etcd_members,
+                EtcdOptions {
+                    tls: Some(EtcdTls {
+                        ca: server.ca.clone(),
+                        cert: server.cert.clone(),
+                        key: server.key.clone(),
+                        client_cert_auth: true,
+                        etcdctl_client: Some((admin.cert.clone(), admin.key.clone())),
+                    }),
+                    extra_args: Vec::new(),
+                },
+            )?;
             let node_names: Vec<String> = (1..=*nodes).map(|k| format!("n{k}")).collect();
             for node in &node_names {
                 mesh.pki.issue_node(name, node)?;
             }
             run(Command::new(&mesh.meshd)
                 .args(["etcd", "bootstrap", "--node", &node_names.join(",")])
-                .args(admin_args(&etcd.endpoint(), &admin)))
+                .args(admin_args(&etcd.endpoints().join(","), &admin)))
             .with_context(|| format!("bootstrapping etcd of {name}"))?;
             // What the cluster's apiserver writes at start (this harness runs none); agents
             // read it and may not write it.
@@ -209,16 +230,23 @@ impl Mesh {
             let value = meshd_state::encode(&config_key, &config)?;
             etcd.etcdctl(&["put", &config_key.to_string(), std::str::from_utf8(&value)?])
                 .with_context(|| format!("writing the cluster config of {name}"))?;
-            let proxy = Proxy::start(
-                &mesh.underlay.bridge().path(),
-                SocketAddr::from((CONTROL_IP, 2379 + u16::from(*id))),
-                SocketAddr::from(([127, 0, 0, 1], etcd.client_url_port())),
-            )?;
+            let proxies = etcd
+                .members()
+                .iter()
+                .enumerate()
+                .map(|(m, member)| {
+                    Proxy::start(
+                        &mesh.underlay.bridge().path(),
+                        SocketAddr::from((CONTROL_IP, 2379 + u16::from(*id) + 100 * m as u16)),
+                        SocketAddr::from(([127, 0, 0, 1], member.client_url_port())),
+                    )
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let mut cluster = Cluster {
                 name: name.clone(),
                 id: *id,
                 etcd,
-                proxy,
+                proxies,
                 nodes: Vec::new(),
             };
             for k in 1..=*nodes {
@@ -290,7 +318,7 @@ impl Mesh {
         let admin = self.pki.files(cluster, LeafKind::Admin);
         run(Command::new(&self.meshd)
             .args(["clustermesh", verb, other])
-            .args(admin_args(&c.etcd.endpoint(), &admin)))
+            .args(admin_args(&c.etcd.endpoints().join(","), &admin)))
         .with_context(|| format!("meshd clustermesh {verb} {other} in {cluster}"))
     }
 
@@ -303,7 +331,7 @@ impl Mesh {
             self.remotes_dir(cluster).join(other),
             format!(
                 "endpoints: [{}]\nca: {}\ncert: {}\nkey: {}\n",
-                o.etcd_url(),
+                o.etcd_urls().join(", "),
                 remote.ca.display(),
                 remote.cert.display(),
                 remote.key.display()
@@ -328,7 +356,7 @@ impl Mesh {
             node = n.name,
             ip = n.ip,
             pod = n.pod_cidr,
-            etcd = c.etcd_url(),
+            etcd = c.etcd_urls().join(", "),
             ca = etcd.ca.display(),
             cert = etcd.cert.display(),
             key = etcd.key.display(),
@@ -610,6 +638,138 @@ impl Mesh {
     pub fn delete_endpoint(&self, ep: &EndpointInfo) -> anyhow::Result<()> {
         self.meshd(&ep.cluster, &ep.node, &["endpoint", "del", &ep.name])?;
         Ok(())
+    }
+
+    /// The source of truth for the maps: the union of every cluster's ipcache records in its
+    /// etcd, prefix -> (identity, host node IP), read as each cluster's admin.
+    pub fn etcd_ipcache(&self) -> anyhow::Result<BTreeMap<Ipv4Net, (u32, Ipv4Addr)>> {
+        let mut all = BTreeMap::new();
+        for c in &self.clusters {
+            let out = c
+                .etcd
+                .etcdctl(&["get", "--prefix", "meshd/state/ip/v1/"])
+                .with_context(|| format!("reading the ipcache of {}", c.name))?;
+            // etcdctl prints key and value on alternate lines; values are one-line JSON.
+            let lines: Vec<&str> = out.lines().collect();
+            for pair in lines.chunks(2) {
+                let [key, value] = pair else {
+                    bail!("odd etcdctl output from {}: {out}", c.name);
+                };
+                let (_, entry) =
+                    meshd_state::decode::<meshd_state::IpcacheEntry>(key, value.as_bytes())?;
+                let (ipnet::IpNet::V4(prefix), IpAddr::V4(host)) = (entry.prefix, entry.host_ip)
+                else {
+                    bail!("{key}: not IPv4: {value}");
+                };
+                all.insert(prefix, (entry.identity.get(), host));
+            }
+        }
+        Ok(all)
+    }
+
+    /// A node's ipcache map entries of endpoints: the prefixes inside a pod CIDR of the mesh,
+    /// prefix -> (identity, tunnel endpoint).
+    pub fn map_endpoints(
+        &self,
+        cluster: &str,
+        node: &str,
+    ) -> anyhow::Result<BTreeMap<Ipv4Net, (u32, Option<Ipv4Addr>)>> {
+        let pod_cidrs: Vec<Ipv4Net> = self
+            .clusters
+            .iter()
+            .flat_map(|c| c.nodes.iter().map(|n| n.pod_cidr))
+            .collect();
+        let n = self.node(cluster, node)?;
+        let maps = meshd_datapath::DatapathMaps::open(&n.pin_dir)?;
+        let mut out = BTreeMap::new();
+        for prefix in maps.ipcache_prefixes()? {
+            if !pod_cidrs.iter().any(|p| p.contains(&prefix)) {
+                continue;
+            }
+            if let Some(e) = maps.ipcache_entry(prefix)? {
+                let tunnel = match e.tunnel_endpoint {
+                    Some(std::net::IpAddr::V4(ip)) => Some(ip),
+                    _ => None,
+                };
+                out.insert(prefix, (u32::from(e.identity.get()), tunnel));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks every node's map against the etcd contents once: each node holds exactly the
+    /// endpoints of every cluster's etcd, with their identity, tunnelled to their node unless
+    /// they are its own. The error lists every difference, node by node.
+    pub fn check_maps_match_etcd(&self) -> anyhow::Result<()> {
+        let truth = self.etcd_ipcache()?;
+        let mut problems = Vec::new();
+        for (c, n) in self.node_names() {
+            let here = self.node(&c, &n)?.ip;
+            let want: BTreeMap<Ipv4Net, (u32, Option<Ipv4Addr>)> = truth
+                .iter()
+                .map(|(p, (id, host))| (*p, (*id, (*host != here).then_some(*host))))
+                .collect();
+            let got = self.map_endpoints(&c, &n)?;
+            for (p, w) in &want {
+                match got.get(p) {
+                    Some(g) if g == w => {}
+                    other => problems.push(format!("{c}/{n}: {p} is {other:?}, etcd says {w:?}")),
+                }
+            }
+            for (p, g) in &got {
+                if !want.contains_key(p) {
+                    problems.push(format!("{c}/{n}: {p} = {g:?} is in no etcd"));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            bail!(
+                "{} differences between the maps and etcd ({} records):\n{}",
+                problems.len(),
+                truth.len(),
+                problems.join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until every node's map matches the etcd contents ([`Mesh::check_maps_match_etcd`]).
+    pub fn wait_maps_match_etcd(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_for("every node's maps equal to etcd", timeout, || {
+            self.check_maps_match_etcd()
+        })
+        .map_err(|e| e.context(self.logs()))
+    }
+
+    /// The members of `of`'s etcd that a node's agent holds established connections to (read
+    /// with `ss` in the node's namespace: each member has its own relay port).
+    pub fn etcd_members_in_use(
+        &self,
+        cluster: &str,
+        node: &str,
+        of: &str,
+    ) -> anyhow::Result<Vec<usize>> {
+        let n = self.node(cluster, node)?;
+        let o = self.cluster(of)?;
+        let out = run(Command::new("nsenter")
+            .arg(format!("--net={}", n.netns.display()))
+            .args(["--", "ss", "-Htn", "state", "established"]))?;
+        let mut members = Vec::new();
+        for line in out.lines() {
+            // Recv-Q Send-Q Local:Port Peer:Port
+            let Some(peer) = line.split_whitespace().nth(3) else {
+                continue;
+            };
+            let Ok(peer) = peer.parse::<SocketAddr>() else {
+                continue;
+            };
+            if let Some(m) = o.proxies.iter().position(|p| p.addr() == peer) {
+                members.push(m);
+            }
+        }
+        members.sort_unstable();
+        members.dedup();
+        Ok(members)
     }
 
     /// The ipcache map entry of exactly `ip/32` on a node (read from its pinned maps).

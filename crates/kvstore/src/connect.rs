@@ -221,7 +221,13 @@ impl tower_service::Service<http::Uri> for Connector {
                 let target = &shared.targets[idx];
                 match dial(&shared, target).await {
                     Ok(io) => {
-                        shared.next.store(idx, Ordering::Relaxed);
+                        // The channel asks for a new connection only when it lost the one it
+                        // had: the next one starts after this member. Starting at it again
+                        // would return to a member that accepts connections but never answers
+                        // (a frozen process, or one that completes TLS and then hangs) for as
+                        // long as it stays so; keepalives end each such connection, and each
+                        // reconnect would dial it first again.
+                        shared.next.store((idx + 1) % n, Ordering::Relaxed);
                         return Ok(TokioIo::new(io));
                     }
                     Err(e) => {

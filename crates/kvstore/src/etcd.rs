@@ -12,6 +12,7 @@ use crate::backend::{
 };
 use crate::connect::EtcdConfig;
 use crate::error::KvError;
+use crate::retry::retry_transient;
 
 /// A connected etcd client (see [`crate::connect`]). Cheap to clone; clones share connections.
 #[derive(Clone)]
@@ -24,6 +25,10 @@ pub struct EtcdStore {
 /// Responses of a paginated read are bounded by the page size, but values can be large (a
 /// service with many backends); a generous decode limit keeps one big page from failing.
 const MAX_DECODE: usize = 64 << 20;
+
+/// How long a read waits out transient refusals: an election takes about one election timeout
+/// (1 s by default), a failover one reconnect.
+const TRANSIENT_BUDGET: Duration = Duration::from_secs(5);
 
 fn header(h: Option<&etcd_client::ResponseHeader>) -> Header {
     h.map(|h| Header {
@@ -105,6 +110,7 @@ impl EtcdStore {
 
     /// Asks the member for its status; works for every authenticated user.
     pub async fn status(&self) -> Result<Header, KvError> {
+        // Not retried: callers use it to learn whether etcd answers now.
         let mut m = self.client.maintenance_client();
         let resp = self.timed("status", "", m.status()).await?;
         Ok(header(resp.header()))
@@ -146,12 +152,20 @@ impl Backend for EtcdStore {
         if revision > 0 {
             opts = opts.with_revision(revision);
         }
-        let mut kv_client = self
+        let kv_client = self
             .client
             .kv_client()
             .max_decoding_message_size(MAX_DECODE);
+        let attempt = || {
+            let (mut kv, start, opts) = (kv_client.clone(), start.clone(), opts.clone());
+            async move { kv.get(start, Some(opts)).await }
+        };
+        // Reads are safe to repeat: a leader election or the loss of the member this client
+        // talks to is waited out, for a while. Not for long: with every member down, the
+        // caller should hear it soon.
+        let budget = self.config.request_timeout.min(TRANSIENT_BUDGET);
         let mut resp = self
-            .timed("range", prefix, kv_client.get(start, Some(opts)))
+            .timed("range", prefix, retry_transient(budget, attempt))
             .await?;
         let header = header(resp.header());
         let more = resp.more();

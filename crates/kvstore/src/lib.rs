@@ -14,6 +14,7 @@ mod etcd;
 mod memory;
 mod publisher;
 mod reflection;
+mod retry;
 mod watcher;
 
 pub use backend::{
@@ -28,4 +29,5 @@ pub use etcd::EtcdStore;
 pub use memory::MemoryStore;
 pub use publisher::{Publisher, PublisherConfig, PublisherStats};
 pub use reflection::{Reflection, WatchEvent, WatchStats};
+pub use retry::{is_transient, retry_transient};
 pub use watcher::{watch_cluster, watch_prefix, WatchConfig, WatchHandle};

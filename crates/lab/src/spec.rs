@@ -26,7 +26,12 @@ pub struct ClusterSpec {
     pub id: u8,
     /// etcd and the apiserver listen here (control-plane namespace).
     pub control_plane_ip: Ipv4Addr,
+    /// Client port of the first etcd member; member `m` listens on `etcd_port + 10 * m` and
+    /// peers on the port after it (see [`ClusterSpec::etcd_member_ports`]).
     pub etcd_port: u16,
+    /// Members of the cluster's etcd (1, or 3 for a replicated one), all in the control-plane
+    /// namespace.
+    pub etcd_members: u8,
     pub apiserver_port: u16,
     pub apiserver_health_port: u16,
     pub service_cidr: Ipv4Net,
@@ -80,6 +85,14 @@ impl LabSpec {
         }
     }
 
+    /// Every cluster's etcd on `members` members (1 to [`MAX_ETCD_MEMBERS`]).
+    pub fn with_etcd_members(mut self, members: u8) -> LabSpec {
+        for c in &mut self.clusters {
+            c.etcd_members = members.clamp(1, MAX_ETCD_MEMBERS);
+        }
+        self
+    }
+
     pub fn cluster(&self, name: &str) -> Option<&ClusterSpec> {
         self.clusters.iter().find(|c| c.name == name)
     }
@@ -105,6 +118,28 @@ impl LabSpec {
         format!("lab-{}", cluster.name)
     }
 }
+
+impl ClusterSpec {
+    /// Client and peer port of etcd member `m` (0-based).
+    pub fn etcd_member_ports(&self, m: u8) -> (u16, u16) {
+        let client = self.etcd_port + 10 * u16::from(m);
+        (client, client + 1)
+    }
+
+    /// Client URL of every etcd member, in member order: what agents, the apiserver and the
+    /// other clusters' remote files list.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        (0..self.etcd_members)
+            .map(|m| {
+                let (client, _) = self.etcd_member_ports(m);
+                format!("https://{}:{client}", self.control_plane_ip)
+            })
+            .collect()
+    }
+}
+
+/// etcd members per cluster: ports are spaced by 10 from 2379, below the apiserver's 9443.
+pub const MAX_ETCD_MEMBERS: u8 = 5;
 
 /// Node addresses are .<10*id + n> and control planes .<100 + id> in one /24: up to 9 clusters.
 pub const MAX_CLUSTERS: u8 = 9;
@@ -143,6 +178,7 @@ fn cluster(base: [u8; 4], id: u8, nodes: u8) -> ClusterSpec {
         id,
         control_plane_ip: at(100 + id),
         etcd_port: 2379,
+        etcd_members: 1,
         apiserver_port: 9443,
         apiserver_health_port: 9444,
         service_cidr: Ipv4Net::new(Ipv4Addr::new(10, 96, id, 0), 24).expect("/24"),
@@ -162,6 +198,38 @@ mod tests {
                 count,
             ));
         }
+    }
+
+    #[test]
+    fn etcd_members_have_distinct_ports_and_one_endpoint_each() {
+        let spec = LabSpec::two_clusters("mlab", DEFAULT_UNDERLAY.parse().unwrap());
+        assert_eq!(
+            spec.clusters[0].etcd_endpoints(),
+            ["https://10.77.0.101:2379"],
+            "one member by default, on the port the lab always used"
+        );
+        let spec = spec.with_etcd_members(3);
+        let c = &spec.clusters[1];
+        assert_eq!(
+            c.etcd_endpoints(),
+            [
+                "https://10.77.0.102:2379",
+                "https://10.77.0.102:2389",
+                "https://10.77.0.102:2399"
+            ]
+        );
+        let mut ports: Vec<u16> = (0..MAX_ETCD_MEMBERS)
+            .flat_map(|m| {
+                let (a, b) = c.etcd_member_ports(m);
+                [a, b]
+            })
+            .collect();
+        ports.push(c.apiserver_port);
+        ports.push(c.apiserver_health_port);
+        let count = ports.len();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), count, "ports collide: {ports:?}");
     }
 
     fn check_addresses(spec: &LabSpec) {

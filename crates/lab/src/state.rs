@@ -49,15 +49,32 @@ pub struct LabCluster {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LabEtcd {
+    /// Client URL of every member, in member order.
     pub endpoints: Vec<String>,
     /// Namespace the endpoints are reachable from (also reachable from the host namespace).
     pub netns: String,
+    /// Process id of the first member (of every member: `members`).
     pub pid: u32,
+    /// Every member of the cluster's etcd (one unless `lab up --etcd-members N`).
+    #[serde(default)]
+    pub members: Vec<LabEtcdMember>,
     /// The cluster's read-only `remote` certificate (remote-<cluster>): what its agents read
     /// the other clusters with.
     pub remote: TlsPaths,
     /// The cluster's admin certificate (also `LabCluster::admin`).
     pub admin: TlsPaths,
+}
+
+/// One member of a cluster's etcd.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LabEtcdMember {
+    /// etcd's `--name` (the cluster's name, with `-<m>` after it beyond the first member).
+    pub name: String,
+    pub endpoint: String,
+    pub peer_url: String,
+    pub pid: u32,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -14,7 +14,9 @@ use meshd_datapath::plumbing;
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
 use crate::spec::{ClusterSpec, LabSpec, NodeSpec, ECHO_PORT};
-use crate::state::{LabCluster, LabEndpoint, LabEtcd, LabNode, LabProcess, LabState, TlsPaths};
+use crate::state::{
+    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabNode, LabProcess, LabState, TlsPaths,
+};
 
 /// Environment variable set on every process the lab starts; its value is the run dir.
 pub const LAB_MARKER: &str = "MESHD_LAB_RUN_DIR";
@@ -228,8 +230,105 @@ fn issue_certs(opts: &UpOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn etcd_endpoint(cluster: &ClusterSpec) -> String {
-    format!("https://{}:{}", cluster.control_plane_ip, cluster.etcd_port)
+/// Starts every member of a cluster's etcd in its control-plane namespace (peers on loopback
+/// there), then waits for each to listen: a member of a replicated cluster waits for the
+/// others before it serves, so all are launched before any is waited for.
+fn start_etcd(
+    opts: &UpOptions,
+    state: &mut LabState,
+    cluster: &ClusterSpec,
+    cp: &str,
+    dir: &Path,
+    server: &TlsPaths,
+) -> anyhow::Result<Vec<LabEtcdMember>> {
+    // The first member keeps the names a one-member lab always had.
+    let suffix = |m: u8| {
+        if m == 0 {
+            String::new()
+        } else {
+            format!("-{m}")
+        }
+    };
+    let members: Vec<LabEtcdMember> = (0..cluster.etcd_members)
+        .map(|m| {
+            let (client, peer) = cluster.etcd_member_ports(m);
+            LabEtcdMember {
+                name: format!("{}{}", cluster.name, suffix(m)),
+                endpoint: format!("https://{}:{client}", cluster.control_plane_ip),
+                peer_url: format!("http://127.0.0.1:{peer}"),
+                pid: 0,
+                data_dir: dir.join(format!("etcd-data{}", suffix(m))),
+                log: dir.join(format!("etcd{}.log", suffix(m))),
+            }
+        })
+        .collect();
+    let initial_cluster = members
+        .iter()
+        .map(|m| format!("{}={}", m.name, m.peer_url))
+        .collect::<Vec<_>>()
+        .join(",");
+    let token = format!("{}-{}", opts.spec.prefix, cluster.name);
+    let mut started = Vec::new();
+    for member in members {
+        let args: Vec<String> = [
+            "--name",
+            &member.name,
+            "--data-dir",
+            &member.data_dir.display().to_string(),
+            "--listen-client-urls",
+            &member.endpoint,
+            "--advertise-client-urls",
+            &member.endpoint,
+            "--listen-peer-urls",
+            &member.peer_url,
+            "--initial-advertise-peer-urls",
+            &member.peer_url,
+            "--initial-cluster",
+            &initial_cluster,
+            "--initial-cluster-token",
+            &token,
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            &server.ca.display().to_string(),
+            "--cert-file",
+            &server.cert.display().to_string(),
+            "--key-file",
+            &server.key.display().to_string(),
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let pid = spawn_daemon(
+            Some(cp),
+            Path::new("etcd"),
+            &args,
+            &marker(opts),
+            &member.log,
+        )?;
+        let name = if cluster.etcd_members > 1 {
+            member.name.as_str()
+        } else {
+            ""
+        };
+        record(state, pid, "etcd", &cluster.name, name, &member.log);
+        state.save()?;
+        started.push(LabEtcdMember { pid, ..member });
+    }
+    for (m, member) in started.iter().enumerate() {
+        let (client, _) = cluster.etcd_member_ports(m as u8);
+        let addr = SocketAddr::from((cluster.control_plane_ip, client));
+        wait_for(
+            &format!("etcd {} of {} on {addr}", member.name, cluster.name),
+            Duration::from_secs(30),
+            || proc::tcp_open(addr),
+        )
+        .with_context(|| format!("etcd log:\n{}", proc::log_tail(&member.log, 20)))?;
+    }
+    Ok(started)
 }
 
 fn record(state: &mut LabState, pid: u32, role: &str, cluster: &str, name: &str, log: &Path) {
@@ -270,53 +369,12 @@ fn start_control_plane(
     std::fs::create_dir_all(&dir)?;
     let server = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Server);
     let admin = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Admin);
-    let client_url = etcd_endpoint(cluster);
-    let peer_url = format!("http://127.0.0.1:{}", cluster.etcd_port + 1);
-    let log = dir.join("etcd.log");
-    let args: Vec<String> = [
-        "--name",
-        &cluster.name,
-        "--data-dir",
-        &dir.join("etcd-data").display().to_string(),
-        "--listen-client-urls",
-        &client_url,
-        "--advertise-client-urls",
-        &client_url,
-        "--listen-peer-urls",
-        &peer_url,
-        "--initial-advertise-peer-urls",
-        &peer_url,
-        "--initial-cluster",
-        &format!("{}={peer_url}", cluster.name),
-        "--client-cert-auth",
-        "--trusted-ca-file",
-        &server.ca.display().to_string(),
-        "--cert-file",
-        &server.cert.display().to_string(),
-        "--key-file",
-        &server.key.display().to_string(),
-        "--logger",
-        "zap",
-        "--log-outputs",
-        "stderr",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let pid = spawn_daemon(Some(&cp), Path::new("etcd"), &args, &marker(opts), &log)?;
-    record(state, pid, "etcd", &cluster.name, "", &log);
-    state.save()?;
-    let addr = SocketAddr::from((cluster.control_plane_ip, cluster.etcd_port));
-    wait_for(
-        &format!("etcd of {} on {addr}", cluster.name),
-        Duration::from_secs(30),
-        || proc::tcp_open(addr),
-    )
-    .with_context(|| format!("etcd log:\n{}", proc::log_tail(&log, 20)))?;
+    let members = start_etcd(opts, state, cluster, &cp, &dir, &server)?;
+    let endpoints = cluster.etcd_endpoints().join(",");
 
     let as_admin = [
         "--endpoints".to_string(),
-        client_url.clone(),
+        endpoints.clone(),
         "--ca".into(),
         admin.ca.display().to_string(),
         "--cert".into(),
@@ -348,7 +406,7 @@ fn start_control_plane(
         "--cluster-id".into(),
         cluster.id.to_string(),
         "--etcd-endpoints".into(),
-        client_url.clone(),
+        endpoints,
         "--etcd-ca".into(),
         admin.ca.display().to_string(),
         "--etcd-cert".into(),
@@ -389,14 +447,10 @@ fn start_control_plane(
         id: cluster.id,
         context: spec.context(cluster),
         etcd: LabEtcd {
-            endpoints: vec![client_url],
+            endpoints: cluster.etcd_endpoints(),
             netns: cp,
-            pid: state
-                .processes
-                .iter()
-                .rev()
-                .find(|p| p.role == "etcd")
-                .map_or(0, |p| p.pid),
+            pid: members.first().map_or(0, |m| m.pid),
+            members,
             remote: tls_paths(&opts.run_dir, &cluster.name, LeafKind::Remote),
             admin: admin.clone(),
         },
@@ -511,7 +565,7 @@ fn start_node(
             "# etcd of cluster {name}, read with {own}'s read-only `remote` certificate\nendpoints: [{ep}]\nca: {ca}\ncert: {cert}\nkey: {key}\n",
             own = cluster.name,
             name = other.name,
-            ep = etcd_endpoint(other),
+            ep = other.etcd_endpoints().join(", "),
             ca = remote.ca.display(),
             cert = remote.cert.display(),
             key = remote.key.display(),
@@ -526,7 +580,7 @@ fn start_node(
         n = node.name,
         ip = node.ip,
         pod = node.pod_cidr,
-        ep = etcd_endpoint(cluster),
+        ep = cluster.etcd_endpoints().join(", "),
         ca = etcd.ca.display(),
         cert = etcd.cert.display(),
         key = etcd.key.display(),
@@ -770,6 +824,24 @@ pub fn down(run_dir: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Do
 
     progress("removing endpoint, node, control-plane and underlay namespaces");
     let mut netns: Vec<String> = state.endpoints.iter().map(|e| e.netns.clone()).collect();
+    // Endpoints added later with `meshd endpoint add` are not in the state file; their
+    // namespaces carry the node's namespace name as prefix (the agents'
+    // `endpoint_netns_prefix`).
+    let node_prefixes: Vec<String> = state
+        .clusters
+        .iter()
+        .flat_map(|c| c.nodes.iter().map(|n| format!("{}-", n.netns)))
+        .collect();
+    for entry in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if node_prefixes.iter().any(|p| name.starts_with(p)) && !netns.contains(&name) {
+            netns.push(name);
+        }
+    }
     netns.extend(state.netns.iter().rev().cloned());
     for ns in netns.iter().filter(|n| !n.is_empty()) {
         if Path::new("/run/netns").join(ns).exists() {

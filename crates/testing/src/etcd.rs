@@ -3,7 +3,8 @@
 //! Each [`Etcd`] runs `/usr/bin/etcd` (Debian's etcd-server, v3.4) on free loopback ports with a
 //! temporary data directory, optionally with TLS and client-certificate auth. It can be stopped,
 //! killed, paused, restarted on the same data dir and port, and compacted, which is what the
-//! kvstore and agent tests need to reproduce etcd's real failure modes.
+//! kvstore and agent tests need to reproduce etcd's real failure modes. Several of them form a
+//! replicated cluster in [`crate::etcd_cluster`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,13 @@ pub struct Etcd {
     peer_port: u16,
     child: Option<Child>,
     paused: bool,
+    /// `--name`, and this member's entry in `initial_cluster`.
+    name: String,
+    /// `--initial-cluster`: every member's `name=peer URL` (only read on the first start;
+    /// a restart finds the membership in the data dir).
+    initial_cluster: String,
+    /// `--initial-cluster-token`: unique per cluster, so members of two tests never join.
+    cluster_token: String,
 }
 
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -60,23 +68,54 @@ impl Etcd {
         let mut last_err = None;
         // Free ports can be taken by a parallel test between probing and binding: retry.
         for _ in 0..5 {
-            let mut etcd = Etcd {
-                opts: opts.clone(),
-                dir: tempfile::Builder::new()
-                    .prefix("meshd-etcd-")
-                    .tempdir()
-                    .context("creating etcd temp dir")?,
-                client_port: crate::free_port(),
-                peer_port: crate::free_port(),
-                child: None,
-                paused: false,
-            };
+            let mut etcd = Etcd::unstarted(&opts, "test")?;
+            etcd.initial_cluster = format!("test={}", etcd.peer_url());
             match etcd.spawn() {
                 Ok(()) => return Ok(etcd),
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.expect("at least one attempt"))
+    }
+
+    /// A member with fresh ports and data dir, not running yet; `initial_cluster` is left for
+    /// the caller, who knows every member's peer URL.
+    pub(crate) fn unstarted(opts: &EtcdOptions, name: &str) -> anyhow::Result<Etcd> {
+        let dir = tempfile::Builder::new()
+            .prefix("meshd-etcd-")
+            .tempdir()
+            .context("creating etcd temp dir")?;
+        let cluster_token = dir
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "meshd-test".into());
+        Ok(Etcd {
+            opts: opts.clone(),
+            dir,
+            client_port: crate::free_port(),
+            peer_port: crate::free_port(),
+            child: None,
+            paused: false,
+            name: name.to_owned(),
+            initial_cluster: String::new(),
+            cluster_token,
+        })
+    }
+
+    /// Makes this member part of a cluster of `initial_cluster` (`name=peer URL,...`).
+    pub(crate) fn join(&mut self, initial_cluster: &str, cluster_token: &str) {
+        self.initial_cluster = initial_cluster.to_owned();
+        self.cluster_token = cluster_token.to_owned();
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Peer URL (plaintext, loopback), e.g. `http://127.0.0.1:23800`.
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     fn scheme(&self) -> &'static str {
@@ -117,7 +156,20 @@ impl Etcd {
         self.child.is_some()
     }
 
+    /// Running and not frozen: it answers requests.
+    pub fn is_live(&self) -> bool {
+        self.child.is_some() && !self.paused
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let offset = self.launch()?;
+        self.wait_ready(offset)
+    }
+
+    /// Starts the process without waiting; returns where its log of this start begins. A
+    /// member of a replicated cluster is only ready once a quorum runs, so a cluster launches
+    /// every member before it waits for any.
+    pub(crate) fn launch(&mut self) -> anyhow::Result<u64> {
         let log_path = self.log_path();
         // Each start appends to the same log; remember where this start begins.
         let log_offset = fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
@@ -127,10 +179,10 @@ impl Etcd {
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
         let client_url = self.endpoint();
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer_url = self.peer_url();
         let mut cmd = Command::new("etcd");
         cmd.arg("--name")
-            .arg("test")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen-client-urls")
@@ -142,7 +194,9 @@ impl Etcd {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url)
             .arg("--initial-cluster")
-            .arg(format!("test={peer_url}"))
+            .arg(&self.initial_cluster)
+            .arg("--initial-cluster-token")
+            .arg(&self.cluster_token)
             .arg("--logger")
             .arg("zap")
             .arg("--log-outputs")
@@ -165,7 +219,11 @@ impl Etcd {
         let child = cmd.spawn().context("spawning etcd")?;
         self.child = Some(child);
         self.paused = false;
+        Ok(log_offset)
+    }
 
+    /// Waits until the start that logs from `log_offset` serves clients.
+    pub(crate) fn wait_ready(&mut self, log_offset: u64) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             if let Some(status) = self
@@ -175,7 +233,8 @@ impl Etcd {
             {
                 self.child = None;
                 bail!(
-                    "etcd exited during start-up ({status}); log:\n{}",
+                    "etcd {} exited during start-up ({status}); log:\n{}",
+                    self.name,
                     tail(&self.log_since(log_offset), 30)
                 );
             }
@@ -186,7 +245,8 @@ impl Etcd {
             if Instant::now() > deadline {
                 self.kill();
                 bail!(
-                    "etcd not ready within {START_DEADLINE:?}; log:\n{}",
+                    "etcd {} not ready within {START_DEADLINE:?}; log:\n{}",
+                    self.name,
                     tail(&self.log_since(log_offset), 30)
                 );
             }
@@ -262,45 +322,24 @@ impl Etcd {
 
     /// Runs `etcdctl` against this server (with the harness client certificate under TLS).
     pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let mut cmd = Command::new("etcdctl");
-        cmd.env("ETCDCTL_API", "3")
-            .arg("--endpoints")
-            .arg(self.endpoint())
-            .arg("--command-timeout=10s");
-        if let Some(tls) = &self.opts.tls {
-            cmd.arg("--cacert").arg(&tls.ca);
-            if let Some((cert, key)) = &tls.etcdctl_client {
-                cmd.arg("--cert").arg(cert).arg("--key").arg(key);
-            }
-        }
-        cmd.args(args);
-        let out = cmd.output().context("running etcdctl")?;
-        if !out.status.success() {
-            bail!(
-                "etcdctl {:?} failed ({}): {}",
-                args,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        etcdctl(&self.opts, &self.endpoint(), args)
     }
 
     /// The server's current revision.
     pub fn revision(&self) -> anyhow::Result<i64> {
         let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
-        // `[{"Endpoint":..,"Status":{"header":{..,"revision":N,..},..}}]`; a tiny scan avoids
-        // a JSON dependency in the harness.
-        let at = out
-            .find("\"revision\":")
-            .with_context(|| format!("no revision in etcdctl output: {out}"))?;
-        let digits: String = out[at + 11..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit())
-            .collect();
-        digits
+        scan_number(&out, "revision")?
             .parse()
             .with_context(|| format!("bad revision in etcdctl output: {out}"))
+    }
+
+    /// This member's id and the id of the leader it follows (decimal, as etcdctl prints them).
+    pub fn member_and_leader(&self) -> anyhow::Result<(String, String)> {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        Ok((
+            scan_number(&out, "member_id")?,
+            scan_number(&out, "leader")?,
+        ))
     }
 
     /// Compacts the history up to `revision` (physically, so old revisions are gone).
@@ -319,6 +358,53 @@ impl Etcd {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Runs `etcdctl` against `endpoints` (comma separated), with the harness client certificate
+/// under TLS.
+pub(crate) fn etcdctl(
+    opts: &EtcdOptions,
+    endpoints: &str,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoints)
+        .arg("--command-timeout=10s");
+    if let Some(tls) = &opts.tls {
+        cmd.arg("--cacert").arg(&tls.ca);
+        if let Some((cert, key)) = &tls.etcdctl_client {
+            cmd.arg("--cert").arg(cert).arg("--key").arg(key);
+        }
+    }
+    cmd.args(args);
+    let out = cmd.output().context("running etcdctl")?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl {:?} failed ({}): {}",
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The first unsigned number after `"field":` in etcdctl's JSON. Member ids use all 64 bits,
+/// more than a JSON parser that reads numbers as f64 keeps; a tiny scan also avoids a JSON
+/// dependency in the harness.
+fn scan_number(json: &str, field: &str) -> anyhow::Result<String> {
+    let pat = format!("\"{field}\":");
+    let at = json
+        .find(&pat)
+        .with_context(|| format!("no {field} in etcdctl output: {json}"))?;
+    let digits: String = json[at + pat.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    anyhow::ensure!(!digits.is_empty(), "bad {field} in etcdctl output: {json}");
+    Ok(digits)
 }
 
 impl Drop for Etcd {

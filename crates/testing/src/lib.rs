@@ -4,6 +4,7 @@
 //! and is torn down on drop, also when a test panics.
 
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod legacy_certs;
 pub mod netns;
 

@@ -18,6 +18,13 @@ use meshd_state::{
 };
 
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use meshd_kvstore::retry_transient;
+
+/// How long one etcd request of an allocation waits out a leader election or a failover to
+/// another member before the allocation fails.
+/// An election takes about one election timeout (1 s by default), a failover one reconnect; with
+/// every member down, the endpoint add should fail soon rather than at the CLI's deadline.
+const TRANSIENT_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -89,11 +96,25 @@ pub async fn resolve(
     };
     let index = index_key(cluster, labels);
 
+    // Every request below is safe to repeat (reads, and transactions guarded by a compare), so
+    // a leader election or the loss of the member this node talks to is waited out rather than
+    // failing the endpoint that needs the identity.
+    let get = |key: &str, opts: Option<GetOptions>| {
+        let (c, key) = (client.clone(), key.to_owned());
+        retry_transient(TRANSIENT_BUDGET, move || {
+            let (mut c, key, opts) = (c.clone(), key.clone(), opts.clone());
+            async move { c.get(key, opts).await }
+        })
+    };
+    let txn = |txn: Txn| {
+        let c = client.clone();
+        retry_transient(TRANSIENT_BUDGET, move || {
+            let (mut c, txn) = (c.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+    };
     for _ in 0..ATTEMPTS {
-        let found = client
-            .get(index.as_str(), None)
-            .await
-            .map_err(etcd("get", &index))?;
+        let found = get(&index, None).await.map_err(etcd("get", &index))?;
         if let Some(kv) = found.kvs().first() {
             let n: u32 = std::str::from_utf8(kv.value())
                 .ok()
@@ -120,22 +141,21 @@ pub async fn resolve(
                 &record,
             )
             .map_err(|e| invalid(e.to_string()))?;
-            let txn = Txn::new()
+            let recreate = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(key.as_str(), value, None)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            client.txn(txn).await.map_err(etcd("txn", &key))?;
+            txn(recreate).await.map_err(etcd("txn", &key))?;
             return Ok(id);
         }
 
         let prefix = format!("meshd/state/identities/v1/{cluster}/id/");
-        let existing = client
-            .get(
-                prefix.as_str(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await
-            .map_err(etcd("list", &prefix))?;
+        let existing = get(
+            &prefix,
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await
+        .map_err(etcd("list", &prefix))?;
         let used = existing
             .kvs()
             .iter()
@@ -156,7 +176,7 @@ pub async fn resolve(
         };
         let value = encode(&id_key, &record).map_err(|e| invalid(e.to_string()))?;
         let id_key = id_key.to_string();
-        let txn = Txn::new()
+        let allocate = Txn::new()
             .when([
                 Compare::create_revision(id_key.as_str(), CompareOp::Equal, 0),
                 Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
@@ -165,7 +185,7 @@ pub async fn resolve(
                 TxnOp::put(id_key.as_str(), value, None),
                 TxnOp::put(index.as_str(), id.get().to_string(), None),
             ]);
-        let resp = client.txn(txn).await.map_err(etcd("txn", &id_key))?;
+        let resp = txn(allocate).await.map_err(etcd("txn", &id_key))?;
         if resp.succeeded() {
             tracing::info!(%cluster, identity = %id, %labels, "allocated identity");
             return Ok(id);
