@@ -691,7 +691,7 @@ impl Mesh {
                     Some(std::net::IpAddr::V4(ip)) => Some(ip),
                     _ => None,
                 };
-                out.insert(prefix, (u32::from(e.identity.get()), tunnel));
+                out.insert(prefix, (e.identity.get(), tunnel));
             }
         }
         Ok(out)
