@@ -582,7 +582,9 @@ async fn rotation_under_a_running_watcher() {
     )
     .unwrap();
     let mut short = meshd_certs::LeafRequest::new(meshd_certs::LeafKind::Remote, "c2", 1);
-    let old_not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(8);
+    // Long enough for etcd's start, bootstrap, connect and the first watch on a loaded CI
+    // machine (the reader must connect before it expires); the test waits it out below.
+    let old_not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(15);
     short.not_after = old_not_after;
     ca.issue(&short).unwrap().write(&c2, true).unwrap();
     let old_copy = mesh.path().join("old");
