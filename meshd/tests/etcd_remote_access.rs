@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bootstrapped_etcd, clustermesh, connect, files, Mesh};
+use common::{as_admin, bootstrapped_etcd, clustermesh, connect, files, Mesh};
 use etcd_client::{GetOptions, WatchOptions};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -72,24 +72,13 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
     let c2 = mesh.issue_cluster("c2");
     let etcd = bootstrapped_etcd(&mesh, &c1);
     // Bootstrap is idempotent: a second run changes nothing.
-    let again = mesh
-        .run(&[
-            "etcd",
-            "bootstrap",
-            "--endpoints",
-            &etcd.endpoint(),
-            "--ca",
-            "c1/ca.pem",
-            "--cert",
-            "c1/admin.pem",
-            "--key",
-            "c1/admin-key.pem",
-            "--node",
-            "n1",
-            "-o",
-            "json",
-        ])
-        .ok();
+    let again = as_admin(
+        &mesh,
+        &etcd,
+        &c1,
+        &["etcd", "bootstrap", "--node", "n1", "-o", "json"],
+    )
+    .ok();
     let again: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
     assert_eq!(again["changes"], 0, "{again}");
 
@@ -423,22 +412,7 @@ async fn certificates_from_before_per_cluster_names_are_refused() {
     old.get(NODE, None)
         .await
         .expect("the old user reads before the upgrade");
-    let out = mesh
-        .run(&[
-            "etcd",
-            "bootstrap",
-            "--endpoints",
-            &etcd.endpoint(),
-            "--ca",
-            "c1/ca.pem",
-            "--cert",
-            "c1/admin.pem",
-            "--key",
-            "c1/admin-key.pem",
-            "--node",
-            "n1",
-        ])
-        .ok();
+    let out = as_admin(&mesh, &etcd, &c1, &["etcd", "bootstrap", "--node", "n1"]).ok();
     assert!(out.stdout.contains("delete user remote"), "{}", out.stdout);
     assert!(is_denied(old.get(NODE, None).await));
 }
@@ -712,26 +686,10 @@ async fn bootstrap_repairs_a_widened_remote_role() {
         .await
         .expect("the widened role writes");
 
-    let endpoint = etcd.endpoint();
     let bootstrap = |extra: &[&str]| {
-        let mut args = vec![
-            "etcd",
-            "bootstrap",
-            "--endpoints",
-            &endpoint,
-            "--ca",
-            "c1/ca.pem",
-            "--cert",
-            "c1/admin.pem",
-            "--key",
-            "c1/admin-key.pem",
-            "--node",
-            "n1",
-            "-o",
-            "json",
-        ];
+        let mut args = vec!["etcd", "bootstrap", "--node", "n1", "-o", "json"];
         args.extend(extra);
-        let run = mesh.run(&args).ok();
+        let run = as_admin(&mesh, &etcd, &c1, &args).ok();
         serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap()
     };
     let dry = bootstrap(&["--dry-run"]);

@@ -130,44 +130,49 @@ pub fn bootstrapped_etcd(mesh: &Mesh, cluster_dir: &Path) -> Etcd {
         ..Default::default()
     })
     .expect("starting etcd with TLS");
-    let dir = cluster_dir.display().to_string();
-    mesh.run(&[
-        "etcd",
-        "bootstrap",
-        "--endpoints",
-        &etcd.endpoint(),
-        "--ca",
-        &format!("{dir}/ca.pem"),
-        "--cert",
-        &format!("{dir}/admin.pem"),
-        "--key",
-        &format!("{dir}/admin-key.pem"),
-        "--node",
-        "n1",
-    ])
+    as_admin(
+        mesh,
+        &etcd,
+        cluster_dir,
+        &["etcd", "bootstrap", "--node", "n1"],
+    )
     .ok();
     etcd
 }
 
-/// `meshd clustermesh VERB OTHER` (connect, disconnect) against `etcd`, as the admin of the
-/// cluster in `cluster_dir`.
-pub fn clustermesh(mesh: &Mesh, etcd: &Etcd, cluster_dir: &Path, verb: &str, other: &str) -> Run {
+/// `meshd ARGS` against `etcd` as the admin of the cluster in `cluster_dir` (its
+/// `--endpoints`, `--ca`, `--cert`, `--key` appended).
+pub fn as_admin(mesh: &Mesh, etcd: &Etcd, cluster_dir: &Path, args: &[&str]) -> Run {
     let dir = cluster_dir.display().to_string();
-    mesh.run(&[
-        "clustermesh",
-        verb,
-        other,
+    let (endpoint, ca, cert, key) = (
+        etcd.endpoint(),
+        format!("{dir}/ca.pem"),
+        format!("{dir}/admin.pem"),
+        format!("{dir}/admin-key.pem"),
+    );
+    let mut all = args.to_vec();
+    all.extend([
         "--endpoints",
-        &etcd.endpoint(),
+        &endpoint,
         "--ca",
-        &format!("{dir}/ca.pem"),
+        &ca,
         "--cert",
-        &format!("{dir}/admin.pem"),
+        &cert,
         "--key",
-        &format!("{dir}/admin-key.pem"),
-        "-o",
-        "json",
-    ])
+        &key,
+    ]);
+    mesh.run(&all)
+}
+
+/// `meshd clustermesh VERB OTHER -o json` (connect, disconnect) against `etcd`, as the admin of
+/// the cluster in `cluster_dir`.
+pub fn clustermesh(mesh: &Mesh, etcd: &Etcd, cluster_dir: &Path, verb: &str, other: &str) -> Run {
+    as_admin(
+        mesh,
+        etcd,
+        cluster_dir,
+        &["clustermesh", verb, other, "-o", "json"],
+    )
 }
 
 pub fn files(cluster_dir: &Path, kind: &str) -> TlsFiles {
