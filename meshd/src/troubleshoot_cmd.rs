@@ -440,7 +440,7 @@ async fn check_etcd(
     let mut denied = false;
     for prefix in [STATE_PREFIX, SYNCED_PREFIX, CLUSTER_CONFIG_PREFIX] {
         let check = format!("read {prefix}");
-        match store.range(prefix, None, 0, 1).await {
+        match store.check_read(prefix).await {
             Ok(_) => f.pass(&check, "allowed"),
             Err(e) if e.is_permission_denied() => {
                 denied = true;

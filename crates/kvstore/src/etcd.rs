@@ -116,6 +116,22 @@ impl EtcdStore {
         Ok(header(resp.header()))
     }
 
+    /// Whether this client may read `prefix` now: one key-only read of at most one key. Not
+    /// retried, like `status`, and unlike it also an authorization check: etcd checks
+    /// permissions when a request or watch starts, never while a watch runs, so this is how a
+    /// watcher learns that its access was revoked (`meshd clustermesh disconnect`).
+    pub async fn check_read(&self, prefix: &str) -> Result<Header, KvError> {
+        let opts = GetOptions::new()
+            .with_range(prefix_end(prefix))
+            .with_limit(1)
+            .with_keys_only();
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .timed("range", prefix, kv.get(prefix, Some(opts)))
+            .await?;
+        Ok(header(resp.header()))
+    }
+
     fn lease_gone(&self, e: &KvError, lease: LeaseId) -> Option<KvError> {
         let text = match e {
             KvError::Etcd { source, .. } => source.to_string(),

@@ -319,7 +319,7 @@ async fn probe(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match backend.range(&prefix, None, 0, 1).await {
+        match backend.check_read(&prefix).await {
             Ok(_) => connection.send_if_modified(|c| {
                 let changed = !c.connected || c.last_error.is_some() || c.access_denied;
                 c.connected = true;
