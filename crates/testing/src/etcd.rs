@@ -305,19 +305,7 @@ impl Etcd {
     /// Starts again on the same data dir and port (stops first if running).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        // The port was just released by this process; a parallel test may grab it in theory,
-        // so retry a few times before giving up.
-        let mut last = None;
-        for _ in 0..20 {
-            match self.spawn() {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    last = Some(e);
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-            }
-        }
-        Err(last.expect("at least one attempt"))
+        relaunch(|| self.spawn())
     }
 
     /// Runs `etcdctl` against this server (with the harness client certificate under TLS).
@@ -428,6 +416,22 @@ fn signal(pid: u32, sig: &str) {
 fn tail(s: &str, lines: usize) -> String {
     let all: Vec<&str> = s.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Starts a stopped etcd again on the ports it had. They were just released by it, but a
+/// parallel test may grab one in theory, so a failed start is retried a few times.
+pub(crate) fn relaunch(mut launch: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let mut last = None;
+    for _ in 0..20 {
+        match launch() {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
 }
 
 #[cfg(test)]

@@ -216,18 +216,7 @@ impl EtcdCluster {
     /// Starts every member again on its data dir and ports (stopping running ones first).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
-        let mut last = None;
-        // A port just released may in theory be taken by a parallel test: retry a little.
-        for _ in 0..20 {
-            match self.launch_all() {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    last = Some(e);
-                    std::thread::sleep(Duration::from_millis(250));
-                }
-            }
-        }
-        Err(last.expect("at least one attempt"))
+        crate::etcd::relaunch(|| self.launch_all())
     }
 
     /// Every member's log, for test failure messages.
