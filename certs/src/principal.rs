@@ -114,6 +114,15 @@ impl Principal {
         Principal::parse(cn, cluster)
     }
 
+    /// The principal of the (first) certificate in the PEM file `path`; the error names the
+    /// file.
+    pub fn read_file(path: &std::path::Path) -> Result<Principal, String> {
+        let info = crate::inspect_file(path)
+            .map_err(|e| e.to_string())?
+            .remove(0);
+        Principal::from_cert(&info).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// The principal named by `cn` in `cluster` (the OU). The cluster comes from the OU, never
     /// from splitting the CN: cluster names may contain `-`, so `node-a-b-c` alone is ambiguous.
     pub fn parse(cn: &str, cluster: &str) -> Result<Principal, PrincipalError> {

@@ -595,20 +595,16 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
 /// only what agents publish. The cluster's admin certificate would make every node root of its
 /// cluster, and one compromised node its owner.
 fn check_node_certificate(cert: &Path, cluster: &ClusterName, node: &str) -> Result<(), String> {
-    let info = meshd_certs::inspect_file(cert)
-        .map_err(|e| e.to_string())?
-        .remove(0);
     let want = meshd_certs::Principal::node(cluster.as_str(), node);
     let reissue = format!(
         "issue this node's certificate with `meshd certs issue node --cluster {cluster} --node {node}` (and add its user with `meshd etcd bootstrap --node {node}`)"
     );
-    match meshd_certs::Principal::from_cert(&info) {
-        Ok(p) if p == want => Ok(()),
-        Ok(p) => Err(format!(
+    match meshd_certs::Principal::read_file(cert)? {
+        p if p == want => Ok(()),
+        p => Err(format!(
             "{}: certificate {p} is not this node's ({want}); {reissue}",
             cert.display()
         )),
-        Err(e) => Err(format!("{}: {e}", cert.display())),
     }
 }
 

@@ -107,18 +107,14 @@ pub fn check_remote_certificate(
     let Some(tls) = &config.tls else {
         return Ok(config.clone());
     };
-    let info = meshd_certs::inspect_file(&tls.cert)
-        .map_err(|e| format!("{}: {e}", path.display()))?
-        .remove(0);
     let want = meshd_certs::Principal::remote(local.as_str());
-    match meshd_certs::Principal::from_cert(&info) {
-        Ok(p) if p == want => Ok(config.clone()),
-        Ok(p) => Err(format!(
+    match meshd_certs::Principal::read_file(&tls.cert).map_err(|e| format!("{}: cert {e}", path.display()))? {
+        p if p == want => Ok(config.clone()),
+        p => Err(format!(
             "{}: cert {} is {p}; remote clusters are read with this cluster's remote certificate ({want}, `meshd certs issue remote --cluster {local}`)",
             path.display(),
             tls.cert.display()
         )),
-        Err(e) => Err(format!("{}: cert {}: {e}", path.display(), tls.cert.display())),
     }
 }
 
