@@ -31,7 +31,7 @@ use meshd_state::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::now_ms;
+use crate::now_ms;
 
 /// What the view task receives.
 #[derive(Debug)]
