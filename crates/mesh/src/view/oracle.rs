@@ -1,0 +1,103 @@
+//! The from-scratch oracle, for tests only: the desired state recomputed from what the view
+//! stores (every stored record replayed into a new view as one batch, the policy compiled and
+//! the services computed by the plain functions). The maintained state, and the operations
+//! emitted on the way, are checked against it after every event.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use meshd_state::{ClusterConfig, ClusterId, ClusterName, IdentityRecord, IpcacheEntry};
+
+use super::{ClusterEvent, EventKind, MeshView};
+use crate::desired::{DesiredDatapath, IpcacheTarget};
+use crate::policy::compile;
+
+impl MeshView {
+    /// Recomputes the desired ipcache and node maps from scratch, ignoring the incremental
+    /// bookkeeping: tests compare it with the maintained maps.
+    pub fn recompute_from_scratch(
+        &self,
+    ) -> (BTreeMap<IpNet, IpcacheTarget>, BTreeMap<IpAddr, ClusterId>) {
+        let fresh = self.replayed();
+        (fresh.ipcache_out, fresh.nodes_out)
+    }
+
+    /// The whole desired state recomputed from what the view stores: every stored record
+    /// replayed into a new view as one batch, the policy compiled and the services computed by
+    /// the plain functions. The oracle the maintained state (and the operations emitted on the
+    /// way) is checked against.
+    pub fn desired_from_scratch(&self) -> DesiredDatapath {
+        let fresh = self.replayed();
+        let compiled = compile(
+            self.policies.values(),
+            &fresh.identities_out,
+            self.local.cluster_id,
+        );
+        DesiredDatapath {
+            services: fresh.desired_services(),
+            ipcache: fresh.ipcache_out,
+            nodes: fresh.nodes_out,
+            policy: compiled.entries,
+            policy_enabled: compiled.enabled,
+        }
+    }
+
+    fn replayed(&self) -> MeshView {
+        let mut fresh = MeshView::new(self.local.clone());
+        let mut events = Vec::new();
+        // Accepted clusters first: they are the incumbents of their ids, the one decision
+        // that depends on history rather than on content.
+        let mut configs: Vec<(bool, &ClusterName, &ClusterConfig)> = self
+            .clusters
+            .iter()
+            .filter_map(|(c, cs)| Some((cs.accepted_id().is_none(), c, cs.config.as_ref()?)))
+            .collect();
+        configs.sort_by_key(|(later, _, _)| *later);
+        for (_, c, config) in configs {
+            events.push(ClusterEvent::new(
+                c.clone(),
+                EventKind::ClusterConfig(config.clone()),
+            ));
+        }
+        for (c, cs) in &self.clusters {
+            for n in cs.nodes.values() {
+                events.push(ClusterEvent::new(
+                    c.clone(),
+                    EventKind::UpsertNode(n.value.clone()),
+                ));
+            }
+            for (p, e) in &cs.ipcache {
+                events.push(ClusterEvent::new(
+                    c.clone(),
+                    EventKind::UpsertIpcache(IpcacheEntry {
+                        prefix: *p,
+                        identity: e.value.identity,
+                        host_ip: e.value.host_ip,
+                        endpoint: None,
+                        namespace: None,
+                    }),
+                ));
+            }
+            for (id, labels) in &cs.identities {
+                events.push(ClusterEvent::new(
+                    c.clone(),
+                    EventKind::UpsertIdentity {
+                        id: *id,
+                        record: IdentityRecord {
+                            labels: labels.value.clone(),
+                        },
+                    },
+                ));
+            }
+            for s in cs.services.values() {
+                events.push(ClusterEvent::new(
+                    c.clone(),
+                    EventKind::UpsertService(s.clone()),
+                ));
+            }
+        }
+        fresh.apply_batch(events);
+        fresh
+    }
+}
