@@ -89,7 +89,7 @@ fn preflight(opts: &UpOptions) -> anyhow::Result<()> {
             ));
         }
     }
-    for tool in ["etcd", "ip", "nsenter"] {
+    for tool in ["etcd", "nsenter"] {
         if run(
             None,
             Path::new("sh"),

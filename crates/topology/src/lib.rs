@@ -5,6 +5,9 @@
 //!   description ([`UnderlaySpec`], [`HostSpec`], [`RootLinkSpec`]) and tears down what it
 //!   built, in reverse order;
 //! - [`netns`]: named network namespaces (`/run/netns/NAME`);
+//!
+//! Links, addresses and routes go through netlink (`meshd-netlink`), as the agent's own
+//! plumbing does.
 //! - [`etcd`]: the command line of one etcd member, which the lab starts as a daemon and the
 //!   test harness as a child it owns.
 //!
@@ -13,7 +16,6 @@
 
 pub mod error;
 pub mod etcd;
-mod ip;
 pub mod netns;
 pub mod underlay;
 

@@ -8,8 +8,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::error::Result;
-use crate::ip::ip;
+use meshd_netlink::with_netlink;
+
+use crate::error::{Result, StepContext};
 use crate::netns;
 
 /// The bridge inside the underlay namespace.
@@ -74,20 +75,21 @@ impl Topology {
         };
         let ns = topo.underlay.netns.clone();
         topo.add_namespace(&ns)?;
-        ip(Some(&ns), &["link", "add", BRIDGE_IFNAME, "type", "bridge"])?;
-        if let Some(addr) = topo.underlay.bridge_address {
-            ip(
-                Some(&ns),
-                &["addr", "add", &addr.to_string(), "dev", BRIDGE_IFNAME],
-            )?;
-        }
-        ip(Some(&ns), &["link", "set", BRIDGE_IFNAME, "up"])?;
+        let address = topo.underlay.bridge_address;
+        with_netlink(Some(&ns), |nl| {
+            nl.add_bridge(BRIDGE_IFNAME)?;
+            if let Some(addr) = address {
+                nl.add_address(BRIDGE_IFNAME, addr)?;
+            }
+            nl.set_up(BRIDGE_IFNAME)
+        })
+        .step(|| format!("creating the underlay bridge in {ns}"))?;
         Ok(topo)
     }
 
     /// Creates a namespace owned by this topology (not on the underlay), with `lo` up.
     pub fn add_namespace(&mut self, name: &str) -> Result<()> {
-        netns::create(name)?;
+        netns::create(name).step(|| format!("creating network namespace {name}"))?;
         self.namespaces.push(name.to_owned());
         Ok(())
     }
@@ -96,88 +98,42 @@ impl Topology {
     pub fn add_host(&mut self, host: &HostSpec) -> Result<()> {
         self.add_namespace(&host.netns)?;
         let ul = self.underlay.netns.as_str();
-        let mtu = self.underlay.mtu.to_string();
-        ip(
-            Some(ul),
-            &[
-                "link",
-                "add",
+        let what = || format!("adding host {} to the underlay {ul}", host.netns);
+        with_netlink(Some(ul), |nl| {
+            nl.add_veth(
                 &host.bridge_port,
-                "mtu",
-                &mtu,
-                "type",
-                "veth",
-                "peer",
-                "name",
                 UNDERLAY_IFNAME,
-                "mtu",
-                &mtu,
-                "netns",
-                &host.netns,
-            ],
-        )?;
-        ip(
-            Some(ul),
-            &[
-                "link",
-                "set",
-                &host.bridge_port,
-                "master",
-                BRIDGE_IFNAME,
-                "up",
-            ],
-        )?;
-        let ns = Some(host.netns.as_str());
-        ip(
-            ns,
-            &[
-                "addr",
-                "add",
-                &host.address.to_string(),
-                "dev",
-                UNDERLAY_IFNAME,
-            ],
-        )?;
-        ip(ns, &["link", "set", UNDERLAY_IFNAME, "up"])?;
-        Ok(())
+                Some(&host.netns),
+                Some(self.underlay.mtu),
+            )?;
+            nl.set_master_up(&host.bridge_port, BRIDGE_IFNAME)
+        })
+        .step(what)?;
+        with_netlink(Some(&host.netns), |nl| {
+            nl.add_address(UNDERLAY_IFNAME, host.address)?;
+            nl.set_up(UNDERLAY_IFNAME)
+        })
+        .step(what)
     }
 
     /// Links the caller's namespace to the bridge.
     pub fn add_root_link(&mut self, link: &RootLinkSpec) -> Result<()> {
         let ul = self.underlay.netns.clone();
-        ip(
-            None,
-            &[
-                "link",
-                "add",
-                &link.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &link.bridge_port,
-                "netns",
-                &ul,
-            ],
-        )?;
+        let what = || format!("linking the host namespace to the underlay {ul}");
+        with_netlink(None, |nl| {
+            nl.add_veth(&link.name, &link.bridge_port, Some(&ul), None)
+        })
+        .step(what)?;
         self.root_links.push(link.name.clone());
-        ip(
-            None,
-            &["addr", "add", &link.address.to_string(), "dev", &link.name],
-        )?;
-        ip(None, &["link", "set", &link.name, "up"])?;
-        ip(
-            Some(&ul),
-            &[
-                "link",
-                "set",
-                &link.bridge_port,
-                "master",
-                BRIDGE_IFNAME,
-                "up",
-            ],
-        )?;
-        Ok(())
+        with_netlink(None, |nl| {
+            nl.add_address(&link.name, link.address)?;
+            nl.set_up(&link.name)
+        })
+        .step(what)?;
+        with_netlink(Some(&ul), |nl| {
+            nl.set_master_up(&link.bridge_port, BRIDGE_IFNAME)
+        })
+        .step(what)
     }
 
     pub fn underlay(&self) -> &UnderlaySpec {
@@ -225,16 +181,21 @@ pub fn remove(namespaces: &[String], root_links: &[String]) -> Result<()> {
     let mut first_error = None;
     for ns in namespaces.iter().rev() {
         netns::kill_processes(ns);
-        if let Err(e) = netns::delete(ns) {
+        if let Err(e) = netns::delete(ns).step(|| format!("removing network namespace {ns}")) {
             first_error.get_or_insert(e);
         }
     }
     for link in root_links {
         // Normally gone with its peer's namespace.
-        if ip(None, &["link", "show", "dev", link]).is_ok() {
-            if let Err(e) = ip(None, &["link", "del", link]) {
-                first_error.get_or_insert(e);
+        let removed = with_netlink(None, |nl| {
+            if nl.link(link)?.is_some() {
+                nl.delete_link(link)?;
             }
+            Ok(())
+        })
+        .step(|| format!("removing host link {link}"));
+        if let Err(e) = removed {
+            first_error.get_or_insert(e);
         }
     }
     first_error.map_or(Ok(()), Err)
