@@ -41,12 +41,7 @@ pub use meshd_netlink::LinkInfo;
 
 /// Reads ifindex, MAC and MTU of `dev` in `netns` (None = the caller's namespace).
 pub fn link_info(netns: Option<&str>, dev: &str) -> Result<LinkInfo> {
-    Ok(with_netlink(netns, |nl| {
-        nl.link(dev)?.ok_or_else(|| NetlinkError::NoSuchLink {
-            link: dev.to_owned(),
-            netns: nl.netns().to_owned(),
-        })
-    })?)
+    Ok(with_netlink(netns, |nl| nl.existing_link(dev))?)
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -125,10 +120,7 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
         nl.add_veth(host, ENDPOINT_IFNAME, Some(spec.endpoint_netns), Some(mtu))?;
         nl.set_no_ipv6_addrgen(host)?;
         nl.set_up(host)?;
-        nl.link(host)?.ok_or_else(|| NetlinkError::NoSuchLink {
-            link: host.to_owned(),
-            netns: nl.netns().to_owned(),
-        })
+        nl.existing_link(host)
     })?;
     let gateway = Ipv4Net::from(ENDPOINT_GATEWAY);
     let ep_info = with_netlink(Some(spec.endpoint_netns), |nl| {
@@ -155,11 +147,7 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
             false,
         )?;
         nl.replace_permanent_neighbour(ENDPOINT_IFNAME, ENDPOINT_GATEWAY, host_info.mac)?;
-        nl.link(ENDPOINT_IFNAME)?
-            .ok_or_else(|| NetlinkError::NoSuchLink {
-                link: ENDPOINT_IFNAME.to_owned(),
-                netns: nl.netns().to_owned(),
-            })
+        nl.existing_link(ENDPOINT_IFNAME)
     })?;
     // The node's own stack reaches the endpoint through its veth (replies to traffic that
     // from_endpoint handed to the stack, health checks). ip_forward stays as it is: nothing
