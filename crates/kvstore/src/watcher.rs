@@ -388,6 +388,9 @@ mod tests {
         async fn delete(&self, k: &str) -> Result<Header, KvError> {
             self.inner.delete(k).await
         }
+        async fn txn(&self, t: crate::Txn) -> Result<crate::TxnResponse, KvError> {
+            self.inner.txn(t).await
+        }
         async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {
             self.inner.grant_lease(ttl).await
         }

@@ -16,7 +16,6 @@
 
 pub mod config;
 pub mod endpoints;
-pub mod identity;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
@@ -310,7 +309,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         config.clone(),
         endpoint_store,
         datapath,
-        store.client(),
+        store.clone(),
         publisher.clone(),
         local_eps_tx,
         reconciled_rx.clone(),
