@@ -30,6 +30,8 @@ pub use etcd::EtcdStore;
 pub use identity::{lowest_free, resolve_identity, IdentityError};
 pub use memory::MemoryStore;
 pub use publisher::{Publisher, PublisherConfig, PublisherStats};
-pub use reflection::{Reflection, WatchEvent, WatchStats};
+pub use reflection::{RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats};
 pub use retry::{is_transient, retry_transient};
-pub use watcher::{watch_cluster, watch_prefix, WatchConfig, WatchHandle};
+pub use watcher::{
+    watch_cluster, watch_prefix, watch_raw, EventWatch, RawWatchHandle, WatchConfig, WatchHandle,
+};

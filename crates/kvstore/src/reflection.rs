@@ -1,6 +1,11 @@
-//! The pure heart of list-then-watch: what a reader believes is in etcd, and the typed events
-//! that move it from one belief to the next. No I/O, so every case (relist with deletes,
-//! malformed values, foreign clusters) is unit-tested here; the watcher only feeds it.
+//! The pure heart of list-then-watch: what a reader believes is in etcd, and the events that
+//! move it from one belief to the next. No I/O, so every case (relist with deletes, malformed
+//! values, foreign clusters) is unit-tested here; the watcher only feeds it.
+//!
+//! Two reflections share the watcher's loop ([`Reflect`]): [`Reflection`] decodes and validates
+//! records of one [`Resource`] and emits typed [`WatchEvent`]s, skipping identical rewrites;
+//! [`RawReflection`] emits the raw key-values with their revisions ([`RawWatchEvent`]), for a
+//! reader that decodes for itself and guards its writes with the revisions it read.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -9,6 +14,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use meshd_state::{decode, ClusterName, Resource, ResourceKey};
 
 use crate::backend::{EventKind, KeyValue, RawEvent};
+
+/// What the watcher's loop feeds: a full list (`begin_list`, `listed` per entry,
+/// `finish_list`), then the events of the watch, each response closed by `progress`.
+pub trait Reflect: Send + 'static {
+    type Event: Send + 'static;
+    fn begin_list(&mut self);
+    fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<Self::Event>);
+    fn finish_list(&mut self, revision: i64, out: &mut Vec<Self::Event>);
+    fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<Self::Event>);
+    /// A watch response at `revision` was applied.
+    fn progress(&mut self, _revision: i64, _out: &mut Vec<Self::Event>) {}
+    /// Keys held.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// What a watcher emits.
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +241,118 @@ impl<R: Resource> Reflection<R> {
     }
 }
 
+impl<R: Resource> Reflect for Reflection<R> {
+    type Event = WatchEvent<R>;
+    fn begin_list(&mut self) {
+        Reflection::begin_list(self)
+    }
+    fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        Reflection::listed(self, kv, stats, out)
+    }
+    fn finish_list(&mut self, revision: i64, out: &mut Vec<Self::Event>) {
+        Reflection::finish_list(self, revision, out)
+    }
+    fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        Reflection::apply(self, ev, stats, out)
+    }
+    fn len(&self) -> usize {
+        Reflection::len(self)
+    }
+}
+
+/// What a raw watcher emits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawWatchEvent {
+    /// A put (the key is new, or was written since it was last emitted: its mod revision
+    /// differs) or a delete (deleted, expired, or not seen again by a relist; the value is
+    /// empty). Unlike the typed watch, a rewrite with identical bytes is emitted: its revision
+    /// changed, and a reader guarding writes with it needs the new one.
+    Event(RawEvent),
+    /// A full list completed at `revision` (after each list, not only the first).
+    Synced { revision: i64 },
+    /// Every change up to `revision` has been emitted (after each watch response).
+    Progress { revision: i64 },
+}
+
+/// The reader's view of one prefix, raw: each key's mod revision.
+#[derive(Default)]
+pub struct RawReflection {
+    /// Rendered key -> (mod revision last emitted, list generation that last saw it).
+    entries: HashMap<String, (i64, u64)>,
+    generation: u64,
+}
+
+impl RawReflection {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn put(&mut self, kv: KeyValue, out: &mut Vec<RawWatchEvent>) {
+        let generation = self.generation;
+        match self.entries.get_mut(&kv.key) {
+            Some((rev, seen)) if *rev == kv.mod_revision => *seen = generation,
+            _ => {
+                self.entries
+                    .insert(kv.key.clone(), (kv.mod_revision, generation));
+                out.push(RawWatchEvent::Event(RawEvent {
+                    kind: EventKind::Put,
+                    kv,
+                }));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: String, revision: i64, out: &mut Vec<RawWatchEvent>) {
+        if self.entries.remove(&key).is_some() {
+            out.push(RawWatchEvent::Event(RawEvent {
+                kind: EventKind::Delete,
+                kv: KeyValue {
+                    key,
+                    value: Vec::new(),
+                    mod_revision: revision,
+                    lease: 0,
+                },
+            }));
+        }
+    }
+}
+
+impl Reflect for RawReflection {
+    type Event = RawWatchEvent;
+    fn begin_list(&mut self) {
+        self.generation += 1;
+    }
+    fn listed(&mut self, kv: KeyValue, _stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        self.put(kv, out);
+    }
+    fn finish_list(&mut self, revision: i64, out: &mut Vec<Self::Event>) {
+        let generation = self.generation;
+        let mut gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, (_, seen))| *seen != generation)
+            .map(|(key, _)| key.clone())
+            .collect();
+        gone.sort();
+        for key in gone {
+            self.remove(key, revision, out);
+        }
+        out.push(RawWatchEvent::Synced { revision });
+    }
+    fn apply(&mut self, ev: RawEvent, _stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        match ev.kind {
+            EventKind::Put => self.put(ev.kv, out),
+            EventKind::Delete => self.remove(ev.kv.key, ev.kv.mod_revision, out),
+        }
+    }
+    fn progress(&mut self, revision: i64, out: &mut Vec<Self::Event>) {
+        out.push(RawWatchEvent::Progress { revision });
+    }
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -412,6 +546,61 @@ mod tests {
         r.finish_list(3, &mut out);
         assert_eq!(out.len(), 2, "{out:?}");
         assert!(matches!(&out[0], WatchEvent::Upsert { key, .. } if key.cluster.as_str() == "c1"));
+        assert_eq!(stats.malformed(), 0);
+    }
+
+    fn rev(key: &str, value: &[u8], mod_revision: i64) -> KeyValue {
+        KeyValue {
+            mod_revision,
+            ..raw(key, value)
+        }
+    }
+
+    fn raw_summary(events: &[RawWatchEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                RawWatchEvent::Event(RawEvent {
+                    kind: EventKind::Put,
+                    kv,
+                }) => format!("+{}@{}", kv.key, kv.mod_revision),
+                RawWatchEvent::Event(RawEvent {
+                    kind: EventKind::Delete,
+                    kv,
+                }) => format!("-{}@{}", kv.key, kv.mod_revision),
+                RawWatchEvent::Synced { revision } => format!("synced@{revision}"),
+                RawWatchEvent::Progress { revision } => format!("progress@{revision}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_reflection_emits_revisions_and_sweeps_on_relist() {
+        let stats = WatchStats::default();
+        let mut r = RawReflection::new();
+        let mut out = Vec::new();
+        r.begin_list();
+        r.listed(rev("p/a", b"1", 2), &stats, &mut out);
+        r.listed(rev("p/b", b"1", 3), &stats, &mut out);
+        r.finish_list(3, &mut out);
+        assert_eq!(raw_summary(&out), ["+p/a@2", "+p/b@3", "synced@3"]);
+
+        // Watch: an identical rewrite is emitted (new revision), a repeat of a revision is not.
+        let mut out = Vec::new();
+        r.apply(put(rev("p/a", b"1", 4)), &stats, &mut out);
+        r.apply(put(rev("p/a", b"1", 4)), &stats, &mut out);
+        r.apply(del("p/zz"), &stats, &mut out);
+        r.progress(4, &mut out);
+        assert_eq!(raw_summary(&out), ["+p/a@4", "progress@4"]);
+
+        // Relist: a unchanged, b gone, c new.
+        let mut out = Vec::new();
+        r.begin_list();
+        r.listed(rev("p/a", b"1", 4), &stats, &mut out);
+        r.listed(rev("p/c", b"1", 6), &stats, &mut out);
+        r.finish_list(7, &mut out);
+        assert_eq!(raw_summary(&out), ["+p/c@6", "-p/b@7", "synced@7"]);
+        assert_eq!(Reflect::len(&r), 2);
         assert_eq!(stats.malformed(), 0);
     }
 }

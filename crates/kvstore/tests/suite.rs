@@ -3,14 +3,16 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use meshd_kvstore::{
-    resolve_identity, wait_for_canaries, watch_cluster, Backend, Compare, EventKind, Publisher,
-    PublisherConfig, Txn, TxnOp, WatchConfig, WatchMessage,
+    resolve_identity, wait_for_canaries, watch_cluster, watch_raw, Backend, Compare, EventKind,
+    Publisher, PublisherConfig, RawWatchEvent, RawWatchHandle, Txn, TxnOp, WatchConfig,
+    WatchMessage,
 };
 use meshd_state::{
     ClusterId, IdentityKey, IpcacheEntry, Labels, NumericIdentity, SyncCanary, SyncCanaryKey,
@@ -642,6 +644,67 @@ async fn racing_nodes_agree_on_identity_numbers<F: Fixture>() {
     assert_eq!(page.kvs.iter().filter(|kv| kv.key == key).count(), 1);
 }
 
+/// What a raw watch's events add up to.
+#[derive(Default)]
+struct RawModel {
+    revisions: BTreeMap<String, i64>,
+    synced: i64,
+    progress: i64,
+}
+
+impl RawModel {
+    async fn until(&mut self, w: &mut RawWatchHandle, what: &str, done: impl Fn(&Self) -> bool) {
+        tokio::time::timeout(DEADLINE, async {
+            while !done(self) {
+                match w.next().await.expect("the watch runs") {
+                    RawWatchEvent::Event(e) if e.kind == EventKind::Put => {
+                        self.revisions.insert(e.kv.key, e.kv.mod_revision);
+                    }
+                    RawWatchEvent::Event(e) => {
+                        self.revisions.remove(&e.kv.key);
+                    }
+                    RawWatchEvent::Synced { revision } => self.synced = revision,
+                    RawWatchEvent::Progress { revision } => self.progress = revision,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {DEADLINE:?}"));
+    }
+}
+
+/// The raw watch: puts with their revisions (an identical rewrite included), progress after
+/// each response, and a relist after compaction that sweeps a delete missed meanwhile.
+async fn raw_watch_reports_revisions_and_relists<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let b = f.writer();
+    let first = b.put("raw/a", b"1".to_vec(), None).await.unwrap().revision;
+    b.put("raw/b", b"1".to_vec(), None).await.unwrap();
+    let mut w = watch_raw(f.reader(), "raw/".into(), small_pages());
+    let mut m = RawModel::default();
+    m.until(&mut w, "initial list", |m| m.synced > 0).await;
+    assert_eq!(m.revisions.len(), 2);
+    assert_eq!(m.revisions["raw/a"], first);
+
+    let again = b.put("raw/a", b"1".to_vec(), None).await.unwrap().revision;
+    m.until(&mut w, "identical rewrite", |m| {
+        m.revisions["raw/a"] == again && m.progress >= again
+    })
+    .await;
+
+    f.cut();
+    b.delete("raw/b").await.unwrap();
+    let c = b.put("raw/c", b"1".to_vec(), None).await.unwrap().revision;
+    f.compact_now().await;
+    f.heal();
+    m.until(&mut w, "relist after the cut", |m| {
+        m.synced >= c && !m.revisions.contains_key("raw/b")
+    })
+    .await;
+    assert_eq!(m.revisions.keys().collect::<Vec<_>>(), ["raw/a", "raw/c"]);
+    assert_eq!(m.revisions["raw/c"], c);
+}
+
 macro_rules! suite {
     ($name:ident, $fixture:ty) => {
         mod $name {
@@ -695,6 +758,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sync_canaries_are_written_and_awaited() {
                 super::sync_canaries_are_written_and_awaited::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn raw_watch_reports_revisions_and_relists() {
+                super::raw_watch_reports_revisions_and_relists::<$fixture>().await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn transactions_compare_and_swap() {
