@@ -7,8 +7,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clustermesh_apiserver::client::{self, Client};
 use clustermesh_apiserver::{Apiserver, Config, ConfigArgs};
+use meshd_api::apiserver::{self as client, Client};
 use meshd_certs::{LeafKind, MeshCa, TlsFiles};
 use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
 use meshd_testing::etcd::{Etcd, EtcdOptions, EtcdTls};

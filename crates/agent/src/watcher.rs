@@ -29,7 +29,7 @@ use meshd_state::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::now_ms;
+use crate::now_ms;
 
 /// What the view task receives.
 #[derive(Debug)]
