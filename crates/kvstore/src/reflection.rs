@@ -87,11 +87,73 @@ fn fingerprint(value: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// Bytes of a key held inline: with its length and the variant tag, 24 bytes, a `String`'s
+/// size. Every IPv4 ipcache key fits once the watched prefix is taken off (`10.1.0.5` or
+/// `10.1.0.0/16`).
+const INLINE: usize = 22;
+
+/// A held key without the watched prefix: inline when short, so 100k ipcache keys cost no
+/// allocation each (measured: 89 bytes an entry held as full `String`s, 53 this way;
+/// `tests/reflection_memory.rs`).
+#[derive(Clone)]
+enum KeyText {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+impl KeyText {
+    fn new(s: &str) -> Self {
+        if s.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Self::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(s.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Whole strs are copied in, so the bytes are always valid UTF-8.
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).expect("a whole str was copied in")
+            }
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+impl PartialEq for KeyText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for KeyText {}
+
+impl Hash for KeyText {
+    // As the str it holds, so lookups by `&str` find it (`Borrow<str>`).
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<str> for KeyText {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
 /// The reader's view of one prefix.
 pub struct Reflection<R: Resource> {
-    /// Rendered key -> what was last emitted for it. The typed key of a delete is parsed again
-    /// from the rendered one (it parsed when it was inserted).
-    entries: HashMap<String, Entry>,
+    /// Key without `prefix` -> what was last emitted for it. The typed key of a delete is
+    /// parsed again from the rendered one (it parsed when it was inserted).
+    entries: HashMap<KeyText, Entry>,
+    /// What every key of the watch starts with, not stored with each.
+    prefix: String,
     kind: std::marker::PhantomData<R>,
     /// Only keys of this cluster count (cluster config's prefix is one key, which other cluster
     /// names can extend: `c1` is a prefix of `c10`).
@@ -111,8 +173,14 @@ enum Decoded<R: Resource> {
 
 impl<R: Resource> Reflection<R> {
     pub fn new(scope: Option<ClusterName>) -> Self {
+        Self::for_prefix(String::new(), scope)
+    }
+
+    /// A reflection of the keys under `prefix` (the watched one); keys outside it are ignored.
+    pub fn for_prefix(prefix: String, scope: Option<ClusterName>) -> Self {
         Self {
             entries: HashMap::new(),
+            prefix,
             kind: std::marker::PhantomData,
             scope,
             generation: 0,
@@ -129,7 +197,8 @@ impl<R: Resource> Reflection<R> {
 
     /// Whether a key (in its rendered form) is currently believed present.
     pub fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        key.strip_prefix(self.prefix.as_str())
+            .is_some_and(|k| self.entries.contains_key(k))
     }
 
     fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
@@ -148,9 +217,9 @@ impl<R: Resource> Reflection<R> {
 
     /// Marks an entry seen if its bytes (fingerprint `fp`) did not change; `true` if so
     /// (nothing else to do).
-    fn unchanged(&mut self, key: &str, fp: u64) -> bool {
+    fn unchanged(&mut self, suffix: &str, fp: u64) -> bool {
         let generation = self.generation;
-        match self.entries.get_mut(key) {
+        match self.entries.get_mut(suffix) {
             Some(e) if e.fingerprint == fp => {
                 e.seen = generation;
                 true
@@ -161,7 +230,7 @@ impl<R: Resource> Reflection<R> {
 
     fn upsert(
         &mut self,
-        raw: String,
+        suffix: &str,
         fp: u64,
         key: R::Key,
         value: R,
@@ -172,14 +241,15 @@ impl<R: Resource> Reflection<R> {
             fingerprint: fp,
             seen: self.generation,
         };
-        self.entries.insert(raw, entry);
+        self.entries.insert(KeyText::new(suffix), entry);
     }
 
-    fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
-        if self.entries.remove(raw).is_none() {
+    fn remove(&mut self, suffix: &str, out: &mut Vec<WatchEvent<R>>) {
+        if self.entries.remove(suffix).is_none() {
             return;
         }
-        match R::Key::parse(raw) {
+        let raw = format!("{}{suffix}", self.prefix);
+        match R::Key::parse(&raw) {
             Ok(key) => out.push(WatchEvent::Delete { key }),
             // Only keys that parsed are inserted, and parsing is a pure function of the text.
             Err(e) => tracing::error!(key = raw, error = %e, "a held key no longer parses"),
@@ -193,12 +263,15 @@ impl<R: Resource> Reflection<R> {
 
     /// One entry of the list in progress.
     pub fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        let Some(suffix) = kv.key.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
         let fp = fingerprint(&kv.value);
-        if self.unchanged(&kv.key, fp) {
+        if self.unchanged(suffix, fp) {
             return;
         }
         match self.decode(&kv.key, &kv.value, stats) {
-            Decoded::Ok(key, value) => self.upsert(kv.key, fp, key, value, out),
+            Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, out),
             // Not marked: if we held an older, valid value it is swept as deleted, since etcd
             // no longer holds it.
             Decoded::Foreign | Decoded::Malformed => {}
@@ -208,15 +281,16 @@ impl<R: Resource> Reflection<R> {
     /// Ends the list: sweeps what was not seen and announces the sync.
     pub fn finish_list(&mut self, revision: i64, out: &mut Vec<WatchEvent<R>>) {
         let generation = self.generation;
-        let mut gone: Vec<String> = self
+        let mut gone: Vec<KeyText> = self
             .entries
             .iter()
             .filter(|(_, e)| e.seen != generation)
-            .map(|(raw, _)| raw.clone())
+            .map(|(suffix, _)| suffix.clone())
             .collect();
-        gone.sort();
-        for raw in gone {
-            self.remove(&raw, out);
+        // In key order (all share the prefix).
+        gone.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        for suffix in gone {
+            self.remove(suffix.as_str(), out);
         }
         out.push(WatchEvent::Synced { revision });
     }
@@ -224,19 +298,22 @@ impl<R: Resource> Reflection<R> {
     /// One event of the watch. A malformed put of a key we held deletes it: the old value is
     /// no longer what etcd holds, and nothing else is disturbed.
     pub fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        let Some(suffix) = ev.kv.key.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
         match ev.kind {
             EventKind::Put => {
                 let fp = fingerprint(&ev.kv.value);
-                if self.unchanged(&ev.kv.key, fp) {
+                if self.unchanged(suffix, fp) {
                     return;
                 }
                 match self.decode(&ev.kv.key, &ev.kv.value, stats) {
-                    Decoded::Ok(key, value) => self.upsert(ev.kv.key, fp, key, value, out),
+                    Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, out),
                     Decoded::Foreign => {}
-                    Decoded::Malformed => self.remove(&ev.kv.key, out),
+                    Decoded::Malformed => self.remove(suffix, out),
                 }
             }
-            EventKind::Delete => self.remove(&ev.kv.key, out),
+            EventKind::Delete => self.remove(suffix, out),
         }
     }
 }
@@ -547,6 +624,71 @@ mod tests {
         assert_eq!(out.len(), 2, "{out:?}");
         assert!(matches!(&out[0], WatchEvent::Upsert { key, .. } if key.cluster.as_str() == "c1"));
         assert_eq!(stats.malformed(), 0);
+    }
+
+    fn entry6(ip: &str, id: u32) -> KeyValue {
+        let key = IpcacheKey::host(c("c1"), ip.parse().unwrap());
+        let value = IpcacheEntry {
+            prefix: key.prefix,
+            identity: NumericIdentity::new(id).unwrap(),
+            host_ip: "fd00::1".parse().unwrap(),
+            endpoint: None,
+            namespace: None,
+        };
+        KeyValue {
+            key: key.to_string(),
+            value: serde_json::to_vec(&value).unwrap(),
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn keys_are_held_without_the_prefix_short_ones_inline() {
+        let stats = WatchStats::default();
+        let mut r: Reflection<IpcacheEntry> =
+            Reflection::for_prefix("meshd/state/ip/v1/c1/".into(), Some(c("c1")));
+        let long = "fd00:1234:5678:9abc:def0:1234:5678:9abc";
+        let out = list(
+            &mut r,
+            vec![
+                entry("10.0.0.1", ID1),
+                entry6(long, ID1),
+                entry("10.0.0.2", ID1),
+            ],
+            &stats,
+        );
+        assert_eq!(out.len(), 4, "{out:?}");
+        assert!(r.contains("meshd/state/ip/v1/c1/10.0.0.1"));
+        assert!(r.contains(&format!("meshd/state/ip/v1/c1/{long}")));
+        assert!(
+            !r.contains("10.0.0.1"),
+            "held keys are matched with their prefix"
+        );
+        assert!(matches!(KeyText::new("10.0.0.1"), KeyText::Inline { .. }));
+        assert!(matches!(KeyText::new(long), KeyText::Heap(_)));
+
+        // Unchanged: nothing; the long key and .2 gone: deleted with their full keys.
+        let out = list(&mut r, vec![entry("10.0.0.1", ID1)], &stats);
+        let deleted: Vec<String> = out
+            .iter()
+            .filter_map(|e| match e {
+                WatchEvent::Delete { key } => Some(key.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            deleted,
+            [
+                "meshd/state/ip/v1/c1/10.0.0.2".to_owned(),
+                format!("meshd/state/ip/v1/c1/{long}")
+            ]
+        );
+        // A key outside the prefix is not ours.
+        let mut out = Vec::new();
+        r.apply(put(raw("other/10.0.0.9", b"{}")), &stats, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(r.len(), 1);
     }
 
     fn rev(key: &str, value: &[u8], mod_revision: i64) -> KeyValue {

@@ -122,7 +122,13 @@ pub fn watch_prefix<R: Resource, B: Backend>(
 ) -> WatchHandle<R> {
     let span =
         tracing::info_span!("watch", kind = R::KIND, prefix = %prefix, etcd = %backend.describe());
-    start(backend, prefix, Reflection::new(scope), config, span)
+    start(
+        backend,
+        prefix.clone(),
+        Reflection::for_prefix(prefix, scope),
+        config,
+        span,
+    )
 }
 
 /// Watches every key under `prefix`, raw: puts and deletes with their revisions, `Synced`
