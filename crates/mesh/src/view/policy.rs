@@ -26,6 +26,10 @@ impl MeshView {
                 &self.identities_out,
             );
             self.policy_index.flush(&mut applied.ops);
+            // Prefixes the policies began or ceased to name enter or leave the ipcache.
+            for prefix in self.policy_index.take_touched_cidrs() {
+                self.refresh_prefix(prefix.into(), &mut applied.ops);
+            }
             order_ops(&mut applied.ops);
         }
         Ok(applied)
@@ -61,10 +65,8 @@ impl MeshView {
     /// The policy entries and markers for the local cluster's identities, compiled against
     /// every admitted identity of every cluster.
     pub fn compile_policy(&self) -> CompiledPolicy {
-        compile(
-            self.policies.values(),
-            &self.identities_out,
-            self.local.cluster_id,
-        )
+        let mut identities = self.identities_out.clone();
+        identities.extend(self.policy_index.cidr_identities().labelled());
+        compile(self.policies.values(), &identities, self.local.cluster_id)
     }
 }
