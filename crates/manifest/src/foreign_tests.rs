@@ -1,7 +1,7 @@
 //! Policies users bring: Cilium's documentation examples and Kubernetes' own, rewritten into
 //! meshd's policy with their meaning kept, and what meshd cannot enforce refused by field.
 
-use meshd_mesh::policy::Entity;
+use meshd_state::policy::{Entity, L4Protocol};
 
 use crate::*;
 
@@ -268,7 +268,7 @@ fn kubernetes_network_policy_keeps_its_meaning() {
         "172.17.1.0/24"
     );
     let ports = &ingress.to_ports.as_ref().unwrap()[0].ports[0];
-    assert_eq!(ports.protocol, Some(meshd_mesh::policy::L4Protocol::Tcp));
+    assert_eq!(ports.protocol, Some(L4Protocol::Tcp));
     let egress = &p.spec.egress.as_ref().unwrap()[0];
     assert_eq!(
         egress.to_cidr_set.as_ref().unwrap()[0].cidr.to_string(),
@@ -284,7 +284,11 @@ fn kubernetes_network_policy_keeps_its_meaning() {
     assert_eq!(p.spec.ingress.as_ref().unwrap().len(), 1);
     let rule = &p.spec.ingress.as_ref().unwrap()[0];
     assert!(
-        rule.peers().is_none() && rule.to_ports.is_none(),
+        rule.from_endpoints.is_none()
+            && rule.from_entities.is_none()
+            && rule.from_cidr.is_none()
+            && rule.from_cidr_set.is_none()
+            && rule.to_ports.is_none(),
         "any peer, any port"
     );
     assert!(p.spec.egress.is_none());

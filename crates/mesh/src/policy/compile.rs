@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use meshd_state::{ClusterId, Labels, NumericIdentity, NAMESPACE_LABEL};
 
-use super::peers::{reserved_identities, PeerSet};
+use super::peers::{egress_peers, ingress_peers, reserved_identities, PeerSet};
 use super::{L4Protocol, NetworkPolicy, PortRule, DEFAULT_NAMESPACE};
 use crate::desired::{Direction, IpProto, PolicyKey, PolicyValue, Verdict};
 
@@ -114,7 +114,7 @@ pub fn compile<'a>(
             rules
                 .iter()
                 .map(|r| Rule {
-                    peers: r.peers(),
+                    peers: ingress_peers(r),
                     ports: r.to_ports.as_deref(),
                 })
                 .collect::<Vec<_>>()
@@ -123,7 +123,7 @@ pub fn compile<'a>(
             rules
                 .iter()
                 .map(|r| Rule {
-                    peers: r.peers(),
+                    peers: egress_peers(r),
                     ports: r.to_ports.as_deref(),
                 })
                 .collect::<Vec<_>>()

@@ -16,7 +16,9 @@ use ipnet::Ipv4Net;
 use meshd_state::{ClusterId, Labels, NumericIdentity};
 
 use super::compile::{expand_ports, namespace_of};
-use super::peers::{cidr_labels, reserved_identities, CidrIdentities, PeerSet};
+use super::peers::{
+    cidr_labels, egress_peers, ingress_peers, reserved_identities, CidrIdentities, PeerSet,
+};
 use super::{rule_cookie, CompiledPolicy, NetworkPolicy, BUILTIN_COOKIE};
 use crate::desired::{
     diff_policy_parts, DatapathOp, Direction, IpProto, PolicyKey, PolicyValue, Verdict,
@@ -330,7 +332,7 @@ impl PolicyIndex {
                 policy.spec.ingress.as_ref().map(|rules| {
                     rules
                         .iter()
-                        .map(|r| (r.peers(), r.to_ports.as_deref()))
+                        .map(|r| (ingress_peers(r), r.to_ports.as_deref()))
                         .collect::<Vec<_>>()
                 }),
             ),
@@ -339,7 +341,7 @@ impl PolicyIndex {
                 policy.spec.egress.as_ref().map(|rules| {
                     rules
                         .iter()
-                        .map(|r| (r.peers(), r.to_ports.as_deref()))
+                        .map(|r| (egress_peers(r), r.to_ports.as_deref()))
                         .collect::<Vec<_>>()
                 }),
             ),

@@ -18,7 +18,7 @@ use ipnet::Ipv4Net;
 use meshd_state::{ClusterId, Labels, NumericIdentity, NAMESPACE_LABEL};
 
 use super::compile::namespace_of;
-use super::{CidrRule, EndpointSelector, Entity};
+use super::{CidrRule, EgressRule, EndpointSelector, Entity, IngressRule};
 
 /// Label carrying the prefix of a CIDR identity (never stored; only the node's policy engine
 /// sees it).
@@ -36,6 +36,26 @@ pub fn reserved_identities() -> [(NumericIdentity, Labels); 3] {
 /// The labels of the CIDR identity of `prefix`.
 pub fn cidr_labels(prefix: Ipv4Net) -> Labels {
     Labels::from_pairs([(CIDR_LABEL, prefix.to_string())])
+}
+
+/// The peers of an ingress rule; `None`: any peer.
+pub fn ingress_peers(r: &IngressRule) -> Option<PeerSet> {
+    PeerSet::of_rule(
+        r.from_endpoints.as_deref(),
+        r.from_entities.as_deref(),
+        r.from_cidr.as_deref(),
+        r.from_cidr_set.as_deref(),
+    )
+}
+
+/// The peers of an egress rule; `None`: any peer.
+pub fn egress_peers(r: &EgressRule) -> Option<PeerSet> {
+    PeerSet::of_rule(
+        r.to_endpoints.as_deref(),
+        r.to_entities.as_deref(),
+        r.to_cidr.as_deref(),
+        r.to_cidr_set.as_deref(),
+    )
 }
 
 /// What one rule's peer fields allow, other than any peer.

@@ -13,7 +13,7 @@ use meshd_state::{
 
 use super::{ClusterEvent, EventKind, MeshView};
 use crate::desired::{DesiredDatapath, IpcacheTarget};
-use crate::policy::{cidr_labels, compile};
+use crate::policy::{cidr_labels, compile, egress_peers, ingress_peers};
 
 impl MeshView {
     /// Recomputes the desired ipcache and node maps from scratch, ignoring the incremental
@@ -38,8 +38,8 @@ impl MeshView {
             .policies
             .values()
             .flat_map(|p| {
-                let ingress = p.spec.ingress.iter().flatten().map(|r| r.peers());
-                let egress = p.spec.egress.iter().flatten().map(|r| r.peers());
+                let ingress = p.spec.ingress.iter().flatten().map(ingress_peers);
+                let egress = p.spec.egress.iter().flatten().map(egress_peers);
                 ingress.chain(egress).flatten().collect::<Vec<_>>()
             })
             .flat_map(|set| set.prefixes().collect::<Vec<_>>())

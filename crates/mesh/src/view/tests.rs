@@ -993,14 +993,14 @@ fn random_policy(name: &str, subject: &str, peer: &str, port: u16, variant: u64)
     - toCIDRSet: [ { cidr: 10.2.0.0/16, except: [ 10.2.1.0/24 ] } ]
       toCIDR: [ 198.51.100.0/24 ]
     - toEntities: [ world, host ]
-      toPorts: [ { ports: [ { port: "443", protocol: TCP } ] } ]"#
+      toPorts: [ { ports: [ { port: "443", protocol: TCP } ] } ]"#,
         ),
         // A /32 that is also an endpoint's address of cluster 2 (the mesh entry wins while it
         // stands), a broader prefix around it, and the local cluster.
         3 => String::from(
             r#"
     - fromCIDR: [ 10.2.0.5, 10.0.0.0/8 ]
-      fromEntities: [ cluster ]"#
+      fromEntities: [ cluster ]"#,
         ),
         _ => String::new(),
     };

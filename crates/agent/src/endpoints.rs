@@ -21,13 +21,13 @@ use meshd_state::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::agent::config::AgentConfig;
+use crate::config::AgentConfig;
 
 /// This node's lease-backed publisher (kvstore's).
 pub type Publisher = meshd_kvstore::Publisher<meshd_kvstore::EtcdStore>;
-use crate::agent::reconciler::{LocalEndpoints, ReconcileStatus};
-use crate::agent::store::{EndpointRecord, EndpointStore};
-use crate::agent::{identity, now_ms};
+use crate::reconciler::{LocalEndpoints, ReconcileStatus};
+use crate::store::{EndpointRecord, EndpointStore};
+use crate::{identity, now_ms};
 
 /// Why a request failed, mapped to a gRPC status by the server.
 #[derive(Debug, thiserror::Error)]

@@ -10,8 +10,8 @@ use anyhow::Context;
 use clap::Args;
 use meshd_api::pb;
 
-use crate::endpoint_cmd::{status_error, SocketArgs};
-use crate::output::{Format, OutputArgs};
+use super::endpoint_cmd::{status_error, SocketArgs};
+use super::output::{Format, OutputArgs};
 
 #[derive(Debug, Args)]
 pub struct MonitorArgs {
@@ -116,7 +116,7 @@ fn json(d: &pb::DropNotification, clusters: &BTreeMap<u32, String>) -> serde_jso
 /// HH:MM:SS.mmm (UTC) of now: when the drop reached this command, within the agent's 50 ms
 /// polling of the datapath's events.
 fn wall_clock() -> String {
-    let ms = crate::agent::now_ms();
+    let ms = meshd_agent::now_ms();
     let s = ms / 1000;
     format!(
         "{:02}:{:02}:{:02}.{:03}",

@@ -21,7 +21,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use meshd_certs::{CertInfo, LeafKind, LeafRequest, MeshCa, TlsFiles, Usage};
 use time::OffsetDateTime;
 
-use crate::output::{Format, OutputArgs};
+use super::output::{Format, OutputArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {

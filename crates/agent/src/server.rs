@@ -9,14 +9,14 @@ use meshd_mesh::ClusterStatus as ViewStatus;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
 
-use crate::agent::config::AgentConfig;
-use crate::agent::endpoints::Endpoints;
-use crate::agent::endpoints::Publisher;
-use crate::agent::monitor::MonitorHandle;
-use crate::agent::reconciler::ReconcileStatus;
-use crate::agent::remotes::Registry;
-use crate::agent::view_task::IdentityLabels;
-use crate::agent::watcher::Connection;
+use crate::config::AgentConfig;
+use crate::endpoints::Endpoints;
+use crate::endpoints::Publisher;
+use crate::monitor::MonitorHandle;
+use crate::reconciler::ReconcileStatus;
+use crate::remotes::Registry;
+use crate::view_task::IdentityLabels;
+use crate::watcher::Connection;
 
 #[derive(Clone)]
 pub struct AgentService {
@@ -255,7 +255,7 @@ impl AgentService {
         let datapath = self.datapath().await;
         let clusters = self.clusters();
         let identities = self.identities.borrow().len();
-        crate::agent::metrics::render(&crate::agent::metrics::Snapshot {
+        crate::metrics::render(&crate::metrics::Snapshot {
             clusters: &clusters,
             datapath: &datapath,
             identities,

@@ -22,7 +22,7 @@ use clap::{Args, Subcommand};
 use meshd_certs::TlsFiles;
 use serde::{Deserialize, Serialize};
 
-use crate::output::Format;
+use super::output::Format;
 
 /// Where the contexts file is and which context to use. Global flags of `meshd`, so both
 /// `meshd --context c2 get services` and `meshd get services --context c2` work.

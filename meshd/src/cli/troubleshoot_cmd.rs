@@ -18,8 +18,8 @@ use meshd_state::keys::{CLUSTER_CONFIG_PREFIX, STATE_PREFIX, SYNCED_PREFIX};
 use meshd_state::{ClusterConfig, ClusterName};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::remotes;
-use crate::output::{Format, OutputArgs};
+use super::output::{Format, OutputArgs};
+use meshd_agent::remotes;
 
 /// One network step (DNS, TCP, TLS) may take this long before it counts as failed.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);

@@ -105,7 +105,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             cluster: c.name.clone(),
         };
         // The same word `meshd status` shows: a stale cluster was synced once but is not ready.
-        let is_ready = crate::status_cmd::cluster_state(c) == "ready";
+        let is_ready = meshd_api::cluster_state(c) == "ready";
         ready.get_or_create(&l).set(i64::from(is_ready));
         connected.get_or_create(&l).set(i64::from(c.connected));
         denied.get_or_create(&l).set(i64::from(c.access_denied));

@@ -19,7 +19,7 @@ use meshd_mesh::{ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, Mesh
 use meshd_state::ClusterName;
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::watcher::ViewInput;
+use crate::watcher::ViewInput;
 
 /// Identity number -> its labels, rendered canonically.
 pub type IdentityLabels = BTreeMap<u32, String>;

@@ -28,7 +28,7 @@ use meshd_state::ClusterName;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::watcher::{ClusterWatcher, Connection, ViewInput};
+use crate::watcher::{ClusterWatcher, Connection, ViewInput};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

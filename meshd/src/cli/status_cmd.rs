@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use meshd_api::pb;
+use meshd_api::{cluster_state, pb};
 
-use crate::endpoint_cmd::{endpoint_json, status_error, user_labels, SocketArgs};
-use crate::output::{Format, OutputArgs};
+use super::endpoint_cmd::{endpoint_json, status_error, user_labels, SocketArgs};
+use super::output::{Format, OutputArgs};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -39,11 +39,11 @@ pub enum ClustermeshCommand {
     /// Let another cluster's agents read this cluster (etcd user remote-CLUSTER, read-only on
     /// the shared prefixes). Run against this cluster's etcd with its admin certificate; the
     /// other cluster reads with its own `remote` certificate (CN remote-CLUSTER).
-    Connect(crate::etcd_cmd::ConnectArgs),
+    Connect(super::etcd_cmd::ConnectArgs),
     /// Cut another cluster off: removes etcd user remote-CLUSTER, leaving every other cluster's
     /// access and every certificate as they are. Its agents report "permission denied" in
     /// `meshd clustermesh status` and keep their last state (fail-static).
-    Disconnect(crate::etcd_cmd::ConnectArgs),
+    Disconnect(super::etcd_cmd::ConnectArgs),
 }
 
 async fn fetch(socket: &SocketArgs) -> anyhow::Result<pb::StatusResponse> {
@@ -76,22 +76,7 @@ fn ago(now_ms: u64, t: u64) -> String {
 }
 
 fn now_ms() -> u64 {
-    crate::agent::now_ms()
-}
-
-/// The state word of a cluster.
-pub fn cluster_state(c: &pb::ClusterStatus) -> &'static str {
-    if !c.refused.is_empty() {
-        "refused"
-    } else if c.stale_since_ms != 0 {
-        "stale"
-    } else if c.connected && c.ready {
-        "ready"
-    } else if c.connected {
-        "syncing"
-    } else {
-        "connecting"
-    }
+    meshd_agent::now_ms()
 }
 
 pub fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
@@ -334,8 +319,8 @@ pub fn run_clustermesh(cmd: ClustermeshCommand) -> anyhow::Result<ExitCode> {
                 .then(|| std::time::Duration::from_secs(args.timeout));
             (args.status, wait)
         }
-        ClustermeshCommand::Connect(args) => return crate::etcd_cmd::connect(&args),
-        ClustermeshCommand::Disconnect(args) => return crate::etcd_cmd::disconnect(&args),
+        ClustermeshCommand::Connect(args) => return super::etcd_cmd::connect(&args),
+        ClustermeshCommand::Disconnect(args) => return super::etcd_cmd::disconnect(&args),
     };
     let (s, all_ready) = match wait {
         None => (block_on(fetch(&args.socket))?, true),

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use meshd_api::pb;
 
-use crate::output::{Format, OutputArgs};
+use super::output::{Format, OutputArgs};
 
 /// Where the agent listens.
 #[derive(Debug, Clone, Args)]

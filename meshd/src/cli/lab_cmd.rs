@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use meshd_lab::check::{default_run_dir, ServiceTarget};
 use meshd_lab::{LabSpec, LabState, UpOptions};
 
-use crate::output::{Format, OutputArgs};
+use super::output::{Format, OutputArgs};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
@@ -91,7 +91,7 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-pub fn run(cmd: LabCommand, contexts: &crate::context::ContextArgs) -> anyhow::Result<ExitCode> {
+pub fn run(cmd: LabCommand, contexts: &super::context::ContextArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         LabCommand::Up(args) => {
             let code = up(&args)?;
@@ -147,8 +147,8 @@ fn load(run_dir: &std::path::Path) -> anyhow::Result<LabState> {
 /// exporting anything, and `lab down` takes them back. Labs in other run directories (tests,
 /// a second lab) leave the user's file alone: their context names would collide. A failure here
 /// is reported, never fatal: the lab's own file still works.
-fn merge_contexts(run_dir: &std::path::Path, contexts: &crate::context::ContextArgs, add: bool) {
-    use crate::context::ContextFile;
+fn merge_contexts(run_dir: &std::path::Path, contexts: &super::context::ContextArgs, add: bool) {
+    use super::context::ContextFile;
     if run_dir != default_run_dir() {
         return;
     }

@@ -1,5 +1,7 @@
-//! Client side of the API, for the `meshd` CLI and tests: an mTLS channel (TLS 1.3, the mesh
-//! CA, a client certificate) and conversions from manifests to messages.
+//! The clustermesh-apiserver's gRPC API (`proto/apiserver.proto`): the generated messages and
+//! services, and the client side for the `meshd` CLI and tests: an mTLS channel (TLS 1.3, the
+//! mesh CA, a client certificate) and conversions from manifests to messages. The server lives
+//! in `clustermesh-apiserver`; its clients need none of it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,10 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::pb;
+/// Generated messages, client and server of `meshd.apiserver.v1`.
+pub mod pb {
+    tonic::include_proto!("meshd.apiserver.v1");
+}
 
 pub type Client = pb::cluster_mesh_client::ClusterMeshClient<Channel>;
 /// What a call fails with, so users of the client need no tonic dependency of their own.

@@ -27,8 +27,8 @@ use meshd_kvstore::EtcdConfig;
 
 use meshd_certs::{Principal, Role};
 
-use crate::etcd_auth::{self, Access, AuthState, Grant, Step};
-use crate::output::{Format, OutputArgs};
+use super::etcd_auth::{self, Access, AuthState, Grant, Step};
+use super::output::{Format, OutputArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum EtcdCommand {

@@ -10,11 +10,11 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use clustermesh_apiserver::client::{self, Client};
-use clustermesh_apiserver::pb;
+use meshd_api::apiserver::pb;
+use meshd_api::apiserver::{self as client, Client};
 use serde_json::Value;
 
-use crate::context::ContextArgs;
+use super::context::ContextArgs;
 
 /// Exit code when manifests are invalid (EX_DATAERR): nothing was applied.
 const EXIT_INVALID: u8 = 65;

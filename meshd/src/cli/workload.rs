@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::output::{Format, OutputArgs};
+use super::output::{Format, OutputArgs};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum WorkloadCommand {

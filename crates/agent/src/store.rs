@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use meshd_state::{Labels, NumericIdentity};
 use serde::{Deserialize, Serialize};
 
-use crate::agent::ipam::{Ipam, IpamError};
+use crate::ipam::{Ipam, IpamError};
 
 /// One endpoint of this node, as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,7 +129,7 @@ impl EndpointStore {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.endpoints.len()
     }
 

@@ -23,8 +23,8 @@ use meshd_datapath::{ipv4_only, DatapathError, DatapathMaps, LocalEndpoint};
 use meshd_mesh::{diff, diff_services, DatapathOp, DesiredCounts, DesiredDatapath, ServiceOp};
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::now_ms;
-use crate::agent::view_task::DatapathUpdate;
+use crate::now_ms;
+use crate::view_task::DatapathUpdate;
 
 /// This node's endpoints as the ENDPOINTS map should hold them, with a generation number the
 /// endpoint manager waits on ("my change is in the maps").
