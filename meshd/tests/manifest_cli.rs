@@ -274,24 +274,33 @@ async fn apply_get_delete_through_a_context() {
         "cilium.io/v2/CiliumNetworkPolicy"
     );
     assert_eq!(
-        cnp["spec"]["egress"][0]["toEndpoints"][0]["matchLabels"]["meshd.io/cluster"],
-        "cluster2",
+        cnp["spec"]["egress"][0]["toEndpoints"][0]["matchLabels"]["meshd.io/cluster"], "cluster2",
         "{cnp}"
     );
     let np = stored("db-from-frontend");
     assert_eq!(
-        np["spec"]["ingress"][0]["fromEndpoints"][0]["matchLabels"]["role"],
-        "frontend",
+        np["spec"]["ingress"][0]["fromEndpoints"][0]["matchLabels"]["role"], "frontend",
         "{np}"
     );
-    assert_eq!(np["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"], 6379);
+    assert_eq!(
+        np["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"],
+        6379
+    );
     let yaml = run(
         &mesh,
-        &["get", "networkpolicies", "-o", "yaml", "--meshd-config", cfg],
+        &[
+            "get",
+            "networkpolicies",
+            "-o",
+            "yaml",
+            "--meshd-config",
+            cfg,
+        ],
     )
     .ok();
     assert!(
-        yaml.stdout.contains("meshd.io/source: cilium.io/v2/CiliumNetworkPolicy"),
+        yaml.stdout
+            .contains("meshd.io/source: cilium.io/v2/CiliumNetworkPolicy"),
         "{}",
         yaml.stdout
     );
