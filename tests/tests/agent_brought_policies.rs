@@ -167,5 +167,25 @@ fn cilium_and_kubernetes_policies_hold_on_real_connections() -> anyhow::Result<(
     .map_err(|e| e.context(mesh.logs()))?;
     reach(&frontend, &db, 6379).map_err(|e| e.context("frontend -> db:6379 is allowed"))?;
     denied(&frontend, &db, 80)?;
+
+    // A CIDR over the pod CIDRs is accepted; status says endpoints are matched by identity.
+    apply(
+        &mesh,
+        "c2",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: { name: private }\nspec:\n  endpointSelector: { matchLabels: { name: outpost } }\n  egress:\n  - toCIDR: [ 10.0.0.0/8 ]\n",
+    )?;
+    wait_for(
+        "status to warn about the CIDR",
+        Duration::from_secs(30),
+        || {
+            let status = mesh.status("c2", "n2")?;
+            let warnings = status["warnings"].to_string();
+            anyhow::ensure!(
+            warnings.contains("CIDR 10.0.0.0/8 in policy default/private overlaps the pod CIDRs of cluster c1, c2"),
+            "warnings: {warnings}"
+        );
+            Ok(())
+        },
+    )?;
     Ok(())
 }

@@ -1370,3 +1370,39 @@ fn measure_initial_sync_of_100k_remote_entries() {
     );
     assert!(again.is_empty());
 }
+
+#[test]
+fn a_policy_cidr_over_pod_cidrs_is_accepted_with_a_warning() {
+    let mut v = MeshView::new(local());
+    let policy = |name: &str, cidr: &str| {
+        NetworkPolicy::from_yaml(&format!(
+            "apiVersion: meshd.io/v1\nkind: NetworkPolicy\nmetadata: {{ name: {name} }}\nspec:\n  endpointSelector: {{}}\n  egress:\n    - toCIDR: [ {cidr} ]\n"
+        ))
+        .unwrap()
+    };
+    v.update_policy(PolicyEvent::Upsert(policy("outside", "198.51.100.0/24")))
+        .unwrap();
+    assert!(v.policy_warnings().is_empty(), "{:?}", v.policy_warnings());
+    let applied = v
+        .update_policy(PolicyEvent::Upsert(policy("wide", "10.0.0.0/8")))
+        .unwrap();
+    assert!(
+        applied.ops.iter().any(|op| matches!(op, DatapathOp::UpsertIpcache { prefix, .. } if prefix.to_string() == "10.0.0.0/8")),
+        "the prefix enters the ipcache: {:?}",
+        applied.ops
+    );
+    let warnings = v.policy_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(
+            "CIDR 10.0.0.0/8 in policy default/wide overlaps the pod CIDRs of cluster c1"
+        ),
+        "{warnings:?}"
+    );
+    v.update_policy(PolicyEvent::Delete {
+        namespace: "default".into(),
+        name: "wide".into(),
+    })
+    .unwrap();
+    assert!(v.policy_warnings().is_empty());
+}
