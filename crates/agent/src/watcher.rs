@@ -17,18 +17,16 @@
 //! access comes back; the last state stays in the datapath meanwhile (fail-static).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::time::Duration;
 
 use meshd_kvstore::{
     watch_cluster, watch_prefix, Backend, EtcdStore, WatchConfig, WatchEvent, WatchHandle,
 };
-use meshd_mesh::{ClusterEvent, EventKind, NetworkPolicy, PolicyEvent, ResourceKind};
+use meshd_mesh::{ClusterEvent, EventKind, PolicyEvent, ResourceKind};
 use meshd_state::{
-    ClusterConfig, ClusterName, FieldError, IdentityRecord, IpcacheEntry, NodeRecord, Resource,
-    ResourceKey, ServiceRecord, StateError, SyncCanary,
+    ClusterConfig, ClusterName, IdentityRecord, IpcacheEntry, NetworkPolicy, NodeRecord, Resource,
+    ServiceRecord, SyncCanary,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::now_ms;
@@ -39,9 +37,6 @@ pub enum ViewInput {
     Cluster(ClusterEvent),
     Policy(PolicyEvent),
 }
-
-/// Where policies of the local cluster live (written by the apiserver, JSON manifests).
-pub use meshd_state::keys::POLICIES_PREFIX;
 
 /// Connection state of one cluster's etcd, for status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,72 +51,6 @@ pub struct Connection {
     pub malformed: u64,
     /// The etcd answers but refuses this node's certificate (disconnected, or never connected).
     pub access_denied: bool,
-}
-
-/// `meshd/config/policies/v1/<namespace>/<name>`. Policies are local configuration, not
-/// cluster state: the key carries no cluster, so [`ResourceKey::cluster`] names a placeholder
-/// and the watch is unscoped.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PolicyKey {
-    pub namespace: String,
-    pub name: String,
-    unscoped: ClusterName,
-}
-
-impl fmt::Display for PolicyKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{POLICIES_PREFIX}{}/{}", self.namespace, self.name)
-    }
-}
-
-impl ResourceKey for PolicyKey {
-    fn parse(key: &str) -> Result<Self, StateError> {
-        let bad = || StateError::key(key, format!("expected {POLICIES_PREFIX}<namespace>/<name>"));
-        let (namespace, name) = key
-            .strip_prefix(POLICIES_PREFIX)
-            .and_then(|r| r.split_once('/'))
-            .ok_or_else(bad)?;
-        if namespace.is_empty() || name.is_empty() || name.contains('/') {
-            return Err(bad());
-        }
-        Ok(Self {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            unscoped: ClusterName::new("local").expect("valid name"),
-        })
-    }
-
-    fn cluster(&self) -> &ClusterName {
-        &self.unscoped
-    }
-}
-
-/// A stored policy manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct PolicyRecord(pub NetworkPolicy);
-
-impl Resource for PolicyRecord {
-    type Key = PolicyKey;
-    const KIND: &'static str = "policies";
-    const PREFIX: &'static str = POLICIES_PREFIX;
-
-    fn validate(&self, key: &Self::Key) -> Result<(), FieldError> {
-        self.0
-            .validate()
-            .map_err(|e| FieldError::new("spec", e.to_string()))?;
-        let meta = &self.0.metadata;
-        if meta.namespace != key.namespace || meta.name != key.name {
-            return Err(FieldError::new(
-                "metadata",
-                format!(
-                    "{}/{} differs from {}/{} in the key",
-                    meta.namespace, meta.name, key.namespace, key.name
-                ),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// The canary name (`meshd/synced/<cluster>/<name>`) of a resource: its `Resource::KIND`.
@@ -193,9 +122,9 @@ impl ClusterWatcher {
         let mut identities: WatchHandle<IdentityRecord> = watch_cluster(b(), c, cfg());
         let mut services: WatchHandle<ServiceRecord> = watch_cluster(b(), c, cfg());
         let mut canaries: WatchHandle<SyncCanary> = watch_cluster(b(), c, cfg());
-        let mut policies: Option<WatchHandle<PolicyRecord>> = self
+        let mut policies: Option<WatchHandle<NetworkPolicy>> = self
             .local
-            .then(|| watch_prefix(b(), POLICIES_PREFIX.to_owned(), None, cfg()));
+            .then(|| watch_prefix(b(), NetworkPolicy::PREFIX.to_owned(), None, cfg()));
         let stats = [
             config.stats(),
             nodes.stats(),
@@ -267,7 +196,7 @@ impl ClusterWatcher {
                 },
                 Some(ev) = async { match policies.as_mut() { Some(p) => p.next().await, None => std::future::pending().await } } => {
                     let input = match ev {
-                        WatchEvent::Upsert { value, .. } => Some(PolicyEvent::Upsert(value.0)),
+                        WatchEvent::Upsert { value, .. } => Some(PolicyEvent::Upsert(value)),
                         WatchEvent::Delete { key } => Some(PolicyEvent::Delete { namespace: key.namespace, name: key.name }),
                         WatchEvent::Synced { .. } => None,
                     };
@@ -373,21 +302,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn policy_keys_round_trip_and_reject_garbage() {
-        let k = PolicyKey::parse("meshd/config/policies/v1/default/echo").unwrap();
-        assert_eq!((k.namespace.as_str(), k.name.as_str()), ("default", "echo"));
-        assert_eq!(k.to_string(), "meshd/config/policies/v1/default/echo");
-        for bad in [
-            "meshd/config/policies/v1/default",
-            "meshd/config/policies/v1//x",
-            "meshd/config/policies/v1/a/b/c",
-            "other/a/b",
-        ] {
-            assert!(PolicyKey::parse(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn synced_needs_both_the_list_and_the_canary() {
         let mut s = SyncState::default();
         s.listed.insert(ResourceKind::Nodes);
@@ -396,23 +310,5 @@ mod tests {
         assert_eq!(s.ready(), vec![ResourceKind::Nodes]);
         // Announced once.
         assert!(s.ready().is_empty());
-    }
-
-    #[test]
-    fn a_policy_must_match_its_key() {
-        let json = r#"{"apiVersion":"meshd.io/v1","kind":"NetworkPolicy",
-          "metadata":{"name":"p","namespace":"default"},
-          "spec":{"endpointSelector":{"matchLabels":{"app":"echo"}},"ingress":[]}}"#;
-        let (_, p) = meshd_state::decode::<PolicyRecord>(
-            "meshd/config/policies/v1/default/p",
-            json.as_bytes(),
-        )
-        .unwrap();
-        assert_eq!(p.0.metadata.name, "p");
-        assert!(meshd_state::decode::<PolicyRecord>(
-            "meshd/config/policies/v1/default/other",
-            json.as_bytes()
-        )
-        .is_err());
     }
 }

@@ -26,7 +26,7 @@
 //! diff_ipcache / diff_nodes (into a Vec) ; diff_policy(&actual, &desired)
 //! DesiredDatapath::apply_ops(&mut self, &[DatapathOp])          // what a map writer does, in memory
 //!
-//! NetworkPolicy::from_yaml(&str) / from_json(&str) -> Result<NetworkPolicy, PolicyErrors>
+//! NetworkPolicy::from_yaml(&str) / from_json(&str) -> Result<NetworkPolicy, PolicyErrors>  // meshd_state's, re-exported
 //! NetworkPolicy::validate(&self) -> Result<(), PolicyErrors>
 //! compile(policies, &identities, local_cluster_id) -> CompiledPolicy
 //! ```

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use meshd_state::Labels;
+use crate::labels::Labels;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
