@@ -15,6 +15,7 @@
 //! - [`metrics`] renders `/metrics` (with `metrics_addr`) from those same snapshots, per scrape.
 
 pub mod config;
+pub mod dir_watch;
 pub mod endpoints;
 pub mod identity;
 pub mod ipam;
