@@ -244,7 +244,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (datapath_tx, datapath_rx) = mpsc::channel(64);
     let (full_request_tx, full_request_rx) = mpsc::channel(1);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
-    let (policies_tx, policies_rx) = watch::channel(0usize);
+    let (policies_tx, policies_rx) = watch::channel(view_task::PolicySummary::default());
     let (identities_tx, identities_rx) = watch::channel(Arc::new(view_task::IdentityLabels::new()));
     let (local_eps_tx, local_eps_rx) =
         watch::channel(Arc::new(reconciler::LocalEndpoints::default()));

@@ -107,24 +107,7 @@ impl MeshView {
         touched.sort_unstable();
         touched.dedup();
         for prefix in touched {
-            let new = self.resolve_prefix(&prefix);
-            match (self.ipcache_out.entry(prefix), new) {
-                (btree_map::Entry::Occupied(o), None) => {
-                    o.remove();
-                    ops.push(DatapathOp::DeleteIpcache { prefix });
-                }
-                (btree_map::Entry::Occupied(mut o), Some(target)) => {
-                    if *o.get() != target {
-                        o.insert(target);
-                        ops.push(DatapathOp::UpsertIpcache { prefix, target });
-                    }
-                }
-                (btree_map::Entry::Vacant(v), Some(target)) => {
-                    v.insert(target);
-                    ops.push(DatapathOp::UpsertIpcache { prefix, target });
-                }
-                (btree_map::Entry::Vacant(_), None) => {}
-            }
+            self.refresh_prefix(prefix, &mut ops);
         }
         let mut identities = std::mem::take(&mut txn.touched_identities);
         identities.sort_unstable();
@@ -143,6 +126,29 @@ impl MeshView {
             ..Applied::default()
         });
         applied
+    }
+
+    /// Brings the maintained ipcache entry of `prefix` in line with what the view resolves
+    /// for it, with the operation that does the same to the map.
+    pub(super) fn refresh_prefix(&mut self, prefix: IpNet, ops: &mut Vec<DatapathOp>) {
+        let new = self.resolve_prefix(&prefix);
+        match (self.ipcache_out.entry(prefix), new) {
+            (btree_map::Entry::Occupied(o), None) => {
+                o.remove();
+                ops.push(DatapathOp::DeleteIpcache { prefix });
+            }
+            (btree_map::Entry::Occupied(mut o), Some(target)) => {
+                if *o.get() != target {
+                    o.insert(target);
+                    ops.push(DatapathOp::UpsertIpcache { prefix, target });
+                }
+            }
+            (btree_map::Entry::Vacant(v), Some(target)) => {
+                v.insert(target);
+                ops.push(DatapathOp::UpsertIpcache { prefix, target });
+            }
+            (btree_map::Entry::Vacant(_), None) => {}
+        }
     }
 
     /// Reports and counts the keys whose status changed, net over the transaction, and
