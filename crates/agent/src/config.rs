@@ -13,7 +13,7 @@
 //!   ca: /etc/meshd/c1/ca.pem
 //!   cert: /etc/meshd/c1/n1/node.pem           # node-c1-n1: `meshd certs issue node`
 //!   key: /etc/meshd/c1/n1/node-key.pem
-//! remote_clusters_dir: /etc/meshd/clusters   # one file per remote cluster
+//! remote_clusters_dir: /etc/meshd/clusters   # one file per remote cluster; watched, changes apply at once
 //! bpffs_dir: /sys/fs/bpf/meshd                # pins under <bpffs_dir>/<cluster>/<node>
 //! tunnel_port: 8472
 //! underlay_device: eth0                       # its MTU is used unless underlay_mtu is set

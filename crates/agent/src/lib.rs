@@ -15,8 +15,8 @@
 //! - [`metrics`] renders `/metrics` (with `metrics_addr`) from those same snapshots, per scrape.
 
 pub mod config;
+pub mod dir_watch;
 pub mod endpoints;
-pub mod identity;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
@@ -243,7 +243,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (datapath_tx, datapath_rx) = mpsc::channel(64);
     let (full_request_tx, full_request_rx) = mpsc::channel(1);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
-    let (policies_tx, policies_rx) = watch::channel(0usize);
+    let (policies_tx, policies_rx) = watch::channel(view_task::PolicySummary::default());
     let (identities_tx, identities_rx) = watch::channel(Arc::new(view_task::IdentityLabels::new()));
     let (local_eps_tx, local_eps_rx) =
         watch::channel(Arc::new(reconciler::LocalEndpoints::default()));
@@ -310,7 +310,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         config.clone(),
         endpoint_store,
         datapath,
-        store.client(),
+        store.clone(),
         publisher.clone(),
         local_eps_tx,
         reconciled_rx.clone(),

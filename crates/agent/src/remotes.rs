@@ -12,14 +12,16 @@
 //! remote file: each remote cluster lets it read (`meshd clustermesh connect <cluster>` there)
 //! or cuts it off, on its own.
 //!
-//! The directory is polled every second: a new file starts a watcher of that cluster, a
-//! changed file restarts it (keeping the view's state of the cluster, which the relist then
-//! sweeps), a removed file stops it and drains everything of that cluster from the view.
+//! The directory is watched (inotify, [`crate::dir_watch`]), so a change takes effect at once:
+//! a new file starts a watcher of that cluster, a changed file restarts it (keeping the view's
+//! state of the cluster, which the relist then sweeps), a removed file stops it and drains
+//! everything of that cluster from the view. Each change is found by reading the whole
+//! directory and comparing it with what runs; that read also happens every 30 s as a safety
+//! net, and every second while the directory cannot be watched ([`Periods`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use meshd_certs::TlsFiles;
 use meshd_kvstore::EtcdConfig;
@@ -28,6 +30,7 @@ use meshd_state::ClusterName;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
+use crate::dir_watch::{DirWatch, Periods};
 use crate::watcher::{ClusterWatcher, Connection, ViewInput};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -51,8 +54,6 @@ pub struct RemoteEntry {
 }
 
 pub type Registry = BTreeMap<ClusterName, RemoteEntry>;
-
-const POLL: Duration = Duration::from_secs(1);
 
 /// The cluster a file configures, from its name.
 pub fn cluster_of(path: &Path) -> Option<ClusterName> {
@@ -130,31 +131,75 @@ pub async fn run(
     tx: mpsc::Sender<ViewInput>,
     registry: watch::Sender<Arc<Registry>>,
 ) {
-    let mut running: BTreeMap<ClusterName, Running> = BTreeMap::new();
-    let mut reg: Registry = BTreeMap::new();
+    run_with_periods(dir, local, tx, registry, Periods::default()).await
+}
+
+/// [`run`] with the periods of the reads that no event asked for as a parameter (tests set them
+/// out of reach, to see the watch alone at work).
+pub async fn run_with_periods(
+    dir: PathBuf,
+    local: ClusterName,
+    tx: mpsc::Sender<ViewInput>,
+    registry: watch::Sender<Arc<Registry>>,
+    periods: Periods,
+) {
+    let mut remotes = Remotes {
+        local,
+        tx,
+        running: BTreeMap::new(),
+        registry: BTreeMap::new(),
+    };
+    let mut watch = DirWatch::new(&dir, periods);
     loop {
-        let mut present: BTreeMap<ClusterName, (PathBuf, String)> = BTreeMap::new();
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                for e in entries.flatten() {
-                    let path = e.path();
-                    if !path.is_file() {
-                        continue;
-                    }
-                    let Some(cluster) = cluster_of(&path) else {
-                        continue;
-                    };
-                    if let Ok(text) = std::fs::read_to_string(&path) {
-                        present.insert(cluster, (path, text));
-                    }
+        // Before the read: whatever changes after it wakes the next round.
+        watch.refresh();
+        remotes.apply(read_dir(&dir)).await;
+        registry.send_replace(Arc::new(remotes.registry.clone()));
+        watch.changed().await;
+    }
+}
+
+/// The cluster files of the directory and their text; a missing directory configures none.
+fn read_dir(dir: &Path) -> BTreeMap<ClusterName, (PathBuf, String)> {
+    let mut present = BTreeMap::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                let path = e.path();
+                if !path.is_file() {
+                    continue;
+                }
+                let Some(cluster) = cluster_of(&path) else {
+                    continue;
+                };
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    present.insert(cluster, (path, text));
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot read the remote clusters directory")
-            }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot read the remote clusters directory")
+        }
+    }
+    present
+}
 
+/// The remote clusters running, against which each read of the directory is compared.
+struct Remotes {
+    local: ClusterName,
+    tx: mpsc::Sender<ViewInput>,
+    running: BTreeMap<ClusterName, Running>,
+    registry: Registry,
+}
+
+impl Remotes {
+    /// Drives the running watchers to the files `present`.
+    async fn apply(&mut self, present: BTreeMap<ClusterName, (PathBuf, String)>) {
+        let local = &self.local;
+        let tx = &self.tx;
+        let running = &mut self.running;
+        let reg = &mut self.registry;
         // Removed (or changed) files stop their watcher.
         let gone: Vec<ClusterName> = running
             .iter()
@@ -190,13 +235,13 @@ pub async fn run(
                 connection: None,
                 tls: None,
             };
-            let config = if cluster == local {
+            let config = if cluster == *local {
                 Err(format!(
                     "{}: names the local cluster {local}; a cluster cannot be its own remote",
                     path.display()
                 ))
             } else {
-                parse(&path, &text).and_then(|c| check_remote_certificate(&path, &c, &local))
+                parse(&path, &text).and_then(|c| check_remote_certificate(&path, &c, local))
             };
             let task = match config {
                 Err(e) => {
@@ -232,8 +277,6 @@ pub async fn run(
             reg.insert(cluster.clone(), entry);
             running.insert(cluster, Running { text, task });
         }
-        registry.send_replace(Arc::new(reg.clone()));
-        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -285,5 +328,164 @@ mod tests {
             let err = parse(Path::new("/d/c2"), text).unwrap_err();
             assert!(err.contains("/d/c2"), "{err}");
         }
+    }
+
+    /// `run_with_periods` on a directory, with every read that no event asked for an hour
+    /// away: what it sees within a test's deadline came through the watch.
+    struct Watched {
+        registry: watch::Receiver<Arc<Registry>>,
+        view: mpsc::Receiver<ViewInput>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    const DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+    const AN_HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    impl Watched {
+        async fn start(dir: &Path) -> Self {
+            let (tx, view) = mpsc::channel(1024);
+            let (registry_tx, mut registry) = watch::channel(Arc::new(Registry::new()));
+            let task = tokio::spawn(run_with_periods(
+                dir.to_owned(),
+                ClusterName::new("c1").unwrap(),
+                tx,
+                registry_tx,
+                Periods {
+                    rescan: AN_HOUR,
+                    poll: AN_HOUR,
+                },
+            ));
+            // The first read of the directory is done; the watch is in place.
+            tokio::time::timeout(DEADLINE, registry.changed())
+                .await
+                .expect("first read of the directory")
+                .unwrap();
+            Self {
+                registry,
+                view,
+                task,
+            }
+        }
+
+        /// Waits until the registry names exactly `clusters`, each connected to its endpoints.
+        async fn until_clusters(&mut self, clusters: &[&str]) {
+            let want: Vec<&str> = clusters.to_vec();
+            let reached = matches!(
+                tokio::time::timeout(
+                    DEADLINE,
+                    self.registry.wait_for(|r| {
+                        r.keys().map(|c| c.as_str()).eq(want.iter().copied())
+                            && r.values()
+                                .all(|e| e.config_error.is_none() && e.connection.is_some())
+                    }),
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            assert!(
+                reached,
+                "the registry did not come to {want:?} within {DEADLINE:?}: {:?}",
+                self.registry.borrow().keys().collect::<Vec<_>>()
+            );
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn write_cluster_file(dir: &Path, name: &str) {
+        // An address where nothing listens: the watcher starts and keeps retrying, which is
+        // all the registry shows.
+        std::fs::write(dir.join(name), "endpoints: [http://127.0.0.1:9]\n").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_cluster_file_takes_effect_without_a_periodic_read() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("clusters");
+        std::fs::create_dir(&dir).unwrap();
+        let mut w = Watched::start(&dir).await;
+        assert!(w.registry.borrow().is_empty());
+
+        write_cluster_file(&dir, "c2");
+        w.until_clusters(&["c2"]).await;
+
+        // Our own reads of the directory and its files do not wake the watch again: idle, it
+        // stays idle (a feedback loop would re-read it every few milliseconds).
+        let mut rounds = 0;
+        let idle = tokio::time::sleep(std::time::Duration::from_secs(2));
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                _ = &mut idle => break,
+                r = w.registry.changed() => { r.unwrap(); rounds += 1; }
+            }
+        }
+        assert!(rounds <= 2, "{rounds} reads of an unchanged directory");
+    }
+
+    #[tokio::test]
+    async fn a_removed_cluster_file_disconnects_and_drains_the_cluster() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("clusters");
+        std::fs::create_dir(&dir).unwrap();
+        write_cluster_file(&dir, "c2");
+        write_cluster_file(&dir, "c3");
+        let mut w = Watched::start(&dir).await;
+        w.until_clusters(&["c2", "c3"]).await;
+
+        std::fs::remove_file(dir.join("c2")).unwrap();
+        w.until_clusters(&["c3"]).await;
+        // The view is told to drain everything of c2.
+        let drained = tokio::time::timeout(DEADLINE, async {
+            while let Some(input) = w.view.recv().await {
+                if let ViewInput::Cluster(ev) = input {
+                    if ev.cluster.as_str() == "c2" && matches!(ev.kind, EventKind::ClusterRemoved) {
+                        return true;
+                    }
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            drained,
+            Ok(true),
+            "no ClusterRemoved for c2 reached the view"
+        );
+    }
+
+    #[tokio::test]
+    async fn renamed_files_and_a_replaced_or_recreated_directory_are_followed() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("clusters");
+        // The directory does not exist yet: its parent's watch sees it come.
+        let mut w = Watched::start(&dir).await;
+        std::fs::create_dir(&dir).unwrap();
+        write_cluster_file(&dir, "c2");
+        w.until_clusters(&["c2"]).await;
+
+        // Written aside and renamed into place, as editors and config tools do.
+        write_cluster_file(&dir, "c3.tmp");
+        std::fs::rename(dir.join("c3.tmp"), dir.join("c3")).unwrap();
+        w.until_clusters(&["c2", "c3"]).await;
+
+        // The whole directory replaced by another one.
+        let next = base.path().join("clusters.next");
+        std::fs::create_dir(&next).unwrap();
+        write_cluster_file(&next, "c4");
+        std::fs::rename(&dir, base.path().join("clusters.old")).unwrap();
+        std::fs::rename(&next, &dir).unwrap();
+        w.until_clusters(&["c4"]).await;
+
+        // Removed, then made anew.
+        std::fs::remove_dir_all(&dir).unwrap();
+        w.until_clusters(&[]).await;
+        std::fs::create_dir(&dir).unwrap();
+        write_cluster_file(&dir, "c5");
+        w.until_clusters(&["c5"]).await;
     }
 }

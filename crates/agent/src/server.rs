@@ -28,7 +28,7 @@ pub struct AgentService {
     pub local_connection: watch::Receiver<Connection>,
     pub remotes: watch::Receiver<Arc<Registry>>,
     pub reconciler: watch::Receiver<ReconcileStatus>,
-    pub policies: watch::Receiver<usize>,
+    pub policies: watch::Receiver<crate::view_task::PolicySummary>,
     pub monitor: MonitorHandle,
     pub identities: watch::Receiver<Arc<IdentityLabels>>,
 }
@@ -148,7 +148,7 @@ impl AgentService {
         );
         local.cluster_id = u32::from(self.config.cluster_id.get());
         local.etcd_endpoints = self.config.etcd_endpoints.join(",");
-        local.policies = *self.policies.borrow() as u64;
+        local.policies = self.policies.borrow().count as u64;
         out.push(local);
         for (name, entry) in remotes.iter() {
             let conn = entry.connection.as_ref().map(|c| c.borrow().clone());
@@ -226,6 +226,7 @@ impl meshd_api::Agent for AgentService {
             clusters: self.clusters(),
             datapath: Some(self.datapath().await),
             certificates: self.certificates(),
+            warnings: self.policies.borrow().warnings.clone(),
         }))
     }
 }

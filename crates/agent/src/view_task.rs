@@ -44,6 +44,14 @@ pub enum DatapathUpdate {
     },
 }
 
+/// What the status shows of the local policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySummary {
+    pub count: usize,
+    /// See [`MeshView::policy_warnings`].
+    pub warnings: Vec<String>,
+}
+
 pub struct ViewTask {
     pub view: MeshView,
     pub inputs: mpsc::Receiver<ViewInput>,
@@ -52,8 +60,8 @@ pub struct ViewTask {
     /// The reconciler asking for a [`DatapathUpdate::Full`].
     pub full_requests: mpsc::Receiver<()>,
     pub status: watch::Sender<Arc<Vec<ClusterStatus>>>,
-    /// Number of local policies in force.
-    pub policies: watch::Sender<usize>,
+    /// The local policies in force: how many, and what status should warn about them.
+    pub policies: watch::Sender<PolicySummary>,
     /// Every admitted identity's labels, rendered (for `meshd monitor`); republished when they
     /// change, which is rare next to ipcache churn.
     pub identities: watch::Sender<Arc<IdentityLabels>>,
@@ -198,7 +206,15 @@ impl ViewTask {
 
     fn publish_status(&self) {
         self.status.send_replace(Arc::new(self.view.status()));
-        self.policies.send_replace(self.view.policies().count());
+        let summary = PolicySummary {
+            count: self.view.policies().count(),
+            warnings: self.view.policy_warnings(),
+        };
+        self.policies.send_if_modified(|old| {
+            let changed = *old != summary;
+            *old = summary;
+            changed
+        });
     }
 }
 
@@ -246,7 +262,7 @@ mod tests {
             datapath,
             full_requests,
             status: watch::channel(Arc::new(Vec::new())).0,
-            policies: watch::channel(0).0,
+            policies: watch::channel(PolicySummary::default()).0,
             identities: watch::channel(Arc::new(IdentityLabels::new())).0,
             wait_for: [c1()].into(),
             gate_timeout: Duration::from_secs(3600),

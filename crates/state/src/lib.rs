@@ -25,7 +25,7 @@ mod records;
 mod resource;
 
 pub use error::{FieldError, StateError};
-pub use identity::{IdentityRecord, NumericIdentity, MIN_LOCAL_ID};
+pub use identity::{IdentityRecord, NumericIdentity, LOCAL_SCOPE_FLAG, MIN_LOCAL_ID};
 pub use keys::{
     ClusterConfigKey, IdentityKey, IpcacheKey, NetworkPolicyKey, NodeKey, ResourceKey, ServiceKey,
     SyncCanaryKey,

@@ -135,6 +135,7 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "failed_writes": dp.failed_writes,
         },
         "certificates": s.certificates.iter().map(certificate_json).collect::<Vec<_>>(),
+        "warnings": s.warnings,
     })
 }
 
@@ -306,6 +307,9 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             println!();
             print_clusters(&s.clusters);
             print_certificate_warnings(&s.certificates);
+            for w in &s.warnings {
+                println!("WARNING: {w}");
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

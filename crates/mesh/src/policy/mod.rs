@@ -33,20 +33,33 @@
 //!   every port; `protocol` is `TCP`, `UDP`, `ICMP` or `ANY` (the default: TCP and UDP when a
 //!   port is given, every protocol otherwise). ICMP takes no port. A rule without `toPorts`
 //!   allows every protocol and port.
+//! * Entities (`fromEntities` / `toEntities`, Cilium's names): `world` (everything outside
+//!   the mesh), `host` (the endpoint's node), `remote-node` (the other nodes of the mesh),
+//!   `cluster` (the local cluster's endpoints, its nodes and the host), `all` (any peer).
+//! * CIDRs (`fromCIDR` / `toCIDR`: prefixes or bare addresses; `fromCIDRSet` / `toCIDRSet`:
+//!   `{cidr, except: [...]}`) match addresses outside the mesh. Addresses of the mesh's
+//!   endpoints are matched by identity, never by CIDR, even inside a named prefix (as in
+//!   Cilium). See `peers.rs` for how prefixes become identities.
+//! * A rule's peers are the union of its peer fields; a rule without any allows any peer.
 //! * Reserved identities: the host (1) is always allowed both ways for an enforced subject,
 //!   so the node's health checks and the replies to them pass. World (2) and remote-node (6)
-//!   are only reached by rules without peers.
+//!   are reached by entities, CIDRs (`0.0.0.0/0` is `world`) and rules without peers.
 //! * The datapath is stateful: replies of allowed connections pass without a policy entry.
 
 mod compile;
 mod index;
+mod peers;
 
 pub use compile::{compile, rule_cookie, CompiledPolicy, BUILTIN_COOKIE};
 pub use index::PolicyIndex;
 pub use meshd_state::policy::{
-    EgressRule, EndpointSelector, IngressRule, L4Protocol, NetworkPolicy, Operator, PolicyError,
-    PolicyErrors, PolicyMetadata, PolicySpec, PortProtocol, PortRule, PortSpec,
-    SelectorRequirement, API_VERSION, DEFAULT_NAMESPACE, KIND,
+    CidrRule, EgressRule, EndpointSelector, Entity, IngressRule, L4Protocol, NetworkPolicy,
+    Operator, PolicyError, PolicyErrors, PolicyMetadata, PolicySpec, PortProtocol, PortRule,
+    PortSpec, SelectorRequirement, API_VERSION, DEFAULT_NAMESPACE, KIND,
+};
+pub use peers::{
+    cidr_labels, egress_peers, ingress_peers, reserved_identities, CidrIdentities, PeerSet,
+    CIDR_LABEL,
 };
 
 #[cfg(test)]

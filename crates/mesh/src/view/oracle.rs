@@ -3,15 +3,17 @@
 //! the services computed by the plain functions). The maintained state, and the operations
 //! emitted on the way, are checked against it after every event.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use ipnet::IpNet;
-use meshd_state::{ClusterConfig, ClusterId, ClusterName, IdentityRecord, IpcacheEntry};
+use ipnet::{IpNet, Ipv4Net};
+use meshd_state::{
+    ClusterConfig, ClusterId, ClusterName, IdentityRecord, IpcacheEntry, NumericIdentity,
+};
 
 use super::{ClusterEvent, EventKind, MeshView};
 use crate::desired::{DesiredDatapath, IpcacheTarget};
-use crate::policy::compile;
+use crate::policy::{cidr_labels, compile, egress_peers, ingress_peers};
 
 impl MeshView {
     /// Recomputes the desired ipcache and node maps from scratch, ignoring the incremental
@@ -19,8 +21,8 @@ impl MeshView {
     pub fn recompute_from_scratch(
         &self,
     ) -> (BTreeMap<IpNet, IpcacheTarget>, BTreeMap<IpAddr, ClusterId>) {
-        let fresh = self.replayed();
-        (fresh.ipcache_out, fresh.nodes_out)
+        let desired = self.desired_from_scratch();
+        (desired.ipcache, desired.nodes)
     }
 
     /// The whole desired state recomputed from what the view stores: every stored record
@@ -29,14 +31,38 @@ impl MeshView {
     /// way) is checked against.
     pub fn desired_from_scratch(&self) -> DesiredDatapath {
         let fresh = self.replayed();
-        let compiled = compile(
-            self.policies.values(),
-            &fresh.identities_out,
-            self.local.cluster_id,
-        );
+        // The prefixes the policies name, from the policies themselves; their numbers are the
+        // maintained ones (any free number would do, but the entries must agree). A named
+        // prefix without a maintained identity gets none here, so the comparison fails.
+        let named: BTreeSet<Ipv4Net> = self
+            .policies
+            .values()
+            .flat_map(|p| {
+                let ingress = p.spec.ingress.iter().flatten().map(ingress_peers);
+                let egress = p.spec.egress.iter().flatten().map(egress_peers);
+                ingress.chain(egress).flatten().collect::<Vec<_>>()
+            })
+            .flat_map(|set| set.prefixes().collect::<Vec<_>>())
+            .collect();
+        let maintained = self.policy_index.cidr_identities();
+        let cidrs: BTreeMap<Ipv4Net, NumericIdentity> = maintained
+            .iter()
+            .filter(|(p, _)| named.contains(p))
+            .collect();
+        let mut identities = fresh.identities_out.clone();
+        identities.extend(cidrs.iter().map(|(p, id)| (*id, cidr_labels(*p))));
+        let compiled = compile(self.policies.values(), &identities, self.local.cluster_id);
+        let mut ipcache = fresh.ipcache_out.clone();
+        for (prefix, identity) in cidrs {
+            ipcache.entry(IpNet::V4(prefix)).or_insert(IpcacheTarget {
+                identity,
+                tunnel_endpoint: None,
+                local: false,
+            });
+        }
         DesiredDatapath {
             services: fresh.desired_services(),
-            ipcache: fresh.ipcache_out,
+            ipcache,
             nodes: fresh.nodes_out,
             policy: compiled.entries,
             policy_enabled: compiled.enabled,

@@ -1,8 +1,25 @@
 //! The local cluster's policies: validated, stored, and followed by the policy index.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnet::{IpNet, Ipv4Net};
+
+use super::cluster::Status;
 use super::{Applied, MeshView, PolicyEvent};
 use crate::desired::order_ops;
-use crate::policy::{compile, CompiledPolicy, NetworkPolicy, PolicyErrors};
+use crate::policy::{
+    compile, egress_peers, ingress_peers, CompiledPolicy, NetworkPolicy, PolicyErrors,
+};
+
+/// Whether `policy` names `prefix` in one of its rules.
+fn policy_names(policy: &NetworkPolicy, prefix: &Ipv4Net) -> bool {
+    let ingress = policy.spec.ingress.iter().flatten().map(ingress_peers);
+    let egress = policy.spec.egress.iter().flatten().map(egress_peers);
+    ingress
+        .chain(egress)
+        .flatten()
+        .any(|set| set.prefixes().any(|p| p == *prefix))
+}
 
 impl MeshView {
     /// Stores or removes a local policy. An invalid update is refused and the previous version
@@ -26,6 +43,10 @@ impl MeshView {
                 &self.identities_out,
             );
             self.policy_index.flush(&mut applied.ops);
+            // Prefixes the policies began or ceased to name enter or leave the ipcache.
+            for prefix in self.policy_index.take_touched_cidrs() {
+                self.refresh_prefix(prefix.into(), &mut applied.ops);
+            }
             order_ops(&mut applied.ops);
         }
         Ok(applied)
@@ -58,13 +79,69 @@ impl MeshView {
         self.policies.values()
     }
 
+    /// What `meshd status` warns about the policies in force: a CIDR rule whose prefix
+    /// overlaps a cluster's pod CIDR is accepted, but the endpoints there are matched by their
+    /// identity, never by the CIDR (as in Cilium). For status only: it walks every named
+    /// prefix against every admitted node.
+    pub fn policy_warnings(&self) -> Vec<String> {
+        let named = self.policy_index.cidr_identities();
+        if named.is_empty() {
+            return Vec::new();
+        }
+        let mut pod_cidrs: BTreeMap<Ipv4Net, BTreeSet<&str>> = BTreeMap::new();
+        for cidr in &self.local.pod_cidrs {
+            if let IpNet::V4(c) = cidr {
+                pod_cidrs
+                    .entry(*c)
+                    .or_default()
+                    .insert(self.local.cluster.as_str());
+            }
+        }
+        for cs in self.clusters.values() {
+            for node in cs.nodes.values().filter(|n| n.status == Status::Admitted) {
+                for cidr in &node.value.pod_cidrs {
+                    if let IpNet::V4(c) = cidr {
+                        pod_cidrs.entry(*c).or_default().insert(cs.name.as_str());
+                    }
+                }
+            }
+        }
+        let mut warnings = Vec::new();
+        for (prefix, _) in named.iter() {
+            let overlapping: BTreeSet<&str> = pod_cidrs
+                .iter()
+                .filter(|(c, _)| prefix.contains(&c.network()) || c.contains(&prefix.network()))
+                .flat_map(|(_, clusters)| clusters.iter().copied())
+                .collect();
+            if overlapping.is_empty() {
+                continue;
+            }
+            let naming: Vec<String> = self
+                .policies
+                .values()
+                .filter(|p| policy_names(p, &prefix))
+                .map(NetworkPolicy::id)
+                .collect();
+            warnings.push(format!(
+                "CIDR {prefix} in policy {} overlaps the pod CIDRs of cluster {}: endpoints there are matched by their identity, not by this CIDR",
+                naming.join(", "),
+                overlapping.into_iter().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if named.exhausted > 0 {
+            warnings.push(format!(
+                "{} policy CIDRs found no local identity (65,535 prefixes are named already) and match nothing",
+                named.exhausted
+            ));
+        }
+        warnings
+    }
+
     /// The policy entries and markers for the local cluster's identities, compiled against
     /// every admitted identity of every cluster.
     pub fn compile_policy(&self) -> CompiledPolicy {
-        compile(
-            self.policies.values(),
-            &self.identities_out,
-            self.local.cluster_id,
-        )
+        let mut identities = self.identities_out.clone();
+        identities.extend(self.policy_index.cidr_identities().labelled());
+        compile(self.policies.values(), &identities, self.local.cluster_id)
     }
 }

@@ -33,8 +33,23 @@ impl MeshView {
     }
 
     /// What the ipcache should say for `p`, from the view alone. Endpoint entries first (the
-    /// local cluster's, then the one admitted remote claimant), then node IPs.
+    /// local cluster's, then the one admitted remote claimant), then node IPs, then the
+    /// identity of a prefix policies name (the mesh's own entries win: its addresses are
+    /// matched by identity, never by CIDR).
     pub(super) fn resolve_prefix(&self, p: &IpNet) -> Option<IpcacheTarget> {
+        self.resolve_mesh_prefix(p).or_else(|| {
+            let IpNet::V4(v4) = p else { return None };
+            self.policy_index
+                .cidr_identity(v4)
+                .map(|identity| IpcacheTarget {
+                    identity,
+                    tunnel_endpoint: None,
+                    local: false,
+                })
+        })
+    }
+
+    fn resolve_mesh_prefix(&self, p: &IpNet) -> Option<IpcacheTarget> {
         let admitted = |cs: &ClusterState| {
             cs.ipcache
                 .get(p)

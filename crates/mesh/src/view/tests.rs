@@ -972,7 +972,7 @@ impl Lcg {
 /// A policy of the random streams: `app=<subject>` in `default` accepts `app=<peer>` (any
 /// cluster) on TCP `port`; the variants add an egress section whose first rule allows any
 /// peer on UDP and whose second reaches `app=<peer>` in every namespace, or a second ingress
-/// rule overlapping the first.
+/// rule overlapping the first, or rules naming prefixes and entities.
 fn random_policy(name: &str, subject: &str, peer: &str, port: u16, variant: u64) -> NetworkPolicy {
     let extra = match variant {
         0 => format!(
@@ -984,6 +984,23 @@ fn random_policy(name: &str, subject: &str, peer: &str, port: u16, variant: u64)
         1 => format!(
             r#"
     - fromEndpoints: [ {{ matchLabels: {{ app: {subject} }} }}, {{ matchLabels: {{ app: {peer} }} }} ]"#
+        ),
+        // Prefixes: one inside the remote clusters' endpoint range with a hole in it, one
+        // outside the mesh, and the entities; their identities come and go with the policy.
+        2 => String::from(
+            r#"
+  egress:
+    - toCIDRSet: [ { cidr: 10.2.0.0/16, except: [ 10.2.1.0/24 ] } ]
+      toCIDR: [ 198.51.100.0/24 ]
+    - toEntities: [ world, host ]
+      toPorts: [ { ports: [ { port: "443", protocol: TCP } ] } ]"#,
+        ),
+        // A /32 that is also an endpoint's address of cluster 2 (the mesh entry wins while it
+        // stands), a broader prefix around it, and the local cluster.
+        3 => String::from(
+            r#"
+    - fromCIDR: [ 10.2.0.5, 10.0.0.0/8 ]
+      fromEntities: [ cluster ]"#,
         ),
         _ => String::new(),
     };
@@ -1069,7 +1086,7 @@ fn random_event_streams_keep_every_invariant() {
                         apps[rng.next(3) as usize],
                         apps[rng.next(3) as usize],
                         8000 + rng.next(3) as u16,
-                        rng.next(3),
+                        rng.next(5),
                     ))
                 };
                 let applied = v.update_policy(event).unwrap();
@@ -1193,6 +1210,17 @@ fn check_desired_is_sound(v: &MeshView) {
             );
         } else if t.identity.is_reserved() {
             assert!(prefix.prefix_len() == 32);
+        } else if t.identity.is_local_scope() {
+            // A prefix a policy names, outside every mesh entry.
+            let IpNet::V4(v4) = prefix else {
+                panic!("{prefix}: CIDR identity for an IPv6 prefix")
+            };
+            assert_eq!(
+                v.policy_index.cidr_identity(v4),
+                Some(t.identity),
+                "{prefix}"
+            );
+            assert!(!t.local);
         } else {
             assert_eq!(t.identity.cluster_id(), Some(local_id), "{prefix}");
             assert!(t.local);
@@ -1332,13 +1360,50 @@ fn measure_initial_sync_of_100k_remote_entries() {
     println!(
         "100k remote ipcache entries: apply_batch {apply_time:?} (plain BTreeMap insert of the same records {raw_time:?}, ratio {:.1}), \
          desired() {desired_time:?}, diff(empty -> desired) {diff_time:?} ({} ops), diff(x, x) {noop_time:?}; \
-         single upsert on top: p50 {:?} p99 {:?} max {:?}; the view holds {} MB of heap",
+         single upsert on top: p50 {:?} p99 {:?} max {:?}; the view holds {} MB of heap ({} bytes per entry)",
         apply_time.as_secs_f64() / raw_time.as_secs_f64(),
         ops.len(),
         single[500],
         single[990],
         single[999],
         view_heap / 1_000_000,
+        view_heap / 100_000,
     );
     assert!(again.is_empty());
+}
+
+#[test]
+fn a_policy_cidr_over_pod_cidrs_is_accepted_with_a_warning() {
+    let mut v = MeshView::new(local());
+    let policy = |name: &str, cidr: &str| {
+        NetworkPolicy::from_yaml(&format!(
+            "apiVersion: meshd.io/v1\nkind: NetworkPolicy\nmetadata: {{ name: {name} }}\nspec:\n  endpointSelector: {{}}\n  egress:\n    - toCIDR: [ {cidr} ]\n"
+        ))
+        .unwrap()
+    };
+    v.update_policy(PolicyEvent::Upsert(policy("outside", "198.51.100.0/24")))
+        .unwrap();
+    assert!(v.policy_warnings().is_empty(), "{:?}", v.policy_warnings());
+    let applied = v
+        .update_policy(PolicyEvent::Upsert(policy("wide", "10.0.0.0/8")))
+        .unwrap();
+    assert!(
+        applied.ops.iter().any(|op| matches!(op, DatapathOp::UpsertIpcache { prefix, .. } if prefix.to_string() == "10.0.0.0/8")),
+        "the prefix enters the ipcache: {:?}",
+        applied.ops
+    );
+    let warnings = v.policy_warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(
+            "CIDR 10.0.0.0/8 in policy default/wide overlaps the pod CIDRs of cluster c1"
+        ),
+        "{warnings:?}"
+    );
+    v.update_policy(PolicyEvent::Delete {
+        namespace: "default".into(),
+        name: "wide".into(),
+    })
+    .unwrap();
+    assert!(v.policy_warnings().is_empty());
 }

@@ -21,6 +21,7 @@ mod selector;
 use std::collections::BTreeMap;
 use std::fmt;
 
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::labels::Labels;
@@ -72,6 +73,21 @@ pub struct IngressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_endpoints: Option<Vec<EndpointSelector>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_entities: Option<Vec<Entity>>,
+    #[serde(
+        default,
+        rename = "fromCIDR",
+        skip_serializing_if = "Option::is_none",
+        with = "cidr_list"
+    )]
+    pub from_cidr: Option<Vec<Ipv4Net>>,
+    #[serde(
+        default,
+        rename = "fromCIDRSet",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub from_cidr_set: Option<Vec<CidrRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_ports: Option<Vec<PortRule>>,
 }
 
@@ -81,7 +97,115 @@ pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_endpoints: Option<Vec<EndpointSelector>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_entities: Option<Vec<Entity>>,
+    #[serde(
+        default,
+        rename = "toCIDR",
+        skip_serializing_if = "Option::is_none",
+        with = "cidr_list"
+    )]
+    pub to_cidr: Option<Vec<Ipv4Net>>,
+    #[serde(default, rename = "toCIDRSet", skip_serializing_if = "Option::is_none")]
+    pub to_cidr_set: Option<Vec<CidrRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to_ports: Option<Vec<PortRule>>,
+}
+
+/// A group of peers named by what it is rather than by labels (Cilium's entities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Entity {
+    /// Everything outside the mesh: addresses in no cluster's ipcache, CIDR rules' prefixes
+    /// included.
+    World,
+    /// The node the endpoint runs on.
+    Host,
+    /// The other nodes of the mesh (their own addresses, not their endpoints).
+    RemoteNode,
+    /// The local cluster: its endpoints, its nodes and the host.
+    Cluster,
+    /// Any peer at all.
+    All,
+}
+
+/// A prefix, minus the prefixes of `except`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrRule {
+    #[serde(with = "cidr")]
+    pub cidr: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "cidr_vec")]
+    pub except: Vec<Ipv4Net>,
+}
+
+/// CIDRs as written in policies: `10.0.0.0/8`, or a bare address for its /32. IPv6 is refused
+/// (the datapath is IPv4 only), as is a prefix with host bits set, whose meaning is unclear.
+mod cidr {
+    use ipnet::Ipv4Net;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(text: &str) -> Result<Ipv4Net, String> {
+        let text = text.trim();
+        let net = if text.contains('/') {
+            text.parse::<Ipv4Net>().ok()
+        } else {
+            text.parse::<std::net::Ipv4Addr>()
+                .ok()
+                .map(|a| Ipv4Net::new(a, 32).expect("/32 is a valid length"))
+        };
+        let net = net.ok_or_else(|| {
+            if text.contains(':') {
+                format!("{text:?}: IPv6 is not supported yet")
+            } else {
+                format!("{text:?} is not an IPv4 CIDR (such as 192.0.2.0/24) or address")
+            }
+        })?;
+        if net.trunc() != net {
+            return Err(format!(
+                "{text:?} has host bits set (did you mean {}?)",
+                net.trunc()
+            ));
+        }
+        Ok(net)
+    }
+
+    pub fn serialize<S: Serializer>(net: &Ipv4Net, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(net)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Net, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod cidr_vec {
+    use ipnet::Ipv4Net;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &[Ipv4Net], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(nets.iter().map(|n| n.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Net>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|t| super::cidr::parse(t).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+mod cidr_list {
+    use ipnet::Ipv4Net;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(nets: &Option<Vec<Ipv4Net>>, s: S) -> Result<S::Ok, S::Error> {
+        super::cidr_vec::serialize(nets.as_deref().unwrap_or_default(), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Ipv4Net>>, D::Error> {
+        super::cidr_vec::deserialize(d).map(Some)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +381,29 @@ impl Checker {
         }
     }
 
+    fn non_empty<T>(&mut self, path: &str, list: Option<&[T]>) {
+        if list.is_some_and(|l| l.is_empty()) {
+            self.error(
+                path,
+                "must list at least one entry (omit the field instead)",
+            );
+        }
+    }
+
+    fn cidr_set(&mut self, path: &str, rules: Option<&[CidrRule]>) {
+        self.non_empty(path, rules);
+        for (i, rule) in rules.into_iter().flatten().enumerate() {
+            for (j, e) in rule.except.iter().enumerate() {
+                if e.prefix_len() <= rule.cidr.prefix_len() || !rule.cidr.contains(&e.network()) {
+                    self.error(
+                        format!("{path}[{i}].except[{j}]"),
+                        format!("{e} is not a prefix inside {}", rule.cidr),
+                    );
+                }
+            }
+        }
+    }
+
     fn ports(&mut self, path: &str, rules: Option<&[PortRule]>) {
         let Some(rules) = rules else { return };
         if rules.is_empty() {
@@ -347,18 +494,20 @@ impl NetworkPolicy {
             );
         }
         for (i, r) in spec.ingress.iter().flatten().enumerate() {
-            c.peers(
-                &format!("spec.ingress[{i}].fromEndpoints"),
-                r.from_endpoints.as_deref(),
-            );
-            c.ports(&format!("spec.ingress[{i}].toPorts"), r.to_ports.as_deref());
+            let at = format!("spec.ingress[{i}]");
+            c.peers(&format!("{at}.fromEndpoints"), r.from_endpoints.as_deref());
+            c.non_empty(&format!("{at}.fromEntities"), r.from_entities.as_deref());
+            c.non_empty(&format!("{at}.fromCIDR"), r.from_cidr.as_deref());
+            c.cidr_set(&format!("{at}.fromCIDRSet"), r.from_cidr_set.as_deref());
+            c.ports(&format!("{at}.toPorts"), r.to_ports.as_deref());
         }
         for (i, r) in spec.egress.iter().flatten().enumerate() {
-            c.peers(
-                &format!("spec.egress[{i}].toEndpoints"),
-                r.to_endpoints.as_deref(),
-            );
-            c.ports(&format!("spec.egress[{i}].toPorts"), r.to_ports.as_deref());
+            let at = format!("spec.egress[{i}]");
+            c.peers(&format!("{at}.toEndpoints"), r.to_endpoints.as_deref());
+            c.non_empty(&format!("{at}.toEntities"), r.to_entities.as_deref());
+            c.non_empty(&format!("{at}.toCIDR"), r.to_cidr.as_deref());
+            c.cidr_set(&format!("{at}.toCIDRSet"), r.to_cidr_set.as_deref());
+            c.ports(&format!("{at}.toPorts"), r.to_ports.as_deref());
         }
         if c.errors.is_empty() {
             Ok(())
