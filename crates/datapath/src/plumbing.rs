@@ -102,6 +102,28 @@ pub fn link_info(netns: Option<&str>, dev: &str) -> Result<LinkInfo> {
     Ok(LinkInfo { ifindex, mac, mtu })
 }
 
+/// The interface holding IPv4 address `addr` in `netns` (None = the caller's namespace), e.g.
+/// the node's uplink by its node IP; `None` if no interface has it.
+pub fn device_with_addr(netns: Option<&str>, addr: std::net::Ipv4Addr) -> Result<Option<String>> {
+    let out = ip(netns, "*", &["-j", "-4", "addr", "show"])?;
+    let json: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| PlumbingError::Output {
+            command: "ip -j -4 addr show".into(),
+            device: "*".into(),
+            detail: e.to_string(),
+        })?;
+    let want = addr.to_string();
+    Ok(json.as_array().into_iter().flatten().find_map(|link| {
+        let has = link["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["local"].as_str() == Some(want.as_str()));
+        has.then(|| link["ifname"].as_str().map(str::to_owned))
+            .flatten()
+    }))
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -211,6 +233,7 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
     )?;
     ip(node, host, &["link", "set", host, "addrgenmode", "none"])?;
     ip(node, host, &["link", "set", host, "up"])?;
+    enable_forwarding(node, host)?;
     let host_info = link_info(node, host)?;
     let mac = format_mac(host_info.mac);
     let addr = format!("{}/32", spec.ip);
@@ -272,6 +295,40 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
         endpoint_mac: ep_info.mac,
         mtu,
     })
+}
+
+/// Turns on IPv4 forwarding for packets entering through `dev` only: from_endpoint routes
+/// world-bound packets with bpf_fib_lookup, which refuses to (BPF_FIB_LKUP_RET_FWD_DISABLED)
+/// when the input device does not forward. Nothing else on the node starts forwarding.
+pub fn enable_forwarding(netns: Option<&str>, dev: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{dev}/forwarding");
+    match netns {
+        None => std::fs::write(&path, "1").map_err(|source| PlumbingError::Spawn {
+            command: format!("write 1 to {path}"),
+            device: dev.to_owned(),
+            source,
+        }),
+        Some(ns) => {
+            let command = format!("ip netns exec {ns} sysctl -qw net/ipv4/conf/{dev}/forwarding=1");
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "sysctl", "-qw"])
+                .arg(format!("net/ipv4/conf/{dev}/forwarding=1"))
+                .output()
+                .map_err(|source| PlumbingError::Spawn {
+                    command: command.clone(),
+                    device: dev.to_owned(),
+                    source,
+                })?;
+            if !out.status.success() {
+                return Err(PlumbingError::Command {
+                    command,
+                    device: dev.to_owned(),
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                });
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Deletes the endpoint's veth pair (both ends go with the host side). Idempotent.
