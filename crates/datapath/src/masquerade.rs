@@ -121,15 +121,20 @@ impl DatapathMaps {
     /// Every masqueraded flow (the forward half of each NAT mapping, whether or not its
     /// connection is still alive).
     pub fn nat_mappings(&self) -> Result<Vec<NatMapping>> {
+        let node_ip = self
+            .config
+            .get(&0, 0)
+            .map_err(op_err("get", names::CONFIG, 0))?
+            .node_ip;
         let mut out = Vec::new();
         for item in self.nat.iter() {
             let (k, v) = item.map_err(op_err("iter", names::NAT, "*"))?;
-            let nat_addr = abi::ip_from_be(v.addr);
-            // Reverse entries are keyed by the replies' tuple, whose destination is the NAT
-            // address; forward entries by the endpoint's tuple.
-            if abi::ip_from_be(k.daddr) == nat_addr {
+            // Forward entries map to the node IP; reverse entries (keyed by the replies'
+            // tuple, to the node IP) back to an endpoint.
+            if v.addr != node_ip || k.daddr == node_ip {
                 continue;
             }
+            let nat_addr = abi::ip_from_be(v.addr);
             out.push(NatMapping {
                 proto: k.proto,
                 endpoint: abi::ip_from_be(k.saddr),
