@@ -54,7 +54,7 @@ impl From<ApiserverError> for Status {
 
 fn outcome_pb(o: &Outcome) -> pb::ObjectResult {
     pb::ObjectResult {
-        object: Some(crate::client::object_ref(&o.object)),
+        object: Some(meshd_api::apiserver::object_ref(&o.object)),
         action: o.action.to_string(),
         vip: o.vip.map(|v| v.to_string()).unwrap_or_default(),
     }

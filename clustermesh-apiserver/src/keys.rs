@@ -1,6 +1,7 @@
 //! The etcd keys the apiserver owns besides those of the state schema (`meshd_state::keys`):
 //! the desired state users applied, VIP allocations and the leader lease. None of them is
-//! readable by remote clusters (they live outside `meshd/state/`).
+//! readable by remote clusters (they live outside `meshd/state/`). Policies are read by the
+//! agents too, so their key is the schema's (`meshd_state::NetworkPolicyKey`).
 //!
 //! ```text
 //! meshd/config/services/v1/<namespace>/<name>   Service manifest (JSON), spec.clusterIP filled in
@@ -15,7 +16,7 @@
 use std::net::IpAddr;
 
 use meshd_manifest::{Kind, ObjectRef};
-use meshd_state::ClusterName;
+use meshd_state::{ClusterName, NetworkPolicyKey, ResourceKey};
 use serde::{Deserialize, Serialize};
 
 pub const SERVICES_CONFIG_PREFIX: &str = "meshd/config/services/v1/";
@@ -33,19 +34,26 @@ pub fn kind_prefix(kind: Kind) -> &'static str {
 
 /// Where an applied object is stored.
 pub fn object_key(r: &ObjectRef) -> String {
-    format!("{}{}/{}", kind_prefix(r.kind), r.namespace, r.name)
+    match r.kind {
+        Kind::NetworkPolicy => NetworkPolicyKey::new(&r.namespace, &r.name).to_string(),
+        Kind::Service => format!("{SERVICES_CONFIG_PREFIX}{}/{}", r.namespace, r.name),
+    }
 }
 
 /// The object stored under `key`, if it is one of ours.
 pub fn parse_object_key(key: &str) -> Option<ObjectRef> {
-    Kind::ALL.into_iter().find_map(|kind| {
-        let rest = key.strip_prefix(kind_prefix(kind))?;
-        let (namespace, name) = rest.split_once('/')?;
-        (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then(|| ObjectRef {
-            kind,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })
+    if let Ok(k) = NetworkPolicyKey::parse(key) {
+        return Some(ObjectRef {
+            kind: Kind::NetworkPolicy,
+            namespace: k.namespace,
+            name: k.name,
+        });
+    }
+    let (namespace, name) = key.strip_prefix(SERVICES_CONFIG_PREFIX)?.split_once('/')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains('/')).then(|| ObjectRef {
+        kind: Kind::Service,
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
     })
 }
 

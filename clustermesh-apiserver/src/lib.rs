@@ -9,10 +9,10 @@
 //!   used for a grace period;
 //! - answers `/healthz` and `/readyz`.
 //!
-//! The library also holds the client (`client::connect`) the `meshd` CLI uses. etcd keys of its
-//! own are documented in `keys`.
+//! The API's messages and its client (`meshd_api::apiserver`) live in `meshd-api`, so the
+//! `meshd` CLI reaches the apiserver without this crate. etcd keys of its own are documented in
+//! `keys`.
 
-pub mod client;
 pub mod config;
 pub mod controller;
 pub mod error;
@@ -29,9 +29,7 @@ pub mod view;
 pub mod vip;
 
 /// Generated messages, client and server of `meshd.apiserver.v1`.
-pub mod pb {
-    tonic::include_proto!("meshd.apiserver.v1");
-}
+pub use meshd_api::apiserver::pb;
 
 pub use config::{Config, ConfigArgs};
 pub use error::ApiserverError;

@@ -119,7 +119,7 @@ async fn apply_list_delete_round_trip_over_tls_etcd() {
     let refs: Vec<pb::ObjectRef> = meshd_manifest::load_paths(&[file])
         .unwrap()
         .iter()
-        .map(|d| clustermesh_apiserver::client::object_ref(&d.document.object_ref()))
+        .map(|d| meshd_api::apiserver::object_ref(&d.document.object_ref()))
         .chain([pb::ObjectRef {
             kind: "Service".into(),
             namespace: "default".into(),
@@ -358,7 +358,7 @@ async fn only_the_admin_certificate_of_its_own_cluster_may_use_the_api() {
 
     // A certificate of another CA does not get through the handshake.
     let stranger = Certs::named("another CA");
-    let refused = match clustermesh_apiserver::client::connect(
+    let refused = match meshd_api::apiserver::connect(
         &format!("https://{}", server.api_addr),
         &stranger.files(LeafKind::Admin),
     )
@@ -526,7 +526,7 @@ async fn a_rotated_server_certificate_is_used_by_the_next_connection() {
     let admin_files = certs.files(LeafKind::Admin);
     let by_ip = format!("https://{}", server.api_addr);
     let by_name = format!("https://localhost:{}", server.api_addr.port());
-    let mut before = clustermesh_apiserver::client::connect(&by_ip, &admin_files)
+    let mut before = meshd_api::apiserver::connect(&by_ip, &admin_files)
         .await
         .unwrap();
     before
@@ -544,14 +544,14 @@ async fn a_rotated_server_certificate_is_used_by_the_next_connection() {
         .unwrap()
         .write(certs.path(), true)
         .unwrap();
-    let mut after = clustermesh_apiserver::client::connect(&by_name, &admin_files)
+    let mut after = meshd_api::apiserver::connect(&by_name, &admin_files)
         .await
         .unwrap();
     after
         .list_services(pb::ListRequest::default())
         .await
         .unwrap();
-    let refused = match clustermesh_apiserver::client::connect(&by_ip, &admin_files).await {
+    let refused = match meshd_api::apiserver::connect(&by_ip, &admin_files).await {
         Err(_) => true,
         Ok(mut c) => c.list_services(pb::ListRequest::default()).await.is_err(),
     };

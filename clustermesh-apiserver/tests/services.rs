@@ -9,12 +9,12 @@ use clustermesh_apiserver::pb;
 use common::*;
 use meshd_state::{Affinity, Protocol};
 
-async fn apply(api: &mut clustermesh_apiserver::client::Client, file: &str, text: &str) {
+async fn apply(api: &mut meshd_api::apiserver::Client, file: &str, text: &str) {
     let docs = meshd_manifest::parse_str(file, text).unwrap();
     api.apply(pb::ApplyRequest {
         documents: docs
             .iter()
-            .map(clustermesh_apiserver::client::source_document)
+            .map(meshd_api::apiserver::source_document)
             .collect(),
         dry_run: false,
     })

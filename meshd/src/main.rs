@@ -1,25 +1,18 @@
 //! `meshd`: the node agent and the command-line tool of the mesh.
 //!
-//! main only parses the command line and dispatches; each subcommand lives in its own module.
+//! main only parses the command line and dispatches; each subcommand lives in its own module
+//! under `cli/`, and the agent runtime in the `meshd-agent` crate.
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-mod agent;
-mod certs_cmd;
-mod context;
-mod endpoint_cmd;
-mod etcd_auth;
-mod etcd_cmd;
-mod lab_cmd;
-mod manifest_cmd;
-mod monitor_cmd;
-mod output;
-mod shell_cmd;
-mod status_cmd;
-mod troubleshoot_cmd;
-mod workload;
+mod cli;
+
+use cli::{
+    certs_cmd, context, endpoint_cmd, etcd_cmd, lab_cmd, manifest_cmd, monitor_cmd, output,
+    shell_cmd, status_cmd, troubleshoot_cmd, workload,
+};
 
 /// meshd joins independent clusters of Linux nodes into one network: endpoints in any cluster
 /// reach each other over a VXLAN overlay that carries the sender's security identity, so
@@ -53,7 +46,7 @@ enum Command {
     #[command(subcommand)]
     Workload(workload::WorkloadCommand),
     /// Run the node agent (datapath, endpoints, cluster mesh).
-    Agent(Box<agent::config::AgentArgs>),
+    Agent(Box<meshd_agent::config::AgentArgs>),
     /// Endpoints of the local node: add, del, list.
     #[command(subcommand)]
     Endpoint(endpoint_cmd::EndpointCommand),
@@ -129,7 +122,7 @@ fn main() -> ExitCode {
         Command::Certs(cmd) => certs_cmd::run(cmd),
         Command::Etcd(cmd) => etcd_cmd::run(cmd),
         Command::Workload(cmd) => workload::run(cmd),
-        Command::Agent(args) => agent::run(*args),
+        Command::Agent(args) => meshd_agent::run(*args),
         Command::Endpoint(cmd) => endpoint_cmd::run(cmd),
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),

@@ -49,6 +49,50 @@ spec:
   ports: [ { port: 80 } ]
 "#;
 
+/// Policies users bring from Cilium and Kubernetes (from their documentation).
+const BROUGHT: &str = r#"apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "allow-cross-cluster"
+spec:
+  description: "Allow x-wing in cluster1 to contact rebel-base in cluster2"
+  endpointSelector:
+    matchLabels:
+      name: x-wing
+      io.cilium.k8s.policy.cluster: cluster1
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        name: rebel-base
+        io.cilium.k8s.policy.cluster: cluster2
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: db-from-frontend
+spec:
+  podSelector:
+    matchLabels:
+      role: db
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          role: frontend
+    ports:
+    - protocol: TCP
+      port: 6379
+"#;
+
+const FQDN: &str = r#"apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: { name: to-example }
+spec:
+  endpointSelector: {}
+  egress:
+  - toFQDNs: [ { matchName: example.com } ]
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apply_get_delete_through_a_context() {
     if !meshd_testing::require_etcd() {
@@ -188,6 +232,90 @@ async fn apply_get_delete_through_a_context() {
         &["get", "services", "--context", "ro", "--meshd-config", cfg],
     )
     .fails_saying(&["may not use this API"]);
+
+    // Cilium's and Kubernetes' policies go in as meshd's, and are shown in the stored form.
+    std::fs::write(mesh.path().join("brought.yaml"), BROUGHT).unwrap();
+    std::fs::write(mesh.path().join("fqdn.yaml"), FQDN).unwrap();
+    let refused = run(&mesh, &["apply", "-f", "fqdn.yaml", "--meshd-config", cfg]);
+    assert_eq!(refused.code, 65, "{}", refused.stderr);
+    refused.fails_saying(&[
+        "fqdn.yaml: document 1 (CiliumNetworkPolicy default/to-example): field spec.egress[0].toFQDNs: DNS-based policy is not supported",
+    ]);
+    let applied = run(
+        &mesh,
+        &["apply", "-f", "brought.yaml", "--meshd-config", cfg],
+    )
+    .ok();
+    for created in [
+        "networkpolicy/default/allow-cross-cluster created",
+        "networkpolicy/default/db-from-frontend created",
+    ] {
+        assert!(applied.stdout.contains(created), "{}", applied.stdout);
+    }
+    let listed = run(
+        &mesh,
+        &["get", "policies", "-o", "json", "--meshd-config", cfg],
+    )
+    .ok();
+    let list: serde_json::Value = serde_json::from_str(&listed.stdout).unwrap();
+    let stored = |name: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"))
+    };
+    let cnp = stored("allow-cross-cluster");
+    assert_eq!(cnp["apiVersion"], "meshd.io/v1", "{cnp}");
+    assert_eq!(
+        cnp["metadata"]["annotations"]["meshd.io/source"],
+        "cilium.io/v2/CiliumNetworkPolicy"
+    );
+    assert_eq!(
+        cnp["spec"]["egress"][0]["toEndpoints"][0]["matchLabels"]["meshd.io/cluster"], "cluster2",
+        "{cnp}"
+    );
+    let np = stored("db-from-frontend");
+    assert_eq!(
+        np["spec"]["ingress"][0]["fromEndpoints"][0]["matchLabels"]["role"], "frontend",
+        "{np}"
+    );
+    assert_eq!(
+        np["spec"]["ingress"][0]["toPorts"][0]["ports"][0]["port"],
+        6379
+    );
+    let yaml = run(
+        &mesh,
+        &[
+            "get",
+            "networkpolicies",
+            "-o",
+            "yaml",
+            "--meshd-config",
+            cfg,
+        ],
+    )
+    .ok();
+    assert!(
+        yaml.stdout
+            .contains("meshd.io/source: cilium.io/v2/CiliumNetworkPolicy"),
+        "{}",
+        yaml.stdout
+    );
+    let deleted = run(
+        &mesh,
+        &["delete", "-f", "brought.yaml", "--meshd-config", cfg],
+    )
+    .ok();
+    assert!(
+        deleted
+            .stdout
+            .contains("networkpolicy/default/allow-cross-cluster deleted"),
+        "{}",
+        deleted.stdout
+    );
 
     let deleted = run(
         &mesh,

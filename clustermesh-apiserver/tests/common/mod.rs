@@ -7,8 +7,8 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clustermesh_apiserver::client::{self, Client};
 use clustermesh_apiserver::{Apiserver, Config, ConfigArgs};
+use meshd_api::apiserver::{self as client, Client};
 use meshd_certs::{LeafKind, MeshCa, TlsFiles};
 use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
 use meshd_testing::etcd::{Etcd, EtcdOptions, EtcdTls};
@@ -213,7 +213,7 @@ pub async fn add_endpoint(store: &EtcdStore, ip: &str, local_id: u16, app: &str,
         )
         .await
         .unwrap();
-    // The agents' label-set index (meshd/src/agent/identity.rs), which GC must clean too.
+    // The agents' label-set index (crates/agent/src/identity.rs), which GC must clean too.
     store
         .put(
             &format!(

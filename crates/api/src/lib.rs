@@ -1,4 +1,7 @@
-//! The meshd agent's gRPC API (`proto/agent.proto`), served on a Unix socket.
+//! meshd's gRPC APIs.
+//!
+//! At the root, the agent's API (`proto/agent.proto`), served on a Unix socket; in
+//! [`apiserver`], the clustermesh-apiserver's (`proto/apiserver.proto`) with its mTLS client.
 //!
 //! The agent implements [`pb::agent_server::Agent`] and runs it with [`serve`]; the CLI reaches
 //! it with [`connect`]. A Unix socket rather than TCP: only local root (file permissions) may
@@ -15,6 +18,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint, Server};
 
+pub mod apiserver;
+
 /// Generated messages and services.
 pub mod pb {
     tonic::include_proto!("meshd.agent.v1");
@@ -25,6 +30,21 @@ pub use pb::agent_server::{Agent, AgentServer};
 
 /// Where the agent listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/meshd/agent.sock";
+
+/// The state word of a cluster, as `meshd status` shows it and the agent's metrics count it.
+pub fn cluster_state(c: &pb::ClusterStatus) -> &'static str {
+    if !c.refused.is_empty() {
+        "refused"
+    } else if c.stale_since_ms != 0 {
+        "stale"
+    } else if c.connected && c.ready {
+        "ready"
+    } else if c.connected {
+        "syncing"
+    } else {
+        "connecting"
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

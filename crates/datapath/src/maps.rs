@@ -922,7 +922,7 @@ fn ipcache_key(prefix: Ipv4Net) -> LpmKey<u32> {
 /// The view's shape of an ipcache value; `None` for an identity no view could write.
 pub(crate) fn ipcache_target(v: &abi::IpcacheValue) -> Option<IpcacheTarget> {
     Some(IpcacheTarget {
-        identity: meshd_state::NumericIdentity::new(v.identity).ok()?,
+        identity: meshd_state::NumericIdentity::from_datapath(v.identity).ok()?,
         tunnel_endpoint: (v.tunnel_endpoint != 0)
             .then(|| IpAddr::V4(abi::ip_from_be(v.tunnel_endpoint))),
         local: v.flags & abi::IPCACHE_F_LOCAL != 0,

@@ -218,7 +218,7 @@ fn frontend(f: &LbFrontend) -> Option<Frontend> {
 fn policy_key(e: &PolicyEntry) -> Option<PolicyKey> {
     let peer = match e.peer {
         None => None,
-        Some(n) => Some(NumericIdentity::new(n).ok()?),
+        Some(n) => Some(NumericIdentity::from_datapath(n).ok()?),
     };
     let proto = match e.proto {
         None => None,

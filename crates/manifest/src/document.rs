@@ -31,6 +31,7 @@ impl Kind {
     pub fn api_versions(self) -> &'static [&'static str] {
         match self {
             Kind::Service => &[crate::API_VERSION, "v1"],
+            // Kubernetes' and Cilium's policies are rewritten into ours before this check.
             Kind::NetworkPolicy => &[crate::API_VERSION],
         }
     }
@@ -48,7 +49,11 @@ impl FromStr for Kind {
         Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown kind {s:?} (expected Service or NetworkPolicy)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown kind {s:?} (expected Service, NetworkPolicy or CiliumNetworkPolicy)"
+                )
+            })
     }
 }
 

@@ -1,6 +1,7 @@
 //! meshd manifests: the documents users apply to a cluster's apiserver, in Kubernetes-style
 //! YAML: `Service` (defined here) and `NetworkPolicy` (defined by the mesh crate, with its
-//! compilation to datapath rules).
+//! compilation to datapath rules). Cilium's `CiliumNetworkPolicy` and Kubernetes'
+//! `NetworkPolicy` are accepted too, rewritten into meshd's policy (see `foreign.rs`).
 //!
 //! Loading is pure (files in, typed documents out) and reports every problem of every document
 //! at once, each naming the file, the document's position and the field:
@@ -18,6 +19,7 @@
 mod annotations;
 mod document;
 mod error;
+mod foreign;
 mod load;
 mod meta;
 mod policy;
@@ -26,6 +28,7 @@ mod service;
 pub use annotations::{ServiceOptions, AFFINITY, GLOBAL, MESHD_PREFIX, SHARED};
 pub use document::{Document, Kind, ObjectRef};
 pub use error::{DocumentError, ManifestErrors};
+pub use foreign::{canonical_label_key, SOURCE_ANNOTATION};
 pub use load::{
     check_unique, expand_paths, load_paths, parse_document, parse_str, parse_value, SourcedDocument,
 };
@@ -33,5 +36,7 @@ pub use meta::{ObjectMeta, API_VERSION, DEFAULT_NAMESPACE};
 pub use policy::NetworkPolicy;
 pub use service::{Service, ServicePort, ServiceSpec, TargetPort};
 
+#[cfg(test)]
+mod foreign_tests;
 #[cfg(test)]
 mod tests;

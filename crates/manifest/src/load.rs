@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::document::{Document, Kind, ObjectRef};
 use crate::error::{DocumentError, ManifestErrors};
+use crate::foreign;
 
 /// A document and where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,13 +135,53 @@ fn type_document(
             "a document must be a mapping (apiVersion, kind, metadata, spec)".into(),
         ));
     }
-    let kind_text = match value.get("kind") {
+    let mut kind_text = match value.get("kind") {
         Some(serde_yaml::Value::String(k)) => k.clone(),
         Some(_) => return Err(err("kind", "must be a string".into())),
         None => return Err(err("kind", "missing".into())),
     };
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_owned();
+    // Policies users bring from Cilium or Kubernetes become meshd's own document first.
+    let foreign = match (kind_text.as_str(), api_version.as_str()) {
+        (foreign::CILIUM_KIND, foreign::CILIUM_API_VERSION) => Some(foreign::from_cilium(&value)),
+        (foreign::CILIUM_KIND, _) => {
+            return Err(err(
+                "apiVersion",
+                format!(
+                    "{api_version:?} is not supported for {} (use {})",
+                    foreign::CILIUM_KIND,
+                    foreign::CILIUM_API_VERSION
+                ),
+            ))
+        }
+        ("NetworkPolicy", foreign::KUBERNETES_API_VERSION) => {
+            Some(foreign::from_kubernetes(&value))
+        }
+        _ => None,
+    };
+    let mut value = value;
+    if let Some(translated) = foreign {
+        let object = object_of(&value, &kind_text);
+        value = translated.map_err(|(field, reason)| {
+            let e = err(&field, reason);
+            match &object {
+                Some(o) => e.with_object(o.clone()),
+                None => e,
+            }
+        })?;
+    } else if kind_text == "NetworkPolicy" {
+        foreign::canonical_policy_labels(&mut value);
+    }
+    // Errors name the object as the user wrote it.
+    let object = object_of(&value, &kind_text);
+    if kind_text == foreign::CILIUM_KIND {
+        kind_text = Kind::NetworkPolicy.as_str().to_owned();
+    }
     let kind: Kind = kind_text.parse().map_err(|reason| err("kind", reason))?;
-    let object = object_of(&value, kind.as_str());
     let with_object = |e: DocumentError| match &object {
         Some(o) => e.with_object(o.clone()),
         None => e,

@@ -1,9 +1,10 @@
-//! NetworkPolicy documents: the type, its rules and its compilation belong to the mesh crate
-//! (`meshd_mesh::NetworkPolicy`); this adapts its errors to the manifest's.
+//! NetworkPolicy documents: the type and its validation belong to the state model
+//! (`meshd_state::NetworkPolicy`, stored as is under its key); this adapts its errors to the
+//! manifest's.
 
 use meshd_state::FieldError;
 
-pub use meshd_mesh::NetworkPolicy;
+pub use meshd_state::NetworkPolicy;
 
 pub(crate) fn namespace(p: &NetworkPolicy) -> &str {
     &p.metadata.namespace

@@ -12,7 +12,7 @@
 //! view.update_policy(event) -> Result<Applied, PolicyErrors>   // the same, with its policy map ops
 //! view.desired() -> DesiredDatapath                            // a copy of the maintained state (for full diffs)
 //! view.desired_counts() -> DesiredCounts                       // sizes, O(1)
-//! view.desired_from_scratch() -> DesiredDatapath               // the oracle: replay + compile + desired_services
+//! view.desired_from_scratch() -> DesiredDatapath               // tests only: the oracle (replay + compile + desired_services)
 //! view.desired_ipcache() / desired_nodes() -> &BTreeMap        // borrowed, maintained incrementally
 //! view.compile_policy() -> CompiledPolicy                      // policy part only
 //! view.status() -> Vec<ClusterStatus>; view.cluster_status(&name)
@@ -26,7 +26,7 @@
 //! diff_ipcache / diff_nodes (into a Vec) ; diff_policy(&actual, &desired)
 //! DesiredDatapath::apply_ops(&mut self, &[DatapathOp])          // what a map writer does, in memory
 //!
-//! NetworkPolicy::from_yaml(&str) / from_json(&str) -> Result<NetworkPolicy, PolicyErrors>
+//! NetworkPolicy::from_yaml(&str) / from_json(&str) -> Result<NetworkPolicy, PolicyErrors>  // meshd_state's, re-exported
 //! NetworkPolicy::validate(&self) -> Result<(), PolicyErrors>
 //! compile(policies, &identities, local_cluster_id) -> CompiledPolicy
 //! ```

@@ -3,6 +3,10 @@
 //! Layout (24 bits, so an identity fits a VXLAN VNI): bits 16-23 hold the cluster id (1-255),
 //! bits 0-15 the id allocated inside the cluster (256-65535). Numbers 1-255 are reserved and
 //! mean the same thing in every cluster (1 host, 2 world, 6 remote-node).
+//!
+//! Local-scope identities (bit 24 set, so never confused with one that fits a VNI) stand for
+//! CIDR prefixes that policies name. A node derives them from the policies it holds: they never
+//! leave the node (no VNI, no etcd record) and mean nothing on another node.
 
 use std::fmt;
 
@@ -14,6 +18,9 @@ use crate::names::ClusterId;
 
 /// First local id handed out by allocation; everything below is reserved.
 pub const MIN_LOCAL_ID: u16 = 256;
+
+/// Bit set in every local-scope identity.
+pub const LOCAL_SCOPE_FLAG: u32 = 1 << 24;
 
 /// A numeric security identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -58,6 +65,26 @@ impl NumericIdentity {
         }
     }
 
+    /// Local-scope identity number `n` (a CIDR prefix named by policy on this node).
+    pub fn local_scope(n: u16) -> Self {
+        Self(LOCAL_SCOPE_FLAG | u32::from(n))
+    }
+
+    /// Checks a number read back from this node's datapath maps: anything [`new`](Self::new)
+    /// accepts, and local-scope identities, which only this node writes there.
+    pub fn from_datapath(n: u32) -> Result<Self, FieldError> {
+        if n & !0xffff == LOCAL_SCOPE_FLAG {
+            Ok(Self(n))
+        } else {
+            Self::new(n)
+        }
+    }
+
+    /// A local-scope identity (a CIDR prefix), see the module docs.
+    pub fn is_local_scope(self) -> bool {
+        self.0 & !0xffff == LOCAL_SCOPE_FLAG
+    }
+
     pub fn get(self) -> u32 {
         self.0
     }
@@ -68,6 +95,9 @@ impl NumericIdentity {
 
     /// The cluster that allocated this identity; `None` for reserved identities.
     pub fn cluster_id(self) -> Option<ClusterId> {
+        if self.0 >> 24 != 0 {
+            return None;
+        }
         ClusterId::new((self.0 >> 16) & 0xff).ok()
     }
 
@@ -138,6 +168,24 @@ mod tests {
         assert!(NumericIdentity::allocated(c, 255).is_err());
         let max = NumericIdentity::allocated(ClusterId::new(255).unwrap(), u16::MAX).unwrap();
         assert_eq!(max.get(), 0xff_ffff);
+    }
+
+    #[test]
+    fn local_scope_identities_stay_on_the_node() {
+        let id = NumericIdentity::local_scope(7);
+        assert!(id.is_local_scope());
+        assert_eq!(id.cluster_id(), None);
+        assert!(!id.is_reserved());
+        // Never accepted from etcd or a VNI, only from this node's own maps.
+        assert!(NumericIdentity::new(id.get()).is_err());
+        assert_eq!(NumericIdentity::from_datapath(id.get()).unwrap(), id);
+        assert!(NumericIdentity::from_datapath((2 << 24) | 7).is_err());
+        let allocated = NumericIdentity::allocated(ClusterId::new(1).unwrap(), 300).unwrap();
+        assert!(!allocated.is_local_scope());
+        assert_eq!(
+            NumericIdentity::from_datapath(allocated.get()).unwrap(),
+            allocated
+        );
     }
 
     #[test]

@@ -9,11 +9,13 @@
 //! meshd/state/identities/v1/<cluster>/id/<id>
 //! meshd/state/services/v1/<cluster>/<namespace>/<name>
 //! meshd/synced/<cluster>/<resource>
+//! meshd/config/policies/v1/<namespace>/<name>
 //! ```
 
 use std::fmt;
 use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::LazyLock;
 
 use ipnet::IpNet;
 
@@ -317,6 +319,51 @@ impl ResourceKey for SyncCanaryKey {
     }
 }
 
+/// `meshd/config/policies/v1/<namespace>/<name>`: a NetworkPolicy of the local cluster.
+/// Policies are configuration of one cluster, not state a remote reads: the key carries no
+/// cluster, so [`ResourceKey::cluster`] names a placeholder (`local`) and watches of it are
+/// unscoped.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetworkPolicyKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl NetworkPolicyKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for NetworkPolicyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{POLICIES_PREFIX}{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ResourceKey for NetworkPolicyKey {
+    fn parse(key: &str) -> Result<Self, StateError> {
+        let bad = || StateError::key(key, format!("expected {POLICIES_PREFIX}<namespace>/<name>"));
+        let (namespace, name) = key
+            .strip_prefix(POLICIES_PREFIX)
+            .and_then(|r| r.split_once('/'))
+            .ok_or_else(bad)?;
+        if namespace.is_empty() || name.is_empty() || name.contains('/') {
+            return Err(bad());
+        }
+        Ok(Self::new(namespace, name))
+    }
+
+    fn cluster(&self) -> &ClusterName {
+        static UNSCOPED: LazyLock<ClusterName> =
+            LazyLock::new(|| ClusterName::new("local").expect("a valid name"));
+        &UNSCOPED
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -430,6 +477,21 @@ mod tests {
             assert!(matches!(err, StateError::Key { .. }), "{key}: {err}");
             assert_eq!(err.key_str(), *key);
             assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn policy_keys_round_trip_and_reject_garbage() {
+        let k = NetworkPolicyKey::parse("meshd/config/policies/v1/default/echo").unwrap();
+        assert_eq!((k.namespace.as_str(), k.name.as_str()), ("default", "echo"));
+        assert_eq!(k.to_string(), "meshd/config/policies/v1/default/echo");
+        for bad in [
+            "meshd/config/policies/v1/default",
+            "meshd/config/policies/v1//x",
+            "meshd/config/policies/v1/a/b/c",
+            "other/a/b",
+        ] {
+            assert!(NetworkPolicyKey::parse(bad).is_err(), "{bad}");
         }
     }
 }

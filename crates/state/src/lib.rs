@@ -20,16 +20,19 @@ mod identity;
 pub mod keys;
 mod labels;
 mod names;
+pub mod policy;
 mod records;
 mod resource;
 
 pub use error::{FieldError, StateError};
-pub use identity::{IdentityRecord, NumericIdentity, MIN_LOCAL_ID};
+pub use identity::{IdentityRecord, NumericIdentity, LOCAL_SCOPE_FLAG, MIN_LOCAL_ID};
 pub use keys::{
-    ClusterConfigKey, IdentityKey, IpcacheKey, NodeKey, ResourceKey, ServiceKey, SyncCanaryKey,
+    ClusterConfigKey, IdentityKey, IpcacheKey, NetworkPolicyKey, NodeKey, ResourceKey, ServiceKey,
+    SyncCanaryKey,
 };
 pub use labels::{Labels, CLUSTER_LABEL, NAMESPACE_LABEL};
 pub use names::{check_dns_label, check_dns_subdomain, ClusterId, ClusterName};
+pub use policy::{NetworkPolicy, PolicyError, PolicyErrors};
 pub use records::{
     Affinity, Capabilities, ClusterConfig, IpcacheEntry, NodeRecord, Protocol, ServiceBackend,
     ServiceFrontend, ServiceRecord, SyncCanary,

@@ -9,11 +9,12 @@ use serde::Serialize;
 use crate::error::{FieldError, StateError};
 use crate::identity::IdentityRecord;
 use crate::keys::{
-    ClusterConfigKey, IdentityKey, IpcacheKey, NodeKey, ResourceKey, ServiceKey, SyncCanaryKey,
-    CLUSTER_CONFIG_PREFIX, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX, SERVICES_PREFIX,
-    SYNCED_PREFIX,
+    ClusterConfigKey, IdentityKey, IpcacheKey, NetworkPolicyKey, NodeKey, ResourceKey, ServiceKey,
+    SyncCanaryKey, CLUSTER_CONFIG_PREFIX, IDENTITIES_PREFIX, IPCACHE_PREFIX, NODES_PREFIX,
+    POLICIES_PREFIX, SERVICES_PREFIX, SYNCED_PREFIX,
 };
 use crate::names::ClusterName;
+use crate::policy::NetworkPolicy;
 use crate::records::{ClusterConfig, IpcacheEntry, NodeRecord, ServiceRecord, SyncCanary};
 
 /// A record type stored in etcd as JSON under keys of type `Key`.
@@ -147,6 +148,29 @@ impl Resource for SyncCanary {
     const PREFIX: &'static str = SYNCED_PREFIX;
 
     fn validate(&self, _key: &Self::Key) -> Result<(), FieldError> {
+        Ok(())
+    }
+}
+
+/// Stored as the manifest the user applied (JSON), checked in full (every problem of the
+/// document, reported as one `spec` field error) and against its key.
+impl Resource for NetworkPolicy {
+    type Key = NetworkPolicyKey;
+    const KIND: &'static str = "policies";
+    const PREFIX: &'static str = POLICIES_PREFIX;
+
+    fn validate(&self, key: &Self::Key) -> Result<(), FieldError> {
+        NetworkPolicy::validate(self).map_err(|e| FieldError::new("spec", e.to_string()))?;
+        let meta = &self.metadata;
+        if meta.namespace != key.namespace || meta.name != key.name {
+            return Err(FieldError::new(
+                "metadata",
+                format!(
+                    "{}/{} differs from {}/{} in the key",
+                    meta.namespace, meta.name, key.namespace, key.name
+                ),
+            ));
+        }
         Ok(())
     }
 }

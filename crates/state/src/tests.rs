@@ -216,3 +216,19 @@ fn cluster_prefixes() {
         "meshd/cluster-config/c1"
     );
 }
+
+#[test]
+fn a_policy_must_match_its_key() {
+    let json = r#"{"apiVersion":"meshd.io/v1","kind":"NetworkPolicy",
+          "metadata":{"name":"p","namespace":"default"},
+          "spec":{"endpointSelector":{"matchLabels":{"app":"echo"}},"ingress":[]}}"#;
+    let (_, p) =
+        crate::decode::<NetworkPolicy>("meshd/config/policies/v1/default/p", json.as_bytes())
+            .unwrap();
+    assert_eq!(p.metadata.name, "p");
+    assert!(crate::decode::<NetworkPolicy>(
+        "meshd/config/policies/v1/default/other",
+        json.as_bytes()
+    )
+    .is_err());
+}

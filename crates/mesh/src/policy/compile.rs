@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use meshd_state::{ClusterId, Labels, NumericIdentity, NAMESPACE_LABEL};
 
-use super::{EndpointSelector, L4Protocol, NetworkPolicy, PortRule, DEFAULT_NAMESPACE};
+use super::peers::{egress_peers, ingress_peers, reserved_identities, PeerSet};
+use super::{L4Protocol, NetworkPolicy, PortRule, DEFAULT_NAMESPACE};
 use crate::desired::{Direction, IpProto, PolicyKey, PolicyValue, Verdict};
 
 /// The policy map content: allow entries and the (subject, direction) markers that make a
@@ -38,7 +39,8 @@ pub(super) fn namespace_of(labels: &Labels) -> &str {
 
 /// One rule of either direction, as compilation sees it.
 struct Rule<'a> {
-    peers: Option<&'a [EndpointSelector]>,
+    /// `None`: any peer.
+    peers: Option<PeerSet>,
     ports: Option<&'a [PortRule]>,
 }
 
@@ -79,14 +81,17 @@ pub(super) fn expand_ports(rules: Option<&[PortRule]>) -> Vec<(Option<IpProto>, 
 }
 
 /// Compiles `policies` for the identities of cluster `local` among `identities` (every
-/// admitted identity of every cluster, with its `meshd.io/cluster` label). Policies that do
-/// not validate are skipped (the view never stores one).
+/// admitted identity of every cluster, with its `meshd.io/cluster` label, and the CIDR
+/// identities of the prefixes the policies name, see [`CidrIdentities`](super::CidrIdentities)).
+/// The reserved identities are peers too. Policies that do not validate are skipped (the view
+/// never stores one).
 pub fn compile<'a>(
     policies: impl IntoIterator<Item = &'a NetworkPolicy>,
     identities: &BTreeMap<NumericIdentity, Labels>,
     local: ClusterId,
 ) -> CompiledPolicy {
     let mut out = CompiledPolicy::default();
+    let reserved = reserved_identities();
     let subjects: Vec<(NumericIdentity, &Labels)> = identities
         .iter()
         .filter(|(id, _)| id.cluster_id() == Some(local))
@@ -109,7 +114,7 @@ pub fn compile<'a>(
             rules
                 .iter()
                 .map(|r| Rule {
-                    peers: r.from_endpoints.as_deref(),
+                    peers: ingress_peers(r),
                     ports: r.to_ports.as_deref(),
                 })
                 .collect::<Vec<_>>()
@@ -118,7 +123,7 @@ pub fn compile<'a>(
             rules
                 .iter()
                 .map(|r| Rule {
-                    peers: r.to_endpoints.as_deref(),
+                    peers: egress_peers(r),
                     ports: r.to_ports.as_deref(),
                 })
                 .collect::<Vec<_>>()
@@ -128,17 +133,14 @@ pub fn compile<'a>(
             out.enabled.extend(selected.iter().map(|s| (*s, direction)));
             for (index, rule) in rules.iter().enumerate() {
                 let cookie = rule_cookie(ns, &policy.metadata.name, direction, index);
-                let peers: Vec<Option<NumericIdentity>> = match rule.peers {
+                let peers: Vec<Option<NumericIdentity>> = match &rule.peers {
                     None => vec![None],
-                    Some(selectors) => identities
+                    Some(set) => identities
                         .iter()
-                        .filter(|(_, labels)| {
-                            selectors.iter().any(|sel| {
-                                sel.matches(labels)
-                                    && (sel.mentions(NAMESPACE_LABEL) || namespace_of(labels) == ns)
-                            })
-                        })
-                        .map(|(id, _)| Some(*id))
+                        .map(|(id, l)| (*id, l))
+                        .chain(reserved.iter().map(|(id, l)| (*id, l)))
+                        .filter(|(id, labels)| set.matches(ns, local, *id, labels))
+                        .map(|(id, _)| Some(id))
                         .collect(),
                 };
                 let ports = expand_ports(rule.ports);

@@ -12,10 +12,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use meshd_state::{ClusterId, Labels, NumericIdentity, NAMESPACE_LABEL};
+use ipnet::Ipv4Net;
+use meshd_state::{ClusterId, Labels, NumericIdentity};
 
 use super::compile::{expand_ports, namespace_of};
-use super::{rule_cookie, CompiledPolicy, EndpointSelector, NetworkPolicy, BUILTIN_COOKIE};
+use super::peers::{
+    cidr_labels, egress_peers, ingress_peers, reserved_identities, CidrIdentities, PeerSet,
+};
+use super::{rule_cookie, CompiledPolicy, NetworkPolicy, BUILTIN_COOKIE};
 use crate::desired::{
     diff_policy_parts, DatapathOp, Direction, IpProto, PolicyKey, PolicyValue, Verdict,
 };
@@ -28,24 +32,27 @@ struct RuleState {
     direction: Direction,
     cookie: u32,
     /// `None`: any peer.
-    selectors: Option<Vec<EndpointSelector>>,
+    peer_set: Option<PeerSet>,
     ports: Vec<(Option<IpProto>, Option<u16>)>,
     peers: BTreeSet<NumericIdentity>,
 }
 
 impl RuleState {
-    fn matches_peer(&self, namespace: &str, labels: &Labels) -> bool {
-        self.selectors.as_ref().is_some_and(|selectors| {
-            selectors.iter().any(|sel| {
-                sel.matches(labels)
-                    && (sel.mentions(NAMESPACE_LABEL) || namespace_of(labels) == namespace)
-            })
-        })
+    fn matches_peer(
+        &self,
+        namespace: &str,
+        local: ClusterId,
+        id: NumericIdentity,
+        labels: &Labels,
+    ) -> bool {
+        self.peer_set
+            .as_ref()
+            .is_some_and(|set| set.matches(namespace, local, id, labels))
     }
 
     /// The peers of its entries: every matching identity, or any peer.
     fn peer_keys(&self) -> Vec<Option<NumericIdentity>> {
-        match self.selectors {
+        match self.peer_set {
             None => vec![None],
             Some(_) => self.peers.iter().copied().map(Some).collect(),
         }
@@ -64,6 +71,15 @@ impl PolicyState {
     fn namespace(&self) -> &str {
         &self.policy.metadata.namespace
     }
+
+    /// Every prefix its rules name (with repeats: each is a reference).
+    fn prefixes(&self) -> Vec<Ipv4Net> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.peer_set.as_ref())
+            .flat_map(|set| set.prefixes())
+            .collect()
+    }
 }
 
 /// The maintained policy map content; see the module docs.
@@ -78,6 +94,10 @@ pub struct PolicyIndex {
     out: CompiledPolicy,
     touched_keys: BTreeSet<PolicyKey>,
     touched_markers: BTreeSet<(NumericIdentity, Direction)>,
+    /// The identities of the prefixes the policies name.
+    cidrs: CidrIdentities,
+    /// Prefixes whose identity came or went since the last [`Self::take_touched_cidrs`].
+    touched_cidrs: Vec<Ipv4Net>,
 }
 
 fn host_key(subject: NumericIdentity, direction: Direction) -> PolicyKey {
@@ -100,7 +120,27 @@ impl PolicyIndex {
             out: CompiledPolicy::default(),
             touched_keys: BTreeSet::new(),
             touched_markers: BTreeSet::new(),
+            cidrs: CidrIdentities::default(),
+            touched_cidrs: Vec::new(),
         }
+    }
+
+    /// The identity of a prefix a policy names, if any does.
+    pub fn cidr_identity(&self, prefix: &Ipv4Net) -> Option<NumericIdentity> {
+        self.cidrs
+            .iter()
+            .find(|(p, _)| p == prefix)
+            .map(|(_, id)| id)
+    }
+
+    /// The identities of every prefix the policies name.
+    pub fn cidr_identities(&self) -> &CidrIdentities {
+        &self.cidrs
+    }
+
+    /// Prefixes whose identity came or went since the last call (the ipcache follows them).
+    pub fn take_touched_cidrs(&mut self) -> Vec<Ipv4Net> {
+        std::mem::take(&mut self.touched_cidrs)
     }
 
     /// The policy map content, equal to `compile` over the same policies and identities.
@@ -205,7 +245,8 @@ impl PolicyIndex {
                 .enumerate()
                 .filter_map(|(i, rule)| {
                     let was = rule.peers.contains(&id);
-                    let is = labels.is_some_and(|l| rule.matches_peer(p.namespace(), l));
+                    let is =
+                        labels.is_some_and(|l| rule.matches_peer(p.namespace(), self.local, id, l));
                     (was != is).then_some((i, is))
                 })
                 .collect();
@@ -253,13 +294,32 @@ impl PolicyIndex {
         policy: Option<&NetworkPolicy>,
         identities: &BTreeMap<NumericIdentity, Labels>,
     ) {
+        let mut released = Vec::new();
         if let Some(old) = self.policies.get(&name) {
+            released = old.prefixes();
             let subjects: Vec<NumericIdentity> = old.selected.iter().copied().collect();
             for s in subjects {
                 self.subject_row(&name, s, false);
             }
             self.policies.remove(&name);
         }
+        self.add_policy(name, policy, identities);
+        // Prefixes the old version named give up their identity last, after the new version
+        // took its references, so a prefix named by both keeps its number.
+        for prefix in released {
+            if let Some(id) = self.cidrs.release(prefix) {
+                self.touched_cidrs.push(prefix);
+                self.set_identity(id, None);
+            }
+        }
+    }
+
+    fn add_policy(
+        &mut self,
+        name: PolicyName,
+        policy: Option<&NetworkPolicy>,
+        identities: &BTreeMap<NumericIdentity, Labels>,
+    ) {
         let Some(policy) = policy.filter(|p| p.validate().is_ok()) else {
             return;
         };
@@ -272,7 +332,7 @@ impl PolicyIndex {
                 policy.spec.ingress.as_ref().map(|rules| {
                     rules
                         .iter()
-                        .map(|r| (r.from_endpoints.clone(), r.to_ports.as_deref()))
+                        .map(|r| (ingress_peers(r), r.to_ports.as_deref()))
                         .collect::<Vec<_>>()
                 }),
             ),
@@ -281,25 +341,44 @@ impl PolicyIndex {
                 policy.spec.egress.as_ref().map(|rules| {
                     rules
                         .iter()
-                        .map(|r| (r.to_endpoints.clone(), r.to_ports.as_deref()))
+                        .map(|r| (egress_peers(r), r.to_ports.as_deref()))
                         .collect::<Vec<_>>()
                 }),
             ),
         ];
+        // New prefixes get their identity before the policy joins, so that the other
+        // policies' rules (a broader prefix, `world`) take the new identity as a peer.
+        let named: Vec<Ipv4Net> = sections
+            .iter()
+            .flat_map(|(_, section)| section.iter().flatten())
+            .filter_map(|(set, _)| set.as_ref())
+            .flat_map(|set| set.prefixes())
+            .collect();
+        for prefix in named {
+            if let Some(id) = self.cidrs.acquire(prefix) {
+                self.touched_cidrs.push(prefix);
+                self.set_identity(id, Some(&cidr_labels(prefix)));
+            }
+        }
+        let extra: Vec<(NumericIdentity, Labels)> = reserved_identities()
+            .into_iter()
+            .chain(self.cidrs.labelled())
+            .collect();
         for (direction, section) in sections {
             let Some(section) = section else { continue };
             directions.push(direction);
-            for (index, (selectors, ports)) in section.into_iter().enumerate() {
+            for (index, (peer_set, ports)) in section.into_iter().enumerate() {
                 let mut rule = RuleState {
                     direction,
                     cookie: rule_cookie(&ns, &policy.metadata.name, direction, index),
-                    selectors,
+                    peer_set,
                     ports: expand_ports(ports),
                     peers: BTreeSet::new(),
                 };
                 rule.peers = identities
                     .iter()
-                    .filter(|(_, l)| rule.matches_peer(&ns, l))
+                    .chain(extra.iter().map(|(id, l)| (id, l)))
+                    .filter(|(id, l)| rule.matches_peer(&ns, self.local, **id, l))
                     .map(|(id, _)| *id)
                     .collect();
                 rules.push(rule);

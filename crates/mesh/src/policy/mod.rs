@@ -1,5 +1,6 @@
-//! Network policy: the manifest (DESIGN.md "Policy"), its validation, and its compilation into
-//! policy map entries.
+//! Network policy: its compilation into policy map entries. The manifest itself (the
+//! `NetworkPolicy` document, its selectors and its validation) is part of the state model,
+//! `meshd_state::policy`, re-exported here; what it means is decided here.
 //!
 //! ```yaml
 //! apiVersion: meshd.io/v1
@@ -32,365 +33,34 @@
 //!   every port; `protocol` is `TCP`, `UDP`, `ICMP` or `ANY` (the default: TCP and UDP when a
 //!   port is given, every protocol otherwise). ICMP takes no port. A rule without `toPorts`
 //!   allows every protocol and port.
+//! * Entities (`fromEntities` / `toEntities`, Cilium's names): `world` (everything outside
+//!   the mesh), `host` (the endpoint's node), `remote-node` (the other nodes of the mesh),
+//!   `cluster` (the local cluster's endpoints, its nodes and the host), `all` (any peer).
+//! * CIDRs (`fromCIDR` / `toCIDR`: prefixes or bare addresses; `fromCIDRSet` / `toCIDRSet`:
+//!   `{cidr, except: [...]}`) match addresses outside the mesh. Addresses of the mesh's
+//!   endpoints are matched by identity, never by CIDR, even inside a named prefix (as in
+//!   Cilium). See `peers.rs` for how prefixes become identities.
+//! * A rule's peers are the union of its peer fields; a rule without any allows any peer.
 //! * Reserved identities: the host (1) is always allowed both ways for an enforced subject,
 //!   so the node's health checks and the replies to them pass. World (2) and remote-node (6)
-//!   are only reached by rules without peers.
+//!   are reached by entities, CIDRs (`0.0.0.0/0` is `world`) and rules without peers.
 //! * The datapath is stateful: replies of allowed connections pass without a policy entry.
 
 mod compile;
 mod index;
-mod selector;
-
-use std::collections::BTreeMap;
-use std::fmt;
-
-use meshd_state::{check_dns_label, check_dns_subdomain, Labels};
-use serde::{Deserialize, Serialize};
+mod peers;
 
 pub use compile::{compile, rule_cookie, CompiledPolicy, BUILTIN_COOKIE};
 pub use index::PolicyIndex;
-pub use selector::{EndpointSelector, Operator, SelectorRequirement};
-
-pub const API_VERSION: &str = "meshd.io/v1";
-pub const KIND: &str = "NetworkPolicy";
-pub const DEFAULT_NAMESPACE: &str = "default";
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct NetworkPolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: PolicyMetadata,
-    pub spec: PolicySpec,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyMetadata {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-fn default_namespace() -> String {
-    DEFAULT_NAMESPACE.to_owned()
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PolicySpec {
-    pub endpoint_selector: EndpointSelector,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ingress: Option<Vec<IngressRule>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub egress: Option<Vec<EgressRule>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct IngressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_endpoints: Option<Vec<EndpointSelector>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_ports: Option<Vec<PortRule>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct EgressRule {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_endpoints: Option<Vec<EndpointSelector>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_ports: Option<Vec<PortRule>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortRule {
-    pub ports: Vec<PortProtocol>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortProtocol {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<PortSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<L4Protocol>,
-}
-
-/// A port as written: Kubernetes manifests quote it (`"8080"`), hand-written ones often don't.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum PortSpec {
-    Number(i64),
-    Text(String),
-}
-
-impl PortSpec {
-    /// The port, 0 meaning every port.
-    pub fn parse(&self) -> Result<u16, String> {
-        match self {
-            PortSpec::Number(n) => u16::try_from(*n)
-                .map_err(|_| format!("{n} is not a port (0-65535, 0 = every port)")),
-            PortSpec::Text(s) => s
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| format!("{s:?} is not a port (a number 0-65535, 0 = every port; named ports are not supported)")),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum L4Protocol {
-    Tcp,
-    Udp,
-    Icmp,
-    Any,
-}
-
-/// One problem with one field of a policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyError {
-    /// `namespace/name`, once known.
-    pub policy: Option<String>,
-    /// Path of the field in the manifest, e.g. `spec.ingress[0].toPorts[0].ports[0].port`;
-    /// empty for the document as a whole.
-    pub field: String,
-    pub reason: String,
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(p) = &self.policy {
-            write!(f, "policy {p}: ")?;
-        }
-        if self.field.is_empty() {
-            write!(f, "{}", self.reason)
-        } else {
-            write!(f, "{}: {}", self.field, self.reason)
-        }
-    }
-}
-
-impl std::error::Error for PolicyError {}
-
-/// Every problem found in a policy, reported together.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct PolicyErrors(pub Vec<PolicyError>);
-
-impl fmt::Display for PolicyErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            e.fmt(f)?;
-        }
-        Ok(())
-    }
-}
-
-impl PolicyErrors {
-    /// The field paths, in order (handy in tests and status output).
-    pub fn fields(&self) -> Vec<&str> {
-        self.0.iter().map(|e| e.field.as_str()).collect()
-    }
-}
-
-fn deserialize_error<E: fmt::Display>(err: serde_path_to_error::Error<E>) -> PolicyErrors {
-    let path = err.path().to_string();
-    let field = if path == "." { String::new() } else { path };
-    PolicyErrors(vec![PolicyError {
-        policy: None,
-        field,
-        reason: err.inner().to_string(),
-    }])
-}
-
-/// Collects errors with their paths while walking a policy.
-struct Checker {
-    policy: String,
-    errors: Vec<PolicyError>,
-}
-
-impl Checker {
-    fn error(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.errors.push(PolicyError {
-            policy: Some(self.policy.clone()),
-            field: field.into(),
-            reason: reason.into(),
-        });
-    }
-
-    fn selector(&mut self, path: &str, sel: &EndpointSelector) {
-        let labels = Labels::from_pairs(
-            sel.match_labels
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
-        if let Err(e) = labels.validate("matchLabels") {
-            self.error(format!("{path}.{}", e.field), e.reason);
-        }
-        for (i, req) in sel.match_expressions.iter().enumerate() {
-            let at = format!("{path}.matchExpressions[{i}]");
-            if let Err(e) = Labels::from_pairs([(req.key.as_str(), "")]).validate("key") {
-                self.error(format!("{at}.key"), e.reason);
-            }
-            match req.operator {
-                Operator::In | Operator::NotIn => {
-                    if req.values.is_empty() {
-                        self.error(
-                            format!("{at}.values"),
-                            format!("operator {:?} needs at least one value", req.operator),
-                        );
-                    }
-                    for (j, v) in req.values.iter().enumerate() {
-                        if let Err(e) = Labels::from_pairs([("k", v.as_str())]).validate("v") {
-                            self.error(format!("{at}.values[{j}]"), e.reason);
-                        }
-                    }
-                }
-                Operator::Exists | Operator::DoesNotExist => {
-                    if !req.values.is_empty() {
-                        self.error(
-                            format!("{at}.values"),
-                            format!("operator {:?} takes no values", req.operator),
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    fn peers(&mut self, path: &str, peers: Option<&[EndpointSelector]>) {
-        let Some(peers) = peers else { return };
-        if peers.is_empty() {
-            self.error(
-                path,
-                "must list at least one selector (omit the field to allow any peer, or use [{}] for every endpoint of the namespace)",
-            );
-        }
-        for (i, sel) in peers.iter().enumerate() {
-            self.selector(&format!("{path}[{i}]"), sel);
-        }
-    }
-
-    fn ports(&mut self, path: &str, rules: Option<&[PortRule]>) {
-        let Some(rules) = rules else { return };
-        if rules.is_empty() {
-            self.error(
-                path,
-                "must list at least one port rule (omit the field to allow every port)",
-            );
-        }
-        for (i, rule) in rules.iter().enumerate() {
-            let at = format!("{path}[{i}].ports");
-            if rule.ports.is_empty() {
-                self.error(&at, "must list at least one port");
-            }
-            for (j, pp) in rule.ports.iter().enumerate() {
-                let port = match &pp.port {
-                    None => Ok(0),
-                    Some(spec) => spec.parse(),
-                };
-                match port {
-                    Err(reason) => self.error(format!("{at}[{j}].port"), reason),
-                    Ok(p) if p != 0 && pp.protocol == Some(L4Protocol::Icmp) => self.error(
-                        format!("{at}[{j}].port"),
-                        format!("{p}: ICMP has no ports (omit the port)"),
-                    ),
-                    Ok(_) => {}
-                }
-            }
-        }
-    }
-}
-
-impl NetworkPolicy {
-    /// Parses one policy from JSON (as stored in etcd) and validates it.
-    pub fn from_json(text: &str) -> Result<Self, PolicyErrors> {
-        let de = &mut serde_json::Deserializer::from_str(text);
-        let policy: Self = serde_path_to_error::deserialize(de).map_err(deserialize_error)?;
-        policy.validate()?;
-        Ok(policy)
-    }
-
-    /// Parses one policy from a YAML document and validates it.
-    pub fn from_yaml(text: &str) -> Result<Self, PolicyErrors> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let policy: Self = serde_path_to_error::deserialize(de).map_err(deserialize_error)?;
-        policy.validate()?;
-        Ok(policy)
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("a policy always serializes")
-    }
-
-    /// `namespace/name`.
-    pub fn id(&self) -> String {
-        format!("{}/{}", self.metadata.namespace, self.metadata.name)
-    }
-
-    /// Checks everything serde cannot: names, labels, selectors, ports. Reports every problem.
-    pub fn validate(&self) -> Result<(), PolicyErrors> {
-        let mut c = Checker {
-            policy: self.id(),
-            errors: Vec::new(),
-        };
-        if self.api_version != API_VERSION {
-            c.error(
-                "apiVersion",
-                format!(
-                    "{:?} is not supported (expected {API_VERSION:?})",
-                    self.api_version
-                ),
-            );
-        }
-        if self.kind != KIND {
-            c.error("kind", format!("{:?} is not {KIND:?}", self.kind));
-        }
-        if let Err(e) = check_dns_subdomain("metadata.name", &self.metadata.name) {
-            c.error(e.field, e.reason);
-        }
-        if let Err(e) = check_dns_label("metadata.namespace", &self.metadata.namespace) {
-            c.error(e.field, e.reason);
-        }
-        let spec = &self.spec;
-        c.selector("spec.endpointSelector", &spec.endpoint_selector);
-        if spec.ingress.is_none() && spec.egress.is_none() {
-            c.error(
-                "spec",
-                "needs an ingress or an egress section (an empty list denies that direction)",
-            );
-        }
-        for (i, r) in spec.ingress.iter().flatten().enumerate() {
-            c.peers(
-                &format!("spec.ingress[{i}].fromEndpoints"),
-                r.from_endpoints.as_deref(),
-            );
-            c.ports(&format!("spec.ingress[{i}].toPorts"), r.to_ports.as_deref());
-        }
-        for (i, r) in spec.egress.iter().flatten().enumerate() {
-            c.peers(
-                &format!("spec.egress[{i}].toEndpoints"),
-                r.to_endpoints.as_deref(),
-            );
-            c.ports(&format!("spec.egress[{i}].toPorts"), r.to_ports.as_deref());
-        }
-        if c.errors.is_empty() {
-            Ok(())
-        } else {
-            Err(PolicyErrors(c.errors))
-        }
-    }
-}
+pub use meshd_state::policy::{
+    CidrRule, EgressRule, EndpointSelector, Entity, IngressRule, L4Protocol, NetworkPolicy,
+    Operator, PolicyError, PolicyErrors, PolicyMetadata, PolicySpec, PortProtocol, PortRule,
+    PortSpec, SelectorRequirement, API_VERSION, DEFAULT_NAMESPACE, KIND,
+};
+pub use peers::{
+    cidr_labels, egress_peers, ingress_peers, reserved_identities, CidrIdentities, PeerSet,
+    CIDR_LABEL,
+};
 
 #[cfg(test)]
 mod tests;

@@ -653,6 +653,7 @@ fn compiled_entries_under_the_datapath_lookup_match_the_manifest_semantics() {
                         .map(|(peers, ports)| IngressRule {
                             from_endpoints: peers.clone(),
                             to_ports: ports.clone(),
+                            ..IngressRule::default()
                         })
                         .collect()
                 }),
@@ -662,6 +663,7 @@ fn compiled_entries_under_the_datapath_lookup_match_the_manifest_semantics() {
                         .map(|(peers, ports)| EgressRule {
                             to_endpoints: peers.clone(),
                             to_ports: ports.clone(),
+                            ..EgressRule::default()
                         })
                         .collect()
                 }),
@@ -718,4 +720,224 @@ fn compiled_entries_under_the_datapath_lookup_match_the_manifest_semantics() {
         outcomes[0] > 1000 && outcomes[1] > 1000,
         "denied/allowed: {outcomes:?}"
     );
+}
+
+/// The scenario's identities, the CIDR identities of `prefixes` (numbered as an index would)
+/// and the compiled `yaml`.
+fn compile_with_prefixes(
+    yaml: &str,
+    prefixes: &[&str],
+) -> (CompiledPolicy, BTreeMap<String, NumericIdentity>) {
+    let mut cidrs = CidrIdentities::default();
+    let mut ids = scenario();
+    let mut by_prefix = BTreeMap::new();
+    for p in prefixes {
+        let net: ipnet::Ipv4Net = p.parse().unwrap();
+        let id = cidrs.acquire(net).unwrap();
+        ids.insert(id, cidr_labels(net));
+        by_prefix.insert((*p).to_owned(), id);
+    }
+    (compile([&policy(yaml)], &ids, local_c2()), by_prefix)
+}
+
+#[test]
+fn entities_name_the_host_the_world_the_cluster_and_everything() {
+    let echo = id(2, 300);
+    let egress = |entities: &str| {
+        compile_with_prefixes(
+            &with_spec(&format!(
+                "  endpointSelector: {{ matchLabels: {{ app: echo }} }}\n  egress:\n    - toEntities: [ {entities} ]\n"
+            )),
+            &["198.51.100.0/24"],
+        )
+    };
+    let cidr = NumericIdentity::local_scope(1);
+    let peers_of = |c: &CompiledPolicy| -> Vec<Option<NumericIdentity>> {
+        c.entries
+            .keys()
+            .filter(|k| k.subject == echo && k.direction == Direction::Egress)
+            .map(|k| k.peer)
+            .collect()
+    };
+    let (host, _) = egress("host");
+    assert_eq!(peers_of(&host), vec![Some(NumericIdentity::HOST)]);
+    let (world, _) = egress("world");
+    assert!(datapath_allows(
+        &world,
+        echo,
+        NumericIdentity::WORLD,
+        IpProto::Tcp,
+        443,
+        Direction::Egress
+    ));
+    assert!(
+        datapath_allows(&world, echo, cidr, IpProto::Tcp, 443, Direction::Egress),
+        "a named prefix is part of the world"
+    );
+    assert!(!datapath_allows(
+        &world,
+        echo,
+        id(1, 300),
+        IpProto::Tcp,
+        443,
+        Direction::Egress
+    ));
+    assert!(!datapath_allows(
+        &world,
+        echo,
+        NumericIdentity::REMOTE_NODE,
+        IpProto::Tcp,
+        443,
+        Direction::Egress
+    ));
+    let (cluster, _) = egress("cluster");
+    for (peer, allowed) in [
+        (id(2, 301), true),
+        (id(2, 302), true),
+        (NumericIdentity::REMOTE_NODE, true),
+        (NumericIdentity::HOST, true),
+        (id(1, 300), false),
+        (NumericIdentity::WORLD, false),
+        (cidr, false),
+    ] {
+        assert_eq!(
+            datapath_allows(&cluster, echo, peer, IpProto::Udp, 53, Direction::Egress),
+            allowed,
+            "cluster entity, peer {peer}"
+        );
+    }
+    let (all, _) = egress("all, host");
+    assert_eq!(
+        peers_of(&all),
+        vec![None, Some(NumericIdentity::HOST)],
+        "all is any peer (the host entry is the built-in one)"
+    );
+}
+
+#[test]
+fn cidr_rules_match_the_prefixes_inside_them_minus_the_exceptions() {
+    let echo = id(2, 300);
+    let (c, ids) = compile_with_prefixes(
+        &with_spec(
+            "  endpointSelector: { matchLabels: { app: echo } }\n  egress:\n    - toCIDRSet: [ { cidr: 10.0.0.0/8, except: [ 10.1.0.0/16 ] } ]\n      toCIDR: [ 192.0.2.7 ]\n      toPorts: [ { ports: [ { port: \"5432\", protocol: TCP } ] } ]\n",
+        ),
+        &["10.0.0.0/8", "10.1.0.0/16", "10.2.3.0/24", "10.1.2.0/24", "192.0.2.7/32", "0.0.0.0/0"],
+    );
+    let allows = |peer: NumericIdentity| {
+        datapath_allows(&c, echo, peer, IpProto::Tcp, 5432, Direction::Egress)
+    };
+    assert!(allows(ids["10.0.0.0/8"]));
+    assert!(
+        allows(ids["10.2.3.0/24"]),
+        "a more specific prefix inside the rule's"
+    );
+    assert!(!allows(ids["10.1.0.0/16"]), "the exception");
+    assert!(!allows(ids["10.1.2.0/24"]), "inside the exception");
+    assert!(allows(ids["192.0.2.7/32"]), "a bare address is its /32");
+    assert!(!allows(ids["0.0.0.0/0"]), "a broader prefix");
+    assert!(!allows(NumericIdentity::WORLD));
+    assert!(
+        !allows(id(2, 301)),
+        "the mesh's endpoints are matched by identity, never by CIDR"
+    );
+    assert!(!datapath_allows(
+        &c,
+        echo,
+        ids["10.0.0.0/8"],
+        IpProto::Tcp,
+        80,
+        Direction::Egress
+    ));
+
+    // 0.0.0.0/0 is the world: the unnamed rest of it as well.
+    let (c, ids) = compile_with_prefixes(
+        &with_spec("  endpointSelector: { matchLabels: { app: echo } }\n  ingress:\n    - fromCIDR: [ 0.0.0.0/0 ]\n"),
+        &["0.0.0.0/0"],
+    );
+    for peer in [NumericIdentity::WORLD, ids["0.0.0.0/0"]] {
+        assert!(datapath_allows(
+            &c,
+            echo,
+            peer,
+            IpProto::Udp,
+            9,
+            Direction::Ingress
+        ));
+    }
+    assert!(!datapath_allows(
+        &c,
+        echo,
+        id(1, 300),
+        IpProto::Udp,
+        9,
+        Direction::Ingress
+    ));
+}
+
+#[test]
+fn bad_cidrs_and_entities_name_their_field() {
+    let spec = |rule: &str| {
+        with_spec(&format!(
+            "  endpointSelector: {{}}\n  egress:\n    - {rule}\n"
+        ))
+    };
+    for (rule, field, reason) in [
+        (
+            "toCIDR: [ 10.0.0.1/8 ]",
+            "spec.egress[0].toCIDR",
+            "host bits set (did you mean 10.0.0.0/8?)",
+        ),
+        (
+            "toCIDR: [ \"fd00::/8\" ]",
+            "spec.egress[0].toCIDR",
+            "IPv6 is not supported",
+        ),
+        (
+            "toCIDR: [ 10.0.0.0/33 ]",
+            "spec.egress[0].toCIDR",
+            "is not an IPv4 CIDR",
+        ),
+        (
+            "toEntities: [ kube-apiserver ]",
+            "spec.egress[0].toEntities[0]",
+            "unknown variant `kube-apiserver`",
+        ),
+        (
+            "toCIDRSet: [ { cidr: 10.0.0.0/8, except: [ 11.0.0.0/16 ] } ]",
+            "spec.egress[0].toCIDRSet[0].except[0]",
+            "11.0.0.0/16 is not a prefix inside 10.0.0.0/8",
+        ),
+        (
+            "toCIDRSet: [ { cidr: 10.0.0.0/8, except: [ 10.0.0.0/8 ] } ]",
+            "spec.egress[0].toCIDRSet[0].except[0]",
+            "is not a prefix inside",
+        ),
+        ("toCIDRSet: []", "spec.egress[0].toCIDRSet", "at least one"),
+        (
+            "toEntities: []",
+            "spec.egress[0].toEntities",
+            "at least one",
+        ),
+    ] {
+        let e = errors_of(&spec(rule));
+        assert_eq!(e.0.len(), 1, "{rule}: {e}");
+        assert!(
+            e.0[0].field.starts_with(field) && e.0[0].reason.contains(reason),
+            "{rule}: got {:?}: {:?}",
+            e.0[0].field,
+            e.0[0].reason
+        );
+    }
+    // The stored form round-trips, bare addresses written as /32.
+    let p = policy(&spec("toCIDR: [ 192.0.2.7, 10.0.0.0/8 ]\n      toCIDRSet: [ { cidr: 0.0.0.0/0, except: [ 10.0.0.0/8 ] } ]\n      toEntities: [ world, remote-node ]"));
+    let json = p.to_json();
+    assert!(
+        json.contains(r#""toCIDR":["192.0.2.7/32","10.0.0.0/8"]"#),
+        "{json}"
+    );
+    assert!(
+        json.contains(r#""toEntities":["world","remote-node"]"#),
+        "{json}"
+    );
+    assert_eq!(NetworkPolicy::from_json(&json).unwrap(), p);
 }

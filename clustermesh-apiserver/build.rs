@@ -1,5 +1,0 @@
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/apiserver.proto");
-    tonic_prost_build::configure().compile_protos(&["proto/apiserver.proto"], &["proto"])?;
-    Ok(())
-}

@@ -1,0 +1,419 @@
+//! `meshd agent`: the node agent runtime.
+//!
+//! Tasks and who owns what:
+//! - the datapath is loaded and attached here at start (maps and links pinned under
+//!   `<bpffs_dir>/<cluster>/<node>`, so forwarding goes on while the agent restarts);
+//! - [`reconciler`] owns the maps and drives them to the desired state with the view's own
+//!   operations (through `meshd_datapath`'s typed seam), with a full diff at start, after a
+//!   failed write and on a safety-net timer;
+//! - [`view_task`] owns the merged view (`meshd_mesh::MeshView`), fed by one [`watcher`] per
+//!   cluster (the local etcd, and each remote from [`remotes`]);
+//! - [`endpoints`] owns this node's endpoints (state file, addresses, veths, program links);
+//! - kvstore's `Publisher` owns the node lease and the records published under it (the node
+//!   record, each endpoint's ipcache entry) and writes the sync canaries;
+//! - [`server`] answers the API on the Unix socket from the snapshots the others publish.
+//! - [`metrics`] renders `/metrics` (with `metrics_addr`) from those same snapshots, per scrape.
+
+pub mod config;
+pub mod dir_watch;
+pub mod egress;
+pub mod endpoints;
+pub mod identity;
+pub mod ipam;
+pub mod metrics;
+pub mod monitor;
+pub mod reconciler;
+pub mod remotes;
+pub mod server;
+pub mod store;
+pub mod view_task;
+pub mod watcher;
+
+use std::collections::BTreeSet;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use meshd_datapath::{bpffs, plumbing, Datapath, DatapathMaps, NodeConfig};
+use meshd_kvstore::{EtcdConfig, EtcdStore};
+use meshd_mesh::{LocalNode, MeshView};
+use meshd_state::{
+    ClusterConfig, ClusterConfigKey, IdentityRecord, IpcacheEntry, NodeKey, NodeRecord,
+};
+use tokio::sync::{mpsc, watch};
+
+use self::config::{AgentArgs, AgentConfig};
+use self::endpoints::Publisher;
+
+/// Name of the node's VXLAN device.
+pub const VXLAN_IFNAME: &str = "meshd_vxlan";
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Entry point of `meshd agent`.
+pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    let config = match config::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("meshd agent: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_agent(Arc::new(config)))
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| format!("unknown-{}", now_ms()))
+}
+
+/// Loads and attaches the datapath of this node; returns it and the underlay MTU.
+fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
+    let underlay_mtu = match (config.underlay_mtu, &config.underlay_device) {
+        (Some(mtu), _) => mtu,
+        (None, Some(dev)) => {
+            plumbing::link_info(None, dev)
+                .with_context(|| format!("reading the MTU of underlay device {dev}"))?
+                .mtu
+        }
+        (None, None) => config::DEFAULT_UNDERLAY_MTU,
+    };
+    let _ = std::fs::create_dir_all(&config.bpffs_dir);
+    if !bpffs::is_bpffs(&config.bpffs_dir) {
+        bpffs::ensure_mounted(&config.bpffs_dir)?;
+    }
+    let pin_dir = config.pin_dir();
+    bpffs::create_pin_dir(&pin_dir)?;
+    let mut datapath = Datapath::load(&pin_dir)
+        .with_context(|| format!("loading the datapath pinned at {}", pin_dir.display()))?;
+    let vxlan_ifindex = plumbing::create_vxlan(None, VXLAN_IFNAME, config.tunnel_port)?;
+    let mut maps = DatapathMaps::open(&pin_dir)?;
+    maps.set_config(NodeConfig {
+        vxlan_ifindex,
+        node_ip: config.node_ip,
+        cluster_id: config.cluster_id.get(),
+    })?;
+    datapath.attach_overlay(VXLAN_IFNAME)?;
+    start_egress(config, &mut datapath, &mut maps)?;
+    tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu, "datapath loaded");
+    Ok((datapath, underlay_mtu))
+}
+
+/// Lets endpoints leave the mesh: the egress settings and NO_MASQ (the configured exceptions
+/// and this node's pod CIDR), then from_netdev on the uplink (the device holding the node IP
+/// unless `underlay_device` names it), which translates the replies of masqueraded flows.
+fn start_egress(
+    config: &AgentConfig,
+    datapath: &mut Datapath,
+    maps: &mut DatapathMaps,
+) -> anyhow::Result<()> {
+    let egress = &config.egress;
+    let mut no_masq = egress.non_masquerade_cidrs.clone();
+    no_masq.push(config.pod_cidr);
+    maps.set_no_masquerade(&no_masq)?;
+    let uplink = match &config.underlay_device {
+        Some(dev) => dev.clone(),
+        None => plumbing::device_with_addr(None, config.node_ip)?.with_context(|| {
+            format!(
+                "no interface holds the node IP {} (set underlay_device)",
+                config.node_ip
+            )
+        })?,
+    };
+    datapath
+        .attach_netdev(&uplink)
+        .with_context(|| format!("attaching from_netdev to the uplink {uplink}"))?;
+    maps.set_egress(&meshd_datapath::EgressConfig {
+        masquerade: egress.masquerade,
+        nat_ports: egress.snat_port_range.clone(),
+    })?;
+    tracing::info!(uplink, masquerade = egress.masquerade, snat_ports = ?egress.snat_port_range,
+        "egress to the world enabled");
+    Ok(())
+}
+
+/// Reads `meshd/cluster-config/<cluster>`, which the cluster's apiserver writes (agents may not:
+/// their certificates write only what agents publish), and shouts when it names another id.
+/// Missing is retried: remote clusters admit this cluster only once it is there.
+async fn check_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyhow::Result<()> {
+    let key = ClusterConfigKey {
+        cluster: config.cluster.clone(),
+    };
+    let k = key.to_string();
+    let resp = store.client().get(k.as_str(), None).await?;
+    let Some(kv) = resp.kvs().first() else {
+        anyhow::bail!(
+            "{k} is not published yet (the cluster's clustermesh-apiserver writes it; remote clusters admit this cluster only once it is there)"
+        );
+    };
+    let (_, existing) = meshd_state::decode::<ClusterConfig>(&k, kv.value())?;
+    if existing.id != config.cluster_id {
+        tracing::error!(key = k, published = %existing.id, configured = %config.cluster_id,
+            "the cluster's published id differs from this node's configuration");
+    }
+    Ok(())
+}
+
+/// Starts the lease-backed publisher, retrying until the local etcd grants a lease (the
+/// datapath keeps forwarding with its pinned state meanwhile).
+async fn start_publisher(store: &EtcdStore, config: &AgentConfig) -> Publisher {
+    let mut backoff = meshd_kvstore::Backoff::new(Default::default());
+    loop {
+        let cfg = meshd_kvstore::PublisherConfig {
+            ttl: config.lease_ttl,
+            ..Default::default()
+        };
+        match Publisher::start(store.clone(), config.cluster.clone(), cfg).await {
+            Ok(p) => {
+                tracing::info!(lease = format!("{:x}", p.lease().await), ttl = ?config.lease_ttl, "node lease granted");
+                return p;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot take the node lease");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Retries `f` every second until it succeeds.
+async fn until_ok<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match f().await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "{what} failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
+    let started_ms = now_ms();
+    // Bound first: a port in use is a start error, before anything else is touched.
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => match meshd_telemetry::metrics::bind("metrics_addr", addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("meshd agent: {e}");
+                return Ok(ExitCode::from(64));
+            }
+        },
+        None => None,
+    };
+    let (datapath, underlay_mtu) = start_datapath(&config)?;
+
+    let mut etcd = EtcdConfig::new(config.etcd_endpoints.clone());
+    if let Some(tls) = &config.etcd_tls {
+        etcd = etcd.with_tls(tls.clone());
+    }
+    // Lazy: the datapath forwards with what it has while etcd is away; everything below
+    // retries until it answers.
+    let store = match meshd_kvstore::connect_lazy(&etcd).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("meshd agent: local etcd: {e}");
+            return Ok(ExitCode::from(64));
+        }
+    };
+
+    {
+        let (store, config) = (store.clone(), config.clone());
+        tokio::spawn(async move {
+            until_ok("reading the cluster config", || {
+                check_cluster_config(&store, &config)
+            })
+            .await
+        });
+    }
+
+    // The lease is not revoked on shutdown: a restarting agent writes the same records under
+    // its new lease, so peers never see its endpoints go; if it does not come back, the lease
+    // runs out and takes them along.
+    let publisher = Arc::new(start_publisher(&store, &config).await);
+    let node_key = NodeKey {
+        cluster: config.cluster.clone(),
+        node: config.node.clone(),
+    };
+    let node_record = NodeRecord {
+        name: config.node.clone(),
+        cluster: config.cluster.clone(),
+        cluster_id: config.cluster_id,
+        node_ip: config.node_ip.into(),
+        pod_cidrs: vec![config.pod_cidr.into()],
+        labels: Default::default(),
+        boot_id: boot_id(),
+    };
+    if let Err(e) = publisher.publish(&node_key, &node_record).await {
+        tracing::warn!(error = %e, "node record not published yet; retrying in the background");
+    }
+
+    // Channels between the tasks.
+    let (view_tx, view_rx) = mpsc::channel(65_536);
+    // Bounded: a reconciler that falls behind slows the view task down instead of queueing
+    // without limit.
+    let (datapath_tx, datapath_rx) = mpsc::channel(64);
+    let (full_request_tx, full_request_rx) = mpsc::channel(1);
+    let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
+    let (policies_tx, policies_rx) = watch::channel(view_task::PolicySummary::default());
+    let (identities_tx, identities_rx) = watch::channel(Arc::new(view_task::IdentityLabels::new()));
+    let (local_eps_tx, local_eps_rx) =
+        watch::channel(Arc::new(reconciler::LocalEndpoints::default()));
+    let (reconciled_tx, reconciled_rx) = watch::channel(reconciler::ReconcileStatus::default());
+    let (local_conn_tx, local_conn_rx) = watch::channel(watcher::Connection::default());
+    let (registry_tx, registry_rx) = watch::channel(Arc::new(remotes::Registry::new()));
+
+    let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
+    tokio::spawn(reconciler.run(
+        datapath_rx,
+        full_request_tx,
+        local_eps_rx,
+        reconciled_tx,
+        config.resync_interval,
+    ));
+    let (monitor, monitor_handle) = monitor::Monitor::open(&config.pin_dir())?;
+    tokio::spawn(monitor.run());
+
+    tokio::spawn(
+        watcher::ClusterWatcher {
+            cluster: config.cluster.clone(),
+            backend: store.clone(),
+            local: true,
+            tx: view_tx.clone(),
+            connection: local_conn_tx,
+        }
+        .run(),
+    );
+
+    let mut wait_for: BTreeSet<_> = [config.cluster.clone()].into();
+    if let Some(dir) = &config.remote_clusters_dir {
+        wait_for.extend(remotes::configured(dir, &config.cluster));
+        tokio::spawn(remotes::run(
+            dir.clone(),
+            config.cluster.clone(),
+            view_tx.clone(),
+            registry_tx,
+        ));
+    }
+    tokio::spawn(
+        view_task::ViewTask {
+            view: MeshView::new(LocalNode {
+                cluster: config.cluster.clone(),
+                cluster_id: config.cluster_id,
+                node_name: config.node.clone(),
+                node_ip: config.node_ip.into(),
+                pod_cidrs: vec![config.pod_cidr.into()],
+            }),
+            inputs: view_rx,
+            datapath: datapath_tx,
+            full_requests: full_request_rx,
+            status: view_status_tx,
+            policies: policies_tx,
+            identities: identities_tx,
+            wait_for,
+            gate_timeout: config.startup_sync_timeout,
+        }
+        .run(),
+    );
+
+    let endpoint_store =
+        store::EndpointStore::open(&config.state_dir, ipam::Ipam::new(config.pod_cidr))?;
+    let mut manager = endpoints::EndpointManager::new(
+        config.clone(),
+        endpoint_store,
+        datapath,
+        store.client(),
+        publisher.clone(),
+        local_eps_tx,
+        reconciled_rx.clone(),
+        underlay_mtu,
+    );
+    manager.recover().await;
+    let endpoints = manager.spawn();
+
+    {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            // Canaries say "this node's initial state is in etcd": written once the node
+            // record and the recovered endpoints' records are (kvstore re-publishes first).
+            until_ok("writing sync canaries", || async {
+                publisher.mark_synced::<NodeRecord>().await?;
+                publisher.mark_synced::<IpcacheEntry>().await?;
+                publisher.mark_synced::<IdentityRecord>().await?;
+                Ok(())
+            })
+            .await
+        });
+    }
+
+    {
+        // systemd (Type=notify) hears READY=1 once the start-up gate opened and the first full
+        // diff drove the maps to the merged view: from then on a restart of a neighbour unit
+        // that waits for this one finds the datapath in order. Without NOTIFY_SOCKET nothing is
+        // sent.
+        let mut reconciled = reconciled_rx.clone();
+        tokio::spawn(async move {
+            if reconciled.wait_for(|s| s.full_diffs > 0).await.is_ok() {
+                let _ = sd_notify::notify(
+                    false,
+                    &[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status("maps follow the merged view"),
+                    ],
+                );
+                tracing::info!("initial sync done; readiness notified");
+            }
+        });
+    }
+
+    let listener = meshd_api::bind(&config.api_socket)?;
+    let service = server::AgentService {
+        config: config.clone(),
+        started_ms,
+        endpoints,
+        publisher,
+        view: view_status_rx,
+        local_connection: local_conn_rx,
+        remotes: registry_rx,
+        reconciler: reconciled_rx,
+        policies: policies_rx,
+        monitor: monitor_handle,
+        identities: identities_rx,
+    };
+    if let Some(listener) = metrics_listener {
+        let service = service.clone();
+        tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics");
+        tokio::spawn(meshd_telemetry::metrics::serve(listener, move || {
+            let service = service.clone();
+            async move { service.metrics().await }
+        }));
+    }
+    tracing::info!(socket = %config.api_socket.display(), cluster = %config.cluster, node = config.node, "agent ready");
+    meshd_api::serve(&config.api_socket, listener, service, shutdown_signal()).await?;
+    tracing::info!("shutting down; the datapath stays in place and the lease runs out unless the agent returns");
+    Ok(ExitCode::SUCCESS)
+}

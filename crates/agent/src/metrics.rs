@@ -1,0 +1,270 @@
+//! The agent's Prometheus metrics: a registry built per scrape from the snapshots the tasks
+//! already publish (the same ones `Status` reads), so a scrape takes no lock a task holds and
+//! the tasks count nothing for it.
+
+use meshd_api::pb;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EntryLabels {
+    cluster: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    direction: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: String,
+}
+
+/// What one scrape shows: the remote clusters, the datapath and the identities known.
+pub struct Snapshot<'a> {
+    pub clusters: &'a [pb::ClusterStatus],
+    pub datapath: &'a pb::DatapathStatus,
+    pub identities: usize,
+}
+
+fn gauge_family<S>(registry: &mut Registry, name: &str, help: &str) -> Family<S, Gauge>
+where
+    S: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<S, Gauge>::default();
+    registry.register(name, help, f.clone());
+    f
+}
+
+fn counter_family<S>(registry: &mut Registry, name: &str, help: &str) -> Family<S, Counter>
+where
+    S: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let f = Family::<S, Counter>::default();
+    registry.register(name, help, f.clone());
+    f
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The text of `/metrics` for one snapshot. Pure.
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut r = Registry::with_prefix("meshd");
+
+    let ready = gauge_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_ready",
+        "1 when the remote cluster is ready (connected, synced, admitted, not stale), else 0.",
+    );
+    let connected = gauge_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_connected",
+        "1 while the agent's watch of the remote cluster's etcd is connected.",
+    );
+    let denied = gauge_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_access_denied",
+        "1 when the remote etcd refused the agent's certificate or read permission.",
+    );
+    let stale = gauge_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_stale",
+        "1 while the remote cluster's entries are kept from before a lost connection.",
+    );
+    let rejected = counter_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_rejected_entries",
+        "Entries of the remote cluster refused (malformed, or claiming what is not theirs).",
+    );
+    let entries = gauge_family::<EntryLabels>(
+        &mut r,
+        "remote_cluster_entries",
+        "Admitted entries of the remote cluster by kind.",
+    );
+    for c in s.clusters.iter().filter(|c| !c.local) {
+        let l = ClusterLabels {
+            cluster: c.name.clone(),
+        };
+        // The same word `meshd status` shows: a stale cluster was synced once but is not ready.
+        let is_ready = meshd_api::cluster_state(c) == "ready";
+        ready.get_or_create(&l).set(i64::from(is_ready));
+        connected.get_or_create(&l).set(i64::from(c.connected));
+        denied.get_or_create(&l).set(i64::from(c.access_denied));
+        stale
+            .get_or_create(&l)
+            .set(i64::from(c.stale_since_ms != 0));
+        rejected.get_or_create(&l).inc_by(c.rejected);
+        for (kind, n) in [
+            ("nodes", c.nodes),
+            ("endpoints", c.endpoints),
+            ("identities", c.identities),
+        ] {
+            entries
+                .get_or_create(&EntryLabels {
+                    cluster: c.name.clone(),
+                    kind: kind.to_owned(),
+                })
+                .set(gauge(n));
+        }
+    }
+
+    let forwarded = counter_family::<PacketLabels>(
+        &mut r,
+        "datapath_forwarded_packets",
+        "Packets the datapath forwarded, by path (reason) and direction.",
+    );
+    let dropped = counter_family::<PacketLabels>(
+        &mut r,
+        "datapath_dropped_packets",
+        "Packets the datapath dropped, by reason and direction.",
+    );
+    for c in &s.datapath.counters {
+        let family = if c.reason < 0 { &dropped } else { &forwarded };
+        family
+            .get_or_create(&PacketLabels {
+                direction: c.direction.clone(),
+                reason: c.reason_name.clone(),
+            })
+            .inc_by(c.packets);
+    }
+
+    let maps = gauge_family::<MapLabels>(
+        &mut r,
+        "datapath_map_entries",
+        "Entries in each datapath map.",
+    );
+    let d = s.datapath;
+    for (map, n) in [
+        ("ipcache", d.ipcache_entries),
+        ("endpoints", d.endpoint_entries),
+        ("nodes", d.node_entries),
+        ("policy", d.policy_entries),
+        ("services", d.service_entries),
+    ] {
+        maps.get_or_create(&MapLabels {
+            map: map.to_owned(),
+        })
+        .set(gauge(n));
+    }
+
+    counter(
+        &mut r,
+        "reconciler_full_diffs",
+        "Full read-back diffs of the maps (start, after failed writes, safety net).",
+        d.full_diffs,
+    );
+    counter(
+        &mut r,
+        "reconciler_corrections",
+        "Writes the safety-net diff had to make; stays 0 unless something is wrong.",
+        d.corrections,
+    );
+    counter(
+        &mut r,
+        "reconciler_failed_writes",
+        "Map writes that failed (each retried by a full diff).",
+        d.failed_writes,
+    );
+    let identities: Gauge = Gauge::default();
+    identities.set(gauge(s.identities as u64));
+    r.register(
+        "identities",
+        "Security identities known to the agent, local and remote.",
+        identities,
+    );
+
+    meshd_telemetry::metrics::encode(&r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_clusters_and_drops_are_labelled() {
+        let clusters = vec![
+            pb::ClusterStatus {
+                name: "c1".into(),
+                local: true,
+                ready: true,
+                ..Default::default()
+            },
+            pb::ClusterStatus {
+                name: "c2".into(),
+                ready: true,
+                connected: true,
+                stale_since_ms: 5,
+                nodes: 2,
+                ..Default::default()
+            },
+            pb::ClusterStatus {
+                name: "c3".into(),
+                ready: true,
+                connected: true,
+                ..Default::default()
+            },
+        ];
+        let datapath = pb::DatapathStatus {
+            counters: vec![
+                pb::DatapathCounter {
+                    direction: "ingress".into(),
+                    reason: meshd_ebpf::abi::DROP_POLICY,
+                    reason_name: "policy-denied".into(),
+                    packets: 3,
+                    bytes: 300,
+                },
+                pb::DatapathCounter {
+                    direction: "egress".into(),
+                    reason: meshd_ebpf::abi::FWD_TUNNEL,
+                    reason_name: "forwarded-tunnel".into(),
+                    packets: 7,
+                    bytes: 700,
+                },
+            ],
+            ipcache_entries: 4,
+            corrections: 1,
+            ..Default::default()
+        };
+        let text = render(&Snapshot {
+            clusters: &clusters,
+            datapath: &datapath,
+            identities: 6,
+        });
+        for line in [
+            "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
+            "meshd_remote_cluster_stale{cluster=\"c2\"} 1",
+            "meshd_remote_cluster_ready{cluster=\"c3\"} 1",
+            "meshd_remote_cluster_entries{cluster=\"c2\",kind=\"nodes\"} 2",
+            "meshd_datapath_dropped_packets_total{direction=\"ingress\",reason=\"policy-denied\"} 3",
+            "meshd_datapath_forwarded_packets_total{direction=\"egress\",reason=\"forwarded-tunnel\"} 7",
+            "meshd_datapath_map_entries{map=\"ipcache\"} 4",
+            "meshd_reconciler_corrections_total 1",
+            "meshd_identities 6",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("cluster=\"c1\""),
+            "the local cluster is no remote:\n{text}"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! Remote clusters, configured by a directory with one file per cluster (file name = cluster
+//! name, an optional `.yaml`/`.yml`/`.json` extension is ignored):
+//!
+//! ```yaml
+//! endpoints: [https://192.168.60.200:2379]
+//! ca: c2/ca.pem            # relative paths are relative to the directory
+//! cert: c1/remote.pem      # this cluster's (c1's) remote certificate: CN remote-c1
+//! key: c1/remote-key.pem
+//! ```
+//!
+//! The certificate is this cluster's own `remote-<cluster>` certificate, the same in every
+//! remote file: each remote cluster lets it read (`meshd clustermesh connect <cluster>` there)
+//! or cuts it off, on its own.
+//!
+//! The directory is watched (inotify, [`crate::dir_watch`]), so a change takes effect at once:
+//! a new file starts a watcher of that cluster, a changed file restarts it (keeping the view's
+//! state of the cluster, which the relist then sweeps), a removed file stops it and drains
+//! everything of that cluster from the view. Each change is found by reading the whole
+//! directory and comparing it with what runs; that read also happens every 30 s as a safety
+//! net, and every second while the directory cannot be watched ([`Periods`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshd_certs::TlsFiles;
+use meshd_kvstore::EtcdConfig;
+use meshd_mesh::{ClusterEvent, EventKind};
+use meshd_state::ClusterName;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::dir_watch::{DirWatch, Periods};
+use crate::watcher::{ClusterWatcher, Connection, ViewInput};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteClusterFile {
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// One remote cluster as status shows it.
+#[derive(Debug, Clone)]
+pub struct RemoteEntry {
+    pub endpoints: String,
+    /// The file could not be used (parse error, the local cluster's name...).
+    pub config_error: Option<String>,
+    pub connection: Option<watch::Receiver<Connection>>,
+    /// The files the cluster is read with, for the certificate expiry report.
+    pub tls: Option<TlsFiles>,
+}
+
+pub type Registry = BTreeMap<ClusterName, RemoteEntry>;
+
+/// The cluster a file configures, from its name.
+pub fn cluster_of(path: &Path) -> Option<ClusterName> {
+    let name = path.file_name()?.to_str()?;
+    if name.starts_with('.') || name.ends_with('~') || name.ends_with(".tmp") {
+        return None;
+    }
+    let stem = ["yaml", "yml", "json"]
+        .iter()
+        .find_map(|ext| name.strip_suffix(&format!(".{ext}")))
+        .unwrap_or(name);
+    ClusterName::new(stem).ok()
+}
+
+/// Parses a remote cluster file into an etcd config; relative paths are resolved against the
+/// file's directory.
+pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, String> {
+    let file: RemoteClusterFile =
+        serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if file.endpoints.is_empty() {
+        return Err(format!(
+            "{}: endpoints: at least one is required",
+            path.display()
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
+    let mut config = EtcdConfig::new(file.endpoints);
+    match (file.ca, file.cert, file.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            config = config.with_tls(TlsFiles::new(abs(ca), abs(cert), abs(key)));
+        }
+        (None, None, None) => {}
+        _ => {
+            return Err(format!(
+                "{}: ca, cert and key go together (all or none)",
+                path.display()
+            ))
+        }
+    }
+    Ok(config)
+}
+
+/// A remote file reads with this cluster's own remote certificate (`remote-<local>`): the
+/// admin or a node certificate would be refused there anyway, and a certificate of another
+/// cluster would read under that cluster's name.
+pub fn check_remote_certificate(
+    path: &Path,
+    config: &EtcdConfig,
+    local: &ClusterName,
+) -> Result<EtcdConfig, String> {
+    let Some(tls) = &config.tls else {
+        return Ok(config.clone());
+    };
+    let want = meshd_certs::Principal::remote(local.as_str());
+    match meshd_certs::Principal::read_file(&tls.cert).map_err(|e| format!("{}: cert {e}", path.display()))? {
+        p if p == want => Ok(config.clone()),
+        p => Err(format!(
+            "{}: cert {} is {p}; remote clusters are read with this cluster's remote certificate ({want}, `meshd certs issue remote --cluster {local}`)",
+            path.display(),
+            tls.cert.display()
+        )),
+    }
+}
+
+struct Running {
+    text: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Watches the directory until the agent stops.
+pub async fn run(
+    dir: PathBuf,
+    local: ClusterName,
+    tx: mpsc::Sender<ViewInput>,
+    registry: watch::Sender<Arc<Registry>>,
+) {
+    run_with_periods(dir, local, tx, registry, Periods::default()).await
+}
+
+/// [`run`] with the periods of the reads that no event asked for as a parameter (tests set them
+/// out of reach, to see the watch alone at work).
+pub async fn run_with_periods(
+    dir: PathBuf,
+    local: ClusterName,
+    tx: mpsc::Sender<ViewInput>,
+    registry: watch::Sender<Arc<Registry>>,
+    periods: Periods,
+) {
+    let mut remotes = Remotes {
+        local,
+        tx,
+        running: BTreeMap::new(),
+        registry: BTreeMap::new(),
+    };
+    let mut watch = DirWatch::new(&dir, periods);
+    loop {
+        // Before the read: whatever changes after it wakes the next round.
+        watch.refresh();
+        remotes.apply(read_dir(&dir)).await;
+        registry.send_replace(Arc::new(remotes.registry.clone()));
+        watch.changed().await;
+    }
+}
+
+/// The cluster files of the directory and their text; a missing directory configures none.
+fn read_dir(dir: &Path) -> BTreeMap<ClusterName, (PathBuf, String)> {
+    let mut present = BTreeMap::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for e in entries.flatten() {
+                let path = e.path();
+                if !path.is_file() {
+                    continue;
+                }
+                let Some(cluster) = cluster_of(&path) else {
+                    continue;
+                };
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    present.insert(cluster, (path, text));
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot read the remote clusters directory")
+        }
+    }
+    present
+}
+
+/// The remote clusters running, against which each read of the directory is compared.
+struct Remotes {
+    local: ClusterName,
+    tx: mpsc::Sender<ViewInput>,
+    running: BTreeMap<ClusterName, Running>,
+    registry: Registry,
+}
+
+impl Remotes {
+    /// Drives the running watchers to the files `present`.
+    async fn apply(&mut self, present: BTreeMap<ClusterName, (PathBuf, String)>) {
+        let local = &self.local;
+        let tx = &self.tx;
+        let running = &mut self.running;
+        let reg = &mut self.registry;
+        // Removed (or changed) files stop their watcher.
+        let gone: Vec<ClusterName> = running
+            .iter()
+            .filter(|(c, r)| present.get(*c).is_none_or(|(_, t)| *t != r.text))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for cluster in gone {
+            let r = running.remove(&cluster).expect("listed");
+            if let Some(task) = r.task {
+                task.abort();
+            }
+            reg.remove(&cluster);
+            if !present.contains_key(&cluster) {
+                tracing::info!(%cluster, "remote cluster file removed; disconnecting and draining");
+                let _ = tx
+                    .send(ViewInput::Cluster(ClusterEvent::new(
+                        cluster.clone(),
+                        EventKind::ClusterRemoved,
+                    )))
+                    .await;
+            } else {
+                tracing::info!(%cluster, "remote cluster file changed; reconnecting");
+            }
+        }
+
+        for (cluster, (path, text)) in present {
+            if running.contains_key(&cluster) {
+                continue;
+            }
+            let mut entry = RemoteEntry {
+                endpoints: String::new(),
+                config_error: None,
+                connection: None,
+                tls: None,
+            };
+            let config = if cluster == *local {
+                Err(format!(
+                    "{}: names the local cluster {local}; a cluster cannot be its own remote",
+                    path.display()
+                ))
+            } else {
+                parse(&path, &text).and_then(|c| check_remote_certificate(&path, &c, local))
+            };
+            let task = match config {
+                Err(e) => {
+                    tracing::error!(%cluster, error = %e, "remote cluster refused");
+                    entry.config_error = Some(e);
+                    None
+                }
+                Ok(config) => {
+                    entry.endpoints = config.describe();
+                    entry.tls = config.tls.clone();
+                    match meshd_kvstore::connect_lazy(&config).await {
+                        Err(e) => {
+                            tracing::error!(%cluster, error = %e, "remote cluster refused");
+                            entry.config_error = Some(e.to_string());
+                            None
+                        }
+                        Ok(store) => {
+                            tracing::info!(%cluster, endpoints = entry.endpoints, "connecting to remote cluster");
+                            let (conn_tx, conn_rx) = watch::channel(Connection::default());
+                            entry.connection = Some(conn_rx);
+                            let watcher = ClusterWatcher {
+                                cluster: cluster.clone(),
+                                backend: store,
+                                local: false,
+                                tx: tx.clone(),
+                                connection: conn_tx,
+                            };
+                            Some(tokio::spawn(watcher.run()))
+                        }
+                    }
+                }
+            };
+            reg.insert(cluster.clone(), entry);
+            running.insert(cluster, Running { text, task });
+        }
+    }
+}
+
+/// The remote clusters configured right now (for the start-up gate).
+pub fn configured(dir: &Path, local: &ClusterName) -> Vec<ClusterName> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.path().is_file())
+                .filter_map(|e| cluster_of(&e.path()))
+                .filter(|c| c != local)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_name_clusters() {
+        assert_eq!(cluster_of(Path::new("/d/c2")).unwrap().as_str(), "c2");
+        assert_eq!(cluster_of(Path::new("/d/c2.yaml")).unwrap().as_str(), "c2");
+        assert!(cluster_of(Path::new("/d/.c2.swp")).is_none());
+        assert!(cluster_of(Path::new("/d/C_2")).is_none());
+    }
+
+    #[test]
+    fn relative_paths_are_resolved_against_the_directory() {
+        let cfg = parse(
+            Path::new("/etc/meshd/clusters/c2"),
+            "endpoints: [https://10.0.0.1:2379]\nca: c2/ca.pem\ncert: /abs/remote.pem\nkey: c2/k.pem\n",
+        )
+        .unwrap();
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.ca, PathBuf::from("/etc/meshd/clusters/c2/ca.pem"));
+        assert_eq!(tls.cert, PathBuf::from("/abs/remote.pem"));
+    }
+
+    #[test]
+    fn bad_files_are_reported_with_their_path() {
+        for text in [
+            "endpoints: []",
+            "endpoints: [https://x:1]\nca: a\n",
+            "endpoints: [https://x:1]\nbogus: 1\n",
+        ] {
+            let err = parse(Path::new("/d/c2"), text).unwrap_err();
+            assert!(err.contains("/d/c2"), "{err}");
+        }
+    }
+
+    /// `run_with_periods` on a directory, with every read that no event asked for an hour
+    /// away: what it sees within a test's deadline came through the watch.
+    struct Watched {
+        registry: watch::Receiver<Arc<Registry>>,
+        view: mpsc::Receiver<ViewInput>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    const DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+    const AN_HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    impl Watched {
+        async fn start(dir: &Path) -> Self {
+            let (tx, view) = mpsc::channel(1024);
+            let (registry_tx, mut registry) = watch::channel(Arc::new(Registry::new()));
+            let task = tokio::spawn(run_with_periods(
+                dir.to_owned(),
+                ClusterName::new("c1").unwrap(),
+                tx,
+                registry_tx,
+                Periods {
+                    rescan: AN_HOUR,
+                    poll: AN_HOUR,
+                },
+            ));
+            // The first read of the directory is done; the watch is in place.
+            tokio::time::timeout(DEADLINE, registry.changed())
+                .await
+                .expect("first read of the directory")
+                .unwrap();
+            Self {
+                registry,
+                view,
+                task,
+            }
+        }
+
+        /// Waits until the registry names exactly `clusters`, each connected to its endpoints.
+        async fn until_clusters(&mut self, clusters: &[&str]) {
+            let want: Vec<&str> = clusters.to_vec();
+            let reached = matches!(
+                tokio::time::timeout(
+                    DEADLINE,
+                    self.registry.wait_for(|r| {
+                        r.keys().map(|c| c.as_str()).eq(want.iter().copied())
+                            && r.values()
+                                .all(|e| e.config_error.is_none() && e.connection.is_some())
+                    }),
+                )
+                .await,
+                Ok(Ok(_))
+            );
+            assert!(
+                reached,
+                "the registry did not come to {want:?} within {DEADLINE:?}: {:?}",
+                self.registry.borrow().keys().collect::<Vec<_>>()
+            );
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn write_cluster_file(dir: &Path, name: &str) {
+        // An address where nothing listens: the watcher starts and keeps retrying, which is
+        // all the registry shows.
+        std::fs::write(dir.join(name), "endpoints: [http://127.0.0.1:9]\n").unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_new_cluster_file_takes_effect_without_a_periodic_read() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("clusters");
+        std::fs::create_dir(&dir).unwrap();
+        let mut w = Watched::start(&dir).await;
+        assert!(w.registry.borrow().is_empty());
+
+        write_cluster_file(&dir, "c2");
+        w.until_clusters(&["c2"]).await;
+
+        // Our own reads of the directory and its files do not wake the watch again: idle, it
+        // stays idle (a feedback loop would re-read it every few milliseconds).
+        let mut rounds = 0;
+        let idle = tokio::time::sleep(std::time::Duration::from_secs(2));
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                _ = &mut idle => break,
+                r = w.registry.changed() => { r.unwrap(); rounds += 1; }
+            }
+        }
+        assert!(rounds <= 2, "{rounds} reads of an unchanged directory");
+    }
+
+    #[tokio::test]
+    async fn a_removed_cluster_file_disconnects_and_drains_the_cluster() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("clusters");
+        std::fs::create_dir(&dir).unwrap();
+        write_cluster_file(&dir, "c2");
+        write_cluster_file(&dir, "c3");
+        let mut w = Watched::start(&dir).await;
+        w.until_clusters(&["c2", "c3"]).await;
+
+        std::fs::remove_file(dir.join("c2")).unwrap();
+        w.until_clusters(&["c3"]).await;
+        // The view is told to drain everything of c2.
+        let drained = tokio::time::timeout(DEADLINE, async {
+            while let Some(input) = w.view.recv().await {
+                if let ViewInput::Cluster(ev) = input {
+                    if ev.cluster.as_str() == "c2" && matches!(ev.kind, EventKind::ClusterRemoved) {
+                        return true;
+                    }
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            drained,
+            Ok(true),
+            "no ClusterRemoved for c2 reached the view"
+        );
+    }
+
+    #[tokio::test]
+    async fn renamed_files_and_a_replaced_or_recreated_directory_are_followed() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("clusters");
+        // The directory does not exist yet: its parent's watch sees it come.
+        let mut w = Watched::start(&dir).await;
+        std::fs::create_dir(&dir).unwrap();
+        write_cluster_file(&dir, "c2");
+        w.until_clusters(&["c2"]).await;
+
+        // Written aside and renamed into place, as editors and config tools do.
+        write_cluster_file(&dir, "c3.tmp");
+        std::fs::rename(dir.join("c3.tmp"), dir.join("c3")).unwrap();
+        w.until_clusters(&["c2", "c3"]).await;
+
+        // The whole directory replaced by another one.
+        let next = base.path().join("clusters.next");
+        std::fs::create_dir(&next).unwrap();
+        write_cluster_file(&next, "c4");
+        std::fs::rename(&dir, base.path().join("clusters.old")).unwrap();
+        std::fs::rename(&next, &dir).unwrap();
+        w.until_clusters(&["c4"]).await;
+
+        // Removed, then made anew.
+        std::fs::remove_dir_all(&dir).unwrap();
+        w.until_clusters(&[]).await;
+        std::fs::create_dir(&dir).unwrap();
+        write_cluster_file(&dir, "c5");
+        w.until_clusters(&["c5"]).await;
+    }
+}

@@ -1,0 +1,330 @@
+//! The single writer of the merged view: applies watcher events to `meshd_mesh::MeshView` and
+//! hands the reconciler what each batch changed (the view's own operations, so one event costs
+//! O(1) map writes however big the mesh is), and publishes cluster status for the API.
+//!
+//! Start-up gate: the reconciler must not act on a view that has not heard from every cluster
+//! yet, or an agent restart would delete every remote entry from the maps and re-add it a
+//! moment later. So nothing goes to the reconciler until the local cluster and every remote
+//! configured at start are ready (their sync canaries seen), or until `gate_timeout` passes
+//! (a remote that is down at start must not block the node forever). Then the whole desired
+//! state goes once, for the full diff against the pinned maps; after that only changes, and a
+//! whole copy again whenever the reconciler asks for one (after a failed write, and on its
+//! safety-net timer).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshd_mesh::{ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, MeshView, ServiceOp};
+use meshd_state::ClusterName;
+use tokio::sync::{mpsc, watch};
+
+use crate::watcher::ViewInput;
+
+/// Identity number -> its labels, rendered canonically.
+pub type IdentityLabels = BTreeMap<u32, String>;
+
+/// Most inputs applied before their changes are handed on: bounds the latency of a huge burst
+/// (an initial sync of 100k entries) without a message per event.
+const BATCH: usize = 4096;
+
+/// What the view task hands the reconciler, in order.
+#[derive(Debug)]
+pub enum DatapathUpdate {
+    /// Everything the maps should hold: diff it against the maps read back.
+    Full {
+        desired: Box<DesiredDatapath>,
+        counts: DesiredCounts,
+    },
+    /// The net change of one batch of events, to apply as it is on top of what came before.
+    Changes {
+        ops: Vec<DatapathOp>,
+        service_ops: Vec<ServiceOp>,
+        counts: DesiredCounts,
+    },
+}
+
+/// What the status shows of the local policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicySummary {
+    pub count: usize,
+    /// See [`MeshView::policy_warnings`].
+    pub warnings: Vec<String>,
+}
+
+pub struct ViewTask {
+    pub view: MeshView,
+    pub inputs: mpsc::Receiver<ViewInput>,
+    /// To the reconciler; nothing until the start-up gate opens.
+    pub datapath: mpsc::Sender<DatapathUpdate>,
+    /// The reconciler asking for a [`DatapathUpdate::Full`].
+    pub full_requests: mpsc::Receiver<()>,
+    pub status: watch::Sender<Arc<Vec<ClusterStatus>>>,
+    /// The local policies in force: how many, and what status should warn about them.
+    pub policies: watch::Sender<PolicySummary>,
+    /// Every admitted identity's labels, rendered (for `meshd monitor`); republished when they
+    /// change, which is rare next to ipcache churn.
+    pub identities: watch::Sender<Arc<IdentityLabels>>,
+    /// Clusters to wait for before the first desired state (the local one included).
+    pub wait_for: BTreeSet<ClusterName>,
+    pub gate_timeout: Duration,
+}
+
+/// What a batch changed, accumulated until it is handed on.
+#[derive(Default)]
+struct Pending {
+    ops: Vec<DatapathOp>,
+    service_ops: Vec<ServiceOp>,
+    identities_changed: bool,
+}
+
+impl ViewTask {
+    pub async fn run(mut self) {
+        let deadline = tokio::time::Instant::now() + self.gate_timeout;
+        let mut gate_open = false;
+        // False once the reconciler dropped its end: a closed channel is always ready, and
+        // polling it would spin.
+        let mut requests_open = true;
+        loop {
+            let first = if gate_open {
+                tokio::select! {
+                    i = self.inputs.recv() => i,
+                    r = self.full_requests.recv(), if requests_open => {
+                        match r {
+                            Some(()) => if !self.send_full().await {
+                                return;
+                            },
+                            None => requests_open = false,
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                tokio::select! {
+                    i = self.inputs.recv() => i,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        let waiting: Vec<String> = self.unready().iter().map(|c| c.to_string()).collect();
+                        tracing::warn!(?waiting, "start-up sync not complete in time; reconciling with what is known");
+                        gate_open = true;
+                        self.publish_status();
+                        if !self.send_full().await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            };
+            let Some(first) = first else { return };
+            let mut pending = Pending::default();
+            self.apply(first, &mut pending);
+            for _ in 0..BATCH {
+                match self.inputs.try_recv() {
+                    Ok(i) => self.apply(i, &mut pending),
+                    Err(_) => break,
+                }
+            }
+            if pending.identities_changed {
+                self.publish_identities();
+            }
+            self.publish_status();
+            let opening = !gate_open && self.unready().is_empty();
+            if opening {
+                tracing::info!("initial sync of every cluster complete");
+                gate_open = true;
+                if !self.send_full().await {
+                    return;
+                }
+            } else if gate_open && !(pending.ops.is_empty() && pending.service_ops.is_empty()) {
+                let update = DatapathUpdate::Changes {
+                    ops: pending.ops,
+                    service_ops: pending.service_ops,
+                    counts: self.view.desired_counts(),
+                };
+                if self.datapath.send(update).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands the reconciler the whole desired state (a copy: at start, after a failed write
+    /// and on the safety-net timer, never per event). False once the reconciler is gone.
+    async fn send_full(&mut self) -> bool {
+        let update = DatapathUpdate::Full {
+            desired: Box::new(self.view.desired()),
+            counts: self.view.desired_counts(),
+        };
+        self.datapath.send(update).await.is_ok()
+    }
+
+    fn unready(&self) -> Vec<ClusterName> {
+        self.wait_for
+            .iter()
+            .filter(|c| !self.view.cluster_status(c).is_some_and(|s| s.ready))
+            .cloned()
+            .collect()
+    }
+
+    fn apply(&mut self, input: ViewInput, pending: &mut Pending) {
+        let applied = match input {
+            ViewInput::Cluster(event) => {
+                let cluster = event.cluster.clone();
+                let applied = self.view.apply(event);
+                for r in &applied.rejected {
+                    tracing::warn!(%cluster, rejection = %r, "rejected remote entry");
+                }
+                for r in &applied.refusals {
+                    tracing::error!(%cluster, refusal = %r, "cluster refused");
+                }
+                applied
+            }
+            ViewInput::Policy(event) => match self.view.update_policy(event) {
+                Ok(applied) => applied,
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy refused; the previous version stays in force");
+                    return;
+                }
+            },
+        };
+        pending.identities_changed |= applied.policy_inputs_changed;
+        // Each event's operations are in safe order and are applied in arrival order: the
+        // concatenation is a valid sequence (no re-sorting across events, which could put a
+        // delete of one event before the upsert of an earlier one for the same key).
+        pending.ops.extend(applied.ops);
+        pending.service_ops.extend(applied.service_ops);
+    }
+
+    fn publish_identities(&self) {
+        let labels = self
+            .view
+            .identities()
+            .iter()
+            .map(|(id, labels)| (id.get(), labels.to_string()))
+            .collect();
+        self.identities.send_replace(Arc::new(labels));
+    }
+
+    fn publish_status(&self) {
+        self.status.send_replace(Arc::new(self.view.status()));
+        let summary = PolicySummary {
+            count: self.view.policies().count(),
+            warnings: self.view.policy_warnings(),
+        };
+        self.policies.send_if_modified(|old| {
+            let changed = *old != summary;
+            *old = summary;
+            changed
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd_mesh::{ClusterEvent, DatapathOp, EventKind, LocalNode, ResourceKind};
+    use meshd_state::{ClusterId, IpcacheEntry, NumericIdentity};
+
+    use super::*;
+
+    fn c1() -> ClusterName {
+        ClusterName::new("c1").unwrap()
+    }
+
+    fn event(kind: EventKind) -> ViewInput {
+        ViewInput::Cluster(ClusterEvent::new(c1(), kind))
+    }
+
+    fn endpoint(ip: &str) -> ViewInput {
+        event(EventKind::UpsertIpcache(IpcacheEntry {
+            prefix: ip.parse::<std::net::IpAddr>().unwrap().into(),
+            identity: NumericIdentity::new((1 << 16) | 300).unwrap(),
+            host_ip: "192.168.1.1".parse().unwrap(),
+            endpoint: None,
+            namespace: None,
+        }))
+    }
+
+    /// Nothing reaches the reconciler before the start-up gate; then the whole state once,
+    /// then only each batch's operations, and a whole copy again when the reconciler asks.
+    #[tokio::test]
+    async fn the_reconciler_gets_one_full_state_then_operations() {
+        let (inputs_tx, inputs) = mpsc::channel(16);
+        let (datapath, mut updates) = mpsc::channel(16);
+        let (requests_tx, full_requests) = mpsc::channel(1);
+        let task = ViewTask {
+            view: MeshView::new(LocalNode {
+                cluster: c1(),
+                cluster_id: ClusterId::new(1).unwrap(),
+                node_name: "n1".into(),
+                node_ip: "192.168.1.1".parse().unwrap(),
+                pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+            }),
+            inputs,
+            datapath,
+            full_requests,
+            status: watch::channel(Arc::new(Vec::new())).0,
+            policies: watch::channel(PolicySummary::default()).0,
+            identities: watch::channel(Arc::new(IdentityLabels::new())).0,
+            wait_for: [c1()].into(),
+            gate_timeout: Duration::from_secs(3600),
+        };
+        let handle = tokio::spawn(task.run());
+
+        inputs_tx.send(endpoint("10.1.1.5")).await.unwrap();
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(updates.try_recv().is_err(), "nothing before the gate");
+
+        for kind in [
+            ResourceKind::Nodes,
+            ResourceKind::Ipcache,
+            ResourceKind::Identities,
+        ] {
+            inputs_tx
+                .send(event(EventKind::Synced(kind)))
+                .await
+                .unwrap();
+        }
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Full { desired, counts } => {
+                assert!(desired
+                    .ipcache
+                    .contains_key(&"10.1.1.5/32".parse().unwrap()));
+                assert_eq!(counts.ipcache, desired.ipcache.len());
+            }
+            other => panic!("expected the whole state first, got {other:?}"),
+        }
+
+        inputs_tx.send(endpoint("10.1.1.6")).await.unwrap();
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Changes {
+                ops, service_ops, ..
+            } => {
+                assert!(service_ops.is_empty());
+                assert!(
+                    matches!(ops.as_slice(), [DatapathOp::UpsertIpcache { prefix, .. }] if *prefix == "10.1.1.6/32".parse::<ipnet::IpNet>().unwrap()),
+                    "{ops:?}"
+                );
+            }
+            other => panic!("expected one operation, got {other:?}"),
+        }
+
+        requests_tx.send(()).await.unwrap();
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Full { desired, .. } => {
+                assert!(desired
+                    .ipcache
+                    .contains_key(&"10.1.1.6/32".parse().unwrap()));
+            }
+            other => panic!("expected a whole copy on request, got {other:?}"),
+        }
+
+        // The reconciler's request end gone, then the inputs: the task ends.
+        drop(requests_tx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(inputs_tx);
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .expect("the view task ends with its inputs")
+            .unwrap();
+    }
+}

@@ -1,0 +1,314 @@
+//! One cluster's etcd, turned into [`ClusterEvent`]s for the view.
+//!
+//! The list-then-watch work (pagination, mark-and-sweep relists, compaction and cluster-id
+//! changes, backoff, decoding and validation of every value) is `meshd_kvstore`'s watcher:
+//! here one watch per resource of the cluster (cluster config, nodes, ipcache, identities,
+//! services, sync canaries; for the local cluster also policies) is mapped onto the view's
+//! events. A resource is announced `Synced` once its list completed *and* the cluster's
+//! publishers wrote its sync canary. Nothing is deleted because a cluster is unreachable: the
+//! watchers keep the last state (fail-static) until a relist says otherwise.
+//!
+//! Connection state for status comes from a probe of the etcd (a one-key read of the cluster's
+//! sync canaries per second): connected, unreachable since when, and the last error. The probe
+//! reads rather than asking for etcd's status because a read also checks the certificate's
+//! permission: etcd checks permissions when a watch starts, not while it runs, so a cluster that
+//! disconnected this one (`meshd clustermesh disconnect`) would otherwise go on feeding the
+//! watches opened before. On a refusal the watches are ended and relisted, which fails until the
+//! access comes back; the last state stays in the datapath meanwhile (fail-static).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use meshd_kvstore::{
+    watch_cluster, watch_prefix, Backend, EtcdStore, WatchConfig, WatchEvent, WatchHandle,
+};
+use meshd_mesh::{ClusterEvent, EventKind, PolicyEvent, ResourceKind};
+use meshd_state::{
+    ClusterConfig, ClusterName, IdentityRecord, IpcacheEntry, NetworkPolicy, NodeRecord, Resource,
+    ServiceRecord, SyncCanary,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::now_ms;
+
+/// What the view task receives.
+#[derive(Debug)]
+pub enum ViewInput {
+    Cluster(ClusterEvent),
+    Policy(PolicyEvent),
+}
+
+/// Connection state of one cluster's etcd, for status.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Connection {
+    pub connected: bool,
+    /// Unreachable since (ms); 0 while connected or before the first connection.
+    pub stale_since_ms: u64,
+    pub last_error: Option<String>,
+    /// Last completed list or event from the cluster (ms).
+    pub last_sync_ms: u64,
+    /// Entries that failed to decode or validate (bad JSON, bad key...), skipped.
+    pub malformed: u64,
+    /// The etcd answers but refuses this node's certificate (disconnected, or never connected).
+    pub access_denied: bool,
+}
+
+/// The canary name (`meshd/synced/<cluster>/<name>`) of a resource: its `Resource::KIND`.
+fn canary_name(kind: ResourceKind) -> &'static str {
+    match kind {
+        ResourceKind::Nodes => NodeRecord::KIND,
+        ResourceKind::Ipcache => IpcacheEntry::KIND,
+        ResourceKind::Identities => IdentityRecord::KIND,
+        ResourceKind::Services => ServiceRecord::KIND,
+    }
+}
+
+/// Watches one cluster. Runs until aborted (the cluster's file removed, the agent stopping).
+pub struct ClusterWatcher {
+    pub cluster: ClusterName,
+    pub backend: EtcdStore,
+    pub local: bool,
+    pub tx: mpsc::Sender<ViewInput>,
+    pub connection: watch::Sender<Connection>,
+}
+
+const PROBE: Duration = Duration::from_secs(1);
+
+/// Lists done and canaries seen, so `Synced` goes out once both hold for a resource.
+#[derive(Debug, Default)]
+struct SyncState {
+    listed: BTreeSet<ResourceKind>,
+    canaries: BTreeSet<String>,
+    announced: BTreeSet<ResourceKind>,
+}
+
+impl SyncState {
+    fn ready(&mut self) -> Vec<ResourceKind> {
+        let ready: Vec<ResourceKind> = self
+            .listed
+            .iter()
+            .filter(|k| !self.announced.contains(*k) && self.canaries.contains(canary_name(**k)))
+            .copied()
+            .collect();
+        self.announced.extend(ready.iter().copied());
+        ready
+    }
+}
+
+impl ClusterWatcher {
+    pub async fn run(self) {
+        let probe = tokio::spawn(probe(
+            self.backend.clone(),
+            self.cluster.clone(),
+            self.local,
+            self.connection.clone(),
+        ));
+        let _abort_probe = AbortOnDrop(probe.abort_handle());
+        let cfg = WatchConfig::default;
+        let c = &self.cluster;
+        let b = || self.backend.clone();
+        // Every cluster config the etcd holds, not only ours: an etcd that publishes only
+        // another name is a misconfigured remote (a file named after the wrong cluster), which
+        // the view refuses by name instead of waiting forever.
+        let mut config: WatchHandle<ClusterConfig> = watch_prefix(
+            b(),
+            meshd_state::keys::CLUSTER_CONFIG_PREFIX.to_owned(),
+            None,
+            cfg(),
+        );
+        let mut configs: BTreeMap<ClusterName, ClusterConfig> = BTreeMap::new();
+        let mut nodes: WatchHandle<NodeRecord> = watch_cluster(b(), c, cfg());
+        let mut ipcache: WatchHandle<IpcacheEntry> = watch_cluster(b(), c, cfg());
+        let mut identities: WatchHandle<IdentityRecord> = watch_cluster(b(), c, cfg());
+        let mut services: WatchHandle<ServiceRecord> = watch_cluster(b(), c, cfg());
+        let mut canaries: WatchHandle<SyncCanary> = watch_cluster(b(), c, cfg());
+        let mut policies: Option<WatchHandle<NetworkPolicy>> = self
+            .local
+            .then(|| watch_prefix(b(), NetworkPolicy::PREFIX.to_owned(), None, cfg()));
+        let stats = [
+            config.stats(),
+            nodes.stats(),
+            ipcache.stats(),
+            identities.stats(),
+            services.stats(),
+            canaries.stats(),
+        ];
+        let policy_stats = policies.as_ref().map(|p| p.stats());
+        let mut sync = SyncState::default();
+        let mut access = self.connection.subscribe();
+        let mut denied = false;
+        loop {
+            let mut out: Vec<EventKind> = Vec::new();
+            tokio::select! {
+                Ok(()) = access.changed() => {
+                    let now_denied = access.borrow_and_update().access_denied;
+                    if now_denied && !denied {
+                        tracing::warn!(cluster = %self.cluster, "access refused; ending the watches opened before");
+                        config.relist();
+                        nodes.relist();
+                        ipcache.relist();
+                        identities.relist();
+                        services.relist();
+                        canaries.relist();
+                        if let Some(p) = &policies {
+                            p.relist();
+                        }
+                    }
+                    denied = now_denied;
+                    continue;
+                }
+                Some(ev) = config.next() => {
+                    let before = effective_config(&self.cluster, &configs).cloned();
+                    match ev {
+                        WatchEvent::Upsert { key, value } => { configs.insert(key.cluster, value); }
+                        WatchEvent::Delete { key } => { configs.remove(&key.cluster); }
+                        WatchEvent::Synced { .. } => {}
+                    }
+                    let after = effective_config(&self.cluster, &configs).cloned();
+                    if let (Some(cfg), true) = (after.as_ref(), after != before) {
+                        out.push(EventKind::ClusterConfig(cfg.clone()));
+                    }
+                }
+                Some(ev) = nodes.next() => match ev {
+                    WatchEvent::Upsert { value, .. } => out.push(EventKind::UpsertNode(value)),
+                    WatchEvent::Delete { key } => out.push(EventKind::DeleteNode { name: key.node }),
+                    WatchEvent::Synced { .. } => { sync.listed.insert(ResourceKind::Nodes); }
+                },
+                Some(ev) = ipcache.next() => match ev {
+                    WatchEvent::Upsert { value, .. } => out.push(EventKind::UpsertIpcache(value)),
+                    WatchEvent::Delete { key } => out.push(EventKind::DeleteIpcache { prefix: key.prefix }),
+                    WatchEvent::Synced { .. } => { sync.listed.insert(ResourceKind::Ipcache); }
+                },
+                Some(ev) = identities.next() => match ev {
+                    WatchEvent::Upsert { key, value } => out.push(EventKind::UpsertIdentity { id: key.id, record: value }),
+                    WatchEvent::Delete { key } => out.push(EventKind::DeleteIdentity { id: key.id }),
+                    WatchEvent::Synced { .. } => { sync.listed.insert(ResourceKind::Identities); }
+                },
+                Some(ev) = services.next() => match ev {
+                    WatchEvent::Upsert { value, .. } => out.push(EventKind::UpsertService(value)),
+                    WatchEvent::Delete { key } => out.push(EventKind::DeleteService { namespace: key.namespace, name: key.name }),
+                    WatchEvent::Synced { .. } => { sync.listed.insert(ResourceKind::Services); }
+                },
+                Some(ev) = canaries.next() => match ev {
+                    WatchEvent::Upsert { key, .. } => { sync.canaries.insert(key.resource); }
+                    WatchEvent::Delete { key } => { sync.canaries.remove(&key.resource); }
+                    WatchEvent::Synced { .. } => {}
+                },
+                Some(ev) = async { match policies.as_mut() { Some(p) => p.next().await, None => std::future::pending().await } } => {
+                    let input = match ev {
+                        WatchEvent::Upsert { value, .. } => Some(PolicyEvent::Upsert(value)),
+                        WatchEvent::Delete { key } => Some(PolicyEvent::Delete { namespace: key.namespace, name: key.name }),
+                        WatchEvent::Synced { .. } => None,
+                    };
+                    if let Some(input) = input {
+                        if self.tx.send(ViewInput::Policy(input)).await.is_err() {
+                            return;
+                        }
+                    }
+                },
+                else => return,
+            }
+            out.extend(sync.ready().into_iter().map(EventKind::Synced));
+            let malformed = stats.iter().map(|s| s.malformed()).sum::<u64>()
+                + policy_stats.as_ref().map(|s| s.malformed()).unwrap_or(0);
+            self.connection.send_if_modified(|c| {
+                c.last_sync_ms = now_ms();
+                c.malformed = malformed;
+                true
+            });
+            for kind in out {
+                let ev = ClusterEvent::new(self.cluster.clone(), kind);
+                if self.tx.send(ViewInput::Cluster(ev)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The config that speaks for `cluster`: its own, or else (misconfiguration) the one another
+/// name publishes there.
+fn effective_config<'a>(
+    cluster: &ClusterName,
+    configs: &'a BTreeMap<ClusterName, ClusterConfig>,
+) -> Option<&'a ClusterConfig> {
+    configs.get(cluster).or_else(|| configs.values().next())
+}
+
+/// Reads one key of the cluster's sync canaries every second; records reachability and
+/// whether etcd still lets this node's certificate read.
+async fn probe(
+    backend: EtcdStore,
+    cluster: ClusterName,
+    local: bool,
+    connection: watch::Sender<Connection>,
+) {
+    let prefix = format!("{}{cluster}/", meshd_state::keys::SYNCED_PREFIX);
+    let mut tick = tokio::time::interval(PROBE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match backend.check_read(&prefix).await {
+            Ok(_) => connection.send_if_modified(|c| {
+                let changed = !c.connected || c.last_error.is_some() || c.access_denied;
+                c.connected = true;
+                c.access_denied = false;
+                c.stale_since_ms = 0;
+                c.last_error = None;
+                changed
+            }),
+            Err(e) => connection.send_if_modified(|c| {
+                let denied = e.is_permission_denied();
+                if c.connected {
+                    c.stale_since_ms = now_ms();
+                    tracing::warn!(etcd = %backend.describe(), error = %e, "etcd unreachable or refusing access; keeping its last known state");
+                }
+                c.connected = false;
+                c.access_denied = denied;
+                c.last_error = Some(if denied {
+                    access_denied_hint(&cluster, local, &e)
+                } else {
+                    e.to_string()
+                });
+                true
+            }),
+        };
+    }
+}
+
+/// What a refusal means and who can fix it.
+fn access_denied_hint(cluster: &ClusterName, local: bool, e: &meshd_kvstore::KvError) -> String {
+    if local {
+        format!(
+            "access denied: {e}; this node's certificate may not read its own cluster's etcd (is its user node-{cluster}-<node> there? `meshd etcd bootstrap --node <node>`)"
+        )
+    } else {
+        format!(
+            "access denied: {e}; cluster {cluster} does not let this cluster read it (never connected, or disconnected): `meshd clustermesh connect <this cluster>` against {cluster}'s etcd restores it"
+        )
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synced_needs_both_the_list_and_the_canary() {
+        let mut s = SyncState::default();
+        s.listed.insert(ResourceKind::Nodes);
+        assert!(s.ready().is_empty());
+        s.canaries.insert("nodes".into());
+        assert_eq!(s.ready(), vec![ResourceKind::Nodes]);
+        // Announced once.
+        assert!(s.ready().is_empty());
+    }
+}

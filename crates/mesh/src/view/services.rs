@@ -1,0 +1,146 @@
+//! Services: each cluster's records as published, and the SERVICES/BACKENDS content kept up
+//! to date one service at a time.
+
+use std::collections::BTreeSet;
+
+use meshd_state::{ClusterName, ServiceRecord};
+
+use super::cluster::Admission;
+use super::txn::Txn;
+use super::MeshView;
+use crate::services::{desired_services, ClusterService, DesiredServices, ServiceOp};
+
+/// A service's namespace and name: records of the same name in several clusters are one
+/// (global) service.
+pub(super) type ServiceName = (String, String);
+
+impl MeshView {
+    pub(super) fn upsert_service(&mut self, c: &ClusterName, s: ServiceRecord, txn: &mut Txn) {
+        let key = (s.namespace.clone(), s.name.clone());
+        txn.touched_services.insert(key.clone());
+        self.cluster_mut(c).services.insert(key, s);
+    }
+
+    pub(super) fn delete_service(&mut self, c: &ClusterName, key: ServiceName, txn: &mut Txn) {
+        if let Some(cs) = self.clusters.get_mut(c) {
+            if cs.services.remove(&key).is_some() {
+                txn.touched_services.insert(key);
+            }
+        }
+    }
+
+    /// What one service contributes, from its records in every admitted cluster (a lookup per
+    /// cluster).
+    fn service_part(&self, key: &ServiceName) -> DesiredServices {
+        let records = self.clusters.iter().filter_map(|(c, cs)| {
+            let cluster_id = self.cluster_id_of(cs).ok()?;
+            let record = cs.services.get(key)?;
+            Some(ClusterService {
+                cluster: c,
+                cluster_id,
+                record,
+            })
+        });
+        desired_services(&self.local.cluster, records)
+    }
+
+    /// Brings `services_out` up to date for the services touched in `txn` and returns the
+    /// operations, in phase order. A backend change costs its own service's frontends only.
+    pub(super) fn refresh_services(&mut self, txn: &mut Txn) -> Vec<ServiceOp> {
+        let keys: BTreeSet<ServiceName> = if std::mem::take(&mut txn.all_services_touched) {
+            self.clusters
+                .values()
+                .flat_map(|cs| cs.services.keys().cloned())
+                .chain(self.service_parts.keys().cloned())
+                .collect()
+        } else {
+            std::mem::take(&mut txn.touched_services)
+        };
+        txn.touched_services.clear();
+        let mut affected = BTreeSet::new();
+        for key in keys {
+            let part = self.service_part(&key);
+            if let Some(old) = self.service_parts.remove(&key) {
+                for f in old.services.keys() {
+                    affected.insert(*f);
+                    if let Some(owners) = self.frontend_owners.get_mut(f) {
+                        owners.remove(&key);
+                        if owners.is_empty() {
+                            self.frontend_owners.remove(f);
+                        }
+                    }
+                }
+            }
+            for f in part.services.keys() {
+                affected.insert(*f);
+                self.frontend_owners
+                    .entry(*f)
+                    .or_default()
+                    .insert(key.clone());
+            }
+            if !part.services.is_empty() {
+                self.service_parts.insert(key, part);
+            }
+        }
+        let mut ops = Vec::new();
+        for frontend in affected {
+            let want = self
+                .frontend_owners
+                .get(&frontend)
+                .and_then(|owners| owners.last())
+                .and_then(|owner| self.service_parts.get(owner))
+                .map(|part| part.backends_of(&frontend));
+            let old_count = self.services_out.services.get(&frontend).copied();
+            let new_count = want.as_ref().map(|b| b.len() as u32);
+            for (slot, backend) in want.iter().flatten().enumerate() {
+                let slot = crate::services::BackendSlot {
+                    frontend,
+                    slot: slot as u32,
+                };
+                if self.services_out.backends.get(&slot) != Some(backend) {
+                    ops.push(ServiceOp::UpsertBackend {
+                        slot,
+                        backend: *backend,
+                    });
+                }
+            }
+            match (old_count, new_count) {
+                (old, Some(count)) if old != Some(count) => {
+                    ops.push(ServiceOp::UpsertService { frontend, count })
+                }
+                (Some(_), None) => ops.push(ServiceOp::DeleteService { frontend }),
+                _ => {}
+            }
+            for slot in new_count.unwrap_or(0)..old_count.unwrap_or(0) {
+                ops.push(ServiceOp::DeleteBackend {
+                    slot: crate::services::BackendSlot { frontend, slot },
+                });
+            }
+        }
+        ops.sort_by_key(ServiceOp::phase);
+        self.services_out.apply_ops(&ops);
+        ops
+    }
+
+    /// Services of the local cluster and of accepted remotes.
+    pub fn services(&self) -> impl Iterator<Item = (&ClusterName, &ServiceRecord)> {
+        self.clusters
+            .iter()
+            .filter(|(_, cs)| matches!(cs.admission, Admission::Local | Admission::Accepted(_)))
+            .flat_map(|(c, cs)| cs.services.values().map(move |s| (c, s)))
+    }
+
+    /// The SERVICES/BACKENDS content for this node: the local cluster's frontends over the
+    /// backends the rules of [`crate::services`] pick from every admitted cluster's records.
+    pub fn desired_services(&self) -> DesiredServices {
+        let records = self.clusters.iter().filter_map(|(c, cs)| {
+            let id = self.cluster_id_of(cs).ok()?;
+            Some(cs.services.values().map(move |record| ClusterService {
+                cluster: c,
+                cluster_id: id,
+                record,
+            }))
+        });
+        desired_services(&self.local.cluster, records.flatten())
+    }
+}

@@ -1,0 +1,593 @@
+//! `meshd lab ...`: the multi-cluster lab in network namespaces (see crates/lab).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use meshd_lab::check::{default_run_dir, ServiceTarget};
+use meshd_lab::{LabSpec, LabState, UpOptions};
+
+use super::output::{Format, OutputArgs};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build and start the lab: certificates, clusters c1 and c2 (2 nodes each) with etcd
+    /// (TLS, client-certificate auth) and an apiserver, a meshd agent per node, echo and client
+    /// endpoints, the lab's manifests (global `echo` service, a policy); then run the check.
+    /// An existing lab in the run dir is removed first.
+    Up(UpArgs),
+    /// Remove everything the lab created: processes, namespaces, pinned maps, files.
+    Down(RunDirArgs),
+    /// Describe the running lab (clusters, nodes, endpoints, services).
+    Status(StatusArgs),
+    /// Run the connectivity check against the running lab and print a table of checks.
+    Check(CheckArgs),
+    /// Run a command inside an endpoint's network namespace: `meshd lab exec c1/client-c1-n1 -- ping 10.2.1.2`.
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunDirArgs {
+    /// Where the lab keeps certificates, configs, logs and its state file.
+    #[arg(long, default_value_os_t = default_run_dir(), env = "MESHD_LAB_RUN_DIR")]
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    run: RunDirArgs,
+    /// Manifests applied to every cluster once it runs (file or directory).
+    #[arg(long, default_value = "lab/manifests")]
+    manifests: PathBuf,
+    /// Apply no manifests.
+    #[arg(long)]
+    no_manifests: bool,
+    /// Do not run the connectivity check at the end.
+    #[arg(long)]
+    no_check: bool,
+    /// Prefix of the lab's namespaces, host link and bpffs directory (a second lab beside the
+    /// first needs another prefix, underlay and run dir).
+    #[arg(long, default_value = "mlab")]
+    prefix: String,
+    /// Number of clusters (c1, c2, c3, ...; two nodes each).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=meshd_lab::spec::MAX_CLUSTERS as i64))]
+    clusters: u8,
+    /// Members of each cluster's etcd (3 for a replicated etcd, as production runs it).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=meshd_lab::spec::MAX_ETCD_MEMBERS as i64))]
+    etcd_members: u8,
+    /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
+    #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
+    underlay: ipnet::Ipv4Net,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    run: RunDirArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+    /// Check the docker-compose lab (compose project PROJECT) instead of the namespace lab.
+    #[arg(long, value_name = "PROJECT", num_args = 0..=1, default_missing_value = "meshd-lab")]
+    docker: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    run: RunDirArgs,
+    /// CLUSTER/ENDPOINT, e.g. c1/client-c1-n1.
+    target: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+pub fn run(cmd: LabCommand, contexts: &super::context::ContextArgs) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LabCommand::Up(args) => {
+            let code = up(&args)?;
+            merge_contexts(&args.run.run_dir, contexts, true);
+            Ok(code)
+        }
+        LabCommand::Down(args) => {
+            merge_contexts(&args.run_dir, contexts, false);
+            let report = meshd_lab::down(&args.run_dir, &mut |s| eprintln!("lab down: {s}"))?;
+            eprintln!(
+                "lab down: done ({} processes stopped, {} namespaces removed)",
+                report.processes, report.netns
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Status(args) => status(args),
+        LabCommand::Check(args) => {
+            let format = args.status.output.format;
+            match args.docker {
+                Some(project) => {
+                    let (state, docker) = docker_lab(&project)?;
+                    check(&state, &docker, format)
+                }
+                None => {
+                    let state = load(&args.status.run.run_dir)?;
+                    check(&state, &Clis::Local, format)
+                }
+            }
+        }
+        LabCommand::Exec(args) => exec(args),
+    }
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the meshd binary")?;
+    Ok(exe
+        .parent()
+        .context("meshd binary has no directory")?
+        .to_owned())
+}
+
+fn load(run_dir: &std::path::Path) -> anyhow::Result<LabState> {
+    LabState::load(run_dir)?.with_context(|| {
+        format!(
+            "no lab is running (no state in {}); start one with `make lab`",
+            run_dir.display()
+        )
+    })
+}
+
+/// The lab in the default run directory merges its contexts into the user's contexts file (as
+/// `kind` does with kubeconfig), so `meshd --context lab-c2 get services` works without
+/// exporting anything, and `lab down` takes them back. Labs in other run directories (tests,
+/// a second lab) leave the user's file alone: their context names would collide. A failure here
+/// is reported, never fatal: the lab's own file still works.
+fn merge_contexts(run_dir: &std::path::Path, contexts: &super::context::ContextArgs, add: bool) {
+    use super::context::ContextFile;
+    if run_dir != default_run_dir() {
+        return;
+    }
+    let lab_file = run_dir.join("meshd-cli.yaml");
+    let result = (|| -> anyhow::Result<Option<(PathBuf, Vec<String>)>> {
+        let target = contexts.path()?;
+        if target == lab_file || !lab_file.exists() {
+            return Ok(None);
+        }
+        let lab = ContextFile::load(&lab_file)?;
+        let mut user = ContextFile::load(&target)?;
+        let names = if add {
+            user.merge(&lab)
+        } else {
+            user.unmerge(&lab)
+        };
+        if !names.is_empty() {
+            user.save(&target)?;
+        }
+        Ok(Some((target, names)))
+    })();
+    match (result, add) {
+        (Ok(Some((target, names))), true) => eprintln!(
+            "lab up: contexts {} merged into {} (`meshd --context {} get services`)",
+            names.join(", "),
+            target.display(),
+            names.last().map(String::as_str).unwrap_or("lab-c1")
+        ),
+        (Ok(Some((target, names))), false) if !names.is_empty() => eprintln!(
+            "lab down: contexts {} removed from {}",
+            names.join(", "),
+            target.display()
+        ),
+        (Err(e), _) => eprintln!("lab: the contexts file was not updated: {e:#}"),
+        _ => {}
+    }
+}
+
+fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
+    if args.underlay.prefix_len() != 24 {
+        bail!("--underlay {}: the lab needs a /24", args.underlay);
+    }
+    let mut opts = UpOptions::new(
+        LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
+            .with_etcd_members(args.etcd_members),
+        args.run.run_dir.clone(),
+        bin_dir()?,
+    );
+    if !args.no_manifests {
+        if !args.manifests.exists() {
+            bail!(
+                "manifests {} not found (run from the repository root, or pass --manifests or --no-manifests)",
+                args.manifests.display()
+            );
+        }
+        opts.manifests = Some(args.manifests.canonicalize()?);
+    }
+    let state = meshd_lab::up(&opts, &mut |s| eprintln!("lab up: {s}")).with_context(|| {
+        format!(
+            "the lab did not come up; logs are in {}; `make lab-down` removes what was created",
+            args.run.run_dir.display()
+        )
+    })?;
+    eprintln!(
+        "lab up: running. Contexts for `meshd --context NAME`: {} (export MESHD_CONFIG={})",
+        state
+            .clusters
+            .iter()
+            .map(|c| c.context.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        state.cli_config.display()
+    );
+    if args.no_check {
+        return Ok(ExitCode::SUCCESS);
+    }
+    check(&state, &Clis::Local, args.output.format)
+}
+
+/// Where the `meshd` CLI runs against a cluster's apiserver: here with the lab's CLI config,
+/// or inside a node container of the docker lab (which has the config in MESHD_CONFIG).
+enum Clis {
+    Local,
+    /// Cluster name -> a node container of that cluster.
+    Docker(std::collections::BTreeMap<String, String>),
+}
+
+/// The docker lab as the check sees it: its node containers' endpoints.
+fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "--filter"])
+        .arg(format!("label=com.docker.compose.project={project}"))
+        .args([
+            "--format",
+            "{{.Names}} {{.Label \"com.docker.compose.service\"}}",
+        ])
+        .output()
+        .context("running docker ps")?;
+    if !out.status.success() {
+        bail!(
+            "docker ps failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut state = LabState::default();
+    let mut nodes = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((container, service)) = line.split_once(' ') else {
+            continue;
+        };
+        // Node services are named CLUSTER-NODE (c1-n1); etcd and apiservers are not nodes.
+        let Some((cluster, node)) = service.split_once('-') else {
+            continue;
+        };
+        if !node.starts_with('n') || !node[1..].chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        nodes
+            .entry(cluster.to_owned())
+            .or_insert_with(|| container.to_owned());
+        let listed = std::process::Command::new("docker")
+            .args(["exec", container, "meshd", "endpoint", "list", "-o", "json"])
+            .output()
+            .with_context(|| format!("listing endpoints in {container}"))?;
+        if !listed.status.success() {
+            bail!(
+                "{container}: meshd endpoint list failed: {}",
+                String::from_utf8_lossy(&listed.stderr).trim()
+            );
+        }
+        let eps: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout)
+            .with_context(|| format!("{container}: endpoint list is not JSON"))?;
+        for ep in eps {
+            state.endpoints.push(meshd_lab::state::LabEndpoint {
+                name: ep["name"].as_str().unwrap_or_default().to_owned(),
+                namespace: ep["namespace"].as_str().unwrap_or_default().to_owned(),
+                cluster: cluster.to_owned(),
+                node: node.to_owned(),
+                netns: ep["netns"].as_str().unwrap_or_default().to_owned(),
+                ip: ep["ip"].as_str().unwrap_or_default().to_owned(),
+                labels: serde_json::from_value(ep["labels"].clone()).unwrap_or_default(),
+                container: Some(container.to_owned()),
+            });
+        }
+    }
+    if nodes.is_empty() {
+        bail!("no node containers of compose project {project} are running (make lab-docker)");
+    }
+    for cluster in nodes.keys() {
+        state.clusters.push(meshd_lab::state::LabCluster {
+            name: cluster.clone(),
+            id: 0,
+            context: format!("lab-{cluster}"),
+            etcd: meshd_lab::state::LabEtcd::default(),
+            admin: Default::default(),
+            apiserver: String::new(),
+            nodes: Vec::new(),
+        });
+    }
+    Ok((state, Clis::Docker(nodes)))
+}
+
+fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCode> {
+    let services = services(state, clis)?;
+    // A global service answers from every cluster that publishes ready backends for it.
+    let backend_clusters = |name: &str| {
+        services
+            .iter()
+            .filter(|s| s.name == name && s.shared && s.ready_backends > 0)
+            .count()
+    };
+    let targets: Vec<ServiceTarget> = services
+        .iter()
+        .filter_map(|s| {
+            Some(ServiceTarget {
+                cluster: s.cluster.clone(),
+                name: s.name.clone(),
+                vip: s.vip.clone()?,
+                port: *s.ports.first()?,
+                global: s.global,
+                clusters_with_backends: backend_clusters(&s.name),
+            })
+        })
+        .collect();
+    let policy = policies(state, clis)?;
+    let exe = bin_dir()?.join("meshd");
+    let report = meshd_lab::run_check(&exe, state, &targets, policy)?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Table => print!("{}", report.table()),
+    }
+    Ok(if report.all_passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the `meshd` CLI against a lab cluster's apiserver.
+fn cli(
+    state: &LabState,
+    clis: &Clis,
+    cluster: &str,
+    context: &str,
+    args: &[&str],
+) -> anyhow::Result<serde_json::Value> {
+    let mut cmd = match clis {
+        Clis::Local => {
+            let mut c = std::process::Command::new(bin_dir()?.join("meshd"));
+            c.env("MESHD_CONFIG", &state.cli_config);
+            c
+        }
+        Clis::Docker(nodes) => {
+            let container = nodes
+                .get(cluster)
+                .with_context(|| format!("no node container of cluster {cluster}"))?;
+            let mut c = std::process::Command::new("docker");
+            c.args(["exec", container.as_str(), "meshd"]);
+            c
+        }
+    };
+    let out = cmd
+        .args(args)
+        .arg("--context")
+        .arg(context)
+        .output()
+        .context("running meshd")?;
+    if !out.status.success() {
+        bail!(
+            "`meshd {} --context {context}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("`meshd {}` did not print JSON", args.join(" ")))
+}
+
+/// A service as one cluster's apiserver lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LabService {
+    name: String,
+    namespace: String,
+    cluster: String,
+    /// None until the apiserver published the service.
+    vip: Option<String>,
+    ports: Vec<u16>,
+    global: bool,
+    shared: bool,
+    ready_backends: usize,
+}
+
+/// Every service every cluster knows (`meshd get services -o json` per cluster).
+fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<LabService>> {
+    let mut all = Vec::new();
+    for c in &state.clusters {
+        let listed = cli(
+            state,
+            clis,
+            &c.name,
+            &c.context,
+            &["get", "services", "-o", "json"],
+        )?;
+        for item in listed["items"].as_array().into_iter().flatten() {
+            let status = &item["status"];
+            let frontends = status["frontends"].as_array().cloned().unwrap_or_default();
+            all.push(LabService {
+                name: item["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                namespace: item["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                cluster: c.name.clone(),
+                vip: frontends
+                    .first()
+                    .and_then(|f| f["ip"].as_str())
+                    .map(str::to_owned),
+                ports: frontends
+                    .iter()
+                    .filter_map(|f| f["port"].as_u64().map(|p| p as u16))
+                    .collect(),
+                global: status["global"].as_bool().unwrap_or(false),
+                shared: status["shared"].as_bool().unwrap_or(false),
+                ready_backends: status["backends"]
+                    .as_array()
+                    .map(|b| b.iter().filter(|b| b["ready"] == true).count())
+                    .unwrap_or(0),
+            });
+        }
+    }
+    Ok(all)
+}
+
+/// True when some cluster has a policy (the lab's selects the echo endpoints).
+fn policies(state: &LabState, clis: &Clis) -> anyhow::Result<bool> {
+    for c in &state.clusters {
+        let listed = cli(
+            state,
+            clis,
+            &c.name,
+            &c.context,
+            &["get", "policies", "-o", "json"],
+        )?;
+        if listed["items"].as_array().is_some_and(|a| !a.is_empty()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let state = load(&args.run.run_dir)?;
+    let services = services(&state, &Clis::Local)?;
+    let doc = serde_json::json!({
+        "run_dir": state.run_dir,
+        "cli_config": state.cli_config,
+        "clusters": state.clusters.iter().map(|c| serde_json::json!({
+            "name": c.name,
+            "id": c.id,
+            "context": c.context,
+            "apiserver": c.apiserver,
+            "etcd": {
+                "endpoints": c.etcd.endpoints,
+                "netns": c.etcd.netns,
+                "pid": c.etcd.pid,
+                "remote": c.etcd.remote,
+                "members": c.etcd.members.iter().map(|m| serde_json::json!({
+                    "name": m.name,
+                    "endpoint": m.endpoint,
+                    "peer_url": m.peer_url,
+                    "pid": m.pid,
+                    "log": m.log,
+                })).collect::<Vec<_>>(),
+            },
+            "admin": c.admin,
+            "nodes": c.nodes.iter().map(|n| serde_json::json!({
+                "name": n.name,
+                "netns": n.netns,
+                "ip": n.ip,
+                "agent_pid": n.agent_pid,
+                "api_socket": n.api_socket,
+                "etcd": n.etcd,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "endpoints": state.endpoints,
+        "services": services.iter().map(|s| serde_json::json!({
+            "name": s.name,
+            "namespace": s.namespace,
+            "cluster": s.cluster,
+            "vip": s.vip,
+            "ports": s.ports,
+            "global": s.global,
+        })).collect::<Vec<_>>(),
+    });
+    match args.output.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Format::Table => {
+            println!(
+                "lab in {} (MESHD_CONFIG={})",
+                state.run_dir.display(),
+                state.cli_config.display()
+            );
+            for c in &state.clusters {
+                println!(
+                    "cluster {} (id {}, context {}): etcd {} in {}, apiserver {}",
+                    c.name,
+                    c.id,
+                    c.context,
+                    c.etcd.endpoints.join(","),
+                    c.etcd.netns,
+                    c.apiserver
+                );
+                for n in &c.nodes {
+                    println!(
+                        "  node {:<4} {:<12} netns {:<14} agent pid {}",
+                        n.name, n.ip, n.netns, n.agent_pid
+                    );
+                }
+            }
+            println!(
+                "{:<18} {:<8} {:<5} {:<12} {:<26} LABELS",
+                "ENDPOINT", "CLUSTER", "NODE", "IP", "NETNS"
+            );
+            for e in &state.endpoints {
+                let labels: Vec<String> =
+                    e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!(
+                    "{:<18} {:<8} {:<5} {:<12} {:<26} {}",
+                    e.name,
+                    e.cluster,
+                    e.node,
+                    e.ip,
+                    e.netns,
+                    labels.join(",")
+                );
+            }
+            for s in &services {
+                println!(
+                    "service {}/{} in {}: {} ports {:?}{}",
+                    s.namespace,
+                    s.name,
+                    s.cluster,
+                    s.vip.as_deref().unwrap_or("(no VIP yet)"),
+                    s.ports,
+                    if s.global { " (global)" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let state = load(&args.run.run_dir)?;
+    let (cluster, name) = args
+        .target
+        .split_once('/')
+        .with_context(|| format!("{:?}: expected CLUSTER/ENDPOINT", args.target))?;
+    let ep = state.endpoint(cluster, name).with_context(|| {
+        format!(
+            "no endpoint {name} in cluster {cluster}; endpoints: {}",
+            state
+                .endpoints
+                .iter()
+                .map(|e| format!("{}/{}", e.cluster, e.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ep.netns))
+        .arg("--")
+        .args(&args.command)
+        .status()
+        .with_context(|| format!("running {:?} in {}", args.command, ep.netns))?;
+    Ok(ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8
+    ))
+}

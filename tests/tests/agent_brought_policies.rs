@@ -1,0 +1,191 @@
+//! Policies users bring, with real connections: Cilium's documentation examples (a default
+//! deny with `ingress: [{}]`, a cross-cluster allow with `io.cilium.k8s.policy.cluster`) and a
+//! Kubernetes `NetworkPolicy` with `podSelector`/`from`/`ports`. Each document goes through the
+//! manifest crate, as the apiserver does, and is stored in meshd's form.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions};
+use meshd_e2e::netns_io::{spawn_echo, tcp_check};
+use meshd_e2e::wait_for;
+use meshd_manifest::Document;
+
+/// Cilium's cluster mesh documentation, with its cluster names (`cluster1`, `cluster2`) being
+/// this mesh's.
+const CROSS_CLUSTER: &str = r#"
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "allow-cross-cluster"
+spec:
+  description: "Allow x-wing in cluster1 to contact rebel-base in cluster2"
+  endpointSelector:
+    matchLabels:
+      name: x-wing
+      io.cilium.k8s.policy.cluster: c1
+  egress:
+  - toEndpoints:
+    - matchLabels:
+        name: rebel-base
+        io.cilium.k8s.policy.cluster: c2
+"#;
+
+/// Cilium's documentation: "Ingress Default Deny".
+const DEFAULT_DENY: &str = r#"
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "deny-all-ingress"
+spec:
+  endpointSelector:
+    matchLabels:
+      role: restricted
+  ingress:
+  - {}
+"#;
+
+/// Kubernetes: the database accepts the frontend on its port only.
+const K8S_DB: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: db-from-frontend
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      role: db
+  policyTypes:
+  - Ingress
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          role: frontend
+    ports:
+    - protocol: TCP
+      port: 6379
+"#;
+
+/// Stores `text` in `cluster`'s etcd as its apiserver would: parsed, rewritten into meshd's
+/// policy, and written under the policy's key.
+fn apply(mesh: &Mesh, cluster: &str, text: &str) -> anyhow::Result<()> {
+    let docs = meshd_manifest::parse_str("policy.yaml", text)?;
+    for d in docs {
+        let Document::NetworkPolicy(p) = &d.document else {
+            anyhow::bail!("not a policy: {:?}", d.document.kind());
+        };
+        let key = format!(
+            "meshd/config/policies/v1/{}/{}",
+            p.metadata.namespace, p.metadata.name
+        );
+        let json = String::from_utf8(d.document.to_json())?;
+        mesh.cluster(cluster)?.etcd.etcdctl(&["put", &key, &json])?;
+    }
+    Ok(())
+}
+
+fn reach(from: &EndpointInfo, to: &EndpointInfo, port: u16) -> anyhow::Result<()> {
+    tcp_check(
+        &from.netns,
+        SocketAddr::from((to.ip, port)),
+        Duration::from_secs(2),
+    )
+}
+
+fn denied(from: &EndpointInfo, to: &EndpointInfo, port: u16) -> anyhow::Result<()> {
+    match reach(from, to, port) {
+        Ok(()) => anyhow::bail!("{} still reaches {}:{port}", from.name, to.name),
+        Err(_) => Ok(()),
+    }
+}
+
+#[test]
+fn cilium_and_kubernetes_policies_hold_on_real_connections() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(MeshOptions::clusters(2, 2))?;
+    let x_wing = mesh.add_endpoint("c1", "n1", "x-wing", "name=x-wing")?;
+    let frontend = mesh.add_endpoint("c1", "n2", "frontend", "role=frontend")?;
+    let rebel_base = mesh.add_endpoint("c2", "n1", "rebel-base", "name=rebel-base")?;
+    let outpost = mesh.add_endpoint("c2", "n2", "outpost", "name=outpost")?;
+    let restricted = mesh.add_endpoint("c2", "n2", "restricted", "role=restricted")?;
+    let db = mesh.add_endpoint("c2", "n1", "db", "role=db")?;
+    for ep in [&rebel_base, &outpost, &restricted, &db, &frontend] {
+        spawn_echo(&ep.netns, 80)?;
+    }
+    spawn_echo(&db.netns, 6379)?;
+
+    // Without policies everything connects (and the mesh is complete).
+    for (from, to) in [
+        (&x_wing, &rebel_base),
+        (&x_wing, &outpost),
+        (&x_wing, &restricted),
+        (&frontend, &db),
+        (&outpost, &db),
+    ] {
+        wait_for(
+            &format!("{} -> {} before any policy", from.name, to.name),
+            Duration::from_secs(30),
+            || reach(from, to, 80),
+        )
+        .map_err(|e| e.context(mesh.logs()))?;
+    }
+
+    // The cross-cluster allow: x-wing's egress is enforced, rebel-base of c2 allowed.
+    apply(&mesh, "c1", CROSS_CLUSTER)?;
+    wait_for(
+        "x-wing's egress to be enforced",
+        Duration::from_secs(30),
+        || denied(&x_wing, &outpost, 80),
+    )
+    .map_err(|e| e.context(mesh.logs()))?;
+    reach(&x_wing, &rebel_base, 80).map_err(|e| e.context("x-wing -> rebel-base is allowed"))?;
+    reach(&frontend, &outpost, 80).map_err(|e| e.context("frontend is no subject"))?;
+
+    // The default deny: nothing gets into restricted; restricted itself still gets out.
+    apply(&mesh, "c2", DEFAULT_DENY)?;
+    wait_for(
+        "restricted's ingress to be denied",
+        Duration::from_secs(30),
+        || denied(&frontend, &restricted, 80),
+    )
+    .map_err(|e| e.context(mesh.logs()))?;
+    denied(&outpost, &restricted, 80)?;
+    reach(&restricted, &outpost, 80).map_err(|e| e.context("restricted's egress stays open"))?;
+
+    // The Kubernetes policy: the frontend, from the other cluster, on 6379 only.
+    reach(&frontend, &db, 6379)?;
+    apply(&mesh, "c2", K8S_DB)?;
+    wait_for(
+        "db's ingress to be enforced",
+        Duration::from_secs(30),
+        || denied(&outpost, &db, 6379),
+    )
+    .map_err(|e| e.context(mesh.logs()))?;
+    reach(&frontend, &db, 6379).map_err(|e| e.context("frontend -> db:6379 is allowed"))?;
+    denied(&frontend, &db, 80)?;
+
+    // A CIDR over the pod CIDRs is accepted; status says endpoints are matched by identity.
+    apply(
+        &mesh,
+        "c2",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: { name: private }\nspec:\n  endpointSelector: { matchLabels: { name: outpost } }\n  egress:\n  - toCIDR: [ 10.0.0.0/8 ]\n",
+    )?;
+    wait_for(
+        "status to warn about the CIDR",
+        Duration::from_secs(30),
+        || {
+            let status = mesh.status("c2", "n2")?;
+            let warnings = status["warnings"].to_string();
+            anyhow::ensure!(
+            warnings.contains("CIDR 10.0.0.0/8 in policy default/private overlaps the pod CIDRs of cluster c1, c2"),
+            "warnings: {warnings}"
+        );
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
