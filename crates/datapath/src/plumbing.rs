@@ -309,9 +309,13 @@ pub fn enable_forwarding(netns: Option<&str>, dev: &str) -> Result<()> {
             source,
         }),
         Some(ns) => {
-            let command = format!("ip netns exec {ns} sysctl -qw net/ipv4/conf/{dev}/forwarding=1");
-            let out = Command::new("ip")
-                .args(["netns", "exec", ns, "sysctl", "-qw"])
+            // nsenter, not `ip netns exec`, which remounts /sys (DESIGN.md, "Facts found").
+            let command = format!(
+                "nsenter --net=/run/netns/{ns} sysctl -qw net/ipv4/conf/{dev}/forwarding=1"
+            );
+            let out = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{ns}"))
+                .args(["--", "sysctl", "-qw"])
                 .arg(format!("net/ipv4/conf/{dev}/forwarding=1"))
                 .output()
                 .map_err(|source| PlumbingError::Spawn {
