@@ -138,6 +138,14 @@ fn an_icmp_frag_needed_about_a_masqueraded_flow_reaches_the_endpoint() -> anyhow
     });
     s.write_all(&data)?;
     echo.join().expect("reader thread")?;
+    // The endpoint's kernel learned the path MTU: the router's error reached it.
+    let ext = mesh.external.as_ref().expect("outside");
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", eps[0].netns.display()))
+        .args(["--", "ip", "route", "get", &ext.host_ip.to_string()])
+        .output()?;
+    let route = String::from_utf8_lossy(&out.stdout);
+    assert!(route.contains("mtu 1280"), "no learned path MTU: {route}");
     Ok(())
 }
 
