@@ -76,7 +76,7 @@ impl DatapathMaps {
             .get(&0, 0)
             .map_err(op_err("get", names::CONFIG, 0))?;
         Ok(
-            (value.flags & abi::CONFIG_F_WORLD != 0).then(|| EgressConfig {
+            (value.flags & abi::CONFIG_F_WORLD != 0).then_some(EgressConfig {
                 masquerade: value.flags & abi::CONFIG_F_MASQUERADE != 0,
                 nat_ports: value.nat_port_min..=value.nat_port_max,
             }),

@@ -164,11 +164,11 @@ impl World {
         (verdict, out)
     }
 
-    fn from_endpoint(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    fn egress(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
         self.run(programs::FROM_ENDPOINT, frame, ifindex)
     }
 
-    fn from_netdev(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn uplink(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run(programs::FROM_NETDEV, frame, self.up_if)
     }
 
@@ -189,7 +189,7 @@ fn echo_id(frame: &[u8]) -> u16 {
 fn tcp_to_world_leaves_masqueraded_and_its_replies_come_back_translated() {
     let Some(mut w) = setup() else { return };
     let syn = tcp(A, 40000, X, 80, 0x02);
-    let (verdict, out) = w.from_endpoint(&syn, w.a_if);
+    let (verdict, out) = w.egress(&syn, w.a_if);
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed out by the program");
     assert_eq!(saddr(&out), NODE, "masqueraded to the node IP");
     let nat_port = sport(&out);
@@ -216,12 +216,12 @@ fn tcp_to_world_leaves_masqueraded_and_its_replies_come_back_translated() {
     );
 
     // The same flow keeps its port.
-    let (_, again) = w.from_endpoint(&tcp(A, 40000, X, 80, 0x10), w.a_if);
+    let (_, again) = w.egress(&tcp(A, 40000, X, 80, 0x10), w.a_if);
     assert_eq!((saddr(&again), sport(&again)), (NODE, nat_port));
 
     // The reply, on the uplink.
     let syn_ack = tcp(X, 80, NODE, nat_port, 0x12);
-    let (verdict, back) = w.from_netdev(&syn_ack);
+    let (verdict, back) = w.uplink(&syn_ack);
     assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to the endpoint");
     assert_eq!((daddr(&back), dport(&back)), (A, 40000));
     assert_eq!((saddr(&back), sport(&back)), (X, 80));
@@ -232,7 +232,7 @@ fn tcp_to_world_leaves_masqueraded_and_its_replies_come_back_translated() {
 
     // A packet to the node IP of no masqueraded flow is the node's own: untouched, uncounted.
     let own = tcp(X, 80, NODE, 33000, 0x12);
-    let (verdict, out) = w.from_netdev(&own);
+    let (verdict, out) = w.uplink(&own);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, own);
     assert_eq!(w.counter(Direction::Ingress, abi::FWD_LOCAL), 1);
@@ -242,11 +242,11 @@ fn tcp_to_world_leaves_masqueraded_and_its_replies_come_back_translated() {
 #[test]
 fn an_endpoint_port_in_the_range_is_kept_when_free_and_changed_when_taken() {
     let Some(w) = setup() else { return };
-    let (_, a) = w.from_endpoint(&udp(A, 61003, X, 53), w.a_if);
+    let (_, a) = w.egress(&udp(A, 61003, X, 53), w.a_if);
     assert_eq!((saddr(&a), sport(&a)), (NODE, 61003), "kept");
     assert_checksums_valid(&a, "UDP from A");
     // B uses the same source port to the same destination at the same time.
-    let (verdict, b) = w.from_endpoint(&udp(B, 61003, X, 53), w.b_if);
+    let (verdict, b) = w.egress(&udp(B, 61003, X, 53), w.b_if);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(saddr(&b), NODE);
     assert_ne!(sport(&b), 61003, "taken by A: another port");
@@ -255,7 +255,7 @@ fn an_endpoint_port_in_the_range_is_kept_when_free_and_changed_when_taken() {
 
     // Each reply finds its own endpoint.
     for (port, ep, ep_mac) in [(61003, A, A_MAC), (sport(&b), B, B_MAC)] {
-        let (verdict, back) = w.from_netdev(&udp(X, 53, NODE, port));
+        let (verdict, back) = w.uplink(&udp(X, 53, NODE, port));
         assert_eq!(verdict, TC_ACT_REDIRECT);
         assert_eq!((daddr(&back), dport(&back)), (ep, 61003));
         assert_eq!(&back[0..6], &ep_mac);
@@ -266,7 +266,7 @@ fn an_endpoint_port_in_the_range_is_kept_when_free_and_changed_when_taken() {
 #[test]
 fn icmp_echo_is_masqueraded_by_its_identifier() {
     let Some(w) = setup() else { return };
-    let (verdict, out) = w.from_endpoint(&icmp_echo(A, X, 7, false), w.a_if);
+    let (verdict, out) = w.egress(&icmp_echo(A, X, 7, false), w.a_if);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(saddr(&out), NODE);
     let id = echo_id(&out);
@@ -274,7 +274,7 @@ fn icmp_echo_is_masqueraded_by_its_identifier() {
     assert_eq!(icmp_sum(&out), 0xffff, "ICMP checksum");
     assert_eq!(fold(sum16(&out[ETH..ETH + 20], 0)), 0xffff, "IP checksum");
 
-    let (verdict, back) = w.from_netdev(&icmp_echo(X, NODE, id, true));
+    let (verdict, back) = w.uplink(&icmp_echo(X, NODE, id, true));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!((daddr(&back), echo_id(&back)), (A, 7));
     assert_eq!(icmp_sum(&back), 0xffff, "ICMP checksum of the reply");
@@ -284,13 +284,13 @@ fn icmp_echo_is_masqueraded_by_its_identifier() {
 #[test]
 fn an_icmp_error_about_a_masqueraded_flow_reaches_the_endpoint() {
     let Some(w) = setup() else { return };
-    let (_, out) = w.from_endpoint(&tcp(A, 40000, X, 80, 0x02), w.a_if);
+    let (_, out) = w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if);
     let nat_port = sport(&out);
     // The gateway's "fragmentation needed" (here: port unreachable, the same path) quotes the
     // packet as it left the node.
     let quoted_packet = Packet::tcp(NODE, nat_port, X, 80, 0x02);
     let error = icmp_error(GATEWAY, NODE, &quoted_packet);
-    let (verdict, back) = w.from_netdev(&error);
+    let (verdict, back) = w.uplink(&error);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(daddr(&back), A, "outer destination: the endpoint");
     assert_eq!(saddr(&back), GATEWAY, "the router keeps its own source");
@@ -305,12 +305,12 @@ fn an_exhausted_range_drops_with_nat_no_port_and_recovers_when_a_connection_ends
     let Some(mut w) = setup() else { return };
     let mut ports = std::collections::BTreeSet::new();
     for i in 0..8u16 {
-        let (verdict, out) = w.from_endpoint(&tcp(A, 40000 + i, X, 80, 0x02), w.a_if);
+        let (verdict, out) = w.egress(&tcp(A, 40000 + i, X, 80, 0x02), w.a_if);
         assert_eq!(verdict, TC_ACT_REDIRECT, "flow {i}");
         ports.insert(sport(&out));
     }
     assert_eq!(ports.len(), 8, "eight flows, eight ports: {ports:?}");
-    let (verdict, _) = w.from_endpoint(&tcp(A, 40100, X, 80, 0x02), w.a_if);
+    let (verdict, _) = w.egress(&tcp(A, 40100, X, 80, 0x02), w.a_if);
     assert_eq!(verdict, TC_ACT_SHOT, "the ninth finds no port");
     assert_eq!(w.counter(Direction::Egress, abi::DROP_NAT_NO_PORT), 1);
     let events = w.dp.maps.drain_drop_events();
@@ -318,14 +318,14 @@ fn an_exhausted_range_drops_with_nat_no_port_and_recovers_when_a_connection_ends
     assert_eq!(abi::reason_name(events[0].reason), "nat-no-port");
     assert_eq!((events[0].saddr, events[0].sport), (A, 40100));
     // Another destination port is another tuple: the same NAT ports are free for it.
-    let (verdict, _) = w.from_endpoint(&tcp(A, 40100, X, 443, 0x02), w.a_if);
+    let (verdict, _) = w.egress(&tcp(A, 40100, X, 443, 0x02), w.a_if);
     assert_eq!(verdict, TC_ACT_REDIRECT);
 
     // One connection ends (RST): its mapping goes when its CT entry does (closing lifetime).
-    let (verdict, _) = w.from_endpoint(&tcp(A, 40003, X, 80, 0x04), w.a_if);
+    let (verdict, _) = w.egress(&tcp(A, 40003, X, 80, 0x04), w.a_if);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     std::thread::sleep(std::time::Duration::from_secs(11));
-    let (verdict, out) = w.from_endpoint(&tcp(A, 40100, X, 80, 0x02), w.a_if);
+    let (verdict, out) = w.egress(&tcp(A, 40100, X, 80, 0x02), w.a_if);
     assert_eq!(verdict, TC_ACT_REDIRECT, "a port is free again");
     assert!(ports.contains(&sport(&out)));
     assert_eq!(w.counter(Direction::Egress, abi::DROP_NAT_NO_PORT), 1);
@@ -336,10 +336,10 @@ fn replies_of_connections_from_outside_keep_the_endpoints_address() {
     let Some(w) = setup() else { return };
     // Routed to the endpoint's own address (masquerade off on the far side, a router with a
     // pod CIDR route): delivered, tracked.
-    let (verdict, inbound) = w.from_netdev(&tcp(X, 5000, B, 8080, 0x02));
+    let (verdict, inbound) = w.uplink(&tcp(X, 5000, B, 8080, 0x02));
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(daddr(&inbound), B);
-    let (verdict, reply) = w.from_endpoint(&tcp(B, 8080, X, 5000, 0x12), w.b_if);
+    let (verdict, reply) = w.egress(&tcp(B, 8080, X, 5000, 0x12), w.b_if);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(
         (saddr(&reply), sport(&reply)),
@@ -379,20 +379,17 @@ fn world_and_host_are_identities_for_policy_both_ways() {
     m.bump_policy_revision().unwrap();
 
     assert_eq!(
-        w.from_endpoint(&tcp(A, 40000, X, 80, 0x02), w.a_if).0,
+        w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if).0,
         TC_ACT_REDIRECT
     );
-    assert_eq!(
-        w.from_endpoint(&tcp(A, 40000, X, 81, 0x02), w.a_if).0,
-        TC_ACT_SHOT
-    );
+    assert_eq!(w.egress(&tcp(A, 40000, X, 81, 0x02), w.a_if).0, TC_ACT_SHOT);
     // The node's own address (the FIB says local): host, handed to the node's stack as sent.
     let to_node = tcp(A, 40000, NODE, 22, 0x02);
-    let (verdict, out) = w.from_endpoint(&to_node, w.a_if);
+    let (verdict, out) = w.egress(&to_node, w.a_if);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, to_node, "never masqueraded");
     assert_eq!(
-        w.from_endpoint(&tcp(A, 40000, NODE, 80, 0x02), w.a_if).0,
+        w.egress(&tcp(A, 40000, NODE, 80, 0x02), w.a_if).0,
         TC_ACT_SHOT
     );
     let drops = w.dp.maps.drain_drop_events();
@@ -400,11 +397,8 @@ fn world_and_host_are_identities_for_policy_both_ways() {
     assert_eq!(dst, [(81, abi::IDENTITY_WORLD), (80, abi::IDENTITY_HOST)]);
 
     // Ingress from world, on the uplink.
-    assert_eq!(
-        w.from_netdev(&tcp(X, 5000, B, 8080, 0x02)).0,
-        TC_ACT_REDIRECT
-    );
-    assert_eq!(w.from_netdev(&tcp(X, 5000, B, 22, 0x02)).0, TC_ACT_SHOT);
+    assert_eq!(w.uplink(&tcp(X, 5000, B, 8080, 0x02)).0, TC_ACT_REDIRECT);
+    assert_eq!(w.uplink(&tcp(X, 5000, B, 22, 0x02)).0, TC_ACT_SHOT);
     let drops = w.dp.maps.drain_drop_events();
     assert_eq!(drops.len(), 1);
     assert_eq!(
@@ -419,7 +413,7 @@ fn non_masquerade_destinations_switching_off_and_unroutable_destinations() {
     w.dp.maps
         .set_no_masquerade(&["198.51.100.0/24".parse().unwrap()])
         .unwrap();
-    let (verdict, out) = w.from_endpoint(&tcp(A, 40000, X, 80, 0x02), w.a_if);
+    let (verdict, out) = w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(
         (saddr(&out), sport(&out)),
@@ -435,7 +429,7 @@ fn non_masquerade_destinations_switching_off_and_unroutable_destinations() {
             nat_ports: NAT_PORTS,
         })
         .unwrap();
-    let (verdict, out) = w.from_endpoint(&tcp(A, 40001, y, 80, 0x02), w.a_if);
+    let (verdict, out) = w.egress(&tcp(A, 40001, y, 80, 0x02), w.a_if);
     assert_eq!(
         verdict, TC_ACT_REDIRECT,
         "redirect_neigh resolves the next hop"
@@ -444,7 +438,7 @@ fn non_masquerade_destinations_switching_off_and_unroutable_destinations() {
     assert!(w.dp.maps.nat_mappings().unwrap().is_empty());
 
     // No route (a blackhole): unknown destination, as before the mesh let anything out.
-    let (verdict, _) = w.from_endpoint(
+    let (verdict, _) = w.egress(
         &tcp(A, 40002, Ipv4Addr::new(203, 0, 113, 5), 80, 0x02),
         w.a_if,
     );
