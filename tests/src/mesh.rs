@@ -200,10 +200,8 @@ impl Mesh {
             .tempdir()?;
         let bpffs_root = PathBuf::from("/sys/fs/bpf").join(format!("meshd-e2e-{prefix}"));
         let pki = Pki::new(dir.path())?;
-        let underlay = Underlay::new(&prefix, UNDERLAY_MTU)?;
-        underlay
-            .bridge()
-            .ip(&["addr", "add", &format!("{CONTROL_IP}/24"), "dev", "br0"])?;
+        let underlay =
+            Underlay::with_bridge_address(&prefix, UNDERLAY_MTU, Ipv4Net::new(CONTROL_IP, 24)?)?;
 
         let mut mesh = Mesh {
             prefix: prefix.clone(),
@@ -844,10 +842,7 @@ impl Drop for Mesh {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.starts_with(&ep_prefix) {
-                    let _ = Command::new("ip")
-                        .args(["netns", "del", &name])
-                        .stderr(Stdio::null())
-                        .status();
+                    let _ = meshd_topology::netns::delete(&name);
                 }
             }
         }

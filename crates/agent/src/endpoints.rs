@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use meshd_api::pb;
 use meshd_datapath::{plumbing, Datapath, LocalEndpoint};
+use meshd_kvstore::{resolve_identity, EtcdStore};
 use meshd_state::{
     check_dns_label, check_dns_subdomain, IpcacheEntry, IpcacheKey, Labels, CLUSTER_LABEL,
     NAMESPACE_LABEL,
@@ -25,9 +26,9 @@ use crate::config::AgentConfig;
 
 /// This node's lease-backed publisher (kvstore's).
 pub type Publisher = meshd_kvstore::Publisher<meshd_kvstore::EtcdStore>;
+use crate::now_ms;
 use crate::reconciler::{LocalEndpoints, ReconcileStatus};
 use crate::store::{EndpointRecord, EndpointStore};
-use crate::{identity, now_ms};
 
 /// Why a request failed, mapped to a gRPC status by the server.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +116,7 @@ pub struct EndpointManager {
     config: Arc<AgentConfig>,
     store: EndpointStore,
     datapath: Datapath,
-    etcd: etcd_client::Client,
+    etcd: EtcdStore,
     publisher: Arc<Publisher>,
     links: BTreeMap<String, Link>,
     local: watch::Sender<Arc<LocalEndpoints>>,
@@ -132,7 +133,7 @@ impl EndpointManager {
         config: Arc<AgentConfig>,
         store: EndpointStore,
         datapath: Datapath,
-        etcd: etcd_client::Client,
+        etcd: EtcdStore,
         publisher: Arc<Publisher>,
         local: watch::Sender<Arc<LocalEndpoints>>,
         reconciled: watch::Receiver<ReconcileStatus>,
@@ -180,8 +181,8 @@ impl EndpointManager {
             // there (the index gives back the same number).
             match tokio::time::timeout(
                 IDENTITY_TIMEOUT,
-                identity::resolve(
-                    &mut self.etcd,
+                resolve_identity(
+                    &self.etcd,
                     &self.config.cluster,
                     self.config.cluster_id,
                     &rec.labels,
@@ -317,8 +318,8 @@ impl EndpointManager {
             .map_err(|e| EndpointError::Unavailable(e.to_string()))?;
         let identity = match tokio::time::timeout(
             IDENTITY_TIMEOUT,
-            identity::resolve(
-                &mut self.etcd,
+            resolve_identity(
+                &self.etcd,
                 &self.config.cluster,
                 self.config.cluster_id,
                 &labels,

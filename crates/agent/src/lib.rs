@@ -18,7 +18,6 @@ pub mod config;
 pub mod dir_watch;
 pub mod egress;
 pub mod endpoints;
-pub mod identity;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
@@ -346,7 +345,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         config.clone(),
         endpoint_store,
         datapath,
-        store.client(),
+        store.clone(),
         publisher.clone(),
         local_eps_tx,
         reconciled_rx.clone(),

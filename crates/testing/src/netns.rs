@@ -1,5 +1,6 @@
 //! Network namespaces for tests: uniquely named per test, torn down on drop (also when the
-//! test panics), with every process still inside killed first.
+//! test panics), with every process still inside killed first. Built with `meshd-topology`,
+//! the builder the lab uses too; this module adds the unique names and test conveniences.
 //!
 //! Commands run in a namespace with `nsenter --net=/run/netns/NAME`, not `ip netns exec`:
 //! the latter remounts /sys, which hides /sys/fs/bpf (DESIGN.md, "Facts found").
@@ -12,30 +13,45 @@ use std::{
 };
 
 use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
+use meshd_topology::{self as topology, HostSpec, Topology, UnderlaySpec};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A named network namespace (`/run/netns/NAME`), deleted on drop.
+/// `<prefix>-<pid>-<n>`: unique across parallel tests and test processes, and not taken by a
+/// namespace left over by a crashed run of a process with the same pid.
+pub fn unique_name(prefix: &str) -> String {
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{n}", std::process::id());
+        if !topology::netns::exists(&name) {
+            return name;
+        }
+    }
+}
+
+/// A named network namespace (`/run/netns/NAME`), deleted on drop unless a [`Topology`]
+/// owns it.
 #[derive(Debug)]
 pub struct Netns {
     name: String,
+    owned: bool,
 }
 
 impl Netns {
-    /// Creates a namespace named `<prefix>-<pid>-<n>`, unique across parallel tests and test
-    /// processes, with `lo` up.
+    /// Creates a namespace named [`unique_name`]`(prefix)`, with `lo` up.
     pub fn new(prefix: &str) -> anyhow::Result<Netns> {
-        loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let name = format!("{prefix}-{}-{n}", std::process::id());
-            if PathBuf::from("/run/netns").join(&name).exists() {
-                continue; // left over by a crashed run of a process with the same pid
-            }
-            run(Command::new("ip").args(["netns", "add", &name]))
-                .with_context(|| format!("creating network namespace {name}"))?;
-            let ns = Netns { name };
-            ns.ip(&["link", "set", "lo", "up"])?;
-            return Ok(ns);
+        let name = unique_name(prefix);
+        topology::netns::create(&name)
+            .with_context(|| format!("creating network namespace {name}"))?;
+        Ok(Netns { name, owned: true })
+    }
+
+    /// A handle on a namespace someone else (a [`Topology`]) owns and removes.
+    fn owned_by_topology(name: &str) -> Netns {
+        Netns {
+            name: name.to_owned(),
+            owned: false,
         }
     }
 
@@ -46,7 +62,7 @@ impl Netns {
 
     /// `/run/netns/NAME`, for `setns` or `nsenter --net=`.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
+        topology::netns::path(&self.name)
     }
 
     /// Runs `ip -n NAME args...`; fails with the command and its stderr on error.
@@ -88,29 +104,14 @@ impl Netns {
             .with_context(|| format!("spawning {program} {args:?} in {}", self.name))?;
         Ok(ChildGuard(Some(child)))
     }
-
-    fn kill_all(&self) {
-        let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        else {
-            return;
-        };
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            if let Ok(pid) = pid.parse::<i32>() {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-    }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        self.kill_all();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        if self.owned {
+            topology::netns::kill_processes(&self.name);
+            let _ = topology::netns::delete(&self.name);
+        }
     }
 }
 
@@ -140,60 +141,61 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A shared L2 underlay: a namespace holding a bridge that every node's `ul0` veth plugs into.
-/// Nodes are namespaces too, so nothing touches the root namespace (where Docker's FORWARD
-/// policy would drop bridged traffic).
+/// A shared L2 underlay: a namespace holding a bridge that every node's `ul0` veth plugs into,
+/// built and owned by a [`Topology`] (the lab's builder), with unique names.
 #[derive(Debug)]
 pub struct Underlay {
-    /// Nodes first, so they are deleted before the bridge.
     nodes: Vec<Netns>,
     bridge: Netns,
-    mtu: u32,
+    /// Owns every namespace above; removes them on drop.
+    topology: Topology,
 }
 
 /// Name of each node's underlay interface.
-pub const UNDERLAY_IFNAME: &str = "ul0";
+pub const UNDERLAY_IFNAME: &str = topology::UNDERLAY_IFNAME;
 
 impl Underlay {
     /// Creates the bridge namespace. `mtu` is the underlay MTU of every node.
     pub fn new(prefix: &str, mtu: u32) -> anyhow::Result<Underlay> {
-        let bridge = Netns::new(&format!("{prefix}-br"))?;
-        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
-        bridge.ip(&["link", "set", "br0", "up"])?;
+        Self::build(prefix, mtu, None)
+    }
+
+    /// Like [`Underlay::new`], with `address` on the bridge itself.
+    pub fn with_bridge_address(
+        prefix: &str,
+        mtu: u32,
+        address: Ipv4Net,
+    ) -> anyhow::Result<Underlay> {
+        Self::build(prefix, mtu, Some(address))
+    }
+
+    fn build(prefix: &str, mtu: u32, bridge_address: Option<Ipv4Net>) -> anyhow::Result<Underlay> {
+        let name = unique_name(&format!("{prefix}-br"));
+        let topology = Topology::create(UnderlaySpec {
+            netns: name.clone(),
+            bridge_address,
+            mtu,
+        })
+        .with_context(|| format!("creating the underlay {name}"))?;
         Ok(Underlay {
             nodes: Vec::new(),
-            bridge,
-            mtu,
+            bridge: Netns::owned_by_topology(&name),
+            topology,
         })
     }
 
     /// Adds a node namespace with `ul0` = `ip/24` on the bridge; returns its index.
     pub fn add_node(&mut self, prefix: &str, ip: Ipv4Addr) -> anyhow::Result<usize> {
         let index = self.nodes.len();
-        let node = Netns::new(prefix)?;
-        let port = format!("n{index}");
-        let mtu = self.mtu.to_string();
-        node.ip(&[
-            "link",
-            "add",
-            UNDERLAY_IFNAME,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "mtu",
-            &mtu,
-            "netns",
-            self.bridge.name(),
-        ])?;
-        self.bridge.ip(&["link", "set", &port, "master", "br0"])?;
-        self.bridge.ip(&["link", "set", &port, "up"])?;
-        node.ip(&["addr", "add", &format!("{ip}/24"), "dev", UNDERLAY_IFNAME])?;
-        node.ip(&["link", "set", UNDERLAY_IFNAME, "up"])?;
-        self.nodes.push(node);
+        let name = unique_name(prefix);
+        self.topology
+            .add_host(&HostSpec {
+                netns: name.clone(),
+                bridge_port: format!("n{index}"),
+                address: Ipv4Net::new(ip, 24)?,
+            })
+            .with_context(|| format!("adding node {name} to the underlay"))?;
+        self.nodes.push(Netns::owned_by_topology(&name));
         Ok(index)
     }
 
@@ -209,7 +211,7 @@ impl Underlay {
 
     /// The underlay MTU.
     pub fn mtu(&self) -> u32 {
-        self.mtu
+        self.topology.underlay().mtu
     }
 }
 
@@ -245,7 +247,7 @@ impl Underlay {
     ) -> anyhow::Result<External> {
         let router = Netns::new(&format!("{prefix}-rt"))?;
         let host = Netns::new(&format!("{prefix}-ext"))?;
-        let mtu = self.mtu.to_string();
+        let mtu = self.mtu().to_string();
         let ext_mtu = router_side_mtu.to_string();
         router.ip(&[
             "link",
