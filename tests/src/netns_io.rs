@@ -269,3 +269,27 @@ pub fn read_seen_address(stream: &mut TcpStream) -> anyhow::Result<SocketAddr> {
     }
     bail!("no address line from the server")
 }
+
+/// Serves on `port` inside `netns` until the process exits: reads each connection to its end,
+/// then answers with the number of bytes read (decimal) and closes. Its own packets stay small
+/// (ACKs and that one line), for paths whose way back is narrower than the way there.
+pub fn spawn_sink(netns: &Path, port: u16) -> anyhow::Result<()> {
+    let listener = listen(netns, SocketAddr::from(([0, 0, 0, 0], port)))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut total = 0usize;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        let _ = conn.write_all(total.to_string().as_bytes());
+                        break;
+                    }
+                    total += n;
+                }
+            });
+        }
+    });
+    Ok(())
+}

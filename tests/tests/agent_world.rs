@@ -115,31 +115,49 @@ fn without_masquerade_the_external_host_sees_the_endpoint() -> anyhow::Result<()
     Ok(())
 }
 
-/// The router's link to the external host has an MTU of 1280: the endpoint's full-size DF
-/// segments (MTU 1450) draw "fragmentation needed" from the router, addressed to the node IP
-/// they came from; from-netdev translates it back to the endpoint, whose TCP lowers its path
-/// MTU and completes the transfer.
+/// The router's interface towards the external host has an MTU of 1280: the endpoint's
+/// full-size DF segments (MTU 1450) draw "fragmentation needed" from the router, addressed to
+/// the node IP they came from; from-netdev translates it back to the endpoint, whose TCP lowers
+/// its path MTU and completes the transfer. (The host answers with a byte count only: its side
+/// of that link keeps MTU 1500, so its own full-size segments would not fit the router's.)
 #[test]
 fn an_icmp_frag_needed_about_a_masqueraded_flow_reaches_the_endpoint() -> anyhow::Result<()> {
     let Some((mesh, eps)) = start(MeshOptions::clusters(1, 1).external(1280), 1)? else {
         return Ok(());
     };
-    let mut s = netns_io::connect(&eps[0].netns, external_addr(&mesh), TIMEOUT)
-        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", mesh.logs()))?;
-    read_seen_address(&mut s)?;
-    let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
-    let mut reader = s.try_clone()?;
-    let expect = data.clone();
-    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
-        let mut back = vec![0u8; expect.len()];
-        reader.read_exact(&mut back)?;
-        anyhow::ensure!(back == expect, "echoed bytes differ");
-        Ok(())
-    });
-    s.write_all(&data)?;
-    echo.join().expect("reader thread")?;
-    // The endpoint's kernel learned the path MTU: the router's error reached it.
     let ext = mesh.external.as_ref().expect("outside");
+    const SINK: u16 = 9100;
+    netns_io::spawn_sink(&ext.host.path(), SINK)?;
+    let mut s = netns_io::connect(
+        &eps[0].netns,
+        SocketAddr::from((ext.host_ip, SINK)),
+        TIMEOUT,
+    )
+    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", mesh.logs()))?;
+    // Lost errors cost retransmission timeouts (1 s, 2 s, ...): room for a few.
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    if let Err(e) = s.write_all(&data) {
+        let counters = mesh.status("c1", "n1")?["datapath"]["counters"].clone();
+        let route = Command::new("nsenter")
+            .arg(format!("--net={}", eps[0].netns.display()))
+            .args(["--", "ip", "route", "get", &ext.host_ip.to_string()])
+            .output()?;
+        let icmp = ext
+            .router
+            .output("nstat", &["-az", "IcmpOutDestUnreachs", "IpFragFails"])?;
+        anyhow::bail!(
+            "upload stalled: {e}\ncounters: {counters}\nroute: {}\nrouter: {}",
+            String::from_utf8_lossy(&route.stdout),
+            String::from_utf8_lossy(&icmp.stdout)
+        );
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut count = String::new();
+    s.read_to_string(&mut count)?;
+    assert_eq!(count, data.len().to_string(), "bytes the host received");
+    // The endpoint's kernel learned the path MTU: the router's error reached it.
     let out = Command::new("nsenter")
         .arg(format!("--net={}", eps[0].netns.display()))
         .args(["--", "ip", "route", "get", &ext.host_ip.to_string()])
