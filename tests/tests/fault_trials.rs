@@ -16,9 +16,10 @@
 //! files of c1 and c2 are never removed, since disconnecting the clusters of that connection
 //! would break it by design.
 //!
-//! `MESHD_FAULT_TRIALS` (default 10) and `MESHD_FAULT_SEED` (default 1) choose the run; `make
-//! faults TRIALS=N SEED=S` sets them. A failure prints the seed, the trial, its steps, and the
-//! command that replays it.
+//! `MESHD_FAULT_TRIALS` (default 10), `MESHD_FAULT_SEED` (default 1) and
+//! `MESHD_FAULT_ETCD_MEMBERS` (default 1; with 3, a step may also freeze or stop one member
+//! while the quorum holds) choose the run; `make faults TRIALS=N SEED=S ETCD_MEMBERS=M` sets
+//! them. A failure prints the seed, the trial, its steps, and the command that replays it.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -85,6 +86,8 @@ enum EtcdFault {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Fault {
     Etcd(String, EtcdFault),
+    /// One member of a replicated etcd (its quorum holds).
+    Member(String, usize, EtcdFault),
     AgentDown(String, String),
     RemoteFileGone(String, String),
 }
@@ -116,6 +119,10 @@ struct Trials {
     expected: Expected,
     faults: Vec<Fault>,
     conn: std::net::TcpStream,
+    /// Steps run, by kind, over the whole run.
+    tally: BTreeMap<String, u64>,
+    /// Members of each cluster's etcd.
+    members: usize,
     /// Steps of the current trial, for the failure message.
     log: Vec<String>,
 }
@@ -265,7 +272,34 @@ impl Trials {
                     Err(e) => return Err(e),
                 }
             }
-            // An etcd frozen or stopped.
+            // One member of a replicated etcd frozen or stopped.
+            8 if self.members > 1 && rng.below(2) == 0 => {
+                let candidates: Vec<String> = up_clusters
+                    .iter()
+                    .filter(|c| {
+                        !self
+                            .faults
+                            .iter()
+                            .any(|f| matches!(f, Fault::Member(o, ..) if o == *c))
+                    })
+                    .cloned()
+                    .collect();
+                let Some(c) = rng.pick(&candidates).cloned() else {
+                    return self.note("member fault: no cluster with every member up");
+                };
+                let m = rng.below(self.members as u64) as usize;
+                let member = self.mesh.cluster_mut(&c)?.etcd.member_mut(m);
+                let kind = if rng.below(2) == 0 {
+                    member.pause();
+                    EtcdFault::Paused
+                } else {
+                    member.stop();
+                    EtcdFault::Stopped
+                };
+                self.note(format!("etcd {c} member {m} {kind:?}"))?;
+                self.faults.push(Fault::Member(c, m, kind));
+            }
+            // An etcd frozen or stopped (every member).
             8 => {
                 let Some(c) = rng.pick(&up_clusters).cloned() else {
                     return self.note("etcd fault: every etcd is down already");
@@ -334,6 +368,7 @@ impl Trials {
     fn note(&mut self, what: impl Into<String>) -> anyhow::Result<()> {
         let what = what.into();
         eprintln!("  {what}");
+        *self.tally.entry(step_kind(&what)).or_default() += 1;
         self.log.push(what);
         Ok(())
     }
@@ -352,6 +387,12 @@ impl Trials {
         match fault {
             Fault::Etcd(c, EtcdFault::Paused) => self.mesh.cluster_mut(&c)?.etcd.resume(),
             Fault::Etcd(c, EtcdFault::Stopped) => self.mesh.cluster_mut(&c)?.etcd.restart()?,
+            Fault::Member(c, m, EtcdFault::Paused) => {
+                self.mesh.cluster_mut(&c)?.etcd.member_mut(m).resume()
+            }
+            Fault::Member(c, m, EtcdFault::Stopped) => {
+                self.mesh.cluster_mut(&c)?.etcd.member_mut(m).restart()?
+            }
             Fault::AgentDown(c, n) => self.mesh.start_agent(&c, &n)?,
             Fault::RemoteFileGone(c, o) => self.mesh.write_remote_file(&c, &o)?,
         }
@@ -363,7 +404,7 @@ impl Trials {
         while let Some(i) = self
             .faults
             .iter()
-            .position(|f| matches!(f, Fault::Etcd(..)))
+            .position(|f| matches!(f, Fault::Etcd(..) | Fault::Member(..)))
         {
             self.heal(i)?;
         }
@@ -401,6 +442,29 @@ impl Trials {
     }
 }
 
+/// A step's description without its names and numbers: "etcd c1 Paused" -> "etcd Paused".
+fn step_kind(what: &str) -> String {
+    if let Some(rest) = what.strip_prefix("heal ") {
+        let fault = rest.split(['(', ':']).next().unwrap_or(rest);
+        return format!("heal {fault}");
+    }
+    if let Some(first) = what
+        .split_whitespace()
+        .next()
+        .and_then(|w| w.strip_suffix(':'))
+    {
+        return format!("{first} (not possible)");
+    }
+    what.split_whitespace()
+        .take_while(|w| !w.ends_with(':'))
+        .filter(|w| {
+            w.chars().all(|ch| ch.is_ascii_alphabetic())
+                && !(w.len() == 2 && w.starts_with(['c', 'n']))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
     match std::env::var(name) {
         Ok(v) if !v.trim().is_empty() => v.trim().parse().with_context(|| format!("{name}={v}")),
@@ -415,8 +479,9 @@ fn randomized_fault_trials_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
     }
     let trials = env_u64("MESHD_FAULT_TRIALS", 10)?;
     let seed = env_u64("MESHD_FAULT_SEED", 1)?;
-    eprintln!("fault trials: {trials} trials, seed {seed}");
-    let mut opts = MeshOptions::clusters(3, 1);
+    let members = env_u64("MESHD_FAULT_ETCD_MEMBERS", 1)? as usize;
+    eprintln!("fault trials: {trials} trials, seed {seed}, {members}-member etcds");
+    let mut opts = MeshOptions::clusters(3, 1).etcd_members(members);
     opts.clusters[0].2 = 2;
     let mesh = Mesh::start(opts)?;
 
@@ -451,6 +516,8 @@ fn randomized_fault_trials_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
         expected,
         faults: Vec::new(),
         conn,
+        members,
+        tally: BTreeMap::new(),
         log: Vec::new(),
     };
     t.check(0).context("before the first trial")?;
@@ -470,15 +537,16 @@ fn randomized_fault_trials_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
         if let Err(e) = result {
             bail!(
                 "fault trial {trial} of seed {seed} failed: {e:#}\nsteps of the trial:\n  {}\n\
-                 replay: make faults SEED={seed} TRIALS={}",
+                 replay: make faults SEED={seed} TRIALS={} ETCD_MEMBERS={members}",
                 t.log.join("\n  "),
                 trial + 1
             );
         }
     }
     eprintln!(
-        "fault trials: {trials} trials of seed {seed} passed in {:?}",
-        started.elapsed()
+        "fault trials: {trials} trials of seed {seed} passed in {:?}; steps: {:?}",
+        started.elapsed(),
+        t.tally
     );
     Ok(())
 }
