@@ -44,6 +44,17 @@ pub fn link_info(netns: Option<&str>, dev: &str) -> Result<LinkInfo> {
     Ok(with_netlink(netns, |nl| nl.existing_link(dev))?)
 }
 
+/// The interface holding IPv4 address `addr` in `netns` (None = the caller's namespace), e.g.
+/// the node's uplink by its node IP; `None` if no interface has it.
+pub fn device_with_addr(netns: Option<&str>, addr: Ipv4Addr) -> Result<Option<String>> {
+    Ok(with_netlink(netns, |nl| nl.link_with_address(addr))?)
+}
+
+/// Turns on IPv4 forwarding for packets entering through `dev` only (see create_endpoint).
+pub fn enable_forwarding(netns: Option<&str>, dev: &str) -> Result<()> {
+    Ok(with_netlink(netns, |nl| nl.enable_ipv4_forwarding(dev))?)
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -120,6 +131,9 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
         nl.add_veth(host, ENDPOINT_IFNAME, Some(spec.endpoint_netns), Some(mtu))?;
         nl.set_no_ipv6_addrgen(host)?;
         nl.set_up(host)?;
+        // from_endpoint routes world-bound packets with bpf_fib_lookup, which refuses to
+        // (BPF_FIB_LKUP_RET_FWD_DISABLED) when their input device does not forward.
+        nl.enable_ipv4_forwarding(host)?;
         nl.existing_link(host)
     })?;
     let gateway = Ipv4Net::from(ENDPOINT_GATEWAY);

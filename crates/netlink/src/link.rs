@@ -261,6 +261,56 @@ impl Netlink {
         })
     }
 
+    /// `sysctl net.ipv4.conf.NAME.forwarding=1`: IPv4 forwarding for packets entering through
+    /// this link only. (/proc/sys/net answers for the namespace of the thread that opens it,
+    /// this session's.)
+    pub fn enable_ipv4_forwarding(&self, name: &str) -> Result<()> {
+        let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+        std::fs::write(&path, "1").map_err(|source| NetlinkError::Request {
+            op: "enabling IPv4 forwarding on",
+            target: name.to_owned(),
+            netns: self.netns.clone(),
+            source,
+        })
+    }
+
+    /// The link holding the IPv4 address `addr` (e.g. the node's uplink by its node IP).
+    pub fn link_with_address(&self, addr: Ipv4Addr) -> Result<Option<String>> {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `list` with a list freed below by freeifaddrs; every node
+        // is read only while the list lives.
+        unsafe {
+            if libc::getifaddrs(&mut list) != 0 {
+                return Err(NetlinkError::Request {
+                    op: "listing addresses",
+                    target: addr.to_string(),
+                    netns: self.netns.clone(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            let mut found = None;
+            let mut node = list;
+            while !node.is_null() {
+                let ifa = &*node;
+                if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    if Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()) == addr {
+                        found = Some(
+                            std::ffi::CStr::from_ptr(ifa.ifa_name)
+                                .to_string_lossy()
+                                .into_owned(),
+                        );
+                        break;
+                    }
+                }
+                node = ifa.ifa_next;
+            }
+            libc::freeifaddrs(list);
+            Ok(found)
+        }
+    }
+
     /// `ip link del NAME` (a veth takes its peer along).
     pub fn delete_link(&self, name: &str) -> Result<()> {
         let index = self.index(name)?;
