@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install fuzz
+.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install fuzz faults
 
 all: build
 
@@ -34,6 +34,16 @@ bench: deps
 FUZZ_SECONDS ?= 60
 fuzz: deps
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+# Randomized fault trials over the end-to-end mesh (tests/tests/fault_trials.rs): TRIALS trials
+# drawn from SEED (a new seed each run unless given), on ETCD_MEMBERS-member etcds. `make test` runs 10 trials of seed 1. A
+# failing trial prints the command that replays it.
+TRIALS ?= 20
+SEED ?= $(shell date +%s)
+ETCD_MEMBERS ?= 1
+faults: deps
+	$(CARGO) build --workspace --bins
+	MESHD_FAULT_TRIALS=$(TRIALS) MESHD_FAULT_SEED=$(SEED) MESHD_FAULT_ETCD_MEMBERS=$(ETCD_MEMBERS) $(CARGO) test -p meshd-e2e --test fault_trials -- --nocapture
 
 # The namespace lab: two clusters, two nodes each, a global service and a policy, then a
 # connectivity check. It keeps running; `make lab-down` removes it.

@@ -1,18 +1,18 @@
 //! The leader's work: keep `meshd/state/services/v1/<cluster>/...` equal to what the applied
 //! services and the cluster's endpoints say, and delete identities nobody used for the grace
-//! period. Level-triggered: each round lists, then watches from the listed revision, and after
-//! every batch of events converges the records from the whole view; a resync tick converges
-//! again (and retries writes that lost a race), so a missed write is never permanent.
+//! period. Level-triggered: the view is fed by the kvstore's list-then-watch of each prefix it
+//! reads (raw, so the revisions that guard the writes come along; relists with mark-and-sweep
+//! after a compaction or a lost connection), and after every batch of events the records are
+//! converged from the whole view; a resync tick converges again (and retries writes that lost
+//! a race), so a missed write is never permanent.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
-use futures::{FutureExt, StreamExt};
-use meshd_kvstore::{Backend, EtcdStore, EventKind, RawEvent, WatchMessage};
+use meshd_kvstore::{watch_raw, EtcdStore, RawWatchEvent, RawWatchHandle, WatchConfig};
 use meshd_manifest::{Kind, ObjectRef};
-use meshd_state::keys::ROOT;
 use meshd_state::{
     encode, ClusterName, IdentityKey, IpcacheEntry, Resource, ServiceRecord, SyncCanary,
     SyncCanaryKey,
@@ -21,7 +21,7 @@ use meshd_state::{
 use crate::error::ApiserverError;
 use crate::keys::{identity_index_key, object_key};
 use crate::leader::Leader;
-use crate::store::{range_all, txn_call};
+use crate::store::txn_call;
 use crate::view::{ClusterView, IdentityGc, RecordChange};
 
 #[derive(Debug, Clone)]
@@ -35,36 +35,99 @@ pub struct ControllerConfig {
     pub identities: Arc<AtomicI64>,
 }
 
-/// Runs one leadership term: returns on a watch failure or compaction (the caller starts a new
-/// term, which lists again) or an etcd error.
+/// The list-then-watches the leader's view is built from, one per prefix of
+/// [`ClusterView::prefixes`].
+struct Sources {
+    watches: [RawWatchHandle; 4],
+    synced: [bool; 4],
+    /// The revision up to which the view holds every change of the cluster's ipcache: what
+    /// identity GC guards with.
+    ipcache_seen: i64,
+}
+
+/// The position of the cluster's ipcache in [`ClusterView::prefixes`].
+const IPCACHE: usize = 1;
+
+impl Sources {
+    fn start(store: &EtcdStore, view: &ClusterView) -> Self {
+        Self {
+            watches: view
+                .prefixes()
+                .map(|prefix| watch_raw(store.clone(), prefix, WatchConfig::default())),
+            synced: [false; 4],
+            ipcache_seen: 0,
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    /// Waits for the next event of any watch and applies it to the view.
+    async fn next(&mut self, view: &mut ClusterView) -> Result<(), ApiserverError> {
+        let [services, ipcache, identities, records] = &mut self.watches;
+        let (source, event) = tokio::select! {
+            ev = services.next() => (0, ev),
+            ev = ipcache.next() => (1, ev),
+            ev = identities.next() => (2, ev),
+            ev = records.next() => (3, ev),
+        };
+        // The watch tasks retry every failure themselves; one ends only if it panicked.
+        let event = event.ok_or_else(|| ApiserverError::WatchEnded {
+            reason: "a watch task ended".into(),
+        })?;
+        self.apply(source, event, view);
+        Ok(())
+    }
+
+    /// Applies every event already delivered: one convergence for a burst of endpoint changes,
+    /// not one per event.
+    fn drain(&mut self, view: &mut ClusterView) {
+        for source in 0..self.watches.len() {
+            while let Some(event) = self.watches[source].try_next() {
+                self.apply(source, event, view);
+            }
+        }
+    }
+
+    fn apply(&mut self, source: usize, event: RawWatchEvent, view: &mut ClusterView) {
+        match event {
+            RawWatchEvent::Event(e) => view.apply(&e),
+            RawWatchEvent::Synced { revision } | RawWatchEvent::Progress { revision } => {
+                if matches!(event, RawWatchEvent::Synced { .. }) {
+                    self.synced[source] = true;
+                }
+                if source == IPCACHE {
+                    self.ipcache_seen = self.ipcache_seen.max(revision);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one leadership term: returns on an etcd error of a write (the caller starts a new
+/// term). Watch failures do not end it: the watches relist by themselves, and the view keeps
+/// its last state meanwhile (the writes' guards keep stale decisions from landing).
 pub async fn run_term(
     store: &EtcdStore,
     leader: &Leader,
     config: &ControllerConfig,
 ) -> Result<(), ApiserverError> {
     let mut view = ClusterView::new(config.cluster.clone());
-    let mut revision = 0;
-    for prefix in view.prefixes() {
-        let (kvs, rev) = range_all(store, &prefix, revision).await?;
-        revision = rev;
-        for kv in kvs {
-            view.apply(&RawEvent {
-                kind: EventKind::Put,
-                kv,
-            });
-        }
+    let mut sources = Sources::start(store, &view);
+    // Nothing is written before every prefix is listed: a record computed from half a view
+    // would withdraw backends that are there.
+    while !sources.all_synced() {
+        sources.next(&mut view).await?;
     }
+    sources.drain(&mut view);
     tracing::info!(
         services = view.services.len(),
         endpoints = view.ipcache.len(),
         identities = view.identities.len(),
-        revision,
+        revision = sources.ipcache_seen,
         "leader view listed"
     );
-    // One watch over everything the view reads, from right after the listed revision: no
-    // event is lost between the list and the watch.
-    let mut watch = store.watch(ROOT, revision + 1).await?;
-    let mut seen = revision;
     converge(store, leader, &mut view).await?;
     write_canary(store, leader, &config.cluster).await?;
 
@@ -76,48 +139,17 @@ pub async fn run_term(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            msg = watch.next() => {
-                handle(&mut view, &mut seen, msg)?;
-                // Take everything already delivered before converging: one write per service
-                // for a burst of endpoint changes, not one per event.
-                while let Some(msg) = watch.next().now_or_never() {
-                    handle(&mut view, &mut seen, msg)?;
-                }
+            r = sources.next(&mut view) => {
+                r?;
+                sources.drain(&mut view);
                 converge(store, leader, &mut view).await?;
                 config.identities.store(view.identities.len() as i64, Ordering::Relaxed);
             }
             _ = tick.tick() => {
                 converge(store, leader, &mut view).await?;
-                collect_identities(store, leader, &view, seen, &mut gc, config.identity_gc_grace).await?;
+                collect_identities(store, leader, &view, sources.ipcache_seen, &mut gc, config.identity_gc_grace).await?;
             }
         }
-    }
-}
-
-/// Applies one watch message; `seen` becomes the revision the view now reflects completely.
-fn handle(
-    view: &mut ClusterView,
-    seen: &mut i64,
-    msg: Option<Result<WatchMessage, meshd_kvstore::KvError>>,
-) -> Result<(), ApiserverError> {
-    match msg {
-        Some(Ok(WatchMessage::Events { header, events })) => {
-            for e in &events {
-                view.apply(e);
-            }
-            *seen = (*seen).max(header.revision);
-            Ok(())
-        }
-        Some(Ok(WatchMessage::Compacted { compact_revision })) => {
-            tracing::info!(compact_revision, "watch compacted; listing again");
-            Err(ApiserverError::WatchEnded {
-                reason: format!("compacted at revision {compact_revision}"),
-            })
-        }
-        Some(Err(e)) => Err(e.into()),
-        None => Err(ApiserverError::WatchEnded {
-            reason: "stream closed".into(),
-        }),
     }
 }
 

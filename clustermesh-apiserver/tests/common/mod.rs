@@ -213,7 +213,7 @@ pub async fn add_endpoint(store: &EtcdStore, ip: &str, local_id: u16, app: &str,
         )
         .await
         .unwrap();
-    // The agents' label-set index (crates/agent/src/identity.rs), which GC must clean too.
+    // The agents' label-set index (meshd_kvstore::resolve_identity), which GC must clean too.
     store
         .put(
             &format!(

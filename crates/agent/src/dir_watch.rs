@@ -12,6 +12,8 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode};
@@ -42,7 +44,9 @@ const SETTLE: Duration = Duration::from_millis(25);
 const SETTLE_MAX: u32 = 20;
 
 /// Which directory a watch follows: replacing the directory (a rename over it, a removal and a
-/// new one) changes it, and the watch is set up again on the new one.
+/// new one) changes it, and the watch is set up again on the new one. Not alone: a directory
+/// removed and made anew may get the same inode number, so an event about the directory itself
+/// also marks the watch for renewal (`DirWatch::renew`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Identity {
     Absent,
@@ -67,6 +71,9 @@ pub struct DirWatch {
     wake_rx: mpsc::Receiver<()>,
     /// The watcher and the directory it follows; `None` while it cannot be set up (polling).
     watching: Option<(RecommendedWatcher, Identity)>,
+    /// Set by the watcher on an event about the directory itself (created, removed, renamed,
+    /// replaced) or a lost event: the watch is set up again before the next read.
+    renew: Arc<AtomicBool>,
     /// Whether the last attempt to watch failed, so the warning is logged once per outage.
     degraded: bool,
 }
@@ -82,21 +89,18 @@ impl DirWatch {
             wake_tx,
             wake_rx,
             watching: None,
+            renew: Arc::new(AtomicBool::new(false)),
             degraded: false,
         }
-    }
-
-    /// Whether inotify watches the directory now (otherwise it is polled).
-    pub fn is_watching(&self) -> bool {
-        self.watching.is_some()
     }
 
     /// Sets the watches up again unless they follow the directory as it is now (first call,
     /// directory created, removed or replaced). Call it before each read of the directory: a
     /// change after it wakes the next [`Self::changed`].
     pub fn refresh(&mut self) {
+        let renew = self.renew.swap(false, Ordering::SeqCst);
         let now = identity(&self.dir);
-        if matches!(&self.watching, Some((_, watched)) if *watched == now) {
+        if !renew && matches!(&self.watching, Some((_, watched)) if *watched == now) {
             return;
         }
         // The old watcher (and its thread) goes first, so events of the replaced directory stop.
@@ -121,10 +125,16 @@ impl DirWatch {
 
     fn start(&self, now: Identity) -> notify::Result<RecommendedWatcher> {
         let tx = self.wake_tx.clone();
+        let renew = self.renew.clone();
         let dir = self.dir.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
             let wake = match &event {
-                Ok(event) => concerns(event, &dir),
+                Ok(event) => {
+                    if about_the_directory_itself(event, &dir) {
+                        renew.store(true, Ordering::SeqCst);
+                    }
+                    concerns(event, &dir)
+                }
                 // A watcher error (e.g. reading the inotify fd failed): look again.
                 Err(_) => true,
             };
@@ -187,6 +197,12 @@ fn concerns(event: &Event, dir: &Path) -> bool {
             .any(|p| p == dir || p.parent() == Some(dir))
 }
 
+/// Whether an event says the directory itself may be another one now (or events were lost).
+fn about_the_directory_itself(event: &Event, dir: &Path) -> bool {
+    event.need_rescan()
+        || (!matches!(event.kind, EventKind::Access(_)) && event.paths.iter().any(|p| p == dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +242,15 @@ mod tests {
         ));
         assert!(!concerns(&ev(create, "/etc/meshd/agent.yaml"), dir));
         assert!(!concerns(&ev(create, "/etc/meshd/clusters/sub/x"), dir));
+        // Only events about the directory itself renew the watch.
+        assert!(about_the_directory_itself(
+            &ev(EventKind::Remove(RemoveKind::Folder), "/etc/meshd/clusters"),
+            dir
+        ));
+        assert!(!about_the_directory_itself(
+            &ev(create, "/etc/meshd/clusters/c2"),
+            dir
+        ));
         // A full kernel queue says nothing about paths: look again.
         assert!(concerns(
             &Event::new(EventKind::Other).set_flag(Flag::Rescan),

@@ -6,6 +6,9 @@
 //! reconciler) -> ipcache record published under the node's lease. Delete runs the same steps
 //! backwards. Each step undoes the earlier ones when it fails, and the record is written
 //! before any plumbing exists, so a crash leaves nothing the next start does not know about.
+//! The record carries the phase (adding, deleting) until the request completes: a start after
+//! a crash makes the plumbing of an interrupted add again from scratch (a half-made veth may
+//! lack its address or routes) and finishes an interrupted delete.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -15,6 +18,7 @@ use std::time::Duration;
 
 use meshd_api::pb;
 use meshd_datapath::{plumbing, Datapath, LocalEndpoint};
+use meshd_kvstore::{resolve_identity, EtcdStore};
 use meshd_state::{
     check_dns_label, check_dns_subdomain, IpcacheEntry, IpcacheKey, Labels, CLUSTER_LABEL,
     NAMESPACE_LABEL,
@@ -25,9 +29,9 @@ use crate::config::AgentConfig;
 
 /// This node's lease-backed publisher (kvstore's).
 pub type Publisher = meshd_kvstore::Publisher<meshd_kvstore::EtcdStore>;
+use crate::now_ms;
 use crate::reconciler::{LocalEndpoints, ReconcileStatus};
-use crate::store::{EndpointRecord, EndpointStore};
-use crate::{identity, now_ms};
+use crate::store::{EndpointRecord, EndpointStore, Phase};
 
 /// Why a request failed, mapped to a gRPC status by the server.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +119,7 @@ pub struct EndpointManager {
     config: Arc<AgentConfig>,
     store: EndpointStore,
     datapath: Datapath,
-    etcd: etcd_client::Client,
+    etcd: EtcdStore,
     publisher: Arc<Publisher>,
     links: BTreeMap<String, Link>,
     local: watch::Sender<Arc<LocalEndpoints>>,
@@ -132,7 +136,7 @@ impl EndpointManager {
         config: Arc<AgentConfig>,
         store: EndpointStore,
         datapath: Datapath,
-        etcd: etcd_client::Client,
+        etcd: EtcdStore,
         publisher: Arc<Publisher>,
         local: watch::Sender<Arc<LocalEndpoints>>,
         reconciled: watch::Receiver<ReconcileStatus>,
@@ -156,7 +160,19 @@ impl EndpointManager {
     pub async fn recover(&mut self) {
         let records: Vec<EndpointRecord> = self.store.endpoints().cloned().collect();
         for mut rec in records {
-            let link = match block(|| read_link(&rec)) {
+            if rec.phase == Phase::Deleting {
+                tracing::warn!(endpoint = rec.name, ip = %rec.ip, "finishing a delete interrupted by a crash");
+                self.finish_delete(&rec).await;
+                continue;
+            }
+            // An interrupted add may have left a veth without its address or routes: what
+            // exists of it is not trusted.
+            let found = if rec.phase == Phase::Adding {
+                Err("its add was interrupted".to_owned())
+            } else {
+                block(|| read_link(&rec))
+            };
+            let link = match found {
                 Ok(link) => {
                     tracing::info!(endpoint = rec.name, ip = %rec.ip, "recovered endpoint");
                     link
@@ -180,8 +196,8 @@ impl EndpointManager {
             // there (the index gives back the same number).
             match tokio::time::timeout(
                 IDENTITY_TIMEOUT,
-                identity::resolve(
-                    &mut self.etcd,
+                resolve_identity(
+                    &self.etcd,
                     &self.config.cluster,
                     self.config.cluster_id,
                     &rec.labels,
@@ -204,6 +220,12 @@ impl EndpointManager {
                     endpoint = rec.name,
                     "identity check timed out; keeping the recorded one"
                 ),
+            }
+            if rec.phase != Phase::Ready {
+                rec.phase = Phase::Ready;
+                if let Err(e) = self.store.insert(rec.clone()) {
+                    tracing::error!(error = %e, "cannot persist endpoint");
+                }
             }
             self.links.insert(rec.name.clone(), link);
             if let Err(e) = self.publish(&rec).await {
@@ -317,8 +339,8 @@ impl EndpointManager {
             .map_err(|e| EndpointError::Unavailable(e.to_string()))?;
         let identity = match tokio::time::timeout(
             IDENTITY_TIMEOUT,
-            identity::resolve(
-                &mut self.etcd,
+            resolve_identity(
+                &self.etcd,
                 &self.config.cluster,
                 self.config.cluster_id,
                 &labels,
@@ -361,6 +383,7 @@ impl EndpointManager {
             identity,
             ip,
             created_ms: now_ms(),
+            phase: Phase::Adding,
         };
         self.store
             .insert(rec.clone())
@@ -384,6 +407,13 @@ impl EndpointManager {
         if let Err(e) = self.wait_reconciled(generation).await {
             tracing::warn!(endpoint = name, error = %e, "endpoint not in the maps yet");
         }
+        let rec = EndpointRecord {
+            phase: Phase::Ready,
+            ..rec
+        };
+        self.store
+            .insert(rec.clone())
+            .map_err(|e| EndpointError::Internal(e.to_string()))?;
         if let Err(e) = self.publish(&rec).await {
             // Kept by the publisher and written once etcd answers.
             tracing::warn!(endpoint = name, error = %e, "ipcache record not published yet");
@@ -399,6 +429,14 @@ impl EndpointManager {
             .cloned()
             .ok_or_else(|| EndpointError::NotFound(name.to_owned()))?;
         let described = self.describe(&rec);
+        if rec.phase != Phase::Deleting {
+            self.store
+                .insert(EndpointRecord {
+                    phase: Phase::Deleting,
+                    ..rec.clone()
+                })
+                .map_err(|e| EndpointError::Internal(e.to_string()))?;
+        }
         let key = IpcacheKey::host(self.config.cluster.clone(), rec.ip.into());
         if let Err(e) = self.publisher.delete::<IpcacheEntry>(&key).await {
             tracing::warn!(endpoint = name, error = %e, "ipcache record not deleted yet; retrying");
@@ -425,6 +463,25 @@ impl EndpointManager {
         self.sync_local();
         tracing::info!(endpoint = name, ip = %ip, "endpoint deleted");
         Ok(described)
+    }
+
+    /// The rest of a delete a crash interrupted, at start (before the reconciler is given the
+    /// endpoint set, so its map entry goes with the first diff): the ipcache record (published
+    /// under the dead agent's lease, which may not have expired yet), the program, the plumbing
+    /// and finally the record with its address.
+    async fn finish_delete(&mut self, rec: &EndpointRecord) {
+        let key = IpcacheKey::host(self.config.cluster.clone(), rec.ip.into());
+        if let Err(e) = self.publisher.delete::<IpcacheEntry>(&key).await {
+            tracing::warn!(endpoint = rec.name, error = %e, "ipcache record not deleted yet; retrying");
+        }
+        if let Err(e) = self.datapath.detach_endpoint(&rec.host_ifname) {
+            tracing::debug!(endpoint = rec.name, error = %e, "detaching from_endpoint failed");
+        }
+        self.undo_plumbing(rec);
+        if let Err(e) = self.store.remove(&rec.name) {
+            tracing::error!(endpoint = rec.name, error = %e, "cannot persist the delete");
+        }
+        tracing::info!(endpoint = rec.name, ip = %rec.ip, "endpoint deleted");
     }
 
     fn undo_plumbing(&self, rec: &EndpointRecord) {

@@ -29,6 +29,31 @@ pub struct EndpointRecord {
     /// Host side of the veth, in the node's namespace.
     pub host_ifname: String,
     pub created_ms: u64,
+    /// An add or a delete under way: written before the plumbing is made or taken down, so
+    /// the next start finishes what a crash interrupted. Absent (`Ready`) in files written
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Phase::is_ready")]
+    pub phase: Phase,
+}
+
+/// Where an endpoint's add or delete stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Added completely: plumbing made, program attached, in the maps.
+    #[default]
+    Ready,
+    /// Being added: the plumbing may be missing or half made (a veth without its address or
+    /// routes); a start after a crash makes it again from scratch.
+    Adding,
+    /// Being deleted: a start after a crash finishes the delete.
+    Deleting,
+}
+
+impl Phase {
+    pub fn is_ready(&self) -> bool {
+        *self == Phase::Ready
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -201,6 +226,7 @@ mod tests {
             netns: format!("meshd-n1-{name}"),
             host_ifname: format!("lxc{name}"),
             created_ms: 1,
+            phase: Phase::Ready,
         }
     }
 
@@ -228,6 +254,37 @@ mod tests {
         drop(store);
         let store = EndpointStore::open(dir.path(), ipam()).unwrap();
         assert!(store.get("a").is_none());
+    }
+
+    #[test]
+    fn the_phase_of_an_interrupted_add_or_delete_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = EndpointStore::open(dir.path(), ipam()).unwrap();
+        let a = store.allocate_ip("a").unwrap();
+        store
+            .insert(EndpointRecord {
+                phase: Phase::Adding,
+                ..record("a", a)
+            })
+            .unwrap();
+        let b = store.allocate_ip("b").unwrap();
+        store
+            .insert(EndpointRecord {
+                phase: Phase::Deleting,
+                ..record("b", b)
+            })
+            .unwrap();
+        let c = store.allocate_ip("c").unwrap();
+        store.insert(record("c", c)).unwrap();
+        drop(store);
+        let store = EndpointStore::open(dir.path(), ipam()).unwrap();
+        assert_eq!(store.get("a").unwrap().phase, Phase::Adding);
+        assert_eq!(store.get("b").unwrap().phase, Phase::Deleting);
+        assert_eq!(store.get("c").unwrap().phase, Phase::Ready);
+        // A ready record is written as before (no phase field), and a file without the field
+        // reads as ready.
+        let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        assert_eq!(text.matches("\"phase\"").count(), 2, "{text}");
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Network plumbing the agent needs around the datapath: endpoint namespaces and veths, and
-//! the VXLAN device. Done with the `ip` command (iproute2), with errors that name the command
-//! and device.
+//! the VXLAN device. Done through netlink (`meshd-netlink`), each step in its namespace, with
+//! errors that name the link and the namespace.
 //!
 //! Endpoint wiring: the endpoint's `eth0` gets its address as a /32, a default route via a
 //! link-local gateway, and a permanent neighbour entry mapping that gateway to the MAC of the
 //! host side veth. So the endpoint never ARPs, every packet it sends reaches from_endpoint with
 //! the host veth as destination MAC, and IPv6 autoconfiguration is off (IPv4 only for now).
 
-use std::{net::Ipv4Addr, process::Command};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use meshd_netlink::{netns, with_netlink, NetlinkError, Route};
 
 /// The gateway address every endpoint routes through (answered by nobody: the neighbour entry
 /// is static, and from_endpoint handles the packets).
@@ -24,82 +27,32 @@ pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 /// A failed plumbing step.
 #[derive(Debug, thiserror::Error)]
 pub enum PlumbingError {
-    #[error("`{command}` failed for {device}: {stderr}")]
-    Command {
-        command: String,
-        device: String,
-        stderr: String,
-    },
-    #[error("running `{command}` for {device}: {source}")]
-    Spawn {
-        command: String,
-        device: String,
-        source: std::io::Error,
-    },
-    #[error("unexpected output of `{command}` for {device}: {detail}")]
-    Output {
-        command: String,
-        device: String,
-        detail: String,
-    },
+    /// A netlink or namespace operation; the error names the link and the namespace.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
     #[error("invalid {what}: {detail}")]
     Invalid { what: &'static str, detail: String },
 }
 
 type Result<T, E = PlumbingError> = std::result::Result<T, E>;
 
-/// Runs `ip [-n netns] args...`, returning stdout.
-pub fn ip(netns: Option<&str>, device: &str, args: &[&str]) -> Result<String> {
-    let mut full: Vec<&str> = Vec::new();
-    if let Some(ns) = netns {
-        full.extend(["-n", ns]);
-    }
-    full.extend_from_slice(args);
-    let command = format!("ip {}", full.join(" "));
-    let out = Command::new("ip")
-        .args(&full)
-        .output()
-        .map_err(|source| PlumbingError::Spawn {
-            command: command.clone(),
-            device: device.to_owned(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(PlumbingError::Command {
-            command,
-            device: device.to_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// What the datapath needs to know about a link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LinkInfo {
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    pub mtu: u32,
-}
+pub use meshd_netlink::LinkInfo;
 
 /// Reads ifindex, MAC and MTU of `dev` in `netns` (None = the caller's namespace).
 pub fn link_info(netns: Option<&str>, dev: &str) -> Result<LinkInfo> {
-    let out = ip(netns, dev, &["-j", "link", "show", "dev", dev])?;
-    let command = format!("ip -j link show dev {dev}");
-    let bad = |detail: String| PlumbingError::Output {
-        command: command.clone(),
-        device: dev.to_owned(),
-        detail,
-    };
-    let json: serde_json::Value = serde_json::from_str(&out).map_err(|e| bad(e.to_string()))?;
-    let link = json.get(0).ok_or_else(|| bad("no link in output".into()))?;
-    let ifindex = link["ifindex"]
-        .as_u64()
-        .ok_or_else(|| bad("no ifindex".into()))? as u32;
-    let mtu = link["mtu"].as_u64().ok_or_else(|| bad("no mtu".into()))? as u32;
-    let mac = parse_mac(link["address"].as_str().unwrap_or_default())
-        .ok_or_else(|| bad(format!("bad address {}", link["address"])))?;
-    Ok(LinkInfo { ifindex, mac, mtu })
+    Ok(with_netlink(netns, |nl| nl.existing_link(dev))?)
+}
+
+/// The interface holding IPv4 address `addr` in `netns` (None = the caller's namespace), e.g.
+/// the node's uplink by its node IP; `None` if no interface has it.
+pub fn device_with_addr(netns: Option<&str>, addr: Ipv4Addr) -> Result<Option<String>> {
+    Ok(with_netlink(netns, |nl| nl.link_with_address(addr))?)
+}
+
+/// Turns on IPv4 forwarding for packets entering through `dev` only (see create_endpoint).
+pub fn enable_forwarding(netns: Option<&str>, dev: &str) -> Result<()> {
+    Ok(with_netlink(netns, |nl| nl.enable_ipv4_forwarding(dev))?)
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -116,28 +69,15 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// so one device serves every remote node, chosen per packet by from_endpoint's tunnel key.
 /// Idempotent: an existing device of that name is kept. Returns its ifindex.
 pub fn create_vxlan(netns: Option<&str>, name: &str, dstport: u16) -> Result<u32> {
-    if link_info(netns, name).is_err() {
-        let port = dstport.to_string();
-        ip(
-            netns,
-            name,
-            &[
-                "link",
-                "add",
-                name,
-                "type",
-                "vxlan",
-                "external",
-                "dstport",
-                &port,
-                "nolearning",
-            ],
-        )?;
-        // Packets only ever reach it through bpf_redirect; no IPv6 autoconf chatter.
-        ip(netns, name, &["link", "set", name, "addrgenmode", "none"])?;
-    }
-    ip(netns, name, &["link", "set", name, "up"])?;
-    Ok(link_info(netns, name)?.ifindex)
+    Ok(with_netlink(netns, |nl| {
+        if nl.link(name)?.is_none() {
+            nl.add_vxlan_external(name, dstport)?;
+            // Packets only ever reach it through bpf_redirect; no IPv6 autoconf chatter.
+            nl.set_no_ipv6_addrgen(name)?;
+        }
+        nl.set_up(name)?;
+        nl.index(name)
+    })?)
 }
 
 /// An endpoint to create: a veth from the node's namespace into the endpoint's.
@@ -185,87 +125,58 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
             what: "underlay MTU",
             detail: format!("{} leaves no room for VXLAN", spec.underlay_mtu),
         })?;
-    let mtu_s = mtu.to_string();
-    let node = spec.node_netns;
-    let ep = Some(spec.endpoint_netns);
     let host = spec.host_ifname;
-    ip(
-        node,
-        host,
-        &[
-            "link",
-            "add",
-            host,
-            "mtu",
-            &mtu_s,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            ENDPOINT_IFNAME,
-            "mtu",
-            &mtu_s,
-            "netns",
-            spec.endpoint_netns,
-        ],
-    )?;
-    ip(node, host, &["link", "set", host, "addrgenmode", "none"])?;
-    ip(node, host, &["link", "set", host, "up"])?;
-    let host_info = link_info(node, host)?;
-    let mac = format_mac(host_info.mac);
-    let addr = format!("{}/32", spec.ip);
-    let gw = ENDPOINT_GATEWAY.to_string();
-    let dev = format!("{}:{ENDPOINT_IFNAME}", spec.endpoint_netns);
-    ip(ep, &dev, &["link", "set", "lo", "up"])?;
-    ip(
-        ep,
-        &dev,
-        &["link", "set", ENDPOINT_IFNAME, "addrgenmode", "none"],
-    )?;
-    ip(ep, &dev, &["addr", "add", &addr, "dev", ENDPOINT_IFNAME])?;
-    ip(ep, &dev, &["link", "set", ENDPOINT_IFNAME, "up"])?;
-    ip(
-        ep,
-        &dev,
-        &["route", "add", &gw, "dev", ENDPOINT_IFNAME, "scope", "link"],
-    )?;
-    ip(
-        ep,
-        &dev,
-        &[
-            "route",
-            "add",
-            "default",
-            "via",
-            &gw,
-            "dev",
-            ENDPOINT_IFNAME,
-        ],
-    )?;
-    ip(
-        ep,
-        &dev,
-        &[
-            "neigh",
-            "replace",
-            &gw,
-            "dev",
-            ENDPOINT_IFNAME,
-            "lladdr",
-            &mac,
-            "nud",
-            "permanent",
-        ],
-    )?;
+    let addr = Ipv4Net::from(spec.ip);
+    let host_info = with_netlink(spec.node_netns, |nl| {
+        nl.add_veth(host, ENDPOINT_IFNAME, Some(spec.endpoint_netns), Some(mtu))?;
+        nl.set_no_ipv6_addrgen(host)?;
+        nl.set_up(host)?;
+        // from_endpoint routes world-bound packets with bpf_fib_lookup, which refuses to
+        // (BPF_FIB_LKUP_RET_FWD_DISABLED) when their input device does not forward.
+        nl.enable_ipv4_forwarding(host)?;
+        nl.existing_link(host)
+    })?;
+    let gateway = Ipv4Net::from(ENDPOINT_GATEWAY);
+    let ep_info = with_netlink(Some(spec.endpoint_netns), |nl| {
+        nl.set_up("lo")?;
+        nl.set_no_ipv6_addrgen(ENDPOINT_IFNAME)?;
+        nl.add_address(ENDPOINT_IFNAME, addr)?;
+        nl.set_up(ENDPOINT_IFNAME)?;
+        nl.add_route(
+            &Route {
+                destination: gateway,
+                dev: ENDPOINT_IFNAME,
+                gateway: None,
+                link_scope: true,
+            },
+            false,
+        )?;
+        nl.add_route(
+            &Route {
+                destination: Ipv4Net::default(),
+                dev: ENDPOINT_IFNAME,
+                gateway: Some(ENDPOINT_GATEWAY),
+                link_scope: false,
+            },
+            false,
+        )?;
+        nl.replace_permanent_neighbour(ENDPOINT_IFNAME, ENDPOINT_GATEWAY, host_info.mac)?;
+        nl.existing_link(ENDPOINT_IFNAME)
+    })?;
     // The node's own stack reaches the endpoint through its veth (replies to traffic that
     // from_endpoint handed to the stack, health checks). ip_forward stays as it is: nothing
     // else is routed this way.
-    ip(
-        node,
-        host,
-        &["route", "replace", &addr, "dev", host, "scope", "link"],
-    )?;
-    let ep_info = link_info(ep, ENDPOINT_IFNAME)?;
+    with_netlink(spec.node_netns, |nl| {
+        nl.add_route(
+            &Route {
+                destination: addr,
+                dev: host,
+                gateway: None,
+                link_scope: true,
+            },
+            true,
+        )
+    })?;
     Ok(EndpointLink {
         host_ifindex: host_info.ifindex,
         host_mac: host_info.mac,
@@ -276,26 +187,25 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
 
 /// Deletes the endpoint's veth pair (both ends go with the host side). Idempotent.
 pub fn delete_endpoint(node_netns: Option<&str>, host_ifname: &str) -> Result<()> {
-    if link_info(node_netns, host_ifname).is_err() {
-        return Ok(());
-    }
-    ip(node_netns, host_ifname, &["link", "del", host_ifname]).map(|_| ())
+    Ok(with_netlink(node_netns, |nl| {
+        if nl.link(host_ifname)?.is_some() {
+            nl.delete_link(host_ifname)?;
+        }
+        Ok(())
+    })?)
 }
 
 /// Creates the named network namespace `name` (idempotent).
 pub fn add_netns(name: &str) -> Result<()> {
-    if std::path::Path::new("/run/netns").join(name).exists() {
+    if netns::exists(name) {
         return Ok(());
     }
-    ip(None, name, &["netns", "add", name]).map(|_| ())
+    Ok(netns::create(name)?)
 }
 
 /// Deletes the named network namespace `name` (idempotent).
 pub fn delete_netns(name: &str) -> Result<()> {
-    if !std::path::Path::new("/run/netns").join(name).exists() {
-        return Ok(());
-    }
-    ip(None, name, &["netns", "del", name]).map(|_| ())
+    Ok(netns::delete(name)?)
 }
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.

@@ -65,6 +65,90 @@ pub enum WatchMessage {
     Compacted { compact_revision: i64 },
 }
 
+/// A condition of a [`Txn`], checked against the store's state when the transaction runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key does not exist (etcd: its create revision is 0).
+    Absent { key: String },
+    /// The key exists and was last written at `revision`: nobody changed it since it was read.
+    ModRevision { key: String, revision: i64 },
+}
+
+impl Compare {
+    pub fn absent(key: impl Into<String>) -> Self {
+        Self::Absent { key: key.into() }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Absent { key } | Self::ModRevision { key, .. } => key,
+        }
+    }
+}
+
+/// A write inside a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+impl TxnOp {
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        Self::Put {
+            key: key.into(),
+            value: value.into(),
+            lease: None,
+        }
+    }
+
+    pub fn delete(key: impl Into<String>) -> Self {
+        Self::Delete { key: key.into() }
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Put { key, .. } | Self::Delete { key } => key,
+        }
+    }
+}
+
+/// etcd's compare-and-swap: if every condition of `when` holds, the writes of `then` are
+/// applied, else those of `otherwise`, atomically and at one revision. A key may be written
+/// once per branch (etcd refuses duplicates).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub when: Vec<Compare>,
+    pub then: Vec<TxnOp>,
+    pub otherwise: Vec<TxnOp>,
+}
+
+impl Txn {
+    /// The key named in errors: the first one the transaction looks at.
+    pub fn first_key(&self) -> &str {
+        self.when
+            .first()
+            .map(Compare::key)
+            .or_else(|| self.then.first().map(TxnOp::key))
+            .or_else(|| self.otherwise.first().map(TxnOp::key))
+            .unwrap_or("")
+    }
+}
+
+/// What a [`Txn`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnResponse {
+    pub header: Header,
+    /// Every condition held (`then` was applied).
+    pub succeeded: bool,
+}
+
 /// A watch; it ends (`None` or an error) when the connection is lost.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchMessage, KvError>> + Send>>;
 
@@ -98,6 +182,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Header, KvError>> + Send;
 
     fn delete(&self, key: &str) -> impl Future<Output = Result<Header, KvError>> + Send;
+
+    /// Runs a compare-and-swap transaction. Transient failures are retried for a while; a
+    /// guarded transaction whose earlier attempt was applied but unanswered then reports its
+    /// conditions as failed, so callers read `succeeded == false` as "look again", never as
+    /// "not written".
+    fn txn(&self, txn: Txn) -> impl Future<Output = Result<TxnResponse, KvError>> + Send;
 
     fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId, KvError>> + Send;
 

@@ -4,11 +4,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{CompareOp, EventType, GetOptions, PutOptions, WatchOptions};
 
 use crate::backend::{
-    prefix_end, Backend, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, WatchMessage,
-    WatchStream,
+    prefix_end, Backend, Compare, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, Txn,
+    TxnOp, TxnResponse, WatchMessage, WatchStream,
 };
 use crate::connect::EtcdConfig;
 use crate::error::KvError;
@@ -62,7 +62,7 @@ impl EtcdStore {
         }
     }
 
-    /// The underlying etcd-client, for operations the kvstore does not wrap (auth, txn).
+    /// The underlying etcd-client, for operations the kvstore does not wrap (auth, members).
     pub fn client(&self) -> etcd_client::Client {
         self.client.clone()
     }
@@ -278,6 +278,45 @@ impl Backend for EtcdStore {
             .timed("delete", key, kv_client.delete(key, None))
             .await?;
         Ok(header(resp.header()))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, KvError> {
+        let key = txn.first_key().to_owned();
+        let compare = |c: &Compare| match c {
+            // etcd gives a key that does not exist create revision 0.
+            Compare::Absent { key } => {
+                etcd_client::Compare::create_revision(key.as_str(), CompareOp::Equal, 0)
+            }
+            Compare::ModRevision { key, revision } => {
+                etcd_client::Compare::mod_revision(key.as_str(), CompareOp::Equal, *revision)
+            }
+        };
+        let op = |o: &TxnOp| match o {
+            TxnOp::Put { key, value, lease } => etcd_client::TxnOp::put(
+                key.as_str(),
+                value.clone(),
+                lease.map(|l| PutOptions::new().with_lease(l)),
+            ),
+            TxnOp::Delete { key } => etcd_client::TxnOp::delete(key.as_str(), None),
+        };
+        let request = etcd_client::Txn::new()
+            .when(txn.when.iter().map(compare).collect::<Vec<_>>())
+            .and_then(txn.then.iter().map(op).collect::<Vec<_>>())
+            .or_else(txn.otherwise.iter().map(op).collect::<Vec<_>>());
+        let kv_client = self.client.kv_client();
+        let attempt = || {
+            let (mut kv, request) = (kv_client.clone(), request.clone());
+            async move { kv.txn(request).await }
+        };
+        // Safe to repeat (see the trait): a transient refusal is waited out, like a read's.
+        let budget = self.config.request_timeout.min(TRANSIENT_BUDGET);
+        let resp = self
+            .timed("txn", &key, retry_transient(budget, attempt))
+            .await?;
+        Ok(TxnResponse {
+            header: header(resp.header()),
+            succeeded: resp.succeeded(),
+        })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {

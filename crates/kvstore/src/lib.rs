@@ -1,5 +1,5 @@
 //! meshd's etcd layer: connecting (plaintext or mTLS), lease-backed publishing, list-then-watch
-//! with mark-and-sweep, and sync canaries.
+//! with mark-and-sweep, sync canaries, and identity allocation (compare-and-swap transactions).
 //!
 //! Everything above the [`Backend`] trait is generic, and runs against a real etcd
 //! ([`EtcdStore`], from [`connect`]) or an in-memory one ([`MemoryStore`]); the test suite in
@@ -11,6 +11,7 @@ mod canary;
 mod connect;
 mod error;
 mod etcd;
+mod identity;
 mod memory;
 mod publisher;
 mod reflection;
@@ -18,16 +19,19 @@ mod retry;
 mod watcher;
 
 pub use backend::{
-    prefix_end, Backend, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, WatchMessage,
-    WatchStream,
+    prefix_end, Backend, Compare, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, Txn,
+    TxnOp, TxnResponse, WatchMessage, WatchStream,
 };
 pub use backoff::{Backoff, BackoffConfig};
 pub use canary::wait_for_canaries;
 pub use connect::{connect, connect_lazy, EtcdConfig};
 pub use error::KvError;
 pub use etcd::EtcdStore;
+pub use identity::{lowest_free, resolve_identity, IdentityError};
 pub use memory::MemoryStore;
 pub use publisher::{Publisher, PublisherConfig, PublisherStats};
-pub use reflection::{Reflection, WatchEvent, WatchStats};
+pub use reflection::{RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats};
 pub use retry::{is_transient, retry_transient};
-pub use watcher::{watch_cluster, watch_prefix, WatchConfig, WatchHandle};
+pub use watcher::{
+    watch_cluster, watch_prefix, watch_raw, EventWatch, RawWatchHandle, WatchConfig, WatchHandle,
+};

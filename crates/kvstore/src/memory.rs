@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backend::{
-    Backend, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, WatchMessage, WatchStream,
+    Backend, Compare, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, Txn, TxnOp,
+    TxnResponse, WatchMessage, WatchStream,
 };
 use crate::error::KvError;
 
@@ -32,6 +33,28 @@ struct Change {
     key: String,
     new: Option<Stored>,
     prev: Option<Stored>,
+}
+
+impl Change {
+    fn event(&self) -> RawEvent {
+        RawEvent {
+            kind: if self.new.is_some() {
+                EventKind::Put
+            } else {
+                EventKind::Delete
+            },
+            kv: KeyValue {
+                key: self.key.clone(),
+                value: self
+                    .new
+                    .as_ref()
+                    .map(|s| s.value.clone())
+                    .unwrap_or_default(),
+                mod_revision: self.revision,
+                lease: self.new.as_ref().map(|s| s.lease).unwrap_or(0),
+            },
+        }
+    }
 }
 
 struct Watcher {
@@ -65,52 +88,60 @@ impl Mem {
         }
     }
 
-    fn notify(&mut self, change: &Change) {
-        let kind = if change.new.is_some() {
-            EventKind::Put
-        } else {
-            EventKind::Delete
-        };
-        let stored = change.new.clone();
-        let ev = RawEvent {
-            kind,
-            kv: KeyValue {
-                key: change.key.clone(),
-                value: stored.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
-                mod_revision: change.revision,
-                lease: stored.map(|s| s.lease).unwrap_or(0),
-            },
-        };
+    /// Sends the changes of one revision to every watcher of their keys, in one message.
+    fn notify(&mut self, changes: &[Change]) {
         let header = self.header();
         self.watchers.retain(|w| {
-            !change.key.starts_with(&w.prefix)
+            let events: Vec<RawEvent> = changes
+                .iter()
+                .filter(|c| c.key.starts_with(&w.prefix))
+                .map(Change::event)
+                .collect();
+            events.is_empty()
                 || w.tx
-                    .send(Ok(WatchMessage::Events {
-                        header,
-                        events: vec![ev.clone()],
-                    }))
+                    .send(Ok(WatchMessage::Events { header, events }))
                     .is_ok()
         });
     }
 
     fn write(&mut self, key: &str, new: Option<Stored>) {
+        self.commit(vec![(key.to_owned(), new)]);
+    }
+
+    /// Applies writes at one new revision, like an etcd transaction.
+    fn commit(&mut self, writes: Vec<(String, Option<Stored>)>) {
+        if writes.is_empty() {
+            return;
+        }
         self.revision += 1;
-        let new = new.map(|mut s| {
-            s.mod_revision = self.revision;
-            s
-        });
-        let prev = match &new {
-            Some(s) => self.kvs.insert(key.to_owned(), s.clone()),
-            None => self.kvs.remove(key),
-        };
-        let change = Change {
-            revision: self.revision,
-            key: key.to_owned(),
-            new,
-            prev,
-        };
-        self.notify(&change);
-        self.history.push(change);
+        let mut changes = Vec::with_capacity(writes.len());
+        for (key, new) in writes {
+            let new = new.map(|mut s| {
+                s.mod_revision = self.revision;
+                s
+            });
+            let prev = match &new {
+                Some(s) => self.kvs.insert(key.clone(), s.clone()),
+                None => self.kvs.remove(&key),
+            };
+            changes.push(Change {
+                revision: self.revision,
+                key,
+                new,
+                prev,
+            });
+        }
+        self.notify(&changes);
+        self.history.extend(changes);
+    }
+
+    fn holds(&self, c: &Compare) -> bool {
+        match c {
+            Compare::Absent { key } => !self.kvs.contains_key(key),
+            Compare::ModRevision { key, revision } => {
+                self.kvs.get(key).map(|s| s.mod_revision) == Some(*revision)
+            }
+        }
     }
 
     fn expire_leases(&mut self, now: Instant) {
@@ -362,22 +393,9 @@ impl Backend for MemoryStore {
                 if !c.key.starts_with(prefix) {
                     continue;
                 }
-                let ev = RawEvent {
-                    kind: if c.new.is_some() {
-                        EventKind::Put
-                    } else {
-                        EventKind::Delete
-                    },
-                    kv: KeyValue {
-                        key: c.key.clone(),
-                        value: c.new.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
-                        mod_revision: c.revision,
-                        lease: c.new.as_ref().map(|s| s.lease).unwrap_or(0),
-                    },
-                };
                 let _ = tx.send(Ok(WatchMessage::Events {
                     header,
-                    events: vec![ev],
+                    events: vec![c.event()],
                 }));
             }
             mem.watchers.push(Watcher {
@@ -424,6 +442,41 @@ impl Backend for MemoryStore {
             mem.write(key, None);
         }
         Ok(mem.header())
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, KvError> {
+        self.check("txn", txn.first_key())?;
+        let mut mem = self.lock();
+        let succeeded = txn.when.iter().all(|c| mem.holds(c));
+        let ops = if succeeded { txn.then } else { txn.otherwise };
+        let mut writes = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                TxnOp::Put { key, value, lease } => {
+                    let lease = lease.unwrap_or(0);
+                    if lease != 0 && !mem.leases.contains_key(&lease) {
+                        return Err(KvError::LeaseNotFound {
+                            endpoints: self.describe(),
+                            lease,
+                        });
+                    }
+                    let stored = Stored {
+                        value,
+                        mod_revision: 0,
+                        lease,
+                    };
+                    writes.push((key, Some(stored)));
+                }
+                // Like etcd, deleting nothing writes nothing.
+                TxnOp::Delete { key } if mem.kvs.contains_key(&key) => writes.push((key, None)),
+                TxnOp::Delete { .. } => {}
+            }
+        }
+        mem.commit(writes);
+        Ok(TxnResponse {
+            header: mem.header(),
+            succeeded,
+        })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {

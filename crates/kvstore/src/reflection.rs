@@ -1,6 +1,11 @@
-//! The pure heart of list-then-watch: what a reader believes is in etcd, and the typed events
-//! that move it from one belief to the next. No I/O, so every case (relist with deletes,
-//! malformed values, foreign clusters) is unit-tested here; the watcher only feeds it.
+//! The pure heart of list-then-watch: what a reader believes is in etcd, and the events that
+//! move it from one belief to the next. No I/O, so every case (relist with deletes, malformed
+//! values, foreign clusters) is unit-tested here; the watcher only feeds it.
+//!
+//! Two reflections share the watcher's loop ([`Reflect`]): [`Reflection`] decodes and validates
+//! records of one [`Resource`] and emits typed [`WatchEvent`]s, skipping identical rewrites;
+//! [`RawReflection`] emits the raw key-values with their revisions ([`RawWatchEvent`]), for a
+//! reader that decodes for itself and guards its writes with the revisions it read.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -9,6 +14,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use meshd_state::{decode, ClusterName, Resource, ResourceKey};
 
 use crate::backend::{EventKind, KeyValue, RawEvent};
+
+/// What the watcher's loop feeds: a full list (`begin_list`, `listed` per entry,
+/// `finish_list`), then the events of the watch, each response closed by `progress`.
+pub trait Reflect: Send + 'static {
+    type Event: Send + 'static;
+    fn begin_list(&mut self);
+    fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<Self::Event>);
+    fn finish_list(&mut self, revision: i64, out: &mut Vec<Self::Event>);
+    fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<Self::Event>);
+    /// A watch response at `revision` was applied.
+    fn progress(&mut self, _revision: i64, _out: &mut Vec<Self::Event>) {}
+    /// Keys held.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// What a watcher emits.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,11 +87,73 @@ fn fingerprint(value: &[u8]) -> u64 {
     hasher.finish()
 }
 
+/// Bytes of a key held inline: with its length and the variant tag, 24 bytes, a `String`'s
+/// size. Every IPv4 ipcache key fits once the watched prefix is taken off (`10.1.0.5` or
+/// `10.1.0.0/16`).
+const INLINE: usize = 22;
+
+/// A held key without the watched prefix: inline when short, so 100k ipcache keys cost no
+/// allocation each (measured: 89 bytes an entry held as full `String`s, 53 this way;
+/// `tests/reflection_memory.rs`).
+#[derive(Clone)]
+enum KeyText {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+impl KeyText {
+    fn new(s: &str) -> Self {
+        if s.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            Self::Inline {
+                len: s.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(s.into())
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Whole strs are copied in, so the bytes are always valid UTF-8.
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).expect("a whole str was copied in")
+            }
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+impl PartialEq for KeyText {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for KeyText {}
+
+impl Hash for KeyText {
+    // As the str it holds, so lookups by `&str` find it (`Borrow<str>`).
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<str> for KeyText {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
 /// The reader's view of one prefix.
 pub struct Reflection<R: Resource> {
-    /// Rendered key -> what was last emitted for it. The typed key of a delete is parsed again
-    /// from the rendered one (it parsed when it was inserted).
-    entries: HashMap<String, Entry>,
+    /// Key without `prefix` -> what was last emitted for it. The typed key of a delete is
+    /// parsed again from the rendered one (it parsed when it was inserted).
+    entries: HashMap<KeyText, Entry>,
+    /// What every key of the watch starts with, not stored with each.
+    prefix: String,
     kind: std::marker::PhantomData<R>,
     /// Only keys of this cluster count (cluster config's prefix is one key, which other cluster
     /// names can extend: `c1` is a prefix of `c10`).
@@ -89,8 +173,14 @@ enum Decoded<R: Resource> {
 
 impl<R: Resource> Reflection<R> {
     pub fn new(scope: Option<ClusterName>) -> Self {
+        Self::for_prefix(String::new(), scope)
+    }
+
+    /// A reflection of the keys under `prefix` (the watched one); keys outside it are ignored.
+    pub fn for_prefix(prefix: String, scope: Option<ClusterName>) -> Self {
         Self {
             entries: HashMap::new(),
+            prefix,
             kind: std::marker::PhantomData,
             scope,
             generation: 0,
@@ -107,7 +197,8 @@ impl<R: Resource> Reflection<R> {
 
     /// Whether a key (in its rendered form) is currently believed present.
     pub fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        key.strip_prefix(self.prefix.as_str())
+            .is_some_and(|k| self.entries.contains_key(k))
     }
 
     fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
@@ -126,9 +217,9 @@ impl<R: Resource> Reflection<R> {
 
     /// Marks an entry seen if its bytes (fingerprint `fp`) did not change; `true` if so
     /// (nothing else to do).
-    fn unchanged(&mut self, key: &str, fp: u64) -> bool {
+    fn unchanged(&mut self, suffix: &str, fp: u64) -> bool {
         let generation = self.generation;
-        match self.entries.get_mut(key) {
+        match self.entries.get_mut(suffix) {
             Some(e) if e.fingerprint == fp => {
                 e.seen = generation;
                 true
@@ -139,7 +230,7 @@ impl<R: Resource> Reflection<R> {
 
     fn upsert(
         &mut self,
-        raw: String,
+        suffix: &str,
         fp: u64,
         key: R::Key,
         value: R,
@@ -150,14 +241,15 @@ impl<R: Resource> Reflection<R> {
             fingerprint: fp,
             seen: self.generation,
         };
-        self.entries.insert(raw, entry);
+        self.entries.insert(KeyText::new(suffix), entry);
     }
 
-    fn remove(&mut self, raw: &str, out: &mut Vec<WatchEvent<R>>) {
-        if self.entries.remove(raw).is_none() {
+    fn remove(&mut self, suffix: &str, out: &mut Vec<WatchEvent<R>>) {
+        if self.entries.remove(suffix).is_none() {
             return;
         }
-        match R::Key::parse(raw) {
+        let raw = format!("{}{suffix}", self.prefix);
+        match R::Key::parse(&raw) {
             Ok(key) => out.push(WatchEvent::Delete { key }),
             // Only keys that parsed are inserted, and parsing is a pure function of the text.
             Err(e) => tracing::error!(key = raw, error = %e, "a held key no longer parses"),
@@ -171,12 +263,15 @@ impl<R: Resource> Reflection<R> {
 
     /// One entry of the list in progress.
     pub fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        let Some(suffix) = kv.key.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
         let fp = fingerprint(&kv.value);
-        if self.unchanged(&kv.key, fp) {
+        if self.unchanged(suffix, fp) {
             return;
         }
         match self.decode(&kv.key, &kv.value, stats) {
-            Decoded::Ok(key, value) => self.upsert(kv.key, fp, key, value, out),
+            Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, out),
             // Not marked: if we held an older, valid value it is swept as deleted, since etcd
             // no longer holds it.
             Decoded::Foreign | Decoded::Malformed => {}
@@ -186,15 +281,16 @@ impl<R: Resource> Reflection<R> {
     /// Ends the list: sweeps what was not seen and announces the sync.
     pub fn finish_list(&mut self, revision: i64, out: &mut Vec<WatchEvent<R>>) {
         let generation = self.generation;
-        let mut gone: Vec<String> = self
+        let mut gone: Vec<KeyText> = self
             .entries
             .iter()
             .filter(|(_, e)| e.seen != generation)
-            .map(|(raw, _)| raw.clone())
+            .map(|(suffix, _)| suffix.clone())
             .collect();
-        gone.sort();
-        for raw in gone {
-            self.remove(&raw, out);
+        // In key order (all share the prefix).
+        gone.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        for suffix in gone {
+            self.remove(suffix.as_str(), out);
         }
         out.push(WatchEvent::Synced { revision });
     }
@@ -202,20 +298,135 @@ impl<R: Resource> Reflection<R> {
     /// One event of the watch. A malformed put of a key we held deletes it: the old value is
     /// no longer what etcd holds, and nothing else is disturbed.
     pub fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<WatchEvent<R>>) {
+        let Some(suffix) = ev.kv.key.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
         match ev.kind {
             EventKind::Put => {
                 let fp = fingerprint(&ev.kv.value);
-                if self.unchanged(&ev.kv.key, fp) {
+                if self.unchanged(suffix, fp) {
                     return;
                 }
                 match self.decode(&ev.kv.key, &ev.kv.value, stats) {
-                    Decoded::Ok(key, value) => self.upsert(ev.kv.key, fp, key, value, out),
+                    Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, out),
                     Decoded::Foreign => {}
-                    Decoded::Malformed => self.remove(&ev.kv.key, out),
+                    Decoded::Malformed => self.remove(suffix, out),
                 }
             }
-            EventKind::Delete => self.remove(&ev.kv.key, out),
+            EventKind::Delete => self.remove(suffix, out),
         }
+    }
+}
+
+impl<R: Resource> Reflect for Reflection<R> {
+    type Event = WatchEvent<R>;
+    fn begin_list(&mut self) {
+        Reflection::begin_list(self)
+    }
+    fn listed(&mut self, kv: KeyValue, stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        Reflection::listed(self, kv, stats, out)
+    }
+    fn finish_list(&mut self, revision: i64, out: &mut Vec<Self::Event>) {
+        Reflection::finish_list(self, revision, out)
+    }
+    fn apply(&mut self, ev: RawEvent, stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        Reflection::apply(self, ev, stats, out)
+    }
+    fn len(&self) -> usize {
+        Reflection::len(self)
+    }
+}
+
+/// What a raw watcher emits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawWatchEvent {
+    /// A put (the key is new, or was written since it was last emitted: its mod revision
+    /// differs) or a delete (deleted, expired, or not seen again by a relist; the value is
+    /// empty). Unlike the typed watch, a rewrite with identical bytes is emitted: its revision
+    /// changed, and a reader guarding writes with it needs the new one.
+    Event(RawEvent),
+    /// A full list completed at `revision` (after each list, not only the first).
+    Synced { revision: i64 },
+    /// Every change up to `revision` has been emitted (after each watch response).
+    Progress { revision: i64 },
+}
+
+/// The reader's view of one prefix, raw: each key's mod revision.
+#[derive(Default)]
+pub struct RawReflection {
+    /// Rendered key -> (mod revision last emitted, list generation that last saw it).
+    entries: HashMap<String, (i64, u64)>,
+    generation: u64,
+}
+
+impl RawReflection {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn put(&mut self, kv: KeyValue, out: &mut Vec<RawWatchEvent>) {
+        let generation = self.generation;
+        match self.entries.get_mut(&kv.key) {
+            Some((rev, seen)) if *rev == kv.mod_revision => *seen = generation,
+            _ => {
+                self.entries
+                    .insert(kv.key.clone(), (kv.mod_revision, generation));
+                out.push(RawWatchEvent::Event(RawEvent {
+                    kind: EventKind::Put,
+                    kv,
+                }));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: String, revision: i64, out: &mut Vec<RawWatchEvent>) {
+        if self.entries.remove(&key).is_some() {
+            out.push(RawWatchEvent::Event(RawEvent {
+                kind: EventKind::Delete,
+                kv: KeyValue {
+                    key,
+                    value: Vec::new(),
+                    mod_revision: revision,
+                    lease: 0,
+                },
+            }));
+        }
+    }
+}
+
+impl Reflect for RawReflection {
+    type Event = RawWatchEvent;
+    fn begin_list(&mut self) {
+        self.generation += 1;
+    }
+    fn listed(&mut self, kv: KeyValue, _stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        self.put(kv, out);
+    }
+    fn finish_list(&mut self, revision: i64, out: &mut Vec<Self::Event>) {
+        let generation = self.generation;
+        let mut gone: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, (_, seen))| *seen != generation)
+            .map(|(key, _)| key.clone())
+            .collect();
+        gone.sort();
+        for key in gone {
+            self.remove(key, revision, out);
+        }
+        out.push(RawWatchEvent::Synced { revision });
+    }
+    fn apply(&mut self, ev: RawEvent, _stats: &WatchStats, out: &mut Vec<Self::Event>) {
+        match ev.kind {
+            EventKind::Put => self.put(ev.kv, out),
+            EventKind::Delete => self.remove(ev.kv.key, ev.kv.mod_revision, out),
+        }
+    }
+    fn progress(&mut self, revision: i64, out: &mut Vec<Self::Event>) {
+        out.push(RawWatchEvent::Progress { revision });
+    }
+    fn len(&self) -> usize {
+        self.entries.len()
     }
 }
 
@@ -412,6 +623,126 @@ mod tests {
         r.finish_list(3, &mut out);
         assert_eq!(out.len(), 2, "{out:?}");
         assert!(matches!(&out[0], WatchEvent::Upsert { key, .. } if key.cluster.as_str() == "c1"));
+        assert_eq!(stats.malformed(), 0);
+    }
+
+    fn entry6(ip: &str, id: u32) -> KeyValue {
+        let key = IpcacheKey::host(c("c1"), ip.parse().unwrap());
+        let value = IpcacheEntry {
+            prefix: key.prefix,
+            identity: NumericIdentity::new(id).unwrap(),
+            host_ip: "fd00::1".parse().unwrap(),
+            endpoint: None,
+            namespace: None,
+        };
+        KeyValue {
+            key: key.to_string(),
+            value: serde_json::to_vec(&value).unwrap(),
+            mod_revision: 1,
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn keys_are_held_without_the_prefix_short_ones_inline() {
+        let stats = WatchStats::default();
+        let mut r: Reflection<IpcacheEntry> =
+            Reflection::for_prefix("meshd/state/ip/v1/c1/".into(), Some(c("c1")));
+        let long = "fd00:1234:5678:9abc:def0:1234:5678:9abc";
+        let out = list(
+            &mut r,
+            vec![
+                entry("10.0.0.1", ID1),
+                entry6(long, ID1),
+                entry("10.0.0.2", ID1),
+            ],
+            &stats,
+        );
+        assert_eq!(out.len(), 4, "{out:?}");
+        assert!(r.contains("meshd/state/ip/v1/c1/10.0.0.1"));
+        assert!(r.contains(&format!("meshd/state/ip/v1/c1/{long}")));
+        assert!(
+            !r.contains("10.0.0.1"),
+            "held keys are matched with their prefix"
+        );
+        assert!(matches!(KeyText::new("10.0.0.1"), KeyText::Inline { .. }));
+        assert!(matches!(KeyText::new(long), KeyText::Heap(_)));
+
+        // Unchanged: nothing; the long key and .2 gone: deleted with their full keys.
+        let out = list(&mut r, vec![entry("10.0.0.1", ID1)], &stats);
+        let deleted: Vec<String> = out
+            .iter()
+            .filter_map(|e| match e {
+                WatchEvent::Delete { key } => Some(key.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            deleted,
+            [
+                "meshd/state/ip/v1/c1/10.0.0.2".to_owned(),
+                format!("meshd/state/ip/v1/c1/{long}")
+            ]
+        );
+        // A key outside the prefix is not ours.
+        let mut out = Vec::new();
+        r.apply(put(raw("other/10.0.0.9", b"{}")), &stats, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(r.len(), 1);
+    }
+
+    fn rev(key: &str, value: &[u8], mod_revision: i64) -> KeyValue {
+        KeyValue {
+            mod_revision,
+            ..raw(key, value)
+        }
+    }
+
+    fn raw_summary(events: &[RawWatchEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                RawWatchEvent::Event(RawEvent {
+                    kind: EventKind::Put,
+                    kv,
+                }) => format!("+{}@{}", kv.key, kv.mod_revision),
+                RawWatchEvent::Event(RawEvent {
+                    kind: EventKind::Delete,
+                    kv,
+                }) => format!("-{}@{}", kv.key, kv.mod_revision),
+                RawWatchEvent::Synced { revision } => format!("synced@{revision}"),
+                RawWatchEvent::Progress { revision } => format!("progress@{revision}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_reflection_emits_revisions_and_sweeps_on_relist() {
+        let stats = WatchStats::default();
+        let mut r = RawReflection::new();
+        let mut out = Vec::new();
+        r.begin_list();
+        r.listed(rev("p/a", b"1", 2), &stats, &mut out);
+        r.listed(rev("p/b", b"1", 3), &stats, &mut out);
+        r.finish_list(3, &mut out);
+        assert_eq!(raw_summary(&out), ["+p/a@2", "+p/b@3", "synced@3"]);
+
+        // Watch: an identical rewrite is emitted (new revision), a repeat of a revision is not.
+        let mut out = Vec::new();
+        r.apply(put(rev("p/a", b"1", 4)), &stats, &mut out);
+        r.apply(put(rev("p/a", b"1", 4)), &stats, &mut out);
+        r.apply(del("p/zz"), &stats, &mut out);
+        r.progress(4, &mut out);
+        assert_eq!(raw_summary(&out), ["+p/a@4", "progress@4"]);
+
+        // Relist: a unchanged, b gone, c new.
+        let mut out = Vec::new();
+        r.begin_list();
+        r.listed(rev("p/a", b"1", 4), &stats, &mut out);
+        r.listed(rev("p/c", b"1", 6), &stats, &mut out);
+        r.finish_list(7, &mut out);
+        assert_eq!(raw_summary(&out), ["+p/c@6", "-p/b@7", "synced@7"]);
+        assert_eq!(Reflect::len(&r), 2);
         assert_eq!(stats.malformed(), 0);
     }
 }

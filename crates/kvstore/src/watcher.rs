@@ -1,4 +1,4 @@
-//! List-then-watch of a prefix, typed, with mark-and-sweep relists.
+//! List-then-watch of a prefix, typed or raw, with mark-and-sweep relists.
 //!
 //! One task per watch: list the prefix page by page at one revision, then watch from that
 //! revision + 1. When the watch is compacted, when a response comes from a different etcd
@@ -19,7 +19,9 @@ use tracing::Instrument;
 use crate::backend::{Backend, WatchMessage};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::error::KvError;
-use crate::reflection::{Reflection, WatchEvent, WatchStats};
+use crate::reflection::{
+    RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats,
+};
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -42,18 +44,23 @@ impl Default for WatchConfig {
     }
 }
 
-/// The receiving end of a watch. Dropping it stops the watch.
-pub struct WatchHandle<R: Resource> {
+/// The receiving end of a watch, of events `E`. Dropping it stops the watch.
+pub struct EventWatch<E> {
     /// Events travel in batches (a page, a watch response): one channel operation and one
     /// wake-up per batch rather than per event.
-    events: mpsc::Receiver<Vec<WatchEvent<R>>>,
-    buffered: VecDeque<WatchEvent<R>>,
+    events: mpsc::Receiver<Vec<E>>,
+    buffered: VecDeque<E>,
     stats: Arc<WatchStats>,
     relist: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl<R: Resource> WatchHandle<R> {
+/// A typed watch of one [`Resource`] ([`watch_cluster`], [`watch_prefix`]).
+pub type WatchHandle<R> = EventWatch<WatchEvent<R>>;
+/// A raw watch ([`watch_raw`]).
+pub type RawWatchHandle = EventWatch<RawWatchEvent>;
+
+impl<E> EventWatch<E> {
     /// Ends the running watch and lists again (after the usual backoff), keeping what was
     /// listed before until the new list says otherwise. For a consumer that learned the watch
     /// should no longer be trusted: etcd checks permissions when a watch starts, not while it
@@ -63,7 +70,8 @@ impl<R: Resource> WatchHandle<R> {
     }
 
     /// The next event; `None` only if the watch task ended (it does not end on errors).
-    pub async fn next(&mut self) -> Option<WatchEvent<R>> {
+    /// Cancel-safe: an event is never lost to a `select!` that dropped this future.
+    pub async fn next(&mut self) -> Option<E> {
         loop {
             if let Some(ev) = self.buffered.pop_front() {
                 return Some(ev);
@@ -72,12 +80,20 @@ impl<R: Resource> WatchHandle<R> {
         }
     }
 
+    /// The next event if one was delivered already.
+    pub fn try_next(&mut self) -> Option<E> {
+        if self.buffered.is_empty() {
+            self.buffered = self.events.try_recv().ok()?.into();
+        }
+        self.buffered.pop_front()
+    }
+
     pub fn stats(&self) -> Arc<WatchStats> {
         self.stats.clone()
     }
 }
 
-impl<R: Resource> Drop for WatchHandle<R> {
+impl<E> Drop for EventWatch<E> {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -104,16 +120,41 @@ pub fn watch_prefix<R: Resource, B: Backend>(
     scope: Option<ClusterName>,
     config: WatchConfig,
 ) -> WatchHandle<R> {
+    let span =
+        tracing::info_span!("watch", kind = R::KIND, prefix = %prefix, etcd = %backend.describe());
+    start(
+        backend,
+        prefix.clone(),
+        Reflection::for_prefix(prefix, scope),
+        config,
+        span,
+    )
+}
+
+/// Watches every key under `prefix`, raw: puts and deletes with their revisions, `Synced`
+/// after each list and `Progress` after each watch response. The same list-then-watch as the
+/// typed watch (mark-and-sweep relists, backoff, fail-static); decoding is the reader's.
+pub fn watch_raw<B: Backend>(backend: B, prefix: String, config: WatchConfig) -> RawWatchHandle {
+    let span =
+        tracing::info_span!("watch", kind = "raw", prefix = %prefix, etcd = %backend.describe());
+    start(backend, prefix, RawReflection::new(), config, span)
+}
+
+fn start<X: Reflect, B: Backend>(
+    backend: B,
+    prefix: String,
+    reflection: X,
+    config: WatchConfig,
+    span: tracing::Span,
+) -> EventWatch<X::Event> {
     let (tx, rx) = mpsc::channel(config.channel_capacity.max(1));
     let stats = Arc::new(WatchStats::default());
     let relist = Arc::new(Notify::new());
-    let span =
-        tracing::info_span!("watch", kind = R::KIND, prefix = %prefix, etcd = %backend.describe());
     let task = tokio::spawn(
         run(
             backend,
             prefix,
-            Reflection::new(scope),
+            reflection,
             config,
             stats.clone(),
             relist.clone(),
@@ -121,7 +162,7 @@ pub fn watch_prefix<R: Resource, B: Backend>(
         )
         .instrument(span),
     );
-    WatchHandle {
+    EventWatch {
         events: rx,
         buffered: VecDeque::new(),
         stats,
@@ -130,7 +171,7 @@ pub fn watch_prefix<R: Resource, B: Backend>(
     }
 }
 
-type Batches<R> = mpsc::Sender<Vec<WatchEvent<R>>>;
+type Batches<E> = mpsc::Sender<Vec<E>>;
 
 /// Why a watch ended.
 enum End {
@@ -143,21 +184,21 @@ enum End {
 }
 
 /// Hands the pending events to the consumer as one batch; `false` if it is gone.
-async fn send_all<R: Resource>(tx: &Batches<R>, out: &mut Vec<WatchEvent<R>>) -> bool {
+async fn send_all<E>(tx: &Batches<E>, out: &mut Vec<E>) -> bool {
     if out.is_empty() {
         return !tx.is_closed();
     }
     tx.send(std::mem::take(out)).await.is_ok()
 }
 
-async fn run<R: Resource, B: Backend>(
+async fn run<X: Reflect, B: Backend>(
     backend: B,
     prefix: String,
-    mut reflection: Reflection<R>,
+    mut reflection: X,
     config: WatchConfig,
     stats: Arc<WatchStats>,
     relist: Arc<Notify>,
-    tx: Batches<R>,
+    tx: Batches<X::Event>,
 ) {
     let mut backoff = Backoff::new(config.backoff);
     let mut cluster_id: Option<u64> = None;
@@ -227,14 +268,14 @@ async fn run<R: Resource, B: Backend>(
 
 /// One full, consistent list: the first page fixes the revision, later pages read at it.
 /// Returns the revision and cluster id, or `None` if the consumer is gone.
-async fn list<R: Resource, B: Backend>(
+async fn list<X: Reflect, B: Backend>(
     backend: &B,
     prefix: &str,
     config: &WatchConfig,
-    reflection: &mut Reflection<R>,
+    reflection: &mut X,
     stats: &WatchStats,
-    tx: &Batches<R>,
-    out: &mut Vec<WatchEvent<R>>,
+    tx: &Batches<X::Event>,
+    out: &mut Vec<X::Event>,
 ) -> Result<Option<(i64, u64)>, KvError> {
     reflection.begin_list();
     let first = backend.range(prefix, None, 0, config.page_size).await?;
@@ -286,16 +327,16 @@ async fn list<R: Resource, B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn watch<R: Resource, B: Backend>(
+async fn watch<X: Reflect, B: Backend>(
     backend: &B,
     prefix: &str,
     revision: i64,
     cluster_id: u64,
-    reflection: &mut Reflection<R>,
+    reflection: &mut X,
     stats: &WatchStats,
     relist: &Notify,
-    tx: &Batches<R>,
-    out: &mut Vec<WatchEvent<R>>,
+    tx: &Batches<X::Event>,
+    out: &mut Vec<X::Event>,
 ) -> End {
     let mut stream = match backend.watch(prefix, revision + 1).await {
         Ok(s) => s,
@@ -327,6 +368,7 @@ async fn watch<R: Resource, B: Backend>(
                     for ev in events {
                         reflection.apply(ev, stats, out);
                     }
+                    reflection.progress(header.revision, out);
                     if !send_all(tx, out).await {
                         return End::Closed;
                     }
@@ -387,6 +429,9 @@ mod tests {
         }
         async fn delete(&self, k: &str) -> Result<Header, KvError> {
             self.inner.delete(k).await
+        }
+        async fn txn(&self, t: crate::Txn) -> Result<crate::TxnResponse, KvError> {
+            self.inner.txn(t).await
         }
         async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {
             self.inner.grant_lease(ttl).await

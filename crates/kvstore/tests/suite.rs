@@ -3,15 +3,20 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use meshd_kvstore::{
-    wait_for_canaries, watch_cluster, Backend, Publisher, PublisherConfig, WatchConfig,
+    resolve_identity, wait_for_canaries, watch_cluster, watch_raw, Backend, Compare, EventKind,
+    Publisher, PublisherConfig, RawWatchEvent, RawWatchHandle, Txn, TxnOp, WatchConfig,
+    WatchMessage,
 };
-use meshd_state::{IpcacheEntry, SyncCanary, SyncCanaryKey};
+use meshd_state::{
+    ClusterId, IdentityKey, IpcacheEntry, Labels, NumericIdentity, SyncCanary, SyncCanaryKey,
+};
 
 fn small_pages() -> WatchConfig {
     WatchConfig {
@@ -492,6 +497,214 @@ async fn sync_canaries_are_written_and_awaited<F: Fixture>() {
     assert!(canary.synced_at_ms > 0);
 }
 
+/// Compare-and-swap: `Absent` holds only for a missing key, `ModRevision` only for the
+/// revision last written; the failing branch applies `otherwise`; the writes of one
+/// transaction share one revision and reach a watcher together.
+async fn transactions_compare_and_swap<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let b = f.writer();
+    let create = |key: &str, value: &str| Txn {
+        when: vec![Compare::absent(key)],
+        then: vec![TxnOp::put(key, value)],
+        otherwise: vec![TxnOp::put("tx/lost", key)],
+    };
+    let start = b.range("tx/", None, 0, 1).await.unwrap().header.revision;
+    let mut w = b.watch("tx/", start + 1).await.unwrap();
+
+    let first = b.txn(create("tx/a", "1")).await.unwrap();
+    assert!(first.succeeded);
+    let again = b.txn(create("tx/a", "2")).await.unwrap();
+    assert!(!again.succeeded, "the key exists: the compare fails");
+    let page = b.range("tx/", None, 0, 10).await.unwrap();
+    let kvs: Vec<(&str, &[u8])> = page
+        .kvs
+        .iter()
+        .map(|kv| (kv.key.as_str(), kv.value.as_slice()))
+        .collect();
+    assert_eq!(
+        kvs,
+        [("tx/a", b"1".as_slice()), ("tx/lost", b"tx/a".as_slice())]
+    );
+    let a_rev = page.kvs[0].mod_revision;
+    assert_eq!(a_rev, first.header.revision);
+
+    let stale = Txn {
+        when: vec![Compare::ModRevision {
+            key: "tx/a".into(),
+            revision: a_rev - 1,
+        }],
+        then: vec![TxnOp::delete("tx/a")],
+        otherwise: Vec::new(),
+    };
+    assert!(!b.txn(stale).await.unwrap().succeeded);
+    let both = Txn {
+        when: vec![
+            Compare::ModRevision {
+                key: "tx/a".into(),
+                revision: a_rev,
+            },
+            Compare::absent("tx/b"),
+        ],
+        then: vec![
+            TxnOp::delete("tx/a"),
+            TxnOp::put("tx/b", "1"),
+            TxnOp::put("tx/c", "1"),
+        ],
+        otherwise: Vec::new(),
+    };
+    let done = b.txn(both).await.unwrap();
+    assert!(done.succeeded);
+    let keys: Vec<String> = b
+        .range("tx/", None, 0, 10)
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(keys, ["tx/b", "tx/c", "tx/lost"]);
+
+    // Seen by a watcher: a, lost, then the three writes of the last transaction at its revision.
+    let mut seen = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while seen.len() < 5 {
+            match w.next().await {
+                Some(Ok(WatchMessage::Events { events, .. })) => seen.extend(events),
+                other => panic!("watch ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the transactions' events within the deadline");
+    let last: Vec<(EventKind, &str, i64)> = seen[2..]
+        .iter()
+        .map(|e| (e.kind, e.kv.key.as_str(), e.kv.mod_revision))
+        .collect();
+    let r = done.header.revision;
+    assert_eq!(
+        last,
+        [
+            (EventKind::Delete, "tx/a", r),
+            (EventKind::Put, "tx/b", r),
+            (EventKind::Put, "tx/c", r)
+        ]
+    );
+}
+
+/// Concurrent allocations of one label set (as two nodes adding endpoints with the same
+/// labels) all get one number; of different label sets, different numbers; and a collected
+/// identity key comes back with the same number.
+async fn racing_nodes_agree_on_identity_numbers<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let id1 = ClusterId::new(1).unwrap();
+    let same = Labels::from_pairs([("app", "web"), ("meshd.io/cluster", "c1")]);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (b, same) = (f.writer(), same.clone());
+            tokio::spawn(async move { resolve_identity(&b, &c1(), id1, &same).await.unwrap() })
+        })
+        .collect();
+    let mut ids: Vec<NumericIdentity> = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(ids[0].cluster_id(), Some(id1));
+
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let b = f.writer();
+            let labels = Labels::from_pairs([("app", format!("svc{i}"))]);
+            tokio::spawn(async move { resolve_identity(&b, &c1(), id1, &labels).await.unwrap() })
+        })
+        .collect();
+    let mut distinct = std::collections::BTreeSet::new();
+    for t in tasks {
+        assert!(
+            distinct.insert(t.await.unwrap()),
+            "a number was handed out twice"
+        );
+    }
+    assert!(!distinct.contains(&ids[0]));
+
+    // The identity key garbage-collected behind our back: the index brings back the same
+    // number and the key is written again.
+    let key = IdentityKey {
+        cluster: c1(),
+        id: ids[0],
+    }
+    .to_string();
+    let b = f.writer();
+    b.delete(&key).await.unwrap();
+    assert_eq!(
+        resolve_identity(&b, &c1(), id1, &same).await.unwrap(),
+        ids[0]
+    );
+    let page = b.range(&key, None, 0, 10).await.unwrap();
+    assert_eq!(page.kvs.iter().filter(|kv| kv.key == key).count(), 1);
+}
+
+/// What a raw watch's events add up to.
+#[derive(Default)]
+struct RawModel {
+    revisions: BTreeMap<String, i64>,
+    synced: i64,
+    progress: i64,
+}
+
+impl RawModel {
+    async fn until(&mut self, w: &mut RawWatchHandle, what: &str, done: impl Fn(&Self) -> bool) {
+        tokio::time::timeout(DEADLINE, async {
+            while !done(self) {
+                match w.next().await.expect("the watch runs") {
+                    RawWatchEvent::Event(e) if e.kind == EventKind::Put => {
+                        self.revisions.insert(e.kv.key, e.kv.mod_revision);
+                    }
+                    RawWatchEvent::Event(e) => {
+                        self.revisions.remove(&e.kv.key);
+                    }
+                    RawWatchEvent::Synced { revision } => self.synced = revision,
+                    RawWatchEvent::Progress { revision } => self.progress = revision,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {DEADLINE:?}"));
+    }
+}
+
+/// The raw watch: puts with their revisions (an identical rewrite included), progress after
+/// each response, and a relist after compaction that sweeps a delete missed meanwhile.
+async fn raw_watch_reports_revisions_and_relists<F: Fixture>() {
+    let Some(f) = F::new().await else { return };
+    let b = f.writer();
+    let first = b.put("raw/a", b"1".to_vec(), None).await.unwrap().revision;
+    b.put("raw/b", b"1".to_vec(), None).await.unwrap();
+    let mut w = watch_raw(f.reader(), "raw/".into(), small_pages());
+    let mut m = RawModel::default();
+    m.until(&mut w, "initial list", |m| m.synced > 0).await;
+    assert_eq!(m.revisions.len(), 2);
+    assert_eq!(m.revisions["raw/a"], first);
+
+    let again = b.put("raw/a", b"1".to_vec(), None).await.unwrap().revision;
+    m.until(&mut w, "identical rewrite", |m| {
+        m.revisions["raw/a"] == again && m.progress >= again
+    })
+    .await;
+
+    f.cut();
+    b.delete("raw/b").await.unwrap();
+    let c = b.put("raw/c", b"1".to_vec(), None).await.unwrap().revision;
+    f.compact_now().await;
+    f.heal();
+    m.until(&mut w, "relist after the cut", |m| {
+        m.synced >= c && !m.revisions.contains_key("raw/b")
+    })
+    .await;
+    assert_eq!(m.revisions.keys().collect::<Vec<_>>(), ["raw/a", "raw/c"]);
+    assert_eq!(m.revisions["raw/c"], c);
+}
+
 macro_rules! suite {
     ($name:ident, $fixture:ty) => {
         mod $name {
@@ -545,6 +758,18 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sync_canaries_are_written_and_awaited() {
                 super::sync_canaries_are_written_and_awaited::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn raw_watch_reports_revisions_and_relists() {
+                super::raw_watch_reports_revisions_and_relists::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn transactions_compare_and_swap() {
+                super::transactions_compare_and_swap::<$fixture>().await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn racing_nodes_agree_on_identity_numbers() {
+                super::racing_nodes_agree_on_identity_numbers::<$fixture>().await
             }
         }
     };

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use meshd_certs::{LeafKind, MeshCa};
-use meshd_datapath::plumbing;
+use meshd_topology::etcd::{EtcdMember, EtcdServerTls};
+use meshd_topology::underlay::host_address;
+use meshd_topology::{HostSpec, RootLinkSpec, Topology, UnderlaySpec};
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
 use crate::spec::{ClusterSpec, LabSpec, NodeSpec, ECHO_PORT};
@@ -87,7 +89,7 @@ fn preflight(opts: &UpOptions) -> anyhow::Result<()> {
             ));
         }
     }
-    for tool in ["etcd", "ip", "nsenter"] {
+    for tool in ["etcd", "nsenter"] {
         if run(
             None,
             Path::new("sh"),
@@ -117,34 +119,49 @@ fn build(
     issue_certs(opts)?;
 
     progress("network: underlay bridge namespace and the host link");
-    let ul = spec.underlay_netns();
-    plumbing::add_netns(&ul)?;
-    state.netns.push(ul.clone());
-    state.save()?;
-    ipc(Some(&ul), &["link", "add", "br0", "type", "bridge"])?;
-    ipc(Some(&ul), &["link", "set", "br0", "up"])?;
-    ipc(Some(&ul), &["link", "set", "lo", "up"])?;
-    let host_link = spec.host_link();
-    ipc(
-        None,
-        &[
-            "link", "add", &host_link, "type", "veth", "peer", "name", "host", "netns", &ul,
-        ],
-    )?;
-    state.host_links.push(host_link.clone());
-    state.save()?;
-    let host_cidr = format!("{}/{}", spec.host_ip, spec.underlay.prefix_len());
-    ipc(None, &["addr", "add", &host_cidr, "dev", &host_link])?;
-    ipc(None, &["link", "set", &host_link, "up"])?;
-    ipc(Some(&ul), &["link", "set", "host", "master", "br0", "up"])?;
+    let mut topology = Topology::create(UnderlaySpec {
+        netns: spec.underlay_netns(),
+        bridge_address: None,
+        mtu: spec.mtu,
+    })?;
+    // The state file owns what the topology builds: `down` removes it, also after a failed
+    // `up`, and the lab outlives this process.
+    let result = build_on(opts, state, &mut topology, progress);
+    record_topology(state, &topology)?;
+    topology.disown();
+    result
+}
+
+/// Records the topology's namespaces and host links in the state file.
+fn record_topology(state: &mut LabState, topology: &Topology) -> anyhow::Result<()> {
+    state.netns = topology.namespaces().to_vec();
+    state.host_links = topology.root_links().to_vec();
+    state.save()
+}
+
+fn build_on(
+    opts: &UpOptions,
+    state: &mut LabState,
+    topology: &mut Topology,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let spec = &opts.spec;
+    record_topology(state, topology)?;
+    let host_link = topology.add_root_link(&RootLinkSpec {
+        name: spec.host_link(),
+        bridge_port: "host".into(),
+        address: host_address(spec.host_ip, spec.underlay),
+    });
+    record_topology(state, topology)?;
+    host_link?;
 
     for cluster in &spec.clusters {
-        start_control_plane(opts, state, cluster, progress)?;
+        start_control_plane(opts, state, topology, cluster, progress)?;
     }
     write_cli_config(opts, state)?;
     for cluster in &spec.clusters {
         for node in &cluster.nodes {
-            start_node(opts, state, cluster, node, progress)?;
+            start_node(opts, state, topology, cluster, node, progress)?;
         }
     }
     for cluster in &spec.clusters {
@@ -174,11 +191,6 @@ fn build(
     }
     progress("waiting for every node to see every cluster ready");
     wait_mesh_ready(opts, state)?;
-    Ok(())
-}
-
-fn ipc(netns: Option<&str>, args: &[&str]) -> anyhow::Result<()> {
-    plumbing::ip(netns, args.last().copied().unwrap_or(""), args)?;
     Ok(())
 }
 
@@ -262,50 +274,33 @@ fn start_etcd(
             }
         })
         .collect();
-    let initial_cluster = members
-        .iter()
-        .map(|m| format!("{}={}", m.name, m.peer_url))
-        .collect::<Vec<_>>()
-        .join(",");
+    let initial_cluster = meshd_topology::etcd::initial_cluster(
+        members
+            .iter()
+            .map(|m| (m.name.as_str(), m.peer_url.as_str())),
+    );
     let token = format!("{}-{}", opts.spec.prefix, cluster.name);
     let mut started = Vec::new();
     for member in members {
-        let args: Vec<String> = [
-            "--name",
-            &member.name,
-            "--data-dir",
-            &member.data_dir.display().to_string(),
-            "--listen-client-urls",
-            &member.endpoint,
-            "--advertise-client-urls",
-            &member.endpoint,
-            "--listen-peer-urls",
-            &member.peer_url,
-            "--initial-advertise-peer-urls",
-            &member.peer_url,
-            "--initial-cluster",
-            &initial_cluster,
-            "--initial-cluster-token",
-            &token,
-            "--client-cert-auth",
-            "--trusted-ca-file",
-            &server.ca.display().to_string(),
-            "--cert-file",
-            &server.cert.display().to_string(),
-            "--key-file",
-            &server.key.display().to_string(),
-            "--logger",
-            "zap",
-            "--log-outputs",
-            "stderr",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let launch = EtcdMember {
+            name: member.name.clone(),
+            data_dir: member.data_dir.clone(),
+            client_url: member.endpoint.clone(),
+            peer_url: member.peer_url.clone(),
+            initial_cluster: initial_cluster.clone(),
+            cluster_token: token.clone(),
+            tls: Some(EtcdServerTls {
+                ca: server.ca.clone(),
+                cert: server.cert.clone(),
+                key: server.key.clone(),
+                client_cert_auth: true,
+            }),
+            extra_args: Vec::new(),
+        };
         let pid = spawn_daemon(
             Some(cp),
-            Path::new("etcd"),
-            &args,
+            Path::new(meshd_topology::etcd::ETCD_PROGRAM),
+            &launch.args(),
             &marker(opts),
             &member.log,
         )?;
@@ -348,6 +343,7 @@ fn marker(opts: &UpOptions) -> Vec<(&'static str, String)> {
 fn start_control_plane(
     opts: &UpOptions,
     state: &mut LabState,
+    topology: &mut Topology,
     cluster: &ClusterSpec,
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<()> {
@@ -360,6 +356,7 @@ fn start_control_plane(
     attach_to_underlay(
         spec,
         state,
+        topology,
         &cp,
         &format!("v-{}-cp", cluster.name),
         cluster.control_plane_ip,
@@ -461,45 +458,23 @@ fn start_control_plane(
     state.save()
 }
 
-/// Creates namespace `netns` with `ul0` on the underlay bridge at `ip`.
+/// Creates namespace `netns` with `ul0` on the underlay bridge at `ip`, recorded in the state
+/// file whether or not every step succeeds.
 fn attach_to_underlay(
     spec: &LabSpec,
     state: &mut LabState,
+    topology: &mut Topology,
     netns: &str,
     bridge_port: &str,
     ip: std::net::Ipv4Addr,
 ) -> anyhow::Result<()> {
-    let ul = spec.underlay_netns();
-    plumbing::add_netns(netns)?;
-    state.netns.push(netns.to_owned());
-    state.save()?;
-    let mtu = spec.mtu.to_string();
-    ipc(
-        Some(&ul),
-        &[
-            "link",
-            "add",
-            bridge_port,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0",
-            "netns",
-            netns,
-        ],
-    )?;
-    ipc(
-        Some(&ul),
-        &["link", "set", bridge_port, "master", "br0", "up"],
-    )?;
-    let cidr = format!("{ip}/{}", spec.underlay.prefix_len());
-    ipc(Some(netns), &["addr", "add", &cidr, "dev", "ul0"])?;
-    ipc(Some(netns), &["link", "set", "ul0", "up"])?;
-    ipc(Some(netns), &["link", "set", "lo", "up"])?;
-    Ok(())
+    let added = topology.add_host(&HostSpec {
+        netns: netns.to_owned(),
+        bridge_port: bridge_port.to_owned(),
+        address: host_address(ip, spec.underlay),
+    });
+    record_topology(state, topology)?;
+    Ok(added?)
 }
 
 fn write_cli_config(opts: &UpOptions, state: &LabState) -> anyhow::Result<()> {
@@ -536,6 +511,7 @@ fn api_socket(opts: &UpOptions, cluster: &ClusterSpec, node: &NodeSpec) -> PathB
 fn start_node(
     opts: &UpOptions,
     state: &mut LabState,
+    topology: &mut Topology,
     cluster: &ClusterSpec,
     node: &NodeSpec,
     progress: &mut dyn FnMut(&str),
@@ -549,6 +525,7 @@ fn start_node(
     attach_to_underlay(
         spec,
         state,
+        topology,
         &netns,
         &format!("v-{}-{}", cluster.name, node.name),
         node.ip,
@@ -842,17 +819,14 @@ pub fn down(run_dir: &Path, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Do
             netns.push(name);
         }
     }
-    netns.extend(state.netns.iter().rev().cloned());
-    for ns in netns.iter().filter(|n| !n.is_empty()) {
-        if Path::new("/run/netns").join(ns).exists() {
-            plumbing::delete_netns(ns)?;
-            report.netns += 1;
-        }
-    }
-    for link in &state.host_links {
-        // Normally gone with its peer's namespace.
-        let _ = plumbing::ip(None, link, &["link", "del", link]);
-    }
+    // Creation order: the lab's own namespaces, then the endpoints' (removed first).
+    let mut all = state.netns.clone();
+    all.extend(netns.into_iter().filter(|n| !n.is_empty()));
+    report.netns = all
+        .iter()
+        .filter(|n| meshd_topology::netns::exists(n))
+        .count();
+    meshd_topology::underlay::remove(&all, &state.host_links)?;
     if state.bpffs_dir.starts_with("/sys/fs/bpf") && state.bpffs_dir.exists() {
         progress(&format!(
             "removing pinned maps and links under {}",

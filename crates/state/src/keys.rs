@@ -494,4 +494,16 @@ mod tests {
             assert!(NetworkPolicyKey::parse(bad).is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn index_keys_are_canonical() {
+        let c1 = ClusterName::new("c1").unwrap();
+        let a = crate::Labels::from_pairs([("b", "2"), ("a", "1")]);
+        let b = crate::Labels::from_pairs([("a", "1"), ("b", "2")]);
+        assert_eq!(identity_index_key(&c1, &a), identity_index_key(&c1, &b));
+        assert_eq!(
+            identity_index_key(&c1, &a),
+            "meshd/state/identity-labels/v1/c1/a=1,b=2"
+        );
+    }
 }

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use meshd_topology::etcd::{EtcdMember, EtcdServerTls, READY_LINES};
 
 /// TLS settings of the client listener.
 #[derive(Debug, Clone, Default)]
@@ -53,9 +54,6 @@ pub struct Etcd {
 }
 
 const START_DEADLINE: Duration = Duration::from_secs(30);
-/// What etcd 3.4 logs (zap logger) once its client listener accepts requests: "serving client
-/// traffic insecurely" or "... securely". The capnslog wording is "ready to serve client requests".
-const READY_LINES: [&str; 2] = ["serving client traffic", "ready to serve client requests"];
 
 impl Etcd {
     /// Starts a plaintext etcd.
@@ -69,7 +67,8 @@ impl Etcd {
         // Free ports can be taken by a parallel test between probing and binding: retry.
         for _ in 0..5 {
             let mut etcd = Etcd::unstarted(&opts, "test")?;
-            etcd.initial_cluster = format!("test={}", etcd.peer_url());
+            etcd.initial_cluster =
+                meshd_topology::etcd::initial_cluster([("test", etcd.peer_url().as_str())]);
             match etcd.spawn() {
                 Ok(()) => return Ok(etcd),
                 Err(e) => last_err = Some(e),
@@ -161,6 +160,25 @@ impl Etcd {
         self.child.is_some() && !self.paused
     }
 
+    /// This member as the lab launches its etcd too (same flags).
+    fn member(&self) -> EtcdMember {
+        EtcdMember {
+            name: self.name.clone(),
+            data_dir: self.data_dir(),
+            client_url: self.endpoint(),
+            peer_url: self.peer_url(),
+            initial_cluster: self.initial_cluster.clone(),
+            cluster_token: self.cluster_token.clone(),
+            tls: self.opts.tls.as_ref().map(|tls| EtcdServerTls {
+                ca: tls.ca.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+                client_cert_auth: tls.client_cert_auth,
+            }),
+            extra_args: self.opts.extra_args.clone(),
+        }
+    }
+
     fn spawn(&mut self) -> anyhow::Result<()> {
         let offset = self.launch()?;
         self.wait_ready(offset)
@@ -178,41 +196,7 @@ impl Etcd {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("opening {}", log_path.display()))?;
-        let client_url = self.endpoint();
-        let peer_url = self.peer_url();
-        let mut cmd = Command::new("etcd");
-        cmd.arg("--name")
-            .arg(&self.name)
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--listen-client-urls")
-            .arg(&client_url)
-            .arg("--advertise-client-urls")
-            .arg(&client_url)
-            .arg("--listen-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-advertise-peer-urls")
-            .arg(&peer_url)
-            .arg("--initial-cluster")
-            .arg(&self.initial_cluster)
-            .arg("--initial-cluster-token")
-            .arg(&self.cluster_token)
-            .arg("--logger")
-            .arg("zap")
-            .arg("--log-outputs")
-            .arg("stderr");
-        if let Some(tls) = &self.opts.tls {
-            cmd.arg("--cert-file")
-                .arg(&tls.cert)
-                .arg("--key-file")
-                .arg(&tls.key)
-                .arg("--trusted-ca-file")
-                .arg(&tls.ca);
-            if tls.client_cert_auth {
-                cmd.arg("--client-cert-auth");
-            }
-        }
-        cmd.args(&self.opts.extra_args);
+        let mut cmd = self.member().command(None);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().context("dup etcd log fd")?)
             .stderr(log);

@@ -40,11 +40,13 @@ impl EtcdCluster {
         let mut etcds = (0..members)
             .map(|i| Etcd::unstarted(opts, &format!("m{i}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let initial_cluster = etcds
+        let peers: Vec<(String, String)> = etcds
             .iter()
-            .map(|e| format!("{}={}", e.name(), e.peer_url()))
-            .collect::<Vec<_>>()
-            .join(",");
+            .map(|e| (e.name().to_owned(), e.peer_url()))
+            .collect();
+        let initial_cluster = meshd_topology::etcd::initial_cluster(
+            peers.iter().map(|(n, p)| (n.as_str(), p.as_str())),
+        );
         let token = format!("meshd-{}", etcds[0].dir().display()).replace('/', "-");
         for e in &mut etcds {
             e.join(&initial_cluster, &token);

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshd_kvstore::{
-    connect, Backend, EtcdConfig, EtcdStore, Header, KvError, LeaseId, MemoryStore, RangePage,
-    WatchEvent, WatchHandle, WatchStream,
+    connect, Backend, EtcdConfig, EtcdStore, Header, KvError, LeaseId, MemoryStore, RangePage, Txn,
+    TxnResponse, WatchEvent, WatchHandle, WatchStream,
 };
 use meshd_state::{
     encode, ClusterName, IpcacheEntry, IpcacheKey, NumericIdentity, Resource, ResourceKey,
@@ -242,6 +242,9 @@ impl<B: Backend> Backend for BeforeFirstWatch<B> {
     }
     async fn delete(&self, key: &str) -> Result<Header, KvError> {
         self.inner.delete(key).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, KvError> {
+        self.inner.txn(txn).await
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, KvError> {
         self.inner.grant_lease(ttl).await

@@ -23,8 +23,9 @@ pub(super) enum Status {
     Admitted,
     /// Waiting for the cluster's config.
     AwaitingConfig,
-    /// Waiting for the node the entry tunnels to.
-    AwaitingNode(IpAddr),
+    /// Waiting for the node the entry tunnels to (its `host_ip`: not repeated here, so the
+    /// status of 100k stored entries stays small).
+    AwaitingNode,
     /// Boxed: rejections are rare, and a small status keeps 100k stored entries small.
     Rejected(Box<RejectReason>),
     /// The cluster is refused.

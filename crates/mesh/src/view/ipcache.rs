@@ -108,7 +108,7 @@ impl MeshView {
         let known = cs.admitted_node_ips.contains_key(&host)
             || (cs.is_local() && host == self.local.node_ip);
         if !known {
-            return Some(Status::AwaitingNode(host));
+            return Some(Status::AwaitingNode);
         }
         Some(Status::Admitted)
     }
@@ -157,7 +157,8 @@ impl MeshView {
         let fresh_and_admitted = old == Status::New && new == Status::Admitted;
         if !stored.marked && !fresh_and_admitted {
             stored.marked = true;
-            txn.changed_entries.push((cs.name.clone(), *p, old));
+            txn.changed_entries
+                .push((cs.name.clone(), *p, old, stored.value.host_ip));
         }
         if !cs.is_local() {
             self.push_prefix_claimants(c, p, txn);

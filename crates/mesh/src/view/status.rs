@@ -45,7 +45,7 @@ impl KindCounts {
     pub(super) fn track(&mut self, status: &Status, up: bool) {
         let slot = match status {
             Status::Admitted => &mut self.admitted,
-            Status::AwaitingConfig | Status::AwaitingNode(_) => &mut self.pending,
+            Status::AwaitingConfig | Status::AwaitingNode => &mut self.pending,
             Status::Rejected(_) => &mut self.rejected,
             Status::New | Status::Blocked => return,
         };
@@ -149,13 +149,13 @@ impl MeshView {
         cs.ipcache
             .iter()
             .filter_map(|(p, s)| match s.status {
-                Status::AwaitingNode(host_ip) => Some(PendingEntry {
+                Status::AwaitingNode => Some(PendingEntry {
                     cluster: c.clone(),
                     key: IpcacheKey {
                         cluster: c.clone(),
                         prefix: *p,
                     },
-                    host_ip,
+                    host_ip: s.value.host_ip,
                 }),
                 _ => None,
             })

@@ -59,7 +59,8 @@ pub(super) struct Txn {
     /// Status of each key before its first change in this transaction, so only the net
     /// outcome is reported (an entry judged pending and then admitted in one batch is not).
     pub(super) changed_nodes: Vec<(Arc<ClusterName>, String, Status)>,
-    pub(super) changed_entries: Vec<(Arc<ClusterName>, IpNet, Status)>,
+    /// Entries also keep the host they tunnelled to: pending on another node is a change.
+    pub(super) changed_entries: Vec<(Arc<ClusterName>, IpNet, Status, IpAddr)>,
     pub(super) changed_identities: Vec<(Arc<ClusterName>, NumericIdentity, Status)>,
     /// Prefixes to resolve again (sorted and deduplicated at the end: cheaper than a set).
     pub(super) touched_prefixes: Vec<IpNet>,
@@ -177,7 +178,7 @@ impl MeshView {
                 }
             }
         }
-        for (c, prefix, before) in std::mem::take(&mut txn.changed_entries) {
+        for (c, prefix, before, host_before) in std::mem::take(&mut txn.changed_entries) {
             let Some(now) = self
                 .clusters
                 .get_mut(&*c)
@@ -186,7 +187,10 @@ impl MeshView {
             else {
                 continue;
             };
-            if now.status == before {
+            let host_ip = now.value.host_ip;
+            if now.status == before
+                && (now.status != Status::AwaitingNode || host_ip == host_before)
+            {
                 continue;
             }
             let key = IpcacheKey {
@@ -199,10 +203,10 @@ impl MeshView {
                     key: RejectedKey::Ipcache(key),
                     reason: (**reason).clone(),
                 }),
-                Status::AwaitingNode(host_ip) => txn.applied.pending.push(PendingEntry {
+                Status::AwaitingNode => txn.applied.pending.push(PendingEntry {
                     cluster: (*c).clone(),
                     key,
-                    host_ip: *host_ip,
+                    host_ip,
                 }),
                 _ => {}
             }
