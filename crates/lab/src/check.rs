@@ -5,7 +5,9 @@
 //!   other client by ping;
 //! - where a policy selects the echo endpoints, a non-client endpoint (another echo) is denied;
 //! - every service a cluster knows answers from each of that cluster's clients; a global one
-//!   with backends in several clusters answers from more than one cluster.
+//!   with backends in several clusters answers from more than one cluster;
+//! - every client reaches the external host (which must have seen the client's node address
+//!   with masquerade on, the client's own without), pings it, and pings its own node.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,6 +86,10 @@ enum Kind {
         endpoint: String,
     },
     Ping,
+    /// Answered by the external host, which saw this client address.
+    External {
+        seen: String,
+    },
     /// Must fail.
     Denied,
     /// All requests answered; `min_clusters` distinct clusters among the answers.
@@ -211,6 +217,48 @@ pub fn run_check(
             });
         }
     }
+    // Leaving the mesh: the external host answers and names the address it saw (the node's
+    // with masquerade, the endpoint's without); ICMP to it and to the client's own node.
+    if let Some(ext) = &state.external {
+        for from in &clients {
+            let node_ip = state
+                .cluster(&from.cluster)
+                .and_then(|c| c.nodes.iter().find(|n| n.name == from.node))
+                .map(|n| n.ip.clone())
+                .unwrap_or_default();
+            let seen = if state.masquerade {
+                node_ip.clone()
+            } else {
+                from.ip.clone()
+            };
+            let url = format!("http://{}:{}/", ext.ip, ext.port);
+            pending.push(Pending {
+                result: result(
+                    "external".into(),
+                    from,
+                    &format!("external {}:{}", ext.ip, ext.port),
+                    "allow",
+                ),
+                child: request(meshd, from, &url, 2, 3000)?,
+                kind: Kind::External { seen },
+            });
+            pending.push(Pending {
+                result: result("ping external".into(), from, &ext.ip, "allow"),
+                child: ping(from, &ext.ip)?,
+                kind: Kind::Ping,
+            });
+            pending.push(Pending {
+                result: result(
+                    "ping its node".into(),
+                    from,
+                    &format!("{}/{} {node_ip}", from.cluster, from.node),
+                    "allow",
+                ),
+                child: ping(from, &node_ip)?,
+                kind: Kind::Ping,
+            });
+        }
+    }
     if policy_denies_echo_to_echo {
         // One echo asks another in its own cluster and one in another cluster: not a client.
         if let Some(from) = echos.first() {
@@ -281,6 +329,21 @@ pub fn run_check(
                 } else {
                     format!("answered by {answered:?}; errors {}", summary["errors"])
                 };
+            }
+            Kind::External { seen } => {
+                let clients: Vec<String> = summary["replies"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| r["client"].as_str().unwrap_or("-").to_owned())
+                    .collect();
+                let from_ip = |c: &String| c.rsplit_once(':').map(|(ip, _)| ip.to_owned());
+                result.pass = out.status.success()
+                    && !clients.is_empty()
+                    && clients
+                        .iter()
+                        .all(|c| from_ip(c).as_deref() == Some(seen.as_str()));
+                result.detail = format!("seen as {clients:?} (expected {seen})");
             }
             Kind::Ping => {
                 result.pass = out.status.success();

@@ -18,6 +18,11 @@ pub struct LabSpec {
     pub mtu: u32,
     pub tunnel_port: u16,
     pub clusters: Vec<ClusterSpec>,
+    /// Endpoints' traffic to the world leaves with their node's address (the agents'
+    /// `masquerade`); without it the router routes every pod CIDR to its node.
+    pub masquerade: bool,
+    /// The host outside the mesh, behind the underlay router.
+    pub external: ExternalSpec,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +61,17 @@ pub struct EndpointSpec {
     pub echo: bool,
 }
 
+/// A router on the underlay and, behind it on a link of its own, an external host with an
+/// address from a documentation range (TEST-NET-3), running the lab's HTTP echo.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExternalSpec {
+    /// The router's address on the underlay.
+    pub router_ip: Ipv4Addr,
+    /// The external link: the router's side is .1, the host's `ip`.
+    pub net: Ipv4Net,
+    pub ip: Ipv4Addr,
+}
+
 pub const ECHO_PORT: u16 = 8080;
 pub const SERVICE_PORT: u16 = 80;
 
@@ -82,7 +98,27 @@ impl LabSpec {
             mtu: 1500,
             tunnel_port: 8472,
             clusters,
+            masquerade: true,
+            external: ExternalSpec {
+                router_ip: Ipv4Addr::new(base[0], base[1], base[2], 254),
+                net: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24).expect("/24"),
+                ip: Ipv4Addr::new(203, 0, 113, 10),
+            },
         }
+    }
+
+    /// Masquerade on (the default) or off.
+    pub fn with_masquerade(mut self, masquerade: bool) -> LabSpec {
+        self.masquerade = masquerade;
+        self
+    }
+
+    pub fn router_netns(&self) -> String {
+        format!("{}-rt", self.prefix)
+    }
+
+    pub fn external_netns(&self) -> String {
+        format!("{}-ext", self.prefix)
     }
 
     /// Every cluster's etcd on `members` members (1 to [`MAX_ETCD_MEMBERS`]).

@@ -21,6 +21,26 @@ pub struct LabState {
     pub processes: Vec<LabProcess>,
     pub clusters: Vec<LabCluster>,
     pub endpoints: Vec<LabEndpoint>,
+    /// Whether the agents masquerade world-bound traffic (labs before this field: true).
+    #[serde(default = "masquerade_default")]
+    pub masquerade: bool,
+    /// The external host outside the mesh (absent in labs made before it existed).
+    #[serde(default)]
+    pub external: Option<LabExternal>,
+}
+
+fn masquerade_default() -> bool {
+    true
+}
+
+/// The host outside the mesh, behind the underlay router, running the HTTP echo.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabExternal {
+    pub netns: String,
+    pub ip: String,
+    pub port: u16,
+    pub router_netns: String,
+    pub router_ip: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

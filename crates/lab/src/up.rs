@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
 use meshd_certs::{LeafKind, MeshCa};
+use meshd_netlink::{with_netlink, Route};
 use meshd_topology::etcd::{EtcdMember, EtcdServerTls};
 use meshd_topology::underlay::host_address;
 use meshd_topology::{HostSpec, RootLinkSpec, Topology, UnderlaySpec};
@@ -17,7 +19,8 @@ use meshd_topology::{HostSpec, RootLinkSpec, Topology, UnderlaySpec};
 use crate::proc::{self, run, spawn_daemon, wait_for};
 use crate::spec::{ClusterSpec, LabSpec, NodeSpec, ECHO_PORT};
 use crate::state::{
-    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabNode, LabProcess, LabState, TlsPaths,
+    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabExternal, LabNode, LabProcess, LabState,
+    TlsPaths,
 };
 
 /// Environment variable set on every process the lab starts; its value is the run dir.
@@ -70,6 +73,7 @@ pub fn up(opts: &UpOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<La
         run_dir: opts.run_dir.clone(),
         bpffs_dir: opts.bpffs_dir.clone(),
         cli_config: opts.run_dir.join("meshd-cli.yaml"),
+        masquerade: opts.spec.masquerade,
         ..LabState::default()
     };
     state.save()?;
@@ -155,6 +159,17 @@ fn build_on(
     record_topology(state, topology)?;
     host_link?;
 
+    progress(&format!(
+        "network: router {} and external host {} ({}) behind it",
+        spec.external.router_ip,
+        spec.external.ip,
+        spec.external_netns()
+    ));
+    let external = build_external(spec, topology);
+    record_topology(state, topology)?;
+    external?;
+    start_external_echo(opts, state)?;
+
     for cluster in &spec.clusters {
         start_control_plane(opts, state, topology, cluster, progress)?;
     }
@@ -192,6 +207,101 @@ fn build_on(
     progress("waiting for every node to see every cluster ready");
     wait_mesh_ready(opts, state)?;
     Ok(())
+}
+
+/// The router on the underlay and the external host behind it (see
+/// [`ExternalSpec`](crate::spec::ExternalSpec)). With
+/// masquerade off the router routes every node's pod CIDR to the node, as a network that
+/// carries pod addresses does; with it on it knows nothing of them.
+fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()> {
+    let ext = &spec.external;
+    let router = spec.router_netns();
+    let host = spec.external_netns();
+    topology.add_host(&HostSpec {
+        netns: router.clone(),
+        bridge_port: "v-router".into(),
+        address: host_address(ext.router_ip, spec.underlay),
+    })?;
+    topology.add_namespace(&host)?;
+    let router_ext = Ipv4Net::new(
+        std::net::Ipv4Addr::from(u32::from(ext.net.network()) + 1),
+        ext.net.prefix_len(),
+    )?;
+    with_netlink(Some(&router), |nl| {
+        nl.add_veth("ext0", "eth0", Some(&host), Some(spec.mtu))?;
+        nl.add_address("ext0", router_ext)?;
+        nl.set_up("ext0")?;
+        nl.enable_ipv4_forwarding("ext0")?;
+        nl.enable_ipv4_forwarding("ul0")?;
+        if !spec.masquerade {
+            for node in spec.clusters.iter().flat_map(|c| &c.nodes) {
+                nl.add_route(
+                    &Route {
+                        destination: node.pod_cidr,
+                        dev: "ul0",
+                        gateway: Some(node.ip),
+                        link_scope: false,
+                    },
+                    false,
+                )?;
+            }
+        }
+        Ok(())
+    })
+    .with_context(|| format!("{router}: the router's external link"))?;
+    with_netlink(Some(&host), |nl| {
+        nl.set_up("lo")?;
+        nl.add_address(
+            "eth0",
+            Ipv4Net::new(ext.ip, ext.net.prefix_len()).expect("valid"),
+        )?;
+        nl.set_up("eth0")?;
+        nl.add_route(
+            &Route {
+                destination: Ipv4Net::default(),
+                dev: "eth0",
+                gateway: Some(router_ext.addr()),
+                link_scope: false,
+            },
+            false,
+        )
+    })
+    .with_context(|| format!("{host}: the external host's link"))?;
+    Ok(())
+}
+
+/// The HTTP echo on the external host (it answers with the client address it saw).
+fn start_external_echo(opts: &UpOptions, state: &mut LabState) -> anyhow::Result<()> {
+    let spec = &opts.spec;
+    let netns = spec.external_netns();
+    let log = opts.run_dir.join("external-echo.log");
+    let pid = spawn_daemon(
+        Some(&netns),
+        &opts.meshd(),
+        &[
+            "workload".into(),
+            "echo".into(),
+            "--listen".into(),
+            format!("0.0.0.0:{ECHO_PORT}"),
+            "--cluster".into(),
+            "external".into(),
+            "--node".into(),
+            "external".into(),
+            "--endpoint".into(),
+            "external".into(),
+        ],
+        &marker(opts),
+        &log,
+    )?;
+    record(state, pid, "workload", "", "external", &log);
+    state.external = Some(LabExternal {
+        netns,
+        ip: spec.external.ip.to_string(),
+        port: ECHO_PORT,
+        router_netns: spec.router_netns(),
+        router_ip: spec.external.router_ip.to_string(),
+    });
+    state.save()
 }
 
 fn certs_dir(run_dir: &Path) -> PathBuf {
@@ -530,6 +640,20 @@ fn start_node(
         &format!("v-{}-{}", cluster.name, node.name),
         node.ip,
     )?;
+    // The outside is reached through the router (a node's default route would do as well;
+    // this one leaves the host's own routing alone).
+    with_netlink(Some(&netns), |nl| {
+        nl.add_route(
+            &Route {
+                destination: spec.external.net,
+                dev: "ul0",
+                gateway: Some(spec.external.router_ip),
+                link_scope: false,
+            },
+            false,
+        )
+    })
+    .with_context(|| format!("{netns}: route to the external network"))?;
 
     let dir = node_dir(opts, cluster, node);
     let remotes = dir.join("clusters");
@@ -551,7 +675,7 @@ fn start_node(
     }
     let etcd = node_tls_paths(&opts.run_dir, &cluster.name, &node.name);
     let config = format!(
-        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
+        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\nmasquerade: {masq}\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
         c = cluster.name,
         id = cluster.id,
         n = node.name,
@@ -565,6 +689,7 @@ fn start_node(
         bpffs = opts.bpffs_dir.display(),
         port = spec.tunnel_port,
         sock = api_socket(opts, cluster, node).display(),
+        masq = spec.masquerade,
         state = dir.join("state").display(),
         // Endpoint namespaces carry the lab's prefix (through the node's), so two labs (a
         // user's and a test's) never fight over one name.

@@ -74,9 +74,13 @@ fn lab_up_check_status_down_twice() {
         "--run-dir",
         run,
     ];
-    // Twice in a row: the second `up` replaces the first lab.
+    // Twice in a row: the second `up` replaces the first lab, without masquerade.
     for round in 1..=2 {
-        let up = meshd(&up_args);
+        let mut args = up_args.to_vec();
+        if round == 2 {
+            args.push("--no-masquerade");
+        }
+        let up = meshd(&args);
         let stdout = String::from_utf8_lossy(&up.stdout);
         let stderr = String::from_utf8_lossy(&up.stderr);
         if !up.status.success() {
@@ -85,6 +89,15 @@ fn lab_up_check_status_down_twice() {
         }
         assert!(stdout.contains(" 0 failed"), "round {round}: {stdout}");
         assert!(stdout.contains("cross-cluster"), "round {round}: {stdout}");
+        // The external host answered every client (and saw the address the mode implies).
+        assert_eq!(
+            stdout
+                .lines()
+                .filter(|l| l.starts_with("external ") && l.contains(" ok "))
+                .count(),
+            4,
+            "round {round}: {stdout}"
+        );
     }
 
     let status = meshd(&["lab", "status", "--run-dir", run, "-o", "json"]);
@@ -101,6 +114,11 @@ fn lab_up_check_status_down_twice() {
         assert!(Path::new(c["etcd"]["remote"]["cert"].as_str().unwrap()).is_file());
         assert_eq!(c["nodes"].as_array().unwrap().len(), 2);
     }
+    assert_eq!(doc["masquerade"], false, "{doc}");
+    assert_eq!(doc["external"]["ip"], "203.0.113.10", "{doc}");
+    assert_eq!(doc["external"]["port"], 8080, "{doc}");
+    let ext_netns = doc["external"]["netns"].as_str().unwrap();
+    assert!(Path::new("/run/netns").join(ext_netns).exists(), "{doc}");
     let endpoints = doc["endpoints"].as_array().unwrap();
     assert_eq!(endpoints.len(), 8);
     for e in endpoints {

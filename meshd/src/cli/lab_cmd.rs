@@ -56,6 +56,10 @@ pub struct UpArgs {
     /// Members of each cluster's etcd (3 for a replicated etcd, as production runs it).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=meshd_lab::spec::MAX_ETCD_MEMBERS as i64))]
     etcd_members: u8,
+    /// Agents do not masquerade traffic leaving the mesh: the external host sees endpoint
+    /// addresses, and the lab's router routes every pod CIDR to its node.
+    #[arg(long)]
+    no_masquerade: bool,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -193,7 +197,8 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     }
     let mut opts = UpOptions::new(
         LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
-            .with_etcd_members(args.etcd_members),
+            .with_etcd_members(args.etcd_members)
+            .with_masquerade(!args.no_masquerade),
         args.run.run_dir.clone(),
         bin_dir()?,
     );
@@ -497,6 +502,14 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "endpoints": state.endpoints,
+        "masquerade": state.masquerade,
+        "external": state.external.as_ref().map(|e| serde_json::json!({
+            "netns": e.netns,
+            "ip": e.ip,
+            "port": e.port,
+            "router_netns": e.router_netns,
+            "router_ip": e.router_ip,
+        })),
         "services": services.iter().map(|s| serde_json::json!({
             "name": s.name,
             "namespace": s.namespace,
@@ -514,6 +527,16 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 state.run_dir.display(),
                 state.cli_config.display()
             );
+            if let Some(e) = &state.external {
+                println!(
+                    "external host {}:{} ({}) behind router {}; masquerade {}",
+                    e.ip,
+                    e.port,
+                    e.netns,
+                    e.router_ip,
+                    if state.masquerade { "on" } else { "off" }
+                );
+            }
             for c in &state.clusters {
                 println!(
                     "cluster {} (id {}, context {}): etcd {} in {}, apiserver {}",
