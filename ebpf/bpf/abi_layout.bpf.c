@@ -25,6 +25,10 @@ struct service_key abi_service_key;
 struct service_value abi_service_value;
 struct backend_key abi_backend_key;
 struct backend_value abi_backend_value;
+struct nat_key abi_nat_key;
+struct nat_value abi_nat_value;
+struct no_masq_key abi_no_masq_key;
+struct no_masq_value abi_no_masq_value;
 
 enum meshd_limits abi_limits;
 enum meshd_identity abi_identity;
@@ -36,5 +40,7 @@ enum meshd_policy_flags abi_policy_flags;
 enum meshd_verdict abi_verdict;
 enum meshd_ct_flags abi_ct_flags;
 enum meshd_event_type abi_event_type;
+enum meshd_config_flags abi_config_flags;
+enum meshd_nat abi_nat;
 
 char LICENSE[] SEC("license") = "GPL";

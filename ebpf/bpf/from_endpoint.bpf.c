@@ -7,7 +7,9 @@
  * to its connection's backend before anything else looks at it, so policy, conntrack and
  * forwarding are about the backend; replies of service connections to an endpoint of this node
  * from a backend of this node, and ICMP errors about their requests, get their frontend back
- * here, and a client load-balanced to itself is SNATed (hairpin, see lb.h).
+ * here, and a client load-balanced to itself is SNATed (hairpin, see lb.h). A destination
+ * outside the mesh is `world` (or `host`) by the node's FIB, masqueraded unless configured
+ * otherwise, and routed out by this program (lib/world.h, lib/nat.h).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -15,6 +17,7 @@
 #include "lib/ct.h"
 #include "lib/policy.h"
 #include "lib/lb.h"
+#include "lib/world.h"
 #include "lib/fwd_cache.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
@@ -84,13 +87,22 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	struct endpoint_key dkey = {.addr = hairpin_reply ? ctx->saddr : ctx->daddr};
 	struct endpoint_value *dst = bpf_map_lookup_elem(&ENDPOINTS, &dkey);
 	struct ipcache_value *remote = 0;
+	struct world_hop hop = {};
+	int world = -1; /* WORLD_* for a destination outside the mesh */
 	if (dst) {
 		ctx->dst_identity = dst->identity;
 	} else {
 		remote = ipcache_lookup(ctx->daddr);
-		if (!remote)
-			return MESHD_DROP_UNKNOWN_DEST;
-		ctx->dst_identity = remote->identity;
+		if (remote) {
+			ctx->dst_identity = remote->identity;
+		} else {
+			if (!cfg || !(cfg->flags & MESHD_CONFIG_F_WORLD) || hairpin_reply)
+				return MESHD_DROP_UNKNOWN_DEST;
+			world = world_route(skb, ctx, l3_off, &hop);
+			if (world < 0)
+				return world;
+			ctx->dst_identity = world == WORLD_HOST ? MESHD_IDENTITY_HOST : MESHD_IDENTITY_WORLD;
+		}
 	}
 
 	if (!cfg)
@@ -143,6 +155,15 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ctx->action = bpf_redirect(dst->ifindex, 0);
 		return MESHD_FWD_LOCAL;
 	}
+	if (world == WORLD_HOST || world == WORLD_VIA_STACK) {
+		ctx->action = TC_ACT_OK;
+		return MESHD_FWD_STACK;
+	}
+	/* Replies of connections that started outside (and errors about them) keep their
+	 * source: their peer knows the endpoint's own address. */
+	if (world >= 0)
+		return world_egress(skb, ctx, &hop, l3_off,
+				    world | (ct == CT_REPLY || ct == CT_RELATED ? WORLD_KEEP_SOURCE : 0));
 	if (!remote->tunnel_endpoint) {
 		ctx->action = TC_ACT_OK;
 		return MESHD_FWD_STACK;

@@ -32,6 +32,8 @@ pub const CT_MAX: u32 = 262_144;
 pub const FRAGS_MAX: u32 = 8192;
 pub const SERVICES_MAX: u32 = 65_536;
 pub const BACKENDS_MAX: u32 = 262_144;
+pub const NAT_MAX: u32 = 262_144;
+pub const NO_MASQ_MAX: u32 = 1024;
 pub const EVENTS_BYTES: u32 = 1 << 20;
 
 // enum meshd_identity
@@ -51,6 +53,7 @@ pub const DIR_COUNT: u32 = 2;
 pub const FWD_LOCAL: i32 = 1;
 pub const FWD_TUNNEL: i32 = 2;
 pub const FWD_STACK: i32 = 3;
+pub const FWD_WORLD: i32 = 4;
 pub const DROP_INVALID_PACKET: i32 = -130;
 pub const DROP_UNSUPPORTED_L3: i32 = -131;
 pub const DROP_INVALID_SOURCE: i32 = -132;
@@ -64,6 +67,7 @@ pub const DROP_NO_CONFIG: i32 = -139;
 pub const DROP_WRITE_ERROR: i32 = -140;
 pub const DROP_FRAG_NOT_FOUND: i32 = -141;
 pub const DROP_NO_SERVICE_BACKEND: i32 = -142;
+pub const DROP_NAT_NO_PORT: i32 = -143;
 
 // enum meshd_metrics_layout
 pub const REASONS: u32 = 256;
@@ -84,6 +88,11 @@ pub const CT_F_SERVICE: u32 = 4;
 pub const CT_F_REV_NAT: u32 = 8;
 // enum meshd_event_type
 pub const EVENT_DROP: u32 = 1;
+// enum meshd_config_flags
+pub const CONFIG_F_WORLD: u32 = 1;
+pub const CONFIG_F_MASQUERADE: u32 = 2;
+// enum meshd_nat
+pub const NAT_RETRIES: u32 = 64;
 
 /// Every constant above with its C name, for the layout test.
 pub const CONSTANTS: &[(&str, i64)] = &[
@@ -96,6 +105,8 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_FRAGS_MAX", FRAGS_MAX as i64),
     ("MESHD_SERVICES_MAX", SERVICES_MAX as i64),
     ("MESHD_BACKENDS_MAX", BACKENDS_MAX as i64),
+    ("MESHD_NAT_MAX", NAT_MAX as i64),
+    ("MESHD_NO_MASQ_MAX", NO_MASQ_MAX as i64),
     ("MESHD_EVENTS_BYTES", EVENTS_BYTES as i64),
     ("MESHD_IDENTITY_HOST", IDENTITY_HOST as i64),
     ("MESHD_IDENTITY_WORLD", IDENTITY_WORLD as i64),
@@ -112,6 +123,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_FWD_LOCAL", FWD_LOCAL as i64),
     ("MESHD_FWD_TUNNEL", FWD_TUNNEL as i64),
     ("MESHD_FWD_STACK", FWD_STACK as i64),
+    ("MESHD_FWD_WORLD", FWD_WORLD as i64),
     ("MESHD_DROP_INVALID_PACKET", DROP_INVALID_PACKET as i64),
     ("MESHD_DROP_UNSUPPORTED_L3", DROP_UNSUPPORTED_L3 as i64),
     ("MESHD_DROP_INVALID_SOURCE", DROP_INVALID_SOURCE as i64),
@@ -128,6 +140,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
         "MESHD_DROP_NO_SERVICE_BACKEND",
         DROP_NO_SERVICE_BACKEND as i64,
     ),
+    ("MESHD_DROP_NAT_NO_PORT", DROP_NAT_NO_PORT as i64),
     ("MESHD_REASONS", REASONS as i64),
     ("MESHD_METRICS_MAX", METRICS_MAX as i64),
     ("MESHD_IPCACHE_F_LOCAL", IPCACHE_F_LOCAL as i64),
@@ -140,6 +153,9 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CT_F_SERVICE", CT_F_SERVICE as i64),
     ("MESHD_CT_F_REV_NAT", CT_F_REV_NAT as i64),
     ("MESHD_EVENT_DROP", EVENT_DROP as i64),
+    ("MESHD_CONFIG_F_WORLD", CONFIG_F_WORLD as i64),
+    ("MESHD_CONFIG_F_MASQUERADE", CONFIG_F_MASQUERADE as i64),
+    ("MESHD_NAT_RETRIES", NAT_RETRIES as i64),
 ];
 
 /// Human name of a reason code (forward or drop), for logs and `meshd monitor`.
@@ -148,6 +164,7 @@ pub fn reason_name(code: i32) -> &'static str {
         FWD_LOCAL => "forwarded-local",
         FWD_TUNNEL => "forwarded-tunnel",
         FWD_STACK => "forwarded-stack",
+        FWD_WORLD => "forwarded-world",
         DROP_INVALID_PACKET => "invalid-packet",
         DROP_UNSUPPORTED_L3 => "unsupported-l3",
         DROP_INVALID_SOURCE => "invalid-source",
@@ -161,6 +178,7 @@ pub fn reason_name(code: i32) -> &'static str {
         DROP_WRITE_ERROR => "write-error",
         DROP_FRAG_NOT_FOUND => "fragment-without-first",
         DROP_NO_SERVICE_BACKEND => "no-service-backend",
+        DROP_NAT_NO_PORT => "nat-no-port",
         _ => "unknown-reason",
     }
 }
@@ -319,6 +337,9 @@ pub struct DatapathConfig {
     pub policy_revision: u32,
     /// Bumped after ENDPOINTS, IPCACHE and CONFIG changes; empties the CT forwarding caches.
     pub forward_revision: u32,
+    /// SNAT port range of masquerade, host byte order, inclusive.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
 }
 
 #[repr(C)]
@@ -379,6 +400,44 @@ pub struct BackendValue {
     pub cluster_id: u32,
 }
 
+/// Key of NAT: a flow's tuple (forward entry: the endpoint's as sent; reverse entry: the
+/// replies' as they arrive at node_ip).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Network byte order; ICMP echo: identifier in sport (request) or dport (reply).
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatValue {
+    /// Forward: node_ip; reverse: the endpoint. Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Key of NO_MASQ (an LPM trie key, like [`IpcacheKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NoMasqKey {
+    pub prefixlen: u32,
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NoMasqValue {
+    pub flags: u32,
+}
+
 // SAFETY: every type is `#[repr(C)]`, made only of integers and byte arrays, with all padding
 // spelled out as fields (checked by tests/abi_layout.rs), so any bit pattern is valid and no
 // byte is uninitialised.
@@ -402,6 +461,10 @@ unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for BackendKey {}
 unsafe impl aya::Pod for BackendValue {}
+unsafe impl aya::Pod for NatKey {}
+unsafe impl aya::Pod for NatValue {}
+unsafe impl aya::Pod for NoMasqKey {}
+unsafe impl aya::Pod for NoMasqValue {}
 
 /// One mirrored struct: C name, Rust size, and every field's name and offset.
 pub struct Layout {
@@ -510,7 +573,9 @@ pub fn layouts() -> Vec<Layout> {
                 cluster_id,
                 flags,
                 policy_revision,
-                forward_revision
+                forward_revision,
+                nat_port_min,
+                nat_port_max
             }
         ),
         layout!(
@@ -551,5 +616,19 @@ pub fn layouts() -> Vec<Layout> {
                 cluster_id
             }
         ),
+        layout!(
+            "nat_key",
+            NatKey {
+                saddr,
+                daddr,
+                sport,
+                dport,
+                proto,
+                pad
+            }
+        ),
+        layout!("nat_value", NatValue { addr, port, pad }),
+        layout!("no_masq_key", NoMasqKey { prefixlen, addr }),
+        layout!("no_masq_value", NoMasqValue { flags }),
     ]
 }

@@ -5,6 +5,7 @@
 //! directory share them):
 //! - [`FROM_ENDPOINT`]: programs `from_endpoint` (attach) and `from_endpoint_probe` (test-run),
 //! - [`FROM_OVERLAY`]: programs `from_overlay` (attach) and `from_overlay_probe` (test-run),
+//! - [`FROM_NETDEV`]: program `from_netdev` (attach; also test-run as it is),
 //! - [`BASELINE`]: program `baseline`, an empty classifier for benchmarks,
 //! - [`ABI_LAYOUT`]: never loaded; its BTF describes every shared struct for the layout test.
 
@@ -26,6 +27,9 @@ pub static FROM_ENDPOINT: &[u8] =
 /// Object holding `from_overlay` (tc ingress of the VXLAN device).
 pub static FROM_OVERLAY: &[u8] =
     include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from_overlay.bpf.o"));
+/// Object holding `from_netdev` (tc ingress of the node's uplink).
+pub static FROM_NETDEV: &[u8] =
+    include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from_netdev.bpf.o"));
 /// Object holding `baseline`, the empty program benchmarks compare against.
 pub static BASELINE: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/baseline.bpf.o"));
 /// Object whose BTF describes every ABI struct and enum; only inspected by tests.
@@ -38,6 +42,7 @@ pub mod programs {
     pub const FROM_ENDPOINT_PROBE: &str = "from_endpoint_probe";
     pub const FROM_OVERLAY: &str = "from_overlay";
     pub const FROM_OVERLAY_PROBE: &str = "from_overlay_probe";
+    pub const FROM_NETDEV: &str = "from_netdev";
     pub const BASELINE: &str = "baseline";
 }
 
@@ -55,8 +60,10 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
+    pub const NAT: &str = "NAT";
+    pub const NO_MASQ: &str = "NO_MASQ";
     /// Every pinned map.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         IPCACHE,
         IPCACHE_HOSTS,
         ENDPOINTS,
@@ -69,5 +76,7 @@ pub mod maps {
         EVENTS,
         SERVICES,
         BACKENDS,
+        NAT,
+        NO_MASQ,
     ];
 }

@@ -25,7 +25,10 @@ use ipnet::Ipv4Net;
 use meshd_certs::LeafKind;
 use meshd_testing::etcd::{EtcdOptions, EtcdTls};
 use meshd_testing::etcd_cluster::EtcdCluster;
-use meshd_testing::netns::Underlay;
+use meshd_testing::netns::{External, Underlay};
+
+/// The router's address on the underlay, when the mesh has an outside.
+pub const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 253);
 
 use crate::pki::Pki;
 use crate::proxy::Proxy;
@@ -48,6 +51,12 @@ pub struct MeshOptions {
     pub metrics_port: Option<u16>,
     /// Members of each cluster's etcd (1, or 3 for a replicated one).
     pub etcd_members: usize,
+    /// Outside the mesh: a router on the underlay (every node's default route, strict
+    /// rp_filter on every uplink) and an external host behind it, on a link whose router side
+    /// has this MTU. `None`: no outside.
+    pub external_mtu: Option<u32>,
+    /// Lines appended to every agent's config file (e.g. `masquerade: false`).
+    pub agent_config: Vec<String>,
 }
 
 impl MeshOptions {
@@ -59,7 +68,21 @@ impl MeshOptions {
             resync_interval_secs: None,
             metrics_port: None,
             etcd_members: 1,
+            external_mtu: None,
+            agent_config: Vec::new(),
         }
+    }
+
+    /// With an external host behind a router (see [`MeshOptions::external_mtu`]).
+    pub fn external(mut self, router_side_mtu: u32) -> Self {
+        self.external_mtu = Some(router_side_mtu);
+        self
+    }
+
+    /// With `line` in every agent's config file.
+    pub fn agent_config(mut self, line: &str) -> Self {
+        self.agent_config.push(line.to_owned());
+        self
     }
 
     /// Each cluster's etcd replicated on `members` members.
@@ -121,6 +144,8 @@ pub struct Mesh {
     bpffs_root: PathBuf,
     pub clusters: Vec<Cluster>,
     pub underlay: Underlay,
+    /// The router and external host of [`MeshOptions::external_mtu`].
+    pub external: Option<External>,
     pub pki: Pki,
     pub dir: tempfile::TempDir,
     metrics_port: Option<u16>,
@@ -184,6 +209,7 @@ impl Mesh {
             bpffs_root,
             clusters: Vec::new(),
             underlay,
+            external: None,
             pki,
             dir,
             metrics_port: opts.metrics_port,
@@ -254,6 +280,16 @@ impl Mesh {
                     .underlay
                     .add_node(&format!("{prefix}-{name}{node_name}"), ip)?;
                 let netns = mesh.underlay.node(index).path();
+                if opts.external_mtu.is_some() {
+                    let ns = mesh.underlay.node(index);
+                    ns.ip(&["route", "add", "default", "via", &ROUTER_IP.to_string()])?;
+                    for key in [
+                        "net.ipv4.conf.all.rp_filter=1",
+                        "net.ipv4.conf.ul0.rp_filter=1",
+                    ] {
+                        ns.run("sysctl", &["-qw", key])?;
+                    }
+                }
                 let node_dir = mesh.dir.path().join(format!("{name}-{node_name}"));
                 fs::create_dir_all(&node_dir)?;
                 cluster.nodes.push(Node {
@@ -273,6 +309,9 @@ impl Mesh {
             mesh.clusters.push(cluster);
         }
 
+        if let Some(mtu) = opts.external_mtu {
+            mesh.external = Some(mesh.underlay.add_external(&prefix, ROUTER_IP, mtu)?);
+        }
         // Every cluster lets every other one read it (user remote-<other>).
         for c in &mesh.clusters {
             for other in mesh.clusters.iter().filter(|o| o.name != c.name) {
@@ -371,6 +410,10 @@ impl Mesh {
         }
         if let Some(port) = opts.metrics_port {
             text.push_str(&format!("metrics_addr: 127.0.0.1:{port}\n"));
+        }
+        for line in &opts.agent_config {
+            text.push_str(line);
+            text.push('\n');
         }
         fs::write(&n.config, text)?;
         Ok(())

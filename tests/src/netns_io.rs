@@ -148,3 +148,148 @@ pub fn icmp_ping(netns: &Path, to: std::net::Ipv4Addr, timeout: Duration) -> any
         }
     }
 }
+
+/// A TCP connection from inside `netns` whose source port is `local_port` (bound before
+/// connecting, SO_REUSEADDR so a port of a connection in TIME_WAIT can be used again).
+pub fn connect_from_port(
+    netns: &Path,
+    local_port: u16,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let SocketAddr::V4(v4) = addr else {
+        bail!("{addr} is not IPv4");
+    };
+    let fd = in_netns(netns, || {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if raw < 0 {
+            bail!("socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh, valid fd nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    })?;
+    let one: libc::c_int = 1;
+    let secs = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let local = sockaddr(std::net::Ipv4Addr::UNSPECIFIED, local_port);
+    let remote = sockaddr(*v4.ip(), v4.port());
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: valid fd, option values and sockaddr_in structs that outlive the calls.
+    let rc: i32 = unsafe {
+        let fd = fd.as_raw_fd();
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        ) != 0
+            || libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&secs as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            ) != 0
+        {
+            -1
+        } else if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) != 0 {
+            -2
+        } else if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) != 0 {
+            -3
+        } else {
+            0
+        }
+    };
+    if rc != 0 {
+        let step = ["", "setsockopt", "bind", "connect"][rc.unsigned_abs() as usize];
+        bail!(
+            "{step} from port {local_port} to {addr} in {}: {}",
+            netns.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Serves on `port` inside `netns` until the process exits: each connection first gets the
+/// client address the server saw, as `IP:PORT\n`, then an echo of what it sends.
+pub fn spawn_whoami(netns: &Path, port: u16) -> anyhow::Result<()> {
+    let listener = listen(netns, SocketAddr::from(([0, 0, 0, 0], port)))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let Ok(peer) = conn.peer_addr() else { return };
+                if conn.write_all(format!("{peer}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Reads the `IP:PORT\n` line a [`spawn_whoami`] server sends first.
+pub fn read_seen_address(stream: &mut TcpStream) -> anyhow::Result<SocketAddr> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        stream
+            .read_exact(&mut byte)
+            .context("reading the seen address")?;
+        if byte[0] == b'\n' {
+            let text = String::from_utf8_lossy(&line);
+            return text
+                .parse()
+                .with_context(|| format!("{text:?} is not IP:PORT"));
+        }
+        line.push(byte[0]);
+    }
+    bail!("no address line from the server")
+}
+
+/// Serves on `port` inside `netns` until the process exits: reads each connection to its end,
+/// then answers with the number of bytes read (decimal) and closes. Its own packets stay small
+/// (ACKs and that one line), for paths whose way back is narrower than the way there.
+pub fn spawn_sink(netns: &Path, port: u16) -> anyhow::Result<()> {
+    let listener = listen(netns, SocketAddr::from(([0, 0, 0, 0], port)))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut total = 0usize;
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        let _ = conn.write_all(total.to_string().as_bytes());
+                        break;
+                    }
+                    total += n;
+                }
+            });
+        }
+    });
+    Ok(())
+}

@@ -25,6 +25,9 @@
 //! resync_interval_secs: 300                   # the maps' safety-net full diff
 //! cert_expiry_warning_days: 30                # status warns of certificates expiring sooner
 //! metrics_addr: 0.0.0.0:9962                   # Prometheus /metrics; off when absent
+//! masquerade: true                            # leaving the mesh: see egress.rs
+//! non_masquerade_cidrs: []
+//! snat_port_range: 61000-65535
 //! ```
 //!
 //! At start the agent leaves its maps as they are until every cluster configured then has
@@ -41,6 +44,8 @@ use ipnet::Ipv4Net;
 use meshd_certs::TlsFiles;
 use meshd_state::{ClusterId, ClusterName};
 use serde::Deserialize;
+
+use super::egress::{self, EgressSettings};
 
 /// Flags of `meshd agent`; each overrides the same field of the file.
 #[derive(Debug, Clone, Default, Args)]
@@ -116,6 +121,17 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// Masquerade endpoints' traffic to destinations outside the mesh to the node IP
+    /// [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub masquerade: Option<bool>,
+    /// Destinations never masqueraded (IPv4 prefixes, comma separated).
+    #[arg(long, value_delimiter = ',', value_name = "CIDRS")]
+    pub non_masquerade_cidrs: Option<Vec<String>>,
+    /// Ports masqueraded flows take, LOW-HIGH; must not overlap the node's ephemeral range
+    /// [default: 61000-65535].
+    #[arg(long, value_name = "LOW-HIGH")]
+    pub snat_port_range: Option<String>,
 }
 
 /// The file, as written. Every field optional here: what is missing is reported by `resolve`.
@@ -142,6 +158,9 @@ pub struct ConfigFile {
     pub endpoint_netns_prefix: Option<String>,
     pub cert_expiry_warning_days: Option<u32>,
     pub metrics_addr: Option<String>,
+    pub masquerade: Option<bool>,
+    pub non_masquerade_cidrs: Option<Vec<String>>,
+    pub snat_port_range: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -183,6 +202,8 @@ pub struct AgentConfig {
     pub cert_expiry_warning_days: u32,
     /// Where `/metrics` is served; None: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Leaving the mesh: masquerade and its exceptions.
+    pub egress: EgressSettings,
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/meshd";
@@ -559,6 +580,16 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         },
     };
 
+    let egress = egress::resolve(
+        args.masquerade.or(file.masquerade),
+        args.non_masquerade_cidrs
+            .clone()
+            .or(file.non_masquerade_cidrs),
+        args.snat_port_range.clone().or(file.snat_port_range),
+        egress::node_ephemeral_range(),
+        &mut problems,
+    );
+
     match (cluster, cluster_id, node, node_ip, pod_cidr) {
         (Some(cluster), Some(cluster_id), Some(node), Some(node_ip), Some(pod_cidr))
             if problems.is_empty() =>
@@ -585,6 +616,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                     .unwrap_or_else(|| format!("meshd-{cluster}-{node}-")),
                 cert_expiry_warning_days,
                 metrics_addr,
+                egress,
             })
         }
         _ => Err(problems),

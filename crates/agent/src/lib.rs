@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod dir_watch;
+pub mod egress;
 pub mod endpoints;
 pub mod ipam;
 pub mod metrics;
@@ -103,8 +104,42 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
         cluster_id: config.cluster_id.get(),
     })?;
     datapath.attach_overlay(VXLAN_IFNAME)?;
+    start_egress(config, &mut datapath, &mut maps)?;
     tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu, "datapath loaded");
     Ok((datapath, underlay_mtu))
+}
+
+/// Lets endpoints leave the mesh: the egress settings and NO_MASQ (the configured exceptions
+/// and this node's pod CIDR), then from_netdev on the uplink (the device holding the node IP
+/// unless `underlay_device` names it), which translates the replies of masqueraded flows.
+fn start_egress(
+    config: &AgentConfig,
+    datapath: &mut Datapath,
+    maps: &mut DatapathMaps,
+) -> anyhow::Result<()> {
+    let egress = &config.egress;
+    let mut no_masq = egress.non_masquerade_cidrs.clone();
+    no_masq.push(config.pod_cidr);
+    maps.set_no_masquerade(&no_masq)?;
+    let uplink = match &config.underlay_device {
+        Some(dev) => dev.clone(),
+        None => plumbing::device_with_addr(None, config.node_ip)?.with_context(|| {
+            format!(
+                "no interface holds the node IP {} (set underlay_device)",
+                config.node_ip
+            )
+        })?,
+    };
+    datapath
+        .attach_netdev(&uplink)
+        .with_context(|| format!("attaching from_netdev to the uplink {uplink}"))?;
+    maps.set_egress(&meshd_datapath::EgressConfig {
+        masquerade: egress.masquerade,
+        nat_ports: egress.snat_port_range.clone(),
+    })?;
+    tracing::info!(uplink, masquerade = egress.masquerade, snat_ports = ?egress.snat_port_range,
+        "egress to the world enabled");
+    Ok(())
 }
 
 /// Reads `meshd/cluster-config/<cluster>`, which the cluster's apiserver writes (agents may not:

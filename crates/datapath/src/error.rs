@@ -75,11 +75,9 @@ pub enum DatapathError {
         key: String,
         source: Box<aya::maps::MapError>,
     },
-    #[error("entering network namespace {path}: {source}")]
-    Netns {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Entering a network namespace (or another netlink step) failed; names the namespace.
+    #[error(transparent)]
+    Netlink(#[from] meshd_netlink::NetlinkError),
     #[error("invalid {what}: {detail}")]
     Invalid { what: &'static str, detail: String },
 }

@@ -17,6 +17,7 @@ pub mod bpffs;
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod masquerade;
 pub mod netns;
 pub mod plumbing;
 pub mod seam;
@@ -27,4 +28,5 @@ pub use maps::{
     Counter, DatapathMaps, Direction, DropEvents, DropRecord, IpcacheTarget, LbBackend, LbFrontend,
     LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };
+pub use masquerade::{EgressConfig, NatMapping};
 pub use seam::ipv4_only;

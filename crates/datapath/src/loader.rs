@@ -5,6 +5,7 @@
 //! <pin_dir>/maps/<MAP>                 every map, pinned by name, reused by the next load
 //! <pin_dir>/links/endpoint-<ifname>    TCX link of from_endpoint on an endpoint's host veth
 //! <pin_dir>/links/overlay-<ifname>     TCX link of from_overlay on the VXLAN device
+//! <pin_dir>/links/netdev-<ifname>      TCX link of from_netdev on the node's uplink
 //! ```
 //! On this kernel aya attaches tc programs as TCX links, and a TCX link lives only as long as a
 //! file descriptor or a bpffs pin refers to it, so every link is pinned. A later load (a new
@@ -37,6 +38,8 @@ pub enum AttachPoint {
     Endpoint,
     /// from_overlay on the node's VXLAN device.
     Overlay,
+    /// from_netdev on the node's uplink (reverse masquerade, traffic from outside the mesh).
+    Netdev,
 }
 
 impl AttachPoint {
@@ -44,6 +47,7 @@ impl AttachPoint {
         match self {
             AttachPoint::Endpoint => "endpoint-",
             AttachPoint::Overlay => "overlay-",
+            AttachPoint::Netdev => "netdev-",
         }
     }
 
@@ -51,13 +55,18 @@ impl AttachPoint {
         match self {
             AttachPoint::Endpoint => programs::FROM_ENDPOINT,
             AttachPoint::Overlay => programs::FROM_OVERLAY,
+            AttachPoint::Netdev => programs::FROM_NETDEV,
         }
     }
 
     fn from_pin_name(name: &str) -> Option<(AttachPoint, &str)> {
-        [AttachPoint::Endpoint, AttachPoint::Overlay]
-            .into_iter()
-            .find_map(|p| name.strip_prefix(p.prefix()).map(|ifname| (p, ifname)))
+        [
+            AttachPoint::Endpoint,
+            AttachPoint::Overlay,
+            AttachPoint::Netdev,
+        ]
+        .into_iter()
+        .find_map(|p| name.strip_prefix(p.prefix()).map(|ifname| (p, ifname)))
     }
 }
 
@@ -91,7 +100,7 @@ fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
     }
 }
 
-fn expected_maps() -> [MapShape; 12] {
+fn expected_maps() -> [MapShape; 14] {
     use meshd_ebpf::{abi, maps as m};
     [
         shape::<abi::IpcacheKey, abi::IpcacheValue>(m::IPCACHE, abi::IPCACHE_MAX),
@@ -107,6 +116,8 @@ fn expected_maps() -> [MapShape; 12] {
         shape::<(), ()>(m::EVENTS, abi::EVENTS_BYTES),
         shape::<abi::ServiceKey, abi::ServiceValue>(m::SERVICES, abi::SERVICES_MAX),
         shape::<abi::BackendKey, abi::BackendValue>(m::BACKENDS, abi::BACKENDS_MAX),
+        shape::<abi::NatKey, abi::NatValue>(m::NAT, abi::NAT_MAX),
+        shape::<abi::NoMasqKey, abi::NoMasqValue>(m::NO_MASQ, abi::NO_MASQ_MAX),
     ]
 }
 
@@ -156,6 +167,7 @@ pub struct Datapath {
     pin_dir: PathBuf,
     from_endpoint: Ebpf,
     from_overlay: Ebpf,
+    from_netdev: Ebpf,
     replaced_at_load: Vec<(AttachPoint, String)>,
 }
 
@@ -199,10 +211,17 @@ impl Datapath {
             &maps_dir,
             &overlay_programs,
         )?;
+        let from_netdev = load_object(
+            "from_netdev",
+            meshd_ebpf::FROM_NETDEV,
+            &maps_dir,
+            &[programs::FROM_NETDEV],
+        )?;
         let mut datapath = Datapath {
             pin_dir,
             from_endpoint,
             from_overlay,
+            from_netdev,
             replaced_at_load: Vec::new(),
         };
         datapath.replaced_at_load = datapath.replace_pinned_links()?;
@@ -223,6 +242,8 @@ impl Datapath {
     pub fn program(&self, name: &'static str) -> Result<&SchedClassifier> {
         let ebpf = if name.starts_with("from_endpoint") {
             &self.from_endpoint
+        } else if name.starts_with("from_netdev") {
+            &self.from_netdev
         } else {
             &self.from_overlay
         };
@@ -241,6 +262,8 @@ impl Datapath {
     fn program_mut(&mut self, name: &'static str) -> Result<&mut SchedClassifier> {
         let ebpf = if name.starts_with("from_endpoint") {
             &mut self.from_endpoint
+        } else if name.starts_with("from_netdev") {
+            &mut self.from_netdev
         } else {
             &mut self.from_overlay
         };
@@ -273,6 +296,16 @@ impl Datapath {
     /// Attaches from_overlay to tc ingress of the VXLAN device `ifname`.
     pub fn attach_overlay(&mut self, ifname: &str) -> Result<()> {
         self.attach(AttachPoint::Overlay, ifname)
+    }
+
+    /// Attaches from_netdev to tc ingress of the node's uplink `ifname`.
+    pub fn attach_netdev(&mut self, ifname: &str) -> Result<()> {
+        self.attach(AttachPoint::Netdev, ifname)
+    }
+
+    /// Detaches from_netdev from `ifname` (a no-op if it was not attached).
+    pub fn detach_netdev(&mut self, ifname: &str) -> Result<()> {
+        self.detach(AttachPoint::Netdev, ifname)
     }
 
     /// Detaches from_endpoint from `ifname` (a no-op if it was not attached).

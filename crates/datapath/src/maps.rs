@@ -174,10 +174,12 @@ pub struct DatapathMaps {
     policy: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
     ct: HashMap<MapData, abi::CtKey, abi::CtValue>,
     metrics: PerCpuArray<MapData, abi::MetricsValue>,
-    config: Array<MapData, abi::DatapathConfig>,
+    pub(crate) config: Array<MapData, abi::DatapathConfig>,
     events: RingBuf<MapData>,
     services: HashMap<MapData, abi::ServiceKey, abi::ServiceValue>,
     backends: HashMap<MapData, abi::BackendKey, abi::BackendValue>,
+    pub(crate) nat: HashMap<MapData, abi::NatKey, abi::NatValue>,
+    pub(crate) no_masq: LpmTrie<MapData, u32, abi::NoMasqValue>,
     /// Inside [`DatapathMaps::defer_forward_revision`]: whether a write has to be followed by
     /// a forward revision bump at [`DatapathMaps::flush_forward_revision`].
     forward_deferred: bool,
@@ -214,7 +216,7 @@ where
     })
 }
 
-fn op_err(
+pub(crate) fn op_err(
     op: &'static str,
     map: &'static str,
     key: impl std::fmt::Display,
@@ -229,7 +231,9 @@ fn op_err(
 }
 
 /// Removing a key that is not there is success: every delete is idempotent.
-fn ignore_missing(r: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+pub(crate) fn ignore_missing(
+    r: std::result::Result<(), MapError>,
+) -> std::result::Result<(), MapError> {
     match r {
         Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
@@ -254,13 +258,16 @@ impl DatapathMaps {
             events: typed(pin_dir, names::EVENTS)?,
             services: typed(pin_dir, names::SERVICES)?,
             backends: typed(pin_dir, names::BACKENDS)?,
+            nat: typed(pin_dir, names::NAT)?,
+            no_masq: typed(pin_dir, names::NO_MASQ)?,
             forward_deferred: false,
             forward_pending: false,
         })
     }
 
-    /// Writes the node-wide settings (keeping the policy revision, bumping the forward
-    /// revision: cached forwarding answers may depend on the node IP).
+    /// Writes the node-wide settings (keeping the policy revision and the egress settings of
+    /// [`DatapathMaps::set_egress`], bumping the forward revision: cached forwarding answers
+    /// may depend on the node IP).
     pub fn set_config(&mut self, config: NodeConfig) -> Result<()> {
         let current = self
             .config
@@ -270,9 +277,11 @@ impl DatapathMaps {
             vxlan_ifindex: config.vxlan_ifindex,
             node_ip: abi::ip_to_be(config.node_ip),
             cluster_id: u32::from(config.cluster_id),
-            flags: 0,
+            flags: current.flags,
             policy_revision: current.policy_revision,
             forward_revision: current.forward_revision.wrapping_add(1),
+            nat_port_min: current.nat_port_min,
+            nat_port_max: current.nat_port_max,
         };
         self.config
             .set(0, value, 0)

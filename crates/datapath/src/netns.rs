@@ -6,7 +6,7 @@
 //! network namespace is entered (not the mount namespace, unlike `ip netns exec`), so bpffs
 //! under /sys/fs/bpf stays visible.
 
-use std::{fs::File, os::fd::AsRawFd, path::Path};
+use std::path::Path;
 
 use crate::error::{DatapathError, Result};
 
@@ -19,31 +19,11 @@ where
     T: Send,
     E: From<DatapathError> + Send,
 {
-    let file = File::open(netns_path)
-        .map_err(|source| DatapathError::Netns {
-            path: netns_path.to_owned(),
-            source,
-        })
-        .map_err(E::from)?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                // SAFETY: a valid namespace fd; CLONE_NEWNET affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(E::from(DatapathError::Netns {
-                        path: netns_path.to_owned(),
-                        source: std::io::Error::last_os_error(),
-                    }));
-                }
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    meshd_netlink::netns::run_in(Some(netns_path), f)
+        .map_err(|e| E::from(DatapathError::from(e)))?
 }
 
 /// Path of a named network namespace (as made by `ip netns add NAME`).
 pub fn named_path(name: &str) -> std::path::PathBuf {
-    Path::new("/run/netns").join(name)
+    meshd_netlink::netns::path(name)
 }

@@ -41,12 +41,18 @@ pub use meshd_netlink::LinkInfo;
 
 /// Reads ifindex, MAC and MTU of `dev` in `netns` (None = the caller's namespace).
 pub fn link_info(netns: Option<&str>, dev: &str) -> Result<LinkInfo> {
-    Ok(with_netlink(netns, |nl| {
-        nl.link(dev)?.ok_or_else(|| NetlinkError::NoSuchLink {
-            link: dev.to_owned(),
-            netns: nl.netns().to_owned(),
-        })
-    })?)
+    Ok(with_netlink(netns, |nl| nl.existing_link(dev))?)
+}
+
+/// The interface holding IPv4 address `addr` in `netns` (None = the caller's namespace), e.g.
+/// the node's uplink by its node IP; `None` if no interface has it.
+pub fn device_with_addr(netns: Option<&str>, addr: Ipv4Addr) -> Result<Option<String>> {
+    Ok(with_netlink(netns, |nl| nl.link_with_address(addr))?)
+}
+
+/// Turns on IPv4 forwarding for packets entering through `dev` only (see create_endpoint).
+pub fn enable_forwarding(netns: Option<&str>, dev: &str) -> Result<()> {
+    Ok(with_netlink(netns, |nl| nl.enable_ipv4_forwarding(dev))?)
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -125,10 +131,10 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
         nl.add_veth(host, ENDPOINT_IFNAME, Some(spec.endpoint_netns), Some(mtu))?;
         nl.set_no_ipv6_addrgen(host)?;
         nl.set_up(host)?;
-        nl.link(host)?.ok_or_else(|| NetlinkError::NoSuchLink {
-            link: host.to_owned(),
-            netns: nl.netns().to_owned(),
-        })
+        // from_endpoint routes world-bound packets with bpf_fib_lookup, which refuses to
+        // (BPF_FIB_LKUP_RET_FWD_DISABLED) when their input device does not forward.
+        nl.enable_ipv4_forwarding(host)?;
+        nl.existing_link(host)
     })?;
     let gateway = Ipv4Net::from(ENDPOINT_GATEWAY);
     let ep_info = with_netlink(Some(spec.endpoint_netns), |nl| {
@@ -155,11 +161,7 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
             false,
         )?;
         nl.replace_permanent_neighbour(ENDPOINT_IFNAME, ENDPOINT_GATEWAY, host_info.mac)?;
-        nl.link(ENDPOINT_IFNAME)?
-            .ok_or_else(|| NetlinkError::NoSuchLink {
-                link: ENDPOINT_IFNAME.to_owned(),
-                netns: nl.netns().to_owned(),
-            })
+        nl.existing_link(ENDPOINT_IFNAME)
     })?;
     // The node's own stack reaches the endpoint through its veth (replies to traffic that
     // from_endpoint handed to the stack, health checks). ip_forward stays as it is: nothing

@@ -44,18 +44,11 @@ where
     F: FnOnce(&Netlink) -> Result<T> + Send,
     T: Send,
 {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                if let Some(name) = netns {
-                    netns::enter(&netns::path(name))?;
-                }
-                let nl = Netlink::open(netns.unwrap_or("the host namespace"))?;
-                f(&nl)
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    let path = netns.map(netns::path);
+    netns::run_in(path.as_deref(), || {
+        let nl = Netlink::open(netns.unwrap_or("the host namespace"))?;
+        f(&nl)
+    })?
 }
 
 /// A netlink session in one namespace. Made by [`with_netlink`]; its methods block.
@@ -110,6 +103,18 @@ impl Netlink {
 
     /// The link named `name`, if there is one.
     pub fn link(&self, name: &str) -> Result<Option<LinkInfo>> {
+        self.get(name)?
+            .map(|message| self.link_info(name, &message))
+            .transpose()
+    }
+
+    /// The link named `name`; an error names the link when there is none.
+    pub fn existing_link(&self, name: &str) -> Result<LinkInfo> {
+        self.link(name)?.ok_or_else(|| self.no_such_link(name))
+    }
+
+    /// The kernel's description of the link named `name`, if there is one.
+    fn get(&self, name: &str) -> Result<Option<LinkMessage>> {
         let found = self.rt.block_on(async {
             self.handle
                 .link()
@@ -119,20 +124,16 @@ impl Netlink {
                 .try_next()
                 .await
         });
-        let message = match found {
-            Ok(Some(message)) => message,
-            Ok(None) => return Ok(None),
-            Err(e) if is_no_such_device(&e) => return Ok(None),
-            Err(e) => {
-                return Err(NetlinkError::Request {
-                    op: "reading link",
-                    target: name.to_owned(),
-                    netns: self.netns.clone(),
-                    source: io_error(e),
-                })
-            }
-        };
-        self.link_info(name, &message).map(Some)
+        match found {
+            Ok(message) => Ok(message),
+            Err(e) if is_no_such_device(&e) => Ok(None),
+            Err(e) => Err(NetlinkError::Request {
+                op: "reading link",
+                target: name.to_owned(),
+                netns: self.netns.clone(),
+                source: io_error(e),
+            }),
+        }
     }
 
     fn link_info(&self, name: &str, message: &LinkMessage) -> Result<LinkInfo> {
@@ -159,26 +160,9 @@ impl Netlink {
 
     /// The ifindex of `name`; an error names the link when there is none.
     pub fn index(&self, name: &str) -> Result<u32> {
-        let found = self.rt.block_on(async {
-            self.handle
-                .link()
-                .get()
-                .match_name(name.to_owned())
-                .execute()
-                .try_next()
-                .await
-        });
-        match found {
-            Ok(Some(message)) => Ok(message.header.index),
-            Ok(None) => Err(self.no_such_link(name)),
-            Err(e) if is_no_such_device(&e) => Err(self.no_such_link(name)),
-            Err(e) => Err(NetlinkError::Request {
-                op: "reading link",
-                target: name.to_owned(),
-                netns: self.netns.clone(),
-                source: io_error(e),
-            }),
-        }
+        self.get(name)?
+            .map(|message| message.header.index)
+            .ok_or_else(|| self.no_such_link(name))
     }
 
     fn no_such_link(&self, name: &str) -> NetlinkError {
@@ -275,6 +259,56 @@ impl Netlink {
                 vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
             )]))
         })
+    }
+
+    /// `sysctl net.ipv4.conf.NAME.forwarding=1`: IPv4 forwarding for packets entering through
+    /// this link only. (/proc/sys/net answers for the namespace of the thread that opens it,
+    /// this session's.)
+    pub fn enable_ipv4_forwarding(&self, name: &str) -> Result<()> {
+        let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+        std::fs::write(&path, "1").map_err(|source| NetlinkError::Request {
+            op: "enabling IPv4 forwarding on",
+            target: name.to_owned(),
+            netns: self.netns.clone(),
+            source,
+        })
+    }
+
+    /// The link holding the IPv4 address `addr` (e.g. the node's uplink by its node IP).
+    pub fn link_with_address(&self, addr: Ipv4Addr) -> Result<Option<String>> {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs fills `list` with a list freed below by freeifaddrs; every node
+        // is read only while the list lives.
+        unsafe {
+            if libc::getifaddrs(&mut list) != 0 {
+                return Err(NetlinkError::Request {
+                    op: "listing addresses",
+                    target: addr.to_string(),
+                    netns: self.netns.clone(),
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            let mut found = None;
+            let mut node = list;
+            while !node.is_null() {
+                let ifa = &*node;
+                if !ifa.ifa_addr.is_null() && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    if Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()) == addr {
+                        found = Some(
+                            std::ffi::CStr::from_ptr(ifa.ifa_name)
+                                .to_string_lossy()
+                                .into_owned(),
+                        );
+                        break;
+                    }
+                }
+                node = ifa.ifa_next;
+            }
+            libc::freeifaddrs(list);
+            Ok(found)
+        }
     }
 
     /// `ip link del NAME` (a veth takes its peer along).

@@ -211,8 +211,31 @@ pub fn kill_processes(name: &str) -> usize {
     killed
 }
 
+/// Runs `f` on a fresh thread inside the network namespace at `path` (None: the caller's) and
+/// returns its result. `setns` changes only the calling thread, so the caller's namespace is
+/// never changed; sockets `f` opens stay in that namespace and may be used from any thread
+/// afterwards. Only the network namespace is entered (not the mount namespace, unlike `ip
+/// netns exec`), so bpffs under /sys/fs/bpf stays visible.
+pub fn run_in<T, F>(path: Option<&Path>, f: F) -> Result<T>
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(path) = path {
+                    enter(path)?;
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Moves the calling thread into the network namespace at `path`.
-pub(crate) fn enter(path: &Path) -> Result<()> {
+fn enter(path: &Path) -> Result<()> {
     let file = File::open(path).map_err(|source| NetlinkError::Netns {
         what: "opening",
         path: path.to_owned(),

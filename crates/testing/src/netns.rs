@@ -215,6 +215,125 @@ impl Underlay {
     }
 }
 
+/// Outside the mesh (DESIGN.md, "Test topology"): a router namespace with a leg on the
+/// underlay and, behind it on its own link, an external host with an address from a
+/// documentation range. Nodes reach it through a route via [`External::router_ip`]; the
+/// router knows nothing of pod CIDRs unless told ([`External::route_to`]).
+#[derive(Debug)]
+pub struct External {
+    /// Deleted before the router.
+    pub host: Netns,
+    pub router: Netns,
+    /// The router's address on the underlay.
+    pub router_ip: Ipv4Addr,
+    /// The external host's address.
+    pub host_ip: Ipv4Addr,
+}
+
+/// The external link: the router is .1, the host .10 (TEST-NET-3).
+pub const EXTERNAL_NET: [u8; 3] = [203, 0, 113];
+
+impl Underlay {
+    /// Adds a router at `router_ip` (on the underlay's /24) and an external host behind it.
+    /// `router_side_mtu` is the MTU of the router's interface towards the host (the host keeps
+    /// the underlay's MTU), so a smaller one makes the router send "fragmentation needed" for
+    /// big DF packets going out. Both the router and the host run strict reverse-path
+    /// filtering (rp_filter = 1), as a careful network would.
+    pub fn add_external(
+        &self,
+        prefix: &str,
+        router_ip: Ipv4Addr,
+        router_side_mtu: u32,
+    ) -> anyhow::Result<External> {
+        let router = Netns::new(&format!("{prefix}-rt"))?;
+        let host = Netns::new(&format!("{prefix}-ext"))?;
+        let mtu = self.mtu().to_string();
+        let ext_mtu = router_side_mtu.to_string();
+        router.ip(&[
+            "link",
+            "add",
+            "rt0",
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rtp0",
+            "mtu",
+            &mtu,
+            "netns",
+            self.bridge.name(),
+        ])?;
+        self.bridge.ip(&["link", "set", "rtp0", "master", "br0"])?;
+        self.bridge.ip(&["link", "set", "rtp0", "up"])?;
+        router.ip(&["addr", "add", &format!("{router_ip}/24"), "dev", "rt0"])?;
+        router.ip(&["link", "set", "rt0", "up"])?;
+        router.ip(&[
+            "link",
+            "add",
+            "ext0",
+            "mtu",
+            &ext_mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            &mtu,
+            "netns",
+            host.name(),
+        ])?;
+        let [a, b, c] = EXTERNAL_NET;
+        let router_ext = Ipv4Addr::new(a, b, c, 1);
+        let host_ip = Ipv4Addr::new(a, b, c, 10);
+        router.ip(&["addr", "add", &format!("{router_ext}/24"), "dev", "ext0"])?;
+        router.ip(&["link", "set", "ext0", "up"])?;
+        host.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", "eth0"])?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        host.ip(&["route", "add", "default", "via", &router_ext.to_string()])?;
+        for (ns, keys) in [
+            (
+                &router,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.rp_filter=1",
+                    "net.ipv4.conf.rt0.rp_filter=1",
+                    "net.ipv4.conf.ext0.rp_filter=1",
+                ][..],
+            ),
+            (
+                &host,
+                &[
+                    "net.ipv4.conf.all.rp_filter=1",
+                    "net.ipv4.conf.eth0.rp_filter=1",
+                ][..],
+            ),
+        ] {
+            for key in keys {
+                ns.run("sysctl", &["-qw", key])?;
+            }
+        }
+        Ok(External {
+            host,
+            router,
+            router_ip,
+            host_ip,
+        })
+    }
+}
+
+impl External {
+    /// Makes the router route `prefix` via `next_hop` (a node), as a network that carries
+    /// pod addresses unmasqueraded does.
+    pub fn route_to(&self, prefix: &str, next_hop: Ipv4Addr) -> anyhow::Result<()> {
+        self.router
+            .ip(&["route", "replace", prefix, "via", &next_hop.to_string()])?;
+        Ok(())
+    }
+}
+
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {

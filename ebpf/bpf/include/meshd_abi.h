@@ -33,6 +33,8 @@ enum meshd_limits {
 	MESHD_FRAGS_MAX = 8192,
 	MESHD_SERVICES_MAX = 65536,
 	MESHD_BACKENDS_MAX = 262144,
+	MESHD_NAT_MAX = 262144,
+	MESHD_NO_MASQ_MAX = 1024,
 	MESHD_EVENTS_BYTES = 1 << 20,
 };
 
@@ -62,6 +64,7 @@ enum meshd_reason {
 	MESHD_FWD_LOCAL = 1,  /* redirected to a local endpoint */
 	MESHD_FWD_TUNNEL = 2, /* encapsulated towards a remote node */
 	MESHD_FWD_STACK = 3,  /* handed to the node's own stack (ARP, ipcache entry without tunnel) */
+	MESHD_FWD_WORLD = 4,  /* routed out of the node by its FIB (a destination outside the mesh) */
 
 	MESHD_DROP_INVALID_PACKET = -130,   /* truncated or malformed headers */
 	MESHD_DROP_UNSUPPORTED_L3 = -131,   /* not IPv4 (IPv6 comes later) */
@@ -76,6 +79,7 @@ enum meshd_reason {
 	MESHD_DROP_WRITE_ERROR = -140,      /* a helper rewriting the packet failed */
 	MESHD_DROP_FRAG_NOT_FOUND = -141,   /* non-first IPv4 fragment whose first one was not seen */
 	MESHD_DROP_NO_SERVICE_BACKEND = -142, /* new connection to a service frontend without backends */
+	MESHD_DROP_NAT_NO_PORT = -143,      /* masquerade: no free port in the SNAT range */
 };
 
 enum meshd_metrics_layout {
@@ -239,16 +243,30 @@ struct metrics_value {
 	__u64 bytes;
 };
 
+enum meshd_config_flags {
+	/* destinations outside the mesh are world and leave by the node's routes (see NAT
+	 * below); without it (until the agent wrote its egress settings) they are dropped as
+	 * MESHD_DROP_UNKNOWN_DEST */
+	MESHD_CONFIG_F_WORLD = 1,
+	/* masquerade world-bound traffic of local endpoints to node_ip (see NAT below) */
+	MESHD_CONFIG_F_MASQUERADE = 2,
+};
+
 /* CONFIG: a one-entry array written by the agent before it attaches the programs. */
 struct datapath_config {
 	__u32 vxlan_ifindex;   /* the VXLAN device (external mode) in the node's namespace */
 	__u32 node_ip;         /* this node's underlay IP, network byte order */
 	__u32 cluster_id;      /* this node's cluster */
-	__u32 flags;           /* reserved, 0 */
+	__u32 flags;           /* MESHD_CONFIG_F_* */
 	__u32 policy_revision; /* bumped by the agent after every POLICY change */
 	/* bumped by the agent after ENDPOINTS, IPCACHE or CONFIG changes: empties every CT
 	 * forwarding cache (ct_value fwd_*) */
 	__u32 forward_revision;
+	/* SNAT port range of masquerade, host byte order, inclusive; disjoint from the node's
+	 * ephemeral range (net.ipv4.ip_local_port_range, checked by the agent) so that the node's
+	 * own connections never take a port a masqueraded flow holds */
+	__u16 nat_port_min;
+	__u16 nat_port_max;
 };
 
 /* EVENTS: ring buffer records, one per dropped packet. */
@@ -315,6 +333,56 @@ struct backend_value {
 	__u16 port;       /* network byte order */
 	__u16 pad;
 	__u32 cluster_id; /* the backend's cluster (informational: forwarding goes by IPCACHE) */
+};
+
+/*
+ * Leaving the mesh (CONFIG flags MESHD_CONFIG_F_WORLD). A destination that is no local
+ * endpoint and has no ipcache entry is `world` (MESHD_IDENTITY_WORLD) if the node's FIB
+ * forwards it, `host` (MESHD_IDENTITY_HOST) if the FIB says it is one of the node's own
+ * addresses, and MESHD_DROP_UNKNOWN_DEST if the node has no route for it. World-bound packets are routed by from-endpoint itself (bpf_fib_lookup, then
+ * a redirect to the egress device), so they never enter the node's input path: a masqueraded
+ * source (the node's own address) would be a martian there, and rp_filter never sees them.
+ *
+ * Masquerade (CONFIG flags MESHD_CONFIG_F_MASQUERADE): a new connection from a local endpoint
+ * to world, unless its destination is in NO_MASQ, leaves with source node_ip and a port (ICMP
+ * echo: identifier) from the CONFIG range. NAT holds two entries per flow:
+ * - forward, keyed by the endpoint's tuple as sent (ep -> remote): node_ip and the NAT port;
+ * - reverse, keyed by the replies' tuple as they arrive (remote -> node_ip:nat_port): the
+ *   endpoint's address and port, used by from-netdev on the uplink before anything else.
+ * A mapping lives as long as the connection's CT entry (keyed by the endpoint's tuple): an
+ * entry whose connection is gone from CT, or expired there, is free to be taken again. The
+ * endpoint's port is kept when it lies in the range and is free; otherwise ports are tried from
+ * a random start, MESHD_NAT_RETRIES at most, and a flow finding none is dropped
+ * (MESHD_DROP_NAT_NO_PORT). Replies of connections that started outside never get a mapping:
+ * only CT_NEW packets of from-endpoint allocate.
+ */
+enum meshd_nat {
+	MESHD_NAT_RETRIES = 64,
+};
+
+struct nat_key {
+	__u32 saddr; /* network byte order */
+	__u32 daddr;
+	__u16 sport; /* network byte order; ICMP echo: identifier in sport (request) or dport (reply) */
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct nat_value {
+	__u32 addr; /* forward: node_ip; reverse: the endpoint. Network byte order */
+	__u16 port; /* forward: the NAT port; reverse: the endpoint's. Network byte order */
+	__u16 pad;
+};
+
+/* NO_MASQ: destinations never masqueraded (non_masquerade_cidrs, the clusters' pod CIDRs). */
+struct no_masq_key {
+	__u32 prefixlen; /* LPM trie key header */
+	__u32 addr;      /* network byte order */
+};
+
+struct no_masq_value {
+	__u32 flags; /* reserved, 0 */
 };
 
 #endif /* MESHD_ABI_H */

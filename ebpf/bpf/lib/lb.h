@@ -54,7 +54,17 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt_c
 				       __u32 addr_off, __u32 old_addr, __u32 new_addr, __u32 port_off,
 				       __u16 old_port, __u16 new_port)
 {
-	if (ctx->l4_off) {
+	if (ctx->l4_off && ctx->proto == IPPROTO_ICMP) {
+		/* Echo (masquerade, nat.h): the identifier plays the port, whatever port_off says;
+		 * the ICMP checksum has no pseudo-header, so only the identifier enters it. */
+		if (old_port != new_port) {
+			__u32 csum_off = ctx->l4_off + offsetof(struct icmphdr, checksum);
+			if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, sizeof(new_port)) < 0 ||
+			    bpf_skb_store_bytes(skb, ctx->l4_off + offsetof(struct icmphdr, un.echo.id), &new_port,
+						sizeof(new_port), 0) < 0)
+				return MESHD_DROP_WRITE_ERROR;
+		}
+	} else if (ctx->l4_off) {
 		__u32 csum_off;
 		__u64 mangled0 = 0;
 		if (ctx->proto == IPPROTO_TCP) {
@@ -191,7 +201,8 @@ struct icmp_quote {
 	__u16 dport;
 };
 
-/* 0 with *q filled for a quoted TCP/UDP packet, 1 for another protocol, < 0 on a short packet. */
+/* 0 with *q filled for a quoted TCP/UDP packet or ICMP echo request (its identifier as sport,
+ * ports_off pointing at it), 1 for anything else, < 0 on a short packet. */
 static __always_inline int icmp_quote_load(struct __sk_buff *skb, __u32 l3_off, struct icmp_quote *q)
 {
 	__u8 ihl_byte;
@@ -202,6 +213,17 @@ static __always_inline int icmp_quote_load(struct __sk_buff *skb, __u32 l3_off, 
 	q->ip_off = icmp_off + sizeof(struct icmphdr);
 	if (bpf_skb_load_bytes(skb, q->ip_off, &q->ip, sizeof(q->ip)) < 0)
 		return MESHD_DROP_INVALID_PACKET;
+	if (q->ip.protocol == IPPROTO_ICMP) {
+		struct icmphdr inner;
+		if (bpf_skb_load_bytes(skb, q->ip_off + q->ip.ihl * 4, &inner, sizeof(inner)) < 0)
+			return MESHD_DROP_INVALID_PACKET;
+		if (inner.type != ICMP_ECHO)
+			return 1;
+		q->ports_off = q->ip_off + q->ip.ihl * 4 + offsetof(struct icmphdr, un.echo.id);
+		q->sport = inner.un.echo.id;
+		q->dport = 0;
+		return 0;
+	}
 	if (q->ip.protocol != IPPROTO_TCP && q->ip.protocol != IPPROTO_UDP)
 		return 1;
 	q->ports_off = q->ip_off + q->ip.ihl * 4;

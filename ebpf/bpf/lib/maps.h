@@ -100,6 +100,23 @@ struct {
 } BACKENDS SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct nat_key);
+	__type(value, struct nat_value);
+	__uint(max_entries, MESHD_NAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} NAT SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct no_masq_key);
+	__type(value, struct no_masq_value);
+	__uint(max_entries, MESHD_NO_MASQ_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} NO_MASQ SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, struct metrics_value);

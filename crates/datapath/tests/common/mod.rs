@@ -269,6 +269,7 @@ fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+pub mod frames;
 pub mod topology;
 
 /// An ARP reply frame claiming `sender_ip` is at `sender_mac`, to `target_ip`.

@@ -1,0 +1,447 @@
+//! Leaving the mesh under BPF_PROG_RUN: world and host destinations, masquerade in
+//! from_endpoint (SNAT) and its reverse in from_netdev, checksums included.
+//!
+//! from_endpoint routes world-bound packets with bpf_fib_lookup, which answers from the FIB of
+//! the namespace running the program and wants the packet's input device there. So each test
+//! runs on a thread that entered its own namespace holding veths standing for endpoints' host
+//! sides (their ifindex is the packets' ingress) and for the uplink (with the node IP, a default route via
+//! a gateway and a permanent neighbour entry for it). This kernel has no dummy interfaces.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+use common::{frames::*, *};
+use meshd_datapath::{
+    plumbing, Direction, EgressConfig, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
+};
+use meshd_ebpf::{abi, programs};
+use meshd_testing::netns::Netns;
+
+const CLUSTER1: u32 = 1 << 16;
+const CLIENT: u32 = CLUSTER1 | 1001;
+const WEB: u32 = CLUSTER1 | 1000;
+const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
+const B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
+const A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+const A_GW_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0xfe];
+const B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
+const B_GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0xfe];
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
+const GATEWAY_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0xfe];
+/// An external host (documentation range), reached by the default route.
+const X: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=61007;
+
+struct World {
+    dp: TestDatapath,
+    a_if: u32,
+    b_if: u32,
+    up_if: u32,
+    up_mac: [u8; 6],
+    // Last: the namespace outlives nothing that refers to it.
+    _ns: Netns,
+}
+
+/// A datapath with endpoints A (CLIENT) and B (WEB) and masquerade on NAT_PORTS, this thread
+/// inside a namespace wired as the module doc says.
+fn setup() -> Option<World> {
+    if !can_run() {
+        return None;
+    }
+    let ns = Netns::new("mq").expect("netns");
+    for args in [
+        &[
+            "link",
+            "add",
+            "mq_a",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mq_a_peer",
+        ][..],
+        &[
+            "link",
+            "add",
+            "mq_b",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mq_b_peer",
+        ],
+        &[
+            "link",
+            "add",
+            "mq_up",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mq_up_peer",
+        ],
+        &["link", "set", "mq_a", "up"],
+        &["link", "set", "mq_b", "up"],
+        &["link", "set", "mq_a_peer", "up"],
+        &["link", "set", "mq_b_peer", "up"],
+        &["link", "set", "mq_up_peer", "up"],
+        &["addr", "add", "192.0.2.1/24", "dev", "mq_up"],
+        &["link", "set", "mq_up", "up"],
+        &[
+            "neigh",
+            "replace",
+            "192.0.2.254",
+            "lladdr",
+            "02:47:57:00:00:fe",
+            "dev",
+            "mq_up",
+            "nud",
+            "permanent",
+        ],
+        &["route", "add", "default", "via", "192.0.2.254"],
+        &["route", "add", "blackhole", "203.0.113.0/24"],
+    ] {
+        ns.ip(args).expect("ip");
+    }
+    for dev in ["mq_a", "mq_b"] {
+        plumbing::enable_forwarding(Some(ns.name()), dev).expect("forwarding");
+    }
+    let info = |dev| plumbing::link_info(Some(ns.name()), dev).expect("link info");
+    let (a_if, b_if, up) = (info("mq_a").ifindex, info("mq_b").ifindex, info("mq_up"));
+    // BPF_PROG_RUN and bpf_fib_lookup use the namespace of the calling thread.
+    let file = std::fs::File::open(ns.path()).expect("open netns");
+    // SAFETY: a valid namespace fd; CLONE_NEWNET changes only this (test) thread.
+    assert_eq!(
+        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+        0,
+        "setns"
+    );
+
+    let mut dp = TestDatapath::new();
+    let m = &mut dp.maps;
+    m.set_config(NodeConfig {
+        vxlan_ifindex: 0,
+        node_ip: NODE,
+        cluster_id: 1,
+    })
+    .unwrap();
+    m.set_egress(&EgressConfig {
+        masquerade: true,
+        nat_ports: NAT_PORTS,
+    })
+    .unwrap();
+    for (ip, ifindex, identity, mac, node_mac) in [
+        (A, a_if, CLIENT, A_MAC, A_GW_MAC),
+        (B, b_if, WEB, B_MAC, B_GW_MAC),
+    ] {
+        m.upsert_endpoint(
+            ip,
+            LocalEndpoint {
+                ifindex,
+                identity,
+                mac,
+                node_mac,
+            },
+        )
+        .unwrap();
+    }
+    Some(World {
+        dp,
+        a_if,
+        b_if,
+        up_if: up.ifindex,
+        up_mac: up.mac,
+        _ns: ns,
+    })
+}
+
+impl World {
+    fn run(&self, program: &'static str, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let (verdict, out, _) = self.dp.run(program, frame, ifindex, [0; 5]);
+        (verdict, out)
+    }
+
+    fn egress(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        self.run(programs::FROM_ENDPOINT, frame, ifindex)
+    }
+
+    fn uplink(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run(programs::FROM_NETDEV, frame, self.up_if)
+    }
+
+    fn counter(&self, direction: Direction, reason: i32) -> u64 {
+        self.dp.maps.counter(direction, reason).unwrap()
+    }
+}
+
+fn icmp_echo(saddr: Ipv4Addr, daddr: Ipv4Addr, id: u16, reply: bool) -> Vec<u8> {
+    with_icmp_checksum(Packet::icmp_echo(saddr, daddr, id, reply).bytes())
+}
+
+fn echo_id(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[ETH + 24], frame[ETH + 25]])
+}
+
+#[test]
+fn tcp_to_world_leaves_masqueraded_and_its_replies_come_back_translated() {
+    let Some(mut w) = setup() else { return };
+    let syn = tcp(A, 40000, X, 80, 0x02);
+    let (verdict, out) = w.egress(&syn, w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed out by the program");
+    assert_eq!(saddr(&out), NODE, "masqueraded to the node IP");
+    let nat_port = sport(&out);
+    assert!(
+        NAT_PORTS.contains(&nat_port),
+        "40000 is outside the SNAT range: a port of the range ({nat_port})"
+    );
+    assert_eq!((daddr(&out), dport(&out)), (X, 80));
+    assert_eq!(&out[0..6], &GATEWAY_MAC, "to the default gateway's MAC");
+    assert_eq!(&out[6..12], &w.up_mac, "from the uplink's MAC");
+    assert_eq!(out[ETH + 8], 63, "TTL decremented as a router would");
+    assert_checksums_valid(&out, "masqueraded SYN");
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_WORLD), 1);
+    let mappings = w.dp.maps.nat_mappings().unwrap();
+    assert_eq!(mappings.len(), 1, "{mappings:?}");
+    assert_eq!(
+        (
+            mappings[0].endpoint,
+            mappings[0].endpoint_port,
+            mappings[0].nat_addr,
+            mappings[0].nat_port
+        ),
+        (A, 40000, NODE, nat_port)
+    );
+
+    // The same flow keeps its port.
+    let (_, again) = w.egress(&tcp(A, 40000, X, 80, 0x10), w.a_if);
+    assert_eq!((saddr(&again), sport(&again)), (NODE, nat_port));
+
+    // The reply, on the uplink.
+    let syn_ack = tcp(X, 80, NODE, nat_port, 0x12);
+    let (verdict, back) = w.uplink(&syn_ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to the endpoint");
+    assert_eq!((daddr(&back), dport(&back)), (A, 40000));
+    assert_eq!((saddr(&back), sport(&back)), (X, 80));
+    assert_eq!(&back[0..6], &A_MAC);
+    assert_eq!(&back[6..12], &A_GW_MAC);
+    assert_checksums_valid(&back, "reverse-translated SYN-ACK");
+    assert_eq!(w.counter(Direction::Ingress, abi::FWD_LOCAL), 1);
+
+    // A packet to the node IP of no masqueraded flow is the node's own: untouched, uncounted.
+    let own = tcp(X, 80, NODE, 33000, 0x12);
+    let (verdict, out) = w.uplink(&own);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, own);
+    assert_eq!(w.counter(Direction::Ingress, abi::FWD_LOCAL), 1);
+    assert!(w.dp.maps.drain_drop_events().is_empty());
+}
+
+#[test]
+fn an_endpoint_port_in_the_range_is_kept_when_free_and_changed_when_taken() {
+    let Some(w) = setup() else { return };
+    let (_, a) = w.egress(&udp(A, 61003, X, 53), w.a_if);
+    assert_eq!((saddr(&a), sport(&a)), (NODE, 61003), "kept");
+    assert_checksums_valid(&a, "UDP from A");
+    // B uses the same source port to the same destination at the same time.
+    let (verdict, b) = w.egress(&udp(B, 61003, X, 53), w.b_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&b), NODE);
+    assert_ne!(sport(&b), 61003, "taken by A: another port");
+    assert!(NAT_PORTS.contains(&sport(&b)));
+    assert_checksums_valid(&b, "UDP from B");
+
+    // Each reply finds its own endpoint.
+    for (port, ep, ep_mac) in [(61003, A, A_MAC), (sport(&b), B, B_MAC)] {
+        let (verdict, back) = w.uplink(&udp(X, 53, NODE, port));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!((daddr(&back), dport(&back)), (ep, 61003));
+        assert_eq!(&back[0..6], &ep_mac);
+        assert_checksums_valid(&back, "UDP reply");
+    }
+}
+
+#[test]
+fn icmp_echo_is_masqueraded_by_its_identifier() {
+    let Some(w) = setup() else { return };
+    let (verdict, out) = w.egress(&icmp_echo(A, X, 7, false), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&out), NODE);
+    let id = echo_id(&out);
+    assert!(NAT_PORTS.contains(&id), "identifier {id} from the range");
+    assert_eq!(icmp_sum(&out), 0xffff, "ICMP checksum");
+    assert_eq!(fold(sum16(&out[ETH..ETH + 20], 0)), 0xffff, "IP checksum");
+
+    let (verdict, back) = w.uplink(&icmp_echo(X, NODE, id, true));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!((daddr(&back), echo_id(&back)), (A, 7));
+    assert_eq!(icmp_sum(&back), 0xffff, "ICMP checksum of the reply");
+    assert_eq!(fold(sum16(&back[ETH..ETH + 20], 0)), 0xffff);
+}
+
+#[test]
+fn an_icmp_error_about_a_masqueraded_flow_reaches_the_endpoint() {
+    let Some(w) = setup() else { return };
+    let (_, out) = w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if);
+    let nat_port = sport(&out);
+    // The gateway's "fragmentation needed" (here: port unreachable, the same path) quotes the
+    // packet as it left the node.
+    let quoted_packet = Packet::tcp(NODE, nat_port, X, 80, 0x02);
+    let error = icmp_error(GATEWAY, NODE, &quoted_packet);
+    let (verdict, back) = w.uplink(&error);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(daddr(&back), A, "outer destination: the endpoint");
+    assert_eq!(saddr(&back), GATEWAY, "the router keeps its own source");
+    assert_eq!(quoted(&back), ((A, 40000), (X, 80)), "quoted as A sent it");
+    assert_icmp_error_valid(&back, "translated ICMP error");
+    // Related to a live connection: no policy, delivered.
+    assert_eq!(w.counter(Direction::Ingress, abi::FWD_LOCAL), 1);
+}
+
+#[test]
+fn an_exhausted_range_drops_with_nat_no_port_and_recovers_when_a_connection_ends() {
+    let Some(mut w) = setup() else { return };
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..8u16 {
+        let (verdict, out) = w.egress(&tcp(A, 40000 + i, X, 80, 0x02), w.a_if);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "flow {i}");
+        ports.insert(sport(&out));
+    }
+    assert_eq!(ports.len(), 8, "eight flows, eight ports: {ports:?}");
+    let (verdict, _) = w.egress(&tcp(A, 40100, X, 80, 0x02), w.a_if);
+    assert_eq!(verdict, TC_ACT_SHOT, "the ninth finds no port");
+    assert_eq!(w.counter(Direction::Egress, abi::DROP_NAT_NO_PORT), 1);
+    let events = w.dp.maps.drain_drop_events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(abi::reason_name(events[0].reason), "nat-no-port");
+    assert_eq!((events[0].saddr, events[0].sport), (A, 40100));
+    // Another destination port is another tuple: the same NAT ports are free for it.
+    let (verdict, _) = w.egress(&tcp(A, 40100, X, 443, 0x02), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+
+    // One connection ends (RST): its mapping goes when its CT entry does (closing lifetime).
+    let (verdict, _) = w.egress(&tcp(A, 40003, X, 80, 0x04), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    let (verdict, out) = w.egress(&tcp(A, 40100, X, 80, 0x02), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "a port is free again");
+    assert!(ports.contains(&sport(&out)));
+    assert_eq!(w.counter(Direction::Egress, abi::DROP_NAT_NO_PORT), 1);
+}
+
+#[test]
+fn replies_of_connections_from_outside_keep_the_endpoints_address() {
+    let Some(w) = setup() else { return };
+    // Routed to the endpoint's own address (masquerade off on the far side, a router with a
+    // pod CIDR route): delivered, tracked.
+    let (verdict, inbound) = w.uplink(&tcp(X, 5000, B, 8080, 0x02));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(daddr(&inbound), B);
+    let (verdict, reply) = w.egress(&tcp(B, 8080, X, 5000, 0x12), w.b_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        (saddr(&reply), sport(&reply)),
+        (B, 8080),
+        "a reply is never masqueraded"
+    );
+    assert_checksums_valid(&reply, "reply");
+    assert!(w.dp.maps.nat_mappings().unwrap().is_empty());
+}
+
+#[test]
+fn world_and_host_are_identities_for_policy_both_ways() {
+    let Some(mut w) = setup() else { return };
+    let allow = |subject, peer, dport, direction| {
+        (
+            PolicyEntry {
+                subject,
+                peer: Some(peer),
+                proto: Some(TCP),
+                dport: Some(dport),
+                direction,
+            },
+            Verdict::Allow,
+        )
+    };
+    let m = &mut w.dp.maps;
+    m.set_policy_enabled(CLIENT, Direction::Egress, true)
+        .unwrap();
+    m.set_policy_enabled(WEB, Direction::Ingress, true).unwrap();
+    for (entry, verdict) in [
+        allow(CLIENT, abi::IDENTITY_WORLD, 80, Direction::Egress),
+        allow(CLIENT, abi::IDENTITY_HOST, 22, Direction::Egress),
+        allow(WEB, abi::IDENTITY_WORLD, 8080, Direction::Ingress),
+    ] {
+        m.upsert_policy(entry, verdict, 1).unwrap();
+    }
+    m.bump_policy_revision().unwrap();
+
+    assert_eq!(
+        w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(w.egress(&tcp(A, 40000, X, 81, 0x02), w.a_if).0, TC_ACT_SHOT);
+    // The node's own address (the FIB says local): host, handed to the node's stack as sent.
+    let to_node = tcp(A, 40000, NODE, 22, 0x02);
+    let (verdict, out) = w.egress(&to_node, w.a_if);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, to_node, "never masqueraded");
+    assert_eq!(
+        w.egress(&tcp(A, 40000, NODE, 80, 0x02), w.a_if).0,
+        TC_ACT_SHOT
+    );
+    let drops = w.dp.maps.drain_drop_events();
+    let dst: Vec<(u16, u32)> = drops.iter().map(|d| (d.dport, d.dst_identity)).collect();
+    assert_eq!(dst, [(81, abi::IDENTITY_WORLD), (80, abi::IDENTITY_HOST)]);
+
+    // Ingress from world, on the uplink.
+    assert_eq!(w.uplink(&tcp(X, 5000, B, 8080, 0x02)).0, TC_ACT_REDIRECT);
+    assert_eq!(w.uplink(&tcp(X, 5000, B, 22, 0x02)).0, TC_ACT_SHOT);
+    let drops = w.dp.maps.drain_drop_events();
+    assert_eq!(drops.len(), 1);
+    assert_eq!(
+        (drops[0].src_identity, drops[0].reason, drops[0].direction),
+        (abi::IDENTITY_WORLD, abi::DROP_POLICY, Direction::Ingress)
+    );
+}
+
+#[test]
+fn non_masquerade_destinations_switching_off_and_unroutable_destinations() {
+    let Some(mut w) = setup() else { return };
+    w.dp.maps
+        .set_no_masquerade(&["198.51.100.0/24".parse().unwrap()])
+        .unwrap();
+    let (verdict, out) = w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        (saddr(&out), sport(&out)),
+        (A, 40000),
+        "in non_masquerade_cidrs"
+    );
+    assert_checksums_valid(&out, "unmasqueraded");
+
+    let y = Ipv4Addr::new(192, 0, 2, 77); // on the uplink's subnet, no neighbour yet
+    w.dp.maps
+        .set_egress(&EgressConfig {
+            masquerade: false,
+            nat_ports: NAT_PORTS,
+        })
+        .unwrap();
+    let (verdict, out) = w.egress(&tcp(A, 40001, y, 80, 0x02), w.a_if);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "redirect_neigh resolves the next hop"
+    );
+    assert_eq!(saddr(&out), A, "masquerade off");
+    assert!(w.dp.maps.nat_mappings().unwrap().is_empty());
+
+    // No route (a blackhole): unknown destination, as before the mesh let anything out.
+    let (verdict, _) = w.egress(
+        &tcp(A, 40002, Ipv4Addr::new(203, 0, 113, 5), 80, 0x02),
+        w.a_if,
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(w.counter(Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
+}
