@@ -377,7 +377,9 @@ impl Trials {
     /// started without its etcd is not what this runner tests).
     fn heal(&mut self, i: usize) -> anyhow::Result<()> {
         let fault = self.faults[i].clone();
-        if let Fault::AgentDown(c, _) = &fault {
+        if let Fault::AgentDown(c, _) | Fault::Member(c, ..) = &fault {
+            // A member restarted while the others are frozen or stopped waits for a quorum
+            // that cannot form.
             if self.etcd_fault(c).is_some() {
                 return self.note(format!("heal {fault:?}: its etcd is still down"));
             }
@@ -400,11 +402,19 @@ impl Trials {
     }
 
     fn heal_all(&mut self) -> anyhow::Result<()> {
-        // etcds first, so agents start against an etcd that answers.
+        // Whole etcds first, then members (which need their quorum), so agents start against
+        // an etcd that answers.
         while let Some(i) = self
             .faults
             .iter()
-            .position(|f| matches!(f, Fault::Etcd(..) | Fault::Member(..)))
+            .position(|f| matches!(f, Fault::Etcd(..)))
+        {
+            self.heal(i)?;
+        }
+        while let Some(i) = self
+            .faults
+            .iter()
+            .position(|f| matches!(f, Fault::Member(..)))
         {
             self.heal(i)?;
         }
