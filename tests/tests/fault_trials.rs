@@ -229,11 +229,7 @@ impl Trials {
                     namespace: Some("faults".into()),
                 };
                 let value = encode(&key, &entry)?;
-                self.mesh.cluster(&c)?.etcd.etcdctl(&[
-                    "put",
-                    &key.to_string(),
-                    std::str::from_utf8(&value)?,
-                ])?;
+                self.admin_write(&c, &["put", &key.to_string(), std::str::from_utf8(&value)?])?;
                 self.expected.records.insert((c, ip), (identity, host));
             }
             // A record put by hand deleted.
@@ -252,10 +248,7 @@ impl Trials {
                 };
                 self.note(format!("etcd del {c} {ip}"))?;
                 let key = IpcacheKey::host(ClusterName::new(c.as_str())?, ip.into());
-                self.mesh
-                    .cluster(&c)?
-                    .etcd
-                    .etcdctl(&["del", &key.to_string()])?;
+                self.admin_write(&c, &["del", &key.to_string()])?;
                 self.expected.records.remove(&(c, ip));
             }
             // Compaction at the current revision.
@@ -362,6 +355,17 @@ impl Trials {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A write as the cluster's admin, retried as a publisher would: with a member frozen or
+    /// stopped, the request may meet an election ("request timed out, possibly due to previous
+    /// leader failure"). Puts and deletes of one key are safe to repeat.
+    fn admin_write(&self, cluster: &str, args: &[&str]) -> anyhow::Result<()> {
+        let etcd = &self.mesh.cluster(cluster)?.etcd;
+        wait_for(&format!("etcdctl {} in {cluster}", args[0]), WAIT, || {
+            etcd.etcdctl(args)
+        })?;
         Ok(())
     }
 
