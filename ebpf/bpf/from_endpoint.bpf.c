@@ -93,7 +93,9 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 		ctx->dst_identity = dst->identity;
 	} else {
 		remote = ipcache_lookup(ctx->daddr);
-		if (remote) {
+		/* No entry, or a prefix a policy names (a local-scope identity): outside the mesh.
+		 * It leaves like `world`, under the prefix's identity when it has one. */
+		if (remote && !(remote->identity & MESHD_IDENTITY_LOCAL_SCOPE)) {
 			ctx->dst_identity = remote->identity;
 		} else {
 			if (!cfg || !(cfg->flags & MESHD_CONFIG_F_WORLD) || hairpin_reply)
@@ -101,7 +103,11 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 			world = world_route(skb, ctx, l3_off, &hop);
 			if (world < 0)
 				return world;
-			ctx->dst_identity = world == WORLD_HOST ? MESHD_IDENTITY_HOST : MESHD_IDENTITY_WORLD;
+			if (world == WORLD_HOST)
+				ctx->dst_identity = MESHD_IDENTITY_HOST;
+			else
+				ctx->dst_identity = remote ? remote->identity : MESHD_IDENTITY_WORLD;
+			remote = 0;
 		}
 	}
 

@@ -43,6 +43,7 @@ pub const IDENTITY_REMOTE_NODE: u32 = 6;
 pub const IDENTITY_CLUSTER_SHIFT: u32 = 16;
 pub const IDENTITY_CLUSTER_MASK: u32 = 0xff;
 pub const IDENTITY_MAX: u32 = 0xff_ffff;
+pub const IDENTITY_LOCAL_SCOPE: u32 = 0x100_0000;
 
 // enum meshd_dir
 pub const DIR_INGRESS: u8 = 0;
@@ -117,6 +118,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ),
     ("MESHD_IDENTITY_CLUSTER_MASK", IDENTITY_CLUSTER_MASK as i64),
     ("MESHD_IDENTITY_MAX", IDENTITY_MAX as i64),
+    ("MESHD_IDENTITY_LOCAL_SCOPE", IDENTITY_LOCAL_SCOPE as i64),
     ("MESHD_DIR_INGRESS", DIR_INGRESS as i64),
     ("MESHD_DIR_EGRESS", DIR_EGRESS as i64),
     ("MESHD_DIR_COUNT", DIR_COUNT as i64),

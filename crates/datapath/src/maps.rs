@@ -369,7 +369,10 @@ impl DatapathMaps {
     /// The datapath is IPv4 only: an IPv6 tunnel endpoint is refused.
     pub fn upsert_ipcache(&mut self, prefix: Ipv4Net, target: IpcacheTarget) -> Result<()> {
         let identity = target.identity.get();
-        if identity > abi::IDENTITY_MAX {
+        // A local-scope identity (a prefix policies name) is never tunneled, so never put in
+        // a VNI; every other identity may be.
+        let untunneled_local = target.identity.is_local_scope() && target.tunnel_endpoint.is_none();
+        if identity > abi::IDENTITY_MAX && !untunneled_local {
             return Err(DatapathError::Invalid {
                 what: "identity",
                 detail: format!("{identity} for {prefix} does not fit a 24-bit VNI"),

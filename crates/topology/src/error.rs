@@ -10,6 +10,9 @@ pub enum TopologyError {
         what: String,
         source: NetlinkError,
     },
+    /// A netlink error that already says what and where (e.g. a namespace that exists).
+    #[error(transparent)]
+    Netlink(NetlinkError),
 }
 
 pub type Result<T, E = TopologyError> = std::result::Result<T, E>;

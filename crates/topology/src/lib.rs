@@ -5,11 +5,11 @@
 //!   description ([`UnderlaySpec`], [`HostSpec`], [`RootLinkSpec`]) and tears down what it
 //!   built, in reverse order;
 //! - [`netns`]: named network namespaces (`/run/netns/NAME`);
-//!
-//! Links, addresses and routes go through netlink (`meshd-netlink`), as the agent's own
-//! plumbing does.
 //! - [`etcd`]: the command line of one etcd member, which the lab starts as a daemon and the
 //!   test harness as a child it owns.
+//!
+//! Namespaces, links, addresses and routes go through netlink (`meshd-netlink`), as the
+//! agent's own plumbing does.
 //!
 //! Nothing here is test-only: the lab is a user-facing command. Test conveniences (unique
 //! names, processes killed with the test) live in `meshd-testing`, on top of this crate.

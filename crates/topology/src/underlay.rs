@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use meshd_netlink::with_netlink;
+use meshd_netlink::{with_netlink, NetlinkError};
 
-use crate::error::{Result, StepContext};
+use crate::error::{Result, StepContext, TopologyError};
 use crate::netns;
 
 /// The bridge inside the underlay namespace.
@@ -89,7 +89,13 @@ impl Topology {
 
     /// Creates a namespace owned by this topology (not on the underlay), with `lo` up.
     pub fn add_namespace(&mut self, name: &str) -> Result<()> {
-        netns::create(name).step(|| format!("creating network namespace {name}"))?;
+        netns::create(name).map_err(|e| match e {
+            exists @ NetlinkError::NetnsExists { .. } => TopologyError::Netlink(exists),
+            other => TopologyError::Step {
+                what: format!("creating network namespace {name}"),
+                source: other,
+            },
+        })?;
         self.namespaces.push(name.to_owned());
         Ok(())
     }

@@ -46,6 +46,10 @@ enum meshd_identity {
 	MESHD_IDENTITY_CLUSTER_SHIFT = 16,
 	MESHD_IDENTITY_CLUSTER_MASK = 0xff,
 	MESHD_IDENTITY_MAX = 0xffffff, /* must fit a 24-bit VNI */
+	/* Local-scope identities (bit 24): prefixes named by this node's policies (CIDR rules).
+	 * Their ipcache entries stand for addresses outside the mesh, so traffic to them leaves
+	 * like `world` (routed, masqueraded) while policy sees the prefix's own identity. */
+	MESHD_IDENTITY_LOCAL_SCOPE = 0x1000000,
 };
 
 /* Directions, as seen by the endpoint the policy is about. */
