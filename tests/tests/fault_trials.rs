@@ -229,11 +229,7 @@ impl Trials {
                     namespace: Some("faults".into()),
                 };
                 let value = encode(&key, &entry)?;
-                self.mesh.cluster(&c)?.etcd.etcdctl(&[
-                    "put",
-                    &key.to_string(),
-                    std::str::from_utf8(&value)?,
-                ])?;
+                self.admin_write(&c, &["put", &key.to_string(), std::str::from_utf8(&value)?])?;
                 self.expected.records.insert((c, ip), (identity, host));
             }
             // A record put by hand deleted.
@@ -252,10 +248,7 @@ impl Trials {
                 };
                 self.note(format!("etcd del {c} {ip}"))?;
                 let key = IpcacheKey::host(ClusterName::new(c.as_str())?, ip.into());
-                self.mesh
-                    .cluster(&c)?
-                    .etcd
-                    .etcdctl(&["del", &key.to_string()])?;
+                self.admin_write(&c, &["del", &key.to_string()])?;
                 self.expected.records.remove(&(c, ip));
             }
             // Compaction at the current revision.
@@ -365,6 +358,17 @@ impl Trials {
         Ok(())
     }
 
+    /// A write as the cluster's admin, retried as a publisher would: with a member frozen or
+    /// stopped, the request may meet an election ("request timed out, possibly due to previous
+    /// leader failure"). Puts and deletes of one key are safe to repeat.
+    fn admin_write(&self, cluster: &str, args: &[&str]) -> anyhow::Result<()> {
+        let etcd = &self.mesh.cluster(cluster)?.etcd;
+        wait_for(&format!("etcdctl {} in {cluster}", args[0]), WAIT, || {
+            etcd.etcdctl(args)
+        })?;
+        Ok(())
+    }
+
     fn note(&mut self, what: impl Into<String>) -> anyhow::Result<()> {
         let what = what.into();
         eprintln!("  {what}");
@@ -377,7 +381,9 @@ impl Trials {
     /// started without its etcd is not what this runner tests).
     fn heal(&mut self, i: usize) -> anyhow::Result<()> {
         let fault = self.faults[i].clone();
-        if let Fault::AgentDown(c, _) = &fault {
+        if let Fault::AgentDown(c, _) | Fault::Member(c, ..) = &fault {
+            // A member restarted while the others are frozen or stopped waits for a quorum
+            // that cannot form.
             if self.etcd_fault(c).is_some() {
                 return self.note(format!("heal {fault:?}: its etcd is still down"));
             }
@@ -400,11 +406,19 @@ impl Trials {
     }
 
     fn heal_all(&mut self) -> anyhow::Result<()> {
-        // etcds first, so agents start against an etcd that answers.
+        // Whole etcds first, then members (which need their quorum), so agents start against
+        // an etcd that answers.
         while let Some(i) = self
             .faults
             .iter()
-            .position(|f| matches!(f, Fault::Etcd(..) | Fault::Member(..)))
+            .position(|f| matches!(f, Fault::Etcd(..)))
+        {
+            self.heal(i)?;
+        }
+        while let Some(i) = self
+            .faults
+            .iter()
+            .position(|f| matches!(f, Fault::Member(..)))
         {
             self.heal(i)?;
         }

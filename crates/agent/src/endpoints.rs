@@ -8,7 +8,8 @@
 //! before any plumbing exists, so a crash leaves nothing the next start does not know about.
 //! The record carries the phase (adding, deleting) until the request completes: a start after
 //! a crash makes the plumbing of an interrupted add again from scratch (a half-made veth may
-//! lack its address or routes) and finishes an interrupted delete.
+//! lack its address or routes, a half-made namespace may be a bare mount point) and finishes
+//! an interrupted delete.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -179,7 +180,14 @@ impl EndpointManager {
                 }
                 Err(e) => {
                     tracing::warn!(endpoint = rec.name, error = %e, "endpoint plumbing missing; recreating it");
-                    let _ = block(|| plumbing::delete_endpoint(None, &rec.host_ifname));
+                    if rec.phase == Phase::Adding {
+                        // Nothing runs in it yet (the add never answered), and it may be half
+                        // made too: a crash between creating the mount point and binding the
+                        // namespace to it leaves a file that is no namespace.
+                        self.undo_plumbing(&rec);
+                    } else {
+                        let _ = block(|| plumbing::delete_endpoint(None, &rec.host_ifname));
+                    }
                     match block(|| create_plumbing(&rec, self.underlay_mtu)) {
                         Ok(l) => l,
                         Err(e) => {
