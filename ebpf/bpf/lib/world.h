@@ -53,7 +53,11 @@ __attribute__((noinline)) int world_route(struct __sk_buff *skb, const struct pk
 	struct bpf_fib_lookup fib = {};
 	fib.family = AF_INET;
 	fib.l4_protocol = ctx->proto;
-	fib.tot_len = skb->len - l3_off;
+	/* A GSO packet (TCP from the endpoint's stack, up to 64 KiB) leaves as segments of its
+	 * gso_size: with tot_len 0 the kernel judges it by is_skb_forwardable(), which knows that,
+	 * instead of refusing its total length as bigger than the MTU (which sent every bulk
+	 * transfer's first bursts through the stack, unmasqueraded). */
+	fib.tot_len = skb->gso_segs > 1 ? 0 : skb->len - l3_off;
 	fib.ifindex = skb->ingress_ifindex;
 	fib.ipv4_src = ctx->saddr;
 	fib.ipv4_dst = ctx->daddr;
