@@ -50,39 +50,9 @@ spec:
 "#;
 
 /// Policies users bring from Cilium and Kubernetes (from their documentation).
-const BROUGHT: &str = r#"apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "allow-cross-cluster"
-spec:
-  description: "Allow x-wing in cluster1 to contact rebel-base in cluster2"
-  endpointSelector:
-    matchLabels:
-      name: x-wing
-      io.cilium.k8s.policy.cluster: cluster1
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        name: rebel-base
-        io.cilium.k8s.policy.cluster: cluster2
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: db-from-frontend
-spec:
-  podSelector:
-    matchLabels:
-      role: db
-  ingress:
-  - from:
-    - podSelector:
-        matchLabels:
-          role: frontend
-    ports:
-    - protocol: TCP
-      port: 6379
-"#;
+const CROSS_CLUSTER: &str = include_str!("../../examples/policies/cilium-cross-cluster.yaml");
+const DB_FROM_FRONTEND: &str =
+    include_str!("../../examples/policies/kubernetes-db-from-frontend.yaml");
 
 const FQDN: &str = r#"apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
@@ -234,7 +204,11 @@ async fn apply_get_delete_through_a_context() {
     .fails_saying(&["may not use this API"]);
 
     // Cilium's and Kubernetes' policies go in as meshd's, and are shown in the stored form.
-    std::fs::write(mesh.path().join("brought.yaml"), BROUGHT).unwrap();
+    std::fs::write(
+        mesh.path().join("brought.yaml"),
+        format!("{CROSS_CLUSTER}---\n{DB_FROM_FRONTEND}"),
+    )
+    .unwrap();
     std::fs::write(mesh.path().join("fqdn.yaml"), FQDN).unwrap();
     let refused = run(&mesh, &["apply", "-f", "fqdn.yaml", "--meshd-config", cfg]);
     assert_eq!(refused.code, 65, "{}", refused.stderr);

@@ -648,6 +648,24 @@ impl Mesh {
             .join("\n")
     }
 
+    /// Stores the policy documents of `text` (meshd's, Cilium's or Kubernetes' kind) in
+    /// `cluster`'s etcd as its apiserver does: parsed and rewritten into meshd's policy by the
+    /// manifest crate, then written under the policy's key.
+    pub fn apply_policy(&self, cluster: &str, text: &str) -> anyhow::Result<()> {
+        for d in meshd_manifest::parse_str("policy.yaml", text)? {
+            let meshd_manifest::Document::NetworkPolicy(p) = &d.document else {
+                anyhow::bail!("{:?} is not a policy", d.document.kind());
+            };
+            let key = format!(
+                "meshd/config/policies/v1/{}/{}",
+                p.metadata.namespace, p.metadata.name
+            );
+            let json = String::from_utf8(d.document.to_json())?;
+            self.cluster(cluster)?.etcd.etcdctl(&["put", &key, &json])?;
+        }
+        Ok(())
+    }
+
     /// `meshd endpoint add NAME --labels ... ` on a node.
     pub fn add_endpoint(
         &self,

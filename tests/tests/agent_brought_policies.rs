@@ -9,82 +9,19 @@ use std::time::Duration;
 use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions};
 use meshd_e2e::netns_io::{spawn_echo, tcp_check};
 use meshd_e2e::wait_for;
-use meshd_manifest::Document;
 
-/// Cilium's cluster mesh documentation, with its cluster names (`cluster1`, `cluster2`) being
-/// this mesh's.
-const CROSS_CLUSTER: &str = r#"
-apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "allow-cross-cluster"
-spec:
-  description: "Allow x-wing in cluster1 to contact rebel-base in cluster2"
-  endpointSelector:
-    matchLabels:
-      name: x-wing
-      io.cilium.k8s.policy.cluster: c1
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        name: rebel-base
-        io.cilium.k8s.policy.cluster: c2
-"#;
+/// Cilium's cluster mesh documentation; its cluster names are this mesh's c1 and c2.
+fn cross_cluster() -> String {
+    include_str!("../../examples/policies/cilium-cross-cluster.yaml")
+        .replace("cluster1", "c1")
+        .replace("cluster2", "c2")
+}
 
 /// Cilium's documentation: "Ingress Default Deny".
-const DEFAULT_DENY: &str = r#"
-apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "deny-all-ingress"
-spec:
-  endpointSelector:
-    matchLabels:
-      role: restricted
-  ingress:
-  - {}
-"#;
+const DEFAULT_DENY: &str = include_str!("../../examples/policies/cilium-default-deny.yaml");
 
 /// Kubernetes: the database accepts the frontend on its port only.
-const K8S_DB: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: db-from-frontend
-  namespace: default
-spec:
-  podSelector:
-    matchLabels:
-      role: db
-  policyTypes:
-  - Ingress
-  ingress:
-  - from:
-    - podSelector:
-        matchLabels:
-          role: frontend
-    ports:
-    - protocol: TCP
-      port: 6379
-"#;
-
-/// Stores `text` in `cluster`'s etcd as its apiserver would: parsed, rewritten into meshd's
-/// policy, and written under the policy's key.
-fn apply(mesh: &Mesh, cluster: &str, text: &str) -> anyhow::Result<()> {
-    let docs = meshd_manifest::parse_str("policy.yaml", text)?;
-    for d in docs {
-        let Document::NetworkPolicy(p) = &d.document else {
-            anyhow::bail!("not a policy: {:?}", d.document.kind());
-        };
-        let key = format!(
-            "meshd/config/policies/v1/{}/{}",
-            p.metadata.namespace, p.metadata.name
-        );
-        let json = String::from_utf8(d.document.to_json())?;
-        mesh.cluster(cluster)?.etcd.etcdctl(&["put", &key, &json])?;
-    }
-    Ok(())
-}
+const K8S_DB: &str = include_str!("../../examples/policies/kubernetes-db-from-frontend.yaml");
 
 fn reach(from: &EndpointInfo, to: &EndpointInfo, port: u16) -> anyhow::Result<()> {
     tcp_check(
@@ -135,7 +72,7 @@ fn cilium_and_kubernetes_policies_hold_on_real_connections() -> anyhow::Result<(
     }
 
     // The cross-cluster allow: x-wing's egress is enforced, rebel-base of c2 allowed.
-    apply(&mesh, "c1", CROSS_CLUSTER)?;
+    mesh.apply_policy("c1", &cross_cluster())?;
     wait_for(
         "x-wing's egress to be enforced",
         Duration::from_secs(30),
@@ -146,7 +83,7 @@ fn cilium_and_kubernetes_policies_hold_on_real_connections() -> anyhow::Result<(
     reach(&frontend, &outpost, 80).map_err(|e| e.context("frontend is no subject"))?;
 
     // The default deny: nothing gets into restricted; restricted itself still gets out.
-    apply(&mesh, "c2", DEFAULT_DENY)?;
+    mesh.apply_policy("c2", DEFAULT_DENY)?;
     wait_for(
         "restricted's ingress to be denied",
         Duration::from_secs(30),
@@ -158,7 +95,7 @@ fn cilium_and_kubernetes_policies_hold_on_real_connections() -> anyhow::Result<(
 
     // The Kubernetes policy: the frontend, from the other cluster, on 6379 only.
     reach(&frontend, &db, 6379)?;
-    apply(&mesh, "c2", K8S_DB)?;
+    mesh.apply_policy("c2", K8S_DB)?;
     wait_for(
         "db's ingress to be enforced",
         Duration::from_secs(30),
@@ -169,8 +106,7 @@ fn cilium_and_kubernetes_policies_hold_on_real_connections() -> anyhow::Result<(
     denied(&frontend, &db, 80)?;
 
     // A CIDR over the pod CIDRs is accepted; status says endpoints are matched by identity.
-    apply(
-        &mesh,
+    mesh.apply_policy(
         "c2",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: { name: private }\nspec:\n  endpointSelector: { matchLabels: { name: outpost } }\n  egress:\n  - toCIDR: [ 10.0.0.0/8 ]\n",
     )?;

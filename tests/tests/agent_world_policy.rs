@@ -8,26 +8,9 @@ use std::time::Duration;
 use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions, UNDERLAY_MTU};
 use meshd_e2e::netns_io::{spawn_echo, tcp_check};
 use meshd_e2e::wait_for;
-use meshd_manifest::Document;
 
 const PORT: u16 = 8080;
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Stores a policy in `cluster`'s etcd as its apiserver would.
-fn apply(mesh: &Mesh, cluster: &str, text: &str) -> anyhow::Result<()> {
-    for d in meshd_manifest::parse_str("policy.yaml", text)? {
-        let Document::NetworkPolicy(p) = &d.document else {
-            anyhow::bail!("not a policy");
-        };
-        let key = format!(
-            "meshd/config/policies/v1/{}/{}",
-            p.metadata.namespace, p.metadata.name
-        );
-        let json = String::from_utf8(d.document.to_json())?;
-        mesh.cluster(cluster)?.etcd.etcdctl(&["put", &key, &json])?;
-    }
-    Ok(())
-}
 
 fn reach(from: &EndpointInfo, to: Ipv4Addr) -> anyhow::Result<()> {
     tcp_check(&from.netns, SocketAddr::from((to, PORT)), TIMEOUT)
@@ -69,8 +52,7 @@ fn cidr_and_host_rules_choose_what_outside_the_mesh_an_endpoint_reaches() -> any
         .map_err(|e| e.context(mesh.logs()))?;
     }
 
-    apply(
-        &mesh,
+    mesh.apply_policy(
         "c1",
         &format!(
             "apiVersion: meshd.io/v1\nkind: NetworkPolicy\nmetadata: {{ name: one-address }}\nspec:\n  endpointSelector: {{ matchLabels: {{ app: client }} }}\n  egress:\n    - toCIDR: [ {allowed}/32 ]\n"
@@ -93,8 +75,7 @@ fn cidr_and_host_rules_choose_what_outside_the_mesh_an_endpoint_reaches() -> any
     assert_eq!(status["warnings"], serde_json::json!([]), "{status}");
 
     // The same endpoint, now allowed its node only.
-    apply(
-        &mesh,
+    mesh.apply_policy(
         "c1",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: { name: one-address }\nspec:\n  endpointSelector: { matchLabels: { app: client } }\n  egress:\n  - toEntities: [ host ]\n",
     )?;

@@ -20,38 +20,13 @@ fn refusal(text: &str) -> DocumentError {
 }
 
 /// Cilium's documentation: "Ingress Default Deny" with an empty rule.
-const CILIUM_DEFAULT_DENY: &str = r#"
-apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "deny-all-ingress"
-spec:
-  endpointSelector:
-    matchLabels:
-      role: restricted
-  ingress:
-  - {}
-"#;
+const CILIUM_DEFAULT_DENY: &str =
+    include_str!("../../../examples/policies/cilium-default-deny.yaml");
 
 /// Cilium's cluster mesh documentation: allow x-wing of cluster1 to reach rebel-base of
 /// cluster2.
-const CILIUM_CROSS_CLUSTER: &str = r#"
-apiVersion: "cilium.io/v2"
-kind: CiliumNetworkPolicy
-metadata:
-  name: "allow-cross-cluster"
-spec:
-  description: "Allow x-wing in cluster1 to contact rebel-base in cluster2"
-  endpointSelector:
-    matchLabels:
-      name: x-wing
-      io.cilium.k8s.policy.cluster: cluster1
-  egress:
-  - toEndpoints:
-    - matchLabels:
-        name: rebel-base
-        io.cilium.k8s.policy.cluster: cluster2
-"#;
+const CILIUM_CROSS_CLUSTER: &str =
+    include_str!("../../../examples/policies/cilium-cross-cluster.yaml");
 
 #[test]
 fn cilium_empty_rule_denies_everything_in_its_direction() {
