@@ -73,6 +73,9 @@ pub struct ExternalSpec {
 }
 
 pub const ECHO_PORT: u16 = 8080;
+/// Prometheus /metrics of every agent (on its node IP) and apiserver (on its control plane).
+pub const AGENT_METRICS_PORT: u16 = 9962;
+pub const APISERVER_METRICS_PORT: u16 = 9963;
 pub const SERVICE_PORT: u16 = 80;
 
 impl LabSpec {

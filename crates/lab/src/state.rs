@@ -64,6 +64,9 @@ pub struct LabCluster {
     #[serde(default)]
     pub admin: TlsPaths,
     pub apiserver: String,
+    /// URL of the apiserver's Prometheus metrics, reachable from the host (labs before: none).
+    #[serde(default)]
+    pub apiserver_metrics: Option<String>,
     pub nodes: Vec<LabNode>,
 }
 
@@ -111,6 +114,9 @@ pub struct LabNode {
     pub ip: String,
     pub agent_pid: u32,
     pub api_socket: PathBuf,
+    /// URL of the agent's Prometheus metrics, reachable from the host (labs before: none).
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// The credentials the node's agent uses for its own cluster's etcd (node-<cluster>-<node>).
     #[serde(default)]
     pub etcd: TlsPaths,

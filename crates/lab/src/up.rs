@@ -17,7 +17,9 @@ use meshd_topology::underlay::host_address;
 use meshd_topology::{HostSpec, RootLinkSpec, Topology, UnderlaySpec};
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
-use crate::spec::{ClusterSpec, LabSpec, NodeSpec, ECHO_PORT};
+use crate::spec::{
+    ClusterSpec, LabSpec, NodeSpec, AGENT_METRICS_PORT, APISERVER_METRICS_PORT, ECHO_PORT,
+};
 use crate::state::{
     LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabExternal, LabNode, LabProcess, LabState,
     TlsPaths,
@@ -507,6 +509,7 @@ fn start_control_plane(
     let api_log = dir.join("apiserver.log");
     let api_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_port));
     let health_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_health_port));
+    let metrics_addr = SocketAddr::from((cluster.control_plane_ip, APISERVER_METRICS_PORT));
     let api_args: Vec<String> = vec![
         "--cluster-name".into(),
         cluster.name.clone(),
@@ -530,6 +533,8 @@ fn start_control_plane(
         server.key.display().to_string(),
         "--health-listen".into(),
         health_addr.to_string(),
+        "--metrics-addr".into(),
+        metrics_addr.to_string(),
         "--service-cidr".into(),
         cluster.service_cidr.to_string(),
     ];
@@ -563,6 +568,7 @@ fn start_control_plane(
         },
         admin,
         apiserver: api_addr.to_string(),
+        apiserver_metrics: Some(format!("http://{metrics_addr}/metrics")),
         nodes: Vec::new(),
     });
     state.save()
@@ -675,7 +681,7 @@ fn start_node(
     }
     let etcd = node_tls_paths(&opts.run_dir, &cluster.name, &node.name);
     let config = format!(
-        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\nmasquerade: {masq}\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
+        "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\nmasquerade: {masq}\nmetrics_addr: {metrics}\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
         c = cluster.name,
         id = cluster.id,
         n = node.name,
@@ -690,6 +696,7 @@ fn start_node(
         port = spec.tunnel_port,
         sock = api_socket(opts, cluster, node).display(),
         masq = spec.masquerade,
+        metrics = SocketAddr::from((node.ip, AGENT_METRICS_PORT)),
         state = dir.join("state").display(),
         // Endpoint namespaces carry the lab's prefix (through the node's), so two labs (a
         // user's and a test's) never fight over one name.
@@ -722,6 +729,7 @@ fn start_node(
         ip: node.ip.to_string(),
         agent_pid: pid,
         api_socket: socket.clone(),
+        metrics: Some(format!("http://{}:{AGENT_METRICS_PORT}/metrics", node.ip)),
         etcd,
     });
     state.save()?;

@@ -114,6 +114,17 @@ fn lab_up_check_status_down_twice() {
         assert!(Path::new(c["etcd"]["remote"]["cert"].as_str().unwrap()).is_file());
         assert_eq!(c["nodes"].as_array().unwrap().len(), 2);
     }
+    // Every agent's and apiserver's metrics answer from the host.
+    for c in clusters {
+        let mut urls = vec![c["apiserver_metrics"].as_str().unwrap().to_owned()];
+        for n in c["nodes"].as_array().unwrap() {
+            urls.push(n["metrics"].as_str().unwrap().to_owned());
+        }
+        for url in urls {
+            let body = http_get(&url);
+            assert!(body.contains("# HELP meshd_"), "{url}: {body}");
+        }
+    }
     assert_eq!(doc["masquerade"], false, "{doc}");
     assert_eq!(doc["external"]["ip"], "203.0.113.10", "{doc}");
     assert_eq!(doc["external"]["port"], 8080, "{doc}");
@@ -165,4 +176,18 @@ fn lab_up_check_status_down_twice() {
     }
     let left = leftovers(&run_dir);
     assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+/// The body of a plain HTTP GET of `url` (`http://IP:PORT/PATH`).
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (addr, path) = rest.split_once('/').expect("a path");
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{url}: {e}"));
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }

@@ -310,6 +310,7 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
             etcd: meshd_lab::state::LabEtcd::default(),
             admin: Default::default(),
             apiserver: String::new(),
+            apiserver_metrics: None,
             nodes: Vec::new(),
         });
     }
@@ -492,12 +493,14 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 })).collect::<Vec<_>>(),
             },
             "admin": c.admin,
+            "apiserver_metrics": c.apiserver_metrics,
             "nodes": c.nodes.iter().map(|n| serde_json::json!({
                 "name": n.name,
                 "netns": n.netns,
                 "ip": n.ip,
                 "agent_pid": n.agent_pid,
                 "api_socket": n.api_socket,
+                "metrics": n.metrics,
                 "etcd": n.etcd,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
