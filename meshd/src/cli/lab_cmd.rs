@@ -258,7 +258,12 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let mut state = LabState::default();
+    // The docker lab's agents run with the default config: masquerade on (it has no external
+    // host yet, so the check has no rows about leaving the mesh).
+    let mut state = LabState {
+        masquerade: true,
+        ..LabState::default()
+    };
     let mut nodes = std::collections::BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Some((container, service)) = line.split_once(' ') else {
