@@ -127,10 +127,7 @@ impl PolicyIndex {
 
     /// The identity of a prefix a policy names, if any does.
     pub fn cidr_identity(&self, prefix: &Ipv4Net) -> Option<NumericIdentity> {
-        self.cidrs
-            .iter()
-            .find(|(p, _)| p == prefix)
-            .map(|(_, id)| id)
+        self.cidrs.get(prefix)
     }
 
     /// The identities of every prefix the policies name.

@@ -212,6 +212,11 @@ impl CidrIdentities {
         Some(id)
     }
 
+    /// The identity of `prefix`, if a policy names it.
+    pub fn get(&self, prefix: &Ipv4Net) -> Option<NumericIdentity> {
+        self.by_prefix.get(prefix).map(|(id, _)| *id)
+    }
+
     /// Prefix and identity of every named prefix, in prefix order.
     pub fn iter(&self) -> impl Iterator<Item = (Ipv4Net, NumericIdentity)> + '_ {
         self.by_prefix.iter().map(|(p, (id, _))| (*p, *id))
