@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshd_mesh::{ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, MeshView, ServiceOp};
+use meshd_mesh::{
+    ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, EventKind, MeshView, ServiceOp,
+};
 use meshd_state::ClusterName;
 use tokio::sync::{mpsc, watch};
 
@@ -76,6 +78,9 @@ struct Pending {
     ops: Vec<DatapathOp>,
     service_ops: Vec<ServiceOp>,
     identities_changed: bool,
+    /// A policy or a node (or a cluster's admission) changed: the policy warnings, which
+    /// compare policy CIDRs with nodes' pod CIDRs, are recomputed (not on every ipcache batch).
+    warnings_stale: bool,
 }
 
 impl ViewTask {
@@ -106,7 +111,7 @@ impl ViewTask {
                         let waiting: Vec<String> = self.unready().iter().map(|c| c.to_string()).collect();
                         tracing::warn!(?waiting, "start-up sync not complete in time; reconciling with what is known");
                         gate_open = true;
-                        self.publish_status();
+                        self.publish_status(true);
                         if !self.send_full().await {
                             return;
                         }
@@ -126,7 +131,7 @@ impl ViewTask {
             if pending.identities_changed {
                 self.publish_identities();
             }
-            self.publish_status();
+            self.publish_status(pending.warnings_stale);
             let opening = !gate_open && self.unready().is_empty();
             if opening {
                 tracing::info!("initial sync of every cluster complete");
@@ -169,6 +174,15 @@ impl ViewTask {
         let applied = match input {
             ViewInput::Cluster(event) => {
                 let cluster = event.cluster.clone();
+                pending.warnings_stale |= !matches!(
+                    event.kind,
+                    EventKind::UpsertIpcache(_)
+                        | EventKind::DeleteIpcache { .. }
+                        | EventKind::UpsertIdentity { .. }
+                        | EventKind::DeleteIdentity { .. }
+                        | EventKind::UpsertService(_)
+                        | EventKind::DeleteService { .. }
+                );
                 let applied = self.view.apply(event);
                 for r in &applied.rejected {
                     tracing::warn!(%cluster, rejection = %r, "rejected remote entry");
@@ -178,7 +192,9 @@ impl ViewTask {
                 }
                 applied
             }
-            ViewInput::Policy(event) => match self.view.update_policy(event) {
+            ViewInput::Policy(event) => match self.view.update_policy(event).inspect(|_| {
+                pending.warnings_stale = true;
+            }) {
                 Ok(applied) => applied,
                 Err(e) => {
                     tracing::warn!(error = %e, "policy refused; the previous version stays in force");
@@ -204,11 +220,18 @@ impl ViewTask {
         self.identities.send_replace(Arc::new(labels));
     }
 
-    fn publish_status(&self) {
+    /// Publishes cluster and policy status; `refresh_warnings`: recompute the policy warnings
+    /// (see [`Pending::warnings_stale`]), else keep the last ones.
+    fn publish_status(&self, refresh_warnings: bool) {
         self.status.send_replace(Arc::new(self.view.status()));
+        let warnings = if refresh_warnings {
+            self.view.policy_warnings()
+        } else {
+            self.policies.borrow().warnings.clone()
+        };
         let summary = PolicySummary {
             count: self.view.policies().count(),
-            warnings: self.view.policy_warnings(),
+            warnings,
         };
         self.policies.send_if_modified(|old| {
             let changed = *old != summary;
