@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod netns_io;
 pub mod pki;
 pub mod proxy;
+pub mod trials;
 
 use std::time::{Duration, Instant};
 

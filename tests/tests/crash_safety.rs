@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::trials::{env_u64, Rng};
 use meshd_e2e::wait_for;
 
 const C: &str = "c1";
@@ -27,30 +28,6 @@ const LABELS: &str = "app=crash";
 /// A fixed window (rather than one scaled to the measured time) lets a seed replay the same
 /// delays; where they land in the request still depends on the machine's load.
 const KILL_WINDOW: Duration = Duration::from_millis(150);
-
-/// splitmix64, as in the fault trials.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().with_context(|| format!("{name}={v}")),
-        _ => Ok(default),
-    }
-}
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;

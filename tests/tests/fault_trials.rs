@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions};
 use meshd_e2e::netns_io::{connect, echo_round_trip, spawn_echo};
+use meshd_e2e::trials::{env_u64, Rng};
 use meshd_e2e::wait_for;
 use meshd_state::{encode, ClusterName, IpcacheEntry, IpcacheKey, NumericIdentity};
 
@@ -39,40 +40,11 @@ const STEPS: std::ops::RangeInclusive<u64> = 4..=10;
 /// it names). None between c1 and c2, whose endpoints hold the long-lived connection.
 const CUTTABLE: [(&str, &str); 4] = [("c1", "c3"), ("c3", "c1"), ("c2", "c3"), ("c3", "c2")];
 
-/// splitmix64: small, seedable, and the same sequence on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn range(&mut self, r: std::ops::RangeInclusive<u64>) -> u64 {
-        r.start() + self.below(r.end() - r.start() + 1)
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            None
-        } else {
-            Some(&items[self.below(items.len() as u64) as usize])
-        }
-    }
-}
-
 /// The generator of trial `trial` of run `seed`: each trial's steps depend only on these two
 /// (and on the state the earlier trials left, which the replay rebuilds).
 fn trial_rng(seed: u64, trial: u64) -> Rng {
     let mut r = Rng(seed ^ trial.wrapping_mul(0xa076_1d64_78bd_642f));
-    r.next();
+    r.next_u64();
     r
 }
 
@@ -477,13 +449,6 @@ fn step_kind(what: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().with_context(|| format!("{name}={v}")),
-        _ => Ok(default),
-    }
 }
 
 #[test]
