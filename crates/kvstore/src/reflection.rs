@@ -440,11 +440,16 @@ mod tests {
     }
 
     fn entry(ip: &str, id: u32) -> KeyValue {
+        entry_via(ip, id, "192.168.0.1")
+    }
+
+    /// An ipcache record of c1 for `ip` with identity `id`, tunnelled to `host_ip`.
+    fn entry_via(ip: &str, id: u32, host_ip: &str) -> KeyValue {
         let key = IpcacheKey::host(c("c1"), ip.parse().unwrap());
         let value = IpcacheEntry {
             prefix: key.prefix,
             identity: NumericIdentity::new(id).unwrap(),
-            host_ip: "192.168.0.1".parse().unwrap(),
+            host_ip: host_ip.parse().unwrap(),
             endpoint: None,
             namespace: None,
         };
@@ -627,20 +632,7 @@ mod tests {
     }
 
     fn entry6(ip: &str, id: u32) -> KeyValue {
-        let key = IpcacheKey::host(c("c1"), ip.parse().unwrap());
-        let value = IpcacheEntry {
-            prefix: key.prefix,
-            identity: NumericIdentity::new(id).unwrap(),
-            host_ip: "fd00::1".parse().unwrap(),
-            endpoint: None,
-            namespace: None,
-        };
-        KeyValue {
-            key: key.to_string(),
-            value: serde_json::to_vec(&value).unwrap(),
-            mod_revision: 1,
-            lease: 0,
-        }
+        entry_via(ip, id, "fd00::1")
     }
 
     #[test]
