@@ -272,29 +272,38 @@ fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The lab's HTTP echo (`meshd workload echo` on ECHO_PORT) in `netns`, answering as
+/// `[cluster, node, endpoint]`; its pid.
+fn spawn_echo(
+    opts: &UpOptions,
+    netns: &str,
+    [cluster, node, endpoint]: [&str; 3],
+    log: &Path,
+) -> anyhow::Result<u32> {
+    let args: Vec<String> = [
+        "workload",
+        "echo",
+        "--listen",
+        &format!("0.0.0.0:{ECHO_PORT}"),
+        "--cluster",
+        cluster,
+        "--node",
+        node,
+        "--endpoint",
+        endpoint,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    spawn_daemon(Some(netns), &opts.meshd(), &args, &marker(opts), log)
+}
+
 /// The HTTP echo on the external host (it answers with the client address it saw).
 fn start_external_echo(opts: &UpOptions, state: &mut LabState) -> anyhow::Result<()> {
     let spec = &opts.spec;
     let netns = spec.external_netns();
     let log = opts.run_dir.join("external-echo.log");
-    let pid = spawn_daemon(
-        Some(&netns),
-        &opts.meshd(),
-        &[
-            "workload".into(),
-            "echo".into(),
-            "--listen".into(),
-            format!("0.0.0.0:{ECHO_PORT}"),
-            "--cluster".into(),
-            "external".into(),
-            "--node".into(),
-            "external".into(),
-            "--endpoint".into(),
-            "external".into(),
-        ],
-        &marker(opts),
-        &log,
-    )?;
+    let pid = spawn_echo(opts, &netns, ["external"; 3], &log)?;
     record(state, pid, "workload", "", "external", &log);
     state.external = Some(LabExternal {
         netns,
@@ -832,24 +841,7 @@ fn add_endpoints(
         state.save()?;
         if ep.echo {
             let log = node_dir(opts, cluster, node).join(format!("{}.log", ep.name));
-            let pid = spawn_daemon(
-                Some(&netns),
-                &opts.meshd(),
-                &[
-                    "workload".into(),
-                    "echo".into(),
-                    "--listen".into(),
-                    format!("0.0.0.0:{ECHO_PORT}"),
-                    "--cluster".into(),
-                    cluster.name.clone(),
-                    "--node".into(),
-                    node.name.clone(),
-                    "--endpoint".into(),
-                    ep.name.clone(),
-                ],
-                &marker(opts),
-                &log,
-            )?;
+            let pid = spawn_echo(opts, &netns, [&cluster.name, &node.name, &ep.name], &log)?;
             record(state, pid, "workload", &cluster.name, &ep.name, &log);
             state.save()?;
         }
