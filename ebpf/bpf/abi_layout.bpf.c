@@ -20,7 +20,9 @@ struct frag_key abi_frag_key;
 struct frag_value abi_frag_value;
 struct metrics_value abi_metrics_value;
 struct datapath_config abi_datapath_config;
-struct drop_event abi_drop_event;
+struct flow_event abi_flow_event;
+struct event_limit abi_event_limit;
+struct event_budget abi_event_budget;
 struct service_key abi_service_key;
 struct service_value abi_service_value;
 struct backend_key abi_backend_key;
@@ -40,6 +42,7 @@ enum meshd_policy_flags abi_policy_flags;
 enum meshd_verdict abi_verdict;
 enum meshd_ct_flags abi_ct_flags;
 enum meshd_event_type abi_event_type;
+enum meshd_event_limit_flags abi_event_limit_flags;
 enum meshd_config_flags abi_config_flags;
 enum meshd_nat abi_nat;
 

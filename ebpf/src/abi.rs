@@ -4,7 +4,7 @@
 //!
 //! Byte order follows the header: IPv4 addresses are network byte order (use [`ip_to_be`] and
 //! [`ip_from_be`]), ports are network byte order in [`CtKey`] and host byte order in
-//! [`PolicyKey`] and [`DropEvent`], identities are host byte order.
+//! [`PolicyKey`] and [`FlowEvent`], identities are host byte order.
 
 use std::net::Ipv4Addr;
 
@@ -89,6 +89,9 @@ pub const CT_F_SERVICE: u32 = 4;
 pub const CT_F_REV_NAT: u32 = 8;
 // enum meshd_event_type
 pub const EVENT_DROP: u32 = 1;
+pub const EVENT_FLOW: u32 = 2;
+// enum meshd_event_limit_flags
+pub const EVENT_LIMIT_F_FLOWS: u32 = 1;
 // enum meshd_config_flags
 pub const CONFIG_F_WORLD: u32 = 1;
 pub const CONFIG_F_MASQUERADE: u32 = 2;
@@ -155,6 +158,8 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CT_F_SERVICE", CT_F_SERVICE as i64),
     ("MESHD_CT_F_REV_NAT", CT_F_REV_NAT as i64),
     ("MESHD_EVENT_DROP", EVENT_DROP as i64),
+    ("MESHD_EVENT_FLOW", EVENT_FLOW as i64),
+    ("MESHD_EVENT_LIMIT_F_FLOWS", EVENT_LIMIT_F_FLOWS as i64),
     ("MESHD_CONFIG_F_WORLD", CONFIG_F_WORLD as i64),
     ("MESHD_CONFIG_F_MASQUERADE", CONFIG_F_MASQUERADE as i64),
     ("MESHD_NAT_RETRIES", NAT_RETRIES as i64),
@@ -346,8 +351,9 @@ pub struct DatapathConfig {
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct DropEvent {
+pub struct FlowEvent {
     pub timestamp_ns: u64,
+    /// `EVENT_DROP` or `EVENT_FLOW`.
     pub event_type: u32,
     pub src_identity: u32,
     pub dst_identity: u32,
@@ -358,9 +364,36 @@ pub struct DropEvent {
     pub dport: u16,
     pub proto: u8,
     pub direction: u8,
+    /// `DROP_*` of a drop, `FWD_*` of a new connection.
     pub reason: i16,
     pub ifindex: u32,
+    /// Service frontend, network byte order; 0 if none.
+    pub svc_addr: u32,
+    /// Host byte order.
+    pub svc_port: u16,
+    pub pad: u16,
+    pub pad2: u32,
+}
+
+/// Value of EVENT_LIMIT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventLimit {
+    /// Events per second per CPU; 0 = unlimited.
+    pub rate: u32,
+    /// `EVENT_LIMIT_F_*`.
+    pub flags: u32,
+}
+
+/// Per-CPU value of EVENT_BUDGET.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventBudget {
+    pub window_ns: u64,
+    pub used: u32,
     pub pad: u32,
+    /// Events not sent (over the limit or ring buffer full) since the map was created.
+    pub lost: u64,
 }
 
 /// Key of SERVICES: a frontend.
@@ -458,7 +491,9 @@ unsafe impl aya::Pod for FragKey {}
 unsafe impl aya::Pod for FragValue {}
 unsafe impl aya::Pod for MetricsValue {}
 unsafe impl aya::Pod for DatapathConfig {}
-unsafe impl aya::Pod for DropEvent {}
+unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for EventLimit {}
+unsafe impl aya::Pod for EventBudget {}
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for BackendKey {}
@@ -581,8 +616,8 @@ pub fn layouts() -> Vec<Layout> {
             }
         ),
         layout!(
-            "drop_event",
-            DropEvent {
+            "flow_event",
+            FlowEvent {
                 timestamp_ns,
                 event_type,
                 src_identity,
@@ -595,7 +630,20 @@ pub fn layouts() -> Vec<Layout> {
                 direction,
                 reason,
                 ifindex,
-                pad
+                svc_addr,
+                svc_port,
+                pad,
+                pad2
+            }
+        ),
+        layout!("event_limit", EventLimit { rate, flags }),
+        layout!(
+            "event_budget",
+            EventBudget {
+                window_ns,
+                used,
+                pad,
+                lost
             }
         ),
         layout!(

@@ -62,8 +62,10 @@ pub mod maps {
     pub const BACKENDS: &str = "BACKENDS";
     pub const NAT: &str = "NAT";
     pub const NO_MASQ: &str = "NO_MASQ";
+    pub const EVENT_LIMIT: &str = "EVENT_LIMIT";
+    pub const EVENT_BUDGET: &str = "EVENT_BUDGET";
     /// Every pinned map.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         IPCACHE,
         IPCACHE_HOSTS,
         ENDPOINTS,
@@ -78,5 +80,7 @@ pub mod maps {
         BACKENDS,
         NAT,
         NO_MASQ,
+        EVENT_LIMIT,
+        EVENT_BUDGET,
     ];
 }

@@ -10,7 +10,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod cli;
 
 use cli::{
-    certs_cmd, context, endpoint_cmd, etcd_cmd, lab_cmd, manifest_cmd, monitor_cmd, output,
+    certs_cmd, context, endpoint_cmd, etcd_cmd, lab_cmd, manifest_cmd, monitor_cmd, observe_cmd, output,
     shell_cmd, status_cmd, troubleshoot_cmd, workload,
 };
 
@@ -66,6 +66,18 @@ enum Command {
     /// `world`, `host` and `remote-node` are the reserved ones. `meshd status` counts every
     /// drop by reason, also those that happened while nobody watched.
     Monitor(monitor_cmd::MonitorArgs),
+    /// Every new connection and every drop on the node, as it happens, with both sides'
+    /// identities and labels and the service a connection was sent to.
+    ///
+    /// One line per flow, e.g.
+    ///
+    ///   09:56:06.869 n1 FORWARDED forwarded-tunnel egress tcp 10.1.1.1:45966 (c1/256 app=web)
+    ///   -> 10.2.1.1:8080 (c2/257 app=echo) via service 10.96.0.10:80
+    ///
+    /// Filter with --from-label, --to-label, --verdict, --protocol, --port and --cluster; start
+    /// with the recent past with --since. The datapath reports at most `flow_event_rate` events
+    /// per second per CPU (agent config); what it did not send is counted and shown.
+    Observe(observe_cmd::ObserveArgs),
     /// Find out why something does not work: `troubleshoot clustermesh` checks every remote
     /// cluster step by step and says what to fix.
     #[command(subcommand)]
@@ -127,6 +139,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status_cmd::run_status(args),
         Command::Clustermesh(cmd) => status_cmd::run_clustermesh(cmd),
         Command::Monitor(args) => monitor_cmd::run(args),
+        Command::Observe(args) => observe_cmd::run(args),
         Command::Troubleshoot(cmd) => troubleshoot_cmd::run(cmd),
         Command::Lab(cmd) => lab_cmd::run(cmd, &cli.context),
         Command::Apply(args) => manifest_cmd::apply(args, &cli.context),

@@ -25,6 +25,9 @@
 //! resync_interval_secs: 300                   # the maps' safety-net full diff
 //! cert_expiry_warning_days: 30                # status warns of certificates expiring sooner
 //! metrics_addr: 0.0.0.0:9962                   # Prometheus /metrics; off when absent
+//! flow_events: true                           # new connections reported to `meshd observe`
+//! flow_event_rate: 1000                       # datapath events (flows + drops) per second per CPU; 0 = no limit
+//! flow_history: 4096                          # flows kept for `meshd observe --since`
 //! masquerade: true                            # leaving the mesh: see egress.rs
 //! non_masquerade_cidrs: []
 //! snat_port_range: 61000-65535
@@ -121,6 +124,16 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless set).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
+    /// Report new connections (not only drops) to `meshd observe` [default: true].
+    #[arg(long, value_name = "BOOL")]
+    pub flow_events: Option<bool>,
+    /// Events (new connections and drops) the datapath may send per second per CPU; the rest
+    /// are counted as lost; 0 = no limit [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub flow_event_rate: Option<u32>,
+    /// Flows the agent keeps for `meshd observe --since` [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub flow_history: Option<usize>,
     /// Masquerade endpoints' traffic to destinations outside the mesh to the node IP
     /// [default: true].
     #[arg(long, value_name = "BOOL")]
@@ -158,6 +171,9 @@ pub struct ConfigFile {
     pub endpoint_netns_prefix: Option<String>,
     pub cert_expiry_warning_days: Option<u32>,
     pub metrics_addr: Option<String>,
+    pub flow_events: Option<bool>,
+    pub flow_event_rate: Option<u32>,
+    pub flow_history: Option<usize>,
     pub masquerade: Option<bool>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub snat_port_range: Option<String>,
@@ -202,6 +218,11 @@ pub struct AgentConfig {
     pub cert_expiry_warning_days: u32,
     /// Where `/metrics` is served; None: not served.
     pub metrics_addr: Option<SocketAddr>,
+    /// Datapath events: whether new connections are reported, and the per-CPU rate limit.
+    pub flow_events: bool,
+    pub flow_event_rate: u32,
+    /// Flows kept in memory for `meshd observe --since`.
+    pub flow_history: usize,
     /// Leaving the mesh: masquerade and its exceptions.
     pub egress: EgressSettings,
 }
@@ -213,6 +234,11 @@ pub const DEFAULT_STARTUP_SYNC_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 pub const DEFAULT_RESYNC_INTERVAL_SECS: u64 = 300;
 pub const DEFAULT_CERT_EXPIRY_WARNING_DAYS: u32 = 30;
+/// Per CPU: a node handling well over a thousand new connections a second per CPU is reported
+/// on a sample; the datapath stays within its budget and the loss is counted.
+pub const DEFAULT_FLOW_EVENT_RATE: u32 = 1000;
+pub const DEFAULT_FLOW_HISTORY: usize = 4096;
+const MAX_FLOW_HISTORY: usize = 1 << 20;
 
 impl AgentConfig {
     /// Where this node's maps and links are pinned.
@@ -580,6 +606,22 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         },
     };
 
+    let flow_events = args.flow_events.or(file.flow_events).unwrap_or(true);
+    let flow_event_rate = args
+        .flow_event_rate
+        .or(file.flow_event_rate)
+        .unwrap_or(DEFAULT_FLOW_EVENT_RATE);
+    let flow_history = args
+        .flow_history
+        .or(file.flow_history)
+        .unwrap_or(DEFAULT_FLOW_HISTORY);
+    if flow_history > MAX_FLOW_HISTORY {
+        problem(
+            "flow_history",
+            format!("{flow_history} out of range (0-{MAX_FLOW_HISTORY})"),
+        );
+    }
+
     let egress = egress::resolve(
         args.masquerade.or(file.masquerade),
         args.non_masquerade_cidrs
@@ -616,6 +658,9 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                     .unwrap_or_else(|| format!("meshd-{cluster}-{node}-")),
                 cert_expiry_warning_days,
                 metrics_addr,
+                flow_events,
+                flow_event_rate,
+                flow_history,
                 egress,
             })
         }

@@ -103,6 +103,10 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
         node_ip: config.node_ip,
         cluster_id: config.cluster_id.get(),
     })?;
+    maps.set_event_limit(meshd_datapath::EventLimit {
+        rate_per_cpu: config.flow_event_rate,
+        flows: config.flow_events,
+    })?;
     datapath.attach_overlay(VXLAN_IFNAME)?;
     start_egress(config, &mut datapath, &mut maps)?;
     tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu, "datapath loaded");
@@ -294,7 +298,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         reconciled_tx,
         config.resync_interval,
     ));
-    let (monitor, monitor_handle) = monitor::Monitor::open(&config.pin_dir())?;
+    let (monitor, monitor_handle) = monitor::Monitor::open(&config.pin_dir(), config.flow_history)?;
     tokio::spawn(monitor.run());
 
     tokio::spawn(

@@ -36,6 +36,8 @@ pub struct Snapshot<'a> {
     pub clusters: &'a [pb::ClusterStatus],
     pub datapath: &'a pb::DatapathStatus,
     pub identities: usize,
+    /// Datapath events (flows, drops) not sent: over the rate limit or the ring full.
+    pub events_lost: u64,
 }
 
 fn gauge_family<S>(registry: &mut Registry, name: &str, help: &str) -> Family<S, Gauge>
@@ -184,6 +186,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Map writes that failed (each retried by a full diff).",
         d.failed_writes,
     );
+    counter(
+        &mut r,
+        "datapath_events_lost",
+        "Flow and drop events the datapath did not send (over its per-CPU rate limit, or its ring buffer full); the packets themselves are counted.",
+        s.events_lost,
+    );
     let identities: Gauge = Gauge::default();
     identities.set(gauge(s.identities as u64));
     r.register(
@@ -248,6 +256,7 @@ mod tests {
             clusters: &clusters,
             datapath: &datapath,
             identities: 6,
+            events_lost: 9,
         });
         for line in [
             "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
@@ -259,6 +268,7 @@ mod tests {
             "meshd_datapath_map_entries{map=\"ipcache\"} 4",
             "meshd_reconciler_corrections_total 1",
             "meshd_identities 6",
+            "meshd_datapath_events_lost_total 9",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }

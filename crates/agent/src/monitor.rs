@@ -1,77 +1,155 @@
 //! What the datapath says about the packets it handles: the one reader of the EVENTS ring
-//! buffer (drop events, fanned out to `meshd monitor` subscribers) and of the METRICS counters
-//! (read when `meshd status` asks). Its own handles on the pinned maps; it writes nothing but
-//! the ring buffer's consumer position, which no other task touches.
+//! buffer (drop events, fanned out to `meshd monitor` subscribers; new connections and drops,
+//! kept in a bounded history and fanned out to `meshd observe` subscribers) and of the METRICS
+//! counters (read when `meshd status` asks). Its own handles on the pinned maps; it writes
+//! nothing but the ring buffer's consumer position, which no other task touches.
 //!
-//! Driven by the ring buffer's readiness and by requests: an idle node costs it nothing.
+//! Driven by the ring buffer's readiness and by requests: an idle node costs it nothing. A slow
+//! subscriber never slows it: each has a bounded backlog and is told how many it missed.
 
+use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use meshd_datapath::{Counter, DatapathMaps, DropEvents, DropRecord};
+use meshd_datapath::{Counter, DatapathEvents, DatapathMaps, DropRecord, FlowRecord};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-/// Drop events kept for a subscriber that reads slower than drops happen; beyond this it is
-/// told how many it missed.
+/// Events kept for a subscriber that reads slower than they happen; beyond this it is told how
+/// many it missed.
 const SUBSCRIBER_BACKLOG: usize = 4096;
-/// How long `Status` waits for the counters before answering without them.
-const COUNTERS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a request waits for the monitor before answering without it.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
-type CountersRequest = oneshot::Sender<Vec<Counter>>;
-
-pub struct Monitor {
-    events: AsyncFd<DropEvents>,
-    /// For METRICS only.
-    maps: DatapathMaps,
-    drops: broadcast::Sender<DropRecord>,
-    requests: mpsc::Receiver<CountersRequest>,
+/// One reported flow: the datapath's record, when the agent read it, and its place in the
+/// node's sequence (a subscriber joining history and live stream skips what it already has).
+#[derive(Clone, Debug)]
+pub struct Flow {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub record: FlowRecord,
 }
 
-/// What the API server holds to serve `Monitor` and the counters of `Status`.
+/// The last `capacity` flows, oldest first.
+#[derive(Debug)]
+pub struct FlowHistory {
+    capacity: usize,
+    flows: VecDeque<Arc<Flow>>,
+}
+
+impl FlowHistory {
+    pub fn new(capacity: usize) -> Self {
+        FlowHistory {
+            capacity,
+            flows: VecDeque::with_capacity(capacity.min(SUBSCRIBER_BACKLOG)),
+        }
+    }
+
+    pub fn push(&mut self, flow: Arc<Flow>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.flows.len() == self.capacity {
+            self.flows.pop_front();
+        }
+        self.flows.push_back(flow);
+    }
+
+    /// The flows read at or after `since_ms`, oldest first.
+    pub fn since(&self, since_ms: u64) -> Vec<Arc<Flow>> {
+        // Times only grow (one reader stamps them), so the kept flows are sorted by time.
+        let start = self.flows.partition_point(|f| f.time_ms < since_ms);
+        self.flows.range(start..).cloned().collect()
+    }
+}
+
+enum Request {
+    Counters(oneshot::Sender<Vec<Counter>>),
+    History {
+        since_ms: u64,
+        reply: oneshot::Sender<Vec<Arc<Flow>>>,
+    },
+}
+
+pub struct Monitor {
+    events: AsyncFd<DatapathEvents>,
+    /// For METRICS and EVENT_BUDGET only.
+    maps: DatapathMaps,
+    drops: broadcast::Sender<DropRecord>,
+    flows: broadcast::Sender<Arc<Flow>>,
+    history: FlowHistory,
+    next_seq: u64,
+    lost: Arc<AtomicU64>,
+    requests: mpsc::Receiver<Request>,
+}
+
+/// What the API server holds to serve `Monitor`, `Observe` and the counters of `Status`.
 #[derive(Clone)]
 pub struct MonitorHandle {
     pub drops: broadcast::Sender<DropRecord>,
-    requests: mpsc::Sender<CountersRequest>,
+    pub flows: broadcast::Sender<Arc<Flow>>,
+    lost: Arc<AtomicU64>,
+    requests: mpsc::Sender<Request>,
 }
 
 impl MonitorHandle {
-    /// The datapath's counters now; empty (and logged) if the monitor does not answer.
-    pub async fn counters(&self) -> Vec<Counter> {
+    async fn ask<T: Default>(&self, what: &str, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> T {
         let (tx, rx) = oneshot::channel();
-        if self.requests.send(tx).await.is_err() {
-            tracing::warn!("datapath monitor gone; status without counters");
-            return Vec::new();
+        if self.requests.send(make(tx)).await.is_err() {
+            tracing::warn!("datapath monitor gone; answering without {what}");
+            return T::default();
         }
-        match tokio::time::timeout(COUNTERS_TIMEOUT, rx).await {
-            Ok(Ok(counters)) => counters,
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(v)) => v,
             _ => {
-                tracing::warn!("datapath monitor did not answer; status without counters");
-                Vec::new()
+                tracing::warn!("datapath monitor did not answer; answering without {what}");
+                T::default()
             }
         }
+    }
+
+    /// The datapath's counters now; empty (and logged) if the monitor does not answer.
+    pub async fn counters(&self) -> Vec<Counter> {
+        self.ask("counters", Request::Counters).await
+    }
+
+    /// The flows kept since `since_ms` (Unix ms), oldest first.
+    pub async fn history(&self, since_ms: u64) -> Vec<Arc<Flow>> {
+        self.ask("flow history", |reply| Request::History { since_ms, reply })
+            .await
+    }
+
+    /// Events the datapath did not send (rate limit, ring full), as of the last read.
+    pub fn events_lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 }
 
 impl Monitor {
-    pub fn open(pin_dir: &Path) -> anyhow::Result<(Monitor, MonitorHandle)> {
+    pub fn open(pin_dir: &Path, history: usize) -> anyhow::Result<(Monitor, MonitorHandle)> {
         let context = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!(
                 "opening the datapath maps in {} for events and counters: {e}",
                 pin_dir.display()
             )
         };
-        let events = DropEvents::open(pin_dir).map_err(|e| context(&e))?;
-        // SAFETY: DropEvents owns the ring buffer's map fd (aya's MapData holds it as an
+        let events = DatapathEvents::open(pin_dir).map_err(|e| context(&e))?;
+        // SAFETY: DatapathEvents owns the ring buffer's map fd (aya's MapData holds it as an
         // OwnedFd) until the AsyncFd drops it, and always reports that same fd.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| context(&e))?;
         let maps = DatapathMaps::open(pin_dir).map_err(|e| context(&e))?;
+        let lost = Arc::new(AtomicU64::new(maps.events_lost().unwrap_or(0)));
         let (drops, _) = broadcast::channel(SUBSCRIBER_BACKLOG);
+        let (flows, _) = broadcast::channel(SUBSCRIBER_BACKLOG);
         let (requests_tx, requests) = mpsc::channel(16);
         let handle = MonitorHandle {
             drops: drops.clone(),
+            flows: flows.clone(),
+            lost: lost.clone(),
             requests: requests_tx,
         };
         Ok((
@@ -79,10 +157,29 @@ impl Monitor {
                 events,
                 maps,
                 drops,
+                flows,
+                history: FlowHistory::new(history),
+                next_seq: 1,
+                lost,
                 requests,
             },
             handle,
         ))
+    }
+
+    fn record(&mut self, record: FlowRecord, time_ms: u64) {
+        if let Some(drop) = record.as_drop() {
+            // No receiver is not an error: nobody is watching.
+            let _ = self.drops.send(drop);
+        }
+        let flow = Arc::new(Flow {
+            seq: self.next_seq,
+            time_ms,
+            record,
+        });
+        self.next_seq += 1;
+        self.history.push(flow.clone());
+        let _ = self.flows.send(flow);
     }
 
     pub async fn run(mut self) {
@@ -92,27 +189,84 @@ impl Monitor {
                     let mut guard = match ready {
                         Ok(guard) => guard,
                         Err(e) => {
-                            tracing::error!(error = %e, "polling the datapath's event ring; drop events stop");
+                            tracing::error!(error = %e, "polling the datapath's event ring; drop and flow events stop");
                             return;
                         }
                     };
                     // Emptied even with no subscriber, so a `meshd monitor` started later sees
                     // drops from then on, not a backlog from whenever the ring last filled.
-                    for drop in guard.get_inner_mut().drain() {
-                        // No receiver is not an error: nobody is watching.
-                        let _ = self.drops.send(drop);
-                    }
+                    let records = guard.get_inner_mut().drain();
                     // Keeps the readiness if the kernel signalled again while we drained.
                     guard.clear_ready();
+                    let now = crate::now_ms();
+                    for record in records {
+                        self.record(record, now);
+                    }
+                    if let Ok(lost) = self.maps.events_lost() {
+                        self.lost.store(lost, Ordering::Relaxed);
+                    }
                 }
-                Some(reply) = self.requests.recv() => {
-                    let counters = self.maps.counters().unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "reading datapath counters");
-                        Vec::new()
-                    });
-                    let _ = reply.send(counters);
-                }
+                Some(request) = self.requests.recv() => match request {
+                    Request::Counters(reply) => {
+                        let counters = self.maps.counters().unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "reading datapath counters");
+                            Vec::new()
+                        });
+                        if let Ok(lost) = self.maps.events_lost() {
+                            self.lost.store(lost, Ordering::Relaxed);
+                        }
+                        let _ = reply.send(counters);
+                    }
+                    Request::History { since_ms, reply } => {
+                        let _ = reply.send(self.history.since(since_ms));
+                    }
+                },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshd_datapath::{Direction, FlowVerdict};
+    use std::net::Ipv4Addr;
+
+    fn flow(seq: u64, time_ms: u64) -> Arc<Flow> {
+        Arc::new(Flow {
+            seq,
+            time_ms,
+            record: FlowRecord {
+                verdict: FlowVerdict::Forwarded,
+                timestamp_ns: 0,
+                reason: meshd_ebpf::abi::FWD_TUNNEL,
+                direction: Direction::Egress,
+                src_identity: 0,
+                dst_identity: 0,
+                saddr: Ipv4Addr::LOCALHOST,
+                daddr: Ipv4Addr::LOCALHOST,
+                sport: 1,
+                dport: 2,
+                proto: 6,
+                ifindex: 0,
+                service: None,
+            },
+        })
+    }
+
+    #[test]
+    fn history_keeps_the_newest_flows_and_answers_since() {
+        let mut h = FlowHistory::new(3);
+        for (seq, t) in [(1, 10), (2, 20), (3, 20), (4, 30)] {
+            h.push(flow(seq, t));
+        }
+        let seqs = |v: Vec<Arc<Flow>>| v.iter().map(|f| f.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(h.since(0)), [2, 3, 4], "the oldest is dropped at capacity");
+        assert_eq!(seqs(h.since(20)), [2, 3, 4]);
+        assert_eq!(seqs(h.since(21)), [4]);
+        assert_eq!(seqs(h.since(31)), Vec::<u64>::new());
+        let mut none = FlowHistory::new(0);
+        none.push(flow(1, 1));
+        assert!(none.since(0).is_empty());
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use meshd_api::pb;
-use meshd_datapath::{Counter, Direction, DropRecord};
+use meshd_datapath::{Counter, Direction, DropRecord, FlowVerdict};
 use meshd_mesh::ClusterStatus as ViewStatus;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::config::AgentConfig;
 use crate::endpoints::Endpoints;
 use crate::endpoints::Publisher;
-use crate::monitor::MonitorHandle;
+use crate::monitor::{Flow, MonitorHandle};
 use crate::reconciler::ReconcileStatus;
 use crate::remotes::Registry;
 use crate::view_task::IdentityLabels;
@@ -63,6 +63,78 @@ fn drop_notification(
         ifindex: d.ifindex,
         missed_before,
     }
+}
+
+fn flow_notification(
+    f: &Flow,
+    missed_before: u64,
+    identities: &IdentityLabels,
+    monitor: &MonitorHandle,
+    node: &str,
+) -> pb::FlowNotification {
+    let r = &f.record;
+    let labels = |id: u32| identities.get(&id).cloned().unwrap_or_default();
+    pb::FlowNotification {
+        verdict: match r.verdict {
+            FlowVerdict::Forwarded => "forwarded",
+            FlowVerdict::Dropped => "dropped",
+        }
+        .to_owned(),
+        reason: r.reason,
+        reason_name: meshd_ebpf::abi::reason_name(r.reason).to_owned(),
+        direction: direction_name(r.direction).to_owned(),
+        saddr: r.saddr.to_string(),
+        sport: u32::from(r.sport),
+        daddr: r.daddr.to_string(),
+        dport: u32::from(r.dport),
+        proto: u32::from(r.proto),
+        src_identity: r.src_identity,
+        dst_identity: r.dst_identity,
+        src_labels: labels(r.src_identity),
+        dst_labels: labels(r.dst_identity),
+        service: r.service.map(|s| s.to_string()).unwrap_or_default(),
+        ifindex: r.ifindex,
+        timestamp_ns: r.timestamp_ns,
+        time_ms: f.time_ms,
+        missed_before,
+        datapath_lost: monitor.events_lost(),
+        node: node.to_owned(),
+    }
+}
+
+/// The kept flows, then the live ones after them, for one subscriber, until it goes away or the
+/// agent stops; a subscriber that fell behind gets the count of what it missed with the next
+/// one.
+fn flow_stream(
+    history: Vec<Arc<Flow>>,
+    live: broadcast::Receiver<Arc<Flow>>,
+    identities: watch::Receiver<Arc<IdentityLabels>>,
+    monitor: MonitorHandle,
+    node: String,
+) -> impl futures::Stream<Item = Result<pb::FlowNotification, Status>> {
+    let after = history.last().map_or(0, |f| f.seq);
+    let state = (history.into_iter(), live, 0u64);
+    futures::stream::unfold(state, move |(mut history, mut live, mut missed)| {
+        let identities = identities.clone();
+        let monitor = monitor.clone();
+        let node = node.clone();
+        async move {
+            let flow = match history.next() {
+                Some(f) => f,
+                None => loop {
+                    match live.recv().await {
+                        Ok(f) if f.seq <= after => continue,
+                        Ok(f) => break f,
+                        Err(broadcast::error::RecvError::Lagged(n)) => missed += n,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                },
+            };
+            let known = identities.borrow().clone();
+            let n = flow_notification(&flow, missed, &known, &monitor, &node);
+            Some((Ok(n), (history, live, 0)))
+        }
+    })
 }
 
 fn counter(c: &Counter) -> pb::DatapathCounter {
@@ -179,6 +251,31 @@ impl meshd_api::Agent for AgentService {
         ))))
     }
 
+    type ObserveStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::FlowNotification, Status>> + Send + 'static>,
+    >;
+
+    async fn observe(
+        &self,
+        req: Request<pb::ObserveRequest>,
+    ) -> Result<Response<Self::ObserveStream>, Status> {
+        let since_ms = req.into_inner().since_ms;
+        // Subscribed before the history is read, so nothing falls between the two.
+        let live = self.monitor.flows.subscribe();
+        let history = if since_ms == 0 {
+            Vec::new()
+        } else {
+            self.monitor.history(since_ms).await
+        };
+        Ok(Response::new(Box::pin(flow_stream(
+            history,
+            live,
+            self.identities.clone(),
+            self.monitor.clone(),
+            self.config.node.clone(),
+        ))))
+    }
+
     async fn add_endpoint(
         &self,
         req: Request<pb::AddEndpointRequest>,
@@ -260,6 +357,7 @@ impl AgentService {
             clusters: &clusters,
             datapath: &datapath,
             identities,
+            events_lost: self.monitor.events_lost(),
         })
     }
 

@@ -182,6 +182,14 @@ mod tests {
                 drop(-133),
             ])))
         }
+        type ObserveStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<pb::FlowNotification, Status>>>;
+        async fn observe(
+            &self,
+            _: Request<pb::ObserveRequest>,
+        ) -> Result<Response<Self::ObserveStream>, Status> {
+            Ok(Response::new(tokio_stream::iter(Vec::new())))
+        }
     }
 
     #[tokio::test]

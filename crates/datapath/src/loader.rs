@@ -100,7 +100,7 @@ fn shape<K, V>(name: &'static str, max_entries: u32) -> MapShape {
     }
 }
 
-fn expected_maps() -> [MapShape; 14] {
+fn expected_maps() -> [MapShape; 16] {
     use meshd_ebpf::{abi, maps as m};
     [
         shape::<abi::IpcacheKey, abi::IpcacheValue>(m::IPCACHE, abi::IPCACHE_MAX),
@@ -118,6 +118,8 @@ fn expected_maps() -> [MapShape; 14] {
         shape::<abi::BackendKey, abi::BackendValue>(m::BACKENDS, abi::BACKENDS_MAX),
         shape::<abi::NatKey, abi::NatValue>(m::NAT, abi::NAT_MAX),
         shape::<abi::NoMasqKey, abi::NoMasqValue>(m::NO_MASQ, abi::NO_MASQ_MAX),
+        shape::<u32, abi::EventLimit>(m::EVENT_LIMIT, 1),
+        shape::<u32, abi::EventBudget>(m::EVENT_BUDGET, 1),
     ]
 }
 

@@ -4,7 +4,7 @@
 //! `meshd monitor`, a test) can drive or read them without loading programs.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -107,6 +107,63 @@ pub struct DropRecord {
     pub ifindex: u32,
 }
 
+/// What an EVENTS record reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowVerdict {
+    /// The first packet of a new connection went through; `reason` is the `abi::FWD_*` of how.
+    Forwarded,
+    /// A packet was dropped; `reason` is the `abi::DROP_*`.
+    Dropped,
+}
+
+/// A new connection or a dropped packet, as reported by the EVENTS ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRecord {
+    pub verdict: FlowVerdict,
+    pub timestamp_ns: u64,
+    pub reason: i32,
+    pub direction: Direction,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// After service translation: the backend, not the frontend.
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub ifindex: u32,
+    /// The service frontend the packet was sent to, if it was load-balanced.
+    pub service: Option<SocketAddrV4>,
+}
+
+impl FlowRecord {
+    /// The drop this record reports, if it is one (what `meshd monitor` shows).
+    pub fn as_drop(&self) -> Option<DropRecord> {
+        (self.verdict == FlowVerdict::Dropped).then_some(DropRecord {
+            timestamp_ns: self.timestamp_ns,
+            reason: self.reason,
+            direction: self.direction,
+            src_identity: self.src_identity,
+            dst_identity: self.dst_identity,
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            ifindex: self.ifindex,
+        })
+    }
+}
+
+/// How many events the datapath may send (EVENT_LIMIT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventLimit {
+    /// Events per second per CPU; 0 = unlimited.
+    pub rate_per_cpu: u32,
+    /// Whether new connections are reported (drops always are, within the rate).
+    pub flows: bool,
+}
+
 /// A service frontend as SERVICES and BACKENDS key it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LbFrontend {
@@ -176,6 +233,8 @@ pub struct DatapathMaps {
     metrics: PerCpuArray<MapData, abi::MetricsValue>,
     pub(crate) config: Array<MapData, abi::DatapathConfig>,
     events: RingBuf<MapData>,
+    event_limit: Array<MapData, abi::EventLimit>,
+    event_budget: PerCpuArray<MapData, abi::EventBudget>,
     services: HashMap<MapData, abi::ServiceKey, abi::ServiceValue>,
     backends: HashMap<MapData, abi::BackendKey, abi::BackendValue>,
     pub(crate) nat: HashMap<MapData, abi::NatKey, abi::NatValue>,
@@ -256,6 +315,8 @@ impl DatapathMaps {
             metrics: typed(pin_dir, names::METRICS)?,
             config: typed(pin_dir, names::CONFIG)?,
             events: typed(pin_dir, names::EVENTS)?,
+            event_limit: typed(pin_dir, names::EVENT_LIMIT)?,
+            event_budget: typed(pin_dir, names::EVENT_BUDGET)?,
             services: typed(pin_dir, names::SERVICES)?,
             backends: typed(pin_dir, names::BACKENDS)?,
             nat: typed(pin_dir, names::NAT)?,
@@ -842,59 +903,97 @@ impl DatapathMaps {
         Ok(per_cpu.iter().map(|v| v.packets).sum())
     }
 
-    /// Takes every drop event waiting in the ring buffer.
+    /// Takes every event waiting in the ring buffer and returns the drops among them.
     pub fn drain_drop_events(&mut self) -> Vec<DropRecord> {
+        self.drain_events()
+            .iter()
+            .filter_map(FlowRecord::as_drop)
+            .collect()
+    }
+
+    /// Takes every event (drops and new connections) waiting in the ring buffer.
+    pub fn drain_events(&mut self) -> Vec<FlowRecord> {
         drain(&mut self.events)
+    }
+
+    /// Sets how many events the programs may send.
+    pub fn set_event_limit(&mut self, limit: EventLimit) -> Result<()> {
+        let value = abi::EventLimit {
+            rate: limit.rate_per_cpu,
+            flags: if limit.flows {
+                abi::EVENT_LIMIT_F_FLOWS
+            } else {
+                0
+            },
+        };
+        self.event_limit
+            .set(0, value, 0)
+            .map_err(op_err("set", names::EVENT_LIMIT, 0))
+    }
+
+    /// Events the programs did not send (over the limit, or the ring buffer full), summed over
+    /// CPUs, since the maps were created.
+    pub fn events_lost(&self) -> Result<u64> {
+        let per_cpu = self
+            .event_budget
+            .get(&0, 0)
+            .map_err(op_err("get", names::EVENT_BUDGET, 0))?;
+        Ok(per_cpu.iter().map(|b| b.lost).sum())
     }
 }
 
 /// The EVENTS ring buffer on its own, for its one reader: it can be polled for readiness
 /// (`AsFd`, e.g. with tokio's `AsyncFd`) instead of on a timer.
-pub struct DropEvents {
+pub struct DatapathEvents {
     ring: RingBuf<MapData>,
 }
 
-impl DropEvents {
+impl DatapathEvents {
     /// Opens the ring buffer pinned under `pin_dir/maps` by [`crate::Datapath::load`].
     pub fn open(pin_dir: impl AsRef<Path>) -> Result<Self> {
-        Ok(DropEvents {
+        Ok(DatapathEvents {
             ring: typed(pin_dir.as_ref(), names::EVENTS)?,
         })
     }
 
-    /// Takes every drop event waiting.
-    pub fn drain(&mut self) -> Vec<DropRecord> {
+    /// Takes every event waiting.
+    pub fn drain(&mut self) -> Vec<FlowRecord> {
         drain(&mut self.ring)
     }
 }
 
-impl std::os::fd::AsFd for DropEvents {
+impl std::os::fd::AsFd for DatapathEvents {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.ring.as_fd()
     }
 }
 
-impl std::os::fd::AsRawFd for DropEvents {
+impl std::os::fd::AsRawFd for DatapathEvents {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.ring.as_raw_fd()
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>) -> Vec<DropRecord> {
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<FlowRecord> {
     let mut out = Vec::new();
     while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<abi::DropEvent>() {
+        if item.len() < std::mem::size_of::<abi::FlowEvent>() {
             continue;
         }
-        // SAFETY: the record is at least size_of::<DropEvent>() bytes and DropEvent is a
+        // SAFETY: the record is at least size_of::<FlowEvent>() bytes and FlowEvent is a
         // plain-old-data mirror of the C struct (checked by meshd-ebpf's layout test);
         // read_unaligned copes with any alignment of the ring buffer slot.
-        let ev: abi::DropEvent =
-            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::DropEvent>()) };
-        if ev.event_type != abi::EVENT_DROP {
-            continue;
-        }
-        out.push(DropRecord {
+        let ev: abi::FlowEvent =
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<abi::FlowEvent>()) };
+        let verdict = match ev.event_type {
+            abi::EVENT_DROP => FlowVerdict::Dropped,
+            abi::EVENT_FLOW => FlowVerdict::Forwarded,
+            _ => continue,
+        };
+        out.push(FlowRecord {
+            verdict,
+            service: (ev.svc_addr != 0)
+                .then(|| SocketAddrV4::new(abi::ip_from_be(ev.svc_addr), ev.svc_port)),
             timestamp_ns: ev.timestamp_ns,
             reason: i32::from(ev.reason),
             direction: direction_from_raw(ev.direction),

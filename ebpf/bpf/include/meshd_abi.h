@@ -273,25 +273,57 @@ struct datapath_config {
 	__u16 nat_port_max;
 };
 
-/* EVENTS: ring buffer records, one per dropped packet. */
+/*
+ * EVENTS: ring buffer records, one per dropped packet (MESHD_EVENT_DROP, reason MESHD_DROP_*)
+ * and, when EVENT_LIMIT enables them, one per new connection as conntrack creates its entries
+ * (MESHD_EVENT_FLOW, reason the MESHD_FWD_* of that first packet). `meshd monitor` shows the
+ * drops, `meshd observe` both.
+ */
 enum meshd_event_type {
 	MESHD_EVENT_DROP = 1,
+	MESHD_EVENT_FLOW = 2,
 };
 
-struct drop_event {
+struct flow_event {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns() */
-	__u32 event_type;   /* MESHD_EVENT_DROP */
+	__u32 event_type;   /* MESHD_EVENT_* */
 	__u32 src_identity; /* 0 if not known when dropped */
 	__u32 dst_identity;
-	__u32 saddr; /* network byte order */
+	__u32 saddr; /* network byte order; after service translation (the backend) */
 	__u32 daddr;
 	__u16 sport; /* host byte order */
 	__u16 dport;
 	__u8 proto;
 	__u8 direction;
-	__s16 reason; /* MESHD_DROP_* */
+	__s16 reason; /* MESHD_DROP_* (drop) or MESHD_FWD_* (flow) */
 	__u32 ifindex;
+	__u32 svc_addr; /* service frontend the packet was sent to, network byte order; 0 if none */
+	__u16 svc_port; /* host byte order */
+	__u16 pad;
+	__u32 pad2;
+};
+
+/*
+ * EVENT_LIMIT (one-entry array, written by the agent) bounds what EVENTS costs: at most `rate`
+ * events per second per CPU (0 = no limit, as before the agent wrote it); the rest are counted
+ * in EVENT_BUDGET's `lost` (as are events the ring buffer had no room for) and not sent. Drops
+ * are always counted in METRICS, whatever the limit.
+ */
+enum meshd_event_limit_flags {
+	MESHD_EVENT_LIMIT_F_FLOWS = 1, /* emit MESHD_EVENT_FLOW on new connections */
+};
+
+struct event_limit {
+	__u32 rate;  /* events per second per CPU; 0 = unlimited */
+	__u32 flags; /* MESHD_EVENT_LIMIT_F_* */
+};
+
+/* EVENT_BUDGET: per-CPU state of the limit, a one-second window. */
+struct event_budget {
+	__u64 window_ns; /* bpf_ktime_get_coarse_ns() the window started */
+	__u32 used;      /* events sent in this window */
 	__u32 pad;
+	__u64 lost; /* events not sent since the map was created (limit or ring full) */
 };
 
 /*

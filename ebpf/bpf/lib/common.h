@@ -39,7 +39,8 @@ struct pkt_ctx {
 	__u32 l4_off;        /* offset of the TCP/UDP/ICMP header; 0 if none here (later fragment) */
 	__u32 svc_addr;      /* service frontend the packet was sent to (DNATed away), 0 if none */
 	__u16 svc_port;      /* network byte order */
-	__u16 pad;
+	__u8 ct_created;     /* this packet opened a connection (ct_create): a flow event */
+	__u8 pad;
 };
 
 #define TCP_FLAG_FIN 0x01

@@ -160,6 +160,7 @@ static __always_inline void ct_create(struct pkt_ctx *ctx, __u64 now, __u32 poli
 			     .nat_addr = ctx->svc_addr,
 			     .nat_port = ctx->svc_port};
 	bpf_map_update_elem(&CT, &rkey, &r, BPF_ANY);
+	ctx->ct_created = 1;
 }
 
 #endif

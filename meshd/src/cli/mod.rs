@@ -9,6 +9,7 @@ pub mod etcd_cmd;
 pub mod lab_cmd;
 pub mod manifest_cmd;
 pub mod monitor_cmd;
+pub mod observe_cmd;
 pub mod output;
 pub mod shell_cmd;
 pub mod status_cmd;

@@ -26,7 +26,7 @@ pub struct MonitorArgs {
 
 /// Identities carry their cluster id in bits 16-23 (DESIGN.md); numbers below 256 are the
 /// reserved ones (host, world, remote-node).
-fn identity_display(id: u32, clusters: &BTreeMap<u32, String>) -> String {
+pub(super) fn identity_display(id: u32, clusters: &BTreeMap<u32, String>) -> String {
     if id == 0 {
         return "?".into();
     }
@@ -45,7 +45,7 @@ fn identity_display(id: u32, clusters: &BTreeMap<u32, String>) -> String {
     }
 }
 
-fn proto_name(proto: u32) -> String {
+pub(super) fn proto_name(proto: u32) -> String {
     match proto {
         1 => "icmp".into(),
         6 => "tcp".into(),
@@ -54,7 +54,7 @@ fn proto_name(proto: u32) -> String {
     }
 }
 
-fn endpoint(addr: &str, port: u32, proto: u32) -> String {
+pub(super) fn endpoint(addr: &str, port: u32, proto: u32) -> String {
     if proto == 6 || proto == 17 {
         format!("{addr}:{port}")
     } else {
@@ -63,7 +63,7 @@ fn endpoint(addr: &str, port: u32, proto: u32) -> String {
 }
 
 /// `cluster/number labels`, the labels without the cluster one (already shown).
-fn who(id: u32, labels: &str, clusters: &BTreeMap<u32, String>) -> String {
+pub(super) fn who(id: u32, labels: &str, clusters: &BTreeMap<u32, String>) -> String {
     let shown: Vec<&str> = labels
         .split(',')
         .filter(|l| !l.is_empty() && !l.starts_with("meshd.io/cluster="))
@@ -113,10 +113,13 @@ fn json(d: &pb::DropNotification, clusters: &BTreeMap<u32, String>) -> serde_jso
     })
 }
 
-/// HH:MM:SS.mmm (UTC) of now: when the drop reached this command, within the agent's 50 ms
-/// polling of the datapath's events.
+/// HH:MM:SS.mmm (UTC) of now: when the drop reached this command.
 fn wall_clock() -> String {
-    let ms = meshd_agent::now_ms();
+    clock(meshd_agent::now_ms())
+}
+
+/// HH:MM:SS.mmm (UTC) of a Unix time in ms.
+pub(super) fn clock(ms: u64) -> String {
     let s = ms / 1000;
     format!(
         "{:02}:{:02}:{:02}.{:03}",
@@ -127,20 +130,27 @@ fn wall_clock() -> String {
     )
 }
 
-async fn stream(args: &MonitorArgs) -> anyhow::Result<()> {
-    let mut client = meshd_api::connect(&args.socket.socket).await?;
-    // Cluster names for the identities' cluster ids.
+/// The agent's node name and the cluster names of the identities' cluster ids.
+pub(super) async fn node_and_clusters(
+    client: &mut meshd_api::AgentClient<tonic::transport::Channel>,
+) -> anyhow::Result<(String, BTreeMap<u32, String>)> {
     let status = client
         .status(pb::StatusRequest {})
         .await
         .map_err(status_error)?
         .into_inner();
-    let clusters: BTreeMap<u32, String> = status
+    let clusters = status
         .clusters
         .iter()
         .filter(|c| c.cluster_id != 0)
         .map(|c| (c.cluster_id, c.name.clone()))
         .collect();
+    Ok((status.node.map(|n| n.name).unwrap_or_default(), clusters))
+}
+
+async fn stream(args: &MonitorArgs) -> anyhow::Result<()> {
+    let mut client = meshd_api::connect(&args.socket.socket).await?;
+    let (node, clusters) = node_and_clusters(&mut client).await?;
     let mut drops = client
         .monitor(pb::MonitorRequest {})
         .await
@@ -148,8 +158,7 @@ async fn stream(args: &MonitorArgs) -> anyhow::Result<()> {
         .into_inner();
     if args.output.format == Format::Table {
         eprintln!(
-            "meshd monitor: drops on node {} as they happen (Ctrl-C to stop)",
-            status.node.map(|n| n.name).unwrap_or_default()
+            "meshd monitor: drops on node {node} as they happen (Ctrl-C to stop)"
         );
     }
     let mut seen = 0u64;
