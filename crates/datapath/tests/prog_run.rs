@@ -14,7 +14,10 @@ use std::net::IpAddr;
 use std::net::Ipv4Addr;
 
 use common::*;
-use meshd_datapath::{Direction, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
+use meshd_datapath::{
+    Direction, EventLimit, FlowVerdict, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry,
+    Verdict,
+};
 use meshd_ebpf::{abi, programs};
 
 const CLUSTER1: u32 = 1 << 16;
@@ -954,4 +957,64 @@ fn arp_passes_to_the_node_only_for_the_endpoints_own_address() {
         TC_ACT_SHOT
     );
     assert_eq!(counter(&dp, Direction::Egress, abi::DROP_INVALID_SOURCE), 1);
+}
+
+#[test]
+fn new_connections_are_reported_once_when_flow_events_are_on() {
+    let Some(mut dp) = setup() else { return };
+    let pkt = Packet::udp(A, 5001, R, 53);
+    // As loaded (EVENT_LIMIT not written): drops only.
+    dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    assert!(dp.maps.drain_events().is_empty());
+    dp.maps.flush_ct().unwrap();
+
+    dp.maps
+        .set_event_limit(EventLimit {
+            rate_per_cpu: 0,
+            flows: true,
+        })
+        .unwrap();
+    for _ in 0..3 {
+        let (verdict, _, _) = dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+    }
+    let events = dp.maps.drain_events();
+    assert_eq!(events.len(), 1, "only the packet that opened the connection: {events:?}");
+    let ev = events[0];
+    assert_eq!(ev.verdict, FlowVerdict::Forwarded);
+    assert_eq!(ev.reason, abi::FWD_TUNNEL);
+    assert_eq!(ev.direction, Direction::Egress);
+    assert_eq!((ev.src_identity, ev.dst_identity), (CLIENT, REMOTE));
+    assert_eq!((ev.saddr, ev.sport, ev.daddr, ev.dport, ev.proto), (A, 5001, R, 53, 17));
+    assert_eq!(ev.service, None);
+
+    // A drop is still reported, as a drop.
+    let bad = Packet::tcp(A, 40000, Ipv4Addr::new(10, 9, 9, 9), 80, 0x02);
+    dp.run(programs::FROM_ENDPOINT, &bad.bytes(), A_IF, [0; 5]);
+    let events = dp.maps.drain_events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].verdict, FlowVerdict::Dropped);
+    assert_eq!(events[0].reason, abi::DROP_UNKNOWN_DEST);
+}
+
+#[test]
+fn events_over_the_rate_limit_are_counted_as_lost() {
+    let Some(mut dp) = setup() else { return };
+    dp.maps
+        .set_event_limit(EventLimit {
+            rate_per_cpu: 2,
+            flows: true,
+        })
+        .unwrap();
+    let lost_before = dp.maps.events_lost().unwrap();
+    const CONNECTIONS: u16 = 12;
+    for sport in 0..CONNECTIONS {
+        let pkt = Packet::udp(A, 6000 + sport, R, 53);
+        dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+    }
+    let sent = dp.maps.drain_events().len() as u64;
+    let lost = dp.maps.events_lost().unwrap() - lost_before;
+    // Two per CPU per second: the test thread may run on either CPU, and a second may turn.
+    assert_eq!(sent + lost, u64::from(CONNECTIONS), "sent {sent}, lost {lost}");
+    assert!(lost >= 1 && sent >= 2, "sent {sent}, lost {lost}");
 }
