@@ -167,8 +167,9 @@ mod tests {
                 "{line} missing from\n{text}"
             );
         }
-        if !meshd_testing::promtool_check(&text).unwrap() {
-            eprintln!("promtool not installed: its check of the apiserver's metrics skipped");
-        }
+        meshd_testing::require(
+            "promtool on PATH (scripts/install-deps.sh)",
+            meshd_testing::promtool_check(&text).unwrap(),
+        );
     }
 }

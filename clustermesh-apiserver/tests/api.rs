@@ -355,6 +355,11 @@ async fn only_the_admin_certificate_of_its_own_cluster_may_use_the_api() {
             "{line} missing from\n{body}"
         );
     }
+    // A real apiserver's exposition, as Prometheus reads it.
+    meshd_testing::require(
+        "promtool on PATH (scripts/install-deps.sh)",
+        meshd_testing::promtool_check(&body).unwrap(),
+    );
 
     // A certificate of another CA does not get through the handshake.
     let stranger = Certs::named("another CA");

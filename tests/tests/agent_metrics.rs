@@ -49,9 +49,11 @@ fn metrics_count_a_policy_drop_and_show_a_stopped_remote_not_ready() -> anyhow::
         metrics_port: Some(METRICS_PORT),
         ..MeshOptions::clusters(2, 2)
     })?;
-    if !exposition::promtool_check("")? {
-        eprintln!("promtool not on PATH: the exposition is checked by the test's own reader only");
-    }
+    // Under CI=true a missing promtool fails the test; elsewhere the test's own reader checks.
+    meshd_testing::require(
+        "promtool on PATH (scripts/install-deps.sh)",
+        exposition::promtool_check("")?,
+    );
 
     // The mesh is ready: every node shows the other cluster ready, with its entries.
     let text = scrape(&mesh, "c1", "n1")?;

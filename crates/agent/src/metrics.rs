@@ -7,6 +7,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use std::sync::atomic::AtomicU64;
+
+/// A gauge of a float (seconds).
+type Seconds = Gauge<f64, AtomicU64>;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,13 +42,22 @@ pub struct Snapshot<'a> {
     pub identities: usize,
     /// Datapath events (flows, drops) not sent: over the rate limit or the ring full.
     pub events_lost: u64,
+    /// Unix ms of the scrape, for ages.
+    pub now_ms: u64,
 }
 
-fn gauge_family<S>(registry: &mut Registry, name: &str, help: &str) -> Family<S, Gauge>
+fn gauge_family<S, G>(registry: &mut Registry, name: &str, help: &str) -> Family<S, G>
 where
     S: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    G: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Default
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
-    let f = Family::<S, Gauge>::default();
+    let f = Family::<S, G>::default();
     registry.register(name, help, f.clone());
     f
 }
@@ -72,22 +85,22 @@ fn gauge(v: u64) -> i64 {
 pub fn render(s: &Snapshot<'_>) -> String {
     let mut r = Registry::with_prefix("meshd");
 
-    let ready = gauge_family::<ClusterLabels>(
+    let ready = gauge_family::<ClusterLabels, Gauge>(
         &mut r,
         "remote_cluster_ready",
         "1 when the remote cluster is ready (connected, synced, admitted, not stale), else 0.",
     );
-    let connected = gauge_family::<ClusterLabels>(
+    let connected = gauge_family::<ClusterLabels, Gauge>(
         &mut r,
         "remote_cluster_connected",
         "1 while the agent's watch of the remote cluster's etcd is connected.",
     );
-    let denied = gauge_family::<ClusterLabels>(
+    let denied = gauge_family::<ClusterLabels, Gauge>(
         &mut r,
         "remote_cluster_access_denied",
         "1 when the remote etcd refused the agent's certificate or read permission.",
     );
-    let stale = gauge_family::<ClusterLabels>(
+    let stale = gauge_family::<ClusterLabels, Gauge>(
         &mut r,
         "remote_cluster_stale",
         "1 while the remote cluster's entries are kept from before a lost connection.",
@@ -97,7 +110,17 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "remote_cluster_rejected_entries",
         "Entries of the remote cluster refused (malformed, or claiming what is not theirs).",
     );
-    let entries = gauge_family::<EntryLabels>(
+    let failures = counter_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_failures",
+        "Times the remote cluster's etcd became unreachable or refused access.",
+    );
+    let age = gauge_family::<ClusterLabels, Seconds>(
+        &mut r,
+        "remote_cluster_last_event_age_seconds",
+        "Time since the last list or event received from the remote cluster (absent before the first).",
+    );
+    let entries = gauge_family::<EntryLabels, Gauge>(
         &mut r,
         "remote_cluster_entries",
         "Admitted entries of the remote cluster by kind.",
@@ -115,6 +138,11 @@ pub fn render(s: &Snapshot<'_>) -> String {
             .get_or_create(&l)
             .set(i64::from(c.stale_since_ms != 0));
         rejected.get_or_create(&l).inc_by(c.rejected);
+        failures.get_or_create(&l).inc_by(c.failures);
+        if c.last_sync_ms != 0 {
+            age.get_or_create(&l)
+                .set(s.now_ms.saturating_sub(c.last_sync_ms) as f64 / 1000.0);
+        }
         for (kind, n) in [
             ("nodes", c.nodes),
             ("endpoints", c.endpoints),
@@ -149,25 +177,47 @@ pub fn render(s: &Snapshot<'_>) -> String {
             .inc_by(c.packets);
     }
 
-    let maps = gauge_family::<MapLabels>(
+    let maps = gauge_family::<MapLabels, Gauge>(
         &mut r,
         "datapath_map_entries",
         "Entries in each datapath map.",
     );
+    let capacity = gauge_family::<MapLabels, Gauge>(
+        &mut r,
+        "datapath_map_capacity",
+        "Entries each datapath map can hold; entries / capacity is its pressure.",
+    );
     let d = s.datapath;
-    for (map, n) in [
-        ("ipcache", d.ipcache_entries),
-        ("endpoints", d.endpoint_entries),
-        ("nodes", d.node_entries),
-        ("policy", d.policy_entries),
-        ("services", d.service_entries),
+    use meshd_ebpf::abi;
+    // The ipcache spans two maps (/32 hash and LPM trie) of the same capacity each.
+    for (map, n, max) in [
+        ("ipcache", d.ipcache_entries, abi::IPCACHE_MAX),
+        ("endpoints", d.endpoint_entries, abi::ENDPOINTS_MAX),
+        ("nodes", d.node_entries, abi::NODES_MAX),
+        ("policy", d.policy_entries, abi::POLICY_MAX),
+        ("services", d.service_entries, abi::SERVICES_MAX),
+        ("conntrack", d.ct_entries, abi::CT_MAX),
+        ("nat", d.nat_entries, abi::NAT_MAX),
     ] {
-        maps.get_or_create(&MapLabels {
+        let l = MapLabels {
             map: map.to_owned(),
-        })
-        .set(gauge(n));
+        };
+        maps.get_or_create(&l).set(gauge(n));
+        capacity.get_or_create(&l).set(i64::from(max));
     }
 
+    counter(
+        &mut r,
+        "reconciler_rounds",
+        "Batches of operations the reconciler applied to the maps (incremental or full).",
+        d.reconciles,
+    );
+    counter(
+        &mut r,
+        "reconciler_operations",
+        "Map operations the reconciler applied.",
+        d.ops_applied,
+    );
     counter(
         &mut r,
         "reconciler_full_diffs",
@@ -222,6 +272,8 @@ mod tests {
                 connected: true,
                 stale_since_ms: 5,
                 nodes: 2,
+                failures: 3,
+                last_sync_ms: 1_500,
                 ..Default::default()
             },
             pb::ClusterStatus {
@@ -249,6 +301,8 @@ mod tests {
                 },
             ],
             ipcache_entries: 4,
+            ct_entries: 10,
+            ops_applied: 12,
             corrections: 1,
             ..Default::default()
         };
@@ -257,6 +311,7 @@ mod tests {
             datapath: &datapath,
             identities: 6,
             events_lost: 9,
+            now_ms: 4_000,
         });
         for line in [
             "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
@@ -269,6 +324,11 @@ mod tests {
             "meshd_reconciler_corrections_total 1",
             "meshd_identities 6",
             "meshd_datapath_events_lost_total 9",
+            "meshd_remote_cluster_failures_total{cluster=\"c2\"} 3",
+            "meshd_remote_cluster_last_event_age_seconds{cluster=\"c2\"} 2.5",
+            "meshd_datapath_map_entries{map=\"conntrack\"} 10",
+            "meshd_datapath_map_capacity{map=\"conntrack\"} 262144",
+            "meshd_reconciler_operations_total 12",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }

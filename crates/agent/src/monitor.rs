@@ -66,8 +66,17 @@ impl FlowHistory {
     }
 }
 
+/// What the monitor reads from the maps on request: the counters, and the entries of the maps
+/// the datapath itself fills (the reconciler knows the others').
+#[derive(Clone, Debug, Default)]
+pub struct Readings {
+    pub counters: Vec<Counter>,
+    pub ct_entries: u64,
+    pub nat_entries: u64,
+}
+
 enum Request {
-    Counters(oneshot::Sender<Vec<Counter>>),
+    Readings(oneshot::Sender<Readings>),
     History {
         since_ms: u64,
         reply: oneshot::Sender<Vec<Arc<Flow>>>,
@@ -111,9 +120,10 @@ impl MonitorHandle {
         }
     }
 
-    /// The datapath's counters now; empty (and logged) if the monitor does not answer.
-    pub async fn counters(&self) -> Vec<Counter> {
-        self.ask("counters", Request::Counters).await
+    /// The datapath's counters and CT/NAT entries now; empty (and logged) if the monitor does
+    /// not answer.
+    pub async fn readings(&self) -> Readings {
+        self.ask("counters", Request::Readings).await
     }
 
     /// The flows kept since `since_ms` (Unix ms), oldest first.
@@ -207,7 +217,7 @@ impl Monitor {
                     }
                 }
                 Some(request) = self.requests.recv() => match request {
-                    Request::Counters(reply) => {
+                    Request::Readings(reply) => {
                         let counters = self.maps.counters().unwrap_or_else(|e| {
                             tracing::warn!(error = %e, "reading datapath counters");
                             Vec::new()
@@ -215,7 +225,13 @@ impl Monitor {
                         if let Ok(lost) = self.maps.events_lost() {
                             self.lost.store(lost, Ordering::Relaxed);
                         }
-                        let _ = reply.send(counters);
+                        // A walk of each map: proportional to its entries, once per scrape or
+                        // status, never per packet or event.
+                        let _ = reply.send(Readings {
+                            counters,
+                            ct_entries: self.maps.ct_len() as u64,
+                            nat_entries: self.maps.nat_len() as u64,
+                        });
                     }
                     Request::History { since_ms, reply } => {
                         let _ = reply.send(self.history.since(since_ms));

@@ -201,6 +201,7 @@ fn cluster_status(
         s.last_error = c.last_error.clone().unwrap_or_default();
         s.last_sync_ms = c.last_sync_ms;
         s.rejected += c.malformed;
+        s.failures = c.failures;
     }
     s
 }
@@ -331,6 +332,7 @@ impl meshd_api::Agent for AgentService {
 impl AgentService {
     async fn datapath(&self) -> pb::DatapathStatus {
         let r = self.reconciler.borrow().clone();
+        let readings = self.monitor.readings().await;
         pb::DatapathStatus {
             pin_dir: self.config.pin_dir().display().to_string(),
             ipcache_entries: r.ipcache_entries as u64,
@@ -340,7 +342,10 @@ impl AgentService {
             reconciles: r.rounds,
             last_reconcile_ms: r.last_round_ms,
             last_error: r.last_error.unwrap_or_default(),
-            counters: self.monitor.counters().await.iter().map(counter).collect(),
+            counters: readings.counters.iter().map(counter).collect(),
+            ops_applied: r.ops_applied,
+            ct_entries: readings.ct_entries,
+            nat_entries: readings.nat_entries,
             full_diffs: r.full_diffs,
             corrections: r.corrections,
             failed_writes: r.failed_writes,
@@ -358,6 +363,7 @@ impl AgentService {
             datapath: &datapath,
             identities,
             events_lost: self.monitor.events_lost(),
+            now_ms: crate::now_ms(),
         })
     }
 

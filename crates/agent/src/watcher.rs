@@ -51,6 +51,9 @@ pub struct Connection {
     pub malformed: u64,
     /// The etcd answers but refuses this node's certificate (disconnected, or never connected).
     pub access_denied: bool,
+    /// Times the etcd became unreachable or refused access (a failed probe after a good one,
+    /// or the first one).
+    pub failures: u64,
 }
 
 /// The canary name (`meshd/synced/<cluster>/<name>`) of a resource: its `Resource::KIND`.
@@ -259,6 +262,9 @@ async fn probe(
             }),
             Err(e) => connection.send_if_modified(|c| {
                 let denied = e.is_permission_denied();
+                if c.connected || c.last_error.is_none() {
+                    c.failures += 1;
+                }
                 if c.connected {
                     c.stale_since_ms = now_ms();
                     tracing::warn!(etcd = %backend.describe(), error = %e, "etcd unreachable or refusing access; keeping its last known state");

@@ -7,7 +7,14 @@
 //! measured fills the cache; before issue 18 it was anti-spoofing, a SERVICES miss, ipcache
 //! (/32 hash over 100k entries), CT, tunnel key).
 //!
-//! `cargo bench -p meshd-datapath --bench datapath_prog_run -- [--runs N] [--repeat N]`
+//! Flow events (issue 16): the same established packet with EVENT_LIMIT at the agent's default
+//! (flows on, 1000 events/s per CPU) against events off, and, since only a connection's first
+//! packet can emit one, a new connection's first packet (CT emptied before each, one repetition
+//! per BPF_PROG_RUN, on and off interleaved) with events off, at the default limit, and
+//! unlimited (every one sent).
+//!
+//! `cargo bench -p meshd-datapath --bench datapath_prog_run -- [--runs N] [--repeat N]
+//! [--flow-samples N]`
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -19,7 +26,9 @@ use std::{net::Ipv4Addr, time::Instant};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use common::{Packet, TestDatapath, TCP};
 use ipnet::Ipv4Net;
-use meshd_datapath::{Direction, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
+use meshd_datapath::{
+    Direction, EventLimit, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
+};
 use meshd_ebpf::programs;
 
 const CLIENT: u32 = (1 << 16) | 1001;
@@ -27,6 +36,19 @@ const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const A_IF: u32 = 101;
 const IPCACHE_ENTRIES_DEFAULT: u32 = 100_000;
 const POLICY_ENTRIES: u32 = 10_000;
+const EVENTS_OFF: EventLimit = EventLimit {
+    rate_per_cpu: 0,
+    flows: false,
+};
+/// The agent's defaults (flow_events: true, flow_event_rate: 1000).
+const EVENTS_DEFAULT: EventLimit = EventLimit {
+    rate_per_cpu: 1000,
+    flows: true,
+};
+const EVENTS_UNLIMITED: EventLimit = EventLimit {
+    rate_per_cpu: 0,
+    flows: true,
+};
 
 fn arg(name: &str, default: u32) -> u32 {
     let args: Vec<String> = std::env::args().collect();
@@ -76,6 +98,7 @@ fn main() -> anyhow::Result<()> {
     let runs = arg("--runs", 9);
     let repeat = arg("--repeat", 1_000_000);
     let ipcache_entries = arg("--ipcache", IPCACHE_ENTRIES_DEFAULT);
+    let flow_samples = arg("--flow-samples", 20_000);
 
     let mut dp = TestDatapath::new();
     let m = &mut dp.maps;
@@ -175,10 +198,14 @@ fn main() -> anyhow::Result<()> {
     ];
 
     let mut fe = Vec::new();
+    let mut fe_events = Vec::new();
     let mut base = Vec::new();
     let mut fo = Vec::new();
     for _ in 0..runs {
+        dp.maps.set_event_limit(EVENTS_OFF)?;
         fe.push(ns_per_packet(from_endpoint, &packet, repeat, [0, 0]));
+        dp.maps.set_event_limit(EVENTS_DEFAULT)?;
+        fe_events.push(ns_per_packet(from_endpoint, &packet, repeat, [0, 0]));
         base.push(ns_per_packet(baseline, &packet, repeat, [0, 0]));
         fo.push(ns_per_packet(
             from_overlay,
@@ -192,7 +219,7 @@ fn main() -> anyhow::Result<()> {
         .maps
         .counter(Direction::Egress, meshd_ebpf::abi::FWD_TUNNEL)?;
     anyhow::ensure!(
-        tunnel_after - tunnel_before == u64::from(runs) * u64::from(repeat),
+        tunnel_after - tunnel_before == 2 * u64::from(runs) * u64::from(repeat),
         "from_endpoint did not take the tunnel path on every repetition"
     );
     let delivered_after = dp
@@ -202,7 +229,33 @@ fn main() -> anyhow::Result<()> {
         delivered_after - delivered_before == u64::from(runs) * u64::from(repeat),
         "from_overlay_probe did not deliver on every repetition"
     );
-    let (fe, base) = (median(fe), median(base));
+    let (fe, fe_events, base) = (median(fe), median(fe_events), median(base));
+
+    // A new connection's first packet: CT emptied before each run, so each one opens it.
+    let syn = Packet::tcp(A, 40001, remote_addr(target), 443, 0x02).bytes();
+    let arms = [EVENTS_OFF, EVENTS_DEFAULT, EVENTS_UNLIMITED];
+    let mut new_conn: [Vec<f64>; 3] = Default::default();
+    let lost_before = dp.maps.events_lost()?;
+    let mut sent = 0usize;
+    for i in 0..flow_samples {
+        for (arm, limit) in arms.iter().enumerate() {
+            dp.maps.set_event_limit(*limit)?;
+            dp.maps.flush_ct()?;
+            new_conn[arm].push(ns_per_packet(
+                dp.datapath.program(programs::FROM_ENDPOINT)?,
+                &syn,
+                1,
+                [0, 0],
+            ));
+        }
+        // Read as the agent does, so the ring never fills (a full ring is the cheap path).
+        if i % 512 == 0 {
+            sent += dp.maps.drain_events().len();
+        }
+    }
+    sent += dp.maps.drain_events().len();
+    let lost = dp.maps.events_lost()? - lost_before;
+    let [off, default, unlimited] = new_conn.map(median);
     println!(
         "maps: {ipcache_entries} ipcache entries (filled in {:.2}s), {} policy entries (filled in {:.2}s)",
         ipcache_fill.as_secs_f64(),
@@ -210,12 +263,21 @@ fn main() -> anyhow::Result<()> {
         policy_fill.as_secs_f64()
     );
     println!("from_endpoint (CT hit, policy verdict cached, VXLAN tunnel key): median {fe:.1} ns/packet over {runs} runs x {repeat} repeats");
+    println!("from_endpoint, flow events on (1000/s per CPU):          median {fe_events:.1} ns/packet");
     println!("baseline (empty classifier):                            median {base:.1} ns/packet");
+    println!("from_endpoint new connection (CT_NEW, policy, CT create, tunnel), median of {flow_samples} single runs:");
+    println!("  events off {off:.1} ns, default limit {default:.1} ns, unlimited {unlimited:.1} ns ({sent} events sent, {lost} over the limit)");
     println!("from_overlay_probe (reply of that connection, delivery): median {fo:.1} ns/packet");
     println!(
         "RESULT datapath-prog-run from_endpoint_ns={fe:.1} baseline_ns={base:.1} added_ns={:.1} ratio={:.2}x goal: added<=80ns (issue 18)",
         fe - base,
         fe / base
+    );
+    println!(
+        "RESULT datapath-prog-run-flow-events established_off_ns={fe:.1} established_on_ns={fe_events:.1} established_ratio={:.3} new_off_ns={off:.1} new_default_ns={default:.1} new_default_ratio={:.3} new_unlimited_ns={unlimited:.1} new_unlimited_ratio={:.3} goal: ratio<=1.10 (issue 16)",
+        fe_events / fe,
+        default / off,
+        unlimited / off
     );
     Ok(())
 }
