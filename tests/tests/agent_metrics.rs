@@ -78,6 +78,16 @@ fn metrics_count_a_policy_drop_and_show_a_stopped_remote_not_ready() -> anyhow::
     let echo_addr = SocketAddr::from((echo.ip, PORT));
     let reach = || tcp_check(&web.netns, echo_addr, Duration::from_secs(2));
     wait_for("web -> echo before the policy", WAIT, reach).map_err(|e| e.context(mesh.logs()))?;
+    // The connection is in echo's node's conntrack, shown against the map's capacity.
+    let text = scrape(&mesh, "c2", "n1")?;
+    let conntrack = [("map", "conntrack")];
+    let ct = exposition::value(&text, "meshd_datapath_map_entries", &conntrack);
+    assert!(ct.unwrap_or(0.0) >= 2.0, "conntrack entries {ct:?}:\n{text}");
+    assert_eq!(
+        exposition::value(&text, "meshd_datapath_map_capacity", &conntrack),
+        Some(f64::from(meshd_ebpf::abi::CT_MAX)),
+        "{text}"
+    );
     let before = exposition::value(&scrape(&mesh, "c2", "n1")?, POLICY_DROPS, INGRESS_POLICY);
     assert!(
         before.unwrap_or(0.0) == 0.0,
@@ -119,6 +129,9 @@ fn metrics_count_a_policy_drop_and_show_a_stopped_remote_not_ready() -> anyhow::
         let text = scrape(&mesh, "c1", "n1")?;
         let stale = exposition::value(&text, "meshd_remote_cluster_stale", &[("cluster", "c2")]);
         anyhow::ensure!(stale == Some(1.0), "c2 stale {stale:?}");
+        let failures =
+            exposition::value(&text, "meshd_remote_cluster_failures_total", &[("cluster", "c2")]);
+        anyhow::ensure!(failures >= Some(1.0), "c2 failures {failures:?}");
         Ok(())
     })?;
     mesh.cluster_mut("c2")?.etcd.restart()?;
