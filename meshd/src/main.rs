@@ -10,8 +10,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod cli;
 
 use cli::{
-    certs_cmd, context, endpoint_cmd, etcd_cmd, lab_cmd, manifest_cmd, monitor_cmd, observe_cmd, output,
-    shell_cmd, status_cmd, troubleshoot_cmd, workload,
+    certs_cmd, context, endpoint_cmd, etcd_cmd, lab_cmd, manifest_cmd, monitor_cmd, observe_cmd,
+    output, shell_cmd, status_cmd, troubleshoot_cmd, workload,
 };
 
 /// meshd joins independent clusters of Linux nodes into one network: endpoints in any cluster

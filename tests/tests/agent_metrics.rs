@@ -82,7 +82,10 @@ fn metrics_count_a_policy_drop_and_show_a_stopped_remote_not_ready() -> anyhow::
     let text = scrape(&mesh, "c2", "n1")?;
     let conntrack = [("map", "conntrack")];
     let ct = exposition::value(&text, "meshd_datapath_map_entries", &conntrack);
-    assert!(ct.unwrap_or(0.0) >= 2.0, "conntrack entries {ct:?}:\n{text}");
+    assert!(
+        ct.unwrap_or(0.0) >= 2.0,
+        "conntrack entries {ct:?}:\n{text}"
+    );
     assert_eq!(
         exposition::value(&text, "meshd_datapath_map_capacity", &conntrack),
         Some(f64::from(meshd_ebpf::abi::CT_MAX)),
@@ -129,8 +132,11 @@ fn metrics_count_a_policy_drop_and_show_a_stopped_remote_not_ready() -> anyhow::
         let text = scrape(&mesh, "c1", "n1")?;
         let stale = exposition::value(&text, "meshd_remote_cluster_stale", &[("cluster", "c2")]);
         anyhow::ensure!(stale == Some(1.0), "c2 stale {stale:?}");
-        let failures =
-            exposition::value(&text, "meshd_remote_cluster_failures_total", &[("cluster", "c2")]);
+        let failures = exposition::value(
+            &text,
+            "meshd_remote_cluster_failures_total",
+            &[("cluster", "c2")],
+        );
         anyhow::ensure!(failures >= Some(1.0), "c2 failures {failures:?}");
         Ok(())
     })?;

@@ -134,9 +134,11 @@ fn observe_shows_an_allowed_and_a_denied_cross_cluster_connection() -> anyhow::R
     spawn_echo(&echo.netns, PORT)?;
     wait_for("client -> echo", WAIT, || reach(&client, &echo))
         .map_err(|e| e.context(mesh.logs()))?;
-    wait_for("the policy to shut web out", WAIT, || match reach(&web, &echo) {
-        Ok(()) => anyhow::bail!("web still reaches echo"),
-        Err(_) => Ok(()),
+    wait_for("the policy to shut web out", WAIT, || {
+        match reach(&web, &echo) {
+            Ok(()) => anyhow::bail!("web still reaches echo"),
+            Err(_) => Ok(()),
+        }
     })
     .map_err(|e| e.context(mesh.logs()))?;
 

@@ -105,7 +105,11 @@ pub struct MonitorHandle {
 }
 
 impl MonitorHandle {
-    async fn ask<T: Default>(&self, what: &str, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> T {
+    async fn ask<T: Default>(
+        &self,
+        what: &str,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> T {
         let (tx, rx) = oneshot::channel();
         if self.requests.send(make(tx)).await.is_err() {
             tracing::warn!("datapath monitor gone; answering without {what}");
@@ -277,7 +281,11 @@ mod tests {
             h.push(flow(seq, t));
         }
         let seqs = |v: Vec<Arc<Flow>>| v.iter().map(|f| f.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(h.since(0)), [2, 3, 4], "the oldest is dropped at capacity");
+        assert_eq!(
+            seqs(h.since(0)),
+            [2, 3, 4],
+            "the oldest is dropped at capacity"
+        );
         assert_eq!(seqs(h.since(20)), [2, 3, 4]);
         assert_eq!(seqs(h.since(21)), [4]);
         assert_eq!(seqs(h.since(31)), Vec::<u64>::new());

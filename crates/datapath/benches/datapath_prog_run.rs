@@ -238,7 +238,12 @@ fn main() -> anyhow::Result<()> {
 
     // A new connection's first packet: CT emptied before each run, so each one opens it.
     let syn = Packet::tcp(A, 40001, remote_addr(target), 443, 0x02).bytes();
-    let arms = [EVENTS_OFF, EVENTS_DEFAULT, EVENTS_UNLIMITED, EVENTS_SATURATED];
+    let arms = [
+        EVENTS_OFF,
+        EVENTS_DEFAULT,
+        EVENTS_UNLIMITED,
+        EVENTS_SATURATED,
+    ];
     let mut new_conn: [Vec<f64>; 4] = Default::default();
     let lost_before = dp.maps.events_lost()?;
     let mut sent = 0usize;
@@ -270,7 +275,9 @@ fn main() -> anyhow::Result<()> {
         policy_fill.as_secs_f64()
     );
     println!("from_endpoint (CT hit, policy verdict cached, VXLAN tunnel key): median {fe:.1} ns/packet over {runs} runs x {repeat} repeats");
-    println!("from_endpoint, flow events on (1000/s per CPU):          median {fe_events:.1} ns/packet");
+    println!(
+        "from_endpoint, flow events on (1000/s per CPU):          median {fe_events:.1} ns/packet"
+    );
     println!("baseline (empty classifier):                            median {base:.1} ns/packet");
     println!("from_endpoint new connection (CT_NEW, policy, CT create, tunnel), median of {flow_samples} single runs:");
     println!("  events off {off:.1} ns, default limit {default:.1} ns, unlimited {unlimited:.1} ns, over the limit (rate 1/s) {saturated:.1} ns ({sent} events sent, {lost} over the limit)");

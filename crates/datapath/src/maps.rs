@@ -934,10 +934,10 @@ impl DatapathMaps {
     /// Events the programs did not send (over the limit, or the ring buffer full), summed over
     /// CPUs, since the maps were created.
     pub fn events_lost(&self) -> Result<u64> {
-        let per_cpu = self
-            .event_budget
-            .get(&0, 0)
-            .map_err(op_err("get", names::EVENT_BUDGET, 0))?;
+        let per_cpu =
+            self.event_budget
+                .get(&0, 0)
+                .map_err(op_err("get", names::EVENT_BUDGET, 0))?;
         Ok(per_cpu.iter().map(|b| b.lost).sum())
     }
 }

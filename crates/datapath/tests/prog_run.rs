@@ -979,13 +979,20 @@ fn new_connections_are_reported_once_when_flow_events_are_on() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
     }
     let events = dp.maps.drain_events();
-    assert_eq!(events.len(), 1, "only the packet that opened the connection: {events:?}");
+    assert_eq!(
+        events.len(),
+        1,
+        "only the packet that opened the connection: {events:?}"
+    );
     let ev = events[0];
     assert_eq!(ev.verdict, FlowVerdict::Forwarded);
     assert_eq!(ev.reason, abi::FWD_TUNNEL);
     assert_eq!(ev.direction, Direction::Egress);
     assert_eq!((ev.src_identity, ev.dst_identity), (CLIENT, REMOTE));
-    assert_eq!((ev.saddr, ev.sport, ev.daddr, ev.dport, ev.proto), (A, 5001, R, 53, 17));
+    assert_eq!(
+        (ev.saddr, ev.sport, ev.daddr, ev.dport, ev.proto),
+        (A, 5001, R, 53, 17)
+    );
     assert_eq!(ev.service, None);
 
     // A drop is still reported, as a drop.
@@ -1015,6 +1022,10 @@ fn events_over_the_rate_limit_are_counted_as_lost() {
     let sent = dp.maps.drain_events().len() as u64;
     let lost = dp.maps.events_lost().unwrap() - lost_before;
     // Two per CPU per second: the test thread may run on either CPU, and a second may turn.
-    assert_eq!(sent + lost, u64::from(CONNECTIONS), "sent {sent}, lost {lost}");
+    assert_eq!(
+        sent + lost,
+        u64::from(CONNECTIONS),
+        "sent {sent}, lost {lost}"
+    );
     assert!(lost >= 1 && sent >= 2, "sent {sent}, lost {lost}");
 }

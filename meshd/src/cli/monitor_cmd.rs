@@ -157,9 +157,7 @@ async fn stream(args: &MonitorArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if args.output.format == Format::Table {
-        eprintln!(
-            "meshd monitor: drops on node {node} as they happen (Ctrl-C to stop)"
-        );
+        eprintln!("meshd monitor: drops on node {node} as they happen (Ctrl-C to stop)");
     }
     let mut seen = 0u64;
     while let Some(d) = drops

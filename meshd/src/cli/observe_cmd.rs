@@ -91,13 +91,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// A label filter against a "k=v,k=v" label list.
 fn has_label(labels: &str, want: &str) -> bool {
     labels.split(',').any(|l| {
-        l == want
-            || (!want.contains('=') && l.split_once('=').is_some_and(|(k, _)| k == want))
+        l == want || (!want.contains('=') && l.split_once('=').is_some_and(|(k, _)| k == want))
     })
 }
 
 /// The cluster of an identity's side: its label, else its cluster bits.
-fn side_cluster<'a>(id: u32, labels: &'a str, clusters: &'a BTreeMap<u32, String>) -> Option<&'a str> {
+fn side_cluster<'a>(
+    id: u32,
+    labels: &'a str,
+    clusters: &'a BTreeMap<u32, String>,
+) -> Option<&'a str> {
     labels
         .split(',')
         .find_map(|l| l.strip_prefix("meshd.io/cluster="))
@@ -200,9 +203,11 @@ fn json(f: &pb::FlowNotification, clusters: &BTreeMap<u32, String>) -> serde_jso
 async fn stream(args: &ObserveArgs) -> anyhow::Result<()> {
     let mut client = meshd_api::connect(&args.socket.socket).await?;
     let (node, clusters) = node_and_clusters(&mut client).await?;
-    let since_ms = args
-        .since
-        .map_or(0, |d| meshd_agent::now_ms().saturating_sub(d.as_millis() as u64).max(1));
+    let since_ms = args.since.map_or(0, |d| {
+        meshd_agent::now_ms()
+            .saturating_sub(d.as_millis() as u64)
+            .max(1)
+    });
     let mut flows = client
         .observe(pb::ObserveRequest { since_ms })
         .await
@@ -304,7 +309,10 @@ mod tests {
             (&["--from-label", "app=web"][..], true),
             (&["--from-label", "app"][..], true),
             (&["--from-label", "app=echo"][..], false),
-            (&["--to-label", "app=echo", "--from-label", "app=web"][..], true),
+            (
+                &["--to-label", "app=echo", "--from-label", "app=web"][..],
+                true,
+            ),
             (&["--verdict", "forwarded"][..], true),
             (&["--verdict", "allowed"][..], true),
             (&["--verdict", "dropped"][..], false),
@@ -318,7 +326,10 @@ mod tests {
         ] {
             assert_eq!(args(argv).matches(&f, &clusters), want, "{argv:?}");
         }
-        assert_eq!(args(&["--since", "5m"]).since, Some(Duration::from_secs(300)));
+        assert_eq!(
+            args(&["--since", "5m"]).since,
+            Some(Duration::from_secs(300))
+        );
         assert!(parse_duration("5d").is_err());
         assert!(parse_protocol("sctp").is_err());
         let j = json(&f, &clusters);
