@@ -586,6 +586,38 @@ impl Mesh {
             .arg(&n.socket))
     }
 
+    /// Starts `meshd ARGS --socket <node's socket>`, a command that streams lines (`monitor`,
+    /// `observe`); killed when the returned value drops.
+    pub fn meshd_stream(
+        &self,
+        cluster: &str,
+        node: &str,
+        args: &[&str],
+    ) -> anyhow::Result<LineStream> {
+        let n = self.node(cluster, node)?;
+        let mut child = Command::new(&self.meshd)
+            .args(args)
+            .arg("--socket")
+            .arg(&n.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(LineStream { child, lines })
+    }
+
     pub fn status(&self, cluster: &str, node: &str) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.meshd(
             cluster,
@@ -892,4 +924,17 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A running meshd command's output, line by line as it comes (see [`Mesh::meshd_stream`]).
+pub struct LineStream {
+    child: Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for LineStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -3,12 +3,10 @@
 //! agent's history) and web's denied one (dropped), each with both sides' labels, as JSON that
 //! parses, and only what its filters select.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions};
+use meshd_e2e::mesh::{EndpointInfo, LineStream, Mesh, MeshOptions};
 use meshd_e2e::netns_io::{spawn_echo, tcp_check};
 use meshd_e2e::wait_for;
 use serde_json::Value;
@@ -30,56 +28,26 @@ fn reach(from: &EndpointInfo, to: &EndpointInfo) -> anyhow::Result<()> {
     )
 }
 
-/// A running `meshd observe -o json ARGS` on a node; its lines, parsed, as they come.
-struct Observer {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+/// A running `meshd observe -o json ARGS` on an endpoint's node.
+fn observe(mesh: &Mesh, ep: &EndpointInfo, args: &[&str]) -> anyhow::Result<LineStream> {
+    let argv: Vec<&str> = ["observe", "-o", "json"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    mesh.meshd_stream(&ep.cluster, &ep.node, &argv)
 }
 
-impl Observer {
-    fn start(mesh: &Mesh, ep: &EndpointInfo, args: &[&str]) -> anyhow::Result<Observer> {
-        let node = mesh.node(&ep.cluster, &ep.node)?;
-        let mut child = Command::new(meshd_e2e::mesh::meshd_binary()?)
-            .args(["observe", "-o", "json"])
-            .args(args)
-            .arg("--socket")
-            .arg(&node.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Observer { child, lines })
-    }
-
-    /// The first flow printed, calling `poke` (traffic) until one comes.
-    fn first(&mut self, what: &str, mut poke: impl FnMut()) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(300)) {
-                return serde_json::from_str(&line)
-                    .map_err(|e| anyhow::anyhow!("observe printed no JSON ({e}): {line}"));
-            }
-            anyhow::ensure!(Instant::now() < deadline, "observe showed no {what}");
-            poke();
+/// The first flow an observer prints, calling `poke` (traffic) until one comes.
+fn first(o: &LineStream, what: &str, mut poke: impl FnMut()) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(line) = o.lines.recv_timeout(Duration::from_millis(300)) {
+            return serde_json::from_str(&line)
+                .map_err(|e| anyhow::anyhow!("observe printed no JSON ({e}): {line}"));
         }
-    }
-}
-
-impl Drop for Observer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        anyhow::ensure!(Instant::now() < deadline, "observe showed no {what}");
+        poke();
     }
 }
 
@@ -143,7 +111,7 @@ fn observe_shows_an_allowed_and_a_denied_cross_cluster_connection() -> anyhow::R
     .map_err(|e| e.context(mesh.logs()))?;
 
     // Live: the client's next connection, as it opens, on echo's node.
-    let mut live = Observer::start(
+    let live = observe(
         &mesh,
         &echo,
         &[
@@ -159,7 +127,7 @@ fn observe_shows_an_allowed_and_a_denied_cross_cluster_connection() -> anyhow::R
             "8080",
         ],
     )?;
-    let allowed = live.first("new connection of the client", || {
+    let allowed = first(&live, "new connection of the client", || {
         let _ = reach(&client, &echo);
     })?;
     assert_eq!(allowed["verdict"], "forwarded", "{allowed}");
@@ -168,7 +136,7 @@ fn observe_shows_an_allowed_and_a_denied_cross_cluster_connection() -> anyhow::R
     drop(live);
 
     // From the agent's history: web's denied connection, already over.
-    let mut denied = Observer::start(
+    let denied = observe(
         &mesh,
         &echo,
         &[
@@ -184,7 +152,7 @@ fn observe_shows_an_allowed_and_a_denied_cross_cluster_connection() -> anyhow::R
             "1",
         ],
     )?;
-    let dropped = denied.first("drop of web's connection", || {})?;
+    let dropped = first(&denied, "drop of web's connection", || {})?;
     assert_eq!(dropped["verdict"], "dropped", "{dropped}");
     assert_eq!(dropped["reason_name"], "policy-denied", "{dropped}");
     check_sides(&dropped, &web, &echo, "web");
@@ -196,7 +164,7 @@ fn observe_shows_an_allowed_and_a_denied_cross_cluster_connection() -> anyhow::R
         &["--since", "10m", "--to-label", "app=client"][..],
         &["--since", "10m", "--cluster", "c9"][..],
     ] {
-        let none = Observer::start(&mesh, &echo, args)?;
+        let none = observe(&mesh, &echo, args)?;
         let shown = none.lines.recv_timeout(Duration::from_secs(2));
         assert!(shown.is_err(), "observe {args:?} showed {shown:?}");
     }

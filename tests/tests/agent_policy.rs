@@ -1,9 +1,7 @@
 //! Identity policy across clusters, with real connections: c2 allows only
 //! `app=client, meshd.io/cluster=c1` into `app=echo` on TCP 8080.
 
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions};
@@ -98,25 +96,8 @@ fn c2_policy_admits_only_c1_clients_into_echo() -> anyhow::Result<()> {
 /// `meshd monitor -o json` on echo's node shows the denied connection as it happens (reason,
 /// addresses, identities), and `meshd status` counts it.
 fn drops_are_reported(mesh: &Mesh, from: &EndpointInfo, to: &EndpointInfo) -> anyhow::Result<()> {
-    let node = mesh.node(&to.cluster, &to.node)?;
-    let mut monitor = Command::new(meshd_e2e::mesh::meshd_binary()?)
-        .args(["monitor", "-o", "json", "--socket"])
-        .arg(&node.socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = monitor.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let monitor = mesh.meshd_stream(&to.cluster, &to.node, &["monitor", "-o", "json"])?;
+    let rx = &monitor.lines;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     let found = loop {
@@ -142,8 +123,7 @@ fn drops_are_reported(mesh: &Mesh, from: &EndpointInfo, to: &EndpointInfo) -> an
             to.ip
         );
     };
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    drop(monitor);
     assert_eq!(found["reason_name"], "policy-denied", "{found}");
     assert_eq!(found["direction"], "ingress", "{found}");
     assert_eq!(found["dport"], PORT, "{found}");

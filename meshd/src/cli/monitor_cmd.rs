@@ -184,13 +184,20 @@ async fn stream(args: &MonitorArgs) -> anyhow::Result<()> {
     anyhow::bail!("the agent closed the event stream (agent stopped?)")
 }
 
-pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
+/// Runs a streaming command to its end on a current-thread runtime.
+pub(super) fn run_stream(
+    stream: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<ExitCode> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(stream(&args))?;
+        .block_on(stream)?;
     Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(args: MonitorArgs) -> anyhow::Result<ExitCode> {
+    run_stream(stream(&args))
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use clap::{Args, ValueEnum};
 use meshd_api::pb;
 
 use super::endpoint_cmd::{status_error, SocketArgs};
-use super::monitor_cmd::{clock, endpoint, identity_display, node_and_clusters, proto_name, who};
+use super::monitor_cmd::{
+    clock, endpoint, identity_display, node_and_clusters, proto_name, run_stream, who,
+};
 use super::output::{Format, OutputArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -260,12 +262,7 @@ async fn stream(args: &ObserveArgs) -> anyhow::Result<()> {
 }
 
 pub fn run(args: ObserveArgs) -> anyhow::Result<ExitCode> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(stream(&args))?;
-    Ok(ExitCode::SUCCESS)
+    run_stream(stream(&args))
 }
 
 #[cfg(test)]
