@@ -355,10 +355,12 @@ async fn only_the_admin_certificate_of_its_own_cluster_may_use_the_api() {
             "{line} missing from\n{body}"
         );
     }
-    // A real apiserver's exposition, as Prometheus reads it.
+    // A real apiserver's exposition (the body, after the response's head), as Prometheus
+    // reads it.
+    let (_, exposition) = body.split_once("\r\n\r\n").expect("an HTTP response");
     meshd_testing::require(
         "promtool on PATH (scripts/install-deps.sh)",
-        meshd_testing::promtool_check(&body).unwrap(),
+        meshd_testing::promtool_check(exposition).unwrap(),
     );
 
     // A certificate of another CA does not get through the handshake.
