@@ -477,7 +477,7 @@ fn bench_failover() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let mut lab = Lab::up("svcbf", "10.84.0.0/24");
-    lab.add_backend("c2", "n1", "fo-c2", "app=fo");
+    lab.add_backend("c2", "n1", "fo-c2", "app=fo", 8080);
     lab.apply(
         "c1",
         &service("fo", "fo", &[(GLOBAL, "true"), (AFFINITY, "local")]),
@@ -489,7 +489,7 @@ fn bench_failover() {
     let mut failover_ms = Vec::new();
     let mut delete_ms = Vec::new();
     for trial in 0..trials {
-        lab.add_backend("c1", "n2", "fo-c1", "app=fo");
+        lab.add_backend("c1", "n2", "fo-c1", "app=fo", 8080);
         lab.wait_for("c1 backend serving", client, &vip.to_string(), |s| {
             s.ok == 20 && s.only("c1")
         });
@@ -564,7 +564,7 @@ fn bench_connection_rate() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     let mut lab = Lab::up("svcbr", "10.85.0.0/24");
-    lab.add_backend("c1", "n2", "one-c1", "app=one");
+    lab.add_backend("c1", "n2", "one-c1", "app=one", 8080);
     lab.apply("c1", &service("one", "one", &[]));
     let vip: std::net::IpAddr = lab.vip("c1", "one").parse().unwrap();
     let client = "c1/client-c1-n1";
@@ -575,7 +575,7 @@ fn bench_connection_rate() {
     // from one client could share a 4-tuple at a backend (the client's kernel picks their
     // source ports independently), and TIME_WAIT collisions would be measured, not the
     // datapath.
-    let twin = lab.add_backend("c1", "n2", "two-c1", "app=two");
+    let twin = lab.add_backend("c1", "n2", "two-c1", "app=two", 8080);
     let backend: std::net::IpAddr = twin["ip"].as_str().unwrap().parse().unwrap();
     let direct_client = lab.add_endpoint("c1", "n1", "cr-direct", "app=client");
     let vip_netns = endpoint_netns(&lab, client);
