@@ -27,36 +27,10 @@ use std::{
 };
 
 use anyhow::Context;
+use common::bench::{arg, load_average, median, spread};
 use common::topology::Topology;
 use meshd_datapath::netns::run_in;
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// "min..max" of the samples: with other work on the machine the spread is the honest error bar.
-fn spread(v: &[f64]) -> String {
-    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.2}..{max:.2}")
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 /// Two nodes with one endpoint each, wired without eBPF: endpoint veth with a /24 and the
 /// node as gateway, `ip_forward`, a VXLAN device per node pointing at the other node, and a

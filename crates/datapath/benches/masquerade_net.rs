@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use common::bench::{arg, load_average, median, spread};
 use common::topology::Topology;
 use ipnet::Ipv4Net;
 use meshd_datapath::netns::run_in;
@@ -36,33 +37,6 @@ const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 254);
 const BASELINE_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
 const BASELINE_EP_NET: &str = "10.9.0.0/24";
 const BASELINE_EP_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// "min..max" of the samples: the honest error bar on a shared machine.
-fn spread(v: &[f64]) -> String {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.2}..{max:.2}")
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 /// The plain node: its endpoint behind a veth (MTU 1450, as meshd's endpoints), the node
 /// forwarding with a default route via the router, and nftables masquerading the endpoint's
