@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::Context;
-use common::bench::{arg, load_average, median, spread};
+use common::bench::{arg, load_average, median, plain_endpoint, spread};
 use common::topology::Topology;
 use meshd_datapath::netns::run_in;
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
@@ -91,46 +91,13 @@ impl Baseline {
                 "dev",
                 "vx0",
             ])?;
-            let ep = Netns::new(&format!("{prefix}-e{i}"))?;
-            node.ip(&[
-                "link",
-                "add",
+            let ep = plain_endpoint(
+                node,
+                &format!("{prefix}-e{i}"),
                 "veth0",
-                "mtu",
-                "1450",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "mtu",
-                "1450",
-                "netns",
-                ep.name(),
-            ])?;
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("10.{}.0.1/24", i + 1),
-                "dev",
-                "veth0",
-            ])?;
-            node.ip(&["link", "set", "veth0", "up"])?;
-            ep.ip(&[
-                "addr",
-                "add",
-                &format!("10.{}.0.2/24", i + 1),
-                "dev",
-                "eth0",
-            ])?;
-            ep.ip(&["link", "set", "eth0", "up"])?;
-            ep.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.{}.0.1", i + 1),
-            ])?;
+                format!("10.{}.0.1/24", i + 1).parse()?,
+                format!("10.{}.0.2/24", i + 1).parse()?,
+            )?;
             endpoints.push(ep);
         }
         Ok(Baseline {

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::bench::{arg, load_average, median, spread};
+use common::bench::{arg, load_average, median, plain_endpoint, spread};
 use common::topology::Topology;
 use ipnet::Ipv4Net;
 use meshd_datapath::netns::run_in;
@@ -42,34 +42,13 @@ const BASELINE_EP_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 2);
 /// forwarding with a default route via the router, and nftables masquerading the endpoint's
 /// subnet out of the uplink.
 fn baseline_endpoint(node: &Netns) -> anyhow::Result<Netns> {
-    let ep = Netns::new("bmq-be")?;
-    node.ip(&[
-        "link",
-        "add",
+    let ep = plain_endpoint(
+        node,
+        "bmq-be",
         "lxcb",
-        "mtu",
-        "1450",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "mtu",
-        "1450",
-        "netns",
-        ep.name(),
-    ])?;
-    node.ip(&["addr", "add", "10.9.0.1/24", "dev", "lxcb"])?;
-    node.ip(&["link", "set", "lxcb", "up"])?;
-    ep.ip(&[
-        "addr",
-        "add",
-        &format!("{BASELINE_EP_IP}/24"),
-        "dev",
-        "eth0",
-    ])?;
-    ep.ip(&["link", "set", "eth0", "up"])?;
-    ep.ip(&["route", "add", "default", "via", "10.9.0.1"])?;
+        "10.9.0.1/24".parse()?,
+        Ipv4Net::new(BASELINE_EP_IP, 24)?,
+    )?;
     node.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
     for rule in [
         "add table ip bmq",

@@ -28,3 +28,45 @@ pub fn load_average() -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
+
+/// A baseline endpoint wired the plain kernel way (no eBPF): a namespace named after `prefix`
+/// behind a veth `host_ifname` of `node` (MTU 1450, as meshd's endpoints on a 1500 underlay),
+/// the node's side `gateway`, the endpoint's `address` (same subnet) with a default route via
+/// the node.
+pub fn plain_endpoint(
+    node: &meshd_testing::netns::Netns,
+    prefix: &str,
+    host_ifname: &str,
+    gateway: ipnet::Ipv4Net,
+    address: ipnet::Ipv4Net,
+) -> anyhow::Result<meshd_testing::netns::Netns> {
+    let ep = meshd_testing::netns::Netns::new(prefix)?;
+    node.ip(&[
+        "link",
+        "add",
+        host_ifname,
+        "mtu",
+        "1450",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "mtu",
+        "1450",
+        "netns",
+        ep.name(),
+    ])?;
+    node.ip(&["addr", "add", &gateway.to_string(), "dev", host_ifname])?;
+    node.ip(&["link", "set", host_ifname, "up"])?;
+    ep.ip(&["addr", "add", &address.to_string(), "dev", "eth0"])?;
+    ep.ip(&["link", "set", "eth0", "up"])?;
+    ep.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway.addr().to_string(),
+    ])?;
+    Ok(ep)
+}
