@@ -27,7 +27,7 @@ use std::{
 };
 
 use anyhow::Context;
-use common::bench::{arg, load_average, median, plain_endpoint, spread};
+use common::bench::{arg, iperf3_gbps, load_average, median, plain_endpoint, spread};
 use common::topology::Topology;
 use meshd_datapath::netns::run_in;
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
@@ -266,25 +266,7 @@ fn iperf_server(pair: &Pair<'_>, port: u16) -> anyhow::Result<ChildGuard> {
 }
 
 fn iperf(pair: &Pair<'_>, port: u16, streams: u32, seconds: u32) -> anyhow::Result<f64> {
-    let out = pair.client.run(
-        "iperf3",
-        &[
-            "-c",
-            &pair.server_ip.to_string(),
-            "-p",
-            &port.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3: no end.sum_received.bits_per_second")?;
-    Ok(bps / 1e9)
+    iperf3_gbps(pair.client, pair.server_ip, port, streams, seconds)
 }
 
 /// Mean round trip (µs) of `transactions` 1-byte request/responses on one TCP connection.

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::bench::{arg, load_average, median, plain_endpoint, spread};
+use common::bench::{arg, iperf3_gbps, load_average, median, plain_endpoint, spread};
 use common::topology::Topology;
 use ipnet::Ipv4Net;
 use meshd_datapath::netns::run_in;
@@ -60,26 +60,6 @@ fn baseline_endpoint(node: &Netns) -> anyhow::Result<Netns> {
             .with_context(|| format!("nft {rule}"))?;
     }
     Ok(ep)
-}
-
-fn iperf(client: &Netns, server: Ipv4Addr, streams: u32, seconds: u32) -> anyhow::Result<f64> {
-    let out = client.run(
-        "iperf3",
-        &[
-            "-c",
-            &server.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3: no end.sum_received.bits_per_second")?;
-    Ok(bps / 1e9)
 }
 
 /// A server on the external host answering each connection's byte, then waiting for the
@@ -190,7 +170,8 @@ fn main() -> anyhow::Result<()> {
     // Both paths work, which takes masquerade: the router has no route to either endpoint
     // subnet, only to the node IPs.
     for (name, client) in &clients {
-        iperf(client, ext_ip, 1, 1).with_context(|| format!("{name}: first transfer"))?;
+        iperf3_gbps(client, ext_ip, 5201, 1, 1)
+            .with_context(|| format!("{name}: first transfer"))?;
     }
     anyhow::ensure!(
         !meshd.nodes[0].maps.nat_mappings()?.is_empty(),
@@ -205,7 +186,7 @@ fn main() -> anyhow::Result<()> {
         let mut results = [Vec::new(), Vec::new()];
         for _ in 0..runs {
             for (i, (_, client)) in clients.iter().enumerate() {
-                results[i].push(iperf(client, ext_ip, streams, seconds)?);
+                results[i].push(iperf3_gbps(client, ext_ip, 5201, streams, seconds)?);
             }
         }
         let spreads = [spread(&results[0]), spread(&results[1])];

@@ -70,3 +70,34 @@ pub fn plain_endpoint(
     ])?;
     Ok(ep)
 }
+
+/// One iperf3 TCP run from `client` to the server at `server:port`: the received rate in
+/// Gbit/s.
+pub fn iperf3_gbps(
+    client: &meshd_testing::netns::Netns,
+    server: std::net::Ipv4Addr,
+    port: u16,
+    streams: u32,
+    seconds: u32,
+) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    let out = client.run(
+        "iperf3",
+        &[
+            "-c",
+            &server.to_string(),
+            "-p",
+            &port.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3: no end.sum_received.bits_per_second")?;
+    Ok(bps / 1e9)
+}
