@@ -89,18 +89,30 @@ impl DatapathMaps {
         let want: BTreeSet<Ipv4Net> = prefixes.iter().map(Ipv4Net::trunc).collect();
         let have: BTreeSet<Ipv4Net> = self.no_masquerade()?.into_iter().collect();
         for p in want.difference(&have) {
-            self.no_masq
-                .insert(&no_masq_key(*p), abi::NoMasqValue::default(), 0)
-                .map_err(op_err("insert", names::NO_MASQ, p))?;
+            self.insert_no_masquerade(*p)?;
         }
         for p in have.difference(&want) {
-            ignore_missing(self.no_masq.remove(&no_masq_key(*p))).map_err(op_err(
-                "remove",
-                names::NO_MASQ,
-                p,
-            ))?;
+            self.remove_no_masquerade(*p)?;
         }
         Ok(())
+    }
+
+    /// Adds `prefix` to NO_MASQ (idempotent).
+    pub fn insert_no_masquerade(&mut self, prefix: Ipv4Net) -> Result<()> {
+        let p = prefix.trunc();
+        self.no_masq
+            .insert(&no_masq_key(p), abi::NoMasqValue::default(), 0)
+            .map_err(op_err("insert", names::NO_MASQ, p))
+    }
+
+    /// Removes `prefix` from NO_MASQ (idempotent).
+    pub fn remove_no_masquerade(&mut self, prefix: Ipv4Net) -> Result<()> {
+        let p = prefix.trunc();
+        ignore_missing(self.no_masq.remove(&no_masq_key(p))).map_err(op_err(
+            "remove",
+            names::NO_MASQ,
+            p,
+        ))
     }
 
     /// The prefixes in NO_MASQ.

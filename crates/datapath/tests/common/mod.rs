@@ -280,6 +280,7 @@ fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+pub mod bench;
 pub mod frames;
 pub mod topology;
 pub mod world;
