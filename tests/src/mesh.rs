@@ -250,6 +250,7 @@ impl Mesh {
                 name: config_key.cluster.clone(),
                 id: meshd_state::ClusterId::new(u32::from(*id))?,
                 capabilities: Default::default(),
+                routing_mode: opts.routing_mode_of(name),
             };
             let value = meshd_state::encode(&config_key, &config)?;
             etcd.etcdctl(&["put", &config_key.to_string(), std::str::from_utf8(&value)?])

@@ -662,6 +662,7 @@ mod tests {
             node_name: "n1".into(),
             node_ip: ip("192.168.1.1"),
             pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+            routing_mode: Default::default(),
         });
         let ev = |c: &str, kind| ClusterEvent::new(cn(c), kind);
         let config = |name: &str, id: u32| {
@@ -669,6 +670,7 @@ mod tests {
                 name: cn(name),
                 id: cid(id),
                 capabilities: Capabilities::default(),
+                routing_mode: Default::default(),
             })
         };
         let ips = |view: &MeshView| -> Vec<String> {

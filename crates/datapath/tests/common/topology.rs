@@ -94,6 +94,7 @@ impl Topology {
                     host_ifname: &host_ifname,
                     ip,
                     underlay_mtu: underlay.mtu(),
+                    encapsulated: true,
                 })?;
                 maps.upsert_endpoint(
                     ip,
