@@ -271,6 +271,7 @@ fn checksum(bytes: &[u8]) -> u16 {
 
 pub mod frames;
 pub mod topology;
+pub mod world;
 
 /// An ARP reply frame claiming `sender_ip` is at `sender_mac`, to `target_ip`.
 pub fn arp_reply(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
