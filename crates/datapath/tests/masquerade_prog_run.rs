@@ -312,7 +312,7 @@ fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
         ][..],
         &["route", "add", "10.2.0.0/24", "via", "192.0.2.7"],
     ] {
-        w._ns.ip(args).expect("ip");
+        w.ip(args);
     }
     let m = &mut w.dp.maps;
     m.set_native_routing(true).unwrap();
