@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use meshd_state::RoutingMode;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +24,10 @@ pub struct LabSpec {
     pub masquerade: bool,
     /// The host outside the mesh, behind the underlay router.
     pub external: ExternalSpec,
+    /// Every cluster's routing mode. Native: no tunnel, the agents route pod CIDRs on the
+    /// segment, and the router routes every pod CIDR to its node (pod addresses are routable,
+    /// so the external host reaches endpoints as `world`).
+    pub routing: RoutingMode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,6 +107,7 @@ impl LabSpec {
             tunnel_port: 8472,
             clusters,
             masquerade: true,
+            routing: RoutingMode::Tunnel,
             external: ExternalSpec {
                 router_ip: Ipv4Addr::new(base[0], base[1], base[2], 254),
                 net: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24).expect("/24"),
@@ -114,6 +120,22 @@ impl LabSpec {
     pub fn with_masquerade(mut self, masquerade: bool) -> LabSpec {
         self.masquerade = masquerade;
         self
+    }
+
+    /// Tunnel (the default) or native routing.
+    pub fn with_routing(mut self, routing: RoutingMode) -> LabSpec {
+        self.routing = routing;
+        self
+    }
+
+    /// The prefix native routing covers: every pod CIDR of the lab (10.<cluster>.<node>.0/24).
+    pub fn native_routing_cidr(&self) -> Ipv4Net {
+        Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("/8")
+    }
+
+    /// Whether the router carries pod addresses (routes every pod CIDR to its node).
+    pub fn pods_routable(&self) -> bool {
+        !self.masquerade || self.routing == RoutingMode::Native
     }
 
     pub fn router_netns(&self) -> String {

@@ -76,6 +76,7 @@ pub fn up(opts: &UpOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<La
         bpffs_dir: opts.bpffs_dir.clone(),
         cli_config: opts.run_dir.join("meshd-cli.yaml"),
         masquerade: opts.spec.masquerade,
+        routing: opts.spec.routing,
         ..LabState::default()
     };
     state.save()?;
@@ -213,8 +214,8 @@ fn build_on(
 
 /// The router on the underlay and the external host behind it (see
 /// [`ExternalSpec`](crate::spec::ExternalSpec)). With
-/// masquerade off the router routes every node's pod CIDR to the node, as a network that
-/// carries pod addresses does; with it on it knows nothing of them.
+/// masquerade off or native routing the router routes every node's pod CIDR to the node, as a
+/// network that carries pod addresses does; otherwise it knows nothing of them.
 fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()> {
     let ext = &spec.external;
     let router = spec.router_netns();
@@ -235,7 +236,7 @@ fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()>
         nl.set_up("ext0")?;
         nl.enable_ipv4_forwarding("ext0")?;
         nl.enable_ipv4_forwarding("ul0")?;
-        if !spec.masquerade {
+        if spec.pods_routable() {
             for node in spec.clusters.iter().flat_map(|c| &c.nodes) {
                 nl.add_route(
                     &Route {
@@ -546,6 +547,8 @@ fn start_control_plane(
         metrics_addr.to_string(),
         "--service-cidr".into(),
         cluster.service_cidr.to_string(),
+        "--routing-mode".into(),
+        spec.routing.to_string(),
     ];
     let pid = spawn_daemon(
         Some(&cp),
@@ -711,6 +714,14 @@ fn start_node(
         // user's and a test's) never fight over one name.
         netns = spec.node_netns(cluster, node),
     );
+    let config = if spec.routing == meshd_state::RoutingMode::Native {
+        format!(
+            "{config}routing_mode: native\nnative_routing_cidr: {}\nauto_direct_node_routes: true\n",
+            spec.native_routing_cidr()
+        )
+    } else {
+        config
+    };
     let config_path = dir.join("agent.yaml");
     std::fs::write(&config_path, config)?;
     let log = dir.join("agent.log");

@@ -74,11 +74,12 @@ fn lab_up_check_status_down_twice() {
         "--run-dir",
         run,
     ];
-    // Twice in a row: the second `up` replaces the first lab, without masquerade.
+    // Twice in a row: the second `up` replaces the first lab, without masquerade and in native
+    // routing mode.
     for round in 1..=2 {
         let mut args = up_args.to_vec();
         if round == 2 {
-            args.push("--no-masquerade");
+            args.extend(["--no-masquerade", "--routing", "native"]);
         }
         let up = meshd(&args);
         let stdout = String::from_utf8_lossy(&up.stdout);
@@ -98,6 +99,23 @@ fn lab_up_check_status_down_twice() {
             4,
             "round {round}: {stdout}"
         );
+        // Native: the external host reaches the echo endpoints as world, and the lab's policy
+        // (only clients into echo) turns it away.
+        let from_external: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("from external "))
+            .collect();
+        if round == 2 {
+            assert_eq!(from_external.len(), 4, "{stdout}");
+            assert!(
+                from_external
+                    .iter()
+                    .all(|l| l.contains(" deny ") && l.contains(" ok ")),
+                "{stdout}"
+            );
+        } else {
+            assert!(from_external.is_empty(), "{stdout}");
+        }
     }
 
     let status = meshd(&["lab", "status", "--run-dir", run, "-o", "json"]);
@@ -126,6 +144,7 @@ fn lab_up_check_status_down_twice() {
         }
     }
     assert_eq!(doc["masquerade"], false, "{doc}");
+    assert_eq!(doc["routing"], "native", "{doc}");
     assert_eq!(doc["external"]["ip"], "203.0.113.10", "{doc}");
     assert_eq!(doc["external"]["port"], 8080, "{doc}");
     let ext_netns = doc["external"]["netns"].as_str().unwrap();
