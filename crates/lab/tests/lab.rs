@@ -145,6 +145,25 @@ fn lab_up_check_status_down_twice() {
     }
     assert_eq!(doc["masquerade"], false, "{doc}");
     assert_eq!(doc["routing"], "native", "{doc}");
+    // One node per cluster behind the router: the others route to it through the router, not
+    // with a direct route, and say so.
+    let c1 = &clusters[0]["nodes"];
+    assert_eq!(c1[1]["ip"], "10.79.1.2", "{doc}");
+    let agent = meshd(&[
+        "status",
+        "-o",
+        "json",
+        "--socket",
+        c1[0]["api_socket"].as_str().unwrap(),
+    ]);
+    let agent: serde_json::Value = serde_json::from_slice(&agent.stdout).unwrap();
+    let routing = &agent["routing"];
+    assert_eq!(routing["routes_installed"], 1, "{routing}");
+    let skipped = routing["skipped_nodes"].to_string();
+    assert!(
+        skipped.contains("c1/n2 (10.79.1.2)") && skipped.contains("c2/n2 (10.79.2.2)"),
+        "{routing}"
+    );
     assert_eq!(doc["external"]["ip"], "203.0.113.10", "{doc}");
     assert_eq!(doc["external"]["port"], 8080, "{doc}");
     let ext_netns = doc["external"]["netns"].as_str().unwrap();
