@@ -124,7 +124,7 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32, String
 }
 
 /// Lets endpoints leave the mesh: the egress settings and NO_MASQ (the configured exceptions
-/// and this node's pod CIDR), then from_netdev on the uplink (the device holding the node IP
+/// and this node's pod CIDR; the view adds every admitted node's), then from_netdev on the uplink (the device holding the node IP
 /// unless `underlay_device` names it), which translates the replies of masqueraded flows.
 fn start_egress(
     config: &AgentConfig,
@@ -132,17 +132,16 @@ fn start_egress(
     maps: &mut DatapathMaps,
 ) -> anyhow::Result<String> {
     let egress = &config.egress;
-    let mut no_masq = egress.non_masquerade_cidrs.clone();
-    no_masq.push(config.pod_cidr);
-    // Native routing: the underlay routes these addresses as they are; masquerading them
-    // would cost the receiver the sender's identity.
-    no_masq.extend(
-        config
-            .routing
-            .native_routing_cidr
-            .filter(|_| config.routing.native()),
-    );
-    maps.set_no_masquerade(&no_masq)?;
+    // Added, never removed here: after a restart NO_MASQ still holds the other clusters' pod
+    // CIDRs, which the reconciler's first diff keeps (or drops with their clusters).
+    for prefix in egress
+        .non_masquerade_cidrs
+        .iter()
+        .chain(std::iter::once(&config.pod_cidr))
+        .chain(native_cidr(config).iter())
+    {
+        maps.insert_no_masquerade(*prefix)?;
+    }
     let uplink = match &config.underlay_device {
         Some(dev) => dev.clone(),
         None => plumbing::device_with_addr(None, config.node_ip)?.with_context(|| {
@@ -162,6 +161,15 @@ fn start_egress(
     tracing::info!(uplink, masquerade = egress.masquerade, snat_ports = ?egress.snat_port_range,
         "egress to the world enabled");
     Ok(uplink)
+}
+
+/// Native routing: the underlay routes these addresses as they are; masquerading them would
+/// cost the receiver the sender's identity (a NO_MASQ entry, like `non_masquerade_cidrs`).
+fn native_cidr(config: &AgentConfig) -> Option<ipnet::Ipv4Net> {
+    config
+        .routing
+        .native_routing_cidr
+        .filter(|_| config.routing.native())
 }
 
 /// Reads `meshd/cluster-config/<cluster>`, which the cluster's apiserver writes (agents may not:
@@ -355,6 +363,13 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 node_ip: config.node_ip.into(),
                 pod_cidrs: vec![config.pod_cidr.into()],
                 routing_mode: config.routing.mode,
+                non_masquerade: config
+                    .egress
+                    .non_masquerade_cidrs
+                    .iter()
+                    .chain(native_cidr(&config).iter())
+                    .map(|&p| p.into())
+                    .collect(),
             }),
             inputs: view_rx,
             peers: peers_tx,

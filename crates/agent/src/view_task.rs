@@ -294,6 +294,7 @@ mod tests {
                 node_ip: "192.168.1.1".parse().unwrap(),
                 pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
                 routing_mode: Default::default(),
+                non_masquerade: Vec::new(),
             }),
             inputs,
             datapath,

@@ -172,6 +172,31 @@ fn an_exhausted_range_drops_with_nat_no_port_and_recovers_when_a_connection_ends
     assert_eq!(w.counter(Direction::Egress, abi::DROP_NAT_NO_PORT), 1);
 }
 
+/// Masquerade never launders a forged source: a packet to the world from an endpoint's veth
+/// with another endpoint's address, or with an address no endpoint has, is dropped before any
+/// mapping is made.
+#[test]
+fn spoofed_sources_to_the_world_stay_dropped_and_get_no_mapping() {
+    let Some(w) = setup() else { return };
+    for (i, forged) in [B, Ipv4Addr::new(10, 1, 0, 99), NODE]
+        .into_iter()
+        .enumerate()
+    {
+        let (verdict, _) = w.egress(&tcp(forged, 40000, X, 80, 0x02), w.a_if);
+        assert_eq!(verdict, TC_ACT_SHOT, "{forged} sent from A's veth");
+        assert_eq!(
+            w.counter(Direction::Egress, abi::DROP_INVALID_SOURCE),
+            i as u64 + 1
+        );
+    }
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_WORLD), 0);
+    assert!(w.dp.maps.nat_mappings().unwrap().is_empty());
+    // A's own address still leaves.
+    let (verdict, out) = w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&out), NODE);
+}
+
 #[test]
 fn replies_of_connections_from_outside_keep_the_endpoints_address() {
     let Some(w) = setup() else { return };

@@ -25,6 +25,9 @@ pub struct LocalNode {
     pub pod_cidrs: Vec<IpNet>,
     /// This node's routing mode: a remote cluster announcing the other one is refused.
     pub routing_mode: RoutingMode,
+    /// Destinations never masqueraded besides every admitted node's pod CIDRs (the agent's
+    /// `non_masquerade_cidrs`).
+    pub non_masquerade: Vec<IpNet>,
 }
 
 /// One change seen by a cluster's watcher.
