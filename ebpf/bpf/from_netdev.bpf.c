@@ -63,15 +63,9 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	}
 	/* Native routing: replies of service connections (a client here, its backend on another
 	 * node) get their frontend source back, as from-overlay gives it in tunnel mode. */
-	if (ct == CT_REPLY) {
-		ret = lb_reverse(skb, ctx, l3_off, entry);
-		if (ret < 0)
-			return ret;
-	} else if (ct == CT_RELATED) {
-		ret = lb_reverse_icmp(skb, ctx, l3_off, entry);
-		if (ret < 0)
-			return ret;
-	}
+	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
+	if (ret < 0)
+		return ret;
 
 	ret = rewrite_macs(skb, dst);
 	if (ret < 0)
