@@ -6,8 +6,9 @@
 //! - TCP throughput: iperf3 to the external host, 1 and 4 streams, runs alternating;
 //! - new connections per second: `--threads` loops per client of connect, 1-byte request and
 //!   answer, close (the client closes first, so TIME_WAIT stays in the client's namespace),
-//!   both clients at once so load drift on a shared machine hits both alike; each run to its
-//!   own server port (a fresh set of 4-tuples).
+//!   both clients at once so load drift on a shared machine hits both alike; each path to its
+//!   own server (worker threads accepting on one listener), on fresh ports each run (a fresh
+//!   set of 4-tuples).
 //!
 //! The meshd node's SNAT range is 1024-32767 (outside the endpoints' ephemeral range, as the
 //! agent requires), so a run's connections, whose mappings live 10 s after they close, never
@@ -23,6 +24,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -63,21 +65,24 @@ fn baseline_endpoint(node: &Netns) -> anyhow::Result<Netns> {
 }
 
 /// A server on the external host answering each connection's byte, then waiting for the
-/// client to close. Its thread lives as long as the bench.
-fn spawn_byte_server(netns: &Path, addr: SocketAddr) -> anyhow::Result<()> {
-    let listener = run_in(netns, || -> anyhow::Result<TcpListener> {
+/// client to close: `workers` threads accepting on one listener, each serving its connection
+/// itself (a thread spawned per connection made the server, shared by both paths, the
+/// bottleneck). Its threads live as long as the bench.
+fn spawn_byte_server(netns: &Path, addr: SocketAddr, workers: u32) -> anyhow::Result<()> {
+    let listener = Arc::new(run_in(netns, || -> anyhow::Result<TcpListener> {
         Ok(TcpListener::bind(addr)?)
-    })?;
-    std::thread::spawn(move || {
-        for mut s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
+    })?);
+    for _ in 0..workers {
+        let listener = listener.clone();
+        std::thread::spawn(move || {
+            while let Ok((mut s, _)) = listener.accept() {
                 let mut b = [0u8; 1];
                 if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
                     let _ = s.read(&mut b);
                 }
-            });
-        }
-    });
+            }
+        });
+    }
     Ok(())
 }
 
@@ -205,12 +210,14 @@ fn main() -> anyhow::Result<()> {
     let mut rates = [Vec::new(), Vec::new()];
     let mut ratios = Vec::new();
     for run in 0..runs {
-        let port = 7000 + run as u16;
-        let to = SocketAddr::from((ext_ip, port));
-        spawn_byte_server(&outside.host.path(), to)?;
+        // A server per path, so neither waits for the other's; fresh ports each run.
+        let to = |i: u16| SocketAddr::from((ext_ip, 7000 + 2 * run as u16 + i));
+        for i in 0..2 {
+            spawn_byte_server(&outside.host.path(), to(i), 4 * threads)?;
+        }
         let (m, b) = std::thread::scope(|scope| {
-            let m = scope.spawn(|| connect_loop(&clients[0].1.path(), to, threads, per_thread));
-            let b = scope.spawn(|| connect_loop(&clients[1].1.path(), to, threads, per_thread));
+            let m = scope.spawn(|| connect_loop(&clients[0].1.path(), to(0), threads, per_thread));
+            let b = scope.spawn(|| connect_loop(&clients[1].1.path(), to(1), threads, per_thread));
             (m.join().expect("meshd loop"), b.join().expect("nft loop"))
         });
         let (m, b) = (m.context("meshd")?, b.context("nftables")?);
