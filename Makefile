@@ -47,9 +47,11 @@ faults: deps
 
 # The namespace lab: two clusters, two nodes each, a global service and a policy, then a
 # connectivity check. It keeps running; `make lab-down` removes it.
+# ROUTING=native runs both clusters in native routing mode (no tunnel).
+ROUTING ?= tunnel
 lab: deps
 	$(CARGO) build --release -p meshd -p clustermesh-apiserver
-	target/release/meshd lab up
+	target/release/meshd lab up --routing $(ROUTING)
 
 lab-down:
 	@if [ -x target/release/meshd ]; then target/release/meshd lab down; \

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use meshd_certs::TlsFiles;
 use meshd_kvstore::EtcdConfig;
-use meshd_state::{ClusterId, ClusterName};
+use meshd_state::{ClusterId, ClusterName, RoutingMode};
 use serde::Deserialize;
 
 use crate::vip::ServiceCidr;
@@ -73,6 +73,10 @@ pub struct ConfigArgs {
     /// etcd's --max-txn-ops: the largest batch one apply can be [default: 128].
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+    /// Routing mode of the cluster's agents (`tunnel` or `native`), announced in the cluster
+    /// config; remote clusters announcing another one are refused [default: tunnel].
+    #[arg(long, value_name = "MODE")]
+    pub routing_mode: Option<String>,
 }
 
 /// The checked configuration.
@@ -91,6 +95,8 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     pub max_txn_ops: usize,
+    /// Announced in the cluster config.
+    pub routing_mode: RoutingMode,
     /// Unique per process: the value of the leader key while this replica leads.
     pub replica_id: String,
 }
@@ -159,6 +165,7 @@ impl ConfigArgs {
             health_listen: self.health_listen.or(file.health_listen),
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             max_txn_ops: self.max_txn_ops.or(file.max_txn_ops),
+            routing_mode: self.routing_mode.or(file.routing_mode),
         }
     }
 
@@ -247,6 +254,14 @@ impl ConfigArgs {
                 ));
             }
         }
+        let routing_mode = match self.routing_mode.as_deref().map(str::parse::<RoutingMode>) {
+            None => RoutingMode::default(),
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                errors.push(format!("--routing-mode: {e}"));
+                RoutingMode::default()
+            }
+        };
         let max_txn_ops = self.max_txn_ops.unwrap_or(128);
         if max_txn_ops < 4 {
             errors.push("--max-txn-ops: must be at least 4".into());
@@ -276,6 +291,7 @@ impl ConfigArgs {
             health_listen: self.health_listen,
             metrics_addr: self.metrics_addr,
             max_txn_ops,
+            routing_mode,
             replica_id: replica_id(),
         })
     }

@@ -191,6 +191,7 @@ async fn run(
         name: config.cluster.clone(),
         id: config.cluster_id,
         capabilities: Capabilities::default(),
+        routing_mode: config.routing_mode,
     };
     loop {
         match ensure_cluster_config(&store, &cluster_config).await {

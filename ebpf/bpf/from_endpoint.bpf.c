@@ -9,7 +9,8 @@
  * from a backend of this node, and ICMP errors about their requests, get their frontend back
  * here, and a client load-balanced to itself is SNATed (hairpin, see lb.h). A destination
  * outside the mesh is `world` (or `host`) by the node's FIB, masqueraded unless configured
- * otherwise, and routed out by this program (lib/world.h, lib/nat.h).
+ * otherwise, and routed out by this program (lib/world.h, lib/nat.h). In native routing mode a
+ * remote endpoint is reached the same way, unencapsulated and unmasqueraded (lib/native.h).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -18,6 +19,7 @@
 #include "lib/policy.h"
 #include "lib/lb.h"
 #include "lib/world.h"
+#include "lib/native.h"
 #include "lib/fwd_cache.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
@@ -179,6 +181,8 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	 * that is not in ENDPOINTS (any more) is gone, not somewhere to tunnel to. */
 	if (remote->tunnel_endpoint == cfg->node_ip)
 		return MESHD_DROP_UNKNOWN_DEST;
+	if (cfg->flags & MESHD_CONFIG_F_NATIVE)
+		return native_forward(skb, ctx, l3_off);
 	if (!cfg->vxlan_ifindex)
 		return MESHD_DROP_NO_CONFIG;
 	struct bpf_tunnel_key key = {};

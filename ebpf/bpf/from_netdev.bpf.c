@@ -6,7 +6,9 @@
  * packet for a local endpoint (a translated reply, or traffic routed to the endpoint's own
  * address when masquerade is off) gets the source identity from the ipcache (`world` when it
  * has none), conntrack and ingress policy, and is delivered straight into the endpoint's
- * namespace. Everything else is the node's own business and passes untouched and uncounted:
+ * namespace. In native routing mode this is how every packet of a remote endpoint arrives (its
+ * source address is its identity: the underlay must be trusted), and replies of service
+ * connections get their frontend back as in from-overlay. Everything else is the node's own business and passes untouched and uncounted:
  * this program must never cost the node its own traffic (ARP, IPv6, VXLAN, its connections).
  */
 #include "lib/common.h"
@@ -59,6 +61,11 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 		else if (entry)
 			entry->policy_revision = revision;
 	}
+	/* Native routing: replies of service connections (a client here, its backend on another
+	 * node) get their frontend source back, as from-overlay gives it in tunnel mode. */
+	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
+	if (ret < 0)
+		return ret;
 
 	ret = rewrite_macs(skb, dst);
 	if (ret < 0)

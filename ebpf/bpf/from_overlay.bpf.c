@@ -59,15 +59,9 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 		else if (entry)
 			entry->policy_revision = revision;
 	}
-	if (ct == CT_REPLY) {
-		ret = lb_reverse(skb, ctx, l3_off, entry);
-		if (ret < 0)
-			return ret;
-	} else if (ct == CT_RELATED) {
-		ret = lb_reverse_icmp(skb, ctx, l3_off, entry);
-		if (ret < 0)
-			return ret;
-	}
+	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
+	if (ret < 0)
+		return ret;
 
 	ret = rewrite_macs(skb, dst);
 	if (ret < 0)

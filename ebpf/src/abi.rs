@@ -55,6 +55,7 @@ pub const FWD_LOCAL: i32 = 1;
 pub const FWD_TUNNEL: i32 = 2;
 pub const FWD_STACK: i32 = 3;
 pub const FWD_WORLD: i32 = 4;
+pub const FWD_NATIVE: i32 = 5;
 pub const DROP_INVALID_PACKET: i32 = -130;
 pub const DROP_UNSUPPORTED_L3: i32 = -131;
 pub const DROP_INVALID_SOURCE: i32 = -132;
@@ -95,6 +96,7 @@ pub const EVENT_LIMIT_F_FLOWS: u32 = 1;
 // enum meshd_config_flags
 pub const CONFIG_F_WORLD: u32 = 1;
 pub const CONFIG_F_MASQUERADE: u32 = 2;
+pub const CONFIG_F_NATIVE: u32 = 4;
 // enum meshd_nat
 pub const NAT_RETRIES: u32 = 64;
 
@@ -129,6 +131,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_FWD_TUNNEL", FWD_TUNNEL as i64),
     ("MESHD_FWD_STACK", FWD_STACK as i64),
     ("MESHD_FWD_WORLD", FWD_WORLD as i64),
+    ("MESHD_FWD_NATIVE", FWD_NATIVE as i64),
     ("MESHD_DROP_INVALID_PACKET", DROP_INVALID_PACKET as i64),
     ("MESHD_DROP_UNSUPPORTED_L3", DROP_UNSUPPORTED_L3 as i64),
     ("MESHD_DROP_INVALID_SOURCE", DROP_INVALID_SOURCE as i64),
@@ -162,6 +165,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_EVENT_LIMIT_F_FLOWS", EVENT_LIMIT_F_FLOWS as i64),
     ("MESHD_CONFIG_F_WORLD", CONFIG_F_WORLD as i64),
     ("MESHD_CONFIG_F_MASQUERADE", CONFIG_F_MASQUERADE as i64),
+    ("MESHD_CONFIG_F_NATIVE", CONFIG_F_NATIVE as i64),
     ("MESHD_NAT_RETRIES", NAT_RETRIES as i64),
 ];
 
@@ -172,6 +176,7 @@ pub fn reason_name(code: i32) -> &'static str {
         FWD_TUNNEL => "forwarded-tunnel",
         FWD_STACK => "forwarded-stack",
         FWD_WORLD => "forwarded-world",
+        FWD_NATIVE => "forwarded-native",
         DROP_INVALID_PACKET => "invalid-packet",
         DROP_UNSUPPORTED_L3 => "unsupported-l3",
         DROP_INVALID_SOURCE => "invalid-source",

@@ -11,6 +11,7 @@
 //!
 //! Everything is named uniquely per test and torn down on drop.
 
+pub mod capture;
 pub mod exposition;
 pub mod mesh;
 pub mod netns_io;

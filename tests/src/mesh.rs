@@ -57,6 +57,14 @@ pub struct MeshOptions {
     pub external_mtu: Option<u32>,
     /// Lines appended to every agent's config file (e.g. `masquerade: false`).
     pub agent_config: Vec<String>,
+    /// The routing mode each cluster's config announces (as its apiserver's `--routing-mode`
+    /// would); clusters not listed announce the agents' mode ([`MeshOptions::native`]).
+    pub announced_routing: BTreeMap<String, meshd_state::RoutingMode>,
+    /// The agents' routing mode.
+    pub routing: meshd_state::RoutingMode,
+    /// Wait for every node to see every cluster ready at start (false: a test that expects a
+    /// refusal checks for itself).
+    pub wait_ready: bool,
 }
 
 impl MeshOptions {
@@ -70,7 +78,38 @@ impl MeshOptions {
             etcd_members: 1,
             external_mtu: None,
             agent_config: Vec::new(),
+            announced_routing: BTreeMap::new(),
+            routing: meshd_state::RoutingMode::Tunnel,
+            wait_ready: true,
         }
+    }
+
+    /// Native routing: every agent routes unencapsulated within 10.0.0.0/8 (every pod CIDR of
+    /// the harness) with auto-direct node routes, and every cluster announces it.
+    pub fn native(mut self) -> Self {
+        self.routing = meshd_state::RoutingMode::Native;
+        self.agent_config.extend([
+            "routing_mode: native".to_owned(),
+            "native_routing_cidr: 10.0.0.0/8".to_owned(),
+            "auto_direct_node_routes: true".to_owned(),
+        ]);
+        self
+    }
+
+    /// `cluster`'s config announces `mode` whatever its agents run; the mesh does not wait
+    /// for every cluster to be ready at start (a mismatch is refused).
+    pub fn announce(mut self, cluster: &str, mode: meshd_state::RoutingMode) -> Self {
+        self.announced_routing.insert(cluster.to_owned(), mode);
+        self.wait_ready = false;
+        self
+    }
+
+    /// The routing mode `cluster`'s config announces.
+    pub fn routing_mode_of(&self, cluster: &str) -> meshd_state::RoutingMode {
+        self.announced_routing
+            .get(cluster)
+            .copied()
+            .unwrap_or(self.routing)
     }
 
     /// With an external host behind a router (see [`MeshOptions::external_mtu`]).
@@ -250,6 +289,7 @@ impl Mesh {
                 name: config_key.cluster.clone(),
                 id: meshd_state::ClusterId::new(u32::from(*id))?,
                 capabilities: Default::default(),
+                routing_mode: opts.routing_mode_of(name),
             };
             let value = meshd_state::encode(&config_key, &config)?;
             etcd.etcdctl(&["put", &config_key.to_string(), std::str::from_utf8(&value)?])
@@ -341,7 +381,9 @@ impl Mesh {
                 mesh.start_agent(&c, &n)?;
             }
         }
-        mesh.wait_all_ready(Duration::from_secs(60))?;
+        if opts.wait_ready {
+            mesh.wait_all_ready(Duration::from_secs(60))?;
+        }
         Ok(mesh)
     }
 

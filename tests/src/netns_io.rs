@@ -293,3 +293,46 @@ pub fn spawn_sink(netns: &Path, port: u16) -> anyhow::Result<()> {
     });
     Ok(())
 }
+
+/// Serves UDP echo on `port` inside `netns` until the process exits.
+pub fn spawn_udp_echo(netns: &Path, port: u16) -> anyhow::Result<()> {
+    let socket = in_netns(netns, || {
+        std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))
+            .with_context(|| format!("binding UDP {port} in {}", netns.display()))
+    })?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..n], from);
+        }
+    });
+    Ok(())
+}
+
+/// Sends a datagram from `netns` to `to` and waits for the same bytes back, resending every
+/// second (a first datagram may meet an unresolved neighbour) until `timeout`.
+pub fn udp_round_trip(
+    netns: &Path,
+    to: SocketAddr,
+    msg: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let socket = in_netns(netns, || {
+        std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).context("binding UDP")
+    })?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    while std::time::Instant::now() < deadline {
+        socket.send_to(msg, to)?;
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if from == to && &buf[..n] == msg {
+                return Ok(());
+            }
+        }
+    }
+    bail!(
+        "no UDP echo from {to} to {} within {timeout:?}",
+        netns.display()
+    )
+}

@@ -140,3 +140,38 @@ fn bad_egress_settings_name_their_field_with_exit_code_64() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[test]
+fn native_routing_without_a_covering_native_routing_cidr_exits_64_naming_the_field(
+) -> anyhow::Result<()> {
+    let Ok(meshd) = meshd_e2e::mesh::meshd_binary() else {
+        meshd_testing::require("the meshd binary (cargo build -p meshd)", false);
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        "cluster: c1\ncluster_id: 1\nnode: n1\nnode_ip: 192.168.77.11\npod_cidr: 10.1.1.0/24\n\
+         etcd:\n  endpoints: [http://127.0.0.1:2379]\nrouting_mode: native\n",
+    )?;
+    for extra in [&[][..], &["--native-routing-cidr", "10.2.0.0/16"]] {
+        let out = Command::new(&meshd)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .args(extra)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("  native_routing_cidr: "), "{stderr}");
+    }
+    let out = Command::new(&meshd)
+        .args(["agent", "--config"])
+        .arg(&config)
+        .args(["--routing-mode", "direct"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("  routing_mode: "), "{stderr}");
+    Ok(())
+}

@@ -31,6 +31,9 @@
 //! masquerade: true                            # leaving the mesh: see egress.rs
 //! non_masquerade_cidrs: []
 //! snat_port_range: 61000-65535
+//! routing_mode: tunnel                        # or native: see routing.rs
+//! native_routing_cidr: 10.0.0.0/8             # native mode: required, covers pod_cidr
+//! auto_direct_node_routes: false              # native mode: routes to nodes on the segment
 //! ```
 //!
 //! At start the agent leaves its maps as they are until every cluster configured then has
@@ -49,6 +52,7 @@ use meshd_state::{ClusterId, ClusterName};
 use serde::Deserialize;
 
 use super::egress::{self, EgressSettings};
+use super::routing::{self, RoutingSettings};
 
 /// Flags of `meshd agent`; each overrides the same field of the file.
 #[derive(Debug, Clone, Default, Args)]
@@ -145,6 +149,18 @@ pub struct AgentArgs {
     /// [default: 61000-65535].
     #[arg(long, value_name = "LOW-HIGH")]
     pub snat_port_range: Option<String>,
+    /// How endpoint traffic crosses the underlay: `tunnel` (VXLAN) or `native` (routed, no
+    /// encapsulation; the underlay must be trusted) [default: tunnel].
+    #[arg(long, value_name = "MODE")]
+    pub routing_mode: Option<String>,
+    /// Native mode: the prefix the underlay routes without masquerade (must cover the pod
+    /// CIDR).
+    #[arg(long, value_name = "CIDR")]
+    pub native_routing_cidr: Option<String>,
+    /// Native mode: route every other node's pod CIDR to its node IP where that node is on
+    /// the uplink's segment [default: false].
+    #[arg(long, value_name = "BOOL")]
+    pub auto_direct_node_routes: Option<bool>,
 }
 
 /// The file, as written. Every field optional here: what is missing is reported by `resolve`.
@@ -177,6 +193,9 @@ pub struct ConfigFile {
     pub masquerade: Option<bool>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub snat_port_range: Option<String>,
+    pub routing_mode: Option<String>,
+    pub native_routing_cidr: Option<String>,
+    pub auto_direct_node_routes: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -225,6 +244,8 @@ pub struct AgentConfig {
     pub flow_history: usize,
     /// Leaving the mesh: masquerade and its exceptions.
     pub egress: EgressSettings,
+    /// Tunnel or native routing.
+    pub routing: RoutingSettings,
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/meshd";
@@ -637,6 +658,17 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         &mut problems,
     );
 
+    let routing = routing::resolve(
+        args.routing_mode.clone().or(file.routing_mode),
+        args.native_routing_cidr
+            .clone()
+            .or(file.native_routing_cidr),
+        args.auto_direct_node_routes
+            .or(file.auto_direct_node_routes),
+        pod_cidr,
+        &mut problems,
+    );
+
     match (cluster, cluster_id, node, node_ip, pod_cidr) {
         (Some(cluster), Some(cluster_id), Some(node), Some(node_ip), Some(pod_cidr))
             if problems.is_empty() =>
@@ -667,6 +699,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 flow_event_rate,
                 flow_history,
                 egress,
+                routing,
             })
         }
         _ => Err(problems),
@@ -823,6 +856,25 @@ startup_sync_timeout_secs: 0
         })
         .unwrap_err();
         assert!(err.to_string().contains("node_name"), "{err}");
+    }
+
+    #[test]
+    fn native_mode_without_a_covering_native_routing_cidr_names_the_field() {
+        let problems = resolve(
+            file(&format!("{GOOD}routing_mode: native\n")),
+            &AgentArgs::default(),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "native_routing_cidr");
+        let args = AgentArgs {
+            routing_mode: Some("native".into()),
+            native_routing_cidr: Some("10.0.0.0/8".into()),
+            auto_direct_node_routes: Some(true),
+            ..Default::default()
+        };
+        let cfg = resolve(file(GOOD), &args).unwrap();
+        assert!(cfg.routing.native() && cfg.routing.auto_direct_node_routes);
     }
 
     #[test]

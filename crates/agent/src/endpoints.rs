@@ -229,7 +229,9 @@ impl EndpointManager {
                     } else {
                         let _ = block(|| plumbing::delete_endpoint(None, &rec.host_ifname));
                     }
-                    match block(|| create_plumbing(&rec, self.underlay_mtu)) {
+                    match block(|| {
+                        create_plumbing(&rec, self.underlay_mtu, !self.config.routing.native())
+                    }) {
                         Ok(l) => l,
                         Err(e) => {
                             tracing::error!(endpoint = rec.name, error = %e, "cannot recreate endpoint; leaving it out");
@@ -418,14 +420,16 @@ impl EndpointManager {
             .insert(rec.clone())
             .map_err(|e| EndpointError::Internal(e.to_string()))?;
 
-        let link = match block(|| create_plumbing(&rec, self.underlay_mtu)) {
-            Ok(l) => l,
-            Err(e) => {
-                self.undo_plumbing(&rec);
-                let _ = self.store.remove(&name);
-                return Err(EndpointError::Internal(e));
-            }
-        };
+        let link =
+            match block(|| create_plumbing(&rec, self.underlay_mtu, !self.config.routing.native()))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    self.undo_plumbing(&rec);
+                    let _ = self.store.remove(&name);
+                    return Err(EndpointError::Internal(e));
+                }
+            };
         if let Err(e) = self.datapath.attach_endpoint(&rec.host_ifname) {
             self.undo_plumbing(&rec);
             let _ = self.store.remove(&name);
@@ -588,7 +592,11 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-fn create_plumbing(rec: &EndpointRecord, underlay_mtu: u32) -> Result<Link, String> {
+fn create_plumbing(
+    rec: &EndpointRecord,
+    underlay_mtu: u32,
+    encapsulated: bool,
+) -> Result<Link, String> {
     plumbing::add_netns(&rec.netns).map_err(|e| e.to_string())?;
     let link = plumbing::create_endpoint(&plumbing::EndpointSpec {
         node_netns: None,
@@ -596,6 +604,7 @@ fn create_plumbing(rec: &EndpointRecord, underlay_mtu: u32) -> Result<Link, Stri
         host_ifname: &rec.host_ifname,
         ip: rec.ip,
         underlay_mtu,
+        encapsulated,
     })
     .map_err(|e| e.to_string())?;
     Ok(Link {

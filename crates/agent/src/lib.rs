@@ -23,6 +23,8 @@ pub mod metrics;
 pub mod monitor;
 pub mod reconciler;
 pub mod remotes;
+pub mod routes;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod view_task;
@@ -77,8 +79,8 @@ fn boot_id() -> String {
         .unwrap_or_else(|_| format!("unknown-{}", now_ms()))
 }
 
-/// Loads and attaches the datapath of this node; returns it and the underlay MTU.
-fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
+/// Loads and attaches the datapath of this node; returns it, the underlay MTU and the uplink.
+fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32, String)> {
     let underlay_mtu = match (config.underlay_mtu, &config.underlay_device) {
         (Some(mtu), _) => mtu,
         (None, Some(dev)) => {
@@ -96,7 +98,15 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
     bpffs::create_pin_dir(&pin_dir)?;
     let mut datapath = Datapath::load(&pin_dir)
         .with_context(|| format!("loading the datapath pinned at {}", pin_dir.display()))?;
-    let vxlan_ifindex = plumbing::create_vxlan(None, VXLAN_IFNAME, config.tunnel_port)?;
+    let native = config.routing.native();
+    // Native routing has no tunnel: no VXLAN device (one left by an earlier tunnel-mode run
+    // goes, and its program link with it).
+    let vxlan_ifindex = if native {
+        plumbing::delete_link_if_present(None, VXLAN_IFNAME)?;
+        0
+    } else {
+        plumbing::create_vxlan(None, VXLAN_IFNAME, config.tunnel_port)?
+    };
     let mut maps = DatapathMaps::open(&pin_dir)?;
     maps.set_config(NodeConfig {
         vxlan_ifindex,
@@ -107,10 +117,14 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
         rate_per_cpu: config.flow_event_rate,
         flows: config.flow_events,
     })?;
-    datapath.attach_overlay(VXLAN_IFNAME)?;
-    start_egress(config, &mut datapath, &mut maps)?;
-    tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu, "datapath loaded");
-    Ok((datapath, underlay_mtu))
+    maps.set_native_routing(native)?;
+    if !native {
+        datapath.attach_overlay(VXLAN_IFNAME)?;
+    }
+    let uplink = start_egress(config, &mut datapath, &mut maps)?;
+    tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu,
+        routing_mode = %config.routing.mode, "datapath loaded");
+    Ok((datapath, underlay_mtu, uplink))
 }
 
 /// Lets endpoints leave the mesh: the egress settings and NO_MASQ (the configured exceptions
@@ -120,7 +134,7 @@ fn start_egress(
     config: &AgentConfig,
     datapath: &mut Datapath,
     maps: &mut DatapathMaps,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let egress = &config.egress;
     // Added, never removed here: after a restart NO_MASQ still holds the other clusters' pod
     // CIDRs, which the reconciler's first diff keeps (or drops with their clusters).
@@ -128,6 +142,7 @@ fn start_egress(
         .non_masquerade_cidrs
         .iter()
         .chain(std::iter::once(&config.pod_cidr))
+        .chain(native_cidr(config).iter())
     {
         maps.insert_no_masquerade(*prefix)?;
     }
@@ -149,7 +164,16 @@ fn start_egress(
     })?;
     tracing::info!(uplink, masquerade = egress.masquerade, snat_ports = ?egress.snat_port_range,
         "egress to the world enabled");
-    Ok(())
+    Ok(uplink)
+}
+
+/// Native routing: the underlay routes these addresses as they are; masquerading them would
+/// cost the receiver the sender's identity (a NO_MASQ entry, like `non_masquerade_cidrs`).
+fn native_cidr(config: &AgentConfig) -> Option<ipnet::Ipv4Net> {
+    config
+        .routing
+        .native_routing_cidr
+        .filter(|_| config.routing.native())
 }
 
 /// Reads `meshd/cluster-config/<cluster>`, which the cluster's apiserver writes (agents may not:
@@ -170,6 +194,10 @@ async fn check_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyhow
     if existing.id != config.cluster_id {
         tracing::error!(key = k, published = %existing.id, configured = %config.cluster_id,
             "the cluster's published id differs from this node's configuration");
+    }
+    if existing.routing_mode != config.routing.mode {
+        tracing::error!(key = k, announced = %existing.routing_mode, configured = %config.routing.mode,
+            "the cluster announces another routing mode than this node's (the apiserver's --routing-mode); remote clusters judge this cluster by the announced one");
     }
     Ok(())
 }
@@ -234,7 +262,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         },
         None => None,
     };
-    let (datapath, underlay_mtu) = start_datapath(&config)?;
+    let (datapath, underlay_mtu, uplink) = start_datapath(&config)?;
 
     let mut etcd = EtcdConfig::new(config.etcd_endpoints.clone());
     if let Some(tls) = &config.etcd_tls {
@@ -295,6 +323,8 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (reconciled_tx, reconciled_rx) = watch::channel(reconciler::ReconcileStatus::default());
     let (local_conn_tx, local_conn_rx) = watch::channel(watcher::Connection::default());
     let (registry_tx, registry_rx) = watch::channel(Arc::new(remotes::Registry::new()));
+    let (peers_tx, peers_rx) = watch::channel(Arc::new(Vec::new()));
+    let (routes_tx, routes_rx) = watch::channel(routes::RoutesStatus::default());
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
     tokio::spawn(reconciler.run(
@@ -336,14 +366,17 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 node_name: config.node.clone(),
                 node_ip: config.node_ip.into(),
                 pod_cidrs: vec![config.pod_cidr.into()],
+                routing_mode: config.routing.mode,
                 non_masquerade: config
                     .egress
                     .non_masquerade_cidrs
                     .iter()
+                    .chain(native_cidr(&config).iter())
                     .map(|&p| p.into())
                     .collect(),
             }),
             inputs: view_rx,
+            peers: peers_tx,
             datapath: datapath_tx,
             full_requests: full_request_rx,
             status: view_status_tx,
@@ -351,6 +384,26 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             identities: identities_tx,
             wait_for,
             gate_timeout: config.startup_sync_timeout,
+        }
+        .run(),
+    );
+
+    // Native mode with auto_direct_node_routes: the agent's node routes on the uplink; else
+    // none (any left from an earlier configuration go).
+    let route_uplink = if config.routing.native() && config.routing.auto_direct_node_routes {
+        Some(uplink.clone())
+    } else {
+        None
+    };
+    tokio::spawn(
+        routes::RouteReconciler {
+            uplink: route_uplink,
+            native_cidr: config
+                .routing
+                .native_routing_cidr
+                .filter(|_| config.routing.native()),
+            nodes: peers_rx,
+            status: routes_tx,
         }
         .run(),
     );
@@ -418,6 +471,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         policies: policies_rx,
         monitor: monitor_handle,
         identities: identities_rx,
+        routes: routes_rx,
     };
     if let Some(listener) = metrics_listener {
         let service = service.clone();

@@ -31,6 +31,7 @@ pub struct AgentService {
     pub policies: watch::Receiver<crate::view_task::PolicySummary>,
     pub monitor: MonitorHandle,
     pub identities: watch::Receiver<Arc<IdentityLabels>>,
+    pub routes: watch::Receiver<crate::routes::RoutesStatus>,
 }
 
 fn direction_name(d: Direction) -> &'static str {
@@ -325,11 +326,33 @@ impl meshd_api::Agent for AgentService {
             datapath: Some(self.datapath().await),
             certificates: self.certificates(),
             warnings: self.policies.borrow().warnings.clone(),
+            routing: Some(self.routing()),
         }))
     }
 }
 
 impl AgentService {
+    fn routing(&self) -> pb::RoutingStatus {
+        let r = &self.config.routing;
+        let routes = self.routes.borrow().clone();
+        pb::RoutingStatus {
+            mode: r.mode.to_string(),
+            native_routing_cidr: r
+                .native_routing_cidr
+                .filter(|_| r.native())
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            auto_direct_node_routes: r.auto_direct_node_routes,
+            routes_installed: routes.installed,
+            skipped_nodes: routes.skipped,
+            skipped_total: routes.skipped_total,
+            route_failures: routes.failures,
+            route_error: routes.last_error,
+            outside_native_cidr: routes.outside_native_cidr,
+            route_protocol: u32::from(crate::routes::ROUTE_PROTOCOL),
+        }
+    }
+
     async fn datapath(&self) -> pb::DatapathStatus {
         let r = self.reconciler.borrow().clone();
         let readings = self.monitor.readings().await;

@@ -70,6 +70,9 @@ pub struct ViewTask {
     /// Clusters to wait for before the first desired state (the local one included).
     pub wait_for: BTreeSet<ClusterName>,
     pub gate_timeout: Duration,
+    /// Every admitted node but this one (native routing's node routes), republished when nodes
+    /// or admissions change.
+    pub peers: watch::Sender<Arc<Vec<meshd_mesh::PeerNode>>>,
 }
 
 /// What a batch changed, accumulated until it is handed on.
@@ -224,6 +227,16 @@ impl ViewTask {
     /// (see [`Pending::warnings_stale`]), else keep the last ones.
     fn publish_status(&self, refresh_warnings: bool) {
         self.status.send_replace(Arc::new(self.view.status()));
+        if refresh_warnings {
+            let peers = self.view.peer_nodes();
+            self.peers.send_if_modified(|old| {
+                let changed = **old != peers;
+                if changed {
+                    *old = Arc::new(peers);
+                }
+                changed
+            });
+        }
         let warnings = if refresh_warnings {
             self.view.policy_warnings()
         } else {
@@ -280,6 +293,7 @@ mod tests {
                 node_name: "n1".into(),
                 node_ip: "192.168.1.1".parse().unwrap(),
                 pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+                routing_mode: Default::default(),
                 non_masquerade: Vec::new(),
             }),
             inputs,
@@ -290,6 +304,7 @@ mod tests {
             identities: watch::channel(Arc::new(IdentityLabels::new())).0,
             wait_for: [c1()].into(),
             gate_timeout: Duration::from_secs(3600),
+            peers: watch::channel(Arc::new(Vec::new())).0,
         };
         let handle = tokio::spawn(task.run());
 

@@ -1,6 +1,8 @@
 //! Endpoint-to-endpoint traffic across two nodes: the meshd eBPF datapath against the same
 //! topology wired the plain kernel way (a VXLAN device with a fixed remote, IP forwarding and
-//! routes, no eBPF), both built side by side and measured alternately in the same run.
+//! routes, no eBPF), both built side by side and measured alternately in the same run. With
+//! `--native 1`: meshd's native routing against the kernel's routed path (veth, forwarding,
+//! `<endpoint subnet> via <node IP>` routes, no VXLAN, no eBPF).
 //!
 //! - TCP throughput: iperf3, 1 and 4 streams;
 //! - TCP request/response latency (TCP_RR style): 1-byte ping-pong on one connection.
@@ -27,7 +29,9 @@ use std::{
 };
 
 use anyhow::Context;
-use common::bench::{arg, iperf3_gbps, load_average, median, plain_endpoint, spread};
+use common::bench::{
+    arg, iperf3_gbps, load_average, median, plain_endpoint, plain_endpoint_mtu, spread,
+};
 use common::topology::Topology;
 use meshd_datapath::netns::run_in;
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
@@ -42,7 +46,9 @@ struct Baseline {
 }
 
 impl Baseline {
-    fn new(prefix: &str) -> anyhow::Result<Baseline> {
+    /// `native`: the kernel's routed path instead (no VXLAN): endpoint MTU 1500 and each
+    /// node's route to the other's endpoint subnet via the other node's underlay address.
+    fn new(prefix: &str, native: bool) -> anyhow::Result<Baseline> {
         let mut underlay = Underlay::new(prefix, 1500)?;
         let node_ips = [
             Ipv4Addr::new(192, 168, 61, 1),
@@ -56,6 +62,24 @@ impl Baseline {
             let node = underlay.node(i);
             let other = 1 - i;
             node.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            if native {
+                node.ip(&[
+                    "route",
+                    "add",
+                    &format!("10.{}.0.0/24", other + 1),
+                    "via",
+                    &node_ips[other].to_string(),
+                ])?;
+                endpoints.push(plain_endpoint_mtu(
+                    node,
+                    &format!("{prefix}-e{i}"),
+                    "veth0",
+                    format!("10.{}.0.1/24", i + 1).parse()?,
+                    format!("10.{}.0.2/24", i + 1).parse()?,
+                    1500,
+                )?);
+                continue;
+            }
             node.ip(&[
                 "link",
                 "add",
@@ -320,14 +344,27 @@ fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
 
 /// One iperf3 run of each size with BPF run-time statistics on: what each program of the
 /// sending node (node 0) and the receiving node (node 1) costs per run and per byte.
-fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32) -> anyhow::Result<()> {
-    use meshd_ebpf::programs::{FROM_ENDPOINT, FROM_OVERLAY};
+fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32, native: bool) -> anyhow::Result<()> {
+    use meshd_ebpf::programs::{FROM_ENDPOINT, FROM_NETDEV, FROM_OVERLAY};
+    let (receive, receive_role, ack_role) = if native {
+        (
+            FROM_NETDEV,
+            "receiver from_netdev (data)",
+            "sender from_netdev (ACKs)",
+        )
+    } else {
+        (
+            FROM_OVERLAY,
+            "receiver from_overlay (data)",
+            "sender from_overlay (ACKs)",
+        )
+    };
     let mut progs = Vec::new();
     for (node, name, role) in [
         (0, FROM_ENDPOINT, "sender from_endpoint (data)"),
-        (1, FROM_OVERLAY, "receiver from_overlay (data)"),
+        (1, receive, receive_role),
         (1, FROM_ENDPOINT, "receiver from_endpoint (ACKs)"),
-        (0, FROM_OVERLAY, "sender from_overlay (ACKs)"),
+        (0, receive, ack_role),
     ] {
         let dp = meshd.nodes[node]
             .datapath
@@ -369,9 +406,16 @@ fn main() -> anyhow::Result<()> {
     let seconds = arg("--seconds", 4);
     let rr_transactions = arg("--rr", 20_000);
     let profile_pass = arg("--profile", 0) != 0;
+    // `--native 1`: native routing against the kernel's routed path (no VXLAN either side).
+    let native = arg("--native", 0) != 0;
+    let (mode, baseline_name, ep_mtu) = if native {
+        ("native", "kernel routing", 1500)
+    } else {
+        ("tunnel", "kernel VXLAN + routes", 1450)
+    };
 
-    let meshd = Topology::new("bnm", &[1, 2], 1)?;
-    let baseline = Baseline::new("bnb")?;
+    let meshd = Topology::with_routing("bnm", &[1, 2], 1, native)?;
+    let baseline = Baseline::new("bnb", native)?;
     let pairs = [
         (
             "meshd eBPF",
@@ -382,7 +426,7 @@ fn main() -> anyhow::Result<()> {
             },
         ),
         (
-            "kernel VXLAN + routes",
+            baseline_name,
             Pair {
                 client: &baseline.endpoints[0],
                 server: &baseline.endpoints[1],
@@ -429,7 +473,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
 
     println!(
-        "two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU 1450, {runs} alternating runs each; load average {}",
+        "{mode} routing: two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU {ep_mtu}, meshd against {baseline_name}, {runs} alternating runs each; load average {}",
         load_average()
     );
     for streams in [1u32, 4] {
@@ -445,10 +489,15 @@ fn main() -> anyhow::Result<()> {
             "TCP throughput, {streams} stream(s): meshd {m:.2} Gbit/s [{}], baseline {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
             spreads[0], spreads[1]
         );
-        println!("RESULT datapath-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=1.1x (issue 18)", m / b);
+        let name = if native {
+            "datapath-native"
+        } else {
+            "datapath"
+        };
+        println!("RESULT {name}-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=1.1x (issue {})", m / b, if native { 13 } else { 18 });
     }
     if profile_pass {
-        profile(&meshd, &pairs[0].1, seconds)?;
+        profile(&meshd, &pairs[0].1, seconds, native)?;
     }
     // `--perf 1`: a system-wide perf profile (cpu-clock, call graphs) of one 4-stream run of
     // each path, in /tmp/meshd-perf-{meshd,baseline}.data, for `perf report --comm iperf3`.
@@ -481,8 +530,14 @@ fn main() -> anyhow::Result<()> {
     );
     println!("load average at the end: {}", load_average());
     println!(
-        "RESULT datapath-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=0.9x (issue 18)",
-        m / b
+        "RESULT {}-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=0.9x (issue {})",
+        if native {
+            "datapath-native"
+        } else {
+            "datapath"
+        },
+        m / b,
+        if native { 13 } else { 18 }
     );
 
     for node in &meshd.nodes {

@@ -80,6 +80,16 @@ pub fn create_vxlan(netns: Option<&str>, name: &str, dstport: u16) -> Result<u32
     })?)
 }
 
+/// Deletes link `name` in `netns` (None = the caller's namespace) if it exists.
+pub fn delete_link_if_present(netns: Option<&str>, name: &str) -> Result<()> {
+    Ok(with_netlink(netns, |nl| {
+        if nl.link(name)?.is_some() {
+            nl.delete_link(name)?;
+        }
+        Ok(())
+    })?)
+}
+
 /// An endpoint to create: a veth from the node's namespace into the endpoint's.
 #[derive(Clone, Debug)]
 pub struct EndpointSpec<'a> {
@@ -91,8 +101,17 @@ pub struct EndpointSpec<'a> {
     pub host_ifname: &'a str,
     /// The endpoint's address (a /32 on its eth0).
     pub ip: Ipv4Addr,
-    /// MTU of the node's underlay; the endpoint gets this minus [`VXLAN_OVERHEAD`].
+    /// MTU of the node's underlay; the endpoint gets this minus [`VXLAN_OVERHEAD`] when its
+    /// traffic is encapsulated, all of it in native routing.
     pub underlay_mtu: u32,
+    /// Tunnel mode: endpoint packets cross the underlay inside VXLAN.
+    pub encapsulated: bool,
+}
+
+/// The MTU of endpoints over an underlay of `underlay_mtu` (None: too small to carry 576).
+pub fn endpoint_mtu(underlay_mtu: u32, encapsulated: bool) -> Option<u32> {
+    let overhead = if encapsulated { VXLAN_OVERHEAD } else { 0 };
+    underlay_mtu.checked_sub(overhead).filter(|m| *m >= 576)
 }
 
 /// The result of [`create_endpoint`]: what `DatapathMaps::upsert_endpoint` needs.
@@ -117,14 +136,12 @@ pub fn create_endpoint(spec: &EndpointSpec<'_>) -> Result<EndpointLink> {
             detail: spec.host_ifname.to_owned(),
         });
     }
-    let mtu = spec
-        .underlay_mtu
-        .checked_sub(VXLAN_OVERHEAD)
-        .filter(|m| *m >= 576)
-        .ok_or_else(|| PlumbingError::Invalid {
+    let mtu = endpoint_mtu(spec.underlay_mtu, spec.encapsulated).ok_or_else(|| {
+        PlumbingError::Invalid {
             what: "underlay MTU",
-            detail: format!("{} leaves no room for VXLAN", spec.underlay_mtu),
-        })?;
+            detail: format!("{} leaves endpoints less than 576", spec.underlay_mtu),
+        }
+    })?;
     let host = spec.host_ifname;
     let addr = Ipv4Net::from(spec.ip);
     let host_info = with_netlink(spec.node_netns, |nl| {

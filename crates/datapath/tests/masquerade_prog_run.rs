@@ -311,3 +311,107 @@ fn non_masquerade_destinations_switching_off_and_unroutable_destinations() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(w.counter(Direction::Egress, abi::DROP_UNKNOWN_DEST), 1);
 }
+
+/// Native routing: a remote endpoint's packets leave by the node's route to its node, with
+/// their addresses as sent (no tunnel, no masquerade); packets from a remote endpoint arriving
+/// on the uplink take their identity from the ipcache (unknown sources are world) for the
+/// receiver's ingress policy.
+#[test]
+fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
+    let Some(mut w) = setup() else { return };
+    const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+    const PEER_NODE_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0x07];
+    const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
+    const REMOTE_ID: u32 = (2 << 16) | 1000;
+    for args in [
+        &[
+            "neigh",
+            "replace",
+            "192.0.2.7",
+            "lladdr",
+            "02:47:57:00:00:07",
+            "dev",
+            "mq_up",
+            "nud",
+            "permanent",
+        ][..],
+        &["route", "add", "10.2.0.0/24", "via", "192.0.2.7"],
+    ] {
+        w.ip(args);
+    }
+    let m = &mut w.dp.maps;
+    m.set_native_routing(true).unwrap();
+    assert!(m.native_routing().unwrap());
+    m.set_egress(&EgressConfig {
+        masquerade: true,
+        nat_ports: NAT_PORTS,
+    })
+    .unwrap();
+    assert!(m.native_routing().unwrap(), "egress settings keep the mode");
+    m.upsert_ipcache(
+        "10.2.0.5/32".parse().unwrap(),
+        meshd_datapath::IpcacheTarget {
+            identity: meshd_state::NumericIdentity::new(REMOTE_ID).unwrap(),
+            tunnel_endpoint: Some(PEER_NODE.into()),
+            local: false,
+        },
+    )
+    .unwrap();
+    m.set_policy_enabled(WEB, Direction::Ingress, true).unwrap();
+    m.upsert_policy(
+        PolicyEntry {
+            subject: WEB,
+            peer: Some(REMOTE_ID),
+            proto: Some(TCP),
+            dport: Some(8080),
+            direction: Direction::Ingress,
+        },
+        Verdict::Allow,
+        1,
+    )
+    .unwrap();
+    m.bump_policy_revision().unwrap();
+
+    let syn = tcp(A, 40000, REMOTE, 8080, 0x02);
+    let (verdict, out) = w.egress(&syn, w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed out by the program");
+    assert_eq!((saddr(&out), sport(&out)), (A, 40000), "never masqueraded");
+    assert_eq!((daddr(&out), dport(&out)), (REMOTE, 8080));
+    assert_eq!(
+        &out[0..6],
+        &PEER_NODE_MAC,
+        "to the peer node, not the gateway"
+    );
+    assert_eq!(&out[6..12], &w.up_mac);
+    assert_eq!(out[ETH + 8], 63, "TTL decremented");
+    assert_checksums_valid(&out, "natively routed SYN");
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_NATIVE), 1);
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_TUNNEL), 0);
+    assert!(w.dp.maps.nat_mappings().unwrap().is_empty());
+
+    // Its reply on the uplink is delivered to A (a reply of A's connection).
+    let (verdict, back) = w.uplink(&tcp(REMOTE, 8080, A, 40000, 0x12));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(&back[0..6], &A_MAC);
+
+    // The remote endpoint's own connection to WEB: allowed by its identity. The same from an
+    // address the ipcache does not know is world, which WEB's policy does not allow.
+    assert_eq!(
+        w.uplink(&tcp(REMOTE, 5000, B, 8080, 0x02)).0,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(w.uplink(&tcp(X, 5000, B, 8080, 0x02)).0, TC_ACT_SHOT);
+    let drops = w.dp.maps.drain_drop_events();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(
+        (drops[0].src_identity, drops[0].reason),
+        (abi::IDENTITY_WORLD, abi::DROP_POLICY)
+    );
+
+    // Back to tunnel mode: without a VXLAN device there is nowhere to send it.
+    w.dp.maps.set_native_routing(false).unwrap();
+    assert_eq!(
+        w.egress(&tcp(A, 40001, REMOTE, 8080, 0x02), w.a_if).0,
+        TC_ACT_SHOT
+    );
+}

@@ -615,6 +615,7 @@ mod tests {
                 name: c(name),
                 id: meshd_state::ClusterId::new(id).unwrap(),
                 capabilities: Default::default(),
+                routing_mode: Default::default(),
             };
             r.listed(
                 raw(

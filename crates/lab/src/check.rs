@@ -7,7 +7,9 @@
 //! - every service a cluster knows answers from each of that cluster's clients; a global one
 //!   with backends in several clusters answers from more than one cluster;
 //! - every client reaches the external host (which must have seen the client's node address
-//!   with masquerade on, the client's own without), pings it, and pings its own node.
+//!   with masquerade on, the client's own without), pings it, and pings its own node;
+//! - where pod addresses are routable (native routing, or masquerade off), the external host
+//!   reaches every echo endpoint as `world`, unless the lab's policy selects it (denied).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -101,16 +103,22 @@ enum Kind {
 /// A command run inside `ep`'s network namespace: through `nsenter` here, or inside the node
 /// container first in the docker lab.
 fn in_endpoint(ep: &LabEndpoint, program: &Path, args: &[&str]) -> Command {
-    let netns = if ep.netns.starts_with('/') {
-        PathBuf::from(&ep.netns)
+    in_netns(&ep.netns, ep.container.as_deref(), program, args)
+}
+
+/// A command run inside network namespace `netns` (a name or a path), in `container` first if
+/// given.
+fn in_netns(netns: &str, container: Option<&str>, program: &Path, args: &[&str]) -> Command {
+    let netns = if netns.starts_with('/') {
+        PathBuf::from(netns)
     } else {
-        netns_path(&ep.netns)
+        netns_path(netns)
     };
-    let (mut cmd, program) = match &ep.container {
+    let (mut cmd, program) = match container {
         // Inside the container the binaries are on PATH (/usr/local/bin).
         Some(container) => {
             let mut c = Command::new("docker");
-            c.args(["exec", container.as_str(), "nsenter"]);
+            c.args(["exec", container, "nsenter"]);
             (c, program.file_name().map(Path::new).unwrap_or(program))
         }
         None => (Command::new("nsenter"), program),
@@ -132,6 +140,25 @@ fn request(
     count: u32,
     timeout_ms: u64,
 ) -> anyhow::Result<Child> {
+    request_in(
+        meshd,
+        &from.netns,
+        from.container.as_deref(),
+        url,
+        count,
+        timeout_ms,
+    )
+    .with_context(|| format!("running a request from {}", from.name))
+}
+
+fn request_in(
+    meshd: &Path,
+    netns: &str,
+    container: Option<&str>,
+    url: &str,
+    count: u32,
+    timeout_ms: u64,
+) -> anyhow::Result<Child> {
     let count = count.to_string();
     let timeout = timeout_ms.to_string();
     let args = [
@@ -145,9 +172,7 @@ fn request(
         "-o",
         "json",
     ];
-    in_endpoint(from, meshd, &args)
-        .spawn()
-        .with_context(|| format!("running a request from {}", from.name))
+    Ok(in_netns(netns, container, meshd, &args).spawn()?)
 }
 
 fn ping(from: &LabEndpoint, to: &str) -> anyhow::Result<Child> {
@@ -256,6 +281,44 @@ pub fn run_check(
                 ),
                 child: ping(from, &node_ip)?,
                 kind: Kind::Ping,
+            });
+        }
+    }
+    // Pod addresses the network routes (native routing, or masquerade off): the external host
+    // reaches the echo endpoints, which see it as `world`: allowed where no policy selects
+    // them, denied by the lab's policy (it lets only clients in).
+    if let Some(ext) = state
+        .external
+        .as_ref()
+        .filter(|_| state.routing == meshd_state::RoutingMode::Native || !state.masquerade)
+    {
+        for to in &echos {
+            let url = format!("http://{}:{ECHO_PORT}/", to.ip);
+            let deny = policy_denies_echo_to_echo;
+            pending.push(Pending {
+                result: CheckResult {
+                    check: "from external".into(),
+                    from: format!("external {}", ext.ip),
+                    to: label(to),
+                    expect: if deny { "deny" } else { "allow" }.into(),
+                    pass: false,
+                    detail: String::new(),
+                },
+                child: request_in(
+                    meshd,
+                    &ext.netns,
+                    None,
+                    &url,
+                    1,
+                    if deny { 1500 } else { 3000 },
+                )?,
+                kind: if deny {
+                    Kind::Denied
+                } else {
+                    Kind::Http {
+                        endpoint: to.name.clone(),
+                    }
+                },
             });
         }
     }

@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use meshd_state::RoutingMode;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
@@ -23,6 +24,10 @@ pub struct LabSpec {
     pub masquerade: bool,
     /// The host outside the mesh, behind the underlay router.
     pub external: ExternalSpec,
+    /// Every cluster's routing mode. Native: no tunnel, the agents route pod CIDRs on the
+    /// segment, and the router routes every pod CIDR to its node (pod addresses are routable,
+    /// so the external host reaches endpoints as `world`).
+    pub routing: RoutingMode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,7 +51,12 @@ pub struct ClusterSpec {
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeSpec {
     pub name: String,
+    /// On the underlay, or for a node behind the router on its link ([`LabSpec::far_net`]).
     pub ip: Ipv4Addr,
+    /// Native routing: the node sits behind the router, on a link of its own, instead of on
+    /// the underlay; the router routes its pod CIDR (static routes standing in for a routing
+    /// protocol), since no other node can route to it directly.
+    pub behind_router: bool,
     pub pod_cidr: Ipv4Net,
     pub endpoints: Vec<EndpointSpec>,
 }
@@ -102,6 +112,7 @@ impl LabSpec {
             tunnel_port: 8472,
             clusters,
             masquerade: true,
+            routing: RoutingMode::Tunnel,
             external: ExternalSpec {
                 router_ip: Ipv4Addr::new(base[0], base[1], base[2], 254),
                 net: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24).expect("/24"),
@@ -114,6 +125,52 @@ impl LabSpec {
     pub fn with_masquerade(mut self, masquerade: bool) -> LabSpec {
         self.masquerade = masquerade;
         self
+    }
+
+    /// Tunnel (the default) or native routing. Native puts the last node of every cluster of
+    /// two or more nodes behind the router.
+    pub fn with_routing(mut self, routing: RoutingMode) -> LabSpec {
+        self.routing = routing;
+        if routing == RoutingMode::Native {
+            for i in 0..self.clusters.len() {
+                let far = self.far_net(self.clusters[i].id);
+                let c = &mut self.clusters[i];
+                if let [_, .., last] = c.nodes.as_mut_slice() {
+                    last.behind_router = true;
+                    last.ip = Ipv4Addr::from(u32::from(far.network()) + 2);
+                }
+            }
+        }
+        self
+    }
+
+    /// The link between the router (.1) and cluster `id`'s node behind it (.2): the /24 after
+    /// the underlay's `id`-th (10.77.1.0/24 for c1 on the default underlay).
+    pub fn far_net(&self, id: u8) -> Ipv4Net {
+        let base = u32::from(self.underlay.network()) + (u32::from(id) << 8);
+        Ipv4Net::new(Ipv4Addr::from(base), 24).expect("/24")
+    }
+
+    /// The router's address on `far_net(id)`.
+    pub fn far_router_ip(&self, id: u8) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.far_net(id).network()) + 1)
+    }
+
+    /// Whether any node sits behind the router.
+    pub fn has_far_nodes(&self) -> bool {
+        self.clusters
+            .iter()
+            .any(|c| c.nodes.iter().any(|n| n.behind_router))
+    }
+
+    /// The prefix native routing covers: every pod CIDR of the lab (10.<cluster>.<node>.0/24).
+    pub fn native_routing_cidr(&self) -> Ipv4Net {
+        Ipv4Net::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("/8")
+    }
+
+    /// Whether the router carries pod addresses (routes every pod CIDR to its node).
+    pub fn pods_routable(&self) -> bool {
+        !self.masquerade || self.routing == RoutingMode::Native
     }
 
     pub fn router_netns(&self) -> String {
@@ -196,6 +253,7 @@ fn cluster(base: [u8; 4], id: u8, nodes: u8) -> ClusterSpec {
             .map(|n| NodeSpec {
                 name: format!("n{n}"),
                 ip: at(10 * id + n),
+                behind_router: false,
                 pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, id, n, 0), 24).expect("/24"),
                 endpoints: vec![
                     EndpointSpec {
@@ -237,6 +295,22 @@ mod tests {
                 count,
             ));
         }
+    }
+
+    #[test]
+    fn native_routing_puts_one_node_per_cluster_behind_the_router() {
+        let spec = LabSpec::two_clusters("mlab", DEFAULT_UNDERLAY.parse().unwrap())
+            .with_routing(RoutingMode::Native);
+        for c in &spec.clusters {
+            let far: Vec<_> = c.nodes.iter().filter(|n| n.behind_router).collect();
+            assert_eq!(far.len(), 1, "{c:?}");
+            assert_eq!(far[0].name, "n2");
+            assert!(spec.far_net(c.id).contains(&far[0].ip));
+            assert!(!spec.underlay.contains(&far[0].ip));
+            assert_ne!(far[0].ip, spec.far_router_ip(c.id));
+        }
+        assert_eq!(spec.far_net(1).to_string(), "10.77.1.0/24");
+        assert_eq!(spec.clusters[1].nodes[1].ip.to_string(), "10.77.2.2");
     }
 
     #[test]

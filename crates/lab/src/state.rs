@@ -27,6 +27,9 @@ pub struct LabState {
     /// The external host outside the mesh (absent in labs made before it existed).
     #[serde(default)]
     pub external: Option<LabExternal>,
+    /// The clusters' routing mode (labs before this field: tunnel).
+    #[serde(default)]
+    pub routing: meshd_state::RoutingMode,
 }
 
 fn masquerade_default() -> bool {

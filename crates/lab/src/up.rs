@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
 use meshd_certs::{LeafKind, MeshCa};
 use meshd_netlink::{with_netlink, Route};
 use meshd_topology::etcd::{EtcdMember, EtcdServerTls};
@@ -75,6 +76,7 @@ pub fn up(opts: &UpOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<La
         bpffs_dir: opts.bpffs_dir.clone(),
         cli_config: opts.run_dir.join("meshd-cli.yaml"),
         masquerade: opts.spec.masquerade,
+        routing: opts.spec.routing,
         ..LabState::default()
     };
     state.save()?;
@@ -159,6 +161,11 @@ fn build_on(
     });
     record_topology(state, topology)?;
     host_link?;
+    if spec.has_far_nodes() {
+        // The host scrapes every agent's metrics, those behind the router too. The routes go
+        // with the host link at `lab down`.
+        route_far_nets_via_router(spec, None)?;
+    }
 
     progress(&format!(
         "network: router {} and external host {} ({}) behind it",
@@ -212,17 +219,19 @@ fn build_on(
 
 /// The router on the underlay and the external host behind it (see
 /// [`ExternalSpec`](crate::spec::ExternalSpec)), built by the topology as the e2e tests build
-/// theirs, with strict reverse-path filtering. With masquerade off the router routes every
-/// node's pod CIDR to the node, as a network that carries pod addresses does; with it on it
-/// knows nothing of them.
+/// theirs, with strict reverse-path filtering. With masquerade off or native routing the router
+/// routes every node's pod CIDR to the node, as a network that carries pod addresses does;
+/// otherwise it knows nothing of them. (Nodes behind the router get theirs with their link, see
+/// `attach_behind_router`.)
 fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()> {
     let ext = &spec.external;
-    let routes = if spec.masquerade {
+    let routes = if !spec.pods_routable() {
         Vec::new()
     } else {
         spec.clusters
             .iter()
             .flat_map(|c| &c.nodes)
+            .filter(|n| !n.behind_router)
             .map(|n| (n.pod_cidr, n.ip))
             .collect()
     };
@@ -451,6 +460,11 @@ fn start_control_plane(
         cluster.control_plane_ip,
     )?;
 
+    if spec.has_far_nodes() {
+        // Agents behind the router reach etcd and the apiserver through it.
+        route_far_nets_via_router(spec, Some(&cp))?;
+    }
+
     let dir = opts.run_dir.join(&cluster.name);
     std::fs::create_dir_all(&dir)?;
     let server = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Server);
@@ -514,6 +528,8 @@ fn start_control_plane(
         metrics_addr.to_string(),
         "--service-cidr".into(),
         cluster.service_cidr.to_string(),
+        "--routing-mode".into(),
+        spec.routing.to_string(),
     ];
     let pid = spawn_daemon(
         Some(&cp),
@@ -570,6 +586,93 @@ fn attach_to_underlay(
     Ok(added?)
 }
 
+/// Routes every far net (the links of the nodes behind the router) via the router, in `netns`
+/// (None: the host namespace, through the lab's host link).
+fn route_far_nets_via_router(spec: &LabSpec, netns: Option<&str>) -> anyhow::Result<()> {
+    let dev = match netns {
+        Some(_) => "ul0".to_owned(),
+        None => spec.host_link(),
+    };
+    with_netlink(netns, |nl| {
+        for c in spec
+            .clusters
+            .iter()
+            .filter(|c| c.nodes.iter().any(|n| n.behind_router))
+        {
+            nl.add_route(
+                &Route {
+                    destination: spec.far_net(c.id),
+                    dev: &dev,
+                    gateway: Some(spec.external.router_ip),
+                    link_scope: false,
+                },
+                true,
+            )?;
+        }
+        Ok(())
+    })
+    .with_context(|| {
+        format!(
+            "{}: routes to the nodes behind the router",
+            netns.unwrap_or("host namespace")
+        )
+    })
+}
+
+/// A node behind the router: its namespace, a link `ul0` from the router (`far_net`: router
+/// .1, node .2), its default route via the router, and on the router a route to its pod CIDR.
+fn attach_behind_router(
+    spec: &LabSpec,
+    state: &mut LabState,
+    topology: &mut Topology,
+    cluster: &ClusterSpec,
+    node: &NodeSpec,
+    netns: &str,
+) -> anyhow::Result<()> {
+    let added = topology.add_namespace(netns);
+    record_topology(state, topology)?;
+    added?;
+    let far = spec.far_net(cluster.id);
+    let router_ip = spec.far_router_ip(cluster.id);
+    let router_side = format!("far-{}", cluster.name);
+    let router = spec.router_netns();
+    with_netlink(Some(&router), |nl| {
+        nl.add_veth(&router_side, "ul0", Some(netns), Some(spec.mtu))?;
+        nl.add_address(
+            &router_side,
+            Ipv4Net::new(router_ip, far.prefix_len()).expect("/24"),
+        )?;
+        nl.set_up(&router_side)?;
+        nl.enable_ipv4_forwarding(&router_side)?;
+        nl.add_route(
+            &Route {
+                destination: node.pod_cidr,
+                dev: &router_side,
+                gateway: Some(node.ip),
+                link_scope: false,
+            },
+            false,
+        )
+    })
+    .with_context(|| format!("{router}: the link to {netns}"))?;
+    with_netlink(Some(netns), |nl| {
+        nl.set_up("lo")?;
+        nl.add_address("ul0", Ipv4Net::new(node.ip, far.prefix_len()).expect("/24"))?;
+        nl.set_up("ul0")?;
+        nl.add_route(
+            &Route {
+                destination: Ipv4Net::default(),
+                dev: "ul0",
+                gateway: Some(router_ip),
+                link_scope: false,
+            },
+            false,
+        )
+    })
+    .with_context(|| format!("{netns}: its link to the router"))?;
+    Ok(())
+}
+
 fn write_cli_config(opts: &UpOptions, state: &LabState) -> anyhow::Result<()> {
     let mut yaml =
         String::from("# meshd CLI contexts of the lab (written by `meshd lab up`)\ncontexts:\n");
@@ -615,28 +718,59 @@ fn start_node(
         "{}: node {} ({netns}, {}): meshd agent",
         cluster.name, node.name, node.ip
     ));
-    attach_to_underlay(
-        spec,
-        state,
-        topology,
-        &netns,
-        &format!("v-{}-{}", cluster.name, node.name),
-        node.ip,
-    )?;
-    // The outside is reached through the router (a node's default route would do as well;
-    // this one leaves the host's own routing alone).
-    with_netlink(Some(&netns), |nl| {
-        nl.add_route(
-            &Route {
-                destination: spec.external.net,
-                dev: "ul0",
-                gateway: Some(spec.external.router_ip),
-                link_scope: false,
-            },
-            false,
-        )
-    })
-    .with_context(|| format!("{netns}: route to the external network"))?;
+    if node.behind_router {
+        attach_behind_router(spec, state, topology, cluster, node, &netns)?;
+    } else {
+        attach_to_underlay(
+            spec,
+            state,
+            topology,
+            &netns,
+            &format!("v-{}-{}", cluster.name, node.name),
+            node.ip,
+        )?;
+        // The outside is reached through the router (a node's default route would do as
+        // well; this one leaves the host's own routing alone).
+        with_netlink(Some(&netns), |nl| {
+            nl.add_route(
+                &Route {
+                    destination: spec.external.net,
+                    dev: "ul0",
+                    gateway: Some(spec.external.router_ip),
+                    link_scope: false,
+                },
+                false,
+            )
+        })
+        .with_context(|| format!("{netns}: route to the external network"))?;
+        if spec.has_far_nodes() {
+            // The nodes behind the router and their pod CIDRs: through the router, as a
+            // routing protocol would have told this node.
+            let far_pods: Vec<Ipv4Net> = spec
+                .clusters
+                .iter()
+                .flat_map(|c| &c.nodes)
+                .filter(|n| n.behind_router)
+                .map(|n| n.pod_cidr)
+                .collect();
+            route_far_nets_via_router(spec, Some(&netns))?;
+            with_netlink(Some(&netns), |nl| {
+                for pod in &far_pods {
+                    nl.add_route(
+                        &Route {
+                            destination: *pod,
+                            dev: "ul0",
+                            gateway: Some(spec.external.router_ip),
+                            link_scope: false,
+                        },
+                        false,
+                    )?;
+                }
+                Ok(())
+            })
+            .with_context(|| format!("{netns}: routes to the pods behind the router"))?;
+        }
+    }
 
     let dir = node_dir(opts, cluster, node);
     let remotes = dir.join("clusters");
@@ -679,6 +813,14 @@ fn start_node(
         // user's and a test's) never fight over one name.
         netns = spec.node_netns(cluster, node),
     );
+    let config = if spec.routing == meshd_state::RoutingMode::Native {
+        format!(
+            "{config}routing_mode: native\nnative_routing_cidr: {}\nauto_direct_node_routes: true\n",
+            spec.native_routing_cidr()
+        )
+    } else {
+        config
+    };
     let config_path = dir.join("agent.yaml");
     std::fs::write(&config_path, config)?;
     let log = dir.join("agent.log");

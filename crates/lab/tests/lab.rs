@@ -74,11 +74,12 @@ fn lab_up_check_status_down_twice() {
         "--run-dir",
         run,
     ];
-    // Twice in a row: the second `up` replaces the first lab, without masquerade.
+    // Twice in a row: the second `up` replaces the first lab, without masquerade and in native
+    // routing mode.
     for round in 1..=2 {
         let mut args = up_args.to_vec();
         if round == 2 {
-            args.push("--no-masquerade");
+            args.extend(["--no-masquerade", "--routing", "native"]);
         }
         let up = meshd(&args);
         let stdout = String::from_utf8_lossy(&up.stdout);
@@ -98,6 +99,23 @@ fn lab_up_check_status_down_twice() {
             4,
             "round {round}: {stdout}"
         );
+        // Native: the external host reaches the echo endpoints as world, and the lab's policy
+        // (only clients into echo) turns it away.
+        let from_external: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("from external "))
+            .collect();
+        if round == 2 {
+            assert_eq!(from_external.len(), 4, "{stdout}");
+            assert!(
+                from_external
+                    .iter()
+                    .all(|l| l.contains(" deny ") && l.contains(" ok ")),
+                "{stdout}"
+            );
+        } else {
+            assert!(from_external.is_empty(), "{stdout}");
+        }
     }
 
     let status = meshd(&["lab", "status", "--run-dir", run, "-o", "json"]);
@@ -126,6 +144,26 @@ fn lab_up_check_status_down_twice() {
         }
     }
     assert_eq!(doc["masquerade"], false, "{doc}");
+    assert_eq!(doc["routing"], "native", "{doc}");
+    // One node per cluster behind the router: the others route to it through the router, not
+    // with a direct route, and say so.
+    let c1 = &clusters[0]["nodes"];
+    assert_eq!(c1[1]["ip"], "10.79.1.2", "{doc}");
+    let agent = meshd(&[
+        "status",
+        "-o",
+        "json",
+        "--socket",
+        c1[0]["api_socket"].as_str().unwrap(),
+    ]);
+    let agent: serde_json::Value = serde_json::from_slice(&agent.stdout).unwrap();
+    let routing = &agent["routing"];
+    assert_eq!(routing["routes_installed"], 1, "{routing}");
+    let skipped = routing["skipped_nodes"].to_string();
+    assert!(
+        skipped.contains("c1/n2 (10.79.1.2)") && skipped.contains("c2/n2 (10.79.2.2)"),
+        "{routing}"
+    );
     assert_eq!(doc["external"]["ip"], "203.0.113.10", "{doc}");
     assert_eq!(doc["external"]["port"], 8080, "{doc}");
     let ext_netns = doc["external"]["netns"].as_str().unwrap();

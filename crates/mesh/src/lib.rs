@@ -5,7 +5,7 @@
 //! # Public API (what the agent consumes)
 //!
 //! ```text
-//! MeshView::new(LocalNode { cluster, cluster_id, node_name, node_ip, pod_cidrs, non_masquerade })
+//! MeshView::new(LocalNode { cluster, cluster_id, node_name, node_ip, pod_cidrs, non_masquerade, routing_mode })
 //! view.apply(ClusterEvent { cluster, kind }) -> Applied       // one watcher event
 //! view.apply_batch(events) -> Applied                          // a burst (initial list): faster, net report
 //! view.apply_policy(PolicyEvent::Upsert(p) | Delete{..}) -> Result<bool /*changed*/, PolicyErrors>
@@ -139,5 +139,5 @@ pub use services::{
 };
 pub use view::{
     Applied, ClusterEvent, ClusterStatus, DesiredCounts, EventKind, KindCounts, LocalNode,
-    MeshView, PolicyEvent, ResourceKind,
+    MeshView, PeerNode, PolicyEvent, ResourceKind,
 };

@@ -5,7 +5,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use meshd_state::{ClusterId, ClusterName, IdentityKey, IpcacheKey, NodeKey, NumericIdentity};
+use meshd_state::{
+    ClusterId, ClusterName, IdentityKey, IpcacheKey, NodeKey, NumericIdentity, RoutingMode,
+};
 
 /// The stored key a rejection or pending state is about.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,6 +85,14 @@ pub enum ClusterRefusal {
         cluster: ClusterName,
         id: ClusterId,
         with: ClusterName,
+    },
+    /// Every cluster of a mesh routes the same way: a tunnelled packet reaching a native node
+    /// (or the reverse) would arrive without the identity the receiver expects.
+    #[error("cluster {cluster}: it announces routing mode {announced}, and this cluster runs {local}; every cluster of a mesh must use the same routing mode")]
+    RoutingModeMismatch {
+        cluster: ClusterName,
+        announced: RoutingMode,
+        local: RoutingMode,
     },
     /// The local cluster's own etcd publishes a config that disagrees with this node's
     /// configuration. Reported, never acted on: the configured values stay in force.

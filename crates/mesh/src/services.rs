@@ -662,6 +662,7 @@ mod tests {
             node_name: "n1".into(),
             node_ip: ip("192.168.1.1"),
             pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+            routing_mode: Default::default(),
             non_masquerade: Vec::new(),
         });
         let ev = |c: &str, kind| ClusterEvent::new(cn(c), kind);
@@ -670,6 +671,7 @@ mod tests {
                 name: cn(name),
                 id: cid(id),
                 capabilities: Capabilities::default(),
+                routing_mode: Default::default(),
             })
         };
         let ips = |view: &MeshView| -> Vec<String> {

@@ -13,4 +13,4 @@ pub mod link;
 pub mod netns;
 
 pub use error::{NetlinkError, Result};
-pub use link::{with_netlink, LinkInfo, Netlink, Route};
+pub use link::{with_netlink, LinkInfo, Netlink, OwnedRoute, Route};

@@ -11,7 +11,9 @@ use rtnetlink::packet_route::link::{
     LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+};
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
@@ -35,6 +37,15 @@ pub struct Route<'a> {
     pub gateway: Option<Ipv4Addr>,
     /// `scope link`: the destination is on the link, no gateway.
     pub link_scope: bool,
+}
+
+/// An IPv4 route of the main table tagged with a route protocol number (`ip route ... proto
+/// N`), the mark of the routes one owner manages: listed, replaced and deleted by it alone.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OwnedRoute {
+    pub destination: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub ifindex: u32,
 }
 
 /// Runs `f` with a netlink session in the named namespace (`None`: the caller's). The session
@@ -374,6 +385,101 @@ impl Netlink {
             None => format!("{} dev {}", route.destination, route.dev),
         };
         self.request("adding route", &target, request.execute())
+    }
+
+    /// The IPv4 routes of the main table with route protocol `protocol` and a gateway.
+    pub fn owned_routes(&self, protocol: u8) -> Result<Vec<OwnedRoute>> {
+        let messages: Vec<RouteMessage> = self.request(
+            "listing routes",
+            &format!("proto {protocol}"),
+            self.handle
+                .route()
+                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                .execute()
+                .try_collect(),
+        )?;
+        Ok(messages
+            .iter()
+            .filter(|m| {
+                u8::from(m.header.protocol) == protocol
+                    && m.header.table == RouteHeader::RT_TABLE_MAIN
+            })
+            .filter_map(|m| {
+                let mut dst = Ipv4Addr::UNSPECIFIED;
+                let (mut gateway, mut ifindex) = (None, 0);
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(*g),
+                        RouteAttribute::Oif(i) => ifindex = *i,
+                        _ => {}
+                    }
+                }
+                Some(OwnedRoute {
+                    destination: Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?,
+                    gateway: gateway?,
+                    ifindex,
+                })
+            })
+            .collect())
+    }
+
+    /// `ip route replace DEST via GATEWAY dev IFINDEX proto PROTOCOL` in the main table.
+    pub fn replace_owned_route(&self, route: &OwnedRoute, protocol: u8) -> Result<()> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(route.destination.addr(), route.destination.prefix_len())
+            .gateway(route.gateway)
+            .output_interface(route.ifindex)
+            .protocol(RouteProtocol::from(protocol))
+            .build();
+        self.request(
+            "replacing route",
+            &format!(
+                "{} via {} dev #{} proto {protocol}",
+                route.destination, route.gateway, route.ifindex
+            ),
+            self.handle.route().add(message).replace().execute(),
+        )
+    }
+
+    /// `ip route del DEST proto PROTOCOL` in the main table (only a route of that protocol
+    /// matches).
+    pub fn delete_owned_route(&self, destination: Ipv4Net, protocol: u8) -> Result<()> {
+        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(destination.addr(), destination.prefix_len())
+            .protocol(RouteProtocol::from(protocol))
+            .build();
+        self.request(
+            "deleting route",
+            &format!("{destination} proto {protocol}"),
+            self.handle.route().del(message).execute(),
+        )
+    }
+
+    /// The IPv4 networks of link `name` (address and prefix of each of its addresses).
+    pub fn ipv4_networks(&self, name: &str) -> Result<Vec<Ipv4Net>> {
+        let index = self.index(name)?;
+        let messages: Vec<_> = self.request(
+            "listing addresses of",
+            name,
+            self.handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect(),
+        )?;
+        Ok(messages
+            .iter()
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    rtnetlink::packet_route::address::AddressAttribute::Address(IpAddr::V4(ip)) => {
+                        Ipv4Net::new(*ip, m.header.prefix_len).ok()
+                    }
+                    _ => None,
+                })
+            })
+            .collect())
     }
 
     /// `ip neigh replace IP dev NAME lladdr MAC nud permanent`.

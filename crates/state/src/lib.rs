@@ -34,8 +34,8 @@ pub use labels::{Labels, CLUSTER_LABEL, NAMESPACE_LABEL};
 pub use names::{check_dns_label, check_dns_subdomain, ClusterId, ClusterName};
 pub use policy::{NetworkPolicy, PolicyError, PolicyErrors};
 pub use records::{
-    Affinity, Capabilities, ClusterConfig, IpcacheEntry, NodeRecord, Protocol, ServiceBackend,
-    ServiceFrontend, ServiceRecord, SyncCanary,
+    Affinity, Capabilities, ClusterConfig, IpcacheEntry, NodeRecord, Protocol, RoutingMode,
+    ServiceBackend, ServiceFrontend, ServiceRecord, SyncCanary,
 };
 pub use resource::{decode, encode, Resource};
 

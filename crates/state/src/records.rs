@@ -20,6 +20,49 @@ pub struct ClusterConfig {
     pub id: ClusterId,
     #[serde(default)]
     pub capabilities: Capabilities,
+    /// How this cluster's nodes carry endpoint traffic; every cluster of a mesh must agree.
+    /// Absent in configs written before it existed: those clusters tunnel.
+    #[serde(default)]
+    pub routing_mode: RoutingMode,
+}
+
+/// How endpoint traffic crosses the underlay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// VXLAN between nodes; the sender's identity travels in the VNI.
+    #[default]
+    Tunnel,
+    /// No encapsulation: pod CIDRs are routed to their nodes, and the receiver takes the
+    /// sender's identity from the ipcache by source address (the underlay must be trusted).
+    Native,
+}
+
+impl RoutingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Tunnel => "tunnel",
+            RoutingMode::Native => "native",
+        }
+    }
+}
+
+impl std::fmt::Display for RoutingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RoutingMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tunnel" => Ok(RoutingMode::Tunnel),
+            "native" => Ok(RoutingMode::Native),
+            _ => Err(format!("{s:?} is not a routing mode (tunnel or native)")),
+        }
+    }
 }
 
 /// Features a cluster's publishers support, so readers know what to wait for.

@@ -73,6 +73,7 @@ fn every_record_round_trips() {
             name: c1(),
             id: ClusterId::new(7).unwrap(),
             capabilities: Capabilities::default(),
+            routing_mode: Default::default(),
         },
     );
     round_trip(

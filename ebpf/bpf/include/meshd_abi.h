@@ -69,6 +69,7 @@ enum meshd_reason {
 	MESHD_FWD_TUNNEL = 2, /* encapsulated towards a remote node */
 	MESHD_FWD_STACK = 3,  /* handed to the node's own stack (ARP, ipcache entry without tunnel) */
 	MESHD_FWD_WORLD = 4,  /* routed out of the node by its FIB (a destination outside the mesh) */
+	MESHD_FWD_NATIVE = 5, /* routed to a remote node without encapsulation (native routing) */
 
 	MESHD_DROP_INVALID_PACKET = -130,   /* truncated or malformed headers */
 	MESHD_DROP_UNSUPPORTED_L3 = -131,   /* not IPv4 (IPv6 comes later) */
@@ -254,6 +255,10 @@ enum meshd_config_flags {
 	MESHD_CONFIG_F_WORLD = 1,
 	/* masquerade world-bound traffic of local endpoints to node_ip (see NAT below) */
 	MESHD_CONFIG_F_MASQUERADE = 2,
+	/* native routing: traffic to remote endpoints leaves unencapsulated by the node's FIB
+	 * (bpf_fib_lookup + redirect to the uplink), no VXLAN; receivers take the sender's
+	 * identity from the ipcache by source address (from-netdev) */
+	MESHD_CONFIG_F_NATIVE = 4,
 };
 
 /* CONFIG: a one-entry array written by the agent before it attaches the programs. */

@@ -338,4 +338,17 @@ static __always_inline int lb_translate_icmp(struct __sk_buff *skb, struct pkt_c
 	return 0;
 }
 
+/* On delivery to an endpoint, by the connection's CT verdict ct (entry: its CT entry): a reply
+ * of a service connection gets its frontend back (lb_reverse), an ICMP error about one its
+ * quoted frontend (lb_reverse_icmp). 0 or a drop reason. */
+static __always_inline int lb_reverse_ct(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, int ct,
+					 const struct ct_value *entry)
+{
+	if (ct == CT_REPLY)
+		return lb_reverse(skb, ctx, l3_off, entry);
+	if (ct == CT_RELATED)
+		return lb_reverse_icmp(skb, ctx, l3_off, entry);
+	return 0;
+}
+
 #endif

@@ -60,6 +60,10 @@ pub struct UpArgs {
     /// addresses, and the lab's router routes every pod CIDR to its node.
     #[arg(long)]
     no_masquerade: bool,
+    /// Routing mode of every cluster: `tunnel` (VXLAN) or `native` (no encapsulation; the
+    /// router routes pod CIDRs, the agents route their segment's).
+    #[arg(long, default_value = "tunnel", value_name = "MODE")]
+    routing: meshd_state::RoutingMode,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -198,7 +202,8 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     let mut opts = UpOptions::new(
         LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
             .with_etcd_members(args.etcd_members)
-            .with_masquerade(!args.no_masquerade),
+            .with_masquerade(!args.no_masquerade)
+            .with_routing(args.routing),
         args.run.run_dir.clone(),
         bin_dir()?,
     );
@@ -511,6 +516,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         })).collect::<Vec<_>>(),
         "endpoints": state.endpoints,
         "masquerade": state.masquerade,
+        "routing": state.routing,
         "external": state.external.as_ref().map(|e| serde_json::json!({
             "netns": e.netns,
             "ip": e.ip,
@@ -537,12 +543,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             );
             if let Some(e) = &state.external {
                 println!(
-                    "external host {}:{} ({}) behind router {}; masquerade {}",
+                    "external host {}:{} ({}) behind router {}; masquerade {}; routing {}",
                     e.ip,
                     e.port,
                     e.netns,
                     e.router_ip,
-                    if state.masquerade { "on" } else { "off" }
+                    if state.masquerade { "on" } else { "off" },
+                    state.routing
                 );
             }
             for c in &state.clusters {

@@ -136,7 +136,62 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         },
         "certificates": s.certificates.iter().map(certificate_json).collect::<Vec<_>>(),
         "warnings": s.warnings,
+        "routing": routing_json(&s.routing.clone().unwrap_or_default()),
     })
+}
+
+fn routing_json(r: &pb::RoutingStatus) -> serde_json::Value {
+    serde_json::json!({
+        "mode": r.mode,
+        "native_routing_cidr": r.native_routing_cidr,
+        "auto_direct_node_routes": r.auto_direct_node_routes,
+        "routes_installed": r.routes_installed,
+        "skipped_nodes": r.skipped_nodes,
+        "skipped_total": r.skipped_total,
+        "route_failures": r.route_failures,
+        "route_error": r.route_error,
+        "outside_native_cidr": r.outside_native_cidr,
+        "route_protocol": r.route_protocol,
+    })
+}
+
+/// The routing lines of `meshd status`: the mode, what native mode asks of the underlay, the
+/// agent's node routes and what it could not route.
+fn print_routing(r: &pb::RoutingStatus) {
+    if r.mode != "native" {
+        println!(
+            "Routing:   {} (VXLAN)",
+            if r.mode.is_empty() { "tunnel" } else { &r.mode }
+        );
+        return;
+    }
+    println!(
+        "Routing:   native, native_routing_cidr {}, auto_direct_node_routes {}",
+        r.native_routing_cidr, r.auto_direct_node_routes
+    );
+    println!(
+        "           the underlay must be trusted: a packet's source address is its identity (no tunnel, no authentication)"
+    );
+    if r.auto_direct_node_routes {
+        println!(
+            "           {} node routes (proto {}), {} nodes skipped (not on the uplink's segment), {} route failures{}",
+            r.routes_installed,
+            r.route_protocol,
+            r.skipped_nodes.len(),
+            r.route_failures,
+            if r.route_error.is_empty() {
+                String::new()
+            } else {
+                format!(", last error: {}", r.route_error)
+            }
+        );
+        for line in &r.skipped_nodes {
+            println!("  skipped: {line}");
+        }
+    }
+    for line in &r.outside_native_cidr {
+        println!("WARNING: {line}");
+    }
 }
 
 fn certificate_json(c: &pb::CertificateStatus) -> serde_json::Value {
@@ -245,6 +300,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "Node:      {} (cluster {}, id {}), IP {}, pod CIDR {}",
                 node.name, node.cluster, node.cluster_id, node.node_ip, node.pod_cidr
             );
+            print_routing(&s.routing.clone().unwrap_or_default());
             println!(
                 "Lease:     {}",
                 if node.published {

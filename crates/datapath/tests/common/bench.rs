@@ -40,20 +40,33 @@ pub fn plain_endpoint(
     gateway: ipnet::Ipv4Net,
     address: ipnet::Ipv4Net,
 ) -> anyhow::Result<meshd_testing::netns::Netns> {
+    plain_endpoint_mtu(node, prefix, host_ifname, gateway, address, 1450)
+}
+
+/// [`plain_endpoint`] with veth MTU `mtu` (1500: native routing's full underlay MTU).
+pub fn plain_endpoint_mtu(
+    node: &meshd_testing::netns::Netns,
+    prefix: &str,
+    host_ifname: &str,
+    gateway: ipnet::Ipv4Net,
+    address: ipnet::Ipv4Net,
+    mtu: u32,
+) -> anyhow::Result<meshd_testing::netns::Netns> {
+    let mtu = mtu.to_string();
     let ep = meshd_testing::netns::Netns::new(prefix)?;
     node.ip(&[
         "link",
         "add",
         host_ifname,
         "mtu",
-        "1450",
+        &mtu,
         "type",
         "veth",
         "peer",
         "name",
         "eth0",
         "mtu",
-        "1450",
+        &mtu,
         "netns",
         ep.name(),
     ])?;

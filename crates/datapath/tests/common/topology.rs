@@ -58,6 +58,18 @@ impl Topology {
         clusters: &[u8],
         endpoints_per_node: usize,
     ) -> anyhow::Result<Topology> {
+        Self::with_routing(prefix, clusters, endpoints_per_node, false)
+    }
+
+    /// As [`Topology::new`]; `native`: native routing as the agent sets it up (no VXLAN
+    /// device, from_netdev on the uplink, endpoint MTU = underlay MTU, every other node's
+    /// endpoint /24 routed via its node IP).
+    pub fn with_routing(
+        prefix: &str,
+        clusters: &[u8],
+        endpoints_per_node: usize,
+        native: bool,
+    ) -> anyhow::Result<Topology> {
         let mut underlay = Underlay::new(prefix, 1500)?;
         let mut nodes = Vec::new();
         for (i, &cluster_id) in clusters.iter().enumerate() {
@@ -70,17 +82,36 @@ impl Topology {
             )?;
             let mut datapath = Datapath::load(pin_dir.path())?;
             let mut maps = DatapathMaps::open(pin_dir.path())?;
-            let vxlan_ifindex = plumbing::create_vxlan(
-                Some(node_ns.name()),
-                VXLAN_IFNAME,
-                plumbing::DEFAULT_VXLAN_PORT,
-            )?;
+            let vxlan_ifindex = if native {
+                0
+            } else {
+                plumbing::create_vxlan(
+                    Some(node_ns.name()),
+                    VXLAN_IFNAME,
+                    plumbing::DEFAULT_VXLAN_PORT,
+                )?
+            };
             maps.set_config(NodeConfig {
                 vxlan_ifindex,
                 node_ip,
                 cluster_id,
             })?;
-            run_in(&node_ns.path(), || datapath.attach_overlay(VXLAN_IFNAME))?;
+            maps.set_native_routing(native)?;
+            if native {
+                let uplink = meshd_testing::netns::UNDERLAY_IFNAME;
+                run_in(&node_ns.path(), || datapath.attach_netdev(uplink))?;
+                for (k, _) in clusters.iter().enumerate().filter(|(k, _)| *k != i) {
+                    node_ns.ip(&[
+                        "route",
+                        "add",
+                        &format!("10.{}.0.0/24", k + 1),
+                        "via",
+                        &format!("192.168.60.{}", k + 1),
+                    ])?;
+                }
+            } else {
+                run_in(&node_ns.path(), || datapath.attach_overlay(VXLAN_IFNAME))?;
+            }
 
             let mut endpoints = Vec::new();
             for j in 0..endpoints_per_node {
@@ -94,6 +125,7 @@ impl Topology {
                     host_ifname: &host_ifname,
                     ip,
                     underlay_mtu: underlay.mtu(),
+                    encapsulated: !native,
                 })?;
                 maps.upsert_endpoint(
                     ip,

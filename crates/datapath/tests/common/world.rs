@@ -170,6 +170,12 @@ impl World {
         self.run(programs::FROM_NETDEV, frame, self.up_if)
     }
 
+    /// `ip ARGS` in the world's namespace (routes and neighbours a test adds).
+    #[allow(dead_code)] // not every test binary adds any
+    pub fn ip(&self, args: &[&str]) {
+        self._ns.ip(args).expect("ip");
+    }
+
     pub fn counter(&self, direction: Direction, reason: i32) -> u64 {
         self.dp.maps.counter(direction, reason).unwrap()
     }

@@ -169,6 +169,13 @@ impl MeshView {
                 published: config.name.clone(),
             });
         }
+        if config.routing_mode != self.local.routing_mode {
+            return Admission::Refused(ClusterRefusal::RoutingModeMismatch {
+                cluster: c.clone(),
+                announced: config.routing_mode,
+                local: self.local.routing_mode,
+            });
+        }
         if config.id == self.local.cluster_id {
             return Admission::Refused(ClusterRefusal::IdConflictLocal {
                 cluster: c.clone(),

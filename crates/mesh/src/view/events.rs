@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use meshd_state::{
     ClusterConfig, ClusterId, ClusterName, IdentityRecord, IpcacheEntry, NodeRecord,
-    NumericIdentity, ServiceRecord,
+    NumericIdentity, RoutingMode, ServiceRecord,
 };
 
 use crate::desired::{order_ops, DatapathOp};
@@ -23,6 +23,8 @@ pub struct LocalNode {
     pub node_name: String,
     pub node_ip: IpAddr,
     pub pod_cidrs: Vec<IpNet>,
+    /// This node's routing mode: a remote cluster announcing the other one is refused.
+    pub routing_mode: RoutingMode,
     /// Destinations never masqueraded besides every admitted node's pod CIDRs (the agent's
     /// `non_masquerade_cidrs`).
     pub non_masquerade: Vec<IpNet>,

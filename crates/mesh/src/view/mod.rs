@@ -44,6 +44,7 @@ use crate::prefix::PrefixSet;
 use crate::services::{DesiredServices, Frontend};
 use cluster::{Admission, ClusterState};
 pub use events::{Applied, ClusterEvent, EventKind, LocalNode, PolicyEvent, ResourceKind};
+pub use nodes::PeerNode;
 pub use resolve::DesiredCounts;
 use services::ServiceName;
 pub use status::{ClusterStatus, KindCounts};

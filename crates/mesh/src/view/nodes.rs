@@ -13,7 +13,38 @@ use super::{host_net, MeshView};
 use crate::prefix::overlapping;
 use crate::reject::RejectReason;
 
+/// An admitted node other than this one, with its pod CIDRs: what native routing routes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerNode {
+    pub cluster: ClusterName,
+    pub name: String,
+    pub node_ip: IpAddr,
+    pub pod_cidrs: Vec<IpNet>,
+}
+
 impl MeshView {
+    /// Every admitted node of every cluster except this node, in (cluster, name) order. Walks
+    /// the nodes (not the ipcache): for changes of nodes and admissions, not per event.
+    pub fn peer_nodes(&self) -> Vec<PeerNode> {
+        self.clusters
+            .iter()
+            .flat_map(|(c, cs)| {
+                cs.nodes
+                    .iter()
+                    .filter(move |(name, n)| {
+                        n.status == Status::Admitted
+                            && !(cs.is_local() && **name == self.local.node_name)
+                    })
+                    .map(move |(name, n)| PeerNode {
+                        cluster: c.clone(),
+                        name: name.clone(),
+                        node_ip: n.value.node_ip,
+                        pod_cidrs: n.value.pod_cidrs.clone(),
+                    })
+            })
+            .collect()
+    }
+
     pub(super) fn upsert_node(&mut self, c: &ClusterName, record: NodeRecord, txn: &mut Txn) {
         if let Some(old) = self.cluster_mut(c).nodes.remove(&record.name) {
             self.forget_node(c, old, txn);

@@ -44,6 +44,7 @@ fn local() -> LocalNode {
         node_name: "n1".into(),
         node_ip: ip(LOCAL_IP),
         pod_cidrs: vec![net("10.1.1.0/24")],
+        routing_mode: Default::default(),
         non_masquerade: vec![net("172.16.0.0/12")],
     }
 }
@@ -86,6 +87,7 @@ fn config(name: &str, id: u32) -> EventKind {
         name: cn(name),
         id: cid(id),
         capabilities: Capabilities::default(),
+        routing_mode: Default::default(),
     })
 }
 
@@ -679,6 +681,93 @@ fn the_incumbent_keeps_its_id_and_the_newcomer_waits() {
         v.cluster_status(&cn("c4")).unwrap().cluster_id,
         Some(cid(2))
     );
+}
+
+#[test]
+fn a_remote_announcing_another_routing_mode_is_refused_until_it_agrees() {
+    use meshd_state::RoutingMode;
+    let native = |name: &str, id: u32, mode: RoutingMode| {
+        EventKind::ClusterConfig(ClusterConfig {
+            name: cn(name),
+            id: cid(id),
+            capabilities: Capabilities::default(),
+            routing_mode: mode,
+        })
+    };
+    let mut v = MeshView::new(local());
+    apply(
+        &mut v,
+        "c2",
+        node("c2", 2, "n1", "192.168.2.1", "10.2.1.0/24"),
+    );
+    apply(
+        &mut v,
+        "c2",
+        entry("10.2.1.5", ident(2, 300), "192.168.2.1"),
+    );
+    let applied = apply(&mut v, "c2", native("c2", 2, RoutingMode::Native));
+    assert_eq!(
+        applied.refusals,
+        vec![ClusterRefusal::RoutingModeMismatch {
+            cluster: cn("c2"),
+            announced: RoutingMode::Native,
+            local: RoutingMode::Tunnel,
+        }]
+    );
+    assert!(applied.refusals[0]
+        .to_string()
+        .contains("routing mode native"));
+    assert_eq!(target_of(&v, "10.2.1.5"), None);
+    assert!(v.cluster_status(&cn("c2")).unwrap().refused.is_some());
+    // It switches to the mesh's mode: admitted.
+    apply(&mut v, "c2", native("c2", 2, RoutingMode::Tunnel));
+    assert!(target_of(&v, "10.2.1.5").is_some());
+    assert!(v.cluster_status(&cn("c2")).unwrap().refused.is_none());
+    // A native node refuses a tunnelling remote the same way.
+    let mut n = MeshView::new(LocalNode {
+        routing_mode: RoutingMode::Native,
+        ..local()
+    });
+    let applied = apply(&mut n, "c2", config("c2", 2));
+    assert!(matches!(
+        applied.refusals[..],
+        [ClusterRefusal::RoutingModeMismatch { .. }]
+    ));
+}
+
+#[test]
+fn peer_nodes_are_the_admitted_nodes_but_this_one() {
+    let mut v = MeshView::new(local());
+    apply(&mut v, "c1", config("c1", 1));
+    apply(&mut v, "c1", node("c1", 1, "n1", LOCAL_IP, "10.1.1.0/24"));
+    apply(
+        &mut v,
+        "c1",
+        node("c1", 1, "n2", "192.168.1.2", "10.1.2.0/24"),
+    );
+    apply(
+        &mut v,
+        "c2",
+        node("c2", 2, "n1", "192.168.2.1", "10.2.1.0/24"),
+    );
+    let names = |v: &MeshView| -> Vec<String> {
+        v.peer_nodes()
+            .iter()
+            .map(|n| format!("{}/{} {} {:?}", n.cluster, n.name, n.node_ip, n.pod_cidrs))
+            .collect()
+    };
+    // c2 has no config yet: its node is not admitted.
+    assert_eq!(names(&v), ["c1/n2 192.168.1.2 [10.1.2.0/24]"]);
+    apply(&mut v, "c2", config("c2", 2));
+    assert_eq!(
+        names(&v),
+        [
+            "c1/n2 192.168.1.2 [10.1.2.0/24]",
+            "c2/n1 192.168.2.1 [10.2.1.0/24]"
+        ]
+    );
+    apply(&mut v, "c1", EventKind::DeleteNode { name: "n2".into() });
+    assert_eq!(names(&v), ["c2/n1 192.168.2.1 [10.2.1.0/24]"]);
 }
 
 #[test]
