@@ -146,6 +146,7 @@ impl MeshView {
             }
             (btree_map::Entry::Vacant(v), Some(target)) => {
                 v.insert(target);
+                self.ipcache_inserts += 1;
                 ops.push(DatapathOp::UpsertIpcache { prefix, target });
             }
             (btree_map::Entry::Vacant(_), None) => {}
