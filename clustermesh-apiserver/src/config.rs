@@ -123,7 +123,12 @@ impl ConfigArgs {
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("config file {}: {e}", path.display()))?;
-        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        Self::from_text(path, &text)
+    }
+
+    /// Parses the text of the config file at `path` (named in the error). Pure.
+    pub fn from_text(path: &Path, text: &str) -> Result<Self, String> {
+        serde_yaml::from_str(text).map_err(|e| format!("config file {}: {e}", path.display()))
     }
 
     /// Flags over file: every field set in `self` wins.

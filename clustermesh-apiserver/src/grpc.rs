@@ -169,7 +169,8 @@ pub fn parse_request(docs: &[pb::SourceDocument]) -> Result<Vec<SourcedDocument>
     }
 }
 
-fn parse_refs(refs: &[pb::ObjectRef]) -> Result<Vec<ObjectRef>, ManifestErrors> {
+/// Parses and validates the objects a delete request names; all problems reported together.
+pub fn parse_refs(refs: &[pb::ObjectRef]) -> Result<Vec<ObjectRef>, ManifestErrors> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, r) in refs.iter().enumerate() {

@@ -16,7 +16,7 @@ pub mod mesh;
 pub mod netns_io;
 pub mod pki;
 pub mod proxy;
-pub mod trials;
+pub use meshd_testing::trials;
 
 use std::time::{Duration, Instant};
 

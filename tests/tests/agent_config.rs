@@ -76,3 +76,67 @@ fn a_bad_config_is_reported_whole_with_exit_code_64() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.yaml"));
     Ok(())
 }
+
+/// The egress fields (issue 12, "Bad input"): overlapping and malformed
+/// `non_masquerade_cidrs`, an empty `snat_port_range`, and one overlapping the node's
+/// ephemeral port range are each a problem naming the field, exit 64.
+#[test]
+fn bad_egress_settings_name_their_field_with_exit_code_64() -> anyhow::Result<()> {
+    let Ok(meshd) = meshd_e2e::mesh::meshd_binary() else {
+        meshd_testing::require("the meshd binary (cargo build -p meshd)", false);
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("agent.yaml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "cluster: c1\ncluster_id: 1\nnode: n1\nnode_ip: 192.168.77.11\npod_cidr: 10.1.1.0/24\n\
+                 etcd:\n  endpoints: [https://127.0.0.1:2379]\n  ca: /nonexistent/ca.pem\n{extra}"
+            ),
+        )
+    };
+    let run = || -> anyhow::Result<(Option<i32>, String)> {
+        let out = Command::new(&meshd)
+            .args(["agent", "--config"])
+            .arg(&config)
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+
+    write("non_masquerade_cidrs: [10.0.0.0/8, 10.9.0.0/16, 172.16.0.1/12, nonsense]\nsnat_port_range: 62000-61000\n")?;
+    let (code, stderr) = run()?;
+    assert_eq!(code, Some(64), "{stderr}");
+    for field in [
+        "non_masquerade_cidrs[1]:",
+        "non_masquerade_cidrs[2]:",
+        "non_masquerade_cidrs[3]:",
+        "snat_port_range:",
+    ] {
+        assert!(stderr.contains(field), "{field} not reported in:\n{stderr}");
+    }
+    assert!(
+        !stderr.contains("non_masquerade_cidrs[0]:"),
+        "the first is fine:\n{stderr}"
+    );
+
+    // A range inside this machine's ephemeral range (the agent reads it where it runs).
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let low: u16 = ephemeral
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("ip_local_port_range");
+    write(&format!("snat_port_range: {low}-{}\n", low + 7))?;
+    let (code, stderr) = run()?;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("snat_port_range:") && stderr.contains("ip_local_port_range"),
+        "{stderr}"
+    );
+    Ok(())
+}

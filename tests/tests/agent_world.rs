@@ -27,6 +27,19 @@ fn start(opts: MeshOptions, n: usize) -> anyhow::Result<Option<(Mesh, Vec<Endpoi
     }
     let mesh = Mesh::start(opts)?;
     let ext = mesh.external.as_ref().expect("outside");
+    // Every test here runs with strict reverse-path filtering on the uplinks: make sure it
+    // holds (with the agent running), so a pass cannot come from a loose setting.
+    for node in mesh.clusters.iter().flat_map(|c| &c.nodes) {
+        for key in ["all", "ul0"] {
+            let path = format!("/proc/sys/net/ipv4/conf/{key}/rp_filter");
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", node.netns.display()))
+                .args(["--", "cat", &path])
+                .output()?;
+            let value = String::from_utf8_lossy(&out.stdout);
+            anyhow::ensure!(value.trim() == "1", "{}: {path} = {value:?}", node.name);
+        }
+    }
     spawn_whoami(&ext.host.path(), PORT)?;
     let eps = (0..n)
         .map(|i| mesh.add_endpoint("c1", "n1", &format!("w{i}"), "app=client"))
@@ -262,5 +275,57 @@ fn an_agent_restart_breaks_no_masqueraded_connection() -> anyhow::Result<()> {
     let after = read_seen_address(&mut t)?;
     assert_eq!(after.ip(), before.ip());
     netns_io::echo_round_trip(&mut t, b"new")?;
+    Ok(())
+}
+
+/// "Destinations outside every cluster's pod CIDRs" are masqueraded, the others never: an
+/// address inside cluster c2's pod CIDR that no ipcache entry names (here one the router
+/// carries to the external host) is reached with the endpoint's own address while c2 is in
+/// the mesh, and masqueraded once c1 disconnects from c2 (NO_MASQ follows the remotes).
+#[test]
+fn another_clusters_pod_cidr_is_never_masqueraded_while_it_is_in_the_mesh() -> anyhow::Result<()> {
+    let Some((mesh, eps)) = start(MeshOptions::clusters(2, 1).external(UNDERLAY_MTU), 1)? else {
+        return Ok(());
+    };
+    let ext = mesh.external.as_ref().expect("outside");
+    let (c1, c2) = (mesh.node("c1", "n1")?, mesh.node("c2", "n1")?);
+    let stray = std::net::Ipv4Addr::from(u32::from(c2.pod_cidr.network()) + 200);
+    ext.host
+        .ip(&["addr", "add", &format!("{stray}/32"), "dev", "eth0"])?;
+    ext.route_to(&format!("{stray}/32"), ext.host_ip)?;
+    // Replies to an unmasqueraded source find their way back.
+    ext.route_to(&c1.pod_cidr.to_string(), c1.ip)?;
+    let no_masq = || -> anyhow::Result<Vec<ipnet::Ipv4Net>> {
+        Ok(meshd_datapath::DatapathMaps::open(&c1.pin_dir)?.no_masquerade()?)
+    };
+    let have = no_masq()?;
+    anyhow::ensure!(
+        have.contains(&c2.pod_cidr) && have.contains(&c1.pod_cidr),
+        "NO_MASQ of c1/n1: {have:?}"
+    );
+    let to = SocketAddr::from((stray, PORT));
+    let mut s = netns_io::connect(&eps[0].netns, to, TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", mesh.logs()))?;
+    let seen = read_seen_address(&mut s)?;
+    assert_eq!(
+        seen.ip(),
+        IpAddr::V4(eps[0].ip),
+        "c2's pod CIDR sees the endpoint"
+    );
+
+    std::fs::remove_file(mesh.remotes_dir("c1").join("c2"))?;
+    wait_for(
+        "c2's pod CIDR to leave NO_MASQ",
+        Duration::from_secs(30),
+        || {
+            let have = no_masq()?;
+            anyhow::ensure!(!have.contains(&c2.pod_cidr), "{have:?}");
+            Ok(())
+        },
+    )?;
+    assert!(no_masq()?.contains(&c1.pod_cidr), "the node's own stays");
+    let mut s = netns_io::connect(&eps[0].netns, to, TIMEOUT)?;
+    let seen = read_seen_address(&mut s)?;
+    assert_eq!(seen.ip(), IpAddr::V4(c1.ip), "now the world: masqueraded");
     Ok(())
 }

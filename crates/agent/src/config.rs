@@ -275,8 +275,13 @@ pub fn load(args: &AgentArgs) -> Result<AgentConfig, ConfigErrors> {
 fn parse_file(path: &Path) -> Result<ConfigFile, String> {
     let text =
         std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    parse_text(path, &text)
+}
+
+/// Parses the text of the config file at `path` (named in the error). Pure.
+pub fn parse_text(path: &Path, text: &str) -> Result<ConfigFile, String> {
     // YAML is a superset of JSON: one parser reads both.
-    serde_yaml::from_str(&text).map_err(|e| format!("parsing {}: {e}", path.display()))
+    serde_yaml::from_str(text).map_err(|e| format!("parsing {}: {e}", path.display()))
 }
 
 /// Merges flags over the file and checks every field. Pure.

@@ -103,6 +103,47 @@ impl Endpoints {
     }
 }
 
+/// What an add request asks for, checked: the endpoint's name, namespace and user labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddRequest {
+    pub name: String,
+    pub namespace: String,
+    pub user_labels: Labels,
+}
+
+/// Checks an add request as it arrives over the API (any bytes a client sends). Pure.
+pub fn check_add_request(req: &pb::AddEndpointRequest) -> Result<AddRequest, EndpointError> {
+    let name = req.name.clone();
+    check_dns_subdomain("name", &name).map_err(|e| EndpointError::Invalid(e.to_string()))?;
+    if name.len() > 63 {
+        return Err(EndpointError::Invalid(format!(
+            "name {name:?} is longer than 63 characters"
+        )));
+    }
+    let namespace = if req.namespace.is_empty() {
+        "default".to_string()
+    } else {
+        req.namespace.clone()
+    };
+    check_dns_label("namespace", &namespace).map_err(|e| EndpointError::Invalid(e.to_string()))?;
+    let user_labels: Labels = req.labels.clone().into_iter().collect();
+    user_labels
+        .validate("labels")
+        .map_err(|e| EndpointError::Invalid(e.to_string()))?;
+    for reserved in [CLUSTER_LABEL, NAMESPACE_LABEL] {
+        if user_labels.get(reserved).is_some() {
+            return Err(EndpointError::Invalid(format!(
+                "label {reserved} is set by the agent (use --namespace for the namespace)"
+            )));
+        }
+    }
+    Ok(AddRequest {
+        name,
+        namespace,
+        user_labels,
+    })
+}
+
 fn stopped() -> EndpointError {
     EndpointError::Unavailable("the agent is shutting down".into())
 }
@@ -303,31 +344,11 @@ impl EndpointManager {
     }
 
     async fn add(&mut self, req: pb::AddEndpointRequest) -> Result<pb::Endpoint, EndpointError> {
-        let name = req.name.clone();
-        check_dns_subdomain("name", &name).map_err(|e| EndpointError::Invalid(e.to_string()))?;
-        if name.len() > 63 {
-            return Err(EndpointError::Invalid(format!(
-                "name {name:?} is longer than 63 characters"
-            )));
-        }
-        let namespace = if req.namespace.is_empty() {
-            "default".to_string()
-        } else {
-            req.namespace.clone()
-        };
-        check_dns_label("namespace", &namespace)
-            .map_err(|e| EndpointError::Invalid(e.to_string()))?;
-        let user_labels: Labels = req.labels.clone().into_iter().collect();
-        user_labels
-            .validate("labels")
-            .map_err(|e| EndpointError::Invalid(e.to_string()))?;
-        for reserved in [CLUSTER_LABEL, NAMESPACE_LABEL] {
-            if user_labels.get(reserved).is_some() {
-                return Err(EndpointError::Invalid(format!(
-                    "label {reserved} is set by the agent (use --namespace for the namespace)"
-                )));
-            }
-        }
+        let AddRequest {
+            name,
+            namespace,
+            user_labels,
+        } = check_add_request(&req)?;
         if let Some(existing) = self.store.get(&name) {
             if existing.user_labels == user_labels && existing.namespace == namespace {
                 return Ok(self.describe(existing));

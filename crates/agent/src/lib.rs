@@ -110,7 +110,7 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32)> {
 }
 
 /// Lets endpoints leave the mesh: the egress settings and NO_MASQ (the configured exceptions
-/// and this node's pod CIDR), then from_netdev on the uplink (the device holding the node IP
+/// and this node's pod CIDR; the view adds every admitted node's), then from_netdev on the uplink (the device holding the node IP
 /// unless `underlay_device` names it), which translates the replies of masqueraded flows.
 fn start_egress(
     config: &AgentConfig,
@@ -118,9 +118,15 @@ fn start_egress(
     maps: &mut DatapathMaps,
 ) -> anyhow::Result<()> {
     let egress = &config.egress;
-    let mut no_masq = egress.non_masquerade_cidrs.clone();
-    no_masq.push(config.pod_cidr);
-    maps.set_no_masquerade(&no_masq)?;
+    // Added, never removed here: after a restart NO_MASQ still holds the other clusters' pod
+    // CIDRs, which the reconciler's first diff keeps (or drops with their clusters).
+    for prefix in egress
+        .non_masquerade_cidrs
+        .iter()
+        .chain(std::iter::once(&config.pod_cidr))
+    {
+        maps.insert_no_masquerade(*prefix)?;
+    }
     let uplink = match &config.underlay_device {
         Some(dev) => dev.clone(),
         None => plumbing::device_with_addr(None, config.node_ip)?.with_context(|| {
@@ -326,6 +332,12 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 node_name: config.node.clone(),
                 node_ip: config.node_ip.into(),
                 pod_cidrs: vec![config.pod_cidr.into()],
+                non_masquerade: config
+                    .egress
+                    .non_masquerade_cidrs
+                    .iter()
+                    .map(|&p| p.into())
+                    .collect(),
             }),
             inputs: view_rx,
             datapath: datapath_tx,

@@ -280,6 +280,7 @@ mod tests {
                 node_name: "n1".into(),
                 node_ip: "192.168.1.1".parse().unwrap(),
                 pod_cidrs: vec!["10.1.1.0/24".parse().unwrap()],
+                non_masquerade: Vec::new(),
             }),
             inputs,
             datapath,

@@ -27,36 +27,10 @@ use std::{
 };
 
 use anyhow::Context;
+use common::bench::{arg, iperf3_gbps, load_average, median, plain_endpoint, spread};
 use common::topology::Topology;
 use meshd_datapath::netns::run_in;
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// "min..max" of the samples: with other work on the machine the spread is the honest error bar.
-fn spread(v: &[f64]) -> String {
-    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    format!("{min:.2}..{max:.2}")
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
 
 /// Two nodes with one endpoint each, wired without eBPF: endpoint veth with a /24 and the
 /// node as gateway, `ip_forward`, a VXLAN device per node pointing at the other node, and a
@@ -117,46 +91,13 @@ impl Baseline {
                 "dev",
                 "vx0",
             ])?;
-            let ep = Netns::new(&format!("{prefix}-e{i}"))?;
-            node.ip(&[
-                "link",
-                "add",
+            let ep = plain_endpoint(
+                node,
+                &format!("{prefix}-e{i}"),
                 "veth0",
-                "mtu",
-                "1450",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "mtu",
-                "1450",
-                "netns",
-                ep.name(),
-            ])?;
-            node.ip(&[
-                "addr",
-                "add",
-                &format!("10.{}.0.1/24", i + 1),
-                "dev",
-                "veth0",
-            ])?;
-            node.ip(&["link", "set", "veth0", "up"])?;
-            ep.ip(&[
-                "addr",
-                "add",
-                &format!("10.{}.0.2/24", i + 1),
-                "dev",
-                "eth0",
-            ])?;
-            ep.ip(&["link", "set", "eth0", "up"])?;
-            ep.ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.{}.0.1", i + 1),
-            ])?;
+                format!("10.{}.0.1/24", i + 1).parse()?,
+                format!("10.{}.0.2/24", i + 1).parse()?,
+            )?;
             endpoints.push(ep);
         }
         Ok(Baseline {
@@ -325,25 +266,7 @@ fn iperf_server(pair: &Pair<'_>, port: u16) -> anyhow::Result<ChildGuard> {
 }
 
 fn iperf(pair: &Pair<'_>, port: u16, streams: u32, seconds: u32) -> anyhow::Result<f64> {
-    let out = pair.client.run(
-        "iperf3",
-        &[
-            "-c",
-            &pair.server_ip.to_string(),
-            "-p",
-            &port.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3: no end.sum_received.bits_per_second")?;
-    Ok(bps / 1e9)
+    iperf3_gbps(pair.client, pair.server_ip, port, streams, seconds)
 }
 
 /// Mean round trip (µs) of `transactions` 1-byte request/responses on one TCP connection.

@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::{net::Ipv4Addr, time::Instant};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use common::bench::{arg, median};
 use common::{Packet, TestDatapath, TCP};
 use ipnet::Ipv4Net;
 use meshd_datapath::{Direction, IpcacheTarget, LocalEndpoint, NodeConfig, PolicyEntry, Verdict};
@@ -27,20 +28,6 @@ const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
 const A_IF: u32 = 101;
 const IPCACHE_ENTRIES_DEFAULT: u32 = 100_000;
 const POLICY_ENTRIES: u32 = 10_000;
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn remote_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i)

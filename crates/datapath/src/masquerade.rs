@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive};
 
-use aya::maps::lpm_trie::Key as LpmKey;
+use aya::maps::{lpm_trie::Key as LpmKey, MapError};
 use ipnet::Ipv4Net;
 use meshd_ebpf::{abi, maps as names};
 
@@ -89,18 +89,30 @@ impl DatapathMaps {
         let want: BTreeSet<Ipv4Net> = prefixes.iter().map(Ipv4Net::trunc).collect();
         let have: BTreeSet<Ipv4Net> = self.no_masquerade()?.into_iter().collect();
         for p in want.difference(&have) {
-            self.no_masq
-                .insert(&no_masq_key(*p), abi::NoMasqValue::default(), 0)
-                .map_err(op_err("insert", names::NO_MASQ, p))?;
+            self.insert_no_masquerade(*p)?;
         }
         for p in have.difference(&want) {
-            ignore_missing(self.no_masq.remove(&no_masq_key(*p))).map_err(op_err(
-                "remove",
-                names::NO_MASQ,
-                p,
-            ))?;
+            self.remove_no_masquerade(*p)?;
         }
         Ok(())
+    }
+
+    /// Adds `prefix` to NO_MASQ (idempotent).
+    pub fn insert_no_masquerade(&mut self, prefix: Ipv4Net) -> Result<()> {
+        let p = prefix.trunc();
+        self.no_masq
+            .insert(&no_masq_key(p), abi::NoMasqValue::default(), 0)
+            .map_err(op_err("insert", names::NO_MASQ, p))
+    }
+
+    /// Removes `prefix` from NO_MASQ (idempotent).
+    pub fn remove_no_masquerade(&mut self, prefix: Ipv4Net) -> Result<()> {
+        let p = prefix.trunc();
+        ignore_missing(self.no_masq.remove(&no_masq_key(p))).map_err(op_err(
+            "remove",
+            names::NO_MASQ,
+            p,
+        ))
     }
 
     /// The prefixes in NO_MASQ.
@@ -155,6 +167,26 @@ impl DatapathMaps {
             )
         });
         Ok(out)
+    }
+
+    /// The reverse half of `mapping`: where replies to its node address and port go
+    /// (endpoint, port), or `None` when that half is missing. The key is the replies' tuple, as
+    /// the datapath writes it (`nat_key` in `meshd_abi.h`: for ICMP echo the identifier sits in
+    /// `dport` of a reply).
+    pub fn nat_reverse(&self, mapping: &NatMapping) -> Result<Option<(Ipv4Addr, u16)>> {
+        let key = abi::NatKey {
+            saddr: abi::ip_to_be(mapping.remote),
+            daddr: abi::ip_to_be(mapping.nat_addr),
+            sport: mapping.remote_port.to_be(),
+            dport: mapping.nat_port.to_be(),
+            proto: mapping.proto,
+            pad: [0; 3],
+        };
+        match self.nat.get(&key, 0) {
+            Ok(v) => Ok(Some((abi::ip_from_be(v.addr), u16::from_be(v.port)))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(op_err("get", names::NAT, mapping.nat_port)(e)),
+        }
     }
 
     /// Number of NAT entries (two per masqueraded flow while both halves are in the LRU).

@@ -46,7 +46,8 @@ fn lb_frontend(f: &Frontend) -> Option<LbFrontend> {
 pub fn ipv4_only(d: &DesiredDatapath) -> Cow<'_, DesiredDatapath> {
     let v6 = d.ipcache.iter().any(|(p, t)| ipcache_is_v6(p, t))
         || d.nodes.keys().any(IpAddr::is_ipv6)
-        || d.services.services.keys().any(|f| f.ip.is_ipv6());
+        || d.services.services.keys().any(|f| f.ip.is_ipv6())
+        || d.no_masquerade.iter().any(|p| matches!(p, IpNet::V6(_)));
     if !v6 {
         return Cow::Borrowed(d);
     }
@@ -55,6 +56,7 @@ pub fn ipv4_only(d: &DesiredDatapath) -> Cow<'_, DesiredDatapath> {
     out.nodes.retain(|ip, _| ip.is_ipv4());
     out.services.services.retain(|f, _| f.ip.is_ipv4());
     out.services.backends.retain(|s, _| s.frontend.ip.is_ipv4());
+    out.no_masquerade.retain(|p| matches!(p, IpNet::V4(_)));
     Cow::Owned(out)
 }
 
@@ -95,6 +97,14 @@ impl DatapathMaps {
             DatapathOp::DisablePolicy { subject, direction } => {
                 self.set_policy_enabled(subject.get(), direction, false)
             }
+            DatapathOp::UpsertNoMasquerade { prefix } => match prefix {
+                IpNet::V4(prefix) => self.insert_no_masquerade(prefix),
+                IpNet::V6(_) => Ok(()),
+            },
+            DatapathOp::DeleteNoMasquerade { prefix } => match prefix {
+                IpNet::V4(prefix) => self.remove_no_masquerade(prefix),
+                IpNet::V6(_) => Ok(()),
+            },
         }
     }
 
@@ -171,6 +181,7 @@ impl DatapathMaps {
             }
         }
         actual.services = self.read_back_services()?;
+        actual.no_masquerade = self.no_masquerade()?.into_iter().map(IpNet::V4).collect();
         Ok(actual)
     }
 

@@ -1,180 +1,21 @@
 //! Leaving the mesh under BPF_PROG_RUN: world and host destinations, masquerade in
 //! from_endpoint (SNAT) and its reverse in from_netdev, checksums included.
 //!
-//! from_endpoint routes world-bound packets with bpf_fib_lookup, which answers from the FIB of
-//! the namespace running the program and wants the packet's input device there. So each test
-//! runs on a thread that entered its own namespace holding veths standing for endpoints' host
-//! sides (their ifindex is the packets' ingress) and for the uplink (with the node IP, a default route via
-//! a gateway and a permanent neighbour entry for it). This kernel has no dummy interfaces.
+//! Each test runs on a thread inside a namespace of its own (`common::world`).
 
 mod common;
 
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 
-use common::{frames::*, *};
-use meshd_datapath::{
-    plumbing, Direction, EgressConfig, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
-};
-use meshd_ebpf::{abi, programs};
-use meshd_testing::netns::Netns;
+use common::{frames::*, world::*, *};
+use meshd_datapath::{Direction, EgressConfig, PolicyEntry, Verdict};
+use meshd_ebpf::abi;
 
-const CLUSTER1: u32 = 1 << 16;
-const CLIENT: u32 = CLUSTER1 | 1001;
-const WEB: u32 = CLUSTER1 | 1000;
-const A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 2);
-const B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 3);
-const A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
-const A_GW_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0xfe];
-const B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
-const B_GW_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0xfe];
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 254);
-const GATEWAY_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0xfe];
-/// An external host (documentation range), reached by the default route.
-const X: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+/// A range of 8 ports, so that exhaustion is easy to reach.
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=61007;
 
-struct World {
-    dp: TestDatapath,
-    a_if: u32,
-    b_if: u32,
-    up_if: u32,
-    up_mac: [u8; 6],
-    // Last: the namespace outlives nothing that refers to it.
-    _ns: Netns,
-}
-
-/// A datapath with endpoints A (CLIENT) and B (WEB) and masquerade on NAT_PORTS, this thread
-/// inside a namespace wired as the module doc says.
 fn setup() -> Option<World> {
-    if !can_run() {
-        return None;
-    }
-    let ns = Netns::new("mq").expect("netns");
-    for args in [
-        &[
-            "link",
-            "add",
-            "mq_a",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "mq_a_peer",
-        ][..],
-        &[
-            "link",
-            "add",
-            "mq_b",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "mq_b_peer",
-        ],
-        &[
-            "link",
-            "add",
-            "mq_up",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "mq_up_peer",
-        ],
-        &["link", "set", "mq_a", "up"],
-        &["link", "set", "mq_b", "up"],
-        &["link", "set", "mq_a_peer", "up"],
-        &["link", "set", "mq_b_peer", "up"],
-        &["link", "set", "mq_up_peer", "up"],
-        &["addr", "add", "192.0.2.1/24", "dev", "mq_up"],
-        &["link", "set", "mq_up", "up"],
-        &[
-            "neigh",
-            "replace",
-            "192.0.2.254",
-            "lladdr",
-            "02:47:57:00:00:fe",
-            "dev",
-            "mq_up",
-            "nud",
-            "permanent",
-        ],
-        &["route", "add", "default", "via", "192.0.2.254"],
-        &["route", "add", "blackhole", "203.0.113.0/24"],
-    ] {
-        ns.ip(args).expect("ip");
-    }
-    for dev in ["mq_a", "mq_b"] {
-        plumbing::enable_forwarding(Some(ns.name()), dev).expect("forwarding");
-    }
-    let info = |dev| plumbing::link_info(Some(ns.name()), dev).expect("link info");
-    let (a_if, b_if, up) = (info("mq_a").ifindex, info("mq_b").ifindex, info("mq_up"));
-    // BPF_PROG_RUN and bpf_fib_lookup use the namespace of the calling thread.
-    let file = std::fs::File::open(ns.path()).expect("open netns");
-    // SAFETY: a valid namespace fd; CLONE_NEWNET changes only this (test) thread.
-    assert_eq!(
-        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-        0,
-        "setns"
-    );
-
-    let mut dp = TestDatapath::new();
-    let m = &mut dp.maps;
-    m.set_config(NodeConfig {
-        vxlan_ifindex: 0,
-        node_ip: NODE,
-        cluster_id: 1,
-    })
-    .unwrap();
-    m.set_egress(&EgressConfig {
-        masquerade: true,
-        nat_ports: NAT_PORTS,
-    })
-    .unwrap();
-    for (ip, ifindex, identity, mac, node_mac) in [
-        (A, a_if, CLIENT, A_MAC, A_GW_MAC),
-        (B, b_if, WEB, B_MAC, B_GW_MAC),
-    ] {
-        m.upsert_endpoint(
-            ip,
-            LocalEndpoint {
-                ifindex,
-                identity,
-                mac,
-                node_mac,
-            },
-        )
-        .unwrap();
-    }
-    Some(World {
-        dp,
-        a_if,
-        b_if,
-        up_if: up.ifindex,
-        up_mac: up.mac,
-        _ns: ns,
-    })
-}
-
-impl World {
-    fn run(&self, program: &'static str, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-        let (verdict, out, _) = self.dp.run(program, frame, ifindex, [0; 5]);
-        (verdict, out)
-    }
-
-    fn egress(&self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
-        self.run(programs::FROM_ENDPOINT, frame, ifindex)
-    }
-
-    fn uplink(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.run(programs::FROM_NETDEV, frame, self.up_if)
-    }
-
-    fn counter(&self, direction: Direction, reason: i32) -> u64 {
-        self.dp.maps.counter(direction, reason).unwrap()
-    }
+    world(NAT_PORTS)
 }
 
 fn icmp_echo(saddr: Ipv4Addr, daddr: Ipv4Addr, id: u16, reply: bool) -> Vec<u8> {
@@ -329,6 +170,31 @@ fn an_exhausted_range_drops_with_nat_no_port_and_recovers_when_a_connection_ends
     assert_eq!(verdict, TC_ACT_REDIRECT, "a port is free again");
     assert!(ports.contains(&sport(&out)));
     assert_eq!(w.counter(Direction::Egress, abi::DROP_NAT_NO_PORT), 1);
+}
+
+/// Masquerade never launders a forged source: a packet to the world from an endpoint's veth
+/// with another endpoint's address, or with an address no endpoint has, is dropped before any
+/// mapping is made.
+#[test]
+fn spoofed_sources_to_the_world_stay_dropped_and_get_no_mapping() {
+    let Some(w) = setup() else { return };
+    for (i, forged) in [B, Ipv4Addr::new(10, 1, 0, 99), NODE]
+        .into_iter()
+        .enumerate()
+    {
+        let (verdict, _) = w.egress(&tcp(forged, 40000, X, 80, 0x02), w.a_if);
+        assert_eq!(verdict, TC_ACT_SHOT, "{forged} sent from A's veth");
+        assert_eq!(
+            w.counter(Direction::Egress, abi::DROP_INVALID_SOURCE),
+            i as u64 + 1
+        );
+    }
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_WORLD), 0);
+    assert!(w.dp.maps.nat_mappings().unwrap().is_empty());
+    // A's own address still leaves.
+    let (verdict, out) = w.egress(&tcp(A, 40000, X, 80, 0x02), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&out), NODE);
 }
 
 #[test]

@@ -146,9 +146,9 @@ fn service_maps_follow_the_desired_state() {
     assert!(maps.backends().unwrap().is_empty());
 }
 
-/// The view's operations for ipcache (/32 and shorter prefixes, local and tunnelled), nodes
-/// and policy (entries and markers) land in the maps, and the read-back is exactly the desired
-/// shape again: a full diff against it is empty. Policy writes bump the policy revision,
+/// The view's operations for ipcache (/32 and shorter prefixes, local and tunnelled), nodes,
+/// policy (entries and markers) and NO_MASQ land in the maps, and the read-back is exactly the
+/// desired shape again: a full diff against it is empty. Policy writes bump the policy revision,
 /// deletes included; entries nothing could want are dropped by the read-back.
 #[test]
 fn operations_and_read_back_round_trip() {
@@ -195,9 +195,10 @@ fn operations_and_read_back_round_trip() {
         },
     );
     desired.policy_enabled.insert((subject, Direction::Ingress));
+    desired.no_masquerade.insert("10.2.0.0/24".parse().unwrap());
 
     let ops = diff(&DesiredDatapath::default(), &desired);
-    assert_eq!(ops.len(), 5);
+    assert_eq!(ops.len(), 6);
     for op in &ops {
         maps.apply(op).unwrap();
     }
@@ -243,6 +244,12 @@ fn operations_and_read_back_round_trip() {
         .is_none());
     assert!(back.policy.is_empty());
     assert_eq!(back.policy_enabled.len(), 1);
+    // A remote cluster's pod CIDR leaves NO_MASQ with its cluster.
+    maps.apply(&DatapathOp::DeleteNoMasquerade {
+        prefix: "10.2.0.0/24".parse().unwrap(),
+    })
+    .unwrap();
+    assert!(maps.read_back().unwrap().no_masquerade.is_empty());
 
     // IPv6 operations are accepted and write nothing.
     maps.apply(&DatapathOp::UpsertNode {

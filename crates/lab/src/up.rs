@@ -9,12 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ipnet::Ipv4Net;
 use meshd_certs::{LeafKind, MeshCa};
 use meshd_netlink::{with_netlink, Route};
 use meshd_topology::etcd::{EtcdMember, EtcdServerTls};
 use meshd_topology::underlay::host_address;
-use meshd_topology::{HostSpec, RootLinkSpec, Topology, UnderlaySpec};
+use meshd_topology::{HostSpec, OutsideSpec, RootLinkSpec, Topology, UnderlaySpec};
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
 use crate::spec::{
@@ -212,63 +211,32 @@ fn build_on(
 }
 
 /// The router on the underlay and the external host behind it (see
-/// [`ExternalSpec`](crate::spec::ExternalSpec)). With
-/// masquerade off the router routes every node's pod CIDR to the node, as a network that
-/// carries pod addresses does; with it on it knows nothing of them.
+/// [`ExternalSpec`](crate::spec::ExternalSpec)), built by the topology as the e2e tests build
+/// theirs, with strict reverse-path filtering. With masquerade off the router routes every
+/// node's pod CIDR to the node, as a network that carries pod addresses does; with it on it
+/// knows nothing of them.
 fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()> {
     let ext = &spec.external;
-    let router = spec.router_netns();
-    let host = spec.external_netns();
-    topology.add_host(&HostSpec {
-        netns: router.clone(),
+    let routes = if spec.masquerade {
+        Vec::new()
+    } else {
+        spec.clusters
+            .iter()
+            .flat_map(|c| &c.nodes)
+            .map(|n| (n.pod_cidr, n.ip))
+            .collect()
+    };
+    topology.add_outside(&OutsideSpec {
+        router_netns: spec.router_netns(),
         bridge_port: "v-router".into(),
-        address: host_address(ext.router_ip, spec.underlay),
+        router_address: host_address(ext.router_ip, spec.underlay),
+        host_netns: spec.external_netns(),
+        net: ext.net,
+        host_ip: ext.ip,
+        router_side_mtu: spec.mtu,
+        routes,
+        strict_rp_filter: true,
     })?;
-    topology.add_namespace(&host)?;
-    let router_ext = Ipv4Net::new(
-        std::net::Ipv4Addr::from(u32::from(ext.net.network()) + 1),
-        ext.net.prefix_len(),
-    )?;
-    with_netlink(Some(&router), |nl| {
-        nl.add_veth("ext0", "eth0", Some(&host), Some(spec.mtu))?;
-        nl.add_address("ext0", router_ext)?;
-        nl.set_up("ext0")?;
-        nl.enable_ipv4_forwarding("ext0")?;
-        nl.enable_ipv4_forwarding("ul0")?;
-        if !spec.masquerade {
-            for node in spec.clusters.iter().flat_map(|c| &c.nodes) {
-                nl.add_route(
-                    &Route {
-                        destination: node.pod_cidr,
-                        dev: "ul0",
-                        gateway: Some(node.ip),
-                        link_scope: false,
-                    },
-                    false,
-                )?;
-            }
-        }
-        Ok(())
-    })
-    .with_context(|| format!("{router}: the router's external link"))?;
-    with_netlink(Some(&host), |nl| {
-        nl.set_up("lo")?;
-        nl.add_address(
-            "eth0",
-            Ipv4Net::new(ext.ip, ext.net.prefix_len()).expect("valid"),
-        )?;
-        nl.set_up("eth0")?;
-        nl.add_route(
-            &Route {
-                destination: Ipv4Net::default(),
-                dev: "eth0",
-                gateway: Some(router_ext.addr()),
-                link_scope: false,
-            },
-            false,
-        )
-    })
-    .with_context(|| format!("{host}: the external host's link"))?;
     Ok(())
 }
 

@@ -188,9 +188,16 @@ impl Lab {
             .to_owned()
     }
 
-    /// Adds endpoint `name` with `labels` on `cluster/node` and starts an echo workload in it;
-    /// returns what `endpoint add -o json` printed.
-    fn add_backend(&mut self, cluster: &str, node: &str, name: &str, labels: &str) -> Value {
+    /// Adds endpoint `name` with `labels` on `cluster/node` and starts an echo workload in it
+    /// on `port`; returns what `endpoint add -o json` printed.
+    fn add_backend(
+        &mut self,
+        cluster: &str,
+        node: &str,
+        name: &str,
+        labels: &str,
+        port: u16,
+    ) -> Value {
         let added = self.add_endpoint(cluster, node, name, labels);
         let netns = added["netns"].as_str().unwrap().to_owned();
         let socket = self.node_socket(cluster, node);
@@ -198,7 +205,7 @@ impl Lab {
             .arg(format!("--net={netns}"))
             .arg("--")
             .arg(meshd_bin())
-            .args(["workload", "echo", "--listen", "0.0.0.0:8080"])
+            .args(["workload", "echo", "--listen", &format!("0.0.0.0:{port}")])
             .args(["--cluster", cluster, "--node", node, "--endpoint", name])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -312,7 +319,7 @@ fn global_shared_and_local_services() {
     if !prerequisites() {
         return;
     }
-    let lab = Lab::up("svcg", "10.82.0.0/24");
+    let mut lab = Lab::up("svcg", "10.82.0.0/24");
 
     // Logs written to files carry no terminal colour codes (they used to be full of them).
     let log = std::fs::read_to_string(lab.run_dir.join("c1/n1/agent.log")).unwrap();
@@ -348,6 +355,21 @@ fn global_shared_and_local_services() {
     let s = lab.requests("c1/client-c1-n1", &vip1, 100);
     assert!(s.ok == 100 && s.only("c1"), "c1 sees only c1: {s:?}");
 
+    // Cilium's documentation example, a Kubernetes `v1` Service with
+    // `service.cilium.io/global`, applied unchanged in both clusters: its backends (port 80,
+    // no targetPort) of both clusters answer behind each cluster's VIP.
+    let rebel_base = include_str!("../../../examples/services/cilium-global-service.yaml");
+    lab.add_backend("c1", "n2", "rebel-base-c1", "name=rebel-base", 80);
+    lab.add_backend("c2", "n1", "rebel-base-c2", "name=rebel-base", 80);
+    lab.apply("c1", rebel_base);
+    lab.apply("c2", rebel_base);
+    let (vip1, vip2) = (lab.vip("c1", "rebel-base"), lab.vip("c2", "rebel-base"));
+    for (from, vip) in [("c1/client-c1-n1", &vip1), ("c2/client-c2-n2", &vip2)] {
+        lab.wait_for("rebel-base from both clusters", from, vip, |s| {
+            s.ok == 20 && s.from("c1") > 0 && s.from("c2") > 0
+        });
+    }
+
     // `home`: no global annotation in either cluster.
     lab.apply("c1", &service("home", "echo", &[]));
     lab.apply("c2", &service("home", "echo", &[]));
@@ -377,9 +399,9 @@ fn affinity_local_fails_over_and_back() {
         return;
     }
     let mut lab = Lab::up("svca", "10.83.0.0/24");
-    lab.add_backend("c1", "n2", "aff-c1", "app=aff");
-    lab.add_backend("c2", "n1", "aff-c2", "app=aff");
-    lab.add_backend("c2", "n2", "aff-c2b", "app=aff");
+    lab.add_backend("c1", "n2", "aff-c1", "app=aff", 8080);
+    lab.add_backend("c2", "n1", "aff-c2", "app=aff", 8080);
+    lab.add_backend("c2", "n2", "aff-c2b", "app=aff", 8080);
     lab.apply(
         "c1",
         &service("aff", "aff", &[(GLOBAL, "true"), (AFFINITY, "local")]),
@@ -404,7 +426,7 @@ fn affinity_local_fails_over_and_back() {
     let s = lab.requests(client, &vip, 100);
     assert!(s.ok == 100 && s.only("c2"), "served by c2: {s:?}");
 
-    lab.add_backend("c1", "n2", "aff-c1", "app=aff");
+    lab.add_backend("c1", "n2", "aff-c1", "app=aff", 8080);
     lab.wait_for("back to c1", client, &vip, |s| s.ok == 20 && s.only("c1"));
     let s = lab.requests(client, &vip, 100);
     assert!(s.ok == 100 && s.only("c1"), "back in c1: {s:?}");
@@ -455,7 +477,7 @@ fn bench_failover() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let mut lab = Lab::up("svcbf", "10.84.0.0/24");
-    lab.add_backend("c2", "n1", "fo-c2", "app=fo");
+    lab.add_backend("c2", "n1", "fo-c2", "app=fo", 8080);
     lab.apply(
         "c1",
         &service("fo", "fo", &[(GLOBAL, "true"), (AFFINITY, "local")]),
@@ -467,7 +489,7 @@ fn bench_failover() {
     let mut failover_ms = Vec::new();
     let mut delete_ms = Vec::new();
     for trial in 0..trials {
-        lab.add_backend("c1", "n2", "fo-c1", "app=fo");
+        lab.add_backend("c1", "n2", "fo-c1", "app=fo", 8080);
         lab.wait_for("c1 backend serving", client, &vip.to_string(), |s| {
             s.ok == 20 && s.only("c1")
         });
@@ -542,7 +564,7 @@ fn bench_connection_rate() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
     let mut lab = Lab::up("svcbr", "10.85.0.0/24");
-    lab.add_backend("c1", "n2", "one-c1", "app=one");
+    lab.add_backend("c1", "n2", "one-c1", "app=one", 8080);
     lab.apply("c1", &service("one", "one", &[]));
     let vip: std::net::IpAddr = lab.vip("c1", "one").parse().unwrap();
     let client = "c1/client-c1-n1";
@@ -553,7 +575,7 @@ fn bench_connection_rate() {
     // from one client could share a 4-tuple at a backend (the client's kernel picks their
     // source ports independently), and TIME_WAIT collisions would be measured, not the
     // datapath.
-    let twin = lab.add_backend("c1", "n2", "two-c1", "app=two");
+    let twin = lab.add_backend("c1", "n2", "two-c1", "app=two", 8080);
     let backend: std::net::IpAddr = twin["ip"].as_str().unwrap().parse().unwrap();
     let direct_client = lab.add_endpoint("c1", "n1", "cr-direct", "app=client");
     let vip_netns = endpoint_netns(&lab, client);

@@ -202,6 +202,9 @@ fn type_document(
     }
     let document = match kind {
         Kind::Service => {
+            if let Some((field, reason)) = crate::service::unsupported_field(&value) {
+                return Err(with_object(err(&field, reason)));
+            }
             let svc: crate::Service = serde_path_to_error::deserialize(value)
                 .map_err(|e| with_object(err(&field_of(e.path()), e.inner().to_string())))?;
             Document::Service(svc)

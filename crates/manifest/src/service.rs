@@ -132,6 +132,44 @@ impl<'de> Deserialize<'de> for TargetPort {
     }
 }
 
+/// The fields of `spec` and of `spec.ports[]` a Service may have; Kubernetes has more.
+const SPEC_FIELDS: [&str; 4] = ["selector", "ports", "clusterIP", "type"];
+const PORT_FIELDS: [&str; 5] = ["name", "port", "targetPort", "protocol", "appProtocol"];
+
+/// The first field of a Service document (a Kubernetes `v1` one, typically) that meshd does
+/// not implement, named with its path (`spec.sessionAffinity`, `spec.ports[0].nodePort`), so
+/// a manifest brought from Kubernetes is refused for what it says, never half applied.
+pub(crate) fn unsupported_field(doc: &serde_yaml::Value) -> Option<(String, String)> {
+    let spec = doc.get("spec")?.as_mapping()?;
+    let refuse = |at: String, part: &str, supported: &[&str]| {
+        let reason = format!(
+            "not supported by meshd (a Service {part} has {})",
+            supported.join(", ")
+        );
+        (at, reason)
+    };
+    for key in spec.keys() {
+        let name = key.as_str().unwrap_or_default();
+        if !SPEC_FIELDS.contains(&name) {
+            return Some(refuse(format!("spec.{name}"), "spec", &SPEC_FIELDS));
+        }
+    }
+    let ports = spec.get("ports").and_then(|p| p.as_sequence())?;
+    for (i, port) in ports.iter().enumerate() {
+        for key in port.as_mapping().map(|m| m.keys()).into_iter().flatten() {
+            let name = key.as_str().unwrap_or_default();
+            if !PORT_FIELDS.contains(&name) {
+                return Some(refuse(
+                    format!("spec.ports[{i}].{name}"),
+                    "port",
+                    &PORT_FIELDS,
+                ));
+            }
+        }
+    }
+    None
+}
+
 impl Service {
     pub fn namespace(&self) -> &str {
         &self.metadata.namespace

@@ -102,7 +102,15 @@ fn errors_name_file_document_and_field() {
         ),
         (
             "metadata: { name: a }\nspec: { selector: { app: a }, ports: [ { port: 80 } ], nodePort: 3 }",
-            "spec",
+            "spec.nodePort",
+        ),
+        (
+            "metadata: { name: a }\nspec: { selector: { app: a }, ports: [ { port: 80 } ], sessionAffinity: ClientIP }",
+            "spec.sessionAffinity",
+        ),
+        (
+            "metadata: { name: a }\nspec: { selector: { app: a }, ports: [ { port: 80, nodePort: 30080 } ] }",
+            "spec.ports[0].nodePort",
         ),
     ];
     for (body, field) in cases {
@@ -214,4 +222,46 @@ fn policies_use_the_mesh_type_and_report_every_problem() {
     assert!(errs.0.iter().all(|e| e.document == 1 && e.file == "p.yaml"));
     let e = one_error(&POLICY.replace("toPorts", "toPortz"));
     assert!(e.field.starts_with("spec.ingress[0]"), "{e}");
+}
+
+/// Cilium's documentation example of a global service, a Kubernetes `v1` Service with
+/// `service.cilium.io/global`, is meshd's global service; what meshd does not implement of a
+/// Kubernetes Service is refused with its field named.
+#[test]
+fn cilium_global_service_example_is_a_global_service() {
+    let text = include_str!("../../../examples/services/cilium-global-service.yaml");
+    let docs = parse_str("rebel-base.yaml", text).unwrap();
+    let Document::Service(svc) = &docs[0].document else {
+        panic!("not a service")
+    };
+    assert_eq!(
+        (svc.namespace(), svc.name()),
+        (DEFAULT_NAMESPACE, "rebel-base")
+    );
+    let o = svc.options().unwrap();
+    assert!(
+        o.global && o.shared && o.affinity == Affinity::None,
+        "{o:?}"
+    );
+    assert_eq!(svc.spec.ports[0].target_port(), 80);
+    assert_eq!(svc.selector().to_string(), "name=rebel-base");
+
+    for (change, field) in [
+        ("type: ClusterIP", "type: LoadBalancer"),
+        (
+            "  type: ClusterIP",
+            "  type: ClusterIP\n  externalTrafficPolicy: Local",
+        ),
+        ("  - port: 80", "  - port: 80\n    nodePort: 30080"),
+    ]
+    .map(|(from, to)| (text.replace(from, to), to))
+    {
+        let e = one_error(&change);
+        let named = match field {
+            "type: LoadBalancer" => "spec.type",
+            f if f.contains("externalTrafficPolicy") => "spec.externalTrafficPolicy",
+            _ => "spec.ports[0].nodePort",
+        };
+        assert_eq!(e.field, named, "{e}");
+    }
 }

@@ -114,6 +114,10 @@ pub struct DesiredDatapath {
     /// SERVICES and BACKENDS. Driven by [`crate::services::diff_services`] (its own ordered
     /// operations), not by [`diff`].
     pub services: DesiredServices,
+    /// NO_MASQ: destinations local endpoints reach with their own address, never masqueraded:
+    /// the pod CIDRs of every admitted node of every cluster (and this node's own) and the
+    /// configured `non_masquerade_cidrs` ([`crate::LocalNode::non_masquerade`]).
+    pub no_masquerade: BTreeSet<IpNet>,
 }
 
 /// One write to one map.
@@ -148,6 +152,13 @@ pub enum DatapathOp {
     DeleteNode {
         ip: IpAddr,
     },
+    /// A destination prefix is never masqueraded (NO_MASQ).
+    UpsertNoMasquerade {
+        prefix: IpNet,
+    },
+    DeleteNoMasquerade {
+        prefix: IpNet,
+    },
 }
 
 impl DatapathOp {
@@ -165,6 +176,9 @@ impl DatapathOp {
             DatapathOp::DeletePolicy { .. } => 5,
             DatapathOp::DeleteIpcache { .. } => 6,
             DatapathOp::DeleteNode { .. } => 7,
+            // Whether a destination is masqueraded depends on no other map.
+            DatapathOp::UpsertNoMasquerade { .. } => 0,
+            DatapathOp::DeleteNoMasquerade { .. } => 7,
         }
     }
 }
@@ -250,6 +264,24 @@ pub fn diff_nodes(
     });
 }
 
+/// Operations on NO_MASQ turning `actual` into `desired`.
+pub fn diff_no_masquerade(
+    actual: &BTreeSet<IpNet>,
+    desired: &BTreeSet<IpNet>,
+    ops: &mut Vec<DatapathOp>,
+) {
+    ops.extend(
+        desired
+            .difference(actual)
+            .map(|p| DatapathOp::UpsertNoMasquerade { prefix: *p }),
+    );
+    ops.extend(
+        actual
+            .difference(desired)
+            .map(|p| DatapathOp::DeleteNoMasquerade { prefix: *p }),
+    );
+}
+
 /// Operations on the policy map (entries and markers) turning `actual` into `desired`, in
 /// phase order.
 pub fn diff_policy(actual: &DesiredDatapath, desired: &DesiredDatapath) -> Vec<DatapathOp> {
@@ -307,6 +339,7 @@ pub fn diff(actual: &DesiredDatapath, desired: &DesiredDatapath) -> Vec<Datapath
     diff_nodes(&actual.nodes, &desired.nodes, &mut ops);
     diff_ipcache(&actual.ipcache, &desired.ipcache, &mut ops);
     diff_policy_into(actual, desired, &mut ops);
+    diff_no_masquerade(&actual.no_masquerade, &desired.no_masquerade, &mut ops);
     order_ops(&mut ops);
     ops
 }
@@ -340,6 +373,12 @@ impl DesiredDatapath {
                 }
                 DatapathOp::DisablePolicy { subject, direction } => {
                     self.policy_enabled.remove(&(subject, direction));
+                }
+                DatapathOp::UpsertNoMasquerade { prefix } => {
+                    self.no_masquerade.insert(prefix);
+                }
+                DatapathOp::DeleteNoMasquerade { prefix } => {
+                    self.no_masquerade.remove(&prefix);
                 }
             }
         }
@@ -396,6 +435,12 @@ mod tests {
                         cookie: seed,
                     },
                 );
+            }
+        }
+        for c in 0..4u32 {
+            if (c + seed) % 3 != 0 {
+                d.no_masquerade
+                    .insert(format!("10.{c}.{}.0/24", seed % 2).parse().unwrap());
             }
         }
         d

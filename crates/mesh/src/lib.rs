@@ -5,7 +5,7 @@
 //! # Public API (what the agent consumes)
 //!
 //! ```text
-//! MeshView::new(LocalNode { cluster, cluster_id, node_name, node_ip, pod_cidrs })
+//! MeshView::new(LocalNode { cluster, cluster_id, node_name, node_ip, pod_cidrs, non_masquerade })
 //! view.apply(ClusterEvent { cluster, kind }) -> Applied       // one watcher event
 //! view.apply_batch(events) -> Applied                          // a burst (initial list): faster, net report
 //! view.apply_policy(PolicyEvent::Upsert(p) | Delete{..}) -> Result<bool /*changed*/, PolicyErrors>

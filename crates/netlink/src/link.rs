@@ -243,6 +243,11 @@ impl Netlink {
         self.set("setting up", name, |b| b.up())
     }
 
+    /// `ip link set NAME mtu MTU`.
+    pub fn set_mtu(&self, name: &str, mtu: u32) -> Result<()> {
+        self.set("setting the MTU of", name, |b| b.mtu(mtu))
+    }
+
     /// `ip link set NAME master BRIDGE up`.
     pub fn set_master_up(&self, name: &str, bridge: &str) -> Result<()> {
         let bridge_index = self.index(bridge)?;
@@ -265,10 +270,24 @@ impl Netlink {
     /// this link only. (/proc/sys/net answers for the namespace of the thread that opens it,
     /// this session's.)
     pub fn enable_ipv4_forwarding(&self, name: &str) -> Result<()> {
-        let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
-        std::fs::write(&path, "1").map_err(|source| NetlinkError::Request {
-            op: "enabling IPv4 forwarding on",
-            target: name.to_owned(),
+        self.set_ipv4_conf(name, "forwarding", "1", "enabling IPv4 forwarding on")
+    }
+
+    /// `sysctl net.ipv4.conf.{all,NAME}.rp_filter=1`: strict reverse-path filtering on the
+    /// link (the kernel applies the greater of `all` and the link's value, so both are set).
+    pub fn set_strict_rp_filter(&self, name: &str) -> Result<()> {
+        for link in ["all", name] {
+            self.set_ipv4_conf(link, "rp_filter", "1", "setting strict rp_filter on")?;
+        }
+        Ok(())
+    }
+
+    /// Writes `/proc/sys/net/ipv4/conf/LINK/KEY` of this session's namespace.
+    fn set_ipv4_conf(&self, link: &str, key: &str, value: &str, op: &'static str) -> Result<()> {
+        let path = format!("/proc/sys/net/ipv4/conf/{link}/{key}");
+        std::fs::write(&path, value).map_err(|source| NetlinkError::Request {
+            op,
+            target: link.to_owned(),
             netns: self.netns.clone(),
             source,
         })

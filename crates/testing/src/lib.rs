@@ -7,6 +7,7 @@ pub mod etcd;
 pub mod etcd_cluster;
 pub mod legacy_certs;
 pub mod netns;
+pub mod trials;
 
 /// Checks a prerequisite of a test (root, a binary, bpffs, ...).
 ///

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
-use meshd_topology::{self as topology, HostSpec, Topology, UnderlaySpec};
+use meshd_topology::{self as topology, HostSpec, OutsideSpec, Topology, UnderlaySpec};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -217,11 +217,11 @@ impl Underlay {
 
 /// Outside the mesh (DESIGN.md, "Test topology"): a router namespace with a leg on the
 /// underlay and, behind it on its own link, an external host with an address from a
-/// documentation range. Nodes reach it through a route via [`External::router_ip`]; the
-/// router knows nothing of pod CIDRs unless told ([`External::route_to`]).
+/// documentation range, built by the topology as the lab builds its own. Nodes reach it
+/// through a route via [`External::router_ip`]; the router knows nothing of pod CIDRs unless
+/// told ([`External::route_to`]).
 #[derive(Debug)]
 pub struct External {
-    /// Deleted before the router.
     pub host: Netns,
     pub router: Netns,
     /// The router's address on the underlay.
@@ -240,84 +240,30 @@ impl Underlay {
     /// big DF packets going out. Both the router and the host run strict reverse-path
     /// filtering (rp_filter = 1), as a careful network would.
     pub fn add_external(
-        &self,
+        &mut self,
         prefix: &str,
         router_ip: Ipv4Addr,
         router_side_mtu: u32,
     ) -> anyhow::Result<External> {
-        let router = Netns::new(&format!("{prefix}-rt"))?;
-        let host = Netns::new(&format!("{prefix}-ext"))?;
-        let mtu = self.mtu().to_string();
-        let ext_mtu = router_side_mtu.to_string();
-        router.ip(&[
-            "link",
-            "add",
-            "rt0",
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "rtp0",
-            "mtu",
-            &mtu,
-            "netns",
-            self.bridge.name(),
-        ])?;
-        self.bridge.ip(&["link", "set", "rtp0", "master", "br0"])?;
-        self.bridge.ip(&["link", "set", "rtp0", "up"])?;
-        router.ip(&["addr", "add", &format!("{router_ip}/24"), "dev", "rt0"])?;
-        router.ip(&["link", "set", "rt0", "up"])?;
-        router.ip(&[
-            "link",
-            "add",
-            "ext0",
-            "mtu",
-            &ext_mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            host.name(),
-        ])?;
         let [a, b, c] = EXTERNAL_NET;
-        let router_ext = Ipv4Addr::new(a, b, c, 1);
         let host_ip = Ipv4Addr::new(a, b, c, 10);
-        router.ip(&["addr", "add", &format!("{router_ext}/24"), "dev", "ext0"])?;
-        router.ip(&["link", "set", "ext0", "up"])?;
-        host.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", "eth0"])?;
-        host.ip(&["link", "set", "eth0", "up"])?;
-        host.ip(&["route", "add", "default", "via", &router_ext.to_string()])?;
-        for (ns, keys) in [
-            (
-                &router,
-                &[
-                    "net.ipv4.ip_forward=1",
-                    "net.ipv4.conf.all.rp_filter=1",
-                    "net.ipv4.conf.rt0.rp_filter=1",
-                    "net.ipv4.conf.ext0.rp_filter=1",
-                ][..],
-            ),
-            (
-                &host,
-                &[
-                    "net.ipv4.conf.all.rp_filter=1",
-                    "net.ipv4.conf.eth0.rp_filter=1",
-                ][..],
-            ),
-        ] {
-            for key in keys {
-                ns.run("sysctl", &["-qw", key])?;
-            }
-        }
+        let spec = OutsideSpec {
+            router_netns: unique_name(&format!("{prefix}-rt")),
+            bridge_port: "rt".into(),
+            router_address: Ipv4Net::new(router_ip, 24)?,
+            host_netns: unique_name(&format!("{prefix}-ext")),
+            net: Ipv4Net::new(Ipv4Addr::new(a, b, c, 0), 24)?,
+            host_ip,
+            router_side_mtu,
+            routes: Vec::new(),
+            strict_rp_filter: true,
+        };
+        self.topology
+            .add_outside(&spec)
+            .with_context(|| format!("adding the outside {}", spec.router_netns))?;
         Ok(External {
-            host,
-            router,
+            host: Netns::owned_by_topology(&spec.host_netns),
+            router: Netns::owned_by_topology(&spec.router_netns),
             router_ip,
             host_ip,
         })

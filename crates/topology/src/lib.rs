@@ -4,6 +4,7 @@
 //! - [`Topology`]: one owner that builds network namespaces on an underlay bridge from a typed
 //!   description ([`UnderlaySpec`], [`HostSpec`], [`RootLinkSpec`]) and tears down what it
 //!   built, in reverse order;
+//! - [`outside`]: a router on the underlay and an external host behind it ([`OutsideSpec`]);
 //! - [`netns`]: named network namespaces (`/run/netns/NAME`);
 //! - [`etcd`]: the command line of one etcd member, which the lab starts as a daemon and the
 //!   test harness as a child it owns.
@@ -17,9 +18,11 @@
 pub mod error;
 pub mod etcd;
 pub mod netns;
+pub mod outside;
 pub mod underlay;
 
 pub use error::{Result, TopologyError};
+pub use outside::OutsideSpec;
 pub use underlay::{
     HostSpec, RootLinkSpec, Topology, UnderlaySpec, BRIDGE_IFNAME, UNDERLAY_IFNAME,
 };

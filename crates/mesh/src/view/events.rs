@@ -23,6 +23,9 @@ pub struct LocalNode {
     pub node_name: String,
     pub node_ip: IpAddr,
     pub pod_cidrs: Vec<IpNet>,
+    /// Destinations never masqueraded besides every admitted node's pod CIDRs (the agent's
+    /// `non_masquerade_cidrs`).
+    pub non_masquerade: Vec<IpNet>,
 }
 
 /// One change seen by a cluster's watcher.

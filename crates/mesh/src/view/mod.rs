@@ -76,6 +76,11 @@ pub struct MeshView {
     /// The services declaring each frontend: two may (a misconfiguration); the greatest
     /// (namespace, name) wins, as in [`desired_services`].
     frontend_owners: BTreeMap<Frontend, BTreeSet<ServiceName>>,
+    /// Each never-masqueraded prefix with the number of its sources (an admitted node's pod
+    /// CIDR, this node's own, a configured one): two clusters' nodes may share a CIDR.
+    no_masquerade_sources: BTreeMap<IpNet, u32>,
+    /// NO_MASQ as maintained: the prefixes with a source.
+    no_masquerade_out: BTreeSet<IpNet>,
 }
 
 fn host_net(ip: IpAddr) -> IpNet {
@@ -97,6 +102,8 @@ impl MeshView {
             services_out: DesiredServices::default(),
             service_parts: BTreeMap::new(),
             frontend_owners: BTreeMap::new(),
+            no_masquerade_sources: BTreeMap::new(),
+            no_masquerade_out: BTreeSet::new(),
             local,
         };
         view.clusters.insert(
@@ -108,6 +115,18 @@ impl MeshView {
             view.local_prefixes.add(cidr.trunc());
         }
         *view.local_node_ips.entry(view.local.node_ip).or_default() += 1;
+        // This node's pod CIDRs and the configured exceptions are never masqueraded, whatever
+        // the clusters publish.
+        let mut txn = Txn::default();
+        let fixed: Vec<IpNet> = view
+            .local
+            .pod_cidrs
+            .iter()
+            .chain(&view.local.non_masquerade)
+            .copied()
+            .collect();
+        view.no_masquerade_sources_changed(&fixed, true, &mut txn);
+        view.no_masquerade_out = view.no_masquerade_sources.keys().copied().collect();
         // This node's own IP is an ipcache entry (host) from the start.
         let p = host_net(view.local.node_ip);
         if let Some(t) = view.resolve_prefix(&p) {

@@ -46,6 +46,7 @@ impl MeshView {
         }
         if old.status == Status::Admitted {
             Self::unadmit_node_ip(cs, ip);
+            self.no_masquerade_sources_changed(&old.value.pod_cidrs, false, txn);
         }
         self.node_ip_changed(c, ip, txn);
         if local_cluster {
@@ -213,6 +214,8 @@ impl MeshView {
         }
         let old = std::mem::replace(&mut stored.status, new.clone());
         let ip = stored.value.node_ip;
+        let admission_changed = (old == Status::Admitted) != (new == Status::Admitted);
+        let cidrs = admission_changed.then(|| stored.value.pod_cidrs.clone());
         if !stored.marked {
             stored.marked = true;
             txn.changed_nodes
@@ -226,6 +229,31 @@ impl MeshView {
         if new == Status::Admitted {
             *cs.admitted_node_ips.entry(ip).or_default() += 1;
         }
+        if let Some(cidrs) = cidrs {
+            self.no_masquerade_sources_changed(&cidrs, new == Status::Admitted, txn);
+        }
         self.node_ip_changed(c, ip, txn);
+    }
+
+    /// `cidrs` gained (`added`) or lost a source of "never masqueraded": an admitted node's
+    /// pod CIDRs (traffic to another cluster's pods keeps the endpoint's address, even to an
+    /// address the ipcache does not know yet), this node's own, a configured exception.
+    pub(super) fn no_masquerade_sources_changed(
+        &mut self,
+        cidrs: &[IpNet],
+        added: bool,
+        txn: &mut Txn,
+    ) {
+        for p in cidrs.iter().map(IpNet::trunc) {
+            if added {
+                *self.no_masquerade_sources.entry(p).or_default() += 1;
+            } else if let Some(n) = self.no_masquerade_sources.get_mut(&p) {
+                *n -= 1;
+                if *n == 0 {
+                    self.no_masquerade_sources.remove(&p);
+                }
+            }
+            txn.touched_no_masquerade.push(p);
+        }
     }
 }

@@ -61,12 +61,31 @@ impl MeshView {
             });
         }
         DesiredDatapath {
+            no_masquerade: fresh.no_masquerade_from_scratch(),
             services: fresh.desired_services(),
             ipcache,
             nodes: fresh.nodes_out,
             policy: compiled.entries,
             policy_enabled: compiled.enabled,
         }
+    }
+
+    /// NO_MASQ from what is stored: this node's pod CIDRs, the configured exceptions and the
+    /// pod CIDRs of every admitted node.
+    fn no_masquerade_from_scratch(&self) -> BTreeSet<IpNet> {
+        let admitted = self.clusters.values().flat_map(|cs| {
+            cs.nodes
+                .values()
+                .filter(|n| n.status == super::cluster::Status::Admitted)
+                .flat_map(|n| n.value.pod_cidrs.iter())
+        });
+        self.local
+            .pod_cidrs
+            .iter()
+            .chain(&self.local.non_masquerade)
+            .chain(admitted)
+            .map(IpNet::trunc)
+            .collect()
     }
 
     fn replayed(&self) -> MeshView {

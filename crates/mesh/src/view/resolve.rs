@@ -107,6 +107,7 @@ impl MeshView {
             policy: self.policy_index.compiled().entries.clone(),
             policy_enabled: self.policy_index.compiled().enabled.clone(),
             services: self.services_out.clone(),
+            no_masquerade: self.no_masquerade_out.clone(),
         }
     }
 

@@ -44,6 +44,7 @@ fn local() -> LocalNode {
         node_name: "n1".into(),
         node_ip: ip(LOCAL_IP),
         pod_cidrs: vec![net("10.1.1.0/24")],
+        non_masquerade: vec![net("172.16.0.0/12")],
     }
 }
 
@@ -113,6 +114,11 @@ fn apply_checked(view: &mut MeshView, events: Vec<ClusterEvent>) -> Applied {
     replay.apply_ops(&applied.ops);
     replay.services.apply_ops(&applied.service_ops);
     assert_eq!(replay, after);
+    assert_eq!(
+        view.desired_from_scratch().no_masquerade,
+        after.no_masquerade,
+        "incremental NO_MASQ == from scratch"
+    );
     let (ipcache, nodes) = view.recompute_from_scratch();
     assert_eq!(
         ipcache, after.ipcache,
@@ -250,12 +256,14 @@ fn cluster_removed_drains_exactly_that_cluster() {
     let applied = apply(&mut v, "c2", EventKind::ClusterRemoved);
     assert!(applied.ops.iter().all(|op| matches!(
         op,
-        DatapathOp::DeleteIpcache { .. } | DatapathOp::DeleteNode { .. }
+        DatapathOp::DeleteIpcache { .. }
+            | DatapathOp::DeleteNode { .. }
+            | DatapathOp::DeleteNoMasquerade { .. }
     )));
     assert_eq!(
         applied.ops.len(),
-        3,
-        "endpoint, node ipcache entry, node: {applied:?}"
+        4,
+        "endpoint, node ipcache entry, node, its pod CIDR in NO_MASQ: {applied:?}"
     );
     assert_eq!(target_of(&v, "10.2.1.5"), None);
     assert_eq!(target_of(&v, "192.168.2.1"), None);
@@ -269,6 +277,57 @@ fn cluster_removed_drains_exactly_that_cluster() {
     assert!(apply(&mut v, "c9", EventKind::ClusterRemoved)
         .ops
         .is_empty());
+}
+
+/// "Traffic to destinations outside every cluster's pod CIDRs is masqueraded": NO_MASQ holds
+/// this node's pod CIDR and the configured exceptions from the start, and every admitted
+/// node's pod CIDRs while it is admitted, however many nodes share one.
+#[test]
+fn every_admitted_nodes_pod_cidrs_are_never_masqueraded() {
+    let fixed: BTreeSet<IpNet> = [net("10.1.1.0/24"), net("172.16.0.0/12")].into();
+    assert_eq!(MeshView::new(local()).desired().no_masquerade, fixed);
+    let mut v = mesh();
+    let all: BTreeSet<IpNet> = fixed
+        .iter()
+        .copied()
+        .chain(["10.1.2.0/24", "10.2.1.0/24", "10.3.1.0/24"].map(net))
+        .collect();
+    assert_eq!(v.desired().no_masquerade, all);
+
+    // A second node of c2 on the same CIDR (a misconfiguration, or a move): the CIDR stays
+    // until both are gone.
+    apply(
+        &mut v,
+        "c2",
+        node("c2", 2, "n2", "192.168.2.2", "10.2.1.0/24"),
+    );
+    let applied = apply(&mut v, "c2", EventKind::DeleteNode { name: "n1".into() });
+    assert!(
+        !applied
+            .ops
+            .iter()
+            .any(|op| matches!(op, DatapathOp::DeleteNoMasquerade { .. })),
+        "{applied:?}"
+    );
+    // A node whose cluster id is wrong is not admitted: its CIDR is not exempt.
+    let applied = apply(
+        &mut v,
+        "c3",
+        node("c3", 9, "n2", "192.168.3.2", "10.3.2.0/24"),
+    );
+    assert!(
+        !v.desired().no_masquerade.contains(&net("10.3.2.0/24")),
+        "{applied:?}"
+    );
+    // The remote cluster goes: its CIDRs with it, the fixed ones stay.
+    let applied = apply(&mut v, "c2", EventKind::ClusterRemoved);
+    assert!(applied.ops.contains(&DatapathOp::DeleteNoMasquerade {
+        prefix: net("10.2.1.0/24")
+    }));
+    apply(&mut v, "c3", EventKind::ClusterRemoved);
+    apply(&mut v, "c1", EventKind::DeleteNode { name: "n2".into() });
+    apply(&mut v, "c1", EventKind::DeleteNode { name: "n1".into() });
+    assert_eq!(v.desired().no_masquerade, fixed);
 }
 
 #[test]
@@ -947,7 +1006,8 @@ fn many_entries_across_clusters_drain_and_come_back() {
     check_desired_is_sound(&v);
 
     let applied = apply(&mut v, "c3", EventKind::ClusterRemoved);
-    assert_eq!(applied.ops.len(), 2500 + 10 + 10);
+    // Entries, node IPs (ipcache and node map), and the nodes' pod CIDRs in NO_MASQ.
+    assert_eq!(applied.ops.len(), 2500 + 10 + 10 + 10);
     assert!(v
         .desired_ipcache()
         .keys()

@@ -65,6 +65,8 @@ pub(super) struct Txn {
     /// Prefixes to resolve again (sorted and deduplicated at the end: cheaper than a set).
     pub(super) touched_prefixes: Vec<IpNet>,
     pub(super) touched_node_ips: BTreeSet<IpAddr>,
+    /// Prefixes whose "never masqueraded" sources changed.
+    pub(super) touched_no_masquerade: Vec<IpNet>,
     /// Identities admitted or withdrawn (the policy follows them at the end).
     pub(super) touched_identities: Vec<NumericIdentity>,
     /// Services (namespace, name) whose records changed.
@@ -102,6 +104,17 @@ impl MeshView {
                         ops.push(DatapathOp::DeleteNode { ip });
                     }
                 }
+            }
+        }
+        let mut no_masq = std::mem::take(&mut txn.touched_no_masquerade);
+        no_masq.sort_unstable();
+        no_masq.dedup();
+        for prefix in no_masq {
+            let wanted = self.no_masquerade_sources.contains_key(&prefix);
+            if wanted && self.no_masquerade_out.insert(prefix) {
+                ops.push(DatapathOp::UpsertNoMasquerade { prefix });
+            } else if !wanted && self.no_masquerade_out.remove(&prefix) {
+                ops.push(DatapathOp::DeleteNoMasquerade { prefix });
             }
         }
         let mut touched = std::mem::take(&mut txn.touched_prefixes);

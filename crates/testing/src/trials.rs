@@ -1,6 +1,6 @@
-//! What seeded trial runners share (the fault trials, the crash-safety trials): a small
-//! generator that gives the same sequence on every machine, and their knobs from the
-//! environment (`make faults TRIALS=N SEED=S`).
+//! What seeded trial runners share (the fault trials, the crash-safety trials, the datapath's
+//! packet mutation trials): a small generator that gives the same sequence on every machine,
+//! and their knobs from the environment (`make faults TRIALS=N SEED=S`).
 
 use anyhow::Context;
 
