@@ -214,10 +214,14 @@ impl ClusterWatcher {
             out.extend(sync.ready().into_iter().map(EventKind::Synced));
             let malformed = stats.iter().map(|s| s.malformed()).sum::<u64>()
                 + policy_stats.as_ref().map(|s| s.malformed()).unwrap_or(0);
+            // Readers borrow the time of the last event; only a change of the malformed count
+            // notifies (a notification per event woke this loop's own `access` branch for
+            // nothing, an extra turn of the loop per event under churn).
             self.connection.send_if_modified(|c| {
                 c.last_sync_ms = now_ms();
+                let changed = c.malformed != malformed;
                 c.malformed = malformed;
-                true
+                changed
             });
             for kind in out {
                 let ev = ClusterEvent::new(self.cluster.clone(), kind);

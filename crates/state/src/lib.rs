@@ -15,6 +15,7 @@
 //! assert_eq!(entry.identity.local(), 300);
 //! ```
 
+pub mod compact;
 mod error;
 mod identity;
 pub mod keys;

@@ -35,7 +35,7 @@ impl MeshView {
         let Some(old) = cs.identities.remove(&id) else {
             return;
         };
-        cs.identity_counts.track(&old.status, false);
+        cs.identity_counts.track(old.status.code(), false);
         if old.status == Status::Admitted {
             self.identities_out.remove(&id);
             txn.touched_identities.push(id);
@@ -75,8 +75,8 @@ impl MeshView {
             return;
         }
         let old = std::mem::replace(&mut stored.status, new.clone());
-        cs.identity_counts.track(&old, false);
-        cs.identity_counts.track(&new, true);
+        cs.identity_counts.track(old.code(), false);
+        cs.identity_counts.track(new.code(), true);
         if old == Status::Admitted {
             self.identities_out.remove(&id);
             txn.touched_identities.push(id);

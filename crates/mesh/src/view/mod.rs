@@ -61,6 +61,9 @@ pub struct MeshView {
     /// This node's IP and every stored local-cluster node's IP: no remote node may use them.
     local_node_ips: HashMap<IpAddr, u32>,
     ipcache_out: BTreeMap<IpNet, IpcacheTarget>,
+    /// Keys inserted into the ipcache stores since they were last compacted (see
+    /// [`MeshView::compact_ipcache`]).
+    ipcache_inserts: usize,
     nodes_out: BTreeMap<IpAddr, ClusterId>,
     identities_out: BTreeMap<NumericIdentity, Labels>,
     policies: BTreeMap<(String, String), NetworkPolicy>,
@@ -92,6 +95,7 @@ impl MeshView {
             local_prefixes: PrefixSet::default(),
             local_node_ips: HashMap::new(),
             ipcache_out: BTreeMap::new(),
+            ipcache_inserts: 0,
             nodes_out: BTreeMap::new(),
             identities_out: BTreeMap::new(),
             policies: BTreeMap::new(),
@@ -177,6 +181,9 @@ impl MeshView {
             }
             EventKind::Synced(kind) => {
                 self.cluster_mut(&c).synced.insert(kind);
+                if kind == ResourceKind::Ipcache {
+                    self.compact_ipcache();
+                }
             }
             EventKind::ClusterConfig(config) => self.cluster_config(&c, config, txn),
             EventKind::ClusterRemoved => self.remove_cluster(&c, txn),

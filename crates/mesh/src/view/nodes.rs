@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use meshd_state::{ClusterName, NodeRecord};
 
-use super::cluster::{rejected, ClusterState, Status, Stored};
+use super::cluster::{rejected, ClusterState, Status, StatusCode, Stored};
 use super::txn::{Txn, Work};
 use super::{host_net, MeshView};
 use crate::prefix::overlapping;
@@ -68,7 +68,7 @@ impl MeshView {
         let ip = old.value.node_ip;
         let local_cluster = *c == self.local.cluster;
         let cs = self.clusters.get_mut(c).expect("node's cluster exists");
-        cs.node_counts.track(&old.status, false);
+        cs.node_counts.track(old.status.code(), false);
         if let Some(names) = cs.node_ips.get_mut(&ip) {
             names.remove(&old.value.name);
             if names.is_empty() {
@@ -108,7 +108,7 @@ impl MeshView {
                         .filter(|p| {
                             cs.ipcache
                                 .get(p)
-                                .is_some_and(|s| !matches!(s.status, Status::New))
+                                .is_some_and(|s| s.status != StatusCode::New)
                         })
                         .map(|p| Work::Entry(cs.name.clone(), *p)),
                 );
@@ -252,8 +252,8 @@ impl MeshView {
             txn.changed_nodes
                 .push((cs.name.clone(), name.to_owned(), old.clone()));
         }
-        cs.node_counts.track(&old, false);
-        cs.node_counts.track(&new, true);
+        cs.node_counts.track(old.code(), false);
+        cs.node_counts.track(new.code(), true);
         if old == Status::Admitted {
             Self::unadmit_node_ip(cs, ip);
         }

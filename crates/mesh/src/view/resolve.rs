@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use meshd_state::{ClusterId, Labels, NumericIdentity};
 
-use super::cluster::{ClusterState, EntryValue, Status};
+use super::cluster::{ClusterState, EntryValue, StatusCode};
 use super::MeshView;
 use crate::desired::{DesiredDatapath, IpcacheTarget};
 
@@ -53,7 +53,7 @@ impl MeshView {
         let admitted = |cs: &ClusterState| {
             cs.ipcache
                 .get(p)
-                .filter(|s| s.status == Status::Admitted)
+                .filter(|s| s.status == StatusCode::Admitted)
                 .map(|s| self.endpoint_target(&s.value))
         };
         if let Some(t) = self.clusters.get(&self.local.cluster).and_then(admitted) {

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use meshd_state::{ClusterConfig, ClusterId, ClusterName, IdentityKey, IpcacheKey, NodeKey};
 
-use super::cluster::{Admission, Status};
+use super::cluster::{Admission, Status, StatusCode};
 use super::{MeshView, ResourceKind};
 use crate::reject::{ClusterRefusal, PendingEntry, RejectedKey, Rejection};
 
@@ -42,12 +42,12 @@ pub struct ClusterStatus {
 }
 
 impl KindCounts {
-    pub(super) fn track(&mut self, status: &Status, up: bool) {
+    pub(super) fn track(&mut self, status: StatusCode, up: bool) {
         let slot = match status {
-            Status::Admitted => &mut self.admitted,
-            Status::AwaitingConfig | Status::AwaitingNode => &mut self.pending,
-            Status::Rejected(_) => &mut self.rejected,
-            Status::New | Status::Blocked => return,
+            StatusCode::Admitted => &mut self.admitted,
+            StatusCode::AwaitingConfig | StatusCode::AwaitingNode => &mut self.pending,
+            StatusCode::Rejected => &mut self.rejected,
+            StatusCode::New | StatusCode::Blocked => return,
         };
         if up {
             *slot += 1;
@@ -120,14 +120,13 @@ impl MeshView {
                 &s.status,
             )
         });
-        let entries = cs.ipcache.iter().filter_map(|(p, s)| {
-            rejection(
-                RejectedKey::Ipcache(IpcacheKey {
-                    cluster: c.clone(),
-                    prefix: *p,
-                }),
-                &s.status,
-            )
+        let entries = cs.entry_reasons.iter().map(|(p, reason)| Rejection {
+            cluster: c.clone(),
+            key: RejectedKey::Ipcache(IpcacheKey {
+                cluster: c.clone(),
+                prefix: *p,
+            }),
+            reason: (**reason).clone(),
         });
         let ids = cs.identities.iter().filter_map(|(id, s)| {
             rejection(
@@ -149,7 +148,7 @@ impl MeshView {
         cs.ipcache
             .iter()
             .filter_map(|(p, s)| match s.status {
-                Status::AwaitingNode => Some(PendingEntry {
+                StatusCode::AwaitingNode => Some(PendingEntry {
                     cluster: c.clone(),
                     key: IpcacheKey {
                         cluster: c.clone(),

@@ -1444,6 +1444,11 @@ fn measure_initial_sync_of_100k_remote_entries() {
             ),
         ));
     }
+    // The end of the list, as the agent's watcher announces it (the view compacts its stores).
+    events.push(ClusterEvent::new(
+        cn("c2"),
+        EventKind::Synced(ResourceKind::Ipcache),
+    ));
     // The same records in a plain ordered map: the least any in-memory index must do, measured
     // in the same process so the ratio holds on a loaded machine.
     let raw: Vec<IpcacheEntry> = events

@@ -159,6 +159,7 @@ impl MeshView {
             }
             (btree_map::Entry::Vacant(v), Some(target)) => {
                 v.insert(target);
+                self.ipcache_inserts += 1;
                 ops.push(DatapathOp::UpsertIpcache { prefix, target });
             }
             (btree_map::Entry::Vacant(_), None) => {}
@@ -192,25 +193,27 @@ impl MeshView {
             }
         }
         for (c, prefix, before, host_before) in std::mem::take(&mut txn.changed_entries) {
-            let Some(now) = self
-                .clusters
-                .get_mut(&*c)
-                .and_then(|cs| cs.ipcache.get_mut(&prefix))
+            let Some(cs) = self.clusters.get_mut(&*c) else {
+                continue;
+            };
+            let Some(stored) = cs
+                .ipcache
+                .get_mut(&prefix)
                 .and_then(|s| std::mem::take(&mut s.marked).then_some(s))
             else {
                 continue;
             };
-            let host_ip = now.value.host_ip;
-            if now.status == before
-                && (now.status != Status::AwaitingNode || host_ip == host_before)
-            {
+            let host_ip = stored.value.host_ip;
+            let code = stored.status;
+            let status = cs.entry_status(&prefix, code);
+            if status == before && (status != Status::AwaitingNode || host_ip == host_before) {
                 continue;
             }
             let key = IpcacheKey {
                 cluster: (*c).clone(),
                 prefix,
             };
-            match &now.status {
+            match &status {
                 Status::Rejected(reason) => rejected.push(Rejection {
                     cluster: (*c).clone(),
                     key: RejectedKey::Ipcache(key),
