@@ -8,8 +8,10 @@
  * has none), conntrack and ingress policy, and is delivered straight into the endpoint's
  * namespace. In native routing mode this is how every packet of a remote endpoint arrives (its
  * source address is its identity: the underlay must be trusted), and replies of service
- * connections get their frontend back as in from-overlay. Everything else is the node's own business and passes untouched and uncounted:
- * this program must never cost the node its own traffic (ARP, IPv6, VXLAN, its connections).
+ * connections get their frontend back as in from-overlay. In tunnel mode a bare packet claiming a
+ * remote endpoint's address is `world`: only the tunnel vouches for an endpoint. Everything else
+ * is the node's own business and passes untouched and uncounted: this program must never cost
+ * the node its own traffic (ARP, IPv6, VXLAN, its connections).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -48,6 +50,12 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	ctx->dst_identity = dst->identity;
 	struct ipcache_value *src = ipcache_lookup(ctx->saddr);
 	ctx->src_identity = src ? src->identity : MESHD_IDENTITY_WORLD;
+	/* In tunnel mode an endpoint behind another node speaks only through the tunnel, where
+	 * the VNI carries its identity: a bare packet on the underlay claiming its address is
+	 * anyone's, so it is `world`. Node addresses and CIDR identities (no tunnel endpoint) are
+	 * what the underlay itself carries, and keep theirs. */
+	if (src && src->tunnel_endpoint && !(cfg->flags & MESHD_CONFIG_F_NATIVE))
+		ctx->src_identity = MESHD_IDENTITY_WORLD;
 
 	__u32 revision = cfg->policy_revision;
 	struct ct_value *entry = 0;

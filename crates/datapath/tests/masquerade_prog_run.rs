@@ -414,4 +414,14 @@ fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
         w.egress(&tcp(A, 40001, REMOTE, 8080, 0x02), w.a_if).0,
         TC_ACT_SHOT
     );
+    // And only the tunnel vouches for a remote endpoint: the same bare SYN on the underlay is
+    // anyone's (world) now, which WEB's policy does not allow.
+    w.dp.maps.drain_drop_events();
+    assert_eq!(w.uplink(&tcp(REMOTE, 5001, B, 8080, 0x02)).0, TC_ACT_SHOT);
+    let drops = w.dp.maps.drain_drop_events();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(
+        (drops[0].src_identity, drops[0].reason, drops[0].direction),
+        (abi::IDENTITY_WORLD, abi::DROP_POLICY, Direction::Ingress)
+    );
 }
