@@ -66,16 +66,7 @@ fn setup() -> Option<TestDatapath> {
         )
         .unwrap();
     }
-    m.upsert_ipcache(
-        "10.2.0.0/24".parse().unwrap(),
-        IpcacheTarget {
-            identity: NumericIdentity::new(REMOTE).unwrap(),
-            tunnel_endpoint: Some(IpAddr::from(NODE2)),
-            local: false,
-        },
-    )
-    .unwrap();
-    m.upsert_node(NODE2, 2).unwrap();
+    add_remote_prefix(m, "10.2.0.0/24", REMOTE, NODE2, 2);
     Some(dp)
 }
 

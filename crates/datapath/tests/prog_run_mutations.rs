@@ -21,12 +21,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use common::{frames::*, world::*, *};
-use meshd_datapath::{IpcacheTarget, NatMapping};
+use meshd_datapath::NatMapping;
 use meshd_ebpf::{abi, programs};
-use meshd_state::NumericIdentity;
 use meshd_testing::trials::{env_u64, Rng};
 
 /// The range masqueraded flows take: wide enough that exhaustion is rare but reachable.
@@ -52,16 +51,7 @@ struct Entry {
 fn setup() -> Option<World> {
     let mut w = world(NAT_PORTS)?;
     let m = &mut w.dp.maps;
-    m.upsert_ipcache(
-        "10.2.0.0/24".parse().unwrap(),
-        IpcacheTarget {
-            identity: NumericIdentity::new(REMOTE).unwrap(),
-            tunnel_endpoint: Some(IpAddr::from(NODE2)),
-            local: false,
-        },
-    )
-    .unwrap();
-    m.upsert_node(NODE2, 2).unwrap();
+    add_remote_prefix(m, "10.2.0.0/24", REMOTE, NODE2, 2);
     Some(w)
 }
 

@@ -5,15 +5,12 @@
 
 mod common;
 
-use meshd_state::NumericIdentity;
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 use std::net::Ipv4Addr;
 
 use common::{frames::*, *};
 use meshd_datapath::{
-    Direction, IpcacheTarget, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry,
-    Verdict,
+    Direction, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };
 use meshd_ebpf::{abi, programs};
 
@@ -61,16 +58,7 @@ fn setup() -> Option<TestDatapath> {
         )
         .unwrap();
     }
-    m.upsert_ipcache(
-        "10.2.0.0/24".parse().unwrap(),
-        IpcacheTarget {
-            identity: NumericIdentity::new(REMOTE).unwrap(),
-            tunnel_endpoint: Some(IpAddr::from(NODE2)),
-            local: false,
-        },
-    )
-    .unwrap();
-    m.upsert_node(NODE2, 2).unwrap();
+    add_remote_prefix(m, "10.2.0.0/24", REMOTE, NODE2, 2);
     Some(dp)
 }
 

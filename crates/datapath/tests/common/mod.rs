@@ -1,10 +1,11 @@
 //! Shared helpers of the datapath tests: packet building and a datapath in a scratch pin dir.
 #![allow(dead_code)]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use meshd_datapath::{bpffs::ScratchPinDir, Datapath, DatapathMaps, LoadOptions};
+use meshd_datapath::{bpffs::ScratchPinDir, Datapath, DatapathMaps, IpcacheTarget, LoadOptions};
+use meshd_state::NumericIdentity;
 
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
@@ -104,6 +105,27 @@ impl TestDatapath {
         }
         Ok((result.return_value, data_out, cb_out))
     }
+}
+
+/// A remote cluster's prefix behind one of its nodes, as an agent writes an admitted remote:
+/// the ipcache entry (identity `identity`, tunnelled to `node`) and the node (`cluster_id`).
+pub fn add_remote_prefix(
+    maps: &mut DatapathMaps,
+    prefix: &str,
+    identity: u32,
+    node: Ipv4Addr,
+    cluster_id: u8,
+) {
+    maps.upsert_ipcache(
+        prefix.parse().unwrap(),
+        IpcacheTarget {
+            identity: NumericIdentity::new(identity).unwrap(),
+            tunnel_endpoint: Some(IpAddr::from(node)),
+            local: false,
+        },
+    )
+    .unwrap();
+    maps.upsert_node(node, cluster_id).unwrap();
 }
 
 /// An IPv4 packet with Ethernet header, built field by field.
