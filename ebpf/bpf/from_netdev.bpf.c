@@ -9,7 +9,8 @@
  * namespace. In native routing mode this is how every packet of a remote endpoint arrives (its
  * source address is its identity: the underlay must be trusted), and replies of service
  * connections get their frontend back as in from-overlay. In tunnel mode a bare packet claiming a
- * remote endpoint's address is `world`: only the tunnel vouches for an endpoint. Everything else
+ * remote endpoint's address is `world` (only the tunnel vouches for an endpoint), and so is one
+ * claiming a local endpoint's address in either mode. Everything else
  * is the node's own business and passes untouched and uncounted: this program must never cost
  * the node its own traffic (ARP, IPv6, VXLAN, its connections).
  */
@@ -55,6 +56,10 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	 * anyone's, so it is `world`. Node addresses and CIDR identities (no tunnel endpoint) are
 	 * what the underlay itself carries, and keep theirs. */
 	if (src && src->tunnel_endpoint && !(cfg->flags & MESHD_CONFIG_F_NATIVE))
+		ctx->src_identity = MESHD_IDENTITY_WORLD;
+	/* Nor does a local endpoint ever speak from the underlay, in either mode. */
+	struct endpoint_key skey = {.addr = ctx->saddr};
+	if (bpf_map_lookup_elem(&ENDPOINTS, &skey))
 		ctx->src_identity = MESHD_IDENTITY_WORLD;
 
 	__u32 revision = cfg->policy_revision;

@@ -370,6 +370,19 @@ fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
         1,
     )
     .unwrap();
+    // CLIENT may reach WEB too: but never from the underlay (see below).
+    m.upsert_policy(
+        PolicyEntry {
+            subject: WEB,
+            peer: Some(CLIENT),
+            proto: Some(TCP),
+            dport: Some(8080),
+            direction: Direction::Ingress,
+        },
+        Verdict::Allow,
+        1,
+    )
+    .unwrap();
     m.bump_policy_revision().unwrap();
 
     let syn = tcp(A, 40000, REMOTE, 8080, 0x02);
@@ -401,12 +414,17 @@ fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
         TC_ACT_REDIRECT
     );
     assert_eq!(w.uplink(&tcp(X, 5000, B, 8080, 0x02)).0, TC_ACT_SHOT);
+    // A local endpoint never speaks from the underlay: a packet there claiming A's address is
+    // world, though A's own identity may reach WEB.
+    assert_eq!(w.uplink(&tcp(A, 5002, B, 8080, 0x02)).0, TC_ACT_SHOT);
     let drops = w.dp.maps.drain_drop_events();
-    assert_eq!(drops.len(), 1, "{drops:?}");
-    assert_eq!(
-        (drops[0].src_identity, drops[0].reason),
-        (abi::IDENTITY_WORLD, abi::DROP_POLICY)
-    );
+    assert_eq!(drops.len(), 2, "{drops:?}");
+    for d in &drops {
+        assert_eq!(
+            (d.src_identity, d.reason),
+            (abi::IDENTITY_WORLD, abi::DROP_POLICY)
+        );
+    }
 
     // Back to tunnel mode: without a VXLAN device there is nowhere to send it.
     w.dp.maps.set_native_routing(false).unwrap();
