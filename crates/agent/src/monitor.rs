@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshd_datapath::{Counter, DatapathEvents, DatapathMaps, DropRecord, FlowRecord};
+use meshd_datapath::{Counter, DatapathEvents, DatapathMaps, FlowRecord};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -87,7 +87,7 @@ pub struct Monitor {
     events: AsyncFd<DatapathEvents>,
     /// For METRICS and EVENT_BUDGET only.
     maps: DatapathMaps,
-    drops: broadcast::Sender<DropRecord>,
+    drops: broadcast::Sender<FlowRecord>,
     flows: broadcast::Sender<Arc<Flow>>,
     history: FlowHistory,
     next_seq: u64,
@@ -98,7 +98,7 @@ pub struct Monitor {
 /// What the API server holds to serve `Monitor`, `Observe` and the counters of `Status`.
 #[derive(Clone)]
 pub struct MonitorHandle {
-    pub drops: broadcast::Sender<DropRecord>,
+    pub drops: broadcast::Sender<FlowRecord>,
     pub flows: broadcast::Sender<Arc<Flow>>,
     lost: Arc<AtomicU64>,
     requests: mpsc::Sender<Request>,
@@ -182,9 +182,9 @@ impl Monitor {
     }
 
     fn record(&mut self, record: FlowRecord, time_ms: u64) {
-        if let Some(drop) = record.as_drop() {
+        if record.is_drop() {
             // No receiver is not an error: nobody is watching.
-            let _ = self.drops.send(drop);
+            let _ = self.drops.send(record);
         }
         let flow = Arc::new(Flow {
             seq: self.next_seq,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use meshd_api::pb;
-use meshd_datapath::{Counter, Direction, DropRecord, FlowVerdict};
+use meshd_datapath::{Counter, Direction, FlowRecord, FlowVerdict};
 use meshd_mesh::ClusterStatus as ViewStatus;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
@@ -42,7 +42,7 @@ fn direction_name(d: Direction) -> &'static str {
 }
 
 fn drop_notification(
-    d: &DropRecord,
+    d: &FlowRecord,
     missed_before: u64,
     identities: &IdentityLabels,
 ) -> pb::DropNotification {
@@ -151,7 +151,7 @@ fn counter(c: &Counter) -> pb::DatapathCounter {
 /// Drop notifications for one subscriber, until it goes away (the send fails) or the agent
 /// stops; a subscriber that fell behind gets the count of what it missed with the next one.
 fn drop_stream(
-    rx: broadcast::Receiver<DropRecord>,
+    rx: broadcast::Receiver<FlowRecord>,
     identities: watch::Receiver<Arc<IdentityLabels>>,
 ) -> impl futures::Stream<Item = Result<pb::DropNotification, Status>> {
     futures::stream::unfold((rx, 0u64), move |(mut rx, mut missed)| {

@@ -25,9 +25,8 @@ pub mod seam;
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
 pub use maps::{
-    Counter, DatapathEvents, DatapathMaps, Direction, DropRecord, EventLimit, FlowRecord,
-    FlowVerdict, IpcacheTarget, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry,
-    Verdict,
+    Counter, DatapathEvents, DatapathMaps, Direction, EventLimit, FlowRecord, FlowVerdict,
+    IpcacheTarget, LbBackend, LbFrontend, LocalEndpoint, NodeConfig, PolicyEntry, Verdict,
 };
 pub use masquerade::{EgressConfig, NatMapping};
 pub use seam::ipv4_only;

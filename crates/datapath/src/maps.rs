@@ -91,22 +91,6 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// A dropped packet, as reported by the EVENTS ring buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropRecord {
-    pub timestamp_ns: u64,
-    pub reason: i32,
-    pub direction: Direction,
-    pub src_identity: u32,
-    pub dst_identity: u32,
-    pub saddr: Ipv4Addr,
-    pub daddr: Ipv4Addr,
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub ifindex: u32,
-}
-
 /// What an EVENTS record reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowVerdict {
@@ -137,21 +121,9 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
-    /// The drop this record reports, if it is one (what `meshd monitor` shows).
-    pub fn as_drop(&self) -> Option<DropRecord> {
-        (self.verdict == FlowVerdict::Dropped).then_some(DropRecord {
-            timestamp_ns: self.timestamp_ns,
-            reason: self.reason,
-            direction: self.direction,
-            src_identity: self.src_identity,
-            dst_identity: self.dst_identity,
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport: self.sport,
-            dport: self.dport,
-            proto: self.proto,
-            ifindex: self.ifindex,
-        })
+    /// Whether it reports a drop (what `meshd monitor` shows).
+    pub fn is_drop(&self) -> bool {
+        self.verdict == FlowVerdict::Dropped
     }
 }
 
@@ -904,11 +876,10 @@ impl DatapathMaps {
     }
 
     /// Takes every event waiting in the ring buffer and returns the drops among them.
-    pub fn drain_drop_events(&mut self) -> Vec<DropRecord> {
-        self.drain_events()
-            .iter()
-            .filter_map(FlowRecord::as_drop)
-            .collect()
+    pub fn drain_drop_events(&mut self) -> Vec<FlowRecord> {
+        let mut events = self.drain_events();
+        events.retain(FlowRecord::is_drop);
+        events
     }
 
     /// Takes every event (drops and new connections) waiting in the ring buffer.
