@@ -198,8 +198,8 @@ fn main() -> anyhow::Result<()> {
     };
     // Both paths work, which takes masquerade: the router has no route to either endpoint
     // subnet, only to the node IPs.
-    for i in 0..2 {
-        sample(i, 1, 1).with_context(|| format!("{}: first transfer", clients[i].0))?;
+    for (i, (name, _)) in clients.iter().enumerate() {
+        sample(i, 1, 1).with_context(|| format!("{name}: first transfer"))?;
     }
     anyhow::ensure!(
         !meshd.nodes[0].maps.nat_mappings()?.is_empty(),
@@ -228,7 +228,6 @@ fn main() -> anyhow::Result<()> {
             m / b
         );
     }
-    drop(sample);
     println!(
         "failed throughput samples (retried): meshd {}, nftables {}",
         failures[0], failures[1]
