@@ -29,17 +29,7 @@ fn start(opts: MeshOptions, n: usize) -> anyhow::Result<Option<(Mesh, Vec<Endpoi
     let ext = mesh.external.as_ref().expect("outside");
     // Every test here runs with strict reverse-path filtering on the uplinks: make sure it
     // holds (with the agent running), so a pass cannot come from a loose setting.
-    for node in mesh.clusters.iter().flat_map(|c| &c.nodes) {
-        for key in ["all", "ul0"] {
-            let path = format!("/proc/sys/net/ipv4/conf/{key}/rp_filter");
-            let out = Command::new("nsenter")
-                .arg(format!("--net={}", node.netns.display()))
-                .args(["--", "cat", &path])
-                .output()?;
-            let value = String::from_utf8_lossy(&out.stdout);
-            anyhow::ensure!(value.trim() == "1", "{}: {path} = {value:?}", node.name);
-        }
-    }
+    mesh.check_strict_rp_filter()?;
     spawn_whoami(&ext.host.path(), PORT)?;
     let eps = (0..n)
         .map(|i| mesh.add_endpoint("c1", "n1", &format!("w{i}"), "app=client"))
