@@ -764,6 +764,37 @@ impl Mesh {
         Ok(())
     }
 
+    /// What explains a stalled transfer over a narrow router link, for its failure message: the
+    /// node's datapath counters, the sender's route to `dst` (a learned path MTU or not), the
+    /// router's ICMP and fragmentation counters, and the agents' logs.
+    pub fn frag_needed_diagnostics(
+        &self,
+        cluster: &str,
+        node: &str,
+        from: &Path,
+        dst: Ipv4Addr,
+    ) -> String {
+        let counters = self
+            .status(cluster, node)
+            .map(|s| s["datapath"]["counters"].to_string())
+            .unwrap_or_else(|e| format!("{e:#}"));
+        let route = crate::netns_io::route_get(from, dst).unwrap_or_else(|e| format!("{e:#}"));
+        let router = self
+            .external
+            .as_ref()
+            .map(|ext| {
+                ext.router
+                    .output("nstat", &["-az", "IcmpOutDestUnreachs", "IpFragFails"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_else(|e| format!("{e:#}"))
+            })
+            .unwrap_or_default();
+        format!(
+            "counters: {counters}\nroute: {route}\nrouter: {router}\n{}",
+            self.logs()
+        )
+    }
+
     pub fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         for (c, n) in self.node_names() {
             wait_for(

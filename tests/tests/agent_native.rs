@@ -522,3 +522,37 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
     }
     Ok(())
 }
+
+/// The router's side of the link to c1/n2 (behind it) has an MTU of 1280: an endpoint on the
+/// segment uploading to an endpoint on c1/n2 with full-size DF segments draws "fragmentation
+/// needed" from the router, addressed to the endpoint's own (routable) address; c1/n1's
+/// from-netdev delivers it, the endpoint's TCP lowers its path MTU and the transfer completes.
+/// (The sink answers with a byte count only, so the way back needs no such error.)
+#[test]
+fn a_df_transfer_to_a_node_behind_a_narrower_router_link_completes() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let mesh = Mesh::start(
+        MeshOptions::clusters(1, 2)
+            .native()
+            .external(UNDERLAY_MTU)
+            .node_behind_router("c1", 1280),
+    )?;
+    mesh.check_strict_rp_filter()?;
+    let near = mesh.add_endpoint("c1", "n1", "near", "app=client")?;
+    let far = mesh.add_endpoint("c1", "n2", "far", "app=sink")?;
+    assert_eq!(endpoint_mtu(&near)?, UNDERLAY_MTU);
+    const SINK: u16 = 9100;
+    netns_io::spawn_sink(&far.netns, SINK)?;
+    wait_for("near -> far", Duration::from_secs(30), || {
+        netns_io::icmp_ping(&near.netns, far.ip, TIMEOUT)
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    netns_io::upload_to_sink(&near.netns, SocketAddr::from((far.ip, SINK)), 256 * 1024)
+        .map_err(|e| e.context(mesh.frag_needed_diagnostics("c1", "n1", &near.netns, far.ip)))?;
+    // The endpoint's kernel learned the path MTU: the router's error reached it.
+    let route = netns_io::route_get(&near.netns, far.ip)?;
+    assert!(route.contains("mtu 1280"), "no learned path MTU: {route}");
+    Ok(())
+}
