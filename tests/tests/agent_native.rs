@@ -247,6 +247,19 @@ fn a_remote_announcing_tunnel_mode_is_refused_by_native_nodes() -> anyhow::Resul
     Ok(())
 }
 
+/// Ping, TCP and UDP from each `from` to its `to`, waited for (routes and maps take a moment).
+fn reach_each_other(mesh: &Mesh, pairs: &[(&EndpointInfo, &EndpointInfo)]) -> anyhow::Result<()> {
+    for (from, to) in pairs {
+        wait_for(
+            &format!("{} -> {}", from.name, to.name),
+            Duration::from_secs(30),
+            || ping_udp_tcp(from, to),
+        )
+        .map_err(|e| e.context(mesh.logs()))?;
+    }
+    Ok(())
+}
+
 /// The routing part of a node's `meshd status -o json`.
 fn routing(mesh: &Mesh, cluster: &str, node: &str) -> anyhow::Result<serde_json::Value> {
     Ok(mesh.status(cluster, node)?["routing"].clone())
@@ -377,14 +390,10 @@ fn a_node_behind_the_router_is_routed_by_the_network_and_skipped_by_direct_route
         spawn_udp_echo(&ep.netns, UDP_PORT)?;
     }
     let capture = UnderlayCapture::start(&mesh.underlay.bridge().path())?;
-    for (from, to) in [(&far, &near), (&near, &far), (&far, &other), (&other, &far)] {
-        wait_for(
-            &format!("{} -> {}", from.name, to.name),
-            Duration::from_secs(30),
-            || ping_udp_tcp(from, to),
-        )
-        .map_err(|e| e.context(mesh.logs()))?;
-    }
+    reach_each_other(
+        &mesh,
+        &[(&far, &near), (&near, &far), (&far, &other), (&other, &far)],
+    )?;
     let seen = capture.finish();
     assert_eq!(seen.vxlan, 0, "no VXLAN on the underlay: {seen:?}");
     assert!(
@@ -488,14 +497,7 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
         spawn_echo(&ep.netns, PORT)?;
         spawn_udp_echo(&ep.netns, UDP_PORT)?;
     }
-    for (from, to) in [(&near, &other), (&other, &near)] {
-        wait_for(
-            &format!("{} -> {}", from.name, to.name),
-            Duration::from_secs(30),
-            || ping_udp_tcp(from, to),
-        )
-        .map_err(|e| e.context(mesh.logs()))?;
-    }
+    reach_each_other(&mesh, &[(&near, &other), (&other, &near)])?;
 
     // The obstacle goes: the agent's route follows, the error clears, c1/n2 is reached.
     node_ip_cmd(
@@ -512,14 +514,7 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
         Ok(())
     })
     .map_err(|e| e.context(mesh.logs()))?;
-    for (from, to) in [(&near, &peer), (&peer, &near)] {
-        wait_for(
-            &format!("{} -> {}", from.name, to.name),
-            Duration::from_secs(30),
-            || ping_udp_tcp(from, to),
-        )
-        .map_err(|e| e.context(mesh.logs()))?;
-    }
+    reach_each_other(&mesh, &[(&near, &peer), (&peer, &near)])?;
     Ok(())
 }
 
