@@ -409,7 +409,7 @@ fn a_node_behind_the_router_is_routed_by_the_network_and_skipped_by_direct_route
 
 /// A node route the agent cannot install: while it was down, someone put a route of their own
 /// for c1/n2's pod CIDR in c1/n1's table (a dead gateway, proto static). The restarted agent
-/// leaves it alone, reports the failure (status, counter, metric), keeps retrying, installs
+/// deletes none of its routes while it resyncs, leaves the obstacle alone, reports the failure (status, counter, metric), keeps retrying, installs
 /// every other route and keeps serving; once the obstacle goes, its route follows within a
 /// retry and traffic to c1/n2 flows.
 #[test]
@@ -439,6 +439,9 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
         "n1",
         &["route", "del", "10.1.2.0/24", "proto", "211"],
     )?;
+    // Every change of c1/n1's routes from here on: the restarted agent must delete none of
+    // its own (a first pass on a view that has not heard from every cluster yet would).
+    let mut monitor = RouteMonitor::start(&mesh.node("c1", "n1")?.netns, "ul0")?;
     node_ip_cmd(
         &mesh,
         "c1",
@@ -515,7 +518,86 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
     })
     .map_err(|e| e.context(mesh.logs()))?;
     reach_each_other(&mesh, &[(&near, &peer), (&peer, &near)])?;
+    let changes = monitor.finish();
+    assert!(
+        changes
+            .iter()
+            .any(|l| l.starts_with("10.1.2.0/24 via 192.168.77.12") && l.contains("proto 211")),
+        "the monitor saw the route come: {changes:#?}"
+    );
+    assert!(
+        !changes
+            .iter()
+            .any(|l| l.starts_with("Deleted") && l.contains("proto 211")),
+        "the restarted agent deleted a route of its own: {changes:#?}"
+    );
     Ok(())
+}
+
+/// `ip -4 monitor route` in a node's namespace, killed (and reaped) on drop.
+struct RouteMonitor {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl RouteMonitor {
+    /// Starts the monitor and returns once it listens: marker routes (198.51.100.N/32 on
+    /// `dev`, TEST-NET-2) are added until one shows in its output.
+    fn start(netns: &std::path::Path, dev: &str) -> anyhow::Result<RouteMonitor> {
+        use std::io::BufRead;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["ip", "-4", "monitor", "route"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let monitor = RouteMonitor { child, lines };
+        for n in 1..=50 {
+            let marker = format!("198.51.100.{n}");
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["ip", "route", "add", &format!("{marker}/32"), "dev", dev])
+                .output()?;
+            anyhow::ensure!(out.status.success(), "marker route: {out:?}");
+            let seen = monitor
+                .lines
+                .recv_timeout(Duration::from_millis(200))
+                .is_ok_and(|l| l.starts_with(&format!("{marker} ")));
+            if seen {
+                return Ok(monitor);
+            }
+        }
+        anyhow::bail!(
+            "ip monitor in {} printed none of 50 marker routes",
+            netns.display()
+        )
+    }
+
+    /// Stops the monitor; every line it printed since it listened.
+    fn finish(&mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader ends at the pipe's end, once the monitor is gone.
+        self.lines.iter().collect()
+    }
+}
+
+impl Drop for RouteMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The router's side of the link to c1/n2 (behind it) has an MTU of 1280: an endpoint on the

@@ -115,7 +115,9 @@ pub struct RouteReconciler {
     /// None: the agent installs no routes (and removes any of its protocol left behind).
     pub uplink: Option<String>,
     pub native_cidr: Option<Ipv4Net>,
-    pub nodes: watch::Receiver<Arc<Vec<PeerNode>>>,
+    /// None until the view's start-up gate opens: nothing is touched before (see
+    /// `ViewTask::peers`).
+    pub nodes: watch::Receiver<Option<Arc<Vec<PeerNode>>>>,
     pub status: watch::Sender<RoutesStatus>,
 }
 
@@ -123,8 +125,15 @@ impl RouteReconciler {
     pub async fn run(mut self) {
         let mut last_skipped: BTreeSet<String> = BTreeSet::new();
         let mut last_errors: Vec<String> = Vec::new();
+        // A restarted agent's first pass on an empty or partial view would delete the routes
+        // of every node not heard from yet, and live connections with them.
+        while self.nodes.borrow_and_update().is_none() {
+            if self.nodes.changed().await.is_err() {
+                return;
+            }
+        }
         loop {
-            let nodes = self.nodes.borrow_and_update().clone();
+            let nodes = self.nodes.borrow_and_update().clone().unwrap_or_default();
             let result = tokio::task::spawn_blocking({
                 let uplink = self.uplink.clone();
                 let native_cidr = self.native_cidr;
