@@ -2,8 +2,9 @@
 //! node's main table for every other node, local or remote, that sits on the uplink's own
 //! segment. The agent owns exactly the routes tagged with [`ROUTE_PROTOCOL`] and reconciles
 //! them like the maps (level-triggered: desired from the view's nodes, actual read back, the
-//! difference applied; again on every node change, after a failure and on a timer); it never
-//! touches another route. A node behind a gateway cannot be reached by a direct route: it is
+//! difference applied; again on every node change, after a failure and on a timer, but never
+//! before the view's start-up gate, like the maps); it never touches another route, not even
+//! one for the same prefix (that route is reported and the agent's retried until it goes). A node behind a gateway cannot be reached by a direct route: it is
 //! skipped (a status line and a counter), and its pod CIDR must come from the network (a router's
 //! routes or a routing protocol).
 //!
