@@ -697,27 +697,12 @@ impl Mesh {
         args: &[&str],
     ) -> anyhow::Result<LineStream> {
         let n = self.node(cluster, node)?;
-        let mut child = Command::new(&self.meshd)
-            .args(args)
-            .arg("--socket")
-            .arg(&n.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(LineStream { child, lines })
+        LineStream::spawn(
+            Command::new(&self.meshd)
+                .args(args)
+                .arg("--socket")
+                .arg(&n.socket),
+        )
     }
 
     pub fn status(&self, cluster: &str, node: &str) -> anyhow::Result<serde_json::Value> {
@@ -1084,6 +1069,39 @@ fn tail(path: &Path, lines: usize) -> String {
 pub struct LineStream {
     child: Child,
     pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl LineStream {
+    /// Starts `cmd` (stdout read line by line, stderr dropped).
+    pub fn spawn(cmd: &mut Command) -> anyhow::Result<LineStream> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(LineStream { child, lines })
+    }
+
+    /// Stops the command; the lines it printed and nobody received yet.
+    pub fn finish(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader ends at the pipe's end, once the command is gone.
+        self.lines.iter().collect()
+    }
 }
 
 impl Drop for LineStream {

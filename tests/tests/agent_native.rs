@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use meshd_e2e::capture::UnderlayCapture;
-use meshd_e2e::mesh::{far_net, EndpointInfo, Mesh, MeshOptions, UNDERLAY_MTU};
+use meshd_e2e::mesh::{far_net, EndpointInfo, LineStream, Mesh, MeshOptions, UNDERLAY_MTU};
 use meshd_e2e::netns_io::{self, spawn_echo, spawn_udp_echo, tcp_check, udp_round_trip};
 use meshd_e2e::wait_for;
 use meshd_state::RoutingMode;
@@ -441,7 +441,7 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
     )?;
     // Every change of c1/n1's routes from here on: the restarted agent must delete none of
     // its own (a first pass on a view that has not heard from every cluster yet would).
-    let mut monitor = RouteMonitor::start(&mesh.node("c1", "n1")?.netns, "ul0")?;
+    let monitor = RouteMonitor::start(&mesh.node("c1", "n1")?.netns, "ul0")?;
     node_ip_cmd(
         &mesh,
         "c1",
@@ -535,34 +535,17 @@ fn a_route_that_cannot_be_installed_is_retried_and_reported() -> anyhow::Result<
 }
 
 /// `ip -4 monitor route` in a node's namespace, killed (and reaped) on drop.
-struct RouteMonitor {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
+struct RouteMonitor(LineStream);
 
 impl RouteMonitor {
     /// Starts the monitor and returns once it listens: marker routes (198.51.100.N/32 on
     /// `dev`, TEST-NET-2) are added until one shows in its output.
     fn start(netns: &std::path::Path, dev: &str) -> anyhow::Result<RouteMonitor> {
-        use std::io::BufRead;
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .args(["ip", "-4", "monitor", "route"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let monitor = RouteMonitor { child, lines };
+        let stream = LineStream::spawn(
+            Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args(["ip", "-4", "monitor", "route"]),
+        )?;
         for n in 1..=50 {
             let marker = format!("198.51.100.{n}");
             let out = Command::new("nsenter")
@@ -570,12 +553,12 @@ impl RouteMonitor {
                 .args(["ip", "route", "add", &format!("{marker}/32"), "dev", dev])
                 .output()?;
             anyhow::ensure!(out.status.success(), "marker route: {out:?}");
-            let seen = monitor
+            let seen = stream
                 .lines
                 .recv_timeout(Duration::from_millis(200))
                 .is_ok_and(|l| l.starts_with(&format!("{marker} ")));
             if seen {
-                return Ok(monitor);
+                return Ok(RouteMonitor(stream));
             }
         }
         anyhow::bail!(
@@ -585,18 +568,8 @@ impl RouteMonitor {
     }
 
     /// Stops the monitor; every line it printed since it listened.
-    fn finish(&mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // The reader ends at the pipe's end, once the monitor is gone.
-        self.lines.iter().collect()
-    }
-}
-
-impl Drop for RouteMonitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn finish(self) -> Vec<String> {
+        self.0.finish()
     }
 }
 
