@@ -9,7 +9,9 @@
 //!   remote-cluster files list every member;
 //! - per node: a namespace with `ul0` = 192.168.77.(10 * cluster id + node)/24, pod CIDR
 //!   10.<cluster id>.<node>.0/24, running `meshd agent` (maps pinned under a per-mesh bpffs
-//!   directory), with the other clusters in its remote-clusters directory;
+//!   directory), with the other clusters in its remote-clusters directory; a node behind the
+//!   router ([`MeshOptions::node_behind_router`]) has `ul0` = 192.168.(100 + cluster id).2/24
+//!   on a link of its own to the router instead;
 //! - endpoints made with `meshd endpoint add`, in namespaces named `<prefix>-ep-...`.
 
 use std::collections::BTreeMap;
@@ -65,6 +67,15 @@ pub struct MeshOptions {
     /// Wait for every node to see every cluster ready at start (false: a test that expects a
     /// refusal checks for itself).
     pub wait_ready: bool,
+    /// Clusters whose last node sits behind the router (needs [`MeshOptions::external`]), on a
+    /// link of its own ([`far_net`]) whose router side has the given MTU, as the lab's native
+    /// mode does: no other node reaches it directly, the router routes its pod CIDR.
+    pub behind_router: BTreeMap<String, u32>,
+}
+
+/// The link between the router (.1) and cluster `id`'s node behind it (.2).
+pub fn far_net(id: u8) -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::new(192, 168, 100 + id, 0), 24).expect("/24")
 }
 
 impl MeshOptions {
@@ -81,6 +92,7 @@ impl MeshOptions {
             announced_routing: BTreeMap::new(),
             routing: meshd_state::RoutingMode::Tunnel,
             wait_ready: true,
+            behind_router: BTreeMap::new(),
         }
     }
 
@@ -118,6 +130,13 @@ impl MeshOptions {
         self
     }
 
+    /// `cluster`'s last node behind the router (see [`MeshOptions::behind_router`]).
+    pub fn node_behind_router(mut self, cluster: &str, router_side_mtu: u32) -> Self {
+        self.behind_router
+            .insert(cluster.to_owned(), router_side_mtu);
+        self
+    }
+
     /// With `line` in every agent's config file.
     pub fn agent_config(mut self, line: &str) -> Self {
         self.agent_config.push(line.to_owned());
@@ -142,6 +161,8 @@ pub struct Node {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub pin_dir: PathBuf,
+    /// Behind the router, on a link of its own ([`MeshOptions::behind_router`]).
+    pub behind_router: bool,
     agent: Option<Child>,
     /// Where the agent's readiness notifications arrive (its NOTIFY_SOCKET, as under systemd).
     notify: Option<std::os::unix::net::UnixDatagram>,
@@ -254,6 +275,9 @@ impl Mesh {
             metrics_port: opts.metrics_port,
         };
 
+        if let Some(mtu) = opts.external_mtu {
+            mesh.external = Some(mesh.underlay.add_external(&prefix, ROUTER_IP, mtu)?);
+        }
         for (name, id, nodes) in &opts.clusters {
             mesh.pki
                 .issue_cluster(name, &[IpAddr::from([127, 0, 0, 1]), CONTROL_IP.into()])?;
@@ -315,12 +339,25 @@ impl Mesh {
             };
             for k in 1..=*nodes {
                 let node_name = format!("n{k}");
-                let ip = Ipv4Addr::new(192, 168, 77, 10 * id + k);
-                let index = mesh
-                    .underlay
-                    .add_node(&format!("{prefix}-{name}{node_name}"), ip)?;
+                let pod_cidr = Ipv4Net::new(Ipv4Addr::new(10, *id, k, 0), 24)?;
+                let ns_prefix = format!("{prefix}-{name}{node_name}");
+                let far_mtu = opts.behind_router.get(name).filter(|_| k == *nodes);
+                let (index, ip) = match (far_mtu, &mesh.external) {
+                    (Some(&mtu), Some(ext)) => mesh.underlay.add_node_behind_router(
+                        &ns_prefix,
+                        ext,
+                        far_net(*id),
+                        mtu,
+                        pod_cidr,
+                    )?,
+                    (Some(_), None) => bail!("a node behind the router needs an outside"),
+                    (None, _) => {
+                        let ip = Ipv4Addr::new(192, 168, 77, 10 * id + k);
+                        (mesh.underlay.add_node(&ns_prefix, ip)?, ip)
+                    }
+                };
                 let netns = mesh.underlay.node(index).path();
-                if opts.external_mtu.is_some() {
+                if opts.external_mtu.is_some() && far_mtu.is_none() {
                     let ns = mesh.underlay.node(index);
                     ns.ip(&["route", "add", "default", "via", &ROUTER_IP.to_string()])?;
                     for key in [
@@ -336,12 +373,13 @@ impl Mesh {
                     cluster: name.clone(),
                     name: node_name.clone(),
                     ip,
-                    pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, *id, k, 0), 24)?,
+                    pod_cidr,
                     netns,
                     config: node_dir.join("agent.yaml"),
                     socket: node_dir.join("agent.sock"),
                     log: node_dir.join("agent.log"),
                     pin_dir: mesh.bpffs_root.join(name).join(&node_name),
+                    behind_router: far_mtu.is_some(),
                     agent: None,
                     notify: None,
                 });
@@ -349,8 +387,30 @@ impl Mesh {
             mesh.clusters.push(cluster);
         }
 
-        if let Some(mtu) = opts.external_mtu {
-            mesh.external = Some(mesh.underlay.add_external(&prefix, ROUTER_IP, mtu)?);
+        if !opts.behind_router.is_empty() {
+            // The router carries the pod addresses of the nodes on the segment to and from the
+            // nodes behind it; the bridge (where etcd's relays listen) reaches those through it.
+            let ext = mesh
+                .external
+                .as_ref()
+                .context("behind_router needs an outside")?;
+            for (c, n) in mesh
+                .clusters
+                .iter()
+                .flat_map(|c| c.nodes.iter().map(move |n| (c, n)))
+            {
+                if n.behind_router {
+                    mesh.underlay.bridge().ip(&[
+                        "route",
+                        "add",
+                        &far_net(c.id).to_string(),
+                        "via",
+                        &ROUTER_IP.to_string(),
+                    ])?;
+                } else {
+                    ext.route_to(&n.pod_cidr.to_string(), n.ip)?;
+                }
+            }
         }
         // Every cluster lets every other one read it (user remote-<other>).
         for c in &mesh.clusters {
@@ -637,27 +697,12 @@ impl Mesh {
         args: &[&str],
     ) -> anyhow::Result<LineStream> {
         let n = self.node(cluster, node)?;
-        let mut child = Command::new(&self.meshd)
-            .args(args)
-            .arg("--socket")
-            .arg(&n.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(LineStream { child, lines })
+        LineStream::spawn(
+            Command::new(&self.meshd)
+                .args(args)
+                .arg("--socket")
+                .arg(&n.socket),
+        )
     }
 
     pub fn status(&self, cluster: &str, node: &str) -> anyhow::Result<serde_json::Value> {
@@ -681,6 +726,58 @@ impl Mesh {
             .and_then(|a| a.iter().find(|c| c["name"] == of))
             .cloned()
             .with_context(|| format!("{cluster}/{node} does not list cluster {of}: {s}"))
+    }
+
+    /// Checks that every node's uplink runs strict reverse-path filtering (rp_filter = 1 for
+    /// `all` and `ul0`, as [`MeshOptions::external`] sets it), so a test's pass cannot come
+    /// from a loose setting.
+    pub fn check_strict_rp_filter(&self) -> anyhow::Result<()> {
+        for node in self.clusters.iter().flat_map(|c| &c.nodes) {
+            for key in ["all", "ul0"] {
+                let path = format!("/proc/sys/net/ipv4/conf/{key}/rp_filter");
+                let value = run(Command::new("nsenter")
+                    .arg(format!("--net={}", node.netns.display()))
+                    .args(["--", "cat", &path]))?;
+                anyhow::ensure!(
+                    value.trim() == "1",
+                    "{}/{}: {path} = {value:?}",
+                    node.cluster,
+                    node.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What explains a stalled transfer over a narrow router link, for its failure message: the
+    /// node's datapath counters, the sender's route to `dst` (a learned path MTU or not), the
+    /// router's ICMP and fragmentation counters, and the agents' logs.
+    pub fn frag_needed_diagnostics(
+        &self,
+        cluster: &str,
+        node: &str,
+        from: &Path,
+        dst: Ipv4Addr,
+    ) -> String {
+        let counters = self
+            .status(cluster, node)
+            .map(|s| s["datapath"]["counters"].to_string())
+            .unwrap_or_else(|e| format!("{e:#}"));
+        let route = crate::netns_io::route_get(from, dst).unwrap_or_else(|e| format!("{e:#}"));
+        let router = self
+            .external
+            .as_ref()
+            .map(|ext| {
+                ext.router
+                    .output("nstat", &["-az", "IcmpOutDestUnreachs", "IpFragFails"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_else(|e| format!("{e:#}"))
+            })
+            .unwrap_or_default();
+        format!(
+            "counters: {counters}\nroute: {route}\nrouter: {router}\n{}",
+            self.logs()
+        )
     }
 
     pub fn wait_all_ready(&self, timeout: Duration) -> anyhow::Result<()> {
@@ -972,6 +1069,39 @@ fn tail(path: &Path, lines: usize) -> String {
 pub struct LineStream {
     child: Child,
     pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl LineStream {
+    /// Starts `cmd` (stdout read line by line, stderr dropped).
+    pub fn spawn(cmd: &mut Command) -> anyhow::Result<LineStream> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(LineStream { child, lines })
+    }
+
+    /// Stops the command; the lines it printed and nobody received yet.
+    pub fn finish(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The reader ends at the pipe's end, once the command is gone.
+        self.lines.iter().collect()
+    }
 }
 
 impl Drop for LineStream {

@@ -294,6 +294,37 @@ pub fn spawn_sink(netns: &Path, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends `len` bytes from `netns` to a [`spawn_sink`] at `to` (full-size segments, DF set as
+/// Linux TCP sets it) and checks the count the sink answers. Lost "fragmentation needed"
+/// errors cost retransmission timeouts (1 s, 2 s, ...): the socket waits 30 s for room for a
+/// few. The error says whether the upload stalled or the count differs.
+pub fn upload_to_sink(netns: &Path, to: SocketAddr, len: usize) -> anyhow::Result<()> {
+    let mut s = connect(netns, to, Duration::from_secs(10))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    s.write_all(&data)
+        .with_context(|| format!("upload of {len} bytes to {to} stalled"))?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut count = String::new();
+    s.read_to_string(&mut count)?;
+    anyhow::ensure!(
+        count == len.to_string(),
+        "the sink at {to} received {count:?} bytes of {len}"
+    );
+    Ok(())
+}
+
+/// `ip route get DST` inside `netns` (a learned path MTU shows as `mtu N`).
+pub fn route_get(netns: &Path, dst: std::net::Ipv4Addr) -> anyhow::Result<String> {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["--", "ip", "route", "get", &dst.to_string()])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "ip route get {dst}: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Serves UDP echo on `port` inside `netns` until the process exits.
 pub fn spawn_udp_echo(netns: &Path, port: u16) -> anyhow::Result<()> {
     let socket = in_netns(netns, || {

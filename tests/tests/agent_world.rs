@@ -2,7 +2,7 @@
 //! underlay router (every uplink with strict rp_filter), masqueraded to their node's IP by the
 //! eBPF datapath, and their replies (and ICMP errors about their packets) find them again.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,17 +29,7 @@ fn start(opts: MeshOptions, n: usize) -> anyhow::Result<Option<(Mesh, Vec<Endpoi
     let ext = mesh.external.as_ref().expect("outside");
     // Every test here runs with strict reverse-path filtering on the uplinks: make sure it
     // holds (with the agent running), so a pass cannot come from a loose setting.
-    for node in mesh.clusters.iter().flat_map(|c| &c.nodes) {
-        for key in ["all", "ul0"] {
-            let path = format!("/proc/sys/net/ipv4/conf/{key}/rp_filter");
-            let out = Command::new("nsenter")
-                .arg(format!("--net={}", node.netns.display()))
-                .args(["--", "cat", &path])
-                .output()?;
-            let value = String::from_utf8_lossy(&out.stdout);
-            anyhow::ensure!(value.trim() == "1", "{}: {path} = {value:?}", node.name);
-        }
-    }
+    mesh.check_strict_rp_filter()?;
     spawn_whoami(&ext.host.path(), PORT)?;
     let eps = (0..n)
         .map(|i| mesh.add_endpoint("c1", "n1", &format!("w{i}"), "app=client"))
@@ -141,41 +131,14 @@ fn an_icmp_frag_needed_about_a_masqueraded_flow_reaches_the_endpoint() -> anyhow
     let ext = mesh.external.as_ref().expect("outside");
     const SINK: u16 = 9100;
     netns_io::spawn_sink(&ext.host.path(), SINK)?;
-    let mut s = netns_io::connect(
+    netns_io::upload_to_sink(
         &eps[0].netns,
         SocketAddr::from((ext.host_ip, SINK)),
-        TIMEOUT,
+        256 * 1024,
     )
-    .map_err(|e| anyhow::anyhow!("{e:#}\n{}", mesh.logs()))?;
-    // Lost errors cost retransmission timeouts (1 s, 2 s, ...): room for a few.
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
-    if let Err(e) = s.write_all(&data) {
-        let counters = mesh.status("c1", "n1")?["datapath"]["counters"].clone();
-        let route = Command::new("nsenter")
-            .arg(format!("--net={}", eps[0].netns.display()))
-            .args(["--", "ip", "route", "get", &ext.host_ip.to_string()])
-            .output()?;
-        let icmp = ext
-            .router
-            .output("nstat", &["-az", "IcmpOutDestUnreachs", "IpFragFails"])?;
-        anyhow::bail!(
-            "upload stalled: {e}\ncounters: {counters}\nroute: {}\nrouter: {}",
-            String::from_utf8_lossy(&route.stdout),
-            String::from_utf8_lossy(&icmp.stdout)
-        );
-    }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut count = String::new();
-    s.read_to_string(&mut count)?;
-    assert_eq!(count, data.len().to_string(), "bytes the host received");
+    .map_err(|e| e.context(mesh.frag_needed_diagnostics("c1", "n1", &eps[0].netns, ext.host_ip)))?;
     // The endpoint's kernel learned the path MTU: the router's error reached it.
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", eps[0].netns.display()))
-        .args(["--", "ip", "route", "get", &ext.host_ip.to_string()])
-        .output()?;
-    let route = String::from_utf8_lossy(&out.stdout);
+    let route = netns_io::route_get(&eps[0].netns, ext.host_ip)?;
     assert!(route.contains("mtu 1280"), "no learned path MTU: {route}");
     Ok(())
 }

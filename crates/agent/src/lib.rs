@@ -323,7 +323,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (reconciled_tx, reconciled_rx) = watch::channel(reconciler::ReconcileStatus::default());
     let (local_conn_tx, local_conn_rx) = watch::channel(watcher::Connection::default());
     let (registry_tx, registry_rx) = watch::channel(Arc::new(remotes::Registry::new()));
-    let (peers_tx, peers_rx) = watch::channel(Arc::new(Vec::new()));
+    let (peers_tx, peers_rx) = watch::channel(None);
     let (routes_tx, routes_rx) = watch::channel(routes::RoutesStatus::default());
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;

@@ -44,6 +44,8 @@ pub struct Snapshot<'a> {
     pub events_lost: u64,
     /// Unix ms of the scrape, for ages.
     pub now_ms: u64,
+    /// The routing mode and the node routes (`meshd status`'s routing lines).
+    pub routing: &'a pb::RoutingStatus,
 }
 
 fn gauge_family<S, G>(registry: &mut Registry, name: &str, help: &str) -> Family<S, G>
@@ -248,6 +250,29 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Flow and drop events the datapath did not send (over its per-CPU rate limit, or its ring buffer full); the packets themselves are counted.",
         s.events_lost,
     );
+    let rt = s.routing;
+    if rt.auto_direct_node_routes && rt.mode == "native" {
+        let installed: Gauge = Gauge::default();
+        installed.set(gauge(rt.routes_installed));
+        r.register(
+            "node_routes_installed",
+            "The agent's node routes (auto_direct_node_routes) in the table.",
+            installed,
+        );
+        let skipped: Gauge = Gauge::default();
+        skipped.set(gauge(rt.skipped_nodes.len() as u64));
+        r.register(
+            "node_routes_skipped_nodes",
+            "Nodes given no direct route: not on the uplink's segment (behind a gateway).",
+            skipped,
+        );
+        counter(
+            &mut r,
+            "node_route_failures",
+            "Node route changes that failed (each retried; `meshd status` shows the last ones).",
+            rt.route_failures,
+        );
+    }
     let identities: Gauge = Gauge::default();
     identities.set(gauge(s.identities as u64));
     r.register(
@@ -318,9 +343,20 @@ mod tests {
             identities: 6,
             events_lost: 9,
             now_ms: 4_000,
+            routing: &pb::RoutingStatus {
+                mode: "native".into(),
+                auto_direct_node_routes: true,
+                routes_installed: 3,
+                skipped_nodes: vec!["node c1/n3 ...".into()],
+                route_failures: 2,
+                ..Default::default()
+            },
         });
         for line in [
             "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
+            "meshd_node_routes_installed 3",
+            "meshd_node_routes_skipped_nodes 1",
+            "meshd_node_route_failures_total 2",
             "meshd_remote_cluster_stale{cluster=\"c2\"} 1",
             "meshd_remote_cluster_ready{cluster=\"c3\"} 1",
             "meshd_remote_cluster_entries{cluster=\"c2\",kind=\"nodes\"} 2",

@@ -2,8 +2,9 @@
 //! node's main table for every other node, local or remote, that sits on the uplink's own
 //! segment. The agent owns exactly the routes tagged with [`ROUTE_PROTOCOL`] and reconciles
 //! them like the maps (level-triggered: desired from the view's nodes, actual read back, the
-//! difference applied; again on every node change, after a failure and on a timer); it never
-//! touches another route. A node behind a gateway cannot be reached by a direct route: it is
+//! difference applied; again on every node change, after a failure and on a timer, but never
+//! before the view's start-up gate, like the maps); it never touches another route, not even
+//! one for the same prefix (that route is reported and the agent's retried until it goes). A node behind a gateway cannot be reached by a direct route: it is
 //! skipped (a status line and a counter), and its pod CIDR must come from the network (a router's
 //! routes or a routing protocol).
 //!
@@ -41,8 +42,9 @@ pub struct RoutesStatus {
     pub skipped: Vec<String>,
     /// Nodes skipped, counted at each change of the skipped set.
     pub skipped_total: u64,
-    /// Route changes that failed (retried).
+    /// Route changes that failed (each retried), counted per attempt.
     pub failures: u64,
+    /// What failed in the last pass, one `; `-separated line per change (empty: nothing).
     pub last_error: String,
     /// Remote pod CIDRs outside native_routing_cidr: their traffic would be masqueraded.
     pub outside_native_cidr: Vec<String>,
@@ -114,15 +116,25 @@ pub struct RouteReconciler {
     /// None: the agent installs no routes (and removes any of its protocol left behind).
     pub uplink: Option<String>,
     pub native_cidr: Option<Ipv4Net>,
-    pub nodes: watch::Receiver<Arc<Vec<PeerNode>>>,
+    /// None until the view's start-up gate opens: nothing is touched before (see
+    /// `ViewTask::peers`).
+    pub nodes: watch::Receiver<Option<Arc<Vec<PeerNode>>>>,
     pub status: watch::Sender<RoutesStatus>,
 }
 
 impl RouteReconciler {
     pub async fn run(mut self) {
         let mut last_skipped: BTreeSet<String> = BTreeSet::new();
+        let mut last_errors: Vec<String> = Vec::new();
+        // A restarted agent's first pass on an empty or partial view would delete the routes
+        // of every node not heard from yet, and live connections with them.
+        while self.nodes.borrow_and_update().is_none() {
+            if self.nodes.changed().await.is_err() {
+                return;
+            }
+        }
         loop {
-            let nodes = self.nodes.borrow_and_update().clone();
+            let nodes = self.nodes.borrow_and_update().clone().unwrap_or_default();
             let result = tokio::task::spawn_blocking({
                 let uplink = self.uplink.clone();
                 let native_cidr = self.native_cidr;
@@ -130,30 +142,37 @@ impl RouteReconciler {
             })
             .await
             .unwrap_or_else(|e| Err(format!("route task: {e}")));
-            let failed = result.is_err();
+            let errors = match &result {
+                Ok(pass) => pass.errors.clone(),
+                Err(e) => vec![e.clone()],
+            };
+            // Logged when they change, not at every retry.
+            if errors != last_errors {
+                for e in &errors {
+                    tracing::warn!(error = e.as_str(), "node route not in place; retrying");
+                }
+                if errors.is_empty() && !last_errors.is_empty() {
+                    tracing::info!("every node route in place again");
+                }
+                last_errors = errors.clone();
+            }
             self.status.send_modify(|s| {
                 s.enabled = self.uplink.is_some();
-                match result {
-                    Ok(pass) => {
-                        let now: BTreeSet<String> = pass.skipped.iter().cloned().collect();
-                        s.skipped_total += now.difference(&last_skipped).count() as u64;
-                        for line in now.difference(&last_skipped) {
-                            tracing::warn!("{line}");
-                        }
-                        last_skipped = now;
-                        s.installed = pass.installed;
-                        s.skipped = pass.skipped;
-                        s.outside_native_cidr = pass.outside;
-                        s.last_error.clear();
+                s.failures += errors.len() as u64;
+                s.last_error = errors.join("; ");
+                if let Ok(pass) = result {
+                    let now: BTreeSet<String> = pass.skipped.iter().cloned().collect();
+                    s.skipped_total += now.difference(&last_skipped).count() as u64;
+                    for line in now.difference(&last_skipped) {
+                        tracing::warn!("{line}");
                     }
-                    Err(e) => {
-                        tracing::warn!(error = e, "node routes not in place; retrying");
-                        s.failures += 1;
-                        s.last_error = e;
-                    }
+                    last_skipped = now;
+                    s.installed = pass.installed;
+                    s.skipped = pass.skipped;
+                    s.outside_native_cidr = pass.outside;
                 }
             });
-            let wait = if failed { RETRY } else { RESYNC };
+            let wait = if errors.is_empty() { RESYNC } else { RETRY };
             tokio::select! {
                 changed = self.nodes.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(wait) => {}
@@ -163,12 +182,17 @@ impl RouteReconciler {
 }
 
 struct Pass {
+    /// The agent's routes in place after the pass.
     installed: u64,
     skipped: Vec<String>,
     outside: Vec<String>,
+    /// The changes that failed, one line each (retried by the next pass).
+    errors: Vec<String>,
 }
 
-/// One pass: read the uplink and the agent's routes, write the difference. Blocking.
+/// One pass: read the uplink and the agent's routes, write the difference. Every change is
+/// tried; the ones that fail are reported (and retried) without holding up the others. Fails
+/// as a whole only when the table or the uplink cannot be read. Blocking.
 fn reconcile(
     uplink: Option<&str>,
     nodes: &[PeerNode],
@@ -187,35 +211,39 @@ fn reconcile(
             .into_iter()
             .map(|r| (r.destination, r))
             .collect();
-        // Every change is tried; the first error is reported after the others were made.
-        let mut first_error = None;
+        let mut errors = Vec::new();
+        let mut installed = 0;
         for (dst, route) in &want {
-            if have.get(dst) != Some(route) {
-                match nl.replace_owned_route(route, ROUTE_PROTOCOL) {
-                    Ok(()) => {
-                        tracing::info!(destination = %dst, via = %route.gateway, "node route in place")
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
+            if have.get(dst) == Some(route) {
+                installed += 1;
+                continue;
+            }
+            // Our own route is replaced in place; a new one is only added, never over a route
+            // someone else put there for the same prefix (a replace would take it whatever
+            // its protocol).
+            match nl.put_owned_route(route, ROUTE_PROTOCOL, have.contains_key(dst)) {
+                Ok(()) => {
+                    installed += 1;
+                    tracing::info!(destination = %dst, via = %route.gateway, "node route in place")
                 }
+                Err(e) if e.is_exists() => errors.push(format!(
+                    "{dst} via {}: another route for {dst} (not of proto {ROUTE_PROTOCOL}) is in the table; left alone, retrying until it goes",
+                    route.gateway
+                )),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         for dst in have.keys().filter(|d| !want.contains_key(*d)) {
             match nl.delete_owned_route(*dst, ROUTE_PROTOCOL) {
                 Ok(()) => tracing::info!(destination = %dst, "node route removed"),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+                Err(e) => errors.push(e.to_string()),
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
         Ok(Pass {
-            installed: want.len() as u64,
+            installed,
             skipped,
             outside,
+            errors,
         })
     })
     .map_err(|e| e.to_string())

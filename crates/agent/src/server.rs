@@ -382,12 +382,14 @@ impl AgentService {
         let datapath = self.datapath().await;
         let clusters = self.clusters();
         let identities = self.identities.borrow().len();
+        let routing = self.routing();
         crate::metrics::render(&crate::metrics::Snapshot {
             clusters: &clusters,
             datapath: &datapath,
             identities,
             events_lost: self.monitor.events_lost(),
             now_ms: crate::now_ms(),
+            routing: &routing,
         })
     }
 

@@ -71,8 +71,10 @@ pub struct ViewTask {
     pub wait_for: BTreeSet<ClusterName>,
     pub gate_timeout: Duration,
     /// Every admitted node but this one (native routing's node routes), republished when nodes
-    /// or admissions change.
-    pub peers: watch::Sender<Arc<Vec<meshd_mesh::PeerNode>>>,
+    /// or admissions change. None until the start-up gate opens, for the same reason the
+    /// reconciler waits: on a partial view the route owner would delete the routes of the
+    /// nodes not heard from yet.
+    pub peers: watch::Sender<Option<Arc<Vec<meshd_mesh::PeerNode>>>>,
 }
 
 /// What a batch changed, accumulated until it is handed on.
@@ -115,6 +117,7 @@ impl ViewTask {
                         tracing::warn!(?waiting, "start-up sync not complete in time; reconciling with what is known");
                         gate_open = true;
                         self.publish_status(true);
+                        self.publish_peers();
                         if !self.send_full().await {
                             return;
                         }
@@ -136,6 +139,9 @@ impl ViewTask {
             }
             self.publish_status(pending.warnings_stale);
             let opening = !gate_open && self.unready().is_empty();
+            if opening || (gate_open && pending.warnings_stale) {
+                self.publish_peers();
+            }
             if opening {
                 tracing::info!("initial sync of every cluster complete");
                 gate_open = true;
@@ -218,6 +224,18 @@ impl ViewTask {
         pending.service_ops.extend(applied.service_ops);
     }
 
+    /// Publishes the peer nodes when they changed (call only once the gate is open).
+    fn publish_peers(&self) {
+        let peers = self.view.peer_nodes();
+        self.peers.send_if_modified(|old| {
+            let changed = old.as_deref() != Some(&peers);
+            if changed {
+                *old = Some(Arc::new(peers));
+            }
+            changed
+        });
+    }
+
     fn publish_identities(&self) {
         let labels = self
             .view
@@ -232,16 +250,6 @@ impl ViewTask {
     /// (see [`Pending::warnings_stale`]), else keep the last ones.
     fn publish_status(&self, refresh_warnings: bool) {
         self.status.send_replace(Arc::new(self.view.status()));
-        if refresh_warnings {
-            let peers = self.view.peer_nodes();
-            self.peers.send_if_modified(|old| {
-                let changed = **old != peers;
-                if changed {
-                    *old = Arc::new(peers);
-                }
-                changed
-            });
-        }
         let warnings = if refresh_warnings {
             self.view.policy_warnings()
         } else {
@@ -291,6 +299,7 @@ mod tests {
         let (inputs_tx, inputs) = mpsc::channel(16);
         let (datapath, mut updates) = mpsc::channel(16);
         let (requests_tx, full_requests) = mpsc::channel(1);
+        let (peers_tx, peers) = watch::channel(None);
         let task = ViewTask {
             view: MeshView::new(LocalNode {
                 cluster: c1(),
@@ -309,7 +318,7 @@ mod tests {
             identities: watch::channel(Arc::new(IdentityLabels::new())).0,
             wait_for: [c1()].into(),
             gate_timeout: Duration::from_secs(3600),
-            peers: watch::channel(Arc::new(Vec::new())).0,
+            peers: peers_tx,
         };
         let handle = tokio::spawn(task.run());
 
@@ -317,6 +326,10 @@ mod tests {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(updates.try_recv().is_err(), "nothing before the gate");
+        assert!(
+            peers.borrow().is_none(),
+            "no nodes for the route owner before the gate"
+        );
 
         for kind in [
             ResourceKind::Nodes,
@@ -337,6 +350,8 @@ mod tests {
             }
             other => panic!("expected the whole state first, got {other:?}"),
         }
+        // Published before the whole state went (no other node here: an empty list).
+        assert_eq!(peers.borrow().as_deref().map(Vec::len), Some(0));
 
         inputs_tx.send(endpoint("10.1.1.6")).await.unwrap();
         match updates.recv().await.unwrap() {

@@ -14,7 +14,7 @@ use meshd_certs::{LeafKind, MeshCa};
 use meshd_netlink::{with_netlink, Route};
 use meshd_topology::etcd::{EtcdMember, EtcdServerTls};
 use meshd_topology::underlay::host_address;
-use meshd_topology::{HostSpec, OutsideSpec, RootLinkSpec, Topology, UnderlaySpec};
+use meshd_topology::{FarHostSpec, HostSpec, OutsideSpec, RootLinkSpec, Topology, UnderlaySpec};
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
 use crate::spec::{
@@ -620,7 +620,8 @@ fn route_far_nets_via_router(spec: &LabSpec, netns: Option<&str>) -> anyhow::Res
 }
 
 /// A node behind the router: its namespace, a link `ul0` from the router (`far_net`: router
-/// .1, node .2), its default route via the router, and on the router a route to its pod CIDR.
+/// .1, node .2), its default route via the router, and on the router a route to its pod CIDR
+/// (built by the topology, as the e2e tests build theirs).
 fn attach_behind_router(
     spec: &LabSpec,
     state: &mut LabState,
@@ -629,48 +630,20 @@ fn attach_behind_router(
     node: &NodeSpec,
     netns: &str,
 ) -> anyhow::Result<()> {
-    let added = topology.add_namespace(netns);
-    record_topology(state, topology)?;
-    added?;
     let far = spec.far_net(cluster.id);
-    let router_ip = spec.far_router_ip(cluster.id);
-    let router_side = format!("far-{}", cluster.name);
-    let router = spec.router_netns();
-    with_netlink(Some(&router), |nl| {
-        nl.add_veth(&router_side, "ul0", Some(netns), Some(spec.mtu))?;
-        nl.add_address(
-            &router_side,
-            Ipv4Net::new(router_ip, far.prefix_len()).expect("/24"),
-        )?;
-        nl.set_up(&router_side)?;
-        nl.enable_ipv4_forwarding(&router_side)?;
-        nl.add_route(
-            &Route {
-                destination: node.pod_cidr,
-                dev: &router_side,
-                gateway: Some(node.ip),
-                link_scope: false,
-            },
-            false,
-        )
-    })
-    .with_context(|| format!("{router}: the link to {netns}"))?;
-    with_netlink(Some(netns), |nl| {
-        nl.set_up("lo")?;
-        nl.add_address("ul0", Ipv4Net::new(node.ip, far.prefix_len()).expect("/24"))?;
-        nl.set_up("ul0")?;
-        nl.add_route(
-            &Route {
-                destination: Ipv4Net::default(),
-                dev: "ul0",
-                gateway: Some(router_ip),
-                link_scope: false,
-            },
-            false,
-        )
-    })
-    .with_context(|| format!("{netns}: its link to the router"))?;
-    Ok(())
+    let added = topology.add_host_behind_router(&FarHostSpec {
+        router_netns: spec.router_netns(),
+        router_port: format!("far-{}", cluster.name),
+        netns: netns.to_owned(),
+        router_address: host_address(spec.far_router_ip(cluster.id), far),
+        address: host_address(node.ip, far),
+        mtu: spec.mtu,
+        router_side_mtu: spec.mtu,
+        routed: vec![node.pod_cidr],
+        strict_rp_filter: false,
+    });
+    record_topology(state, topology)?;
+    Ok(added?)
 }
 
 fn write_cli_config(opts: &UpOptions, state: &LabState) -> anyhow::Result<()> {

@@ -36,6 +36,14 @@ pub enum NetlinkError {
     },
 }
 
+impl NetlinkError {
+    /// True when the kernel refused a request with EEXIST (e.g. a route for that destination is
+    /// already in the table).
+    pub fn is_exists(&self) -> bool {
+        matches!(self, NetlinkError::Request { source, .. } if source.raw_os_error() == Some(libc::EEXIST))
+    }
+}
+
 pub type Result<T, E = NetlinkError> = std::result::Result<T, E>;
 
 /// The kernel's answer as an `io::Error` (errno and its text), whatever rtnetlink wrapped it in.

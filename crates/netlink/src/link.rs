@@ -424,21 +424,31 @@ impl Netlink {
             .collect())
     }
 
-    /// `ip route replace DEST via GATEWAY dev IFINDEX proto PROTOCOL` in the main table.
-    pub fn replace_owned_route(&self, route: &OwnedRoute, protocol: u8) -> Result<()> {
+    /// `ip route add DEST via GATEWAY dev IFINDEX proto PROTOCOL` in the main table, or with
+    /// `replace` (a route of `protocol` for DEST is there) `ip route replace`. An add fails with
+    /// EEXIST ([`NetlinkError::is_exists`]) while any other route for DEST is in the way: a
+    /// replace would overwrite it whatever its protocol, and the owner of `protocol` touches
+    /// only its own routes.
+    pub fn put_owned_route(&self, route: &OwnedRoute, protocol: u8, replace: bool) -> Result<()> {
         let message = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(route.destination.addr(), route.destination.prefix_len())
             .gateway(route.gateway)
             .output_interface(route.ifindex)
             .protocol(RouteProtocol::from(protocol))
             .build();
+        let request = self.handle.route().add(message);
+        let (op, request) = if replace {
+            ("replacing route", request.replace())
+        } else {
+            ("adding route", request)
+        };
         self.request(
-            "replacing route",
+            op,
             &format!(
                 "{} via {} dev #{} proto {protocol}",
                 route.destination, route.gateway, route.ifindex
             ),
-            self.handle.route().add(message).replace().execute(),
+            request.execute(),
         )
     }
 

@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
-use meshd_topology::{self as topology, HostSpec, OutsideSpec, Topology, UnderlaySpec};
+use meshd_topology::{
+    self as topology, FarHostSpec, HostSpec, OutsideSpec, Topology, UnderlaySpec,
+};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -267,6 +269,47 @@ impl Underlay {
             router_ip,
             host_ip,
         })
+    }
+}
+
+impl Underlay {
+    /// Adds a node namespace behind `external`'s router, on a link of its own (`net`: the
+    /// router is .1, the node .2, its uplink `ul0`; the router's side has `router_side_mtu`)
+    /// instead of on the bridge: the router routes `pod_cidr` to it (a static route standing in
+    /// for a routing protocol), and its default route is the router. Strict rp_filter on both
+    /// ends. Returns its index among the nodes and its address.
+    pub fn add_node_behind_router(
+        &mut self,
+        prefix: &str,
+        external: &External,
+        net: Ipv4Net,
+        router_side_mtu: u32,
+        pod_cidr: Ipv4Net,
+    ) -> anyhow::Result<(usize, Ipv4Addr)> {
+        let index = self.nodes.len();
+        let name = unique_name(prefix);
+        let at = |k: u32| -> anyhow::Result<Ipv4Net> {
+            Ok(Ipv4Net::new(
+                Ipv4Addr::from(u32::from(net.network()) + k),
+                net.prefix_len(),
+            )?)
+        };
+        let address = at(2)?;
+        self.topology
+            .add_host_behind_router(&FarHostSpec {
+                router_netns: external.router.name().to_owned(),
+                router_port: format!("far{index}"),
+                netns: name.clone(),
+                router_address: at(1)?,
+                address,
+                mtu: self.mtu(),
+                router_side_mtu,
+                routed: vec![pod_cidr],
+                strict_rp_filter: true,
+            })
+            .with_context(|| format!("adding node {name} behind the router"))?;
+        self.nodes.push(Netns::owned_by_topology(&name));
+        Ok((index, address.addr()))
     }
 }
 

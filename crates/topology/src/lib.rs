@@ -4,7 +4,8 @@
 //! - [`Topology`]: one owner that builds network namespaces on an underlay bridge from a typed
 //!   description ([`UnderlaySpec`], [`HostSpec`], [`RootLinkSpec`]) and tears down what it
 //!   built, in reverse order;
-//! - [`outside`]: a router on the underlay and an external host behind it ([`OutsideSpec`]);
+//! - [`outside`]: a router on the underlay, an external host behind it ([`OutsideSpec`]) and
+//!   hosts (nodes) behind it on links of their own ([`FarHostSpec`]);
 //! - [`netns`]: named network namespaces (`/run/netns/NAME`);
 //! - [`etcd`]: the command line of one etcd member, which the lab starts as a daemon and the
 //!   test harness as a child it owns.
@@ -22,7 +23,7 @@ pub mod outside;
 pub mod underlay;
 
 pub use error::{Result, TopologyError};
-pub use outside::OutsideSpec;
+pub use outside::{FarHostSpec, OutsideSpec};
 pub use underlay::{
     HostSpec, RootLinkSpec, Topology, UnderlaySpec, BRIDGE_IFNAME, UNDERLAY_IFNAME,
 };

@@ -17,6 +17,30 @@ pub const ROUTER_EXTERNAL_IFNAME: &str = "ext0";
 /// The external host's only interface.
 pub const EXTERNAL_HOST_IFNAME: &str = "eth0";
 
+/// A host behind the router on a link of its own (native routing's node behind a gateway): not
+/// on the underlay's segment, so no node can route to it directly; the router carries its
+/// traffic, and routes to its pod CIDRs (static routes standing in for a routing protocol).
+#[derive(Debug, Clone)]
+pub struct FarHostSpec {
+    /// The router's namespace ([`OutsideSpec::router_netns`], built first).
+    pub router_netns: String,
+    /// The router's end of the link (unique within the router).
+    pub router_port: String,
+    /// The host's namespace; its end of the link is [`UNDERLAY_IFNAME`], its uplink.
+    pub netns: String,
+    /// The router's address on the link and the host's (one prefix).
+    pub router_address: Ipv4Net,
+    pub address: Ipv4Net,
+    /// MTU of the host's side; the router's side gets `router_side_mtu` (smaller: the router
+    /// answers big DF packets towards the host with "fragmentation needed").
+    pub mtu: u32,
+    pub router_side_mtu: u32,
+    /// Prefixes the router routes to the host (its pod CIDRs).
+    pub routed: Vec<Ipv4Net>,
+    /// Strict reverse-path filtering on both ends of the link.
+    pub strict_rp_filter: bool,
+}
+
 /// A router and the external host behind it.
 #[derive(Debug, Clone)]
 pub struct OutsideSpec {
@@ -120,5 +144,59 @@ impl Topology {
         })
         .step(|| format!("{}: the external host's link", spec.host_netns))?;
         Ok(())
+    }
+
+    /// Builds a host behind the router (see [`FarHostSpec`]): its namespace, the link from the
+    /// router, its default route via the router, and the router's routes to it.
+    pub fn add_host_behind_router(&mut self, spec: &FarHostSpec) -> Result<()> {
+        self.add_namespace(&spec.netns)?;
+        let host = spec.address.addr();
+        with_netlink(Some(&spec.router_netns), |nl| {
+            nl.add_veth(
+                &spec.router_port,
+                UNDERLAY_IFNAME,
+                Some(&spec.netns),
+                Some(spec.mtu),
+            )?;
+            if spec.router_side_mtu != spec.mtu {
+                nl.set_mtu(&spec.router_port, spec.router_side_mtu)?;
+            }
+            nl.add_address(&spec.router_port, spec.router_address)?;
+            nl.set_up(&spec.router_port)?;
+            nl.enable_ipv4_forwarding(&spec.router_port)?;
+            if spec.strict_rp_filter {
+                nl.set_strict_rp_filter(&spec.router_port)?;
+            }
+            for &destination in &spec.routed {
+                nl.add_route(
+                    &Route {
+                        destination,
+                        dev: &spec.router_port,
+                        gateway: Some(host),
+                        link_scope: false,
+                    },
+                    false,
+                )?;
+            }
+            Ok(())
+        })
+        .step(|| format!("{}: the link to {}", spec.router_netns, spec.netns))?;
+        with_netlink(Some(&spec.netns), |nl| {
+            nl.add_address(UNDERLAY_IFNAME, spec.address)?;
+            nl.set_up(UNDERLAY_IFNAME)?;
+            if spec.strict_rp_filter {
+                nl.set_strict_rp_filter(UNDERLAY_IFNAME)?;
+            }
+            nl.add_route(
+                &Route {
+                    destination: Ipv4Net::default(),
+                    dev: UNDERLAY_IFNAME,
+                    gateway: Some(spec.router_address.addr()),
+                    link_scope: false,
+                },
+                false,
+            )
+        })
+        .step(|| format!("{}: its link to the router", spec.netns))
     }
 }
