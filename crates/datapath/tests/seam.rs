@@ -82,6 +82,7 @@ fn service_maps_follow_the_desired_state() {
             port: 80,
             protocol: Protocol::Tcp,
             port_name: "http".into(),
+            node_port: None,
         }],
         backends: backends
             .iter()
@@ -96,6 +97,11 @@ fn service_maps_follow_the_desired_state() {
         global: true,
         shared: true,
         affinity: Affinity::None,
+        service_type: Default::default(),
+        external_ips: Vec::new(),
+        load_balancer_ip: None,
+        external_traffic_policy: Default::default(),
+        health_check_node_port: None,
     };
     let desired = |local: &[&str], remote: &[&str]| {
         let (r1, r2, r6) = (

@@ -311,6 +311,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 port_name: "http".into(),
+                node_port: None,
             }],
             backends: backends
                 .iter()
@@ -325,6 +326,11 @@ mod tests {
             global,
             shared,
             affinity: Affinity::None,
+            service_type: Default::default(),
+            external_ips: Vec::new(),
+            load_balancer_ip: None,
+            external_traffic_policy: Default::default(),
+            health_check_node_port: None,
         }
     }
 
@@ -489,12 +495,14 @@ mod tests {
             port: 53,
             protocol: Protocol::Udp,
             port_name: "dns".into(),
+            node_port: None,
         });
         c1.frontends.push(ServiceFrontend {
             ip: ip(VIP),
             port: 9,
             protocol: Protocol::Sctp,
             port_name: "sctp".into(),
+            node_port: None,
         });
         c1.backends.push(ServiceBackend {
             ip: ip("10.1.0.5"),

@@ -957,6 +957,11 @@ fn services_are_stored_for_accepted_clusters() {
         global: true,
         shared: true,
         affinity: meshd_state::Affinity::None,
+        service_type: Default::default(),
+        external_ips: Vec::new(),
+        load_balancer_ip: None,
+        external_traffic_policy: Default::default(),
+        health_check_node_port: None,
     };
     apply(&mut v, "c2", EventKind::UpsertService(svc.clone()));
     apply(&mut v, "c5", EventKind::UpsertService(svc.clone()));
@@ -1180,6 +1185,7 @@ fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> Even
             port: 80,
             protocol: Protocol::Tcp,
             port_name: "http".into(),
+            node_port: None,
         }],
         backends: (0..backends)
             .map(|b| ServiceBackend {
@@ -1193,6 +1199,11 @@ fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> Even
         global,
         shared: global,
         affinity: Affinity::None,
+        service_type: Default::default(),
+        external_ips: Vec::new(),
+        load_balancer_ip: None,
+        external_traffic_policy: Default::default(),
+        health_check_node_port: None,
     })
 }
 
