@@ -1174,9 +1174,18 @@ spec:
 }
 
 /// A service of the random streams: one frontend (the VIP depends on the cluster, so the
-/// local record's decides) and `backends` ready backends.
-fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> EventKind {
-    use meshd_state::{Affinity, Protocol, ServiceBackend, ServiceFrontend};
+/// local record's decides) and `backends` ready backends, some on the local node (10.1.1.0/24).
+/// `public` 0: ClusterIP; 1: NodePort; 2: LoadBalancer with Local policy and an external IP
+/// every such service shares (two services claiming one frontend).
+fn random_service(name: &str, cluster: u32, backends: u64, global: bool, public: u64) -> EventKind {
+    use meshd_state::{
+        Affinity, Protocol, ServiceBackend, ServiceFrontend, ServiceType, TrafficPolicy,
+    };
+    let (service_type, policy) = match public {
+        0 => (ServiceType::ClusterIp, TrafficPolicy::Cluster),
+        1 => (ServiceType::NodePort, TrafficPolicy::Cluster),
+        _ => (ServiceType::LoadBalancer, TrafficPolicy::Local),
+    };
     EventKind::UpsertService(meshd_state::ServiceRecord {
         namespace: "default".into(),
         name: name.into(),
@@ -1185,11 +1194,14 @@ fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> Even
             port: 80,
             protocol: Protocol::Tcp,
             port_name: "http".into(),
-            node_port: None,
+            node_port: (public > 0).then(|| 30000 + b_port(name)),
         }],
         backends: (0..backends)
             .map(|b| ServiceBackend {
-                ip: ip(&format!("10.{cluster}.9.{b}")),
+                ip: ip(&format!(
+                    "10.{cluster}.{}.{b}",
+                    if b % 2 == 0 { 1 } else { 9 }
+                )),
                 port: 8080,
                 protocol: Protocol::Tcp,
                 ready: b % 3 != 2,
@@ -1199,12 +1211,21 @@ fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> Even
         global,
         shared: global,
         affinity: Affinity::None,
-        service_type: Default::default(),
-        external_ips: Vec::new(),
+        service_type,
+        external_ips: if public == 2 {
+            vec![ip("203.0.113.1")]
+        } else {
+            Vec::new()
+        },
         load_balancer_ip: None,
-        external_traffic_policy: Default::default(),
+        external_traffic_policy: policy,
         health_check_node_port: None,
     })
+}
+
+/// A distinct node port per random service name (`s0`, `s1`, ...).
+fn b_port(name: &str) -> u16 {
+    name.bytes().last().map_or(0, u16::from)
 }
 
 #[test]
@@ -1213,6 +1234,7 @@ fn random_event_streams_keep_every_invariant() {
     let apps = ["x", "y", "z"];
     let mut seen = (0, 0, 0, 0);
     let mut seen_policy_and_service_ops = (0, 0);
+    let mut seen_public_frontends = 0;
     for seed in 0..8u64 {
         let mut rng = Lcg(seed);
         let mut v = MeshView::new(local());
@@ -1311,6 +1333,7 @@ fn random_event_streams_keep_every_invariant() {
                             id,
                             rng.next(5),
                             rng.next(3) != 0,
+                            rng.next(3),
                         ),
                     },
                     _ => {
@@ -1333,6 +1356,14 @@ fn random_event_streams_keep_every_invariant() {
                 .filter(|op| op.phase() >= 2 && op.phase() <= 5)
                 .count();
             seen_policy_and_service_ops.1 += applied.service_ops.len();
+            seen_public_frontends += applied
+                .service_ops
+                .iter()
+                .filter(|op| {
+                    matches!(op, crate::services::ServiceOp::UpsertService { value, .. }
+                        if value.exposure != crate::services::Exposure::Vip)
+                })
+                .count();
             seen.0 += applied.rejected.len();
             seen.1 += applied.pending.len();
             seen.2 += applied.refusals.len();
@@ -1348,6 +1379,10 @@ fn random_event_streams_keep_every_invariant() {
     assert!(
         seen_policy_and_service_ops.0 > 50 && seen_policy_and_service_ops.1 > 50,
         "{seen_policy_and_service_ops:?}"
+    );
+    assert!(
+        seen_public_frontends > 20,
+        "node port / external frontends written: {seen_public_frontends}"
     );
 }
 
@@ -1394,6 +1429,25 @@ fn check_desired_is_sound(v: &MeshView) {
             .find(|s| s.cluster_id == Some(*cluster_id))
             .expect("node of a known cluster");
         assert!(s.refused.is_none());
+    }
+    // Public frontends: node ports on this node's IP only; Local ones over this node's own
+    // backends only (this cluster's, inside this node's pod CIDRs).
+    let services = v.desired_services();
+    for (f, value) in &services.services {
+        match value.exposure {
+            crate::services::Exposure::NodePort => assert_eq!(f.ip, local_ip, "{f:?}"),
+            crate::services::Exposure::ExternalIp => assert_ne!(f.ip, local_ip, "{f:?}"),
+            crate::services::Exposure::Vip => assert!(!value.local_only, "{f:?}"),
+        }
+        if value.local_only {
+            for b in services.backends_of(f) {
+                assert_eq!(b.cluster_id, local_id, "{f:?}: {b:?}");
+                assert!(
+                    v.local().pod_cidrs.iter().any(|c| c.contains(&b.ip)),
+                    "{f:?}: {b:?} is not on this node"
+                );
+            }
+        }
     }
 }
 
