@@ -57,6 +57,7 @@ fn outcome_pb(o: &Outcome) -> pb::ObjectResult {
         object: Some(meshd_api::apiserver::object_ref(&o.object)),
         action: o.action.to_string(),
         vip: o.vip.map(|v| v.to_string()).unwrap_or_default(),
+        node_ports: o.node_ports.iter().map(|p| u32::from(*p)).collect(),
     }
 }
 

@@ -113,6 +113,8 @@ pub struct Outcome {
     pub object: ObjectRef,
     pub action: Action,
     pub vip: Option<IpAddr>,
+    /// Services: the node ports held after an apply (the ports', then the health check's).
+    pub node_ports: Vec<u16>,
 }
 
 /// One etcd transaction and what it does to each object.
@@ -164,6 +166,7 @@ pub fn plan_apply(
         let key = object_key(&object);
         let stored = snapshot.objects.get(&object);
         let mut vip = None;
+        let mut node_ports = Vec::new();
         let document = match &d.document {
             Document::Service(svc) => {
                 let mut svc = svc.clone();
@@ -249,6 +252,7 @@ pub fn plan_apply(
                 };
                 svc.spec.cluster_ip = Some(chosen);
                 vip = Some(chosen);
+                node_ports = svc.node_ports().collect();
                 Document::Service(svc)
             }
             other => other.clone(),
@@ -267,6 +271,7 @@ pub fn plan_apply(
             object,
             action,
             vip,
+            node_ports,
         });
     }
     if errors.is_empty() {
@@ -407,16 +412,26 @@ fn assign_node_ports(
     };
     // (node port, protocol) pairs given to the service's ports so far.
     let mut used: BTreeSet<(u16, Protocol)> = BTreeSet::new();
+    let wants_health_check = svc.spec.wants_health_check_node_port();
+    let health_check = "spec.healthCheckNodePort";
+    // Given ports first, so a port left out is never allocated one given later.
     if svc.spec.service_type().has_node_ports() {
-        // Given ports first, so a port left out never takes one given later in the service.
         for (i, p) in svc.spec.ports.iter().enumerate() {
             if let Some(port) = p.node_port {
                 ports.claim(port, &format!("spec.ports[{i}].nodePort"), claims, plan)?;
                 used.insert((port, p.protocol()));
             }
         }
-        for i in 0..svc.spec.ports.len() {
-            let p = &svc.spec.ports[i];
+    }
+    let given_health_check = svc
+        .spec
+        .health_check_node_port
+        .filter(|_| wants_health_check);
+    if let Some(port) = given_health_check {
+        ports.claim(port, health_check, claims, plan)?;
+    }
+    if svc.spec.service_type().has_node_ports() {
+        for (i, p) in svc.spec.ports.iter_mut().enumerate() {
             if p.node_port.is_some() {
                 continue;
             }
@@ -429,26 +444,21 @@ fn assign_node_ports(
                         .find(|o| o.port == p.port && o.protocol() == p.protocol())
                 })
                 .and_then(|o| o.node_port)
-                .filter(|port| !used.contains(&(*port, p.protocol())));
-            let protocol = p.protocol();
+                .filter(|port| {
+                    !used.contains(&(*port, p.protocol())) && Some(*port) != given_health_check
+                });
             let port = ports.keep_or_allocate(kept, &at, claims)?;
             ports.claim(port, &at, claims, plan)?;
-            used.insert((port, protocol));
-            svc.spec.ports[i].node_port = Some(port);
+            used.insert((port, p.protocol()));
+            p.node_port = Some(port);
         }
     }
-    if svc.spec.wants_health_check_node_port() {
-        let at = "spec.healthCheckNodePort";
-        let port = match svc.spec.health_check_node_port {
-            Some(port) => port,
-            None => {
-                let kept = old
-                    .and_then(|old| old.spec.health_check_node_port)
-                    .filter(|port| !used.iter().any(|(u, _)| u == port));
-                ports.keep_or_allocate(kept, at, claims)?
-            }
-        };
-        ports.claim(port, at, claims, plan)?;
+    if wants_health_check && given_health_check.is_none() {
+        let kept = old
+            .and_then(|old| old.spec.health_check_node_port)
+            .filter(|port| !used.iter().any(|(u, _)| u == port));
+        let port = ports.keep_or_allocate(kept, health_check, claims)?;
+        ports.claim(port, health_check, claims, plan)?;
         svc.spec.health_check_node_port = Some(port);
     }
     // Ports the service held and no longer does (a port removed, its type changed, a node
@@ -485,6 +495,7 @@ pub fn plan_delete(objects: &[ObjectRef], snapshot: &Snapshot, cluster: &Cluster
                 object: object.clone(),
                 action: Action::NotFound,
                 vip: None,
+                node_ports: Vec::new(),
             });
             continue;
         };
@@ -521,6 +532,7 @@ pub fn plan_delete(objects: &[ObjectRef], snapshot: &Snapshot, cluster: &Cluster
             object: object.clone(),
             action: Action::Deleted,
             vip,
+            node_ports: Vec::new(),
         });
     }
     plan
@@ -829,6 +841,17 @@ mod tests {
         let plan = plan_apply(&docs(&moved), &snap, &ranges(), 0).unwrap();
         commit(&mut snap, &plan);
         assert_eq!(owners(&snap), [(30002, "lb".to_owned())]);
+        // A given health check port is claimed before ports are allocated: the port left out
+        // gets another one.
+        let fresh = Snapshot::default();
+        let plan = plan_apply(
+            &docs(&lb(", healthCheckNodePort: 30000")),
+            &fresh,
+            &ranges(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(node_ports_of(&plan, "lb"), [30001, 30000]);
     }
 
     #[test]

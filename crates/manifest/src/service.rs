@@ -198,7 +198,7 @@ const PORT_FIELDS: [&str; 6] = [
 ];
 
 /// The first field of a Service document (a Kubernetes `v1` one, typically) that meshd does
-/// not implement, named with its path (`spec.sessionAffinity`, `spec.ports[0].nodePort`), so
+/// not implement, named with its path (`spec.sessionAffinity`, `spec.externalName`), so
 /// a manifest brought from Kubernetes is refused for what it says, never half applied.
 pub(crate) fn unsupported_field(doc: &serde_yaml::Value) -> Option<(String, String)> {
     let spec = doc.get("spec")?.as_mapping()?;

@@ -123,10 +123,11 @@ fn print_results(results: &[pb::ObjectResult], dry_run: bool) {
     let suffix = if dry_run { " (dry run)" } else { "" };
     for r in results {
         let o = r.object.clone().unwrap_or_default();
-        let vip = if r.vip.is_empty() {
-            String::new()
-        } else {
-            format!(" (VIP {})", r.vip)
+        let node_ports: Vec<String> = r.node_ports.iter().map(u32::to_string).collect();
+        let vip = match (r.vip.is_empty(), node_ports.is_empty()) {
+            (true, _) => String::new(),
+            (false, true) => format!(" (VIP {})", r.vip),
+            (false, false) => format!(" (VIP {}, node ports {})", r.vip, node_ports.join(",")),
         };
         println!(
             "{}/{}/{} {}{vip}{suffix}",
@@ -233,17 +234,21 @@ fn port_text(p: &Value) -> String {
     }
 }
 
-/// The addresses outside the mesh a service answers on: its external IPs and load balancer
-/// IP, comma separated; `<none>` as kubectl shows it.
-fn external_text(spec: &Value) -> String {
-    let ips: Vec<&str> = spec
-        .get("externalIPs")
+/// The addresses outside the mesh a service answers on, from its manifest's `spec`: its
+/// external IPs, then its load balancer IP.
+pub(crate) fn external_addresses(spec: &Value) -> Vec<String> {
+    spec.get("externalIPs")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .chain(spec.get("loadBalancerIP"))
-        .filter_map(Value::as_str)
-        .collect();
+        .filter_map(|ip| ip.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// [`external_addresses`] comma separated; `<none>` as kubectl shows it.
+fn external_text(spec: &Value) -> String {
+    let ips = external_addresses(spec);
     if ips.is_empty() {
         "<none>".into()
     } else {

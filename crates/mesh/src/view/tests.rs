@@ -979,6 +979,131 @@ fn services_are_stored_for_accepted_clusters() {
     assert_eq!(v.services().count(), 0);
 }
 
+/// A NodePort service through the view: its frontends on this node's IP and on its external
+/// IP come and go with the record, one service's operations at a time, flagged, and switching
+/// to Local policy rewrites them over this node's backends only.
+#[test]
+fn node_port_frontends_follow_the_record_incrementally() {
+    use crate::desired::IpProto;
+    use crate::services::{Backend, Exposure, Frontend, FrontendValue, ServiceOp};
+    use meshd_state::TrafficPolicy;
+    let mut v = mesh();
+    let record = |public: u64, backends: u64| {
+        let EventKind::UpsertService(mut r) = random_service("web", 1, backends, true, public)
+        else {
+            unreachable!()
+        };
+        r.external_ips = vec![ip("203.0.113.7")];
+        r
+    };
+    let node_port = Frontend {
+        ip: ip(LOCAL_IP),
+        port: 30000 + u16::from(b'b'),
+        proto: IpProto::Tcp,
+    };
+    let external = Frontend {
+        ip: ip("203.0.113.7"),
+        port: 80,
+        proto: IpProto::Tcp,
+    };
+    let check = |v: &MeshView| {
+        assert_eq!(v.desired().services, v.desired_from_scratch().services);
+    };
+    // 10.1.1.0 (this node) and 10.1.9.1 (another node of c1).
+    let applied = apply(&mut v, "c1", EventKind::UpsertService(record(1, 2)));
+    check(&v);
+    let upserts: Vec<(Frontend, FrontendValue)> = applied
+        .service_ops
+        .iter()
+        .filter_map(|op| match op {
+            ServiceOp::UpsertService { frontend, value } => Some((*frontend, *value)),
+            _ => None,
+        })
+        .filter(|(_, value)| value.exposure != Exposure::Vip)
+        .collect();
+    assert_eq!(
+        upserts,
+        [
+            (
+                node_port,
+                FrontendValue {
+                    count: 2,
+                    exposure: Exposure::NodePort,
+                    local_only: false
+                }
+            ),
+            (
+                external,
+                FrontendValue {
+                    count: 2,
+                    exposure: Exposure::ExternalIp,
+                    local_only: false
+                }
+            ),
+        ]
+    );
+    // Local policy: the same frontends, now over this node's backend only.
+    let mut local = record(1, 2);
+    local.external_traffic_policy = TrafficPolicy::Local;
+    let applied = apply(&mut v, "c1", EventKind::UpsertService(local));
+    check(&v);
+    let d = v.desired().services;
+    for f in [node_port, external] {
+        assert!(d.services[&f].local_only, "{f:?}");
+        assert_eq!(
+            d.backends_of(&f),
+            [Backend {
+                cluster_id: cid(1),
+                ip: ip("10.1.1.0"),
+                port: 8080
+            }]
+        );
+    }
+    // The VIP (10.96.<cluster>.<name length>) keeps its backends: no operation touches it.
+    let vip = Frontend {
+        ip: ip("10.96.1.3"),
+        port: 80,
+        proto: IpProto::Tcp,
+    };
+    assert_eq!(d.services[&vip].count, 2);
+    assert!(
+        applied.service_ops.iter().all(|op| match op {
+            ServiceOp::UpsertService { frontend, .. } | ServiceOp::DeleteService { frontend } =>
+                *frontend != vip,
+            ServiceOp::UpsertBackend { slot, .. } | ServiceOp::DeleteBackend { slot } =>
+                slot.frontend != vip,
+        }),
+        "{:?}",
+        applied.service_ops
+    );
+    // Back to ClusterIP: the public frontends go, the VIP stays.
+    let applied = apply(&mut v, "c1", EventKind::UpsertService(record(0, 2)));
+    check(&v);
+    let deleted: Vec<Frontend> = applied
+        .service_ops
+        .iter()
+        .filter_map(|op| match op {
+            ServiceOp::DeleteService { frontend } => Some(*frontend),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        [node_port],
+        "the external IP stays (any type has them)"
+    );
+    apply(
+        &mut v,
+        "c1",
+        EventKind::DeleteService {
+            namespace: "default".into(),
+            name: "web".into(),
+        },
+    );
+    check(&v);
+    assert!(v.desired().services.services.is_empty());
+}
+
 #[test]
 fn policy_through_the_view_picks_up_remote_identities_that_appear_later() {
     let mut v = mesh();
