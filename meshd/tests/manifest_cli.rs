@@ -63,6 +63,15 @@ spec:
   - toFQDNs: [ { matchName: example.com } ]
 "#;
 
+/// Runs the CLI, which must succeed and print every one of `parts`.
+fn run_saying(mesh: &Mesh, args: &[&str], parts: &[&str]) -> Run {
+    let out = run(mesh, args).ok();
+    for part in parts {
+        assert!(out.stdout.contains(part), "{part} not in {}", out.stdout);
+    }
+    out
+}
+
 /// Starts cluster c1's apiserver on `etcd` and makes it the current context of a meshd config
 /// file, whose path is returned.
 async fn serve(
@@ -479,20 +488,13 @@ async fn node_ports_are_allocated_kept_refused_and_freed() {
     assert!(lb_row.contains("443:30005/TCP"), "{lb_row}");
 
     // Re-applying the same file changes nothing: the same ports, nothing rewritten.
-    let again = run(
+    run_saying(
         &mesh,
         &["apply", "-f", "public.yaml", "--meshd-config", cfg],
-    )
-    .ok();
-    assert!(
-        again.stdout.contains("service/default/web unchanged"),
-        "{}",
-        again.stdout
-    );
-    assert!(
-        again.stdout.contains("service/default/lb unchanged"),
-        "{}",
-        again.stdout
+        &[
+            "service/default/web unchanged",
+            "service/default/lb unchanged",
+        ],
     );
     assert_eq!(node_ports(&store).await, allocated);
 
@@ -563,15 +565,10 @@ async fn node_ports_are_allocated_kept_refused_and_freed() {
         [(30002, "lb".to_owned()), (30005, "lb".to_owned())]
     );
     // Deleting lb frees its ports.
-    let deleted = run(
+    run_saying(
         &mesh,
         &["delete", "-f", "public.yaml", "--meshd-config", cfg],
-    )
-    .ok();
-    assert!(
-        deleted.stdout.contains("service/default/lb deleted"),
-        "{}",
-        deleted.stdout
+        &["service/default/lb deleted"],
     );
     assert_eq!(node_ports(&store).await, []);
     apiserver.shutdown().await.unwrap();
