@@ -141,10 +141,11 @@ fn malformed_and_hostile_remote_entries_are_rejected_and_counted() -> anyhow::Re
     wait_for("rejections counted", WAIT, || {
         let c2 = mesh.cluster_status("c1", "n1", "c2")?;
         let rejected = c2["rejected"].as_u64().unwrap_or(0);
-        // Four hostile writes, but only three are counted today: the entry whose tunnel
-        // endpoint is no node of c2 is kept out of the maps without a rejection (no log line,
-        // no count; the undecodable one is counted). Raise to 4 when it is.
+        // Every hostile write is accounted for: three rejected (the undecodable value, the
+        // foreign identity, the claim on a local address), and the entry whose tunnel endpoint
+        // is no node of c2 held back (it would be admitted if such a node appeared).
         anyhow::ensure!(rejected >= before + 3, "{c2}");
+        anyhow::ensure!(c2["pending"] == 1, "{c2}");
         Ok(())
     })
     .map_err(|e| e.context(mesh.logs()))?;

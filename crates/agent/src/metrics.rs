@@ -110,6 +110,11 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "remote_cluster_rejected_entries",
         "Entries of the remote cluster refused (malformed, or claiming what is not theirs).",
     );
+    let pending = gauge_family::<ClusterLabels, Gauge>(
+        &mut r,
+        "remote_cluster_pending_entries",
+        "Entries of the remote cluster held back until what they need arrives (an entry's node, the cluster's config).",
+    );
     let failures = counter_family::<ClusterLabels>(
         &mut r,
         "remote_cluster_failures",
@@ -138,6 +143,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             .get_or_create(&l)
             .set(i64::from(c.stale_since_ms != 0));
         rejected.get_or_create(&l).inc_by(c.rejected);
+        pending.get_or_create(&l).set(gauge(c.pending));
         failures.get_or_create(&l).inc_by(c.failures);
         if c.last_sync_ms != 0 {
             age.get_or_create(&l)

@@ -194,6 +194,7 @@ fn cluster_status(
         s.endpoints = v.ipcache.admitted as u64;
         s.identities = v.identities.admitted as u64;
         s.rejected = v.rejected_total;
+        s.pending = (v.ipcache.pending + v.nodes.pending) as u64;
     }
     if let Some(c) = conn {
         s.connected = c.connected;

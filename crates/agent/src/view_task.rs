@@ -193,6 +193,11 @@ impl ViewTask {
                 for r in &applied.refusals {
                     tracing::error!(%cluster, refusal = %r, "cluster refused");
                 }
+                // Held back, not rejected: usually a node record still on its way. One line per
+                // event (an event carries one entry; a relist's batch says it once).
+                if let Some(first) = applied.pending.first() {
+                    tracing::info!(%cluster, count = applied.pending.len(), entry = %first, "remote entries held back until their node is known");
+                }
                 applied
             }
             ViewInput::Policy(event) => match self.view.update_policy(event).inspect(|_| {

@@ -170,13 +170,36 @@ fn main() -> anyhow::Result<()> {
         ("nftables MASQUERADE", &base_ep),
     ];
 
-    let iperf_server: ChildGuard = outside.host.spawn("iperf3", &["-s"])?;
-    std::thread::sleep(Duration::from_millis(300));
+    // A server per path (ports 5201 and 5202), so that a server stuck in one path's test
+    // never holds up the other's; a failed sample restarts its path's server and is retried
+    // once, and every failure is reported.
+    let server = |i: usize| -> anyhow::Result<ChildGuard> {
+        let guard = outside
+            .host
+            .spawn("iperf3", &["-s", "-p", &(5201 + i).to_string()])?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(guard)
+    };
+    let mut servers = [server(0)?, server(1)?];
+    let mut failures = [0u32; 2];
+    let mut sample = |i: usize, streams: u32, seconds: u32| -> anyhow::Result<f64> {
+        let (name, client) = clients[i];
+        let port = 5201 + i as u16;
+        match iperf3_gbps(client, ext_ip, port, streams, seconds) {
+            Ok(gbps) => Ok(gbps),
+            Err(e) => {
+                failures[i] += 1;
+                println!("{name}: a {streams}-stream sample failed ({e:#}); its server restarts");
+                servers[i] = server(i)?;
+                iperf3_gbps(client, ext_ip, port, streams, seconds)
+                    .with_context(|| format!("{name}: a {streams}-stream sample failed twice"))
+            }
+        }
+    };
     // Both paths work, which takes masquerade: the router has no route to either endpoint
     // subnet, only to the node IPs.
-    for (name, client) in &clients {
-        iperf3_gbps(client, ext_ip, 5201, 1, 1)
-            .with_context(|| format!("{name}: first transfer"))?;
+    for i in 0..2 {
+        sample(i, 1, 1).with_context(|| format!("{}: first transfer", clients[i].0))?;
     }
     anyhow::ensure!(
         !meshd.nodes[0].maps.nat_mappings()?.is_empty(),
@@ -190,8 +213,8 @@ fn main() -> anyhow::Result<()> {
     for streams in [1u32, 4] {
         let mut results = [Vec::new(), Vec::new()];
         for _ in 0..runs {
-            for (i, (_, client)) in clients.iter().enumerate() {
-                results[i].push(iperf3_gbps(client, ext_ip, 5201, streams, seconds)?);
+            for (i, result) in results.iter_mut().enumerate() {
+                result.push(sample(i, streams, seconds)?);
             }
         }
         let spreads = [spread(&results[0]), spread(&results[1])];
@@ -205,7 +228,12 @@ fn main() -> anyhow::Result<()> {
             m / b
         );
     }
-    drop(iperf_server);
+    drop(sample);
+    println!(
+        "failed throughput samples (retried): meshd {}, nftables {}",
+        failures[0], failures[1]
+    );
+    drop(servers);
 
     let mut rates = [Vec::new(), Vec::new()];
     let mut ratios = Vec::new();

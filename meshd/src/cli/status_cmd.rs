@@ -98,6 +98,7 @@ pub fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
         "policies": c.policies,
         "last_sync_ms": c.last_sync_ms,
         "rejected": c.rejected,
+        "pending": c.pending,
         "etcd_endpoints": c.etcd_endpoints,
     })
 }

@@ -85,7 +85,9 @@ pub fn plain_endpoint_mtu(
 }
 
 /// One iperf3 TCP run from `client` to the server at `server:port`: the received rate in
-/// Gbit/s.
+/// Gbit/s. Bounded: iperf3 waits forever for a server stuck in an earlier test (seen here:
+/// a server left with a closed control connection), so the client has a connect timeout and
+/// is killed when it overruns its run by far; the caller sees an error.
 pub fn iperf3_gbps(
     client: &meshd_testing::netns::Netns,
     server: std::net::Ipv4Addr,
@@ -94,9 +96,16 @@ pub fn iperf3_gbps(
     seconds: u32,
 ) -> anyhow::Result<f64> {
     use anyhow::Context;
+    let limit = (3 * seconds + 20).to_string();
     let out = client.run(
-        "iperf3",
+        "timeout",
         &[
+            "-k",
+            "5",
+            &limit,
+            "iperf3",
+            "--connect-timeout",
+            "5000",
             "-c",
             &server.to_string(),
             "-p",
