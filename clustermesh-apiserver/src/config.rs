@@ -12,6 +12,7 @@ use meshd_kvstore::EtcdConfig;
 use meshd_state::{ClusterId, ClusterName, RoutingMode};
 use serde::Deserialize;
 
+use crate::node_ports::NodePortRange;
 use crate::vip::ServiceCidr;
 
 /// Settings as given (flags, or the file); all optional until merged and checked.
@@ -55,6 +56,10 @@ pub struct ConfigArgs {
     /// Range service VIPs are allocated from, e.g. 10.96.0.0/16.
     #[arg(long, value_name = "CIDR")]
     pub service_cidr: Option<String>,
+    /// Range node ports of NodePort and LoadBalancer services are allocated from, FIRST-LAST
+    /// [default: 30000-32767].
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub node_port_range: Option<String>,
     /// How long an identity must go unused before it is deleted [default: 15m].
     #[arg(long, value_name = "DURATION")]
     pub identity_gc_grace: Option<String>,
@@ -89,6 +94,7 @@ pub struct Config {
     pub tls: TlsFiles,
     pub admins: Vec<String>,
     pub service_cidr: ServiceCidr,
+    pub node_port_range: NodePortRange,
     pub identity_gc_grace: Duration,
     pub resync_interval: Duration,
     pub leader_lease_ttl: Duration,
@@ -159,6 +165,7 @@ impl ConfigArgs {
             tls_key: self.tls_key.or(file.tls_key),
             admin_cn: vec(self.admin_cn, file.admin_cn),
             service_cidr: self.service_cidr.or(file.service_cidr),
+            node_port_range: self.node_port_range.or(file.node_port_range),
             identity_gc_grace: self.identity_gc_grace.or(file.identity_gc_grace),
             resync_interval: self.resync_interval.or(file.resync_interval),
             leader_lease_ttl: self.leader_lease_ttl.or(file.leader_lease_ttl),
@@ -212,6 +219,14 @@ impl ConfigArgs {
             .map_err(|e| errors.push(format!("--service-cidr: {e}")))
             .ok()
             .flatten();
+        let node_port_range = match self.node_port_range.as_deref().map(str::parse) {
+            None => NodePortRange::default(),
+            Some(Ok(range)) => range,
+            Some(Err(e)) => {
+                errors.push(format!("--node-port-range: {e}"));
+                NodePortRange::default()
+            }
+        };
         let mut duration = |name: &str, v: &Option<String>, default: Duration| match v {
             None => default,
             Some(text) => parse_duration(text).unwrap_or_else(|e| {
@@ -285,6 +300,7 @@ impl ConfigArgs {
             ),
             admins: self.admin_cn,
             service_cidr: service_cidr.expect("checked"),
+            node_port_range,
             identity_gc_grace,
             resync_interval,
             leader_lease_ttl,
@@ -328,6 +344,7 @@ mod tests {
             cluster_name: Some("C_1".into()),
             cluster_id: Some(0),
             service_cidr: Some("10.96.0.1/16".into()),
+            node_port_range: Some("32767-30000".into()),
             identity_gc_grace: Some("soon".into()),
             etcd_ca: Some("ca.pem".into()),
             admin_cn: vec!["root".into()],
@@ -341,6 +358,7 @@ mod tests {
             "--cluster-name",
             "--cluster-id",
             "--service-cidr",
+            "--node-port-range: 32767-30000: the first port is above the last",
             "--identity-gc-grace",
             "--etcd-ca, --etcd-cert and --etcd-key",
             "--listen is required",
@@ -362,6 +380,15 @@ mod tests {
         let config = flags.over(file).build().unwrap();
         assert_eq!(config.cluster_id.get(), 2);
         assert_eq!(config.cluster.as_str(), "c1");
+        assert_eq!(config.node_port_range, NodePortRange::default());
+        let ranged = ConfigArgs {
+            node_port_range: Some("31000-31999".into()),
+            ..Default::default()
+        }
+        .over(
+            ConfigArgs::from_text(Path::new("f.yaml"), "node-port-range: 30000-30010\n").unwrap(),
+        );
+        assert_eq!(ranged.node_port_range.as_deref(), Some("31000-31999"));
         // No extra admins by default: admin-<cluster> is always allowed (see grpc::authorize).
         assert!(config.admins.is_empty());
         assert!(serde_yaml::from_str::<ConfigArgs>("clustr-name: x\n").is_err());

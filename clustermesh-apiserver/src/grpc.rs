@@ -19,10 +19,9 @@ use crate::error::ApiserverError;
 use crate::keys::{kind_prefix, parse_object_key};
 use crate::metrics::ApiMetrics;
 use crate::pb;
-use crate::plan::{plan_apply, plan_delete, Outcome, Plan, Snapshot};
+use crate::plan::{plan_apply, plan_delete, Outcome, Plan, Ranges, Snapshot};
 use crate::store::{execute, range_all, read_snapshot};
 use crate::tls::PeerIdentity;
-use crate::vip::ServiceCidr;
 
 /// Attempts at planning against a fresh snapshot when other writers keep winning.
 const ATTEMPTS: usize = 16;
@@ -31,7 +30,8 @@ const ATTEMPTS: usize = 16;
 pub struct ApiService {
     pub store: EtcdStore,
     pub cluster: ClusterName,
-    pub cidr: ServiceCidr,
+    /// Where VIPs and node ports come from.
+    pub ranges: Ranges,
     pub max_txn_ops: usize,
     /// Client certificate CNs allowed to use the API besides the cluster's admin certificate
     /// (`admin-<cluster>`): operators' own certificates, still of this cluster (OU).
@@ -57,6 +57,7 @@ fn outcome_pb(o: &Outcome) -> pb::ObjectResult {
         object: Some(meshd_api::apiserver::object_ref(&o.object)),
         action: o.action.to_string(),
         vip: o.vip.map(|v| v.to_string()).unwrap_or_default(),
+        node_ports: o.node_ports.iter().map(|p| u32::from(*p)).collect(),
     }
 }
 
@@ -83,6 +84,7 @@ impl ApiService {
     async fn run(
         &self,
         objects: &[ObjectRef],
+        with_nodes: bool,
         dry_run: bool,
         plan: impl Fn(&Snapshot, usize) -> Result<Plan, ApiserverError>,
     ) -> Result<(Plan, i64), ApiserverError> {
@@ -92,7 +94,7 @@ impl ApiService {
                 let pause = rand::random::<u64>() % (10 * attempt as u64 + 10);
                 tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
             }
-            let snapshot = read_snapshot(&self.store, objects).await?;
+            let snapshot = read_snapshot(&self.store, &self.cluster, objects, with_nodes).await?;
             let plan = plan(&snapshot, attempt)?;
             if dry_run {
                 return Ok((plan, 0));
@@ -223,11 +225,18 @@ impl ApiService {
         let req = request.into_inner();
         let docs = parse_request(&req.documents).map_err(ApiserverError::from)?;
         let objects: Vec<ObjectRef> = docs.iter().map(|d| d.document.object_ref()).collect();
+        // External addresses are checked against the cluster's nodes, read only when given.
+        let with_nodes = docs.iter().any(|d| match &d.document {
+            Document::Service(s) => {
+                !s.spec.external_ips.is_empty() || s.spec.load_balancer_ip.is_some()
+            }
+            _ => false,
+        });
         let (plan, revision) = self
-            .run(&objects, req.dry_run, |snapshot, attempt| {
+            .run(&objects, with_nodes, req.dry_run, |snapshot, attempt| {
                 // Lowest-first unless a concurrent apply took our pick: then anywhere.
                 let offset = if attempt == 0 { 0 } else { rand::random() };
-                Ok(plan_apply(&docs, snapshot, &self.cidr, offset)?)
+                Ok(plan_apply(&docs, snapshot, &self.ranges, offset)?)
             })
             .await?;
         for o in &plan.outcomes {
@@ -246,7 +255,7 @@ impl ApiService {
         self.authorize(&request)?;
         let refs = parse_refs(&request.into_inner().objects).map_err(ApiserverError::from)?;
         let (plan, revision) = self
-            .run(&refs, false, |snapshot, _| {
+            .run(&refs, false, false, |snapshot, _| {
                 Ok(plan_delete(&refs, snapshot, &self.cluster))
             })
             .await?;

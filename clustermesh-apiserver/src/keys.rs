@@ -6,7 +6,9 @@
 //! ```text
 //! meshd/config/services/v1/<namespace>/<name>   Service manifest (JSON), spec.clusterIP filled in
 //! meshd/config/policies/v1/<namespace>/<name>   NetworkPolicy manifest (JSON)
-//! meshd/config/service-ips/v1/<ip>              VipOwner {namespace, name}: the VIP is taken
+//! meshd/config/service-ips/v1/<ip>              ServiceOwner {namespace, name}: the VIP is taken
+//! meshd/config/node-ports/v1/<port>             ServiceOwner {namespace, name}: the node port
+//!                                               (a port's, or a health check's) is taken
 //! meshd/leader/clustermesh-apiserver/<cluster>  replica id, under the leader's lease
 //! ```
 //!
@@ -22,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub const SERVICES_CONFIG_PREFIX: &str = "meshd/config/services/v1/";
 pub use meshd_state::keys::POLICIES_PREFIX;
 pub const SERVICE_IPS_PREFIX: &str = "meshd/config/service-ips/v1/";
+pub const NODE_PORTS_PREFIX: &str = "meshd/config/node-ports/v1/";
 pub const LEADER_PREFIX: &str = "meshd/leader/clustermesh-apiserver/";
 pub use meshd_state::keys::identity_index_key;
 
@@ -65,15 +68,38 @@ pub fn parse_vip_key(key: &str) -> Option<IpAddr> {
     key.strip_prefix(SERVICE_IPS_PREFIX)?.parse().ok()
 }
 
+pub fn node_port_key(port: u16) -> String {
+    format!("{NODE_PORTS_PREFIX}{port}")
+}
+
+pub fn parse_node_port_key(key: &str) -> Option<u16> {
+    key.strip_prefix(NODE_PORTS_PREFIX)?
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+}
+
 pub fn leader_key(cluster: &ClusterName) -> String {
     format!("{LEADER_PREFIX}{cluster}")
 }
 
-/// The value of a VIP allocation key: which service holds the address.
+/// The value of a VIP or node port allocation key: which service holds the address or port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VipOwner {
+pub struct ServiceOwner {
     pub namespace: String,
     pub name: String,
+}
+
+impl ServiceOwner {
+    pub fn is(&self, object: &ObjectRef) -> bool {
+        self.namespace == object.namespace && self.name == object.name
+    }
+}
+
+impl std::fmt::Display for ServiceOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Service {}/{}", self.namespace, self.name)
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +128,9 @@ mod tests {
         assert_eq!(parse_object_key("meshd/config/services/v1/a/b/c"), None);
         let ip: IpAddr = "10.96.0.1".parse().unwrap();
         assert_eq!(parse_vip_key(&vip_key(ip)), Some(ip));
+        assert_eq!(parse_node_port_key(&node_port_key(30080)), Some(30080));
+        assert_eq!(node_port_key(30080), "meshd/config/node-ports/v1/30080");
+        assert_eq!(parse_node_port_key("meshd/config/node-ports/v1/0"), None);
+        assert_eq!(parse_node_port_key("meshd/config/node-ports/v1/x"), None);
     }
 }

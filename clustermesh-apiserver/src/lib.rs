@@ -3,7 +3,7 @@
 //! - owns `meshd/cluster-config/<cluster>`;
 //! - serves the gRPC API (`proto/apiserver.proto`, mTLS with the cluster's admin certificate)
 //!   to apply, delete and list Services and NetworkPolicies, each request one etcd transaction;
-//! - allocates service VIPs from the service CIDR;
+//! - allocates service VIPs from the service CIDR, and node ports from the node port range;
 //! - as leader among its replicas: publishes `meshd/state/services/v1/<cluster>/<ns>/<name>`
 //!   from the applied services and the cluster's endpoints, and deletes identities no endpoint
 //!   used for a grace period;
@@ -13,6 +13,7 @@
 //! `meshd` CLI reaches the apiserver without this crate. etcd keys of its own are documented in
 //! `keys`.
 
+pub mod allocator;
 pub mod config;
 pub mod controller;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod health;
 pub mod keys;
 pub mod leader;
 pub mod metrics;
+pub mod node_ports;
 pub mod plan;
 pub mod server;
 pub mod store;

@@ -87,7 +87,10 @@ impl Apiserver {
         let service = ApiService {
             store: store.clone(),
             cluster: config.cluster.clone(),
-            cidr: config.service_cidr,
+            ranges: crate::plan::Ranges {
+                cidr: config.service_cidr,
+                node_ports: config.node_port_range,
+            },
             max_txn_ops: config.max_txn_ops,
             admins: Arc::new(config.admins.clone()),
             metrics: metrics.clone(),

@@ -4,11 +4,17 @@
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use meshd_kvstore::{Backend, EtcdStore, KeyValue, KvError};
 use meshd_manifest::ObjectRef;
-use meshd_state::{decode, encode, ClusterConfig, ClusterConfigKey};
+use meshd_state::{
+    decode, encode, ClusterConfig, ClusterConfigKey, ClusterName, NodeRecord, Resource,
+};
+use serde::de::DeserializeOwned;
 
 use crate::error::ApiserverError;
-use crate::keys::{object_key, parse_vip_key, VipOwner, SERVICE_IPS_PREFIX};
-use crate::plan::{Guard, Plan, Snapshot, StoredObject, Write};
+use crate::keys::{
+    object_key, parse_node_port_key, parse_vip_key, ServiceOwner, NODE_PORTS_PREFIX,
+    SERVICE_IPS_PREFIX,
+};
+use crate::plan::{ClusterNodes, Guard, Plan, Snapshot, StoredObject, Write};
 
 /// Keys per range request: well under etcd-client's 4 MiB response limit for our values.
 const PAGE: usize = 500;
@@ -36,25 +42,67 @@ pub async fn range_all(
     }
 }
 
-/// Reads `objects` (as stored, if they are) and every VIP allocation, at one revision. Only
-/// the request's objects are read, so an apply costs the same in a cluster of ten services as
-/// in one of ten thousand (the VIP allocations are small).
-pub async fn read_snapshot(
+/// Every allocation key under `prefix` at `revision`, parsed; malformed ones are logged and
+/// skipped (they hold nothing a plan could honour).
+async fn allocations<K: Ord, V: DeserializeOwned>(
     store: &EtcdStore,
-    objects: &[ObjectRef],
-) -> Result<Snapshot, ApiserverError> {
-    let mut snapshot = Snapshot::default();
-    let (vips, rev) = range_all(store, SERVICE_IPS_PREFIX, 0).await?;
-    snapshot.revision = rev;
-    for kv in vips {
-        let (Some(ip), Ok(owner)) = (
-            parse_vip_key(&kv.key),
-            serde_json::from_slice::<VipOwner>(&kv.value),
-        ) else {
-            tracing::warn!(key = %kv.key, "ignoring malformed VIP allocation");
+    prefix: &str,
+    revision: i64,
+    parse_key: impl Fn(&str) -> Option<K>,
+) -> Result<(std::collections::BTreeMap<K, V>, i64), KvError> {
+    let (kvs, rev) = range_all(store, prefix, revision).await?;
+    let mut out = std::collections::BTreeMap::new();
+    for kv in kvs {
+        let (Some(k), Ok(v)) = (parse_key(&kv.key), serde_json::from_slice::<V>(&kv.value)) else {
+            tracing::warn!(key = %kv.key, "ignoring malformed allocation");
             continue;
         };
-        snapshot.vips.insert(ip, owner);
+        out.insert(k, v);
+    }
+    Ok((out, rev))
+}
+
+/// The node IPs and pod CIDRs of the cluster's published nodes, at `revision`.
+async fn cluster_nodes(
+    store: &EtcdStore,
+    cluster: &ClusterName,
+    revision: i64,
+) -> Result<ClusterNodes, ApiserverError> {
+    let (kvs, _) = range_all(store, &NodeRecord::cluster_prefix(cluster), revision).await?;
+    let mut nodes = ClusterNodes::default();
+    for kv in kvs {
+        match decode::<NodeRecord>(&kv.key, &kv.value) {
+            Ok((_, node)) => {
+                nodes.node_ips.insert(node.node_ip, node.name.clone());
+                for cidr in node.pod_cidrs {
+                    nodes.pod_cidrs.push((cidr, node.name.clone()));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring malformed node record"),
+        }
+    }
+    Ok(nodes)
+}
+
+/// Reads `objects` (as stored, if they are), every VIP and node port allocation and, with
+/// `with_nodes`, the cluster's nodes, at one revision. Only the request's objects are read, so
+/// an apply costs the same in a cluster of ten services as in one of ten thousand (the
+/// allocations are small); the nodes only when the request gives external addresses.
+pub async fn read_snapshot(
+    store: &EtcdStore,
+    cluster: &ClusterName,
+    objects: &[ObjectRef],
+    with_nodes: bool,
+) -> Result<Snapshot, ApiserverError> {
+    let mut snapshot = Snapshot::default();
+    let (vips, rev) =
+        allocations::<_, ServiceOwner>(store, SERVICE_IPS_PREFIX, 0, parse_vip_key).await?;
+    snapshot.revision = rev;
+    snapshot.vips = vips;
+    (snapshot.node_ports, _) =
+        allocations::<_, ServiceOwner>(store, NODE_PORTS_PREFIX, rev, parse_node_port_key).await?;
+    if with_nodes {
+        snapshot.nodes = cluster_nodes(store, cluster, rev).await?;
     }
     for object in objects {
         let key = object_key(object);

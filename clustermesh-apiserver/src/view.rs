@@ -241,8 +241,8 @@ pub fn endpoints_by_identity(ipcache: &BTreeMap<IpNet, IpcacheEntry>) -> Endpoin
     by_id
 }
 
-/// A service's record in this cluster: a frontend per port on the VIP, and a backend per port
-/// for every endpoint of the service's namespace whose identity labels include the selector.
+/// A service's record in this cluster: a frontend per port on the VIP (with the port's node
+/// port, and the service's exposure outside the mesh), and a backend per port for every endpoint of the service's namespace whose identity labels include the selector.
 /// An endpoint is ready when it is published: agents publish an endpoint once it is plumbed and
 /// withdraw it (or its lease expires) when it goes away.
 pub fn compute_record(
@@ -261,6 +261,7 @@ pub fn compute_record(
                 port: p.port,
                 protocol: p.protocol(),
                 port_name: p.name().to_owned(),
+                node_port: p.node_port,
             });
         }
     }
@@ -308,6 +309,11 @@ pub fn compute_record(
         global: options.global,
         shared: options.shared,
         affinity: options.affinity,
+        service_type: service.spec.service_type(),
+        external_ips: service.spec.external_ips.clone(),
+        load_balancer_ip: service.spec.load_balancer_ip,
+        external_traffic_policy: service.spec.external_traffic_policy(),
+        health_check_node_port: service.spec.health_check_node_port,
     }
 }
 
@@ -532,5 +538,35 @@ mod tests {
             ),
             vec![id(301)]
         );
+    }
+
+    #[test]
+    fn records_carry_the_exposure() {
+        use meshd_state::{ServiceType, TrafficPolicy};
+        let mut view = ClusterView::new(c1());
+        let lb = ECHO
+            .replace(r#""clusterIP":"10.96.0.1""#, r#""clusterIP":"10.96.0.1","type":"LoadBalancer","externalIPs":["203.0.113.5"],"loadBalancerIP":"198.51.100.5","externalTrafficPolicy":"Local","healthCheckNodePort":32001"#)
+            .replace(r#""targetPort":8080"#, r#""targetPort":8080,"nodePort":30080"#);
+        view.apply(&put("meshd/config/services/v1/default/echo", &lb, 5));
+        let record = &view.desired_records()[&("default".into(), "echo".into())];
+        assert_eq!(record.service_type, ServiceType::LoadBalancer);
+        assert_eq!(record.frontends[0].node_port, Some(30080));
+        assert_eq!(
+            record.external_ips,
+            ["203.0.113.5".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            record.load_balancer_ip,
+            Some("198.51.100.5".parse().unwrap())
+        );
+        assert_eq!(record.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(record.health_check_node_port, Some(32001));
+        // A ClusterIP service's record is as before.
+        view.apply(&put("meshd/config/services/v1/default/echo", ECHO, 6));
+        let record = &view.desired_records()[&("default".into(), "echo".into())];
+        let json = serde_json::to_string(record).unwrap();
+        for absent in ["type", "node_port", "external", "load_balancer", "health"] {
+            assert!(!json.contains(absent), "{absent} in {json}");
+        }
     }
 }

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::allocator::first_free;
+
 /// The range service VIPs come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServiceCidr(IpNet);
@@ -34,15 +36,12 @@ impl ServiceCidr {
     }
 
     /// The lowest assignable address not in `taken`; `None` when the range is exhausted.
-    /// Lowest-first keeps allocation predictable; replicas racing for the same address are
-    /// sorted out by the transaction (create-only compare on the allocation key).
     pub fn allocate(&self, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
         self.allocate_from(taken, 0)
     }
 
     /// The first assignable address not in `taken`, scanning from `offset` into the range and
-    /// wrapping around. A retry after losing a race starts at a random offset, so concurrent
-    /// writers stop colliding on the same lowest address.
+    /// wrapping around (see [`first_free`]).
     pub fn allocate_from(&self, taken: &BTreeSet<IpAddr>, offset: u128) -> Option<IpAddr> {
         let bits = u32::from(self.0.max_prefix_len() - self.0.prefix_len());
         let size: u128 = if bits >= 128 {
@@ -54,27 +53,14 @@ impl ServiceCidr {
             IpAddr::V4(a) => u32::from(a).into(),
             IpAddr::V6(a) => u128::from(a),
         };
-        // Only as many candidates as could be taken or unassignable, plus one: beyond that a
-        // free address has certainly been found (or the range is full).
-        let limit = size.min(taken.len() as u128 + 3);
-        let mut tried = 0u128;
-        let mut k = 0u128;
-        while k < size && tried <= limit {
-            let n = base + (offset.wrapping_add(k) % size);
-            k += 1;
+        first_free(size, offset, taken, |k| {
+            let n = base + k;
             let ip = match self.0 {
                 IpNet::V4(_) => IpAddr::V4((n as u32).into()),
                 IpNet::V6(_) => IpAddr::V6(n.into()),
             };
-            if !self.is_assignable(ip) {
-                continue;
-            }
-            tried += 1;
-            if !taken.contains(&ip) {
-                return Some(ip);
-            }
-        }
-        None
+            self.is_assignable(ip).then_some(ip)
+        })
     }
 }
 

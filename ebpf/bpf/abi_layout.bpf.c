@@ -41,6 +41,7 @@ enum meshd_ipcache_flags abi_ipcache_flags;
 enum meshd_policy_flags abi_policy_flags;
 enum meshd_verdict abi_verdict;
 enum meshd_ct_flags abi_ct_flags;
+enum meshd_service_flags abi_service_flags;
 enum meshd_event_type abi_event_type;
 enum meshd_event_limit_flags abi_event_limit_flags;
 enum meshd_config_flags abi_config_flags;

@@ -88,6 +88,10 @@ pub const CT_F_REPLY: u32 = 1;
 pub const CT_F_CLOSING: u32 = 2;
 pub const CT_F_SERVICE: u32 = 4;
 pub const CT_F_REV_NAT: u32 = 8;
+// enum meshd_service_flags
+pub const SERVICE_F_NODE_PORT: u32 = 1;
+pub const SERVICE_F_EXTERNAL_IP: u32 = 2;
+pub const SERVICE_F_LOCAL: u32 = 4;
 // enum meshd_event_type
 pub const EVENT_DROP: u32 = 1;
 pub const EVENT_FLOW: u32 = 2;
@@ -160,6 +164,9 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CT_F_CLOSING", CT_F_CLOSING as i64),
     ("MESHD_CT_F_SERVICE", CT_F_SERVICE as i64),
     ("MESHD_CT_F_REV_NAT", CT_F_REV_NAT as i64),
+    ("MESHD_SERVICE_F_NODE_PORT", SERVICE_F_NODE_PORT as i64),
+    ("MESHD_SERVICE_F_EXTERNAL_IP", SERVICE_F_EXTERNAL_IP as i64),
+    ("MESHD_SERVICE_F_LOCAL", SERVICE_F_LOCAL as i64),
     ("MESHD_EVENT_DROP", EVENT_DROP as i64),
     ("MESHD_EVENT_FLOW", EVENT_FLOW as i64),
     ("MESHD_EVENT_LIMIT_F_FLOWS", EVENT_LIMIT_F_FLOWS as i64),
@@ -418,6 +425,7 @@ pub struct ServiceKey {
 pub struct ServiceValue {
     /// Backends in slots `0..count` of BACKENDS; 0 refuses new connections.
     pub count: u32,
+    /// `SERVICE_F_*`; 0 for a VIP frontend.
     pub flags: u32,
 }
 

@@ -729,10 +729,11 @@ impl DatapathMaps {
     }
 
     /// Inserts or replaces a service frontend with `count` backends (slots `0..count` of
-    /// BACKENDS, which should be written first; see the ABI header).
-    pub fn upsert_service(&mut self, frontend: LbFrontend, count: u32) -> Result<()> {
+    /// BACKENDS, which should be written first; see the ABI header) and its `SERVICE_F_*`
+    /// flags (0 for a VIP).
+    pub fn upsert_service(&mut self, frontend: LbFrontend, count: u32, flags: u32) -> Result<()> {
         let key = frontend.key()?;
-        let value = abi::ServiceValue { count, flags: 0 };
+        let value = abi::ServiceValue { count, flags };
         self.services
             .insert(key, value, 0)
             .map_err(op_err("insert", names::SERVICES, frontend))
@@ -748,12 +749,12 @@ impl DatapathMaps {
         ))
     }
 
-    /// Every service frontend and its backend count.
-    pub fn services(&self) -> Result<Vec<(LbFrontend, u32)>> {
+    /// Every service frontend with its backend count and flags.
+    pub fn services(&self) -> Result<Vec<(LbFrontend, u32, u32)>> {
         self.services
             .iter()
             .map(|item| {
-                item.map(|(k, v)| (LbFrontend::from_key(&k), v.count))
+                item.map(|(k, v)| (LbFrontend::from_key(&k), v.count, v.flags))
                     .map_err(op_err("iterate", names::SERVICES, "*"))
             })
             .collect()

@@ -12,13 +12,14 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use meshd_mesh::{
-    Backend, BackendSlot, DatapathOp, DesiredDatapath, DesiredServices, Frontend, IpProto,
-    IpcacheTarget, PolicyKey, PolicyValue, ServiceOp,
+    Backend, BackendSlot, DatapathOp, DesiredDatapath, DesiredServices, Exposure, Frontend,
+    FrontendValue, IpProto, IpcacheTarget, PolicyKey, PolicyValue, ServiceOp,
 };
 use meshd_state::{ClusterId, NumericIdentity};
 
 use crate::error::Result;
 use crate::maps::{ipcache_target, DatapathMaps, LbBackend, LbFrontend, PolicyEntry};
+use meshd_ebpf::abi;
 
 fn policy_entry(key: &PolicyKey) -> PolicyEntry {
     PolicyEntry {
@@ -39,6 +40,38 @@ fn lb_frontend(f: &Frontend) -> Option<LbFrontend> {
         }),
         IpAddr::V6(_) => None,
     }
+}
+
+/// The SERVICES flags of a frontend (see `meshd_service_flags` in the ABI header).
+fn service_flags(value: &FrontendValue) -> u32 {
+    let exposure = match value.exposure {
+        Exposure::Vip => 0,
+        Exposure::NodePort => abi::SERVICE_F_NODE_PORT,
+        Exposure::ExternalIp => abi::SERVICE_F_EXTERNAL_IP,
+    };
+    let local = if value.local_only {
+        abi::SERVICE_F_LOCAL
+    } else {
+        0
+    };
+    exposure | local
+}
+
+/// A SERVICES value read back; `None` for flags no desired state has (unknown bits, both
+/// kinds at once, or Local on a VIP).
+fn frontend_value(count: u32, flags: u32) -> Option<FrontendValue> {
+    let local_only = flags & abi::SERVICE_F_LOCAL != 0;
+    let exposure = match flags & !abi::SERVICE_F_LOCAL {
+        0 if !local_only => Exposure::Vip,
+        abi::SERVICE_F_NODE_PORT => Exposure::NodePort,
+        abi::SERVICE_F_EXTERNAL_IP => Exposure::ExternalIp,
+        _ => return None,
+    };
+    Some(FrontendValue {
+        count,
+        exposure,
+        local_only,
+    })
 }
 
 /// The part of `d` the IPv4 datapath holds: borrowed (no copy) when there is no IPv6, the
@@ -125,8 +158,8 @@ impl DatapathMaps {
                     },
                 )
             }
-            ServiceOp::UpsertService { frontend, count } => match lb_frontend(&frontend) {
-                Some(f) => self.upsert_service(f, count),
+            ServiceOp::UpsertService { frontend, value } => match lb_frontend(&frontend) {
+                Some(f) => self.upsert_service(f, value.count, service_flags(&value)),
                 None => Ok(()),
             },
             ServiceOp::DeleteService { frontend } => match lb_frontend(&frontend) {
@@ -187,12 +220,12 @@ impl DatapathMaps {
 
     fn read_back_services(&mut self) -> Result<DesiredServices> {
         let mut actual = DesiredServices::default();
-        for (f, count) in self.services()? {
-            match frontend(&f) {
-                Some(frontend) => {
-                    actual.services.insert(frontend, count);
+        for (f, count, flags) in self.services()? {
+            match (frontend(&f), frontend_value(count, flags)) {
+                (Some(frontend), Some(value)) => {
+                    actual.services.insert(frontend, value);
                 }
-                None => self.delete_service(f)?,
+                _ => self.delete_service(f)?,
             }
         }
         for (f, slot, b) in self.backends()? {

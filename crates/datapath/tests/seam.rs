@@ -82,6 +82,7 @@ fn service_maps_follow_the_desired_state() {
             port: 80,
             protocol: Protocol::Tcp,
             port_name: "http".into(),
+            node_port: None,
         }],
         backends: backends
             .iter()
@@ -96,10 +97,31 @@ fn service_maps_follow_the_desired_state() {
         global: true,
         shared: true,
         affinity: Affinity::None,
+        service_type: Default::default(),
+        external_ips: Vec::new(),
+        load_balancer_ip: None,
+        external_traffic_policy: Default::default(),
+        health_check_node_port: None,
     };
-    let desired = |local: &[&str], remote: &[&str]| {
+    // r1 as a NodePort service with Local policy and an external IP.
+    let public = |r: ServiceRecord| {
+        let mut r = r;
+        r.service_type = meshd_state::ServiceType::NodePort;
+        r.external_traffic_policy = meshd_state::TrafficPolicy::Local;
+        r.frontends[0].node_port = Some(30080);
+        r.external_ips = vec!["203.0.113.10".parse().unwrap()];
+        r
+    };
+    let node_cidrs = ["10.1.0.0/24".parse().unwrap()];
+    let node = meshd_mesh::ServiceNode {
+        cluster: &c1,
+        node_ip: "192.168.1.1".parse().unwrap(),
+        pod_cidrs: &node_cidrs,
+    };
+    let desired_with = |local: &[&str], remote: &[&str], exposed: bool| {
+        let r1 = record("10.96.0.10", local);
         let (r1, r2, r6) = (
-            record("10.96.0.10", local),
+            if exposed { public(r1) } else { r1 },
             record("10.97.0.10", remote),
             ServiceRecord {
                 name: "v6".into(),
@@ -107,7 +129,7 @@ fn service_maps_follow_the_desired_state() {
             },
         );
         meshd_mesh::desired_services(
-            &c1,
+            &node,
             [(&c1, 1, &r1), (&c2, 2, &r2), (&c1, 1, &r6)].map(|(c, id, r)| {
                 meshd_mesh::ClusterService {
                     cluster: c,
@@ -118,6 +140,7 @@ fn service_maps_follow_the_desired_state() {
         )
     };
 
+    let desired = |local: &[&str], remote: &[&str]| desired_with(local, remote, false);
     let mut applied = maps.read_back().unwrap().services;
     assert_eq!(applied, DesiredServices::default());
     let want = desired(&["10.1.0.5", "10.1.0.6"], &["10.2.0.5"]);
@@ -140,6 +163,40 @@ fn service_maps_follow_the_desired_state() {
     // Started over from what the maps hold (an agent restart): nothing to write.
     let mut fresh = maps.read_back().unwrap().services;
     assert_eq!(reconcile(&mut maps, &mut fresh, &want).applied, 0);
+
+    // The service turns NodePort (Local policy) with an external IP: two more frontends,
+    // flagged, over this node's backend only; their flags read back as written.
+    let want = desired_with(&["10.1.0.5"], &["10.2.0.5"], true);
+    let round = reconcile(&mut maps, &mut fresh, &want);
+    assert_eq!(round.failed, 0, "{:?}", round.first_error);
+    assert_eq!(round.applied, 4, "a slot and a count per new frontend");
+    assert_eq!(maps.read_back().unwrap().services, ipv4_services(&want));
+    let mut flags: Vec<(String, u32, u32)> = maps
+        .services()
+        .unwrap()
+        .into_iter()
+        .map(|(f, count, flags)| (format!("{}:{}", f.addr, f.port), count, flags))
+        .collect();
+    flags.sort();
+    use meshd_ebpf::abi::{SERVICE_F_EXTERNAL_IP, SERVICE_F_LOCAL, SERVICE_F_NODE_PORT};
+    assert_eq!(
+        flags,
+        [
+            ("10.96.0.10:80".to_owned(), 2, 0),
+            (
+                "192.168.1.1:30080".to_owned(),
+                1,
+                SERVICE_F_NODE_PORT | SERVICE_F_LOCAL
+            ),
+            (
+                "203.0.113.10:80".to_owned(),
+                1,
+                SERVICE_F_EXTERNAL_IP | SERVICE_F_LOCAL
+            ),
+        ]
+    );
+    assert_eq!(reconcile(&mut maps, &mut fresh, &want).applied, 0);
+
     // Nothing wanted any more: everything goes.
     reconcile(&mut maps, &mut fresh, &DesiredServices::default());
     assert!(maps.services().unwrap().is_empty());

@@ -35,7 +35,7 @@ fn point(topo: &mut Topology, port: u16, proto: u8, backend: Ipv4Addr, backend_p
         },
     )
     .unwrap();
-    maps.upsert_service(frontend, 1).unwrap();
+    maps.upsert_service(frontend, 1, 0).unwrap();
 }
 
 /// The address a backend sees a client connect from: its own, but for a client that is its own

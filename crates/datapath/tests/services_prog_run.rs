@@ -86,7 +86,7 @@ fn set_backends(dp: &mut TestDatapath, frontend: LbFrontend, backends: &[(Ipv4Ad
             .unwrap();
     }
     dp.maps
-        .upsert_service(frontend, backends.len() as u32)
+        .upsert_service(frontend, backends.len() as u32, 0)
         .unwrap();
 }
 
@@ -581,7 +581,7 @@ fn policy_is_decided_against_the_backend() {
 fn maps_list_what_was_written() {
     let Some(mut dp) = setup() else { return };
     set_backends(&mut dp, frontend(TCP), &[(B, 1), (R, 2)]);
-    assert_eq!(dp.maps.services().unwrap(), [(frontend(TCP), 2)]);
+    assert_eq!(dp.maps.services().unwrap(), [(frontend(TCP), 2, 0)]);
     let mut backends = dp.maps.backends().unwrap();
     backends.sort();
     assert_eq!(
@@ -617,7 +617,8 @@ fn maps_list_what_was_written() {
                 proto: ICMP,
                 ..frontend(TCP)
             },
-            1
+            1,
+            0
         )
         .is_err());
 }

@@ -13,12 +13,20 @@
 //!   ports: [ { name: http, port: 80, targetPort: 8080, protocol: TCP } ]
 //!   clusterIP: 10.96.0.10   # optional: allocated from the service CIDR when absent
 //! ```
+//!
+//! Public endpoints use Kubernetes' fields with their meanings: `spec.type` (`ClusterIP`,
+//! the default, `NodePort` or `LoadBalancer`), `spec.ports[].nodePort` (allocated by the
+//! apiserver from its node port range when absent), `spec.externalIPs`,
+//! `spec.loadBalancerIP`, `spec.externalTrafficPolicy` (`Cluster`, the default, or `Local`)
+//! and `spec.healthCheckNodePort` (`Local` policy only; allocated when absent). What needs
+//! the cluster to check (the range, ports taken by other services, pod CIDRs and node IPs) is
+//! checked by the apiserver; the rest here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use meshd_state::{check_dns_label, FieldError, Labels, Protocol};
+use meshd_state::{check_dns_label, FieldError, Labels, Protocol, ServiceType, TrafficPolicy};
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -45,9 +53,42 @@ pub struct ServiceSpec {
     /// The VIP; allocated by the apiserver when absent, and kept from then on.
     #[serde(rename = "clusterIP", default, skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<IpAddr>,
-    /// Kubernetes' service type; only `ClusterIP` exists in meshd.
+    /// `ClusterIP` when absent.
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
-    pub service_type: Option<String>,
+    pub service_type: Option<ServiceType>,
+    /// Addresses (IPv4) a router sends to the nodes; every service port answers on them.
+    #[serde(rename = "externalIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<IpAddr>,
+    /// `LoadBalancer` services: the address the load balancer (or a router) sends to the nodes.
+    #[serde(
+        rename = "loadBalancerIP",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub load_balancer_ip: Option<IpAddr>,
+    /// `Cluster` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_traffic_policy: Option<TrafficPolicy>,
+    /// `Local` policy: a node port answering 200 on nodes with a local backend, 503 on others,
+    /// for an external load balancer's health check. Allocated by the apiserver when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
+}
+
+impl ServiceSpec {
+    pub fn service_type(&self) -> ServiceType {
+        self.service_type.unwrap_or_default()
+    }
+
+    pub fn external_traffic_policy(&self) -> TrafficPolicy {
+        self.external_traffic_policy.unwrap_or_default()
+    }
+
+    /// Whether the apiserver gives this service a health check node port.
+    pub fn wants_health_check_node_port(&self) -> bool {
+        self.service_type().has_node_ports()
+            && self.external_traffic_policy() == TrafficPolicy::Local
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +106,10 @@ pub struct ServicePort {
     /// Informational in Kubernetes (`http`, `grpc`); kept so manifests round-trip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
+    /// NodePort and LoadBalancer services: the port this service port answers on every
+    /// node's IP. Allocated by the apiserver when absent, and kept from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -133,11 +178,27 @@ impl<'de> Deserialize<'de> for TargetPort {
 }
 
 /// The fields of `spec` and of `spec.ports[]` a Service may have; Kubernetes has more.
-const SPEC_FIELDS: [&str; 4] = ["selector", "ports", "clusterIP", "type"];
-const PORT_FIELDS: [&str; 5] = ["name", "port", "targetPort", "protocol", "appProtocol"];
+const SPEC_FIELDS: [&str; 8] = [
+    "selector",
+    "ports",
+    "clusterIP",
+    "type",
+    "externalIPs",
+    "loadBalancerIP",
+    "externalTrafficPolicy",
+    "healthCheckNodePort",
+];
+const PORT_FIELDS: [&str; 6] = [
+    "name",
+    "port",
+    "targetPort",
+    "protocol",
+    "appProtocol",
+    "nodePort",
+];
 
 /// The first field of a Service document (a Kubernetes `v1` one, typically) that meshd does
-/// not implement, named with its path (`spec.sessionAffinity`, `spec.ports[0].nodePort`), so
+/// not implement, named with its path (`spec.sessionAffinity`, `spec.externalName`), so
 /// a manifest brought from Kubernetes is refused for what it says, never half applied.
 pub(crate) fn unsupported_field(doc: &serde_yaml::Value) -> Option<(String, String)> {
     let spec = doc.get("spec")?.as_mapping()?;
@@ -193,14 +254,7 @@ impl Service {
     pub fn validate(&self) -> Result<(), FieldError> {
         self.metadata.validate()?;
         self.options()?;
-        if let Some(t) = &self.spec.service_type {
-            if t != "ClusterIP" {
-                return Err(FieldError::new(
-                    "spec.type",
-                    format!("{t:?} is not supported (meshd services are ClusterIP services)"),
-                ));
-            }
-        }
+        self.validate_exposure()?;
         if self.spec.selector.is_empty() {
             return Err(FieldError::new(
                 "spec.selector",
@@ -260,6 +314,21 @@ impl Service {
                 }
                 None => {}
             }
+            if p.node_port.is_some() && !self.spec.service_type().has_node_ports() {
+                return Err(FieldError::new(
+                    at("nodePort"),
+                    format!(
+                        "a {} service has no node ports (type NodePort or LoadBalancer has)",
+                        self.spec.service_type()
+                    ),
+                ));
+            }
+            if p.node_port == Some(0) {
+                return Err(FieldError::new(
+                    at("nodePort"),
+                    "must be 1-65535 (leave it out to have one allocated)",
+                ));
+            }
             if !numbers.insert((p.port, p.protocol())) {
                 return Err(FieldError::new(
                     at("port"),
@@ -267,6 +336,101 @@ impl Service {
                 ));
             }
         }
+        self.validate_node_ports()
+    }
+
+    /// External addresses, the traffic policy and the health check port: what Kubernetes
+    /// allows with each service type.
+    fn validate_exposure(&self) -> Result<(), FieldError> {
+        let spec = &self.spec;
+        let kind = spec.service_type();
+        let mut seen = BTreeSet::new();
+        for (i, ip) in spec.external_ips.iter().enumerate() {
+            let at = format!("spec.externalIPs[{i}]");
+            check_external_address(&at, *ip)?;
+            if !seen.insert(*ip) {
+                return Err(FieldError::new(at, format!("duplicate address {ip}")));
+            }
+        }
+        if let Some(ip) = spec.load_balancer_ip {
+            if kind != ServiceType::LoadBalancer {
+                return Err(FieldError::new(
+                    "spec.loadBalancerIP",
+                    format!("only a LoadBalancer service has one (this one is {kind})"),
+                ));
+            }
+            check_external_address("spec.loadBalancerIP", ip)?;
+        }
+        if spec.external_traffic_policy() == TrafficPolicy::Local && !kind.has_node_ports() {
+            return Err(FieldError::new(
+                "spec.externalTrafficPolicy",
+                format!(
+                    "Local applies to traffic from outside the mesh, which a {kind} service \
+                     does not take (type NodePort or LoadBalancer does)"
+                ),
+            ));
+        }
+        match spec.health_check_node_port {
+            Some(_) if !spec.wants_health_check_node_port() => Err(FieldError::new(
+                "spec.healthCheckNodePort",
+                "only a NodePort or LoadBalancer service with externalTrafficPolicy Local has one",
+            )),
+            Some(0) => Err(FieldError::new(
+                "spec.healthCheckNodePort",
+                "must be 1-65535 (leave it out to have one allocated)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A node port serves one service port (per protocol, as in Kubernetes), and the health
+    /// check port none.
+    fn validate_node_ports(&self) -> Result<(), FieldError> {
+        let mut used = BTreeMap::new();
+        for (i, p) in self.spec.ports.iter().enumerate() {
+            let Some(np) = p.node_port else { continue };
+            if let Some(j) = used.insert((np, p.protocol()), i) {
+                return Err(FieldError::new(
+                    format!("spec.ports[{i}].nodePort"),
+                    format!("{np} is also the node port of spec.ports[{j}]"),
+                ));
+            }
+        }
+        if let Some(hc) = self.spec.health_check_node_port {
+            if let Some(((_, _), i)) = used.iter().find(|((np, _), _)| *np == hc) {
+                return Err(FieldError::new(
+                    "spec.healthCheckNodePort",
+                    format!("{hc} is the node port of spec.ports[{i}]"),
+                ));
+            }
+        }
         Ok(())
     }
+
+    /// Every node port the service holds: its ports', then the health check's.
+    pub fn node_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.spec
+            .ports
+            .iter()
+            .filter_map(|p| p.node_port)
+            .chain(self.spec.health_check_node_port)
+    }
+}
+
+/// An external or load balancer address: an IPv4 unicast address (the datapath is IPv4) that
+/// a router can send to the nodes.
+fn check_external_address(at: &str, ip: IpAddr) -> Result<(), FieldError> {
+    let IpAddr::V4(v4) = ip else {
+        return Err(FieldError::new(
+            at,
+            format!("{ip} is not an IPv4 address (the datapath serves IPv4)"),
+        ));
+    };
+    if v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast() {
+        return Err(FieldError::new(
+            at,
+            format!("{ip} is not a unicast address a router could send to the nodes"),
+        ));
+    }
+    Ok(())
 }

@@ -247,7 +247,7 @@ fn cilium_global_service_example_is_a_global_service() {
     assert_eq!(svc.selector().to_string(), "name=rebel-base");
 
     for (change, field) in [
-        ("type: ClusterIP", "type: LoadBalancer"),
+        ("type: ClusterIP", "type: ExternalName"),
         (
             "  type: ClusterIP",
             "  type: ClusterIP\n  externalTrafficPolicy: Local",
@@ -258,10 +258,199 @@ fn cilium_global_service_example_is_a_global_service() {
     {
         let e = one_error(&change);
         let named = match field {
-            "type: LoadBalancer" => "spec.type",
+            "type: ExternalName" => "spec.type",
             f if f.contains("externalTrafficPolicy") => "spec.externalTrafficPolicy",
             _ => "spec.ports[0].nodePort",
         };
         assert_eq!(e.field, named, "{e}");
     }
+}
+
+/// A Kubernetes `type: NodePort` / `LoadBalancer` service with every exposure field.
+const PUBLIC: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: { name: web }
+spec:
+  type: LoadBalancer
+  selector: { app: web }
+  ports:
+  - { name: http, port: 80, targetPort: 8080, nodePort: 30080 }
+  - { name: dns, port: 53, protocol: UDP }
+  externalIPs: [ 203.0.113.10, 203.0.113.11 ]
+  loadBalancerIP: 198.51.100.7
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+"#;
+
+fn public_service(text: &str) -> Service {
+    let docs = parse_str("web.yaml", text).unwrap();
+    let Document::Service(svc) = docs[0].document.clone() else {
+        panic!("not a service")
+    };
+    // What is sent to the server parses to the same document.
+    assert_eq!(
+        parse_document("web.yaml", 1, &docs[0].text).unwrap(),
+        docs[0].document
+    );
+    svc
+}
+
+#[test]
+fn public_endpoint_fields_have_kubernetes_names_and_meanings() {
+    use meshd_state::{ServiceType, TrafficPolicy};
+    let svc = public_service(PUBLIC);
+    assert_eq!(svc.spec.service_type(), ServiceType::LoadBalancer);
+    assert_eq!(svc.spec.ports[0].node_port, Some(30080));
+    assert_eq!(
+        svc.spec.ports[1].node_port, None,
+        "allocated by the apiserver"
+    );
+    assert_eq!(
+        svc.spec.external_ips,
+        [
+            "203.0.113.10".parse::<std::net::IpAddr>().unwrap(),
+            "203.0.113.11".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        svc.spec.load_balancer_ip,
+        Some("198.51.100.7".parse().unwrap())
+    );
+    assert_eq!(svc.spec.external_traffic_policy(), TrafficPolicy::Local);
+    assert_eq!(svc.spec.health_check_node_port, Some(32000));
+    assert!(svc.spec.wants_health_check_node_port());
+    assert_eq!(svc.node_ports().collect::<Vec<_>>(), [30080, 32000]);
+    // The JSON stored keeps Kubernetes' names.
+    let json = Document::Service(svc).to_json();
+    let text = String::from_utf8(json).unwrap();
+    for name in [
+        "\"type\":\"LoadBalancer\"",
+        "\"nodePort\":30080",
+        "\"externalIPs\"",
+        "\"loadBalancerIP\"",
+        "\"externalTrafficPolicy\":\"Local\"",
+        "\"healthCheckNodePort\":32000",
+    ] {
+        assert!(text.contains(name), "{name} not in {text}");
+    }
+
+    // Defaults: ClusterIP, Cluster policy, no health check port.
+    let plain = public_service(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: web }\n\
+         spec: { selector: { app: web }, ports: [ { port: 80 } ] }\n",
+    );
+    assert_eq!(plain.spec.service_type(), ServiceType::ClusterIp);
+    assert_eq!(plain.spec.external_traffic_policy(), TrafficPolicy::Cluster);
+    assert!(!plain.spec.wants_health_check_node_port());
+    // A NodePort service with Cluster policy has node ports but no health check port; external
+    // IPs are allowed on any type, as in Kubernetes.
+    let np = public_service(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: web }\n\
+         spec: { type: NodePort, externalIPs: [ 203.0.113.10 ], selector: { app: web }, \
+         ports: [ { port: 80, nodePort: 30001 } ] }\n",
+    );
+    assert_eq!(np.spec.service_type(), ServiceType::NodePort);
+    assert!(!np.spec.wants_health_check_node_port());
+    let cip = public_service(
+        "apiVersion: v1\nkind: Service\nmetadata: { name: web }\n\
+         spec: { externalIPs: [ 203.0.113.10 ], selector: { app: web }, ports: [ { port: 80 } ] }\n",
+    );
+    assert_eq!(cip.spec.external_ips.len(), 1);
+}
+
+#[test]
+fn public_endpoint_refusals_name_the_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("type: LoadBalancer", "type: Public", "spec.type"),
+        (
+            "{ name: http, port: 80, targetPort: 8080, nodePort: 30080 }",
+            "{ name: http, port: 80, targetPort: 8080, nodePort: 0 }",
+            "spec.ports[0].nodePort",
+        ),
+        (
+            "{ name: http, port: 80, targetPort: 8080, nodePort: 30080 }",
+            "{ name: http, port: 80, targetPort: 8080, nodePort: 70000 }",
+            "spec.ports[0].nodePort",
+        ),
+        // Two ports of one protocol on one node port.
+        (
+            "{ name: dns, port: 53, protocol: UDP }",
+            "{ name: dns, port: 53, nodePort: 30080 }",
+            "spec.ports[1].nodePort",
+        ),
+        (
+            "healthCheckNodePort: 32000",
+            "healthCheckNodePort: 30080",
+            "spec.healthCheckNodePort",
+        ),
+        (
+            "healthCheckNodePort: 32000",
+            "healthCheckNodePort: 0",
+            "spec.healthCheckNodePort",
+        ),
+        ("203.0.113.11 ]", "2001:db8::1 ]", "spec.externalIPs[1]"),
+        ("203.0.113.11 ]", "not-an-ip ]", "spec.externalIPs[1]"),
+        ("203.0.113.11 ]", "203.0.113.10 ]", "spec.externalIPs[1]"),
+        ("203.0.113.11 ]", "0.0.0.0 ]", "spec.externalIPs[1]"),
+        ("203.0.113.11 ]", "127.0.0.1 ]", "spec.externalIPs[1]"),
+        ("198.51.100.7", "2001:db8::7", "spec.loadBalancerIP"),
+        ("198.51.100.7", "224.0.0.7", "spec.loadBalancerIP"),
+        (
+            "externalTrafficPolicy: Local",
+            "externalTrafficPolicy: Global",
+            "spec.externalTrafficPolicy",
+        ),
+    ];
+    for (from, to, field) in cases {
+        assert!(PUBLIC.contains(from), "{from}");
+        let e = one_error(&PUBLIC.replace(from, to));
+        assert_eq!((e.file.as_str(), e.document), ("f.yaml", 1));
+        assert_eq!(e.field, *field, "{to}: {e}");
+        assert!(e.to_string().contains("Service default/web"), "{e}");
+    }
+
+    // What a ClusterIP service may not have; NodePort may not have a load balancer address;
+    // Cluster policy has no health check port.
+    let as_type = |t: &str| PUBLIC.replace("type: LoadBalancer", t);
+    let cluster_ip = |extra_from: &str, extra_to: &str| {
+        as_type("type: ClusterIP")
+            .replace("  loadBalancerIP: 198.51.100.7\n", "")
+            .replace("  healthCheckNodePort: 32000\n", "")
+            .replace("  externalTrafficPolicy: Local\n", "")
+            .replace(", nodePort: 30080", "")
+            .replace(extra_from, extra_to)
+    };
+    assert!(parse_str("f.yaml", &cluster_ip("", "")).is_ok());
+    for (text, field) in [
+        (
+            cluster_ip("targetPort: 8080 }", "targetPort: 8080, nodePort: 30080 }"),
+            "spec.ports[0].nodePort",
+        ),
+        (
+            cluster_ip("  selector:", "  externalTrafficPolicy: Local\n  selector:"),
+            "spec.externalTrafficPolicy",
+        ),
+        (
+            cluster_ip("  selector:", "  healthCheckNodePort: 32000\n  selector:"),
+            "spec.healthCheckNodePort",
+        ),
+        (as_type("type: NodePort"), "spec.loadBalancerIP"),
+        (
+            PUBLIC.replace(
+                "externalTrafficPolicy: Local",
+                "externalTrafficPolicy: Cluster",
+            ),
+            "spec.healthCheckNodePort",
+        ),
+    ] {
+        let e = one_error(&text);
+        assert_eq!(e.field, field, "{text}: {e}");
+    }
+    // Kubernetes lets TCP and UDP of one service share a node port.
+    let shared = PUBLIC.replace(
+        "{ name: dns, port: 53, protocol: UDP }",
+        "{ name: dns, port: 80, protocol: UDP, nodePort: 30080 }",
+    );
+    assert!(parse_str("f.yaml", &shared).is_ok());
 }

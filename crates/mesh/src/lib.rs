@@ -135,7 +135,7 @@ pub use policy::{compile, CompiledPolicy, NetworkPolicy, PolicyError, PolicyErro
 pub use reject::{ClusterRefusal, PendingEntry, RejectReason, RejectedKey, Rejection};
 pub use services::{
     desired_services, diff_services, Backend, BackendSlot, ClusterService, DesiredServices,
-    Frontend, ServiceOp,
+    Exposure, Frontend, FrontendValue, ServiceNode, ServiceOp,
 };
 pub use view::{
     Applied, ClusterEvent, ClusterStatus, DesiredCounts, EventKind, KindCounts, LocalNode,

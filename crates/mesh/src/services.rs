@@ -19,6 +19,17 @@
 //!   backends count. A backend whose address family differs from the frontend's is skipped.
 //! * SCTP frontends are skipped: the datapath balances TCP and UDP only.
 //!
+//! # Public endpoints
+//!
+//! A NodePort or LoadBalancer service (the local record's `type`) also has, per port, a
+//! frontend on this node's IP at the port's node port ([`Exposure::NodePort`]), and every
+//! service a frontend per port on each of its external IPs and its load balancer IP
+//! ([`Exposure::ExternalIp`]), as Kubernetes has them. Their backends are the VIP's, but with
+//! `externalTrafficPolicy: Local` (on a NodePort or LoadBalancer service): then only the
+//! backends of this node (the local cluster's ready backends inside this node's pod CIDRs),
+//! affinity aside, and the frontend says so ([`FrontendValue::local_only`]). Only IPv4
+//! frontends of these kinds exist (the datapath's node ports are IPv4).
+//!
 //! The Cilium annotation aliases are normalised by the manifest parser (`meshd-manifest`)
 //! before the apiserver publishes a record, so records only carry the three booleans.
 //!
@@ -37,7 +48,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use meshd_state::{Affinity, ClusterId, ClusterName, Protocol, ServiceRecord};
+use ipnet::IpNet;
+use meshd_state::{Affinity, ClusterId, ClusterName, Protocol, ServiceRecord, TrafficPolicy};
 
 use crate::desired::{diff_maps, IpProto};
 
@@ -47,6 +59,39 @@ pub struct Frontend {
     pub ip: IpAddr,
     pub port: u16,
     pub proto: IpProto,
+}
+
+/// How clients reach a frontend: the datapath serves the kinds outside the mesh on the
+/// node's uplink.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Exposure {
+    /// A service VIP, reached from inside the mesh.
+    #[default]
+    Vip,
+    /// This node's IP at a port's node port.
+    NodePort,
+    /// An external IP or the load balancer IP of the service, at a service port.
+    ExternalIp,
+}
+
+/// A frontend's entry of SERVICES.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendValue {
+    /// Backends in slots `0..count`; 0 = no backend: new connections are refused.
+    pub count: u32,
+    pub exposure: Exposure,
+    /// `externalTrafficPolicy: Local`: the backends are this node's only, and the client's
+    /// address is kept.
+    pub local_only: bool,
+}
+
+/// The node the desired services are for: node port frontends are on its IP, and `Local`
+/// policy keeps the backends inside its pod CIDRs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceNode<'a> {
+    pub cluster: &'a ClusterName,
+    pub node_ip: IpAddr,
+    pub pod_cidrs: &'a [IpNet],
 }
 
 /// Where a connection to a frontend is sent.
@@ -68,16 +113,16 @@ pub struct BackendSlot {
 /// The content of the SERVICES and BACKENDS maps. Also the shape of their content read back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredServices {
-    /// Frontend -> number of backends (slots `0..count` of `backends`). 0 = the service exists
-    /// but has no ready backend: the datapath refuses new connections to it.
-    pub services: BTreeMap<Frontend, u32>,
+    /// Frontend -> number of backends (slots `0..count` of `backends`) and kind. Count 0 = the
+    /// service exists but has no ready backend: the datapath refuses new connections to it.
+    pub services: BTreeMap<Frontend, FrontendValue>,
     pub backends: BTreeMap<BackendSlot, Backend>,
 }
 
 impl DesiredServices {
     /// The backends of a frontend, in slot order (the slots `0..count` present).
     pub fn backends_of(&self, frontend: &Frontend) -> Vec<Backend> {
-        let count = self.services.get(frontend).copied().unwrap_or(0);
+        let count = self.services.get(frontend).map_or(0, |v| v.count);
         (0..count)
             .filter_map(|slot| {
                 self.backends
@@ -97,8 +142,8 @@ impl DesiredServices {
                 ServiceOp::UpsertBackend { slot, backend } => {
                     self.backends.insert(slot, backend);
                 }
-                ServiceOp::UpsertService { frontend, count } => {
-                    self.services.insert(frontend, count);
+                ServiceOp::UpsertService { frontend, value } => {
+                    self.services.insert(frontend, value);
                 }
                 ServiceOp::DeleteService { frontend } => {
                     self.services.remove(&frontend);
@@ -110,7 +155,13 @@ impl DesiredServices {
         }
     }
 
-    fn insert(&mut self, frontend: Frontend, backends: &BTreeSet<Backend>) {
+    fn insert(
+        &mut self,
+        frontend: Frontend,
+        backends: &BTreeSet<Backend>,
+        exposure: Exposure,
+        local_only: bool,
+    ) {
         for (slot, backend) in backends.iter().enumerate() {
             let slot = u32::try_from(slot).expect("fewer than 2^32 backends");
             self.backends
@@ -135,17 +186,34 @@ impl DesiredServices {
         for slot in beyond {
             self.backends.remove(&slot);
         }
-        self.services.insert(frontend, count);
+        self.services.insert(
+            frontend,
+            FrontendValue {
+                count,
+                exposure,
+                local_only,
+            },
+        );
     }
 }
 
 /// One write to the SERVICES or BACKENDS map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ServiceOp {
-    UpsertBackend { slot: BackendSlot, backend: Backend },
-    UpsertService { frontend: Frontend, count: u32 },
-    DeleteService { frontend: Frontend },
-    DeleteBackend { slot: BackendSlot },
+    UpsertBackend {
+        slot: BackendSlot,
+        backend: Backend,
+    },
+    UpsertService {
+        frontend: Frontend,
+        value: FrontendValue,
+    },
+    DeleteService {
+        frontend: Frontend,
+    },
+    DeleteBackend {
+        slot: BackendSlot,
+    },
 }
 
 impl ServiceOp {
@@ -174,11 +242,11 @@ pub fn diff_services(actual: &DesiredServices, desired: &DesiredServices) -> Vec
             None => ServiceOp::DeleteBackend { slot: *slot },
         })
     });
-    diff_maps(&actual.services, &desired.services, |frontend, count| {
-        ops.push(match count {
-            Some(count) => ServiceOp::UpsertService {
+    diff_maps(&actual.services, &desired.services, |frontend, value| {
+        ops.push(match value {
+            Some(value) => ServiceOp::UpsertService {
                 frontend: *frontend,
-                count: *count,
+                value: *value,
             },
             None => ServiceOp::DeleteService {
                 frontend: *frontend,
@@ -205,12 +273,13 @@ fn ip_proto(p: Protocol) -> Option<IpProto> {
     }
 }
 
-/// The desired SERVICES/BACKENDS content for a node of cluster `local`, from the records of
-/// every admitted cluster (the local one included). See the module docs for the rules.
+/// The desired SERVICES/BACKENDS content for `node`, from the records of every admitted
+/// cluster (the local one included). See the module docs for the rules.
 pub fn desired_services<'a>(
-    local: &ClusterName,
+    node: &ServiceNode<'_>,
     records: impl IntoIterator<Item = ClusterService<'a>>,
 ) -> DesiredServices {
+    let local = node.cluster;
     // Group by namespace/name: the local record (if any) and the remote ones.
     let mut by_service: BTreeMap<(&str, &str), (Option<ClusterService<'a>>, Vec<_>)> =
         BTreeMap::new();
@@ -231,6 +300,9 @@ pub fn desired_services<'a>(
         };
         let record = own.record;
         let remotes: &[ClusterService<'_>] = if record.global { remotes } else { &[] };
+        let node_ports = record.service_type.has_node_ports();
+        let local_only = node_ports && record.external_traffic_policy == TrafficPolicy::Local;
+        let external = record.external_addresses();
         for f in &record.frontends {
             let Some(proto) = ip_proto(f.protocol) else {
                 continue;
@@ -264,11 +336,37 @@ pub fn desired_services<'a>(
                 .flat_map(serving)
                 .collect();
             let chosen: BTreeSet<Backend> = match record.affinity {
-                Affinity::Local if !local_backends.is_empty() => local_backends,
+                Affinity::Local if !local_backends.is_empty() => local_backends.clone(),
                 Affinity::Remote if !remote_backends.is_empty() => remote_backends,
                 _ => local_backends.union(&remote_backends).copied().collect(),
             };
-            out.insert(frontend, &chosen);
+            out.insert(frontend, &chosen, Exposure::Vip, false);
+
+            // Public endpoints: the same port on this node's IP and on the external addresses.
+            let mut public = Vec::new();
+            if let Some(node_port) = f.node_port.filter(|_| node_ports) {
+                public.push((node.node_ip, node_port, Exposure::NodePort));
+            }
+            for ip in &external {
+                public.push((*ip, f.port, Exposure::ExternalIp));
+            }
+            public.retain(|(ip, _, _)| ip.is_ipv4() && f.ip.is_ipv4());
+            if public.is_empty() {
+                continue;
+            }
+            let on_this_node: BTreeSet<Backend>;
+            let backends = if local_only {
+                on_this_node = local_backends
+                    .into_iter()
+                    .filter(|b| node.pod_cidrs.iter().any(|c| c.contains(&b.ip)))
+                    .collect();
+                &on_this_node
+            } else {
+                &chosen
+            };
+            for (ip, port, exposure) in public {
+                out.insert(Frontend { ip, port, proto }, backends, exposure, local_only);
+            }
         }
     }
     out
@@ -276,7 +374,7 @@ pub fn desired_services<'a>(
 
 #[cfg(test)]
 mod tests {
-    use meshd_state::{ServiceBackend, ServiceFrontend};
+    use meshd_state::{ServiceBackend, ServiceFrontend, ServiceType};
 
     use super::*;
 
@@ -293,6 +391,12 @@ mod tests {
     }
 
     const VIP: &str = "10.96.0.10";
+    const NODE_IP: &str = "192.168.1.1";
+    const POD_CIDR: &str = "10.1.1.0/24";
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
 
     fn frontend() -> Frontend {
         Frontend {
@@ -311,6 +415,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 port_name: "http".into(),
+                node_port: None,
             }],
             backends: backends
                 .iter()
@@ -325,6 +430,11 @@ mod tests {
             global,
             shared,
             affinity: Affinity::None,
+            service_type: Default::default(),
+            external_ips: Vec::new(),
+            load_balancer_ip: None,
+            external_traffic_policy: Default::default(),
+            health_check_node_port: None,
         }
     }
 
@@ -345,8 +455,13 @@ mod tests {
         }
 
         fn desired(&self, local: &str) -> DesiredServices {
+            let cluster = cn(local);
             desired_services(
-                &cn(local),
+                &ServiceNode {
+                    cluster: &cluster,
+                    node_ip: ip(NODE_IP),
+                    pod_cidrs: &[net(POD_CIDR)],
+                },
                 self.records.iter().map(|(c, id, r)| ClusterService {
                     cluster: c,
                     cluster_id: *id,
@@ -477,7 +592,7 @@ mod tests {
             .with("c1", 1, record(VIP, &[], true, true))
             .with("c2", 2, record("10.97.0.10", &[], true, true));
         let d = mesh.desired("c1");
-        assert_eq!(d.services.get(&frontend()), Some(&0));
+        assert_eq!(d.services.get(&frontend()).map(|v| v.count), Some(0));
         assert!(d.backends.is_empty());
     }
 
@@ -489,12 +604,14 @@ mod tests {
             port: 53,
             protocol: Protocol::Udp,
             port_name: "dns".into(),
+            node_port: None,
         });
         c1.frontends.push(ServiceFrontend {
             ip: ip(VIP),
             port: 9,
             protocol: Protocol::Sctp,
             port_name: "sctp".into(),
+            node_port: None,
         });
         c1.backends.push(ServiceBackend {
             ip: ip("10.1.0.5"),
@@ -565,7 +682,14 @@ mod tests {
                     port: 8080,
                 })
                 .collect();
-            d.insert(f, &backends);
+            let exposure = [Exposure::Vip, Exposure::NodePort, Exposure::ExternalIp]
+                [((s + seed) % 3) as usize];
+            d.insert(
+                f,
+                &backends,
+                exposure,
+                exposure != Exposure::Vip && seed % 2 == 0,
+            );
         }
         d
     }
@@ -598,7 +722,7 @@ mod tests {
                     for (f, count) in &state.services {
                         assert_eq!(
                             state.backends_of(f).len() as u32,
-                            *count,
+                            count.count,
                             "{f:?} after {op:?} ({a} -> {b})"
                         );
                     }
@@ -643,10 +767,152 @@ mod tests {
                 },
                 ServiceOp::UpsertService {
                     frontend: frontend(),
-                    count: 2
+                    value: FrontendValue {
+                        count: 2,
+                        ..Default::default()
+                    }
                 },
             ]
         );
+    }
+
+    /// A NodePort / LoadBalancer record of c1 with node port 30080 on its port.
+    fn public(
+        kind: ServiceType,
+        policy: TrafficPolicy,
+        backends: &[&str],
+        external: &[&str],
+    ) -> ServiceRecord {
+        let mut r = record(VIP, backends, true, true);
+        r.service_type = kind;
+        r.external_traffic_policy = policy;
+        r.frontends[0].node_port = Some(30080);
+        r.external_ips = external.iter().map(|e| ip(e)).collect();
+        r
+    }
+
+    fn value_and_ips(d: &DesiredServices, f: Frontend) -> (FrontendValue, Vec<String>) {
+        let value = *d
+            .services
+            .get(&f)
+            .unwrap_or_else(|| panic!("{f:?} in {d:?}"));
+        let ips = d.backends_of(&f).iter().map(|b| b.ip.to_string()).collect();
+        (value, ips)
+    }
+
+    fn at(addr: &str, port: u16) -> Frontend {
+        Frontend {
+            ip: ip(addr),
+            port,
+            proto: IpProto::Tcp,
+        }
+    }
+
+    #[test]
+    fn node_port_and_external_frontends_use_the_vips_backends() {
+        let mut c1 = public(
+            ServiceType::LoadBalancer,
+            TrafficPolicy::Cluster,
+            &["10.1.1.5", "10.1.2.5"],
+            &["203.0.113.10"],
+        );
+        c1.load_balancer_ip = Some(ip("198.51.100.7"));
+        let mesh = Mesh::new().with("c1", 1, c1).with(
+            "c2",
+            2,
+            record("10.97.0.10", &["10.2.0.5"], true, true),
+        );
+        let d = mesh.desired("c1");
+        let all = ["10.1.1.5", "10.1.2.5", "10.2.0.5"];
+        let (vip, vip_ips) = value_and_ips(&d, frontend());
+        assert_eq!(vip.exposure, Exposure::Vip);
+        assert_eq!(vip_ips, all);
+        for (f, exposure) in [
+            (at(NODE_IP, 30080), Exposure::NodePort),
+            (at("203.0.113.10", 80), Exposure::ExternalIp),
+            (at("198.51.100.7", 80), Exposure::ExternalIp),
+        ] {
+            let (value, ips) = value_and_ips(&d, f);
+            assert_eq!(
+                value,
+                FrontendValue {
+                    count: 3,
+                    exposure,
+                    local_only: false
+                },
+                "{f:?}"
+            );
+            assert_eq!(ips, all, "{f:?}: global backends included");
+        }
+        assert_eq!(d.services.len(), 4);
+        // c2's node port is not this node's frontend: node ports are the local record's.
+        let mut c2 = public(
+            ServiceType::NodePort,
+            TrafficPolicy::Cluster,
+            &["10.2.0.5"],
+            &[],
+        );
+        c2.frontends[0].ip = ip("10.97.0.10");
+        c2.frontends[0].node_port = Some(30999);
+        let d = Mesh::new()
+            .with("c1", 1, record(VIP, &["10.1.1.5"], true, true))
+            .with("c2", 2, c2)
+            .desired("c1");
+        assert_eq!(d.services.len(), 1, "{d:?}");
+    }
+
+    #[test]
+    fn local_policy_uses_this_nodes_backends_only() {
+        // 10.1.1.5 is on this node (its pod CIDR), 10.1.2.5 on another node of c1.
+        let c1 = |backends: &[&str]| {
+            with_affinity(
+                public(
+                    ServiceType::NodePort,
+                    TrafficPolicy::Local,
+                    backends,
+                    &["203.0.113.10"],
+                ),
+                Affinity::Remote,
+            )
+        };
+        let c2 = record("10.97.0.10", &["10.2.0.5"], true, true);
+        let d = Mesh::new()
+            .with("c1", 1, c1(&["10.1.1.5", "10.1.2.5"]))
+            .with("c2", 2, c2.clone())
+            .desired("c1");
+        for f in [at(NODE_IP, 30080), at("203.0.113.10", 80)] {
+            let (value, ips) = value_and_ips(&d, f);
+            assert!(value.local_only, "{f:?}");
+            assert_eq!(ips, ["10.1.1.5"], "{f:?}: affinity aside, this node only");
+        }
+        // The VIP is unchanged (remote affinity: c2's backend).
+        assert_eq!(value_and_ips(&d, frontend()).1, ["10.2.0.5"]);
+        // No backend on this node: the frontends stay, with count 0 (refuse, counted).
+        let d = Mesh::new()
+            .with("c1", 1, c1(&["10.1.2.5"]))
+            .with("c2", 2, c2)
+            .desired("c1");
+        let (value, ips) = value_and_ips(&d, at(NODE_IP, 30080));
+        assert!(value.local_only && value.count == 0 && ips.is_empty());
+    }
+
+    #[test]
+    fn cluster_ip_services_have_no_node_port_frontends() {
+        // A node port left in a ClusterIP record (never published so) is not served; external
+        // IPs are, as in Kubernetes, with Cluster policy.
+        let mut r = public(
+            ServiceType::ClusterIp,
+            TrafficPolicy::Local,
+            &["10.1.2.5"],
+            &["203.0.113.10"],
+        );
+        r.frontends[0].node_port = Some(30080);
+        let d = Mesh::new().with("c1", 1, r).desired("c1");
+        assert!(!d.services.contains_key(&at(NODE_IP, 30080)));
+        let (value, ips) = value_and_ips(&d, at("203.0.113.10", 80));
+        assert_eq!(value.exposure, Exposure::ExternalIp);
+        assert!(!value.local_only);
+        assert_eq!(ips, ["10.1.2.5"]);
     }
 
     /// Through the merged view: only admitted clusters count, and a removed cluster's backends go.

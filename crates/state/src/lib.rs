@@ -36,7 +36,7 @@ pub use names::{check_dns_label, check_dns_subdomain, ClusterId, ClusterName};
 pub use policy::{NetworkPolicy, PolicyError, PolicyErrors};
 pub use records::{
     Affinity, Capabilities, ClusterConfig, IpcacheEntry, NodeRecord, Protocol, RoutingMode,
-    ServiceBackend, ServiceFrontend, ServiceRecord, SyncCanary,
+    ServiceBackend, ServiceFrontend, ServiceRecord, ServiceType, SyncCanary, TrafficPolicy,
 };
 pub use resource::{decode, encode, Resource};
 

@@ -165,6 +165,63 @@ pub enum Affinity {
     None,
 }
 
+/// Kubernetes' service type: where a service is reachable from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ServiceType {
+    /// Only through its VIP, from inside the mesh.
+    #[default]
+    #[serde(rename = "ClusterIP")]
+    ClusterIp,
+    /// Also on every node's IP at each port's node port, from outside the mesh.
+    NodePort,
+    /// A node port service that an external load balancer (or a router sending
+    /// `loadBalancerIP` to the nodes) fronts.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+
+    /// Node ports are allocated for its ports (NodePort and LoadBalancer, as in Kubernetes).
+    pub fn has_node_ports(self) -> bool {
+        self != ServiceType::ClusterIp
+    }
+
+    fn is_cluster_ip(&self) -> bool {
+        *self == ServiceType::ClusterIp
+    }
+}
+
+impl std::fmt::Display for ServiceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Kubernetes' `externalTrafficPolicy`: which backends serve clients from outside the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TrafficPolicy {
+    /// Every backend the VIP uses (global ones included); the entry node may translate the
+    /// client's address.
+    #[default]
+    Cluster,
+    /// Only the entry node's own backends; the client's address is kept, and a node without a
+    /// local backend refuses (its health check node port says so).
+    Local,
+}
+
+impl TrafficPolicy {
+    fn is_cluster(&self) -> bool {
+        *self == TrafficPolicy::Cluster
+    }
+}
+
 /// An address clients connect to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceFrontend {
@@ -174,6 +231,10 @@ pub struct ServiceFrontend {
     /// Port name, matching backends of other clusters by name rather than number.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub port_name: String,
+    /// The port this service port also answers on every node's IP (NodePort and LoadBalancer
+    /// services); absent otherwise and in records written before node ports existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
 }
 
 /// An endpoint serving a service port.
@@ -204,9 +265,40 @@ pub struct ServiceRecord {
     pub shared: bool,
     #[serde(default)]
     pub affinity: Affinity,
+    /// Fields below came with public endpoints (NodePort / LoadBalancer); records written
+    /// before them still parse, as ClusterIP services.
+    #[serde(
+        rename = "type",
+        default,
+        skip_serializing_if = "ServiceType::is_cluster_ip"
+    )]
+    pub service_type: ServiceType,
+    /// Addresses a router sends to the nodes; the service's ports answer on them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<IpAddr>,
+    /// LoadBalancer services: the load balancer's address, answered like an external IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "TrafficPolicy::is_cluster")]
+    pub external_traffic_policy: TrafficPolicy,
+    /// `Local` policy: the node port answering an external load balancer's health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServiceRecord {
+    /// Every address outside the mesh the service's ports answer on (external IPs, then the
+    /// load balancer's), without repeats.
+    pub fn external_addresses(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = Vec::new();
+        for ip in self.external_ips.iter().chain(&self.load_balancer_ip) {
+            if !out.contains(ip) {
+                out.push(*ip);
+            }
+        }
+        out
+    }
+
     pub(crate) fn validate(&self) -> Result<(), FieldError> {
         check_dns_label("namespace", &self.namespace)?;
         check_dns_label("name", &self.name)?;
@@ -214,6 +306,12 @@ impl ServiceRecord {
             if f.port == 0 {
                 return Err(FieldError::new(
                     format!("frontends[{i}].port"),
+                    "must not be 0",
+                ));
+            }
+            if f.node_port == Some(0) {
+                return Err(FieldError::new(
+                    format!("frontends[{i}].node_port"),
                     "must not be 0",
                 ));
             }

@@ -39,6 +39,7 @@ fn service() -> (ServiceKey, ServiceRecord) {
                 port: 80,
                 protocol: Protocol::Tcp,
                 port_name: "http".into(),
+                node_port: None,
             }],
             backends: vec![ServiceBackend {
                 ip: "10.1.1.5".parse().unwrap(),
@@ -50,6 +51,11 @@ fn service() -> (ServiceKey, ServiceRecord) {
             global: true,
             shared: true,
             affinity: Affinity::Local,
+            service_type: Default::default(),
+            external_ips: Vec::new(),
+            load_balancer_ip: None,
+            external_traffic_policy: Default::default(),
+            health_check_node_port: None,
         },
     )
 }
@@ -102,6 +108,53 @@ fn every_record_round_trips() {
         },
         &SyncCanary { synced_at_ms: 1 },
     );
+}
+
+/// The service record is a public contract: a record written before public endpoints parses
+/// as a ClusterIP service, and one with them round-trips with Kubernetes' type names.
+#[test]
+fn service_records_gain_exposure_compatibly() {
+    let (k, old) = service();
+    let old_json = br#"{"namespace":"default","name":"echo","frontends":[{"ip":"10.96.0.10","port":80,"protocol":"TCP","port_name":"http"}],"backends":[{"ip":"10.1.1.5","port":8080,"protocol":"TCP","ready":true,"port_name":"http"}],"global":true,"shared":true,"affinity":"local"}"#;
+    let (_, parsed) = decode::<ServiceRecord>(&k.to_string(), old_json).unwrap();
+    assert_eq!(parsed, old);
+    assert_eq!(parsed.service_type, ServiceType::ClusterIp);
+    assert_eq!(parsed.external_traffic_policy, TrafficPolicy::Cluster);
+    // An unchanged ClusterIP record encodes as before (nothing new is written).
+    assert_eq!(
+        serde_json::to_value(&old).unwrap(),
+        serde_json::from_slice::<serde_json::Value>(old_json).unwrap()
+    );
+
+    let mut public = old.clone();
+    public.service_type = ServiceType::LoadBalancer;
+    public.frontends[0].node_port = Some(30080);
+    public.external_ips = vec!["203.0.113.5".parse().unwrap()];
+    public.load_balancer_ip = Some("198.51.100.5".parse().unwrap());
+    public.external_traffic_policy = TrafficPolicy::Local;
+    public.health_check_node_port = Some(32000);
+    round_trip(&k, &public);
+    let json = serde_json::to_string(&public).unwrap();
+    for field in [
+        r#""type":"LoadBalancer""#,
+        r#""node_port":30080"#,
+        r#""external_ips":["203.0.113.5"]"#,
+        r#""load_balancer_ip":"198.51.100.5""#,
+        r#""external_traffic_policy":"Local""#,
+        r#""health_check_node_port":32000"#,
+    ] {
+        assert!(json.contains(field), "{field} not in {json}");
+    }
+    assert_eq!(
+        public.external_addresses(),
+        [
+            "203.0.113.5".parse::<std::net::IpAddr>().unwrap(),
+            "198.51.100.5".parse().unwrap()
+        ]
+    );
+    let mut bad = public;
+    bad.frontends[0].node_port = Some(0);
+    assert!(encode(&k, &bad).is_err(), "node port 0 is refused");
 }
 
 #[test]

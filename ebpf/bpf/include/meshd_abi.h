@@ -360,9 +360,26 @@ struct service_key {
 	__u8 pad;
 };
 
+/*
+ * Public endpoints (NodePort / LoadBalancer services, external IPs): besides its VIP, a service
+ * has frontends clients outside the mesh reach on the node's uplink (from-netdev). The agent
+ * writes them into SERVICES and BACKENDS like VIP frontends, with a flag saying which kind:
+ * - MESHD_SERVICE_F_NODE_PORT: key = (this node's IP, the port's nodePort, proto);
+ * - MESHD_SERVICE_F_EXTERNAL_IP: key = (an external IP or the LB IP, the service port, proto).
+ * Their backends are the VIP's (global ones included, affinity applied), except with
+ * MESHD_SERVICE_F_LOCAL (externalTrafficPolicy Local): only this node's own backends, so the
+ * client's address can be kept; count 0 then means "no local backend": refuse new connections.
+ * A VIP frontend has none of these flags.
+ */
+enum meshd_service_flags {
+	MESHD_SERVICE_F_NODE_PORT = 1,
+	MESHD_SERVICE_F_EXTERNAL_IP = 2,
+	MESHD_SERVICE_F_LOCAL = 4,
+};
+
 struct service_value {
 	__u32 count; /* backends in slots 0..count-1; 0 = refuse new connections */
-	__u32 flags; /* reserved, 0 */
+	__u32 flags; /* MESHD_SERVICE_F_*; 0 for a VIP */
 };
 
 struct backend_key {

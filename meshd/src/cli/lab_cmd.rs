@@ -412,6 +412,13 @@ struct LabService {
     /// None until the apiserver published the service.
     vip: Option<String>,
     ports: Vec<u16>,
+    /// `ClusterIP`, `NodePort` or `LoadBalancer`.
+    #[serde(rename = "type")]
+    service_type: String,
+    /// The first port's node port (NodePort and LoadBalancer services), once allocated.
+    node_port: Option<u16>,
+    /// External IPs and the load balancer IP: addresses the service answers on from outside.
+    external_ips: Vec<String>,
     global: bool,
     shared: bool,
     ready_backends: usize,
@@ -430,6 +437,7 @@ fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<LabService>> {
         )?;
         for item in listed["items"].as_array().into_iter().flatten() {
             let status = &item["status"];
+            let spec = &item["spec"];
             let frontends = status["frontends"].as_array().cloned().unwrap_or_default();
             all.push(LabService {
                 name: item["metadata"]["name"]
@@ -449,6 +457,9 @@ fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<LabService>> {
                     .iter()
                     .filter_map(|f| f["port"].as_u64().map(|p| p as u16))
                     .collect(),
+                service_type: spec["type"].as_str().unwrap_or("ClusterIP").to_owned(),
+                node_port: spec["ports"][0]["nodePort"].as_u64().map(|p| p as u16),
+                external_ips: super::manifest_cmd::external_addresses(spec),
                 global: status["global"].as_bool().unwrap_or(false),
                 shared: status["shared"].as_bool().unwrap_or(false),
                 ready_backends: status["backends"]

@@ -123,10 +123,11 @@ fn print_results(results: &[pb::ObjectResult], dry_run: bool) {
     let suffix = if dry_run { " (dry run)" } else { "" };
     for r in results {
         let o = r.object.clone().unwrap_or_default();
-        let vip = if r.vip.is_empty() {
-            String::new()
-        } else {
-            format!(" (VIP {})", r.vip)
+        let node_ports: Vec<String> = r.node_ports.iter().map(u32::to_string).collect();
+        let vip = match (r.vip.is_empty(), node_ports.is_empty()) {
+            (true, _) => String::new(),
+            (false, true) => format!(" (VIP {})", r.vip),
+            (false, false) => format!(" (VIP {}, node ports {})", r.vip, node_ports.join(",")),
         };
         println!(
             "{}/{}/{} {}{vip}{suffix}",
@@ -223,29 +224,55 @@ fn write_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `80:30080/TCP` for a port with a node port (as kubectl shows it), `80/TCP` otherwise.
+fn port_text(p: &Value) -> String {
+    let port = p.get("port").and_then(Value::as_u64).unwrap_or(0);
+    let protocol = p.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+    match p.get("nodePort").and_then(Value::as_u64) {
+        Some(node_port) => format!("{port}:{node_port}/{protocol}"),
+        None => format!("{port}/{protocol}"),
+    }
+}
+
+/// The addresses outside the mesh a service answers on, from its manifest's `spec`: its
+/// external IPs, then its load balancer IP.
+pub(crate) fn external_addresses(spec: &Value) -> Vec<String> {
+    spec.get("externalIPs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .chain(spec.get("loadBalancerIP"))
+        .filter_map(|ip| ip.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// [`external_addresses`] comma separated; `<none>` as kubectl shows it.
+fn external_text(spec: &Value) -> String {
+    let ips = external_addresses(spec);
+    if ips.is_empty() {
+        "<none>".into()
+    } else {
+        ips.join(",")
+    }
+}
+
 fn services_table(services: &[pb::ServiceInfo]) {
     println!(
-        "{:<15} {:<25} {:<16} {:<20} {:<7} {:<7} {:<9} BACKENDS",
-        "NAMESPACE", "NAME", "VIP", "PORTS", "GLOBAL", "SHARED", "AFFINITY"
+        "{:<15} {:<25} {:<12} {:<16} {:<16} {:<20} {:<7} {:<7} {:<9} BACKENDS",
+        "NAMESPACE", "NAME", "TYPE", "VIP", "EXTERNAL-IP", "PORTS", "GLOBAL", "SHARED", "AFFINITY"
     );
     for s in services {
         let obj = service_object(s);
-        let ports: Vec<String> = obj
-            .pointer("/spec/ports")
+        let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
+        let ports: Vec<String> = spec
+            .get("ports")
             .and_then(Value::as_array)
-            .map(|ports| {
-                ports
-                    .iter()
-                    .map(|p| {
-                        format!(
-                            "{}/{}",
-                            p.get("port").and_then(Value::as_u64).unwrap_or(0),
-                            p.get("protocol").and_then(Value::as_str).unwrap_or("TCP")
-                        )
-                    })
-                    .collect()
-            })
+            .map(|ports| ports.iter().map(port_text).collect())
             .unwrap_or_default();
+        let service_type = spec
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP");
         let status = obj.get("status").cloned().unwrap_or(Value::Null);
         let flag = |k: &str| match status.get(k) {
             Some(Value::Bool(b)) => b.to_string(),
@@ -257,10 +284,12 @@ fn services_table(services: &[pb::ServiceInfo]) {
             None => "-".into(),
         };
         println!(
-            "{:<15} {:<25} {:<16} {:<20} {:<7} {:<7} {:<9} {backends}",
+            "{:<15} {:<25} {:<12} {:<16} {:<16} {:<20} {:<7} {:<7} {:<9} {backends}",
             s.namespace,
             s.name,
+            service_type,
             s.vip,
+            external_text(&spec),
             ports.join(","),
             flag("global"),
             flag("shared"),

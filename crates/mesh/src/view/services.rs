@@ -8,7 +8,7 @@ use meshd_state::{ClusterName, ServiceRecord};
 use super::cluster::Admission;
 use super::txn::Txn;
 use super::MeshView;
-use crate::services::{desired_services, ClusterService, DesiredServices, ServiceOp};
+use crate::services::{desired_services, ClusterService, DesiredServices, ServiceNode, ServiceOp};
 
 /// A service's namespace and name: records of the same name in several clusters are one
 /// (global) service.
@@ -29,8 +29,17 @@ impl MeshView {
         }
     }
 
+    /// This node, as the service rules see it.
+    fn service_node(&self) -> ServiceNode<'_> {
+        ServiceNode {
+            cluster: &self.local.cluster,
+            node_ip: self.local.node_ip,
+            pod_cidrs: &self.local.pod_cidrs,
+        }
+    }
+
     /// What one service contributes, from its records in every admitted cluster (a lookup per
-    /// cluster).
+    /// cluster): its VIP frontends and its public ones (node ports, external addresses).
     fn service_part(&self, key: &ServiceName) -> DesiredServices {
         let records = self.clusters.iter().filter_map(|(c, cs)| {
             let cluster_id = self.cluster_id_of(cs).ok()?;
@@ -41,7 +50,7 @@ impl MeshView {
                 record,
             })
         });
-        desired_services(&self.local.cluster, records)
+        desired_services(&self.service_node(), records)
     }
 
     /// Brings `services_out` up to date for the services touched in `txn` and returns the
@@ -89,10 +98,15 @@ impl MeshView {
                 .get(&frontend)
                 .and_then(|owners| owners.last())
                 .and_then(|owner| self.service_parts.get(owner))
-                .map(|part| part.backends_of(&frontend));
-            let old_count = self.services_out.services.get(&frontend).copied();
-            let new_count = want.as_ref().map(|b| b.len() as u32);
-            for (slot, backend) in want.iter().flatten().enumerate() {
+                .and_then(|part| {
+                    let value = *part.services.get(&frontend)?;
+                    Some((value, part.backends_of(&frontend)))
+                });
+            let old = self.services_out.services.get(&frontend).copied();
+            let new = want.as_ref().map(|(value, _)| *value);
+            let old_count = old.map(|v| v.count);
+            let new_count = new.map(|v| v.count);
+            for (slot, backend) in want.iter().flat_map(|(_, b)| b).enumerate() {
                 let slot = crate::services::BackendSlot {
                     frontend,
                     slot: slot as u32,
@@ -104,9 +118,9 @@ impl MeshView {
                     });
                 }
             }
-            match (old_count, new_count) {
-                (old, Some(count)) if old != Some(count) => {
-                    ops.push(ServiceOp::UpsertService { frontend, count })
+            match (old, new) {
+                (old, Some(value)) if old != Some(value) => {
+                    ops.push(ServiceOp::UpsertService { frontend, value })
                 }
                 (Some(_), None) => ops.push(ServiceOp::DeleteService { frontend }),
                 _ => {}
@@ -141,6 +155,6 @@ impl MeshView {
                 record,
             }))
         });
-        desired_services(&self.local.cluster, records.flatten())
+        desired_services(&self.service_node(), records.flatten())
     }
 }

@@ -957,6 +957,11 @@ fn services_are_stored_for_accepted_clusters() {
         global: true,
         shared: true,
         affinity: meshd_state::Affinity::None,
+        service_type: Default::default(),
+        external_ips: Vec::new(),
+        load_balancer_ip: None,
+        external_traffic_policy: Default::default(),
+        health_check_node_port: None,
     };
     apply(&mut v, "c2", EventKind::UpsertService(svc.clone()));
     apply(&mut v, "c5", EventKind::UpsertService(svc.clone()));
@@ -972,6 +977,131 @@ fn services_are_stored_for_accepted_clusters() {
         },
     );
     assert_eq!(v.services().count(), 0);
+}
+
+/// A NodePort service through the view: its frontends on this node's IP and on its external
+/// IP come and go with the record, one service's operations at a time, flagged, and switching
+/// to Local policy rewrites them over this node's backends only.
+#[test]
+fn node_port_frontends_follow_the_record_incrementally() {
+    use crate::desired::IpProto;
+    use crate::services::{Backend, Exposure, Frontend, FrontendValue, ServiceOp};
+    use meshd_state::TrafficPolicy;
+    let mut v = mesh();
+    let record = |public: u64, backends: u64| {
+        let EventKind::UpsertService(mut r) = random_service("web", 1, backends, true, public)
+        else {
+            unreachable!()
+        };
+        r.external_ips = vec![ip("203.0.113.7")];
+        r
+    };
+    let node_port = Frontend {
+        ip: ip(LOCAL_IP),
+        port: 30000 + u16::from(b'b'),
+        proto: IpProto::Tcp,
+    };
+    let external = Frontend {
+        ip: ip("203.0.113.7"),
+        port: 80,
+        proto: IpProto::Tcp,
+    };
+    let check = |v: &MeshView| {
+        assert_eq!(v.desired().services, v.desired_from_scratch().services);
+    };
+    // 10.1.1.0 (this node) and 10.1.9.1 (another node of c1).
+    let applied = apply(&mut v, "c1", EventKind::UpsertService(record(1, 2)));
+    check(&v);
+    let upserts: Vec<(Frontend, FrontendValue)> = applied
+        .service_ops
+        .iter()
+        .filter_map(|op| match op {
+            ServiceOp::UpsertService { frontend, value } => Some((*frontend, *value)),
+            _ => None,
+        })
+        .filter(|(_, value)| value.exposure != Exposure::Vip)
+        .collect();
+    assert_eq!(
+        upserts,
+        [
+            (
+                node_port,
+                FrontendValue {
+                    count: 2,
+                    exposure: Exposure::NodePort,
+                    local_only: false
+                }
+            ),
+            (
+                external,
+                FrontendValue {
+                    count: 2,
+                    exposure: Exposure::ExternalIp,
+                    local_only: false
+                }
+            ),
+        ]
+    );
+    // Local policy: the same frontends, now over this node's backend only.
+    let mut local = record(1, 2);
+    local.external_traffic_policy = TrafficPolicy::Local;
+    let applied = apply(&mut v, "c1", EventKind::UpsertService(local));
+    check(&v);
+    let d = v.desired().services;
+    for f in [node_port, external] {
+        assert!(d.services[&f].local_only, "{f:?}");
+        assert_eq!(
+            d.backends_of(&f),
+            [Backend {
+                cluster_id: cid(1),
+                ip: ip("10.1.1.0"),
+                port: 8080
+            }]
+        );
+    }
+    // The VIP (10.96.<cluster>.<name length>) keeps its backends: no operation touches it.
+    let vip = Frontend {
+        ip: ip("10.96.1.3"),
+        port: 80,
+        proto: IpProto::Tcp,
+    };
+    assert_eq!(d.services[&vip].count, 2);
+    assert!(
+        applied.service_ops.iter().all(|op| match op {
+            ServiceOp::UpsertService { frontend, .. } | ServiceOp::DeleteService { frontend } =>
+                *frontend != vip,
+            ServiceOp::UpsertBackend { slot, .. } | ServiceOp::DeleteBackend { slot } =>
+                slot.frontend != vip,
+        }),
+        "{:?}",
+        applied.service_ops
+    );
+    // Back to ClusterIP: the public frontends go, the VIP stays.
+    let applied = apply(&mut v, "c1", EventKind::UpsertService(record(0, 2)));
+    check(&v);
+    let deleted: Vec<Frontend> = applied
+        .service_ops
+        .iter()
+        .filter_map(|op| match op {
+            ServiceOp::DeleteService { frontend } => Some(*frontend),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        deleted,
+        [node_port],
+        "the external IP stays (any type has them)"
+    );
+    apply(
+        &mut v,
+        "c1",
+        EventKind::DeleteService {
+            namespace: "default".into(),
+            name: "web".into(),
+        },
+    );
+    check(&v);
+    assert!(v.desired().services.services.is_empty());
 }
 
 #[test]
@@ -1169,9 +1299,18 @@ spec:
 }
 
 /// A service of the random streams: one frontend (the VIP depends on the cluster, so the
-/// local record's decides) and `backends` ready backends.
-fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> EventKind {
-    use meshd_state::{Affinity, Protocol, ServiceBackend, ServiceFrontend};
+/// local record's decides) and `backends` ready backends, some on the local node (10.1.1.0/24).
+/// `public` 0: ClusterIP; 1: NodePort; 2: LoadBalancer with Local policy and an external IP
+/// every such service shares (two services claiming one frontend).
+fn random_service(name: &str, cluster: u32, backends: u64, global: bool, public: u64) -> EventKind {
+    use meshd_state::{
+        Affinity, Protocol, ServiceBackend, ServiceFrontend, ServiceType, TrafficPolicy,
+    };
+    let (service_type, policy) = match public {
+        0 => (ServiceType::ClusterIp, TrafficPolicy::Cluster),
+        1 => (ServiceType::NodePort, TrafficPolicy::Cluster),
+        _ => (ServiceType::LoadBalancer, TrafficPolicy::Local),
+    };
     EventKind::UpsertService(meshd_state::ServiceRecord {
         namespace: "default".into(),
         name: name.into(),
@@ -1180,10 +1319,14 @@ fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> Even
             port: 80,
             protocol: Protocol::Tcp,
             port_name: "http".into(),
+            node_port: (public > 0).then(|| 30000 + b_port(name)),
         }],
         backends: (0..backends)
             .map(|b| ServiceBackend {
-                ip: ip(&format!("10.{cluster}.9.{b}")),
+                ip: ip(&format!(
+                    "10.{cluster}.{}.{b}",
+                    if b % 2 == 0 { 1 } else { 9 }
+                )),
                 port: 8080,
                 protocol: Protocol::Tcp,
                 ready: b % 3 != 2,
@@ -1193,7 +1336,21 @@ fn random_service(name: &str, cluster: u32, backends: u64, global: bool) -> Even
         global,
         shared: global,
         affinity: Affinity::None,
+        service_type,
+        external_ips: if public == 2 {
+            vec![ip("203.0.113.1")]
+        } else {
+            Vec::new()
+        },
+        load_balancer_ip: None,
+        external_traffic_policy: policy,
+        health_check_node_port: None,
     })
+}
+
+/// A distinct node port per random service name (`s0`, `s1`, ...).
+fn b_port(name: &str) -> u16 {
+    name.bytes().last().map_or(0, u16::from)
 }
 
 #[test]
@@ -1202,6 +1359,7 @@ fn random_event_streams_keep_every_invariant() {
     let apps = ["x", "y", "z"];
     let mut seen = (0, 0, 0, 0);
     let mut seen_policy_and_service_ops = (0, 0);
+    let mut seen_public_frontends = 0;
     for seed in 0..8u64 {
         let mut rng = Lcg(seed);
         let mut v = MeshView::new(local());
@@ -1300,6 +1458,7 @@ fn random_event_streams_keep_every_invariant() {
                             id,
                             rng.next(5),
                             rng.next(3) != 0,
+                            rng.next(3),
                         ),
                     },
                     _ => {
@@ -1322,6 +1481,14 @@ fn random_event_streams_keep_every_invariant() {
                 .filter(|op| op.phase() >= 2 && op.phase() <= 5)
                 .count();
             seen_policy_and_service_ops.1 += applied.service_ops.len();
+            seen_public_frontends += applied
+                .service_ops
+                .iter()
+                .filter(|op| {
+                    matches!(op, crate::services::ServiceOp::UpsertService { value, .. }
+                        if value.exposure != crate::services::Exposure::Vip)
+                })
+                .count();
             seen.0 += applied.rejected.len();
             seen.1 += applied.pending.len();
             seen.2 += applied.refusals.len();
@@ -1337,6 +1504,10 @@ fn random_event_streams_keep_every_invariant() {
     assert!(
         seen_policy_and_service_ops.0 > 50 && seen_policy_and_service_ops.1 > 50,
         "{seen_policy_and_service_ops:?}"
+    );
+    assert!(
+        seen_public_frontends > 20,
+        "node port / external frontends written: {seen_public_frontends}"
     );
 }
 
@@ -1383,6 +1554,25 @@ fn check_desired_is_sound(v: &MeshView) {
             .find(|s| s.cluster_id == Some(*cluster_id))
             .expect("node of a known cluster");
         assert!(s.refused.is_none());
+    }
+    // Public frontends: node ports on this node's IP only; Local ones over this node's own
+    // backends only (this cluster's, inside this node's pod CIDRs).
+    let services = v.desired_services();
+    for (f, value) in &services.services {
+        match value.exposure {
+            crate::services::Exposure::NodePort => assert_eq!(f.ip, local_ip, "{f:?}"),
+            crate::services::Exposure::ExternalIp => assert_ne!(f.ip, local_ip, "{f:?}"),
+            crate::services::Exposure::Vip => assert!(!value.local_only, "{f:?}"),
+        }
+        if value.local_only {
+            for b in services.backends_of(f) {
+                assert_eq!(b.cluster_id, local_id, "{f:?}: {b:?}");
+                assert!(
+                    v.local().pod_cidrs.iter().any(|c| c.contains(&b.ip)),
+                    "{f:?}: {b:?} is not on this node"
+                );
+            }
+        }
     }
 }
 
