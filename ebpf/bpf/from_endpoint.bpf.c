@@ -56,7 +56,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	__u64 now = ct_now();
 	struct ct_value *conn = ct_find(ctx, now);
 	if (conn && cfg) {
-		ret = fwd_cache_forward(skb, ctx, conn, cfg, now);
+		ret = fwd_cache_forward(skb, ctx, conn, cfg, now, l3_off);
 		if (ret)
 			return ret;
 	}
@@ -181,8 +181,14 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	 * that is not in ENDPOINTS (any more) is gone, not somewhere to tunnel to. */
 	if (remote->tunnel_endpoint == cfg->node_ip)
 		return MESHD_DROP_UNKNOWN_DEST;
-	if (cfg->flags & MESHD_CONFIG_F_NATIVE)
-		return native_forward(skb, ctx, l3_off);
+	/* A new connection's entries were written by ct_create: its next packet fills them. */
+	int cacheable = entry && (ct == CT_ESTABLISHED || ct == CT_REPLY) && !hairpin;
+	if (cfg->flags & MESHD_CONFIG_F_NATIVE) {
+		ret = native_forward(skb, ctx, l3_off);
+		if (ret == MESHD_FWD_NATIVE && cacheable)
+			fwd_cache_fill(skb, ctx, entry, cfg, remote->tunnel_endpoint);
+		return ret;
+	}
 	if (!cfg->vxlan_ifindex)
 		return MESHD_DROP_NO_CONFIG;
 	struct bpf_tunnel_key key = {};
@@ -194,8 +200,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
 		return MESHD_DROP_WRITE_ERROR;
 	ctx->action = bpf_redirect(cfg->vxlan_ifindex, 0);
-	/* A new connection's entries were written by ct_create: its next packet fills them. */
-	if (entry && (ct == CT_ESTABLISHED || ct == CT_REPLY) && !hairpin)
+	if (cacheable)
 		fwd_cache_fill(skb, ctx, entry, cfg, remote->tunnel_endpoint);
 	return MESHD_FWD_TUNNEL;
 }

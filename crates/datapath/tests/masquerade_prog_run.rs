@@ -316,13 +316,15 @@ fn non_masquerade_destinations_switching_off_and_unroutable_destinations() {
 /// their addresses as sent (no tunnel, no masquerade); packets from a remote endpoint arriving
 /// on the uplink take their identity from the ipcache (unknown sources are world) for the
 /// receiver's ingress policy.
-#[test]
-fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
-    let Some(mut w) = setup() else { return };
-    const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-    const PEER_NODE_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0x07];
-    const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
-    const REMOTE_ID: u32 = (2 << 16) | 1000;
+const PEER_NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const PEER_NODE_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0x07];
+const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
+const REMOTE_ID: u32 = (2 << 16) | 1000;
+
+/// A world in native routing mode with masquerade on: REMOTE (identity REMOTE_ID) is an
+/// endpoint behind PEER_NODE, which the node routes 10.2.0.0/24 to.
+fn native_setup() -> Option<World> {
+    let mut w = setup()?;
     for args in [
         &[
             "neigh",
@@ -357,6 +359,13 @@ fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
         },
     )
     .unwrap();
+    Some(w)
+}
+
+#[test]
+fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
+    let Some(mut w) = native_setup() else { return };
+    let m = &mut w.dp.maps;
     m.set_policy_enabled(WEB, Direction::Ingress, true).unwrap();
     m.upsert_policy(
         PolicyEntry {
@@ -442,4 +451,68 @@ fn native_routing_forwards_by_the_fib_and_takes_identities_from_the_ipcache() {
         (drops[0].src_identity, drops[0].reason, drops[0].direction),
         (abi::IDENTITY_WORLD, abi::DROP_POLICY, Direction::Ingress)
     );
+}
+
+/// Native routing from the forwarding cache (lib/fwd_cache.h): an established connection's
+/// packets skip the ENDPOINTS, IPCACHE and policy lookups but not the FIB, so they follow a
+/// neighbour's new MAC and a new route at once, and every map change the cached answers came
+/// from (the sender's interface, policy, the destination's ipcache entry) still reaches them.
+#[test]
+fn native_cached_forwarding_follows_the_fib_and_every_map_change() {
+    let Some(mut w) = native_setup() else { return };
+    let pkt = |flags| tcp(A, 40000, REMOTE, 8080, flags);
+    assert_eq!(w.egress(&pkt(0x02), w.a_if).0, TC_ACT_REDIRECT);
+    // The first established packet fills the cache, the next ones use it.
+    for i in 0..3 {
+        let (verdict, out) = w.egress(&pkt(0x10), w.a_if);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "packet {i}");
+        assert_eq!(&out[0..6], &PEER_NODE_MAC, "packet {i}");
+        assert_eq!((saddr(&out), daddr(&out)), (A, REMOTE), "never masqueraded");
+        assert_eq!(out[ETH + 8], 63, "TTL decremented (packet {i})");
+        assert_checksums_valid(&out, "cached native packet");
+    }
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_NATIVE), 4);
+
+    // The peer node's MAC changes (no map write): the FIB knows at once.
+    w.ip(&[
+        "neigh",
+        "replace",
+        "192.0.2.7",
+        "lladdr",
+        "02:47:57:00:00:77",
+        "dev",
+        "mq_up",
+        "nud",
+        "permanent",
+    ]);
+    let (_, out) = w.egress(&pkt(0x10), w.a_if);
+    assert_eq!(&out[0..6], &[0x02, 0x47, 0x57, 0, 0, 0x77]);
+    // The route moves to the gateway (a router took over the prefix).
+    w.ip(&["route", "replace", "10.2.0.0/24", "via", "192.0.2.254"]);
+    let (_, out) = w.egress(&pkt(0x10), w.a_if);
+    assert_eq!(&out[0..6], &GATEWAY_MAC);
+
+    // Another endpoint sending with A's tuple.
+    assert_eq!(w.egress(&pkt(0x10), w.b_if).0, TC_ACT_SHOT);
+    assert_eq!(w.counter(Direction::Egress, abi::DROP_INVALID_SOURCE), 1);
+
+    // A policy change that no longer allows the connection cuts it.
+    let m = &mut w.dp.maps;
+    m.set_policy_enabled(CLIENT, Direction::Egress, true)
+        .unwrap();
+    assert_eq!(w.egress(&pkt(0x10), w.a_if).0, TC_ACT_SHOT);
+    assert_eq!(w.counter(Direction::Egress, abi::DROP_POLICY), 1);
+    w.dp.maps
+        .set_policy_enabled(CLIENT, Direction::Egress, false)
+        .unwrap();
+    assert_eq!(w.egress(&pkt(0x10), w.a_if).0, TC_ACT_REDIRECT);
+
+    // The destination leaves the ipcache: it is world now (masqueraded, by the same route).
+    w.dp.maps
+        .delete_ipcache("10.2.0.5/32".parse().unwrap())
+        .unwrap();
+    let (verdict, out) = w.egress(&pkt(0x10), w.a_if);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(saddr(&out), NODE, "world traffic is masqueraded");
+    assert_eq!(w.counter(Direction::Egress, abi::FWD_WORLD), 1);
 }

@@ -200,7 +200,7 @@ struct ct_value {
 	__u16 nat_port;
 	__u16 pad;
 	/*
-	 * Forwarding cache of from-endpoint for this direction's packets when they are tunnelled
+	 * Forwarding cache of from-endpoint for this direction's packets to a remote endpoint
 	 * (lib/fwd_cache.h): what the ENDPOINTS lookup of the sender and the ENDPOINTS and IPCACHE
 	 * lookups of the destination decided, valid while CONFIG forward_revision equals
 	 * fwd_revision and the packet comes in on fwd_ifindex. fwd_tunnel_endpoint 0 = empty.
@@ -209,7 +209,8 @@ struct ct_value {
 	__u32 fwd_ifindex;         /* the sender's host veth, checked as ENDPOINTS would */
 	__u32 fwd_src_identity;    /* the sender's identity (the VNI) */
 	__u32 fwd_dst_identity;    /* the destination's identity (metrics and events) */
-	__u32 fwd_tunnel_endpoint; /* node IP to tunnel to, network byte order */
+	__u32 fwd_tunnel_endpoint; /* node the destination is behind (tunnel mode: the tunnel's
+				    * remote; native: a marker, the FIB routes), network order */
 	__u32 fwd_pad;
 };
 

@@ -1,11 +1,14 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * from-endpoint's forwarding cache: an established connection's tunnelled packets all get the
- * same answers from the sender's ENDPOINTS entry (anti-spoofing, identity), the destination's
- * ENDPOINTS miss and its IPCACHE entry (identity, tunnel endpoint), and from policy (the
- * verdict CT already caches). Those three hash lookups were about half of from_endpoint's cost
- * under BPF_PROG_RUN with 100k ipcache entries (BENCHMARKS.md); the CT entry of the packet's
- * direction keeps their answers (ct_value fwd_*), so the steady state is one CT lookup.
+ * from-endpoint's forwarding cache: an established connection's packets to a remote endpoint all
+ * get the same answers from the sender's ENDPOINTS entry (anti-spoofing, identity), the
+ * destination's ENDPOINTS miss and its IPCACHE entry (identity, the node it is behind), and from
+ * policy (the verdict CT already caches). Those three hash lookups were about half of
+ * from_endpoint's cost under BPF_PROG_RUN with 100k ipcache entries (BENCHMARKS.md); the CT entry
+ * of the packet's direction keeps their answers (ct_value fwd_*), so the steady state is one CT
+ * lookup and, in tunnel mode, the tunnel key. In native routing mode the route itself is not
+ * cached: routes and neighbours change without the agent (a router's routes, a neighbour's MAC),
+ * and only the FIB knows them, so a cached packet still takes the FIB lookup (lib/native.h).
  *
  * Validity: the agent bumps CONFIG forward_revision after every ENDPOINTS, IPCACHE or CONFIG
  * change, so an answer is used only while none of the maps it came from has changed; policy
@@ -21,6 +24,7 @@
 
 #include "maps.h"
 #include "ct.h"
+#include "native.h"
 
 #define CT_F_NOT_PLAIN (MESHD_CT_F_SERVICE | MESHD_CT_F_REV_NAT | MESHD_CT_F_CLOSING)
 
@@ -32,13 +36,15 @@ static __always_inline int fwd_cache_usable(const struct ct_value *v, const stru
 
 /*
  * Forwards the packet from the cache of its live CT entry v if the cache holds a current
- * answer: MESHD_FWD_TUNNEL (or a negative drop reason), 0 if the long path has to decide.
+ * answer: MESHD_FWD_TUNNEL, or what native_forward returns in native routing mode (or a
+ * negative drop reason), 0 if the long path has to decide.
  */
 static __always_inline int fwd_cache_forward(struct __sk_buff *skb, struct pkt_ctx *ctx, struct ct_value *v,
-					     const struct datapath_config *cfg, __u64 now)
+					     const struct datapath_config *cfg, __u64 now, __u32 l3_off)
 {
+	int native = cfg->flags & MESHD_CONFIG_F_NATIVE;
 	if (!v->fwd_tunnel_endpoint || v->fwd_revision != cfg->forward_revision ||
-	    v->fwd_ifindex != skb->ingress_ifindex || !fwd_cache_usable(v, ctx) || !cfg->vxlan_ifindex)
+	    v->fwd_ifindex != skb->ingress_ifindex || !fwd_cache_usable(v, ctx) || (!native && !cfg->vxlan_ifindex))
 		return 0;
 	/* The first direction's verdict is current (replies ride on it). */
 	if (!(v->flags & MESHD_CT_F_REPLY) && v->policy_revision != cfg->policy_revision)
@@ -47,6 +53,8 @@ static __always_inline int fwd_cache_forward(struct __sk_buff *skb, struct pkt_c
 		v->last_seen_ns = now;
 	ctx->src_identity = v->fwd_src_identity;
 	ctx->dst_identity = v->fwd_dst_identity;
+	if (native)
+		return native_forward(skb, ctx, l3_off);
 	struct bpf_tunnel_key key = {};
 	key.remote_ipv4 = bpf_ntohl(v->fwd_tunnel_endpoint);
 	ctx->tunnel_remote = key.remote_ipv4;
@@ -59,8 +67,9 @@ static __always_inline int fwd_cache_forward(struct __sk_buff *skb, struct pkt_c
 	return MESHD_FWD_TUNNEL;
 }
 
-/* After the long path tunnelled a packet of live entry v: records its answers, if they are
- * not what v holds already (an entry is written once per revision, not per packet). */
+/* After the long path sent a packet of live entry v to a remote endpoint (tunnelled, or routed
+ * natively) behind node tunnel_endpoint: records its answers, if they are not what v holds
+ * already (an entry is written once per revision, not per packet). */
 static __always_inline void fwd_cache_fill(struct __sk_buff *skb, const struct pkt_ctx *ctx, struct ct_value *v,
 					   const struct datapath_config *cfg, __u32 tunnel_endpoint)
 {
