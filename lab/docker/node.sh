@@ -11,6 +11,10 @@ if [ -n "${EXTERNAL_NET:-}" ]; then
   ip route replace "$EXTERNAL_NET" via "${ROUTER:?ROUTER is needed with EXTERNAL_NET}"
 fi
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+# The agent writes its links' sysctls (IPv4 forwarding on each endpoint's veth) under
+# /proc/sys/net, which the engine mounts read-only (docker-compose 1.x cannot pass
+# `systempaths=unconfined`); the values written are this container's network namespace's.
+mount -o remount,rw /proc/sys
 certs=/certs/$CLUSTER
 mkdir -p /etc/meshd/clusters /var/lib/meshd /run/meshd
 # REMOTES: space-separated NAME=ENDPOINT pairs; every remote is read with this cluster's own

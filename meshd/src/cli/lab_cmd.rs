@@ -386,17 +386,19 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
     Ok((state, Clis::Docker(clis)))
 }
 
+/// A container's environment, by variable name.
+type ContainerEnv = std::collections::BTreeMap<String, String>;
+
 /// Each container's environment (`docker inspect`), by container name.
 fn container_envs<'a>(
     containers: impl IntoIterator<Item = &'a str>,
-) -> anyhow::Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>
-{
+) -> anyhow::Result<std::collections::BTreeMap<String, ContainerEnv>> {
     let containers: Vec<&str> = containers.into_iter().collect();
     if containers.is_empty() {
         return Ok(Default::default());
     }
     let out = std::process::Command::new("docker")
-        .args(["inspect", "--format", "{{.Name}} {{json .Config.Env}}"])
+        .args(["inspect", "--format", INSPECT_ENV_FORMAT])
         .args(&containers)
         .output()
         .context("running docker inspect")?;
@@ -407,15 +409,29 @@ fn container_envs<'a>(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    String::from_utf8_lossy(&out.stdout)
+    parse_container_envs(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// One line per container: its name, then its environment as a JSON list of `KEY=VALUE`.
+const INSPECT_ENV_FORMAT: &str = "{{.Name}} {{json .Config.Env}}";
+
+fn parse_container_envs(
+    inspected: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, ContainerEnv>> {
+    inspected
         .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(name, env)| {
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (name, env) = line
+                .split_once(' ')
+                .with_context(|| format!("docker inspect: {line:?} is not NAME ENV"))?;
             // The engine names containers with a leading slash.
             let name = name.trim_start_matches('/').to_owned();
-            let vars: Vec<String> = serde_json::from_str(env)
+            // `null` when a container has no environment at all.
+            let vars: Option<Vec<String>> = serde_json::from_str(env)
                 .with_context(|| format!("docker inspect {name}: environment {env:?}"))?;
             let vars = vars
+                .unwrap_or_default()
                 .iter()
                 .filter_map(|v| v.split_once('='))
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -735,4 +751,25 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(
         status.code().unwrap_or(1).clamp(0, 255) as u8
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_envs_parse_docker_inspect_lines() {
+        let inspected = concat!(
+            "/meshd-lab_c1-n1_1 [\"CLUSTER=c1\",\"REMOTES=c2=https://10.78.0.102:2379\",\"NODE_IP=10.78.0.11\"]\n",
+            "/meshd-lab_router_1 null\n",
+        );
+        let envs = parse_container_envs(inspected).unwrap();
+        let node = &envs["meshd-lab_c1-n1_1"];
+        assert_eq!(node["NODE_IP"], "10.78.0.11");
+        // Only the first `=` separates the name: values keep theirs.
+        assert_eq!(node["REMOTES"], "c2=https://10.78.0.102:2379");
+        assert!(envs["meshd-lab_router_1"].is_empty());
+        let err = parse_container_envs("/x [\"A=1\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("docker inspect x"), "{err:#}");
+    }
 }
