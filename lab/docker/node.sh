@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# Entry point of a node container: bpffs, the meshd agent, then this node's endpoints (one
-# app=echo running the echo workload, one app=client), then it waits on the agent.
+# Entry point of a node container: the route to the external network, bpffs, the meshd agent,
+# then this node's endpoints (one app=echo running the echo workload, one app=client), then it
+# waits on the agent.
 set -euo pipefail
 : "${CLUSTER:?}" "${CLUSTER_ID:?}" "${NODE:?}" "${NODE_IP:?}" "${POD_CIDR:?}" "${ETCD:?}" "${REMOTES:=}"
+# The external host's network (EXTERNAL_NET) is reached through the lab's router (ROUTER) on the
+# underlay, as a datacenter network would route it; the default route (the engine's bridge)
+# does not reach it: the engine isolates its networks from each other.
+if [ -n "${EXTERNAL_NET:-}" ]; then
+  ip route replace "$EXTERNAL_NET" via "${ROUTER:?ROUTER is needed with EXTERNAL_NET}"
+fi
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+# The agent writes its links' sysctls (IPv4 forwarding on each endpoint's veth) under
+# /proc/sys/net, which the engine mounts read-only (docker-compose 1.x cannot pass
+# `systempaths=unconfined`); the values written are this container's network namespace's.
+mount -o remount,rw /proc/sys
 certs=/certs/$CLUSTER
 mkdir -p /etc/meshd/clusters /var/lib/meshd /run/meshd
 # REMOTES: space-separated NAME=ENDPOINT pairs; every remote is read with this cluster's own

@@ -59,14 +59,14 @@ docker-compose -p "$project" up -d --force-recreate >/dev/null
 
 nodes="c1-n1 c1-n2 c2-n1 c2-n2"
 container() { docker-compose -p "$project" ps -q "$1"; }
-step "waiting for the nodes"
-for n in $nodes; do
+step "waiting for the nodes and the external host"
+for n in $nodes external; do
   for i in $(seq 1 180); do
     state=$(docker inspect -f '{{.State.Health.Status}}' "$(container "$n")" 2>/dev/null || echo missing)
     [ "$state" = healthy ] && break
     if [ "$state" = unhealthy ] || [ "$i" = 180 ]; then
       docker-compose -p "$project" logs --tail 40 "$n" >&2
-      step "node $n did not come up ($state)"
+      step "$n did not come up ($state)"
       exit 1
     fi
     sleep 1

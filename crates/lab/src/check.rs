@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::proc::netns_path;
 use crate::spec::ECHO_PORT;
-use crate::state::{LabEndpoint, LabState};
+use crate::state::{LabEndpoint, LabState, CONTAINER_NETNS};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
@@ -114,19 +114,27 @@ fn in_netns(netns: &str, container: Option<&str>, program: &Path, args: &[&str])
     } else {
         netns_path(netns)
     };
-    let (mut cmd, program) = match container {
-        // Inside the container the binaries are on PATH (/usr/local/bin).
+    let net = format!("--net={}", netns.display());
+    let mut cmd = match container {
         Some(container) => {
             let mut c = Command::new("docker");
-            c.args(["exec", container, "nsenter"]);
-            (c, program.file_name().map(Path::new).unwrap_or(program))
+            c.args(["exec", container]);
+            // The container's own namespace needs no nsenter (whose setns asks for
+            // CAP_SYS_ADMIN, which the external host's container does not have).
+            if netns != Path::new(CONTAINER_NETNS) {
+                c.args(["nsenter", &net, "--"]);
+            }
+            // Inside the container the binaries are on PATH (/usr/local/bin).
+            c.arg(program.file_name().map(Path::new).unwrap_or(program));
+            c
         }
-        None => (Command::new("nsenter"), program),
+        None => {
+            let mut c = Command::new("nsenter");
+            c.args([&net, "--"]).arg(program);
+            c
+        }
     };
-    cmd.arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .arg(program)
-        .args(args)
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -307,7 +315,7 @@ pub fn run_check(
                 child: request_in(
                     meshd,
                     &ext.netns,
-                    None,
+                    ext.container.as_deref(),
                     &url,
                     1,
                     if deny { 1500 } else { 3000 },

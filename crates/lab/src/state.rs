@@ -44,7 +44,17 @@ pub struct LabExternal {
     pub port: u16,
     pub router_netns: String,
     pub router_ip: String,
+    /// Docker lab: the external host's and the router's containers (`netns` and `router_netns`
+    /// are then [`CONTAINER_NETNS`]); `None` in the namespace lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_container: Option<String>,
 }
+
+/// The network namespace of a docker lab container itself (its first process's), as the lab's
+/// records name it: commands for it run with `docker exec` alone.
+pub const CONTAINER_NETNS: &str = "/proc/1/ns/net";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LabProcess {
@@ -123,6 +133,10 @@ pub struct LabNode {
     /// The credentials the node's agent uses for its own cluster's etcd (node-<cluster>-<node>).
     #[serde(default)]
     pub etcd: TlsPaths,
+    /// Docker lab: the node's container (`netns` is then [`CONTAINER_NETNS`]); `None` in the
+    /// namespace lab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -288,6 +288,8 @@ fn start_external_echo(opts: &UpOptions, state: &mut LabState) -> anyhow::Result
         port: ECHO_PORT,
         router_netns: spec.router_netns(),
         router_ip: spec.external.router_ip.to_string(),
+        container: None,
+        router_container: None,
     });
     state.save()
 }
@@ -823,6 +825,7 @@ fn start_node(
         api_socket: socket.clone(),
         metrics: Some(format!("http://{}:{AGENT_METRICS_PORT}/metrics", node.ip)),
         etcd,
+        container: None,
     });
     state.save()?;
     wait_for(

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use meshd_lab::check::{default_run_dir, ServiceTarget};
+use meshd_lab::state::CONTAINER_NETNS;
 use meshd_lab::{LabSpec, LabState, UpOptions};
 
 use super::output::{Format, OutputArgs};
@@ -77,15 +78,15 @@ pub struct StatusArgs {
     run: RunDirArgs,
     #[command(flatten)]
     output: OutputArgs,
+    /// The docker-compose lab (compose project PROJECT) instead of the namespace lab.
+    #[arg(long, value_name = "PROJECT", num_args = 0..=1, default_missing_value = "meshd-lab")]
+    docker: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     #[command(flatten)]
     status: StatusArgs,
-    /// Check the docker-compose lab (compose project PROJECT) instead of the namespace lab.
-    #[arg(long, value_name = "PROJECT", num_args = 0..=1, default_missing_value = "meshd-lab")]
-    docker: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,17 +118,8 @@ pub fn run(cmd: LabCommand, contexts: &super::context::ContextArgs) -> anyhow::R
         }
         LabCommand::Status(args) => status(args),
         LabCommand::Check(args) => {
-            let format = args.status.output.format;
-            match args.docker {
-                Some(project) => {
-                    let (state, docker) = docker_lab(&project)?;
-                    check(&state, &docker, format)
-                }
-                None => {
-                    let state = load(&args.status.run.run_dir)?;
-                    check(&state, &Clis::Local, format)
-                }
-            }
+            let (state, clis) = running_lab(&args.status)?;
+            check(&state, &clis, args.status.output.format)
         }
         LabCommand::Exec(args) => exec(args),
     }
@@ -139,6 +131,15 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         .parent()
         .context("meshd binary has no directory")?
         .to_owned())
+}
+
+/// The lab `lab status` and `lab check` look at: the docker lab with `--docker`, else the
+/// namespace lab in the run dir.
+fn running_lab(args: &StatusArgs) -> anyhow::Result<(LabState, Clis)> {
+    match &args.docker {
+        Some(project) => docker_lab(project),
+        None => Ok((load(&args.run.run_dir)?, Clis::Local)),
+    }
 }
 
 fn load(run_dir: &std::path::Path) -> anyhow::Result<LabState> {
@@ -246,7 +247,9 @@ enum Clis {
     Docker(std::collections::BTreeMap<String, String>),
 }
 
-/// The docker lab as the check sees it: its node containers' endpoints.
+/// The docker lab as `lab status` and the check see it: its clusters and nodes (from the node
+/// containers' environment, as node.sh reads it), their endpoints (each agent's list), and the
+/// external host and its router.
 fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
     let out = std::process::Command::new("docker")
         .args(["ps", "--filter"])
@@ -263,17 +266,33 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    // The docker lab's agents run with the default config: masquerade on (it has no external
-    // host yet, so the check has no rows about leaving the mesh).
+    let containers: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(c, s)| (c.to_owned(), s.to_owned()))
+        .collect();
+    let envs = container_envs(containers.iter().map(|(c, _)| c.as_str()))?;
+    let env = |container: &str, key: &str| -> anyhow::Result<String> {
+        envs.get(container)
+            .and_then(|e| e.get(key))
+            .cloned()
+            .with_context(|| format!("container {container}: no {key} in its environment"))
+    };
+    // node.sh writes no `masquerade` into the agent's config: the agents run with the default,
+    // on.
     let mut state = LabState {
         masquerade: true,
         ..LabState::default()
     };
-    let mut nodes = std::collections::BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some((container, service)) = line.split_once(' ') else {
-            continue;
-        };
+    let mut clusters = std::collections::BTreeMap::<String, meshd_lab::state::LabCluster>::new();
+    let mut clis = std::collections::BTreeMap::new();
+    let (mut external, mut router) = (None, None);
+    for (container, service) in &containers {
+        match service.as_str() {
+            "external" => external = Some(container),
+            "router" => router = Some(container),
+            _ => {}
+        }
         // Node services are named CLUSTER-NODE (c1-n1); etcd and apiservers are not nodes.
         let Some((cluster, node)) = service.split_once('-') else {
             continue;
@@ -281,9 +300,38 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
         if !node.starts_with('n') || !node[1..].chars().all(|c| c.is_ascii_digit()) {
             continue;
         }
-        nodes
-            .entry(cluster.to_owned())
+        clis.entry(cluster.to_owned())
             .or_insert_with(|| container.to_owned());
+        let (id, etcd) = (env(container, "CLUSTER_ID")?, env(container, "ETCD")?);
+        let id: u8 = id.parse().with_context(|| {
+            format!("container {container}: CLUSTER_ID={id:?} is no cluster id")
+        })?;
+        clusters
+            .entry(cluster.to_owned())
+            .or_insert_with(|| meshd_lab::state::LabCluster {
+                name: cluster.to_owned(),
+                id,
+                context: format!("lab-{cluster}"),
+                etcd: meshd_lab::state::LabEtcd {
+                    endpoints: vec![etcd],
+                    ..Default::default()
+                },
+                admin: Default::default(),
+                apiserver: String::new(),
+                apiserver_metrics: None,
+                nodes: Vec::new(),
+            })
+            .nodes
+            .push(meshd_lab::state::LabNode {
+                name: node.to_owned(),
+                netns: CONTAINER_NETNS.to_owned(),
+                ip: env(container, "NODE_IP")?,
+                agent_pid: 0,
+                api_socket: "/run/meshd/agent.sock".into(),
+                metrics: None,
+                etcd: Default::default(),
+                container: Some(container.to_owned()),
+            });
         let listed = std::process::Command::new("docker")
             .args(["exec", container, "meshd", "endpoint", "list", "-o", "json"])
             .output()
@@ -309,22 +357,88 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
             });
         }
     }
-    if nodes.is_empty() {
+    if clis.is_empty() {
         bail!("no node containers of compose project {project} are running (make lab-docker)");
     }
-    for cluster in nodes.keys() {
-        state.clusters.push(meshd_lab::state::LabCluster {
-            name: cluster.clone(),
-            id: 0,
-            context: format!("lab-{cluster}"),
-            etcd: meshd_lab::state::LabEtcd::default(),
-            admin: Default::default(),
-            apiserver: String::new(),
-            apiserver_metrics: None,
-            nodes: Vec::new(),
+    state.clusters = clusters.into_values().collect();
+    // `docker ps` lists in no useful order.
+    for c in &mut state.clusters {
+        c.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    // The external host and its router as docker-compose.yml gives them their addresses.
+    if let Some(external) = external {
+        let router = router.with_context(|| {
+            format!("the external host {external} runs, but no router of compose project {project}")
+        })?;
+        let port = env(external, "PORT")?;
+        state.external = Some(meshd_lab::state::LabExternal {
+            netns: CONTAINER_NETNS.to_owned(),
+            ip: env(external, "IP")?,
+            port: port
+                .parse()
+                .with_context(|| format!("container {external}: PORT={port:?} is no port"))?,
+            router_netns: CONTAINER_NETNS.to_owned(),
+            router_ip: env(router, "IP")?,
+            container: Some(external.clone()),
+            router_container: Some(router.clone()),
         });
     }
-    Ok((state, Clis::Docker(nodes)))
+    Ok((state, Clis::Docker(clis)))
+}
+
+/// A container's environment, by variable name.
+type ContainerEnv = std::collections::BTreeMap<String, String>;
+
+/// Each container's environment (`docker inspect`), by container name.
+fn container_envs<'a>(
+    containers: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<std::collections::BTreeMap<String, ContainerEnv>> {
+    let containers: Vec<&str> = containers.into_iter().collect();
+    if containers.is_empty() {
+        return Ok(Default::default());
+    }
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "--format", INSPECT_ENV_FORMAT])
+        .args(&containers)
+        .output()
+        .context("running docker inspect")?;
+    if !out.status.success() {
+        bail!(
+            "docker inspect {} failed: {}",
+            containers.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_container_envs(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// One line per container: its name, then its environment as a JSON list of `KEY=VALUE`.
+const INSPECT_ENV_FORMAT: &str = "{{.Name}} {{json .Config.Env}}";
+
+fn parse_container_envs(
+    inspected: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, ContainerEnv>> {
+    inspected
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (name, env) = line
+                .split_once(' ')
+                .with_context(|| format!("docker inspect: {line:?} is not NAME ENV"))?;
+            // The engine names containers with a leading slash.
+            let name = name.trim_start_matches('/').to_owned();
+            // `null` when a container has no environment at all.
+            let vars: Option<Vec<String>> = serde_json::from_str(env)
+                .with_context(|| format!("docker inspect {name}: environment {env:?}"))?;
+            let vars = vars
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| v.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            Ok((name, vars))
+        })
+        .collect()
 }
 
 fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCode> {
@@ -490,8 +604,8 @@ fn policies(state: &LabState, clis: &Clis) -> anyhow::Result<bool> {
 }
 
 fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let state = load(&args.run.run_dir)?;
-    let services = services(&state, &Clis::Local)?;
+    let (state, clis) = running_lab(&args)?;
+    let services = services(&state, &clis)?;
     let doc = serde_json::json!({
         "run_dir": state.run_dir,
         "cli_config": state.cli_config,
@@ -523,6 +637,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 "api_socket": n.api_socket,
                 "metrics": n.metrics,
                 "etcd": n.etcd,
+                "container": n.container,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "endpoints": state.endpoints,
@@ -534,6 +649,8 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "port": e.port,
             "router_netns": e.router_netns,
             "router_ip": e.router_ip,
+            "container": e.container,
+            "router_container": e.router_container,
         })),
         "services": services.iter().map(|s| serde_json::json!({
             "name": s.name,
@@ -547,17 +664,20 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     match args.output.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
         Format::Table => {
-            println!(
-                "lab in {} (MESHD_CONFIG={})",
-                state.run_dir.display(),
-                state.cli_config.display()
-            );
+            match &args.docker {
+                Some(project) => println!("docker lab (compose project {project})"),
+                None => println!(
+                    "lab in {} (MESHD_CONFIG={})",
+                    state.run_dir.display(),
+                    state.cli_config.display()
+                ),
+            }
             if let Some(e) = &state.external {
                 println!(
                     "external host {}:{} ({}) behind router {}; masquerade {}; routing {}",
                     e.ip,
                     e.port,
-                    e.netns,
+                    e.container.as_ref().unwrap_or(&e.netns),
                     e.router_ip,
                     if state.masquerade { "on" } else { "off" },
                     state.routing
@@ -576,7 +696,10 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 for n in &c.nodes {
                     println!(
                         "  node {:<4} {:<12} netns {:<14} agent pid {}",
-                        n.name, n.ip, n.netns, n.agent_pid
+                        n.name,
+                        n.ip,
+                        n.container.as_ref().unwrap_or(&n.netns),
+                        n.agent_pid
                     );
                 }
             }
@@ -639,4 +762,25 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(
         status.code().unwrap_or(1).clamp(0, 255) as u8
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_envs_parse_docker_inspect_lines() {
+        let inspected = concat!(
+            "/meshd-lab_c1-n1_1 [\"CLUSTER=c1\",\"REMOTES=c2=https://10.78.0.102:2379\",\"NODE_IP=10.78.0.11\"]\n",
+            "/meshd-lab_router_1 null\n",
+        );
+        let envs = parse_container_envs(inspected).unwrap();
+        let node = &envs["meshd-lab_c1-n1_1"];
+        assert_eq!(node["NODE_IP"], "10.78.0.11");
+        // Only the first `=` separates the name: values keep theirs.
+        assert_eq!(node["REMOTES"], "c2=https://10.78.0.102:2379");
+        assert!(envs["meshd-lab_router_1"].is_empty());
+        let err = parse_container_envs("/x [\"A=1\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("docker inspect x"), "{err:#}");
+    }
 }
