@@ -174,7 +174,7 @@ pub fn plan_apply(
                     Some(Document::Service(old)) => Some(old),
                     _ => None,
                 });
-                if let Err(e) = check_external_addresses(&svc, &snapshot.nodes) {
+                if let Err(e) = check_external_addresses(&svc, &snapshot.nodes, cidr) {
                     errors.push(err(d, &e.field, e.reason));
                     continue;
                 }
@@ -281,9 +281,14 @@ pub fn plan_apply(
     }
 }
 
-/// External and load balancer addresses must not be the cluster's own: a node's IP or an
-/// address of a pod CIDR.
-fn check_external_addresses(svc: &Service, nodes: &ClusterNodes) -> Result<(), FieldError> {
+/// External and load balancer addresses must not be the cluster's own: a node's IP, an
+/// address of a pod CIDR, or one of the service CIDR (a VIP's frontend and an external one on
+/// the same address and port would be one SERVICES entry, silently shared).
+fn check_external_addresses(
+    svc: &Service,
+    nodes: &ClusterNodes,
+    cidr: &ServiceCidr,
+) -> Result<(), FieldError> {
     let spec = &svc.spec;
     let fields = spec
         .external_ips
@@ -297,6 +302,15 @@ fn check_external_addresses(svc: &Service, nodes: &ClusterNodes) -> Result<(), F
     for (at, ip) in fields {
         if let Some(reason) = nodes.conflict(ip) {
             return Err(FieldError::new(at, reason));
+        }
+        if cidr.net().contains(&ip) {
+            return Err(FieldError::new(
+                at,
+                format!(
+                    "{ip} is inside the service CIDR {} (where VIPs are allocated)",
+                    cidr.net()
+                ),
+            ));
         }
     }
     Ok(())
@@ -874,6 +888,12 @@ mod tests {
                 ", loadBalancerIP: 10.1.1.9",
                 "spec.loadBalancerIP",
                 "inside the pod CIDR 10.1.1.0/24 of node n1",
+            ),
+            // Another service's VIP, or one it may get.
+            (
+                ", externalIPs: [ 10.96.0.1 ]",
+                "spec.externalIPs[0]",
+                "inside the service CIDR 10.96.0.0/24",
             ),
         ] {
             let e = plan_apply(&with(extra), &snap, &ranges(), 0).unwrap_err();
