@@ -456,7 +456,12 @@ mod tests {
             .unwrap()
         };
         let errors = base().build().unwrap_err();
-        assert!(errors.iter().any(|e| e.contains("--kvstoremesh-clusters-dir")), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("--kvstoremesh-clusters-dir")),
+            "{errors:?}"
+        );
         let config = ConfigArgs {
             kvstoremesh_clusters_dir: Some("/etc/meshd/clusters".into()),
             ..Default::default()
@@ -475,6 +480,9 @@ mod tests {
         .over(base())
         .build()
         .unwrap_err();
-        assert!(errors.iter().any(|e| e.contains("--kvstoremesh-limit")), "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains("--kvstoremesh-limit")),
+            "{errors:?}"
+        );
     }
 }

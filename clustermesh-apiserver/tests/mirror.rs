@@ -33,8 +33,14 @@ async fn dump(store: &EtcdStore, prefix: &str) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut after: Option<String> = None;
     loop {
-        let page = store.range(prefix, after.as_deref(), 0, 1000).await.unwrap();
-        let next = page.more.then(|| page.kvs.last().map(|kv| kv.key.clone())).flatten();
+        let page = store
+            .range(prefix, after.as_deref(), 0, 1000)
+            .await
+            .unwrap();
+        let next = page
+            .more
+            .then(|| page.kvs.last().map(|kv| kv.key.clone()))
+            .flatten();
         for kv in page.kvs {
             out.insert(kv.key, kv.value);
         }
@@ -50,7 +56,13 @@ async fn expected(remote: &EtcdStore) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for prefix in ["meshd/state/", "meshd/synced/", C2_CONFIG] {
         for (k, v) in dump(remote, prefix).await {
-            if k.starts_with("meshd/cluster-config/") && k != C2_CONFIG {
+            // Only c2's own keys: meshd/state/<kind>/<version>/c2/..., meshd/synced/c2/...
+            let owner = match k.strip_prefix("meshd/") {
+                Some(r) if r.starts_with("state/") => r.split('/').nth(3),
+                Some(r) if r.starts_with("synced/") => r.split('/').nth(1),
+                _ => Some("c2"),
+            };
+            if owner != Some("c2") || (k.starts_with("meshd/cluster-config/") && k != C2_CONFIG) {
                 continue;
             }
             out.insert(cache_key("c2", &k).unwrap(), v);
@@ -72,15 +84,30 @@ async fn status(local: &EtcdStore) -> Option<CacheStatus> {
         .map(|kv| serde_json::from_slice(&kv.value).expect("a CacheStatus"))
 }
 
-/// Waits until the cache equals the remote (and the status says ready and connected).
+/// Waits until the cache equals the remote (and the status says ready and connected); on
+/// the deadline, fails showing the difference.
 async fn converged(local: &EtcdStore, remote: &EtcdStore) -> BTreeMap<String, Vec<u8>> {
-    eventually("the cache to equal the remote", || async {
+    let start = std::time::Instant::now();
+    loop {
         let want = expected(remote).await;
-        let s = status(local).await?;
-        (cache(local).await == want && s.connected && s.ready && s.entries == want.len() as u64)
-            .then_some(want)
-    })
-    .await
+        let have = cache(local).await;
+        let s = status(local).await;
+        if have == want
+            && s.as_ref()
+                .is_some_and(|s| s.connected && s.ready && s.entries == want.len() as u64)
+        {
+            return want;
+        }
+        if start.elapsed() > common::DEADLINE {
+            let missing: Vec<_> = want
+                .keys()
+                .filter(|k| have.get(*k) != want.get(*k))
+                .collect();
+            let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+            panic!("the cache never equalled the remote: status {s:?}, missing or different {missing:?}, extra {extra:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Remote c2 (id 2) with `n` nodes and `n` ipcache entries, odd bytes included, and the
@@ -200,8 +227,14 @@ impl Drop for Harness {
 
 /// The local etcd revision each cache key was last written at.
 async fn revisions(local: &EtcdStore) -> BTreeMap<String, i64> {
-    let page = local.range(&cache_prefix("c2"), None, 0, 10_000).await.unwrap();
-    page.kvs.into_iter().map(|kv| (kv.key, kv.mod_revision)).collect()
+    let page = local
+        .range(&cache_prefix("c2"), None, 0, 10_000)
+        .await
+        .unwrap();
+    page.kvs
+        .into_iter()
+        .map(|kv| (kv.key, kv.mod_revision))
+        .collect()
 }
 
 #[tokio::test]
@@ -259,7 +292,8 @@ async fn list_and_watch_are_mirrored_byte_for_byte_canaries_last() {
         .unwrap();
     let want = converged(&h.local, &h.remote).await;
     assert_eq!(
-        want.get("meshd/cache/c2/state/ip/v1/c2/10.2.0.1").map(Vec::as_slice),
+        want.get("meshd/cache/c2/state/ip/v1/c2/10.2.0.1")
+            .map(Vec::as_slice),
         Some(&b"changed"[..])
     );
     let text = {
@@ -270,12 +304,18 @@ async fn list_and_watch_are_mirrored_byte_for_byte_canaries_last() {
         out
     };
     for line in [
-        format!("meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}", want.len()),
+        format!(
+            "meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}",
+            want.len()
+        ),
         "meshd_apiserver_mirror_connected{cluster=\"c2\"} 1".to_string(),
         "meshd_apiserver_mirror_ready{cluster=\"c2\"} 1".to_string(),
         "meshd_apiserver_mirror_rejected{cluster=\"c2\"} 1".to_string(),
     ] {
-        assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
     }
     assert!(
         text.lines()
@@ -336,7 +376,9 @@ async fn an_unreachable_remote_keeps_its_entries_and_is_stale() {
     let want = converged(&h.local, &h.remote).await;
     h.remote_etcd.stop();
     let s = eventually("the status to go stale", || async {
-        status(&h.local).await.filter(|s| !s.connected && s.stale_since.is_some())
+        status(&h.local)
+            .await
+            .filter(|s| !s.connected && s.stale_since.is_some())
     })
     .await;
     assert!(s.last_error.is_some(), "{s:?}");
@@ -374,9 +416,12 @@ async fn a_removed_file_drains_the_cluster_and_a_restart_drains_leftovers() {
     h.stop();
     std::fs::remove_file(h.dir().join("c2.yaml")).unwrap();
     h.start();
-    eventually("leftovers of a removed file to be drained at start", || async {
-        (cache(&h.local).await.is_empty() && status(&h.local).await.is_none()).then_some(())
-    })
+    eventually(
+        "leftovers of a removed file to be drained at start",
+        || async {
+            (cache(&h.local).await.is_empty() && status(&h.local).await.is_none()).then_some(())
+        },
+    )
     .await;
 }
 
@@ -393,7 +438,10 @@ async fn a_changed_cluster_id_drains_then_mirrors_again() {
     for (k, _) in dump(&h.remote, "meshd/").await {
         h.remote.delete(&k).await.unwrap();
     }
-    h.remote.put(C2_CONFIG, config_value(3), None).await.unwrap();
+    h.remote
+        .put(C2_CONFIG, config_value(3), None)
+        .await
+        .unwrap();
     h.remote
         .put("meshd/state/nodes/v1/c2/rebuilt", b"r".to_vec(), None)
         .await
@@ -412,7 +460,10 @@ async fn a_changed_cluster_id_drains_then_mirrors_again() {
 
     // While the mirror is down: id 4 and other keys; the old ones go at the next start.
     h.stop();
-    h.remote.put(C2_CONFIG, config_value(4), None).await.unwrap();
+    h.remote
+        .put(C2_CONFIG, config_value(4), None)
+        .await
+        .unwrap();
     h.remote
         .put("meshd/state/nodes/v1/c2/four", b"4".to_vec(), None)
         .await
@@ -423,11 +474,16 @@ async fn a_changed_cluster_id_drains_then_mirrors_again() {
     assert!(want.contains_key("meshd/cache/c2/state/nodes/v1/c2/four"));
 
     // The local cluster's id is refused, and what the cache held is drained.
-    h.remote.put(C2_CONFIG, config_value(1), None).await.unwrap();
+    h.remote
+        .put(C2_CONFIG, config_value(1), None)
+        .await
+        .unwrap();
     let s = eventually("the local id to be refused", || async {
-        status(&h.local)
-            .await
-            .filter(|s| s.last_error.as_deref().is_some_and(|e| e.contains("local cluster's id")))
+        status(&h.local).await.filter(|s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("local cluster's id"))
+        })
     })
     .await;
     assert!(!s.ready);

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use meshd_kvstore::{Backend, Backoff, EventKind, KeyValue, KvError, TxnOp, WatchMessage};
-use meshd_state::keys::{cache_key, cache_prefix, CLUSTER_CONFIG_PREFIX, STATE_PREFIX, SYNCED_PREFIX};
+use meshd_state::keys::{
+    cache_key, cache_prefix, CLUSTER_CONFIG_PREFIX, STATE_PREFIX, SYNCED_PREFIX,
+};
 use meshd_state::{CacheStatus, ClusterConfig, ClusterId, ClusterName};
 
 use super::{drain, now_ms, write_batches, write_status, MirrorConfig, MirrorMetrics};
@@ -193,7 +195,10 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
     async fn failed(&mut self, fail: Fail) {
         let (text, remote) = match fail {
             Fail::Remote(e) => (e, true),
-            Fail::Refused(e) => (e, true),
+            Fail::Refused(e) => {
+                self.status.ready = false;
+                (e, true)
+            }
             Fail::Local(e) => (e, false),
         };
         tracing::warn!(cluster = %self.cluster, error = %text, "mirroring remote cluster");
@@ -308,7 +313,9 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                     .kvs
                     .into_iter()
                     .find(|c| c.key == ck)
-                    .and_then(|c| meshd_state::decode::<ClusterConfig>(&self.config_key, &c.value).ok())
+                    .and_then(|c| {
+                        meshd_state::decode::<ClusterConfig>(&self.config_key, &c.value).ok()
+                    })
                     .map(|(_, c)| c.id);
                 if let Some(old) = cached_id.or(self.remote_id) {
                     if old != id {
@@ -405,7 +412,8 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
             .collect();
         let (canaries, entries): (Vec<_>, Vec<_>) =
             desired.into_iter().partition(|(_, _, c)| c.is_some());
-        let changed = |cached: &HashMap<String, u64>, items: Vec<(String, Vec<u8>, Option<String>)>| {
+        let changed = |cached: &HashMap<String, u64>,
+                       items: Vec<(String, Vec<u8>, Option<String>)>| {
             items
                 .into_iter()
                 .filter(|(k, v, _)| cached.get(k) != Some(&fingerprint(v)))
@@ -568,8 +576,11 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                     if let Some(r) = resource {
                         if self.withheld.insert(r.clone()) {
                             tracing::warn!(%cluster, resource = %r, limit = self.config.limit, "remote over the limit; withholding the canary of the resource");
-                            let canary_key = format!("{}synced/{cluster}/{r}", cache_prefix(&cluster));
-                            if self.cached.contains_key(&canary_key) || pending.contains_key(&canary_key) {
+                            let canary_key =
+                                format!("{}synced/{cluster}/{r}", cache_prefix(&cluster));
+                            if self.cached.contains_key(&canary_key)
+                                || pending.contains_key(&canary_key)
+                            {
                                 if !pending.contains_key(&canary_key) {
                                     order.push((canary_key.clone(), true));
                                 }
@@ -660,7 +671,10 @@ mod tests {
             ("meshd/cluster-config/c2", Class::Config),
             ("meshd/cluster-config/c20", Class::Ignored),
             ("meshd/state/nodes/v1/c2/n1", Class::State("nodes".into())),
-            ("meshd/state/ip/v1/c2/10.0.0.0/16", Class::State("ip".into())),
+            (
+                "meshd/state/ip/v1/c2/10.0.0.0/16",
+                Class::State("ip".into()),
+            ),
             ("meshd/state/nodes/v1/c3/n1", Class::Foreign),
             ("meshd/state/nodes/v1/c2/", Class::Foreign),
             ("meshd/state/nodes", Class::Foreign),

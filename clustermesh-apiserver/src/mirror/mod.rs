@@ -132,7 +132,11 @@ pub async fn drain<L: Backend>(local: &L, cluster: &str, batch: usize) -> Result
                 break;
             }
             deleted += page.kvs.len() as u64;
-            let ops = page.kvs.into_iter().map(|kv| TxnOp::delete(kv.key)).collect();
+            let ops = page
+                .kvs
+                .into_iter()
+                .map(|kv| TxnOp::delete(kv.key))
+                .collect();
             write_batches(local, ops, batch).await?;
         }
     }
