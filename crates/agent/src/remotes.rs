@@ -31,7 +31,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::dir_watch::{DirWatch, Periods};
-use crate::watcher::{ClusterWatcher, Connection, ViewInput};
+use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -264,6 +264,7 @@ impl Remotes {
                             entry.connection = Some(conn_rx);
                             let watcher = ClusterWatcher {
                                 cluster: cluster.clone(),
+                                probe: Probe::Etcd(store.clone()),
                                 backend: store,
                                 local: false,
                                 tx: tx.clone(),
