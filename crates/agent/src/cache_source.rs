@@ -156,6 +156,9 @@ pub fn connection_from(
     now: u64,
 ) -> Connection {
     let mut c = before.clone();
+    if let Ok(status) = &read {
+        c.cache = status.clone();
+    }
     let (connected, stale_since, error, denied) = match read {
         Err(e) => {
             let denied = e.contains("permission denied");
@@ -298,7 +301,11 @@ mod tests {
 
         let missing = connection_from(Ok(None), &c2(), &Connection::default(), 4);
         assert!(!missing.connected);
-        assert!(missing.last_error.as_deref().unwrap().contains("--kvstoremesh"));
+        assert!(missing
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("--kvstoremesh"));
         // The time it was first seen missing stays while it stays missing.
         let later = connection_from(Ok(None), &c2(), &missing, 40);
         assert_eq!(later.stale_since_ms, 4);

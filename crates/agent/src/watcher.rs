@@ -54,6 +54,8 @@ pub struct Connection {
     /// Times the etcd became unreachable or refused access (a failed probe after a good one,
     /// or the first one).
     pub failures: u64,
+    /// Cache mode: the mirror's status of the cluster, as last read.
+    pub cache: Option<meshd_state::CacheStatus>,
 }
 
 /// The canary name (`meshd/synced/<cluster>/<name>`) of a resource: its `Resource::KIND`.
