@@ -16,6 +16,7 @@ mod identity;
 mod memory;
 mod publisher;
 mod reflection;
+pub mod remote_file;
 mod retry;
 mod watcher;
 
