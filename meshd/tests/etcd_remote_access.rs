@@ -216,7 +216,10 @@ async fn the_cache_is_read_locally_and_never_exported() {
     let mut node = connect(&etcd, files(&n1, "node")).await.unwrap().client();
     let mut remote = connect(&etcd, files(&c2, "remote")).await.unwrap().client();
     // The remote reads the shared state (it is connected)...
-    remote.get(NODE, None).await.expect("connected remote reads");
+    remote
+        .get(NODE, None)
+        .await
+        .expect("connected remote reads");
     for (key, prefix) in [(cached, "meshd/cache/"), (status, "meshd/cache-status/")] {
         let got = node
             .get(prefix, Some(GetOptions::new().with_prefix()))
@@ -234,7 +237,10 @@ async fn the_cache_is_read_locally_and_never_exported() {
             ),
             "remote lists {prefix}"
         );
-        assert!(is_denied(remote.put(key, "x", None).await), "remote put {key}");
+        assert!(
+            is_denied(remote.put(key, "x", None).await),
+            "remote put {key}"
+        );
     }
 }
 
