@@ -7,6 +7,7 @@
 
 mod backend;
 mod backoff;
+mod cache;
 mod canary;
 mod connect;
 mod error;
@@ -24,6 +25,7 @@ pub use backend::{
     TxnOp, TxnResponse, WatchMessage, WatchStream,
 };
 pub use backoff::{Backoff, BackoffConfig};
+pub use cache::CachedCluster;
 pub use canary::wait_for_canaries;
 pub use connect::{connect, connect_lazy, EtcdConfig};
 pub use error::KvError;

@@ -74,6 +74,11 @@ pub struct Capabilities {
     /// Largest cluster id in the mesh this cluster was configured for.
     #[serde(default = "default_max_clusters")]
     pub max_connected_clusters: u16,
+    /// The cluster runs a mirror (`clustermesh-apiserver --kvstoremesh`) that keeps every
+    /// remote cluster in its etcd (`meshd/cache/<cluster>/`): its agents read remote clusters
+    /// there unless told otherwise (`remote_source`).
+    #[serde(default)]
+    pub cached: bool,
 }
 
 fn default_max_clusters() -> u16 {
@@ -85,6 +90,7 @@ impl Default for Capabilities {
         Self {
             sync_canaries: true,
             max_connected_clusters: default_max_clusters(),
+            cached: false,
         }
     }
 }
