@@ -207,7 +207,11 @@ async fn run(
     let cluster_config = ClusterConfig {
         name: config.cluster.clone(),
         id: config.cluster_id,
-        capabilities: Capabilities::default(),
+        capabilities: Capabilities {
+            // Agents read remote clusters from the cache by default when it exists.
+            cached: config.kvstoremesh.is_some(),
+            ..Capabilities::default()
+        },
         routing_mode: config.routing_mode,
     };
     loop {

@@ -567,3 +567,40 @@ async fn a_remote_compacted_while_the_mirror_was_away_converges() {
     let want = converged(&h.local, &h.remote).await;
     assert!(!want.keys().any(|k| k.contains("/n00")));
 }
+
+/// `--kvstoremesh` in a running apiserver: the mirror runs with the apiserver's local etcd
+/// client, the cluster config announces the cache, and `/metrics` shows the mirror.
+#[tokio::test]
+async fn the_apiserver_runs_the_mirror_with_kvstoremesh() {
+    let Some(h) = Harness::new(mirror::DEFAULT_LIMIT).await else {
+        return;
+    };
+    seed(&h.remote, 10).await;
+    let certs = common::Certs::new();
+    let mut config = common::config(&h._local_etcd, &certs, false);
+    config.kvstoremesh = Some(clustermesh_apiserver::config::KvstoremeshConfig {
+        clusters_dir: h.dir().to_owned(),
+        limit: 1000,
+    });
+    let server = common::start(config).await;
+    let want = converged(&h.local, &h.remote).await;
+    assert_eq!(status(&h.local).await.unwrap().limit, 1000);
+    let own = common::get(&h.local, "meshd/cluster-config/c1").await.unwrap();
+    let own: meshd_state::ClusterConfig = serde_json::from_slice(&own).unwrap();
+    assert!(own.capabilities.cached, "{own:?}");
+    let (code, body) = common::http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    assert_eq!(code, 200);
+    for line in [
+        format!("meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}", want.len()),
+        "meshd_apiserver_mirror_ready{cluster=\"c2\"} 1".to_string(),
+        "meshd_apiserver_mirror_limit{cluster=\"c2\"} 1000".to_string(),
+    ] {
+        assert!(body.lines().any(|l| l == line), "{line} missing from\n{body}");
+    }
+    let text = body.split("\r\n\r\n").nth(1).unwrap_or(&body);
+    meshd_testing::require(
+        "promtool on PATH (scripts/install-deps.sh)",
+        meshd_testing::promtool_check(text).unwrap(),
+    );
+    server.shutdown().await.unwrap();
+}
