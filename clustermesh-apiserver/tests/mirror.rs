@@ -585,17 +585,25 @@ async fn the_apiserver_runs_the_mirror_with_kvstoremesh() {
     let server = common::start(config).await;
     let want = converged(&h.local, &h.remote).await;
     assert_eq!(status(&h.local).await.unwrap().limit, 1000);
-    let own = common::get(&h.local, "meshd/cluster-config/c1").await.unwrap();
+    let own = common::get(&h.local, "meshd/cluster-config/c1")
+        .await
+        .unwrap();
     let own: meshd_state::ClusterConfig = serde_json::from_slice(&own).unwrap();
     assert!(own.capabilities.cached, "{own:?}");
     let (code, body) = common::http_get(server.metrics_addr.unwrap(), "/metrics").await;
     assert_eq!(code, 200);
     for line in [
-        format!("meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}", want.len()),
+        format!(
+            "meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}",
+            want.len()
+        ),
         "meshd_apiserver_mirror_ready{cluster=\"c2\"} 1".to_string(),
         "meshd_apiserver_mirror_limit{cluster=\"c2\"} 1000".to_string(),
     ] {
-        assert!(body.lines().any(|l| l == line), "{line} missing from\n{body}");
+        assert!(
+            body.lines().any(|l| l == line),
+            "{line} missing from\n{body}"
+        );
     }
     let text = body.split("\r\n\r\n").nth(1).unwrap_or(&body);
     meshd_testing::require(
