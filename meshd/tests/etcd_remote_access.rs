@@ -244,6 +244,102 @@ async fn the_cache_is_read_locally_and_never_exported() {
     }
 }
 
+/// The mirror (`clustermesh-apiserver --kvstoremesh`) reads a remote with this cluster's remote
+/// certificate over mTLS, under the remote's RBAC, and writes the cache with the admin
+/// certificate; when the remote disconnects this cluster, the cache keeps what it holds
+/// (fail-static) and the status says why.
+#[tokio::test(flavor = "current_thread")]
+async fn the_mirror_reads_remotes_with_the_remote_certificate() {
+    use clustermesh_apiserver::mirror::{self, MirrorConfig, MirrorMetrics};
+    use meshd_kvstore::Backend;
+    if !meshd_testing::require_etcd() {
+        return;
+    }
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let etcd1 = bootstrapped_etcd(&mesh, &c1);
+    let (c2, etcd2) = second_cluster(&mesh);
+    clustermesh(&mesh, &etcd2, &c2, "connect", "c1").ok();
+    let mut admin2 = connect(&etcd2, files(&c2, "admin")).await.unwrap().client();
+    for (key, value) in [
+        ("meshd/cluster-config/c2", r#"{"name":"c2","id":2}"#),
+        ("meshd/state/nodes/v1/c2/n1", "{}"),
+        ("meshd/synced/c2/nodes", r#"{"synced_at_ms":1}"#),
+    ] {
+        admin2.put(key, value, None).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c2.yaml"),
+        format!(
+            "endpoints: [{}]\nca: {}\ncert: {}\nkey: {}\n",
+            etcd2.endpoint(),
+            c1.join("ca.pem").display(),
+            c1.join("remote.pem").display(),
+            c1.join("remote-key.pem").display()
+        ),
+    )
+    .unwrap();
+    let local = connect(&etcd1, files(&c1, "admin")).await.unwrap();
+    let mut config = MirrorConfig::new(
+        dir.path().to_owned(),
+        meshd_state::ClusterName::new("c1").unwrap(),
+        meshd_state::ClusterId::new(1).unwrap(),
+    );
+    config.rescan = Duration::from_millis(100);
+    config.probe = Duration::from_millis(200);
+    config.backoff.max = Duration::from_millis(500);
+    let task = tokio::spawn(mirror::run(local.clone(), config, MirrorMetrics::default()));
+    let status = |local: meshd_kvstore::EtcdStore| async move {
+        let key = meshd_state::keys::cache_status_key("c2");
+        let page = local.range(&key, None, 0, 1).await.unwrap();
+        page.kvs
+            .first()
+            .map(|kv| serde_json::from_slice::<meshd_state::CacheStatus>(&kv.value).unwrap())
+    };
+    let cached = "meshd/cache/c2/state/nodes/v1/c2/n1";
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let s = status(local.clone()).await;
+            if s.is_some_and(|s| s.ready && s.entries == 3) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the mirror lists c2 into c1's cache");
+    assert_eq!(
+        local.range(cached, None, 0, 1).await.unwrap().kvs[0].value,
+        b"{}"
+    );
+
+    clustermesh(&mesh, &etcd2, &c2, "disconnect", "c1").ok();
+    let s = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match status(local.clone()).await {
+                Some(s) if !s.connected => return s,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("the mirror sees the disconnect");
+    assert!(s.stale_since.is_some(), "{s:?}");
+    assert!(
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("permission denied")),
+        "{s:?}"
+    );
+    assert_eq!(
+        local.range(cached, None, 0, 1).await.unwrap().kvs.len(),
+        1,
+        "fail-static"
+    );
+    task.abort();
+}
+
 /// The etcd of a second cluster, from the same mesh CA, bootstrapped with node n1.
 fn second_cluster(mesh: &Mesh) -> (std::path::PathBuf, meshd_testing::etcd::Etcd) {
     let c2 = mesh.issue_cluster("c2");

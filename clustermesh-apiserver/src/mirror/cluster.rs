@@ -334,14 +334,17 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                 }
             }
         }
-        let (state, _) = self
-            .list_remote(STATE_PREFIX, revision)
-            .await
-            .map_err(remote_err)?;
-        let (synced, _) = self
-            .list_remote(SYNCED_PREFIX, revision)
-            .await
-            .map_err(remote_err)?;
+        let mut lists = Vec::new();
+        for prefix in [STATE_PREFIX, SYNCED_PREFIX] {
+            match self.list_remote(prefix, revision).await {
+                Ok((kvs, _)) => lists.push(kvs),
+                // Compacted between the first read and this one: list again, at once.
+                Err(KvError::Compacted { .. }) => return Ok(End::Relist),
+                Err(e) => return Err(remote_err(e)),
+            }
+        }
+        let synced = lists.pop().expect("two lists");
+        let state = lists.pop().expect("two lists");
         self.status.connected = true;
         self.status.stale_since = None;
         self.status.last_error = None;
@@ -424,9 +427,10 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         let canary_puts = changed(&self.cached, canaries);
         let writes = (puts.len() + sweep.len() + canary_puts.len()) as u64;
         // Canaries withheld now go before anything else changes.
+        let canary_prefix = format!("{}synced/", cache_prefix(&cluster));
         let (withheld_deletes, sweep): (Vec<TxnOp>, Vec<TxnOp>) = sweep
             .into_iter()
-            .partition(|op| op.key().contains("/synced/"));
+            .partition(|op| op.key().starts_with(&canary_prefix));
         for ops in [withheld_deletes, puts, sweep, canary_puts] {
             self.apply_ops(ops).await?;
         }
@@ -578,9 +582,11 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                             tracing::warn!(%cluster, resource = %r, limit = self.config.limit, "remote over the limit; withholding the canary of the resource");
                             let canary_key =
                                 format!("{}synced/{cluster}/{r}", cache_prefix(&cluster));
-                            if self.cached.contains_key(&canary_key)
-                                || pending.contains_key(&canary_key)
-                            {
+                            let canary_exists = match pending.get(&canary_key) {
+                                Some(v) => v.is_some(),
+                                None => self.cached.contains_key(&canary_key),
+                            };
+                            if canary_exists {
                                 if !pending.contains_key(&canary_key) {
                                     order.push((canary_key.clone(), true));
                                 }

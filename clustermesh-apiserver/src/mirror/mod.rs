@@ -13,7 +13,10 @@
 //! - **Order.** After a list: the remote's cluster config, then its state entries, then the
 //!   sweep (cache keys the list no longer has are deleted), then its sync canaries. A canary in
 //!   the cache therefore means the cache holds the list it marks. Watch events are written as
-//!   they arrive, one etcd transaction per batch of at most `batch` operations.
+//!   they arrive, one etcd transaction per batch of at most `batch` operations: each key's
+//!   changes in order, and within one batch entries before canaries; across the three watched
+//!   prefixes etcd gives no common order, so a canary rewritten while the mirror watches may
+//!   land just before entries the remote wrote just before it.
 //! - **Restart.** Each list (first start, reconnect, compaction, a different etcd cluster id)
 //!   compares with what the cache holds and writes only the difference: leftovers of an earlier
 //!   run are swept, nothing is written twice.
@@ -260,6 +263,12 @@ pub async fn run<L: Backend>(local: L, config: MirrorConfig, metrics: MirrorMetr
         }
         for (cluster, (path, text)) in present {
             if running.contains_key(&cluster) {
+                continue;
+            }
+            if cluster == config.local {
+                // No status for the local cluster: nothing of it is ever cached.
+                tracing::error!(path = %path.display(), "a remote cluster file names the local cluster; ignored");
+                running.insert(cluster, Running { text, task: None });
                 continue;
             }
             let task = match remote_file::load(&cluster, &path, &text, &config.local) {
