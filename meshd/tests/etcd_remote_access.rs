@@ -255,10 +255,7 @@ async fn the_mirror_reads_remotes_with_the_remote_certificate() {
     if !meshd_testing::require_etcd() {
         return;
     }
-    let mesh = Mesh::new();
-    let c1 = mesh.issue_cluster("c1");
-    let etcd1 = bootstrapped_etcd(&mesh, &c1);
-    let (c2, etcd2) = second_cluster(&mesh);
+    let (mesh, c1, etcd1, c2, etcd2) = two_clusters();
     clustermesh(&mesh, &etcd2, &c2, "connect", "c1").ok();
     let mut admin2 = connect(&etcd2, files(&c2, "admin")).await.unwrap().client();
     for (key, value) in [
@@ -347,6 +344,21 @@ fn second_cluster(mesh: &Mesh) -> (std::path::PathBuf, meshd_testing::etcd::Etcd
     (c2, etcd)
 }
 
+/// Clusters c1 and c2 of one mesh CA, each with its bootstrapped etcd.
+fn two_clusters() -> (
+    Mesh,
+    std::path::PathBuf,
+    meshd_testing::etcd::Etcd,
+    std::path::PathBuf,
+    meshd_testing::etcd::Etcd,
+) {
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let etcd1 = bootstrapped_etcd(&mesh, &c1);
+    let (c2, etcd2) = second_cluster(&mesh);
+    (mesh, c1, etcd1, c2, etcd2)
+}
+
 /// `meshd certs issue node` of `node` in `cluster`, into `<cluster>/<node>/`.
 fn issue_node(mesh: &Mesh, cluster: &str, node: &str) -> std::path::PathBuf {
     let dir = format!("{cluster}/{node}");
@@ -374,10 +386,7 @@ async fn one_clusters_credentials_open_no_other_cluster() {
     if !meshd_testing::require_etcd() {
         return;
     }
-    let mesh = Mesh::new();
-    let c1 = mesh.issue_cluster("c1");
-    let etcd1 = bootstrapped_etcd(&mesh, &c1);
-    let (c2, etcd2) = second_cluster(&mesh);
+    let (mesh, c1, etcd1, c2, etcd2) = two_clusters();
     let mut admin1 = connect(&etcd1, files(&c1, "admin")).await.unwrap().client();
     seed(&mut admin1).await;
 
