@@ -670,6 +670,78 @@ pub(crate) async fn refused_file<L: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshd_kvstore::MemoryStore;
+
+    async fn dump(store: &MemoryStore, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let page = store.range(prefix, None, 0, 10_000).await.unwrap();
+        page.kvs.into_iter().map(|kv| (kv.key, kv.value)).collect()
+    }
+
+    /// An etcd replaced behind the same address (new cluster id, revisions start over): the
+    /// open watches see the new id, and the mirror lists again and sweeps what is gone.
+    #[tokio::test]
+    async fn a_replaced_remote_etcd_is_listed_again_and_swept() {
+        let remote = MemoryStore::new();
+        let local = MemoryStore::new();
+        let seed = |n: &'static str| {
+            let remote = remote.clone();
+            async move {
+                remote
+                    .put(
+                        "meshd/cluster-config/c2",
+                        br#"{"name":"c2","id":2}"#.to_vec(),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                remote
+                    .put(
+                        &format!("meshd/state/nodes/v1/c2/{n}"),
+                        n.as_bytes().to_vec(),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        seed("old").await;
+        let mut config = MirrorConfig::new(
+            "/nonexistent".into(),
+            ClusterName::new("c1").unwrap(),
+            ClusterId::new(1).unwrap(),
+        );
+        config.probe = Duration::from_millis(20);
+        let mirror = ClusterMirror::new(
+            ClusterName::new("c2").unwrap(),
+            remote.new_handle(),
+            local.clone(),
+            Arc::new(config),
+            MirrorMetrics::default(),
+        );
+        let task = tokio::spawn(mirror.run());
+        let nodes = "meshd/cache/c2/state/nodes/";
+        let wait = |want: &'static str| {
+            let local = local.clone();
+            async move {
+                for _ in 0..3000 {
+                    let have = dump(&local, nodes).await;
+                    if have.len() == 1 && have[0].1 == want.as_bytes() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!(
+                    "the cache never held only {want}: {:?}",
+                    dump(&local, nodes).await
+                );
+            }
+        };
+        wait("old").await;
+        remote.replace_cluster();
+        seed("new").await;
+        wait("new").await;
+        task.abort();
+    }
 
     #[test]
     fn keys_are_classified_by_their_cluster() {
