@@ -225,6 +225,15 @@ impl Drop for Harness {
     }
 }
 
+/// The mirror's metrics as `/metrics` shows them.
+fn render(metrics: &MirrorMetrics) -> String {
+    let mut r = prometheus_client::registry::Registry::with_prefix("meshd_apiserver");
+    metrics.register(&mut r);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+    out
+}
+
 /// The local etcd revision each cache key was last written at.
 async fn revisions(local: &EtcdStore) -> BTreeMap<String, i64> {
     let page = local
@@ -296,13 +305,7 @@ async fn list_and_watch_are_mirrored_byte_for_byte_canaries_last() {
             .map(Vec::as_slice),
         Some(&b"changed"[..])
     );
-    let text = {
-        let mut r = prometheus_client::registry::Registry::with_prefix("meshd_apiserver");
-        h.metrics.register(&mut r);
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
-        out
-    };
+    let text = render(&h.metrics);
     for line in [
         format!(
             "meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}",
@@ -384,6 +387,39 @@ async fn an_unreachable_remote_keeps_its_entries_and_is_stale() {
     assert!(s.last_error.is_some(), "{s:?}");
     assert_eq!(cache(&h.local).await, want, "fail-static: the entries stay");
     assert_eq!(s.entries, want.len() as u64);
+
+    // The mirror restarts while the remote is down: it stays what it was (ready, stale since
+    // the same time, every entry), not an empty, never-synced cluster.
+    h.stop();
+    h.metrics = MirrorMetrics::default();
+    h.start();
+    let entries = format!(
+        "meshd_apiserver_mirror_entries{{cluster=\"c2\"}} {}",
+        want.len()
+    );
+    eventually("the restarted mirror to find the remote down", || async {
+        let text = render(&h.metrics);
+        text.lines()
+            .any(|l| l == "meshd_apiserver_mirror_connected{cluster=\"c2\"} 0")
+            .then_some(text)
+    })
+    .await;
+    let text = render(&h.metrics);
+    assert!(
+        text.lines().any(|l| l == entries),
+        "{entries} missing from\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "meshd_apiserver_mirror_ready{cluster=\"c2\"} 1"),
+        "{text}"
+    );
+    let after = status(&h.local).await.unwrap();
+    assert_eq!(
+        (after.ready, after.stale_since, after.entries),
+        (true, s.stale_since, want.len() as u64)
+    );
+    assert_eq!(cache(&h.local).await, want);
 
     // Back, with a change made meanwhile (the remote restarted on its data).
     h.remote_etcd.restart().unwrap();

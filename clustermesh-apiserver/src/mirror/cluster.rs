@@ -148,6 +148,7 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
     /// Runs until aborted.
     pub async fn run(mut self) {
         let mut backoff = Backoff::new(self.config.backoff);
+        self.restore().await;
         loop {
             let started = Instant::now();
             let result = self.session().await;
@@ -175,6 +176,33 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
+        }
+    }
+
+    /// After a restart: what the cache and the last status say, so that a remote unreachable
+    /// from the start stays what it was (ready, stale since when, its entries) rather than
+    /// looking empty and never synced. Best effort: the first list replaces it all.
+    async fn restore(&mut self) {
+        let key = meshd_state::keys::cache_status_key(self.cluster.as_str());
+        if let Ok(page) = self.local.range(&key, None, 0, 1).await {
+            let last = page
+                .kvs
+                .into_iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| serde_json::from_slice::<CacheStatus>(&kv.value).ok());
+            if let Some(last) = last {
+                self.status = CacheStatus {
+                    cluster: self.status.cluster.clone(),
+                    connected: false,
+                    limit: self.config.limit,
+                    lag_ms: 0,
+                    ..last
+                };
+                self.written = Some(self.status.clone());
+            }
+        }
+        if let Ok(cached) = self.read_cache().await {
+            self.cached = cached;
         }
     }
 
