@@ -61,35 +61,36 @@ impl MirrorMetrics {
         self.events.remove(&l);
     }
 
+    /// Adds the families to `r` (help texts without a final period: the client adds one).
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "mirror_entries",
-            "Keys of the remote cluster in the local cache (kvstoremesh).",
+            "Keys of the remote cluster in the local cache (kvstoremesh)",
             self.entries.clone(),
         );
         r.register(
             "mirror_rejected",
-            "Keys of the remote cluster not mirrored since its last list: over the limit, or not of that cluster.",
+            "Keys of the remote cluster not mirrored since its last list: over the limit, or not of that cluster",
             self.rejected.clone(),
         );
         r.register(
             "mirror_limit",
-            "Keys mirrored from one remote cluster at most.",
+            "Keys mirrored from one remote cluster at most",
             self.limit.clone(),
         );
         r.register(
             "mirror_connected",
-            "1 while the mirror reads the remote cluster's etcd.",
+            "1 while the mirror reads the remote cluster's etcd",
             self.connected.clone(),
         );
         r.register(
             "mirror_ready",
-            "1 once the remote's full list and its sync canaries are in the cache.",
+            "1 once the remote's full list and its sync canaries are in the cache",
             self.ready.clone(),
         );
         r.register(
             "mirror_events",
-            "Writes (puts and deletes) of the remote cluster's keys into the cache.",
+            "Writes (puts and deletes) of the remote cluster's keys into the cache",
             self.events.clone(),
         );
     }
