@@ -305,6 +305,41 @@ async fn list_and_watch_are_mirrored_byte_for_byte_canaries_last() {
             .map(Vec::as_slice),
         Some(&b"changed"[..])
     );
+    // A canary that appears during the watch (a publisher's first sync completing) reaches
+    // the cache after the entries the remote wrote before it.
+    let txn = |from: usize| meshd_kvstore::Txn {
+        when: vec![],
+        then: (from..from + 100)
+            .map(|i| {
+                meshd_kvstore::TxnOp::put(
+                    format!("meshd/state/identities/v1/c2/id/{}", 70000 + i),
+                    b"{}".to_vec(),
+                )
+            })
+            .collect(),
+        otherwise: vec![],
+    };
+    for from in (0..500).step_by(100) {
+        h.remote.txn(txn(from)).await.unwrap();
+    }
+    h.remote
+        .put("meshd/synced/c2/identities", b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    let want = converged(&h.local, &h.remote).await;
+    let revs = revisions(&h.local).await;
+    let canary = revs["meshd/cache/c2/synced/c2/identities"];
+    let last_identity = revs
+        .iter()
+        .filter(|(k, _)| k.contains("/identities/"))
+        .map(|(_, r)| *r)
+        .max()
+        .unwrap();
+    assert!(
+        last_identity < canary,
+        "identities up to revision {last_identity}, their new canary at {canary}"
+    );
+
     let text = render(&h.metrics);
     for line in [
         format!(

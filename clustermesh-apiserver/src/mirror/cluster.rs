@@ -562,6 +562,7 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         let mut pending: HashMap<String, Option<Vec<u8>>> = HashMap::new();
         let mut order: Vec<(String, bool)> = Vec::new();
         let mut count = self.cached.len() as u64;
+        let mut new_canary = false;
         for ev in events {
             let class = classify(&cluster, &ev.kv.key);
             let put = ev.kind == EventKind::Put;
@@ -587,6 +588,17 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                 }
                 Class::Canary(r) => {
                     if put && self.withheld.contains(r) {
+                        continue;
+                    }
+                    if put
+                        && !self
+                            .cached
+                            .contains_key(&cache_key(&cluster, &ev.kv.key).expect("under meshd/"))
+                    {
+                        // A new canary (a publisher's first sync completing): the entries it
+                        // covers may still be on their way through the state watch, which etcd
+                        // does not order with this one. A relist writes them first.
+                        new_canary = true;
                         continue;
                     }
                     true
@@ -662,6 +674,10 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         self.status.lag_ms = received.elapsed().as_millis() as u64;
         self.status.last_sync_unix_ms = now_ms();
         self.update_metrics();
+        if new_canary {
+            tracing::info!(%cluster, "a new sync canary; listing again so that it lands after its entries");
+            return Ok(Some(End::Relist));
+        }
         Ok(None)
     }
 }

@@ -14,9 +14,11 @@
 //!   sweep (cache keys the list no longer has are deleted), then its sync canaries. A canary in
 //!   the cache therefore means the cache holds the list it marks. Watch events are written as
 //!   they arrive, one etcd transaction per batch of at most `batch` operations: each key's
-//!   changes in order, and within one batch entries before canaries; across the three watched
-//!   prefixes etcd gives no common order, so a canary rewritten while the mirror watches may
-//!   land just before entries the remote wrote just before it.
+//!   changes in order, and within one batch entries before canaries. etcd gives no common
+//!   order across the three watched prefixes, so a canary that appears while the mirror
+//!   watches (a publisher's first sync) is not copied from the watch: it makes the mirror list
+//!   again, which writes it after its entries. A rewrite of a canary the cache already holds
+//!   (a publisher's restart) is copied as it comes.
 //! - **Restart.** Each list (first start, reconnect, compaction, a different etcd cluster id)
 //!   compares with what the cache holds and writes only the difference: leftovers of an earlier
 //!   run are swept, nothing is written twice.
