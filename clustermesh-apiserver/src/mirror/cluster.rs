@@ -66,6 +66,26 @@ fn fingerprint(value: &[u8]) -> u64 {
     h.finish()
 }
 
+/// One list's admission so far.
+#[derive(Default)]
+struct Listed {
+    admitted: u64,
+    rejected: u64,
+    /// Cache keys the list has (what the sweep keeps).
+    keep: std::collections::HashSet<String>,
+    /// Canaries, written after everything else: (cache key, value, resource).
+    canaries: Vec<(String, Vec<u8>, String)>,
+}
+
+/// A task aborted when dropped (a page fetch nobody waits for any more).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why a session with the remote ended.
 #[derive(Debug)]
 enum End {
@@ -362,112 +382,139 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                 }
             }
         }
-        let mut lists = Vec::new();
-        for prefix in [STATE_PREFIX, SYNCED_PREFIX] {
-            match self.list_remote(prefix, revision).await {
-                Ok((kvs, _)) => lists.push(kvs),
-                // Compacted between the first read and this one: list again, at once.
-                Err(KvError::Compacted { .. }) => return Ok(End::Relist),
-                Err(e) => return Err(remote_err(e)),
-            }
-        }
-        let synced = lists.pop().expect("two lists");
-        let state = lists.pop().expect("two lists");
         self.status.connected = true;
         self.status.stale_since = None;
         self.status.last_error = None;
-        self.write_list(configs, state, synced).await?;
+        if let Some(end) = self.list_into_cache(configs, revision).await? {
+            return Ok(end);
+        }
         self.last_list = Instant::now();
         self.flush_status().await.map_err(local_err)?;
         tracing::info!(cluster = %self.cluster, revision, entries = self.cached.len(), rejected = self.status.rejected, ready = self.status.ready, "remote cluster listed into the cache");
         self.watch(revision, etcd_cluster).await
     }
 
-    /// Writes a full list: config, state, sweep, canaries.
-    async fn write_list(
-        &mut self,
-        configs: Vec<KeyValue>,
-        state: Vec<KeyValue>,
-        synced: Vec<KeyValue>,
-    ) -> Result<(), Fail> {
-        let cluster = self.cluster.to_string();
-        let limit = self.config.limit;
-        self.cached = self.read_cache().await.map_err(local_err)?;
-        self.withheld.clear();
-        let mut rejected = 0u64;
-        let mut admitted = 0u64;
-        // (cache key, value, is a canary) in admission order.
-        let mut desired: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
-        for kv in configs.into_iter().chain(state).chain(synced) {
-            let class = classify(&cluster, &kv.key);
+    /// Admits listed keys in order: counts them against the limit (withholding the canary of
+    /// a resource that lost one), keeps canaries aside (written last), and returns the puts of
+    /// the entries the cache does not hold as they are.
+    fn admit(&mut self, list: &mut Listed, kvs: Vec<KeyValue>) -> Vec<TxnOp> {
+        let cluster = self.cluster.as_str();
+        let mut puts = Vec::new();
+        for kv in kvs {
+            let class = classify(cluster, &kv.key);
             match &class {
                 Class::Ignored => continue,
                 Class::Foreign => {
-                    rejected += 1;
+                    list.rejected += 1;
                     continue;
                 }
                 _ => {}
             }
-            if admitted >= limit {
-                rejected += 1;
-                match class {
-                    Class::State(kind) => {
-                        self.withheld.insert(kind);
-                    }
-                    Class::Canary(r) => {
-                        self.withheld.insert(r);
-                    }
-                    _ => {}
+            if list.admitted >= self.config.limit {
+                list.rejected += 1;
+                if let Class::State(r) | Class::Canary(r) = class {
+                    self.withheld.insert(r);
                 }
                 continue;
             }
-            admitted += 1;
-            let ck = cache_key(&cluster, &kv.key).expect("watched prefixes are under meshd/");
-            let canary = match class {
-                Class::Canary(r) => Some(r),
-                _ => None,
+            list.admitted += 1;
+            let ck = cache_key(cluster, &kv.key).expect("watched prefixes are under meshd/");
+            match class {
+                Class::Canary(r) => list.canaries.push((ck, kv.value, r)),
+                _ => {
+                    if self.cached.get(&ck) != Some(&fingerprint(&kv.value)) {
+                        puts.push(TxnOp::put(ck.clone(), kv.value));
+                    }
+                    list.keep.insert(ck);
+                }
+            }
+        }
+        puts
+    }
+
+    /// Lists the remote at `revision` into the cache: its config, then its state page by page
+    /// (each page written while the next one is fetched), then the sweep, then the canaries.
+    /// `Some(Relist)` when the revision was compacted meanwhile.
+    async fn list_into_cache(
+        &mut self,
+        configs: Vec<KeyValue>,
+        revision: i64,
+    ) -> Result<Option<End>, Fail> {
+        let cluster = self.cluster.to_string();
+        self.cached = self.read_cache().await.map_err(local_err)?;
+        self.withheld.clear();
+        let mut list = Listed::default();
+        let mut writes = 0u64;
+        let puts = self.admit(&mut list, configs);
+        writes += puts.len() as u64;
+        self.apply_ops(puts).await?;
+
+        let (remote, size) = (self.remote.clone(), self.config.page_size);
+        let fetch = |after: Option<String>| {
+            let remote = remote.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                remote
+                    .range(STATE_PREFIX, after.as_deref(), revision, size)
+                    .await
+            }))
+        };
+        let mut next = Some(fetch(None));
+        while let Some(mut task) = next.take() {
+            let page = match (&mut task.0).await {
+                Ok(Ok(page)) => page,
+                // Compacted between the first read and this one: list again, at once.
+                Ok(Err(KvError::Compacted { .. })) => return Ok(Some(End::Relist)),
+                Ok(Err(e)) => return Err(remote_err(e)),
+                Err(e) => return Err(Fail::Remote(format!("a page fetch failed: {e}"))),
             };
-            desired.push((ck, kv.value, canary));
+            if let (true, Some(last)) = (page.more, page.kvs.last()) {
+                next = Some(fetch(Some(last.key.clone())));
+            }
+            let puts = self.admit(&mut list, page.kvs);
+            writes += puts.len() as u64;
+            self.apply_ops(puts).await?;
         }
-        if rejected > 0 {
-            tracing::warn!(%cluster, rejected, limit, withheld = ?self.withheld, "remote keys refused (over the limit or not of this cluster)");
+        let synced = match self.list_remote(SYNCED_PREFIX, revision).await {
+            Ok((kvs, _)) => kvs,
+            Err(KvError::Compacted { .. }) => return Ok(Some(End::Relist)),
+            Err(e) => return Err(remote_err(e)),
+        };
+        let no_puts = self.admit(&mut list, synced);
+        debug_assert!(no_puts.is_empty(), "canaries are kept aside");
+        if list.rejected > 0 {
+            tracing::warn!(%cluster, rejected = list.rejected, limit = self.config.limit, withheld = ?self.withheld, "remote keys refused (over the limit or not of this cluster)");
         }
-        desired.retain(|(_, _, canary)| canary.as_ref().is_none_or(|r| !self.withheld.contains(r)));
-        let keep: std::collections::HashSet<&str> =
-            desired.iter().map(|(k, _, _)| k.as_str()).collect();
+        let mut canary_puts = Vec::new();
+        for (ck, value, r) in std::mem::take(&mut list.canaries) {
+            if self.withheld.contains(&r) {
+                continue;
+            }
+            if self.cached.get(&ck) != Some(&fingerprint(&value)) {
+                canary_puts.push(TxnOp::put(ck.clone(), value));
+            }
+            list.keep.insert(ck);
+        }
         let sweep: Vec<TxnOp> = self
             .cached
             .keys()
-            .filter(|k| !keep.contains(k.as_str()))
+            .filter(|k| !list.keep.contains(k.as_str()))
             .map(|k| TxnOp::delete(k.clone()))
             .collect();
-        let (canaries, entries): (Vec<_>, Vec<_>) =
-            desired.into_iter().partition(|(_, _, c)| c.is_some());
-        let changed = |cached: &HashMap<String, u64>,
-                       items: Vec<(String, Vec<u8>, Option<String>)>| {
-            items
-                .into_iter()
-                .filter(|(k, v, _)| cached.get(k) != Some(&fingerprint(v)))
-                .map(|(k, v, _)| TxnOp::put(k, v))
-                .collect::<Vec<_>>()
-        };
-        let puts = changed(&self.cached, entries);
-        let canary_puts = changed(&self.cached, canaries);
-        let writes = (puts.len() + sweep.len() + canary_puts.len()) as u64;
-        // Canaries withheld now go before anything else changes.
+        writes += (sweep.len() + canary_puts.len()) as u64;
+        // Canaries that go, before the entries they covered.
         let canary_prefix = format!("{}synced/", cache_prefix(&cluster));
-        let (withheld_deletes, sweep): (Vec<TxnOp>, Vec<TxnOp>) = sweep
+        let (canary_deletes, sweep): (Vec<TxnOp>, Vec<TxnOp>) = sweep
             .into_iter()
             .partition(|op| op.key().starts_with(&canary_prefix));
-        for ops in [withheld_deletes, puts, sweep, canary_puts] {
+        for ops in [canary_deletes, sweep, canary_puts] {
             self.apply_ops(ops).await?;
         }
         self.metrics.mirrored(cluster.as_str(), writes);
-        self.status.rejected = rejected;
+        self.status.rejected = list.rejected;
         self.status.ready = self.withheld.is_empty();
         self.status.last_sync_unix_ms = now_ms();
         self.update_metrics();
-        Ok(())
+        Ok(None)
     }
 
     /// Writes `ops` in batches, keeping `cached` in step.
