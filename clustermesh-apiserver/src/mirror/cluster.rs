@@ -739,7 +739,9 @@ pub(crate) async fn refused_file<L: Backend>(
 ) {
     let prefix = cache_prefix(&cluster);
     loop {
-        let entries = super::count_keys(&local, &prefix).await;
+        let entries = meshd_kvstore::list_prefix(&local, &prefix)
+            .await
+            .map(|kvs| kvs.len() as u64);
         let status = CacheStatus {
             cluster: cluster.clone(),
             connected: false,

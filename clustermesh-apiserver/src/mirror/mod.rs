@@ -161,20 +161,6 @@ pub(crate) async fn write_status<L: Backend>(
         .map(drop)
 }
 
-/// The keys under `prefix`.
-pub(crate) async fn count_keys<L: Backend>(local: &L, prefix: &str) -> Result<u64, KvError> {
-    let mut n = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let page = local.range(prefix, after.as_deref(), 0, 5000).await?;
-        n += page.kvs.len() as u64;
-        match (page.more, page.kvs.last()) {
-            (true, Some(last)) => after = Some(last.key.clone()),
-            _ => return Ok(n),
-        }
-    }
-}
-
 /// The clusters with a status in the local etcd (every cluster the mirror ever wrote to the
 /// cache: the status is written before any entry).
 async fn cached_clusters<L: Backend>(local: &L) -> Result<BTreeSet<String>, KvError> {
