@@ -23,6 +23,7 @@ use meshd_datapath::{ipv4_only, DatapathError, DatapathMaps, LocalEndpoint};
 use meshd_mesh::{diff, diff_services, DatapathOp, DesiredCounts, DesiredDatapath, ServiceOp};
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::PropagationDelay;
 use crate::now_ms;
 use crate::view_task::DatapathUpdate;
 
@@ -83,6 +84,8 @@ pub struct Reconciler {
     dirty: bool,
     /// An ENDPOINTS write failed: the endpoints are driven again after a pause.
     endpoints_dirty: bool,
+    /// Observed once per cluster event whose incremental writes all went through.
+    propagation_delay: PropagationDelay,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +126,13 @@ impl Reconciler {
             next_full: Some(FullDiff::Start),
             dirty: false,
             endpoints_dirty: false,
+            propagation_delay: PropagationDelay::default(),
         })
+    }
+
+    /// The histogram this reconciler observes into (for `/metrics`).
+    pub fn propagation_delay(&self) -> PropagationDelay {
+        self.propagation_delay.clone()
     }
 
     /// Applies operations in order. A failed write does not stop the others, except that a
@@ -195,6 +204,7 @@ impl Reconciler {
         // One forward revision bump for the whole round (in `finish`), not one per write: two
         // CONFIG syscalls per ipcache write would slow an initial sync by about a third.
         self.maps.defer_forward_revision();
+        let mut received = Vec::new();
         let (w, counts) = match update {
             DatapathUpdate::Full { desired, counts } => {
                 let mut why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
@@ -210,9 +220,20 @@ impl Reconciler {
                 ops,
                 service_ops,
                 counts,
-            } => (self.write(&ops, &service_ops), counts),
+                received: batch,
+            } => {
+                received = batch;
+                (self.write(&ops, &service_ops), counts)
+            }
         };
+        // A batch with a failed write reaches the maps with a later full diff: not timed.
+        let timed = w.failed == 0;
         self.finish(w, Some(counts));
+        if timed {
+            for since in received {
+                self.propagation_delay.observe(since);
+            }
+        }
     }
 
     fn finish(&mut self, mut w: Writes, counts: Option<DesiredCounts>) {
@@ -521,6 +542,7 @@ mod tests {
             ops: Vec::new(),
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
+            received: Vec::new(),
         });
         assert_eq!(r.status.failed_writes, 0);
         assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
@@ -571,8 +593,11 @@ mod tests {
             ],
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
+            received: vec![std::time::Instant::now()],
         });
         assert_eq!(r.status.failed_writes, 1);
+        // Part of the batch reaches the maps only with the full diff: its event is not timed.
+        assert_eq!(r.propagation_delay().count(), 0);
         assert!(r
             .status
             .last_error
@@ -609,6 +634,21 @@ mod tests {
         assert_eq!(r.status.corrections, 1);
         assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
         assert_eq!(r.status.full_diffs, 3);
+        assert_eq!(r.propagation_delay().count(), 0, "full diffs are not timed");
+
+        // An event whose writes all go through is timed once.
+        let c: ipnet::IpNet = "10.2.0.7/32".parse().unwrap();
+        r.update(DatapathUpdate::Changes {
+            ops: vec![DatapathOp::UpsertIpcache {
+                prefix: c,
+                target: remote(c2, [192, 168, 0, 2]),
+            }],
+            service_ops: Vec::new(),
+            counts: DesiredCounts::default(),
+            received: vec![std::time::Instant::now()],
+        });
+        assert_eq!(r.status.failed_writes, 1);
+        assert_eq!(r.propagation_delay().count(), 1);
     }
 
     #[test]

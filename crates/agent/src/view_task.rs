@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshd_mesh::{
     ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, EventKind, MeshView, ServiceOp,
@@ -43,6 +43,10 @@ pub enum DatapathUpdate {
         ops: Vec<DatapathOp>,
         service_ops: Vec<ServiceOp>,
         counts: DesiredCounts,
+        /// When each cluster event of the batch that changed the datapath was received (see
+        /// [`ClusterEvent::received`](meshd_mesh::ClusterEvent::received)): the propagation
+        /// delay histogram's start times.
+        received: Vec<Instant>,
     },
 }
 
@@ -82,6 +86,8 @@ pub struct ViewTask {
 struct Pending {
     ops: Vec<DatapathOp>,
     service_ops: Vec<ServiceOp>,
+    /// See [`DatapathUpdate::Changes`].
+    received: Vec<Instant>,
     identities_changed: bool,
     /// A policy or a node (or a cluster's admission) changed: the policy warnings, which
     /// compare policy CIDRs with nodes' pod CIDRs, are recomputed (not on every ipcache batch).
@@ -153,6 +159,7 @@ impl ViewTask {
                     ops: pending.ops,
                     service_ops: pending.service_ops,
                     counts: self.view.desired_counts(),
+                    received: pending.received,
                 };
                 if self.datapath.send(update).await.is_err() {
                     return;
@@ -183,6 +190,7 @@ impl ViewTask {
         let applied = match input {
             ViewInput::Cluster(event) => {
                 let cluster = event.cluster.clone();
+                let received = event.received();
                 pending.warnings_stale |= !matches!(
                     event.kind,
                     EventKind::UpsertIpcache(_)
@@ -203,6 +211,9 @@ impl ViewTask {
                 // event (an event carries one entry; a relist's batch says it once).
                 if let Some(first) = applied.pending.first() {
                     tracing::info!(%cluster, count = applied.pending.len(), entry = %first, "remote entries held back until their node is known");
+                }
+                if !(applied.ops.is_empty() && applied.service_ops.is_empty()) {
+                    pending.received.push(received);
                 }
                 applied
             }
