@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use meshd_datapath::{ipv4_only, DatapathError, DatapathMaps, LocalEndpoint};
 use meshd_mesh::{diff, diff_services, DatapathOp, DesiredCounts, DesiredDatapath, ServiceOp};
@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::PropagationDelay;
 use crate::now_ms;
 use crate::view_task::DatapathUpdate;
+use meshd_telemetry::propagation::Propagated;
 
 /// This node's endpoints as the ENDPOINTS map should hold them, with a generation number the
 /// endpoint manager waits on ("my change is in the maps").
@@ -205,6 +206,7 @@ impl Reconciler {
         // CONFIG syscalls per ipcache write would slow an initial sync by about a third.
         self.maps.defer_forward_revision();
         let mut received = Vec::new();
+        let mut write_start = SystemTime::now();
         let (w, counts) = match update {
             DatapathUpdate::Full { desired, counts } => {
                 let mut why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
@@ -223,15 +225,28 @@ impl Reconciler {
                 received: batch,
             } => {
                 received = batch;
+                write_start = SystemTime::now();
                 (self.write(&ops, &service_ops), counts)
             }
         };
         // A batch with a failed write reaches the maps with a later full diff: not timed.
         let timed = w.failed == 0;
+        let writes = w.applied;
         self.finish(w, Some(counts));
         if timed {
-            for since in received {
-                self.propagation_delay.observe(since);
+            let (now, now_sys) = (Instant::now(), SystemTime::now());
+            for r in received {
+                self.propagation_delay.observe(r.at);
+                if let Some((cluster, change)) = &r.traced {
+                    meshd_telemetry::propagation::record(&Propagated {
+                        cluster: cluster.as_str(),
+                        change,
+                        received: now_sys - now.saturating_duration_since(r.at),
+                        write_start,
+                        write_end: now_sys,
+                        batch_writes: writes,
+                    });
+                }
             }
         }
     }
@@ -593,7 +608,10 @@ mod tests {
             ],
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
-            received: vec![std::time::Instant::now()],
+            received: vec![crate::view_task::Received {
+                at: Instant::now(),
+                traced: None,
+            }],
         });
         assert_eq!(r.status.failed_writes, 1);
         // Part of the batch reaches the maps only with the full diff: its event is not timed.
@@ -645,7 +663,10 @@ mod tests {
             }],
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
-            received: vec![std::time::Instant::now()],
+            received: vec![crate::view_task::Received {
+                at: Instant::now(),
+                traced: None,
+            }],
         });
         assert_eq!(r.status.failed_writes, 1);
         assert_eq!(r.propagation_delay().count(), 1);

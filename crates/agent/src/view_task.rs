@@ -43,11 +43,37 @@ pub enum DatapathUpdate {
         ops: Vec<DatapathOp>,
         service_ops: Vec<ServiceOp>,
         counts: DesiredCounts,
-        /// When each cluster event of the batch that changed the datapath was received (see
-        /// [`ClusterEvent::received`](meshd_mesh::ClusterEvent::received)): the propagation
-        /// delay histogram's start times.
-        received: Vec<Instant>,
+        /// Each cluster event of the batch that changed the datapath: the propagation delay
+        /// histogram's start times, and the propagation traces'.
+        received: Vec<Received>,
     },
+}
+
+/// A cluster event that changed the datapath.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// When the watcher made it (see [`ClusterEvent::received`](meshd_mesh::ClusterEvent::received)).
+    pub at: Instant,
+    /// Its cluster and what changed, kept only while propagation traces are exported
+    /// ([`meshd_telemetry::propagation`]).
+    pub traced: Option<(ClusterName, &'static str)>,
+}
+
+/// What a cluster event changes, as a propagation trace names it.
+fn change_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::UpsertNode(_) => "node upsert",
+        EventKind::DeleteNode { .. } => "node delete",
+        EventKind::UpsertIpcache(_) => "ipcache upsert",
+        EventKind::DeleteIpcache { .. } => "ipcache delete",
+        EventKind::UpsertIdentity { .. } => "identity upsert",
+        EventKind::DeleteIdentity { .. } => "identity delete",
+        EventKind::UpsertService(_) => "service upsert",
+        EventKind::DeleteService { .. } => "service delete",
+        EventKind::Synced(_) => "synced",
+        EventKind::ClusterConfig(_) => "cluster config",
+        EventKind::ClusterRemoved => "cluster removed",
+    }
 }
 
 /// What the status shows of the local policies.
@@ -87,7 +113,7 @@ struct Pending {
     ops: Vec<DatapathOp>,
     service_ops: Vec<ServiceOp>,
     /// See [`DatapathUpdate::Changes`].
-    received: Vec<Instant>,
+    received: Vec<Received>,
     identities_changed: bool,
     /// A policy or a node (or a cluster's admission) changed: the policy warnings, which
     /// compare policy CIDRs with nodes' pod CIDRs, are recomputed (not on every ipcache batch).
@@ -190,7 +216,11 @@ impl ViewTask {
         let applied = match input {
             ViewInput::Cluster(event) => {
                 let cluster = event.cluster.clone();
-                let received = event.received();
+                let received = Received {
+                    at: event.received(),
+                    traced: meshd_telemetry::propagation::exporting()
+                        .then(|| (cluster.clone(), change_name(&event.kind))),
+                };
                 pending.warnings_stale |= !matches!(
                     event.kind,
                     EventKind::UpsertIpcache(_)
