@@ -672,6 +672,56 @@ mod tests {
         assert_eq!(r.propagation_delay().count(), 1);
     }
 
+    /// With an exporter configured, a change whose writes went through is one trace: the
+    /// etcd event and the map write under one root, named by its cluster and change.
+    #[test]
+    fn a_written_change_is_exported_as_one_trace() {
+        let Some((pin, _datapath)) = scratch("meshd-agent-reconciler-trace") else {
+            return;
+        };
+        let collector = meshd_telemetry::propagation::Collector::install_global();
+        let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
+        r.update(full(&DesiredDatapath::default()));
+        let received = Instant::now();
+        r.update(DatapathUpdate::Changes {
+            ops: vec![DatapathOp::UpsertIpcache {
+                prefix: "10.9.0.5/32".parse().unwrap(),
+                target: remote((9 << 16) | 300, [192, 168, 0, 9]),
+            }],
+            service_ops: Vec::new(),
+            counts: DesiredCounts::default(),
+            received: vec![crate::view_task::Received {
+                at: received,
+                traced: Some((
+                    meshd_state::ClusterName::new("c9").unwrap(),
+                    "ipcache upsert",
+                )),
+            }],
+        });
+        assert_eq!(r.status.failed_writes, 0);
+        let spans = collector.finished();
+        let c9 = ("meshd.cluster".to_owned(), "c9".to_owned());
+        let roots: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == "meshd.propagation" && s.attributes.contains(&c9))
+            .collect();
+        assert_eq!(roots.len(), 1, "{spans:#?}");
+        let root = roots[0];
+        assert!(
+            root.attributes
+                .contains(&("meshd.change".into(), "ipcache upsert".into())),
+            "{root:?}"
+        );
+        let mut children: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == root.span_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        children.sort();
+        assert_eq!(children, ["datapath.map_write", "etcd.watch_event"]);
+        assert!(root.start <= root.end);
+    }
+
     #[test]
     fn ipv6_stays_out_of_the_maps() {
         let mut d = DesiredDatapath::default();

@@ -148,8 +148,7 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Result<TelemetryGuard, Telem
     let otlp = provider.as_ref().map(|p| otlp_layer(p, service));
     if let Some(provider) = &provider {
         // Traces built with the OpenTelemetry API directly (`propagation`) go out the same way.
-        opentelemetry::global::set_tracer_provider(provider.clone());
-        propagation::set_exporting();
+        propagation::install(provider.clone());
     }
     let logs = match args.log_format {
         LogFormat::Plain => fmt::layer()

@@ -10,7 +10,11 @@
 //! one pays an atomic load per batch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
+
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 
 use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer};
 use opentelemetry::{Context, KeyValue};
@@ -25,8 +29,76 @@ pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
-pub(crate) fn set_exporting() {
+/// Makes `provider` the global tracer provider [`record`] uses, and turns recording on.
+/// [`init`](crate::init) does this with its OTLP pipeline; tests with a [`Collector`].
+pub fn install(provider: opentelemetry_sdk::trace::SdkTracerProvider) {
+    opentelemetry::global::set_tracer_provider(provider);
     EXPORTING.store(true, Ordering::Relaxed);
+}
+
+/// An in-process collector for tests: every span ended is kept, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Collector(Arc<Mutex<Vec<SpanData>>>);
+
+/// A span as the [`Collector`] kept it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedSpan {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// All zeros for a root span.
+    pub parent_span_id: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    /// Every attribute, its value as a string.
+    pub attributes: Vec<(String, String)>,
+}
+
+impl Collector {
+    /// A collector installed as the global tracer provider's only exporter (see [`install`]).
+    pub fn install_global() -> Self {
+        let collector = Self::default();
+        install(
+            opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_simple_exporter(collector.clone())
+                .build(),
+        );
+        collector
+    }
+
+    pub fn finished(&self) -> Vec<FinishedSpan> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|s| FinishedSpan {
+                name: s.name.to_string(),
+                trace_id: s.span_context.trace_id().to_string(),
+                span_id: s.span_context.span_id().to_string(),
+                parent_span_id: s.parent_span_id.to_string(),
+                start: s.start_time,
+                end: s.end_time,
+                attributes: s
+                    .attributes
+                    .iter()
+                    .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+impl SpanExporter for Collector {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(batch);
+        std::future::ready(Ok(()))
+    }
 }
 
 /// One change that reached the datapath.
@@ -90,28 +162,12 @@ pub fn record(p: &Propagated<'_>) {
 mod tests {
     use super::*;
     use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-    use std::sync::{Arc, Mutex};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
     use std::time::Duration;
-
-    /// An in-process collector: keeps what it is sent.
-    #[derive(Debug, Clone, Default)]
-    struct Collected(Arc<Mutex<Vec<SpanData>>>);
-
-    impl SpanExporter for Collected {
-        fn export(
-            &self,
-            batch: Vec<SpanData>,
-        ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
-            self.0.lock().unwrap().extend(batch);
-            std::future::ready(Ok(()))
-        }
-    }
 
     #[test]
     fn a_propagated_change_is_one_trace_from_the_event_to_the_map_write() {
-        let collected = Collected::default();
+        let collected = Collector::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(collected.clone())
             .build();
@@ -133,32 +189,25 @@ mod tests {
             );
         }
         provider.force_flush().unwrap();
-        let spans = collected.0.lock().unwrap().clone();
+        let spans = collected.finished();
         assert_eq!(spans.len(), 6, "{spans:#?}");
-        let roots: Vec<&SpanData> = spans
+        let roots: Vec<&FinishedSpan> = spans
             .iter()
             .filter(|s| s.name == "meshd.propagation")
             .collect();
         assert_eq!(roots.len(), 2);
         // One trace per change: each root's trace holds its two children and nothing else.
-        assert_ne!(
-            roots[0].span_context.trace_id(),
-            roots[1].span_context.trace_id()
-        );
+        assert_ne!(roots[0].trace_id, roots[1].trace_id);
         for root in roots {
-            assert_eq!(root.start_time, received);
-            assert_eq!(root.end_time, write_end);
+            assert_eq!((root.start, root.end), (received, write_end));
             assert!(root
                 .attributes
-                .contains(&KeyValue::new("meshd.change", "ipcache upsert")));
-            let trace = root.span_context.trace_id();
+                .contains(&("meshd.change".into(), "ipcache upsert".into())));
             let mut children: Vec<(&str, SystemTime, SystemTime)> = spans
                 .iter()
-                .filter(|s| {
-                    s.span_context.trace_id() == trace
-                        && s.parent_span_id == root.span_context.span_id()
-                })
-                .map(|s| (s.name.as_ref(), s.start_time, s.end_time))
+                .filter(|s| s.trace_id == root.trace_id && s.span_id != root.span_id)
+                .inspect(|s| assert_eq!(s.parent_span_id, root.span_id))
+                .map(|s| (s.name.as_str(), s.start, s.end))
                 .collect();
             children.sort();
             assert_eq!(
