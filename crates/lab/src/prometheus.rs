@@ -126,11 +126,11 @@ pub fn http_get(url: &str, timeout: Duration) -> anyhow::Result<String> {
     let sock: SocketAddr = addr
         .parse()
         .with_context(|| format!("{url}: the host is not IP:PORT"))?;
-    let mut s = TcpStream::connect_timeout(&sock, timeout).with_context(|| format!("{url}"))?;
+    let mut s = TcpStream::connect_timeout(&sock, timeout).with_context(|| url.to_owned())?;
     s.set_read_timeout(Some(timeout))?;
     write!(s, "GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).with_context(|| format!("{url}"))?;
+    s.read_to_end(&mut raw).with_context(|| url.to_owned())?;
     let raw = String::from_utf8_lossy(&raw);
     let (head, body) = raw
         .split_once("\r\n\r\n")
