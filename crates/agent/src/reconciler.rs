@@ -655,21 +655,29 @@ mod tests {
         assert_eq!(r.propagation_delay().count(), 0, "full diffs are not timed");
 
         // An event whose writes all go through is timed once.
-        let c: ipnet::IpNet = "10.2.0.7/32".parse().unwrap();
-        r.update(DatapathUpdate::Changes {
+        r.update(one_ipcache_change("10.2.0.7/32", c2, None));
+        assert_eq!(r.status.failed_writes, 1);
+        assert_eq!(r.propagation_delay().count(), 1);
+    }
+
+    /// One received event's one ipcache write (a remote endpoint of `identity`).
+    fn one_ipcache_change(
+        prefix: &str,
+        identity: u32,
+        traced: Option<(meshd_state::ClusterName, &'static str)>,
+    ) -> DatapathUpdate {
+        DatapathUpdate::Changes {
             ops: vec![DatapathOp::UpsertIpcache {
-                prefix: c,
-                target: remote(c2, [192, 168, 0, 2]),
+                prefix: prefix.parse().unwrap(),
+                target: remote(identity, [192, 168, 0, 2]),
             }],
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
             received: vec![crate::view_task::Received {
                 at: Instant::now(),
-                traced: None,
+                traced,
             }],
-        });
-        assert_eq!(r.status.failed_writes, 1);
-        assert_eq!(r.propagation_delay().count(), 1);
+        }
     }
 
     /// With an exporter configured, a change whose writes went through is one trace: the
@@ -682,22 +690,14 @@ mod tests {
         let collector = meshd_telemetry::propagation::Collector::install_global();
         let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
         r.update(full(&DesiredDatapath::default()));
-        let received = Instant::now();
-        r.update(DatapathUpdate::Changes {
-            ops: vec![DatapathOp::UpsertIpcache {
-                prefix: "10.9.0.5/32".parse().unwrap(),
-                target: remote((9 << 16) | 300, [192, 168, 0, 9]),
-            }],
-            service_ops: Vec::new(),
-            counts: DesiredCounts::default(),
-            received: vec![crate::view_task::Received {
-                at: received,
-                traced: Some((
-                    meshd_state::ClusterName::new("c9").unwrap(),
-                    "ipcache upsert",
-                )),
-            }],
-        });
+        r.update(one_ipcache_change(
+            "10.9.0.5/32",
+            (9 << 16) | 300,
+            Some((
+                meshd_state::ClusterName::new("c9").unwrap(),
+                "ipcache upsert",
+            )),
+        ));
         assert_eq!(r.status.failed_writes, 0);
         let spans = collector.finished();
         let c9 = ("meshd.cluster".to_owned(), "c9".to_owned());
