@@ -37,6 +37,10 @@ pub struct LabState {
     /// Why the lab runs no Prometheus (no `prometheus` binary installed, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus_absent: Option<String>,
+    /// Every cluster runs a mirror (`--kvstoremesh`) and its agents read remote clusters from
+    /// it (labs before this field: no).
+    #[serde(default)]
+    pub kvstoremesh: bool,
 }
 
 /// The lab's Prometheus server.
