@@ -514,7 +514,20 @@ fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCo
         .collect();
     let policy = policies(state, clis)?;
     let exe = bin_dir()?.join("meshd");
-    let report = meshd_lab::run_check(&exe, state, &targets, policy)?;
+    let mut report = meshd_lab::run_check(&exe, state, &targets, policy)?;
+    // docker-compose.yml runs a Prometheus: its absence from the docker lab is a failure (the
+    // namespace lab runs one only where `prometheus` is installed).
+    if let (Clis::Docker(_), None) = (clis, &state.prometheus) {
+        report.results.push(meshd_lab::CheckResult {
+            check: "prometheus up".into(),
+            from: "prometheus".into(),
+            to: "every agent and apiserver".into(),
+            expect: "up".into(),
+            pass: false,
+            detail: state.prometheus_absent.clone().unwrap_or_default(),
+        });
+        report.failed += 1;
+    }
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Format::Table => print!("{}", report.table()),
