@@ -54,21 +54,18 @@ fn instance_of(url: &str) -> Option<String> {
 pub fn targets(state: &LabState) -> Vec<Target> {
     let mut out = Vec::new();
     for c in &state.clusters {
-        if let Some(instance) = c.apiserver_metrics.as_deref().and_then(instance_of) {
-            out.push(Target {
-                job: APISERVER_JOB,
-                instance,
-                cluster: c.name.clone(),
-                node: None,
-            });
-        }
-        for n in &c.nodes {
-            if let Some(instance) = n.metrics.as_deref().and_then(instance_of) {
+        let apiserver = (APISERVER_JOB, c.apiserver_metrics.as_deref(), None);
+        let agents = c
+            .nodes
+            .iter()
+            .map(|n| (AGENT_JOB, n.metrics.as_deref(), Some(n.name.clone())));
+        for (job, url, node) in std::iter::once(apiserver).chain(agents) {
+            if let Some(instance) = url.and_then(instance_of) {
                 out.push(Target {
-                    job: AGENT_JOB,
+                    job,
                     instance,
                     cluster: c.name.clone(),
-                    node: Some(n.name.clone()),
+                    node,
                 });
             }
         }
