@@ -41,18 +41,23 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# promtool, for `promtool check metrics` in the e2e metrics test. Debian ships it only inside
-# the prometheus server package (~96 MB installed with its web assets and a service to start);
-# only the promtool binary is taken from it (a ~19 MB download; it links libc only).
-if ! have promtool && [ "$(id -u)" = 0 ]; then
+# promtool, for `promtool check metrics` in the e2e metrics test, and the Prometheus server the
+# namespace lab runs when it is installed (`make lab`: every agent and apiserver scraped). Debian
+# ships both only inside the prometheus server package (~96 MB installed with its web assets and
+# a service to start); only the two binaries are taken from it (a ~19 MB download; they link
+# libc only). The server's API needs no web assets.
+if { ! have promtool || ! have prometheus; } && [ "$(id -u)" = 0 ]; then
   tmp=$(mktemp -d)
   fetch() { (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); }
   if { fetch || { apt-get update -qq && fetch; }; } \
-    && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" \
-    && install -m 0755 "$tmp/x/usr/bin/promtool" /usr/local/bin/promtool; then
-    echo "install-deps: installed promtool"
+    && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"; then
+    for bin in promtool prometheus; do
+      have "$bin" || { install -m 0755 "$tmp/x/usr/bin/$bin" /usr/local/bin/$bin \
+        && echo "install-deps: installed $bin"; }
+    done
   else
-    echo "install-deps: promtool not installed; the metrics test checks the format itself" >&2
+    echo "install-deps: promtool and prometheus not installed; the metrics test checks the" \
+      "format itself, the namespace lab runs no Prometheus" >&2
   fi
   rm -rf "$tmp"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Entry point of a node container: the route to the external network, bpffs, the meshd agent,
-# then this node's endpoints (one app=echo running the echo workload, one app=client), then it
+# Entry point of a node container: the route to the external network, bpffs, the meshd agent
+# (its Prometheus metrics on NODE_IP:METRICS_PORT, 9962 unless given), then this node's endpoints (one app=echo running the echo workload, one app=client), then it
 # waits on the agent.
 set -euo pipefail
 : "${CLUSTER:?}" "${CLUSTER_ID:?}" "${NODE:?}" "${NODE_IP:?}" "${POD_CIDR:?}" "${ETCD:?}" "${REMOTES:=}"
@@ -45,6 +45,7 @@ bpffs_dir: /sys/fs/bpf/meshd
 underlay_device: ${dev:-eth0}
 api_socket: /run/meshd/agent.sock
 state_dir: /var/lib/meshd
+metrics_addr: $NODE_IP:${METRICS_PORT:-9962}
 YAML
 meshd agent --config /etc/meshd/agent.yaml &
 agent=$!

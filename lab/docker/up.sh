@@ -17,7 +17,7 @@ step "base image"
 lab/docker/build-base.sh
 rm -rf "$stage" && mkdir -p "$stage/bin"
 cp target/release/meshd target/release/clustermesh-apiserver "$stage/bin/"
-cp lab/docker/Dockerfile lab/docker/*.sh "$stage/"
+cp lab/docker/Dockerfile lab/docker/*.sh lab/docker/prometheus.yml "$stage/"
 step "building image meshd-lab:latest"
 docker build -q -t meshd-lab:latest --build-arg BASE=meshd-lab-base:bookworm "$stage" >/dev/null
 

@@ -1,6 +1,7 @@
 //! The agent's `/metrics` in a real mesh: the text is valid exposition, and it shows what the
-//! test causes: a policy drop counted with its reason and direction, and a remote cluster
-//! whose etcd stops going from ready to not ready.
+//! test causes: a remote put timed by the propagation delay histogram, a policy drop counted
+//! with its reason and direction, and a remote cluster whose etcd stops going from ready to not
+//! ready.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,6 +21,7 @@ const POLICY: &str = r#"{"apiVersion":"meshd.io/v1","kind":"NetworkPolicy",
           "ingress":[{"fromEndpoints":[{"matchLabels":{"app":"client"}}],
                       "toPorts":[{"ports":[{"port":"8080","protocol":"TCP"}]}]}]}}"#;
 
+const PROPAGATION_COUNT: &str = "meshd_propagation_delay_seconds_count";
 const POLICY_DROPS: &str = "meshd_datapath_dropped_packets_total";
 const INGRESS_POLICY: &[(&str, &str)] = &[("direction", "ingress"), ("reason", "policy-denied")];
 
@@ -91,6 +93,21 @@ fn metrics_count_a_policy_drop_and_show_a_stopped_remote_not_ready() -> anyhow::
         Some(f64::from(meshd_ebpf::abi::CT_MAX)),
         "{text}"
     );
+    // A put in c2's etcd (a new endpoint's ipcache entry) reaches c1's maps: c1/n1 times it.
+    let propagated = |text: &str| exposition::value(text, PROPAGATION_COUNT, &[]).unwrap_or(0.0);
+    let before = propagated(&scrape(&mesh, "c1", "n1")?);
+    mesh.add_endpoint("c2", "n1", "echo2", "app=echo")?;
+    wait_for("c1/n1 to time the remote put", WAIT, || {
+        let text = scrape(&mesh, "c1", "n1")?;
+        let after = propagated(&text);
+        anyhow::ensure!(
+            after > before,
+            "{PROPAGATION_COUNT} {before} -> {after}:\n{text}"
+        );
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+
     let before = exposition::value(&scrape(&mesh, "c2", "n1")?, POLICY_DROPS, INGRESS_POLICY);
     assert!(
         before.unwrap_or(0.0) == 0.0,

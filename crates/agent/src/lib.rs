@@ -363,6 +363,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (routes_tx, routes_rx) = watch::channel(routes::RoutesStatus::default());
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
+    let propagation_delay = reconciler.propagation_delay();
     tokio::spawn(reconciler.run(
         datapath_rx,
         full_request_tx,
@@ -524,6 +525,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         monitor: monitor_handle,
         identities: identities_rx,
         routes: routes_rx,
+        propagation_delay,
     };
     if let Some(listener) = metrics_listener {
         let service = service.clone();

@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use std::sync::atomic::AtomicU64;
 
 /// A gauge of a float (seconds).
@@ -35,6 +36,37 @@ struct MapLabels {
     map: String,
 }
 
+/// `meshd_propagation_delay_seconds`: the one metric counted as things happen rather than read
+/// from a snapshot. Clones share the counts (the reconciler observes, scrapes read).
+#[derive(Clone, Debug)]
+pub struct PropagationDelay(Histogram, std::sync::Arc<AtomicU64>);
+
+/// From 0.5 ms, doubling, to about 16 s.
+const PROPAGATION_BUCKETS: (f64, f64, u16) = (0.0005, 2.0, 16);
+
+impl Default for PropagationDelay {
+    fn default() -> Self {
+        let (start, factor, n) = PROPAGATION_BUCKETS;
+        Self(
+            Histogram::new(exponential_buckets(start, factor, n)),
+            Default::default(),
+        )
+    }
+}
+
+impl PropagationDelay {
+    /// One cluster event (received at `since`) whose map writes are done now.
+    pub fn observe(&self, since: std::time::Instant) {
+        self.0.observe(since.elapsed().as_secs_f64());
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Events observed so far.
+    pub fn count(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// What one scrape shows: the remote clusters, the datapath and the identities known.
 pub struct Snapshot<'a> {
     pub clusters: &'a [pb::ClusterStatus],
@@ -46,6 +78,7 @@ pub struct Snapshot<'a> {
     pub now_ms: u64,
     /// The routing mode and the node routes (`meshd status`'s routing lines).
     pub routing: &'a pb::RoutingStatus,
+    pub propagation_delay: &'a PropagationDelay,
 }
 
 fn gauge_family<S, G>(registry: &mut Registry, name: &str, help: &str) -> Family<S, G>
@@ -273,6 +306,11 @@ pub fn render(s: &Snapshot<'_>) -> String {
             rt.route_failures,
         );
     }
+    r.register(
+        "propagation_delay_seconds",
+        "Time from a cluster's change arriving at the agent (its etcd watch event, decoded) to the datapath map writes it causes being done; incremental writes only (a full diff at start or after a failure is not timed). Records carry no write time, so the time in etcd and on the wire is not included.",
+        s.propagation_delay.0.clone(),
+    );
     let identities: Gauge = Gauge::default();
     identities.set(gauge(s.identities as u64));
     r.register(
@@ -351,6 +389,11 @@ mod tests {
                 route_failures: 2,
                 ..Default::default()
             },
+            propagation_delay: &{
+                let delay = PropagationDelay::default();
+                delay.observe(std::time::Instant::now());
+                delay
+            },
         });
         for line in [
             "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
@@ -365,6 +408,8 @@ mod tests {
             "meshd_datapath_map_entries{map=\"ipcache\"} 4",
             "meshd_reconciler_corrections_total 1",
             "meshd_identities 6",
+            "meshd_propagation_delay_seconds_count 1",
+            "meshd_propagation_delay_seconds_bucket{le=\"16.384\"} 1",
             "meshd_datapath_events_lost_total 9",
             "meshd_remote_cluster_failures_total{cluster=\"c2\"} 3",
             "meshd_remote_cluster_last_event_age_seconds{cluster=\"c2\"} 2.5",

@@ -17,14 +17,16 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use meshd_datapath::{ipv4_only, DatapathError, DatapathMaps, LocalEndpoint};
 use meshd_mesh::{diff, diff_services, DatapathOp, DesiredCounts, DesiredDatapath, ServiceOp};
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::PropagationDelay;
 use crate::now_ms;
 use crate::view_task::DatapathUpdate;
+use meshd_telemetry::propagation::Propagated;
 
 /// This node's endpoints as the ENDPOINTS map should hold them, with a generation number the
 /// endpoint manager waits on ("my change is in the maps").
@@ -83,6 +85,8 @@ pub struct Reconciler {
     dirty: bool,
     /// An ENDPOINTS write failed: the endpoints are driven again after a pause.
     endpoints_dirty: bool,
+    /// Observed once per cluster event whose incremental writes all went through.
+    propagation_delay: PropagationDelay,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +127,13 @@ impl Reconciler {
             next_full: Some(FullDiff::Start),
             dirty: false,
             endpoints_dirty: false,
+            propagation_delay: PropagationDelay::default(),
         })
+    }
+
+    /// The histogram this reconciler observes into (for `/metrics`).
+    pub fn propagation_delay(&self) -> PropagationDelay {
+        self.propagation_delay.clone()
     }
 
     /// Applies operations in order. A failed write does not stop the others, except that a
@@ -195,6 +205,8 @@ impl Reconciler {
         // One forward revision bump for the whole round (in `finish`), not one per write: two
         // CONFIG syscalls per ipcache write would slow an initial sync by about a third.
         self.maps.defer_forward_revision();
+        let mut received = Vec::new();
+        let mut write_start = SystemTime::now();
         let (w, counts) = match update {
             DatapathUpdate::Full { desired, counts } => {
                 let mut why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
@@ -210,9 +222,33 @@ impl Reconciler {
                 ops,
                 service_ops,
                 counts,
-            } => (self.write(&ops, &service_ops), counts),
+                received: batch,
+            } => {
+                received = batch;
+                write_start = SystemTime::now();
+                (self.write(&ops, &service_ops), counts)
+            }
         };
+        // A batch with a failed write reaches the maps with a later full diff: not timed.
+        let timed = w.failed == 0;
+        let writes = w.applied;
         self.finish(w, Some(counts));
+        if timed {
+            let (now, now_sys) = (Instant::now(), SystemTime::now());
+            for r in received {
+                self.propagation_delay.observe(r.at);
+                if let Some((cluster, change)) = &r.traced {
+                    meshd_telemetry::propagation::record(&Propagated {
+                        cluster: cluster.as_str(),
+                        change,
+                        received: now_sys - now.saturating_duration_since(r.at),
+                        write_start,
+                        write_end: now_sys,
+                        batch_writes: writes,
+                    });
+                }
+            }
+        }
     }
 
     fn finish(&mut self, mut w: Writes, counts: Option<DesiredCounts>) {
@@ -521,6 +557,7 @@ mod tests {
             ops: Vec::new(),
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
+            received: Vec::new(),
         });
         assert_eq!(r.status.failed_writes, 0);
         assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
@@ -571,8 +608,14 @@ mod tests {
             ],
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
+            received: vec![crate::view_task::Received {
+                at: Instant::now(),
+                traced: None,
+            }],
         });
         assert_eq!(r.status.failed_writes, 1);
+        // Part of the batch reaches the maps only with the full diff: its event is not timed.
+        assert_eq!(r.propagation_delay().count(), 0);
         assert!(r
             .status
             .last_error
@@ -609,6 +652,74 @@ mod tests {
         assert_eq!(r.status.corrections, 1);
         assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
         assert_eq!(r.status.full_diffs, 3);
+        assert_eq!(r.propagation_delay().count(), 0, "full diffs are not timed");
+
+        // An event whose writes all go through is timed once.
+        r.update(one_ipcache_change("10.2.0.7/32", c2, None));
+        assert_eq!(r.status.failed_writes, 1);
+        assert_eq!(r.propagation_delay().count(), 1);
+    }
+
+    /// One received event's one ipcache write (a remote endpoint of `identity`).
+    fn one_ipcache_change(
+        prefix: &str,
+        identity: u32,
+        traced: Option<(meshd_state::ClusterName, &'static str)>,
+    ) -> DatapathUpdate {
+        DatapathUpdate::Changes {
+            ops: vec![DatapathOp::UpsertIpcache {
+                prefix: prefix.parse().unwrap(),
+                target: remote(identity, [192, 168, 0, 2]),
+            }],
+            service_ops: Vec::new(),
+            counts: DesiredCounts::default(),
+            received: vec![crate::view_task::Received {
+                at: Instant::now(),
+                traced,
+            }],
+        }
+    }
+
+    /// With an exporter configured, a change whose writes went through is one trace: the
+    /// etcd event and the map write under one root, named by its cluster and change.
+    #[test]
+    fn a_written_change_is_exported_as_one_trace() {
+        let Some((pin, _datapath)) = scratch("meshd-agent-reconciler-trace") else {
+            return;
+        };
+        let collector = meshd_telemetry::propagation::Collector::install_global();
+        let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
+        r.update(full(&DesiredDatapath::default()));
+        r.update(one_ipcache_change(
+            "10.9.0.5/32",
+            (9 << 16) | 300,
+            Some((
+                meshd_state::ClusterName::new("c9").unwrap(),
+                "ipcache upsert",
+            )),
+        ));
+        assert_eq!(r.status.failed_writes, 0);
+        let spans = collector.finished();
+        let c9 = ("meshd.cluster".to_owned(), "c9".to_owned());
+        let roots: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == "meshd.propagation" && s.attributes.contains(&c9))
+            .collect();
+        assert_eq!(roots.len(), 1, "{spans:#?}");
+        let root = roots[0];
+        assert!(
+            root.attributes
+                .contains(&("meshd.change".into(), "ipcache upsert".into())),
+            "{root:?}"
+        );
+        let mut children: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.parent_span_id == root.span_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        children.sort();
+        assert_eq!(children, ["datapath.map_write", "etcd.watch_event"]);
+        assert!(root.start <= root.end);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct AgentService {
     pub monitor: MonitorHandle,
     pub identities: watch::Receiver<Arc<IdentityLabels>>,
     pub routes: watch::Receiver<crate::routes::RoutesStatus>,
+    /// The reconciler's `meshd_propagation_delay_seconds`.
+    pub propagation_delay: crate::metrics::PropagationDelay,
 }
 
 fn direction_name(d: Direction) -> &'static str {
@@ -404,6 +406,7 @@ impl AgentService {
             events_lost: self.monitor.events_lost(),
             now_ms: crate::now_ms(),
             routing: &routing,
+            propagation_delay: &self.propagation_delay,
         })
     }
 

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshd_mesh::{
     ClusterStatus, DatapathOp, DesiredCounts, DesiredDatapath, EventKind, MeshView, ServiceOp,
@@ -43,7 +43,37 @@ pub enum DatapathUpdate {
         ops: Vec<DatapathOp>,
         service_ops: Vec<ServiceOp>,
         counts: DesiredCounts,
+        /// Each cluster event of the batch that changed the datapath: the propagation delay
+        /// histogram's start times, and the propagation traces'.
+        received: Vec<Received>,
     },
+}
+
+/// A cluster event that changed the datapath.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// When the watcher made it (see [`ClusterEvent::received`](meshd_mesh::ClusterEvent::received)).
+    pub at: Instant,
+    /// Its cluster and what changed, kept only while propagation traces are exported
+    /// ([`meshd_telemetry::propagation`]).
+    pub traced: Option<(ClusterName, &'static str)>,
+}
+
+/// What a cluster event changes, as a propagation trace names it.
+fn change_name(kind: &EventKind) -> &'static str {
+    match kind {
+        EventKind::UpsertNode(_) => "node upsert",
+        EventKind::DeleteNode { .. } => "node delete",
+        EventKind::UpsertIpcache(_) => "ipcache upsert",
+        EventKind::DeleteIpcache { .. } => "ipcache delete",
+        EventKind::UpsertIdentity { .. } => "identity upsert",
+        EventKind::DeleteIdentity { .. } => "identity delete",
+        EventKind::UpsertService(_) => "service upsert",
+        EventKind::DeleteService { .. } => "service delete",
+        EventKind::Synced(_) => "synced",
+        EventKind::ClusterConfig(_) => "cluster config",
+        EventKind::ClusterRemoved => "cluster removed",
+    }
 }
 
 /// What the status shows of the local policies.
@@ -82,6 +112,8 @@ pub struct ViewTask {
 struct Pending {
     ops: Vec<DatapathOp>,
     service_ops: Vec<ServiceOp>,
+    /// See [`DatapathUpdate::Changes`].
+    received: Vec<Received>,
     identities_changed: bool,
     /// A policy or a node (or a cluster's admission) changed: the policy warnings, which
     /// compare policy CIDRs with nodes' pod CIDRs, are recomputed (not on every ipcache batch).
@@ -153,6 +185,7 @@ impl ViewTask {
                     ops: pending.ops,
                     service_ops: pending.service_ops,
                     counts: self.view.desired_counts(),
+                    received: pending.received,
                 };
                 if self.datapath.send(update).await.is_err() {
                     return;
@@ -183,6 +216,11 @@ impl ViewTask {
         let applied = match input {
             ViewInput::Cluster(event) => {
                 let cluster = event.cluster.clone();
+                let received = Received {
+                    at: event.received(),
+                    traced: meshd_telemetry::propagation::exporting()
+                        .then(|| (cluster.clone(), change_name(&event.kind))),
+                };
                 pending.warnings_stale |= !matches!(
                     event.kind,
                     EventKind::UpsertIpcache(_)
@@ -203,6 +241,9 @@ impl ViewTask {
                 // event (an event carries one entry; a relist's batch says it once).
                 if let Some(first) = applied.pending.first() {
                     tracing::info!(%cluster, count = applied.pending.len(), entry = %first, "remote entries held back until their node is known");
+                }
+                if !(applied.ops.is_empty() && applied.service_ops.is_empty()) {
+                    pending.received.push(received);
                 }
                 applied
             }

@@ -9,7 +9,9 @@
 //! - every client reaches the external host (which must have seen the client's node address
 //!   with masquerade on, the client's own without), pings it, and pings its own node;
 //! - where pod addresses are routable (native routing, or masquerade off), the external host
-//!   reaches every echo endpoint as `world`, unless the lab's policy selects it (denied).
+//!   reaches every echo endpoint as `world`, unless the lab's policy selects it (denied);
+//! - where the lab runs a Prometheus, it scrapes every agent and apiserver (each `up`, each with
+//!   `meshd_` series), asked through its HTTP API.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,7 +28,7 @@ pub struct CheckResult {
     pub check: String,
     pub from: String,
     pub to: String,
-    /// `allow` or `deny`.
+    /// `allow` or `deny`; `up` for the lab's Prometheus' view of a metrics endpoint.
     pub expect: String,
     pub pass: bool,
     pub detail: String,
@@ -64,6 +66,9 @@ impl CheckReport {
         out
     }
 }
+
+/// How long the check waits for the lab's Prometheus to have scraped every target.
+const PROMETHEUS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A service as `meshd get services -o json` lists it.
 #[derive(Debug, Clone)]
@@ -377,6 +382,14 @@ pub fn run_check(
     }
 
     let mut results = Vec::new();
+    // The lab's Prometheus scrapes every agent and apiserver (meanwhile the requests run).
+    if let Some(prom) = &state.prometheus {
+        results.extend(crate::prometheus::check(
+            &prom.url,
+            &crate::prometheus::targets(state),
+            PROMETHEUS_WAIT,
+        ));
+    }
     for p in pending {
         let Pending {
             mut result,

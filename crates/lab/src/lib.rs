@@ -14,6 +14,7 @@
 
 pub mod check;
 pub mod proc;
+pub mod prometheus;
 pub mod spec;
 pub mod state;
 pub mod up;

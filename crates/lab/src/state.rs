@@ -30,10 +30,29 @@ pub struct LabState {
     /// The clusters' routing mode (labs before this field: tunnel).
     #[serde(default)]
     pub routing: meshd_state::RoutingMode,
+    /// The lab's Prometheus, scraping every agent and apiserver; `None` when it runs none
+    /// (`prometheus_absent` says why).
+    #[serde(default)]
+    pub prometheus: Option<LabPrometheus>,
+    /// Why the lab runs no Prometheus (no `prometheus` binary installed, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus_absent: Option<String>,
     /// Every cluster runs a mirror (`--kvstoremesh`) and its agents read remote clusters from
     /// it (labs before this field: no).
     #[serde(default)]
     pub kvstoremesh: bool,
+}
+
+/// The lab's Prometheus server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabPrometheus {
+    /// Base URL of its web UI and HTTP API (`/api/v1/...`), reachable from the host.
+    pub url: String,
+    /// Its process (0 in the docker lab, where `container` names it).
+    pub pid: u32,
+    pub config: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 fn masquerade_default() -> bool {

@@ -17,12 +17,13 @@ use meshd_topology::underlay::host_address;
 use meshd_topology::{FarHostSpec, HostSpec, OutsideSpec, RootLinkSpec, Topology, UnderlaySpec};
 
 use crate::proc::{self, run, spawn_daemon, wait_for};
+use crate::prometheus;
 use crate::spec::{
     ClusterSpec, LabSpec, NodeSpec, AGENT_METRICS_PORT, APISERVER_METRICS_PORT, ECHO_PORT,
 };
 use crate::state::{
-    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabExternal, LabNode, LabProcess, LabState,
-    TlsPaths,
+    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabExternal, LabNode, LabProcess,
+    LabPrometheus, LabState, TlsPaths,
 };
 
 /// Environment variable set on every process the lab starts; its value is the run dir.
@@ -188,6 +189,7 @@ fn build_on(
             start_node(opts, state, topology, cluster, node, progress)?;
         }
     }
+    start_prometheus(opts, state, progress)?;
     for cluster in &spec.clusters {
         for node in &cluster.nodes {
             add_endpoints(opts, state, cluster, node, progress)?;
@@ -841,6 +843,65 @@ fn start_node(
             node.name,
             proc::log_tail(&log, 30)
         );
+    }
+    Ok(())
+}
+
+/// The lab's Prometheus in the host namespace (which reaches every agent and apiserver), on
+/// the host's underlay address, scraping every one; when no `prometheus` binary is installed
+/// the state says so instead.
+fn start_prometheus(
+    opts: &UpOptions,
+    state: &mut LabState,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let found = run(
+        None,
+        Path::new("sh"),
+        &["-c".into(), "command -v prometheus".into()],
+    );
+    let program = match found {
+        Ok(path) if !path.trim().is_empty() => PathBuf::from(path.trim()),
+        _ => {
+            let why = "no `prometheus` binary on PATH (scripts/install-deps.sh installs Debian's)";
+            progress(&format!("prometheus: not started: {why}"));
+            state.prometheus_absent = Some(why.into());
+            return state.save();
+        }
+    };
+    let dir = opts.run_dir.join("prometheus");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("prometheus.yml");
+    std::fs::write(&config, prometheus::config(&prometheus::targets(state)))
+        .with_context(|| format!("writing {}", config.display()))?;
+    let addr = SocketAddr::from((opts.spec.host_ip, prometheus::PROMETHEUS_PORT));
+    progress(&format!(
+        "prometheus on {addr}: scraping every agent and apiserver"
+    ));
+    let log = dir.join("prometheus.log");
+    let args: Vec<String> = vec![
+        format!("--config.file={}", config.display()),
+        format!("--storage.tsdb.path={}", dir.join("data").display()),
+        "--storage.tsdb.retention.time=1d".into(),
+        format!("--web.listen-address={addr}"),
+    ];
+    let pid = spawn_daemon(None, &program, &args, &marker(opts), &log)?;
+    record(state, pid, "prometheus", "", "", &log);
+    state.prometheus = Some(LabPrometheus {
+        url: format!("http://{addr}"),
+        pid,
+        config,
+        container: None,
+    });
+    state.prometheus_absent = None;
+    state.save()?;
+    wait_for(
+        &format!("prometheus on {addr}"),
+        Duration::from_secs(30),
+        || proc::tcp_open(addr) || !proc::is_alive(pid),
+    )?;
+    if !proc::is_alive(pid) {
+        bail!("prometheus exited; log:\n{}", proc::log_tail(&log, 30));
     }
     Ok(())
 }

@@ -74,6 +74,11 @@ fn lab_up_check_status_down_twice() {
         "--run-dir",
         run,
     ];
+    // The lab runs a Prometheus when one is installed (under CI=true it must be).
+    let prometheus = meshd_testing::require(
+        "prometheus on PATH (scripts/install-deps.sh installs Debian's)",
+        meshd_testing::have_binary("prometheus"),
+    );
     // Twice in a row: the second `up` replaces the first lab, without masquerade, in native
     // routing mode and with every cluster's remote clusters read through its cache.
     for round in 1..=2 {
@@ -90,6 +95,18 @@ fn lab_up_check_status_down_twice() {
         }
         assert!(stdout.contains(" 0 failed"), "round {round}: {stdout}");
         assert!(stdout.contains("cross-cluster"), "round {round}: {stdout}");
+        // The check asked the lab's Prometheus about every agent and apiserver (2 x 3 targets).
+        for row in ["prometheus up ", "prometheus series "] {
+            let ok = stdout
+                .lines()
+                .filter(|l| l.starts_with(row) && l.contains(" ok "))
+                .count();
+            assert_eq!(
+                ok,
+                if prometheus { 6 } else { 0 },
+                "round {round}: {stdout}"
+            );
+        }
         // The external host answered every client (and saw the address the mode implies).
         assert_eq!(
             stdout
@@ -142,6 +159,56 @@ fn lab_up_check_status_down_twice() {
             let body = http_get(&url);
             assert!(body.contains("# HELP meshd_"), "{url}: {body}");
         }
+    }
+    // The lab's Prometheus, asked from the host: every agent and apiserver up.
+    if prometheus {
+        let url = doc["prometheus"].as_str().expect("prometheus URL");
+        let body = http_get(&format!("{url}/api/v1/query?query=up"));
+        let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let up: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {body}"));
+        let up: Vec<(String, String)> = up["data"]["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["metric"]["instance"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    r["value"][1].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        for c in clusters {
+            let mut urls = vec![c["apiserver_metrics"].as_str().unwrap()];
+            urls.extend(
+                c["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n["metrics"].as_str().unwrap()),
+            );
+            for metrics in urls {
+                let instance = metrics
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/metrics");
+                assert!(
+                    up.contains(&(instance.to_owned(), "1".to_owned())),
+                    "{instance} not up in {up:?}"
+                );
+            }
+        }
+    } else {
+        assert!(doc["prometheus"].is_null(), "{doc}");
+        assert!(
+            doc["prometheus_absent"]
+                .as_str()
+                .unwrap()
+                .contains("prometheus"),
+            "{doc}"
+        );
     }
     assert_eq!(doc["masquerade"], false, "{doc}");
     assert_eq!(doc["routing"], "native", "{doc}");

@@ -3,9 +3,11 @@
 //! Everything else only emits `tracing` spans and events. Logs go to stderr, as plain text for
 //! people or JSON for log pipelines; the filter comes from `--log-level` or `RUST_LOG`.
 //! OpenTelemetry (OTLP/gRPC) export of spans is optional and off unless an endpoint is given
-//! (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`).
+//! (`--otlp-endpoint` or `OTEL_EXPORTER_OTLP_ENDPOINT`); with it the agent also exports one
+//! trace per change propagated from a cluster's etcd into its maps ([`propagation`]).
 
 pub mod metrics;
+pub mod propagation;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -144,6 +146,10 @@ pub fn init(args: &TelemetryArgs, service: &str) -> Result<TelemetryGuard, Telem
         _ => None,
     };
     let otlp = provider.as_ref().map(|p| otlp_layer(p, service));
+    if let Some(provider) = &provider {
+        // Traces built with the OpenTelemetry API directly (`propagation`) go out the same way.
+        propagation::install(provider.clone());
+    }
     let logs = match args.log_format {
         LogFormat::Plain => fmt::layer()
             .with_writer(std::io::stderr)

@@ -299,11 +299,35 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
     let mut clusters = std::collections::BTreeMap::<String, meshd_lab::state::LabCluster>::new();
     let mut clis = std::collections::BTreeMap::new();
     let (mut external, mut router) = (None, None);
+    // Metrics endpoints as node.sh and apiserver.sh serve them (METRICS_PORT, else the
+    // scripts' default, the namespace lab's ports).
+    let metrics_url = |container: &str, ip: &str, default: u16| {
+        let port = env(container, "METRICS_PORT").unwrap_or_else(|_| default.to_string());
+        format!("http://{ip}:{port}/metrics")
+    };
+    let mut apiserver_metrics = std::collections::BTreeMap::new();
     for (container, service) in &containers {
         match service.as_str() {
             "external" => external = Some(container),
             "router" => router = Some(container),
+            "prometheus" => {
+                let (ip, port) = (env(container, "IP")?, env(container, "PORT")?);
+                state.prometheus = Some(meshd_lab::state::LabPrometheus {
+                    url: format!("http://{ip}:{port}"),
+                    pid: 0,
+                    config: PROMETHEUS_CONFIG_IN_IMAGE.into(),
+                    container: Some(container.to_owned()),
+                });
+            }
             _ => {}
+        }
+        if let Some(cluster) = service.strip_suffix("-apiserver") {
+            let ip = env(container, "IP")?;
+            apiserver_metrics.insert(
+                cluster.to_owned(),
+                metrics_url(container, &ip, meshd_lab::spec::APISERVER_METRICS_PORT),
+            );
+            continue;
         }
         // Node services are named CLUSTER-NODE (c1-n1); etcd and apiservers are not nodes.
         let Some((cluster, node)) = service.split_once('-') else {
@@ -340,7 +364,11 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
                 ip: env(container, "NODE_IP")?,
                 agent_pid: 0,
                 api_socket: "/run/meshd/agent.sock".into(),
-                metrics: None,
+                metrics: Some(metrics_url(
+                    container,
+                    &env(container, "NODE_IP")?,
+                    meshd_lab::spec::AGENT_METRICS_PORT,
+                )),
                 etcd: Default::default(),
                 container: Some(container.to_owned()),
             });
@@ -376,6 +404,12 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
     // `docker ps` lists in no useful order.
     for c in &mut state.clusters {
         c.nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        c.apiserver_metrics = apiserver_metrics.remove(&c.name);
+    }
+    if state.prometheus.is_none() {
+        state.prometheus_absent = Some(format!(
+            "no prometheus container in compose project {project} (docker-compose.yml runs one)"
+        ));
     }
     // The external host and its router as docker-compose.yml gives them their addresses.
     if let Some(external) = external {
@@ -397,6 +431,9 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
     }
     Ok((state, Clis::Docker(clis)))
 }
+
+/// Where the docker lab's image holds the Prometheus configuration (lab/docker/prometheus.yml).
+const PROMETHEUS_CONFIG_IN_IMAGE: &str = "/etc/meshd-lab/prometheus.yml";
 
 /// A container's environment, by variable name.
 type ContainerEnv = std::collections::BTreeMap<String, String>;
@@ -477,7 +514,20 @@ fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCo
         .collect();
     let policy = policies(state, clis)?;
     let exe = bin_dir()?.join("meshd");
-    let report = meshd_lab::run_check(&exe, state, &targets, policy)?;
+    let mut report = meshd_lab::run_check(&exe, state, &targets, policy)?;
+    // docker-compose.yml runs a Prometheus: its absence from the docker lab is a failure (the
+    // namespace lab runs one only where `prometheus` is installed).
+    if let (Clis::Docker(_), None) = (clis, &state.prometheus) {
+        report.results.push(meshd_lab::CheckResult {
+            check: "prometheus up".into(),
+            from: "prometheus".into(),
+            to: "every agent and apiserver".into(),
+            expect: "up".into(),
+            pass: false,
+            detail: state.prometheus_absent.clone().unwrap_or_default(),
+        });
+        report.failed += 1;
+    }
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Format::Table => print!("{}", report.table()),
@@ -655,6 +705,8 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "endpoints": state.endpoints,
         "masquerade": state.masquerade,
         "routing": state.routing,
+        "prometheus": state.prometheus.as_ref().map(|p| &p.url),
+        "prometheus_absent": state.prometheus_absent,
         "kvstoremesh": state.kvstoremesh,
         "external": state.external.as_ref().map(|e| serde_json::json!({
             "netns": e.netns,
@@ -695,6 +747,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     if state.masquerade { "on" } else { "off" },
                     state.routing
                 );
+            }
+            match (&state.prometheus, &state.prometheus_absent) {
+                (Some(p), _) => {
+                    println!("prometheus {} (every agent and apiserver scraped)", p.url)
+                }
+                (None, Some(why)) => println!("prometheus: none ({why})"),
+                (None, None) => println!("prometheus: none"),
             }
             if state.kvstoremesh {
                 println!("remote clusters read through each cluster's cache (kvstoremesh)");

@@ -31,15 +31,35 @@ pub struct LocalNode {
 }
 
 /// One change seen by a cluster's watcher.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ClusterEvent {
     pub cluster: ClusterName,
     pub kind: EventKind,
+    /// When the event was made: the watcher makes it as the change arrives from etcd (decoded),
+    /// so the time from here to the map write is the agent's share of propagation. Records
+    /// carry no write time, and etcd gives revisions, not times, so nothing earlier is known.
+    received: std::time::Instant,
 }
 
 impl ClusterEvent {
     pub fn new(cluster: ClusterName, kind: EventKind) -> Self {
-        Self { cluster, kind }
+        Self {
+            cluster,
+            kind,
+            received: std::time::Instant::now(),
+        }
+    }
+
+    /// When [`ClusterEvent::new`] made it.
+    pub fn received(&self) -> std::time::Instant {
+        self.received
+    }
+}
+
+/// The same change, whenever it was received.
+impl PartialEq for ClusterEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.cluster == other.cluster && self.kind == other.kind
     }
 }
 
