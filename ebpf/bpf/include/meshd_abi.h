@@ -85,6 +85,9 @@ enum meshd_reason {
 	MESHD_DROP_FRAG_NOT_FOUND = -141,   /* non-first IPv4 fragment whose first one was not seen */
 	MESHD_DROP_NO_SERVICE_BACKEND = -142, /* new connection to a service frontend without backends */
 	MESHD_DROP_NAT_NO_PORT = -143,      /* masquerade: no free port in the SNAT range */
+	/* new connection to a public frontend with externalTrafficPolicy Local and no backend on
+	 * this node */
+	MESHD_DROP_NO_LOCAL_BACKEND = -144,
 };
 
 enum meshd_metrics_layout {

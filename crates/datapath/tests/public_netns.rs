@@ -1,0 +1,264 @@
+//! Public endpoints with real kernels and sockets (issue 14): a host outside the mesh, behind a
+//! router on the underlay, connects to node 0's IP at a NodePort; from_netdev on node 0's uplink
+//! balances it to a backend on node 0 (the backend sees the client's own address) or on node 1
+//! (SNATed to node 0 and tunnelled, or natively routed; the backend sees node 0). The client's
+//! socket talks to node 0:NodePort only, so every answer it accepts proves the translation back
+//! (and the checksums, which the real stacks verify). Namespaces are prefixed `ex`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::can_run;
+use common::topology::*;
+use ipnet::Ipv4Net;
+use meshd_datapath::{
+    netns::run_in, Direction, EgressConfig, IpcacheTarget, LbBackend, LbFrontend,
+};
+use meshd_ebpf::abi;
+use meshd_state::NumericIdentity;
+use meshd_testing::netns::{External, UNDERLAY_IFNAME};
+
+const NODE_PORT: u16 = 30080;
+const BACKEND_PORT: u16 = 8080;
+const TCP: u8 = 6;
+const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 254);
+
+/// Two nodes (clusters 1 and 1), one endpoint each, and an outside; every node wired as the
+/// agent wires it for the world: from_netdev on the uplink, egress (masquerade range), the
+/// default route via the router, node IPs in the ipcache.
+fn setup(native: bool) -> Option<(Topology, External)> {
+    if !can_run() {
+        return None;
+    }
+    let prefix = if native { "exn" } else { "ext" };
+    let mut topo = Topology::with_routing(prefix, &[1, 1], 1, native).expect("topology");
+    let external = topo
+        .underlay
+        .add_external(prefix, ROUTER, 1500)
+        .expect("outside");
+    let node_ips: Vec<Ipv4Addr> = topo.nodes.iter().map(|n| n.node_ip).collect();
+    for i in 0..topo.nodes.len() {
+        let ns = topo.underlay.node(i).path();
+        topo.underlay
+            .node(i)
+            .ip(&["route", "replace", "default", "via", &ROUTER.to_string()])
+            .expect("default route");
+        let node = &mut topo.nodes[i];
+        if !native {
+            let dp = node.datapath.as_mut().expect("datapath");
+            run_in(&ns, || Ok(dp.attach_netdev(UNDERLAY_IFNAME)?)).expect("attach from_netdev");
+        }
+        node.maps
+            .set_egress(&EgressConfig {
+                masquerade: true,
+                nat_ports: 61000..=61999,
+            })
+            .expect("egress");
+        for ip in &node_ips {
+            let (identity, local) = if *ip == node.node_ip {
+                (NumericIdentity::HOST, true)
+            } else {
+                (NumericIdentity::REMOTE_NODE, false)
+            };
+            node.maps
+                .upsert_ipcache(
+                    Ipv4Net::new(*ip, 32).unwrap(),
+                    IpcacheTarget {
+                        identity,
+                        tunnel_endpoint: None,
+                        local,
+                    },
+                )
+                .expect("node ipcache entry");
+        }
+    }
+    Some((topo, external))
+}
+
+/// Node 0's NodePort, balanced over `backends` (endpoints' addresses).
+fn expose(topo: &mut Topology, backends: &[Ipv4Addr], flags: u32) {
+    let frontend = LbFrontend {
+        addr: topo.nodes[0].node_ip,
+        port: NODE_PORT,
+        proto: TCP,
+    };
+    let maps = &mut topo.nodes[0].maps;
+    for (slot, addr) in backends.iter().enumerate() {
+        maps.upsert_backend(
+            frontend,
+            slot as u32,
+            LbBackend {
+                addr: *addr,
+                port: BACKEND_PORT,
+                cluster_id: 1,
+            },
+        )
+        .unwrap();
+    }
+    maps.upsert_service(frontend, backends.len() as u32, flags)
+        .unwrap();
+}
+
+/// Connects from the external host to `to`.
+fn connect_from_outside(ext: &External, to: SocketAddr) -> anyhow::Result<TcpStream> {
+    run_in(&ext.host.path(), move || {
+        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?)
+    })
+}
+
+/// One exchange from the external host to node 0:NodePort, served by `listener` (in the
+/// backend's namespace); returns the address the backend saw the client connect from.
+fn exchange(ext: &External, node_ip: Ipv4Addr, listener: &TcpListener) -> anyhow::Result<IpAddr> {
+    let listener = listener.try_clone()?;
+    let server = std::thread::spawn(move || -> anyhow::Result<IpAddr> {
+        let (mut s, peer) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 20000];
+        s.read_exact(&mut buf)?;
+        s.write_all(&buf)?;
+        Ok(peer.ip())
+    });
+    let to = SocketAddr::from((node_ip, NODE_PORT));
+    let mut client = connect_from_outside(ext, to)?;
+    assert_eq!(client.peer_addr()?, to);
+    client.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Several full-sized segments each way: their checksums are the stacks' to verify.
+    let msg: Vec<u8> = (0..20000).map(|i| (i % 251) as u8).collect();
+    client.write_all(&msg)?;
+    let mut got = vec![0u8; msg.len()];
+    client.read_exact(&mut got)?;
+    anyhow::ensure!(got == msg, "echo mismatch");
+    server.join().expect("server thread")
+}
+
+fn outside_to_local_backend(native: bool) {
+    let Some((mut topo, ext)) = setup(native) else {
+        return;
+    };
+    let backend = topo.ep(0, 0).ip;
+    expose(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
+    let listener = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
+    let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
+    assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
+    assert!(topo.nodes[0].maps.nat_mappings().unwrap().is_empty(), "no SNAT");
+}
+
+fn outside_to_remote_backend(native: bool) {
+    let Some((mut topo, ext)) = setup(native) else {
+        return;
+    };
+    let backend = topo.ep(1, 0).ip;
+    expose(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
+    let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
+    let node_ip = topo.nodes[0].node_ip;
+    let seen = exchange(&ext, node_ip, &listener).unwrap();
+    assert_eq!(seen, IpAddr::V4(node_ip), "SNATed to the node it came in by");
+    let fwd = if native {
+        abi::FWD_NATIVE
+    } else {
+        abi::FWD_TUNNEL
+    };
+    let maps = &topo.nodes[0].maps;
+    assert!(maps.counter(Direction::Ingress, fwd).unwrap() > 0);
+    assert!(maps.counter(Direction::Ingress, abi::FWD_WORLD).unwrap() > 0, "replies routed out");
+}
+
+#[test]
+fn an_outside_client_reaches_a_backend_on_the_node_through_its_node_port() {
+    outside_to_local_backend(false);
+}
+
+#[test]
+fn an_outside_client_reaches_a_backend_on_another_node_through_the_tunnel() {
+    outside_to_remote_backend(false);
+}
+
+#[test]
+fn an_outside_client_reaches_a_backend_on_another_node_by_native_routing() {
+    outside_to_remote_backend(true);
+}
+
+#[test]
+fn local_policy_serves_from_the_node_and_refuses_without_a_local_backend() {
+    let Some((mut topo, ext)) = setup(false) else {
+        return;
+    };
+    let flags = abi::SERVICE_F_NODE_PORT | abi::SERVICE_F_LOCAL;
+    // No backend on node 0 (the agent writes none for a Local frontend): refused, counted.
+    expose(&mut topo, &[], flags);
+    let to = SocketAddr::from((topo.nodes[0].node_ip, NODE_PORT));
+    let err = run_in(&ext.host.path(), move || {
+        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(1)))
+    })
+    .unwrap();
+    assert!(err.is_err(), "connected without a local backend");
+    let drops = topo.nodes[0]
+        .maps
+        .counter(Direction::Ingress, abi::DROP_NO_LOCAL_BACKEND)
+        .unwrap();
+    assert!(drops > 0, "the SYN counted as no-local-backend");
+
+    let backend = topo.ep(0, 0).ip;
+    expose(&mut topo, &[backend], flags);
+    let listener = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
+    let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
+    assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
+}
+
+#[test]
+fn new_connections_avoid_a_backend_deleted_under_traffic() {
+    let Some((mut topo, ext)) = setup(false) else {
+        return;
+    };
+    let (b0, b1) = (topo.ep(0, 0).ip, topo.ep(1, 0).ip);
+    expose(&mut topo, &[b0, b1], abi::SERVICE_F_NODE_PORT);
+    let l0 = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
+    let l1 = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
+    let node_ip = topo.nodes[0].node_ip;
+    // A live connection to each backend: connect until both have one.
+    let to = SocketAddr::from((node_ip, NODE_PORT));
+    let mut open = Vec::new();
+    for _ in 0..64 {
+        open.push(connect_from_outside(&ext, to).unwrap());
+        l0.set_nonblocking(true).unwrap();
+        l1.set_nonblocking(true).unwrap();
+        if let Ok((s, _)) = l0.accept() {
+            open.push(s);
+        }
+        if let Ok((s, _)) = l1.accept() {
+            open.push(s);
+        }
+        if l0_l1_both(&open, b0, b1) {
+            break;
+        }
+    }
+    assert!(l0_l1_both(&open, b0, b1), "both backends chosen in 64 connections");
+    // Backend 1 goes away under traffic: the agent lowers the count, then deletes its slot.
+    let frontend = LbFrontend {
+        addr: node_ip,
+        port: NODE_PORT,
+        proto: TCP,
+    };
+    topo.nodes[0]
+        .maps
+        .upsert_service(frontend, 1, abi::SERVICE_F_NODE_PORT)
+        .unwrap();
+    topo.nodes[0].maps.delete_backend(frontend, 1).unwrap();
+    l0.set_nonblocking(false).unwrap();
+    for _ in 0..8 {
+        let seen = exchange(&ext, node_ip, &l0).unwrap();
+        assert_eq!(seen, IpAddr::V4(ext.host_ip), "every new connection on node 0's backend");
+    }
+}
+
+/// Whether the accepted sockets in `open` include one on each backend.
+fn l0_l1_both(open: &[TcpStream], b0: Ipv4Addr, b1: Ipv4Addr) -> bool {
+    let local = |ip: Ipv4Addr| {
+        open.iter()
+            .any(|s| s.local_addr().map(|a| a.ip() == IpAddr::V4(ip)).unwrap_or(false))
+    };
+    local(b0) && local(b1)
+}
