@@ -49,7 +49,7 @@ fn setup(native: bool) -> Option<(Topology, External)> {
         let node = &mut topo.nodes[i];
         if !native {
             let dp = node.datapath.as_mut().expect("datapath");
-            run_in(&ns, || Ok(dp.attach_netdev(UNDERLAY_IFNAME)?)).expect("attach from_netdev");
+            run_in(&ns, || dp.attach_netdev(UNDERLAY_IFNAME)).expect("attach from_netdev");
         }
         node.maps
             .set_egress(&EgressConfig {
@@ -104,7 +104,7 @@ fn expose(topo: &mut Topology, backends: &[Ipv4Addr], flags: u32) {
 
 /// Connects from the external host to `to`.
 fn connect_from_outside(ext: &External, to: SocketAddr) -> anyhow::Result<TcpStream> {
-    run_in(&ext.host.path(), move || {
+    run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
         Ok(TcpStream::connect_timeout(&to, Duration::from_secs(5))?)
     })
 }
@@ -190,7 +190,7 @@ fn local_policy_serves_from_the_node_and_refuses_without_a_local_backend() {
     // No backend on node 0 (the agent writes none for a Local frontend): refused, counted.
     expose(&mut topo, &[], flags);
     let to = SocketAddr::from((topo.nodes[0].node_ip, NODE_PORT));
-    let err = run_in(&ext.host.path(), move || {
+    let err = run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
         Ok(TcpStream::connect_timeout(&to, Duration::from_secs(1)))
     })
     .unwrap();
