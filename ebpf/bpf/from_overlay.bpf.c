@@ -27,8 +27,8 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 	if (!node)
 		return MESHD_DROP_UNKNOWN_NODE;
 	/* `world` is how a node forwards a client from outside the mesh to a backend here (a
-	 * public endpoint, from-netdev): the least privileged identity, which any known node may
-	 * claim. */
+	 * public endpoint, from-netdev): any known node may claim it. That grants nothing: the
+	 * same node gets `world` for a bare packet on the underlay (from-netdev) anyway. */
 	if (identity_cluster(vni) != node->cluster_id && vni != MESHD_IDENTITY_WORLD)
 		return MESHD_DROP_INVALID_IDENTITY;
 
