@@ -65,10 +65,14 @@ struct Setup {
 }
 
 fn start() -> anyhow::Result<Option<Setup>> {
+    start_with(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+}
+
+fn start_with(opts: MeshOptions) -> anyhow::Result<Option<Setup>> {
     if !meshd_e2e::mesh::prerequisites() {
         return Ok(None);
     }
-    let mesh = Mesh::start(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))?;
+    let mesh = Mesh::start(opts)?;
     mesh.check_strict_rp_filter()?;
     let web = [
         mesh.add_endpoint("c1", "n1", "web1", "app=web")?,
@@ -124,7 +128,17 @@ fn dropped(mesh: &Mesh, node: &str, reason_name: &str) -> anyhow::Result<u64> {
 #[test]
 fn an_outside_client_reaches_backends_on_the_node_and_on_another_through_a_node_port(
 ) -> anyhow::Result<()> {
-    let Some(Setup { mesh, web, n1, .. }) = start()? else {
+    outside_client_through_a_node_port(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+}
+
+#[test]
+fn in_native_routing_an_outside_client_reaches_backends_through_a_node_port() -> anyhow::Result<()>
+{
+    outside_client_through_a_node_port(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU).native())
+}
+
+fn outside_client_through_a_node_port(opts: MeshOptions) -> anyhow::Result<()> {
+    let Some(Setup { mesh, web, n1, .. }) = start_with(opts)? else {
         return Ok(());
     };
     let ext_ip = IpAddr::V4(mesh.external.as_ref().expect("outside").host_ip);
