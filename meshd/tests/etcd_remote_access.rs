@@ -189,6 +189,61 @@ async fn remote_lists_and_watches_shared_state_and_nothing_else() {
     }
 }
 
+/// The cache of remote clusters (`meshd/cache/`, written by the apiserver's mirror with the
+/// admin certificate) and the mirror's status: nodes read both and write neither; a connected
+/// remote cluster reads neither (the cache is never re-exported).
+#[tokio::test(flavor = "current_thread")]
+async fn the_cache_is_read_locally_and_never_exported() {
+    if !meshd_testing::require_etcd() {
+        return;
+    }
+    let mesh = Mesh::new();
+    let c1 = mesh.issue_cluster("c1");
+    let c2 = mesh.issue_cluster("c2");
+    let etcd = bootstrapped_etcd(&mesh, &c1);
+    clustermesh(&mesh, &etcd, &c1, "connect", "c2").ok();
+    let cached = "meshd/cache/c3/state/nodes/v1/c3/n1";
+    let status = "meshd/cache-status/v1/c3";
+    let mut admin = connect(&etcd, files(&c1, "admin")).await.unwrap().client();
+    seed(&mut admin).await;
+    for key in [cached, status] {
+        admin
+            .put(key, "{}", None)
+            .await
+            .unwrap_or_else(|e| panic!("admin (the mirror) put {key}: {e}"));
+    }
+    let n1 = issue_node(&mesh, "c1", "n1");
+    let mut node = connect(&etcd, files(&n1, "node")).await.unwrap().client();
+    let mut remote = connect(&etcd, files(&c2, "remote")).await.unwrap().client();
+    // The remote reads the shared state (it is connected)...
+    remote
+        .get(NODE, None)
+        .await
+        .expect("connected remote reads");
+    for (key, prefix) in [(cached, "meshd/cache/"), (status, "meshd/cache-status/")] {
+        let got = node
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap_or_else(|e| panic!("node lists {prefix}: {e}"));
+        assert_eq!(got.kvs().len(), 1, "{prefix}");
+        assert!(is_denied(node.put(key, "x", None).await), "node put {key}");
+        // ... and nothing of the cache.
+        assert!(is_denied(remote.get(key, None).await), "remote get {key}");
+        assert!(
+            is_denied(
+                remote
+                    .get(prefix, Some(GetOptions::new().with_prefix()))
+                    .await
+            ),
+            "remote lists {prefix}"
+        );
+        assert!(
+            is_denied(remote.put(key, "x", None).await),
+            "remote put {key}"
+        );
+    }
+}
+
 /// The etcd of a second cluster, from the same mesh CA, bootstrapped with node n1.
 fn second_cluster(mesh: &Mesh) -> (std::path::PathBuf, meshd_testing::etcd::Etcd) {
     let c2 = mesh.issue_cluster("c2");

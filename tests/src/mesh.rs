@@ -71,6 +71,10 @@ pub struct MeshOptions {
     /// link of its own ([`far_net`]) whose router side has the given MTU, as the lab's native
     /// mode does: no other node reaches it directly, the router routes its pod CIDR.
     pub behind_router: BTreeMap<String, u32>,
+    /// Every cluster runs a mirror (`clustermesh-apiserver --kvstoremesh`, in the underlay's
+    /// bridge namespace, reading the cluster's remote files) and announces it in its config, so
+    /// its agents read remote clusters from their own etcd's cache.
+    pub kvstoremesh: bool,
 }
 
 /// The link between the router (.1) and cluster `id`'s node behind it (.2).
@@ -93,7 +97,14 @@ impl MeshOptions {
             routing: meshd_state::RoutingMode::Tunnel,
             wait_ready: true,
             behind_router: BTreeMap::new(),
+            kvstoremesh: false,
         }
+    }
+
+    /// With a mirror per cluster (see [`MeshOptions::kvstoremesh`]).
+    pub fn kvstoremesh(mut self) -> Self {
+        self.kvstoremesh = true;
+        self
     }
 
     /// Native routing: every agent routes unencapsulated within 10.0.0.0/8 (every pod CIDR of
@@ -175,6 +186,8 @@ pub struct Cluster {
     /// One relay per etcd member, in member order.
     proxies: Vec<Proxy>,
     pub nodes: Vec<Node>,
+    /// The cluster's mirror ([`MeshOptions::kvstoremesh`]) while it runs.
+    mirror: Option<Child>,
 }
 
 impl Cluster {
@@ -312,7 +325,10 @@ impl Mesh {
             let config = meshd_state::ClusterConfig {
                 name: config_key.cluster.clone(),
                 id: meshd_state::ClusterId::new(u32::from(*id))?,
-                capabilities: Default::default(),
+                capabilities: meshd_state::Capabilities {
+                    cached: opts.kvstoremesh,
+                    ..Default::default()
+                },
                 routing_mode: opts.routing_mode_of(name),
             };
             let value = meshd_state::encode(&config_key, &config)?;
@@ -336,6 +352,7 @@ impl Mesh {
                 etcd,
                 proxies,
                 nodes: Vec::new(),
+                mirror: None,
             };
             for k in 1..=*nodes {
                 let node_name = format!("n{k}");
@@ -432,6 +449,12 @@ impl Mesh {
                 mesh.write_config(ci, ni, &opts)?;
             }
         }
+        if opts.kvstoremesh {
+            let names: Vec<String> = mesh.clusters.iter().map(|c| c.name.clone()).collect();
+            for c in names {
+                mesh.start_mirror(&c)?;
+            }
+        }
         for ci in 0..mesh.clusters.len() {
             for ni in 0..mesh.clusters[ci].nodes.len() {
                 let (c, n) = (
@@ -445,6 +468,120 @@ impl Mesh {
             mesh.wait_all_ready(Duration::from_secs(60))?;
         }
         Ok(mesh)
+    }
+
+    /// Starts (or restarts) `cluster`'s mirror: `clustermesh-apiserver --kvstoremesh` in the
+    /// underlay's bridge namespace (where every cluster's etcd relays listen), with the
+    /// cluster's admin certificate locally and its remote files for the others. Waits until its
+    /// API answers.
+    pub fn start_mirror(&mut self, cluster: &str) -> anyhow::Result<()> {
+        let bin = meshd_testing::workspace_bin("clustermesh-apiserver");
+        anyhow::ensure!(
+            bin.is_file(),
+            "{} not found: build it first (`cargo build --workspace --bins`, or `make test`)",
+            bin.display()
+        );
+        self.stop_mirror(cluster)?;
+        let bridge = self.underlay.bridge().path();
+        let remotes = self.remotes_dir(cluster);
+        let log_path = self.dir.path().join(format!("mirror-{cluster}.log"));
+        let admin = self.pki.files(cluster, LeafKind::Admin);
+        let server = self.pki.files(cluster, LeafKind::Server);
+        let c = self.cluster(cluster)?;
+        let api = SocketAddr::from((CONTROL_IP, 9100 + u16::from(c.id)));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", bridge.display()))
+            .arg("--")
+            .arg(&bin)
+            .args(["--cluster-name", cluster, "--cluster-id", &c.id.to_string()])
+            .args(["--etcd-endpoints", &c.etcd_urls().join(",")])
+            .arg("--etcd-ca")
+            .arg(&admin.ca)
+            .arg("--etcd-cert")
+            .arg(&admin.cert)
+            .arg("--etcd-key")
+            .arg(&admin.key)
+            .args(["--listen", &api.to_string()])
+            .arg("--tls-ca")
+            .arg(&server.ca)
+            .arg("--tls-cert")
+            .arg(&server.cert)
+            .arg("--tls-key")
+            .arg(&server.key)
+            .args(["--service-cidr", &format!("172.20.{}.0/24", c.id)])
+            .arg("--kvstoremesh")
+            .arg("--kvstoremesh-clusters-dir")
+            .arg(&remotes)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning clustermesh-apiserver --kvstoremesh")?;
+        self.cluster_mut(cluster)?.mirror = Some(child);
+        wait_for(
+            &format!("mirror of {cluster} answering on {api}"),
+            Duration::from_secs(30),
+            || {
+                crate::netns_io::connect(&bridge, api, Duration::from_secs(1))?;
+                Ok(())
+            },
+        )
+        .with_context(|| format!("mirror log:\n{}", tail(&log_path, 40)))?;
+        Ok(())
+    }
+
+    /// SIGTERM to `cluster`'s mirror, then wait for it to exit.
+    pub fn stop_mirror(&mut self, cluster: &str) -> anyhow::Result<()> {
+        if let Some(mut child) = self.cluster_mut(cluster)?.mirror.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to `cluster`'s mirror (a crash, in the middle of whatever it was writing).
+    pub fn kill_mirror(&mut self, cluster: &str) -> anyhow::Result<()> {
+        if let Some(mut child) = self.cluster_mut(cluster)?.mirror.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `meshd apply -f` of `manifest` to `cluster`'s apiserver (the mirror's process: the
+    /// mesh must run with [`MeshOptions::kvstoremesh`]), as the cluster's admin, from the
+    /// underlay's bridge namespace where the apiserver listens.
+    pub fn apply_manifest(&self, cluster: &str, manifest: &str) -> anyhow::Result<String> {
+        let c = self.cluster(cluster)?;
+        anyhow::ensure!(c.mirror.is_some(), "{cluster} runs no apiserver");
+        let admin = self.pki.files(cluster, LeafKind::Admin);
+        let contexts = self.dir.path().join(format!("contexts-{cluster}.yaml"));
+        fs::write(
+            &contexts,
+            format!(
+                "current-context: {cluster}\ncontexts:\n  - name: {cluster}\n    server: https://{CONTROL_IP}:{port}\n    ca: {ca}\n    cert: {cert}\n    key: {key}\n",
+                port = 9100 + u16::from(c.id),
+                ca = admin.ca.display(),
+                cert = admin.cert.display(),
+                key = admin.key.display(),
+            ),
+        )?;
+        let file = self.dir.path().join(format!("manifest-{cluster}.yaml"));
+        fs::write(&file, manifest)?;
+        run(Command::new("nsenter")
+            .arg(format!("--net={}", self.underlay.bridge().path().display()))
+            .arg("--")
+            .arg(&self.meshd)
+            .arg("--meshd-config")
+            .arg(&contexts)
+            .args(["apply", "-f"])
+            .arg(&file))
     }
 
     pub fn remotes_dir(&self, cluster: &str) -> PathBuf {
@@ -812,9 +949,15 @@ impl Mesh {
 
     /// Every agent's log, for failure messages.
     pub fn logs(&self) -> String {
+        let mirrors = self.clusters.iter().filter_map(|c| {
+            let log = self.dir.path().join(format!("mirror-{}.log", c.name));
+            log.is_file()
+                .then(|| format!("--- mirror of {} ---\n{}", c.name, tail(&log, 25)))
+        });
         self.node_names()
             .iter()
             .map(|(c, n)| format!("--- {c}/{n} ---\n{}", self.log_tail(c, n, 25)))
+            .chain(mirrors)
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -1038,6 +1181,10 @@ impl Mesh {
 impl Drop for Mesh {
     fn drop(&mut self) {
         for c in &mut self.clusters {
+            if let Some(mut child) = c.mirror.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             for n in &mut c.nodes {
                 if let Some(mut child) = n.agent.take() {
                     let _ = child.kill();

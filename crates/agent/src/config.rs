@@ -14,6 +14,7 @@
 //!   cert: /etc/meshd/c1/n1/node.pem           # node-c1-n1: `meshd certs issue node`
 //!   key: /etc/meshd/c1/n1/node-key.pem
 //! remote_clusters_dir: /etc/meshd/clusters   # one file per remote cluster; watched, changes apply at once
+//! remote_source: cache                        # or direct; absent: cache when the cluster config says a cache runs
 //! bpffs_dir: /sys/fs/bpf/meshd                # pins under <bpffs_dir>/<cluster>/<node>
 //! tunnel_port: 8472
 //! underlay_device: eth0                       # its MTU is used unless underlay_mtu is set
@@ -90,6 +91,12 @@ pub struct AgentArgs {
     /// Directory with one file per remote cluster (file name = cluster name).
     #[arg(long, value_name = "DIR")]
     pub remote_clusters_dir: Option<PathBuf>,
+    /// Where remote clusters are read: `direct` (each remote etcd, with the files of
+    /// --remote-clusters-dir) or `cache` (the local etcd's copy that the cluster's
+    /// `clustermesh-apiserver --kvstoremesh` keeps) [default: cache when the cluster config
+    /// announces a cache, else direct].
+    #[arg(long, value_name = "SOURCE")]
+    pub remote_source: Option<String>,
     /// bpffs directory; the node's pins go under <dir>/<cluster>/<node>.
     #[arg(long, value_name = "DIR")]
     pub bpffs_dir: Option<PathBuf>,
@@ -175,6 +182,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub etcd: EtcdSection,
     pub remote_clusters_dir: Option<PathBuf>,
+    pub remote_source: Option<String>,
     pub bpffs_dir: Option<PathBuf>,
     pub tunnel_port: Option<u16>,
     pub underlay_device: Option<String>,
@@ -219,6 +227,8 @@ pub struct AgentConfig {
     /// None only for plaintext `http://` endpoints (development).
     pub etcd_tls: Option<TlsFiles>,
     pub remote_clusters_dir: Option<PathBuf>,
+    /// None: decided at start by the cluster config (`kvstoremesh`).
+    pub remote_source: Option<RemoteSource>,
     pub bpffs_dir: PathBuf,
     pub tunnel_port: u16,
     pub underlay_device: Option<String>,
@@ -246,6 +256,36 @@ pub struct AgentConfig {
     pub egress: EgressSettings,
     /// Tunnel or native routing.
     pub routing: RoutingSettings,
+}
+
+/// Where an agent reads remote clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteSource {
+    /// Each remote cluster's etcd, over mTLS, with the files of `remote_clusters_dir`.
+    Direct,
+    /// The local etcd's cache of every remote cluster (`meshd/cache/<cluster>/`), kept by the
+    /// cluster's mirror: one watch per remote on the local etcd, no remote credentials on nodes.
+    Cache,
+}
+
+impl std::str::FromStr for RemoteSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(Self::Direct),
+            "cache" => Ok(Self::Cache),
+            other => Err(format!("{other:?}: expected direct or cache")),
+        }
+    }
+}
+
+impl fmt::Display for RemoteSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Cache => "cache",
+        })
+    }
 }
 
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/meshd";
@@ -508,6 +548,16 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
             );
         }
     }
+    let remote_source = match args.remote_source.clone().or(file.remote_source) {
+        None => None,
+        Some(s) => match s.parse::<RemoteSource>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                problem("remote_source", e);
+                None
+            }
+        },
+    };
     let bpffs_dir = args
         .bpffs_dir
         .clone()
@@ -682,6 +732,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 etcd_endpoints,
                 etcd_tls,
                 remote_clusters_dir,
+                remote_source,
                 bpffs_dir,
                 tunnel_port,
                 underlay_device,

@@ -14,6 +14,7 @@
 //! - [`server`] answers the API on the Unix socket from the snapshots the others publish.
 //! - [`metrics`] renders `/metrics` (with `metrics_addr`) from those same snapshots, per scrape.
 
+pub mod cache_source;
 pub mod config;
 pub mod dir_watch;
 pub mod egress;
@@ -38,14 +39,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use meshd_datapath::{bpffs, plumbing, Datapath, DatapathMaps, NodeConfig};
-use meshd_kvstore::{EtcdConfig, EtcdStore};
+use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
 use meshd_mesh::{LocalNode, MeshView};
 use meshd_state::{
     ClusterConfig, ClusterConfigKey, IdentityRecord, IpcacheEntry, NodeKey, NodeRecord,
 };
 use tokio::sync::{mpsc, watch};
 
-use self::config::{AgentArgs, AgentConfig};
+use self::config::{AgentArgs, AgentConfig, RemoteSource};
 use self::endpoints::Publisher;
 
 /// Name of the node's VXLAN device.
@@ -203,6 +204,41 @@ async fn check_cluster_config(store: &EtcdStore, config: &AgentConfig) -> anyhow
     Ok(())
 }
 
+/// The configured remote source, or else the one the cluster config announces (`cached`: the
+/// cluster runs a mirror). The config is read for up to the start-up sync timeout; a cluster
+/// whose config cannot be read by then is read directly, as before caches existed.
+async fn resolve_remote_source(store: &EtcdStore, config: &AgentConfig) -> RemoteSource {
+    if let Some(source) = config.remote_source {
+        return source;
+    }
+    let key = ClusterConfigKey {
+        cluster: config.cluster.clone(),
+    }
+    .to_string();
+    let deadline = tokio::time::Instant::now() + config.startup_sync_timeout;
+    loop {
+        match store.range(&key, None, 0, 1).await {
+            Ok(page) => {
+                if let Some(kv) = page.kvs.iter().find(|kv| kv.key == key) {
+                    match meshd_state::decode::<ClusterConfig>(&key, &kv.value) {
+                        Ok((_, cfg)) if cfg.capabilities.cached => return RemoteSource::Cache,
+                        Ok(_) => return RemoteSource::Direct,
+                        Err(e) => tracing::warn!(error = %e, "cannot decide the remote source"),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster config to decide the remote source")
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(key, "no cluster config within the start-up sync timeout; reading remote clusters directly (set remote_source to choose)");
+            return RemoteSource::Direct;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Starts the lease-backed publisher, retrying until the local etcd grants a lease (the
 /// datapath keeps forwarding with its pinned state meanwhile).
 async fn start_publisher(store: &EtcdStore, config: &AgentConfig) -> Publisher {
@@ -345,6 +381,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     tokio::spawn(
         watcher::ClusterWatcher {
             cluster: config.cluster.clone(),
+            probe: watcher::Probe::Etcd(store.clone()),
             backend: store.clone(),
             local: true,
             tx: view_tx.clone(),
@@ -354,14 +391,29 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     );
 
     let mut wait_for: BTreeSet<_> = [config.cluster.clone()].into();
-    if let Some(dir) = &config.remote_clusters_dir {
-        wait_for.extend(remotes::configured(dir, &config.cluster));
-        tokio::spawn(remotes::run(
-            dir.clone(),
-            config.cluster.clone(),
-            view_tx.clone(),
-            registry_tx,
-        ));
+    let remote_source = resolve_remote_source(&store, &config).await;
+    tracing::info!(%remote_source, "reading remote clusters");
+    match remote_source {
+        RemoteSource::Direct => {
+            if let Some(dir) = &config.remote_clusters_dir {
+                wait_for.extend(remotes::configured(dir, &config.cluster));
+                tokio::spawn(remotes::run(
+                    dir.clone(),
+                    config.cluster.clone(),
+                    view_tx.clone(),
+                    registry_tx,
+                ));
+            }
+        }
+        RemoteSource::Cache => {
+            wait_for.extend(cache_source::configured(&store, &config.cluster).await);
+            tokio::spawn(cache_source::run(
+                store.clone(),
+                config.cluster.clone(),
+                view_tx.clone(),
+                registry_tx,
+            ));
+        }
     }
     tokio::spawn(
         view_task::ViewTask {

@@ -24,23 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use meshd_certs::TlsFiles;
-use meshd_kvstore::EtcdConfig;
 use meshd_mesh::{ClusterEvent, EventKind};
 use meshd_state::ClusterName;
-use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
 use crate::dir_watch::{DirWatch, Periods};
-use crate::watcher::{ClusterWatcher, Connection, ViewInput};
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RemoteClusterFile {
-    pub endpoints: Vec<String>,
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
+use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
 
 /// One remote cluster as status shows it.
 #[derive(Debug, Clone)]
@@ -55,69 +44,7 @@ pub struct RemoteEntry {
 
 pub type Registry = BTreeMap<ClusterName, RemoteEntry>;
 
-/// The cluster a file configures, from its name.
-pub fn cluster_of(path: &Path) -> Option<ClusterName> {
-    let name = path.file_name()?.to_str()?;
-    if name.starts_with('.') || name.ends_with('~') || name.ends_with(".tmp") {
-        return None;
-    }
-    let stem = ["yaml", "yml", "json"]
-        .iter()
-        .find_map(|ext| name.strip_suffix(&format!(".{ext}")))
-        .unwrap_or(name);
-    ClusterName::new(stem).ok()
-}
-
-/// Parses a remote cluster file into an etcd config; relative paths are resolved against the
-/// file's directory.
-pub fn parse(path: &Path, text: &str) -> Result<EtcdConfig, String> {
-    let file: RemoteClusterFile =
-        serde_yaml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
-    if file.endpoints.is_empty() {
-        return Err(format!(
-            "{}: endpoints: at least one is required",
-            path.display()
-        ));
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let abs = |p: PathBuf| if p.is_absolute() { p } else { dir.join(p) };
-    let mut config = EtcdConfig::new(file.endpoints);
-    match (file.ca, file.cert, file.key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            config = config.with_tls(TlsFiles::new(abs(ca), abs(cert), abs(key)));
-        }
-        (None, None, None) => {}
-        _ => {
-            return Err(format!(
-                "{}: ca, cert and key go together (all or none)",
-                path.display()
-            ))
-        }
-    }
-    Ok(config)
-}
-
-/// A remote file reads with this cluster's own remote certificate (`remote-<local>`): the
-/// admin or a node certificate would be refused there anyway, and a certificate of another
-/// cluster would read under that cluster's name.
-pub fn check_remote_certificate(
-    path: &Path,
-    config: &EtcdConfig,
-    local: &ClusterName,
-) -> Result<EtcdConfig, String> {
-    let Some(tls) = &config.tls else {
-        return Ok(config.clone());
-    };
-    let want = meshd_certs::Principal::remote(local.as_str());
-    match meshd_certs::Principal::read_file(&tls.cert).map_err(|e| format!("{}: cert {e}", path.display()))? {
-        p if p == want => Ok(config.clone()),
-        p => Err(format!(
-            "{}: cert {} is {p}; remote clusters are read with this cluster's remote certificate ({want}, `meshd certs issue remote --cluster {local}`)",
-            path.display(),
-            tls.cert.display()
-        )),
-    }
-}
+pub use meshd_kvstore::remote_file::{check_remote_certificate, cluster_of, parse};
 
 struct Running {
     text: String,
@@ -153,36 +80,12 @@ pub async fn run_with_periods(
     loop {
         // Before the read: whatever changes after it wakes the next round.
         watch.refresh();
-        remotes.apply(read_dir(&dir)).await;
+        remotes
+            .apply(meshd_kvstore::remote_file::read_dir(&dir))
+            .await;
         registry.send_replace(Arc::new(remotes.registry.clone()));
         watch.changed().await;
     }
-}
-
-/// The cluster files of the directory and their text; a missing directory configures none.
-fn read_dir(dir: &Path) -> BTreeMap<ClusterName, (PathBuf, String)> {
-    let mut present = BTreeMap::new();
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for e in entries.flatten() {
-                let path = e.path();
-                if !path.is_file() {
-                    continue;
-                }
-                let Some(cluster) = cluster_of(&path) else {
-                    continue;
-                };
-                if let Ok(text) = std::fs::read_to_string(&path) {
-                    present.insert(cluster, (path, text));
-                }
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot read the remote clusters directory")
-        }
-    }
-    present
 }
 
 /// The remote clusters running, against which each read of the directory is compared.
@@ -235,14 +138,7 @@ impl Remotes {
                 connection: None,
                 tls: None,
             };
-            let config = if cluster == *local {
-                Err(format!(
-                    "{}: names the local cluster {local}; a cluster cannot be its own remote",
-                    path.display()
-                ))
-            } else {
-                parse(&path, &text).and_then(|c| check_remote_certificate(&path, &c, local))
-            };
+            let config = meshd_kvstore::remote_file::load(&cluster, &path, &text, local);
             let task = match config {
                 Err(e) => {
                     tracing::error!(%cluster, error = %e, "remote cluster refused");
@@ -264,6 +160,7 @@ impl Remotes {
                             entry.connection = Some(conn_rx);
                             let watcher = ClusterWatcher {
                                 cluster: cluster.clone(),
+                                probe: Probe::Etcd(store.clone()),
                                 backend: store,
                                 local: false,
                                 tx: tx.clone(),
@@ -297,38 +194,6 @@ pub fn configured(dir: &Path, local: &ClusterName) -> Vec<ClusterName> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn file_names_name_clusters() {
-        assert_eq!(cluster_of(Path::new("/d/c2")).unwrap().as_str(), "c2");
-        assert_eq!(cluster_of(Path::new("/d/c2.yaml")).unwrap().as_str(), "c2");
-        assert!(cluster_of(Path::new("/d/.c2.swp")).is_none());
-        assert!(cluster_of(Path::new("/d/C_2")).is_none());
-    }
-
-    #[test]
-    fn relative_paths_are_resolved_against_the_directory() {
-        let cfg = parse(
-            Path::new("/etc/meshd/clusters/c2"),
-            "endpoints: [https://10.0.0.1:2379]\nca: c2/ca.pem\ncert: /abs/remote.pem\nkey: c2/k.pem\n",
-        )
-        .unwrap();
-        let tls = cfg.tls.unwrap();
-        assert_eq!(tls.ca, PathBuf::from("/etc/meshd/clusters/c2/ca.pem"));
-        assert_eq!(tls.cert, PathBuf::from("/abs/remote.pem"));
-    }
-
-    #[test]
-    fn bad_files_are_reported_with_their_path() {
-        for text in [
-            "endpoints: []",
-            "endpoints: [https://x:1]\nca: a\n",
-            "endpoints: [https://x:1]\nbogus: 1\n",
-        ] {
-            let err = parse(Path::new("/d/c2"), text).unwrap_err();
-            assert!(err.contains("/d/c2"), "{err}");
-        }
-    }
 
     /// `run_with_periods` on a directory, with every read that no event asked for an hour
     /// away: what it sees within a test's deadline came through the watch.

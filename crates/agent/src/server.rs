@@ -205,6 +205,20 @@ fn cluster_status(
         s.last_sync_ms = c.last_sync_ms;
         s.rejected += c.malformed;
         s.failures = c.failures;
+        if !local {
+            s.source = if c.cache.is_some() { "cache" } else { "direct" }.to_owned();
+        }
+        s.cache = c.cache.as_ref().map(|m| pb::CacheView {
+            connected: m.connected,
+            ready: m.ready,
+            stale_since_ms: m.stale_since.unwrap_or(0),
+            last_sync_ms: m.last_sync_unix_ms,
+            entries: m.entries,
+            rejected: m.rejected,
+            limit: m.limit,
+            lag_ms: m.lag_ms,
+            last_error: m.last_error.clone().unwrap_or_default(),
+        });
     }
     s
 }

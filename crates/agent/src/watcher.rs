@@ -54,6 +54,8 @@ pub struct Connection {
     /// Times the etcd became unreachable or refused access (a failed probe after a good one,
     /// or the first one).
     pub failures: u64,
+    /// Cache mode: the mirror's status of the cluster, as last read.
+    pub cache: Option<meshd_state::CacheStatus>,
 }
 
 /// The canary name (`meshd/synced/<cluster>/<name>`) of a resource: its `Resource::KIND`.
@@ -67,12 +69,28 @@ fn canary_name(kind: ResourceKind) -> &'static str {
 }
 
 /// Watches one cluster. Runs until aborted (the cluster's file removed, the agent stopping).
-pub struct ClusterWatcher {
+///
+/// `backend` is the cluster's own etcd, or its copy in the local etcd's cache
+/// ([`meshd_kvstore::CachedCluster`]): the same watches, checks and canaries either way.
+pub struct ClusterWatcher<B: Backend = EtcdStore> {
     pub cluster: ClusterName,
-    pub backend: EtcdStore,
+    pub backend: B,
+    /// Where the connection state comes from.
+    pub probe: Probe,
     pub local: bool,
     pub tx: mpsc::Sender<ViewInput>,
     pub connection: watch::Sender<Connection>,
+}
+
+/// How a watcher learns whether its cluster is reachable.
+#[derive(Clone)]
+pub enum Probe {
+    /// A read of the cluster's sync canaries in its own etcd, every second (direct mode, and
+    /// the local cluster).
+    Etcd(EtcdStore),
+    /// The mirror's status of the cluster (`meshd/cache-status/v1/<cluster>`) in the local
+    /// etcd, every second: the mirror, not this node, talks to the remote.
+    Cache(EtcdStore),
 }
 
 const PROBE: Duration = Duration::from_secs(1);
@@ -98,14 +116,21 @@ impl SyncState {
     }
 }
 
-impl ClusterWatcher {
+impl<B: Backend> ClusterWatcher<B> {
     pub async fn run(self) {
-        let probe = tokio::spawn(probe(
-            self.backend.clone(),
-            self.cluster.clone(),
-            self.local,
-            self.connection.clone(),
-        ));
+        let probe = match self.probe.clone() {
+            Probe::Etcd(store) => tokio::spawn(probe(
+                store,
+                self.cluster.clone(),
+                self.local,
+                self.connection.clone(),
+            )),
+            Probe::Cache(store) => tokio::spawn(crate::cache_source::probe(
+                store,
+                self.cluster.clone(),
+                self.connection.clone(),
+            )),
+        };
         let _abort_probe = AbortOnDrop(probe.abort_handle());
         let cfg = WatchConfig::default;
         let c = &self.cluster;

@@ -7,6 +7,7 @@
 
 mod backend;
 mod backoff;
+mod cache;
 mod canary;
 mod connect;
 mod error;
@@ -15,6 +16,7 @@ mod identity;
 mod memory;
 mod publisher;
 mod reflection;
+pub mod remote_file;
 mod retry;
 mod watcher;
 
@@ -23,6 +25,7 @@ pub use backend::{
     TxnOp, TxnResponse, WatchMessage, WatchStream,
 };
 pub use backoff::{Backoff, BackoffConfig};
+pub use cache::CachedCluster;
 pub use canary::wait_for_canaries;
 pub use connect::{connect, connect_lazy, EtcdConfig};
 pub use error::KvError;

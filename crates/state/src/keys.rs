@@ -10,6 +10,8 @@
 //! meshd/state/services/v1/<cluster>/<namespace>/<name>
 //! meshd/synced/<cluster>/<resource>
 //! meshd/config/policies/v1/<namespace>/<name>
+//! meshd/cache/<cluster>/<remote key without its leading meshd/>   (the kvstoremesh mirror)
+//! meshd/cache-status/v1/<cluster>                                 (the mirror's CacheStatus)
 //! ```
 
 use std::fmt;
@@ -41,6 +43,41 @@ pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";
 /// the apiserver deletes an identity's index entry with it, or a later allocation could hand
 /// the same number to another label set while the stale index still maps the old one to it.
 pub const IDENTITY_INDEX_PREFIX: &str = "meshd/state/identity-labels/v1/";
+
+/// The local cache of remote clusters' shared state, written by `clustermesh-apiserver
+/// --kvstoremesh`: `meshd/cache/<cluster>/` + the remote key with its leading `meshd/` removed.
+/// Readable by the local cluster's agents, never exported to remote clusters.
+pub const CACHE_PREFIX: &str = "meshd/cache/";
+/// `meshd/cache-status/v1/<cluster>`: the mirror's [`crate::CacheStatus`] of one remote.
+pub const CACHE_STATUS_PREFIX: &str = "meshd/cache-status/v1/";
+
+/// `meshd/cache/<cluster>/`: everything mirrored from `cluster` (ends in `/`).
+pub fn cache_prefix(cluster: &str) -> String {
+    format!("{CACHE_PREFIX}{cluster}/")
+}
+
+/// The cache key of `remote_key` (a key of `cluster`'s own etcd, under `meshd/`):
+/// `meshd/state/nodes/v1/c2/n1` of `c2` -> `meshd/cache/c2/state/nodes/v1/c2/n1`. `None` for a
+/// key outside `meshd/` (never mirrored).
+pub fn cache_key(cluster: &str, remote_key: &str) -> Option<String> {
+    let rest = remote_key.strip_prefix(ROOT)?;
+    Some(format!("{CACHE_PREFIX}{cluster}/{rest}"))
+}
+
+/// The inverse of [`cache_key`]: `meshd/cache/c2/state/x` -> `("c2", "meshd/state/x")`.
+pub fn remote_key_of_cache(cache_key: &str) -> Option<(&str, String)> {
+    let rest = cache_key.strip_prefix(CACHE_PREFIX)?;
+    let (cluster, key) = rest.split_once('/')?;
+    if cluster.is_empty() || key.is_empty() {
+        return None;
+    }
+    Some((cluster, format!("{ROOT}{key}")))
+}
+
+/// `meshd/cache-status/v1/<cluster>`
+pub fn cache_status_key(cluster: &str) -> String {
+    format!("{CACHE_STATUS_PREFIX}{cluster}")
+}
 
 /// Index key of `labels` in `cluster` (labels render sorted, so the key is canonical).
 pub fn identity_index_key(cluster: &crate::ClusterName, labels: &crate::Labels) -> String {
@@ -493,6 +530,28 @@ mod tests {
         ] {
             assert!(NetworkPolicyKey::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn cache_keys_drop_the_remote_root() {
+        for (remote, local) in [
+            (
+                "meshd/state/nodes/v1/c2/n1",
+                "meshd/cache/c2/state/nodes/v1/c2/n1",
+            ),
+            ("meshd/synced/c2/nodes", "meshd/cache/c2/synced/c2/nodes"),
+            (
+                "meshd/cluster-config/c2",
+                "meshd/cache/c2/cluster-config/c2",
+            ),
+        ] {
+            assert_eq!(cache_key("c2", remote).as_deref(), Some(local));
+            assert_eq!(remote_key_of_cache(local), Some(("c2", remote.to_owned())));
+            assert!(local.starts_with(&cache_prefix("c2")));
+        }
+        assert_eq!(cache_key("c2", "other/x"), None);
+        assert_eq!(remote_key_of_cache("meshd/state/x"), None);
+        assert_eq!(cache_status_key("c2"), "meshd/cache-status/v1/c2");
     }
 
     #[test]

@@ -35,8 +35,9 @@ pub use labels::{Labels, CLUSTER_LABEL, NAMESPACE_LABEL};
 pub use names::{check_dns_label, check_dns_subdomain, ClusterId, ClusterName};
 pub use policy::{NetworkPolicy, PolicyError, PolicyErrors};
 pub use records::{
-    Affinity, Capabilities, ClusterConfig, IpcacheEntry, NodeRecord, Protocol, RoutingMode,
-    ServiceBackend, ServiceFrontend, ServiceRecord, ServiceType, SyncCanary, TrafficPolicy,
+    Affinity, CacheStatus, Capabilities, ClusterConfig, IpcacheEntry, NodeRecord, Protocol,
+    RoutingMode, ServiceBackend, ServiceFrontend, ServiceRecord, ServiceType, SyncCanary,
+    TrafficPolicy,
 };
 pub use resource::{decode, encode, Resource};
 

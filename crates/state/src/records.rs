@@ -74,6 +74,11 @@ pub struct Capabilities {
     /// Largest cluster id in the mesh this cluster was configured for.
     #[serde(default = "default_max_clusters")]
     pub max_connected_clusters: u16,
+    /// The cluster runs a mirror (`clustermesh-apiserver --kvstoremesh`) that keeps every
+    /// remote cluster in its etcd (`meshd/cache/<cluster>/`): its agents read remote clusters
+    /// there unless told otherwise (`remote_source`).
+    #[serde(default)]
+    pub cached: bool,
 }
 
 fn default_max_clusters() -> u16 {
@@ -85,6 +90,7 @@ impl Default for Capabilities {
         Self {
             sync_canaries: true,
             max_connected_clusters: default_max_clusters(),
+            cached: false,
         }
     }
 }
@@ -333,6 +339,40 @@ impl ServiceRecord {
 pub struct SyncCanary {
     /// Unix time in milliseconds when the initial sync completed.
     pub synced_at_ms: u64,
+}
+
+/// `meshd/cache-status/v1/<cluster>`: how the local mirror (`clustermesh-apiserver
+/// --kvstoremesh`) of remote `cluster` stands. Written by the mirror only; agents reading the
+/// cache (`remote_source: cache`) take `ready` as the remote's initial sync being complete.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheStatus {
+    pub cluster: String,
+    /// The mirror holds a session (list or watch) with the remote's etcd now.
+    pub connected: bool,
+    /// The remote's full list is in the cache and its sync canaries are mirrored after it.
+    pub ready: bool,
+    /// Unix ms since which the remote is unreachable; the cache keeps its entries meanwhile
+    /// (fail-static). `None` while connected.
+    #[serde(default)]
+    pub stale_since: Option<u64>,
+    /// Unix ms of the last completed list or mirrored event (0: never).
+    #[serde(default)]
+    pub last_sync_unix_ms: u64,
+    /// Keys of this remote in the cache now.
+    #[serde(default)]
+    pub entries: u64,
+    /// Remote keys not mirrored: over `limit`, or malformed (outside `meshd/`, empty key).
+    #[serde(default)]
+    pub rejected: u64,
+    /// The most keys mirrored from one remote.
+    #[serde(default)]
+    pub limit: u64,
+    /// Milliseconds between the remote's event and its write into the cache, for the last
+    /// write (0 when unknown; etcd events carry no time, so it is measured from receipt).
+    #[serde(default)]
+    pub lag_ms: u64,
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 fn check_canonical(field: &str, net: &IpNet) -> Result<(), FieldError> {

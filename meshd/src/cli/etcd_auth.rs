@@ -43,17 +43,23 @@ pub const LEGACY_ROLES: [&str; 1] = ["admin"];
 /// The prefixes a remote cluster may read (DESIGN.md "State in etcd"); nothing else.
 pub const REMOTE_READABLE: [&str; 3] = [STATE_PREFIX, SYNCED_PREFIX, CLUSTER_CONFIG_PREFIX];
 
-/// The prefix of the mirrors of remote clusters (the cache), which local agents read.
-pub const CACHE_PREFIX: &str = "meshd/cache/";
+/// The prefix of the mirrors of remote clusters (the cache), which local agents read. Written
+/// only by the apiserver's mirror (`--kvstoremesh`, with the admin certificate); never in
+/// [`REMOTE_READABLE`]: the cache is not re-exported.
+pub use meshd_state::keys::CACHE_PREFIX;
+/// The mirror's status of each cached cluster (every version of `keys::CACHE_STATUS_PREFIX`).
+pub const CACHE_STATUS_ROOT: &str = "meshd/cache-status/";
 
 /// What an agent reads in its own cluster: the shared state, the canaries, the cluster config,
-/// the policies and the cache. Not the apiserver's manifests, VIP allocations or leader key.
-pub const NODE_READABLE: [&str; 5] = [
+/// the policies, the cache and the mirror's status of each cached cluster. Not the apiserver's
+/// manifests, VIP allocations or leader key.
+pub const NODE_READABLE: [&str; 6] = [
     STATE_PREFIX,
     SYNCED_PREFIX,
     CLUSTER_CONFIG_PREFIX,
     POLICIES_PREFIX,
     CACHE_PREFIX,
+    CACHE_STATUS_ROOT,
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -455,6 +461,30 @@ mod tests {
             Grant::prefix(Access::Read, "meshd/state/").range_end,
             "meshd/state0"
         );
+    }
+
+    #[test]
+    fn the_cache_is_read_by_nodes_and_never_exported() {
+        let want = desired("c1", &nodes(&["n1"]));
+        let covers = |g: &Grant, key: &str| {
+            g.key.as_str() <= key && (g.range_end.is_empty() || key < g.range_end.as_str())
+        };
+        assert!(meshd_state::keys::CACHE_STATUS_PREFIX.starts_with(CACHE_STATUS_ROOT));
+        for key in [
+            format!("{CACHE_PREFIX}c2/state/nodes/v1/c2/n1"),
+            meshd_state::keys::cache_status_key("c2"),
+        ] {
+            assert!(
+                !want.roles["remote"].iter().any(|g| covers(g, &key)),
+                "remote clusters must not read {key}"
+            );
+            assert!(
+                want.roles["node"]
+                    .iter()
+                    .any(|g| g.access == Access::Read && covers(g, &key)),
+                "agents read {key}"
+            );
+        }
     }
 
     #[test]

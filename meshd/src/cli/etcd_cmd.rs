@@ -40,7 +40,9 @@ pub enum EtcdCommand {
     ///   user admin-<cluster>   role root   (the apiserver and operators)
     ///   role node              write the cluster's ipcache, identities, identity index and the
     ///                          agents' sync canaries; read meshd/state/, meshd/synced/,
-    ///                          meshd/cluster-config/, meshd/config/policies/, meshd/cache/
+    ///                          meshd/cluster-config/, meshd/config/policies/, meshd/cache/,
+    ///                          meshd/cache-status/ (the last two written by the apiserver's
+    ///                          mirror, --kvstoremesh, and never readable by remote clusters)
     ///   user node-<cluster>-<node>, role node-<cluster>-<node>   per --node: role node, and
     ///                          its own node record meshd/state/nodes/v1/<cluster>/<node>
     ///   role remote            read meshd/state/, meshd/synced/, meshd/cluster-config/ only;

@@ -100,6 +100,18 @@ pub fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
         "rejected": c.rejected,
         "pending": c.pending,
         "etcd_endpoints": c.etcd_endpoints,
+        "source": c.source,
+        "cache": c.cache.as_ref().map(|m| serde_json::json!({
+            "connected": m.connected,
+            "ready": m.ready,
+            "stale_since_ms": m.stale_since_ms,
+            "last_sync_ms": m.last_sync_ms,
+            "entries": m.entries,
+            "rejected": m.rejected,
+            "limit": m.limit,
+            "lag_ms": m.lag_ms,
+            "last_error": m.last_error,
+        })),
     })
 }
 
@@ -287,6 +299,44 @@ fn print_clusters(clusters: &[pb::ClusterStatus]) {
             },
             err
         );
+    }
+    let cached: Vec<_> = clusters
+        .iter()
+        .filter_map(|c| c.cache.as_ref().map(|m| (c, m)))
+        .collect();
+    if !cached.is_empty() {
+        println!("\nCache (the mirror's view of each remote):");
+        println!(
+            "{:<12} {:<9} {:<5} {:>9} {:>8} {:>9} {:>7} {:<14} {:<14} LAST ERROR",
+            "CLUSTER",
+            "CONNECTED",
+            "READY",
+            "ENTRIES",
+            "REJECTED",
+            "LIMIT",
+            "LAG",
+            "LAST SYNC",
+            "STALE SINCE"
+        );
+        for (c, m) in cached {
+            println!(
+                "{:<12} {:<9} {:<5} {:>9} {:>8} {:>9} {:>7} {:<14} {:<14} {}",
+                c.name,
+                if m.connected { "yes" } else { "no" },
+                if m.ready { "yes" } else { "no" },
+                m.entries,
+                m.rejected,
+                m.limit,
+                format!("{}ms", m.lag_ms),
+                ago(now, m.last_sync_ms),
+                if m.stale_since_ms == 0 {
+                    "-".to_string()
+                } else {
+                    ago(now, m.stale_since_ms)
+                },
+                m.last_error
+            );
+        }
     }
 }
 
