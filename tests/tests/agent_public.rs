@@ -14,8 +14,7 @@ use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions, UNDERLAY_MTU};
 use meshd_e2e::netns_io::{self, read_seen_address, spawn_whoami};
 use meshd_e2e::wait_for;
 use meshd_state::{
-    Affinity, Protocol, ServiceBackend, ServiceFrontend, ServiceRecord, ServiceType,
-    TrafficPolicy,
+    Affinity, Protocol, ServiceBackend, ServiceFrontend, ServiceRecord, ServiceType, TrafficPolicy,
 };
 
 const NODE_PORT: u16 = 30080;
@@ -88,7 +87,11 @@ fn start_with(opts: MeshOptions) -> anyhow::Result<Option<Setup>> {
 /// From the external host to `node`:NODE_PORT: the address the backend saw, after an echo.
 fn via_node_port(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<SocketAddr> {
     let ext = mesh.external.as_ref().expect("outside");
-    let mut s = netns_io::connect(&ext.host.path(), SocketAddr::from((node, NODE_PORT)), TIMEOUT)?;
+    let mut s = netns_io::connect(
+        &ext.host.path(),
+        SocketAddr::from((node, NODE_PORT)),
+        TIMEOUT,
+    )?;
     s.set_read_timeout(Some(TIMEOUT))?;
     let seen = read_seen_address(&mut s)?;
     netns_io::echo_round_trip(&mut s, b"from outside")?;
@@ -98,7 +101,11 @@ fn via_node_port(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<SocketAddr> {
 /// `GET /` from the external host to `node`:HEALTH_PORT: the status code and body.
 fn health(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<(u16, serde_json::Value)> {
     let ext = mesh.external.as_ref().expect("outside");
-    let mut s = netns_io::connect(&ext.host.path(), SocketAddr::from((node, HEALTH_PORT)), TIMEOUT)?;
+    let mut s = netns_io::connect(
+        &ext.host.path(),
+        SocketAddr::from((node, HEALTH_PORT)),
+        TIMEOUT,
+    )?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
     let mut out = String::new();
@@ -144,8 +151,10 @@ fn outside_client_through_a_node_port(opts: MeshOptions) -> anyhow::Result<()> {
     let ext_ip = IpAddr::V4(mesh.external.as_ref().expect("outside").host_ip);
     // Only the backend on n1: n1 keeps the client's address.
     mesh.publish_service("c1", &record(&[&web[0]], TrafficPolicy::Cluster))?;
-    let seen = wait_for("n1's node port to serve", CONVERGE, || via_node_port(&mesh, n1))
-        .map_err(|e| e.context(mesh.logs()))?;
+    let seen = wait_for("n1's node port to serve", CONVERGE, || {
+        via_node_port(&mesh, n1)
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
     assert_eq!(seen.ip(), ext_ip, "a local backend sees the client");
 
     // Only the backend on n2: n1 SNATs and tunnels; n2's backend sees n1.
@@ -156,7 +165,11 @@ fn outside_client_through_a_node_port(opts: MeshOptions) -> anyhow::Result<()> {
         Ok(seen)
     })
     .map_err(|e| e.context(mesh.logs()))?;
-    assert_eq!(seen.ip(), IpAddr::V4(n1), "SNATed to the node the client came in by");
+    assert_eq!(
+        seen.ip(),
+        IpAddr::V4(n1),
+        "SNATed to the node the client came in by"
+    );
     // Several connections, each on its own SNAT port.
     let ports: std::collections::BTreeSet<u16> = (0..4)
         .map(|_| via_node_port(&mesh, n1).map(|s| s.port()))
@@ -166,8 +179,8 @@ fn outside_client_through_a_node_port(opts: MeshOptions) -> anyhow::Result<()> {
 }
 
 #[test]
-fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so(
-) -> anyhow::Result<()> {
+fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so() -> anyhow::Result<()>
+{
     let Some(Setup { mesh, web, n1, n2 }) = start()? else {
         return Ok(());
     };
@@ -185,12 +198,18 @@ fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so(
     let seen = wait_for("n1's node port", CONVERGE, || via_node_port(&mesh, n1))?;
     assert_eq!(seen.ip(), ext_ip, "Local keeps the client's address");
     let before = dropped(&mesh, "n2", "no-local-backend")?;
-    assert!(via_node_port(&mesh, n2).is_err(), "n2 has no backend of its own");
+    assert!(
+        via_node_port(&mesh, n2).is_err(),
+        "n2 has no backend of its own"
+    );
     let after = dropped(&mesh, "n2", "no-local-backend")?;
     assert!(after > before, "counted: {before} -> {after}");
 
     // The health check follows the backends: n2's own backend joins.
-    mesh.publish_service("c1", &record(&web.iter().collect::<Vec<_>>(), TrafficPolicy::Local))?;
+    mesh.publish_service(
+        "c1",
+        &record(&web.iter().collect::<Vec<_>>(), TrafficPolicy::Local),
+    )?;
     wait_for("n2's health check to turn 200", CONVERGE, || {
         let (code, body) = health(&mesh, n2)?;
         anyhow::ensure!(code == 200, "{code} {body}");
@@ -223,13 +242,17 @@ fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::R
         let before = dropped(&mesh, node, "policy-denied")?;
         // Until the service and the policy are in the maps, a try may fail or pass for other
         // reasons: try until one is refused and the backend's node counts a policy drop.
-        wait_for("the backend's policy to deny the outside client", CONVERGE, || {
-            let tried = via_node_port(&mesh, n1);
-            anyhow::ensure!(tried.is_err(), "an outside client got through: {tried:?}");
-            let now = dropped(&mesh, node, "policy-denied")?;
-            anyhow::ensure!(now > before, "no policy drop on {node} yet");
-            Ok(())
-        })
+        wait_for(
+            "the backend's policy to deny the outside client",
+            CONVERGE,
+            || {
+                let tried = via_node_port(&mesh, n1);
+                anyhow::ensure!(tried.is_err(), "an outside client got through: {tried:?}");
+                let now = dropped(&mesh, node, "policy-denied")?;
+                anyhow::ensure!(now > before, "no policy drop on {node} yet");
+                Ok(())
+            },
+        )
         .map_err(|e| e.context(mesh.logs()))?;
         assert!(via_node_port(&mesh, n1).is_err(), "denied via {node}");
     }

@@ -143,7 +143,10 @@ fn outside_to_local_backend(native: bool) {
     let listener = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
     let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
     assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
-    assert!(topo.nodes[0].maps.nat_mappings().unwrap().is_empty(), "no SNAT");
+    assert!(
+        topo.nodes[0].maps.nat_mappings().unwrap().is_empty(),
+        "no SNAT"
+    );
 }
 
 fn outside_to_remote_backend(native: bool) {
@@ -155,7 +158,11 @@ fn outside_to_remote_backend(native: bool) {
     let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
     let node_ip = topo.nodes[0].node_ip;
     let seen = exchange(&ext, node_ip, &listener).unwrap();
-    assert_eq!(seen, IpAddr::V4(node_ip), "SNATed to the node it came in by");
+    assert_eq!(
+        seen,
+        IpAddr::V4(node_ip),
+        "SNATed to the node it came in by"
+    );
     let fwd = if native {
         abi::FWD_NATIVE
     } else {
@@ -163,7 +170,10 @@ fn outside_to_remote_backend(native: bool) {
     };
     let maps = &topo.nodes[0].maps;
     assert!(maps.counter(Direction::Ingress, fwd).unwrap() > 0);
-    assert!(maps.counter(Direction::Ingress, abi::FWD_WORLD).unwrap() > 0, "replies routed out");
+    assert!(
+        maps.counter(Direction::Ingress, abi::FWD_WORLD).unwrap() > 0,
+        "replies routed out"
+    );
 }
 
 #[test]
@@ -235,7 +245,10 @@ fn new_connections_avoid_a_backend_deleted_under_traffic() {
             break;
         }
     }
-    assert!(l0_l1_both(&open, b0, b1), "both backends chosen in 64 connections");
+    assert!(
+        l0_l1_both(&open, b0, b1),
+        "both backends chosen in 64 connections"
+    );
     // Backend 1 goes away under traffic: the agent lowers the count, then deletes its slot.
     let frontend = LbFrontend {
         addr: node_ip,
@@ -250,15 +263,22 @@ fn new_connections_avoid_a_backend_deleted_under_traffic() {
     l0.set_nonblocking(false).unwrap();
     for _ in 0..8 {
         let seen = exchange(&ext, node_ip, &l0).unwrap();
-        assert_eq!(seen, IpAddr::V4(ext.host_ip), "every new connection on node 0's backend");
+        assert_eq!(
+            seen,
+            IpAddr::V4(ext.host_ip),
+            "every new connection on node 0's backend"
+        );
     }
 }
 
 /// Whether the accepted sockets in `open` include one on each backend.
 fn l0_l1_both(open: &[TcpStream], b0: Ipv4Addr, b1: Ipv4Addr) -> bool {
     let local = |ip: Ipv4Addr| {
-        open.iter()
-            .any(|s| s.local_addr().map(|a| a.ip() == IpAddr::V4(ip)).unwrap_or(false))
+        open.iter().any(|s| {
+            s.local_addr()
+                .map(|a| a.ip() == IpAddr::V4(ip))
+                .unwrap_or(false)
+        })
     };
     local(b0) && local(b1)
 }

@@ -82,7 +82,11 @@ fn a_node_port_to_a_local_backend_keeps_the_client_and_the_reply_leaves_from_the
     let (verdict, out) = w.uplink(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT, "delivered to the backend");
     assert_eq!((daddr(&out), dport(&out)), (B, BACKEND_PORT), "DNATed");
-    assert_eq!((saddr(&out), sport(&out)), (X, 50000), "the client's own address");
+    assert_eq!(
+        (saddr(&out), sport(&out)),
+        (X, 50000),
+        "the client's own address"
+    );
     assert_eq!(&out[0..6], &B_MAC);
     assert_checksums_valid(&out, "DNATed SYN");
     assert_eq!(w.counter(Direction::Ingress, abi::FWD_LOCAL), 1);
@@ -91,7 +95,11 @@ fn a_node_port_to_a_local_backend_keeps_the_client_and_the_reply_leaves_from_the
     // the client, not masqueraded.
     let (verdict, back) = w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x12), w.b_if);
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed out by the program");
-    assert_eq!((saddr(&back), sport(&back)), (NODE, NODE_PORT), "reverse DNAT");
+    assert_eq!(
+        (saddr(&back), sport(&back)),
+        (NODE, NODE_PORT),
+        "reverse DNAT"
+    );
     assert_eq!((daddr(&back), dport(&back)), (X, 50000));
     assert_eq!(&back[0..6], &GATEWAY_MAC);
     assert_checksums_valid(&back, "reverse-DNATed SYN-ACK");
@@ -112,9 +120,16 @@ fn a_node_port_to_a_remote_backend_is_snated_and_its_replies_are_translated_twic
     let (verdict, out) = w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x02));
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed to the backend's node");
     assert_eq!((daddr(&out), dport(&out)), (R, BACKEND_PORT), "DNATed");
-    assert_eq!(saddr(&out), NODE, "SNATed to the node, so the replies come back");
+    assert_eq!(
+        saddr(&out),
+        NODE,
+        "SNATed to the node, so the replies come back"
+    );
     let nat_port = sport(&out);
-    assert!(NAT_PORTS.contains(&nat_port), "a port of the range: {nat_port}");
+    assert!(
+        NAT_PORTS.contains(&nat_port),
+        "a port of the range: {nat_port}"
+    );
     assert_eq!(&out[0..6], &NODE2_MAC, "to the backend's node");
     assert_checksums_valid(&out, "DNATed and SNATed SYN");
     assert_eq!(w.counter(Direction::Ingress, abi::FWD_NATIVE), 1);
@@ -126,7 +141,11 @@ fn a_node_port_to_a_remote_backend_is_snated_and_its_replies_are_translated_twic
     // The backend's SYN-ACK arrives on the uplink addressed to the node.
     let (verdict, back) = w.uplink(&tcp(R, BACKEND_PORT, NODE, nat_port, 0x12));
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed out to the client");
-    assert_eq!((saddr(&back), sport(&back)), (NODE, NODE_PORT), "the frontend");
+    assert_eq!(
+        (saddr(&back), sport(&back)),
+        (NODE, NODE_PORT),
+        "the frontend"
+    );
     assert_eq!((daddr(&back), dport(&back)), (X, 50000), "the client");
     assert_eq!(&back[0..6], &GATEWAY_MAC);
     assert_checksums_valid(&back, "reply translated back");
@@ -197,7 +216,10 @@ fn local_policy_without_a_local_backend_drops_new_connections_with_its_own_reaso
     let (verdict, _) = w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x02));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(w.counter(Direction::Ingress, abi::DROP_NO_LOCAL_BACKEND), 1);
-    assert_eq!(w.counter(Direction::Ingress, abi::DROP_NO_SERVICE_BACKEND), 0);
+    assert_eq!(
+        w.counter(Direction::Ingress, abi::DROP_NO_SERVICE_BACKEND),
+        0
+    );
     let events = w.dp.maps.drain_drop_events();
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(abi::reason_name(events[0].reason), "no-local-backend");
@@ -219,15 +241,25 @@ fn established_connections_keep_their_backend_and_new_ones_avoid_a_deleted_one()
         let (_, out) = w.uplink(&tcp(X, port, NODE, NODE_PORT, 0x02));
         picks.entry(daddr(&out)).or_insert(port);
     }
-    assert_eq!(picks.len(), 2, "both backends picked in 64 tries: {picks:?}");
+    assert_eq!(
+        picks.len(),
+        2,
+        "both backends picked in 64 tries: {picks:?}"
+    );
     for (backend, port) in &picks {
         for _ in 0..8 {
             let (_, out) = w.uplink(&tcp(X, *port, NODE, NODE_PORT, 0x10));
-            assert_eq!(daddr(&out), *backend, "client port {port} follows its choice");
+            assert_eq!(
+                daddr(&out),
+                *backend,
+                "client port {port} follows its choice"
+            );
         }
     }
     // R leaves (the agent lowers the count, then deletes the slot): new connections go to B.
-    w.dp.maps.upsert_service(node_port(TCP), 1, abi::SERVICE_F_NODE_PORT).unwrap();
+    w.dp.maps
+        .upsert_service(node_port(TCP), 1, abi::SERVICE_F_NODE_PORT)
+        .unwrap();
     w.dp.maps.delete_backend(node_port(TCP), 1).unwrap();
     for port in 51000..51016 {
         let (_, out) = w.uplink(&tcp(X, port, NODE, NODE_PORT, 0x02));

@@ -959,7 +959,10 @@ mod tests {
         r.health_check_node_port = Some(32000);
         let (port, hc) = health_check(&node, &r).expect("a health check");
         assert_eq!(port, 32000);
-        assert_eq!((hc.namespace.as_str(), hc.name.as_str()), ("default", "echo"));
+        assert_eq!(
+            (hc.namespace.as_str(), hc.name.as_str()),
+            ("default", "echo")
+        );
         assert_eq!(hc.local_endpoints, 2);
         r.backends.retain(|b| b.ip == ip("10.1.2.7"));
         assert_eq!(health_check(&node, &r).unwrap().1.local_endpoints, 0);
