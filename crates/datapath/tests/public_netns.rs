@@ -12,94 +12,38 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::can_run;
+use common::public::{expose, with_outside};
 use common::topology::*;
-use ipnet::Ipv4Net;
-use meshd_datapath::{
-    netns::run_in, Direction, EgressConfig, IpcacheTarget, LbBackend, LbFrontend,
-};
+use meshd_datapath::{netns::run_in, Direction, LbFrontend};
 use meshd_ebpf::abi;
-use meshd_state::NumericIdentity;
-use meshd_testing::netns::{External, UNDERLAY_IFNAME};
+use meshd_testing::netns::External;
 
 const NODE_PORT: u16 = 30080;
 const BACKEND_PORT: u16 = 8080;
 const TCP: u8 = 6;
-const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 254);
 
-/// Two nodes (clusters 1 and 1), one endpoint each, and an outside; every node wired as the
-/// agent wires it for the world: from_netdev on the uplink, egress (masquerade range), the
-/// default route via the router, node IPs in the ipcache.
+/// Two nodes (clusters 1 and 1), one endpoint each, and an outside (`common::public`).
 fn setup(native: bool) -> Option<(Topology, External)> {
     if !can_run() {
         return None;
     }
     let prefix = if native { "exn" } else { "ext" };
-    let mut topo = Topology::with_routing(prefix, &[1, 1], 1, native).expect("topology");
-    let external = topo
-        .underlay
-        .add_external(prefix, ROUTER, 1500)
-        .expect("outside");
-    let node_ips: Vec<Ipv4Addr> = topo.nodes.iter().map(|n| n.node_ip).collect();
-    for i in 0..topo.nodes.len() {
-        let ns = topo.underlay.node(i).path();
-        topo.underlay
-            .node(i)
-            .ip(&["route", "replace", "default", "via", &ROUTER.to_string()])
-            .expect("default route");
-        let node = &mut topo.nodes[i];
-        if !native {
-            let dp = node.datapath.as_mut().expect("datapath");
-            run_in(&ns, || dp.attach_netdev(UNDERLAY_IFNAME)).expect("attach from_netdev");
-        }
-        node.maps
-            .set_egress(&EgressConfig {
-                masquerade: true,
-                nat_ports: 61000..=61999,
-            })
-            .expect("egress");
-        for ip in &node_ips {
-            let (identity, local) = if *ip == node.node_ip {
-                (NumericIdentity::HOST, true)
-            } else {
-                (NumericIdentity::REMOTE_NODE, false)
-            };
-            node.maps
-                .upsert_ipcache(
-                    Ipv4Net::new(*ip, 32).unwrap(),
-                    IpcacheTarget {
-                        identity,
-                        tunnel_endpoint: None,
-                        local,
-                    },
-                )
-                .expect("node ipcache entry");
-        }
-    }
-    Some((topo, external))
+    Some(with_outside(prefix, &[1, 1], native, 61000..=61999).expect("topology"))
 }
 
-/// Node 0's NodePort, balanced over `backends` (endpoints' addresses).
-fn expose(topo: &mut Topology, backends: &[Ipv4Addr], flags: u32) {
-    let frontend = LbFrontend {
+fn node_port(topo: &Topology) -> LbFrontend {
+    LbFrontend {
         addr: topo.nodes[0].node_ip,
         port: NODE_PORT,
         proto: TCP,
-    };
-    let maps = &mut topo.nodes[0].maps;
-    for (slot, addr) in backends.iter().enumerate() {
-        maps.upsert_backend(
-            frontend,
-            slot as u32,
-            LbBackend {
-                addr: *addr,
-                port: BACKEND_PORT,
-                cluster_id: 1,
-            },
-        )
-        .unwrap();
     }
-    maps.upsert_service(frontend, backends.len() as u32, flags)
-        .unwrap();
+}
+
+/// Node 0's NodePort, balanced over `backends` (endpoints' addresses).
+fn expose_on_node0(topo: &mut Topology, backends: &[Ipv4Addr], flags: u32) {
+    let frontend = node_port(topo);
+    let backends: Vec<(Ipv4Addr, u16)> = backends.iter().map(|a| (*a, BACKEND_PORT)).collect();
+    expose(&mut topo.nodes[0].maps, frontend, &backends, flags).unwrap();
 }
 
 /// Connects from the external host to `to`.
@@ -139,7 +83,7 @@ fn outside_to_local_backend(native: bool) {
         return;
     };
     let backend = topo.ep(0, 0).ip;
-    expose(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
+    expose_on_node0(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
     let listener = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
     let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
     assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
@@ -154,7 +98,7 @@ fn outside_to_remote_backend(native: bool) {
         return;
     };
     let backend = topo.ep(1, 0).ip;
-    expose(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
+    expose_on_node0(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
     let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
     let node_ip = topo.nodes[0].node_ip;
     let seen = exchange(&ext, node_ip, &listener).unwrap();
@@ -198,7 +142,7 @@ fn local_policy_serves_from_the_node_and_refuses_without_a_local_backend() {
     };
     let flags = abi::SERVICE_F_NODE_PORT | abi::SERVICE_F_LOCAL;
     // No backend on node 0 (the agent writes none for a Local frontend): refused, counted.
-    expose(&mut topo, &[], flags);
+    expose_on_node0(&mut topo, &[], flags);
     let to = SocketAddr::from((topo.nodes[0].node_ip, NODE_PORT));
     let err = run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
         Ok(TcpStream::connect_timeout(&to, Duration::from_secs(1)))
@@ -212,7 +156,7 @@ fn local_policy_serves_from_the_node_and_refuses_without_a_local_backend() {
     assert!(drops > 0, "the SYN counted as no-local-backend");
 
     let backend = topo.ep(0, 0).ip;
-    expose(&mut topo, &[backend], flags);
+    expose_on_node0(&mut topo, &[backend], flags);
     let listener = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
     let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
     assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
@@ -224,7 +168,7 @@ fn new_connections_avoid_a_backend_deleted_under_traffic() {
         return;
     };
     let (b0, b1) = (topo.ep(0, 0).ip, topo.ep(1, 0).ip);
-    expose(&mut topo, &[b0, b1], abi::SERVICE_F_NODE_PORT);
+    expose_on_node0(&mut topo, &[b0, b1], abi::SERVICE_F_NODE_PORT);
     let l0 = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
     let l1 = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
     let node_ip = topo.nodes[0].node_ip;
@@ -250,11 +194,7 @@ fn new_connections_avoid_a_backend_deleted_under_traffic() {
         "both backends chosen in 64 connections"
     );
     // Backend 1 goes away under traffic: the agent lowers the count, then deletes its slot.
-    let frontend = LbFrontend {
-        addr: node_ip,
-        port: NODE_PORT,
-        proto: TCP,
-    };
+    let frontend = node_port(&topo);
     topo.nodes[0]
         .maps
         .upsert_service(frontend, 1, abi::SERVICE_F_NODE_PORT)
