@@ -33,6 +33,7 @@
 #include "lib/lb.h"
 #include "lib/nat.h"
 #include "lib/native.h"
+#include "lib/tunnel.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
 
@@ -64,17 +65,7 @@ static __always_inline int public_to_remote(struct __sk_buff *skb, struct pkt_ct
 		return ret;
 	if (cfg->flags & MESHD_CONFIG_F_NATIVE)
 		return native_forward(skb, ctx, l3_off);
-	if (!cfg->vxlan_ifindex)
-		return MESHD_DROP_NO_CONFIG;
-	struct bpf_tunnel_key key = {};
-	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
-	ctx->tunnel_remote = key.remote_ipv4;
-	key.tunnel_id = MESHD_IDENTITY_WORLD;
-	key.tunnel_ttl = 64;
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	ctx->action = bpf_redirect(cfg->vxlan_ifindex, 0);
-	return MESHD_FWD_TUNNEL;
+	return tunnel_redirect(skb, ctx, cfg, remote->tunnel_endpoint, MESHD_IDENTITY_WORLD);
 }
 
 /*
@@ -94,15 +85,7 @@ static __always_inline int public_reply(struct __sk_buff *skb, struct pkt_ctx *c
 	if (ret < 0)
 		return ret;
 	ctx->dst_identity = MESHD_IDENTITY_WORLD;
-	struct world_hop hop = {};
-	int route = world_route(skb, ctx, l3_off, &hop);
-	if (route < 0)
-		return route;
-	if (route == WORLD_HOST || route == WORLD_VIA_STACK) {
-		ctx->action = TC_ACT_OK;
-		return MESHD_FWD_STACK;
-	}
-	return world_forward(skb, ctx, l3_off, &hop, route);
+	return world_route_forward(skb, ctx, l3_off);
 }
 
 static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_ctx *ctx)

@@ -980,6 +980,20 @@ impl Mesh {
         Ok(())
     }
 
+    /// Packets a node's datapath counted under `reason_name` (both directions), as `meshd
+    /// status` shows them.
+    pub fn counted(&self, cluster: &str, node: &str, reason_name: &str) -> anyhow::Result<u64> {
+        let status = self.status(cluster, node)?;
+        Ok(status["datapath"]["counters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c["reason_name"] == reason_name)
+            .filter_map(|c| c["packets"].as_u64())
+            .sum())
+    }
+
     /// Writes a service record into `cluster`'s etcd as its apiserver publishes one (the
     /// e2e mesh runs no apiserver).
     pub fn publish_service(

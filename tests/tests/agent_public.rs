@@ -7,7 +7,7 @@
 //! `no-local-backend` in `meshd status`), and its health check node port answers 200 / 503.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use meshd_e2e::mesh::{EndpointInfo, Mesh, MeshOptions, UNDERLAY_MTU};
@@ -84,15 +84,17 @@ fn start_with(opts: MeshOptions) -> anyhow::Result<Option<Setup>> {
     Ok(Some(Setup { mesh, web, n1, n2 }))
 }
 
+/// A connection from the external host to `node`:`port`.
+fn from_outside(mesh: &Mesh, node: Ipv4Addr, port: u16) -> anyhow::Result<TcpStream> {
+    let ext = mesh.external.as_ref().expect("outside");
+    let s = netns_io::connect(&ext.host.path(), SocketAddr::from((node, port)), TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
 /// From the external host to `node`:NODE_PORT: the address the backend saw, after an echo.
 fn via_node_port(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<SocketAddr> {
-    let ext = mesh.external.as_ref().expect("outside");
-    let mut s = netns_io::connect(
-        &ext.host.path(),
-        SocketAddr::from((node, NODE_PORT)),
-        TIMEOUT,
-    )?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut s = from_outside(mesh, node, NODE_PORT)?;
     let seen = read_seen_address(&mut s)?;
     netns_io::echo_round_trip(&mut s, b"from outside")?;
     Ok(seen)
@@ -100,13 +102,7 @@ fn via_node_port(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<SocketAddr> {
 
 /// `GET /` from the external host to `node`:HEALTH_PORT: the status code and body.
 fn health(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<(u16, serde_json::Value)> {
-    let ext = mesh.external.as_ref().expect("outside");
-    let mut s = netns_io::connect(
-        &ext.host.path(),
-        SocketAddr::from((node, HEALTH_PORT)),
-        TIMEOUT,
-    )?;
-    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut s = from_outside(mesh, node, HEALTH_PORT)?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
@@ -117,19 +113,6 @@ fn health(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<(u16, serde_json::Value
         .ok_or_else(|| anyhow::anyhow!("no status line in {out:?}"))?;
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
     Ok((code, serde_json::from_str(body)?))
-}
-
-/// Drops of `reason_name` on a node, as `meshd status` counts them.
-fn dropped(mesh: &Mesh, node: &str, reason_name: &str) -> anyhow::Result<u64> {
-    let status = mesh.status("c1", node)?;
-    Ok(status["datapath"]["counters"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter(|c| c["reason_name"] == reason_name)
-        .filter_map(|c| c["packets"].as_u64())
-        .sum())
 }
 
 #[test]
@@ -197,12 +180,12 @@ fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so() -
 
     let seen = wait_for("n1's node port", CONVERGE, || via_node_port(&mesh, n1))?;
     assert_eq!(seen.ip(), ext_ip, "Local keeps the client's address");
-    let before = dropped(&mesh, "n2", "no-local-backend")?;
+    let before = mesh.counted("c1", "n2", "no-local-backend")?;
     assert!(
         via_node_port(&mesh, n2).is_err(),
         "n2 has no backend of its own"
     );
-    let after = dropped(&mesh, "n2", "no-local-backend")?;
+    let after = mesh.counted("c1", "n2", "no-local-backend")?;
     assert!(after > before, "counted: {before} -> {after}");
 
     // The health check follows the backends: n2's own backend joins.
@@ -239,7 +222,7 @@ fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::R
     for (i, backend) in web.iter().enumerate() {
         let node = if i == 0 { "n1" } else { "n2" };
         mesh.publish_service("c1", &record(&[backend], TrafficPolicy::Cluster))?;
-        let before = dropped(&mesh, node, "policy-denied")?;
+        let before = mesh.counted("c1", node, "policy-denied")?;
         // Until the service and the policy are in the maps, a try may fail or pass for other
         // reasons: try until one is refused and the backend's node counts a policy drop.
         wait_for(
@@ -248,7 +231,7 @@ fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::R
             || {
                 let tried = via_node_port(&mesh, n1);
                 anyhow::ensure!(tried.is_err(), "an outside client got through: {tried:?}");
-                let now = dropped(&mesh, node, "policy-denied")?;
+                let now = mesh.counted("c1", node, "policy-denied")?;
                 anyhow::ensure!(now > before, "no policy drop on {node} yet");
                 Ok(())
             },

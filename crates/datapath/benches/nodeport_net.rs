@@ -18,21 +18,17 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Context;
-use common::bench::{arg, iperf3_gbps, load_average, median, plain_endpoint_mtu, spread};
+use common::bench::{
+    arg, load_average, plain_endpoint_mtu, spawn_byte_server, Comparison, Iperf3Pair, Iperf3Path,
+};
 use common::public::{expose, with_outside, ROUTER};
 use ipnet::Ipv4Net;
-use meshd_datapath::netns::run_in;
 use meshd_datapath::{Direction, LbFrontend};
 use meshd_ebpf::abi;
-use meshd_testing::netns::{ChildGuard, Netns};
+use meshd_testing::netns::Netns;
 
 /// The plain receiving node and the plain backend node beside the meshd ones.
 const KP_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
@@ -85,62 +81,6 @@ fn kube_proxy_nodes(receiving: &Netns, backend_node: &Netns) -> anyhow::Result<N
     Ok(ep)
 }
 
-/// A server in `netns` answering each connection's byte, then waiting for the client to close:
-/// `workers` threads accepting on one listener. Its threads live as long as the bench.
-fn spawn_byte_server(netns: &Path, addr: SocketAddr, workers: u32) -> anyhow::Result<()> {
-    let listener = Arc::new(run_in(netns, || -> anyhow::Result<TcpListener> {
-        Ok(TcpListener::bind(addr)?)
-    })?);
-    for _ in 0..workers {
-        let listener = listener.clone();
-        std::thread::spawn(move || {
-            while let Ok((mut s, _)) = listener.accept() {
-                let mut b = [0u8; 1];
-                if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
-                    let _ = s.read(&mut b);
-                }
-            }
-        });
-    }
-    Ok(())
-}
-
-/// `threads` loops of `per_thread` connections from `client` to `to`; connections per second
-/// over the wall time. Any failed connection fails the run.
-fn connect_loop(
-    client: &Path,
-    to: SocketAddr,
-    threads: u32,
-    per_thread: u32,
-) -> anyhow::Result<f64> {
-    run_in(client, || -> anyhow::Result<f64> {
-        let failed = AtomicUsize::new(0);
-        let start = Instant::now();
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| {
-                    for _ in 0..per_thread {
-                        let ok = (|| -> std::io::Result<()> {
-                            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-                            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                            let mut b = [7u8; 1];
-                            s.write_all(&b)?;
-                            s.read_exact(&mut b)?;
-                            Ok(())
-                        })();
-                        if ok.is_err() {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                });
-            }
-        });
-        let failed = failed.load(Ordering::Relaxed);
-        anyhow::ensure!(failed == 0, "{failed} connections to {to} failed");
-        Ok(f64::from(threads * per_thread) / start.elapsed().as_secs_f64())
-    })
-}
-
 fn main() -> anyhow::Result<()> {
     if !common::can_run()
         || !meshd_testing::require("iperf3", meshd_testing::have_binary("iperf3"))
@@ -186,35 +126,15 @@ fn main() -> anyhow::Result<()> {
     let node_ips = [node_ip, KP_NODE_IP];
     let backends: [&Netns; 2] = [&meshd.ep(1, 0).netns, &kp_ep];
 
-    // An iperf3 server per path, in its backend; a failed sample restarts its path's server
-    // and is retried once, and every failure is reported.
-    let server = |i: usize| -> anyhow::Result<ChildGuard> {
-        let guard = backends[i].spawn("iperf3", &["-s", "-p", &IPERF_PORTS[i].to_string()])?;
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(guard)
-    };
-    let mut servers = [server(0)?, server(1)?];
-    let mut failures = [0u32; 2];
-    let mut sample = |i: usize, streams: u32, seconds: u32| -> anyhow::Result<f64> {
-        let (to, port) = (node_ips[i], IPERF_PORTS[i]);
-        match iperf3_gbps(&outside.host, to, port, streams, seconds) {
-            Ok(gbps) => Ok(gbps),
-            Err(e) => {
-                failures[i] += 1;
-                println!(
-                    "{}: a {streams}-stream sample failed ({e:#}); its server restarts",
-                    names[i]
-                );
-                servers[i] = server(i)?;
-                iperf3_gbps(&outside.host, to, port, streams, seconds).with_context(|| {
-                    format!("{}: a {streams}-stream sample failed twice", names[i])
-                })
-            }
-        }
-    };
-    for (i, name) in names.iter().enumerate() {
-        sample(i, 1, 1).with_context(|| format!("{name}: first transfer"))?;
-    }
+    // An iperf3 server per path, in its backend; the external host the client of both.
+    let mut iperf = Iperf3Pair::start([0, 1].map(|i| Iperf3Path {
+        name: names[i],
+        server: backends[i],
+        client: &outside.host,
+        to: node_ips[i],
+        port: IPERF_PORTS[i],
+    }))?;
+    iperf.check()?;
     anyhow::ensure!(
         !meshd.nodes[0].maps.nat_mappings()?.is_empty(),
         "meshd's transfer went without a SNAT mapping (not through the node port?)"
@@ -224,71 +144,28 @@ fn main() -> anyhow::Result<()> {
         "external host -> router -> node port -> backend on another node (native routing, MTU 1500), {runs} runs each; load average {}",
         load_average()
     );
-    for streams in [1u32, 4] {
-        let mut results = [Vec::new(), Vec::new()];
-        for _ in 0..runs {
-            for (i, result) in results.iter_mut().enumerate() {
-                result.push(sample(i, streams, seconds)?);
-            }
-        }
-        let spreads = [spread(&results[0]), spread(&results[1])];
-        let [m, b] = results.map(median);
-        println!(
-            "TCP throughput through the node port, {streams} stream(s): meshd {m:.2} Gbit/s [{}], nftables {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
-            spreads[0], spreads[1]
-        );
-        println!(
-            "RESULT nodeport-tcp-{streams}stream meshd_gbps={m:.2} nftables_gbps={b:.2} ratio={:.3}x (issue 14)",
-            m / b
-        );
-    }
-    println!(
-        "failed throughput samples (retried): meshd {}, nftables {}",
-        failures[0], failures[1]
-    );
-    drop(servers);
+    let comparison = Comparison {
+        label: "nodeport",
+        path: "through the node port",
+        note: "(issue 14)",
+        runs,
+    };
+    comparison.throughput(seconds, |i, streams| iperf.sample(i, streams, seconds))?;
+    iperf.finish();
 
-    let mut rates = [Vec::new(), Vec::new()];
-    let mut ratios = Vec::new();
-    for run in 0..runs {
+    comparison.connection_rate(threads, per_thread, |run| {
         let port = |i: usize| CONN_PORT_BASE + 2 * run as u16 + i as u16;
         // meshd's backend port is its node port's number, as kube-proxy's DNAT keeps it.
-        spawn_byte_server(
-            &backends[0].path(),
-            SocketAddr::from((backend, port(0))),
-            4 * threads,
-        )?;
-        spawn_byte_server(
-            &backends[1].path(),
-            SocketAddr::from((KP_EP_IP, port(1))),
-            4 * threads,
-        )?;
-        let host = outside.host.path();
-        let to = [0, 1].map(|i| SocketAddr::from((node_ips[i], port(i))));
-        let (m, b) = std::thread::scope(|scope| {
-            let m = scope.spawn(|| connect_loop(&host, to[0], threads, per_thread));
-            let b = scope.spawn(|| connect_loop(&host, to[1], threads, per_thread));
-            (m.join().expect("meshd loop"), b.join().expect("nft loop"))
-        });
-        let (m, b) = (m.context("meshd")?, b.context("nftables")?);
-        println!(
-            "run {run}: meshd {m:.0} conn/s, nftables {b:.0} conn/s = {:.2}x",
-            m / b
-        );
-        rates[0].push(m);
-        rates[1].push(b);
-        ratios.push(m / b);
-    }
-    let spreads = [spread(&rates[0]), spread(&rates[1]), spread(&ratios)];
-    let [m, b] = rates.map(median);
-    let r = median(ratios);
-    println!(
-        "new connections/s through the node port ({threads} threads x {per_thread} each path, both at once): meshd {m:.0} [{}], nftables {b:.0} [{}]; ratio median {r:.2}x [{}]",
-        spreads[0], spreads[1], spreads[2]
-    );
-    println!(
-        "RESULT nodeport-connrate meshd_cps={m:.0} nftables_cps={b:.0} ratio={r:.3}x (issue 14)"
-    );
+        for (i, addr) in [backend, KP_EP_IP].into_iter().enumerate() {
+            spawn_byte_server(
+                &backends[i].path(),
+                SocketAddr::from((addr, port(i))),
+                4 * threads,
+            )?;
+        }
+        let to = |i: usize| SocketAddr::from((node_ips[i], port(i)));
+        Ok([(outside.host.path(), to(0)), (outside.host.path(), to(1))])
+    })?;
     println!("load average at the end: {}", load_average());
 
     let maps = &meshd.nodes[0].maps;

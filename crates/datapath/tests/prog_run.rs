@@ -447,19 +447,7 @@ fn overlay_ingress_policy_and_replies_of_outgoing_connections() {
             .set_policy_enabled(subject, Direction::Ingress, true)
             .unwrap();
     }
-    dp.maps
-        .upsert_policy(
-            PolicyEntry {
-                subject: WEB,
-                peer: Some(CLIENT),
-                proto: None,
-                dport: None,
-                direction: Direction::Ingress,
-            },
-            Verdict::Allow,
-            1,
-        )
-        .unwrap();
+    allow_ingress_from(&mut dp.maps, WEB, CLIENT);
     let cb = overlay_cb(NODE2, REMOTE);
 
     let from_remote = Packet::tcp(R, 33000, B, 8080, 0x02);

@@ -78,14 +78,21 @@ fn exchange(ext: &External, node_ip: Ipv4Addr, listener: &TcpListener) -> anyhow
     server.join().expect("server thread")
 }
 
+/// Node 0's node port balanced to node `on`'s endpoint, one exchange from outside: the
+/// topology, the outside and the address the backend saw.
+fn through_node_port_to(on: usize, native: bool) -> Option<(Topology, External, IpAddr)> {
+    let (mut topo, ext) = setup(native)?;
+    let backend = topo.ep(on, 0).ip;
+    expose_on_node0(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
+    let listener = tcp_listen(topo.ep(on, 0), BACKEND_PORT).unwrap();
+    let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
+    Some((topo, ext, seen))
+}
+
 fn outside_to_local_backend(native: bool) {
-    let Some((mut topo, ext)) = setup(native) else {
+    let Some((topo, ext, seen)) = through_node_port_to(0, native) else {
         return;
     };
-    let backend = topo.ep(0, 0).ip;
-    expose_on_node0(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
-    let listener = tcp_listen(topo.ep(0, 0), BACKEND_PORT).unwrap();
-    let seen = exchange(&ext, topo.nodes[0].node_ip, &listener).unwrap();
     assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
     assert!(
         topo.nodes[0].maps.nat_mappings().unwrap().is_empty(),
@@ -94,17 +101,12 @@ fn outside_to_local_backend(native: bool) {
 }
 
 fn outside_to_remote_backend(native: bool) {
-    let Some((mut topo, ext)) = setup(native) else {
+    let Some((topo, _ext, seen)) = through_node_port_to(1, native) else {
         return;
     };
-    let backend = topo.ep(1, 0).ip;
-    expose_on_node0(&mut topo, &[backend], abi::SERVICE_F_NODE_PORT);
-    let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
-    let node_ip = topo.nodes[0].node_ip;
-    let seen = exchange(&ext, node_ip, &listener).unwrap();
     assert_eq!(
         seen,
-        IpAddr::V4(node_ip),
+        IpAddr::V4(topo.nodes[0].node_ip),
         "SNATed to the node it came in by"
     );
     let fwd = if native {

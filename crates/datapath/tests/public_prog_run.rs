@@ -13,7 +13,7 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::{frames::*, world::*, *};
-use meshd_datapath::{Direction, LbBackend, LbFrontend, PolicyEntry, Verdict};
+use meshd_datapath::{Direction, LbBackend, LbFrontend};
 use meshd_ebpf::abi;
 
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=61007;
@@ -275,19 +275,7 @@ fn a_policy_without_world_keeps_outside_clients_from_a_local_backend() {
     w.dp.maps
         .set_policy_enabled(WEB, Direction::Ingress, true)
         .unwrap();
-    w.dp.maps
-        .upsert_policy(
-            PolicyEntry {
-                subject: WEB,
-                peer: Some(CLIENT),
-                proto: None,
-                dport: None,
-                direction: Direction::Ingress,
-            },
-            Verdict::Allow,
-            1,
-        )
-        .unwrap();
+    allow_ingress_from(&mut w.dp.maps, WEB, CLIENT);
     w.dp.maps.bump_policy_revision().unwrap();
     let (verdict, _) = w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x02));
     assert_eq!(verdict, TC_ACT_SHOT);
