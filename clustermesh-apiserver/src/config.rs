@@ -82,6 +82,27 @@ pub struct ConfigArgs {
     /// config; remote clusters announcing another one are refused [default: tunnel].
     #[arg(long, value_name = "MODE")]
     pub routing_mode: Option<String>,
+    /// Mirror every remote cluster of --kvstoremesh-clusters-dir into this cluster's etcd
+    /// (`meshd/cache/<cluster>/`, status in `meshd/cache-status/v1/<cluster>`), for agents
+    /// with `remote_source: cache`.
+    #[arg(long)]
+    #[serde(default)]
+    pub kvstoremesh: bool,
+    /// The remote cluster files the mirror reads (the agents' `remote_clusters_dir`: one
+    /// `<cluster>.yaml` per remote, read with this cluster's remote certificate).
+    #[arg(long, value_name = "DIR")]
+    pub kvstoremesh_clusters_dir: Option<PathBuf>,
+    /// Keys mirrored from one remote cluster at most; the rest are refused and counted
+    /// [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub kvstoremesh_limit: Option<u64>,
+}
+
+/// The mirror's settings (`--kvstoremesh`).
+#[derive(Debug, Clone)]
+pub struct KvstoremeshConfig {
+    pub clusters_dir: PathBuf,
+    pub limit: u64,
 }
 
 /// The checked configuration.
@@ -105,6 +126,8 @@ pub struct Config {
     pub routing_mode: RoutingMode,
     /// Unique per process: the value of the leader key while this replica leads.
     pub replica_id: String,
+    /// `--kvstoremesh`: mirror the remote clusters into the local etcd.
+    pub kvstoremesh: Option<KvstoremeshConfig>,
 }
 
 /// `500ms`, `30s`, `15m`, `2h`.
@@ -173,6 +196,11 @@ impl ConfigArgs {
             metrics_addr: self.metrics_addr.or(file.metrics_addr),
             max_txn_ops: self.max_txn_ops.or(file.max_txn_ops),
             routing_mode: self.routing_mode.or(file.routing_mode),
+            kvstoremesh: self.kvstoremesh || file.kvstoremesh,
+            kvstoremesh_clusters_dir: self
+                .kvstoremesh_clusters_dir
+                .or(file.kvstoremesh_clusters_dir),
+            kvstoremesh_limit: self.kvstoremesh_limit.or(file.kvstoremesh_limit),
         }
     }
 
@@ -281,6 +309,26 @@ impl ConfigArgs {
         if max_txn_ops < 4 {
             errors.push("--max-txn-ops: must be at least 4".into());
         }
+        let kvstoremesh = match (self.kvstoremesh, self.kvstoremesh_clusters_dir) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                errors.push("--kvstoremesh-clusters-dir: only with --kvstoremesh".into());
+                None
+            }
+            (true, None) => {
+                errors.push("--kvstoremesh needs --kvstoremesh-clusters-dir".into());
+                None
+            }
+            (true, Some(dir)) => Some(KvstoremeshConfig {
+                clusters_dir: dir,
+                limit: self
+                    .kvstoremesh_limit
+                    .unwrap_or(crate::mirror::DEFAULT_LIMIT),
+            }),
+        };
+        if self.kvstoremesh_limit == Some(0) {
+            errors.push("--kvstoremesh-limit: must be at least 1".into());
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -309,6 +357,7 @@ impl ConfigArgs {
             max_txn_ops,
             routing_mode,
             replica_id: replica_id(),
+            kvstoremesh,
         })
     }
 }
@@ -392,5 +441,48 @@ mod tests {
         // No extra admins by default: admin-<cluster> is always allowed (see grpc::authorize).
         assert!(config.admins.is_empty());
         assert!(serde_yaml::from_str::<ConfigArgs>("clustr-name: x\n").is_err());
+        assert!(config.kvstoremesh.is_none());
+    }
+
+    #[test]
+    fn kvstoremesh_needs_its_directory() {
+        let base = || {
+            ConfigArgs::from_text(
+                Path::new("f.yaml"),
+                "cluster-name: c1\ncluster-id: 1\netcd-endpoints: [http://127.0.0.1:2379]\n\
+                 listen: 127.0.0.1:9443\ntls-ca: ca.pem\ntls-cert: s.pem\ntls-key: s-key.pem\n\
+                 service-cidr: 10.96.0.0/16\nkvstoremesh: true\n",
+            )
+            .unwrap()
+        };
+        let errors = base().build().unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("--kvstoremesh-clusters-dir")),
+            "{errors:?}"
+        );
+        let config = ConfigArgs {
+            kvstoremesh_clusters_dir: Some("/etc/meshd/clusters".into()),
+            ..Default::default()
+        }
+        .over(base())
+        .build()
+        .unwrap();
+        let m = config.kvstoremesh.unwrap();
+        assert_eq!(m.clusters_dir, PathBuf::from("/etc/meshd/clusters"));
+        assert_eq!(m.limit, crate::mirror::DEFAULT_LIMIT);
+        let errors = ConfigArgs {
+            kvstoremesh_clusters_dir: Some("/d".into()),
+            kvstoremesh_limit: Some(0),
+            ..Default::default()
+        }
+        .over(base())
+        .build()
+        .unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains("--kvstoremesh-limit")),
+            "{errors:?}"
+        );
     }
 }

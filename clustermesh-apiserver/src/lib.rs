@@ -7,6 +7,8 @@
 //! - as leader among its replicas: publishes `meshd/state/services/v1/<cluster>/<ns>/<name>`
 //!   from the applied services and the cluster's endpoints, and deletes identities no endpoint
 //!   used for a grace period;
+//! - with `--kvstoremesh`: mirrors every remote cluster's shared state into the local etcd
+//!   (`meshd/cache/<cluster>/`, see [`mirror`]);
 //! - answers `/healthz` and `/readyz`.
 //!
 //! The API's messages and its client (`meshd_api::apiserver`) live in `meshd-api`, so the
@@ -22,6 +24,7 @@ pub mod health;
 pub mod keys;
 pub mod leader;
 pub mod metrics;
+pub mod mirror;
 pub mod node_ports;
 pub mod plan;
 pub mod server;

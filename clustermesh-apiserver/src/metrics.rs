@@ -41,6 +41,8 @@ pub struct ApiMetrics {
     pub refused: Arc<AtomicU64>,
     /// Identities in the leader's view; -1 on a replica that does not lead.
     pub identities: Arc<AtomicI64>,
+    /// The mirror of remote clusters (`--kvstoremesh`); empty without it.
+    pub mirror: crate::mirror::MirrorMetrics,
 }
 
 impl ApiMetrics {
@@ -50,6 +52,7 @@ impl ApiMetrics {
             durations: Family::new_with_constructor(latency_histogram),
             refused,
             identities: Arc::new(AtomicI64::new(-1)),
+            mirror: crate::mirror::MirrorMetrics::default(),
         }
     }
 
@@ -110,6 +113,7 @@ impl ApiMetrics {
             "Identities of the cluster in the leader's view; -1 on a replica that does not lead.",
             identities,
         );
+        self.mirror.register(&mut r);
         meshd_telemetry::metrics::encode(&r)
     }
 }

@@ -116,6 +116,20 @@ impl Apiserver {
         }));
 
         tasks.push(tokio::spawn(watch_etcd(store.clone(), health.clone())));
+        if let Some(k) = &config.kvstoremesh {
+            let mut mirror = crate::mirror::MirrorConfig::new(
+                k.clusters_dir.clone(),
+                config.cluster.clone(),
+                config.cluster_id,
+            );
+            mirror.limit = k.limit;
+            mirror.batch = config.max_txn_ops.min(crate::mirror::MAX_BATCH);
+            tasks.push(tokio::spawn(crate::mirror::run(
+                store.clone(),
+                mirror,
+                metrics.mirror.clone(),
+            )));
+        }
 
         let replica_id = config.replica_id.clone();
         let main = tokio::spawn(run(
@@ -193,7 +207,11 @@ async fn run(
     let cluster_config = ClusterConfig {
         name: config.cluster.clone(),
         id: config.cluster_id,
-        capabilities: Capabilities::default(),
+        capabilities: Capabilities {
+            // Agents read remote clusters from the cache by default when it exists.
+            cached: config.kvstoremesh.is_some(),
+            ..Capabilities::default()
+        },
         routing_mode: config.routing_mode,
     };
     loop {

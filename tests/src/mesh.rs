@@ -222,6 +222,8 @@ pub struct Mesh {
     pub pki: Pki,
     pub dir: tempfile::TempDir,
     metrics_port: Option<u16>,
+    /// Relays of [`Mesh::relay`].
+    relays: Vec<Proxy>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -286,6 +288,7 @@ impl Mesh {
             pki,
             dir,
             metrics_port: opts.metrics_port,
+            relays: Vec::new(),
         };
 
         if let Some(mtu) = opts.external_mtu {
@@ -582,6 +585,20 @@ impl Mesh {
             .arg(&contexts)
             .args(["apply", "-f"])
             .arg(&file))
+    }
+
+    /// A relay on the underlay's bridge (where mirrors and nodes dial etcd) to `target` on
+    /// this process's loopback (an extra etcd a test started); its address there.
+    pub fn relay(&mut self, target: SocketAddr) -> anyhow::Result<SocketAddr> {
+        // Clear of the cluster etcds' relays (2379 + id + 100 * member).
+        let port = 24000 + self.relays.len() as u16;
+        let listen = SocketAddr::from((CONTROL_IP, port));
+        self.relays.push(Proxy::start(
+            &self.underlay.bridge().path(),
+            listen,
+            target,
+        )?);
+        Ok(listen)
     }
 
     pub fn remotes_dir(&self, cluster: &str) -> PathBuf {

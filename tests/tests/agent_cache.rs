@@ -191,6 +191,17 @@ fn a_mesh_read_through_the_cache_connects_enforces_and_fails_static() -> anyhow:
     .map_err(|e| e.context(mesh.logs()))?;
     // The rest of c2 stays.
     reach(&c1_client, echo.ip, PORT)?;
+
+    // The node comes back with its endpoint; every node's maps end equal to what the etcds
+    // hold.
+    mesh.start_agent("c2", "n1")?;
+    wait_for("c2/n1's endpoint back in c1 and c3", WAIT, || {
+        for (c, n) in [("c1", "n1"), ("c3", "n2")] {
+            anyhow::ensure!(mesh.ipcache_entry(c, n, doomed.ip)?.is_some(), "{c}/{n}");
+        }
+        Ok(())
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
     mesh.wait_maps_match_etcd(WAIT)
         .map_err(|e| e.context(mesh.logs()))?;
     Ok(())

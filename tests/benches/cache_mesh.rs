@@ -1,0 +1,478 @@
+//! Issue 15's benchmarks of the cache (`clustermesh-apiserver --kvstoremesh` + agents with
+//! `remote_source: cache`), each against a baseline measured in the same run, in a mesh of
+//! 2 clusters x 2 nodes whose clusters run a mirror (release binaries, real etcd per cluster):
+//!
+//! 1. End to end through the cache: an ipcache record put into c2's etcd -> the entry in the map
+//!    of c1/n1 (cache mode) and of c1/n2 (switched to direct mode), the same put timed on both
+//!    nodes; p50/p99 over N records one at a time, medians over rounds. Goal: cache p99 <= 2x
+//!    direct and <= 10 ms.
+//! 2. At scale: K simulated clusters x E endpoints (default 255 x 2,000 = 510k entries) written
+//!    the way their publishers write them into 4 extra etcds, mirrored into c1's etcd; then
+//!    c1/n1's agent restarted from nothing: initial sync time from spawn to every entry in its
+//!    map, against a raw paginated range read of the same cache keys from c1's etcd (the
+//!    baseline); its RSS and bytes per entry (against its RSS with an empty remote view); and
+//!    propagation p99 through the cache while the simulated clusters change 1,000 entries per
+//!    second.
+//!
+//! Usage: cargo bench -p meshd-e2e --bench cache_mesh -- [--records N] [--rounds K]
+//! [--clusters K] [--per-cluster E] [--churn-secs S] (needs root, etcd, bpffs and the release
+//! `meshd` and `clustermesh-apiserver` binaries).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use etcd_client::{Txn, TxnOp};
+use ipnet::Ipv4Net;
+use meshd_certs::LeafKind;
+use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
+use meshd_state::{
+    encode, ClusterConfig, ClusterConfigKey, ClusterId, ClusterName, IdentityRecord, IpcacheEntry,
+    IpcacheKey, NodeKey, NodeRecord, NumericIdentity, Resource, ServiceRecord, SyncCanary,
+    SyncCanaryKey,
+};
+use meshd_testing::etcd::Etcd;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn rss_bytes(mesh: &Mesh, cluster: &str, node: &str) -> anyhow::Result<u64> {
+    let pid = mesh.agent_pid(cluster, node).context("agent pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// 10.<base>.x.y, skipping .0 and .255.
+fn nth_ip(base: u8, i: usize) -> Ipv4Addr {
+    let third = i / 254;
+    Ipv4Addr::new(
+        10,
+        base + (third / 256) as u8,
+        (third % 256) as u8,
+        (i % 254 + 1) as u8,
+    )
+}
+
+fn ipcache_op(cluster: &ClusterName, ip: Ipv4Addr, identity: u32, host: Ipv4Addr) -> TxnOp {
+    let key = IpcacheKey::host(cluster.clone(), ip.into());
+    let entry = IpcacheEntry {
+        prefix: key.prefix,
+        identity: NumericIdentity::new(identity).expect("identity"),
+        host_ip: host.into(),
+        endpoint: None,
+        namespace: None,
+    };
+    TxnOp::put(
+        key.to_string(),
+        encode(&key, &entry).expect("encodes"),
+        None,
+    )
+}
+
+async fn admin_store(mesh: &Mesh, cluster: &str) -> anyhow::Result<EtcdStore> {
+    let etcd = &mesh.cluster(cluster)?.etcd;
+    let config =
+        EtcdConfig::new([etcd.endpoint()]).with_tls(mesh.pki.files(cluster, LeafKind::Admin));
+    Ok(meshd_kvstore::connect(&config).await?)
+}
+
+/// Rewrites a node's `remote_source` and restarts its agent.
+fn set_source(mesh: &mut Mesh, cluster: &str, node: &str, source: &str) -> anyhow::Result<()> {
+    let config = mesh.node(cluster, node)?.config.clone();
+    let text = std::fs::read_to_string(&config)?;
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("remote_source:"))
+        .collect();
+    std::fs::write(
+        &config,
+        format!("{}\nremote_source: {source}\n", kept.join("\n")),
+    )?;
+    mesh.start_agent(cluster, node)
+}
+
+/// Records put into c2's etcd one at a time, each timed until it is in c1/n1's map (cache) and
+/// in c1/n2's map (direct): (cache p50, p99, direct p50, p99) in ms.
+async fn both_modes(
+    mesh: &Mesh,
+    store: &EtcdStore,
+    n: usize,
+    base: u8,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let cache = meshd_datapath::DatapathMaps::open(&mesh.node("c1", "n1")?.pin_dir)?;
+    let direct = meshd_datapath::DatapathMaps::open(&mesh.node("c1", "n2")?.pin_dir)?;
+    let host = mesh.node("c2", "n1")?.ip;
+    let c2 = ClusterName::new("c2")?;
+    let (mut lc, mut ld) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let ip = nth_ip(base, i);
+        let key = IpcacheKey::host(c2.clone(), ip.into());
+        let entry = IpcacheEntry {
+            prefix: key.prefix,
+            identity: NumericIdentity::new((2 << 16) | 400)?,
+            host_ip: host.into(),
+            endpoint: None,
+            namespace: None,
+        };
+        let value = encode(&key, &entry)?;
+        let t0 = Instant::now();
+        store.put(&key.to_string(), value, None).await?;
+        let (mut tc, mut td) = (None, None);
+        let deadline = t0 + Duration::from_secs(10);
+        while tc.is_none() || td.is_none() {
+            if tc.is_none() && cache.ipcache_entry(Ipv4Net::from(ip))?.is_some() {
+                tc = Some(t0.elapsed());
+            }
+            if td.is_none() && direct.ipcache_entry(Ipv4Net::from(ip))?.is_some() {
+                td = Some(t0.elapsed());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{ip} never reached both maps");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        lc.push(tc.expect("seen"));
+        ld.push(td.expect("seen"));
+    }
+    lc.sort();
+    ld.sort();
+    Ok((
+        ms(percentile(&lc, 0.5)),
+        ms(percentile(&lc, 0.99)),
+        ms(percentile(&ld, 0.5)),
+        ms(percentile(&ld, 0.99)),
+    ))
+}
+
+/// Simulated cluster `id`: what its publishers write (config, a node, `ips`, canaries).
+fn publish_ops(id: u32, ips: impl Iterator<Item = (Ipv4Addr, u32)>) -> anyhow::Result<Vec<TxnOp>> {
+    let cluster = ClusterName::new(format!("s{id}"))?;
+    let host = sim_node_ip(id);
+    let mut ops = Vec::new();
+    let ck = ClusterConfigKey {
+        cluster: cluster.clone(),
+    };
+    let config = ClusterConfig {
+        name: cluster.clone(),
+        id: ClusterId::new(id)?,
+        capabilities: Default::default(),
+        routing_mode: Default::default(),
+    };
+    ops.push(TxnOp::put(ck.to_string(), encode(&ck, &config)?, None));
+    let nk = NodeKey {
+        cluster: cluster.clone(),
+        node: "n1".into(),
+    };
+    let node = NodeRecord {
+        name: "n1".into(),
+        cluster: cluster.clone(),
+        cluster_id: ClusterId::new(id)?,
+        node_ip: host.into(),
+        pod_cidrs: Vec::new(),
+        labels: Default::default(),
+        boot_id: "boot".into(),
+    };
+    ops.push(TxnOp::put(nk.to_string(), encode(&nk, &node)?, None));
+    ops.extend(ips.map(|(ip, identity)| ipcache_op(&cluster, ip, identity, host)));
+    for resource in [
+        NodeRecord::KIND,
+        IpcacheEntry::KIND,
+        IdentityRecord::KIND,
+        ServiceRecord::KIND,
+    ] {
+        let key = SyncCanaryKey {
+            cluster: cluster.clone(),
+            resource: resource.into(),
+        };
+        ops.push(TxnOp::put(
+            key.to_string(),
+            encode(&key, &SyncCanary { synced_at_ms: 1 })?,
+            None,
+        ));
+    }
+    Ok(ops)
+}
+
+fn sim_node_ip(id: u32) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 80 + (id / 250) as u8, (id % 250 + 1) as u8)
+}
+
+/// Entry `i` of simulated cluster `k` (0-based): 10.100.x.y and up.
+fn sim_ip(k: usize, per: usize, i: usize) -> Ipv4Addr {
+    nth_ip(100, k * per + i)
+}
+
+async fn write_all(client: &mut etcd_client::Client, ops: Vec<TxnOp>) -> anyhow::Result<()> {
+    for chunk in ops.chunks(128) {
+        client.txn(Txn::new().and_then(chunk.to_vec())).await?;
+    }
+    Ok(())
+}
+
+/// Raw baseline of the initial sync: a paginated range read of every cache key of c1's etcd,
+/// decoded (what the agent has to read before it can write its maps).
+async fn raw_cache_read(store: &EtcdStore) -> anyhow::Result<(Duration, usize)> {
+    let t0 = Instant::now();
+    let mut after: Option<String> = None;
+    let mut count = 0;
+    loop {
+        let page = store
+            .range(meshd_state::keys::CACHE_PREFIX, after.as_deref(), 0, 5000)
+            .await?;
+        for kv in &page.kvs {
+            if let Some((_, remote)) = meshd_state::keys::remote_key_of_cache(&kv.key) {
+                if remote.starts_with(meshd_state::keys::IPCACHE_PREFIX) {
+                    meshd_state::decode::<IpcacheEntry>(&remote, &kv.value)?;
+                    count += 1;
+                }
+            }
+        }
+        after = page.kvs.last().map(|kv| kv.key.clone());
+        if !page.more || after.is_none() {
+            break;
+        }
+    }
+    Ok((t0.elapsed(), count))
+}
+
+fn wait_map_count(mesh: &Mesh, at_least: usize, deadline: Duration) -> anyhow::Result<Duration> {
+    let pin_dir = mesh.node("c1", "n1")?.pin_dir.clone();
+    let t0 = Instant::now();
+    let maps = loop {
+        match meshd_datapath::DatapathMaps::open(&pin_dir) {
+            Ok(m) => break m,
+            Err(_) if t0.elapsed() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    loop {
+        let n = maps.ipcache_prefixes()?.len();
+        if n >= at_least {
+            return Ok(t0.elapsed());
+        }
+        anyhow::ensure!(
+            t0.elapsed() < deadline,
+            "{n} of {at_least} entries in the map"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
+    let n = arg("--records", 200);
+    let rounds = arg("--rounds", 3);
+    let clusters = arg("--clusters", 255);
+    let per = arg("--per-cluster", 2000);
+    let churn_secs = arg("--churn-secs", 20) as u64;
+
+    // 1. Cache against direct, the same puts timed on both nodes.
+    set_source(mesh, "c1", "n2", "direct")?;
+    mesh.wait_all_ready(Duration::from_secs(60))?;
+    let c2 = admin_store(mesh, "c2").await?;
+    let (mut c50, mut c99, mut d50, mut d99) = (vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        let (a, b, c, d) = both_modes(mesh, &c2, n, 20 + round as u8).await?;
+        c50.push(a);
+        c99.push(b);
+        d50.push(c);
+        d99.push(d);
+    }
+    let (c50, c99, d50, d99) = (median(c50), median(c99.clone()), median(d50), median(d99));
+    println!(
+        "cache propagation ({n} records one at a time, median of {rounds} rounds): c2 etcd put -> \
+         c1 node map through the cache p50 {c50:.2} ms, p99 {c99:.2} ms; direct p50 {d50:.2} ms, \
+         p99 {d99:.2} ms; p99 ratio cache/direct {:.2}x (goal <= 2x and <= 10 ms)",
+        c99 / d99.max(1e-9)
+    );
+    if clusters == 0 {
+        return Ok(());
+    }
+
+    // 2. At scale. c1/n2 (direct) would open a watch on every simulated cluster: stopped.
+    mesh.kill_agent("c1", "n2")?;
+    let empty_rss = rss_bytes(mesh, "c1", "n1")?;
+    let etcds = (0..4)
+        .map(|_| Etcd::start())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut relays = Vec::new();
+    for e in &etcds {
+        relays.push(mesh.relay(SocketAddr::from(([127, 0, 0, 1], e.client_url_port())))?);
+    }
+    let mut clients = Vec::new();
+    for e in &etcds {
+        clients.push(etcd_client::Client::connect([e.endpoint()], None).await?);
+    }
+    let ids: Vec<u32> = (0..clusters as u32).map(|k| k + 2).collect();
+    let total = clusters * per;
+    let t0 = Instant::now();
+    for (k, id) in ids.iter().enumerate() {
+        let ips = (0..per).map(|i| (sim_ip(k, per, i), (*id << 16) | (300 + (i % 50) as u32)));
+        write_all(&mut clients[k % 4], publish_ops(*id, ips)?).await?;
+    }
+    println!(
+        "scale: {clusters} simulated clusters x {per} entries = {total} written into 4 etcds in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let t0 = Instant::now();
+    for (k, id) in ids.iter().enumerate() {
+        std::fs::write(
+            mesh.remotes_dir("c1").join(format!("s{id}")),
+            format!("endpoints: [http://{}]\n", relays[k % 4]),
+        )?;
+    }
+    let through = wait_map_count(mesh, total, Duration::from_secs(1200))?;
+    println!(
+        "scale: remote files written -> all {total} entries mirrored and in c1/n1's map: {:.1} s",
+        (t0.elapsed().max(through)).as_secs_f64()
+    );
+    let rss = rss_bytes(mesh, "c1", "n1")?;
+
+    // Initial sync of a fresh agent from the cache, against the raw read of the same keys.
+    let c1 = admin_store(mesh, "c1").await?;
+    let (mut agent_t, mut raw_t) = (vec![], vec![]);
+    for _ in 0..rounds.max(1) {
+        let (raw, count) = raw_cache_read(&c1).await?;
+        anyhow::ensure!(count >= total, "the raw read saw {count} of {total}");
+        raw_t.push(raw.as_secs_f64());
+        mesh.kill_agent("c1", "n1")?;
+        let pin_dir = mesh.node("c1", "n1")?.pin_dir.clone();
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        let t0 = Instant::now();
+        mesh.start_agent("c1", "n1")?;
+        wait_map_count(mesh, total, Duration::from_secs(1200))?;
+        agent_t.push(t0.elapsed().as_secs_f64());
+    }
+    let (a, r) = (median(agent_t), median(raw_t));
+    println!(
+        "scale: initial sync of {total} cached entries into a fresh agent {a:.1} s; raw range read \
+         + decode of the same keys {r:.1} s; ratio {:.2}x",
+        a / r.max(1e-9)
+    );
+    let after = rss_bytes(mesh, "c1", "n1")?;
+    println!(
+        "scale: agent RSS {:.0} MB after the mirror's sync, {:.0} MB after a fresh start; empty \
+         view {:.0} MB; {:.0} bytes per remote entry (fresh start)",
+        rss as f64 / 1e6,
+        after as f64 / 1e6,
+        empty_rss as f64 / 1e6,
+        after.saturating_sub(empty_rss) as f64 / total as f64
+    );
+
+    // Propagation through the cache while the simulated clusters change 1,000 entries/s.
+    let maps = meshd_datapath::DatapathMaps::open(&mesh.node("c1", "n1")?.pin_dir)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for (w, e) in etcds.iter().enumerate() {
+        let mut client = etcd_client::Client::connect([e.endpoint()], None).await?;
+        let stop = stop.clone();
+        let ids: Vec<(usize, u32)> = ids
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| k % 4 == w)
+            .map(|(k, id)| (k, *id))
+            .collect();
+        writers.push(tokio::spawn(async move {
+            // 250 changes/s per etcd: an entry of one of its clusters moves identity.
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
+            let mut i = 0usize;
+            let mut done = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tick.tick().await;
+                let (k, id) = ids[i % ids.len()];
+                let e = (i / ids.len()) % per;
+                let cluster = ClusterName::new(format!("s{id}")).expect("name");
+                let op = ipcache_op(
+                    &cluster,
+                    sim_ip(k, per, e),
+                    (id << 16) | (300 + ((i + 7) % 50) as u32),
+                    sim_node_ip(id),
+                );
+                if client.txn(Txn::new().and_then(vec![op])).await.is_ok() {
+                    done += 1;
+                }
+                i += 1;
+            }
+            done
+        }));
+    }
+    let probe_cluster = ClusterName::new(format!("s{}", ids[0]))?;
+    let mut probe_client = etcd_client::Client::connect([etcds[0].endpoint()], None).await?;
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(churn_secs) {
+        let ip = nth_ip(220, i);
+        let op = ipcache_op(
+            &probe_cluster,
+            ip,
+            (ids[0] << 16) | 400,
+            sim_node_ip(ids[0]),
+        );
+        let t0 = Instant::now();
+        probe_client.txn(Txn::new().and_then(vec![op])).await?;
+        let deadline = t0 + Duration::from_secs(10);
+        while maps.ipcache_entry(Ipv4Net::from(ip))?.is_none() {
+            anyhow::ensure!(Instant::now() < deadline, "probe {ip} never arrived");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        lat.push(t0.elapsed());
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut changes = 0;
+    for w in writers {
+        changes += w.await?;
+    }
+    lat.sort();
+    println!(
+        "scale: propagation through the cache under {:.0} changes/s ({} probes): p50 {:.2} ms, p99 {:.2} ms",
+        changes as f64 / start.elapsed().as_secs_f64(),
+        lat.len(),
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99)),
+    );
+    drop(etcds);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--list") {
+        return Ok(()); // `cargo test --benches` asks for a list of tests; there are none
+    }
+    if !meshd_e2e::mesh::prerequisites()
+        || !meshd_testing::require_workspace_bins(&["clustermesh-apiserver"])
+    {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut mesh = Mesh::start(MeshOptions::clusters(2, 2).kvstoremesh())?;
+    rt.block_on(run(&mut mesh))
+}
