@@ -28,6 +28,10 @@ pub struct LabSpec {
     /// segment, and the router routes every pod CIDR to its node (pod addresses are routable,
     /// so the external host reaches endpoints as `world`).
     pub routing: RoutingMode,
+    /// Every cluster runs a mirror of the others in its etcd (its apiserver with
+    /// `--kvstoremesh`), and its agents read remote clusters there; on by default from 3
+    /// clusters ([`LabSpec::with_clusters`]).
+    pub kvstoremesh: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,12 +117,19 @@ impl LabSpec {
             clusters,
             masquerade: true,
             routing: RoutingMode::Tunnel,
+            kvstoremesh: count >= 3,
             external: ExternalSpec {
                 router_ip: Ipv4Addr::new(base[0], base[1], base[2], 254),
                 net: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24).expect("/24"),
                 ip: Ipv4Addr::new(203, 0, 113, 10),
             },
         }
+    }
+
+    /// The mirror in every cluster on or off (default: on from 3 clusters).
+    pub fn with_kvstoremesh(mut self, on: bool) -> LabSpec {
+        self.kvstoremesh = on;
+        self
     }
 
     /// Masquerade on (the default) or off.

@@ -30,6 +30,10 @@ pub struct LabState {
     /// The clusters' routing mode (labs before this field: tunnel).
     #[serde(default)]
     pub routing: meshd_state::RoutingMode,
+    /// Every cluster runs a mirror (`--kvstoremesh`) and its agents read remote clusters from
+    /// it (labs before this field: no).
+    #[serde(default)]
+    pub kvstoremesh: bool,
 }
 
 fn masquerade_default() -> bool {

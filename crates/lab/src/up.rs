@@ -77,6 +77,7 @@ pub fn up(opts: &UpOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<La
         cli_config: opts.run_dir.join("meshd-cli.yaml"),
         masquerade: opts.spec.masquerade,
         routing: opts.spec.routing,
+        kvstoremesh: opts.spec.kvstoremesh,
         ..LabState::default()
     };
     state.save()?;
@@ -499,11 +500,23 @@ fn start_control_plane(
             .with_context(|| format!("connecting {} to {}", other.name, cluster.name))?;
     }
 
+    let mut api_args_mirror: Vec<String> = Vec::new();
+    if spec.kvstoremesh {
+        // The mirror reads the other clusters as this cluster's agents would (the same remote
+        // files), and its agents read them from its etcd.
+        let remotes = dir.join("clusters");
+        write_remote_files(opts, spec, cluster, &remotes)?;
+        api_args_mirror.extend([
+            "--kvstoremesh".into(),
+            "--kvstoremesh-clusters-dir".into(),
+            remotes.display().to_string(),
+        ]);
+    }
     let api_log = dir.join("apiserver.log");
     let api_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_port));
     let health_addr = SocketAddr::from((cluster.control_plane_ip, cluster.apiserver_health_port));
     let metrics_addr = SocketAddr::from((cluster.control_plane_ip, APISERVER_METRICS_PORT));
-    let api_args: Vec<String> = vec![
+    let api_args: Vec<String> = [
         "--cluster-name".into(),
         cluster.name.clone(),
         "--cluster-id".into(),
@@ -532,7 +545,10 @@ fn start_control_plane(
         cluster.service_cidr.to_string(),
         "--routing-mode".into(),
         spec.routing.to_string(),
-    ];
+    ]
+    .into_iter()
+    .chain(api_args_mirror)
+    .collect();
     let pid = spawn_daemon(
         Some(&cp),
         &opts.apiserver(),
@@ -749,22 +765,7 @@ fn start_node(
 
     let dir = node_dir(opts, cluster, node);
     let remotes = dir.join("clusters");
-    std::fs::create_dir_all(&remotes)?;
-    // Every remote is read with this cluster's own remote certificate (remote-<cluster>), which
-    // each other cluster let in with `meshd clustermesh connect`.
-    let remote = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Remote);
-    for other in spec.clusters.iter().filter(|c| c.name != cluster.name) {
-        let file = format!(
-            "# etcd of cluster {name}, read with {own}'s read-only `remote` certificate\nendpoints: [{ep}]\nca: {ca}\ncert: {cert}\nkey: {key}\n",
-            own = cluster.name,
-            name = other.name,
-            ep = other.etcd_endpoints().join(", "),
-            ca = remote.ca.display(),
-            cert = remote.cert.display(),
-            key = remote.key.display(),
-        );
-        std::fs::write(remotes.join(&other.name), file)?;
-    }
+    write_remote_files(opts, spec, cluster, &remotes)?;
     let etcd = node_tls_paths(&opts.run_dir, &cluster.name, &node.name);
     let config = format!(
         "cluster: {c}\ncluster_id: {id}\nnode: {n}\nnode_ip: {ip}\npod_cidr: {pod}\netcd:\n  endpoints: [{ep}]\n  ca: {ca}\n  cert: {cert}\n  key: {key}\nremote_clusters_dir: {remotes}\nbpffs_dir: {bpffs}\ntunnel_port: {port}\nunderlay_device: ul0\nmasquerade: {masq}\nmetrics_addr: {metrics}\napi_socket: {sock}\nstate_dir: {state}\nendpoint_netns_prefix: {netns}-\n",
@@ -1077,4 +1078,30 @@ fn kill_marked(run_dir: &Path) -> usize {
         }
     }
     killed
+}
+
+/// One file per other cluster in `remotes`, read with this cluster's own remote certificate
+/// (remote-<cluster>), which each other cluster let in with `meshd clustermesh connect`: the
+/// agents' remote files, and the mirror's.
+fn write_remote_files(
+    opts: &UpOptions,
+    spec: &LabSpec,
+    cluster: &ClusterSpec,
+    remotes: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(remotes)?;
+    let remote = tls_paths(&opts.run_dir, &cluster.name, LeafKind::Remote);
+    for other in spec.clusters.iter().filter(|c| c.name != cluster.name) {
+        let file = format!(
+            "# etcd of cluster {name}, read with {own}'s read-only `remote` certificate\nendpoints: [{ep}]\nca: {ca}\ncert: {cert}\nkey: {key}\n",
+            own = cluster.name,
+            name = other.name,
+            ep = other.etcd_endpoints().join(", "),
+            ca = remote.ca.display(),
+            cert = remote.cert.display(),
+            key = remote.key.display(),
+        );
+        std::fs::write(remotes.join(&other.name), file)?;
+    }
+    Ok(())
 }

@@ -74,12 +74,12 @@ fn lab_up_check_status_down_twice() {
         "--run-dir",
         run,
     ];
-    // Twice in a row: the second `up` replaces the first lab, without masquerade and in native
-    // routing mode.
+    // Twice in a row: the second `up` replaces the first lab, without masquerade, in native
+    // routing mode and with every cluster's remote clusters read through its cache.
     for round in 1..=2 {
         let mut args = up_args.to_vec();
         if round == 2 {
-            args.extend(["--no-masquerade", "--routing", "native"]);
+            args.extend(["--no-masquerade", "--routing", "native", "--kvstoremesh"]);
         }
         let up = meshd(&args);
         let stdout = String::from_utf8_lossy(&up.stdout);
@@ -145,6 +145,7 @@ fn lab_up_check_status_down_twice() {
     }
     assert_eq!(doc["masquerade"], false, "{doc}");
     assert_eq!(doc["routing"], "native", "{doc}");
+    assert_eq!(doc["kvstoremesh"], true, "{doc}");
     // One node per cluster behind the router: the others route to it through the router, not
     // with a direct route, and say so.
     let c1 = &clusters[0]["nodes"];
@@ -157,6 +158,14 @@ fn lab_up_check_status_down_twice() {
         c1[0]["api_socket"].as_str().unwrap(),
     ]);
     let agent: serde_json::Value = serde_json::from_slice(&agent.stdout).unwrap();
+    let remote = agent["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "c2")
+        .unwrap();
+    assert_eq!(remote["source"], "cache", "{remote}");
+    assert_eq!(remote["state"], "ready", "{remote}");
     let routing = &agent["routing"];
     assert_eq!(routing["routes_installed"], 1, "{routing}");
     let skipped = routing["skipped_nodes"].to_string();

@@ -65,6 +65,13 @@ pub struct UpArgs {
     /// router routes pod CIDRs, the agents route their segment's).
     #[arg(long, default_value = "tunnel", value_name = "MODE")]
     routing: meshd_state::RoutingMode,
+    /// Every cluster mirrors the others into its etcd (its apiserver with `--kvstoremesh`) and
+    /// its agents read remote clusters there [default: on from 3 clusters].
+    #[arg(long, overrides_with = "no_kvstoremesh")]
+    kvstoremesh: bool,
+    /// Agents read every remote cluster's etcd directly, whatever the number of clusters.
+    #[arg(long)]
+    no_kvstoremesh: bool,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -204,7 +211,12 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
         LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
             .with_etcd_members(args.etcd_members)
             .with_masquerade(!args.no_masquerade)
-            .with_routing(args.routing),
+            .with_routing(args.routing)
+            .with_kvstoremesh(match (args.kvstoremesh, args.no_kvstoremesh) {
+                (true, _) => true,
+                (_, true) => false,
+                _ => args.clusters >= 3,
+            }),
         args.run.run_dir.clone(),
         bin_dir()?,
     );
@@ -643,6 +655,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "endpoints": state.endpoints,
         "masquerade": state.masquerade,
         "routing": state.routing,
+        "kvstoremesh": state.kvstoremesh,
         "external": state.external.as_ref().map(|e| serde_json::json!({
             "netns": e.netns,
             "ip": e.ip,
@@ -682,6 +695,9 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                     if state.masquerade { "on" } else { "off" },
                     state.routing
                 );
+            }
+            if state.kvstoremesh {
+                println!("remote clusters read through each cluster's cache (kvstoremesh)");
             }
             for c in &state.clusters {
                 println!(
