@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::can_run;
@@ -223,4 +223,61 @@ fn l0_l1_both(open: &[TcpStream], b0: Ipv4Addr, b1: Ipv4Addr) -> bool {
         })
     };
     local(b0) && local(b1)
+}
+
+/// UDP through the node port to a backend on the other node (tunnel): the client's connected
+/// socket accepts only datagrams from node 0:NodePort, so its answer proves both translations
+/// back (reverse SNAT, then reverse DNAT).
+#[test]
+fn udp_from_outside_reaches_a_backend_on_another_node_and_its_answer_comes_back() {
+    let Some((mut topo, ext)) = setup(false) else {
+        return;
+    };
+    const UDP: u8 = 17;
+    let node_ip = topo.nodes[0].node_ip;
+    let backend = topo.ep(1, 0).ip;
+    let frontend = LbFrontend {
+        addr: node_ip,
+        port: NODE_PORT,
+        proto: UDP,
+    };
+    expose(
+        &mut topo.nodes[0].maps,
+        frontend,
+        &[(backend, BACKEND_PORT)],
+        abi::SERVICE_F_NODE_PORT,
+    )
+    .unwrap();
+    let server = in_ep(topo.ep(1, 0), move || {
+        Ok(UdpSocket::bind((backend, BACKEND_PORT))?)
+    })
+    .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let client = run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect((node_ip, NODE_PORT))?;
+        Ok(s)
+    })
+    .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let mut answered = false;
+    for _ in 0..10 {
+        client.send(b"ping from outside").unwrap();
+        let Ok((n, peer)) = server.recv_from(&mut buf) else {
+            continue;
+        };
+        assert_eq!(peer.ip(), IpAddr::V4(node_ip), "SNATed to node 0");
+        server.send_to(&buf[..n], peer).unwrap();
+        if let Ok(m) = client.recv(&mut buf) {
+            assert_eq!(&buf[..m], b"ping from outside");
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "no answer from node 0:{NODE_PORT}");
 }
