@@ -29,31 +29,14 @@ use etcd_client::{Txn, TxnOp};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use meshd_certs::LeafKind;
+use meshd_e2e::bench::{arg, median, ms, percentile};
 use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::sim::{ipcache_record as record, nth_ip};
 use meshd_kvstore::{Backend, EtcdConfig, EtcdStore, WatchMessage};
-use meshd_state::{encode, ClusterName, IpcacheEntry, IpcacheKey, NumericIdentity};
+use meshd_state::{ClusterName, IpcacheEntry};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+fn c2_name() -> ClusterName {
+    ClusterName::new("c2").expect("cluster name")
 }
 
 async fn admin_store(mesh: &Mesh, cluster: &str) -> anyhow::Result<EtcdStore> {
@@ -61,46 +44,6 @@ async fn admin_store(mesh: &Mesh, cluster: &str) -> anyhow::Result<EtcdStore> {
     let config =
         EtcdConfig::new([etcd.endpoint()]).with_tls(mesh.pki.files(cluster, LeafKind::Admin));
     Ok(meshd_kvstore::connect(&config).await?)
-}
-
-fn record(
-    cluster: &str,
-    ip: Ipv4Addr,
-    identity: u32,
-    host: Ipv4Addr,
-) -> anyhow::Result<(String, Vec<u8>)> {
-    let key = IpcacheKey::host(ClusterName::new(cluster)?, ip.into());
-    let entry = IpcacheEntry {
-        prefix: key.prefix,
-        identity: NumericIdentity::new(identity)?,
-        host_ip: host.into(),
-        endpoint: None,
-        namespace: None,
-    };
-    Ok((key.to_string(), encode(&key, &entry)?))
-}
-
-/// 10.<base>.x.y, skipping .0 and .255.
-fn nth_ip(base: u8, i: usize) -> Ipv4Addr {
-    let per = 254;
-    let third = i / per;
-    Ipv4Addr::new(
-        10,
-        base + (third / 256) as u8,
-        (third % 256) as u8,
-        (i % per + 1) as u8,
-    )
-}
-
-fn rss_bytes(mesh: &Mesh, cluster: &str, node: &str) -> anyhow::Result<u64> {
-    let pid = mesh.agent_pid(cluster, node).context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")?;
-    Ok(kb * 1024)
 }
 
 /// Raw etcd put -> watch event on `store`, `n` keys one at a time: (p50, p99).
@@ -145,7 +88,7 @@ async fn mesh_round_trip(
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
         let ip = nth_ip(base, i);
-        let (key, value) = record("c2", ip, identity, host)?;
+        let (key, value) = record(&c2_name(), ip, identity, host)?;
         let t0 = Instant::now();
         store.put(&key, value, None).await?;
         let deadline = t0 + Duration::from_secs(10);
@@ -217,7 +160,7 @@ async fn load(
             async move {
                 let mut ops = Vec::with_capacity(chunk.len());
                 for i in chunk {
-                    let (key, value) = record("c2", nth_ip(200, i), identity, host)?;
+                    let (key, value) = record(&c2_name(), nth_ip(200, i), identity, host)?;
                     ops.push(TxnOp::put(key, value, None));
                 }
                 client.txn(Txn::new().and_then(ops)).await?;
@@ -336,10 +279,10 @@ async fn churn(
                 tick.tick().await;
                 let ip = nth_ip(220, k / 2);
                 if k % 2 == 0 {
-                    let (key, value) = record("c2", ip, identity, host)?;
+                    let (key, value) = record(&c2_name(), ip, identity, host)?;
                     store.put(&key, value, None).await?;
                 } else if k >= 1000 {
-                    let (key, _) = record("c2", nth_ip(220, k / 2 - 250), identity, host)?;
+                    let (key, _) = record(&c2_name(), nth_ip(220, k / 2 - 250), identity, host)?;
                     store.delete(&key).await?;
                 }
             }
@@ -378,7 +321,7 @@ async fn churn(
 
         let ip = nth_ip(240, i);
         i += 1;
-        let (key, value) = record("c2", ip, identity, host)?;
+        let (key, value) = record(&c2_name(), ip, identity, host)?;
         let t0 = Instant::now();
         store.put(&key, value, None).await?;
         let deadline = t0 + Duration::from_secs(10);
@@ -437,7 +380,7 @@ async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow
     mesh.start_agent("c1", "n1")?;
     mesh.wait_all_ready(Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(2));
-    let rss_empty = rss_bytes(mesh, "c1", "n1")?;
+    let rss_empty = mesh.agent_rss_bytes("c1", "n1")?;
     let (_, empty99) = propagation(mesh, &c2, "empty view", n, rounds, 100, identity, host).await?;
 
     // R remote entries: the initial sync against its raw baseline.
@@ -453,7 +396,7 @@ async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow
     );
     mesh.wait_all_ready(Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(2));
-    let rss_full = rss_bytes(mesh, "c1", "n1")?;
+    let rss_full = mesh.agent_rss_bytes("c1", "n1")?;
     println!(
         "agent memory: {:.1} MiB with an empty view (fresh agent), {:.1} MiB with {records} \
          remote endpoints: {:.0} bytes per remote endpoint (goal <= 250)",

@@ -21,100 +21,20 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use etcd_client::{Txn, TxnOp};
 use ipnet::Ipv4Net;
 use meshd_certs::LeafKind;
+use meshd_e2e::bench::{arg, median, ms, percentile};
 use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::sim::{ipcache_record, nth_ip, put_all, SimulatedCluster};
 use meshd_kvstore::{Backend, EtcdConfig, EtcdStore};
-use meshd_state::{
-    encode, ClusterConfig, ClusterConfigKey, ClusterId, ClusterName, IdentityRecord, IpcacheEntry,
-    IpcacheKey, NodeKey, NodeRecord, NumericIdentity, Resource, ServiceRecord, SyncCanary,
-    SyncCanaryKey,
-};
+use meshd_state::{ClusterName, IpcacheEntry};
 use meshd_testing::etcd::Etcd;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn rss_bytes(mesh: &Mesh, cluster: &str, node: &str) -> anyhow::Result<u64> {
-    let pid = mesh.agent_pid(cluster, node).context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmRSS")?;
-    Ok(kb * 1024)
-}
-
-/// 10.<base>.x.y, skipping .0 and .255.
-fn nth_ip(base: u8, i: usize) -> Ipv4Addr {
-    let third = i / 254;
-    Ipv4Addr::new(
-        10,
-        base + (third / 256) as u8,
-        (third % 256) as u8,
-        (i % 254 + 1) as u8,
-    )
-}
-
-fn ipcache_op(cluster: &ClusterName, ip: Ipv4Addr, identity: u32, host: Ipv4Addr) -> TxnOp {
-    let key = IpcacheKey::host(cluster.clone(), ip.into());
-    let entry = IpcacheEntry {
-        prefix: key.prefix,
-        identity: NumericIdentity::new(identity).expect("identity"),
-        host_ip: host.into(),
-        endpoint: None,
-        namespace: None,
-    };
-    TxnOp::put(
-        key.to_string(),
-        encode(&key, &entry).expect("encodes"),
-        None,
-    )
-}
 
 async fn admin_store(mesh: &Mesh, cluster: &str) -> anyhow::Result<EtcdStore> {
     let etcd = &mesh.cluster(cluster)?.etcd;
     let config =
         EtcdConfig::new([etcd.endpoint()]).with_tls(mesh.pki.files(cluster, LeafKind::Admin));
     Ok(meshd_kvstore::connect(&config).await?)
-}
-
-/// Rewrites a node's `remote_source` and restarts its agent.
-fn set_source(mesh: &mut Mesh, cluster: &str, node: &str, source: &str) -> anyhow::Result<()> {
-    let config = mesh.node(cluster, node)?.config.clone();
-    let text = std::fs::read_to_string(&config)?;
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.starts_with("remote_source:"))
-        .collect();
-    std::fs::write(
-        &config,
-        format!("{}\nremote_source: {source}\n", kept.join("\n")),
-    )?;
-    mesh.start_agent(cluster, node)
 }
 
 /// Records put into c2's etcd one at a time, each timed until it is in c1/n1's map (cache) and
@@ -132,17 +52,9 @@ async fn both_modes(
     let (mut lc, mut ld) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         let ip = nth_ip(base, i);
-        let key = IpcacheKey::host(c2.clone(), ip.into());
-        let entry = IpcacheEntry {
-            prefix: key.prefix,
-            identity: NumericIdentity::new((2 << 16) | 400)?,
-            host_ip: host.into(),
-            endpoint: None,
-            namespace: None,
-        };
-        let value = encode(&key, &entry)?;
+        let (key, value) = ipcache_record(&c2, ip, (2 << 16) | 400, host)?;
         let t0 = Instant::now();
-        store.put(&key.to_string(), value, None).await?;
+        store.put(&key, value, None).await?;
         let (mut tc, mut td) = (None, None);
         let deadline = t0 + Duration::from_secs(10);
         while tc.is_none() || td.is_none() {
@@ -168,69 +80,14 @@ async fn both_modes(
     ))
 }
 
-/// Simulated cluster `id`: what its publishers write (config, a node, `ips`, canaries).
-fn publish_ops(id: u32, ips: impl Iterator<Item = (Ipv4Addr, u32)>) -> anyhow::Result<Vec<TxnOp>> {
-    let cluster = ClusterName::new(format!("s{id}"))?;
-    let host = sim_node_ip(id);
-    let mut ops = Vec::new();
-    let ck = ClusterConfigKey {
-        cluster: cluster.clone(),
-    };
-    let config = ClusterConfig {
-        name: cluster.clone(),
-        id: ClusterId::new(id)?,
-        capabilities: Default::default(),
-        routing_mode: Default::default(),
-    };
-    ops.push(TxnOp::put(ck.to_string(), encode(&ck, &config)?, None));
-    let nk = NodeKey {
-        cluster: cluster.clone(),
-        node: "n1".into(),
-    };
-    let node = NodeRecord {
-        name: "n1".into(),
-        cluster: cluster.clone(),
-        cluster_id: ClusterId::new(id)?,
-        node_ip: host.into(),
-        pod_cidrs: Vec::new(),
-        labels: Default::default(),
-        boot_id: "boot".into(),
-    };
-    ops.push(TxnOp::put(nk.to_string(), encode(&nk, &node)?, None));
-    ops.extend(ips.map(|(ip, identity)| ipcache_op(&cluster, ip, identity, host)));
-    for resource in [
-        NodeRecord::KIND,
-        IpcacheEntry::KIND,
-        IdentityRecord::KIND,
-        ServiceRecord::KIND,
-    ] {
-        let key = SyncCanaryKey {
-            cluster: cluster.clone(),
-            resource: resource.into(),
-        };
-        ops.push(TxnOp::put(
-            key.to_string(),
-            encode(&key, &SyncCanary { synced_at_ms: 1 })?,
-            None,
-        ));
-    }
-    Ok(ops)
-}
-
-fn sim_node_ip(id: u32) -> Ipv4Addr {
-    Ipv4Addr::new(192, 168, 80 + (id / 250) as u8, (id % 250 + 1) as u8)
+fn sim_cluster(id: u32) -> SimulatedCluster {
+    let node_ip = Ipv4Addr::new(192, 168, 80 + (id / 250) as u8, (id % 250 + 1) as u8);
+    SimulatedCluster::new(&format!("s{id}"), id, node_ip).expect("cluster name")
 }
 
 /// Entry `i` of simulated cluster `k` (0-based): 10.100.x.y and up.
 fn sim_ip(k: usize, per: usize, i: usize) -> Ipv4Addr {
     nth_ip(100, k * per + i)
-}
-
-async fn write_all(client: &mut etcd_client::Client, ops: Vec<TxnOp>) -> anyhow::Result<()> {
-    for chunk in ops.chunks(128) {
-        client.txn(Txn::new().and_then(chunk.to_vec())).await?;
-    }
-    Ok(())
 }
 
 /// Raw baseline of the initial sync: a paginated range read of every cache key of c1's etcd,
@@ -290,7 +147,7 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
     let churn_secs = arg("--churn-secs", 20) as u64;
 
     // 1. Cache against direct, the same puts timed on both nodes.
-    set_source(mesh, "c1", "n2", "direct")?;
+    mesh.set_remote_source("c1", "n2", "direct")?;
     mesh.wait_all_ready(Duration::from_secs(60))?;
     let c2 = admin_store(mesh, "c2").await?;
     let (mut c50, mut c99, mut d50, mut d99) = (vec![], vec![], vec![], vec![]);
@@ -314,7 +171,7 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
 
     // 2. At scale. c1/n2 (direct) would open a watch on every simulated cluster: stopped.
     mesh.kill_agent("c1", "n2")?;
-    let empty_rss = rss_bytes(mesh, "c1", "n1")?;
+    let empty_rss = mesh.agent_rss_bytes("c1", "n1")?;
     let etcds = (0..4)
         .map(|_| Etcd::start())
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -330,8 +187,10 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
     let total = clusters * per;
     let t0 = Instant::now();
     for (k, id) in ids.iter().enumerate() {
-        let ips = (0..per).map(|i| (sim_ip(k, per, i), (*id << 16) | (300 + (i % 50) as u32)));
-        write_all(&mut clients[k % 4], publish_ops(*id, ips)?).await?;
+        let ips: Vec<(Ipv4Addr, u32)> = (0..per)
+            .map(|i| (sim_ip(k, per, i), (*id << 16) | (300 + (i % 50) as u32)))
+            .collect();
+        put_all(&mut clients[k % 4], &sim_cluster(*id).records(&ips)?).await?;
     }
     println!(
         "scale: {clusters} simulated clusters x {per} entries = {total} written into 4 etcds in {:.1} s",
@@ -349,7 +208,7 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
         "scale: remote files written -> all {total} entries mirrored and in c1/n1's map: {:.1} s",
         (t0.elapsed().max(through)).as_secs_f64()
     );
-    let rss = rss_bytes(mesh, "c1", "n1")?;
+    let rss = mesh.agent_rss_bytes("c1", "n1")?;
 
     // Initial sync of a fresh agent from the cache, against the raw read of the same keys.
     let c1 = admin_store(mesh, "c1").await?;
@@ -372,7 +231,7 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
          + decode of the same keys {r:.1} s; ratio {:.2}x",
         a / r.max(1e-9)
     );
-    let after = rss_bytes(mesh, "c1", "n1")?;
+    let after = mesh.agent_rss_bytes("c1", "n1")?;
     println!(
         "scale: agent RSS {:.0} MB after the mirror's sync, {:.0} MB after a fresh start; empty \
          view {:.0} MB; {:.0} bytes per remote entry (fresh start)",
@@ -404,14 +263,15 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
                 tick.tick().await;
                 let (k, id) = ids[i % ids.len()];
                 let e = (i / ids.len()) % per;
-                let cluster = ClusterName::new(format!("s{id}")).expect("name");
-                let op = ipcache_op(
-                    &cluster,
+                let sim = sim_cluster(id);
+                let (key, value) = ipcache_record(
+                    &sim.name,
                     sim_ip(k, per, e),
                     (id << 16) | (300 + ((i + 7) % 50) as u32),
-                    sim_node_ip(id),
-                );
-                if client.txn(Txn::new().and_then(vec![op])).await.is_ok() {
+                    sim.node_ip,
+                )
+                .expect("record");
+                if client.put(key, value, None).await.is_ok() {
                     done += 1;
                 }
                 i += 1;
@@ -419,21 +279,21 @@ async fn run(mesh: &mut Mesh) -> anyhow::Result<()> {
             done
         }));
     }
-    let probe_cluster = ClusterName::new(format!("s{}", ids[0]))?;
+    let probe_cluster = sim_cluster(ids[0]);
     let mut probe_client = etcd_client::Client::connect([etcds[0].endpoint()], None).await?;
     let mut lat = Vec::new();
     let start = Instant::now();
     let mut i = 0;
     while start.elapsed() < Duration::from_secs(churn_secs) {
         let ip = nth_ip(220, i);
-        let op = ipcache_op(
-            &probe_cluster,
+        let (key, value) = ipcache_record(
+            &probe_cluster.name,
             ip,
             (ids[0] << 16) | 400,
-            sim_node_ip(ids[0]),
-        );
+            probe_cluster.node_ip,
+        )?;
         let t0 = Instant::now();
-        probe_client.txn(Txn::new().and_then(vec![op])).await?;
+        probe_client.put(key, value, None).await?;
         let deadline = t0 + Duration::from_secs(10);
         while maps.ipcache_entry(Ipv4Net::from(ip))?.is_none() {
             anyhow::ensure!(Instant::now() < deadline, "probe {ip} never arrived");

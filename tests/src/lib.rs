@@ -5,18 +5,22 @@
 //! - [`netns_io`]: sockets opened inside a network namespace (a socket keeps the namespace it
 //!   was created in, so tests talk from endpoints without spawning processes);
 //! - [`proxy`]: a TCP relay from the underlay to an etcd on the host's loopback;
+//! - [`sim`]: remote state written as publishers write it (simulated clusters, bulk entries);
+//! - [`bench`]: the benchmarks' arguments and sample summaries;
 //! - [`mesh`]: clusters (etcd with TLS, client-certificate auth and RBAC), nodes (namespaces on
 //!   one underlay bridge, each running the built `meshd agent`), endpoints, and the checks the
 //!   tests make (ping, TCP, the pinned maps, `meshd status`).
 //!
 //! Everything is named uniquely per test and torn down on drop.
 
+pub mod bench;
 pub mod capture;
 pub mod exposition;
 pub mod mesh;
 pub mod netns_io;
 pub mod pki;
 pub mod proxy;
+pub mod sim;
 pub use meshd_testing::trials;
 
 use std::time::{Duration, Instant};

@@ -804,6 +804,38 @@ impl Mesh {
         Ok(out)
     }
 
+    /// Rewrites a node's `remote_source` (`direct` or `cache`) and restarts its agent.
+    pub fn set_remote_source(
+        &mut self,
+        cluster: &str,
+        node: &str,
+        source: &str,
+    ) -> anyhow::Result<()> {
+        let config = self.node(cluster, node)?.config.clone();
+        let text = fs::read_to_string(&config)?;
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("remote_source:"))
+            .collect();
+        fs::write(
+            &config,
+            format!("{}\nremote_source: {source}\n", kept.join("\n")),
+        )?;
+        self.start_agent(cluster, node)
+    }
+
+    /// Resident memory of a node's running agent.
+    pub fn agent_rss_bytes(&self, cluster: &str, node: &str) -> anyhow::Result<u64> {
+        let pid = self.agent_pid(cluster, node).context("no agent running")?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("VmRSS")?;
+        Ok(kb * 1024)
+    }
+
     pub fn agent_pid(&self, cluster: &str, node: &str) -> Option<u32> {
         self.node(cluster, node)
             .ok()?

@@ -219,19 +219,6 @@ fn a_node_switches_from_direct_to_cache_under_an_open_connection() -> anyhow::Re
     let echo = mesh.add_endpoint("c2", "n1", "echo", "app=echo")?;
     spawn_echo(&echo.netns, PORT)?;
 
-    let set_source = |mesh: &mut Mesh, source: &str| -> anyhow::Result<()> {
-        let config = mesh.node("c1", "n1")?.config.clone();
-        let text = std::fs::read_to_string(&config)?;
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("remote_source:"))
-            .collect();
-        std::fs::write(
-            &config,
-            format!("{}\nremote_source: {source}\n", kept.join("\n")),
-        )?;
-        mesh.start_agent("c1", "n1")
-    };
     let source_of_c2 = |mesh: &Mesh| -> anyhow::Result<String> {
         Ok(mesh.cluster_status("c1", "n1", "c2")?["source"]
             .as_str()
@@ -239,7 +226,7 @@ fn a_node_switches_from_direct_to_cache_under_an_open_connection() -> anyhow::Re
             .to_owned())
     };
 
-    set_source(&mut mesh, "direct")?;
+    mesh.set_remote_source("c1", "n1", "direct")?;
     wait_for("c1/n1 reads c2 directly and reaches echo", WAIT, || {
         anyhow::ensure!(source_of_c2(&mesh)? == "direct");
         reach(&client, echo.ip, PORT)
@@ -252,7 +239,7 @@ fn a_node_switches_from_direct_to_cache_under_an_open_connection() -> anyhow::Re
     )?;
     echo_round_trip(&mut held, b"direct")?;
 
-    set_source(&mut mesh, "cache")?;
+    mesh.set_remote_source("c1", "n1", "cache")?;
     wait_for("c1/n1 reads c2 from the cache", WAIT, || {
         anyhow::ensure!(source_of_c2(&mesh)? == "cache");
         let c2 = mesh.cluster_status("c1", "n1", "c2")?;

@@ -8,118 +8,24 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use etcd_client::{Txn, TxnOp};
-use ipnet::IpNet;
 use meshd_datapath::DatapathMaps;
 use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::sim::{nth_ip, put_all, simulated_entries, SimulatedCluster};
 use meshd_e2e::wait_for;
 use meshd_mesh::IpcacheTarget;
-use meshd_state::{
-    encode, ClusterConfig, ClusterConfigKey, ClusterId, ClusterName, IdentityRecord, IpcacheEntry,
-    IpcacheKey, NodeKey, NodeRecord, NumericIdentity, Resource, ServiceRecord, SyncCanary,
-    SyncCanaryKey,
-};
+use meshd_state::NumericIdentity;
 use meshd_testing::etcd::Etcd;
 
 const CLUSTERS: u32 = 64;
 const ENTRIES: usize = 100_000;
 const ETCDS: usize = 4;
-const PER_TXN: usize = 128;
 
-/// 10.100.x.y and up, skipping .0 and .255: clear of every pod CIDR of the mesh.
-fn nth_ip(i: usize) -> Ipv4Addr {
-    let third = i / 254;
-    Ipv4Addr::new(
-        10,
-        100 + (third / 256) as u8,
-        (third % 256) as u8,
-        (i % 254 + 1) as u8,
-    )
-}
-
-/// Simulated cluster `id` (2..=65): its name, node address and entries' identity.
-fn name(id: u32) -> ClusterName {
-    ClusterName::new(format!("s{id}")).expect("cluster name")
-}
-
-fn node_ip(id: u32) -> Ipv4Addr {
-    Ipv4Addr::new(192, 168, 79, id as u8)
+fn cluster(id: u32) -> anyhow::Result<SimulatedCluster> {
+    SimulatedCluster::new(&format!("s{id}"), id, Ipv4Addr::new(192, 168, 79, id as u8))
 }
 
 fn identity(id: u32, i: usize) -> u32 {
     (id << 16) | (300 + (i % 50) as u32)
-}
-
-/// What cluster `id`'s publishers write: its config, one node, its entries (`ips`), then the
-/// canaries of every resource.
-async fn publish(
-    client: &mut etcd_client::Client,
-    id: u32,
-    ips: &[(Ipv4Addr, u32)],
-) -> anyhow::Result<()> {
-    let cluster = name(id);
-    let mut ops = Vec::new();
-    let config_key = ClusterConfigKey {
-        cluster: cluster.clone(),
-    };
-    let config = ClusterConfig {
-        name: cluster.clone(),
-        id: ClusterId::new(id)?,
-        capabilities: Default::default(),
-        routing_mode: Default::default(),
-    };
-    ops.push(TxnOp::put(
-        config_key.to_string(),
-        encode(&config_key, &config)?,
-        None,
-    ));
-    let node_key = NodeKey {
-        cluster: cluster.clone(),
-        node: "n1".into(),
-    };
-    let node = NodeRecord {
-        name: "n1".into(),
-        cluster: cluster.clone(),
-        cluster_id: ClusterId::new(id)?,
-        node_ip: node_ip(id).into(),
-        pod_cidrs: Vec::new(),
-        labels: Default::default(),
-        boot_id: "boot".into(),
-    };
-    ops.push(TxnOp::put(
-        node_key.to_string(),
-        encode(&node_key, &node)?,
-        None,
-    ));
-    for (ip, ident) in ips {
-        let key = IpcacheKey::host(cluster.clone(), (*ip).into());
-        let entry = IpcacheEntry {
-            prefix: key.prefix,
-            identity: NumericIdentity::new(*ident)?,
-            host_ip: node_ip(id).into(),
-            endpoint: None,
-            namespace: None,
-        };
-        ops.push(TxnOp::put(key.to_string(), encode(&key, &entry)?, None));
-    }
-    for resource in [
-        NodeRecord::KIND,
-        IpcacheEntry::KIND,
-        IdentityRecord::KIND,
-        ServiceRecord::KIND,
-    ] {
-        let key = SyncCanaryKey {
-            cluster: cluster.clone(),
-            resource: resource.into(),
-        };
-        let canary = SyncCanary { synced_at_ms: 1 };
-        ops.push(TxnOp::put(key.to_string(), encode(&key, &canary)?, None));
-    }
-    // The canaries go last: a reader that sees them has seen everything before.
-    for chunk in ops.chunks(PER_TXN) {
-        client.txn(Txn::new().and_then(chunk.to_vec())).await?;
-    }
-    Ok(())
 }
 
 #[test]
@@ -153,12 +59,12 @@ fn one_agent_reads_64_clusters_and_100k_entries_through_the_cache() -> anyhow::R
         }
         for (k, id) in (2..2 + CLUSTERS).enumerate() {
             let ips: Vec<(Ipv4Addr, u32)> = (k * per_cluster..((k + 1) * per_cluster).min(ENTRIES))
-                .map(|i| (nth_ip(i), identity(id, i)))
+                .map(|i| (nth_ip(100, i), identity(id, i)))
                 .collect();
             for (ip, ident) in &ips {
                 want.insert(*ip, (*ident, id));
             }
-            publish(&mut clients[k % ETCDS], id, &ips).await?;
+            put_all(&mut clients[k % ETCDS], &cluster(id)?.records(&ips)?).await?;
         }
         anyhow::Ok(())
     })?;
@@ -168,7 +74,7 @@ fn one_agent_reads_64_clusters_and_100k_entries_through_the_cache() -> anyhow::R
     // TLS), through the relays on the bridge.
     for (k, id) in (2..2 + CLUSTERS).enumerate() {
         std::fs::write(
-            mesh.remotes_dir("c1").join(name(id).as_str()),
+            mesh.remotes_dir("c1").join(cluster(id)?.name.as_str()),
             format!("endpoints: [http://{}]\n", relays[k % ETCDS]),
         )?;
     }
@@ -177,20 +83,6 @@ fn one_agent_reads_64_clusters_and_100k_entries_through_the_cache() -> anyhow::R
     let mut maps = wait_for("c1/n1's maps", Duration::from_secs(30), || {
         Ok(DatapathMaps::open(&pin_dir)?)
     })?;
-    let remote_entries =
-        |maps: &mut DatapathMaps| -> anyhow::Result<BTreeMap<Ipv4Addr, IpcacheTarget>> {
-            Ok(maps
-                .read_back()?
-                .ipcache
-                .into_iter()
-                .filter_map(|(p, t)| match p {
-                    IpNet::V4(p) if p.addr().octets()[0] == 10 && p.addr().octets()[1] >= 100 => {
-                        Some((p.addr(), t))
-                    }
-                    _ => None,
-                })
-                .collect())
-        };
     let expected: BTreeMap<Ipv4Addr, IpcacheTarget> = want
         .iter()
         .map(|(ip, (ident, id))| {
@@ -198,7 +90,7 @@ fn one_agent_reads_64_clusters_and_100k_entries_through_the_cache() -> anyhow::R
                 *ip,
                 IpcacheTarget {
                     identity: NumericIdentity::new(*ident).unwrap(),
-                    tunnel_endpoint: Some(IpAddr::V4(node_ip(*id))),
+                    tunnel_endpoint: Some(IpAddr::V4(cluster(*id).unwrap().node_ip)),
                     local: false,
                 },
             )
@@ -208,7 +100,7 @@ fn one_agent_reads_64_clusters_and_100k_entries_through_the_cache() -> anyhow::R
         "every entry of 64 clusters in c1/n1's maps",
         Duration::from_secs(600),
         || {
-            let got = remote_entries(&mut maps)?;
+            let got = simulated_entries(&mut maps, 100)?;
             anyhow::ensure!(
                 got == expected,
                 "{} entries, {} wanted",

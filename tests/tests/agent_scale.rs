@@ -9,30 +9,17 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp};
-use ipnet::IpNet;
 use meshd_certs::LeafKind;
 use meshd_datapath::DatapathMaps;
 use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::sim::{ipcache_record, nth_ip, simulated_entries};
 use meshd_e2e::wait_for;
 use meshd_kvstore::{EtcdConfig, EtcdStore};
 use meshd_mesh::IpcacheTarget;
-use meshd_state::{encode, ClusterName, IpcacheEntry, IpcacheKey, NumericIdentity};
+use meshd_state::{ClusterName, IpcacheKey, NumericIdentity};
 
 const INITIAL: usize = 100_000;
 const CHURN: usize = 10_000;
-/// etcd's default limit of operations in one transaction.
-const PER_TXN: usize = 128;
-
-/// 10.100.x.y and up, skipping .0 and .255: clear of every pod CIDR of the mesh.
-fn nth_ip(i: usize) -> Ipv4Addr {
-    let third = i / 254;
-    Ipv4Addr::new(
-        10,
-        100 + (third / 256) as u8,
-        (third % 256) as u8,
-        (i % 254 + 1) as u8,
-    )
-}
 
 enum Change {
     Put(Ipv4Addr, u32),
@@ -44,20 +31,13 @@ enum Change {
 async fn write(etcd: &EtcdStore, host: Ipv4Addr, changes: &[Change]) -> anyhow::Result<()> {
     let c2 = ClusterName::new("c2")?;
     let mut client = etcd.client();
-    for chunk in changes.chunks(PER_TXN) {
+    for chunk in changes.chunks(meshd_e2e::sim::PER_TXN) {
         let mut ops = Vec::with_capacity(chunk.len());
         for change in chunk {
             match change {
                 Change::Put(ip, identity) => {
-                    let key = IpcacheKey::host(c2.clone(), (*ip).into());
-                    let entry = IpcacheEntry {
-                        prefix: key.prefix,
-                        identity: NumericIdentity::new(*identity)?,
-                        host_ip: host.into(),
-                        endpoint: None,
-                        namespace: None,
-                    };
-                    ops.push(TxnOp::put(key.to_string(), encode(&key, &entry)?, None));
+                    let (key, value) = ipcache_record(&c2, *ip, *identity, host)?;
+                    ops.push(TxnOp::put(key, value, None));
                 }
                 Change::Delete(ip) => {
                     let key = IpcacheKey::host(c2.clone(), (*ip).into());
@@ -104,27 +84,13 @@ fn maps_equal_the_view_after_100k_entries_and_10k_changes() -> anyhow::Result<()
     let mut want: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
     let initial: Vec<Change> = (0..INITIAL)
         .map(|i| {
-            want.insert(nth_ip(i), identity(i));
-            Change::Put(nth_ip(i), identity(i))
+            want.insert(nth_ip(100, i), identity(i));
+            Change::Put(nth_ip(100, i), identity(i))
         })
         .collect();
     rt.block_on(write(&c2, host, &initial))?;
     mesh.start_agent("c1", "n1")?;
     let pin_dir = mesh.node("c1", "n1")?.pin_dir.clone();
-    let remote_entries =
-        |maps: &mut DatapathMaps| -> anyhow::Result<BTreeMap<Ipv4Addr, IpcacheTarget>> {
-            Ok(maps
-                .read_back()?
-                .ipcache
-                .into_iter()
-                .filter_map(|(p, t)| match p {
-                    IpNet::V4(p) if p.addr().octets()[0] == 10 && p.addr().octets()[1] >= 100 => {
-                        Some((p.addr(), t))
-                    }
-                    _ => None,
-                })
-                .collect())
-        };
     let mut maps = wait_for("c1/n1's maps", Duration::from_secs(30), || {
         Ok(DatapathMaps::open(&pin_dir)?)
     })?;
@@ -132,7 +98,7 @@ fn maps_equal_the_view_after_100k_entries_and_10k_changes() -> anyhow::Result<()
         "the initial 100k in c1/n1's maps",
         Duration::from_secs(300),
         || {
-            let n = remote_entries(&mut maps)?.len();
+            let n = simulated_entries(&mut maps, 100)?.len();
             anyhow::ensure!(n == INITIAL, "{n} of {INITIAL}");
             Ok(())
         },
@@ -143,17 +109,17 @@ fn maps_equal_the_view_after_100k_entries_and_10k_changes() -> anyhow::Result<()
     for i in 0..CHURN {
         match i % 3 {
             0 => {
-                let ip = nth_ip(INITIAL + i);
+                let ip = nth_ip(100, INITIAL + i);
                 want.insert(ip, identity(i + 7));
                 churn.push(Change::Put(ip, identity(i + 7)));
             }
             1 => {
-                let ip = nth_ip(i * 7);
+                let ip = nth_ip(100, i * 7);
                 want.remove(&ip);
                 churn.push(Change::Delete(ip));
             }
             _ => {
-                let ip = nth_ip(i * 5 + 1);
+                let ip = nth_ip(100, i * 5 + 1);
                 // An entry moves to another identity; one deleted above is deleted again
                 // (a no-op event).
                 match want.get_mut(&ip) {
@@ -184,7 +150,7 @@ fn maps_equal_the_view_after_100k_entries_and_10k_changes() -> anyhow::Result<()
         "the churn in c1/n1's maps",
         Duration::from_secs(120),
         || {
-            let got = remote_entries(&mut maps)?;
+            let got = simulated_entries(&mut maps, 100)?;
             anyhow::ensure!(
                 got == expected,
                 "{} entries, {} wanted",
@@ -209,7 +175,7 @@ fn maps_equal_the_view_after_100k_entries_and_10k_changes() -> anyhow::Result<()
     )?;
     assert_eq!(field(&status, "corrections"), 0, "{status}");
     assert_eq!(field(&status, "failed_writes"), 0, "{status}");
-    assert_eq!(remote_entries(&mut maps)?, expected);
+    assert_eq!(simulated_entries(&mut maps, 100)?, expected);
     let all = maps.read_back()?;
     assert_eq!(
         field(&status, "ipcache_entries") as usize,

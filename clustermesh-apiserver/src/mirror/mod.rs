@@ -173,22 +173,11 @@ pub(crate) async fn count_keys<L: Backend>(local: &L, prefix: &str) -> Result<u6
 /// The clusters with a status in the local etcd (every cluster the mirror ever wrote to the
 /// cache: the status is written before any entry).
 async fn cached_clusters<L: Backend>(local: &L) -> Result<BTreeSet<String>, KvError> {
-    let mut out = BTreeSet::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = local
-            .range(CACHE_STATUS_PREFIX, after.as_deref(), 0, 1000)
-            .await?;
-        for kv in &page.kvs {
-            if let Some(c) = kv.key.strip_prefix(CACHE_STATUS_PREFIX) {
-                out.insert(c.to_owned());
-            }
-        }
-        match (page.more, page.kvs.last()) {
-            (true, Some(last)) => after = Some(last.key.clone()),
-            _ => return Ok(out),
-        }
-    }
+    Ok(meshd_kvstore::list_prefix(local, CACHE_STATUS_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|kv| kv.key.strip_prefix(CACHE_STATUS_PREFIX).map(str::to_owned))
+        .collect())
 }
 
 struct Running {

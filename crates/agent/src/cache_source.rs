@@ -38,11 +38,11 @@ fn cluster_of_status(key: &str, local: &ClusterName) -> Option<ClusterName> {
 pub async fn configured(local_store: &EtcdStore, local: &ClusterName) -> Vec<ClusterName> {
     let mut backoff = meshd_kvstore::Backoff::new(Default::default());
     loop {
-        match list_status(local_store).await {
-            Ok(keys) => {
-                return keys
+        match meshd_kvstore::list_prefix(local_store, CACHE_STATUS_PREFIX).await {
+            Ok(kvs) => {
+                return kvs
                     .iter()
-                    .filter_map(|k| cluster_of_status(k, local))
+                    .filter_map(|kv| cluster_of_status(&kv.key, local))
                     .collect()
             }
             Err(e) => {
@@ -50,21 +50,6 @@ pub async fn configured(local_store: &EtcdStore, local: &ClusterName) -> Vec<Clu
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot list the cached remote clusters");
                 tokio::time::sleep(delay).await;
             }
-        }
-    }
-}
-
-async fn list_status(store: &EtcdStore) -> Result<Vec<String>, meshd_kvstore::KvError> {
-    let mut keys = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .range(CACHE_STATUS_PREFIX, after.as_deref(), 0, 1000)
-            .await?;
-        after = page.kvs.last().map(|kv| kv.key.clone());
-        keys.extend(page.kvs.into_iter().map(|kv| kv.key));
-        if !page.more {
-            return Ok(keys);
         }
     }
 }

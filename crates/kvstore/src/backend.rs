@@ -197,6 +197,22 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn revoke_lease(&self, lease: LeaseId) -> impl Future<Output = Result<(), KvError>> + Send;
 }
 
+/// Every key-value under `prefix` now, read in pages of 1,000 (for small prefixes read once,
+/// such as status keys; what must stay current is watched instead).
+pub async fn list_prefix<B: Backend>(backend: &B, prefix: &str) -> Result<Vec<KeyValue>, KvError> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = backend.range(prefix, after.as_deref(), 0, 1000).await?;
+        let last = page.kvs.last().map(|kv| kv.key.clone());
+        out.extend(page.kvs);
+        match (page.more, last) {
+            (true, Some(last)) => after = Some(last),
+            _ => return Ok(out),
+        }
+    }
+}
+
 /// The first key after every key starting with `prefix` (etcd's range end for a prefix).
 pub fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();

@@ -21,8 +21,8 @@ mod retry;
 mod watcher;
 
 pub use backend::{
-    prefix_end, Backend, Compare, EventKind, Header, KeyValue, LeaseId, RangePage, RawEvent, Txn,
-    TxnOp, TxnResponse, WatchMessage, WatchStream,
+    list_prefix, prefix_end, Backend, Compare, EventKind, Header, KeyValue, LeaseId, RangePage,
+    RawEvent, Txn, TxnOp, TxnResponse, WatchMessage, WatchStream,
 };
 pub use backoff::{Backoff, BackoffConfig};
 pub use cache::CachedCluster;
