@@ -20,6 +20,7 @@
 #include "lib/lb.h"
 #include "lib/world.h"
 #include "lib/native.h"
+#include "lib/tunnel.h"
 #include "lib/fwd_cache.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
@@ -189,20 +190,10 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 			fwd_cache_fill(skb, ctx, entry, cfg, remote->tunnel_endpoint);
 		return ret;
 	}
-	if (!cfg->vxlan_ifindex)
-		return MESHD_DROP_NO_CONFIG;
-	struct bpf_tunnel_key key = {};
-	key.remote_ipv4 = bpf_ntohl(remote->tunnel_endpoint);
-	ctx->tunnel_remote = key.remote_ipv4;
-	key.tunnel_id = src_identity;
-	key.tunnel_ttl = 64;
-	/* Zero outer UDP checksum, as the kernel's own VXLAN does by default for IPv4. */
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	ctx->action = bpf_redirect(cfg->vxlan_ifindex, 0);
-	if (cacheable)
+	ret = tunnel_redirect(skb, ctx, cfg, remote->tunnel_endpoint, src_identity);
+	if (ret == MESHD_FWD_TUNNEL && cacheable)
 		fwd_cache_fill(skb, ctx, entry, cfg, remote->tunnel_endpoint);
-	return MESHD_FWD_TUNNEL;
+	return ret;
 }
 
 SEC("classifier")

@@ -10,21 +10,83 @@
  * source address is its identity: the underlay must be trusted), and replies of service
  * connections get their frontend back as in from-overlay. In tunnel mode a bare packet claiming a
  * remote endpoint's address is `world` (only the tunnel vouches for an endpoint), and so is one
- * claiming a local endpoint's address in either mode. Everything else
- * is the node's own business and passes untouched and uncounted: this program must never cost
- * the node its own traffic (ARP, IPv6, VXLAN, its connections).
+ * claiming a local endpoint's address in either mode.
+ *
+ * Public endpoints (see SERVICES in meshd_abi.h): a connection from outside to a NodePort on
+ * this node's IP or to an external / load balancer IP is load-balanced here (lib/lb.h), its
+ * choice kept in conntrack. A backend on this node gets it DNATed only, the client's address
+ * kept (ingress policy sees `world`, or the client's CIDR identity), and its replies get the
+ * frontend back in from-endpoint. A backend elsewhere (externalTrafficPolicy Cluster) gets it
+ * DNATed and SNATed to this node's IP and a port of the masquerade range (the NAT map, so the
+ * port is unique per backend tuple), through the tunnel with the `world` identity or by the
+ * native route: its replies come back to this node's IP, where nat_reverse gives them the
+ * client back and the connection's reply entry the frontend as source, and they are routed
+ * out to the client (public_reply). Everything else is the node's own business and passes
+ * untouched and uncounted: this program must never cost the node its own traffic (ARP, IPv6,
+ * VXLAN, its connections, the health check node ports the agent serves).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/ct.h"
 #include "lib/policy.h"
+#include "lib/lb.h"
 #include "lib/nat.h"
+#include "lib/native.h"
+#include "lib/tunnel.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
 
 /* The handler's "not ours": pass to the stack without counting. */
 #define NETDEV_PASS 0
+
+/*
+ * A connection from outside DNATed to a backend on another node (ctx: client -> backend): SNAT
+ * to node_ip so the replies come back here (the backend's node would route them to the client
+ * directly, which knows no backend), then the tunnel (VNI `world`: the backend's node applies
+ * its ingress policy to an outside client) or the native route. The connection's CT entries
+ * are written here: they keep the NAT port's claim alive and hold the frontend for its replies.
+ */
+static __always_inline int public_to_remote(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off,
+					    const struct datapath_config *cfg, __u64 now)
+{
+	struct ipcache_value *remote = ipcache_lookup(ctx->daddr);
+	/* A backend with no node to reach it by (its endpoint just left this node, say) */
+	if (!remote || !remote->tunnel_endpoint || remote->tunnel_endpoint == cfg->node_ip)
+		return MESHD_DROP_UNKNOWN_DEST;
+	ctx->src_identity = MESHD_IDENTITY_WORLD;
+	ctx->dst_identity = remote->identity;
+	struct ct_value *entry = 0;
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
+	if (ct == CT_NEW)
+		ct_create(ctx, now, cfg->policy_revision);
+	int ret = nat_masquerade(skb, ctx, l3_off, cfg, now);
+	if (ret < 0)
+		return ret;
+	if (cfg->flags & MESHD_CONFIG_F_NATIVE)
+		return native_forward(skb, ctx, l3_off);
+	return tunnel_redirect(skb, ctx, cfg, remote->tunnel_endpoint, MESHD_IDENTITY_WORLD);
+}
+
+/*
+ * A reply from a remote backend that nat_reverse gave its outside client back as destination
+ * (ctx: backend -> client), or an ICMP error about the connection: the frontend the client
+ * connected to becomes its source (the reply's CT entry holds it), and it is routed out to
+ * the client as the node's forwarding would. No CT reply entry: a masquerade mapping whose
+ * client is outside the mesh but no connection of ours, nothing to deliver it to.
+ */
+static __always_inline int public_reply(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now)
+{
+	struct ct_value *entry = 0;
+	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
+	if (!entry || (ct == CT_REPLY && !(entry->flags & MESHD_CT_F_REV_NAT)) || (ct != CT_REPLY && ct != CT_RELATED))
+		return MESHD_DROP_UNKNOWN_DEST;
+	int ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
+	if (ret < 0)
+		return ret;
+	ctx->dst_identity = MESHD_IDENTITY_WORLD;
+	return world_route_forward(skb, ctx, l3_off);
+}
 
 static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_ctx *ctx)
 {
@@ -38,16 +100,30 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	if (!cfg)
 		return NETDEV_PASS;
 	__u64 now = ct_now();
+	int translated = 0;
 	if (ctx->daddr == cfg->node_ip) {
-		ret = nat_reverse(skb, ctx, l3_off, now);
-		if (ret <= 0)
-			return ret;
+		translated = nat_reverse(skb, ctx, l3_off, now);
+		if (translated < 0)
+			return translated;
+	}
+	/* A reply of a masqueraded flow is never a new public connection, whatever its port. */
+	int public = 0;
+	if (!translated) {
+		public = lb_translate_public(skb, ctx, l3_off, now);
+		if (public < 0)
+			return public;
 	}
 
 	struct endpoint_key dkey = {.addr = ctx->daddr};
 	struct endpoint_value *dst = bpf_map_lookup_elem(&ENDPOINTS, &dkey);
-	if (!dst)
+	if (!dst) {
+		if (public)
+			return public_to_remote(skb, ctx, l3_off, cfg, now);
+		if (translated)
+			return public_reply(skb, ctx, l3_off, now);
+		/* Neither translation applied: the stack's, uncounted. */
 		return NETDEV_PASS;
+	}
 	ctx->dst_identity = dst->identity;
 	struct ipcache_value *src = ipcache_lookup(ctx->saddr);
 	ctx->src_identity = src ? src->identity : MESHD_IDENTITY_WORLD;

@@ -2,7 +2,8 @@
 /*
  * from-overlay: tc ingress on the node's VXLAN device (external / collect-metadata mode), i.e.
  * every packet another node tunnelled to us. The VNI carries the sender's identity; it is only
- * believed if the outer source is a known node of the cluster the identity belongs to. Then
+ * believed if the outer source is a known node of the cluster the identity belongs to (or it
+ * is `world`, a client from outside a node forwards to a public endpoint's backend). Then
  * ingress policy and delivery straight into the endpoint's namespace. Replies of service
  * connections (a client here, its backend on another node) get their frontend source back
  * before delivery (lib/lb.h).
@@ -25,7 +26,10 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 	struct node_value *node = bpf_map_lookup_elem(&NODES, &nkey);
 	if (!node)
 		return MESHD_DROP_UNKNOWN_NODE;
-	if (identity_cluster(vni) != node->cluster_id)
+	/* `world` is how a node forwards a client from outside the mesh to a backend here (a
+	 * public endpoint, from-netdev): any known node may claim it. That grants nothing: the
+	 * same node gets `world` for a bare packet on the underlay (from-netdev) anyway. */
+	if (identity_cluster(vni) != node->cluster_id && vni != MESHD_IDENTITY_WORLD)
 		return MESHD_DROP_INVALID_IDENTITY;
 
 	__u32 l3_off = 0;

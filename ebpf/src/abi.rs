@@ -70,6 +70,7 @@ pub const DROP_WRITE_ERROR: i32 = -140;
 pub const DROP_FRAG_NOT_FOUND: i32 = -141;
 pub const DROP_NO_SERVICE_BACKEND: i32 = -142;
 pub const DROP_NAT_NO_PORT: i32 = -143;
+pub const DROP_NO_LOCAL_BACKEND: i32 = -144;
 
 // enum meshd_metrics_layout
 pub const REASONS: u32 = 256;
@@ -153,6 +154,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
         DROP_NO_SERVICE_BACKEND as i64,
     ),
     ("MESHD_DROP_NAT_NO_PORT", DROP_NAT_NO_PORT as i64),
+    ("MESHD_DROP_NO_LOCAL_BACKEND", DROP_NO_LOCAL_BACKEND as i64),
     ("MESHD_REASONS", REASONS as i64),
     ("MESHD_METRICS_MAX", METRICS_MAX as i64),
     ("MESHD_IPCACHE_F_LOCAL", IPCACHE_F_LOCAL as i64),
@@ -198,6 +200,7 @@ pub fn reason_name(code: i32) -> &'static str {
         DROP_FRAG_NOT_FOUND => "fragment-without-first",
         DROP_NO_SERVICE_BACKEND => "no-service-backend",
         DROP_NAT_NO_PORT => "nat-no-port",
+        DROP_NO_LOCAL_BACKEND => "no-local-backend",
         _ => "unknown-reason",
     }
 }

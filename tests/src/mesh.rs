@@ -1029,6 +1029,40 @@ impl Mesh {
         Ok(())
     }
 
+    /// Packets a node's datapath counted under `reason_name` (both directions), as `meshd
+    /// status` shows them.
+    pub fn counted(&self, cluster: &str, node: &str, reason_name: &str) -> anyhow::Result<u64> {
+        let status = self.status(cluster, node)?;
+        Ok(status["datapath"]["counters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|c| c["reason_name"] == reason_name)
+            .filter_map(|c| c["packets"].as_u64())
+            .sum())
+    }
+
+    /// Writes a service record into `cluster`'s etcd as its apiserver publishes one (the
+    /// e2e mesh runs no apiserver).
+    pub fn publish_service(
+        &self,
+        cluster: &str,
+        record: &meshd_state::ServiceRecord,
+    ) -> anyhow::Result<()> {
+        let key = meshd_state::ServiceKey {
+            cluster: meshd_state::ClusterName::new(cluster)?,
+            namespace: record.namespace.clone(),
+            name: record.name.clone(),
+        };
+        let value = meshd_state::encode(&key, record)?;
+        self.cluster(cluster)?
+            .etcd
+            .etcdctl(&["put", &key.to_string(), std::str::from_utf8(&value)?])
+            .with_context(|| format!("publishing service {key}"))?;
+        Ok(())
+    }
+
     /// `meshd endpoint add NAME --labels ... ` on a node.
     pub fn add_endpoint(
         &self,

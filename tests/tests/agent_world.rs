@@ -145,15 +145,7 @@ fn an_icmp_frag_needed_about_a_masqueraded_flow_reaches_the_endpoint() -> anyhow
 
 /// Drops of `reason_name` on the node, as `meshd status` counts them.
 fn dropped(mesh: &Mesh, reason_name: &str) -> anyhow::Result<u64> {
-    let status = mesh.status("c1", "n1")?;
-    Ok(status["datapath"]["counters"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .filter(|c| c["reason_name"] == reason_name)
-        .filter_map(|c| c["packets"].as_u64())
-        .sum())
+    mesh.counted("c1", "n1", reason_name)
 }
 
 /// With 8 SNAT ports, 8 connections to one external address:port hold them all; the ninth is

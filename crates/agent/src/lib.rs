@@ -19,6 +19,7 @@ pub mod config;
 pub mod dir_watch;
 pub mod egress;
 pub mod endpoints;
+pub mod health_check;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
@@ -361,6 +362,10 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     let (registry_tx, registry_rx) = watch::channel(Arc::new(remotes::Registry::new()));
     let (peers_tx, peers_rx) = watch::channel(None);
     let (routes_tx, routes_rx) = watch::channel(routes::RoutesStatus::default());
+    let (health_checks_tx, health_checks_rx) =
+        watch::channel(Arc::new(health_check::HealthChecks::default()));
+    let (health_status_tx, health_status_rx) =
+        watch::channel(health_check::HealthCheckStatus::default());
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
     let propagation_delay = reconciler.propagation_delay();
@@ -430,6 +435,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             }),
             inputs: view_rx,
             peers: peers_tx,
+            health_checks: health_checks_tx,
             datapath: datapath_tx,
             full_requests: full_request_rx,
             status: view_status_tx,
@@ -437,6 +443,15 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             identities: identities_tx,
             wait_for,
             gate_timeout: config.startup_sync_timeout,
+        }
+        .run(),
+    );
+
+    tokio::spawn(
+        health_check::HealthCheckServer {
+            node_ip: config.node_ip.into(),
+            desired: health_checks_rx,
+            status: health_status_tx,
         }
         .run(),
     );
@@ -526,6 +541,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         identities: identities_rx,
         routes: routes_rx,
         propagation_delay,
+        health_checks: health_status_rx,
     };
     if let Some(listener) = metrics_listener {
         let service = service.clone();

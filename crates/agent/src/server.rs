@@ -34,6 +34,7 @@ pub struct AgentService {
     pub routes: watch::Receiver<crate::routes::RoutesStatus>,
     /// The reconciler's `meshd_propagation_delay_seconds`.
     pub propagation_delay: crate::metrics::PropagationDelay,
+    pub health_checks: watch::Receiver<crate::health_check::HealthCheckStatus>,
 }
 
 fn direction_name(d: Direction) -> &'static str {
@@ -342,13 +343,26 @@ impl meshd_api::Agent for AgentService {
             clusters: self.clusters(),
             datapath: Some(self.datapath().await),
             certificates: self.certificates(),
-            warnings: self.policies.borrow().warnings.clone(),
+            warnings: self.warnings(),
             routing: Some(self.routing()),
         }))
     }
 }
 
 impl AgentService {
+    /// The policy warnings, then the health check node ports that could not be served.
+    fn warnings(&self) -> Vec<String> {
+        let mut out = self.policies.borrow().warnings.clone();
+        out.extend(
+            self.health_checks
+                .borrow()
+                .failed
+                .iter()
+                .map(|(port, e)| format!("health check node port {port} not served: {e}")),
+        );
+        out
+    }
+
     fn routing(&self) -> pb::RoutingStatus {
         let r = &self.config.routing;
         let routes = self.routes.borrow().clone();

@@ -21,6 +21,7 @@ use meshd_mesh::{
 use meshd_state::ClusterName;
 use tokio::sync::{mpsc, watch};
 
+use crate::health_check::HealthChecks;
 use crate::watcher::ViewInput;
 
 /// Identity number -> its labels, rendered canonically.
@@ -105,6 +106,9 @@ pub struct ViewTask {
     /// reconciler waits: on a partial view the route owner would delete the routes of the
     /// nodes not heard from yet.
     pub peers: watch::Sender<Option<Arc<Vec<meshd_mesh::PeerNode>>>>,
+    /// The health check node ports to serve (crate::health_check), republished when they
+    /// change.
+    pub health_checks: watch::Sender<Arc<HealthChecks>>,
 }
 
 /// What a batch changed, accumulated until it is handed on.
@@ -169,6 +173,7 @@ impl ViewTask {
             if pending.identities_changed {
                 self.publish_identities();
             }
+            self.publish_health_checks();
             self.publish_status(pending.warnings_stale);
             let opening = !gate_open && self.unready().is_empty();
             if opening || (gate_open && pending.warnings_stale) {
@@ -277,6 +282,17 @@ impl ViewTask {
         });
     }
 
+    /// Publishes the health checks when the view's revision of them moved (a copy of a few
+    /// entries, only then).
+    fn publish_health_checks(&self) {
+        if self.health_checks.borrow().revision == self.view.health_checks_revision() {
+            return;
+        }
+        let (revision, ports) = self.view.health_checks();
+        self.health_checks
+            .send_replace(Arc::new(HealthChecks { revision, ports }));
+    }
+
     fn publish_identities(&self) {
         let labels = self
             .view
@@ -360,6 +376,7 @@ mod tests {
             wait_for: [c1()].into(),
             gate_timeout: Duration::from_secs(3600),
             peers: peers_tx,
+            health_checks: watch::channel(Arc::new(HealthChecks::default())).0,
         };
         let handle = tokio::spawn(task.run());
 

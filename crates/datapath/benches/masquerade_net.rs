@@ -20,20 +20,17 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Context;
-use common::bench::{arg, iperf3_gbps, load_average, median, plain_endpoint, spread};
+use common::bench::{
+    arg, load_average, plain_endpoint, spawn_byte_server, Comparison, Iperf3Pair, Iperf3Path,
+};
 use common::topology::Topology;
 use ipnet::Ipv4Net;
 use meshd_datapath::netns::run_in;
 use meshd_datapath::{plumbing, Direction, EgressConfig};
-use meshd_testing::netns::{ChildGuard, Netns};
+use meshd_testing::netns::Netns;
 
 const ROUTER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 254);
 const BASELINE_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
@@ -62,64 +59,6 @@ fn baseline_endpoint(node: &Netns) -> anyhow::Result<Netns> {
             .with_context(|| format!("nft {rule}"))?;
     }
     Ok(ep)
-}
-
-/// A server on the external host answering each connection's byte, then waiting for the
-/// client to close: `workers` threads accepting on one listener, each serving its connection
-/// itself (a thread spawned per connection made the server, shared by both paths, the
-/// bottleneck). Its threads live as long as the bench.
-fn spawn_byte_server(netns: &Path, addr: SocketAddr, workers: u32) -> anyhow::Result<()> {
-    let listener = Arc::new(run_in(netns, || -> anyhow::Result<TcpListener> {
-        Ok(TcpListener::bind(addr)?)
-    })?);
-    for _ in 0..workers {
-        let listener = listener.clone();
-        std::thread::spawn(move || {
-            while let Ok((mut s, _)) = listener.accept() {
-                let mut b = [0u8; 1];
-                if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
-                    let _ = s.read(&mut b);
-                }
-            }
-        });
-    }
-    Ok(())
-}
-
-/// `threads` loops of `per_thread` connections from `client` to `to`; connections per second
-/// over the wall time. Any failed connection fails the run.
-fn connect_loop(
-    client: &Path,
-    to: SocketAddr,
-    threads: u32,
-    per_thread: u32,
-) -> anyhow::Result<f64> {
-    run_in(client, || -> anyhow::Result<f64> {
-        let failed = AtomicUsize::new(0);
-        let start = Instant::now();
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
-                scope.spawn(|| {
-                    for _ in 0..per_thread {
-                        let ok = (|| -> std::io::Result<()> {
-                            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-                            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                            let mut b = [7u8; 1];
-                            s.write_all(&b)?;
-                            s.read_exact(&mut b)?;
-                            Ok(())
-                        })();
-                        if ok.is_err() {
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                });
-            }
-        });
-        let failed = failed.load(Ordering::Relaxed);
-        anyhow::ensure!(failed == 0, "{failed} connections to {to} failed");
-        Ok(f64::from(threads * per_thread) / start.elapsed().as_secs_f64())
-    })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -170,37 +109,16 @@ fn main() -> anyhow::Result<()> {
         ("nftables MASQUERADE", &base_ep),
     ];
 
-    // A server per path (ports 5201 and 5202), so that a server stuck in one path's test
-    // never holds up the other's; a failed sample restarts its path's server and is retried
-    // once, and every failure is reported.
-    let server = |i: usize| -> anyhow::Result<ChildGuard> {
-        let guard = outside
-            .host
-            .spawn("iperf3", &["-s", "-p", &(5201 + i).to_string()])?;
-        std::thread::sleep(Duration::from_millis(300));
-        Ok(guard)
-    };
-    let mut servers = [server(0)?, server(1)?];
-    let mut failures = [0u32; 2];
-    let mut sample = |i: usize, streams: u32, seconds: u32| -> anyhow::Result<f64> {
-        let (name, client) = clients[i];
-        let port = 5201 + i as u16;
-        match iperf3_gbps(client, ext_ip, port, streams, seconds) {
-            Ok(gbps) => Ok(gbps),
-            Err(e) => {
-                failures[i] += 1;
-                println!("{name}: a {streams}-stream sample failed ({e:#}); its server restarts");
-                servers[i] = server(i)?;
-                iperf3_gbps(client, ext_ip, port, streams, seconds)
-                    .with_context(|| format!("{name}: a {streams}-stream sample failed twice"))
-            }
-        }
-    };
-    // Both paths work, which takes masquerade: the router has no route to either endpoint
-    // subnet, only to the node IPs.
-    for (i, (name, _)) in clients.iter().enumerate() {
-        sample(i, 1, 1).with_context(|| format!("{name}: first transfer"))?;
-    }
+    // A server per path (ports 5201 and 5202). Both paths work, which takes masquerade: the
+    // router has no route to either endpoint subnet, only to the node IPs.
+    let mut iperf = Iperf3Pair::start([0, 1].map(|i| Iperf3Path {
+        name: clients[i].0,
+        server: &outside.host,
+        client: clients[i].1,
+        to: ext_ip,
+        port: 5201 + i as u16,
+    }))?;
+    iperf.check()?;
     anyhow::ensure!(
         !meshd.nodes[0].maps.nat_mappings()?.is_empty(),
         "meshd's transfer went without a NAT mapping"
@@ -210,60 +128,23 @@ fn main() -> anyhow::Result<()> {
         "endpoint (MTU 1450) -> node -> router -> external host, veth/bridge underlay MTU 1500, {runs} runs each; load average {}",
         load_average()
     );
-    for streams in [1u32, 4] {
-        let mut results = [Vec::new(), Vec::new()];
-        for _ in 0..runs {
-            for (i, result) in results.iter_mut().enumerate() {
-                result.push(sample(i, streams, seconds)?);
-            }
-        }
-        let spreads = [spread(&results[0]), spread(&results[1])];
-        let [m, b] = results.map(median);
-        println!(
-            "TCP throughput to the external host, {streams} stream(s): meshd {m:.2} Gbit/s [{}], nftables {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
-            spreads[0], spreads[1]
-        );
-        println!(
-            "RESULT masquerade-tcp-{streams}stream meshd_gbps={m:.2} nftables_gbps={b:.2} ratio={:.3}x goal>=1.0x (issue 12)",
-            m / b
-        );
-    }
-    println!(
-        "failed throughput samples (retried): meshd {}, nftables {}",
-        failures[0], failures[1]
-    );
-    drop(servers);
+    let comparison = Comparison {
+        label: "masquerade",
+        path: "to the external host",
+        note: "goal>=1.0x (issue 12)",
+        runs,
+    };
+    comparison.throughput(seconds, |i, streams| iperf.sample(i, streams, seconds))?;
+    iperf.finish();
 
-    let mut rates = [Vec::new(), Vec::new()];
-    let mut ratios = Vec::new();
-    for run in 0..runs {
+    comparison.connection_rate(threads, per_thread, |run| {
         // A server per path, so neither waits for the other's; fresh ports each run.
         let to = |i: u16| SocketAddr::from((ext_ip, 7000 + 2 * run as u16 + i));
         for i in 0..2 {
             spawn_byte_server(&outside.host.path(), to(i), 4 * threads)?;
         }
-        let (m, b) = std::thread::scope(|scope| {
-            let m = scope.spawn(|| connect_loop(&clients[0].1.path(), to(0), threads, per_thread));
-            let b = scope.spawn(|| connect_loop(&clients[1].1.path(), to(1), threads, per_thread));
-            (m.join().expect("meshd loop"), b.join().expect("nft loop"))
-        });
-        let (m, b) = (m.context("meshd")?, b.context("nftables")?);
-        println!(
-            "run {run}: meshd {m:.0} conn/s, nftables {b:.0} conn/s = {:.2}x",
-            m / b
-        );
-        rates[0].push(m);
-        rates[1].push(b);
-        ratios.push(m / b);
-    }
-    let spreads = [spread(&rates[0]), spread(&rates[1]), spread(&ratios)];
-    let [m, b] = rates.map(median);
-    let r = median(ratios);
-    println!(
-        "new connections/s to the external host ({threads} threads x {per_thread} each way, both at once): meshd {m:.0} [{}], nftables {b:.0} [{}]; ratio median {r:.2}x [{}]",
-        spreads[0], spreads[1], spreads[2]
-    );
-    println!("RESULT masquerade-connrate meshd_cps={m:.0} nftables_cps={b:.0} ratio={r:.3}x goal>=1.0x (issue 12)");
+        Ok([(clients[0].1.path(), to(0)), (clients[1].1.path(), to(1))])
+    })?;
     println!("load average at the end: {}", load_average());
 
     let maps = &meshd.nodes[0].maps;

@@ -374,18 +374,48 @@ fn overlay_identity_of_another_cluster_than_the_node_is_dropped() {
         overlay_cb(NODE2, CLIENT),
     );
     assert_eq!(verdict, TC_ACT_SHOT);
-    // A reserved identity (cluster bits 0) is never accepted from the overlay either.
+    // A reserved identity (cluster bits 0) is not accepted from the overlay either...
+    for reserved in [abi::IDENTITY_HOST, abi::IDENTITY_REMOTE_NODE] {
+        let (verdict, _, _) = dp.run(
+            programs::FROM_OVERLAY_PROBE,
+            &pkt.bytes(),
+            VXLAN_IF,
+            overlay_cb(NODE2, reserved),
+        );
+        assert_eq!(verdict, TC_ACT_SHOT, "identity {reserved}");
+    }
+    assert_eq!(
+        counter(&dp, Direction::Ingress, abi::DROP_INVALID_IDENTITY),
+        3
+    );
+}
+
+/// ...but `world`, the least privileged identity, is: it is how a node forwards a client from
+/// outside the mesh to a backend here (a public endpoint). A node could get the same treatment
+/// with a bare packet on the underlay, so accepting it grants no node anything new.
+#[test]
+fn overlay_world_from_a_known_node_is_delivered_as_world() {
+    let Some(mut dp) = setup() else { return };
+    let pkt = Packet::tcp(NODE2, 61000, B, 8080, 0x02);
     let (verdict, _, _) = dp.run(
         programs::FROM_OVERLAY_PROBE,
         &pkt.bytes(),
         VXLAN_IF,
         overlay_cb(NODE2, abi::IDENTITY_WORLD),
     );
-    assert_eq!(verdict, TC_ACT_SHOT);
-    assert_eq!(
-        counter(&dp, Direction::Ingress, abi::DROP_INVALID_IDENTITY),
-        2
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(counter(&dp, Direction::Ingress, abi::FWD_LOCAL), 1);
+    // Not from an unknown node.
+    let (verdict, _, _) = dp.run(
+        programs::FROM_OVERLAY_PROBE,
+        &pkt.bytes(),
+        VXLAN_IF,
+        overlay_cb(Ipv4Addr::new(192, 168, 50, 99), abi::IDENTITY_WORLD),
     );
+    assert_eq!(verdict, TC_ACT_SHOT);
+    let ev = dp.maps.drain_drop_events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].reason, abi::DROP_UNKNOWN_NODE);
 }
 
 #[test]
@@ -417,19 +447,7 @@ fn overlay_ingress_policy_and_replies_of_outgoing_connections() {
             .set_policy_enabled(subject, Direction::Ingress, true)
             .unwrap();
     }
-    dp.maps
-        .upsert_policy(
-            PolicyEntry {
-                subject: WEB,
-                peer: Some(CLIENT),
-                proto: None,
-                dport: None,
-                direction: Direction::Ingress,
-            },
-            Verdict::Allow,
-            1,
-        )
-        .unwrap();
+    allow_ingress_from(&mut dp.maps, WEB, CLIENT);
     let cb = overlay_cb(NODE2, REMOTE);
 
     let from_remote = Packet::tcp(R, 33000, B, 8080, 0x02);

@@ -134,8 +134,8 @@ pub use desired::{
 pub use policy::{compile, CompiledPolicy, NetworkPolicy, PolicyError, PolicyErrors};
 pub use reject::{ClusterRefusal, PendingEntry, RejectReason, RejectedKey, Rejection};
 pub use services::{
-    desired_services, diff_services, Backend, BackendSlot, ClusterService, DesiredServices,
-    Exposure, Frontend, FrontendValue, ServiceNode, ServiceOp,
+    desired_services, diff_services, health_check, Backend, BackendSlot, ClusterService,
+    DesiredServices, Exposure, Frontend, FrontendValue, HealthCheck, ServiceNode, ServiceOp,
 };
 pub use view::{
     Applied, ClusterEvent, ClusterStatus, DesiredCounts, EventKind, KindCounts, LocalNode,

@@ -372,6 +372,44 @@ pub fn desired_services<'a>(
     out
 }
 
+/// What an external load balancer's health check of a `Local` service asks this node: does it
+/// have a backend of the service? Served on the node IP at the service's health check node port
+/// (kube-proxy's contract: 200 with at least one local endpoint, 503 without).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    /// Ready backends of the local record on this node (distinct addresses: one per pod, as
+    /// kube-proxy counts endpoints, whatever the number of ports).
+    pub local_endpoints: usize,
+}
+
+/// The health check node port of the local cluster's `record` on `node` and what it answers, if
+/// the record has one (a NodePort or LoadBalancer service with `externalTrafficPolicy: Local`
+/// and a health check node port allocated).
+pub fn health_check(node: &ServiceNode<'_>, record: &ServiceRecord) -> Option<(u16, HealthCheck)> {
+    if !record.service_type.has_node_ports()
+        || record.external_traffic_policy != TrafficPolicy::Local
+    {
+        return None;
+    }
+    let port = record.health_check_node_port?;
+    let local: BTreeSet<IpAddr> = record
+        .backends
+        .iter()
+        .filter(|b| b.ready && node.pod_cidrs.iter().any(|c| c.contains(&b.ip)))
+        .map(|b| b.ip)
+        .collect();
+    Some((
+        port,
+        HealthCheck {
+            namespace: record.namespace.clone(),
+            name: record.name.clone(),
+            local_endpoints: local.len(),
+        },
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use meshd_state::{ServiceBackend, ServiceFrontend, ServiceType};
@@ -894,6 +932,42 @@ mod tests {
             .desired("c1");
         let (value, ips) = value_and_ips(&d, at(NODE_IP, 30080));
         assert!(value.local_only && value.count == 0 && ips.is_empty());
+    }
+
+    #[test]
+    fn a_local_service_with_a_health_check_port_counts_the_pods_on_this_node() {
+        let cluster = cn("c1");
+        let cidrs = [net(POD_CIDR)];
+        let node = ServiceNode {
+            cluster: &cluster,
+            node_ip: ip(NODE_IP),
+            pod_cidrs: &cidrs,
+        };
+        // Two ready pods here (one of them twice, by two ports), one elsewhere, one not ready.
+        let mut r = record(VIP, &["10.1.1.5", "10.1.1.6", "10.1.2.7"], false, false);
+        let mut second_port = r.backends[0].clone();
+        second_port.port = 9090;
+        r.backends.push(second_port);
+        let mut unready = r.backends[0].clone();
+        unready.ip = ip("10.1.1.9");
+        unready.ready = false;
+        r.backends.push(unready);
+        assert_eq!(health_check(&node, &r), None, "ClusterIP, Cluster policy");
+        r.service_type = meshd_state::ServiceType::NodePort;
+        r.external_traffic_policy = TrafficPolicy::Local;
+        assert_eq!(health_check(&node, &r), None, "no port allocated");
+        r.health_check_node_port = Some(32000);
+        let (port, hc) = health_check(&node, &r).expect("a health check");
+        assert_eq!(port, 32000);
+        assert_eq!(
+            (hc.namespace.as_str(), hc.name.as_str()),
+            ("default", "echo")
+        );
+        assert_eq!(hc.local_endpoints, 2);
+        r.backends.retain(|b| b.ip == ip("10.1.2.7"));
+        assert_eq!(health_check(&node, &r).unwrap().1.local_endpoints, 0);
+        r.external_traffic_policy = TrafficPolicy::Cluster;
+        assert_eq!(health_check(&node, &r), None, "Cluster policy");
     }
 
     #[test]

@@ -85,6 +85,9 @@ enum meshd_reason {
 	MESHD_DROP_FRAG_NOT_FOUND = -141,   /* non-first IPv4 fragment whose first one was not seen */
 	MESHD_DROP_NO_SERVICE_BACKEND = -142, /* new connection to a service frontend without backends */
 	MESHD_DROP_NAT_NO_PORT = -143,      /* masquerade: no free port in the SNAT range */
+	/* new connection to a public frontend with externalTrafficPolicy Local and no backend on
+	 * this node */
+	MESHD_DROP_NO_LOCAL_BACKEND = -144,
 };
 
 enum meshd_metrics_layout {
@@ -368,8 +371,12 @@ struct service_key {
  * - MESHD_SERVICE_F_EXTERNAL_IP: key = (an external IP or the LB IP, the service port, proto).
  * Their backends are the VIP's (global ones included, affinity applied), except with
  * MESHD_SERVICE_F_LOCAL (externalTrafficPolicy Local): only this node's own backends, so the
- * client's address can be kept; count 0 then means "no local backend": refuse new connections.
- * A VIP frontend has none of these flags.
+ * client's address can be kept; count 0 then means "no local backend": refuse new connections
+ * (MESHD_DROP_NO_LOCAL_BACKEND). A VIP frontend has none of these flags, and from-netdev does
+ * not balance it. A connection from outside to a backend on another node is SNATed to node_ip
+ * with a NAT entry pair like masquerade's (forward keyed client -> backend, reverse keyed
+ * backend -> node_ip:nat_port holding the client), alive as long as the CT entry of client ->
+ * backend; it travels the tunnel with the VNI MESHD_IDENTITY_WORLD.
  */
 enum meshd_service_flags {
 	MESHD_SERVICE_F_NODE_PORT = 1,

@@ -91,21 +91,16 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt_c
 }
 
 /*
- * If the packet goes to a service frontend: finds or picks its connection's backend and DNATs
- * the packet to it. conn is the live CT entry of the packet's tuple as sent (ct_find), 0 if
- * none. Afterwards ctx holds the backend as destination and ctx->svc_* the frontend (ct_create
- * records it for the reverse NAT). Returns 0 or a negative drop reason.
+ * DNATs the packet in ctx, sent to frontend skey (svc its SERVICES value), to its connection's
+ * backend: the one conn (the live CT entry of the packet's tuple as sent, ct_find; 0 if none)
+ * recorded, or a fresh pick for a new connection. Afterwards ctx holds the backend as
+ * destination and ctx->svc_* the frontend (ct_create records it for the reverse NAT). Returns 0
+ * or a negative drop reason.
  */
-static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
-					struct ct_value *conn)
+static __always_inline int lb_dnat(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
+				   struct ct_value *conn, const struct service_key *skey,
+				   const struct service_value *svc)
 {
-	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
-		return 0;
-	struct service_key skey = {.addr = ctx->daddr, .port = ctx->dport, .proto = ctx->proto};
-	struct service_value *svc = bpf_map_lookup_elem(&SERVICES, &skey);
-	if (!svc)
-		return 0;
-
 	struct ct_key ckey = {};
 	ct_key_of(ctx, &ckey);
 	__u32 backend_addr;
@@ -128,9 +123,12 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *c
 		if (!ctx->l4_off)
 			return MESHD_DROP_FRAG_NOT_FOUND;
 		__u32 count = svc->count;
+		/* externalTrafficPolicy Local: no backend on this node is its own reason, so an
+		 * operator tells a load balancer sending to the wrong node from an empty service. */
 		if (count == 0)
-			return MESHD_DROP_NO_SERVICE_BACKEND;
-		struct backend_key bkey = {.frontend = skey, .slot = bpf_get_prandom_u32() % count};
+			return (svc->flags & MESHD_SERVICE_F_LOCAL) ? MESHD_DROP_NO_LOCAL_BACKEND
+								     : MESHD_DROP_NO_SERVICE_BACKEND;
+		struct backend_key bkey = {.frontend = *skey, .slot = bpf_get_prandom_u32() % count};
 		struct backend_value *backend = bpf_map_lookup_elem(&BACKENDS, &bkey);
 		if (!backend)
 			return MESHD_DROP_NO_SERVICE_BACKEND;
@@ -163,6 +161,42 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *c
 		ctx->saddr = SERVICE_LOOPBACK;
 	}
 	return 0;
+}
+
+/*
+ * If the packet goes to a service frontend: finds or picks its connection's backend and DNATs
+ * the packet to it (lb_dnat). conn is the live CT entry of the packet's tuple as sent
+ * (ct_find), 0 if none. Returns 0 or a negative drop reason.
+ */
+static __always_inline int lb_translate(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
+					struct ct_value *conn)
+{
+	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
+		return 0;
+	struct service_key skey = {.addr = ctx->daddr, .port = ctx->dport, .proto = ctx->proto};
+	struct service_value *svc = bpf_map_lookup_elem(&SERVICES, &skey);
+	if (!svc)
+		return 0;
+	return lb_dnat(skb, ctx, l3_off, now, conn, &skey, svc);
+}
+
+/*
+ * On the uplink (from-netdev): the same for public frontends only (NodePort on this node's IP,
+ * external and load balancer IPs; see meshd_abi.h). A VIP is the mesh's own address: a packet
+ * from outside claiming one is not load-balanced. Returns 1 if DNATed, 0 if the packet is not
+ * for a public frontend, or a negative drop reason.
+ */
+static __always_inline int lb_translate_public(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off,
+					       __u64 now)
+{
+	if (ctx->proto != IPPROTO_TCP && ctx->proto != IPPROTO_UDP)
+		return 0;
+	struct service_key skey = {.addr = ctx->daddr, .port = ctx->dport, .proto = ctx->proto};
+	struct service_value *svc = bpf_map_lookup_elem(&SERVICES, &skey);
+	if (!svc || !(svc->flags & (MESHD_SERVICE_F_NODE_PORT | MESHD_SERVICE_F_EXTERNAL_IP)))
+		return 0;
+	int ret = lb_dnat(skb, ctx, l3_off, now, ct_find(ctx, now), &skey, svc);
+	return ret < 0 ? ret : 1;
 }
 
 /* A reply of a service connection (its CT entry has MESHD_CT_F_REV_NAT): the source goes back

@@ -16,15 +16,7 @@
 /* Returns MESHD_FWD_NATIVE, MESHD_FWD_STACK (ctx->action set) or a drop reason. */
 static __always_inline int native_forward(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off)
 {
-	struct world_hop hop = {};
-	int route = world_route(skb, ctx, l3_off, &hop);
-	if (route < 0)
-		return route;
-	if (route == WORLD_HOST || route == WORLD_VIA_STACK) {
-		ctx->action = TC_ACT_OK;
-		return MESHD_FWD_STACK;
-	}
-	int ret = world_forward(skb, ctx, l3_off, &hop, route);
+	int ret = world_route_forward(skb, ctx, l3_off);
 	return ret == MESHD_FWD_WORLD ? MESHD_FWD_NATIVE : ret;
 }
 

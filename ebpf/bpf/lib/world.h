@@ -119,6 +119,22 @@ static __always_inline int world_forward(struct __sk_buff *skb, struct pkt_ctx *
 	return MESHD_FWD_WORLD;
 }
 
+/* Routes the packet in ctx as the node's forwarding would, its addresses as they are: where
+ * the FIB says the stack has to (a local address, bigger than the egress MTU, the TTL's last
+ * hop), it does. Returns MESHD_FWD_WORLD, MESHD_FWD_STACK (ctx->action set) or a drop reason. */
+static __always_inline int world_route_forward(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off)
+{
+	struct world_hop hop = {};
+	int route = world_route(skb, ctx, l3_off, &hop);
+	if (route < 0)
+		return route;
+	if (route == WORLD_HOST || route == WORLD_VIA_STACK) {
+		ctx->action = TC_ACT_OK;
+		return MESHD_FWD_STACK;
+	}
+	return world_forward(skb, ctx, l3_off, &hop, route);
+}
+
 /*
  * The tail of from-endpoint for a routed world destination: masquerade (unless switched off,
  * the destination is in NO_MASQ, or the packet is a reply of, or an error about, a connection

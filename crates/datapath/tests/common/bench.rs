@@ -1,5 +1,14 @@
 //! What the datapath benchmarks share: their arguments and the summaries of their samples.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
 /// The number after `name` on the command line, or `default`.
 pub fn arg(name: &str, default: u32) -> u32 {
     let args: Vec<String> = std::env::args().collect();
@@ -95,7 +104,6 @@ pub fn iperf3_gbps(
     streams: u32,
     seconds: u32,
 ) -> anyhow::Result<f64> {
-    use anyhow::Context;
     let limit = (3 * seconds + 20).to_string();
     let out = client.run(
         "timeout",
@@ -122,4 +130,227 @@ pub fn iperf3_gbps(
         .as_f64()
         .context("iperf3: no end.sum_received.bits_per_second")?;
     Ok(bps / 1e9)
+}
+
+/// A server in `netns` answering each connection's byte, then waiting for the
+/// client to close: `workers` threads accepting on one listener, each serving its connection
+/// itself (a thread spawned per connection made the server, shared by both paths, the
+/// bottleneck). Its threads live as long as the bench.
+pub fn spawn_byte_server(netns: &Path, addr: SocketAddr, workers: u32) -> anyhow::Result<()> {
+    let listener = Arc::new(meshd_datapath::netns::run_in(
+        netns,
+        || -> anyhow::Result<TcpListener> { Ok(TcpListener::bind(addr)?) },
+    )?);
+    for _ in 0..workers {
+        let listener = listener.clone();
+        std::thread::spawn(move || {
+            while let Ok((mut s, _)) = listener.accept() {
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).is_ok() && s.write_all(&b).is_ok() {
+                    let _ = s.read(&mut b);
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `threads` loops of `per_thread` connections from `client` to `to`; connections per second
+/// over the wall time. Any failed connection fails the run.
+pub fn connect_loop(
+    client: &Path,
+    to: SocketAddr,
+    threads: u32,
+    per_thread: u32,
+) -> anyhow::Result<f64> {
+    meshd_datapath::netns::run_in(client, || -> anyhow::Result<f64> {
+        let failed = AtomicUsize::new(0);
+        let start = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    for _ in 0..per_thread {
+                        let ok = (|| -> std::io::Result<()> {
+                            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+                            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                            let mut b = [7u8; 1];
+                            s.write_all(&b)?;
+                            s.read_exact(&mut b)?;
+                            Ok(())
+                        })();
+                        if ok.is_err() {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let failed = failed.load(Ordering::Relaxed);
+        anyhow::ensure!(failed == 0, "{failed} connections to {to} failed");
+        Ok(f64::from(threads * per_thread) / start.elapsed().as_secs_f64())
+    })
+}
+
+/// A meshd path against its nftables baseline, measured alike and printed alike: how it names
+/// itself in the output.
+pub struct Comparison<'a> {
+    /// The RESULT lines' prefix (`masquerade`, `nodeport`).
+    pub label: &'a str,
+    /// The path, as the summary lines say it ("to the external host").
+    pub path: &'a str,
+    /// After the ratio on the RESULT lines ("goal>=1.0x (issue 12)").
+    pub note: &'a str,
+    pub runs: u32,
+}
+
+impl Comparison<'_> {
+    /// TCP throughput with 1 and 4 streams: `runs` samples of each path in turn
+    /// (`sample(path, streams)`, 0 meshd and 1 nftables, in Gbit/s), their medians and
+    /// spreads, and the ratio.
+    pub fn throughput(
+        &self,
+        seconds: u32,
+        mut sample: impl FnMut(usize, u32) -> anyhow::Result<f64>,
+    ) -> anyhow::Result<()> {
+        let (runs, label, path, note) = (self.runs, self.label, self.path, self.note);
+        for streams in [1u32, 4] {
+            let mut results = [Vec::new(), Vec::new()];
+            for _ in 0..runs {
+                for (i, result) in results.iter_mut().enumerate() {
+                    result.push(sample(i, streams)?);
+                }
+            }
+            let spreads = [spread(&results[0]), spread(&results[1])];
+            let [m, b] = results.map(median);
+            println!(
+                "TCP throughput {path}, {streams} stream(s): meshd {m:.2} Gbit/s [{}], nftables {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
+                spreads[0], spreads[1]
+            );
+            println!(
+                "RESULT {label}-tcp-{streams}stream meshd_gbps={m:.2} nftables_gbps={b:.2} ratio={:.3}x {note}",
+                m / b
+            );
+        }
+        Ok(())
+    }
+
+    /// New connections per second: each run both paths at once (load drift on a shared machine
+    /// hits both alike), `threads` loops of `per_thread` connections from `clients[path].0` to
+    /// `clients[path].1` (`clients(run)`, fresh servers and ports per run); the medians, their
+    /// spreads and the median ratio.
+    pub fn connection_rate(
+        &self,
+        threads: u32,
+        per_thread: u32,
+        mut clients: impl FnMut(u32) -> anyhow::Result<[(std::path::PathBuf, SocketAddr); 2]>,
+    ) -> anyhow::Result<()> {
+        let (label, path, note) = (self.label, self.path, self.note);
+        let mut rates = [Vec::new(), Vec::new()];
+        let mut ratios = Vec::new();
+        for run in 0..self.runs {
+            let [(mc, mto), (bc, bto)] = clients(run)?;
+            let (m, b) = std::thread::scope(|scope| {
+                let m = scope.spawn(|| connect_loop(&mc, mto, threads, per_thread));
+                let b = scope.spawn(|| connect_loop(&bc, bto, threads, per_thread));
+                (m.join().expect("meshd loop"), b.join().expect("nft loop"))
+            });
+            let (m, b) = (m.context("meshd")?, b.context("nftables")?);
+            println!(
+                "run {run}: meshd {m:.0} conn/s, nftables {b:.0} conn/s = {:.2}x",
+                m / b
+            );
+            rates[0].push(m);
+            rates[1].push(b);
+            ratios.push(m / b);
+        }
+        let spreads = [spread(&rates[0]), spread(&rates[1]), spread(&ratios)];
+        let [m, b] = rates.map(median);
+        let r = median(ratios);
+        println!(
+            "new connections/s {path} ({threads} threads x {per_thread} each way, both at once): meshd {m:.0} [{}], nftables {b:.0} [{}]; ratio median {r:.2}x [{}]",
+            spreads[0], spreads[1], spreads[2]
+        );
+        println!(
+            "RESULT {label}-connrate meshd_cps={m:.0} nftables_cps={b:.0} ratio={r:.3}x {note}"
+        );
+        Ok(())
+    }
+}
+
+/// One path of an iperf3 comparison: its server's namespace (it listens on `port`) and the
+/// client's, which connects to `to`:`port`.
+pub struct Iperf3Path<'a> {
+    pub name: &'a str,
+    pub server: &'a meshd_testing::netns::Netns,
+    pub client: &'a meshd_testing::netns::Netns,
+    pub to: std::net::Ipv4Addr,
+    pub port: u16,
+}
+
+/// Two paths' iperf3 servers (one each, so that a server stuck in one path's test never holds
+/// up the other's) and their samples: a failed sample restarts its path's server and is
+/// retried once, and every failure is counted.
+pub struct Iperf3Pair<'a> {
+    paths: [Iperf3Path<'a>; 2],
+    servers: [Option<meshd_testing::netns::ChildGuard>; 2],
+    failures: [u32; 2],
+}
+
+impl<'a> Iperf3Pair<'a> {
+    pub fn start(paths: [Iperf3Path<'a>; 2]) -> anyhow::Result<Self> {
+        let mut pair = Iperf3Pair {
+            paths,
+            servers: [None, None],
+            failures: [0; 2],
+        };
+        for i in 0..2 {
+            pair.restart(i)?;
+        }
+        Ok(pair)
+    }
+
+    fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.servers[i] = None;
+        let p = &self.paths[i];
+        let guard = p
+            .server
+            .spawn("iperf3", &["-s", "-p", &p.port.to_string()])?;
+        std::thread::sleep(Duration::from_millis(300));
+        self.servers[i] = Some(guard);
+        Ok(())
+    }
+
+    /// One sample of path `i` (Gbit/s).
+    pub fn sample(&mut self, i: usize, streams: u32, seconds: u32) -> anyhow::Result<f64> {
+        let p = &self.paths[i];
+        let (name, client, to, port) = (p.name, p.client, p.to, p.port);
+        match iperf3_gbps(client, to, port, streams, seconds) {
+            Ok(gbps) => Ok(gbps),
+            Err(e) => {
+                self.failures[i] += 1;
+                println!("{name}: a {streams}-stream sample failed ({e:#}); its server restarts");
+                self.restart(i)?;
+                iperf3_gbps(client, to, port, streams, seconds)
+                    .with_context(|| format!("{name}: a {streams}-stream sample failed twice"))
+            }
+        }
+    }
+
+    /// Checks that both paths carry a transfer at all.
+    pub fn check(&mut self) -> anyhow::Result<()> {
+        for i in 0..2 {
+            let name = self.paths[i].name;
+            self.sample(i, 1, 1)
+                .with_context(|| format!("{name}: first transfer"))?;
+        }
+        Ok(())
+    }
+
+    /// Prints the failed samples and stops the servers.
+    pub fn finish(self) {
+        println!(
+            "failed throughput samples (retried): meshd {}, nftables {}",
+            self.failures[0], self.failures[1]
+        );
+    }
 }

@@ -128,6 +128,23 @@ pub fn add_remote_prefix(
     maps.upsert_node(node, cluster_id).unwrap();
 }
 
+/// Lets `peer` reach `subject` on any protocol and port (ingress), as one allow rule (cookie
+/// 1); default-deny needs `set_policy_enabled` besides.
+pub fn allow_ingress_from(maps: &mut DatapathMaps, subject: u32, peer: u32) {
+    maps.upsert_policy(
+        meshd_datapath::PolicyEntry {
+            subject,
+            peer: Some(peer),
+            proto: None,
+            dport: None,
+            direction: meshd_datapath::Direction::Ingress,
+        },
+        meshd_datapath::Verdict::Allow,
+        1,
+    )
+    .unwrap();
+}
+
 /// An IPv4 packet with Ethernet header, built field by field.
 #[derive(Clone, Debug)]
 pub struct Packet {
@@ -304,6 +321,7 @@ fn checksum(bytes: &[u8]) -> u16 {
 
 pub mod bench;
 pub mod frames;
+pub mod public;
 pub mod topology;
 pub mod world;
 

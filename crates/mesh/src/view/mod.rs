@@ -41,7 +41,7 @@ use meshd_state::{ClusterId, ClusterName, Labels, NumericIdentity};
 use crate::desired::IpcacheTarget;
 use crate::policy::{NetworkPolicy, PolicyIndex};
 use crate::prefix::PrefixSet;
-use crate::services::{DesiredServices, Frontend};
+use crate::services::{DesiredServices, Frontend, HealthCheck};
 use cluster::{Admission, ClusterState};
 pub use events::{Applied, ClusterEvent, EventKind, LocalNode, PolicyEvent, ResourceKind};
 pub use nodes::PeerNode;
@@ -77,6 +77,11 @@ pub struct MeshView {
     /// The services declaring each frontend: two may (a misconfiguration); the greatest
     /// (namespace, name) wins, as in [`desired_services`].
     frontend_owners: BTreeMap<Frontend, BTreeSet<ServiceName>>,
+    /// Health check node ports of the local cluster's `Local` services, maintained per service
+    /// with the SERVICES content (see [`MeshView::health_checks`]).
+    health_checks: BTreeMap<ServiceName, (u16, HealthCheck)>,
+    /// Bumped whenever `health_checks` changes, so a publisher copies it only then.
+    health_checks_revision: u64,
     /// Each never-masqueraded prefix with the number of its sources (an admitted node's pod
     /// CIDR, this node's own, a configured one): two clusters' nodes may share a CIDR.
     no_masquerade_sources: BTreeMap<IpNet, u32>,
@@ -103,6 +108,8 @@ impl MeshView {
             services_out: DesiredServices::default(),
             service_parts: BTreeMap::new(),
             frontend_owners: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
+            health_checks_revision: 0,
             no_masquerade_sources: BTreeMap::new(),
             no_masquerade_out: BTreeSet::new(),
             local,

@@ -1,14 +1,17 @@
 //! Services: each cluster's records as published, and the SERVICES/BACKENDS content kept up
 //! to date one service at a time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use meshd_state::{ClusterName, ServiceRecord};
 
 use super::cluster::Admission;
 use super::txn::Txn;
 use super::MeshView;
-use crate::services::{desired_services, ClusterService, DesiredServices, ServiceNode, ServiceOp};
+use crate::services::{
+    desired_services, health_check, ClusterService, DesiredServices, HealthCheck, ServiceNode,
+    ServiceOp,
+};
 
 /// A service's namespace and name: records of the same name in several clusters are one
 /// (global) service.
@@ -68,6 +71,7 @@ impl MeshView {
         txn.touched_services.clear();
         let mut affected = BTreeSet::new();
         for key in keys {
+            self.refresh_health_check(&key);
             let part = self.service_part(&key);
             if let Some(old) = self.service_parts.remove(&key) {
                 for f in old.services.keys() {
@@ -134,6 +138,37 @@ impl MeshView {
         ops.sort_by_key(ServiceOp::phase);
         self.services_out.apply_ops(&ops);
         ops
+    }
+
+    /// The health check of the local cluster's service `key`, if it has one.
+    fn refresh_health_check(&mut self, key: &ServiceName) {
+        let want = self
+            .clusters
+            .get(&self.local.cluster)
+            .and_then(|cs| cs.services.get(key))
+            .and_then(|record| health_check(&self.service_node(), record));
+        let changed = match want {
+            Some(hc) => self.health_checks.insert(key.clone(), hc.clone()) != Some(hc),
+            None => self.health_checks.remove(key).is_some(),
+        };
+        if changed {
+            self.health_checks_revision += 1;
+        }
+    }
+
+    /// The health check node ports this node serves (port -> what it answers), and a revision
+    /// that moves whenever they change. Two services never share a port (the apiserver
+    /// allocates them); if they did, the greatest (namespace, name) would answer.
+    pub fn health_checks(&self) -> (u64, BTreeMap<u16, HealthCheck>) {
+        (
+            self.health_checks_revision,
+            self.health_checks.values().cloned().collect(),
+        )
+    }
+
+    /// The revision of [`MeshView::health_checks`]: compare before copying them.
+    pub fn health_checks_revision(&self) -> u64 {
+        self.health_checks_revision
     }
 
     /// Services of the local cluster and of accepted remotes.

@@ -1104,6 +1104,55 @@ fn node_port_frontends_follow_the_record_incrementally() {
     assert!(v.desired().services.services.is_empty());
 }
 
+/// Health check node ports follow the local cluster's Local services, their revision moving
+/// only when what they answer changes; a remote cluster's record has none here.
+#[test]
+fn health_checks_follow_local_services_and_their_backends_on_this_node() {
+    use meshd_state::TrafficPolicy;
+    let mut v = mesh();
+    let record = |backends: u64| {
+        let EventKind::UpsertService(mut r) = random_service("web", 1, backends, true, 1) else {
+            unreachable!()
+        };
+        r.external_traffic_policy = TrafficPolicy::Local;
+        r.health_check_node_port = Some(32000);
+        r
+    };
+    let rev0 = v.health_checks_revision();
+    // Backend 0 (10.1.1.0) is on this node, 1 (10.1.9.1) elsewhere.
+    apply(&mut v, "c1", EventKind::UpsertService(record(2)));
+    let (rev1, checks) = v.health_checks();
+    assert_ne!(rev1, rev0);
+    assert_eq!(checks.len(), 1);
+    assert_eq!(checks[&32000].local_endpoints, 1);
+    assert_eq!(checks[&32000].name, "web");
+    // The same record again: nothing to publish.
+    apply(&mut v, "c1", EventKind::UpsertService(record(2)));
+    assert_eq!(v.health_checks_revision(), rev1);
+    // Its local backend goes: 0.
+    let mut without = record(2);
+    without.backends.remove(0);
+    apply(&mut v, "c1", EventKind::UpsertService(without));
+    assert_eq!(v.health_checks().1[&32000].local_endpoints, 0);
+    // A remote cluster's record of the same kind is not served here.
+    let EventKind::UpsertService(mut remote) = random_service("api", 2, 2, true, 1) else {
+        unreachable!()
+    };
+    remote.external_traffic_policy = TrafficPolicy::Local;
+    remote.health_check_node_port = Some(32001);
+    apply(&mut v, "c2", EventKind::UpsertService(remote));
+    assert_eq!(v.health_checks().1.keys().collect::<Vec<_>>(), [&32000]);
+    apply(
+        &mut v,
+        "c1",
+        EventKind::DeleteService {
+            namespace: "default".into(),
+            name: "web".into(),
+        },
+    );
+    assert!(v.health_checks().1.is_empty());
+}
+
 #[test]
 fn policy_through_the_view_picks_up_remote_identities_that_appear_later() {
     let mut v = mesh();
