@@ -146,7 +146,7 @@ async fn seed(remote: &EtcdStore, n: usize) {
 }
 
 struct Harness {
-    _local_etcd: Etcd,
+    local_etcd: Etcd,
     remote_etcd: Etcd,
     local: EtcdStore,
     remote: EtcdStore,
@@ -164,7 +164,7 @@ impl Harness {
         let remote = connect(&remote_etcd).await;
         let dir = tempfile::tempdir().unwrap();
         let h = Harness {
-            _local_etcd: local_etcd,
+            local_etcd,
             remote_etcd,
             local,
             remote,
@@ -402,6 +402,75 @@ async fn a_relist_after_a_restart_sweeps_and_writes_only_the_difference() {
         before.get("meshd/cache/c2/state/nodes/v1/c2/n0049"),
         after.get("meshd/cache/c2/state/nodes/v1/c2/n0049")
     );
+}
+
+/// The mirror stopped in the middle of its first list (the cache holds part of it): no canary
+/// is in the cache before every entry of its list is, and the next start converges.
+#[tokio::test]
+async fn a_mirror_stopped_mid_list_never_shows_a_canary_early_and_converges() {
+    let Some(mut h) = Harness::new(mirror::DEFAULT_LIMIT).await else {
+        return;
+    };
+    seed(&h.remote, 3000).await;
+    let want = expected(&h.remote).await;
+    h.start();
+    // Stop it as soon as part of the list is in (6,000 keys in batches of 16: hundreds of
+    // transactions, so it is stopped well before the end).
+    eventually("part of the list in the cache", || async {
+        (cache(&h.local).await.len() > 20).then_some(())
+    })
+    .await;
+    h.stop();
+    let have = cache(&h.local).await;
+    assert!(
+        have.len() < want.len(),
+        "the list finished before the mirror was stopped"
+    );
+    let canaries: Vec<_> = have.keys().filter(|k| k.contains("/synced/")).collect();
+    assert!(
+        canaries.is_empty(),
+        "canaries {canaries:?} in a cache holding {} of {} keys",
+        have.len(),
+        want.len()
+    );
+    // Whatever was written is the remote's, byte for byte.
+    for (k, v) in &have {
+        assert_eq!(want.get(k), Some(v), "{k}");
+    }
+    h.start();
+    converged(&h.local, &h.remote).await;
+}
+
+/// The local etcd stops answering (SIGSTOP: a slow or hung etcd) while the remote changes; once
+/// it answers again the cache ends exactly equal to the remote.
+#[tokio::test]
+async fn a_hung_local_etcd_delays_the_cache_and_it_converges() {
+    let Some(mut h) = Harness::new(mirror::DEFAULT_LIMIT).await else {
+        return;
+    };
+    seed(&h.remote, 50).await;
+    h.start();
+    converged(&h.local, &h.remote).await;
+    h.local_etcd.pause();
+    for i in 0..30 {
+        h.remote
+            .delete(&format!("meshd/state/nodes/v1/c2/n{i:04}"))
+            .await
+            .unwrap();
+        h.remote
+            .put(
+                &format!("meshd/state/ip/v1/c2/10.2.9.{i}"),
+                b"while the local etcd hung".to_vec(),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.local_etcd.resume();
+    let want = converged(&h.local, &h.remote).await;
+    assert!(want.contains_key("meshd/cache/c2/state/ip/v1/c2/10.2.9.29"));
+    assert!(!want.contains_key("meshd/cache/c2/state/nodes/v1/c2/n0000"));
 }
 
 #[tokio::test]
@@ -648,7 +717,7 @@ async fn the_apiserver_runs_the_mirror_with_kvstoremesh() {
     };
     seed(&h.remote, 10).await;
     let certs = common::Certs::new();
-    let mut config = common::config(&h._local_etcd, &certs, false);
+    let mut config = common::config(&h.local_etcd, &certs, false);
     config.kvstoremesh = Some(clustermesh_apiserver::config::KvstoremeshConfig {
         clusters_dir: h.dir().to_owned(),
         limit: 1000,
