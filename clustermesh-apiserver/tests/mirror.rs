@@ -158,7 +158,10 @@ struct Harness {
 
 impl Harness {
     async fn new(limit: u64) -> Option<Harness> {
-        let local_etcd = common::etcd(None)?;
+        Self::with_local(limit, common::etcd(None)?).await
+    }
+
+    async fn with_local(limit: u64, local_etcd: Etcd) -> Option<Harness> {
         let remote_etcd = common::etcd(None)?;
         let local = connect(&local_etcd).await;
         let remote = connect(&remote_etcd).await;
@@ -471,6 +474,76 @@ async fn a_hung_local_etcd_delays_the_cache_and_it_converges() {
     let want = converged(&h.local, &h.remote).await;
     assert!(want.contains_key("meshd/cache/c2/state/ip/v1/c2/10.2.9.29"));
     assert!(!want.contains_key("meshd/cache/c2/state/nodes/v1/c2/n0000"));
+}
+
+/// The local etcd runs out of space (its quota) in the middle of the mirror's list: nothing is
+/// lost or invented (whatever the cache holds is the remote's, no canary of the unfinished
+/// list), the mirror keeps running, and once an operator makes room (the quota
+/// raised and the alarm disarmed) the cache ends exactly equal to the remote.
+#[tokio::test]
+async fn a_full_local_etcd_loses_nothing_and_converges_once_there_is_room() {
+    if !meshd_testing::require_etcd() {
+        return;
+    }
+    let local_etcd = Etcd::start_with(meshd_testing::etcd::EtcdOptions {
+        // A few hundred KB of values fill it.
+        extra_args: vec!["--quota-backend-bytes=1048576".into()],
+        ..Default::default()
+    })
+    .expect("local etcd with a small quota");
+    let Some(mut h) = Harness::with_local(mirror::DEFAULT_LIMIT, local_etcd).await else {
+        return;
+    };
+    // 400 entries of 4 KB: more than the local quota holds.
+    h.remote
+        .put(C2_CONFIG, config_value(2), None)
+        .await
+        .unwrap();
+    for i in 0..400 {
+        h.remote
+            .put(
+                &format!("meshd/state/ip/v1/c2/10.2.{}.{}", i / 250, i % 250),
+                vec![b'x'; 4096],
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    h.remote
+        .put(
+            "meshd/synced/c2/ip",
+            br#"{"synced_at_ms":1}"#.to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+    let want = expected(&h.remote).await;
+    h.start();
+    eventually("the local etcd to report no space", || async {
+        let out = h.local_etcd.etcdctl(&["alarm", "list"]).unwrap_or_default();
+        out.contains("NOSPACE").then_some(())
+    })
+    .await;
+    // Give the mirror time to retry against the full store.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let have = cache(&h.local).await;
+    assert!(have.len() < want.len(), "the quota did not fill");
+    for (k, v) in &have {
+        assert_eq!(want.get(k), Some(v), "{k}: not the remote's");
+    }
+    assert!(
+        !have.keys().any(|k| k.contains("/synced/")),
+        "a canary of a list the cache does not hold"
+    );
+    assert!(h.task.as_ref().is_some_and(|t| !t.is_finished()));
+
+    // Room again: the operator raises the quota (a restart) and disarms the alarm; the cache
+    // becomes exactly the remote.
+    h.local_etcd
+        .restart_with_args(vec!["--quota-backend-bytes=268435456".into()])
+        .unwrap();
+    h.local_etcd.etcdctl(&["alarm", "disarm"]).unwrap();
+    converged(&h.local, &h.remote).await;
 }
 
 #[tokio::test]

@@ -292,6 +292,13 @@ impl Etcd {
         relaunch(|| self.spawn())
     }
 
+    /// Restarts on the same data dir and port with other extra flags (what an operator does
+    /// to raise the space quota, say).
+    pub fn restart_with_args(&mut self, extra_args: Vec<String>) -> anyhow::Result<()> {
+        self.opts.extra_args = extra_args;
+        self.restart()
+    }
+
     /// Runs `etcdctl` against this server (with the harness client certificate under TLS).
     pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
         etcdctl(&self.opts, &self.endpoint(), args)
