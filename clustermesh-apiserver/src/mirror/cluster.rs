@@ -5,7 +5,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use meshd_kvstore::{Backend, Backoff, EventKind, KeyValue, KvError, TxnOp, WatchMessage};
 use meshd_state::keys::{
     cache_key, cache_prefix, CLUSTER_CONFIG_PREFIX, STATE_PREFIX, SYNCED_PREFIX,
@@ -13,6 +13,9 @@ use meshd_state::keys::{
 use meshd_state::{CacheStatus, ClusterConfig, ClusterId, ClusterName};
 
 use super::{drain, now_ms, write_batches, write_status, MirrorConfig, MirrorMetrics};
+
+/// Watch events gathered into one write at most (several transactions of `batch` each).
+const COALESCE_EVENTS: usize = 4096;
 
 /// What a remote key is to the mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -567,13 +570,42 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                         tracing::info!(cluster = %self.cluster, compact_revision, "remote watch compacted; listing again");
                         return Ok(End::Relist);
                     }
-                    Some(Ok(WatchMessage::Events { header, events })) => {
+                    Some(Ok(WatchMessage::Events { header, mut events })) => {
                         if header.cluster_id != 0 && header.cluster_id != etcd_cluster {
                             tracing::warn!(cluster = %self.cluster, "the remote etcd's cluster id changed; listing again");
                             return Ok(End::Relist);
                         }
+                        // What else has arrived meanwhile goes into the same write: under a
+                        // steady stream of small watch responses, one transaction each made
+                        // the local etcd's commit latency the mirror's rate, and a backlog
+                        // (seconds of lag at 1,000 changes/s) built up behind it.
+                        let mut after: Option<Option<Result<WatchMessage, KvError>>> = None;
+                        while events.len() < COALESCE_EVENTS {
+                            match merged.next().now_or_never() {
+                                Some(Some(Ok(WatchMessage::Events { header, events: more })))
+                                    if header.cluster_id == 0 || header.cluster_id == etcd_cluster =>
+                                {
+                                    events.extend(more);
+                                }
+                                Some(other) => {
+                                    after = Some(other);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
                         if let Some(end) = self.apply_events(events).await? {
                             return Ok(end);
+                        }
+                        match after {
+                            None => {}
+                            Some(None) => return Err(Fail::Remote("the watch ended".into())),
+                            Some(Some(Err(e))) => return Err(remote_err(e)),
+                            // Compacted, or another etcd cluster behind the address.
+                            Some(Some(Ok(_))) => {
+                                tracing::info!(cluster = %self.cluster, "remote watch compacted or its etcd replaced; listing again");
+                                return Ok(End::Relist);
+                            }
                         }
                     }
                 },
