@@ -494,18 +494,28 @@ async fn a_full_local_etcd_loses_nothing_and_converges_once_there_is_room() {
     let Some(mut h) = Harness::with_local(mirror::DEFAULT_LIMIT, local_etcd).await else {
         return;
     };
-    // 400 entries of 4 KB: more than the local quota holds.
+    // 4,000 entries of 4 KB: many times what the local quota holds (etcd checks the quota
+    // against its file size, which grows as its batched commits land, so a fast writer
+    // overshoots it by what one commit interval carries).
     h.remote
         .put(C2_CONFIG, config_value(2), None)
         .await
         .unwrap();
-    for i in 0..400 {
+    for chunk in (0..4000).collect::<Vec<u32>>().chunks(100) {
+        let then = chunk
+            .iter()
+            .map(|i| {
+                meshd_kvstore::TxnOp::put(
+                    format!("meshd/state/ip/v1/c2/10.2.{}.{}", i / 250, i % 250),
+                    vec![b'x'; 4096],
+                )
+            })
+            .collect();
         h.remote
-            .put(
-                &format!("meshd/state/ip/v1/c2/10.2.{}.{}", i / 250, i % 250),
-                vec![b'x'; 4096],
-                None,
-            )
+            .txn(meshd_kvstore::Txn {
+                then,
+                ..Default::default()
+            })
             .await
             .unwrap();
     }
