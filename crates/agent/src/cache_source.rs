@@ -9,23 +9,22 @@
 //! outside their cluster: one watch per remote on their own etcd.
 //!
 //! Connection state comes from the mirror's status (connected, stale since, its last error),
-//! and from this node's own reads of the local etcd: a node cut off from its etcd is stale too.
+//! taken from the same watch of the status keys, and from this node's connection to its local
+//! etcd (the local cluster's probe): a node cut off from its etcd is stale too. No per-remote
+//! polling: a node costs its etcd one watch of the status prefix, whatever the mesh's size.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use meshd_kvstore::{watch_raw, Backend, CachedCluster, EtcdStore, RawWatchEvent, WatchConfig};
 use meshd_mesh::{ClusterEvent, EventKind};
-use meshd_state::keys::{cache_status_key, CACHE_STATUS_PREFIX};
+use meshd_state::keys::CACHE_STATUS_PREFIX;
 use meshd_state::{CacheStatus, ClusterName};
 use tokio::sync::{mpsc, watch};
 
 use crate::now_ms;
 use crate::remotes::{Registry, RemoteEntry};
 use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
-
-const PROBE: Duration = Duration::from_secs(1);
 
 /// The cluster a status key names, if it is a well-formed remote (not the local cluster).
 fn cluster_of_status(key: &str, local: &ClusterName) -> Option<ClusterName> {
@@ -56,6 +55,32 @@ pub async fn configured(local_store: &EtcdStore, local: &ClusterName) -> Vec<Clu
 
 struct Running {
     task: tokio::task::JoinHandle<()>,
+    connection: watch::Sender<Connection>,
+    /// The mirror's status as last seen (or why it could not be read).
+    status: Result<CacheStatus, String>,
+}
+
+impl Running {
+    /// Recomputes the connection from the last status and the local etcd's state.
+    fn update(&self, cluster: &ClusterName, local: &Connection) {
+        let read = if local.connected {
+            self.status.clone().map(Some)
+        } else {
+            Err(local
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "unreachable".into()))
+        };
+        self.connection.send_if_modified(|c| {
+            let next = connection_from(read, cluster, c, now_ms());
+            if c.connected && !next.connected {
+                tracing::warn!(%cluster, error = ?next.last_error, "cached remote cluster unreachable; keeping its last known state");
+            }
+            let changed = next != *c;
+            *c = next;
+            changed
+        });
+    }
 }
 
 impl Drop for Running {
@@ -70,6 +95,7 @@ pub async fn run(
     local: ClusterName,
     tx: mpsc::Sender<ViewInput>,
     registry: watch::Sender<Arc<Registry>>,
+    mut local_connection: watch::Receiver<Connection>,
 ) {
     let mut statuses = watch_raw(
         store.clone(),
@@ -78,7 +104,23 @@ pub async fn run(
     );
     let mut running: BTreeMap<ClusterName, Running> = BTreeMap::new();
     let mut entries: Registry = BTreeMap::new();
-    while let Some(ev) = statuses.next().await {
+    loop {
+        let ev = tokio::select! {
+            ev = statuses.next() => match ev {
+                Some(ev) => ev,
+                None => return,
+            },
+            changed = local_connection.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = local_connection.borrow_and_update().clone();
+                for (cluster, r) in &running {
+                    r.update(cluster, &now);
+                }
+                continue;
+            }
+        };
         let RawWatchEvent::Event(ev) = ev else {
             continue;
         };
@@ -87,7 +129,11 @@ pub async fn run(
         };
         match ev.kind {
             meshd_kvstore::EventKind::Put => {
-                if running.contains_key(&cluster) {
+                let status = serde_json::from_slice::<CacheStatus>(&ev.kv.value)
+                    .map_err(|e| format!("{}: {e}", ev.kv.key));
+                if let Some(r) = running.get_mut(&cluster) {
+                    r.status = status;
+                    r.update(&cluster, &local_connection.borrow());
                     continue;
                 }
                 tracing::info!(%cluster, "reading remote cluster from the local cache");
@@ -95,17 +141,18 @@ pub async fn run(
                 let watcher = ClusterWatcher {
                     cluster: cluster.clone(),
                     backend: CachedCluster::new(store.clone(), cluster.clone()),
-                    probe: Probe::Cache(store.clone()),
+                    probe: Probe::Fed,
                     local: false,
                     tx: tx.clone(),
-                    connection: conn_tx,
+                    connection: conn_tx.clone(),
                 };
-                running.insert(
-                    cluster.clone(),
-                    Running {
-                        task: tokio::spawn(watcher.run()),
-                    },
-                );
+                let r = Running {
+                    task: tokio::spawn(watcher.run()),
+                    connection: conn_tx,
+                    status,
+                };
+                r.update(&cluster, &local_connection.borrow());
+                running.insert(cluster.clone(), r);
                 entries.insert(
                     cluster,
                     RemoteEntry {
@@ -181,34 +228,6 @@ pub fn connection_from(
         error.or(Some("unreachable".into()))
     };
     c
-}
-
-/// Reads the mirror's status of `cluster` every second.
-pub async fn probe(store: EtcdStore, cluster: ClusterName, connection: watch::Sender<Connection>) {
-    let key = cache_status_key(cluster.as_str());
-    let mut tick = tokio::time::interval(PROBE);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let read = match store.range(&key, None, 0, 1).await {
-            Ok(page) => match page.kvs.into_iter().find(|kv| kv.key == key) {
-                None => Ok(None),
-                Some(kv) => serde_json::from_slice::<CacheStatus>(&kv.value)
-                    .map(Some)
-                    .map_err(|e| format!("{key}: {e}")),
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        connection.send_if_modified(|c| {
-            let next = connection_from(read, &cluster, c, now_ms());
-            if c.connected && !next.connected {
-                tracing::warn!(%cluster, error = ?next.last_error, "cached remote cluster unreachable; keeping its last known state");
-            }
-            let changed = next != *c;
-            *c = next;
-            changed
-        });
-    }
 }
 
 #[cfg(test)]

@@ -382,7 +382,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     tokio::spawn(
         watcher::ClusterWatcher {
             cluster: config.cluster.clone(),
-            probe: watcher::Probe::Etcd(store.clone()),
+            probe: watcher::Probe::Etcd(Box::new(store.clone())),
             backend: store.clone(),
             local: true,
             tx: view_tx.clone(),
@@ -413,6 +413,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 config.cluster.clone(),
                 view_tx.clone(),
                 registry_tx,
+                local_conn_rx.clone(),
             ));
         }
     }

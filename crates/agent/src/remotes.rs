@@ -160,7 +160,7 @@ impl Remotes {
                             entry.connection = Some(conn_rx);
                             let watcher = ClusterWatcher {
                                 cluster: cluster.clone(),
-                                probe: Probe::Etcd(store.clone()),
+                                probe: Probe::Etcd(Box::new(store.clone())),
                                 backend: store,
                                 local: false,
                                 tx: tx.clone(),

@@ -87,10 +87,11 @@ pub struct ClusterWatcher<B: Backend = EtcdStore> {
 pub enum Probe {
     /// A read of the cluster's sync canaries in its own etcd, every second (direct mode, and
     /// the local cluster).
-    Etcd(EtcdStore),
-    /// The mirror's status of the cluster (`meshd/cache-status/v1/<cluster>`) in the local
-    /// etcd, every second: the mirror, not this node, talks to the remote.
-    Cache(EtcdStore),
+    Etcd(Box<EtcdStore>),
+    /// Kept by whoever started the watcher: in cache mode, from the mirror's status of the
+    /// cluster (watched, [`crate::cache_source`]) and the local etcd's reachability, since the
+    /// mirror, not this node, talks to the remote.
+    Fed,
 }
 
 const PROBE: Duration = Duration::from_secs(1);
@@ -120,16 +121,12 @@ impl<B: Backend> ClusterWatcher<B> {
     pub async fn run(self) {
         let probe = match self.probe.clone() {
             Probe::Etcd(store) => tokio::spawn(probe(
-                store,
+                *store,
                 self.cluster.clone(),
                 self.local,
                 self.connection.clone(),
             )),
-            Probe::Cache(store) => tokio::spawn(crate::cache_source::probe(
-                store,
-                self.cluster.clone(),
-                self.connection.clone(),
-            )),
+            Probe::Fed => tokio::spawn(std::future::ready(())),
         };
         let _abort_probe = AbortOnDrop(probe.abort_handle());
         let cfg = WatchConfig::default;
