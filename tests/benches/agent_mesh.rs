@@ -29,7 +29,7 @@ use etcd_client::{Txn, TxnOp};
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use meshd_certs::LeafKind;
-use meshd_e2e::bench::{arg, median, ms, percentile};
+use meshd_e2e::bench::{arg, cpu_time, median, ms, percentile};
 use meshd_e2e::mesh::{Mesh, MeshOptions};
 use meshd_e2e::sim::{ipcache_record as record, nth_ip};
 use meshd_kvstore::{Backend, EtcdConfig, EtcdStore, WatchMessage};
@@ -246,16 +246,6 @@ fn agent_sync(mesh: &mut Mesh, records: usize) -> anyhow::Result<Duration> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(t0.elapsed())
-}
-
-/// User + system CPU time of a process, from /proc/<pid>/stat (clock ticks of 10 ms).
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10))
 }
 
 async fn churn(

@@ -12,22 +12,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use meshd_e2e::bench::{arg, median};
+use meshd_e2e::bench::{arg, cpu_time, median};
 use meshd_e2e::mesh::{Mesh, MeshOptions};
 use meshd_e2e::netns_io::{in_netns, spawn_echo};
 
 const PORT: u16 = 8080;
 const METRICS_PORT: u16 = 9962;
-
-/// User + system CPU time of a process, from /proc/<pid>/stat (clock ticks of 10 ms).
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')').context("stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10))
-}
 
 /// Both agents' CPU time.
 fn agents_cpu(mesh: &Mesh) -> anyhow::Result<Duration> {
