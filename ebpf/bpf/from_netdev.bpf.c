@@ -33,6 +33,7 @@
 #include "lib/lb.h"
 #include "lib/nat.h"
 #include "lib/native.h"
+#include "lib/dsr.h"
 #include "lib/tunnel.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
@@ -60,6 +61,9 @@ static __always_inline int public_to_remote(struct __sk_buff *skb, struct pkt_ct
 	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
 	if (ct == CT_NEW)
 		ct_create(ctx, now, cfg->policy_revision);
+	/* DSR (lib/dsr.h): the client's address stays, the backend's node answers it directly. */
+	if (dsr_enabled(cfg, ctx->proto))
+		return dsr_forward(skb, ctx, l3_off, cfg);
 	int ret = nat_masquerade(skb, ctx, l3_off, cfg, now);
 	if (ret < 0)
 		return ret;
@@ -125,6 +129,14 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 		return NETDEV_PASS;
 	}
 	ctx->dst_identity = dst->identity;
+	/* Native routing: a connection another node balanced here by DSR names its frontend in
+	 * the option of its first packet; conntrack keeps it for the replies (lib/dsr.h). */
+	int dsr = 0;
+	if (cfg->flags & MESHD_CONFIG_F_NATIVE) {
+		dsr = dsr_take_option(skb, ctx, l3_off);
+		if (dsr < 0)
+			return dsr;
+	}
 	struct ipcache_value *src = ipcache_lookup(ctx->saddr);
 	ctx->src_identity = src ? src->identity : MESHD_IDENTITY_WORLD;
 	/* In tunnel mode an endpoint behind another node speaks only through the tunnel, where
@@ -150,6 +162,8 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 		else if (entry)
 			entry->policy_revision = revision;
 	}
+	if (dsr && ct == CT_ESTABLISHED && entry)
+		dsr_record(ctx, entry);
 	/* Native routing: replies of service connections (a client here, its backend on another
 	 * node) get their frontend source back, as from-overlay gives it in tunnel mode. */
 	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
