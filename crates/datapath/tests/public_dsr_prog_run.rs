@@ -113,7 +113,8 @@ fn assert_valid_with_options(frame: &[u8], what: &str) {
     // The L4 checksum does not cover the IP header: the frame without its options must check.
     let mut plain = frame[..ETH + 20].to_vec();
     plain[ETH] = 0x45;
-    plain[ETH + 2..ETH + 4].copy_from_slice(&((frame.len() - ETH - (hl - 20)) as u16).to_be_bytes());
+    plain[ETH + 2..ETH + 4]
+        .copy_from_slice(&((frame.len() - ETH - (hl - 20)) as u16).to_be_bytes());
     plain.extend_from_slice(&frame[ETH + hl..]);
     assert_eq!(l4_sum(&plain), 0xffff, "{what}: L4 checksum");
 }
@@ -192,17 +193,15 @@ fn every_udp_datagram_carries_the_option_and_hybrid_leaves_udp_to_snat() {
         assert_valid_with_options(&out, "datagram with the option");
     }
 
-    w.dp.maps.set_service_lb_mode(ServiceLbMode::Hybrid).unwrap();
+    w.dp.maps
+        .set_service_lb_mode(ServiceLbMode::Hybrid)
+        .unwrap();
     let (_, out) = w.uplink(&udp(X, 5354, NODE, NODE_PORT));
     assert_eq!(ihl(&out), 20, "hybrid: no option for UDP");
     assert_eq!(saddr(&out), NODE, "hybrid: UDP SNATed");
     assert_checksums_valid(&out, "SNATed datagram");
     let (_, syn) = w.uplink(&tcp(X, 50001, NODE, NODE_PORT, 0x02));
-    assert_eq!(
-        (saddr(&syn), ihl(&syn)),
-        (X, 28),
-        "hybrid: DSR for TCP"
-    );
+    assert_eq!((saddr(&syn), ihl(&syn)), (X, 28), "hybrid: DSR for TCP");
 
     w.dp.maps.set_service_lb_mode(ServiceLbMode::Snat).unwrap();
     let (_, syn) = w.uplink(&tcp(X, 50002, NODE, NODE_PORT, 0x02));
@@ -245,7 +244,11 @@ fn a_datagram_the_option_would_push_over_the_mtu_is_answered_with_fragmentation_
     assert_eq!(&icmp[6..12], &big[0..6]);
     assert_eq!(icmp[ETH + 9], ICMP);
     assert_eq!((saddr(&icmp), daddr(&icmp)), (NODE, X));
-    assert_eq!((icmp[ETH + 20], icmp[ETH + 21]), (3, 4), "fragmentation needed");
+    assert_eq!(
+        (icmp[ETH + 20], icmp[ETH + 21]),
+        (3, 4),
+        "fragmentation needed"
+    );
     let next_hop_mtu = u16::from_be_bytes([icmp[ETH + 26], icmp[ETH + 27]]);
     assert_eq!(usize::from(next_hop_mtu), MTU - 8, "room for the option");
     assert_eq!(
@@ -302,7 +305,10 @@ fn the_backend_node_takes_the_option_out_and_replies_leave_from_the_frontend() {
     assert_eq!((saddr(&back), sport(&back)), (ENTRY, NODE_PORT));
     assert_eq!((daddr(&back), dport(&back)), (X, 50000));
     assert_checksums_valid(&back, "reply from the frontend");
-    assert!(w.dp.maps.nat_mappings().unwrap().is_empty(), "not masqueraded");
+    assert!(
+        w.dp.maps.nat_mappings().unwrap().is_empty(),
+        "not masqueraded"
+    );
 
     // The client's ACK (no option) and B's data keep the translation.
     let (_, ack) = w.uplink(&tcp(X, 50000, B, BACKEND_PORT, 0x10));
