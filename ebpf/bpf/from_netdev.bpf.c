@@ -21,7 +21,9 @@
  * port is unique per backend tuple), through the tunnel with the `world` identity or by the
  * native route: its replies come back to this node's IP, where nat_reverse gives them the
  * client back and the connection's reply entry the frontend as source, and they are routed
- * out to the client (public_reply). Everything else is the node's own business and passes
+ * out to the client (public_reply). With DSR (CONFIG_F_DSR_*, native routing, lib/dsr.h) it is
+ * DNATed only and carries its frontend in an IPv4 option to the backend's node, which takes the
+ * option out here and answers the client itself. Everything else is the node's own business and passes
  * untouched and uncounted: this program must never cost the node its own traffic (ARP, IPv6,
  * VXLAN, its connections, the health check node ports the agent serves).
  */
