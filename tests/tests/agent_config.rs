@@ -198,7 +198,10 @@ fn dsr_in_tunnel_mode_exits_64_naming_service_lb_mode_and_applies_nothing() -> a
     let with_line = dir.path().join("agent-hybrid.yaml");
     std::fs::write(
         &with_line,
-        format!("{}service_lb_mode: hybrid\n", std::fs::read_to_string(&config)?),
+        format!(
+            "{}service_lb_mode: hybrid\n",
+            std::fs::read_to_string(&config)?
+        ),
     )?;
     for (file, extra) in [
         (&config, &["--service-lb-mode", "dsr"][..]),

@@ -262,8 +262,7 @@ fn tcp_and_udp_record(backend: &EndpointInfo) -> ServiceRecord {
 /// n2's backend, which sees the outside client's own address and answers it from n1's
 /// NodePort by itself, TCP and UDP; n1 routes no answer out (no `forwarded-world` there).
 #[test]
-fn in_native_routing_dsr_keeps_the_client_and_the_backends_node_answers_it() -> anyhow::Result<()>
-{
+fn in_native_routing_dsr_keeps_the_client_and_the_backends_node_answers_it() -> anyhow::Result<()> {
     let opts = MeshOptions::clusters(1, 2)
         .external(UNDERLAY_MTU)
         .native()
