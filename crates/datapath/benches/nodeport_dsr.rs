@@ -18,9 +18,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::bench::{arg, load_average, median, spread};
-use common::public::{expose, with_outside};
-use meshd_datapath::{netns::run_in, LbFrontend, ServiceLbMode};
-use meshd_ebpf::abi;
+use common::public::{expose_node_port, with_outside};
+use meshd_datapath::{netns::run_in, ServiceLbMode};
 
 const TCP: u8 = 6;
 const PORT: u16 = 30300;
@@ -75,17 +74,7 @@ fn main() -> anyhow::Result<()> {
     let (mut topo, outside) = with_outside("exd", &[1, 1], true, 1024..=29999)?;
     let node_ip = topo.nodes[0].node_ip;
     let backend = topo.ep(1, 0).ip;
-    let frontend = LbFrontend {
-        addr: node_ip,
-        port: PORT,
-        proto: TCP,
-    };
-    expose(
-        &mut topo.nodes[0].maps,
-        frontend,
-        &[(backend, PORT)],
-        abi::SERVICE_F_NODE_PORT,
-    )?;
+    expose_node_port(&mut topo.nodes[0].maps, node_ip, PORT, TCP, (backend, PORT))?;
     let listener = run_in::<_, anyhow::Error, _>(&topo.ep(1, 0).netns.path(), move || {
         Ok(TcpListener::bind((backend, PORT))?)
     })?;

@@ -3,12 +3,9 @@
 
 use std::{fmt, str::FromStr};
 
-use meshd_ebpf::{abi, maps as names};
+use meshd_ebpf::abi;
 
-use crate::{
-    error::Result,
-    maps::{op_err, DatapathMaps},
-};
+use crate::{error::Result, maps::DatapathMaps};
 
 /// Load-balancing mode of NodePort / external IP connections to a backend on another node.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -69,23 +66,14 @@ impl DatapathMaps {
     /// packets follow the new mode at once, so established connections of the other mode to
     /// remote backends break: the agent sets it at start.
     pub fn set_service_lb_mode(&mut self, mode: ServiceLbMode) -> Result<()> {
-        let mut value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
+        let mut value = self.config_value()?;
         value.flags = (value.flags & !DSR_FLAGS) | mode.config_flags();
-        self.config
-            .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))
+        self.write_config(value)
     }
 
     /// The mode CONFIG holds.
     pub fn service_lb_mode(&self) -> Result<ServiceLbMode> {
-        let value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
-        Ok(match value.flags & DSR_FLAGS {
+        Ok(match self.config_value()?.flags & DSR_FLAGS {
             0 => ServiceLbMode::Snat,
             abi::CONFIG_F_DSR_TCP => ServiceLbMode::Hybrid,
             _ => ServiceLbMode::Dsr,

@@ -14,9 +14,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::can_run;
-use common::public::{expose, with_outside};
+use common::public::{expose_node_port, udp_from_outside, with_outside};
 use common::topology::*;
-use meshd_datapath::{netns::run_in, Direction, LbFrontend, ServiceLbMode};
+use meshd_datapath::{netns::run_in, Direction, ServiceLbMode};
 use meshd_ebpf::abi;
 use meshd_testing::netns::{External, UNDERLAY_IFNAME};
 
@@ -48,20 +48,9 @@ fn setup(prefix: &str, mode: ServiceLbMode) -> Option<(Topology, External)> {
         topo.nodes[i].maps.set_service_lb_mode(mode).unwrap();
     }
     let node_ip = topo.nodes[0].node_ip;
-    let backend = topo.ep(1, 0).ip;
+    let backend = (topo.ep(1, 0).ip, BACKEND_PORT);
     for proto in [TCP, UDP] {
-        let frontend = LbFrontend {
-            addr: node_ip,
-            port: NODE_PORT,
-            proto,
-        };
-        expose(
-            &mut topo.nodes[0].maps,
-            frontend,
-            &[(backend, BACKEND_PORT)],
-            abi::SERVICE_F_NODE_PORT,
-        )
-        .unwrap();
+        expose_node_port(&mut topo.nodes[0].maps, node_ip, NODE_PORT, proto, backend).unwrap();
     }
     Some((topo, ext))
 }
@@ -108,16 +97,21 @@ fn request(ext: &External, node_ip: Ipv4Addr, listener: &TcpListener) -> anyhow:
     server.join().expect("server thread")
 }
 
+/// One [`request`] to node 0's NodePort served by node 1's endpoint: the client's address as
+/// the backend saw it, and the bytes node 0's uplink received meanwhile.
+fn measured_request(topo: &Topology, ext: &External) -> (IpAddr, u64) {
+    let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
+    let before = entry_rx_bytes(topo);
+    let seen = request(ext, topo.nodes[0].node_ip, &listener).unwrap();
+    (seen, entry_rx_bytes(topo) - before)
+}
+
 #[test]
 fn dsr_tcp_keeps_the_client_and_its_answer_skips_the_entry_node() {
     let Some((topo, ext)) = setup("dsrt", ServiceLbMode::Dsr) else {
         return;
     };
-    let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
-    let node_ip = topo.nodes[0].node_ip;
-    let before = entry_rx_bytes(&topo);
-    let seen = request(&ext, node_ip, &listener).unwrap();
-    let received = entry_rx_bytes(&topo) - before;
+    let (seen, received) = measured_request(&topo, &ext);
     assert_eq!(seen, IpAddr::V4(ext.host_ip), "the client's own address");
     assert!(
         received < (RESPONSE / 2) as u64,
@@ -148,17 +142,18 @@ fn snat_tcp_answers_come_back_through_the_entry_node() {
     let Some((topo, ext)) = setup("dsrs", ServiceLbMode::Snat) else {
         return;
     };
-    let listener = tcp_listen(topo.ep(1, 0), BACKEND_PORT).unwrap();
-    let node_ip = topo.nodes[0].node_ip;
-    let before = entry_rx_bytes(&topo);
-    let seen = request(&ext, node_ip, &listener).unwrap();
-    let received = entry_rx_bytes(&topo) - before;
-    assert_eq!(seen, IpAddr::V4(node_ip), "SNATed to the entry node");
+    let (seen, received) = measured_request(&topo, &ext);
+    assert_eq!(
+        seen,
+        IpAddr::V4(topo.nodes[0].node_ip),
+        "SNATed to the entry node"
+    );
     assert!(received > RESPONSE as u64, "{received}");
 }
 
 /// UDP: the backend sees the client and answers it from node 0:NodePort (the client's
-/// connected socket takes nothing else); `hybrid` SNATs UDP.
+/// connected socket takes nothing else); `hybrid` SNATs UDP. The address the backend saw, the
+/// outside and node 0's IP.
 fn udp_exchange(mode: ServiceLbMode, prefix: &str) -> Option<(IpAddr, External, Ipv4Addr)> {
     let (topo, ext) = setup(prefix, mode)?;
     let node_ip = topo.nodes[0].node_ip;
@@ -167,31 +162,10 @@ fn udp_exchange(mode: ServiceLbMode, prefix: &str) -> Option<(IpAddr, External, 
         Ok(UdpSocket::bind((backend, BACKEND_PORT))?)
     })
     .unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let client = run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        s.connect((node_ip, NODE_PORT))?;
-        Ok(s)
-    })
-    .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut buf = [0u8; 1500];
-    for _ in 0..10 {
-        client.send(b"ping from outside").unwrap();
-        let Ok((n, peer)) = server.recv_from(&mut buf) else {
-            continue;
-        };
-        server.send_to(&buf[..n], peer).unwrap();
-        if let Ok(m) = client.recv(&mut buf) {
-            assert_eq!(&buf[..m], b"ping from outside");
-            return Some((peer.ip(), ext, node_ip));
-        }
-    }
-    panic!("no answer from {node_ip}:{NODE_PORT} in {mode} mode");
+    let to = SocketAddr::from((node_ip, NODE_PORT));
+    let seen = udp_from_outside(&ext, to, &server).unwrap();
+    let seen = seen.unwrap_or_else(|| panic!("no answer from {to} in {mode} mode"));
+    Some((seen, ext, node_ip))
 }
 
 #[test]
