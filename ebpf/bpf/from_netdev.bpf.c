@@ -61,10 +61,18 @@ static __always_inline int public_to_remote(struct __sk_buff *skb, struct pkt_ct
 	ctx->dst_identity = remote->identity;
 	struct ct_value *entry = 0;
 	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
-	if (ct == CT_NEW)
+	/* DSR (lib/dsr.h): the client's address stays, the backend's node answers it directly. A
+	 * connection keeps the mode it started with. */
+	int dsr;
+	if (ct == CT_NEW) {
 		ct_create(ctx, now, cfg->policy_revision);
-	/* DSR (lib/dsr.h): the client's address stays, the backend's node answers it directly. */
-	if (dsr_enabled(cfg, ctx->proto))
+		dsr = dsr_enabled(cfg, ctx->proto);
+		if (dsr)
+			dsr_mark_connection(ctx, now);
+	} else {
+		dsr = entry && (entry->flags & MESHD_CT_F_DSR) && (cfg->flags & MESHD_CONFIG_F_NATIVE);
+	}
+	if (dsr)
 		return dsr_forward(skb, ctx, l3_off, cfg);
 	int ret = nat_masquerade(skb, ctx, l3_off, cfg, now);
 	if (ret < 0)

@@ -90,6 +90,7 @@ pub const CT_F_REPLY: u32 = 1;
 pub const CT_F_CLOSING: u32 = 2;
 pub const CT_F_SERVICE: u32 = 4;
 pub const CT_F_REV_NAT: u32 = 8;
+pub const CT_F_DSR: u32 = 16;
 // enum meshd_service_flags
 pub const SERVICE_F_NODE_PORT: u32 = 1;
 pub const SERVICE_F_EXTERNAL_IP: u32 = 2;
@@ -173,6 +174,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CT_F_CLOSING", CT_F_CLOSING as i64),
     ("MESHD_CT_F_SERVICE", CT_F_SERVICE as i64),
     ("MESHD_CT_F_REV_NAT", CT_F_REV_NAT as i64),
+    ("MESHD_CT_F_DSR", CT_F_DSR as i64),
     ("MESHD_SERVICE_F_NODE_PORT", SERVICE_F_NODE_PORT as i64),
     ("MESHD_SERVICE_F_EXTERNAL_IP", SERVICE_F_EXTERNAL_IP as i64),
     ("MESHD_SERVICE_F_LOCAL", SERVICE_F_LOCAL as i64),

@@ -63,8 +63,7 @@ const DSR_FLAGS: u32 = abi::CONFIG_F_DSR_TCP | abi::CONFIG_F_DSR_UDP;
 impl DatapathMaps {
     /// Sets the service load-balancing mode in CONFIG, keeping everything else. The datapath
     /// honours DSR only with native routing on (the agent's config refuses it otherwise). New
-    /// packets follow the new mode at once, so established connections of the other mode to
-    /// remote backends break: the agent sets it at start.
+    /// connections follow the new mode; established ones keep theirs (`MESHD_CT_F_DSR`).
     pub fn set_service_lb_mode(&mut self, mode: ServiceLbMode) -> Result<()> {
         let mut value = self.config_value()?;
         value.flags = (value.flags & !DSR_FLAGS) | mode.config_flags();

@@ -346,3 +346,37 @@ fn the_option_is_honoured_in_native_routing_only() {
     let (_, back) = w.egress(&udp(B, BACKEND_PORT, X, 5353), w.b_if);
     assert_eq!(saddr(&back), B);
 }
+
+#[test]
+fn a_mode_change_applies_to_new_connections_and_established_ones_keep_theirs() {
+    let Some(mut w) = setup(ServiceLbMode::Dsr) else {
+        return;
+    };
+    expose_remote(&mut w, TCP);
+    expose_remote(&mut w, UDP);
+    let (_, dsr_syn) = w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x02));
+    assert_eq!(saddr(&dsr_syn), X);
+    let (_, dsr_udp) = w.uplink(&udp(X, 5353, NODE, NODE_PORT));
+    assert_eq!(saddr(&dsr_udp), X);
+
+    w.dp.maps.set_service_lb_mode(ServiceLbMode::Snat).unwrap();
+    let (_, ack) = w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x10));
+    assert_eq!(saddr(&ack), X, "the DSR connection stays DSR");
+    let (_, next) = w.uplink(&udp(X, 5353, NODE, NODE_PORT));
+    assert_eq!(
+        (saddr(&next), ihl(&next)),
+        (X, 28),
+        "the UDP flow keeps its option"
+    );
+    let (_, snat_syn) = w.uplink(&tcp(X, 50001, NODE, NODE_PORT, 0x02));
+    assert_eq!(saddr(&snat_syn), NODE, "a new connection SNATs");
+    let nat_port = sport(&snat_syn);
+
+    w.dp.maps.set_service_lb_mode(ServiceLbMode::Dsr).unwrap();
+    let (_, snat_ack) = w.uplink(&tcp(X, 50001, NODE, NODE_PORT, 0x10));
+    assert_eq!(
+        (saddr(&snat_ack), sport(&snat_ack)),
+        (NODE, nat_port),
+        "the SNAT connection stays SNATed"
+    );
+}

@@ -225,6 +225,10 @@ enum meshd_ct_flags {
 	MESHD_CT_F_CLOSING = 2, /* FIN or RST seen */
 	MESHD_CT_F_SERVICE = 4, /* keyed by the frontend tuple: nat_* is the connection's backend */
 	MESHD_CT_F_REV_NAT = 8, /* replies get source nat_addr:nat_port (the frontend) back */
+	/* the entry node's entry of a public connection to a remote backend that started under
+	 * DSR (see DSR below): its packets keep going DSR, those of one without it SNAT, whatever
+	 * the mode says now */
+	MESHD_CT_F_DSR = 16,
 };
 
 #define MESHD_CT_LIFETIME_TCP_NS (6ull * 3600 * 1000000000)
@@ -475,7 +479,9 @@ struct no_masq_value {
  * A packet the option would push over the egress MTU is answered, when it has DF, with ICMP
  * fragmentation needed (next-hop MTU = egress MTU - MESHD_DSR_OPT_LEN) quoting it as the client
  * sent it (MESHD_FWD_FRAG_NEEDED); without DF the node's stack fragments it (the option has the
- * copied bit: every fragment carries it).
+ * copied bit: every fragment carries it). The mode is a connection's: the one of its first
+ * packet, kept in the entry node's CT entry (MESHD_CT_F_DSR), so a mode change applies to new
+ * connections and leaves established ones working.
  *
  * Type 0x9e: option number 30 with the copied bit, class 0: an experimental value (RFC 4727)
  * that no router gives a meaning to. Not authenticated: the backend's node believes any packet

@@ -19,8 +19,7 @@
  *
  * Known gaps (DSR's own): an ICMP error a router on the way sends about a reply, or the client
  * sends about one, goes to the frontend's address (the entry node), which knows nothing of the
- * reply. A mode change applies to packets, not connections: established connections of the
- * other mode break.
+ * reply.
  */
 #ifndef MESHD_DSR_H
 #define MESHD_DSR_H
@@ -54,6 +53,15 @@ static __always_inline int dsr_enabled(const struct datapath_config *cfg, __u8 p
 	if (proto == IPPROTO_UDP)
 		return cfg->flags & MESHD_CONFIG_F_DSR_UDP;
 	return 0;
+}
+
+/* The entry node: the connection just created for ctx goes DSR for its whole life
+ * (MESHD_CT_F_DSR on its entry), whatever the mode becomes. */
+static __always_inline void dsr_mark_connection(const struct pkt_ctx *ctx, __u64 now)
+{
+	struct ct_value *entry = ct_find(ctx, now);
+	if (entry)
+		entry->flags |= MESHD_CT_F_DSR;
 }
 
 /* Does this packet carry the option? A TCP connection's SYN (a retransmitted one too: the
