@@ -55,6 +55,7 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	__u32 zero = 0;
 	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
 	__u64 now = ct_now();
+	ctx->now = now;
 	struct ct_value *conn = ct_find(ctx, now);
 	if (conn && cfg) {
 		ret = fwd_cache_forward(skb, ctx, conn, cfg, now, l3_off);

@@ -114,6 +114,7 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	if (!cfg)
 		return NETDEV_PASS;
 	__u64 now = ct_now();
+	ctx->now = now;
 	int translated = 0;
 	if (ctx->daddr == cfg->node_ip) {
 		translated = nat_reverse(skb, ctx, l3_off, now);

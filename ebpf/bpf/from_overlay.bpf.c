@@ -52,6 +52,7 @@ static __always_inline int handle_from_overlay(struct __sk_buff *skb, struct pkt
 	__u32 revision = cfg->policy_revision;
 
 	__u64 now = ct_now();
+	ctx->now = now;
 	struct ct_value *entry = 0;
 	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
 	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {

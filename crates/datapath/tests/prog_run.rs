@@ -1013,6 +1013,107 @@ fn new_connections_are_reported_once_when_flow_events_are_on() {
     assert_eq!(events[0].reason, abi::DROP_UNKNOWN_DEST);
 }
 
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given, which outlives the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn events_are_stamped_with_the_coarse_monotonic_clock() {
+    let Some(mut dp) = setup() else { return };
+    dp.maps
+        .set_event_limit(EventLimit {
+            rate_per_cpu: 1000,
+            flows: true,
+        })
+        .unwrap();
+    // A new connection (the clock conntrack read) and a drop before conntrack (read for the
+    // event): the coarse clock, so between two coarse reads around the run. The fine clock
+    // (bpf_ktime_get_ns) is up to a tick ahead of the coarse one read after.
+    let open = Packet::udp(A, 5002, R, 53);
+    let drop = Packet::tcp(A, 40000, Ipv4Addr::new(10, 9, 9, 9), 80, 0x02);
+    for pkt in [open, drop] {
+        let before = monotonic_coarse_ns();
+        dp.run(programs::FROM_ENDPOINT, &pkt.bytes(), A_IF, [0; 5]);
+        let after = monotonic_coarse_ns();
+        let events = dp.maps.drain_events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let stamp = events[0].timestamp_ns;
+        assert!(
+            (before..=after).contains(&stamp),
+            "{:?} stamped {stamp}, not within [{before}, {after}]",
+            events[0].verdict
+        );
+    }
+}
+
+/// Edge-triggered epoll on the EVENTS ring: what the agent's reader sees.
+struct RingWaiter(std::os::fd::OwnedFd);
+
+impl RingWaiter {
+    fn new(dp: &TestDatapath) -> RingWaiter {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain syscalls on fds this test owns; the epoll fd is owned from here on.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        assert!(epoll >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epoll) };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        let fd = dp.maps.drop_events_fd().as_raw_fd();
+        // SAFETY: both fds are open for the call; ev outlives it.
+        let rc = unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+        RingWaiter(epoll)
+    }
+
+    /// Whether the ring signalled readiness (a wakeup) since the last call.
+    fn woken(&self, timeout_ms: i32) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: ev is valid for the one event asked for.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), &mut ev, 1, timeout_ms) };
+        assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
+        n == 1
+    }
+}
+
+#[test]
+fn the_reader_is_woken_only_when_the_ring_fills_past_half() {
+    let Some(mut dp) = setup() else { return };
+    dp.maps
+        .set_event_limit(EventLimit {
+            rate_per_cpu: 0,
+            flows: true,
+        })
+        .unwrap();
+    dp.maps.drain_events();
+    let waiter = RingWaiter::new(&dp);
+    waiter.woken(0);
+    // A reader that has caught up is not woken by one event (it reads on a timer)...
+    let drop = Packet::tcp(A, 40000, Ipv4Addr::new(10, 9, 9, 9), 80, 0x02).bytes();
+    assert_eq!(dp.run(programs::FROM_ENDPOINT, &drop, A_IF, [0; 5]).0, TC_ACT_SHOT);
+    assert!(!waiter.woken(100), "woken by a single event");
+    // ...but by the event that fills the ring past half (64 bytes an event with its header).
+    let half = abi::EVENTS_BYTES / 2 / 64;
+    dp.run_times(programs::FROM_ENDPOINT, &drop, A_IF, half - 2);
+    assert!(!waiter.woken(100), "woken below half the ring");
+    dp.run_times(programs::FROM_ENDPOINT, &drop, A_IF, 2);
+    assert!(waiter.woken(1000), "not woken at half the ring");
+    // Once: the events after it do not wake a reader that stays behind.
+    dp.run_times(programs::FROM_ENDPOINT, &drop, A_IF, 100);
+    assert!(!waiter.woken(100), "woken again past half the ring");
+    let events = dp.maps.drain_events();
+    assert_eq!(events.len() as u32, 1 + half + 100);
+}
+
 #[test]
 fn events_over_the_rate_limit_are_counted_as_lost() {
     let Some(mut dp) = setup() else { return };

@@ -307,7 +307,7 @@ enum meshd_event_type {
 };
 
 struct flow_event {
-	__u64 timestamp_ns; /* bpf_ktime_get_ns() */
+	__u64 timestamp_ns; /* CLOCK_MONOTONIC to a tick: bpf_ktime_get_coarse_ns(), conntrack's clock */
 	__u32 event_type;   /* MESHD_EVENT_* */
 	__u32 src_identity; /* 0 if not known when dropped */
 	__u32 dst_identity;

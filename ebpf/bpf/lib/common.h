@@ -41,6 +41,7 @@ struct pkt_ctx {
 	__u16 svc_port;      /* network byte order */
 	__u8 ct_created;     /* this packet opened a connection (ct_create): a flow event */
 	__u8 ihl;            /* IPv4 header length in 4-byte words (options: more than 5) */
+	__u64 now;           /* ct_now() if conntrack read it, else 0: events reuse it (lib/exit.h) */
 };
 
 #define TCP_FLAG_FIN 0x01

@@ -8,13 +8,12 @@
 
 #define EVENT_WINDOW_NS 1000000000ull
 
-/* Whether this CPU may send one more event now (EVENT_LIMIT); a refusal is counted as lost. A
- * per-CPU window needs no atomics: each CPU's budget is its own. */
-static __always_inline int event_budget_take(const struct event_limit *limit, struct event_budget *budget)
+/* Whether this CPU may send one more event at `now` (EVENT_LIMIT); a refusal is counted as
+ * lost. A per-CPU window needs no atomics: each CPU's budget is its own. */
+static __always_inline int event_budget_take(const struct event_limit *limit, struct event_budget *budget, __u64 now)
 {
 	if (!limit || !limit->rate || !budget)
 		return 1;
-	__u64 now = bpf_ktime_get_coarse_ns();
 	if (now - budget->window_ns >= EVENT_WINDOW_NS) {
 		budget->window_ns = now;
 		budget->used = 0;
@@ -27,12 +26,34 @@ static __always_inline int event_budget_take(const struct event_limit *limit, st
 	return 1;
 }
 
+/* What one event takes in EVENTS: the record and the ring buffer's 8-byte header, rounded up
+ * to 8 bytes as the kernel does. */
+#define EVENT_RING_BYTES ((sizeof(struct flow_event) + 8 + 7) & ~7ull)
+
+/* The reader is not woken per event: in a VM, bpf_ringbuf_submit's wakeup (an irq_work, a
+ * self-IPI) cost the packet about 8 us whenever the reader had caught up, which is every
+ * event at a low connection rate (BENCHMARKS.md, flow events). The agent polls EVENTS on a
+ * short timer instead (crates/agent/src/monitor.rs), and is woken only by the event that fills
+ * the ring past half: a flood is read at once rather than lost. Only the event that crosses
+ * the mark wakes, so a reader that stays behind does not make every event pay. */
+static __always_inline __u64 event_wakeup_flags(void)
+{
+	__u64 unread = bpf_ringbuf_query(&EVENTS, BPF_RB_AVAIL_DATA);
+	if (unread >= MESHD_EVENTS_BYTES / 2 && unread < MESHD_EVENTS_BYTES / 2 + EVENT_RING_BYTES)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt_ctx *ctx, __u32 type, int reason,
 				       const struct event_limit *limit)
 {
+	/* One clock read for the budget and the timestamp, none if conntrack read it already:
+	 * each read of the coarse clock cost about 20 ns, the fine one (bpf_ktime_get_ns, the
+	 * record's stamp before) as much, for a stamp finer than a flow's report needs. */
+	__u64 now = ctx->now ? ctx->now : bpf_ktime_get_coarse_ns();
 	__u32 zero = 0;
 	struct event_budget *budget = bpf_map_lookup_elem(&EVENT_BUDGET, &zero);
-	if (!event_budget_take(limit, budget))
+	if (!event_budget_take(limit, budget, now))
 		return;
 	struct flow_event *ev = bpf_ringbuf_reserve(&EVENTS, sizeof(*ev), 0);
 	if (!ev) {
@@ -41,7 +62,7 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt_c
 			budget->lost++;
 		return;
 	}
-	ev->timestamp_ns = bpf_ktime_get_ns();
+	ev->timestamp_ns = now;
 	ev->event_type = type;
 	ev->src_identity = ctx->src_identity;
 	ev->dst_identity = ctx->dst_identity;
@@ -57,7 +78,7 @@ static __always_inline void emit_event(struct __sk_buff *skb, const struct pkt_c
 	ev->svc_port = bpf_ntohs(ctx->svc_port);
 	ev->pad = 0;
 	ev->pad2 = 0;
-	bpf_ringbuf_submit(ev, 0);
+	bpf_ringbuf_submit(ev, event_wakeup_flags());
 }
 
 static __always_inline int finish(struct __sk_buff *skb, const struct pkt_ctx *ctx, int ret)

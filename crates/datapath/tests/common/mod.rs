@@ -68,6 +68,29 @@ impl TestDatapath {
             .expect("BPF_PROG_RUN")
     }
 
+    /// Runs `program` on `packet` `times` times in one BPF_PROG_RUN (the kernel's repeat), as
+    /// if it arrived on `ingress_ifindex`; returns the last verdict.
+    pub fn run_times(
+        &self,
+        program: &'static str,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        times: u32,
+    ) -> u32 {
+        let mut ctx_in = [0u8; SKB_SIZE];
+        ctx_in[SKB_INGRESS_IFINDEX..SKB_INGRESS_IFINDEX + 4]
+            .copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        let prog = self.datapath.program(program).expect("program");
+        prog.test_run(TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx_in),
+            repeat: times,
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_RUN")
+        .return_value
+    }
+
     /// [`TestDatapath::run`], with BPF_PROG_RUN's refusal as an error: the kernel refuses to
     /// test-run some frames (e.g. an IPv4 ethertype with less than an IP header behind it).
     pub fn try_run(
