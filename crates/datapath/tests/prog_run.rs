@@ -1059,9 +1059,14 @@ struct RingWaiter(std::os::fd::OwnedFd);
 impl RingWaiter {
     fn new(dp: &TestDatapath) -> RingWaiter {
         use std::os::fd::{AsRawFd, FromRawFd};
-        // SAFETY: plain syscalls on fds this test owns; the epoll fd is owned from here on.
+        // SAFETY: a plain syscall, no memory handed to the kernel.
         let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        assert!(epoll >= 0, "epoll_create1: {}", std::io::Error::last_os_error());
+        assert!(
+            epoll >= 0,
+            "epoll_create1: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: epoll_create1 returned a new fd that nothing else owns.
         let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epoll) };
         let mut ev = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLET) as u32,
@@ -1099,7 +1104,10 @@ fn the_reader_is_woken_only_when_the_ring_fills_past_half() {
     waiter.woken(0);
     // A reader that has caught up is not woken by one event (it reads on a timer)...
     let drop = Packet::tcp(A, 40000, Ipv4Addr::new(10, 9, 9, 9), 80, 0x02).bytes();
-    assert_eq!(dp.run(programs::FROM_ENDPOINT, &drop, A_IF, [0; 5]).0, TC_ACT_SHOT);
+    assert_eq!(
+        dp.run(programs::FROM_ENDPOINT, &drop, A_IF, [0; 5]).0,
+        TC_ACT_SHOT
+    );
     assert!(!waiter.woken(100), "woken by a single event");
     // ...but by the event that fills the ring past half (64 bytes an event with its header).
     let half = abi::EVENTS_BYTES / 2 / 64;
