@@ -94,7 +94,8 @@ pub const SERVICE_PORT: u16 = 80;
 
 impl LabSpec {
     /// The default lab: clusters c1 and c2 (ids 1, 2), two nodes each, and on every node one
-    /// `app=echo` endpoint (running the echo workload) and one `app=client` endpoint.
+    /// `app=echo` endpoint (running the echo workload), one `app=client` endpoint and one
+    /// `app=web` endpoint (the same echo, behind the lab's public node ports).
     ///
     /// `underlay` is a /24 (10.77.0.0/24 for `make lab`; tests use another one so they can run
     /// beside a user's lab): the host gets .1, control planes .10x, nodes .<10*cluster + node>.
@@ -278,6 +279,12 @@ fn cluster(base: [u8; 4], id: u8, nodes: u8) -> ClusterSpec {
                         namespace: "default".into(),
                         labels: vec![("app".into(), "client".into())],
                         echo: false,
+                    },
+                    EndpointSpec {
+                        name: format!("web-{name}-n{n}"),
+                        namespace: "default".into(),
+                        labels: vec![("app".into(), "web".into())],
+                        echo: true,
                     },
                 ],
             })

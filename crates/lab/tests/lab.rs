@@ -116,20 +116,33 @@ fn lab_up_check_status_down_twice() {
             4,
             "round {round}: {stdout}"
         );
+        // Public endpoints: the external host reaches every node (2 x 2) at the node port of
+        // `web` and at the one of `web-local` (externalTrafficPolicy Local), in each cluster.
+        for row in ["nodeport ", "nodeport local "] {
+            let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with(row)).collect();
+            assert_eq!(rows.len(), 4, "round {round}: {row}: {stdout}");
+            assert!(rows.iter().all(|l| l.contains(" ok ")), "{stdout}");
+        }
         // Native: the external host reaches the echo endpoints as world, and the lab's policy
-        // (only clients into echo) turns it away.
+        // (only clients into echo) turns it away; the web endpoints' policy admits it.
         let from_external: Vec<&str> = stdout
             .lines()
             .filter(|l| l.starts_with("from external "))
             .collect();
         if round == 2 {
-            assert_eq!(from_external.len(), 4, "{stdout}");
+            assert_eq!(from_external.len(), 8, "{stdout}");
             assert!(
-                from_external
-                    .iter()
-                    .all(|l| l.contains(" deny ") && l.contains(" ok ")),
+                from_external.iter().all(|l| l.contains(" ok ")),
                 "{stdout}"
             );
+            for (app, expect, count) in [("/echo-", " deny ", 4), ("/web-", " allow ", 4)] {
+                let rows = from_external.iter().filter(|l| l.contains(app));
+                assert_eq!(
+                    rows.filter(|l| l.contains(expect)).count(),
+                    count,
+                    "{app}: {stdout}"
+                );
+            }
         } else {
             assert!(from_external.is_empty(), "{stdout}");
         }
@@ -245,7 +258,8 @@ fn lab_up_check_status_down_twice() {
     let ext_netns = doc["external"]["netns"].as_str().unwrap();
     assert!(Path::new("/run/netns").join(ext_netns).exists(), "{doc}");
     let endpoints = doc["endpoints"].as_array().unwrap();
-    assert_eq!(endpoints.len(), 8);
+    // Per node: echo, client and web.
+    assert_eq!(endpoints.len(), 12);
     for e in endpoints {
         let netns = e["netns"].as_str().unwrap();
         assert!(Path::new("/run/netns").join(netns).exists(), "{e}");
@@ -257,6 +271,25 @@ fn lab_up_check_status_down_twice() {
             .any(|s| s["name"] == "echo" && s["cluster"] == "c1"),
         "{services:?}"
     );
+    // The public services, in both clusters, with their node ports; echo has none.
+    for cluster in ["c1", "c2"] {
+        let svc = |name: &str| {
+            services
+                .iter()
+                .find(|s| s["name"] == name && s["cluster"] == cluster)
+                .unwrap_or_else(|| panic!("{name} in {cluster}: {services:?}"))
+        };
+        assert_eq!(svc("echo")["type"], "ClusterIP", "{services:?}");
+        assert!(svc("echo")["node_port"].is_null(), "{services:?}");
+        for (name, port, policy) in [("web", 30080, "Cluster"), ("web-local", 30081, "Local")] {
+            let s = svc(name);
+            assert_eq!(s["type"], "NodePort", "{s}");
+            assert_eq!(s["node_port"], port, "{s}");
+            assert_eq!(s["external_traffic_policy"], policy, "{s}");
+            assert_eq!(s["external_ips"], serde_json::json!([]), "{s}");
+            assert!(s["vip"].is_string(), "a NodePort service keeps its VIP: {s}");
+        }
+    }
 
     let exec = meshd(&[
         "lab",

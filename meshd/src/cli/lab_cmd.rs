@@ -13,8 +13,9 @@ use super::output::{Format, OutputArgs};
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
     /// Build and start the lab: certificates, clusters c1 and c2 (2 nodes each) with etcd
-    /// (TLS, client-certificate auth) and an apiserver, a meshd agent per node, echo and client
-    /// endpoints, the lab's manifests (global `echo` service, a policy); then run the check.
+    /// (TLS, client-certificate auth) and an apiserver, a meshd agent per node, echo, client and
+    /// web endpoints, the lab's manifests (global `echo` service, the public `web` and
+    /// `web-local` NodePort services, policies); then run the check.
     /// An existing lab in the run dir is removed first.
     Up(UpArgs),
     /// Remove everything the lab created: processes, namespaces, pinned maps, files.
@@ -509,6 +510,8 @@ fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCo
                 port: *s.ports.first()?,
                 global: s.global,
                 clusters_with_backends: backend_clusters(&s.name),
+                node_port: s.node_port,
+                local_traffic_policy: s.external_traffic_policy == "Local",
             })
         })
         .collect();
@@ -595,6 +598,8 @@ struct LabService {
     node_port: Option<u16>,
     /// External IPs and the load balancer IP: addresses the service answers on from outside.
     external_ips: Vec<String>,
+    /// `Cluster` or `Local`.
+    external_traffic_policy: String,
     global: bool,
     shared: bool,
     ready_backends: usize,
@@ -636,6 +641,10 @@ fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<LabService>> {
                 service_type: spec["type"].as_str().unwrap_or("ClusterIP").to_owned(),
                 node_port: spec["ports"][0]["nodePort"].as_u64().map(|p| p as u16),
                 external_ips: super::manifest_cmd::external_addresses(spec),
+                external_traffic_policy: spec["externalTrafficPolicy"]
+                    .as_str()
+                    .unwrap_or("Cluster")
+                    .to_owned(),
                 global: status["global"].as_bool().unwrap_or(false),
                 shared: status["shared"].as_bool().unwrap_or(false),
                 ready_backends: status["backends"]
@@ -724,6 +733,10 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "vip": s.vip,
             "ports": s.ports,
             "global": s.global,
+            "type": s.service_type,
+            "node_port": s.node_port,
+            "external_ips": s.external_ips,
+            "external_traffic_policy": s.external_traffic_policy,
         })).collect::<Vec<_>>(),
     });
     match args.output.format {
@@ -796,8 +809,25 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             for s in &services {
+                let public = match s.node_port {
+                    Some(port) => format!(
+                        ", {} node port {port}{}",
+                        s.service_type,
+                        if s.external_traffic_policy == "Local" {
+                            " (externalTrafficPolicy Local)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => String::new(),
+                };
+                let external = if s.external_ips.is_empty() {
+                    String::new()
+                } else {
+                    format!(", external IPs {}", s.external_ips.join(","))
+                };
                 println!(
-                    "service {}/{} in {}: {} ports {:?}{}",
+                    "service {}/{} in {}: {} ports {:?}{}{public}{external}",
                     s.namespace,
                     s.name,
                     s.cluster,
