@@ -10,10 +10,12 @@
  * both the VIP and a backend directly may pick the same source port for both, and after DNAT the
  * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing).
  *
- * A connection whose backend no longer backs its frontend (deleted, say) is not sent into the
- * void: its next packet gets a fresh pick among the backends of now (lb_backend_kept), whose
- * kernel answers a segment of a connection it does not know with a reset, so the client hears
- * of it at once; a UDP flow simply moves. Only a frontend left without any backend drops.
+ * A connection keeps its backend while the frontend lists it, and also after, as long as the
+ * backend lives (one taken out of the service but still running, not ready say, finishes its
+ * connections, as with Kubernetes' conntrack). One whose backend is gone (deleted) is not sent
+ * into the void: its next packet gets a fresh pick among the backends of now (lb_backend_kept),
+ * whose kernel answers a segment of a connection it does not know with a reset, so the client
+ * hears of it at once; a UDP flow simply moves. Only a frontend left without any backend drops.
  *
  * An ICMP error about a client's packet to a backend (port unreachable, fragmentation needed)
  * is translated back too (lb_reverse_icmp), so the client's socket hears of it, and one the
@@ -98,12 +100,23 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt_c
 /* Slots lb_backend_kept looks through for a connection's backend once its slot changed. */
 #define LB_BACKEND_SCAN 64
 
+/* Whether addr is still somewhere: an endpoint of this node, or behind another node. */
+static __always_inline int lb_backend_exists(__u32 addr)
+{
+	struct endpoint_key ekey = {.addr = addr};
+	if (bpf_map_lookup_elem(&ENDPOINTS, &ekey))
+		return 1;
+	struct ipcache_value *remote = ipcache_lookup(addr);
+	return remote && remote->tunnel_endpoint;
+}
+
 /*
- * Whether the backend of conn (a MESHD_CT_F_SERVICE entry of frontend skey) still backs it. The
- * slot it was last seen in is looked at first (one lookup: the common case); after the
- * frontend's backends changed it is looked for among the first LB_BACKEND_SCAN slots, and its
- * new slot remembered. A frontend with more backends than that keeps its connections: a backend
- * is dropped from under a connection only when it is known to be gone.
+ * Whether conn (a MESHD_CT_F_SERVICE entry of frontend skey) keeps its backend: while the
+ * frontend lists it, or else while it exists (see the top of this file). The slot it was last
+ * seen in is looked at first (one lookup: the common case); after the frontend's backends
+ * changed it is looked for among the first LB_BACKEND_SCAN slots, and its new slot remembered.
+ * A frontend with more backends than that keeps its connections: a backend is taken from under
+ * a connection only when it is known to be gone.
  */
 static __always_inline int lb_backend_kept(const struct service_key *skey, const struct service_value *svc,
 					   struct ct_value *conn)
@@ -125,7 +138,7 @@ static __always_inline int lb_backend_kept(const struct service_key *skey, const
 			return 1;
 		}
 	}
-	return 0;
+	return lb_backend_exists(conn->nat_addr);
 }
 
 /*
