@@ -5,6 +5,9 @@
 //! address) or on the other node (SNATed to the node it came in by, through the tunnel);
 //! `externalTrafficPolicy: Local` refuses on a node without a backend (counted as
 //! `no-local-backend` in `meshd status`), and its health check node port answers 200 / 503.
+//! A policy that admits no `world` keeps the outside client out on both paths; a backend
+//! deleted under traffic resets its open connections (never a black hole) while new ones go to
+//! the backends left. Tunnel and native routing.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -212,7 +215,19 @@ fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so() -
 
 #[test]
 fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::Result<()> {
-    let Some(Setup { mesh, web, n1, .. }) = start()? else {
+    policy_without_world(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+}
+
+/// Native routing: the path to a backend on another node arrives there from the entry node's
+/// address (SNAT, no VNI to carry `world`): a policy admitting neither keeps it out as well.
+#[test]
+fn in_native_routing_a_policy_without_world_keeps_outside_clients_out_on_both_paths(
+) -> anyhow::Result<()> {
+    policy_without_world(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU).native())
+}
+
+fn policy_without_world(opts: MeshOptions) -> anyhow::Result<()> {
+    let Some(Setup { mesh, web, n1, .. }) = start_with(opts)? else {
         return Ok(());
     };
     mesh.apply_policy(
