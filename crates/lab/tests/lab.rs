@@ -118,8 +118,12 @@ fn lab_up_check_status_down_twice() {
         );
         // Public endpoints: the external host reaches every node (2 x 2) at the node port of
         // `web` and at the one of `web-local` (externalTrafficPolicy Local), in each cluster.
-        for row in ["nodeport ", "nodeport local "] {
-            let rows: Vec<&str> = stdout.lines().filter(|l| l.starts_with(row)).collect();
+        for row in ["nodeport", "nodeport local"] {
+            // The CHECK column, padded with spaces (names have single spaces inside).
+            let rows: Vec<&str> = stdout
+                .lines()
+                .filter(|l| l.split("  ").next() == Some(row))
+                .collect();
             assert_eq!(rows.len(), 4, "round {round}: {row}: {stdout}");
             assert!(rows.iter().all(|l| l.contains(" ok ")), "{stdout}");
         }
