@@ -321,8 +321,7 @@ fn backend_deleted_under_traffic(opts: MeshOptions) -> anyhow::Result<()> {
     // Through n1: one connection to its own backend, one to n2's (SNATed).
     let mut to_local = connection_served_by(&mesh, n1, "a connection to n1's backend", is_local)
         .map_err(|e| e.context(mesh.logs()))?;
-    let mut to_remote =
-        connection_served_by(&mesh, n1, "a connection to n2's backend", is_remote)?;
+    let mut to_remote = connection_served_by(&mesh, n1, "a connection to n2's backend", is_remote)?;
 
     // n2's backend goes (the endpoint, then the service's backend, as the apiserver follows).
     mesh.delete_endpoint(&web[1])?;

@@ -523,10 +523,8 @@ pub fn run_check(
                 min_clusters,
                 local,
             } => {
-                let replies: Vec<serde_json::Value> = summary["replies"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
+                let replies: Vec<serde_json::Value> =
+                    summary["replies"].as_array().cloned().unwrap_or_default();
                 let (pass, detail) =
                     judge_node_port(&replies, &entry, &entry_ip, &client, min_clusters, local);
                 result.pass = out.status.success() && pass;
@@ -606,7 +604,10 @@ fn judge_node_port(
         detail.push_str(&format!("; wrong: {wrong:?}"));
     }
     if clusters.len() < min_clusters {
-        detail.push_str(&format!("; {} cluster(s), {min_clusters} expected", clusters.len()));
+        detail.push_str(&format!(
+            "; {} cluster(s), {min_clusters} expected",
+            clusters.len()
+        ));
     }
     (pass, detail)
 }
@@ -668,8 +669,7 @@ mod tests {
     fn a_local_node_port_answers_only_from_the_node_with_the_client_kept() {
         let own = [reply("c1", "n1", EXT), reply("c1", "n1", EXT)];
         assert!(judge_node_port(&own, "c1/n1", N1, EXT, 1, true).0);
-        let (pass, detail) =
-            judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true);
+        let (pass, detail) = judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true);
         assert!(!pass && detail.contains("c1/n2"), "{detail}");
     }
 }

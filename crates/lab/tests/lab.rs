@@ -135,10 +135,7 @@ fn lab_up_check_status_down_twice() {
             .collect();
         if round == 2 {
             assert_eq!(from_external.len(), 8, "{stdout}");
-            assert!(
-                from_external.iter().all(|l| l.contains(" ok ")),
-                "{stdout}"
-            );
+            assert!(from_external.iter().all(|l| l.contains(" ok ")), "{stdout}");
             for (app, expect, count) in [("/echo-", " deny ", 4), ("/web-", " allow ", 4)] {
                 let rows = from_external.iter().filter(|l| l.contains(app));
                 assert_eq!(
@@ -291,7 +288,10 @@ fn lab_up_check_status_down_twice() {
             assert_eq!(s["node_port"], port, "{s}");
             assert_eq!(s["external_traffic_policy"], policy, "{s}");
             assert_eq!(s["external_ips"], serde_json::json!([]), "{s}");
-            assert!(s["vip"].is_string(), "a NodePort service keeps its VIP: {s}");
+            assert!(
+                s["vip"].is_string(),
+                "a NodePort service keeps its VIP: {s}"
+            );
         }
     }
 
