@@ -66,8 +66,18 @@ struct Setup {
     n2: Ipv4Addr,
 }
 
+/// One cluster of two nodes and the outside, in tunnel or native routing.
+fn outside(native: bool) -> MeshOptions {
+    let opts = MeshOptions::clusters(1, 2).external(UNDERLAY_MTU);
+    if native {
+        opts.native()
+    } else {
+        opts
+    }
+}
+
 fn start() -> anyhow::Result<Option<Setup>> {
-    start_with(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+    start_with(outside(false))
 }
 
 fn start_with(opts: MeshOptions) -> anyhow::Result<Option<Setup>> {
@@ -121,13 +131,13 @@ fn health(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<(u16, serde_json::Value
 #[test]
 fn an_outside_client_reaches_backends_on_the_node_and_on_another_through_a_node_port(
 ) -> anyhow::Result<()> {
-    outside_client_through_a_node_port(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+    outside_client_through_a_node_port(outside(false))
 }
 
 #[test]
 fn in_native_routing_an_outside_client_reaches_backends_through_a_node_port() -> anyhow::Result<()>
 {
-    outside_client_through_a_node_port(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU).native())
+    outside_client_through_a_node_port(outside(true))
 }
 
 fn outside_client_through_a_node_port(opts: MeshOptions) -> anyhow::Result<()> {
@@ -215,7 +225,7 @@ fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so() -
 
 #[test]
 fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::Result<()> {
-    policy_without_world(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+    policy_without_world(outside(false))
 }
 
 /// Native routing: the path to a backend on another node arrives there from the entry node's
@@ -223,7 +233,7 @@ fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::R
 #[test]
 fn in_native_routing_a_policy_without_world_keeps_outside_clients_out_on_both_paths(
 ) -> anyhow::Result<()> {
-    policy_without_world(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU).native())
+    policy_without_world(outside(true))
 }
 
 fn policy_without_world(opts: MeshOptions) -> anyhow::Result<()> {
@@ -301,13 +311,13 @@ fn after_its_backend_left(stream: &mut TcpStream) -> anyhow::Result<std::io::Err
 #[test]
 fn a_backend_deleted_under_traffic_resets_its_connections_and_new_ones_go_elsewhere(
 ) -> anyhow::Result<()> {
-    backend_deleted_under_traffic(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+    backend_deleted_under_traffic(outside(false))
 }
 
 #[test]
 fn in_native_routing_a_backend_deleted_under_traffic_resets_its_connections() -> anyhow::Result<()>
 {
-    backend_deleted_under_traffic(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU).native())
+    backend_deleted_under_traffic(outside(true))
 }
 
 fn backend_deleted_under_traffic(opts: MeshOptions) -> anyhow::Result<()> {

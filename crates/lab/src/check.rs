@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::proc::netns_path;
 use crate::spec::ECHO_PORT;
-use crate::state::{LabEndpoint, LabState, CONTAINER_NETNS};
+use crate::state::{LabEndpoint, LabExternal, LabState, CONTAINER_NETNS};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
@@ -216,6 +216,38 @@ fn ping(from: &LabEndpoint, to: &str) -> anyhow::Result<Child> {
         .with_context(|| format!("running ping from {}", from.name))
 }
 
+/// A row whose `count` requests to `url` run on the external host; `row` is its CHECK, TO and
+/// EXPECT.
+fn from_external(
+    meshd: &Path,
+    ext: &LabExternal,
+    (check, to, expect): (&str, String, &str),
+    url: &str,
+    count: u32,
+    timeout_ms: u64,
+    kind: Kind,
+) -> anyhow::Result<Pending> {
+    Ok(Pending {
+        result: CheckResult {
+            check: check.into(),
+            from: format!("external {}", ext.ip),
+            to,
+            expect: expect.into(),
+            pass: false,
+            detail: String::new(),
+        },
+        child: request_in(
+            meshd,
+            &ext.netns,
+            ext.container.as_deref(),
+            url,
+            count,
+            timeout_ms,
+        )?,
+        kind,
+    })
+}
+
 fn label(ep: &LabEndpoint) -> String {
     format!("{}/{}", ep.cluster, ep.name)
 }
@@ -334,31 +366,14 @@ pub fn run_check(
             .chain(webs.iter().map(|e| (e, false)));
         for (to, deny) in targets {
             let url = format!("http://{}:{ECHO_PORT}/", to.ip);
-            pending.push(Pending {
-                result: CheckResult {
-                    check: "from external".into(),
-                    from: format!("external {}", ext.ip),
-                    to: label(to),
-                    expect: if deny { "deny" } else { "allow" }.into(),
-                    pass: false,
-                    detail: String::new(),
-                },
-                child: request_in(
-                    meshd,
-                    &ext.netns,
-                    ext.container.as_deref(),
-                    &url,
-                    1,
-                    if deny { 1500 } else { 3000 },
-                )?,
-                kind: if deny {
-                    Kind::Denied
-                } else {
-                    Kind::Http {
-                        endpoint: to.name.clone(),
-                    }
-                },
-            });
+            let (expect, timeout_ms, kind) = if deny {
+                ("deny", 1500, Kind::Denied)
+            } else {
+                let endpoint = to.name.clone();
+                ("allow", 3000, Kind::Http { endpoint })
+            };
+            let row = ("from external", label(to), expect);
+            pending.push(from_external(meshd, ext, row, &url, 1, timeout_ms, kind)?);
         }
     }
     if policy_denies_echo_to_echo {
@@ -395,35 +410,24 @@ pub fn run_check(
             for node in &cluster.nodes {
                 let url = format!("http://{}:{node_port}/", node.ip);
                 let local = svc.local_traffic_policy;
-                pending.push(Pending {
-                    result: CheckResult {
-                        check: if local { "nodeport local" } else { "nodeport" }.into(),
-                        from: format!("external {}", ext.ip),
-                        to: format!("{}/{} {}:{node_port}", cluster.name, node.name, node.ip),
-                        expect: "allow".into(),
-                        pass: false,
-                        detail: String::new(),
+                let kind = Kind::NodePort {
+                    entry: format!("{}/{}", cluster.name, node.name),
+                    entry_ip: node.ip.clone(),
+                    client: ext.ip.clone(),
+                    min_clusters: if local || !svc.global {
+                        1
+                    } else {
+                        svc.clusters_with_backends.max(1)
                     },
-                    child: request_in(
-                        meshd,
-                        &ext.netns,
-                        ext.container.as_deref(),
-                        &url,
-                        if local { 6 } else { 20 },
-                        3000,
-                    )?,
-                    kind: Kind::NodePort {
-                        entry: format!("{}/{}", cluster.name, node.name),
-                        entry_ip: node.ip.clone(),
-                        client: ext.ip.clone(),
-                        min_clusters: if local || !svc.global {
-                            1
-                        } else {
-                            svc.clusters_with_backends.max(1)
-                        },
-                        local,
-                    },
-                });
+                    local,
+                };
+                let row = (
+                    if local { "nodeport local" } else { "nodeport" },
+                    format!("{}/{} {}:{node_port}", cluster.name, node.name, node.ip),
+                    "allow",
+                );
+                let count = if local { 6 } else { 20 };
+                pending.push(from_external(meshd, ext, row, &url, count, 3000, kind)?);
             }
         }
     }
