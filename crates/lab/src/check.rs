@@ -117,12 +117,17 @@ enum Kind {
     /// answered, from at least `min_clusters` clusters, and each backend saw the client's own
     /// address `client` if it runs on `entry`, the entry node's otherwise (SNAT). With `local`
     /// every answer must come from `entry` itself.
+    ///
+    /// With direct server return (`dsr`) every backend sees the client's own address, and the
+    /// router's capture (`crate::capture`) must have seen replies from `entry` only for the
+    /// connections its own backend served.
     NodePort {
         entry: String,
         entry_ip: String,
         client: String,
         min_clusters: usize,
         local: bool,
+        dsr: bool,
     },
 }
 
@@ -398,7 +403,24 @@ pub fn run_check(
         }
     }
     // Public endpoints: from the external host to every node's IP at every node port of its
-    // cluster's services.
+    // cluster's services. With direct server return (TCP in `dsr` and `hybrid`) the router
+    // records which replies pass back through the node a connection came in by.
+    let dsr = matches!(state.service_lb_mode.as_str(), "dsr" | "hybrid");
+    if dsr {
+        let watched: Vec<crate::capture::Watched> = services
+            .iter()
+            .filter(|s| !s.local_traffic_policy)
+            .filter_map(|s| Some((state.cluster(&s.cluster)?, s.node_port?)))
+            .flat_map(|(c, node_port)| {
+                c.nodes.iter().map(move |n| crate::capture::Watched {
+                    netns: n.netns.clone(),
+                    ip: n.ip.clone(),
+                    node_port,
+                })
+            })
+            .collect();
+        crate::capture::start(state, &watched)?;
+    }
     if let Some(ext) = &state.external {
         for svc in services {
             let Some(node_port) = svc.node_port else {
@@ -420,9 +442,14 @@ pub fn run_check(
                         svc.clusters_with_backends.max(1)
                     },
                     local,
+                    dsr: dsr && !local,
                 };
                 let row = (
-                    if local { "nodeport local" } else { "nodeport" },
+                    match (local, dsr) {
+                        (true, _) => "nodeport local",
+                        (false, true) => "nodeport dsr",
+                        (false, false) => "nodeport",
+                    },
                     format!("{}/{} {}:{node_port}", cluster.name, node.name, node.ip),
                     "allow",
                 );
@@ -526,11 +553,28 @@ pub fn run_check(
                 client,
                 min_clusters,
                 local,
+                dsr,
             } => {
                 let replies: Vec<serde_json::Value> =
                     summary["replies"].as_array().cloned().unwrap_or_default();
-                let (pass, detail) =
-                    judge_node_port(&replies, &entry, &entry_ip, &client, min_clusters, local);
+                let (mut pass, mut detail) = judge_node_port(
+                    &replies,
+                    &entry,
+                    &entry_ip,
+                    &client,
+                    min_clusters,
+                    local,
+                    dsr,
+                );
+                if dsr {
+                    let (ok, seen) = judge_return_path(
+                        &replies,
+                        &entry,
+                        crate::capture::ports_through(state, &entry_ip),
+                    );
+                    pass &= ok;
+                    detail.push_str(&format!("; {seen}"));
+                }
                 result.pass = out.status.success() && pass;
                 result.detail = if out.status.success() {
                     detail
@@ -557,6 +601,9 @@ pub fn run_check(
         }
         results.push(result);
     }
+    if dsr {
+        crate::capture::stop(state);
+    }
     let passed = results.iter().filter(|r| r.pass).count();
     let failed = results.len() - passed;
     Ok(CheckReport {
@@ -575,6 +622,7 @@ fn judge_node_port(
     client: &str,
     min_clusters: usize,
     local: bool,
+    dsr: bool,
 ) -> (bool, String) {
     let mut clusters = std::collections::BTreeSet::new();
     let mut by_node = std::collections::BTreeMap::<String, usize>::new();
@@ -590,8 +638,8 @@ fn judge_node_port(
             .and_then(|c| c.rsplit_once(':'))
             .map_or("-", |(ip, _)| ip);
         // A backend on the node asked keeps the client's address; one elsewhere sees the
-        // node's (SNAT), and Local never sends elsewhere.
-        let expected = if node == entry { client } else { entry_ip };
+        // node's (SNAT) unless the node returns nothing (DSR), and Local never sends elsewhere.
+        let expected = if node == entry || dsr { client } else { entry_ip };
         if (local && node != entry) || seen != expected {
             wrong.push(format!("{node} saw {seen}"));
         }
@@ -616,6 +664,48 @@ fn judge_node_port(
     (pass, detail)
 }
 
+/// Direct server return: whether the replies that passed back through node `entry` (their
+/// client ports, as the router recorded them) are exactly those of the connections its own
+/// backend served; and a line saying so.
+fn judge_return_path(
+    replies: &[serde_json::Value],
+    entry: &str,
+    through_entry: anyhow::Result<std::collections::BTreeSet<u16>>,
+) -> (bool, String) {
+    let through_entry = match through_entry {
+        Ok(ports) => ports,
+        Err(e) => return (false, format!("router capture: {e:#}")),
+    };
+    let (mut own, mut elsewhere) = (std::collections::BTreeSet::new(), 0);
+    for reply in replies.iter().filter(|r| r["cluster"].is_string()) {
+        let node = format!(
+            "{}/{}",
+            reply["cluster"].as_str().unwrap_or("-"),
+            reply["node"].as_str().unwrap_or("-")
+        );
+        let port = reply["client"]
+            .as_str()
+            .and_then(|c| c.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        match port {
+            Some(port) if node == entry => {
+                own.insert(port);
+            }
+            _ => elsewhere += 1,
+        }
+    }
+    let strays = through_entry.difference(&own).count();
+    let pass = elsewhere > 0 && strays == 0 && through_entry == own;
+    (
+        pass,
+        format!(
+            "router: replies of {} connection(s) came back through {entry} ({} served there, {strays} served elsewhere; {elsewhere} answered directly)",
+            through_entry.len(),
+            own.len()
+        ),
+    )
+}
+
 fn result(check: String, from: &LabEndpoint, to: &str, expect: &str) -> CheckResult {
     CheckResult {
         check,
@@ -634,7 +724,7 @@ pub fn default_run_dir() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use super::judge_node_port;
+    use super::{judge_node_port, judge_return_path};
     use serde_json::{json, Value};
 
     fn reply(cluster: &str, node: &str, client: &str) -> Value {
@@ -652,28 +742,57 @@ mod tests {
             reply("c1", "n2", N1),
             reply("c2", "n1", N1),
         ];
-        let (pass, detail) = judge_node_port(&good, "c1/n1", N1, EXT, 2, false);
+        let (pass, detail) = judge_node_port(&good, "c1/n1", N1, EXT, 2, false, false);
         assert!(pass, "{detail}");
         // Answers from one cluster only, where two have backends.
-        let (pass, _) = judge_node_port(&good[..2], "c1/n1", N1, EXT, 2, false);
+        let (pass, _) = judge_node_port(&good[..2], "c1/n1", N1, EXT, 2, false, false);
         assert!(!pass);
         // A remote backend that saw the client (no SNAT), or the local one that saw the node.
         for bad in [reply("c1", "n2", EXT), reply("c1", "n1", N1)] {
-            let (pass, detail) = judge_node_port(&[bad], "c1/n1", N1, EXT, 1, false);
+            let (pass, detail) = judge_node_port(&[bad], "c1/n1", N1, EXT, 1, false, false);
             assert!(!pass && detail.contains("wrong"), "{detail}");
         }
         // A failed request among the answers.
         let (pass, detail) =
-            judge_node_port(&[good[0].clone(), Value::Null], "c1/n1", N1, EXT, 1, false);
+            judge_node_port(&[good[0].clone(), Value::Null], "c1/n1", N1, EXT, 1, false, false);
         assert!(!pass && detail.starts_with("1/2"), "{detail}");
-        assert!(!judge_node_port(&[], "c1/n1", N1, EXT, 1, false).0);
+        assert!(!judge_node_port(&[], "c1/n1", N1, EXT, 1, false, false).0);
     }
 
     #[test]
     fn a_local_node_port_answers_only_from_the_node_with_the_client_kept() {
         let own = [reply("c1", "n1", EXT), reply("c1", "n1", EXT)];
-        assert!(judge_node_port(&own, "c1/n1", N1, EXT, 1, true).0);
-        let (pass, detail) = judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true);
+        assert!(judge_node_port(&own, "c1/n1", N1, EXT, 1, true, false).0);
+        let (pass, detail) = judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true, false);
         assert!(!pass && detail.contains("c1/n2"), "{detail}");
+    }
+
+    #[test]
+    fn with_dsr_every_backend_keeps_the_client_and_only_the_own_backend_answers_through_the_node(
+    ) {
+        let mut served = [
+            reply("c1", "n1", EXT),
+            reply("c1", "n2", EXT),
+            reply("c2", "n1", EXT),
+        ];
+        served[0]["client"] = json!(format!("{EXT}:40001"));
+        assert!(judge_node_port(&served, "c1/n1", N1, EXT, 2, false, true).0);
+        // A remote backend that saw the node: SNAT, not DSR.
+        let snat = [reply("c1", "n2", N1)];
+        assert!(!judge_node_port(&snat, "c1/n1", N1, EXT, 1, false, true).0);
+
+        let through = |ports: &[u16]| Ok(ports.iter().copied().collect());
+        let (pass, detail) = judge_return_path(&served, "c1/n1", through(&[40001]));
+        assert!(pass, "{detail}");
+        // A reply of a connection served elsewhere came back through the node.
+        let (pass, detail) = judge_return_path(&served, "c1/n1", through(&[40000, 40001]));
+        assert!(!pass && detail.contains("1 served elsewhere"), "{detail}");
+        // Nothing recorded for the own backend's connection: the capture saw nothing.
+        assert!(!judge_return_path(&served, "c1/n1", through(&[])).0);
+        // No connection served elsewhere: nothing shows the direct path.
+        assert!(!judge_return_path(&served[..1], "c1/n1", through(&[40001])).0);
+        let (pass, detail) =
+            judge_return_path(&served, "c1/n1", Err(anyhow::anyhow!("no nft")));
+        assert!(!pass && detail.contains("no nft"), "{detail}");
     }
 }

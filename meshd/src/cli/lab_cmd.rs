@@ -73,6 +73,11 @@ pub struct UpArgs {
     /// Agents read every remote cluster's etcd directly, whatever the number of clusters.
     #[arg(long)]
     no_kvstoremesh: bool,
+    /// How a node port connection reaches a backend on another node: `snat` (through the node
+    /// it came in by), `dsr` (direct server return: the backend's node answers the client) or
+    /// `hybrid` (DSR for TCP); DSR needs `--routing native`.
+    #[arg(long, default_value = "snat", value_name = "MODE")]
+    service_lb_mode: meshd_lab::spec::ServiceLbMode,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -208,11 +213,18 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     if args.underlay.prefix_len() != 24 {
         bail!("--underlay {}: the lab needs a /24", args.underlay);
     }
+    if args.service_lb_mode.uses_dsr() && args.routing != meshd_state::RoutingMode::Native {
+        bail!(
+            "--service-lb-mode {}: direct server return needs native routing (add --routing native); the tunnel always brings replies back through the node a connection came in by",
+            args.service_lb_mode
+        );
+    }
     let mut opts = UpOptions::new(
         LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
             .with_etcd_members(args.etcd_members)
             .with_masquerade(!args.no_masquerade)
             .with_routing(args.routing)
+            .with_service_lb_mode(args.service_lb_mode)
             .with_kvstoremesh(match (args.kvstoremesh, args.no_kvstoremesh) {
                 (true, _) => true,
                 (_, true) => false,
@@ -717,6 +729,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "prometheus": state.prometheus.as_ref().map(|p| &p.url),
         "prometheus_absent": state.prometheus_absent,
         "kvstoremesh": state.kvstoremesh,
+        "service_lb_mode": state.service_lb_mode,
         "external": state.external.as_ref().map(|e| serde_json::json!({
             "netns": e.netns,
             "ip": e.ip,
