@@ -79,12 +79,24 @@ fn lab_up_check_status_down_twice() {
         "prometheus on PATH (scripts/install-deps.sh installs Debian's)",
         meshd_testing::have_binary("prometheus"),
     );
+    // Direct server return needs native routing: refused before anything is made.
+    let mut args = up_args.to_vec();
+    args.extend(["--service-lb-mode", "dsr"]);
+    let refused = meshd(&args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--routing native"),
+        "{stderr}"
+    );
+    assert!(leftovers(&run_dir).is_empty(), "{:?}", leftovers(&run_dir));
     // Twice in a row: the second `up` replaces the first lab, without masquerade, in native
-    // routing mode and with every cluster's remote clusters read through its cache.
+    // routing mode with direct server return and every cluster's remote clusters read through
+    // its cache.
     for round in 1..=2 {
         let mut args = up_args.to_vec();
         if round == 2 {
             args.extend(["--no-masquerade", "--routing", "native", "--kvstoremesh"]);
+            args.extend(["--service-lb-mode", "dsr"]);
         }
         let up = meshd(&args);
         let stdout = String::from_utf8_lossy(&up.stdout);
@@ -118,7 +130,9 @@ fn lab_up_check_status_down_twice() {
         );
         // Public endpoints: the external host reaches every node (2 x 2) at the node port of
         // `web` and at the one of `web-local` (externalTrafficPolicy Local), in each cluster.
-        for row in ["nodeport", "nodeport local"] {
+        // With DSR the `web` rows also check the router's record of the replies' path.
+        let web_row = if round == 2 { "nodeport dsr" } else { "nodeport" };
+        for row in [web_row, "nodeport local"] {
             // The CHECK column, padded with spaces (names have single spaces inside).
             let rows: Vec<&str> = stdout
                 .lines()
@@ -227,6 +241,7 @@ fn lab_up_check_status_down_twice() {
     assert_eq!(doc["masquerade"], false, "{doc}");
     assert_eq!(doc["routing"], "native", "{doc}");
     assert_eq!(doc["kvstoremesh"], true, "{doc}");
+    assert_eq!(doc["service_lb_mode"], "dsr", "{doc}");
     // One node per cluster behind the router: the others route to it through the router, not
     // with a direct route, and say so.
     let c1 = &clusters[0]["nodes"];
