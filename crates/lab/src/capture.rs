@@ -35,7 +35,11 @@ fn in_netns(netns: &str, program: &str, args: &[String]) -> anyhow::Result<Strin
 
 /// The MAC address of `ul0`, the node's link towards the router.
 fn uplink_mac(netns: &str) -> anyhow::Result<String> {
-    let out = in_netns(netns, "ip", &["-j".into(), "link".into(), "show".into(), "ul0".into()])?;
+    let out = in_netns(
+        netns,
+        "ip",
+        &["-j".into(), "link".into(), "show".into(), "ul0".into()],
+    )?;
     let links: serde_json::Value = serde_json::from_str(&out)?;
     links[0]["address"]
         .as_str()

@@ -639,7 +639,11 @@ fn judge_node_port(
             .map_or("-", |(ip, _)| ip);
         // A backend on the node asked keeps the client's address; one elsewhere sees the
         // node's (SNAT) unless the node returns nothing (DSR), and Local never sends elsewhere.
-        let expected = if node == entry || dsr { client } else { entry_ip };
+        let expected = if node == entry || dsr {
+            client
+        } else {
+            entry_ip
+        };
         if (local && node != entry) || seen != expected {
             wrong.push(format!("{node} saw {seen}"));
         }
@@ -699,7 +703,7 @@ fn judge_return_path(
     (
         pass,
         format!(
-            "router: replies of {} connection(s) came back through {entry} ({} served there, {strays} served elsewhere; {elsewhere} answered directly)",
+            "router: replies of {} connection(s) came back through {entry} ({} served there, {strays} served elsewhere; {elsewhere} connection(s) served by other nodes)",
             through_entry.len(),
             own.len()
         ),
@@ -753,8 +757,15 @@ mod tests {
             assert!(!pass && detail.contains("wrong"), "{detail}");
         }
         // A failed request among the answers.
-        let (pass, detail) =
-            judge_node_port(&[good[0].clone(), Value::Null], "c1/n1", N1, EXT, 1, false, false);
+        let (pass, detail) = judge_node_port(
+            &[good[0].clone(), Value::Null],
+            "c1/n1",
+            N1,
+            EXT,
+            1,
+            false,
+            false,
+        );
         assert!(!pass && detail.starts_with("1/2"), "{detail}");
         assert!(!judge_node_port(&[], "c1/n1", N1, EXT, 1, false, false).0);
     }
@@ -763,13 +774,13 @@ mod tests {
     fn a_local_node_port_answers_only_from_the_node_with_the_client_kept() {
         let own = [reply("c1", "n1", EXT), reply("c1", "n1", EXT)];
         assert!(judge_node_port(&own, "c1/n1", N1, EXT, 1, true, false).0);
-        let (pass, detail) = judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true, false);
+        let (pass, detail) =
+            judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true, false);
         assert!(!pass && detail.contains("c1/n2"), "{detail}");
     }
 
     #[test]
-    fn with_dsr_every_backend_keeps_the_client_and_only_the_own_backend_answers_through_the_node(
-    ) {
+    fn with_dsr_every_backend_keeps_the_client_and_only_the_own_backend_answers_through_the_node() {
         let mut served = [
             reply("c1", "n1", EXT),
             reply("c1", "n2", EXT),
@@ -791,8 +802,7 @@ mod tests {
         assert!(!judge_return_path(&served, "c1/n1", through(&[])).0);
         // No connection served elsewhere: nothing shows the direct path.
         assert!(!judge_return_path(&served[..1], "c1/n1", through(&[40001])).0);
-        let (pass, detail) =
-            judge_return_path(&served, "c1/n1", Err(anyhow::anyhow!("no nft")));
+        let (pass, detail) = judge_return_path(&served, "c1/n1", Err(anyhow::anyhow!("no nft")));
         assert!(!pass && detail.contains("no nft"), "{detail}");
     }
 }

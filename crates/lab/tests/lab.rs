@@ -131,7 +131,11 @@ fn lab_up_check_status_down_twice() {
         // Public endpoints: the external host reaches every node (2 x 2) at the node port of
         // `web` and at the one of `web-local` (externalTrafficPolicy Local), in each cluster.
         // With DSR the `web` rows also check the router's record of the replies' path.
-        let web_row = if round == 2 { "nodeport dsr" } else { "nodeport" };
+        let web_row = if round == 2 {
+            "nodeport dsr"
+        } else {
+            "nodeport"
+        };
         for row in [web_row, "nodeport local"] {
             // The CHECK column, padded with spaces (names have single spaces inside).
             let rows: Vec<&str> = stdout
