@@ -121,11 +121,12 @@ static __always_inline int lb_backend_exists(__u32 addr)
 static __always_inline int lb_backend_kept(const struct service_key *skey, const struct service_value *svc,
 					   struct ct_value *conn)
 {
+	/* Slots from count on may still hold backends of before (nothing has to clear them). */
+	__u32 count = svc->count;
 	struct backend_key bkey = {.frontend = *skey, .slot = conn->backend_slot};
-	struct backend_value *b = bpf_map_lookup_elem(&BACKENDS, &bkey);
+	struct backend_value *b = bkey.slot < count ? bpf_map_lookup_elem(&BACKENDS, &bkey) : 0;
 	if (b && b->addr == conn->nat_addr && b->port == conn->nat_port)
 		return 1;
-	__u32 count = svc->count;
 	if (count > LB_BACKEND_SCAN)
 		return 1;
 	for (__u32 slot = 0; slot < LB_BACKEND_SCAN; slot++) {
