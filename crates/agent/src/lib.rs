@@ -387,6 +387,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             local: true,
             tx: view_tx.clone(),
             connection: local_conn_tx,
+            entry_limit: None,
         }
         .run(),
     );
@@ -403,6 +404,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     config.cluster.clone(),
                     view_tx.clone(),
                     registry_tx,
+                    config.remote_entry_limit,
                 ));
             }
         }
@@ -414,6 +416,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 view_tx.clone(),
                 registry_tx,
                 local_conn_rx.clone(),
+                config.remote_entry_limit,
             ));
         }
     }
