@@ -876,6 +876,23 @@ etcd:
     }
 
     #[test]
+    fn the_remote_entry_limit_has_a_default_a_key_a_flag_and_an_off_switch() {
+        let limit = |text: &str, flag: Option<u64>| {
+            let args = AgentArgs {
+                remote_entry_limit: flag,
+                ..Default::default()
+            };
+            resolve(file(&format!("{GOOD}{text}")), &args)
+                .unwrap()
+                .remote_entry_limit
+        };
+        assert_eq!(limit("", None), Some(meshd_kvstore::DEFAULT_ENTRY_LIMIT));
+        assert_eq!(limit("remote_entry_limit: 2000\n", None), Some(2000));
+        assert_eq!(limit("remote_entry_limit: 2000\n", Some(5)), Some(5));
+        assert_eq!(limit("remote_entry_limit: 0\n", None), None);
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_naming_its_field() {
         let bad = "
 cluster: C_1

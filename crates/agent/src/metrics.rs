@@ -397,6 +397,19 @@ mod tests {
                 connected: true,
                 ..Default::default()
             },
+            // Over its entry limit, with undecodable entries.
+            pb::ClusterStatus {
+                name: "c4".into(),
+                ready: true,
+                connected: true,
+                entry_limit: 2000,
+                entries_held: 2000,
+                over_limit: 77,
+                degraded: "over its entry limit".into(),
+                malformed: [("ipcache".to_owned(), 3)].into(),
+                rejected: 3,
+                ..Default::default()
+            },
         ];
         let datapath = pb::DatapathStatus {
             counters: vec![
@@ -458,6 +471,13 @@ mod tests {
             "meshd_propagation_delay_seconds_bucket{le=\"16.384\"} 1",
             "meshd_datapath_events_lost_total 9",
             "meshd_remote_cluster_failures_total{cluster=\"c2\"} 3",
+            "meshd_remote_cluster_ready{cluster=\"c4\"} 1",
+            "meshd_remote_cluster_degraded{cluster=\"c4\"} 1",
+            "meshd_remote_cluster_degraded{cluster=\"c3\"} 0",
+            "meshd_remote_cluster_over_limit_entries_total{cluster=\"c4\"} 77",
+            "meshd_remote_cluster_held_entries{cluster=\"c4\"} 2000",
+            "meshd_remote_cluster_entry_limit{cluster=\"c4\"} 2000",
+            "meshd_remote_cluster_malformed_entries_total{cluster=\"c4\",kind=\"ipcache\"} 3",
             "meshd_remote_cluster_last_event_age_seconds{cluster=\"c2\"} 2.5",
             "meshd_datapath_map_entries{map=\"conntrack\"} 10",
             "meshd_datapath_map_capacity{map=\"conntrack\"} 262144",
