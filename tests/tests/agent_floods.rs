@@ -11,18 +11,18 @@
 //! c3 is whole again. Direct mode, and through the cache (the mirror with a limit of its own).
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{Txn, TxnOp};
-use ipnet::Ipv4Net;
-use meshd_certs::LeafKind;
 use meshd_datapath::DatapathMaps;
-use meshd_e2e::bench::{ms, percentile};
+use meshd_e2e::flood::{
+    admin_config, flood_identity, flood_records, put_parallel, runtime, summary,
+    with_admin_on_thread, Prober, FLOOD_BASE,
+};
 use meshd_e2e::mesh::{Mesh, MeshOptions};
-use meshd_e2e::sim::{ipcache_record, nth_ip, put_all, simulated_entries, Kv, PER_TXN};
+use meshd_e2e::sim::{nth_ip, simulated_entries};
 use meshd_e2e::wait_for;
-use meshd_kvstore::{EtcdConfig, EtcdStore};
-use meshd_state::ClusterName;
+use meshd_kvstore::EtcdStore;
 
 const LIMIT: u64 = 2000;
 /// Flood keys: five times the limit.
@@ -31,104 +31,25 @@ const FLOOD: usize = 10_000;
 const BURST_RATE: usize = 10_000;
 const BURST: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(60);
-/// A probe that has not arrived by then failed (a generous deadline, not a timing goal).
-const PROBE_DEADLINE: Duration = Duration::from_secs(30);
 /// c1/n1's memory may grow this much over the test (its bookkeeping for 2,000 of c3's keys
 /// and the 1 MiB values in flight); unbounded, the flood would not fit it at 1M keys.
 const RSS_GROWTH: u64 = 256 << 20;
-
-/// Flood entries live at 10.100.x.x, probes at 10.150.x.x (clear of every pod CIDR).
-const FLOOD_BASE: u8 = 100;
-const PROBE_BASE: u8 = 150;
-
-fn c3_identity(i: usize) -> u32 {
-    (3 << 16) | (300 + (i % 50) as u32)
-}
+/// Transactions in flight while flooding.
+const PARALLEL: usize = 4;
+/// Between two probes.
+const GAP: Duration = Duration::from_millis(20);
 
 fn admin(mesh: &Mesh, rt: &tokio::runtime::Runtime, cluster: &str) -> anyhow::Result<EtcdStore> {
-    let etcd = &mesh.cluster(cluster)?.etcd;
-    let config =
-        EtcdConfig::new([etcd.endpoint()]).with_tls(mesh.pki.files(cluster, LeafKind::Admin));
-    Ok(rt.block_on(meshd_kvstore::connect(&config))?)
+    Ok(rt.block_on(meshd_kvstore::connect(&admin_config(mesh, cluster)?))?)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
-}
-
-/// c2's changes timed from its etcd to c1/n1's maps.
-struct Prober {
-    rt: tokio::runtime::Runtime,
-    c2: EtcdStore,
-    c2_host: Ipv4Addr,
-    maps: DatapathMaps,
-    next: usize,
-}
-
-impl Prober {
-    fn new(mesh: &Mesh) -> anyhow::Result<Self> {
-        let rt = runtime()?;
-        let c2 = admin(mesh, &rt, "c2")?;
-        let pin_dir = mesh.node("c1", "n1")?.pin_dir.clone();
-        Ok(Self {
-            c2,
-            c2_host: mesh.node("c2", "n1")?.ip,
-            maps: DatapathMaps::open(pin_dir)?,
-            next: 0,
-            rt,
-        })
-    }
-
-    /// Publishes one new c2 entry and waits for it in c1/n1's maps; then deletes it.
-    fn probe(&mut self) -> anyhow::Result<Duration> {
-        let ip = nth_ip(PROBE_BASE, self.next);
-        self.next += 1;
-        let c2 = ClusterName::new("c2")?;
-        let (key, value) = ipcache_record(&c2, ip, (2 << 16) | 300, self.c2_host)?;
-        let mut client = self.c2.client();
-        self.rt.block_on(client.put(key.as_str(), value, None))?;
-        let start = Instant::now();
-        loop {
-            if self.maps.ipcache_entry(Ipv4Net::from(ip))?.is_some() {
-                break;
-            }
-            anyhow::ensure!(
-                start.elapsed() < PROBE_DEADLINE,
-                "c2's entry {ip} did not reach c1/n1's maps within {PROBE_DEADLINE:?}"
-            );
-            std::thread::sleep(Duration::from_micros(500));
-        }
-        let took = start.elapsed();
-        self.rt.block_on(client.delete(key.as_str(), None))?;
-        Ok(took)
-    }
-
-    /// Probes one after another while `busy` says so (and at least `min` times).
-    fn probe_while(
-        &mut self,
-        min: usize,
-        mut busy: impl FnMut() -> bool,
-    ) -> anyhow::Result<Vec<Duration>> {
-        let mut out = Vec::new();
-        while out.len() < min || busy() {
-            out.push(self.probe()?);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        out.sort();
-        Ok(out)
-    }
-}
-
-fn summary(what: &str, sorted: &[Duration]) -> String {
-    format!(
-        "{what}: {} probes, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        sorted.len(),
-        ms(percentile(sorted, 0.50)),
-        ms(percentile(sorted, 0.99)),
-        ms(*sorted.last().expect("probed"))
-    )
+/// c3's flood keys `range`, moved `shift` identities along.
+fn c3_flood(
+    mesh: &Mesh,
+    range: std::ops::Range<usize>,
+    shift: usize,
+) -> anyhow::Result<Vec<meshd_e2e::sim::Kv>> {
+    flood_records("c3", 3, mesh.node("c3", "n1")?.ip, range, shift)
 }
 
 /// What c3 publishes that must be refused, each key with the address that must stay out of
@@ -141,7 +62,7 @@ struct Hostile {
 fn hostile_writes(mesh: &Mesh) -> anyhow::Result<Hostile> {
     let c1_node = mesh.node("c1", "n1")?.ip;
     let c3_node = mesh.node("c3", "n1")?.ip;
-    let id = c3_identity(0);
+    let id = flood_identity(3, 0);
     let ip = |prefix: &str, identity: u32, host: Ipv4Addr| -> (String, Vec<u8>) {
         (
             // A host's key is its address alone (the canonical form).
@@ -179,7 +100,10 @@ fn hostile_writes(mesh: &Mesh) -> anyhow::Result<Hostile> {
         .into_bytes(),
     ));
     // Not JSON, and JSON without the fields of a record.
-    writes.push(("meshd/state/ip/v1/c3/10.103.0.4".into(), b"{not json".to_vec()));
+    writes.push((
+        "meshd/state/ip/v1/c3/10.103.0.4".into(),
+        b"{not json".to_vec(),
+    ));
     writes.push((
         "meshd/state/ip/v1/c3/10.103.0.5".into(),
         br#"{"prefix":"10.103.0.5/32"}"#.to_vec(),
@@ -188,77 +112,18 @@ fn hostile_writes(mesh: &Mesh) -> anyhow::Result<Hostile> {
         "meshd/state/identities/v1/c3/id/oops".into(),
         b"[1,2".to_vec(),
     ));
-    let kept_out = ["10.103.0.1", "10.103.0.2", "10.103.0.3", "10.103.0.4", "10.103.0.5"]
-        .iter()
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()?;
+    let kept_out = [
+        "10.103.0.1",
+        "10.103.0.2",
+        "10.103.0.3",
+        "10.103.0.4",
+        "10.103.0.5",
+    ]
+    .iter()
+    .map(|s| s.parse())
+    .collect::<Result<_, _>>()?;
     Ok(Hostile { writes, kept_out })
 }
-
-/// c3's flood keys `range` (valid entries of its own, behind its node); `shift` moves each to
-/// another identity.
-fn flood_records(
-    mesh: &Mesh,
-    range: std::ops::Range<usize>,
-    shift: usize,
-) -> anyhow::Result<Vec<Kv>> {
-    let c3 = ClusterName::new("c3")?;
-    let host = mesh.node("c3", "n1")?.ip;
-    range
-        .map(|i| ipcache_record(&c3, nth_ip(FLOOD_BASE, i), c3_identity(i + shift), host))
-        .collect()
-}
-
-/// Runs `f` with c3's admin client on a thread of its own; joined by the returned handle.
-fn on_thread<T: Send + 'static>(
-    mesh: &Mesh,
-    f: impl FnOnce(&tokio::runtime::Runtime, EtcdStore) -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<T>>> {
-    let etcd = &mesh.cluster("c3")?.etcd;
-    let config = EtcdConfig::new([etcd.endpoint()]).with_tls(mesh.pki.files("c3", LeafKind::Admin));
-    Ok(std::thread::spawn(move || {
-        let rt = runtime()?;
-        let store = rt.block_on(meshd_kvstore::connect(&config))?;
-        f(&rt, store)
-    }))
-}
-
-/// About `rate` changes a second for `length`: rewrites of the flood keys with another
-/// identity, [`PARALLEL`] transactions of [`PER_TXN`] at a time. The changes made and the time
-/// taken.
-async fn burst(
-    store: EtcdStore,
-    records: Vec<Kv>,
-    rate: usize,
-    length: Duration,
-) -> anyhow::Result<(usize, Duration)> {
-    let client = store.client();
-    let start = tokio::time::Instant::now();
-    let per_round = Duration::from_secs_f64((PER_TXN * PARALLEL) as f64 / rate as f64);
-    let mut done = 0;
-    let txns: Vec<&[Kv]> = records.chunks(PER_TXN).collect();
-    for (n, round) in txns.chunks(PARALLEL).cycle().enumerate() {
-        if start.elapsed() >= length {
-            break;
-        }
-        let writes = round.iter().map(|chunk| {
-            let mut client = client.clone();
-            let ops = chunk
-                .iter()
-                .map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None))
-                .collect::<Vec<_>>();
-            async move { client.txn(Txn::new().and_then(ops)).await }
-        });
-        futures::future::try_join_all(writes).await?;
-        done += round.iter().map(|c| c.len()).sum::<usize>();
-        tokio::time::sleep_until(start + per_round * (n as u32 + 1)).await;
-    }
-    Ok((done, start.elapsed()))
-}
-
-/// Transactions of the burst in flight at once (one at a time, a loaded etcd's commit latency
-/// held the rate under half the target).
-const PARALLEL: usize = 4;
 
 fn u(v: &serde_json::Value, field: &str) -> u64 {
     v[field].as_u64().unwrap_or(0)
@@ -274,14 +139,14 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
     let mode = if cached { "cache" } else { "direct" };
     let rt = runtime()?;
     let c3 = admin(&mesh, &rt, "c3")?;
-    let mut prober = Prober::new(&mesh)?;
+    let mut prober = Prober::new(&mesh, "c2", 2, "c1", "n1")?;
     let rss_before = mesh.agent_rss_bytes("c1", "n1")?;
     let mirror_rss_before = if cached {
         Some(mesh.mirror_rss_bytes("c1")?)
     } else {
         None
     };
-    let baseline = prober.probe_while(20, || false)?;
+    let baseline = prober.probe_while(20, GAP, || false, |_| {})?;
 
     // 1. What is invalid.
     let before = mesh.cluster_status("c1", "n1", "c3")?;
@@ -321,7 +186,10 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
     )
     .map_err(|e| e.context(mesh.logs()))?;
     for ip in &hostile.kept_out {
-        assert!(!in_maps(&mesh, *ip)?, "{mode}: c3's {ip} reached c1/n1's maps");
+        assert!(
+            !in_maps(&mesh, *ip)?,
+            "{mode}: c3's {ip} reached c1/n1's maps"
+        );
     }
     let own = mesh.ipcache_entry("c1", "n1", c1_node)?;
     assert!(
@@ -332,17 +200,12 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
     println!("{mode}: after the invalid writes:\n{table}");
 
     // 2. The flood: five times the limit, c2 probed meanwhile.
-    let records = flood_records(&mesh, 0..FLOOD, 0)?;
-    let flooding = on_thread(&mesh, move |rt, store| {
-        let start = Instant::now();
-        rt.block_on(async {
-            let mut client = store.client();
-            put_all(&mut client, &records).await
-        })?;
-        Ok(start.elapsed())
+    let records = c3_flood(&mesh, 0..FLOOD, 0)?;
+    let flooding = with_admin_on_thread(&mesh, "c3", move |rt, store| {
+        rt.block_on(put_parallel(&store, &records, PARALLEL, None))
     })?;
-    let during_flood = prober.probe_while(10, || !flooding.is_finished())?;
-    let flood_took = flooding.join().expect("flood thread")?;
+    let during_flood = prober.probe_while(10, GAP, || !flooding.is_finished(), |_| {})?;
+    let (_, flood_took) = flooding.join().expect("flood thread")?;
     let held_to_limit = |s: &serde_json::Value| -> anyhow::Result<()> {
         anyhow::ensure!(s["state"] == "degraded", "{s}");
         anyhow::ensure!(
@@ -380,11 +243,16 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
 
     // 3. The burst: rewrites of the flood keys (the held ones change, the others are refused
     // again), about 10,000 a second.
-    let records = flood_records(&mesh, 0..FLOOD, 1)?;
-    let bursting = on_thread(&mesh, move |rt, store| {
-        rt.block_on(burst(store, records, BURST_RATE, BURST))
+    // Enough rewrites for the burst's length at its rate.
+    let records: Vec<_> = c3_flood(&mesh, 0..FLOOD, 1)?
+        .into_iter()
+        .cycle()
+        .take(BURST_RATE * BURST.as_secs() as usize)
+        .collect();
+    let bursting = with_admin_on_thread(&mesh, "c3", move |rt, store| {
+        rt.block_on(put_parallel(&store, &records, PARALLEL, Some(BURST_RATE)))
     })?;
-    let during_burst = prober.probe_while(10, || !bursting.is_finished())?;
+    let during_burst = prober.probe_while(10, GAP, || !bursting.is_finished(), |_| {})?;
     let (changes, burst_took) = bursting.join().expect("burst thread")?;
     let s2 = mesh.cluster_status("c1", "n1", "c3")?;
     held_to_limit(&s2)?;
@@ -406,7 +274,10 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
     if let Some(m0) = mirror_rss_before {
         let m1 = mesh.mirror_rss_bytes("c1")?;
         println!("{mode}: c1's mirror RSS {} -> {} MiB", m0 >> 20, m1 >> 20);
-        assert!(m1 < m0 + RSS_GROWTH, "the mirror's RSS grew from {m0} to {m1}");
+        assert!(
+            m1 < m0 + RSS_GROWTH,
+            "the mirror's RSS grew from {m0} to {m1}"
+        );
     }
     println!("{mode}: c2 -> c1/n1 propagation (c2 entry put -> in c1/n1's maps)");
     println!("  {}", summary("before the flood", &baseline));
@@ -428,7 +299,7 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
             ops.push(TxnOp::delete(k.as_str(), None));
         }
         client.txn(Txn::new().and_then(ops)).await?;
-        let (k, v) = flood_records(&mesh, FLOOD..FLOOD + 1, 0)?.remove(0);
+        let (k, v) = c3_flood(&mesh, FLOOD..FLOOD + 1, 0)?.remove(0);
         client.put(k, v, None).await?;
         anyhow::Ok(())
     })?;
@@ -440,7 +311,10 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
             let s = mesh.cluster_status("c1", "n1", "c3")?;
             anyhow::ensure!(s["state"] == "ready", "{s}");
             anyhow::ensure!(u(&s, "entries_held") < LIMIT, "{s}");
-            anyhow::ensure!(in_maps(&mesh, nth_ip(FLOOD_BASE, FLOOD))?, "new key not in maps");
+            anyhow::ensure!(
+                in_maps(&mesh, nth_ip(FLOOD_BASE, FLOOD))?,
+                "new key not in maps"
+            );
             Ok(())
         },
     )
@@ -452,13 +326,13 @@ fn floods_and_limits(mesh: Mesh, cached: bool) -> anyhow::Result<()> {
 const MIRROR_LIMIT: u64 = 2500;
 
 #[test]
-fn a_flooding_cluster_is_held_to_its_limit_and_the_others_still_propagate() -> anyhow::Result<()>
-{
+fn a_flooding_cluster_is_held_to_its_limit_and_the_others_still_propagate() -> anyhow::Result<()> {
     if !meshd_e2e::mesh::prerequisites() {
         return Ok(());
     }
-    let mesh =
-        Mesh::start(MeshOptions::clusters(3, 1).agent_config(&format!("remote_entry_limit: {LIMIT}")))?;
+    let mesh = Mesh::start(
+        MeshOptions::clusters(3, 1).agent_config(&format!("remote_entry_limit: {LIMIT}")),
+    )?;
     floods_and_limits(mesh, false)
 }
 

@@ -239,7 +239,13 @@ impl<R: Resource> Reflection<R> {
         if value.len() > self.max_value_bytes {
             stats.malformed.fetch_add(1, Ordering::Relaxed);
             stats.oversized.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(key, kind = R::KIND, bytes = value.len(), max = self.max_value_bytes, "skipping an oversized value unread");
+            tracing::warn!(
+                key,
+                kind = R::KIND,
+                bytes = value.len(),
+                max = self.max_value_bytes,
+                "skipping an oversized value unread"
+            );
             return Decoded::Malformed;
         }
         match decode::<R>(key, value) {
@@ -289,7 +295,12 @@ impl<R: Resource> Reflection<R> {
                     // Not remembered: a refused key costs nothing until its next write or the
                     // next list.
                     if stats.over_limit.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!(key = suffix, kind = R::KIND, limit = quota.limit(), "the cluster's entry limit is reached; refusing its new keys");
+                        tracing::warn!(
+                            key = suffix,
+                            kind = R::KIND,
+                            limit = quota.limit(),
+                            "the cluster's entry limit is reached; refusing its new keys"
+                        );
                     }
                     return;
                 }
@@ -640,7 +651,11 @@ mod tests {
         let mut out = Vec::new();
         b.apply(put(entry("10.0.1.3", ID1)), &stats, &mut out);
         b.apply(put(entry("10.0.1.1", ID2)), &stats, &mut out);
-        assert_eq!(summary(&out), ["+10.0.1.1 65837"], "an update of a held key passes");
+        assert_eq!(
+            summary(&out),
+            ["+10.0.1.1 65837"],
+            "an update of a held key passes"
+        );
         out.clear();
         a.apply(del("meshd/state/ip/v1/c1/10.0.0.1"), &stats, &mut out);
         assert!(quota.room_for_refused());
