@@ -111,7 +111,10 @@ fn main() -> anyhow::Result<()> {
         "  c3 wrote {written} keys in {:.1} s ({:.0}/s); c1/n1 settled {} after the flood began",
         write_took.as_secs_f64(),
         written as f64 / write_took.as_secs_f64(),
-        settled.map_or("NOT (deadline)".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+        settled.map_or("NOT (deadline)".into(), |d| format!(
+            "{:.1} s",
+            d.as_secs_f64()
+        ))
     );
     println!(
         "  c1/n1 sees c3: state {}, entries held {}, over limit {}, endpoints {}, rejected {}",

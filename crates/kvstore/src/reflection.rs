@@ -188,6 +188,13 @@ pub struct Reflection<R: Resource> {
     max_value_bytes: usize,
 }
 
+/// Whether the `n`th malformed entry of a watch is logged: the first 20, then the 32nd, 64th,
+/// ... (each line carries the count), so a cluster rewriting bad values thousands of times a
+/// second cannot flood the log; every one is counted in [`WatchStats`].
+fn worth_logging(n: u64) -> bool {
+    n <= 20 || n.is_power_of_two()
+}
+
 /// The outcome of decoding one raw entry.
 enum Decoded<R: Resource> {
     Ok(R::Key, R),
@@ -237,15 +244,18 @@ impl<R: Resource> Reflection<R> {
 
     fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
         if value.len() > self.max_value_bytes {
-            stats.malformed.fetch_add(1, Ordering::Relaxed);
+            let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
             stats.oversized.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                key,
-                kind = R::KIND,
-                bytes = value.len(),
-                max = self.max_value_bytes,
-                "skipping an oversized value unread"
-            );
+            if worth_logging(n) {
+                tracing::warn!(
+                    key,
+                    kind = R::KIND,
+                    bytes = value.len(),
+                    max = self.max_value_bytes,
+                    malformed = n,
+                    "skipping an oversized value unread"
+                );
+            }
             return Decoded::Malformed;
         }
         match decode::<R>(key, value) {
@@ -254,8 +264,10 @@ impl<R: Resource> Reflection<R> {
                 _ => Decoded::Ok(k, v),
             },
             Err(e) => {
-                stats.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key, kind = R::KIND, error = %e, "skipping malformed entry");
+                let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                if worth_logging(n) {
+                    tracing::warn!(key, kind = R::KIND, error = %e, malformed = n, "skipping malformed entry");
+                }
                 Decoded::Malformed
             }
         }
