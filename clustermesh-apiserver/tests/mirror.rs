@@ -56,16 +56,20 @@ async fn expected(remote: &EtcdStore) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for prefix in ["meshd/state/", "meshd/synced/", C2_CONFIG] {
         for (k, v) in dump(remote, prefix).await {
-            // Only c2's own keys: meshd/state/<kind>/<version>/c2/..., meshd/synced/c2/...
-            let owner = match k.strip_prefix("meshd/") {
-                Some(r) if r.starts_with("state/") => r.split('/').nth(3),
-                Some(r) if r.starts_with("synced/") => r.split('/').nth(1),
-                _ => Some("c2"),
+            // Only c2's own keys of the kinds other clusters read:
+            // meshd/state/<kind>/<version>/c2/..., meshd/synced/c2/..., its config.
+            let parts: Vec<&str> = k.split('/').collect();
+            let wanted = match parts.as_slice() {
+                ["meshd", "state", kind, _, "c2", rest @ ..] => {
+                    ["identities", "ip", "nodes", "services"].contains(kind)
+                        && !rest.concat().is_empty()
+                }
+                ["meshd", "synced", "c2", _] => true,
+                _ => k == C2_CONFIG,
             };
-            if owner != Some("c2") || (k.starts_with("meshd/cluster-config/") && k != C2_CONFIG) {
-                continue;
+            if wanted {
+                out.insert(cache_key("c2", &k).unwrap(), v);
             }
-            out.insert(cache_key("c2", &k).unwrap(), v);
         }
     }
     out
@@ -259,16 +263,24 @@ async fn list_and_watch_are_mirrored_byte_for_byte_canaries_last() {
         .put("meshd/cluster-config/c9", b"{}".to_vec(), None)
         .await
         .unwrap();
-    // A key of another cluster in c2's etcd: refused, counted.
-    h.remote
-        .put("meshd/state/nodes/v1/c3/x", b"{}".to_vec(), None)
-        .await
-        .unwrap();
+    // A key of another cluster in c2's etcd, and one of a kind no remote reader consumes:
+    // never read (the mirror reads only c2's own prefixes of the shared kinds), so neither
+    // mirrored nor counted. A malformed key under c2's own prefix: refused, counted.
+    for key in [
+        "meshd/state/nodes/v1/c3/x",
+        "meshd/state/identity-labels/v1/c2/app=x",
+        "meshd/state/nodes/v1/c2/",
+    ] {
+        h.remote.put(key, b"{}".to_vec(), None).await.unwrap();
+    }
     h.start();
     let want = converged(&h.local, &h.remote).await;
     assert_eq!(want.len(), 1 + 240 + 2);
-    assert!(!want.contains_key("meshd/cache/c2/state/nodes/v1/c3/x"));
+    let cached = cache(&h.local).await;
+    assert!(!cached.contains_key("meshd/cache/c2/state/nodes/v1/c3/x"));
+    assert!(!cached.contains_key("meshd/cache/c2/state/identity-labels/v1/c2/app=x"));
     let s = status(&h.local).await.unwrap();
+    assert!(!cached.contains_key("meshd/cache/c2/state/nodes/v1/c2/"));
     assert_eq!((s.rejected, s.limit), (1, mirror::DEFAULT_LIMIT));
     assert_eq!(s.stale_since, None);
     assert!(s.last_sync_unix_ms > 0);

@@ -10,7 +10,8 @@ use meshd_kvstore::{
     Backend, Backoff, EventKind, KeyValue, KvError, TxnOp, WatchMessage, MAX_VALUE_BYTES,
 };
 use meshd_state::keys::{
-    cache_key, cache_prefix, CLUSTER_CONFIG_PREFIX, STATE_PREFIX, SYNCED_PREFIX,
+    cache_key, cache_prefix, CLUSTER_CONFIG_PREFIX, SHARED_STATE_PREFIXES, STATE_PREFIX,
+    SYNCED_PREFIX,
 };
 use meshd_state::{CacheStatus, ClusterConfig, ClusterId, ClusterName};
 
@@ -70,6 +71,34 @@ pub(crate) fn classify(cluster: &str, key: &str) -> Class {
 /// decoding it, whatever its size: one key.)
 fn oversized(class: &Class, value: &[u8]) -> bool {
     matches!(class, Class::State(_) | Class::Canary(_)) && value.len() > MAX_VALUE_BYTES
+}
+
+/// Whether `now` must be written over `written` (the status last written, `since` ago): at
+/// once when its state changed, after `refresh` when only its counters and times did.
+fn status_due(
+    written: Option<&CacheStatus>,
+    now: &CacheStatus,
+    since: Duration,
+    refresh: Duration,
+) -> bool {
+    let Some(written) = written else {
+        return true;
+    };
+    if written == now {
+        return false;
+    }
+    let state = |s: &CacheStatus| {
+        (
+            s.connected,
+            s.ready,
+            s.stale_since,
+            s.limit,
+            // Degraded or not (agents show it at once); the count itself is a counter.
+            s.over_limit > 0,
+            s.last_error.clone(),
+        )
+    };
+    state(written) != state(now) || since >= refresh
 }
 
 fn fingerprint(value: &[u8]) -> u64 {
@@ -138,8 +167,9 @@ pub struct ClusterMirror<R, L> {
     config: Arc<MirrorConfig>,
     metrics: MirrorMetrics,
     status: CacheStatus,
-    /// The status as last written (nothing is written while it stays the same).
+    /// The status as last written (nothing is written while it stays the same), and when.
     written: Option<CacheStatus>,
+    written_at: Instant,
     /// What the cache holds for this remote: cache key -> fingerprint of its value.
     cached: HashMap<String, u64>,
     /// Resources whose canary is withheld: an entry of theirs was refused.
@@ -147,6 +177,11 @@ pub struct ClusterMirror<R, L> {
     /// The remote's cluster id, as last seen.
     remote_id: Option<ClusterId>,
     config_key: String,
+    /// What is read of the remote besides its config: `<kind prefix><cluster>/` for every
+    /// shared kind, in key order, then `meshd/synced/<cluster>/`. Only the cluster's own
+    /// keys: an etcd holding other clusters' state too sends none of their changes here.
+    state_prefixes: Vec<String>,
+    synced_prefix: String,
     last_list: Instant,
 }
 
@@ -164,6 +199,11 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
             ..Default::default()
         };
         let config_key = format!("{CLUSTER_CONFIG_PREFIX}{cluster}");
+        let state_prefixes = SHARED_STATE_PREFIXES
+            .iter()
+            .map(|p| format!("{p}{cluster}/"))
+            .collect();
+        let synced_prefix = format!("{SYNCED_PREFIX}{cluster}/");
         Self {
             cluster,
             remote,
@@ -172,10 +212,13 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
             metrics,
             status,
             written: None,
+            written_at: Instant::now(),
             cached: HashMap::new(),
             withheld: BTreeSet::new(),
             remote_id: None,
             config_key,
+            state_prefixes,
+            synced_prefix,
             last_list: Instant::now(),
         }
     }
@@ -284,11 +327,18 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
 
     async fn flush_status(&mut self) -> Result<(), KvError> {
         self.status.entries = self.cached.len() as u64;
-        if self.written.as_ref() == Some(&self.status) {
+        let due = status_due(
+            self.written.as_ref(),
+            &self.status,
+            self.written_at.elapsed(),
+            self.config.status_refresh,
+        );
+        if !due {
             return Ok(());
         }
         write_status(&self.local, &self.status).await?;
         self.written = Some(self.status.clone());
+        self.written_at = Instant::now();
         Ok(())
     }
 
@@ -457,8 +507,9 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         puts
     }
 
-    /// Lists the remote at `revision` into the cache: its config, then its state page by page
-    /// (each page written while the next one is fetched), then the sweep, then the canaries.
+    /// Lists the remote at `revision` into the cache: its config, then its state kind by kind
+    /// and page by page (each page written while the next one is fetched), then the sweep,
+    /// then the canaries.
     /// `Some(Relist)` when the revision was compacted meanwhile.
     async fn list_into_cache(
         &mut self,
@@ -475,31 +526,33 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         self.apply_ops(puts).await?;
 
         let (remote, size) = (self.remote.clone(), self.config.page_size);
-        let fetch = |after: Option<String>| {
+        let fetch = |prefix: String, after: Option<String>| {
             let remote = remote.clone();
             AbortOnDrop(tokio::spawn(async move {
                 remote
-                    .range(STATE_PREFIX, after.as_deref(), revision, size)
+                    .range(&prefix, after.as_deref(), revision, size)
                     .await
             }))
         };
-        let mut next = Some(fetch(None));
-        while let Some(mut task) = next.take() {
-            let page = match (&mut task.0).await {
-                Ok(Ok(page)) => page,
-                // Compacted between the first read and this one: list again, at once.
-                Ok(Err(KvError::Compacted { .. })) => return Ok(Some(End::Relist)),
-                Ok(Err(e)) => return Err(remote_err(e)),
-                Err(e) => return Err(Fail::Remote(format!("a page fetch failed: {e}"))),
-            };
-            if let (true, Some(last)) = (page.more, page.kvs.last()) {
-                next = Some(fetch(Some(last.key.clone())));
+        for prefix in self.state_prefixes.clone() {
+            let mut next = Some(fetch(prefix.clone(), None));
+            while let Some(mut task) = next.take() {
+                let page = match (&mut task.0).await {
+                    Ok(Ok(page)) => page,
+                    // Compacted between the first read and this one: list again, at once.
+                    Ok(Err(KvError::Compacted { .. })) => return Ok(Some(End::Relist)),
+                    Ok(Err(e)) => return Err(remote_err(e)),
+                    Err(e) => return Err(Fail::Remote(format!("a page fetch failed: {e}"))),
+                };
+                if let (true, Some(last)) = (page.more, page.kvs.last()) {
+                    next = Some(fetch(prefix.clone(), Some(last.key.clone())));
+                }
+                let puts = self.admit(&mut list, page.kvs);
+                writes += puts.len() as u64;
+                self.apply_ops(puts).await?;
             }
-            let puts = self.admit(&mut list, page.kvs);
-            writes += puts.len() as u64;
-            self.apply_ops(puts).await?;
         }
-        let synced = match self.list_remote(SYNCED_PREFIX, revision).await {
+        let synced = match self.list_remote(&self.synced_prefix, revision).await {
             Ok((kvs, _)) => kvs,
             Err(KvError::Compacted { .. }) => return Ok(Some(End::Relist)),
             Err(e) => return Err(remote_err(e)),
@@ -570,10 +623,14 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         Ok(())
     }
 
-    /// Watches the three prefixes from after the list.
+    /// Watches what the list read, from after it.
     async fn watch(&mut self, revision: i64, etcd_cluster: u64) -> Result<End, Fail> {
         let mut streams = Vec::new();
-        for prefix in [STATE_PREFIX, SYNCED_PREFIX, self.config_key.as_str()] {
+        let prefixes = self
+            .state_prefixes
+            .iter()
+            .chain([&self.synced_prefix, &self.config_key]);
+        for prefix in prefixes {
             streams.push(
                 self.remote
                     .watch(prefix, revision + 1)
@@ -897,6 +954,48 @@ mod tests {
         seed("new").await;
         wait("new").await;
         task.abort();
+    }
+
+    #[test]
+    fn a_status_is_written_at_once_when_its_state_changes_and_its_counters_at_most_every_refresh() {
+        let refresh = Duration::from_secs(5);
+        let written = CacheStatus {
+            cluster: "c2".into(),
+            connected: true,
+            ready: true,
+            entries: 10,
+            last_sync_unix_ms: 1,
+            ..Default::default()
+        };
+        let soon = Duration::from_millis(10);
+        assert!(status_due(None, &written, soon, refresh), "never written");
+        assert!(!status_due(Some(&written), &written, refresh * 2, refresh));
+        let counted = CacheStatus {
+            entries: 11,
+            rejected: 1,
+            last_sync_unix_ms: 2,
+            lag_ms: 3,
+            ..written.clone()
+        };
+        assert!(!status_due(Some(&written), &counted, soon, refresh));
+        assert!(status_due(Some(&written), &counted, refresh, refresh));
+        for changed in [
+            CacheStatus {
+                connected: false,
+                stale_since: Some(5),
+                ..counted.clone()
+            },
+            CacheStatus {
+                ready: false,
+                ..counted.clone()
+            },
+            CacheStatus {
+                last_error: Some("refused".into()),
+                ..counted.clone()
+            },
+        ] {
+            assert!(status_due(Some(&written), &changed, soon, refresh));
+        }
     }
 
     #[test]

@@ -35,6 +35,16 @@ pub const SERVICES_PREFIX: &str = "meshd/state/services/v1/";
 pub const SYNCED_PREFIX: &str = "meshd/synced/";
 /// What remote clusters may read (together with `meshd/synced/`).
 pub const STATE_PREFIX: &str = "meshd/state/";
+/// The kinds of a cluster's state that other clusters read, in key order. Readers ask for
+/// each one under the cluster's own name (`<prefix><cluster>/`) instead of all of
+/// `meshd/state/`: an etcd that holds several clusters' state (a shared etcd, or a benchmark's
+/// simulated clusters) would otherwise send every reader every cluster's changes.
+pub const SHARED_STATE_PREFIXES: [&str; 4] = [
+    IDENTITIES_PREFIX,
+    IPCACHE_PREFIX,
+    NODES_PREFIX,
+    SERVICES_PREFIX,
+];
 /// NetworkPolicy manifests of the local cluster (written by the apiserver, read by its agents;
 /// not readable by remote clusters).
 pub const POLICIES_PREFIX: &str = "meshd/config/policies/v1/";

@@ -272,6 +272,20 @@ fn cluster_prefixes() {
 }
 
 #[test]
+fn the_shared_state_prefixes_are_the_remote_kinds_in_key_order() {
+    let mut kinds = [
+        NodeRecord::PREFIX,
+        IpcacheEntry::PREFIX,
+        IdentityRecord::PREFIX,
+        ServiceRecord::PREFIX,
+    ];
+    kinds.sort();
+    // Sorted, so that reading them one after the other admits keys in the order one range
+    // over `meshd/state/` would (the mirror's per-cluster limit depends on that order).
+    assert_eq!(crate::keys::SHARED_STATE_PREFIXES, kinds);
+}
+
+#[test]
 fn a_policy_must_match_its_key() {
     let json = r#"{"apiVersion":"meshd.io/v1","kind":"NetworkPolicy",
           "metadata":{"name":"p","namespace":"default"},
