@@ -69,10 +69,21 @@ impl EntryQuota {
             })
             .is_ok();
         if !taken {
-            self.refused_total.fetch_add(1, Ordering::Relaxed);
-            self.refused_recent.fetch_add(1, Ordering::Relaxed);
+            self.count_refusal();
         }
         taken
+    }
+
+    /// No room: a new key would be refused. Lets a reader refuse it (with
+    /// [`EntryQuota::count_refusal`]) before spending anything on decoding it.
+    pub fn is_full(&self) -> bool {
+        self.held() >= self.limit
+    }
+
+    /// A new key refused (see [`EntryQuota::is_full`]).
+    pub fn count_refusal(&self) {
+        self.refused_total.fetch_add(1, Ordering::Relaxed);
+        self.refused_recent.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A held key was forgotten.
@@ -106,6 +117,7 @@ mod tests {
         assert!(!q.take());
         assert!(!q.take());
         assert_eq!((q.held(), q.refused_total(), q.refused_recent()), (2, 2, 2));
+        assert!(q.is_full());
         assert!(!q.room_for_refused());
         q.give_back();
         assert!(q.room_for_refused());

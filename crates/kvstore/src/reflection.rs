@@ -304,22 +304,40 @@ impl<R: Resource> Reflection<R> {
         } else {
             if let Some(quota) = &self.quota {
                 if !quota.take() {
-                    // Not remembered: a refused key costs nothing until its next write or the
-                    // next list.
-                    if stats.over_limit.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!(
-                            key = suffix,
-                            kind = R::KIND,
-                            limit = quota.limit(),
-                            "the cluster's entry limit is reached; refusing its new keys"
-                        );
-                    }
+                    // Filled by another watch of the cluster since `over_quota` looked.
+                    self.refused(suffix, stats);
                     return;
                 }
             }
             self.entries.insert(KeyText::new(suffix), entry);
         }
         out.push(WatchEvent::Upsert { key, value });
+    }
+
+    /// A new key refused for the quota. Not remembered: it costs nothing until its next write or
+    /// the next list.
+    fn refused(&self, suffix: &str, stats: &WatchStats) {
+        if stats.over_limit.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                key = suffix,
+                kind = R::KIND,
+                limit = self.quota.as_ref().map(|q| q.limit()),
+                "the cluster's entry limit is reached; refusing its new keys"
+            );
+        }
+    }
+
+    /// A key not held while the quota is full: refused and counted before it is decoded, so a
+    /// flood past the limit costs a lookup per key, not a decode.
+    fn over_quota(&self, suffix: &str, stats: &WatchStats) -> bool {
+        match &self.quota {
+            Some(q) if q.is_full() && !self.entries.contains_key(suffix) => {
+                q.count_refusal();
+                self.refused(suffix, stats);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn remove(&mut self, suffix: &str, out: &mut Vec<WatchEvent<R>>) {
@@ -348,7 +366,7 @@ impl<R: Resource> Reflection<R> {
             return;
         };
         let fp = fingerprint(&kv.value);
-        if self.unchanged(suffix, fp) {
+        if self.unchanged(suffix, fp) || self.over_quota(suffix, stats) {
             return;
         }
         match self.decode(&kv.key, &kv.value, stats) {
@@ -385,7 +403,7 @@ impl<R: Resource> Reflection<R> {
         match ev.kind {
             EventKind::Put => {
                 let fp = fingerprint(&ev.kv.value);
-                if self.unchanged(suffix, fp) {
+                if self.unchanged(suffix, fp) || self.over_quota(suffix, stats) {
                     return;
                 }
                 match self.decode(&ev.kv.key, &ev.kv.value, stats) {
