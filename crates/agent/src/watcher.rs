@@ -204,6 +204,20 @@ impl<B: Backend> ClusterWatcher<B> {
         let mut counters = tokio::time::interval(COUNTERS);
         counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_round = tokio::time::Instant::now();
+        // Every watch lists again (a macro: the handles are borrowed mutably by the loop).
+        macro_rules! relist_all {
+            () => {
+                config.relist();
+                nodes.relist();
+                ipcache.relist();
+                identities.relist();
+                services.relist();
+                canaries.relist();
+                if let Some(p) = &policies {
+                    p.relist();
+                }
+            };
+        }
         loop {
             let mut out: Vec<EventKind> = Vec::new();
             tokio::select! {
@@ -215,12 +229,7 @@ impl<B: Backend> ClusterWatcher<B> {
                             tracing::info!(cluster = %self.cluster, held = q.held(), limit = q.limit(), "room under the entry limit; listing again for the keys refused");
                             last_round = tokio::time::Instant::now();
                             q.begin_round();
-                            config.relist();
-                            nodes.relist();
-                            ipcache.relist();
-                            identities.relist();
-                            services.relist();
-                            canaries.relist();
+                            relist_all!();
                         }
                     }
                     self.connection.send_if_modified(|c| counts_into(c, &stats, quota.as_deref()));
@@ -230,15 +239,7 @@ impl<B: Backend> ClusterWatcher<B> {
                     let now_denied = access.borrow_and_update().access_denied;
                     if now_denied && !denied {
                         tracing::warn!(cluster = %self.cluster, "access refused; ending the watches opened before");
-                        config.relist();
-                        nodes.relist();
-                        ipcache.relist();
-                        identities.relist();
-                        services.relist();
-                        canaries.relist();
-                        if let Some(p) = &policies {
-                            p.relist();
-                        }
+                        relist_all!();
                     }
                     denied = now_denied;
                     continue;
@@ -314,13 +315,10 @@ impl<B: Backend> ClusterWatcher<B> {
 
 /// Copies the watches' counters and the quota's into `c`; whether anything changed.
 fn counts_into(c: &mut Connection, stats: &[Arc<WatchStats>], quota: Option<&EntryQuota>) -> bool {
-    let before = (
-        c.malformed,
-        c.oversized,
-        c.entries_held,
-        c.over_limit,
-        c.degraded.is_some(),
-    );
+    // What status shows as a problem; the held count moves with every new key and is read on
+    // the next notification or borrow, without one of its own.
+    let problems = |c: &Connection| (c.malformed, c.oversized, c.over_limit, c.degraded.is_some());
+    let before = problems(c);
     c.malformed = stats.iter().map(|s| s.malformed()).sum();
     c.oversized = stats.iter().map(|s| s.oversized()).sum();
     if c.malformed != before.0 {
@@ -343,16 +341,7 @@ fn counts_into(c: &mut Connection, stats: &[Arc<WatchStats>], quota: Option<&Ent
             )
         });
     }
-    let after = (
-        c.malformed,
-        c.oversized,
-        c.entries_held,
-        c.over_limit,
-        c.degraded.is_some(),
-    );
-    // The held count moves with every new key: only a change of what status shows as a
-    // problem notifies at once; the held count is read on the next notification or borrow.
-    (after.0, after.1, after.3, after.4) != (before.0, before.1, before.3, before.4)
+    problems(c) != before
 }
 
 /// The config that speaks for `cluster`: its own, or else (misconfiguration) the one another
