@@ -36,14 +36,16 @@ fuzz: deps
 	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
 
 # Randomized fault trials over the end-to-end mesh (tests/tests/fault_trials.rs): TRIALS trials
-# drawn from SEED (a new seed each run unless given), on ETCD_MEMBERS-member etcds. `make test` runs 10 trials of seed 1. A
-# failing trial prints the command that replays it.
+# drawn from SEED (a new seed each run unless given), on ETCD_MEMBERS-member etcds, with a mirror
+# per cluster and agents reading the cache when KVSTOREMESH=1. `make test` runs 10 trials of
+# seed 1 and 5 through the cache. A failing trial prints the command that replays it.
 TRIALS ?= 20
 SEED ?= $(shell date +%s)
 ETCD_MEMBERS ?= 1
+KVSTOREMESH ?= 0
 faults: deps
 	$(CARGO) build --workspace --bins
-	MESHD_FAULT_TRIALS=$(TRIALS) MESHD_FAULT_SEED=$(SEED) MESHD_FAULT_ETCD_MEMBERS=$(ETCD_MEMBERS) $(CARGO) test -p meshd-e2e --test fault_trials -- --nocapture
+	MESHD_FAULT_TRIALS=$(TRIALS) MESHD_FAULT_SEED=$(SEED) MESHD_FAULT_ETCD_MEMBERS=$(ETCD_MEMBERS) MESHD_FAULT_KVSTOREMESH=$(KVSTOREMESH) $(CARGO) test -p meshd-e2e --test fault_trials -- --nocapture --exact randomized_fault_trials_leave_maps_equal_to_etcd
 
 # The long flood (issue 17, item 4; tests/benches/floods.rs): c3 publishes FLOOD_KEYS keys while
 # c2's propagation to c1/n1 is timed against the same probes before the flood, and c1/n1's

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshd_kvstore::EtcdStore;
+use meshd_kvstore::{Backend, EtcdStore};
 use meshd_state::{Capabilities, ClusterConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -116,7 +116,9 @@ impl Apiserver {
         }));
 
         tasks.push(tokio::spawn(watch_etcd(store.clone(), health.clone())));
-        if let Some(k) = &config.kvstoremesh {
+        // The mirror runs in the leader's term only (see `run`): one writer of the cache per
+        // cluster, however many replicas.
+        let mirror = config.kvstoremesh.as_ref().map(|k| {
             let mut mirror = crate::mirror::MirrorConfig::new(
                 k.clusters_dir.clone(),
                 config.cluster.clone(),
@@ -124,12 +126,8 @@ impl Apiserver {
             );
             mirror.limit = k.limit;
             mirror.batch = config.max_txn_ops.min(crate::mirror::MAX_BATCH);
-            tasks.push(tokio::spawn(crate::mirror::run(
-                store.clone(),
-                mirror,
-                metrics.mirror.clone(),
-            )));
-        }
+            (mirror, metrics.mirror.clone())
+        });
 
         let replica_id = config.replica_id.clone();
         let main = tokio::spawn(run(
@@ -137,6 +135,7 @@ impl Apiserver {
             store,
             health.clone(),
             metrics.identities.clone(),
+            mirror,
             stop_rx,
         ));
         tracing::info!(%api_addr, ?health_addr, "clustermesh-apiserver started");
@@ -195,6 +194,45 @@ async fn watch_etcd(store: EtcdStore, health: Arc<Health>) {
     }
 }
 
+/// The mirror for as long as this replica leads, its writes fenced by the leader key: a
+/// replica that lost leadership without noticing yet (a paused process, a partition) cannot
+/// overwrite the cache its successor writes. Pending forever without `--kvstoremesh`.
+async fn mirror_term(
+    store: &EtcdStore,
+    leader: &Leader,
+    mirror: Option<&(crate::mirror::MirrorConfig, crate::mirror::MirrorMetrics)>,
+) {
+    let Some((config, metrics)) = mirror else {
+        return std::future::pending().await;
+    };
+    // The revision this term's leader key was written at: the fence.
+    let revision = loop {
+        match store.range(leader.key(), None, 0, 1).await {
+            Ok(page) => {
+                match page
+                    .kvs
+                    .into_iter()
+                    .find(|kv| kv.key == leader.key() && kv.value == leader.id().as_bytes())
+                {
+                    Some(kv) => break kv.mod_revision,
+                    // Lost already: `hold` ends the term.
+                    None => return std::future::pending().await,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the leader key for the mirror's fence; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let fence = meshd_kvstore::Compare::ModRevision {
+        key: leader.key().to_owned(),
+        revision,
+    };
+    let local = meshd_kvstore::Fenced::new(store.clone(), fence);
+    crate::mirror::run(local, config.clone(), metrics.clone()).await
+}
+
 /// Cluster config first (retried while etcd is unreachable; a conflict is fatal), then the
 /// leader loop until stopped.
 async fn run(
@@ -202,6 +240,7 @@ async fn run(
     store: EtcdStore,
     health: Arc<Health>,
     identities: Arc<AtomicI64>,
+    mirror: Option<(crate::mirror::MirrorConfig, crate::mirror::MirrorMetrics)>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ApiserverError> {
     let cluster_config = ClusterConfig {
@@ -255,7 +294,13 @@ async fn run(
                 }
                 false
             }
+            // Never returns while the term lasts; dropped (its sessions aborted) when it ends.
+            _ = mirror_term(&store, &leader, mirror.as_ref()) => false,
         };
+        if let Some((_, metrics)) = &mirror {
+            // Only the leader's figures describe the cache.
+            metrics.forget_all();
+        }
         leader.release(lease).await;
         if stopped {
             return Ok(());

@@ -887,3 +887,56 @@ async fn the_apiserver_runs_the_mirror_with_kvstoremesh() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// Two replicas with `--kvstoremesh`: only the leader mirrors (one writer of the cache), and
+/// when it goes the other takes over and the cache keeps following the remote.
+#[tokio::test]
+async fn only_the_leader_mirrors_and_its_successor_takes_over() {
+    let Some(h) = Harness::new(mirror::DEFAULT_LIMIT).await else {
+        return;
+    };
+    seed(&h.remote, 10).await;
+    let certs = common::Certs::new();
+    let replica = || {
+        let mut config = common::config(&h.local_etcd, &certs, false);
+        config.kvstoremesh = Some(clustermesh_apiserver::config::KvstoremeshConfig {
+            clusters_dir: h.dir().to_owned(),
+            limit: 1000,
+        });
+        config
+    };
+    let a = common::start(replica()).await;
+    let b = common::start(replica()).await;
+    converged(&h.local, &h.remote).await;
+    let mirroring = |server: &clustermesh_apiserver::Apiserver| {
+        let addr = server.metrics_addr.unwrap();
+        async move {
+            let (code, body) = common::http_get(addr, "/metrics").await;
+            assert_eq!(code, 200);
+            body.lines()
+                .any(|l| l.starts_with("meshd_apiserver_mirror_connected{cluster=\"c2\"} 1"))
+        }
+    };
+    let leader_key = "meshd/leader/clustermesh-apiserver/c1";
+    // Exactly one replica mirrors, and it is the leader (read together, and again until they
+    // agree: leadership may move on a loaded machine).
+    let a_leads = eventually("exactly one replica mirroring: the leader", || async {
+        let (ma, mb) = (mirroring(&a).await, mirroring(&b).await);
+        let a_leads = common::get(&h.local, leader_key).await? == a.replica_id.as_bytes();
+        (ma != mb && ma == a_leads).then_some(a_leads)
+    })
+    .await;
+    let (leader, follower) = if a_leads { (a, b) } else { (b, a) };
+    leader.shutdown().await.unwrap();
+    h.remote
+        .put("meshd/state/nodes/v1/c2/late", b"late".to_vec(), None)
+        .await
+        .unwrap();
+    let want = converged(&h.local, &h.remote).await;
+    assert!(want.contains_key("meshd/cache/c2/state/nodes/v1/c2/late"));
+    eventually("the successor mirroring", || async {
+        mirroring(&follower).await.then_some(())
+    })
+    .await;
+    follower.shutdown().await.unwrap();
+}

@@ -31,6 +31,7 @@ struct nat_key abi_nat_key;
 struct nat_value abi_nat_value;
 struct no_masq_key abi_no_masq_key;
 struct no_masq_value abi_no_masq_value;
+struct dsr_option abi_dsr_option;
 
 enum meshd_limits abi_limits;
 enum meshd_identity abi_identity;
@@ -46,5 +47,6 @@ enum meshd_event_type abi_event_type;
 enum meshd_event_limit_flags abi_event_limit_flags;
 enum meshd_config_flags abi_config_flags;
 enum meshd_nat abi_nat;
+enum meshd_dsr abi_dsr;
 
 char LICENSE[] SEC("license") = "GPL";

@@ -21,7 +21,9 @@
  * port is unique per backend tuple), through the tunnel with the `world` identity or by the
  * native route: its replies come back to this node's IP, where nat_reverse gives them the
  * client back and the connection's reply entry the frontend as source, and they are routed
- * out to the client (public_reply). Everything else is the node's own business and passes
+ * out to the client (public_reply). With DSR (CONFIG_F_DSR_*, native routing, lib/dsr.h) it is
+ * DNATed only and carries its frontend in an IPv4 option to the backend's node, which takes the
+ * option out here and answers the client itself. Everything else is the node's own business and passes
  * untouched and uncounted: this program must never cost the node its own traffic (ARP, IPv6,
  * VXLAN, its connections, the health check node ports the agent serves).
  */
@@ -33,6 +35,7 @@
 #include "lib/lb.h"
 #include "lib/nat.h"
 #include "lib/native.h"
+#include "lib/dsr.h"
 #include "lib/tunnel.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
@@ -58,8 +61,19 @@ static __always_inline int public_to_remote(struct __sk_buff *skb, struct pkt_ct
 	ctx->dst_identity = remote->identity;
 	struct ct_value *entry = 0;
 	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
-	if (ct == CT_NEW)
+	/* DSR (lib/dsr.h): the client's address stays, the backend's node answers it directly. A
+	 * connection keeps the mode it started with. */
+	int dsr;
+	if (ct == CT_NEW) {
 		ct_create(ctx, now, cfg->policy_revision);
+		dsr = dsr_enabled(cfg, ctx->proto);
+		if (dsr)
+			dsr_mark_connection(ctx, now);
+	} else {
+		dsr = entry && (entry->flags & MESHD_CT_F_DSR) && (cfg->flags & MESHD_CONFIG_F_NATIVE);
+	}
+	if (dsr)
+		return dsr_forward(skb, ctx, l3_off, cfg);
 	int ret = nat_masquerade(skb, ctx, l3_off, cfg, now);
 	if (ret < 0)
 		return ret;
@@ -125,6 +139,14 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 		return NETDEV_PASS;
 	}
 	ctx->dst_identity = dst->identity;
+	/* Native routing: a connection another node balanced here by DSR names its frontend in
+	 * the option of its first packet; conntrack keeps it for the replies (lib/dsr.h). */
+	int dsr = 0;
+	if (cfg->flags & MESHD_CONFIG_F_NATIVE) {
+		dsr = dsr_take_option(skb, ctx, l3_off);
+		if (dsr < 0)
+			return dsr;
+	}
 	struct ipcache_value *src = ipcache_lookup(ctx->saddr);
 	ctx->src_identity = src ? src->identity : MESHD_IDENTITY_WORLD;
 	/* In tunnel mode an endpoint behind another node speaks only through the tunnel, where
@@ -150,6 +172,8 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 		else if (entry)
 			entry->policy_revision = revision;
 	}
+	if (dsr && ct == CT_ESTABLISHED && entry)
+		dsr_record(ctx, entry);
 	/* Native routing: replies of service connections (a client here, its backend on another
 	 * node) get their frontend source back, as from-overlay gives it in tunnel mode. */
 	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);

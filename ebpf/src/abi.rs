@@ -56,6 +56,7 @@ pub const FWD_TUNNEL: i32 = 2;
 pub const FWD_STACK: i32 = 3;
 pub const FWD_WORLD: i32 = 4;
 pub const FWD_NATIVE: i32 = 5;
+pub const FWD_FRAG_NEEDED: i32 = 6;
 pub const DROP_INVALID_PACKET: i32 = -130;
 pub const DROP_UNSUPPORTED_L3: i32 = -131;
 pub const DROP_INVALID_SOURCE: i32 = -132;
@@ -89,6 +90,7 @@ pub const CT_F_REPLY: u32 = 1;
 pub const CT_F_CLOSING: u32 = 2;
 pub const CT_F_SERVICE: u32 = 4;
 pub const CT_F_REV_NAT: u32 = 8;
+pub const CT_F_DSR: u32 = 16;
 // enum meshd_service_flags
 pub const SERVICE_F_NODE_PORT: u32 = 1;
 pub const SERVICE_F_EXTERNAL_IP: u32 = 2;
@@ -102,8 +104,13 @@ pub const EVENT_LIMIT_F_FLOWS: u32 = 1;
 pub const CONFIG_F_WORLD: u32 = 1;
 pub const CONFIG_F_MASQUERADE: u32 = 2;
 pub const CONFIG_F_NATIVE: u32 = 4;
+pub const CONFIG_F_DSR_TCP: u32 = 8;
+pub const CONFIG_F_DSR_UDP: u32 = 16;
 // enum meshd_nat
 pub const NAT_RETRIES: u32 = 64;
+// enum meshd_dsr
+pub const DSR_OPT_TYPE: u8 = 0x9e;
+pub const DSR_OPT_LEN: u8 = 8;
 
 /// Every constant above with its C name, for the layout test.
 pub const CONSTANTS: &[(&str, i64)] = &[
@@ -137,6 +144,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_FWD_STACK", FWD_STACK as i64),
     ("MESHD_FWD_WORLD", FWD_WORLD as i64),
     ("MESHD_FWD_NATIVE", FWD_NATIVE as i64),
+    ("MESHD_FWD_FRAG_NEEDED", FWD_FRAG_NEEDED as i64),
     ("MESHD_DROP_INVALID_PACKET", DROP_INVALID_PACKET as i64),
     ("MESHD_DROP_UNSUPPORTED_L3", DROP_UNSUPPORTED_L3 as i64),
     ("MESHD_DROP_INVALID_SOURCE", DROP_INVALID_SOURCE as i64),
@@ -166,6 +174,7 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CT_F_CLOSING", CT_F_CLOSING as i64),
     ("MESHD_CT_F_SERVICE", CT_F_SERVICE as i64),
     ("MESHD_CT_F_REV_NAT", CT_F_REV_NAT as i64),
+    ("MESHD_CT_F_DSR", CT_F_DSR as i64),
     ("MESHD_SERVICE_F_NODE_PORT", SERVICE_F_NODE_PORT as i64),
     ("MESHD_SERVICE_F_EXTERNAL_IP", SERVICE_F_EXTERNAL_IP as i64),
     ("MESHD_SERVICE_F_LOCAL", SERVICE_F_LOCAL as i64),
@@ -175,7 +184,11 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CONFIG_F_WORLD", CONFIG_F_WORLD as i64),
     ("MESHD_CONFIG_F_MASQUERADE", CONFIG_F_MASQUERADE as i64),
     ("MESHD_CONFIG_F_NATIVE", CONFIG_F_NATIVE as i64),
+    ("MESHD_CONFIG_F_DSR_TCP", CONFIG_F_DSR_TCP as i64),
+    ("MESHD_CONFIG_F_DSR_UDP", CONFIG_F_DSR_UDP as i64),
     ("MESHD_NAT_RETRIES", NAT_RETRIES as i64),
+    ("MESHD_DSR_OPT_TYPE", DSR_OPT_TYPE as i64),
+    ("MESHD_DSR_OPT_LEN", DSR_OPT_LEN as i64),
 ];
 
 /// Human name of a reason code (forward or drop), for logs and `meshd monitor`.
@@ -186,6 +199,7 @@ pub fn reason_name(code: i32) -> &'static str {
         FWD_STACK => "forwarded-stack",
         FWD_WORLD => "forwarded-world",
         FWD_NATIVE => "forwarded-native",
+        FWD_FRAG_NEEDED => "answered-frag-needed",
         DROP_INVALID_PACKET => "invalid-packet",
         DROP_UNSUPPORTED_L3 => "unsupported-l3",
         DROP_INVALID_SOURCE => "invalid-source",
@@ -489,6 +503,21 @@ pub struct NoMasqValue {
     pub flags: u32,
 }
 
+/// The DSR option on the wire (see DSR in the header): the frontend a client outside the mesh
+/// connected to, carried from the entry node to the backend's node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DsrOption {
+    /// [`DSR_OPT_TYPE`].
+    pub kind: u8,
+    /// [`DSR_OPT_LEN`].
+    pub len: u8,
+    /// Network byte order.
+    pub port: u16,
+    /// Network byte order.
+    pub addr: u32,
+}
+
 // SAFETY: every type is `#[repr(C)]`, made only of integers and byte arrays, with all padding
 // spelled out as fields (checked by tests/abi_layout.rs), so any bit pattern is valid and no
 // byte is uninitialised.
@@ -518,6 +547,7 @@ unsafe impl aya::Pod for NatKey {}
 unsafe impl aya::Pod for NatValue {}
 unsafe impl aya::Pod for NoMasqKey {}
 unsafe impl aya::Pod for NoMasqValue {}
+unsafe impl aya::Pod for DsrOption {}
 
 /// One mirrored struct: C name, Rust size, and every field's name and offset.
 pub struct Layout {
@@ -696,5 +726,14 @@ pub fn layouts() -> Vec<Layout> {
         layout!("nat_value", NatValue { addr, port, pad }),
         layout!("no_masq_key", NoMasqKey { prefixlen, addr }),
         layout!("no_masq_value", NoMasqValue { flags }),
+        layout!(
+            "dsr_option",
+            DsrOption {
+                kind,
+                len,
+                port,
+                addr
+            }
+        ),
     ]
 }

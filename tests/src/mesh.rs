@@ -522,6 +522,9 @@ impl Mesh {
             .arg("--tls-key")
             .arg(&server.key)
             .args(["--service-cidr", &format!("172.20.{}.0/24", c.id)])
+            // Only the leader mirrors: a mirror restarted after a SIGKILL waits for its dead
+            // predecessor's lease to expire before it writes again (15 s by default).
+            .args(["--leader-lease-ttl", "5s"])
             .arg("--kvstoremesh")
             .arg("--kvstoremesh-clusters-dir")
             .arg(&remotes)

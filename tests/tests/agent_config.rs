@@ -175,3 +175,53 @@ fn native_routing_without_a_covering_native_routing_cidr_exits_64_naming_the_fie
     assert!(stderr.contains("  routing_mode: "), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn dsr_in_tunnel_mode_exits_64_naming_service_lb_mode_and_applies_nothing() -> anyhow::Result<()> {
+    let Ok(meshd) = meshd_e2e::mesh::meshd_binary() else {
+        meshd_testing::require("the meshd binary (cargo build -p meshd)", false);
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("agent.yaml");
+    let (bpffs, state) = (dir.path().join("bpf"), dir.path().join("state"));
+    std::fs::write(
+        &config,
+        format!(
+            "cluster: c1\ncluster_id: 1\nnode: n1\nnode_ip: 192.168.77.11\npod_cidr: 10.1.1.0/24\n\
+             etcd:\n  endpoints: [http://127.0.0.1:2379]\nbpffs_dir: {}\nstate_dir: {}\n",
+            bpffs.display(),
+            state.display()
+        ),
+    )?;
+    // From the flag and from the file, for both modes that use DSR.
+    let with_line = dir.path().join("agent-hybrid.yaml");
+    std::fs::write(
+        &with_line,
+        format!(
+            "{}service_lb_mode: hybrid\n",
+            std::fs::read_to_string(&config)?
+        ),
+    )?;
+    for (file, extra) in [
+        (&config, &["--service-lb-mode", "dsr"][..]),
+        (&with_line, &[][..]),
+    ] {
+        let out = Command::new(&meshd)
+            .args(["agent", "--config"])
+            .arg(file)
+            .args(extra)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(
+            stderr.contains("  service_lb_mode: ") && stderr.contains("routing_mode: native"),
+            "{stderr}"
+        );
+    }
+    assert!(
+        !bpffs.exists() && !state.exists(),
+        "nothing applied: no pin or state directory"
+    );
+    Ok(())
+}

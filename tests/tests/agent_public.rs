@@ -241,3 +241,60 @@ fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::R
     }
     Ok(())
 }
+
+/// The NodePort of `record` for TCP plus the same for UDP, on `backend` only.
+fn tcp_and_udp_record(backend: &EndpointInfo) -> ServiceRecord {
+    let mut r = record(&[backend], TrafficPolicy::Cluster);
+    r.frontends.push(ServiceFrontend {
+        protocol: Protocol::Udp,
+        port_name: "udp".into(),
+        ..r.frontends[0].clone()
+    });
+    r.backends.push(ServiceBackend {
+        protocol: Protocol::Udp,
+        port_name: "udp".into(),
+        ..r.backends[0].clone()
+    });
+    r
+}
+
+/// DSR through agents (`service_lb_mode: dsr`, native routing): n1's NodePort balanced to
+/// n2's backend, which sees the outside client's own address and answers it from n1's
+/// NodePort by itself, TCP and UDP; n1 routes no answer out (no `forwarded-world` there).
+#[test]
+fn in_native_routing_dsr_keeps_the_client_and_the_backends_node_answers_it() -> anyhow::Result<()> {
+    let opts = MeshOptions::clusters(1, 2)
+        .external(UNDERLAY_MTU)
+        .native()
+        .agent_config("service_lb_mode: dsr");
+    let Some(Setup { mesh, web, n1, .. }) = start_with(opts)? else {
+        return Ok(());
+    };
+    let status = mesh.status("c1", "n1")?;
+    assert_eq!(status["routing"]["service_lb_mode"], "dsr", "{status}");
+    let ext = mesh.external.as_ref().expect("outside");
+    let ext_ip = IpAddr::V4(ext.host_ip);
+    netns_io::spawn_udp_echo(&web[1].netns, BACKEND_PORT)?;
+    mesh.publish_service("c1", &tcp_and_udp_record(&web[1]))?;
+    let seen = wait_for("n1's node port to reach n2's backend", CONVERGE, || {
+        via_node_port(&mesh, n1)
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    assert_eq!(seen.ip(), ext_ip, "DSR keeps the client's address");
+    // The echo server answers to the address it saw; the client's datagram socket takes only
+    // n1:NODE_PORT.
+    netns_io::udp_round_trip(
+        &ext.host.path(),
+        SocketAddr::from((n1, NODE_PORT)),
+        b"dsr datagram",
+        CONVERGE,
+    )
+    .map_err(|e| e.context(mesh.logs()))?;
+    assert_eq!(
+        mesh.counted("c1", "n1", "forwarded-world")?,
+        0,
+        "no answer routed out by the entry node"
+    );
+    assert!(mesh.counted("c1", "n2", "forwarded-world")? > 0);
+    Ok(())
+}

@@ -16,10 +16,12 @@
 //! files of c1 and c2 are never removed, since disconnecting the clusters of that connection
 //! would break it by design.
 //!
-//! `MESHD_FAULT_TRIALS` (default 10), `MESHD_FAULT_SEED` (default 1) and
+//! `MESHD_FAULT_TRIALS` (default 10), `MESHD_FAULT_SEED` (default 1),
 //! `MESHD_FAULT_ETCD_MEMBERS` (default 1; with 3, a step may also freeze or stop one member
-//! while the quorum holds) choose the run; `make faults TRIALS=N SEED=S ETCD_MEMBERS=M` sets
-//! them. A failure prints the seed, the trial, its steps, and the command that replays it.
+//! while the quorum holds) and `MESHD_FAULT_KVSTOREMESH` (default 0; with 1, every cluster runs
+//! a mirror, agents read remote clusters through their local cache, and an agent-fault step may
+//! instead SIGKILL a mirror, left down, or restart it) choose the run;
+//! `make faults TRIALS=N SEED=S ETCD_MEMBERS=M KVSTOREMESH=K` sets them. A failure prints the seed, the trial, its steps, and the command that replays it.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -62,6 +64,8 @@ enum Fault {
     Member(String, usize, EtcdFault),
     AgentDown(String, String),
     RemoteFileGone(String, String),
+    /// A cluster's mirror (kvstoremesh) killed: its agents' cache stops following the remotes.
+    MirrorDown(String),
 }
 
 /// What the trials expect each etcd to hold, kept as the steps run.
@@ -95,6 +99,8 @@ struct Trials {
     tally: BTreeMap<String, u64>,
     /// Members of each cluster's etcd.
     members: usize,
+    /// Every cluster runs a mirror and its agents read through the cache.
+    kvstoremesh: bool,
     /// Steps of the current trial, for the failure message.
     log: Vec<String>,
 }
@@ -280,6 +286,27 @@ impl Trials {
                 self.note(format!("etcd {c} {kind:?}"))?;
                 self.faults.push(Fault::Etcd(c, kind));
             }
+            // A mirror killed (left down) or restarted at once; only with mirrors, and drawn
+            // from the agent-fault step so that runs without them replay as before.
+            9 if self.kvstoremesh && rng.below(3) == 0 => {
+                let running: Vec<String> = clusters
+                    .iter()
+                    .filter(|c| !self.faults.contains(&Fault::MirrorDown((*c).clone())))
+                    .cloned()
+                    .collect();
+                let Some(c) = rng.pick(&running).cloned() else {
+                    return self.note("mirror fault: every mirror is down");
+                };
+                if rng.below(2) == 0 || self.etcd_fault(&c).is_some() {
+                    self.note(format!("mirror {c} SIGKILL"))?;
+                    self.mesh.kill_mirror(&c)?;
+                    self.faults.push(Fault::MirrorDown(c));
+                } else {
+                    self.note(format!("mirror {c} SIGTERM and start"))?;
+                    self.mesh.stop_mirror(&c)?;
+                    self.mesh.start_mirror(&c)?;
+                }
+            }
             // An agent killed (left down) or restarted at once.
             9 => {
                 let running: Vec<(String, String)> = self
@@ -353,7 +380,7 @@ impl Trials {
     /// started without its etcd is not what this runner tests).
     fn heal(&mut self, i: usize) -> anyhow::Result<()> {
         let fault = self.faults[i].clone();
-        if let Fault::AgentDown(c, _) | Fault::Member(c, ..) = &fault {
+        if let Fault::AgentDown(c, _) | Fault::Member(c, ..) | Fault::MirrorDown(c) = &fault {
             // A member restarted while the others are frozen or stopped waits for a quorum
             // that cannot form.
             if self.etcd_fault(c).is_some() {
@@ -373,6 +400,7 @@ impl Trials {
             }
             Fault::AgentDown(c, n) => self.mesh.start_agent(&c, &n)?,
             Fault::RemoteFileGone(c, o) => self.mesh.write_remote_file(&c, &o)?,
+            Fault::MirrorDown(c) => self.mesh.start_mirror(&c)?,
         }
         Ok(())
     }
@@ -451,17 +479,43 @@ fn step_kind(what: &str) -> String {
         .join(" ")
 }
 
+/// The run `make faults` makes (and `make test`, with its defaults).
 #[test]
 fn randomized_fault_trials_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
     if !meshd_e2e::mesh::prerequisites() {
         return Ok(());
     }
     let trials = env_u64("MESHD_FAULT_TRIALS", 10)?;
+    let kvstoremesh = env_u64("MESHD_FAULT_KVSTOREMESH", 0)? == 1;
+    run_trials(trials, kvstoremesh)
+}
+
+/// A short run with mirrors in `make test` (`make faults KVSTOREMESH=1` for long ones).
+#[test]
+fn randomized_fault_trials_through_the_cache_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
+    if !meshd_e2e::mesh::prerequisites() {
+        return Ok(());
+    }
+    let trials = env_u64("MESHD_FAULT_CACHE_TRIALS", 5)?;
+    run_trials(trials, true)
+}
+
+fn run_trials(trials: u64, kvstoremesh: bool) -> anyhow::Result<()> {
     let seed = env_u64("MESHD_FAULT_SEED", 1)?;
     let members = env_u64("MESHD_FAULT_ETCD_MEMBERS", 1)? as usize;
-    eprintln!("fault trials: {trials} trials, seed {seed}, {members}-member etcds");
+    eprintln!(
+        "fault trials: {trials} trials, seed {seed}, {members}-member etcds{}",
+        if kvstoremesh {
+            ", mirrors (agents read the cache)"
+        } else {
+            ""
+        }
+    );
     let mut opts = MeshOptions::clusters(3, 1).etcd_members(members);
     opts.clusters[0].2 = 2;
+    if kvstoremesh {
+        opts = opts.kvstoremesh();
+    }
     let mesh = Mesh::start(opts)?;
 
     let mut expected = Expected {
@@ -496,6 +550,7 @@ fn randomized_fault_trials_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
         faults: Vec::new(),
         conn,
         members,
+        kvstoremesh,
         tally: BTreeMap::new(),
         log: Vec::new(),
     };
@@ -516,9 +571,10 @@ fn randomized_fault_trials_leave_maps_equal_to_etcd() -> anyhow::Result<()> {
         if let Err(e) = result {
             bail!(
                 "fault trial {trial} of seed {seed} failed: {e:#}\nsteps of the trial:\n  {}\n\
-                 replay: make faults SEED={seed} TRIALS={} ETCD_MEMBERS={members}",
+                 replay: make faults SEED={seed} TRIALS={} ETCD_MEMBERS={members} KVSTOREMESH={}",
                 t.log.join("\n  "),
-                trial + 1
+                trial + 1,
+                u8::from(kvstoremesh)
             );
         }
     }

@@ -69,6 +69,20 @@ impl MirrorMetrics {
         self.events.remove(&l);
     }
 
+    /// Forgets every cluster (this replica stopped mirroring: another one leads).
+    pub fn forget_all(&self) {
+        for family in [
+            &self.entries,
+            &self.rejected,
+            &self.limit,
+            &self.connected,
+            &self.ready,
+        ] {
+            family.clear();
+        }
+        self.events.clear();
+    }
+
     /// Adds the families to `r` (help texts without a final period: the client adds one).
     pub fn register(&self, r: &mut Registry) {
         r.register(

@@ -36,6 +36,7 @@
 //! routing_mode: tunnel                        # or native: see routing.rs
 //! native_routing_cidr: 10.0.0.0/8             # native mode: required, covers pod_cidr
 //! auto_direct_node_routes: false              # native mode: routes to nodes on the segment
+//! service_lb_mode: snat                       # or dsr / hybrid (native mode only): see routing.rs
 //! ```
 //!
 //! At start the agent leaves its maps as they are until every cluster configured then has
@@ -179,6 +180,11 @@ pub struct AgentArgs {
     /// the uplink's segment [default: false].
     #[arg(long, value_name = "BOOL")]
     pub auto_direct_node_routes: Option<bool>,
+    /// How NodePort / external IP connections reach a backend on another node: `snat` (via
+    /// this node), `dsr` (direct server return: the backend's node answers the client; native
+    /// routing only) or `hybrid` (DSR for TCP, SNAT for UDP) [default: snat].
+    #[arg(long, value_name = "MODE")]
+    pub service_lb_mode: Option<String>,
 }
 
 /// The file, as written. Every field optional here: what is missing is reported by `resolve`.
@@ -216,6 +222,7 @@ pub struct ConfigFile {
     pub routing_mode: Option<String>,
     pub native_routing_cidr: Option<String>,
     pub auto_direct_node_routes: Option<bool>,
+    pub service_lb_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -737,6 +744,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
             .or(file.native_routing_cidr),
         args.auto_direct_node_routes
             .or(file.auto_direct_node_routes),
+        args.service_lb_mode.clone().or(file.service_lb_mode),
         pod_cidr,
         &mut problems,
     );

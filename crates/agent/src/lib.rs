@@ -120,12 +120,14 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32, String
         flows: config.flow_events,
     })?;
     maps.set_native_routing(native)?;
+    maps.set_service_lb_mode(config.routing.service_lb_mode)?;
     if !native {
         datapath.attach_overlay(VXLAN_IFNAME)?;
     }
     let uplink = start_egress(config, &mut datapath, &mut maps)?;
     tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu,
-        routing_mode = %config.routing.mode, "datapath loaded");
+        routing_mode = %config.routing.mode, service_lb_mode = %config.routing.service_lb_mode,
+        "datapath loaded");
     Ok((datapath, underlay_mtu, uplink))
 }
 

@@ -1,13 +1,22 @@
 //! The agent's routing settings (`routing_mode`, `native_routing_cidr`,
-//! `auto_direct_node_routes`), checked like every other field of the config (see `config.rs`).
+//! `auto_direct_node_routes`, `service_lb_mode`), checked like every other field of the config
+//! (see `config.rs`).
 //!
 //! ```yaml
 //! routing_mode: native                 # default tunnel (VXLAN)
 //! native_routing_cidr: 10.0.0.0/8      # routable without masquerade; must cover pod_cidr
 //! auto_direct_node_routes: true        # <pod CIDR> via <node IP> for nodes on the uplink's segment
+//! service_lb_mode: dsr                 # snat (default) | dsr | hybrid (DSR for TCP, SNAT for UDP)
 //! ```
+//!
+//! `service_lb_mode` decides how a NodePort / external IP connection reaches a backend on
+//! another node: SNATed to this node (replies come back through it), or by direct server
+//! return (the client's address kept, the frontend carried in an IPv4 option, the backend's
+//! node answering the client itself). DSR needs the client's address routable to the backend's
+//! node unencapsulated, and that node to route the replies out: native routing only.
 
 use ipnet::Ipv4Net;
+use meshd_datapath::ServiceLbMode;
 use meshd_state::RoutingMode;
 
 use super::config::ConfigProblem;
@@ -20,6 +29,8 @@ pub struct RoutingSettings {
     pub native_routing_cidr: Option<Ipv4Net>,
     /// Native mode: the agent routes every directly reachable node's pod CIDR to it.
     pub auto_direct_node_routes: bool,
+    /// Public frontends to remote backends: SNAT, DSR or DSR for TCP only.
+    pub service_lb_mode: ServiceLbMode,
 }
 
 impl RoutingSettings {
@@ -34,6 +45,7 @@ pub fn resolve(
     mode: Option<String>,
     native_routing_cidr: Option<String>,
     auto_direct_node_routes: Option<bool>,
+    service_lb_mode: Option<String>,
     pod_cidr: Option<Ipv4Net>,
     problems: &mut Vec<ConfigProblem>,
 ) -> RoutingSettings {
@@ -73,6 +85,20 @@ pub fn resolve(
         }
     };
     let auto = auto_direct_node_routes.unwrap_or(false);
+    let service_lb_mode = match service_lb_mode.as_deref().map(str::parse::<ServiceLbMode>) {
+        None => ServiceLbMode::default(),
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            problem("service_lb_mode", e);
+            ServiceLbMode::default()
+        }
+    };
+    if service_lb_mode.uses_dsr() && mode != RoutingMode::Native {
+        problem(
+            "service_lb_mode",
+            format!("{service_lb_mode} needs routing_mode: native (in tunnel mode the client's address cannot reach the backend's node unencapsulated, nor its replies the client); use snat"),
+        );
+    }
     if mode == RoutingMode::Native {
         match (cidr, pod_cidr) {
             (None, _) if native_routing_cidr.is_none() => problem(
@@ -95,6 +121,7 @@ pub fn resolve(
         mode,
         native_routing_cidr: cidr,
         auto_direct_node_routes: auto,
+        service_lb_mode,
     }
 }
 
@@ -107,15 +134,47 @@ mod tests {
         cidr: Option<&str>,
         auto: Option<bool>,
     ) -> (RoutingSettings, Vec<String>) {
+        check_lb(mode, cidr, auto, None)
+    }
+
+    fn check_lb(
+        mode: Option<&str>,
+        cidr: Option<&str>,
+        auto: Option<bool>,
+        lb: Option<&str>,
+    ) -> (RoutingSettings, Vec<String>) {
         let mut problems = Vec::new();
         let s = resolve(
             mode.map(Into::into),
             cidr.map(Into::into),
             auto,
+            lb.map(Into::into),
             Some("10.1.1.0/24".parse().unwrap()),
             &mut problems,
         );
         (s, problems.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn dsr_needs_native_routing_and_names_the_field() {
+        let (s, p) = check_lb(None, None, None, None);
+        assert!(p.is_empty());
+        assert_eq!(s.service_lb_mode, ServiceLbMode::Snat);
+        for lb in ["dsr", "hybrid"] {
+            let (_, p) = check_lb(None, None, None, Some(lb));
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(
+                p[0].starts_with(&format!("service_lb_mode: {lb} needs routing_mode: native")),
+                "{p:?}"
+            );
+        }
+        let (_, p) = check_lb(None, None, None, Some("snat"));
+        assert!(p.is_empty(), "{p:?}");
+        let (s, p) = check_lb(Some("native"), Some("10.0.0.0/8"), None, Some("hybrid"));
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(s.service_lb_mode, ServiceLbMode::Hybrid);
+        let (_, p) = check_lb(Some("native"), Some("10.0.0.0/8"), None, Some("direct"));
+        assert!(p[0].starts_with("service_lb_mode: \"direct\""), "{p:?}");
     }
 
     #[test]

@@ -402,6 +402,7 @@ impl AgentService {
             route_error: routes.last_error,
             outside_native_cidr: routes.outside_native_cidr,
             route_protocol: u32::from(crate::routes::ROUTE_PROTOCOL),
+            service_lb_mode: r.service_lb_mode.to_string(),
         }
     }
 

@@ -24,9 +24,9 @@ use anyhow::Context;
 use common::bench::{
     arg, load_average, plain_endpoint_mtu, spawn_byte_server, Comparison, Iperf3Pair, Iperf3Path,
 };
-use common::public::{expose, with_outside, ROUTER};
+use common::public::{expose_node_port, with_outside, ROUTER};
 use ipnet::Ipv4Net;
-use meshd_datapath::{Direction, LbFrontend};
+use meshd_datapath::Direction;
 use meshd_ebpf::abi;
 use meshd_testing::netns::Netns;
 
@@ -106,16 +106,12 @@ fn main() -> anyhow::Result<()> {
         meshd.underlay.node(kp_backend_index),
     )?;
     let mut expose_port = |port: u16| -> anyhow::Result<()> {
-        let frontend = LbFrontend {
-            addr: node_ip,
-            port,
-            proto: TCP,
-        };
-        expose(
+        expose_node_port(
             &mut meshd.nodes[0].maps,
-            frontend,
-            &[(backend, port)],
-            abi::SERVICE_F_NODE_PORT,
+            node_ip,
+            port,
+            TCP,
+            (backend, port),
         )
     };
     expose_port(IPERF_PORTS[0])?;

@@ -21,6 +21,7 @@ pub mod masquerade;
 pub mod netns;
 pub mod plumbing;
 pub mod seam;
+pub mod service_lb;
 
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
@@ -30,3 +31,4 @@ pub use maps::{
 };
 pub use masquerade::{EgressConfig, NatMapping};
 pub use seam::ipv4_only;
+pub use service_lb::ServiceLbMode;

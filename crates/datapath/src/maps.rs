@@ -298,6 +298,20 @@ impl DatapathMaps {
         })
     }
 
+    /// CONFIG's one value, for a read-modify-write: the agent's single map owner is its only
+    /// writer, so the two calls do not race.
+    pub(crate) fn config_value(&self) -> Result<abi::DatapathConfig> {
+        self.config
+            .get(&0, 0)
+            .map_err(op_err("get", names::CONFIG, 0))
+    }
+
+    pub(crate) fn write_config(&mut self, value: abi::DatapathConfig) -> Result<()> {
+        self.config
+            .set(0, value, 0)
+            .map_err(op_err("set", names::CONFIG, 0))
+    }
+
     /// Writes the node-wide settings (keeping the policy revision and the egress settings of
     /// [`DatapathMaps::set_egress`], bumping the forward revision: cached forwarding answers
     /// may depend on the node IP).

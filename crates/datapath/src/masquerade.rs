@@ -74,27 +74,18 @@ impl DatapathMaps {
     /// endpoints leaves by the node's FIB, unencapsulated. Keeps everything else in CONFIG;
     /// bumps the forward revision (cached tunnel answers must not outlive a switch).
     pub fn set_native_routing(&mut self, native: bool) -> Result<()> {
-        let mut value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
+        let mut value = self.config_value()?;
         value.flags &= !abi::CONFIG_F_NATIVE;
         if native {
             value.flags |= abi::CONFIG_F_NATIVE;
         }
         value.forward_revision = value.forward_revision.wrapping_add(1);
-        self.config
-            .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))
+        self.write_config(value)
     }
 
     /// Whether CONFIG says native routing.
     pub fn native_routing(&self) -> Result<bool> {
-        let value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
-        Ok(value.flags & abi::CONFIG_F_NATIVE != 0)
+        Ok(self.config_value()?.flags & abi::CONFIG_F_NATIVE != 0)
     }
 
     /// The egress settings in CONFIG, `None` while world traffic is not enabled.

@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::can_run;
-use common::public::{expose, with_outside};
+use common::public::{expose, expose_node_port, udp_from_outside, with_outside};
 use common::topology::*;
 use meshd_datapath::{netns::run_in, Direction, LbFrontend};
 use meshd_ebpf::abi;
@@ -236,48 +236,22 @@ fn udp_from_outside_reaches_a_backend_on_another_node_and_its_answer_comes_back(
     const UDP: u8 = 17;
     let node_ip = topo.nodes[0].node_ip;
     let backend = topo.ep(1, 0).ip;
-    let frontend = LbFrontend {
-        addr: node_ip,
-        port: NODE_PORT,
-        proto: UDP,
-    };
-    expose(
+    expose_node_port(
         &mut topo.nodes[0].maps,
-        frontend,
-        &[(backend, BACKEND_PORT)],
-        abi::SERVICE_F_NODE_PORT,
+        node_ip,
+        NODE_PORT,
+        UDP,
+        (backend, BACKEND_PORT),
     )
     .unwrap();
     let server = in_ep(topo.ep(1, 0), move || {
         Ok(UdpSocket::bind((backend, BACKEND_PORT))?)
     })
     .unwrap();
-    server
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let client = run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-        s.connect((node_ip, NODE_PORT))?;
-        Ok(s)
-    })
-    .unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut buf = [0u8; 1500];
-    let mut answered = false;
-    for _ in 0..10 {
-        client.send(b"ping from outside").unwrap();
-        let Ok((n, peer)) = server.recv_from(&mut buf) else {
-            continue;
-        };
-        assert_eq!(peer.ip(), IpAddr::V4(node_ip), "SNATed to node 0");
-        server.send_to(&buf[..n], peer).unwrap();
-        if let Ok(m) = client.recv(&mut buf) {
-            assert_eq!(&buf[..m], b"ping from outside");
-            answered = true;
-            break;
-        }
-    }
-    assert!(answered, "no answer from node 0:{NODE_PORT}");
+    let seen = udp_from_outside(&ext, SocketAddr::from((node_ip, NODE_PORT)), &server).unwrap();
+    assert_eq!(
+        seen,
+        Some(IpAddr::V4(node_ip)),
+        "answered from node 0:{NODE_PORT}, SNATed to node 0"
+    );
 }

@@ -19,30 +19,10 @@ use meshd_ebpf::abi;
 const NAT_PORTS: std::ops::RangeInclusive<u16> = 61000..=61007;
 const NODE_PORT: u16 = 30080;
 const BACKEND_PORT: u16 = 8080;
-/// A backend behind NODE2 (native routing: `10.2.0.0/24 via NODE2`).
-const R: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
-const NODE2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-const NODE2_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0x02];
-const REMOTE_ID: u32 = (2 << 16) | 1000;
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 
 fn setup() -> Option<World> {
-    let mut w = world(NAT_PORTS)?;
-    w.dp.maps.set_native_routing(true).unwrap();
-    w.ip(&[
-        "neigh",
-        "replace",
-        &NODE2.to_string(),
-        "lladdr",
-        "02:47:57:00:00:02",
-        "dev",
-        "mq_up",
-        "nud",
-        "permanent",
-    ]);
-    w.ip(&["route", "add", "10.2.0.0/24", "via", &NODE2.to_string()]);
-    add_remote_prefix(&mut w.dp.maps, "10.2.0.0/24", REMOTE_ID, NODE2, 2);
-    Some(w)
+    native_world(NAT_PORTS)
 }
 
 fn node_port(proto: u8) -> LbFrontend {

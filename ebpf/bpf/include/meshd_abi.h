@@ -70,6 +70,9 @@ enum meshd_reason {
 	MESHD_FWD_STACK = 3,  /* handed to the node's own stack (ARP, ipcache entry without tunnel) */
 	MESHD_FWD_WORLD = 4,  /* routed out of the node by its FIB (a destination outside the mesh) */
 	MESHD_FWD_NATIVE = 5, /* routed to a remote node without encapsulation (native routing) */
+	/* too big for the egress MTU once the DSR option is in (see DSR below): answered with
+	 * ICMP fragmentation needed to its sender, in its place */
+	MESHD_FWD_FRAG_NEEDED = 6,
 
 	MESHD_DROP_INVALID_PACKET = -130,   /* truncated or malformed headers */
 	MESHD_DROP_UNSUPPORTED_L3 = -131,   /* not IPv4 (IPv6 comes later) */
@@ -222,6 +225,10 @@ enum meshd_ct_flags {
 	MESHD_CT_F_CLOSING = 2, /* FIN or RST seen */
 	MESHD_CT_F_SERVICE = 4, /* keyed by the frontend tuple: nat_* is the connection's backend */
 	MESHD_CT_F_REV_NAT = 8, /* replies get source nat_addr:nat_port (the frontend) back */
+	/* the entry node's entry of a public connection to a remote backend that started under
+	 * DSR (see DSR below): its packets keep going DSR, those of one without it SNAT, whatever
+	 * the mode says now */
+	MESHD_CT_F_DSR = 16,
 };
 
 #define MESHD_CT_LIFETIME_TCP_NS (6ull * 3600 * 1000000000)
@@ -263,6 +270,12 @@ enum meshd_config_flags {
 	 * (bpf_fib_lookup + redirect to the uplink), no VXLAN; receivers take the sender's
 	 * identity from the ipcache by source address (from-netdev) */
 	MESHD_CONFIG_F_NATIVE = 4,
+	/* public frontends (service_lb_mode, see DSR below): a new TCP connection (UDP: every
+	 * datagram) to a backend on another node leaves with the client's address and the DSR
+	 * option instead of SNAT; only honoured with MESHD_CONFIG_F_NATIVE. `dsr` sets both,
+	 * `hybrid` TCP only, `snat` neither */
+	MESHD_CONFIG_F_DSR_TCP = 8,
+	MESHD_CONFIG_F_DSR_UDP = 16,
 };
 
 /* CONFIG: a one-entry array written by the agent before it attaches the programs. */
@@ -449,6 +462,43 @@ struct no_masq_key {
 
 struct no_masq_value {
 	__u32 flags; /* reserved, 0 */
+};
+
+/*
+ * DSR, direct server return (CONFIG flags MESHD_CONFIG_F_DSR_*, native routing only): the node a
+ * client outside the mesh connects to (the entry node) DNATs a new connection to a backend on
+ * another node as usual, but keeps the client's address instead of SNATing it, and carries the
+ * frontend the client sent to (address and port) in an IPv4 option, inserted right after the
+ * fixed 20-byte header of the connection's first packet (TCP: every SYN; UDP: every datagram,
+ * since UDP has no first packet a lost one could be told from). The backend's node
+ * (from-netdev, a packet for a local endpoint) takes the option out before delivery and records
+ * the frontend in the connection's CT entries like a frontend of its own (nat_addr/nat_port,
+ * MESHD_CT_F_REV_NAT on the reply entry), so from-endpoint gives the replies the frontend as
+ * source and routes them straight to the client: they never cross the entry node again.
+ *
+ * A packet the option would push over the egress MTU is answered, when it has DF, with ICMP
+ * fragmentation needed (next-hop MTU = egress MTU - MESHD_DSR_OPT_LEN) quoting it as the client
+ * sent it (MESHD_FWD_FRAG_NEEDED); without DF the node's stack fragments it (the option has the
+ * copied bit: every fragment carries it). The mode is a connection's: the one of its first
+ * packet, kept in the entry node's CT entry (MESHD_CT_F_DSR), so a mode change applies to new
+ * connections and leaves established ones working.
+ *
+ * Type 0x9e: option number 30 with the copied bit, class 0: an experimental value (RFC 4727)
+ * that no router gives a meaning to. Not authenticated: the backend's node believes any packet
+ * on its uplink that carries it, as native routing believes a packet's source address (the
+ * underlay must be trusted).
+ */
+enum meshd_dsr {
+	MESHD_DSR_OPT_TYPE = 0x9e,
+	MESHD_DSR_OPT_LEN = 8,
+};
+
+/* The option on the wire. */
+struct dsr_option {
+	__u8 kind; /* MESHD_DSR_OPT_TYPE (the option type byte) */
+	__u8 len;  /* MESHD_DSR_OPT_LEN */
+	__u16 port; /* the frontend's port, network byte order */
+	__u32 addr; /* the frontend's address, network byte order */
 };
 
 #endif /* MESHD_ABI_H */

@@ -40,7 +40,7 @@ struct pkt_ctx {
 	__u32 svc_addr;      /* service frontend the packet was sent to (DNATed away), 0 if none */
 	__u16 svc_port;      /* network byte order */
 	__u8 ct_created;     /* this packet opened a connection (ct_create): a flow event */
-	__u8 pad;
+	__u8 ihl;            /* IPv4 header length in 4-byte words (options: more than 5) */
 };
 
 #define TCP_FLAG_FIN 0x01

@@ -47,6 +47,7 @@ static __always_inline int parse_packet(struct __sk_buff *skb, struct pkt_ctx *c
 	ctx->saddr = ip->saddr;
 	ctx->daddr = ip->daddr;
 	ctx->proto = ip->protocol;
+	ctx->ihl = ip->ihl;
 	*l3_off = ETH_HLEN;
 
 	__u16 frag_off = bpf_ntohs(ip->frag_off);

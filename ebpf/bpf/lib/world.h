@@ -33,6 +33,11 @@ struct world_hop {
 	__u32 nexthop; /* network byte order */
 	__u8 dmac[6];
 	__u8 smac[6];
+	/* in: bytes the caller will add to the packet before forwarding it (the DSR option,
+	 * lib/dsr.h), for the MTU check; out: the egress MTU when the FIB said the packet would
+	 * not fit it (WORLD_VIA_STACK), 0 otherwise */
+	__u32 extra_len;
+	__u32 mtu;
 };
 
 /*
@@ -57,7 +62,7 @@ __attribute__((noinline)) int world_route(struct __sk_buff *skb, const struct pk
 	 * gso_size: with tot_len 0 the kernel judges it by is_skb_forwardable(), which knows that,
 	 * instead of refusing its total length as bigger than the MTU (which sent every bulk
 	 * transfer's first bursts through the stack, unmasqueraded). */
-	fib.tot_len = skb->gso_segs > 1 ? 0 : skb->len - l3_off;
+	fib.tot_len = skb->gso_segs > 1 ? 0 : skb->len - l3_off + hop->extra_len;
 	fib.ifindex = skb->ingress_ifindex;
 	fib.ipv4_src = ctx->saddr;
 	fib.ipv4_dst = ctx->daddr;
@@ -74,7 +79,9 @@ __attribute__((noinline)) int world_route(struct __sk_buff *skb, const struct pk
 		/* Local (or broadcast/multicast): the node's own business. */
 		return WORLD_HOST;
 	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
-		/* Bigger than the egress MTU: the stack fragments it or, with DF, tells the sender. */
+		/* Bigger than the egress MTU: the stack fragments it or, with DF, tells the sender
+		 * (or the caller does, lib/dsr.h). The lookup left the MTU in mtu_result. */
+		hop->mtu = fib.mtu_result;
 		return WORLD_VIA_STACK;
 	default:
 		return MESHD_DROP_UNKNOWN_DEST;

@@ -172,21 +172,28 @@ fn routing_json(r: &pb::RoutingStatus) -> serde_json::Value {
         "route_error": r.route_error,
         "outside_native_cidr": r.outside_native_cidr,
         "route_protocol": r.route_protocol,
+        "service_lb_mode": r.service_lb_mode,
     })
 }
 
 /// The routing lines of `meshd status`: the mode, what native mode asks of the underlay, the
 /// agent's node routes and what it could not route.
 fn print_routing(r: &pb::RoutingStatus) {
+    // An agent older than the field sends it empty: it knows SNAT only.
+    let lb_mode = if r.service_lb_mode.is_empty() {
+        "snat"
+    } else {
+        &r.service_lb_mode
+    };
     if r.mode != "native" {
         println!(
-            "Routing:   {} (VXLAN)",
+            "Routing:   {} (VXLAN), service_lb_mode {lb_mode}",
             if r.mode.is_empty() { "tunnel" } else { &r.mode }
         );
         return;
     }
     println!(
-        "Routing:   native, native_routing_cidr {}, auto_direct_node_routes {}",
+        "Routing:   native, native_routing_cidr {}, auto_direct_node_routes {}, service_lb_mode {lb_mode}",
         r.native_routing_cidr, r.auto_direct_node_routes
     );
     println!(

@@ -86,3 +86,57 @@ pub fn expose(
     maps.upsert_service(frontend, backends.len() as u32, flags)?;
     Ok(())
 }
+
+/// `node_ip`:`port`/`proto` as a NodePort frontend balanced to `backend` alone.
+pub fn expose_node_port(
+    maps: &mut DatapathMaps,
+    node_ip: Ipv4Addr,
+    port: u16,
+    proto: u8,
+    backend: (Ipv4Addr, u16),
+) -> anyhow::Result<()> {
+    let frontend = LbFrontend {
+        addr: node_ip,
+        port,
+        proto,
+    };
+    expose(
+        maps,
+        frontend,
+        &[backend],
+        meshd_ebpf::abi::SERVICE_F_NODE_PORT,
+    )
+}
+
+/// UDP from the external host to `to` (a frontend), served once by `server` (the backend's
+/// socket, echoing): the client's socket is connected to `to`, so it takes only answers from
+/// there. Returns the client's address as the backend saw it, once an answer arrived (`None`
+/// if none did in 10 tries).
+pub fn udp_from_outside(
+    ext: &External,
+    to: std::net::SocketAddr,
+    server: &std::net::UdpSocket,
+) -> anyhow::Result<Option<std::net::IpAddr>> {
+    use std::time::Duration;
+    server.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let client = run_in::<_, anyhow::Error, _>(&ext.host.path(), move || {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(to)?;
+        Ok(s)
+    })?;
+    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let msg = b"ping from outside";
+    let mut buf = [0u8; 1500];
+    for _ in 0..10 {
+        client.send(msg)?;
+        let Ok((n, peer)) = server.recv_from(&mut buf) else {
+            continue;
+        };
+        server.send_to(&buf[..n], peer)?;
+        if let Ok(m) = client.recv(&mut buf) {
+            anyhow::ensure!(&buf[..m] == msg, "answer mismatch");
+            return Ok(Some(peer.ip()));
+        }
+    }
+    Ok(None)
+}

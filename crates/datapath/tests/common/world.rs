@@ -180,3 +180,31 @@ impl World {
         self.dp.maps.counter(direction, reason).unwrap()
     }
 }
+
+/// A backend behind NODE2, in [`native_world`] (`10.2.0.0/24 via NODE2`).
+pub const R: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 5);
+pub const NODE2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const NODE2_MAC: [u8; 6] = [0x02, 0x47, 0x57, 0, 0, 0x02];
+pub const REMOTE_ID: u32 = (2 << 16) | 1000;
+
+/// [`world`] in native routing mode, with another node NODE2 on the uplink's segment (a
+/// permanent neighbour) routing cluster 2's 10.2.0.0/24, as the agent has them: the forwarding
+/// decision to a remote backend is visible in the frame (its MAC).
+pub fn native_world(nat_ports: RangeInclusive<u16>) -> Option<World> {
+    let mut w = world(nat_ports)?;
+    w.dp.maps.set_native_routing(true).unwrap();
+    w.ip(&[
+        "neigh",
+        "replace",
+        &NODE2.to_string(),
+        "lladdr",
+        "02:47:57:00:00:02",
+        "dev",
+        "mq_up",
+        "nud",
+        "permanent",
+    ]);
+    w.ip(&["route", "add", "10.2.0.0/24", "via", &NODE2.to_string()]);
+    super::add_remote_prefix(&mut w.dp.maps, "10.2.0.0/24", REMOTE_ID, NODE2, 2);
+    Some(w)
+}
