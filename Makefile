@@ -60,11 +60,13 @@ floods: deps
 
 # The namespace lab: two clusters, two nodes each, a global service and a policy, then a
 # connectivity check. It keeps running; `make lab-down` removes it.
-# ROUTING=native runs both clusters in native routing mode (no tunnel).
+# ROUTING=native runs both clusters in native routing mode (no tunnel); with it,
+# SERVICE_LB_MODE=dsr (or hybrid) has node ports answer with direct server return.
 ROUTING ?= tunnel
+SERVICE_LB_MODE ?= snat
 lab: deps
 	$(CARGO) build --release -p meshd -p clustermesh-apiserver
-	target/release/meshd lab up --routing $(ROUTING)
+	target/release/meshd lab up --routing $(ROUTING) --service-lb-mode $(SERVICE_LB_MODE)
 
 lab-down:
 	@if [ -x target/release/meshd ]; then target/release/meshd lab down; \

@@ -26,6 +26,8 @@ have openssl || need+=(openssl)
 have jq || need+=(jq)
 have ping || need+=(iputils-ping)
 have nsenter || need+=(util-linux)
+# The lab check's record of which replies pass back through a node (DSR), in the router.
+have nft || need+=(nftables)
 # asm/types.h for -target bpf lives under the multiarch include dir; the i386 headers provide
 # the generic asm/ links clang needs on Debian.
 [ -e /usr/include/asm/types.h ] || [ -e /usr/include/x86_64-linux-gnu/asm/types.h ] || need+=(linux-libc-dev)

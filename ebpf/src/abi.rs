@@ -323,7 +323,8 @@ pub struct CtValue {
     pub nat_addr: u32,
     /// Network byte order.
     pub nat_port: u16,
-    pub pad: u16,
+    /// A [`CT_F_SERVICE`] entry: the `BACKENDS` slot its backend was last seen in; 0 otherwise.
+    pub backend_slot: u16,
     /// from_endpoint's forwarding cache of this direction (see the header): valid while
     /// [`DatapathConfig::forward_revision`] equals `fwd_revision`.
     pub fwd_revision: u32,
@@ -627,7 +628,7 @@ pub fn layouts() -> Vec<Layout> {
                 policy_revision,
                 nat_addr,
                 nat_port,
-                pad,
+                backend_slot,
                 fwd_revision,
                 fwd_ifindex,
                 fwd_src_identity,

@@ -62,10 +62,14 @@ add() { # NAME LABELS
 }
 add "echo-$CLUSTER-$NODE" app=echo
 add "client-$CLUSTER-$NODE" app=client
-netns=$(meshd endpoint list -o json \
-  | jq -r --arg n "echo-$CLUSTER-$NODE" '[.. | objects | select(.name? == $n) | .netns][0]')
-nsenter --net="$netns" -- meshd workload echo --listen 0.0.0.0:8080 \
-  --cluster "$CLUSTER" --node "$NODE" --endpoint "echo-$CLUSTER-$NODE" &
+add "web-$CLUSTER-$NODE" app=web
+# The HTTP echo in echo-* and in web-* (the public endpoints behind the node ports).
+for ep in "echo-$CLUSTER-$NODE" "web-$CLUSTER-$NODE"; do
+  netns=$(meshd endpoint list -o json \
+    | jq -r --arg n "$ep" '[.. | objects | select(.name? == $n) | .netns][0]')
+  nsenter --net="$netns" -- meshd workload echo --listen 0.0.0.0:8080 \
+    --cluster "$CLUSTER" --node "$NODE" --endpoint "$ep" &
+done
 touch /tmp/ready
 echo "node.sh: $CLUSTER/$NODE ready"
 wait "$agent"

@@ -5,6 +5,9 @@
 //! address) or on the other node (SNATed to the node it came in by, through the tunnel);
 //! `externalTrafficPolicy: Local` refuses on a node without a backend (counted as
 //! `no-local-backend` in `meshd status`), and its health check node port answers 200 / 503.
+//! A policy that admits no `world` keeps the outside client out on both paths; a backend
+//! deleted under traffic resets its open connections (never a black hole) while new ones go to
+//! the backends left. Tunnel and native routing.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -63,8 +66,18 @@ struct Setup {
     n2: Ipv4Addr,
 }
 
+/// One cluster of two nodes and the outside, in tunnel or native routing.
+fn outside(native: bool) -> MeshOptions {
+    let opts = MeshOptions::clusters(1, 2).external(UNDERLAY_MTU);
+    if native {
+        opts.native()
+    } else {
+        opts
+    }
+}
+
 fn start() -> anyhow::Result<Option<Setup>> {
-    start_with(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+    start_with(outside(false))
 }
 
 fn start_with(opts: MeshOptions) -> anyhow::Result<Option<Setup>> {
@@ -118,13 +131,13 @@ fn health(mesh: &Mesh, node: Ipv4Addr) -> anyhow::Result<(u16, serde_json::Value
 #[test]
 fn an_outside_client_reaches_backends_on_the_node_and_on_another_through_a_node_port(
 ) -> anyhow::Result<()> {
-    outside_client_through_a_node_port(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU))
+    outside_client_through_a_node_port(outside(false))
 }
 
 #[test]
 fn in_native_routing_an_outside_client_reaches_backends_through_a_node_port() -> anyhow::Result<()>
 {
-    outside_client_through_a_node_port(MeshOptions::clusters(1, 2).external(UNDERLAY_MTU).native())
+    outside_client_through_a_node_port(outside(true))
 }
 
 fn outside_client_through_a_node_port(opts: MeshOptions) -> anyhow::Result<()> {
@@ -212,7 +225,19 @@ fn local_policy_refuses_without_a_local_backend_and_the_health_check_says_so() -
 
 #[test]
 fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::Result<()> {
-    let Some(Setup { mesh, web, n1, .. }) = start()? else {
+    policy_without_world(outside(false))
+}
+
+/// Native routing: the path to a backend on another node arrives there from the entry node's
+/// address (SNAT, no VNI to carry `world`): a policy admitting neither keeps it out as well.
+#[test]
+fn in_native_routing_a_policy_without_world_keeps_outside_clients_out_on_both_paths(
+) -> anyhow::Result<()> {
+    policy_without_world(outside(true))
+}
+
+fn policy_without_world(opts: MeshOptions) -> anyhow::Result<()> {
+    let Some(Setup { mesh, web, n1, .. }) = start_with(opts)? else {
         return Ok(());
     };
     mesh.apply_policy(
@@ -242,6 +267,112 @@ fn a_policy_without_world_keeps_outside_clients_out_on_both_paths() -> anyhow::R
     Ok(())
 }
 
+/// An open connection from outside through `node`'s node port, served by the backend for which
+/// `served(seen address)` holds (connections are retried until one lands there).
+fn connection_served_by(
+    mesh: &Mesh,
+    node: Ipv4Addr,
+    what: &str,
+    served: impl Fn(SocketAddr) -> bool,
+) -> anyhow::Result<TcpStream> {
+    wait_for(what, CONVERGE, || {
+        let mut s = from_outside(mesh, node, NODE_PORT)?;
+        let seen = read_seen_address(&mut s)?;
+        anyhow::ensure!(served(seen), "served elsewhere (seen as {seen})");
+        netns_io::echo_round_trip(&mut s, b"before")?;
+        Ok(s)
+    })
+}
+
+/// What became of an open connection whose backend was deleted: the next write must be
+/// answered by a reset (or an error the kernel reports, such as an ICMP unreachable), never by
+/// silence until the timeout (a black hole).
+fn after_its_backend_left(stream: &mut TcpStream) -> anyhow::Result<std::io::ErrorKind> {
+    let started = std::time::Instant::now();
+    let kind = match netns_io::echo_round_trip(stream, b"after") {
+        Ok(()) => anyhow::bail!("a deleted backend still answered"),
+        Err(e) => e
+            .chain()
+            .find_map(|c| c.downcast_ref::<std::io::Error>())
+            .map(std::io::Error::kind)
+            .ok_or_else(|| anyhow::anyhow!("not an I/O error: {e:#}"))?,
+    };
+    anyhow::ensure!(
+        !matches!(
+            kind,
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "no answer within {:?} (a black hole): {kind:?}",
+        started.elapsed()
+    );
+    Ok(kind)
+}
+
+#[test]
+fn a_backend_deleted_under_traffic_resets_its_connections_and_new_ones_go_elsewhere(
+) -> anyhow::Result<()> {
+    backend_deleted_under_traffic(outside(false))
+}
+
+#[test]
+fn in_native_routing_a_backend_deleted_under_traffic_resets_its_connections() -> anyhow::Result<()>
+{
+    backend_deleted_under_traffic(outside(true))
+}
+
+fn backend_deleted_under_traffic(opts: MeshOptions) -> anyhow::Result<()> {
+    let Some(Setup { mesh, web, n1, n2 }) = start_with(opts)? else {
+        return Ok(());
+    };
+    let ext_ip = IpAddr::V4(mesh.external.as_ref().expect("outside").host_ip);
+    let is_local = move |seen: SocketAddr| seen.ip() == ext_ip;
+    let is_remote = move |seen: SocketAddr| seen.ip() == IpAddr::V4(n1);
+    mesh.publish_service("c1", &record(&[&web[0], &web[1]], TrafficPolicy::Cluster))?;
+    // Through n1: one connection to its own backend, one to n2's (SNATed).
+    let mut to_local = connection_served_by(&mesh, n1, "a connection to n1's backend", is_local)
+        .map_err(|e| e.context(mesh.logs()))?;
+    let mut to_remote = connection_served_by(&mesh, n1, "a connection to n2's backend", is_remote)?;
+
+    // n2's backend goes (the endpoint, then the service's backend, as the apiserver follows).
+    mesh.delete_endpoint(&web[1])?;
+    mesh.publish_service("c1", &record(&[&web[0]], TrafficPolicy::Cluster))?;
+    wait_for("new connections to stay on n1", CONVERGE, || {
+        for _ in 0..10 {
+            let seen = via_node_port(&mesh, n1)?;
+            anyhow::ensure!(is_local(seen), "still sent to n2 (seen as {seen})");
+        }
+        Ok(())
+    })?;
+    let kind = after_its_backend_left(&mut to_remote).map_err(|e| e.context(mesh.logs()))?;
+    eprintln!("a connection to the deleted remote backend: {kind:?}");
+    netns_io::echo_round_trip(&mut to_local, b"still there")
+        .map_err(|e| e.context("a connection to a backend that stayed"))?;
+
+    // Now the other way round: n1's own backend goes while a connection to it is open, and a
+    // new backend on n2 takes the new connections.
+    let web3 = mesh.add_endpoint("c1", "n2", "web3", "app=web")?;
+    spawn_whoami(&web3.netns, BACKEND_PORT)?;
+    mesh.publish_service("c1", &record(&[&web[0], &web3], TrafficPolicy::Cluster))?;
+    let mut to_remote =
+        connection_served_by(&mesh, n1, "a connection to n2's new backend", is_remote)?;
+    mesh.delete_endpoint(&web[0])?;
+    mesh.publish_service("c1", &record(&[&web3], TrafficPolicy::Cluster))?;
+    wait_for("new connections to go to n2", CONVERGE, || {
+        for _ in 0..10 {
+            let seen = via_node_port(&mesh, n1)?;
+            anyhow::ensure!(is_remote(seen), "still served on n1 (seen as {seen})");
+        }
+        Ok(())
+    })?;
+    let kind = after_its_backend_left(&mut to_local).map_err(|e| e.context(mesh.logs()))?;
+    eprintln!("a connection to the deleted local backend: {kind:?}");
+    netns_io::echo_round_trip(&mut to_remote, b"still there")
+        .map_err(|e| e.context("a connection to a backend that stayed"))?;
+    // n2 serves the same through its own node port, to its own backend.
+    assert_eq!(via_node_port(&mesh, n2)?.ip(), ext_ip);
+    Ok(())
+}
+
 /// The NodePort of `record` for TCP plus the same for UDP, on `backend` only.
 fn tcp_and_udp_record(backend: &EndpointInfo) -> ServiceRecord {
     let mut r = record(&[backend], TrafficPolicy::Cluster);
@@ -263,10 +394,7 @@ fn tcp_and_udp_record(backend: &EndpointInfo) -> ServiceRecord {
 /// NodePort by itself, TCP and UDP; n1 routes no answer out (no `forwarded-world` there).
 #[test]
 fn in_native_routing_dsr_keeps_the_client_and_the_backends_node_answers_it() -> anyhow::Result<()> {
-    let opts = MeshOptions::clusters(1, 2)
-        .external(UNDERLAY_MTU)
-        .native()
-        .agent_config("service_lb_mode: dsr");
+    let opts = outside(true).agent_config("service_lb_mode: dsr");
     let Some(Setup { mesh, web, n1, .. }) = start_with(opts)? else {
         return Ok(());
     };

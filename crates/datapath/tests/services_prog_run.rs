@@ -263,6 +263,21 @@ fn a_connection_keeps_its_backend_and_new_ones_spread() {
         assert_eq!(daddr(&out), other);
     }
 
+    // The kept backend is deleted: the connection's next segment goes to a backend of now
+    // (whose kernel resets a connection it does not know), not into the void; and stays there.
+    dp.maps.delete_endpoint(kept).unwrap();
+    for flags in [0x18, 0x10] {
+        let (verdict, out, _) = dp.run(
+            programs::FROM_ENDPOINT,
+            &tcp(A, 50000, VIP, 80, flags),
+            A_IF,
+            [0; 5],
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        assert_eq!(daddr(&out), other, "a deleted backend's connection moves");
+        assert_checksums_valid(&out, "after DNAT to the new backend");
+    }
+
     // After FIN the tuple is closing; a SYN reusing it picks among today's backends.
     dp.run(
         programs::FROM_ENDPOINT,

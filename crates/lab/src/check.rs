@@ -9,7 +9,13 @@
 //! - every client reaches the external host (which must have seen the client's node address
 //!   with masquerade on, the client's own without), pings it, and pings its own node;
 //! - where pod addresses are routable (native routing, or masquerade off), the external host
-//!   reaches every echo endpoint as `world`, unless the lab's policy selects it (denied);
+//!   reaches every echo endpoint as `world`, unless the lab's policy selects it (denied), and
+//!   every web endpoint (the lab's policy admits `world` there);
+//! - public endpoints: the external host reaches every node's IP at every node port of a
+//!   cluster's services (`web`: answers from every cluster with backends, each seeing the
+//!   client's own address when it runs on the node asked and that node's address otherwise;
+//!   `externalTrafficPolicy: Local`, `web-local`: answers only from the node's own backends,
+//!   all seeing the client's own address);
 //! - where the lab runs a Prometheus, it scrapes every agent and apiserver (each `up`, each with
 //!   `meshd_` series), asked through its HTTP API.
 
@@ -21,7 +27,7 @@ use serde::Serialize;
 
 use crate::proc::netns_path;
 use crate::spec::ECHO_PORT;
-use crate::state::{LabEndpoint, LabState, CONTAINER_NETNS};
+use crate::state::{LabEndpoint, LabExternal, LabState, CONTAINER_NETNS};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
@@ -79,6 +85,10 @@ pub struct ServiceTarget {
     pub port: u16,
     pub global: bool,
     pub clusters_with_backends: usize,
+    /// The first port's node port (NodePort and LoadBalancer services).
+    pub node_port: Option<u16>,
+    /// `externalTrafficPolicy: Local`: a node port serves only the node's own backends.
+    pub local_traffic_policy: bool,
 }
 
 struct Pending {
@@ -102,6 +112,22 @@ enum Kind {
     /// All requests answered; `min_clusters` distinct clusters among the answers.
     Service {
         min_clusters: usize,
+    },
+    /// From outside to a node port of node `entry` (CLUSTER/NODE at `entry_ip`): all requests
+    /// answered, from at least `min_clusters` clusters, and each backend saw the client's own
+    /// address `client` if it runs on `entry`, the entry node's otherwise (SNAT). With `local`
+    /// every answer must come from `entry` itself.
+    ///
+    /// With direct server return (`dsr`) every backend sees the client's own address, and the
+    /// router's capture (`crate::capture`) must have seen replies from `entry` only for the
+    /// connections its own backend served.
+    NodePort {
+        entry: String,
+        entry_ip: String,
+        client: String,
+        min_clusters: usize,
+        local: bool,
+        dsr: bool,
     },
 }
 
@@ -193,6 +219,38 @@ fn ping(from: &LabEndpoint, to: &str) -> anyhow::Result<Child> {
     in_endpoint(from, Path::new("ping"), &args)
         .spawn()
         .with_context(|| format!("running ping from {}", from.name))
+}
+
+/// A row whose `count` requests to `url` run on the external host; `row` is its CHECK, TO and
+/// EXPECT.
+fn from_external(
+    meshd: &Path,
+    ext: &LabExternal,
+    (check, to, expect): (&str, String, &str),
+    url: &str,
+    count: u32,
+    timeout_ms: u64,
+    kind: Kind,
+) -> anyhow::Result<Pending> {
+    Ok(Pending {
+        result: CheckResult {
+            check: check.into(),
+            from: format!("external {}", ext.ip),
+            to,
+            expect: expect.into(),
+            pass: false,
+            detail: String::new(),
+        },
+        child: request_in(
+            meshd,
+            &ext.netns,
+            ext.container.as_deref(),
+            url,
+            count,
+            timeout_ms,
+        )?,
+        kind,
+    })
 }
 
 fn label(ep: &LabEndpoint) -> String {
@@ -299,40 +357,28 @@ pub fn run_check(
     }
     // Pod addresses the network routes (native routing, or masquerade off): the external host
     // reaches the echo endpoints, which see it as `world`: allowed where no policy selects
-    // them, denied by the lab's policy (it lets only clients in).
+    // them, denied by the lab's policy (it lets only clients in); and the web endpoints, which
+    // are public (the lab's policy admits `world` there).
+    let webs: Vec<&LabEndpoint> = state.endpoints.iter().filter(|e| has(e, "web")).collect();
     if let Some(ext) = state
         .external
         .as_ref()
         .filter(|_| state.routing == meshd_state::RoutingMode::Native || !state.masquerade)
     {
-        for to in &echos {
+        let targets = echos
+            .iter()
+            .map(|e| (e, policy_denies_echo_to_echo))
+            .chain(webs.iter().map(|e| (e, false)));
+        for (to, deny) in targets {
             let url = format!("http://{}:{ECHO_PORT}/", to.ip);
-            let deny = policy_denies_echo_to_echo;
-            pending.push(Pending {
-                result: CheckResult {
-                    check: "from external".into(),
-                    from: format!("external {}", ext.ip),
-                    to: label(to),
-                    expect: if deny { "deny" } else { "allow" }.into(),
-                    pass: false,
-                    detail: String::new(),
-                },
-                child: request_in(
-                    meshd,
-                    &ext.netns,
-                    ext.container.as_deref(),
-                    &url,
-                    1,
-                    if deny { 1500 } else { 3000 },
-                )?,
-                kind: if deny {
-                    Kind::Denied
-                } else {
-                    Kind::Http {
-                        endpoint: to.name.clone(),
-                    }
-                },
-            });
+            let (expect, timeout_ms, kind) = if deny {
+                ("deny", 1500, Kind::Denied)
+            } else {
+                let endpoint = to.name.clone();
+                ("allow", 3000, Kind::Http { endpoint })
+            };
+            let row = ("from external", label(to), expect);
+            pending.push(from_external(meshd, ext, row, &url, 1, timeout_ms, kind)?);
         }
     }
     if policy_denies_echo_to_echo {
@@ -353,6 +399,62 @@ pub fn run_check(
                     child: request(meshd, from, &url, 1, 1500)?,
                     kind: Kind::Denied,
                 });
+            }
+        }
+    }
+    // Public endpoints: from the external host to every node's IP at every node port of its
+    // cluster's services. With direct server return (TCP in `dsr` and `hybrid`) the router
+    // records which replies pass back through the node a connection came in by.
+    let dsr = matches!(state.service_lb_mode.as_str(), "dsr" | "hybrid");
+    if dsr {
+        let watched: Vec<crate::capture::Watched> = services
+            .iter()
+            .filter(|s| !s.local_traffic_policy)
+            .filter_map(|s| Some((state.cluster(&s.cluster)?, s.node_port?)))
+            .flat_map(|(c, node_port)| {
+                c.nodes.iter().map(move |n| crate::capture::Watched {
+                    netns: n.netns.clone(),
+                    ip: n.ip.clone(),
+                    node_port,
+                })
+            })
+            .collect();
+        crate::capture::start(state, &watched)?;
+    }
+    if let Some(ext) = &state.external {
+        for svc in services {
+            let Some(node_port) = svc.node_port else {
+                continue;
+            };
+            let Some(cluster) = state.cluster(&svc.cluster) else {
+                continue;
+            };
+            for node in &cluster.nodes {
+                let url = format!("http://{}:{node_port}/", node.ip);
+                let local = svc.local_traffic_policy;
+                let kind = Kind::NodePort {
+                    entry: format!("{}/{}", cluster.name, node.name),
+                    entry_ip: node.ip.clone(),
+                    client: ext.ip.clone(),
+                    min_clusters: if local || !svc.global {
+                        1
+                    } else {
+                        svc.clusters_with_backends.max(1)
+                    },
+                    local,
+                    dsr: dsr && !local,
+                };
+                let row = (
+                    match (local, dsr) {
+                        (true, _) => "nodeport local",
+                        (false, true) => "nodeport dsr",
+                        (false, false) => "nodeport",
+                    },
+                    format!("{}/{} {}:{node_port}", cluster.name, node.name, node.ip),
+                    "allow",
+                );
+                let count = if local { 6 } else { 20 };
+                pending.push(from_external(meshd, ext, row, &url, count, 3000, kind)?);
             }
         }
     }
@@ -445,6 +547,44 @@ pub fn run_check(
                     format!("answered: {}", summary["by_endpoint"])
                 };
             }
+            Kind::NodePort {
+                entry,
+                entry_ip,
+                client,
+                min_clusters,
+                local,
+                dsr,
+            } => {
+                let replies: Vec<serde_json::Value> =
+                    summary["replies"].as_array().cloned().unwrap_or_default();
+                let (mut pass, mut detail) = judge_node_port(
+                    &replies,
+                    &entry,
+                    &entry_ip,
+                    &client,
+                    min_clusters,
+                    local,
+                    dsr,
+                );
+                if dsr {
+                    let (ok, seen) = judge_return_path(
+                        &replies,
+                        &entry,
+                        crate::capture::ports_through(state, &entry_ip),
+                    );
+                    pass &= ok;
+                    detail.push_str(&format!("; {seen}"));
+                }
+                result.pass = out.status.success() && pass;
+                result.detail = if out.status.success() {
+                    detail
+                } else {
+                    format!(
+                        "{}/{} answered; errors {}",
+                        summary["ok"], summary["sent"], summary["errors"]
+                    )
+                };
+            }
             Kind::Service { min_clusters } => {
                 let clusters = summary["by_cluster"]
                     .as_object()
@@ -461,6 +601,9 @@ pub fn run_check(
         }
         results.push(result);
     }
+    if dsr {
+        crate::capture::stop(state);
+    }
     let passed = results.iter().filter(|r| r.pass).count();
     let failed = results.len() - passed;
     Ok(CheckReport {
@@ -468,6 +611,103 @@ pub fn run_check(
         passed,
         failed,
     })
+}
+
+/// Whether the replies to requests from outside through node `entry`'s node port are right
+/// (see [`Kind::NodePort`]), and a line saying what was seen.
+fn judge_node_port(
+    replies: &[serde_json::Value],
+    entry: &str,
+    entry_ip: &str,
+    client: &str,
+    min_clusters: usize,
+    local: bool,
+    dsr: bool,
+) -> (bool, String) {
+    let mut clusters = std::collections::BTreeSet::new();
+    let mut by_node = std::collections::BTreeMap::<String, usize>::new();
+    let mut wrong = Vec::new();
+    for reply in replies {
+        let Some(cluster) = reply["cluster"].as_str() else {
+            wrong.push("no answer".to_owned());
+            continue;
+        };
+        let node = format!("{cluster}/{}", reply["node"].as_str().unwrap_or("-"));
+        let seen = reply["client"]
+            .as_str()
+            .and_then(|c| c.rsplit_once(':'))
+            .map_or("-", |(ip, _)| ip);
+        // A backend on the node asked keeps the client's address; one elsewhere sees the
+        // node's (SNAT) unless the node returns nothing (DSR), and Local never sends elsewhere.
+        let expected = if node == entry || dsr {
+            client
+        } else {
+            entry_ip
+        };
+        if (local && node != entry) || seen != expected {
+            wrong.push(format!("{node} saw {seen}"));
+        }
+        clusters.insert(cluster.to_owned());
+        *by_node.entry(node).or_default() += 1;
+    }
+    let pass = !replies.is_empty() && wrong.is_empty() && clusters.len() >= min_clusters;
+    let mut detail = format!(
+        "{}/{} by node {by_node:?}",
+        replies.len() - wrong.iter().filter(|w| *w == "no answer").count(),
+        replies.len()
+    );
+    if !wrong.is_empty() {
+        detail.push_str(&format!("; wrong: {wrong:?}"));
+    }
+    if clusters.len() < min_clusters {
+        detail.push_str(&format!(
+            "; {} cluster(s), {min_clusters} expected",
+            clusters.len()
+        ));
+    }
+    (pass, detail)
+}
+
+/// Direct server return: whether the replies that passed back through node `entry` (their
+/// client ports, as the router recorded them) are exactly those of the connections its own
+/// backend served; and a line saying so.
+fn judge_return_path(
+    replies: &[serde_json::Value],
+    entry: &str,
+    through_entry: anyhow::Result<std::collections::BTreeSet<u16>>,
+) -> (bool, String) {
+    let through_entry = match through_entry {
+        Ok(ports) => ports,
+        Err(e) => return (false, format!("router capture: {e:#}")),
+    };
+    let (mut own, mut elsewhere) = (std::collections::BTreeSet::new(), 0);
+    for reply in replies.iter().filter(|r| r["cluster"].is_string()) {
+        let node = format!(
+            "{}/{}",
+            reply["cluster"].as_str().unwrap_or("-"),
+            reply["node"].as_str().unwrap_or("-")
+        );
+        let port = reply["client"]
+            .as_str()
+            .and_then(|c| c.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        match port {
+            Some(port) if node == entry => {
+                own.insert(port);
+            }
+            _ => elsewhere += 1,
+        }
+    }
+    let strays = through_entry.difference(&own).count();
+    let pass = elsewhere > 0 && strays == 0 && through_entry == own;
+    (
+        pass,
+        format!(
+            "router: replies of {} connection(s) came back through {entry} ({} served there, {strays} served elsewhere; {elsewhere} connection(s) served by other nodes)",
+            through_entry.len(),
+            own.len()
+        ),
+    )
 }
 
 fn result(check: String, from: &LabEndpoint, to: &str, expect: &str) -> CheckResult {
@@ -484,4 +724,85 @@ fn result(check: String, from: &LabEndpoint, to: &str, expect: &str) -> CheckRes
 /// Default run dir of the lab.
 pub fn default_run_dir() -> PathBuf {
     PathBuf::from("/run/meshd-lab")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{judge_node_port, judge_return_path};
+    use serde_json::{json, Value};
+
+    fn reply(cluster: &str, node: &str, client: &str) -> Value {
+        json!({"cluster": cluster, "node": node, "endpoint": format!("web-{cluster}-{node}"),
+               "client": format!("{client}:40000"), "server": "10.1.1.3:8080"})
+    }
+
+    const EXT: &str = "203.0.113.10";
+    const N1: &str = "10.77.0.11";
+
+    #[test]
+    fn a_node_port_keeps_the_client_for_its_own_backend_and_snats_for_others() {
+        let good = [
+            reply("c1", "n1", EXT),
+            reply("c1", "n2", N1),
+            reply("c2", "n1", N1),
+        ];
+        let (pass, detail) = judge_node_port(&good, "c1/n1", N1, EXT, 2, false, false);
+        assert!(pass, "{detail}");
+        // Answers from one cluster only, where two have backends.
+        let (pass, _) = judge_node_port(&good[..2], "c1/n1", N1, EXT, 2, false, false);
+        assert!(!pass);
+        // A remote backend that saw the client (no SNAT), or the local one that saw the node.
+        for bad in [reply("c1", "n2", EXT), reply("c1", "n1", N1)] {
+            let (pass, detail) = judge_node_port(&[bad], "c1/n1", N1, EXT, 1, false, false);
+            assert!(!pass && detail.contains("wrong"), "{detail}");
+        }
+        // A failed request among the answers.
+        let (pass, detail) = judge_node_port(
+            &[good[0].clone(), Value::Null],
+            "c1/n1",
+            N1,
+            EXT,
+            1,
+            false,
+            false,
+        );
+        assert!(!pass && detail.starts_with("1/2"), "{detail}");
+        assert!(!judge_node_port(&[], "c1/n1", N1, EXT, 1, false, false).0);
+    }
+
+    #[test]
+    fn a_local_node_port_answers_only_from_the_node_with_the_client_kept() {
+        let own = [reply("c1", "n1", EXT), reply("c1", "n1", EXT)];
+        assert!(judge_node_port(&own, "c1/n1", N1, EXT, 1, true, false).0);
+        let (pass, detail) =
+            judge_node_port(&[reply("c1", "n2", N1)], "c1/n1", N1, EXT, 1, true, false);
+        assert!(!pass && detail.contains("c1/n2"), "{detail}");
+    }
+
+    #[test]
+    fn with_dsr_every_backend_keeps_the_client_and_only_the_own_backend_answers_through_the_node() {
+        let mut served = [
+            reply("c1", "n1", EXT),
+            reply("c1", "n2", EXT),
+            reply("c2", "n1", EXT),
+        ];
+        served[0]["client"] = json!(format!("{EXT}:40001"));
+        assert!(judge_node_port(&served, "c1/n1", N1, EXT, 2, false, true).0);
+        // A remote backend that saw the node: SNAT, not DSR.
+        let snat = [reply("c1", "n2", N1)];
+        assert!(!judge_node_port(&snat, "c1/n1", N1, EXT, 1, false, true).0);
+
+        let through = |ports: &[u16]| Ok(ports.iter().copied().collect());
+        let (pass, detail) = judge_return_path(&served, "c1/n1", through(&[40001]));
+        assert!(pass, "{detail}");
+        // A reply of a connection served elsewhere came back through the node.
+        let (pass, detail) = judge_return_path(&served, "c1/n1", through(&[40000, 40001]));
+        assert!(!pass && detail.contains("1 served elsewhere"), "{detail}");
+        // Nothing recorded for the own backend's connection: the capture saw nothing.
+        assert!(!judge_return_path(&served, "c1/n1", through(&[])).0);
+        // No connection served elsewhere: nothing shows the direct path.
+        assert!(!judge_return_path(&served[..1], "c1/n1", through(&[40001])).0);
+        let (pass, detail) = judge_return_path(&served, "c1/n1", Err(anyhow::anyhow!("no nft")));
+        assert!(!pass && detail.contains("no nft"), "{detail}");
+    }
 }

@@ -12,6 +12,7 @@
 //! Everything the lab creates is recorded in `<run dir>/lab.json` as it is created, so
 //! [`down`] removes exactly that, also after a half-finished `up`.
 
+pub mod capture;
 pub mod check;
 pub mod proc;
 pub mod prometheus;

@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+pub use meshd_datapath::ServiceLbMode;
 use meshd_state::RoutingMode;
 use serde::Serialize;
 
@@ -32,6 +33,14 @@ pub struct LabSpec {
     /// `--kvstoremesh`), and its agents read remote clusters there; on by default from 3
     /// clusters ([`LabSpec::with_clusters`]).
     pub kvstoremesh: bool,
+    /// How a node port connection reaches a backend on another node: `snat` (the agents'
+    /// default), or `dsr` / `hybrid` (native routing only, see [`LabSpec::with_service_lb_mode`]).
+    #[serde(serialize_with = "display")]
+    pub service_lb_mode: ServiceLbMode,
+}
+
+fn display<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,7 +103,8 @@ pub const SERVICE_PORT: u16 = 80;
 
 impl LabSpec {
     /// The default lab: clusters c1 and c2 (ids 1, 2), two nodes each, and on every node one
-    /// `app=echo` endpoint (running the echo workload) and one `app=client` endpoint.
+    /// `app=echo` endpoint (running the echo workload), one `app=client` endpoint and one
+    /// `app=web` endpoint (the same echo, behind the lab's public node ports).
     ///
     /// `underlay` is a /24 (10.77.0.0/24 for `make lab`; tests use another one so they can run
     /// beside a user's lab): the host gets .1, control planes .10x, nodes .<10*cluster + node>.
@@ -118,6 +128,7 @@ impl LabSpec {
             masquerade: true,
             routing: RoutingMode::Tunnel,
             kvstoremesh: count >= 3,
+            service_lb_mode: ServiceLbMode::Snat,
             external: ExternalSpec {
                 router_ip: Ipv4Addr::new(base[0], base[1], base[2], 254),
                 net: Ipv4Net::new(Ipv4Addr::new(203, 0, 113, 0), 24).expect("/24"),
@@ -129,6 +140,13 @@ impl LabSpec {
     /// The mirror in every cluster on or off (default: on from 3 clusters).
     pub fn with_kvstoremesh(mut self, on: bool) -> LabSpec {
         self.kvstoremesh = on;
+        self
+    }
+
+    /// Every agent's `service_lb_mode`. DSR needs native routing: the agents refuse it in tunnel
+    /// mode, and so does `meshd lab up`.
+    pub fn with_service_lb_mode(mut self, mode: ServiceLbMode) -> LabSpec {
+        self.service_lb_mode = mode;
         self
     }
 
@@ -278,6 +296,12 @@ fn cluster(base: [u8; 4], id: u8, nodes: u8) -> ClusterSpec {
                         namespace: "default".into(),
                         labels: vec![("app".into(), "client".into())],
                         echo: false,
+                    },
+                    EndpointSpec {
+                        name: format!("web-{name}-n{n}"),
+                        namespace: "default".into(),
+                        labels: vec![("app".into(), "web".into())],
+                        echo: true,
                     },
                 ],
             })

@@ -41,6 +41,13 @@ pub struct LabState {
     /// it (labs before this field: no).
     #[serde(default)]
     pub kvstoremesh: bool,
+    /// The agents' `service_lb_mode`: `snat`, `dsr` or `hybrid` (labs before this field: snat).
+    #[serde(default = "service_lb_mode_default")]
+    pub service_lb_mode: String,
+}
+
+fn service_lb_mode_default() -> String {
+    "snat".into()
 }
 
 /// The lab's Prometheus server.

@@ -79,6 +79,7 @@ pub fn up(opts: &UpOptions, progress: &mut dyn FnMut(&str)) -> anyhow::Result<La
         masquerade: opts.spec.masquerade,
         routing: opts.spec.routing,
         kvstoremesh: opts.spec.kvstoremesh,
+        service_lb_mode: opts.spec.service_lb_mode.to_string(),
         ..LabState::default()
     };
     state.save()?;
@@ -189,6 +190,10 @@ fn build_on(
             start_node(opts, state, topology, cluster, node, progress)?;
         }
     }
+    if spec.service_lb_mode.uses_dsr() {
+        progress("router: loose reverse-path filtering (direct server return)");
+        loosen_router_rp_filter(spec)?;
+    }
     start_prometheus(opts, state, progress)?;
     for cluster in &spec.clusters {
         for node in &cluster.nodes {
@@ -249,6 +254,22 @@ fn build_external(spec: &LabSpec, topology: &mut Topology) -> anyhow::Result<()>
         routes,
         strict_rp_filter: true,
     })?;
+    Ok(())
+}
+
+/// Direct server return: a backend's node answers an outside client with the address of the
+/// node the connection came in by, from its own link, which the router's strict reverse-path
+/// filter drops as a martian when the two nodes sit on different links of it (a node behind the
+/// router and one on the underlay). A network carrying DSR replies checks sources loosely (the
+/// source must be routable at all), as the router does then on every link.
+fn loosen_router_rp_filter(spec: &LabSpec) -> anyhow::Result<()> {
+    let script = "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 2 > \"$f\"; done";
+    run(
+        Some(&spec.router_netns()),
+        Path::new("sh"),
+        &["-c".into(), script.into()],
+    )
+    .context("loose rp_filter on the router")?;
     Ok(())
 }
 
@@ -793,8 +814,9 @@ fn start_node(
     );
     let config = if spec.routing == meshd_state::RoutingMode::Native {
         format!(
-            "{config}routing_mode: native\nnative_routing_cidr: {}\nauto_direct_node_routes: true\n",
-            spec.native_routing_cidr()
+            "{config}routing_mode: native\nnative_routing_cidr: {}\nauto_direct_node_routes: true\nservice_lb_mode: {}\n",
+            spec.native_routing_cidr(),
+            spec.service_lb_mode
         )
     } else {
         config

@@ -79,12 +79,24 @@ fn lab_up_check_status_down_twice() {
         "prometheus on PATH (scripts/install-deps.sh installs Debian's)",
         meshd_testing::have_binary("prometheus"),
     );
+    // Direct server return needs native routing: refused before anything is made.
+    let mut args = up_args.to_vec();
+    args.extend(["--service-lb-mode", "dsr"]);
+    let refused = meshd(&args);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("--routing native"),
+        "{stderr}"
+    );
+    assert!(leftovers(&run_dir).is_empty(), "{:?}", leftovers(&run_dir));
     // Twice in a row: the second `up` replaces the first lab, without masquerade, in native
-    // routing mode and with every cluster's remote clusters read through its cache.
+    // routing mode with direct server return and every cluster's remote clusters read through
+    // its cache.
     for round in 1..=2 {
         let mut args = up_args.to_vec();
         if round == 2 {
             args.extend(["--no-masquerade", "--routing", "native", "--kvstoremesh"]);
+            args.extend(["--service-lb-mode", "dsr"]);
         }
         let up = meshd(&args);
         let stdout = String::from_utf8_lossy(&up.stdout);
@@ -116,20 +128,40 @@ fn lab_up_check_status_down_twice() {
             4,
             "round {round}: {stdout}"
         );
+        // Public endpoints: the external host reaches every node (2 x 2) at the node port of
+        // `web` and at the one of `web-local` (externalTrafficPolicy Local), in each cluster.
+        // With DSR the `web` rows also check the router's record of the replies' path.
+        let web_row = if round == 2 {
+            "nodeport dsr"
+        } else {
+            "nodeport"
+        };
+        for row in [web_row, "nodeport local"] {
+            // The CHECK column, padded with spaces (names have single spaces inside).
+            let rows: Vec<&str> = stdout
+                .lines()
+                .filter(|l| l.split("  ").next() == Some(row))
+                .collect();
+            assert_eq!(rows.len(), 4, "round {round}: {row}: {stdout}");
+            assert!(rows.iter().all(|l| l.contains(" ok ")), "{stdout}");
+        }
         // Native: the external host reaches the echo endpoints as world, and the lab's policy
-        // (only clients into echo) turns it away.
+        // (only clients into echo) turns it away; the web endpoints' policy admits it.
         let from_external: Vec<&str> = stdout
             .lines()
             .filter(|l| l.starts_with("from external "))
             .collect();
         if round == 2 {
-            assert_eq!(from_external.len(), 4, "{stdout}");
-            assert!(
-                from_external
-                    .iter()
-                    .all(|l| l.contains(" deny ") && l.contains(" ok ")),
-                "{stdout}"
-            );
+            assert_eq!(from_external.len(), 8, "{stdout}");
+            assert!(from_external.iter().all(|l| l.contains(" ok ")), "{stdout}");
+            for (app, expect, count) in [("/echo-", " deny ", 4), ("/web-", " allow ", 4)] {
+                let rows = from_external.iter().filter(|l| l.contains(app));
+                assert_eq!(
+                    rows.filter(|l| l.contains(expect)).count(),
+                    count,
+                    "{app}: {stdout}"
+                );
+            }
         } else {
             assert!(from_external.is_empty(), "{stdout}");
         }
@@ -213,6 +245,7 @@ fn lab_up_check_status_down_twice() {
     assert_eq!(doc["masquerade"], false, "{doc}");
     assert_eq!(doc["routing"], "native", "{doc}");
     assert_eq!(doc["kvstoremesh"], true, "{doc}");
+    assert_eq!(doc["service_lb_mode"], "dsr", "{doc}");
     // One node per cluster behind the router: the others route to it through the router, not
     // with a direct route, and say so.
     let c1 = &clusters[0]["nodes"];
@@ -245,7 +278,8 @@ fn lab_up_check_status_down_twice() {
     let ext_netns = doc["external"]["netns"].as_str().unwrap();
     assert!(Path::new("/run/netns").join(ext_netns).exists(), "{doc}");
     let endpoints = doc["endpoints"].as_array().unwrap();
-    assert_eq!(endpoints.len(), 8);
+    // Per node: echo, client and web.
+    assert_eq!(endpoints.len(), 12);
     for e in endpoints {
         let netns = e["netns"].as_str().unwrap();
         assert!(Path::new("/run/netns").join(netns).exists(), "{e}");
@@ -257,6 +291,28 @@ fn lab_up_check_status_down_twice() {
             .any(|s| s["name"] == "echo" && s["cluster"] == "c1"),
         "{services:?}"
     );
+    // The public services, in both clusters, with their node ports; echo has none.
+    for cluster in ["c1", "c2"] {
+        let svc = |name: &str| {
+            services
+                .iter()
+                .find(|s| s["name"] == name && s["cluster"] == cluster)
+                .unwrap_or_else(|| panic!("{name} in {cluster}: {services:?}"))
+        };
+        assert_eq!(svc("echo")["type"], "ClusterIP", "{services:?}");
+        assert!(svc("echo")["node_port"].is_null(), "{services:?}");
+        for (name, port, policy) in [("web", 30080, "Cluster"), ("web-local", 30081, "Local")] {
+            let s = svc(name);
+            assert_eq!(s["type"], "NodePort", "{s}");
+            assert_eq!(s["node_port"], port, "{s}");
+            assert_eq!(s["external_traffic_policy"], policy, "{s}");
+            assert_eq!(s["external_ips"], serde_json::json!([]), "{s}");
+            assert!(
+                s["vip"].is_string(),
+                "a NodePort service keeps its VIP: {s}"
+            );
+        }
+    }
 
     let exec = meshd(&[
         "lab",

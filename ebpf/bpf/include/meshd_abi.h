@@ -204,7 +204,9 @@ struct ct_value {
 	 * 0 for connections that are not to a service. */
 	__u32 nat_addr;
 	__u16 nat_port;
-	__u16 pad;
+	/* MESHD_CT_F_SERVICE entry: the BACKENDS slot its backend was last seen in (lib/lb.h checks
+	 * that the backend still backs the frontend); 0 otherwise. */
+	__u16 backend_slot;
 	/*
 	 * Forwarding cache of from-endpoint for this direction's packets to a remote endpoint
 	 * (lib/fwd_cache.h): what the ENDPOINTS lookup of the sender and the ENDPOINTS and IPCACHE

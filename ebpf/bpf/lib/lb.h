@@ -10,6 +10,13 @@
  * both the VIP and a backend directly may pick the same source port for both, and after DNAT the
  * two share one 4-tuple (Cilium avoids this with connect-time socket load-balancing).
  *
+ * A connection keeps its backend while the frontend lists it, and also after, as long as the
+ * backend lives (one taken out of the service but still running, not ready say, finishes its
+ * connections, as with Kubernetes' conntrack). One whose backend is gone (deleted) is not sent
+ * into the void: its next packet gets a fresh pick among the backends of now (lb_backend_kept),
+ * whose kernel answers a segment of a connection it does not know with a reset, so the client
+ * hears of it at once; a UDP flow simply moves. Only a frontend left without any backend drops.
+ *
  * An ICMP error about a client's packet to a backend (port unreachable, fragmentation needed)
  * is translated back too (lb_reverse_icmp), so the client's socket hears of it, and one the
  * client sends about a backend's reply goes to that backend (lb_translate_icmp). Errors within
@@ -90,6 +97,51 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, const struct pkt_c
 	return 0;
 }
 
+/* Slots lb_backend_kept looks through for a connection's backend once its slot changed. */
+#define LB_BACKEND_SCAN 64
+
+/* Whether addr is still somewhere: an endpoint of this node, or behind another node. */
+static __always_inline int lb_backend_exists(__u32 addr)
+{
+	struct endpoint_key ekey = {.addr = addr};
+	if (bpf_map_lookup_elem(&ENDPOINTS, &ekey))
+		return 1;
+	struct ipcache_value *remote = ipcache_lookup(addr);
+	return remote && remote->tunnel_endpoint;
+}
+
+/*
+ * Whether conn (a MESHD_CT_F_SERVICE entry of frontend skey) keeps its backend: while the
+ * frontend lists it, or else while it exists (see the top of this file). The slot it was last
+ * seen in is looked at first (one lookup: the common case); after the frontend's backends
+ * changed it is looked for among the first LB_BACKEND_SCAN slots, and its new slot remembered.
+ * A frontend with more backends than that keeps its connections: a backend is taken from under
+ * a connection only when it is known to be gone.
+ */
+static __always_inline int lb_backend_kept(const struct service_key *skey, const struct service_value *svc,
+					   struct ct_value *conn)
+{
+	/* Slots from count on may still hold backends of before (nothing has to clear them). */
+	__u32 count = svc->count;
+	struct backend_key bkey = {.frontend = *skey, .slot = conn->backend_slot};
+	struct backend_value *b = bkey.slot < count ? bpf_map_lookup_elem(&BACKENDS, &bkey) : 0;
+	if (b && b->addr == conn->nat_addr && b->port == conn->nat_port)
+		return 1;
+	if (count > LB_BACKEND_SCAN)
+		return 1;
+	for (__u32 slot = 0; slot < LB_BACKEND_SCAN; slot++) {
+		if (slot >= count)
+			break;
+		bkey.slot = slot;
+		b = bpf_map_lookup_elem(&BACKENDS, &bkey);
+		if (b && b->addr == conn->nat_addr && b->port == conn->nat_port) {
+			conn->backend_slot = slot;
+			return 1;
+		}
+	}
+	return lb_backend_exists(conn->nat_addr);
+}
+
 /*
  * DNATs the packet in ctx, sent to frontend skey (svc its SERVICES value), to its connection's
  * backend: the one conn (the live CT entry of the packet's tuple as sent, ct_find; 0 if none)
@@ -107,9 +159,11 @@ static __always_inline int lb_dnat(struct __sk_buff *skb, struct pkt_ctx *ctx, _
 	__u16 backend_port;
 	__u8 closing_now = ctx->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST);
 	/* A SYN on a closed connection's tuple (client port reuse) is a new connection: it gets a
-	 * fresh choice among the backends of now, not the old connection's backend. */
+	 * fresh choice among the backends of now, not the old connection's backend; and so does a
+	 * connection whose backend is gone (see the top of this file). */
 	if (conn && (conn->flags & MESHD_CT_F_SERVICE) &&
-	    !((ctx->tcp_flags & TCP_FLAG_SYN) && (conn->flags & MESHD_CT_F_CLOSING))) {
+	    !((ctx->tcp_flags & TCP_FLAG_SYN) && (conn->flags & MESHD_CT_F_CLOSING)) &&
+	    lb_backend_kept(skey, svc, conn)) {
 		backend_addr = conn->nat_addr;
 		backend_port = conn->nat_port;
 		if (closing_now) {
@@ -137,7 +191,8 @@ static __always_inline int lb_dnat(struct __sk_buff *skb, struct pkt_ctx *ctx, _
 		struct ct_value v = {.last_seen_ns = now,
 				     .flags = MESHD_CT_F_SERVICE | (closing_now ? MESHD_CT_F_CLOSING : 0),
 				     .nat_addr = backend_addr,
-				     .nat_port = backend_port};
+				     .nat_port = backend_port,
+				     .backend_slot = bkey.slot};
 		bpf_map_update_elem(&CT, &ckey, &v, BPF_ANY);
 	}
 

@@ -13,8 +13,9 @@ use super::output::{Format, OutputArgs};
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
     /// Build and start the lab: certificates, clusters c1 and c2 (2 nodes each) with etcd
-    /// (TLS, client-certificate auth) and an apiserver, a meshd agent per node, echo and client
-    /// endpoints, the lab's manifests (global `echo` service, a policy); then run the check.
+    /// (TLS, client-certificate auth) and an apiserver, a meshd agent per node, echo, client and
+    /// web endpoints, the lab's manifests (global `echo` service, the public `web` and
+    /// `web-local` NodePort services, policies); then run the check.
     /// An existing lab in the run dir is removed first.
     Up(UpArgs),
     /// Remove everything the lab created: processes, namespaces, pinned maps, files.
@@ -72,6 +73,11 @@ pub struct UpArgs {
     /// Agents read every remote cluster's etcd directly, whatever the number of clusters.
     #[arg(long)]
     no_kvstoremesh: bool,
+    /// How a node port connection reaches a backend on another node: `snat` (through the node
+    /// it came in by), `dsr` (direct server return: the backend's node answers the client) or
+    /// `hybrid` (DSR for TCP); DSR needs `--routing native`.
+    #[arg(long, default_value = "snat", value_name = "MODE")]
+    service_lb_mode: meshd_lab::spec::ServiceLbMode,
     /// Underlay /24 shared by nodes and control planes; the host namespace gets its .1.
     #[arg(long, default_value = meshd_lab::spec::DEFAULT_UNDERLAY)]
     underlay: ipnet::Ipv4Net,
@@ -207,11 +213,18 @@ fn up(args: &UpArgs) -> anyhow::Result<ExitCode> {
     if args.underlay.prefix_len() != 24 {
         bail!("--underlay {}: the lab needs a /24", args.underlay);
     }
+    if args.service_lb_mode.uses_dsr() && args.routing != meshd_state::RoutingMode::Native {
+        bail!(
+            "--service-lb-mode {}: direct server return needs native routing (add --routing native); the tunnel always brings replies back through the node a connection came in by",
+            args.service_lb_mode
+        );
+    }
     let mut opts = UpOptions::new(
         LabSpec::with_clusters(&args.prefix, args.underlay, args.clusters)
             .with_etcd_members(args.etcd_members)
             .with_masquerade(!args.no_masquerade)
             .with_routing(args.routing)
+            .with_service_lb_mode(args.service_lb_mode)
             .with_kvstoremesh(match (args.kvstoremesh, args.no_kvstoremesh) {
                 (true, _) => true,
                 (_, true) => false,
@@ -509,6 +522,8 @@ fn check(state: &LabState, clis: &Clis, format: Format) -> anyhow::Result<ExitCo
                 port: *s.ports.first()?,
                 global: s.global,
                 clusters_with_backends: backend_clusters(&s.name),
+                node_port: s.node_port,
+                local_traffic_policy: s.external_traffic_policy == "Local",
             })
         })
         .collect();
@@ -595,6 +610,8 @@ struct LabService {
     node_port: Option<u16>,
     /// External IPs and the load balancer IP: addresses the service answers on from outside.
     external_ips: Vec<String>,
+    /// `Cluster` or `Local`.
+    external_traffic_policy: String,
     global: bool,
     shared: bool,
     ready_backends: usize,
@@ -636,6 +653,10 @@ fn services(state: &LabState, clis: &Clis) -> anyhow::Result<Vec<LabService>> {
                 service_type: spec["type"].as_str().unwrap_or("ClusterIP").to_owned(),
                 node_port: spec["ports"][0]["nodePort"].as_u64().map(|p| p as u16),
                 external_ips: super::manifest_cmd::external_addresses(spec),
+                external_traffic_policy: spec["externalTrafficPolicy"]
+                    .as_str()
+                    .unwrap_or("Cluster")
+                    .to_owned(),
                 global: status["global"].as_bool().unwrap_or(false),
                 shared: status["shared"].as_bool().unwrap_or(false),
                 ready_backends: status["backends"]
@@ -708,6 +729,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "prometheus": state.prometheus.as_ref().map(|p| &p.url),
         "prometheus_absent": state.prometheus_absent,
         "kvstoremesh": state.kvstoremesh,
+        "service_lb_mode": state.service_lb_mode,
         "external": state.external.as_ref().map(|e| serde_json::json!({
             "netns": e.netns,
             "ip": e.ip,
@@ -724,6 +746,10 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "vip": s.vip,
             "ports": s.ports,
             "global": s.global,
+            "type": s.service_type,
+            "node_port": s.node_port,
+            "external_ips": s.external_ips,
+            "external_traffic_policy": s.external_traffic_policy,
         })).collect::<Vec<_>>(),
     });
     match args.output.format {
@@ -796,8 +822,25 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             for s in &services {
+                let public = match s.node_port {
+                    Some(port) => format!(
+                        ", {} node port {port}{}",
+                        s.service_type,
+                        if s.external_traffic_policy == "Local" {
+                            " (externalTrafficPolicy Local)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => String::new(),
+                };
+                let external = if s.external_ips.is_empty() {
+                    String::new()
+                } else {
+                    format!(", external IPs {}", s.external_ips.join(","))
+                };
                 println!(
-                    "service {}/{} in {}: {} ports {:?}{}",
+                    "service {}/{} in {}: {} ports {:?}{}{public}{external}",
                     s.namespace,
                     s.name,
                     s.cluster,
