@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install fuzz faults
+.PHONY: all deps build test lint fmt bench lab lab-down lab-docker lab-docker-down clean install fuzz faults floods
 
 all: build
 
@@ -46,6 +46,17 @@ KVSTOREMESH ?= 0
 faults: deps
 	$(CARGO) build --workspace --bins
 	MESHD_FAULT_TRIALS=$(TRIALS) MESHD_FAULT_SEED=$(SEED) MESHD_FAULT_ETCD_MEMBERS=$(ETCD_MEMBERS) MESHD_FAULT_KVSTOREMESH=$(KVSTOREMESH) $(CARGO) test -p meshd-e2e --test fault_trials -- --nocapture --exact randomized_fault_trials_leave_maps_equal_to_etcd
+
+# The long flood (issue 17, item 4; tests/benches/floods.rs): c3 publishes FLOOD_KEYS keys while
+# c2's propagation to c1/n1 is timed against the same probes before the flood, and c1/n1's
+# memory is sampled; direct mode, then through the cache. FLOOD_LIMIT=0 keeps the default
+# remote_entry_limit. `make test` runs the short version (tests/tests/agent_floods.rs).
+FLOOD_KEYS ?= 1000000
+FLOOD_LIMIT ?= 0
+floods: deps
+	$(CARGO) build --release -p meshd -p clustermesh-apiserver
+	$(CARGO) bench -p meshd-e2e --bench floods -- --keys $(FLOOD_KEYS) --limit $(FLOOD_LIMIT) --cache 0
+	$(CARGO) bench -p meshd-e2e --bench floods -- --keys $(FLOOD_KEYS) --limit $(FLOOD_LIMIT) --cache 1
 
 # The namespace lab: two clusters, two nodes each, a global service and a policy, then a
 # connectivity check. It keeps running; `make lab-down` removes it.

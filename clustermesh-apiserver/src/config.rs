@@ -93,7 +93,7 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "DIR")]
     pub kvstoremesh_clusters_dir: Option<PathBuf>,
     /// Keys mirrored from one remote cluster at most; the rest are refused and counted
-    /// [default: 100000].
+    /// [default: 600000].
     #[arg(long, value_name = "N")]
     pub kvstoremesh_limit: Option<u64>,
 }

@@ -744,6 +744,7 @@ async fn the_limit_is_enforced_counted_and_withholds_canaries() {
     })
     .await;
     assert!(!s.ready, "a canary over a refused entry is withheld");
+    assert_eq!(s.over_limit, 9, "every refusal was for the limit");
     let cached = cache(&h.local).await;
     assert_eq!(cached.len(), 10);
     assert!(
@@ -756,10 +757,49 @@ async fn the_limit_is_enforced_counted_and_withholds_canaries() {
         .await
         .unwrap();
     eventually("the watched put to be refused", || async {
-        status(&h.local).await.filter(|s| s.rejected == 10)
+        status(&h.local)
+            .await
+            .filter(|s| s.rejected == 10 && s.over_limit == 10)
     })
     .await;
     assert_eq!(cache(&h.local).await.len(), 10);
+}
+
+/// A value over the size bound is neither copied nor held against the limit, in the list and
+/// through the watch, and the older value of a key rewritten with one leaves the cache.
+#[tokio::test]
+async fn values_over_the_size_bound_are_not_copied() {
+    let Some(mut h) = Harness::new(mirror::DEFAULT_LIMIT).await else {
+        return;
+    };
+    seed(&h.remote, 2).await;
+    let big = vec![b' '; meshd_kvstore::MAX_VALUE_BYTES + 1];
+    h.remote
+        .put("meshd/state/nodes/v1/c2/big", big.clone(), None)
+        .await
+        .unwrap();
+    h.start();
+    let s = eventually("the list without the big value", || async {
+        status(&h.local)
+            .await
+            .filter(|s| s.connected && s.ready && s.oversized == 1)
+    })
+    .await;
+    assert_eq!((s.rejected, s.over_limit), (1, 0));
+    let held = "meshd/cache/c2/state/nodes/v1/c2/n0000";
+    let cached = cache(&h.local).await;
+    assert!(!cached.contains_key("meshd/cache/c2/state/nodes/v1/c2/big"));
+    assert!(cached.contains_key(held));
+    h.remote
+        .put("meshd/state/nodes/v1/c2/n0000", big, None)
+        .await
+        .unwrap();
+    eventually("the rewritten key to leave the cache", || async {
+        let gone = !cache(&h.local).await.contains_key(held);
+        let counted = status(&h.local).await.is_some_and(|s| s.oversized == 2);
+        (gone && counted).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 //! - [`proxy`]: a TCP relay from the underlay to an etcd on the host's loopback;
 //! - [`sim`]: remote state written as publishers write it (simulated clusters, bulk entries);
 //! - [`bench`]: the benchmarks' arguments and sample summaries;
+//! - [`flood`]: a flooding cluster's writes and a probe of another cluster's propagation;
 //! - [`mesh`]: clusters (etcd with TLS, client-certificate auth and RBAC), nodes (namespaces on
 //!   one underlay bridge, each running the built `meshd agent`), endpoints, and the checks the
 //!   tests make (ping, TCP, the pinned maps, `meshd status`).
@@ -16,6 +17,7 @@
 pub mod bench;
 pub mod capture;
 pub mod exposition;
+pub mod flood;
 pub mod mesh;
 pub mod netns_io;
 pub mod pki;

@@ -75,6 +75,8 @@ pub struct MeshOptions {
     /// bridge namespace, reading the cluster's remote files) and announces it in its config, so
     /// its agents read remote clusters from their own etcd's cache.
     pub kvstoremesh: bool,
+    /// Flags added to every mirror's command line (e.g. `--kvstoremesh-limit 2500`).
+    pub mirror_args: Vec<String>,
 }
 
 /// The link between the router (.1) and cluster `id`'s node behind it (.2).
@@ -98,6 +100,7 @@ impl MeshOptions {
             wait_ready: true,
             behind_router: BTreeMap::new(),
             kvstoremesh: false,
+            mirror_args: Vec::new(),
         }
     }
 
@@ -224,6 +227,8 @@ pub struct Mesh {
     metrics_port: Option<u16>,
     /// Relays of [`Mesh::relay`].
     relays: Vec<Proxy>,
+    /// [`MeshOptions::mirror_args`].
+    mirror_args: Vec<String>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -289,6 +294,7 @@ impl Mesh {
             dir,
             metrics_port: opts.metrics_port,
             relays: Vec::new(),
+            mirror_args: opts.mirror_args.clone(),
         };
 
         if let Some(mtu) = opts.external_mtu {
@@ -522,6 +528,7 @@ impl Mesh {
             .arg("--kvstoremesh")
             .arg("--kvstoremesh-clusters-dir")
             .arg(&remotes)
+            .args(&self.mirror_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -829,14 +836,13 @@ impl Mesh {
 
     /// Resident memory of a node's running agent.
     pub fn agent_rss_bytes(&self, cluster: &str, node: &str) -> anyhow::Result<u64> {
-        let pid = self.agent_pid(cluster, node).context("no agent running")?;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("VmRSS")?;
-        Ok(kb * 1024)
+        rss_bytes(self.agent_pid(cluster, node).context("no agent running")?)
+    }
+
+    /// Resident memory of a cluster's running mirror.
+    pub fn mirror_rss_bytes(&self, cluster: &str) -> anyhow::Result<u64> {
+        let pid = self.cluster(cluster)?.mirror.as_ref().map(|c| c.id());
+        rss_bytes(pid.context("no mirror running")?)
     }
 
     pub fn agent_pid(&self, cluster: &str, node: &str) -> Option<u32> {
@@ -1270,6 +1276,17 @@ impl Drop for Mesh {
         }
         let _ = fs::remove_dir_all(&self.bpffs_root);
     }
+}
+
+/// VmRSS of a process.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    Ok(kb * 1024)
 }
 
 /// Pings `to` once from inside `netns` (ICMP echo, 1 s timeout).

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use meshd_kvstore::{Backend, Backoff, EventKind, KeyValue, KvError, TxnOp, WatchMessage};
+use meshd_kvstore::{
+    Backend, Backoff, EventKind, KeyValue, KvError, TxnOp, WatchMessage, MAX_VALUE_BYTES,
+};
 use meshd_state::keys::{
     cache_key, cache_prefix, CLUSTER_CONFIG_PREFIX, SHARED_STATE_PREFIXES, STATE_PREFIX,
     SYNCED_PREFIX,
@@ -64,6 +66,13 @@ pub(crate) fn classify(cluster: &str, key: &str) -> Class {
     Class::Foreign
 }
 
+/// A state entry or canary whose value is over the size bound agents hold values to: the mirror
+/// neither copies it nor lets it count against the limit. (The cluster config is checked by
+/// decoding it, whatever its size: one key.)
+fn oversized(class: &Class, value: &[u8]) -> bool {
+    matches!(class, Class::State(_) | Class::Canary(_)) && value.len() > MAX_VALUE_BYTES
+}
+
 /// Whether `now` must be written over `written` (the status last written, `since` ago): at
 /// once when its state changed, after `refresh` when only its counters and times did.
 fn status_due(
@@ -84,6 +93,8 @@ fn status_due(
             s.ready,
             s.stale_since,
             s.limit,
+            // Degraded or not (agents show it at once); the count itself is a counter.
+            s.over_limit > 0,
             s.last_error.clone(),
         )
     };
@@ -101,6 +112,9 @@ fn fingerprint(value: &[u8]) -> u64 {
 struct Listed {
     admitted: u64,
     rejected: u64,
+    /// Of `rejected`: over the limit, and with a value over the size bound.
+    over_limit: u64,
+    oversized: u64,
     /// Cache keys the list has (what the sweep keeps).
     keep: std::collections::HashSet<String>,
     /// Canaries, written after everything else: (cache key, value, resource).
@@ -279,6 +293,8 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         self.status.ready = false;
         self.status.entries = 0;
         self.status.rejected = 0;
+        self.status.over_limit = 0;
+        self.status.oversized = 0;
         self.update_metrics();
         Ok(())
     }
@@ -461,8 +477,16 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
                 }
                 _ => {}
             }
+            if oversized(&class, &kv.value) {
+                // Not copied (agents would refuse it unread), and not held against the limit;
+                // what the cache held of the key is swept, since the remote no longer has it.
+                list.rejected += 1;
+                list.oversized += 1;
+                continue;
+            }
             if list.admitted >= self.config.limit {
                 list.rejected += 1;
+                list.over_limit += 1;
                 if let Class::State(r) | Class::Canary(r) = class {
                     self.withheld.insert(r);
                 }
@@ -565,6 +589,8 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         }
         self.metrics.mirrored(cluster.as_str(), writes);
         self.status.rejected = list.rejected;
+        self.status.over_limit = list.over_limit;
+        self.status.oversized = list.oversized;
         self.status.ready = self.withheld.is_empty();
         self.status.last_sync_unix_ms = now_ms();
         self.update_metrics();
@@ -699,7 +725,13 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
         let mut new_canary = false;
         for ev in events {
             let class = classify(&cluster, &ev.kv.key);
-            let put = ev.kind == EventKind::Put;
+            let mut put = ev.kind == EventKind::Put;
+            if put && oversized(&class, &ev.kv.value) {
+                // As a delete: the cache must not keep the key's older value either.
+                self.status.rejected += 1;
+                self.status.oversized += 1;
+                put = false;
+            }
             let canary = match &class {
                 Class::Ignored => continue,
                 Class::Foreign => {
@@ -747,6 +779,7 @@ impl<R: Backend, L: Backend> ClusterMirror<R, L> {
             if put {
                 if !exists && count >= self.config.limit {
                     self.status.rejected += 1;
+                    self.status.over_limit += 1;
                     let resource = match &class {
                         Class::State(k) | Class::Canary(k) => Some(k.clone()),
                         _ => None,

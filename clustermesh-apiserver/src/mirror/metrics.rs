@@ -20,6 +20,8 @@ pub struct MirrorMetrics {
     entries: Family<ClusterLabels, Gauge>,
     rejected: Family<ClusterLabels, Gauge>,
     limit: Family<ClusterLabels, Gauge>,
+    over_limit: Family<ClusterLabels, Gauge>,
+    degraded: Family<ClusterLabels, Gauge>,
     connected: Family<ClusterLabels, Gauge>,
     ready: Family<ClusterLabels, Gauge>,
     events: Family<ClusterLabels, Counter>,
@@ -39,6 +41,10 @@ impl MirrorMetrics {
         self.entries.get_or_create(&l).set(g(status.entries));
         self.rejected.get_or_create(&l).set(g(status.rejected));
         self.limit.get_or_create(&l).set(g(status.limit));
+        self.over_limit.get_or_create(&l).set(g(status.over_limit));
+        self.degraded
+            .get_or_create(&l)
+            .set(i64::from(status.over_limit > 0));
         self.connected
             .get_or_create(&l)
             .set(i64::from(status.connected));
@@ -56,6 +62,8 @@ impl MirrorMetrics {
         self.entries.remove(&l);
         self.rejected.remove(&l);
         self.limit.remove(&l);
+        self.over_limit.remove(&l);
+        self.degraded.remove(&l);
         self.connected.remove(&l);
         self.ready.remove(&l);
         self.events.remove(&l);
@@ -84,13 +92,23 @@ impl MirrorMetrics {
         );
         r.register(
             "mirror_rejected",
-            "Keys of the remote cluster not mirrored since its last list: over the limit, or not of that cluster",
+            "Keys of the remote cluster not mirrored since its last list: over the limit, not of that cluster, or with a value over the size bound",
             self.rejected.clone(),
         );
         r.register(
             "mirror_limit",
             "Keys mirrored from one remote cluster at most",
             self.limit.clone(),
+        );
+        r.register(
+            "mirror_over_limit",
+            "Keys of the remote cluster refused for the limit since its last list",
+            self.over_limit.clone(),
+        );
+        r.register(
+            "mirror_degraded",
+            "1 while keys of the remote cluster are refused for the limit (the cache holds only part of it)",
+            self.degraded.clone(),
         );
         r.register(
             "mirror_connected",

@@ -30,9 +30,12 @@
 //!   (`meshd/state/<kind>/<version>/<other>/...`, `meshd/synced/<other>/...`) are refused:
 //!   a remote publishes only its own state.
 //! - **Limit.** At most `limit` keys per remote (default [`DEFAULT_LIMIT`]), admitted in key
-//!   order (cluster config, state, canaries); the rest are refused and counted (`rejected`),
+//!   order (cluster config, state, canaries); the rest are refused and counted (`rejected`, and
+//!   apart in `over_limit`: while not zero the remote shows degraded in agents' status),
 //!   and the canary of each resource that lost an entry is withheld, so the cache never claims
-//!   a list it does not hold (`ready: false`).
+//!   a list it does not hold (`ready: false`). Values over the size bound agents hold values
+//!   to ([`meshd_kvstore::MAX_VALUE_BYTES`]) are neither copied nor counted against the limit
+//!   (`rejected`, and apart in `oversized`); an older value of the key in the cache goes.
 //! - **Drain.** A removed file drains its cluster: canaries first, then every cache key, then
 //!   the status. A cache whose file is gone while the mirror was down is drained at start.
 //!
@@ -55,9 +58,11 @@ use meshd_state::{CacheStatus, ClusterId, ClusterName};
 pub use cluster::ClusterMirror;
 pub use metrics::MirrorMetrics;
 
-/// Keys mirrored from one remote at most, unless configured (`--kvstoremesh-limit`): 100,000
-/// keys of typical size (200-500 bytes) are 20-50 MB per remote in the local etcd.
-pub const DEFAULT_LIMIT: u64 = 100_000;
+/// Keys mirrored from one remote at most, unless configured (`--kvstoremesh-limit`): the same
+/// default as the agents' `remote_entry_limit` (the scale goal's whole mesh from one cluster),
+/// so a remote is cut at the same size through the cache as read directly. 600k keys of typical
+/// size (200-500 bytes) are 120-300 MB in the local etcd.
+pub const DEFAULT_LIMIT: u64 = meshd_kvstore::DEFAULT_ENTRY_LIMIT;
 /// Operations per etcd transaction: within etcd's `--max-txn-ops` (128 by default).
 pub const MAX_BATCH: usize = 100;
 

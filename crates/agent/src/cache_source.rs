@@ -96,6 +96,7 @@ pub async fn run(
     tx: mpsc::Sender<ViewInput>,
     registry: watch::Sender<Arc<Registry>>,
     mut local_connection: watch::Receiver<Connection>,
+    entry_limit: Option<u64>,
 ) {
     let mut statuses = watch_raw(
         store.clone(),
@@ -145,6 +146,7 @@ pub async fn run(
                     local: false,
                     tx: tx.clone(),
                     connection: conn_tx.clone(),
+                    entry_limit,
                 };
                 let r = Running {
                     task: tokio::spawn(watcher.run()),

@@ -15,6 +15,7 @@
 //!   key: /etc/meshd/c1/n1/node-key.pem
 //! remote_clusters_dir: /etc/meshd/clusters   # one file per remote cluster; watched, changes apply at once
 //! remote_source: cache                        # or direct; absent: cache when the cluster config says a cache runs
+//! remote_entry_limit: 600000                  # keys held per remote cluster at most (see below); 0 = no limit
 //! bpffs_dir: /sys/fs/bpf/meshd                # pins under <bpffs_dir>/<cluster>/<node>
 //! tunnel_port: 8472
 //! underlay_device: eth0                       # its MTU is used unless underlay_mtu is set
@@ -41,6 +42,12 @@
 //! At start the agent leaves its maps as they are until every cluster configured then has
 //! synced (its canaries seen), so a restart never withdraws entries it has not re-read yet; an
 //! unreachable cluster holds that up for at most `startup_sync_timeout_secs`.
+//!
+//! A remote cluster is written by its own admins, so what it publishes is bounded here: at most
+//! `remote_entry_limit` keys of it are held (nodes, ipcache, identities, services, canaries and
+//! cluster configs together; default [`meshd_kvstore::DEFAULT_ENTRY_LIMIT`], the scale goal's
+//! whole mesh in one cluster). New keys past it are refused, counted and the cluster shown
+//! `degraded`, never stored; values over [`meshd_kvstore::MAX_VALUE_BYTES`] are refused unread.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -146,6 +153,10 @@ pub struct AgentArgs {
     /// Flows the agent keeps for `meshd observe --since` [default: 4096].
     #[arg(long, value_name = "N")]
     pub flow_history: Option<usize>,
+    /// Keys of one remote cluster held at most; new ones past it are refused, counted and the
+    /// cluster shown degraded; 0 = no limit [default: 600000].
+    #[arg(long, value_name = "N")]
+    pub remote_entry_limit: Option<u64>,
     /// Masquerade endpoints' traffic to destinations outside the mesh to the node IP
     /// [default: true].
     #[arg(long, value_name = "BOOL")]
@@ -204,6 +215,7 @@ pub struct ConfigFile {
     pub flow_events: Option<bool>,
     pub flow_event_rate: Option<u32>,
     pub flow_history: Option<usize>,
+    pub remote_entry_limit: Option<u64>,
     pub masquerade: Option<bool>,
     pub non_masquerade_cidrs: Option<Vec<String>>,
     pub snat_port_range: Option<String>,
@@ -259,6 +271,8 @@ pub struct AgentConfig {
     pub flow_event_rate: u32,
     /// Flows kept in memory for `meshd observe --since`.
     pub flow_history: usize,
+    /// Keys held per remote cluster at most (None: no limit).
+    pub remote_entry_limit: Option<u64>,
     /// Leaving the mesh: masquerade and its exceptions.
     pub egress: EgressSettings,
     /// Tunnel or native routing.
@@ -694,6 +708,14 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         .flow_event_rate
         .or(file.flow_event_rate)
         .unwrap_or(DEFAULT_FLOW_EVENT_RATE);
+    let remote_entry_limit = match args
+        .remote_entry_limit
+        .or(file.remote_entry_limit)
+        .unwrap_or(meshd_kvstore::DEFAULT_ENTRY_LIMIT)
+    {
+        0 => None,
+        n => Some(n),
+    };
     let flow_history = args
         .flow_history
         .or(file.flow_history)
@@ -757,6 +779,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 flow_events,
                 flow_event_rate,
                 flow_history,
+                remote_entry_limit,
                 egress,
                 routing,
             })
@@ -858,6 +881,23 @@ etcd:
         };
         let problems = resolve(file(GOOD), &args).unwrap_err();
         assert_eq!(problems[0].field, "metrics_addr");
+    }
+
+    #[test]
+    fn the_remote_entry_limit_has_a_default_a_key_a_flag_and_an_off_switch() {
+        let limit = |text: &str, flag: Option<u64>| {
+            let args = AgentArgs {
+                remote_entry_limit: flag,
+                ..Default::default()
+            };
+            resolve(file(&format!("{GOOD}{text}")), &args)
+                .unwrap()
+                .remote_entry_limit
+        };
+        assert_eq!(limit("", None), Some(meshd_kvstore::DEFAULT_ENTRY_LIMIT));
+        assert_eq!(limit("remote_entry_limit: 2000\n", None), Some(2000));
+        assert_eq!(limit("remote_entry_limit: 2000\n", Some(5)), Some(5));
+        assert_eq!(limit("remote_entry_limit: 0\n", None), None);
     }
 
     #[test]

@@ -389,6 +389,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             local: true,
             tx: view_tx.clone(),
             connection: local_conn_tx,
+            entry_limit: None,
         }
         .run(),
     );
@@ -405,6 +406,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     config.cluster.clone(),
                     view_tx.clone(),
                     registry_tx,
+                    config.remote_entry_limit,
                 ));
             }
         }
@@ -416,6 +418,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 view_tx.clone(),
                 registry_tx,
                 local_conn_rx.clone(),
+                config.remote_entry_limit,
             ));
         }
     }

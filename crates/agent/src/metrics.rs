@@ -165,12 +165,42 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "remote_cluster_entries",
         "Admitted entries of the remote cluster by kind.",
     );
+    let malformed = counter_family::<EntryLabels>(
+        &mut r,
+        "remote_cluster_malformed_entries",
+        "Entries of the remote cluster that did not decode (bad JSON, missing fields, a value over the size bound), by kind; also in rejected_entries.",
+    );
+    let degraded = gauge_family::<ClusterLabels, Gauge>(
+        &mut r,
+        "remote_cluster_degraded",
+        "1 while keys of the remote cluster are refused for its entry limit (it is served, but not whole).",
+    );
+    let over_limit = counter_family::<ClusterLabels>(
+        &mut r,
+        "remote_cluster_over_limit_entries",
+        "New keys of the remote cluster refused for its entry limit.",
+    );
+    let held = gauge_family::<ClusterLabels, Gauge>(
+        &mut r,
+        "remote_cluster_held_entries",
+        "Keys of the remote cluster held by the agent, against its entry limit.",
+    );
+    let entry_limit = gauge_family::<ClusterLabels, Gauge>(
+        &mut r,
+        "remote_cluster_entry_limit",
+        "Keys of the remote cluster held at most (remote_entry_limit; absent when unlimited).",
+    );
     for c in s.clusters.iter().filter(|c| !c.local) {
         let l = ClusterLabels {
             cluster: c.name.clone(),
         };
         // The same word `meshd status` shows: a stale cluster was synced once but is not ready.
-        let is_ready = meshd_api::cluster_state(c) == "ready";
+        // Degraded and synced is ready (served), with entries refused for the limit.
+        let is_ready = match meshd_api::cluster_state(c) {
+            "ready" => true,
+            "degraded" => c.ready,
+            _ => false,
+        };
         ready.get_or_create(&l).set(i64::from(is_ready));
         connected.get_or_create(&l).set(i64::from(c.connected));
         denied.get_or_create(&l).set(i64::from(c.access_denied));
@@ -183,6 +213,22 @@ pub fn render(s: &Snapshot<'_>) -> String {
         if c.last_sync_ms != 0 {
             age.get_or_create(&l)
                 .set(s.now_ms.saturating_sub(c.last_sync_ms) as f64 / 1000.0);
+        }
+        degraded
+            .get_or_create(&l)
+            .set(i64::from(!c.degraded.is_empty()));
+        over_limit.get_or_create(&l).inc_by(c.over_limit);
+        held.get_or_create(&l).set(gauge(c.entries_held));
+        if c.entry_limit != 0 {
+            entry_limit.get_or_create(&l).set(gauge(c.entry_limit));
+        }
+        for (kind, n) in &c.malformed {
+            malformed
+                .get_or_create(&EntryLabels {
+                    cluster: c.name.clone(),
+                    kind: kind.clone(),
+                })
+                .inc_by(*n);
         }
         for (kind, n) in [
             ("nodes", c.nodes),
@@ -351,6 +397,19 @@ mod tests {
                 connected: true,
                 ..Default::default()
             },
+            // Over its entry limit, with undecodable entries.
+            pb::ClusterStatus {
+                name: "c4".into(),
+                ready: true,
+                connected: true,
+                entry_limit: 2000,
+                entries_held: 2000,
+                over_limit: 77,
+                degraded: "over its entry limit".into(),
+                malformed: [("ipcache".to_owned(), 3)].into(),
+                rejected: 3,
+                ..Default::default()
+            },
         ];
         let datapath = pb::DatapathStatus {
             counters: vec![
@@ -412,6 +471,13 @@ mod tests {
             "meshd_propagation_delay_seconds_bucket{le=\"16.384\"} 1",
             "meshd_datapath_events_lost_total 9",
             "meshd_remote_cluster_failures_total{cluster=\"c2\"} 3",
+            "meshd_remote_cluster_ready{cluster=\"c4\"} 1",
+            "meshd_remote_cluster_degraded{cluster=\"c4\"} 1",
+            "meshd_remote_cluster_degraded{cluster=\"c3\"} 0",
+            "meshd_remote_cluster_over_limit_entries_total{cluster=\"c4\"} 77",
+            "meshd_remote_cluster_held_entries{cluster=\"c4\"} 2000",
+            "meshd_remote_cluster_entry_limit{cluster=\"c4\"} 2000",
+            "meshd_remote_cluster_malformed_entries_total{cluster=\"c4\",kind=\"ipcache\"} 3",
             "meshd_remote_cluster_last_event_age_seconds{cluster=\"c2\"} 2.5",
             "meshd_datapath_map_entries{map=\"conntrack\"} 10",
             "meshd_datapath_map_capacity{map=\"conntrack\"} 262144",

@@ -57,8 +57,9 @@ pub async fn run(
     local: ClusterName,
     tx: mpsc::Sender<ViewInput>,
     registry: watch::Sender<Arc<Registry>>,
+    entry_limit: Option<u64>,
 ) {
-    run_with_periods(dir, local, tx, registry, Periods::default()).await
+    run_with_periods(dir, local, tx, registry, entry_limit, Periods::default()).await
 }
 
 /// [`run`] with the periods of the reads that no event asked for as a parameter (tests set them
@@ -68,11 +69,13 @@ pub async fn run_with_periods(
     local: ClusterName,
     tx: mpsc::Sender<ViewInput>,
     registry: watch::Sender<Arc<Registry>>,
+    entry_limit: Option<u64>,
     periods: Periods,
 ) {
     let mut remotes = Remotes {
         local,
         tx,
+        entry_limit,
         running: BTreeMap::new(),
         registry: BTreeMap::new(),
     };
@@ -92,6 +95,8 @@ pub async fn run_with_periods(
 struct Remotes {
     local: ClusterName,
     tx: mpsc::Sender<ViewInput>,
+    /// Keys held per remote cluster at most.
+    entry_limit: Option<u64>,
     running: BTreeMap<ClusterName, Running>,
     registry: Registry,
 }
@@ -165,6 +170,7 @@ impl Remotes {
                                 local: false,
                                 tx: tx.clone(),
                                 connection: conn_tx,
+                                entry_limit: self.entry_limit,
                             };
                             Some(tokio::spawn(watcher.run()))
                         }
@@ -215,6 +221,7 @@ mod tests {
                 ClusterName::new("c1").unwrap(),
                 tx,
                 registry_tx,
+                None,
                 Periods {
                     rescan: AN_HOUR,
                     poll: AN_HOUR,

@@ -206,6 +206,15 @@ fn cluster_status(
         s.last_error = c.last_error.clone().unwrap_or_default();
         s.last_sync_ms = c.last_sync_ms;
         s.rejected += c.malformed;
+        s.malformed = c
+            .malformed_by_kind
+            .iter()
+            .map(|(k, n)| ((*k).to_owned(), *n))
+            .collect();
+        s.entry_limit = c.entry_limit;
+        s.entries_held = c.entries_held;
+        s.over_limit = c.over_limit;
+        s.degraded = c.degraded.clone().unwrap_or_default();
         s.failures = c.failures;
         if !local {
             s.source = if c.cache.is_some() { "cache" } else { "direct" }.to_owned();
@@ -220,7 +229,19 @@ fn cluster_status(
             limit: m.limit,
             lag_ms: m.lag_ms,
             last_error: m.last_error.clone().unwrap_or_default(),
+            over_limit: m.over_limit,
+            oversized: m.oversized,
         });
+        // The mirror refused keys of the cluster for its limit: the cache, so this node's view,
+        // holds only part of it.
+        if let Some(m) = c.cache.as_ref().filter(|m| m.over_limit > 0) {
+            if s.degraded.is_empty() {
+                s.degraded = format!(
+                    "the cache holds only part of it: the mirror refused {} keys for its limit ({})",
+                    m.over_limit, m.limit
+                );
+            }
+        }
     }
     s
 }

@@ -77,6 +77,43 @@ fn change_name(kind: &EventKind) -> &'static str {
     }
 }
 
+/// Rejection log lines per cluster and second at most: a cluster rewriting invalid entries
+/// thousands of times a second must not flood the node's log (every rejection is counted in
+/// status and metrics whatever is logged).
+const REJECTIONS_LOGGED_PER_SECOND: u32 = 20;
+
+/// How many rejection lines each cluster may still log this second.
+#[derive(Default)]
+struct RejectionLog {
+    /// Cluster -> (start of its current second, lines logged in it, lines not logged since the
+    /// last one that was).
+    clusters: BTreeMap<ClusterName, (Instant, u32, u64)>,
+}
+
+impl RejectionLog {
+    /// Whether a line for `cluster` may be logged now; if so, how many were left out before it.
+    fn allow(&mut self, cluster: &ClusterName, now: Instant) -> Option<u64> {
+        if !self.clusters.contains_key(cluster) {
+            self.clusters.insert(cluster.clone(), (now, 0, 0));
+        }
+        let (start, lines, skipped) = self.clusters.get_mut(cluster).expect("inserted above");
+        if now.duration_since(*start) >= Duration::from_secs(1) {
+            *start = now;
+            *lines = 0;
+        }
+        if *lines >= REJECTIONS_LOGGED_PER_SECOND {
+            *skipped += 1;
+            return None;
+        }
+        *lines += 1;
+        Some(std::mem::take(skipped))
+    }
+
+    fn forget(&mut self, cluster: &ClusterName) {
+        self.clusters.remove(cluster);
+    }
+}
+
 /// What the status shows of the local policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySummary {
@@ -131,6 +168,7 @@ impl ViewTask {
         // False once the reconciler dropped its end: a closed channel is always ready, and
         // polling it would spin.
         let mut requests_open = true;
+        let mut log = RejectionLog::default();
         loop {
             let first = if gate_open {
                 tokio::select! {
@@ -163,10 +201,10 @@ impl ViewTask {
             };
             let Some(first) = first else { return };
             let mut pending = Pending::default();
-            self.apply(first, &mut pending);
+            self.apply(first, &mut pending, &mut log);
             for _ in 0..BATCH {
                 match self.inputs.try_recv() {
-                    Ok(i) => self.apply(i, &mut pending),
+                    Ok(i) => self.apply(i, &mut pending, &mut log),
                     Err(_) => break,
                 }
             }
@@ -217,7 +255,7 @@ impl ViewTask {
             .collect()
     }
 
-    fn apply(&mut self, input: ViewInput, pending: &mut Pending) {
+    fn apply(&mut self, input: ViewInput, pending: &mut Pending, log: &mut RejectionLog) {
         let applied = match input {
             ViewInput::Cluster(event) => {
                 let cluster = event.cluster.clone();
@@ -235,9 +273,16 @@ impl ViewTask {
                         | EventKind::UpsertService(_)
                         | EventKind::DeleteService { .. }
                 );
+                let removed = matches!(event.kind, EventKind::ClusterRemoved);
                 let applied = self.view.apply(event);
+                let now = Instant::now();
                 for r in &applied.rejected {
-                    tracing::warn!(%cluster, rejection = %r, "rejected remote entry");
+                    if let Some(skipped) = log.allow(&cluster, now) {
+                        tracing::warn!(%cluster, rejection = %r, not_logged_before = skipped, "rejected remote entry");
+                    }
+                }
+                if removed {
+                    log.forget(&cluster);
                 }
                 for r in &applied.refusals {
                     tracing::error!(%cluster, refusal = %r, "cluster refused");
@@ -351,6 +396,21 @@ mod tests {
 
     /// Nothing reaches the reconciler before the start-up gate; then the whole state once,
     /// then only each batch's operations, and a whole copy again when the reconciler asks.
+    #[test]
+    fn rejection_lines_are_rationed_per_cluster_and_second() {
+        let mut log = RejectionLog::default();
+        let t0 = Instant::now();
+        let c2 = ClusterName::new("c2").unwrap();
+        let allowed = (0..100).filter(|_| log.allow(&c2, t0).is_some()).count();
+        assert_eq!(allowed, REJECTIONS_LOGGED_PER_SECOND as usize);
+        // Another cluster has its own budget.
+        assert_eq!(log.allow(&c1(), t0), Some(0));
+        // The next second: the first line says how many were left out.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(log.allow(&c2, t1), Some(100 - allowed as u64));
+        assert_eq!(log.allow(&c2, t1), Some(0));
+    }
+
     #[tokio::test]
     async fn the_reconciler_gets_one_full_state_then_operations() {
         let (inputs_tx, inputs) = mpsc::channel(16);

@@ -17,10 +17,12 @@
 //! access comes back; the last state stays in the datapath meanwhile (fail-static).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use meshd_kvstore::{
-    watch_cluster, watch_prefix, Backend, EtcdStore, WatchConfig, WatchEvent, WatchHandle,
+    watch_cluster, watch_prefix, Backend, EntryQuota, EtcdStore, WatchConfig, WatchEvent,
+    WatchHandle, WatchStats,
 };
 use meshd_mesh::{ClusterEvent, EventKind, PolicyEvent, ResourceKind};
 use meshd_state::{
@@ -47,8 +49,21 @@ pub struct Connection {
     pub last_error: Option<String>,
     /// Last completed list or event from the cluster (ms).
     pub last_sync_ms: u64,
-    /// Entries that failed to decode or validate (bad JSON, bad key...), skipped.
+    /// Entries that failed to decode or validate (bad JSON, bad key, a value over the size
+    /// bound...), skipped.
     pub malformed: u64,
+    /// `malformed` by kind (`nodes`, `ipcache`, ...; kinds with none are absent).
+    pub malformed_by_kind: BTreeMap<&'static str, u64>,
+    /// Of `malformed`: values refused unread for their size.
+    pub oversized: u64,
+    /// The cluster's entry limit (0: none), the keys held against it, and the new keys refused
+    /// for it since the cluster was added.
+    pub entry_limit: u64,
+    pub entries_held: u64,
+    pub over_limit: u64,
+    /// Why the cluster is degraded (served, but not all of it): keys refused for the limit
+    /// since the last admission round. None when it is served whole.
+    pub degraded: Option<String>,
     /// The etcd answers but refuses this node's certificate (disconnected, or never connected).
     pub access_denied: bool,
     /// Times the etcd became unreachable or refused access (a failed probe after a good one,
@@ -80,6 +95,8 @@ pub struct ClusterWatcher<B: Backend = EtcdStore> {
     pub local: bool,
     pub tx: mpsc::Sender<ViewInput>,
     pub connection: watch::Sender<Connection>,
+    /// Keys of the cluster held at most (a remote's `remote_entry_limit`); None: no limit.
+    pub entry_limit: Option<u64>,
 }
 
 /// How a watcher learns whether its cluster is reachable.
@@ -95,6 +112,24 @@ pub enum Probe {
 }
 
 const PROBE: Duration = Duration::from_secs(1);
+/// How often the counters of the watches are read into the connection state (refused keys
+/// produce no event that would do it).
+const COUNTERS: Duration = Duration::from_secs(1);
+/// Keys refused for the entry limit are listed again at most this often once there is room
+/// (the mirror waits as long before its own relist): a cluster flooding at its limit costs a
+/// full list per period, not one per freed key.
+const READMIT: Duration = Duration::from_secs(30);
+
+/// The watches' kinds, in the order of the watcher's stats.
+const KINDS: [&str; 7] = [
+    "cluster-config",
+    "nodes",
+    "ipcache",
+    "identities",
+    "services",
+    "canaries",
+    "policies",
+];
 
 /// Lists done and canaries seen, so `Synced` goes out once both hold for a resource.
 #[derive(Debug, Default)]
@@ -129,7 +164,11 @@ impl<B: Backend> ClusterWatcher<B> {
             Probe::Fed => tokio::spawn(std::future::ready(())),
         };
         let _abort_probe = AbortOnDrop(probe.abort_handle());
-        let cfg = WatchConfig::default;
+        let quota = self.entry_limit.map(|l| Arc::new(EntryQuota::new(l)));
+        let cfg = || WatchConfig {
+            quota: quota.clone(),
+            ..WatchConfig::default()
+        };
         let c = &self.cluster;
         let b = || self.backend.clone();
         // Every cluster config the etcd holds, not only ours: an etcd that publishes only
@@ -150,7 +189,7 @@ impl<B: Backend> ClusterWatcher<B> {
         let mut policies: Option<WatchHandle<NetworkPolicy>> = self
             .local
             .then(|| watch_prefix(b(), NetworkPolicy::PREFIX.to_owned(), None, cfg()));
-        let stats = [
+        let mut stats = vec![
             config.stats(),
             nodes.stats(),
             ipcache.stats(),
@@ -158,26 +197,49 @@ impl<B: Backend> ClusterWatcher<B> {
             services.stats(),
             canaries.stats(),
         ];
-        let policy_stats = policies.as_ref().map(|p| p.stats());
+        stats.extend(policies.as_ref().map(|p| p.stats()));
         let mut sync = SyncState::default();
         let mut access = self.connection.subscribe();
         let mut denied = false;
+        let mut counters = tokio::time::interval(COUNTERS);
+        counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_round = tokio::time::Instant::now();
+        // Every watch lists again (a macro: the handles are borrowed mutably by the loop).
+        macro_rules! relist_all {
+            () => {
+                config.relist();
+                nodes.relist();
+                ipcache.relist();
+                identities.relist();
+                services.relist();
+                canaries.relist();
+                if let Some(p) = &policies {
+                    p.relist();
+                }
+            };
+        }
         loop {
             let mut out: Vec<EventKind> = Vec::new();
             tokio::select! {
+                _ = counters.tick() => {
+                    if let Some(q) = quota.as_ref().filter(|q| q.room_for_refused()) {
+                        if last_round.elapsed() >= READMIT {
+                            // A new round: what it refuses again says whether the cluster is
+                            // still over its limit.
+                            tracing::info!(cluster = %self.cluster, held = q.held(), limit = q.limit(), "room under the entry limit; listing again for the keys refused");
+                            last_round = tokio::time::Instant::now();
+                            q.begin_round();
+                            relist_all!();
+                        }
+                    }
+                    self.connection.send_if_modified(|c| counts_into(c, &stats, quota.as_deref()));
+                    continue;
+                }
                 Ok(()) = access.changed() => {
                     let now_denied = access.borrow_and_update().access_denied;
                     if now_denied && !denied {
                         tracing::warn!(cluster = %self.cluster, "access refused; ending the watches opened before");
-                        config.relist();
-                        nodes.relist();
-                        ipcache.relist();
-                        identities.relist();
-                        services.relist();
-                        canaries.relist();
-                        if let Some(p) = &policies {
-                            p.relist();
-                        }
+                        relist_all!();
                     }
                     denied = now_denied;
                     continue;
@@ -234,16 +296,12 @@ impl<B: Backend> ClusterWatcher<B> {
                 else => return,
             }
             out.extend(sync.ready().into_iter().map(EventKind::Synced));
-            let malformed = stats.iter().map(|s| s.malformed()).sum::<u64>()
-                + policy_stats.as_ref().map(|s| s.malformed()).unwrap_or(0);
-            // Readers borrow the time of the last event; only a change of the malformed count
-            // notifies (a notification per event woke this loop's own `access` branch for
-            // nothing, an extra turn of the loop per event under churn).
+            // Readers borrow the time of the last event; only a change of the counts notifies
+            // (a notification per event woke this loop's own `access` branch for nothing, an
+            // extra turn of the loop per event under churn).
             self.connection.send_if_modified(|c| {
                 c.last_sync_ms = now_ms();
-                let changed = c.malformed != malformed;
-                c.malformed = malformed;
-                changed
+                counts_into(c, &stats, quota.as_deref())
             });
             for kind in out {
                 let ev = ClusterEvent::new(self.cluster.clone(), kind);
@@ -253,6 +311,37 @@ impl<B: Backend> ClusterWatcher<B> {
             }
         }
     }
+}
+
+/// Copies the watches' counters and the quota's into `c`; whether anything changed.
+fn counts_into(c: &mut Connection, stats: &[Arc<WatchStats>], quota: Option<&EntryQuota>) -> bool {
+    // What status shows as a problem; the held count moves with every new key and is read on
+    // the next notification or borrow, without one of its own.
+    let problems = |c: &Connection| (c.malformed, c.oversized, c.over_limit, c.degraded.is_some());
+    let before = problems(c);
+    c.malformed = stats.iter().map(|s| s.malformed()).sum();
+    c.oversized = stats.iter().map(|s| s.oversized()).sum();
+    if c.malformed != before.0 {
+        c.malformed_by_kind = KINDS
+            .iter()
+            .zip(stats)
+            .filter(|(_, s)| s.malformed() > 0)
+            .map(|(k, s)| (*k, s.malformed()))
+            .collect();
+    }
+    if let Some(q) = quota {
+        c.entry_limit = q.limit();
+        c.entries_held = q.held();
+        c.over_limit = q.refused_total();
+        c.degraded = (q.refused_recent() > 0).then(|| {
+            format!(
+                "over its entry limit: {} keys refused since its last full list (limit {}); the rest is served",
+                q.refused_recent(),
+                q.limit()
+            )
+        });
+    }
+    problems(c) != before
 }
 
 /// The config that speaks for `cluster`: its own, or else (misconfiguration) the one another

@@ -37,6 +37,10 @@ pub fn cluster_state(c: &pb::ClusterStatus) -> &'static str {
         "refused"
     } else if c.stale_since_ms != 0 {
         "stale"
+    } else if c.connected && !c.degraded.is_empty() {
+        // Served, but not whole (over its entry limit; through the cache, the mirror also
+        // withholds the sync canary of what it could not hold): see `degraded`.
+        "degraded"
     } else if c.connected && c.ready {
         "ready"
     } else if c.connected {

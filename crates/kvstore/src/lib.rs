@@ -16,6 +16,7 @@ mod fenced;
 mod identity;
 mod memory;
 mod publisher;
+mod quota;
 mod reflection;
 pub mod remote_file;
 mod retry;
@@ -35,6 +36,7 @@ pub use fenced::Fenced;
 pub use identity::{lowest_free, resolve_identity, IdentityError};
 pub use memory::MemoryStore;
 pub use publisher::{Publisher, PublisherConfig, PublisherStats};
+pub use quota::{EntryQuota, DEFAULT_ENTRY_LIMIT, MAX_VALUE_BYTES};
 pub use reflection::{RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats};
 pub use retry::{is_transient, retry_transient};
 pub use watcher::{

@@ -10,10 +10,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use meshd_state::{decode, ClusterName, Resource, ResourceKey};
 
 use crate::backend::{EventKind, KeyValue, RawEvent};
+use crate::quota::{EntryQuota, MAX_VALUE_BYTES};
 
 /// What the watcher's loop feeds: a full list (`begin_list`, `listed` per entry,
 /// `finish_list`), then the events of the watch, each response closed by `progress`.
@@ -50,6 +52,11 @@ pub enum WatchEvent<R: Resource> {
 pub struct WatchStats {
     /// Entries skipped because the key did not parse or the value did not decode or validate.
     pub malformed: AtomicU64,
+    /// Values refused unread for their size (over the reflection's bound; also counted in
+    /// `malformed`).
+    pub oversized: AtomicU64,
+    /// New keys refused because the cluster's [`EntryQuota`] was used up.
+    pub over_limit: AtomicU64,
     /// Full lists done (the first one included).
     pub lists: AtomicU64,
     /// Watches that ended and were re-established after a list.
@@ -59,6 +66,12 @@ pub struct WatchStats {
 impl WatchStats {
     pub fn malformed(&self) -> u64 {
         self.malformed.load(Ordering::Relaxed)
+    }
+    pub fn oversized(&self) -> u64 {
+        self.oversized.load(Ordering::Relaxed)
+    }
+    pub fn over_limit(&self) -> u64 {
+        self.over_limit.load(Ordering::Relaxed)
     }
     pub fn lists(&self) -> u64 {
         self.lists.load(Ordering::Relaxed)
@@ -169,6 +182,17 @@ pub struct Reflection<R: Resource> {
     /// Generation of the list in progress (or of the last one); entries of older generations
     /// were not seen by it. A counter instead of a set of seen keys: no key copies, no hashing.
     generation: u64,
+    /// Shared with the other watches of the cluster: new keys past it are not stored.
+    quota: Option<Arc<EntryQuota>>,
+    /// Values longer than this are refused before decoding.
+    max_value_bytes: usize,
+}
+
+/// Whether the `n`th malformed entry of a watch is logged: the first 20, then the 32nd, 64th,
+/// ... (each line carries the count), so a cluster rewriting bad values thousands of times a
+/// second cannot flood the log; every one is counted in [`WatchStats`].
+fn worth_logging(n: u64) -> bool {
+    n <= 20 || n.is_power_of_two()
 }
 
 /// The outcome of decoding one raw entry.
@@ -192,7 +216,16 @@ impl<R: Resource> Reflection<R> {
             kind: std::marker::PhantomData,
             scope,
             generation: 0,
+            quota: None,
+            max_value_bytes: MAX_VALUE_BYTES,
         }
+    }
+
+    /// Stores new keys only while `quota` has room, and refuses values over `max_value_bytes`.
+    pub fn with_limits(mut self, quota: Option<Arc<EntryQuota>>, max_value_bytes: usize) -> Self {
+        self.quota = quota;
+        self.max_value_bytes = max_value_bytes;
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -210,14 +243,31 @@ impl<R: Resource> Reflection<R> {
     }
 
     fn decode(&self, key: &str, value: &[u8], stats: &WatchStats) -> Decoded<R> {
+        if value.len() > self.max_value_bytes {
+            let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+            stats.oversized.fetch_add(1, Ordering::Relaxed);
+            if worth_logging(n) {
+                tracing::warn!(
+                    key,
+                    kind = R::KIND,
+                    bytes = value.len(),
+                    max = self.max_value_bytes,
+                    malformed = n,
+                    "skipping an oversized value unread"
+                );
+            }
+            return Decoded::Malformed;
+        }
         match decode::<R>(key, value) {
             Ok((k, v)) => match &self.scope {
                 Some(scope) if k.cluster() != scope => Decoded::Foreign,
                 _ => Decoded::Ok(k, v),
             },
             Err(e) => {
-                stats.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key, kind = R::KIND, error = %e, "skipping malformed entry");
+                let n = stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                if worth_logging(n) {
+                    tracing::warn!(key, kind = R::KIND, error = %e, malformed = n, "skipping malformed entry");
+                }
                 Decoded::Malformed
             }
         }
@@ -242,19 +292,60 @@ impl<R: Resource> Reflection<R> {
         fp: u64,
         key: R::Key,
         value: R,
+        stats: &WatchStats,
         out: &mut Vec<WatchEvent<R>>,
     ) {
-        out.push(WatchEvent::Upsert { key, value });
         let entry = Entry {
             fingerprint: fp,
             seen: self.generation,
         };
-        self.entries.insert(KeyText::new(suffix), entry);
+        if let Some(held) = self.entries.get_mut(suffix) {
+            *held = entry;
+        } else {
+            if let Some(quota) = &self.quota {
+                if !quota.take() {
+                    // Filled by another watch of the cluster since `over_quota` looked.
+                    self.refused(suffix, stats);
+                    return;
+                }
+            }
+            self.entries.insert(KeyText::new(suffix), entry);
+        }
+        out.push(WatchEvent::Upsert { key, value });
+    }
+
+    /// A new key refused for the quota. Not remembered: it costs nothing until its next write or
+    /// the next list.
+    fn refused(&self, suffix: &str, stats: &WatchStats) {
+        if stats.over_limit.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                key = suffix,
+                kind = R::KIND,
+                limit = self.quota.as_ref().map(|q| q.limit()),
+                "the cluster's entry limit is reached; refusing its new keys"
+            );
+        }
+    }
+
+    /// A key not held while the quota is full: refused and counted before it is decoded, so a
+    /// flood past the limit costs a lookup per key, not a decode.
+    fn over_quota(&self, suffix: &str, stats: &WatchStats) -> bool {
+        match &self.quota {
+            Some(q) if q.is_full() && !self.entries.contains_key(suffix) => {
+                q.count_refusal();
+                self.refused(suffix, stats);
+                true
+            }
+            _ => false,
+        }
     }
 
     fn remove(&mut self, suffix: &str, out: &mut Vec<WatchEvent<R>>) {
         if self.entries.remove(suffix).is_none() {
             return;
+        }
+        if let Some(quota) = &self.quota {
+            quota.give_back();
         }
         let raw = format!("{}{suffix}", self.prefix);
         match R::Key::parse(&raw) {
@@ -275,11 +366,11 @@ impl<R: Resource> Reflection<R> {
             return;
         };
         let fp = fingerprint(&kv.value);
-        if self.unchanged(suffix, fp) {
+        if self.unchanged(suffix, fp) || self.over_quota(suffix, stats) {
             return;
         }
         match self.decode(&kv.key, &kv.value, stats) {
-            Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, out),
+            Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, stats, out),
             // Not marked: if we held an older, valid value it is swept as deleted, since etcd
             // no longer holds it.
             Decoded::Foreign | Decoded::Malformed => {}
@@ -312,11 +403,11 @@ impl<R: Resource> Reflection<R> {
         match ev.kind {
             EventKind::Put => {
                 let fp = fingerprint(&ev.kv.value);
-                if self.unchanged(suffix, fp) {
+                if self.unchanged(suffix, fp) || self.over_quota(suffix, stats) {
                     return;
                 }
                 match self.decode(&ev.kv.key, &ev.kv.value, stats) {
-                    Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, out),
+                    Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, stats, out),
                     Decoded::Foreign => {}
                     Decoded::Malformed => self.remove(suffix, out),
                 }
@@ -561,6 +652,68 @@ mod tests {
             summary(&out),
             ["+10.0.0.1 65836", "+10.0.0.1 65837", "-10.0.0.1"]
         );
+    }
+
+    /// Two reflections (two kinds of one cluster) share a quota: new keys past it are neither
+    /// stored nor emitted, updates of held keys still pass, and a deleted key makes room for
+    /// the next write of a refused one.
+    #[test]
+    fn new_keys_past_the_shared_quota_are_refused_and_room_is_given_back() {
+        let stats = WatchStats::default();
+        let quota = Arc::new(EntryQuota::new(3));
+        let mut a = Reflection::new(Some(c("c1"))).with_limits(Some(quota.clone()), 1024);
+        let mut b = Reflection::new(Some(c("c1"))).with_limits(Some(quota.clone()), 1024);
+        let out = list(
+            &mut a,
+            vec![entry("10.0.0.1", ID1), entry("10.0.0.2", ID1)],
+            &stats,
+        );
+        assert_eq!(summary(&out).len(), 3);
+        let out = list(
+            &mut b,
+            vec![entry("10.0.1.1", ID1), entry("10.0.1.2", ID1)],
+            &stats,
+        );
+        assert_eq!(summary(&out), ["+10.0.1.1 65836", "synced@10"]);
+        assert_eq!((quota.held(), quota.refused_total()), (3, 1));
+        assert_eq!(stats.over_limit(), 1);
+
+        let mut out = Vec::new();
+        b.apply(put(entry("10.0.1.3", ID1)), &stats, &mut out);
+        b.apply(put(entry("10.0.1.1", ID2)), &stats, &mut out);
+        assert_eq!(
+            summary(&out),
+            ["+10.0.1.1 65837"],
+            "an update of a held key passes"
+        );
+        out.clear();
+        a.apply(del("meshd/state/ip/v1/c1/10.0.0.1"), &stats, &mut out);
+        assert!(quota.room_for_refused());
+        b.apply(put(entry("10.0.1.3", ID1)), &stats, &mut out);
+        assert_eq!(summary(&out), ["-10.0.0.1", "+10.0.1.3 65836"]);
+        assert_eq!((a.len() + b.len()) as u64, quota.held());
+        assert_eq!(stats.malformed(), 0);
+    }
+
+    /// A value over the size bound is refused unread and counted, and a held key rewritten
+    /// with one goes away (etcd no longer holds the old value).
+    #[test]
+    fn oversized_values_are_refused_unread() {
+        let stats = WatchStats::default();
+        let mut r = Reflection::<IpcacheEntry>::new(Some(c("c1"))).with_limits(None, 200);
+        let big = raw(
+            "meshd/state/ip/v1/c1/10.0.0.2",
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(300)).as_bytes(),
+        );
+        let out = list(&mut r, vec![entry("10.0.0.1", ID1), big.clone()], &stats);
+        assert_eq!(summary(&out), ["+10.0.0.1 65836", "synced@10"]);
+        assert_eq!((stats.oversized(), stats.malformed()), (1, 1));
+        let mut out = Vec::new();
+        let mut big1 = big;
+        big1.key = "meshd/state/ip/v1/c1/10.0.0.1".into();
+        r.apply(put(big1), &stats, &mut out);
+        assert_eq!(summary(&out), ["-10.0.0.1"]);
+        assert_eq!(stats.oversized(), 2);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use crate::backend::{Backend, WatchMessage};
 use crate::backoff::{Backoff, BackoffConfig};
 use crate::error::KvError;
+use crate::quota::{EntryQuota, MAX_VALUE_BYTES};
 use crate::reflection::{
     RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats,
 };
@@ -32,6 +33,11 @@ pub struct WatchConfig {
     /// Batches (one per page or watch response) buffered towards a slow consumer before the
     /// watcher waits for it.
     pub channel_capacity: usize,
+    /// Shared by the watches of one remote cluster: the keys they hold together at most
+    /// (typed watches; see [`EntryQuota`]). None: no limit.
+    pub quota: Option<Arc<EntryQuota>>,
+    /// Values longer than this are refused unread (typed watches).
+    pub max_value_bytes: usize,
 }
 
 impl Default for WatchConfig {
@@ -40,6 +46,8 @@ impl Default for WatchConfig {
             page_size: 5000,
             backoff: BackoffConfig::default(),
             channel_capacity: 16,
+            quota: None,
+            max_value_bytes: MAX_VALUE_BYTES,
         }
     }
 }
@@ -125,7 +133,8 @@ pub fn watch_prefix<R: Resource, B: Backend>(
     start(
         backend,
         prefix.clone(),
-        Reflection::for_prefix(prefix, scope),
+        Reflection::for_prefix(prefix, scope)
+            .with_limits(config.quota.clone(), config.max_value_bytes),
         config,
         span,
     )

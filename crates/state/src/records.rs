@@ -361,12 +361,21 @@ pub struct CacheStatus {
     /// Keys of this remote in the cache now.
     #[serde(default)]
     pub entries: u64,
-    /// Remote keys not mirrored: over `limit`, or malformed (outside `meshd/`, empty key).
+    /// Remote keys not mirrored: over `limit`, malformed (outside `meshd/`, empty key), or
+    /// with a value over the size bound.
     #[serde(default)]
     pub rejected: u64,
     /// The most keys mirrored from one remote.
     #[serde(default)]
     pub limit: u64,
+    /// Of `rejected`: keys refused for `limit` since the last list. While not zero the cache
+    /// holds only part of the remote (degraded).
+    #[serde(default)]
+    pub over_limit: u64,
+    /// Of `rejected`: keys refused for the size of their value since the last list (over the
+    /// bound agents hold values to, `meshd_kvstore::MAX_VALUE_BYTES`).
+    #[serde(default)]
+    pub oversized: u64,
     /// Milliseconds between the remote's event and its write into the cache, for the last
     /// write (0 when unknown; etcd events carry no time, so it is measured from receipt).
     #[serde(default)]

@@ -99,6 +99,11 @@ pub fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
         "last_sync_ms": c.last_sync_ms,
         "rejected": c.rejected,
         "pending": c.pending,
+        "malformed": c.malformed,
+        "entry_limit": c.entry_limit,
+        "entries_held": c.entries_held,
+        "over_limit": c.over_limit,
+        "degraded": c.degraded,
         "etcd_endpoints": c.etcd_endpoints,
         "source": c.source,
         "cache": c.cache.as_ref().map(|m| serde_json::json!({
@@ -111,6 +116,8 @@ pub fn cluster_json(c: &pb::ClusterStatus) -> serde_json::Value {
             "limit": m.limit,
             "lag_ms": m.lag_ms,
             "last_error": m.last_error,
+            "over_limit": m.over_limit,
+            "oversized": m.oversized,
         })),
     })
 }
@@ -286,8 +293,10 @@ fn print_clusters(clusters: &[pb::ClusterStatus]) {
         };
         let err = if !c.refused.is_empty() {
             c.refused.as_str()
-        } else {
+        } else if !c.last_error.is_empty() {
             c.last_error.as_str()
+        } else {
+            c.degraded.as_str()
         };
         println!(
             "{:<12} {:>3} {:<10} {:>6} {:>9} {:>10} {:>8} {:<14} {:<14} {}",
@@ -480,7 +489,8 @@ fn not_ready(clusters: &[pb::ClusterStatus]) -> Vec<(String, &'static str)> {
     clusters
         .iter()
         .map(|c| (c.name.clone(), cluster_state(c)))
-        .filter(|(_, state)| *state != "ready")
+        // A degraded cluster is as synced as it will get (served, over its entry limit).
+        .filter(|(_, state)| !matches!(*state, "ready" | "degraded"))
         .collect()
 }
 
@@ -528,6 +538,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(cluster_state(&c), "ready");
+        c.degraded = "over its entry limit".into();
+        assert_eq!(cluster_state(&c), "degraded");
         c.stale_since_ms = 5;
         assert_eq!(cluster_state(&c), "stale");
         c.refused = "id conflict".into();
