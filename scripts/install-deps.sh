@@ -28,6 +28,8 @@ have ping || need+=(iputils-ping)
 have nsenter || need+=(util-linux)
 # The lab check's record of which replies pass back through a node (DSR), in the router.
 have nft || need+=(nftables)
+# The node port benchmark's kube-proxy iptables-mode baseline (scripts/bench.d/nodeport-net.sh).
+have iptables-restore || need+=(iptables)
 # asm/types.h for -target bpf lives under the multiarch include dir; the i386 headers provide
 # the generic asm/ links clang needs on Debian.
 [ -e /usr/include/asm/types.h ] || [ -e /usr/include/x86_64-linux-gnu/asm/types.h ] || need+=(linux-libc-dev)

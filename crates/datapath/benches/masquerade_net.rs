@@ -132,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         label: "masquerade",
         path: "to the external host",
         note: "goal>=1.0x (issue 12)",
+        baseline: "nftables",
         runs,
     };
     comparison.throughput(seconds, |i, streams| iperf.sample(i, streams, seconds))?;

@@ -200,19 +200,23 @@ pub struct Comparison<'a> {
     pub path: &'a str,
     /// After the ratio on the RESULT lines ("goal>=1.0x (issue 12)").
     pub note: &'a str,
+    /// The baseline's name in the output and the RESULT keys (`nftables`, `iptables`).
+    pub baseline: &'a str,
     pub runs: u32,
 }
 
 impl Comparison<'_> {
     /// TCP throughput with 1 and 4 streams: `runs` samples of each path in turn
-    /// (`sample(path, streams)`, 0 meshd and 1 nftables, in Gbit/s), their medians and
-    /// spreads, and the ratio.
+    /// (`sample(path, streams)`, 0 meshd and 1 the baseline, in Gbit/s), their medians and
+    /// spreads, the ratio of the medians and the median of the per-run ratios (each run's two
+    /// samples are neighbours in time, so their ratio shares the load of that moment).
     pub fn throughput(
         &self,
         seconds: u32,
         mut sample: impl FnMut(usize, u32) -> anyhow::Result<f64>,
     ) -> anyhow::Result<()> {
         let (runs, label, path, note) = (self.runs, self.label, self.path, self.note);
+        let base = self.baseline;
         for streams in [1u32, 4] {
             let mut results = [Vec::new(), Vec::new()];
             for _ in 0..runs {
@@ -220,14 +224,20 @@ impl Comparison<'_> {
                     result.push(sample(i, streams)?);
                 }
             }
-            let spreads = [spread(&results[0]), spread(&results[1])];
+            let ratios: Vec<f64> = results[0]
+                .iter()
+                .zip(&results[1])
+                .map(|(m, b)| m / b)
+                .collect();
+            let spreads = [spread(&results[0]), spread(&results[1]), spread(&ratios)];
             let [m, b] = results.map(median);
+            let r = median(ratios);
             println!(
-                "TCP throughput {path}, {streams} stream(s): meshd {m:.2} Gbit/s [{}], nftables {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
-                spreads[0], spreads[1]
+                "TCP throughput {path}, {streams} stream(s): meshd {m:.2} Gbit/s [{}], {base} {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s); per-run ratio median {r:.2}x [{}]",
+                spreads[0], spreads[1], spreads[2]
             );
             println!(
-                "RESULT {label}-tcp-{streams}stream meshd_gbps={m:.2} nftables_gbps={b:.2} ratio={:.3}x {note}",
+                "RESULT {label}-tcp-{streams}stream meshd_gbps={m:.2} {base}_gbps={b:.2} ratio={:.3}x run_ratio={r:.3}x {note}",
                 m / b
             );
         }
@@ -244,7 +254,7 @@ impl Comparison<'_> {
         per_thread: u32,
         mut clients: impl FnMut(u32) -> anyhow::Result<[(std::path::PathBuf, SocketAddr); 2]>,
     ) -> anyhow::Result<()> {
-        let (label, path, note) = (self.label, self.path, self.note);
+        let (label, path, note, base) = (self.label, self.path, self.note, self.baseline);
         let mut rates = [Vec::new(), Vec::new()];
         let mut ratios = Vec::new();
         for run in 0..self.runs {
@@ -252,11 +262,14 @@ impl Comparison<'_> {
             let (m, b) = std::thread::scope(|scope| {
                 let m = scope.spawn(|| connect_loop(&mc, mto, threads, per_thread));
                 let b = scope.spawn(|| connect_loop(&bc, bto, threads, per_thread));
-                (m.join().expect("meshd loop"), b.join().expect("nft loop"))
+                (
+                    m.join().expect("meshd loop"),
+                    b.join().expect("baseline loop"),
+                )
             });
-            let (m, b) = (m.context("meshd")?, b.context("nftables")?);
+            let (m, b) = (m.context("meshd")?, b.context(base.to_string())?);
             println!(
-                "run {run}: meshd {m:.0} conn/s, nftables {b:.0} conn/s = {:.2}x",
+                "run {run}: meshd {m:.0} conn/s, {base} {b:.0} conn/s = {:.2}x",
                 m / b
             );
             rates[0].push(m);
@@ -267,12 +280,10 @@ impl Comparison<'_> {
         let [m, b] = rates.map(median);
         let r = median(ratios);
         println!(
-            "new connections/s {path} ({threads} threads x {per_thread} each way, both at once): meshd {m:.0} [{}], nftables {b:.0} [{}]; ratio median {r:.2}x [{}]",
+            "new connections/s {path} ({threads} threads x {per_thread} each way, both at once): meshd {m:.0} [{}], {base} {b:.0} [{}]; ratio median {r:.2}x [{}]",
             spreads[0], spreads[1], spreads[2]
         );
-        println!(
-            "RESULT {label}-connrate meshd_cps={m:.0} nftables_cps={b:.0} ratio={r:.3}x {note}"
-        );
+        println!("RESULT {label}-connrate meshd_cps={m:.0} {base}_cps={b:.0} ratio={r:.3}x {note}");
         Ok(())
     }
 }
@@ -349,8 +360,8 @@ impl<'a> Iperf3Pair<'a> {
     /// Prints the failed samples and stops the servers.
     pub fn finish(self) {
         println!(
-            "failed throughput samples (retried): meshd {}, nftables {}",
-            self.failures[0], self.failures[1]
+            "failed throughput samples (retried): {} {}, {} {}",
+            self.paths[0].name, self.failures[0], self.paths[1].name, self.failures[1]
         );
     }
 }
