@@ -20,8 +20,9 @@ use meshd_kvstore::{watch_raw, Backend, CachedCluster, EtcdStore, RawWatchEvent,
 use meshd_mesh::{ClusterEvent, EventKind};
 use meshd_state::keys::CACHE_STATUS_PREFIX;
 use meshd_state::{CacheStatus, ClusterName};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use crate::inputs::InputQueues;
 use crate::now_ms;
 use crate::remotes::{Registry, RemoteEntry};
 use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
@@ -93,7 +94,7 @@ impl Drop for Running {
 pub async fn run(
     store: EtcdStore,
     local: ClusterName,
-    tx: mpsc::Sender<ViewInput>,
+    queues: InputQueues,
     registry: watch::Sender<Arc<Registry>>,
     mut local_connection: watch::Receiver<Connection>,
     entry_limit: Option<u64>,
@@ -144,7 +145,7 @@ pub async fn run(
                     backend: CachedCluster::new(store.clone(), cluster.clone()),
                     probe: Probe::Fed,
                     local: false,
-                    tx: tx.clone(),
+                    tx: queues.sender(&cluster),
                     connection: conn_tx.clone(),
                     entry_limit,
                 };
@@ -171,6 +172,8 @@ pub async fn run(
                 }
                 entries.remove(&cluster);
                 tracing::info!(%cluster, "remote cluster gone from the cache; draining");
+                // The cluster's own queue: after whatever its watcher queued.
+                let tx = queues.sender(&cluster);
                 let ev = ClusterEvent::new(cluster, EventKind::ClusterRemoved);
                 if tx.send(ViewInput::Cluster(ev)).await.is_err() {
                     return;

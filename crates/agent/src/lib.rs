@@ -7,7 +7,8 @@
 //!   operations (through `meshd_datapath`'s typed seam), with a full diff at start, after a
 //!   failed write and on a safety-net timer;
 //! - [`view_task`] owns the merged view (`meshd_mesh::MeshView`), fed by one [`watcher`] per
-//!   cluster (the local etcd, and each remote from [`remotes`]);
+//!   cluster (the local etcd, and each remote from [`remotes`]), each through a queue of its
+//!   own taken in turns ([`inputs`]);
 //! - [`endpoints`] owns this node's endpoints (state file, addresses, veths, program links);
 //! - kvstore's `Publisher` owns the node lease and the records published under it (the node
 //!   record, each endpoint's ipcache entry) and writes the sync canaries;
@@ -20,6 +21,7 @@ pub mod dir_watch;
 pub mod egress;
 pub mod endpoints;
 pub mod health_check;
+pub mod inputs;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
@@ -348,11 +350,14 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %e, "node record not published yet; retrying in the background");
     }
 
-    // Channels between the tasks.
-    let (view_tx, view_rx) = mpsc::channel(65_536);
-    // Bounded: a reconciler that falls behind slows the view task down instead of queueing
-    // without limit.
-    let (datapath_tx, datapath_rx) = mpsc::channel(64);
+    // Channels between the tasks. Each cluster's watcher sends into a queue of its own, taken
+    // in turns by the view task ([`inputs`]): a flooding cluster's backlog never sits in front
+    // of another cluster's change.
+    let (queues, view_inputs) = inputs::input_queues(inputs::QUEUE);
+    // Bounded, and to one batch: a reconciler that falls behind slows the view task down (the
+    // backlog stays in the clusters' queues, where every cluster gets its turn) instead of
+    // queueing batches in front of the next round (64 of them were up to 260k writes).
+    let (datapath_tx, datapath_rx) = mpsc::channel(1);
     let (full_request_tx, full_request_rx) = mpsc::channel(1);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
     let (policies_tx, policies_rx) = watch::channel(view_task::PolicySummary::default());
@@ -387,7 +392,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             probe: watcher::Probe::Etcd(Box::new(store.clone())),
             backend: store.clone(),
             local: true,
-            tx: view_tx.clone(),
+            tx: queues.sender(&config.cluster),
             connection: local_conn_tx,
             entry_limit: None,
         }
@@ -404,7 +409,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 tokio::spawn(remotes::run(
                     dir.clone(),
                     config.cluster.clone(),
-                    view_tx.clone(),
+                    queues.clone(),
                     registry_tx,
                     config.remote_entry_limit,
                 ));
@@ -415,7 +420,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             tokio::spawn(cache_source::run(
                 store.clone(),
                 config.cluster.clone(),
-                view_tx.clone(),
+                queues.clone(),
                 registry_tx,
                 local_conn_rx.clone(),
                 config.remote_entry_limit,
@@ -439,7 +444,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     .map(|&p| p.into())
                     .collect(),
             }),
-            inputs: view_rx,
+            inputs: view_inputs,
             peers: peers_tx,
             health_checks: health_checks_tx,
             datapath: datapath_tx,

@@ -26,9 +26,10 @@ use std::sync::Arc;
 use meshd_certs::TlsFiles;
 use meshd_mesh::{ClusterEvent, EventKind};
 use meshd_state::ClusterName;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::dir_watch::{DirWatch, Periods};
+use crate::inputs::InputQueues;
 use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
 
 /// One remote cluster as status shows it.
@@ -55,11 +56,19 @@ struct Running {
 pub async fn run(
     dir: PathBuf,
     local: ClusterName,
-    tx: mpsc::Sender<ViewInput>,
+    queues: InputQueues,
     registry: watch::Sender<Arc<Registry>>,
     entry_limit: Option<u64>,
 ) {
-    run_with_periods(dir, local, tx, registry, entry_limit, Periods::default()).await
+    run_with_periods(
+        dir,
+        local,
+        queues,
+        registry,
+        entry_limit,
+        Periods::default(),
+    )
+    .await
 }
 
 /// [`run`] with the periods of the reads that no event asked for as a parameter (tests set them
@@ -67,14 +76,14 @@ pub async fn run(
 pub async fn run_with_periods(
     dir: PathBuf,
     local: ClusterName,
-    tx: mpsc::Sender<ViewInput>,
+    queues: InputQueues,
     registry: watch::Sender<Arc<Registry>>,
     entry_limit: Option<u64>,
     periods: Periods,
 ) {
     let mut remotes = Remotes {
         local,
-        tx,
+        queues,
         entry_limit,
         running: BTreeMap::new(),
         registry: BTreeMap::new(),
@@ -94,7 +103,7 @@ pub async fn run_with_periods(
 /// The remote clusters running, against which each read of the directory is compared.
 struct Remotes {
     local: ClusterName,
-    tx: mpsc::Sender<ViewInput>,
+    queues: InputQueues,
     /// Keys held per remote cluster at most.
     entry_limit: Option<u64>,
     running: BTreeMap<ClusterName, Running>,
@@ -105,7 +114,7 @@ impl Remotes {
     /// Drives the running watchers to the files `present`.
     async fn apply(&mut self, present: BTreeMap<ClusterName, (PathBuf, String)>) {
         let local = &self.local;
-        let tx = &self.tx;
+        let queues = &self.queues;
         let running = &mut self.running;
         let reg = &mut self.registry;
         // Removed (or changed) files stop their watcher.
@@ -122,7 +131,9 @@ impl Remotes {
             reg.remove(&cluster);
             if !present.contains_key(&cluster) {
                 tracing::info!(%cluster, "remote cluster file removed; disconnecting and draining");
-                let _ = tx
+                // The cluster's own queue: after whatever its aborted watcher queued.
+                let _ = queues
+                    .sender(&cluster)
                     .send(ViewInput::Cluster(ClusterEvent::new(
                         cluster.clone(),
                         EventKind::ClusterRemoved,
@@ -168,7 +179,7 @@ impl Remotes {
                                 probe: Probe::Etcd(Box::new(store.clone())),
                                 backend: store,
                                 local: false,
-                                tx: tx.clone(),
+                                tx: queues.sender(&cluster),
                                 connection: conn_tx,
                                 entry_limit: self.entry_limit,
                             };
@@ -205,7 +216,7 @@ mod tests {
     /// away: what it sees within a test's deadline came through the watch.
     struct Watched {
         registry: watch::Receiver<Arc<Registry>>,
-        view: mpsc::Receiver<ViewInput>,
+        view: crate::inputs::Inputs,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -214,12 +225,12 @@ mod tests {
 
     impl Watched {
         async fn start(dir: &Path) -> Self {
-            let (tx, view) = mpsc::channel(1024);
+            let (queues, view) = crate::inputs::input_queues(1024);
             let (registry_tx, mut registry) = watch::channel(Arc::new(Registry::new()));
             let task = tokio::spawn(run_with_periods(
                 dir.to_owned(),
                 ClusterName::new("c1").unwrap(),
-                tx,
+                queues,
                 registry_tx,
                 None,
                 Periods {
@@ -313,10 +324,15 @@ mod tests {
         w.until_clusters(&["c3"]).await;
         // The view is told to drain everything of c2.
         let drained = tokio::time::timeout(DEADLINE, async {
-            while let Some(input) = w.view.recv().await {
-                if let ViewInput::Cluster(ev) = input {
-                    if ev.cluster.as_str() == "c2" && matches!(ev.kind, EventKind::ClusterRemoved) {
-                        return true;
+            let mut turn = Vec::new();
+            while w.view.next_turn(&mut turn).await {
+                for input in turn.drain(..) {
+                    if let ViewInput::Cluster(ev) = input {
+                        if ev.cluster.as_str() == "c2"
+                            && matches!(ev.kind, EventKind::ClusterRemoved)
+                        {
+                            return true;
+                        }
                     }
                 }
             }

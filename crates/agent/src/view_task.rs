@@ -22,14 +22,20 @@ use meshd_state::ClusterName;
 use tokio::sync::{mpsc, watch};
 
 use crate::health_check::HealthChecks;
+use crate::inputs::Inputs;
 use crate::watcher::ViewInput;
 
 /// Identity number -> its labels, rendered canonically.
 pub type IdentityLabels = BTreeMap<u32, String>;
 
-/// Most inputs applied before their changes are handed on: bounds the latency of a huge burst
-/// (an initial sync of 100k entries) without a message per event.
-const BATCH: usize = 4096;
+/// Most inputs applied (or map writes accumulated) before their changes are handed on: a
+/// burst (an initial sync of 100k entries) goes in batches, not a message per event. Small
+/// enough that a batch is written in milliseconds: the reconciler writes batches in order, so
+/// a quiet cluster's change, taken in the next round whatever another cluster's backlog
+/// ([`crate::inputs`]), waits for at most the batches already on their way (the datapath
+/// channel holds one), not for the backlog (with 4096 and 64 batches in flight, a flood's
+/// 260k writes were queued in front of it).
+const BATCH: usize = 1024;
 
 /// What the view task hands the reconciler, in order.
 #[derive(Debug)]
@@ -124,7 +130,8 @@ pub struct PolicySummary {
 
 pub struct ViewTask {
     pub view: MeshView,
-    pub inputs: mpsc::Receiver<ViewInput>,
+    /// Every cluster's events, a queue per cluster taken in turns ([`crate::inputs`]).
+    pub inputs: Inputs,
     /// To the reconciler; nothing until the start-up gate opens.
     pub datapath: mpsc::Sender<DatapathUpdate>,
     /// The reconciler asking for a [`DatapathUpdate::Full`].
@@ -169,10 +176,11 @@ impl ViewTask {
         // polling it would spin.
         let mut requests_open = true;
         let mut log = RejectionLog::default();
+        let mut turn = Vec::new();
         loop {
-            let first = if gate_open {
+            let more = if gate_open {
                 tokio::select! {
-                    i = self.inputs.recv() => i,
+                    more = self.inputs.next_turn(&mut turn) => more,
                     r = self.full_requests.recv(), if requests_open => {
                         match r {
                             Some(()) => if !self.send_full().await {
@@ -185,7 +193,7 @@ impl ViewTask {
                 }
             } else {
                 tokio::select! {
-                    i = self.inputs.recv() => i,
+                    more = self.inputs.next_turn(&mut turn) => more,
                     _ = tokio::time::sleep_until(deadline) => {
                         let waiting: Vec<String> = self.unready().iter().map(|c| c.to_string()).collect();
                         tracing::warn!(?waiting, "start-up sync not complete in time; reconciling with what is known");
@@ -199,13 +207,21 @@ impl ViewTask {
                     }
                 }
             };
-            let Some(first) = first else { return };
+            if !more {
+                return;
+            }
+            // One round: turns of the clusters with events, in round-robin order, until the
+            // batch is full or no cluster has more.
             let mut pending = Pending::default();
-            self.apply(first, &mut pending, &mut log);
-            for _ in 0..BATCH {
-                match self.inputs.try_recv() {
-                    Ok(i) => self.apply(i, &mut pending, &mut log),
-                    Err(_) => break,
+            let mut taken = 0;
+            loop {
+                taken += turn.len();
+                for i in turn.drain(..) {
+                    self.apply(i, &mut pending, &mut log);
+                }
+                let writes = pending.ops.len() + pending.service_ops.len();
+                if taken >= BATCH || writes >= BATCH || !self.inputs.try_turn(&mut turn) {
+                    break;
                 }
             }
             if pending.identities_changed {
@@ -394,8 +410,6 @@ mod tests {
         }))
     }
 
-    /// Nothing reaches the reconciler before the start-up gate; then the whole state once,
-    /// then only each batch's operations, and a whole copy again when the reconciler asks.
     #[test]
     fn rejection_lines_are_rationed_per_cluster_and_second() {
         let mut log = RejectionLog::default();
@@ -411,10 +425,20 @@ mod tests {
         assert_eq!(log.allow(&c2, t1), Some(0));
     }
 
-    #[tokio::test]
-    async fn the_reconciler_gets_one_full_state_then_operations() {
-        let (inputs_tx, inputs) = mpsc::channel(16);
-        let (datapath, mut updates) = mpsc::channel(16);
+    /// A view task of c1/n1 (waiting for c1 alone) on queues of `capacity` events a cluster,
+    /// with a datapath channel of `updates` batches.
+    fn view_task(
+        capacity: usize,
+        updates: usize,
+    ) -> (
+        ViewTask,
+        crate::inputs::InputQueues,
+        mpsc::Receiver<DatapathUpdate>,
+        mpsc::Sender<()>,
+        watch::Receiver<Option<Arc<Vec<meshd_mesh::PeerNode>>>>,
+    ) {
+        let (queues, inputs) = crate::inputs::input_queues(capacity);
+        let (datapath, updates) = mpsc::channel(updates);
         let (requests_tx, full_requests) = mpsc::channel(1);
         let (peers_tx, peers) = watch::channel(None);
         let task = ViewTask {
@@ -438,6 +462,15 @@ mod tests {
             peers: peers_tx,
             health_checks: watch::channel(Arc::new(HealthChecks::default())).0,
         };
+        (task, queues, updates, requests_tx, peers)
+    }
+
+    /// Nothing reaches the reconciler before the start-up gate; then the whole state once,
+    /// then only each batch's operations, and a whole copy again when the reconciler asks.
+    #[tokio::test]
+    async fn the_reconciler_gets_one_full_state_then_operations() {
+        let (task, queues, mut updates, requests_tx, peers) = view_task(16, 16);
+        let inputs_tx = queues.sender(&c1());
         let handle = tokio::spawn(task.run());
 
         inputs_tx.send(endpoint("10.1.1.5")).await.unwrap();
@@ -498,10 +531,110 @@ mod tests {
         // The reconciler's request end gone, then the inputs: the task ends.
         drop(requests_tx);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(inputs_tx);
+        drop((inputs_tx, queues));
         tokio::time::timeout(Duration::from_secs(5), handle)
             .await
             .expect("the view task ends with its inputs")
             .unwrap();
+    }
+
+    /// A flooding cluster's backlog does not delay another cluster's change: with c3's 20,000
+    /// entries queued first, c1's one change is in the first batch the reconciler gets, and
+    /// every batch is bounded. (One shared channel handed it over after all 20,000.)
+    #[tokio::test]
+    async fn a_change_is_not_queued_behind_another_clusters_backlog() {
+        let flood = 20_000;
+        let (task, queues, mut updates, _requests, _peers) = view_task(flood, 1);
+        let local = queues.sender(&c1());
+        for kind in [
+            ResourceKind::Nodes,
+            ResourceKind::Ipcache,
+            ResourceKind::Identities,
+        ] {
+            local.send(event(EventKind::Synced(kind))).await.unwrap();
+        }
+        let c3 = ClusterName::new("c3").unwrap();
+        let remote = queues.sender(&c3);
+        let c3_event = |kind| ViewInput::Cluster(ClusterEvent::new(c3.clone(), kind));
+        remote
+            .send(c3_event(EventKind::ClusterConfig(
+                meshd_state::ClusterConfig {
+                    name: c3.clone(),
+                    id: ClusterId::new(3).unwrap(),
+                    capabilities: Default::default(),
+                    routing_mode: Default::default(),
+                },
+            )))
+            .await
+            .unwrap();
+        remote
+            .send(c3_event(EventKind::UpsertNode(meshd_state::NodeRecord {
+                name: "n1".into(),
+                cluster: c3.clone(),
+                cluster_id: ClusterId::new(3).unwrap(),
+                node_ip: "192.168.3.1".parse().unwrap(),
+                pod_cidrs: vec!["10.3.0.0/16".parse().unwrap()],
+                labels: Default::default(),
+                boot_id: "b".into(),
+            })))
+            .await
+            .unwrap();
+        let handle = tokio::spawn(task.run());
+        match updates.recv().await.unwrap() {
+            DatapathUpdate::Full { .. } => {}
+            other => panic!("expected the whole state first, got {other:?}"),
+        }
+
+        // c3's backlog, all queued before c1's change: the view task runs on this thread only
+        // once the test waits (unconstrained: no yield for the cooperative budget).
+        tokio::task::unconstrained(async {
+            for n in 0..flood as u32 {
+                let ip =
+                    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 3, 0, 0)) + n);
+                remote
+                    .send(c3_event(EventKind::UpsertIpcache(IpcacheEntry {
+                        prefix: std::net::IpAddr::from(ip).into(),
+                        identity: NumericIdentity::new((3 << 16) | 300).unwrap(),
+                        host_ip: "192.168.3.1".parse().unwrap(),
+                        endpoint: None,
+                        namespace: None,
+                    })))
+                    .await
+                    .unwrap();
+            }
+            local.send(endpoint("10.1.1.7")).await.unwrap();
+        })
+        .await;
+        let wanted: ipnet::IpNet = "10.1.1.7/32".parse().unwrap();
+
+        let mut c3_writes_before = 0;
+        let mut batches = 0;
+        loop {
+            let update = tokio::time::timeout(Duration::from_secs(30), updates.recv())
+                .await
+                .expect("a batch within 30 s")
+                .expect("the view task runs");
+            let DatapathUpdate::Changes { ops, .. } = update else {
+                panic!("expected changes, got {update:?}");
+            };
+            batches += 1;
+            assert!(
+                ops.len() <= BATCH + crate::inputs::PER_TURN,
+                "a batch of {} writes",
+                ops.len()
+            );
+            if ops.iter().any(
+                |op| matches!(op, DatapathOp::UpsertIpcache { prefix, .. } if *prefix == wanted),
+            ) {
+                break;
+            }
+            c3_writes_before += ops.len();
+        }
+        assert_eq!(
+            (batches, c3_writes_before),
+            (1, 0),
+            "c1's change came after {c3_writes_before} of c3's {flood} writes"
+        );
+        handle.abort();
     }
 }

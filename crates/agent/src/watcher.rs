@@ -29,8 +29,9 @@ use meshd_state::{
     ClusterConfig, ClusterName, IdentityRecord, IpcacheEntry, NetworkPolicy, NodeRecord, Resource,
     ServiceRecord, SyncCanary,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use crate::inputs::InputSender;
 use crate::now_ms;
 
 /// What the view task receives.
@@ -93,7 +94,8 @@ pub struct ClusterWatcher<B: Backend = EtcdStore> {
     /// Where the connection state comes from.
     pub probe: Probe,
     pub local: bool,
-    pub tx: mpsc::Sender<ViewInput>,
+    /// The cluster's own queue to the view task.
+    pub tx: InputSender,
     pub connection: watch::Sender<Connection>,
     /// Keys of the cluster held at most (a remote's `remote_entry_limit`); None: no limit.
     pub entry_limit: Option<u64>,
