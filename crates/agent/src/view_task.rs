@@ -425,18 +425,19 @@ mod tests {
         assert_eq!(log.allow(&c2, t1), Some(0));
     }
 
-    /// A view task of c1/n1 (waiting for c1 alone) on queues of `capacity` events a cluster,
-    /// with a datapath channel of `updates` batches.
-    fn view_task(
-        capacity: usize,
-        updates: usize,
-    ) -> (
+    /// The task, its queues, what it hands the reconciler, the reconciler's request end, the
+    /// peers it publishes.
+    type Harness = (
         ViewTask,
         crate::inputs::InputQueues,
         mpsc::Receiver<DatapathUpdate>,
         mpsc::Sender<()>,
         watch::Receiver<Option<Arc<Vec<meshd_mesh::PeerNode>>>>,
-    ) {
+    );
+
+    /// A view task of c1/n1 (waiting for c1 alone) on queues of `capacity` events a cluster,
+    /// with a datapath channel of `updates` batches.
+    fn view_task(capacity: usize, updates: usize) -> Harness {
         let (queues, inputs) = crate::inputs::input_queues(capacity);
         let (datapath, updates) = mpsc::channel(updates);
         let (requests_tx, full_requests) = mpsc::channel(1);
