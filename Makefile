@@ -65,7 +65,7 @@ floods: deps
 ROUTING ?= tunnel
 SERVICE_LB_MODE ?= snat
 lab: deps
-	$(CARGO) build --release -p meshd -p clustermesh-apiserver
+	$(CARGO) build --release -p meshd -p clustermesh-apiserver -p meshd-otlp-collector
 	target/release/meshd lab up --routing $(ROUTING) --service-lb-mode $(SERVICE_LB_MODE)
 
 lab-down:

@@ -4,6 +4,8 @@
 set -euo pipefail
 : "${CLUSTER:?}" "${CLUSTER_ID:?}" "${IP:?}" "${ETCD:?}" "${SERVICE_CIDR:?}"
 certs=/certs/$CLUSTER
+# Traces to the lab's collector (OTLP, empty: none), marked with this apiserver's name.
+export OTEL_EXPORTER_OTLP_ENDPOINT="${OTLP:-}" OTEL_RESOURCE_ATTRIBUTES="host.name=$CLUSTER-apiserver"
 exec clustermesh-apiserver \
   --cluster-name "$CLUSTER" --cluster-id "$CLUSTER_ID" \
   --etcd-endpoints "$ETCD" --etcd-ca "$certs/ca.pem" \

@@ -47,7 +47,10 @@ api_socket: /run/meshd/agent.sock
 state_dir: /var/lib/meshd
 metrics_addr: $NODE_IP:${METRICS_PORT:-9962}
 YAML
-meshd agent --config /etc/meshd/agent.yaml &
+# Traces to the lab's collector (OTLP, empty: none), marked with this node's name; only the
+# agent's, not every CLI call's below.
+OTEL_EXPORTER_OTLP_ENDPOINT="${OTLP:-}" OTEL_RESOURCE_ATTRIBUTES="host.name=$CLUSTER-$NODE" \
+  meshd agent --config /etc/meshd/agent.yaml &
 agent=$!
 for _ in $(seq 1 300); do
   meshd status -o json >/dev/null 2>&1 && break

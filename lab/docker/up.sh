@@ -9,14 +9,14 @@ run=lab/docker/run
 stage=lab/docker/build
 step() { echo "lab-docker: $*" >&2; }
 
-step "building meshd and clustermesh-apiserver (release)"
-cargo build --release -q -p meshd -p clustermesh-apiserver
+step "building meshd, clustermesh-apiserver and meshd-otlp-collector (release)"
+cargo build --release -q -p meshd -p clustermesh-apiserver -p meshd-otlp-collector
 meshd=target/release/meshd
 
 step "base image"
 lab/docker/build-base.sh
 rm -rf "$stage" && mkdir -p "$stage/bin"
-cp target/release/meshd target/release/clustermesh-apiserver "$stage/bin/"
+cp target/release/meshd target/release/clustermesh-apiserver target/release/meshd-otlp-collector "$stage/bin/"
 cp lab/docker/Dockerfile lab/docker/*.sh lab/docker/prometheus.yml "$stage/"
 step "building image meshd-lab:latest"
 docker build -q -t meshd-lab:latest --build-arg BASE=meshd-lab-base:bookworm "$stage" >/dev/null

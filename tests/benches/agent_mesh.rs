@@ -19,7 +19,9 @@
 //!    time per event (goal <= 50 us).
 //!
 //! Usage: cargo bench -p meshd-e2e --bench agent_mesh -- [--endpoints N] [--records R]
-//! [--rounds K] (needs root, etcd, bpffs and the release `meshd` binary).
+//! [--rounds K] [--churn-secs S] [--churn-rate N] [--memory-only 1 (the initial sync and the
+//! memory only)] [--churn-only 1 (no propagation rounds)] (needs root, etcd, bpffs and the
+//! release `meshd` binary).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -358,6 +360,51 @@ async fn churn(
     Ok(())
 }
 
+/// Loads `records` into c2's etcd, times a fresh agent's initial sync of them against the raw
+/// baseline and prints its memory against `rss_empty` (a fresh agent's with an empty view).
+async fn memory(
+    mesh: &mut Mesh,
+    c2: &EtcdStore,
+    records: usize,
+    identity: u32,
+    host: Ipv4Addr,
+    rss_empty: u64,
+    parts_empty: (u64, u64, u64),
+) -> anyhow::Result<()> {
+    load(c2, records, identity, host).await?;
+    let raw = raw_sync(c2, records).await?;
+    let sync = agent_sync(mesh, records)?;
+    println!(
+        "initial sync ({records} remote records): agent start -> all in maps {:.2} s; raw range \
+         read + decode + map writes {:.2} s; ratio {:.2}x (goal <= 1.3x)",
+        sync.as_secs_f64(),
+        raw.as_secs_f64(),
+        sync.as_secs_f64() / raw.as_secs_f64()
+    );
+    mesh.wait_all_ready(Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rss_full = mesh.agent_rss_bytes("c1", "n1")?;
+    let parts_full = mesh.agent_rss_parts("c1", "n1")?;
+    let mib = |b: u64| b as f64 / 1048576.0;
+    println!(
+        "agent memory: {:.1} MiB with an empty view (fresh agent), {:.1} MiB with {records} \
+         remote endpoints: {:.0} bytes per remote endpoint (goal <= 250); anonymous {:.1} -> \
+         {:.1} MiB ({:.0} bytes per endpoint), file-backed {:.1} -> {:.1} MiB, shared {:.1} -> \
+         {:.1} MiB",
+        mib(rss_empty),
+        mib(rss_full),
+        (rss_full as f64 - rss_empty as f64) / records as f64,
+        mib(parts_empty.0),
+        mib(parts_full.0),
+        (parts_full.0 as f64 - parts_empty.0 as f64) / records as f64,
+        mib(parts_empty.1),
+        mib(parts_full.1),
+        mib(parts_empty.2),
+        mib(parts_full.2),
+    );
+    Ok(())
+}
+
 async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow::Result<()> {
     let c2 = admin_store(mesh, "c2").await?;
     let identity = mesh
@@ -371,47 +418,50 @@ async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow
     mesh.wait_all_ready(Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(2));
     let rss_empty = mesh.agent_rss_bytes("c1", "n1")?;
-    let (_, empty99) = propagation(mesh, &c2, "empty view", n, rounds, 100, identity, host).await?;
+    let parts_empty = mesh.agent_rss_parts("c1", "n1")?;
+    // `--memory-only 1`: the initial sync and the memory after it, nothing else (for measuring
+    // memory changes without the latency rounds and the churn).
+    let memory_only = arg("--memory-only", 0) != 0;
+    if memory_only {
+        memory(mesh, &c2, records, identity, host, rss_empty, parts_empty).await?;
+        return Ok(());
+    }
+    // `--churn-only 1`: no propagation rounds (the memory and the churn only).
+    let churn_only = arg("--churn-only", 0) != 0;
+    let empty99 = if churn_only {
+        0.0
+    } else {
+        propagation(mesh, &c2, "empty view", n, rounds, 100, identity, host)
+            .await?
+            .1
+    };
 
-    // R remote entries: the initial sync against its raw baseline.
-    load(&c2, records, identity, host).await?;
-    let raw = raw_sync(&c2, records).await?;
-    let sync = agent_sync(mesh, records)?;
-    println!(
-        "initial sync ({records} remote records): agent start -> all in maps {:.2} s; raw range \
-         read + decode + map writes {:.2} s; ratio {:.2}x (goal <= 1.3x)",
-        sync.as_secs_f64(),
-        raw.as_secs_f64(),
-        sync.as_secs_f64() / raw.as_secs_f64()
-    );
-    mesh.wait_all_ready(Duration::from_secs(60))?;
-    std::thread::sleep(Duration::from_secs(2));
-    let rss_full = mesh.agent_rss_bytes("c1", "n1")?;
-    println!(
-        "agent memory: {:.1} MiB with an empty view (fresh agent), {:.1} MiB with {records} \
-         remote endpoints: {:.0} bytes per remote endpoint (goal <= 250)",
-        rss_empty as f64 / 1048576.0,
-        rss_full as f64 / 1048576.0,
-        (rss_full as f64 - rss_empty as f64) / records as f64
-    );
+    memory(mesh, &c2, records, identity, host, rss_empty, parts_empty).await?;
 
     // Propagation with R entries present.
-    let (_, full99) = propagation(
-        mesh,
-        &c2,
-        &format!("{records} remote entries present"),
-        n,
-        rounds,
-        100 + rounds as u8,
-        identity,
-        host,
-    )
-    .await?;
-    println!(
+    let full99 = if churn_only {
+        0.0
+    } else {
+        propagation(
+            mesh,
+            &c2,
+            &format!("{records} remote entries present"),
+            n,
+            rounds,
+            100 + rounds as u8,
+            identity,
+            host,
+        )
+        .await?
+        .1
+    };
+    if !churn_only {
+        println!(
         "propagation p99 with {records} entries / with an empty view: {:.2}x (goal <= 1.5x, and \
          p99 <= 5 ms)",
         full99 / empty99.max(1e-9)
     );
+    }
     churn(
         mesh,
         &c2,

@@ -845,6 +845,22 @@ impl Mesh {
         rss_bytes(pid.context("no mirror running")?)
     }
 
+    /// A node's agent's resident memory by kind, from `/proc/PID/status`: (anonymous (the
+    /// heap, stacks), file-backed (the binary's pages touched so far), shared memory), bytes.
+    pub fn agent_rss_parts(&self, cluster: &str, node: &str) -> anyhow::Result<(u64, u64, u64)> {
+        let pid = self.agent_pid(cluster, node).context("no agent running")?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> anyhow::Result<u64> {
+            let kb: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| name.to_owned())?;
+            Ok(kb * 1024)
+        };
+        Ok((field("RssAnon:")?, field("RssFile:")?, field("RssShmem:")?))
+    }
+
     pub fn agent_pid(&self, cluster: &str, node: &str) -> Option<u32> {
         self.node(cluster, node)
             .ok()?

@@ -118,7 +118,11 @@ impl Writes {
 
 impl Reconciler {
     pub fn open(pin_dir: PathBuf) -> Result<Self, ReconcileError> {
-        let maps = DatapathMaps::open(&pin_dir)?;
+        let mut maps = DatapathMaps::open(&pin_dir)?;
+        // The start-up settings are written before the reconciler opens the maps, and nothing
+        // writes CONFIG after that but this map owner: its forward revision bump per round
+        // need not read CONFIG back first.
+        maps.own_config();
         Ok(Self {
             pin_dir,
             maps,

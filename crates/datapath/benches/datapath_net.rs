@@ -22,15 +22,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, TcpListener, TcpStream},
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::Context;
 use common::bench::{
-    arg, iperf3_gbps, load_average, median, plain_endpoint, plain_endpoint_mtu, spread,
+    arg, iperf3_gbps, load_average, median, plain_endpoint, plain_endpoint_mtu, spread, tcp_args,
+    tcp_rr, two_routing_nodes, NODE_IPS,
 };
 use common::topology::Topology;
 use meshd_datapath::netns::run_in;
@@ -49,19 +46,12 @@ impl Baseline {
     /// `native`: the kernel's routed path instead (no VXLAN): endpoint MTU 1500 and each
     /// node's route to the other's endpoint subnet via the other node's underlay address.
     fn new(prefix: &str, native: bool) -> anyhow::Result<Baseline> {
-        let mut underlay = Underlay::new(prefix, 1500)?;
-        let node_ips = [
-            Ipv4Addr::new(192, 168, 61, 1),
-            Ipv4Addr::new(192, 168, 61, 2),
-        ];
+        let underlay = two_routing_nodes(prefix)?;
+        let node_ips = NODE_IPS;
         let mut endpoints = Vec::new();
-        for (i, ip) in node_ips.iter().enumerate() {
-            underlay.add_node(&format!("{prefix}-n{i}"), *ip)?;
-        }
         for i in 0..2usize {
             let node = underlay.node(i);
             let other = 1 - i;
-            node.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             if native {
                 node.ip(&[
                     "route",
@@ -293,41 +283,6 @@ fn iperf(pair: &Pair<'_>, port: u16, streams: u32, seconds: u32) -> anyhow::Resu
     iperf3_gbps(pair.client, pair.server_ip, port, streams, seconds)
 }
 
-/// Mean round trip (µs) of `transactions` 1-byte request/responses on one TCP connection.
-fn tcp_rr(pair: &Pair<'_>, port: u16, transactions: u32) -> anyhow::Result<f64> {
-    let ip = pair.server_ip;
-    let listener = run_in(&pair.server.path(), || -> anyhow::Result<TcpListener> {
-        Ok(TcpListener::bind((ip, port))?)
-    })?;
-    let server = std::thread::spawn(move || -> anyhow::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut b = [0u8; 1];
-        while s.read(&mut b)? == 1 {
-            s.write_all(&b)?;
-        }
-        Ok(())
-    });
-    let mut c = run_in(&pair.client.path(), || -> anyhow::Result<TcpStream> {
-        Ok(TcpStream::connect((ip, port))?)
-    })?;
-    c.set_nodelay(true)?;
-    let mut b = [1u8; 1];
-    for _ in 0..100 {
-        c.write_all(&b)?;
-        c.read_exact(&mut b)?;
-    }
-    let start = Instant::now();
-    for _ in 0..transactions {
-        c.write_all(&b)?;
-        c.read_exact(&mut b)?;
-    }
-    let elapsed = start.elapsed();
-    drop(c);
-    server.join().expect("rr server")?;
-    Ok(elapsed.as_secs_f64() * 1e6 / f64::from(transactions))
-}
-
 /// (runs, total run time in ns) of a loaded program, from the kernel's statistics (bpftool:
 /// aya 0.14's `ProgramInfo` does not expose them).
 fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
@@ -398,13 +353,10 @@ fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32, native: bool) -> any
 }
 
 fn main() -> anyhow::Result<()> {
-    if !common::can_run() || !meshd_testing::require("iperf3", meshd_testing::have_binary("iperf3"))
-    {
+    let Some(args) = tcp_args() else {
         return Ok(());
-    }
-    let runs = arg("--runs", 9);
-    let seconds = arg("--seconds", 4);
-    let rr_transactions = arg("--rr", 20_000);
+    };
+    let (runs, seconds, rr_transactions) = (args.runs, args.seconds, args.rr_transactions);
     let profile_pass = arg("--profile", 0) != 0;
     // `--native 1`: native routing against the kernel's routed path (no VXLAN either side).
     let native = arg("--native", 0) != 0;
@@ -519,7 +471,13 @@ fn main() -> anyhow::Result<()> {
     let mut results = [Vec::new(), Vec::new()];
     for run in 0..runs {
         for (i, (_, pair)) in pairs.iter().enumerate() {
-            results[i].push(tcp_rr(pair, 6000 + run as u16, rr_transactions)?);
+            results[i].push(tcp_rr(
+                pair.client,
+                pair.server,
+                pair.server_ip,
+                6000 + run as u16,
+                rr_transactions,
+            )?);
         }
     }
     let spreads = [spread(&results[0]), spread(&results[1])];

@@ -215,6 +215,9 @@ pub struct DatapathMaps {
     /// a forward revision bump at [`DatapathMaps::flush_forward_revision`].
     forward_deferred: bool,
     forward_pending: bool,
+    /// Set by [`DatapathMaps::own_config`]: CONFIG's value as this instance last wrote or read
+    /// it, used instead of reading it back before each read-modify-write.
+    owned_config: Option<Option<abi::DatapathConfig>>,
 }
 
 impl std::fmt::Debug for DatapathMaps {
@@ -295,12 +298,16 @@ impl DatapathMaps {
             no_masq: typed(pin_dir, names::NO_MASQ)?,
             forward_deferred: false,
             forward_pending: false,
+            owned_config: None,
         })
     }
 
     /// CONFIG's one value, for a read-modify-write: the agent's single map owner is its only
     /// writer, so the two calls do not race.
     pub(crate) fn config_value(&self) -> Result<abi::DatapathConfig> {
+        if let Some(Some(value)) = self.owned_config {
+            return Ok(value);
+        }
         self.config
             .get(&0, 0)
             .map_err(op_err("get", names::CONFIG, 0))
@@ -309,17 +316,27 @@ impl DatapathMaps {
     pub(crate) fn write_config(&mut self, value: abi::DatapathConfig) -> Result<()> {
         self.config
             .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))
+            .map_err(op_err("set", names::CONFIG, 0))?;
+        if let Some(owned) = &mut self.owned_config {
+            *owned = Some(value);
+        }
+        Ok(())
+    }
+
+    /// Declares this instance CONFIG's only writer from now on (the agent's map owner, once
+    /// the start-up settings are written): its read-modify-writes (the forward revision bump
+    /// after each round of ipcache writes) then use the value it last wrote or read instead of
+    /// reading CONFIG back first, one syscall less per round. Nothing else may write CONFIG
+    /// afterwards, or its change would be overwritten.
+    pub fn own_config(&mut self) {
+        self.owned_config = Some(None);
     }
 
     /// Writes the node-wide settings (keeping the policy revision and the egress settings of
     /// [`DatapathMaps::set_egress`], bumping the forward revision: cached forwarding answers
     /// may depend on the node IP).
     pub fn set_config(&mut self, config: NodeConfig) -> Result<()> {
-        let current = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
+        let current = self.config_value()?;
         let value = abi::DatapathConfig {
             vxlan_ifindex: config.vxlan_ifindex,
             node_ip: abi::ip_to_be(config.node_ip),
@@ -330,23 +347,16 @@ impl DatapathMaps {
             nat_port_min: current.nat_port_min,
             nat_port_max: current.nat_port_max,
         };
-        self.config
-            .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))
+        self.write_config(value)
     }
 
     /// Makes the programs re-check established connections against POLICY. Every policy
     /// operation of this type calls it after writing; the agent's single map owner is the only
     /// writer, so the read-modify-write does not race.
     pub fn bump_policy_revision(&mut self) -> Result<u32> {
-        let mut value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
+        let mut value = self.config_value()?;
         value.policy_revision = value.policy_revision.wrapping_add(1);
-        self.config
-            .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))?;
+        self.write_config(value)?;
         Ok(value.policy_revision)
     }
 
@@ -354,14 +364,9 @@ impl DatapathMaps {
     /// `lib/fwd_cache.h`). Every ENDPOINTS and IPCACHE operation of this type calls it after
     /// writing, or once at [`DatapathMaps::flush_forward_revision`] inside a deferred batch.
     pub fn bump_forward_revision(&mut self) -> Result<u32> {
-        let mut value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
+        let mut value = self.config_value()?;
         value.forward_revision = value.forward_revision.wrapping_add(1);
-        self.config
-            .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))?;
+        self.write_config(value)?;
         Ok(value.forward_revision)
     }
 

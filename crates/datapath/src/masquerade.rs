@@ -51,10 +51,7 @@ impl DatapathMaps {
                 detail: format!("{:?}", egress.nat_ports),
             });
         }
-        let mut value = self
-            .config
-            .get(&0, 0)
-            .map_err(op_err("get", names::CONFIG, 0))?;
+        let mut value = self.config_value()?;
         value.flags = (value.flags & !(abi::CONFIG_F_WORLD | abi::CONFIG_F_MASQUERADE))
             | abi::CONFIG_F_WORLD
             | if egress.masquerade {
@@ -65,9 +62,7 @@ impl DatapathMaps {
         value.nat_port_min = *egress.nat_ports.start();
         value.nat_port_max = *egress.nat_ports.end();
         value.forward_revision = value.forward_revision.wrapping_add(1);
-        self.config
-            .set(0, value, 0)
-            .map_err(op_err("set", names::CONFIG, 0))
+        self.write_config(value)
     }
 
     /// Native routing on or off (CONFIG flag `MESHD_CONFIG_F_NATIVE`): traffic to remote

@@ -166,3 +166,47 @@ fn links_survive_the_loader_detach_on_request_and_stale_pins_are_cleaned() {
     assert!(datapath.replaced_at_load().is_empty());
     assert!(pinned_links(dir.path()).unwrap().is_empty());
 }
+
+/// The agent's map owner declares itself CONFIG's only writer and then bumps the forward
+/// revision from the value it last wrote, without reading CONFIG back: what another reader
+/// sees is every bump, with the settings written before it (by another instance) kept.
+#[test]
+fn the_config_owner_bumps_without_reading_back_and_keeps_the_settings() {
+    if !can_run() {
+        return;
+    }
+    let dir = scratch();
+    let _datapath = Datapath::load(dir.path()).unwrap();
+    let mut setup = DatapathMaps::open(dir.path()).unwrap();
+    setup
+        .set_config(meshd_datapath::NodeConfig {
+            vxlan_ifindex: 7,
+            node_ip: Ipv4Addr::new(192, 168, 1, 2),
+            cluster_id: 3,
+        })
+        .unwrap();
+    setup.set_native_routing(true).unwrap();
+    let mut owner = DatapathMaps::open(dir.path()).unwrap();
+    owner.own_config();
+    let start = owner.forward_revision().unwrap();
+    let policy = owner.policy_revision().unwrap();
+    for i in 0..3u8 {
+        owner.defer_forward_revision();
+        owner
+            .upsert_ipcache(
+                format!("10.9.0.{i}/32").parse().unwrap(),
+                IpcacheTarget {
+                    identity: NumericIdentity::new((3 << 16) | 300).unwrap(),
+                    tunnel_endpoint: Some(IpAddr::from(Ipv4Addr::new(192, 168, 1, 9))),
+                    local: false,
+                },
+            )
+            .unwrap();
+        owner.flush_forward_revision().unwrap();
+    }
+    owner.bump_policy_revision().unwrap();
+    let reader = DatapathMaps::open(dir.path()).unwrap();
+    assert_eq!(reader.forward_revision().unwrap(), start.wrapping_add(3));
+    assert_eq!(reader.policy_revision().unwrap(), policy.wrapping_add(1));
+    assert!(reader.native_routing().unwrap());
+}

@@ -206,50 +206,50 @@ impl Backend for EtcdStore {
                 client.watch(prefix.as_bytes().to_vec(), Some(opts)),
             )
             .await?;
-        let me = self.clone();
-        let prefix = prefix.to_owned();
-        let s = futures::stream::unfold(Some(stream), move |state| {
-            let me = me.clone();
-            let prefix = prefix.clone();
-            async move {
-                let mut stream = state?;
-                match stream.message().await {
-                    Ok(Some(resp)) => {
-                        if resp.canceled() {
-                            if resp.compact_revision() > 0 {
-                                let msg = WatchMessage::Compacted {
-                                    compact_revision: resp.compact_revision(),
-                                };
-                                return Some((Ok(msg), None));
-                            }
-                            let err = KvError::Unavailable {
-                                endpoints: me.describe(),
-                                op: "watch",
-                                key: prefix,
-                                reason: format!("watch canceled: {}", resp.cancel_reason()),
+        // The store and prefix travel in the state (needed only for an error): no clone of
+        // the store's gRPC clients per message.
+        let state = (stream, self.clone(), prefix.to_owned());
+        let s = futures::stream::unfold(Some(state), |state| async move {
+            let (mut stream, me, prefix) = state?;
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp.canceled() {
+                        if resp.compact_revision() > 0 {
+                            let msg = WatchMessage::Compacted {
+                                compact_revision: resp.compact_revision(),
                             };
-                            return Some((Err(err), None));
+                            return Some((Ok(msg), None));
                         }
-                        let header = header(resp.header());
-                        let events = resp
-                            .events()
-                            .iter()
-                            .filter_map(|e| {
-                                let kind = match e.event_type() {
-                                    EventType::Put => EventKind::Put,
-                                    EventType::Delete => EventKind::Delete,
-                                };
-                                e.kv().map(|k| RawEvent {
-                                    kind,
-                                    kv: kv(k.clone()),
-                                })
-                            })
-                            .collect();
-                        Some((Ok(WatchMessage::Events { header, events }), Some(stream)))
+                        let err = KvError::Unavailable {
+                            endpoints: me.describe(),
+                            op: "watch",
+                            key: prefix,
+                            reason: format!("watch canceled: {}", resp.cancel_reason()),
+                        };
+                        return Some((Err(err), None));
                     }
-                    Ok(None) => None,
-                    Err(e) => Some((Err(me.etcd_err("watch", &prefix, e)), None)),
+                    let header = header(resp.header());
+                    let events = resp
+                        .events()
+                        .iter()
+                        .filter_map(|e| {
+                            let kind = match e.event_type() {
+                                EventType::Put => EventKind::Put,
+                                EventType::Delete => EventKind::Delete,
+                            };
+                            e.kv().map(|k| RawEvent {
+                                kind,
+                                kv: kv(k.clone()),
+                            })
+                        })
+                        .collect();
+                    Some((
+                        Ok(WatchMessage::Events { header, events }),
+                        Some((stream, me, prefix)),
+                    ))
                 }
+                Ok(None) => None,
+                Err(e) => Some((Err(me.etcd_err("watch", &prefix, e)), None)),
             }
         });
         Ok(Box::pin(s))

@@ -75,6 +75,8 @@ impl CheckReport {
 
 /// How long the check waits for the lab's Prometheus to have scraped every target.
 const PROMETHEUS_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Exporters send every few seconds; the lab's own changes made the traces long before.
+const OTLP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A service as `meshd get services -o json` lists it.
 #[derive(Debug, Clone)]
@@ -491,6 +493,10 @@ pub fn run_check(
             &crate::prometheus::targets(state),
             PROMETHEUS_WAIT,
         ));
+    }
+    // Every agent's propagation traces reached the lab's collector.
+    if let Some(collector) = &state.otlp {
+        results.extend(crate::otlp::check(&collector.api, state, OTLP_WAIT));
     }
     for p in pending {
         let Pending {

@@ -14,6 +14,7 @@
 
 pub mod capture;
 pub mod check;
+pub mod otlp;
 pub mod proc;
 pub mod prometheus;
 pub mod spec;

@@ -37,6 +37,13 @@ pub struct LabState {
     /// Why the lab runs no Prometheus (no `prometheus` binary installed, say).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus_absent: Option<String>,
+    /// The lab's trace collector, receiving every agent's and apiserver's spans; `None` when
+    /// it runs none (`otlp_absent` says why; labs before this field: none).
+    #[serde(default)]
+    pub otlp: Option<LabOtlp>,
+    /// Why the lab runs no trace collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_absent: Option<String>,
     /// Every cluster runs a mirror (`--kvstoremesh`) and its agents read remote clusters from
     /// it (labs before this field: no).
     #[serde(default)]
@@ -58,6 +65,22 @@ pub struct LabPrometheus {
     /// Its process (0 in the docker lab, where `container` names it).
     pub pid: u32,
     pub config: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// The lab's trace collector (`meshd-otlp-collector`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabOtlp {
+    /// Where exporters send spans (OTLP/gRPC), `http://IP:PORT`.
+    pub endpoint: String,
+    /// Base URL of its HTTP API (`/api/spans`), reachable from the host.
+    pub api: String,
+    /// Its process (0 in the docker lab, where `container` names it).
+    pub pid: u32,
+    /// The spans as JSON lines (the docker lab: `docker logs` of the container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spans: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
 }

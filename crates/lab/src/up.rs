@@ -16,13 +16,14 @@ use meshd_topology::etcd::{EtcdMember, EtcdServerTls};
 use meshd_topology::underlay::host_address;
 use meshd_topology::{FarHostSpec, HostSpec, OutsideSpec, RootLinkSpec, Topology, UnderlaySpec};
 
+use crate::otlp;
 use crate::proc::{self, run, spawn_daemon, wait_for};
 use crate::prometheus;
 use crate::spec::{
     ClusterSpec, LabSpec, NodeSpec, AGENT_METRICS_PORT, APISERVER_METRICS_PORT, ECHO_PORT,
 };
 use crate::state::{
-    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabExternal, LabNode, LabProcess,
+    LabCluster, LabEndpoint, LabEtcd, LabEtcdMember, LabExternal, LabNode, LabOtlp, LabProcess,
     LabPrometheus, LabState, TlsPaths,
 };
 
@@ -60,6 +61,10 @@ impl UpOptions {
 
     fn apiserver(&self) -> PathBuf {
         self.bin_dir.join("clustermesh-apiserver")
+    }
+
+    fn otlp_collector(&self) -> PathBuf {
+        self.bin_dir.join(otlp::COLLECTOR_PROGRAM)
     }
 }
 
@@ -181,6 +186,7 @@ fn build_on(
     external?;
     start_external_echo(opts, state)?;
 
+    start_otlp_collector(opts, state, progress)?;
     for cluster in &spec.clusters {
         start_control_plane(opts, state, topology, cluster, progress)?;
     }
@@ -464,6 +470,16 @@ fn marker(opts: &UpOptions) -> Vec<(&'static str, String)> {
     vec![(LAB_MARKER, opts.run_dir.display().to_string())]
 }
 
+/// The environment of an agent or apiserver: the lab's marker and, while the lab runs a trace
+/// collector, the exporter's endpoint and the daemon's `host.name`.
+fn daemon_env(opts: &UpOptions, state: &LabState, host: &str) -> Vec<(&'static str, String)> {
+    let mut env = marker(opts);
+    if let Some(collector) = &state.otlp {
+        env.extend(otlp::exporter_env(&collector.endpoint, host));
+    }
+    env
+}
+
 fn start_control_plane(
     opts: &UpOptions,
     state: &mut LabState,
@@ -576,7 +592,7 @@ fn start_control_plane(
         Some(&cp),
         &opts.apiserver(),
         &api_args,
-        &marker(opts),
+        &daemon_env(opts, state, &format!("{}-apiserver", cluster.name)),
         &api_log,
     )?;
     record(state, pid, "apiserver", &cluster.name, "", &api_log);
@@ -832,7 +848,7 @@ fn start_node(
             "--config".into(),
             config_path.display().to_string(),
         ],
-        &marker(opts),
+        &daemon_env(opts, state, &otlp::node_host(&cluster.name, &node.name)),
         &log,
     )?;
     record(state, pid, "agent", &cluster.name, &node.name, &log);
@@ -865,6 +881,63 @@ fn start_node(
             node.name,
             proc::log_tail(&log, 30)
         );
+    }
+    Ok(())
+}
+
+/// The lab's trace collector in the host namespace (which every agent and apiserver reaches), on
+/// the host's underlay address; when its binary is not next to `meshd` the state says so and
+/// the daemons export nothing.
+fn start_otlp_collector(
+    opts: &UpOptions,
+    state: &mut LabState,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
+    let program = opts.otlp_collector();
+    if !program.exists() {
+        let why = format!(
+            "no {} (cargo build -p meshd-otlp-collector)",
+            program.display()
+        );
+        progress(&format!("otlp collector: not started: {why}"));
+        state.otlp_absent = Some(why);
+        return state.save();
+    }
+    let dir = opts.run_dir.join("otlp");
+    std::fs::create_dir_all(&dir)?;
+    let grpc = SocketAddr::from((opts.spec.host_ip, otlp::OTLP_PORT));
+    let api = SocketAddr::from((opts.spec.host_ip, otlp::OTLP_API_PORT));
+    let spans = dir.join("spans.jsonl");
+    progress(&format!(
+        "otlp collector on {grpc}: every agent's and apiserver's traces (http://{api}/api/spans)"
+    ));
+    let log = dir.join("collector.log");
+    let args: Vec<String> = vec![
+        "--listen".into(),
+        grpc.to_string(),
+        "--api-addr".into(),
+        api.to_string(),
+        "--output".into(),
+        spans.display().to_string(),
+    ];
+    let pid = spawn_daemon(None, &program, &args, &marker(opts), &log)?;
+    record(state, pid, "otlp-collector", "", "", &log);
+    state.otlp = Some(LabOtlp {
+        endpoint: format!("http://{grpc}"),
+        api: format!("http://{api}"),
+        pid,
+        spans: Some(spans),
+        container: None,
+    });
+    state.otlp_absent = None;
+    state.save()?;
+    wait_for(
+        &format!("otlp collector on {grpc}"),
+        Duration::from_secs(30),
+        || (proc::tcp_open(grpc) && proc::tcp_open(api)) || !proc::is_alive(pid),
+    )?;
+    if !proc::is_alive(pid) {
+        bail!("otlp collector exited; log:\n{}", proc::log_tail(&log, 30));
     }
     Ok(())
 }

@@ -9,7 +9,11 @@ fn prerequisites() -> bool {
     meshd_testing::require_root()
         && meshd_testing::require_etcd()
         && meshd_testing::require_bpffs()
-        && meshd_testing::require_workspace_bins(&["meshd", "clustermesh-apiserver"])
+        && meshd_testing::require_workspace_bins(&[
+            "meshd",
+            "clustermesh-apiserver",
+            "meshd-otlp-collector",
+        ])
 }
 
 fn meshd(args: &[&str]) -> std::process::Output {
@@ -119,6 +123,15 @@ fn lab_up_check_status_down_twice() {
                 "round {round}: {stdout}"
             );
         }
+        // Every agent's propagation traces reached the lab's trace collector.
+        assert_eq!(
+            stdout
+                .lines()
+                .filter(|l| l.starts_with("otlp traces ") && l.contains(" ok "))
+                .count(),
+            4,
+            "round {round}: {stdout}"
+        );
         // The external host answered every client (and saw the address the mode implies).
         assert_eq!(
             stdout
@@ -190,6 +203,29 @@ fn lab_up_check_status_down_twice() {
         for url in urls {
             let body = http_get(&url);
             assert!(body.contains("# HELP meshd_"), "{url}: {body}");
+        }
+    }
+    // The lab's trace collector, asked from the host: each node's propagation traces, one a
+    // change from the other cluster, marked with the node and its cluster.
+    let api = doc["otlp"]["api"].as_str().expect("otlp api URL");
+    assert!(
+        doc["otlp"]["endpoint"].as_str().unwrap().ends_with(":4317"),
+        "{doc}"
+    );
+    for (cluster, peer) in [("c1", "c2"), ("c2", "c1")] {
+        for node in ["n1", "n2"] {
+            let body = http_get(&format!(
+                "{api}/api/spans?host={cluster}-{node}&name=meshd.propagation"
+            ));
+            let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let spans: Vec<serde_json::Value> =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {body}"));
+            assert!(
+                spans
+                    .iter()
+                    .any(|s| s["service"] == "meshd" && s["attributes"]["meshd.cluster"] == peer),
+                "{cluster}-{node}: no propagation trace of a {peer} change: {body}"
+            );
         }
     }
     // The lab's Prometheus, asked from the host: every agent and apiserver up.

@@ -9,6 +9,8 @@
 pub mod metrics;
 pub mod propagation;
 
+pub use metrics::Reply;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 

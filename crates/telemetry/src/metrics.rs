@@ -50,10 +50,37 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
-fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
+/// One HTTP answer of a [`serve_paths`] handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn ok(content_type: &'static str, body: String) -> Self {
+        Self {
+            status: 200,
+            content_type,
+            body,
+        }
+    }
+
+    pub fn not_found() -> Self {
+        Self {
+            status: 404,
+            content_type: "text/plain",
+            body: "not found\n".into(),
+        }
+    }
+}
+
+fn respond(reply: Reply) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(reply.body)));
+    *r.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(v) = reply.content_type.parse() {
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
@@ -66,21 +93,37 @@ where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = String> + Send + 'static,
 {
+    serve_paths(listener, move |path, _query| {
+        let render = render.clone();
+        async move {
+            match path.as_str() {
+                "/metrics" => Reply::ok(CONTENT_TYPE, render().await),
+                _ => Reply::not_found(),
+            }
+        }
+    })
+    .await
+}
+
+/// Serves plain HTTP/1.1 GETs until the task is dropped: `handle` gets each request's path and
+/// query string (without the `?`) and answers it. For small read-only endpoints beside
+/// `/metrics` (the lab's trace collector's queries).
+pub async fn serve_paths<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(String, Option<String>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;
         };
-        let render = render.clone();
+        let handle = handle.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let render = render.clone();
-                async move {
-                    Ok::<_, Infallible>(if req.uri().path() == "/metrics" {
-                        respond(StatusCode::OK, CONTENT_TYPE, render().await)
-                    } else {
-                        respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
-                    })
-                }
+                let handle = handle.clone();
+                let path = req.uri().path().to_owned();
+                let query = req.uri().query().map(str::to_owned);
+                async move { Ok::<_, Infallible>(respond(handle(path, query).await)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)

@@ -323,6 +323,16 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
         match service.as_str() {
             "external" => external = Some(container),
             "router" => router = Some(container),
+            "otlp-collector" => {
+                let ip = env(container, "IP")?;
+                state.otlp = Some(meshd_lab::state::LabOtlp {
+                    endpoint: format!("http://{ip}:{}", meshd_lab::otlp::OTLP_PORT),
+                    api: format!("http://{ip}:{}", meshd_lab::otlp::OTLP_API_PORT),
+                    pid: 0,
+                    spans: None,
+                    container: Some(container.to_owned()),
+                });
+            }
             "prometheus" => {
                 let (ip, port) = (env(container, "IP")?, env(container, "PORT")?);
                 state.prometheus = Some(meshd_lab::state::LabPrometheus {
@@ -418,6 +428,11 @@ fn docker_lab(project: &str) -> anyhow::Result<(LabState, Clis)> {
     for c in &mut state.clusters {
         c.nodes.sort_by(|a, b| a.name.cmp(&b.name));
         c.apiserver_metrics = apiserver_metrics.remove(&c.name);
+    }
+    if state.otlp.is_none() {
+        state.otlp_absent = Some(format!(
+            "no otlp-collector container in compose project {project} (docker-compose.yml runs one)"
+        ));
     }
     if state.prometheus.is_none() {
         state.prometheus_absent = Some(format!(
@@ -728,6 +743,13 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "routing": state.routing,
         "prometheus": state.prometheus.as_ref().map(|p| &p.url),
         "prometheus_absent": state.prometheus_absent,
+        "otlp": state.otlp.as_ref().map(|o| serde_json::json!({
+            "endpoint": o.endpoint,
+            "api": o.api,
+            "spans": o.spans,
+            "container": o.container,
+        })),
+        "otlp_absent": state.otlp_absent,
         "kvstoremesh": state.kvstoremesh,
         "service_lb_mode": state.service_lb_mode,
         "external": state.external.as_ref().map(|e| serde_json::json!({
@@ -780,6 +802,14 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 }
                 (None, Some(why)) => println!("prometheus: none ({why})"),
                 (None, None) => println!("prometheus: none"),
+            }
+            match (&state.otlp, &state.otlp_absent) {
+                (Some(o), _) => println!(
+                    "otlp collector {} (every agent's and apiserver's traces; {}/api/spans)",
+                    o.endpoint, o.api
+                ),
+                (None, Some(why)) => println!("otlp collector: none ({why})"),
+                (None, None) => println!("otlp collector: none"),
             }
             if state.kvstoremesh {
                 println!("remote clusters read through each cluster's cache (kvstoremesh)");

@@ -19,6 +19,47 @@ pub fn arg(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// The arguments of the endpoint-to-endpoint TCP benches: `--runs N` (default 9), `--seconds S`
+/// (4, per iperf3 run), `--rr N` (20000 TCP_RR transactions per run).
+pub struct TcpArgs {
+    pub runs: u32,
+    pub seconds: u32,
+    pub rr_transactions: u32,
+}
+
+/// [`TcpArgs`] from the command line, or `None` (after saying why) where such a bench cannot
+/// run: not root, no bpffs, no iperf3.
+pub fn tcp_args() -> Option<TcpArgs> {
+    if !super::can_run() || !meshd_testing::require("iperf3", meshd_testing::have_binary("iperf3"))
+    {
+        return None;
+    }
+    Some(TcpArgs {
+        runs: arg("--runs", 9),
+        seconds: arg("--seconds", 4),
+        rr_transactions: arg("--rr", 20_000),
+    })
+}
+
+/// The two nodes' underlay addresses in the baselines wired the plain kernel way.
+pub const NODE_IPS: [std::net::Ipv4Addr; 2] = [
+    std::net::Ipv4Addr::new(192, 168, 61, 1),
+    std::net::Ipv4Addr::new(192, 168, 61, 2),
+];
+
+/// A bridge underlay (MTU 1500) with two node namespaces `{prefix}-n0` and `{prefix}-n1` at
+/// [`NODE_IPS`], IP forwarding on in both.
+pub fn two_routing_nodes(prefix: &str) -> anyhow::Result<meshd_testing::netns::Underlay> {
+    let mut underlay = meshd_testing::netns::Underlay::new(prefix, 1500)?;
+    for (i, ip) in NODE_IPS.iter().enumerate() {
+        underlay.add_node(&format!("{prefix}-n{i}"), *ip)?;
+        underlay
+            .node(i)
+            .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+    }
+    Ok(underlay)
+}
+
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -130,6 +171,49 @@ pub fn iperf3_gbps(
         .as_f64()
         .context("iperf3: no end.sum_received.bits_per_second")?;
     Ok(bps / 1e9)
+}
+
+/// Mean round trip (µs) of `transactions` 1-byte request/responses on one TCP connection
+/// from `client` to a one-connection echo server on `server_ip:port` in `server` (TCP_RR
+/// style, Nagle off both ends, after 100 warm-up transactions).
+pub fn tcp_rr(
+    client: &meshd_testing::netns::Netns,
+    server: &meshd_testing::netns::Netns,
+    server_ip: std::net::Ipv4Addr,
+    port: u16,
+    transactions: u32,
+) -> anyhow::Result<f64> {
+    let listener =
+        meshd_datapath::netns::run_in(&server.path(), || -> anyhow::Result<TcpListener> {
+            Ok(TcpListener::bind((server_ip, port))?)
+        })?;
+    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 1];
+        while s.read(&mut b)? == 1 {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = meshd_datapath::netns::run_in(&client.path(), || -> anyhow::Result<TcpStream> {
+        Ok(TcpStream::connect((server_ip, port))?)
+    })?;
+    c.set_nodelay(true)?;
+    let mut b = [1u8; 1];
+    for _ in 0..100 {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let start = Instant::now();
+    for _ in 0..transactions {
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+    }
+    let elapsed = start.elapsed();
+    drop(c);
+    echo.join().expect("rr server")?;
+    Ok(elapsed.as_secs_f64() * 1e6 / f64::from(transactions))
 }
 
 /// A server in `netns` answering each connection's byte, then waiting for the
