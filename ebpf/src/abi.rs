@@ -24,7 +24,7 @@ pub const SERVICE_LOOPBACK_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
 // enum meshd_limits
 pub const IPCACHE_MAX: u32 = 512_000;
-pub const IPCACHE_HOSTS_MAX: u32 = 512_000;
+pub const IPCACHE_HOSTS_MAX: u32 = 1_048_576;
 pub const ENDPOINTS_MAX: u32 = 65_536;
 pub const NODES_MAX: u32 = 16_384;
 pub const POLICY_MAX: u32 = 262_144;

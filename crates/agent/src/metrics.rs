@@ -276,9 +276,10 @@ pub fn render(s: &Snapshot<'_>) -> String {
     );
     let d = s.datapath;
     use meshd_ebpf::abi;
-    // The ipcache spans two maps (/32 hash and LPM trie) of the same capacity each.
+    // The ipcache spans two maps, the /32 hash and the LPM trie of prefixes; nearly every entry
+    // is an endpoint's /32, so the hash map's capacity is the one that fills.
     for (map, n, max) in [
-        ("ipcache", d.ipcache_entries, abi::IPCACHE_MAX),
+        ("ipcache", d.ipcache_entries, abi::IPCACHE_HOSTS_MAX),
         ("endpoints", d.endpoint_entries, abi::ENDPOINTS_MAX),
         ("nodes", d.node_entries, abi::NODES_MAX),
         ("policy", d.policy_entries, abi::POLICY_MAX),

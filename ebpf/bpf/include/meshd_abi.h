@@ -25,7 +25,12 @@
 /* Map capacities. Changing one requires removing the pinned map (it is reused by name). */
 enum meshd_limits {
 	MESHD_IPCACHE_MAX = 512000,
-	MESHD_IPCACHE_HOSTS_MAX = 512000,
+	/* Above one remote cluster's default entry limit (600,000) with room for the rest of the
+	 * mesh: at 512,000, one cluster publishing up to its limit filled the map, every other
+	 * cluster's new /32 failed and the full diffs that retried them held up the whole node
+	 * (RELIABILITY.md, floods). Not preallocated: the buckets (16 B each) are all it costs
+	 * until filled. */
+	MESHD_IPCACHE_HOSTS_MAX = 1048576,
 	MESHD_ENDPOINTS_MAX = 65536,
 	MESHD_NODES_MAX = 16384,
 	MESHD_POLICY_MAX = 262144,
