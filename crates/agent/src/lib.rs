@@ -76,8 +76,8 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     // pipeline (etcd connection -> watch -> cluster watcher -> view -> reconciler), and with
     // a second worker the hand-offs between those tasks woke the other thread, parked it
     // again and moved the pipeline between cores: futex and scheduler work per event (under
-    // churn at 500k entries, 41 us of CPU per event with one worker, 52 with two, medians of
-    // three runs on a loaded machine). Bulk work (a list's pages, the view's
+    // churn at 500k entries: 54 us of CPU per event against 64 before on a quiet machine, 41
+    // against 58 at load 8-15, where two workers with the same code gave 52). Bulk work (a list's pages, the view's
     // big turns, the reconciler's full diffs and big batches, shelling out for endpoints)
     // runs under `block_in_place` (`meshd_kvstore::off_the_worker`), which hands the worker's
     // other tasks to another thread meanwhile, so an initial sync still uses both cores.
