@@ -145,13 +145,20 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32, String
     })?;
     maps.set_native_routing(native)?;
     maps.set_service_lb_mode(config.routing.service_lb_mode)?;
+    // The config refuses `program` in native routing; what was set in tunnel mode goes.
+    let tunnel_encap = if native {
+        meshd_datapath::TunnelEncap::Device
+    } else {
+        config.tunnel_encap
+    };
+    maps.set_tunnel_encap(tunnel_encap, config.tunnel_port)?;
     if !native {
         datapath.attach_overlay(VXLAN_IFNAME)?;
     }
     let uplink = start_egress(config, &mut datapath, &mut maps)?;
     tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu,
         routing_mode = %config.routing.mode, service_lb_mode = %config.routing.service_lb_mode,
-        "datapath loaded");
+        %tunnel_encap, "datapath loaded");
     Ok((datapath, underlay_mtu, uplink))
 }
 

@@ -8,7 +8,11 @@
 //! - TCP request/response latency (TCP_RR style): 1-byte ping-pong on one connection.
 //!
 //! `cargo bench -p meshd-datapath --bench datapath_net -- [--runs N] [--seconds S] [--rr N]
-//! [--profile 1]`
+//! [--profile 1] [--tunnel-encap device|program]`
+//!
+//! `--tunnel-encap program`: meshd's nodes write and take off VXLAN in the programs
+//! (lib/vxlan.h; from_netdev on the uplinks) instead of the device; the run ends with what the
+//! VXLAN devices still carried.
 //!
 //! `--offloads show` prints the offload settings of every interface of both topologies;
 //! `--offloads gro|bigtcp|gro,bigtcp` applies a tuning to both topologies alike before
@@ -30,7 +34,7 @@ use common::bench::{
     tcp_rr, two_routing_nodes, NODE_IPS,
 };
 use common::topology::Topology;
-use meshd_datapath::netns::run_in;
+use meshd_datapath::{netns::run_in, TunnelEncap};
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
 
 /// Two nodes with one endpoint each, wired without eBPF: endpoint veth with a /24 and the
@@ -299,9 +303,15 @@ fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
 
 /// One iperf3 run of each size with BPF run-time statistics on: what each program of the
 /// sending node (node 0) and the receiving node (node 1) costs per run and per byte.
-fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32, native: bool) -> anyhow::Result<()> {
+fn profile(
+    meshd: &Topology,
+    pair: &Pair<'_>,
+    seconds: u32,
+    native: bool,
+    encap: TunnelEncap,
+) -> anyhow::Result<()> {
     use meshd_ebpf::programs::{FROM_ENDPOINT, FROM_NETDEV, FROM_OVERLAY};
-    let (receive, receive_role, ack_role) = if native {
+    let (receive, receive_role, ack_role) = if native || encap == TunnelEncap::Program {
         (
             FROM_NETDEV,
             "receiver from_netdev (data)",
@@ -366,7 +376,20 @@ fn main() -> anyhow::Result<()> {
         ("tunnel", "kernel VXLAN + routes", 1450)
     };
 
-    let meshd = Topology::with_routing("bnm", &[1, 2], 1, native)?;
+    let encap: TunnelEncap = std::env::args()
+        .skip_while(|a| a != "--tunnel-encap")
+        .nth(1)
+        .map(|s| s.parse().map_err(anyhow::Error::msg))
+        .transpose()?
+        .unwrap_or_default();
+    anyhow::ensure!(
+        !native || encap == TunnelEncap::Device,
+        "--tunnel-encap program is tunnel mode"
+    );
+    let meshd = match encap {
+        TunnelEncap::Device => Topology::with_routing("bnm", &[1, 2], 1, native)?,
+        TunnelEncap::Program => Topology::with_encap("bnm", &[1, 2], 1, &[encap, encap])?,
+    };
     let baseline = Baseline::new("bnb", native)?;
     let pairs = [
         (
@@ -425,7 +448,7 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
 
     println!(
-        "{mode} routing: two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU {ep_mtu}, meshd against {baseline_name}, {runs} alternating runs each; load average {}",
+        "{mode} routing (VXLAN by the {encap}): two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU {ep_mtu}, meshd against {baseline_name}, {runs} alternating runs each; load average {}",
         load_average()
     );
     for streams in [1u32, 4] {
@@ -449,7 +472,7 @@ fn main() -> anyhow::Result<()> {
         println!("RESULT {name}-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=1.1x (issue {})", m / b, if native { 13 } else { 18 });
     }
     if profile_pass {
-        profile(&meshd, &pairs[0].1, seconds, native)?;
+        profile(&meshd, &pairs[0].1, seconds, native, encap)?;
     }
     // `--perf 1`: a system-wide perf profile (cpu-clock, call graphs) of one 4-stream run of
     // each path, in /tmp/meshd-perf-{meshd,baseline}.data, for `perf report --comm iperf3`.
@@ -498,6 +521,14 @@ fn main() -> anyhow::Result<()> {
         if native { 13 } else { 18 }
     );
 
+    if encap == TunnelEncap::Program {
+        for i in 0..meshd.nodes.len() {
+            println!(
+                "VXLAN device of meshd node {i} (what the programs left to it): {:?}",
+                meshd.vxlan_traffic(i)?
+            );
+        }
+    }
     for node in &meshd.nodes {
         for c in node.maps.counters()? {
             anyhow::ensure!(

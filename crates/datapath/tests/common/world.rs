@@ -46,10 +46,15 @@ pub struct World {
 /// thread inside a namespace wired as the module doc says. `None` where datapath tests cannot
 /// run (see [`can_run`]).
 pub fn world(nat_ports: RangeInclusive<u16>) -> Option<World> {
+    world_named("mq", nat_ports)
+}
+
+/// [`world`] in a namespace named after `name` (a test binary's own prefix).
+pub fn world_named(name: &str, nat_ports: RangeInclusive<u16>) -> Option<World> {
     if !can_run() {
         return None;
     }
-    let ns = Netns::new("mq").expect("netns");
+    let ns = Netns::new(name).expect("netns");
     for args in [
         &[
             "link",
