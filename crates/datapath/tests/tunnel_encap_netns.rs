@@ -91,6 +91,7 @@ fn program_encapsulation_carries_ping_tcp_and_udp_without_the_vxlan_devices() {
             "dev",
             meshd_testing::netns::UNDERLAY_IFNAME,
             "mtu",
+            "lock",
             "1300",
         ])
         .unwrap();

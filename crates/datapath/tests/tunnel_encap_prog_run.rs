@@ -167,8 +167,18 @@ fn the_device_keeps_what_the_program_leaves_to_it() {
         return;
     };
     // Over the underlay route's MTU once encapsulated: the device fragments the outer packet
-    // (its behaviour before), so the program leaves the packet as it is.
-    w.ip(&["route", "add", &format!("{PEER}/32"), "dev", "mq_up", "mtu", "600"]);
+    // (its behaviour before), so the program leaves the packet as it is. (bpf_fib_lookup
+    // honours a route's MTU when it is locked, or learned from the path, not a plain metric.)
+    w.ip(&[
+        "route",
+        "add",
+        &format!("{PEER}/32"),
+        "dev",
+        "mq_up",
+        "mtu",
+        "lock",
+        "600",
+    ]);
     let mut big = Packet::udp(A, 5001, REMOTE, 53);
     big.payload = vec![0x42; 600 - 20 - 8 - ENCAP_LEN + 1];
     let big = with_l4_checksum(big.bytes());

@@ -16,7 +16,9 @@
  *
  * Whatever the program cannot do as the device would goes to the device, which stays in place
  * (and keeps the VXLAN port's socket): a packet the FIB says does not fit the route's MTU once
- * encapsulated (the device fragments the outer packet, as before), no route or a lookup the FIB
+ * encapsulated (the device fragments the outer packet, as before; bpf_fib_lookup knows the
+ * device's MTU, a path MTU learned from ICMP and a locked route MTU, but not a route's plain
+ * `mtu` metric, which the device's output path honours), no route or a lookup the FIB
  * refuses, a GSO packet that is not TCP, and a packet bpf_skb_adjust_room refuses to grow
  * (already encapsulated, say). On receive, anything but a plain VXLAN packet for this node
  * (outer IP options or fragments, other VXLAN flags, an inner frame that is not IPv4) passes to
@@ -53,20 +55,31 @@ struct vxlan_outer {
 	__be32 vni;
 };
 
+/* Everything in-program encapsulation writes, in wire order, the outer IPv4 header 4-byte
+ * aligned for its checksum. */
+struct vxlan_headers {
+	__u8 pad[2];
+	__u8 eth[ETH_HLEN];
+	struct vxlan_outer outer;
+	__u8 inner_eth[ETH_HLEN];
+	__u8 pad2[2];
+};
+
 /*
  * Encapsulates the endpoint's frame (Ethernet + IPv4 at offset 0) towards remote_node (network
  * byte order) with VNI vni, from node_ip on UDP port (network byte order), and redirects it to
  * the underlay device the FIB names. Returns the TC action (> 0), VXLAN_VIA_DEVICE when the
  * device has to do it (the packet is untouched), or a drop reason once the packet was changed.
- * A global function: the verifier checks it once for every caller, in a frame of its own.
+ * A global function: the verifier checks it once for every caller, in a frame of its own,
+ * which has to fit beside from-endpoint's (512 bytes together): the FIB request and the
+ * headers share their bytes.
  */
 __attribute__((noinline)) int vxlan_encap(struct __sk_buff *skb, __u32 remote_node, __u32 vni, __u32 node_ip,
 					  __u32 port)
 {
-	struct ethhdr inner_eth;
-	struct iphdr inner_ip;
-	if (bpf_skb_load_bytes(skb, 0, &inner_eth, sizeof(inner_eth)) < 0 ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, &inner_ip, sizeof(inner_ip)) < 0)
+	/* The inner IPv4 header up to its protocol: IHL, TOS, protocol. */
+	__u8 l3[10];
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, l3, sizeof(l3)) < 0)
 		return VXLAN_VIA_DEVICE;
 	__u32 inner_len = skb->len - ETH_HLEN;
 	if (inner_len + VXLAN_ENCAP_LEN > 0xffff)
@@ -75,74 +88,81 @@ __attribute__((noinline)) int vxlan_encap(struct __sk_buff *skb, __u32 remote_no
 	 * as segments of gso_size behind its headers. */
 	__u32 wire_len = inner_len + VXLAN_ENCAP_LEN;
 	if (skb->gso_size) {
-		if (inner_ip.protocol != IPPROTO_TCP)
+		if (l3[9] != IPPROTO_TCP)
 			return VXLAN_VIA_DEVICE;
-		__u32 ihl = inner_ip.ihl * 4;
+		__u32 ihl = (l3[0] & 0x0f) * 4;
 		__u8 doff;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + (ihl & 0x3c) + 12, &doff, 1) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + ihl + 12, &doff, 1) < 0)
 			return VXLAN_VIA_DEVICE;
 		wire_len = VXLAN_ENCAP_LEN + ihl + (doff >> 4) * 4 + skb->gso_size;
 	}
 
-	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.l4_protocol = IPPROTO_UDP;
-	fib.tot_len = wire_len;
-	fib.ifindex = skb->ingress_ifindex;
-	fib.ipv4_src = node_ip;
-	fib.ipv4_dst = remote_node;
-	long route = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	union {
+		struct bpf_fib_lookup fib;
+		struct vxlan_headers h;
+	} u;
+	__builtin_memset(&u, 0, sizeof(u));
+	u.fib.family = AF_INET;
+	u.fib.l4_protocol = IPPROTO_UDP;
+	u.fib.tot_len = wire_len;
+	u.fib.ifindex = skb->ingress_ifindex;
+	u.fib.ipv4_src = node_ip;
+	u.fib.ipv4_dst = remote_node;
+	long route = bpf_fib_lookup(skb, &u.fib, sizeof(u.fib), 0);
 	/* FRAG_NEEDED: the device fragments the outer packet (no DF), as it always did. */
 	if (route != BPF_FIB_LKUP_RET_SUCCESS && route != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return VXLAN_VIA_DEVICE;
+	__u32 ifindex = u.fib.ifindex;
+	__u8 macs[2 * ETH_ALEN];
+	__builtin_memcpy(macs, u.fib.dmac, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, u.fib.smac, ETH_ALEN);
 
 	/* The flow hash of the inner packet, taken before the outer headers exist. */
 	__u32 hash = bpf_get_hash_recalc(skb);
 	hash ^= hash << 16;
 	__u16 sport = (((__u64)hash * (VXLAN_SPORT_END - VXLAN_SPORT_MIN)) >> 32) + VXLAN_SPORT_MIN;
 
-	/* The outer headers' room, after the Ethernet header (which becomes the outer one), with
-	 * the inner headers recorded for GSO and checksum offload. FIXED_GSO: the endpoint's MTU
-	 * already leaves VXLAN's room, so its segments keep their size. */
+	/* The outer headers' room, after the Ethernet header (which stays at the front, to be
+	 * copied inside), with the inner headers recorded for GSO and checksum offload.
+	 * FIXED_GSO: the endpoint's MTU already leaves VXLAN's room, so its segments keep their
+	 * size. */
 	__u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
 		      BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
 	if (bpf_skb_adjust_room(skb, VXLAN_ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags) < 0)
 		return VXLAN_VIA_DEVICE;
 
-	struct vxlan_outer outer = {};
-	outer.ip.version = 4;
-	outer.ip.ihl = 5;
-	__u8 ecn = inner_ip.tos & INET_ECN_MASK;
-	outer.ip.tos = ecn == INET_ECN_CE ? INET_ECN_ECT_0 : ecn;
-	outer.ip.tot_len = bpf_htons(inner_len + VXLAN_ENCAP_LEN);
-	outer.ip.id = bpf_get_prandom_u32();
-	outer.ip.ttl = VXLAN_TTL;
-	outer.ip.protocol = IPPROTO_UDP;
-	outer.ip.saddr = node_ip;
-	outer.ip.daddr = remote_node;
-	outer.ip.check = csum_fold_s64(bpf_csum_diff(0, 0, (__be32 *)&outer.ip, sizeof(outer.ip), 0));
-	outer.udp.source = bpf_htons(sport);
-	outer.udp.dest = port;
-	outer.udp.len = bpf_htons(inner_len + VXLAN_ENCAP_LEN - sizeof(struct iphdr));
-	outer.flags = bpf_htonl(VXLAN_FLAG_VNI);
-	outer.vni = bpf_htonl(vni << 8);
-
+	__builtin_memset(&u, 0, sizeof(u));
+	struct vxlan_headers *h = &u.h;
+	if (bpf_skb_load_bytes(skb, 0, h->inner_eth, ETH_HLEN) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	__builtin_memcpy(h->eth, macs, sizeof(macs));
+	h->eth[12] = ETH_P_IP >> 8;
+	h->eth[13] = ETH_P_IP & 0xff;
+	struct iphdr *ip = &h->outer.ip;
+	ip->version = 4;
+	ip->ihl = 5;
+	__u8 ecn = l3[1] & INET_ECN_MASK;
+	ip->tos = ecn == INET_ECN_CE ? INET_ECN_ECT_0 : ecn;
+	ip->tot_len = bpf_htons(inner_len + VXLAN_ENCAP_LEN);
+	ip->id = bpf_get_prandom_u32();
+	ip->ttl = VXLAN_TTL;
+	ip->protocol = IPPROTO_UDP;
+	ip->saddr = node_ip;
+	ip->daddr = remote_node;
+	ip->check = csum_fold_s64(bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
+	h->outer.udp.source = bpf_htons(sport);
+	h->outer.udp.dest = port;
+	h->outer.udp.len = bpf_htons(inner_len + VXLAN_ENCAP_LEN - sizeof(struct iphdr));
+	h->outer.flags = bpf_htonl(VXLAN_FLAG_VNI);
+	h->outer.vni = bpf_htonl(vni << 8);
 	/* All 64 bytes in one write: outer Ethernet, the outer headers, the inner Ethernet. */
-	__u8 headers[ETH_HLEN + VXLAN_ENCAP_LEN];
-	__builtin_memcpy(headers, fib.dmac, ETH_ALEN);
-	__builtin_memcpy(headers + ETH_ALEN, fib.smac, ETH_ALEN);
-	__be16 proto = bpf_htons(ETH_P_IP);
-	__builtin_memcpy(headers + 2 * ETH_ALEN, &proto, sizeof(proto));
-	__builtin_memcpy(headers + ETH_HLEN, &outer, sizeof(outer));
-	__builtin_memcpy(headers + ETH_HLEN + sizeof(outer), &inner_eth, sizeof(inner_eth));
-	if (bpf_skb_store_bytes(skb, 0, headers, sizeof(headers), 0) < 0)
+	if (bpf_skb_store_bytes(skb, 0, h->eth, ETH_HLEN + VXLAN_ENCAP_LEN, 0) < 0)
 		return MESHD_DROP_WRITE_ERROR;
 
-	if (route == BPF_FIB_LKUP_RET_NO_NEIGH) {
-		struct bpf_redir_neigh nh = {.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst};
-		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
-	}
-	return bpf_redirect(fib.ifindex, 0);
+	/* Not resolved yet: the kernel resolves the route's next hop for the outer packet. */
+	if (route == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(ifindex, 0, 0, 0);
+	return bpf_redirect(ifindex, 0);
 }
 
 /*
