@@ -18,7 +18,7 @@
 //! remote_entry_limit: 600000                  # keys held per remote cluster at most (see below); 0 = no limit
 //! bpffs_dir: /sys/fs/bpf/meshd                # pins under <bpffs_dir>/<cluster>/<node>
 //! tunnel_port: 8472
-//! tunnel_encap: device                       # or program: VXLAN written by the eBPF programs (tunnel mode)
+//! tunnel_encap: device                        # or program: VXLAN written by the eBPF programs (tunnel mode)
 //! underlay_device: eth0                       # its MTU is used unless underlay_mtu is set
 //! underlay_mtu: 1500
 //! api_socket: /run/meshd/agent.sock
@@ -1000,13 +1000,14 @@ startup_sync_timeout_secs: 0
         let problems = encap("tunnel_encap: kernel\n").unwrap_err();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].field, "tunnel_encap");
-        let problems = encap(
-            "tunnel_encap: program\nrouting_mode: native\nnative_routing_cidr: 10.0.0.0/8\n",
-        )
-        .unwrap_err();
+        let problems =
+            encap("tunnel_encap: program\nrouting_mode: native\nnative_routing_cidr: 10.0.0.0/8\n")
+                .unwrap_err();
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
-            problems[0].to_string().contains("needs routing_mode: tunnel"),
+            problems[0]
+                .to_string()
+                .contains("needs routing_mode: tunnel"),
             "{problems:?}"
         );
         let args = AgentArgs {

@@ -80,6 +80,9 @@ mod tests {
             assert_eq!(mode.to_string(), s);
         }
         assert_eq!(TunnelEncap::default(), TunnelEncap::Device);
-        assert!("kernel".parse::<TunnelEncap>().unwrap_err().contains("device or program"));
+        assert!("kernel"
+            .parse::<TunnelEncap>()
+            .unwrap_err()
+            .contains("device or program"));
     }
 }

@@ -35,14 +35,6 @@ fn tcp_stream(from: &TestEndpoint, to: &TestEndpoint, port: u16, bytes: usize) {
     assert_eq!(reader.join().expect("reader").expect("stream"), bytes);
 }
 
-fn assert_no_drops(topo: &Topology) {
-    for node in &topo.nodes {
-        for c in node.maps.counters().unwrap() {
-            assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
-        }
-    }
-}
-
 #[test]
 fn program_encapsulation_carries_ping_tcp_and_udp_without_the_vxlan_devices() {
     if !can_run() {
@@ -103,7 +95,7 @@ fn program_encapsulation_carries_ping_tcp_and_udp_without_the_vxlan_devices() {
         "the oversized datagram did not go through the device"
     );
     ping(a0, b0.ip, 10).expect("small packets still in the program");
-    assert_no_drops(&topo);
+    topo.assert_no_drops();
 }
 
 #[test]
@@ -141,5 +133,5 @@ fn a_node_encapsulating_in_the_program_and_one_using_the_device_talk_both_ways()
     tcp_stream(d, p, 7206, 4 << 20);
     udp_echo(p, d, 7207, 4000).expect("fragmented udp program -> device");
     udp_echo(d, p, 7208, 4000).expect("fragmented udp device -> program");
-    assert_no_drops(&topo);
+    topo.assert_no_drops();
 }

@@ -28,17 +28,7 @@ const ENCAP_LEN: usize = 50;
 
 fn setup(encap: TunnelEncap) -> Option<World> {
     let mut w = world_named("enc", 61000..=61007)?;
-    w.ip(&[
-        "neigh",
-        "replace",
-        &PEER.to_string(),
-        "lladdr",
-        "02:47:57:00:00:07",
-        "dev",
-        "mq_up",
-        "nud",
-        "permanent",
-    ]);
+    w.uplink_neighbour(PEER, "02:47:57:00:00:07");
     let m = &mut w.dp.maps;
     m.set_config(NodeConfig {
         vxlan_ifindex: VXLAN_IF,
@@ -63,7 +53,13 @@ fn with_tos(mut frame: Vec<u8>, tos: u8) -> Vec<u8> {
 
 /// A VXLAN packet as the kernel device sends it: `inner` from `outer_src` to `outer_dst` on UDP
 /// `port`, VNI `vni`, frame `inner` inside.
-fn vxlan_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, port: u16, vni: u32, inner: &[u8]) -> Vec<u8> {
+fn vxlan_frame(
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    port: u16,
+    vni: u32,
+    inner: &[u8],
+) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&[0x02, 0x47, 0x57, 0, 0, 0x01]);
     f.extend_from_slice(&PEER_MAC);
@@ -91,7 +87,11 @@ fn vxlan_frame(outer_src: Ipv4Addr, outer_dst: Ipv4Addr, port: u16, vni: u32, in
 /// PEER with VNI `vni` (outer MACs from the FIB's answer); returns the UDP source port.
 fn assert_vxlan_of(w: &World, out: &[u8], inner: &[u8], vni: u32, outer_tos: u8) -> u16 {
     assert_eq!(out.len(), inner.len() + ENCAP_LEN, "outer headers added");
-    assert_eq!(&out[0..6], &PEER_MAC, "outer destination MAC: the neighbour");
+    assert_eq!(
+        &out[0..6],
+        &PEER_MAC,
+        "outer destination MAC: the neighbour"
+    );
     assert_eq!(&out[6..12], &w.up_mac, "outer source MAC: the uplink");
     assert_eq!(&out[12..14], &[0x08, 0x00]);
     let ip = &out[ETH..ETH + 20];
@@ -113,10 +113,17 @@ fn assert_vxlan_of(w: &World, out: &[u8], inner: &[u8], vni: u32, outer_tos: u8)
     );
     assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), VXLAN_PORT);
     assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, total - 20);
-    assert_eq!(&udp[6..8], &[0, 0], "zero UDP checksum, the device's IPv4 default");
+    assert_eq!(
+        &udp[6..8],
+        &[0, 0],
+        "zero UDP checksum, the device's IPv4 default"
+    );
     let vxlan = &out[ETH + 28..ETH + 36];
     assert_eq!(&vxlan[0..4], &[0x08, 0, 0, 0], "only the I flag");
-    assert_eq!(u32::from_be_bytes(vxlan[4..8].try_into().unwrap()), vni << 8);
+    assert_eq!(
+        u32::from_be_bytes(vxlan[4..8].try_into().unwrap()),
+        vni << 8
+    );
     assert_eq!(&out[ENCAP_LEN..], inner, "the endpoint's frame as it came");
     sport
 }
@@ -138,7 +145,11 @@ fn from_endpoint_writes_the_frame_the_vxlan_device_would() {
         let ack = tcp(A, 40000, REMOTE, 8080, 0x10);
         let (verdict, out) = w.egress(&ack, w.a_if);
         assert_eq!(verdict, TC_ACT_REDIRECT, "packet {i}");
-        assert_eq!(assert_vxlan_of(&w, &out, &ack, CLIENT, 0), sport, "packet {i}");
+        assert_eq!(
+            assert_vxlan_of(&w, &out, &ack, CLIENT, 0),
+            sport,
+            "packet {i}"
+        );
     }
     assert_eq!(w.counter(Direction::Egress, abi::FWD_TUNNEL), 4);
 
@@ -183,7 +194,11 @@ fn the_device_keeps_what_the_program_leaves_to_it() {
     big.payload = vec![0x42; 600 - 20 - 8 - ENCAP_LEN + 1];
     let big = with_l4_checksum(big.bytes());
     let (verdict, out) = w.egress(&big, w.a_if);
-    assert_eq!((verdict, out), (TC_ACT_REDIRECT, big.clone()), "left to the device");
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_REDIRECT, big.clone()),
+        "left to the device"
+    );
     // One byte less fits, and the program takes it.
     let mut fits = Packet::udp(A, 5002, REMOTE, 53);
     fits.payload = vec![0x42; 600 - 20 - 8 - ENCAP_LEN];
@@ -211,20 +226,31 @@ fn the_uplink_decapsulates_vxlan_for_this_node_and_delivers_by_the_vni() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(&out[0..6], &A_MAC, "to the endpoint");
     assert_eq!(&out[6..12], &A_GW_MAC, "from its gateway");
-    assert_eq!(&out[12..], &inner[12..], "the inner packet, nothing else changed");
+    assert_eq!(
+        &out[12..],
+        &inner[12..],
+        "the inner packet, nothing else changed"
+    );
     assert_eq!(w.counter(Direction::Ingress, abi::FWD_LOCAL), 1);
 
     // The VNI is believed only from a known node of the identity's cluster.
     let spoofed = vxlan_frame(PEER, NODE, VXLAN_PORT, CLIENT, &inner);
     assert_eq!(w.uplink(&spoofed).0, TC_ACT_SHOT);
     assert_eq!(w.counter(Direction::Ingress, abi::DROP_INVALID_IDENTITY), 1);
-    let stranger = vxlan_frame(Ipv4Addr::new(192, 0, 2, 99), NODE, VXLAN_PORT, REMOTE_IDENTITY, &inner);
+    let stranger = vxlan_frame(
+        Ipv4Addr::new(192, 0, 2, 99),
+        NODE,
+        VXLAN_PORT,
+        REMOTE_IDENTITY,
+        &inner,
+    );
     assert_eq!(w.uplink(&stranger).0, TC_ACT_SHOT);
     assert_eq!(w.counter(Direction::Ingress, abi::DROP_UNKNOWN_NODE), 1);
 
     // Ingress policy on the decapsulated packet, by the VNI's identity.
     let m = &mut w.dp.maps;
-    m.set_policy_enabled(CLIENT, Direction::Ingress, true).unwrap();
+    m.set_policy_enabled(CLIENT, Direction::Ingress, true)
+        .unwrap();
     m.drain_drop_events();
     let other_port = vxlan_frame(
         PEER,
@@ -237,7 +263,12 @@ fn the_uplink_decapsulates_vxlan_for_this_node_and_delivers_by_the_vni() {
     let drops = w.dp.maps.drain_drop_events();
     assert_eq!(drops.len(), 1, "{drops:?}");
     assert_eq!(
-        (drops[0].reason, drops[0].src_identity, drops[0].dst_identity, drops[0].dport),
+        (
+            drops[0].reason,
+            drops[0].src_identity,
+            drops[0].dst_identity,
+            drops[0].dport
+        ),
         (abi::DROP_POLICY, REMOTE_IDENTITY, CLIENT, 9090)
     );
     w.dp.maps
@@ -272,7 +303,13 @@ fn the_uplink_leaves_other_udp_and_what_the_device_must_handle_untouched() {
         "another UDP port",
     );
     untouched(
-        vxlan_frame(PEER, Ipv4Addr::new(192, 0, 2, 50), VXLAN_PORT, REMOTE_IDENTITY, &inner),
+        vxlan_frame(
+            PEER,
+            Ipv4Addr::new(192, 0, 2, 50),
+            VXLAN_PORT,
+            REMOTE_IDENTITY,
+            &inner,
+        ),
         "not for this node",
     );
     let mut fragment = vxlan_frame(PEER, NODE, VXLAN_PORT, REMOTE_IDENTITY, &inner);
@@ -288,7 +325,10 @@ fn the_uplink_leaves_other_udp_and_what_the_device_must_handle_untouched() {
     arp[ENCAP_LEN + 12..ENCAP_LEN + 14].copy_from_slice(&0x0806u16.to_be_bytes());
     untouched(arp, "a frame that is not IPv4");
     let counted = w.dp.maps.counters().unwrap();
-    assert!(counted.is_empty(), "none of these is the program's: {counted:?}");
+    assert!(
+        counted.is_empty(),
+        "none of these is the program's: {counted:?}"
+    );
     drop(w);
 
     // Device mode: the device decapsulates everything.
@@ -351,7 +391,8 @@ fn mutated_packets_are_encapsulated_or_decapsulated_whole_or_left_alone() {
             *outcomes.entry("refused by BPF_PROG_RUN").or_default() += 1;
             continue;
         };
-        let what = || format!("trial {trial}: {program} with {frame:02x?}\nout {out:02x?}\n{replay}");
+        let what =
+            || format!("trial {trial}: {program} with {frame:02x?}\nout {out:02x?}\n{replay}");
         let outcome = match verdict {
             TC_ACT_SHOT => "dropped",
             TC_ACT_OK => {
@@ -359,7 +400,12 @@ fn mutated_packets_are_encapsulated_or_decapsulated_whole_or_left_alone() {
                 "passed untouched"
             }
             TC_ACT_REDIRECT if uplink && out.len() + ENCAP_LEN == frame.len() => {
-                assert_eq!(&out[12..], &frame[ENCAP_LEN + 12..], "decapsulated: {}", what());
+                assert_eq!(
+                    &out[12..],
+                    &frame[ENCAP_LEN + 12..],
+                    "decapsulated: {}",
+                    what()
+                );
                 "decapsulated"
             }
             TC_ACT_REDIRECT if !uplink && out.len() == frame.len() + ENCAP_LEN => {
@@ -367,7 +413,12 @@ fn mutated_packets_are_encapsulated_or_decapsulated_whole_or_left_alone() {
                 "encapsulated"
             }
             TC_ACT_REDIRECT => {
-                assert_eq!(out.len(), frame.len(), "redirected with another length: {}", what());
+                assert_eq!(
+                    out.len(),
+                    frame.len(),
+                    "redirected with another length: {}",
+                    what()
+                );
                 "redirected as it was"
             }
             other => panic!("verdict {other}: {}", what()),
@@ -375,7 +426,12 @@ fn mutated_packets_are_encapsulated_or_decapsulated_whole_or_left_alone() {
         *outcomes.entry(outcome).or_default() += 1;
     }
     eprintln!("{trials} packets (seed {seed}): {outcomes:?}");
-    for outcome in ["decapsulated", "encapsulated", "passed untouched", "dropped"] {
+    for outcome in [
+        "decapsulated",
+        "encapsulated",
+        "passed untouched",
+        "dropped",
+    ] {
         assert!(
             outcomes.get(outcome).copied().unwrap_or(0) > trials / 50,
             "too few {outcome}: {outcomes:?}"

@@ -221,7 +221,16 @@ impl Topology {
         &self.nodes[node].endpoints[ep]
     }
 
-    /// (packets, bytes) node `node`'s VXLAN device has sent and received so far.
+    /// Fails the test if any node's datapath dropped a packet (counted a drop reason).
+    pub fn assert_no_drops(&self) {
+        for node in &self.nodes {
+            for c in node.maps.counters().unwrap() {
+                assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
+            }
+        }
+    }
+
+    /// What node `node`'s VXLAN device has sent and received so far.
     pub fn vxlan_traffic(&self, node: usize) -> anyhow::Result<VxlanTraffic> {
         let ns = self.underlay.node(self.nodes[node].index);
         let out = ns.ip(&["-j", "-s", "link", "show", VXLAN_IFNAME])?;

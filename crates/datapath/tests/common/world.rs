@@ -175,6 +175,22 @@ impl World {
         self.run(programs::FROM_NETDEV, frame, self.up_if)
     }
 
+    /// A permanent neighbour entry on the uplink: `ip` is at `mac` (`aa:bb:...`).
+    #[allow(dead_code)] // not every test binary adds any
+    pub fn uplink_neighbour(&self, ip: Ipv4Addr, mac: &str) {
+        self.ip(&[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "mq_up",
+            "nud",
+            "permanent",
+        ]);
+    }
+
     /// `ip ARGS` in the world's namespace (routes and neighbours a test adds).
     #[allow(dead_code)] // not every test binary adds any
     pub fn ip(&self, args: &[&str]) {
