@@ -104,12 +104,15 @@ enum Command {
 
 /// Commands that print and exit die quietly when their reader goes away (`meshd status |
 /// head`), as Unix tools do, instead of panicking on a broken pipe. Rust ignores SIGPIPE by
-/// default; the long-running commands (agent, workloads, lab) keep it so, handling write errors
-/// where they occur.
+/// default; the long-running commands (agent, workloads) and the lab's `up` and `down` (which
+/// must not stop half-way through starting or removing processes) keep it so, handling write
+/// errors where they occur.
 fn default_sigpipe_for(command: &Command) {
     if matches!(
         command,
-        Command::Agent(_) | Command::Workload(_) | Command::Lab(_)
+        Command::Agent(_)
+            | Command::Workload(_)
+            | Command::Lab(lab_cmd::LabCommand::Up(_) | lab_cmd::LabCommand::Down(_))
     ) {
         return;
     }

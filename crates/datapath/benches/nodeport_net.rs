@@ -26,12 +26,15 @@
 //!   kube-proxy puts them, not a chosen worst case), then KUBE-EXT / KUBE-SVC / KUBE-SEP chains,
 //!   MARK and DNAT, and KUBE-POSTROUTING's MASQUERADE of the marked traffic. Whatever
 //!   `iptables-restore` is installed (nf_tables or legacy backend).
+//! - `routed`: no translation; the client connects to the baseline's endpoint itself, routed
+//!   through the plain node. No proxy can do this; it is the floor of the receiving node's cost,
+//!   the most a NAT implementation there could save.
 //!
 //! The baseline's counters of the measured services are checked after the runs: their DNAT
 //! must have been hit by every measured connection.
 //!
 //! `cargo bench -p meshd-datapath --bench nodeport_net -- [--runs N] [--seconds S]
-//! [--connections PER_THREAD] [--threads T] [--services N] [--baseline nftables|nftables-map|iptables]`
+//! [--connections PER_THREAD] [--threads T] [--services N] [--baseline nftables|nftables-map|iptables|routed]`
 //! (root, bpffs, iperf3, nft; iptables-restore for `iptables`).
 
 #[path = "../tests/common/mod.rs"]
@@ -47,7 +50,7 @@ use common::public::{expose, expose_node_port, with_outside, ROUTER};
 use ipnet::Ipv4Net;
 use meshd_datapath::{Direction, LbFrontend};
 use meshd_ebpf::abi;
-use meshd_testing::netns::Netns;
+use meshd_testing::netns::{Netns, EXTERNAL_NET};
 
 /// The plain receiving node and the plain backend node beside the meshd ones.
 const KP_NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 100);
@@ -75,6 +78,11 @@ enum Baseline {
     NftablesMap,
     /// kube-proxy's iptables mode: one rule per service in KUBE-SERVICES.
     Iptables,
+    /// No translation at all: the client connects to the backend's own address, which the
+    /// router and the plain node route to it. Not what any proxy can do; it is the floor of the
+    /// receiving node's cost (forwarding only), so meshd against it says how much of a
+    /// connection's cost any NAT implementation on that node could still remove.
+    Routed,
 }
 
 impl Baseline {
@@ -89,8 +97,11 @@ impl Baseline {
             "nftables" => Ok(Self::Nftables),
             "nftables-map" => Ok(Self::NftablesMap),
             "iptables" => Ok(Self::Iptables),
+            "routed" => Ok(Self::Routed),
             other => {
-                anyhow::bail!("--baseline {other}: expected nftables, nftables-map or iptables")
+                anyhow::bail!(
+                    "--baseline {other}: expected nftables, nftables-map, iptables or routed"
+                )
             }
         }
     }
@@ -100,6 +111,7 @@ impl Baseline {
             Self::Nftables => "nftables",
             Self::NftablesMap => "nftables-map",
             Self::Iptables => "iptables",
+            Self::Routed => "routed",
         }
     }
 }
@@ -261,6 +273,7 @@ impl Services {
 fn kube_proxy_nodes(
     receiving: &Netns,
     backend_node: &Netns,
+    router: &Netns,
     baseline: Baseline,
     services: &Services,
 ) -> anyhow::Result<Netns> {
@@ -284,6 +297,20 @@ fn kube_proxy_nodes(
     ])?;
     match baseline {
         Baseline::Nftables => {}
+        Baseline::Routed => {
+            // The client reaches the endpoint itself: the router sends its prefix to the plain
+            // node, and the backend node returns the outside's traffic the same way.
+            router.ip(&["route", "add", KP_EP_NET, "via", &KP_NODE_IP.to_string()])?;
+            let [a, b, c] = EXTERNAL_NET;
+            backend_node.ip(&[
+                "route",
+                "add",
+                &format!("{a}.{b}.{c}.0/24"),
+                "via",
+                &KP_NODE_IP.to_string(),
+            ])?;
+            return Ok(ep);
+        }
         Baseline::NftablesMap => {
             return load_file(receiving, "nft", &["-f"], &services.nftables_map_rules())
                 .map(|()| ep);
@@ -339,7 +366,7 @@ fn check_baseline_hits(
     min_connections: u64,
 ) -> anyhow::Result<()> {
     let hits: u64 = match baseline {
-        Baseline::Nftables => return Ok(()),
+        Baseline::Nftables | Baseline::Routed => return Ok(()),
         Baseline::Iptables => {
             // `[packets:bytes] -A KUBE-SEP-N<port> -p tcp -m tcp -j DNAT ...`
             let saved = receiving.run("iptables-save", &["-c", "-t", "nat"])?;
@@ -429,6 +456,7 @@ fn main() -> anyhow::Result<()> {
     let kp_ep = kube_proxy_nodes(
         meshd.underlay.node(kp_index),
         meshd.underlay.node(kp_backend_index),
+        &outside.router,
         baseline,
         &services,
     )?;
@@ -464,9 +492,18 @@ fn main() -> anyhow::Result<()> {
             Baseline::Nftables => "nftables DNAT (kube-proxy)",
             Baseline::NftablesMap => "nftables verdict maps (kube-proxy nftables mode)",
             Baseline::Iptables => "iptables KUBE-SERVICES (kube-proxy iptables mode)",
+            Baseline::Routed => "plain routing to the backend (no translation)",
         },
     ];
-    let node_ips = [node_ip, KP_NODE_IP];
+    // What the client connects to on each path: the node port, or the endpoint when routed.
+    let node_ips = [
+        node_ip,
+        if baseline == Baseline::Routed {
+            KP_EP_IP
+        } else {
+            KP_NODE_IP
+        },
+    ];
     let backends: [&Netns; 2] = [&meshd.ep(1, 0).netns, &kp_ep];
 
     // An iperf3 server per path, in its backend; the external host the client of both.

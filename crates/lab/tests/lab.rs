@@ -189,6 +189,24 @@ fn lab_up_check_status_down_twice() {
     let doc: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     let clusters = doc["clusters"].as_array().unwrap();
     assert_eq!(clusters.len(), 2);
+    // `meshd lab status | head -0`: a reader that goes away ends the command as SIGPIPE ends
+    // any Unix tool, not with a panic about the broken pipe.
+    let mut piped = Command::new(meshd_testing::workspace_bin("meshd"))
+        .args(["lab", "status", "--run-dir", run])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running meshd lab status");
+    drop(piped.stdout.take());
+    let closed = piped
+        .wait_with_output()
+        .expect("waiting for meshd lab status");
+    let stderr = String::from_utf8_lossy(&closed.stderr);
+    assert!(
+        !stderr.contains("panicked") && closed.status.code() != Some(101),
+        "meshd lab status with its reader gone: {:?} {stderr}",
+        closed.status
+    );
     for c in clusters {
         assert!(c["etcd"]["pid"].as_u64().unwrap() > 0, "{c}");
         assert!(Path::new(c["etcd"]["remote"]["cert"].as_str().unwrap()).is_file());
