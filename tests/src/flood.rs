@@ -331,7 +331,9 @@ pub struct Sched {
 
 impl Sched {
     fn parse(text: &str) -> Sched {
-        let mut f = text.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        let mut f = text
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
         Sched {
             run_ns: f.next().unwrap_or(0),
             wait_ns: f.next().unwrap_or(0),
