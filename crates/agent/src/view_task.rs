@@ -619,8 +619,7 @@ mod tests {
 
         let mut c3_writes_before = 0;
         let mut batches = 0;
-        let mut with_it = 0;
-        loop {
+        let with_it = loop {
             let update = tokio::time::timeout(Duration::from_secs(30), updates.recv())
                 .await
                 .expect("a batch within 30 s")
@@ -637,11 +636,10 @@ mod tests {
             if ops.iter().any(
                 |op| matches!(op, DatapathOp::UpsertIpcache { prefix, .. } if *prefix == wanted),
             ) {
-                with_it = ops.len() - 1;
-                break;
+                break ops.len() - 1;
             }
             c3_writes_before += ops.len();
-        }
+        };
         assert_eq!(
             (batches, c3_writes_before),
             (1, 0),
