@@ -288,27 +288,6 @@ async fn start_publisher(store: &EtcdStore, config: &AgentConfig) -> Publisher {
     }
 }
 
-/// Runs `task` on a thread of its own (a single-threaded runtime) instead of the runtime's
-/// workers: for the two owners whose rounds are long stretches of work between awaits (the
-/// view task applying a round of events, the reconciler writing a batch, a bpf syscall a
-/// write). On a worker, such a round holds up every task queued behind it there, other
-/// clusters' watch connections and decoding among them; with two workers (two cores), a round
-/// of each held up all of them while a flooding cluster kept both busy.
-fn on_own_thread(
-    name: &str,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .with_context(|| format!("starting the {name} task's runtime"))?;
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(move || runtime.block_on(task))
-        .with_context(|| format!("starting the {name} task's thread"))?;
-    Ok(())
-}
-
 /// Retries `f` every second until it succeeds.
 async fn until_ok<F, Fut>(what: &str, mut f: F)
 where
@@ -419,16 +398,13 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
 
     let reconciler = reconciler::Reconciler::open(config.pin_dir())?;
     let propagation_delay = reconciler.propagation_delay();
-    on_own_thread(
-        "reconciler",
-        reconciler.run(
-            datapath_rx,
-            full_request_tx,
-            local_eps_rx,
-            reconciled_tx,
-            config.resync_interval,
-        ),
-    )?;
+    tokio::spawn(reconciler.run(
+        datapath_rx,
+        full_request_tx,
+        local_eps_rx,
+        reconciled_tx,
+        config.resync_interval,
+    ));
     let (monitor, monitor_handle) = monitor::Monitor::open(&config.pin_dir(), config.flow_history)?;
     tokio::spawn(monitor.run());
 
@@ -481,8 +457,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             ));
         }
     }
-    on_own_thread(
-        "view",
+    tokio::spawn(
         view_task::ViewTask {
             view: MeshView::new(LocalNode {
                 cluster: config.cluster.clone(),
@@ -511,7 +486,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             gate_timeout: config.startup_sync_timeout,
         }
         .run(),
-    )?;
+    );
 
     tokio::spawn(
         health_check::HealthCheckServer {
@@ -621,44 +596,4 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     meshd_api::serve(&config.api_socket, listener, service, shutdown_signal()).await?;
     tracing::info!("shutting down; the datapath stays in place and the lease runs out unless the agent returns");
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use super::*;
-
-    /// The point of [`on_own_thread`]: a task that works long between awaits (a view round, a
-    /// reconciler batch) does not hold up the runtime's tasks. With one worker, a task spawned
-    /// there runs while the long one works (with `tokio::spawn`, it waits for the long task to
-    /// give the worker back: here 10 s, and the check fails).
-    #[test]
-    fn a_long_round_on_its_own_thread_leaves_the_workers_free() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let other_ran = Arc::new(AtomicBool::new(false));
-            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let seen = other_ran.clone();
-            on_own_thread("long round", async move {
-                // Works without an await until the other task has run, or for 10 s.
-                let start = std::time::Instant::now();
-                while !seen.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(10) {
-                    std::hint::spin_loop();
-                }
-                let _ = done_tx.send(seen.load(Ordering::Relaxed));
-            })
-            .unwrap();
-            let flag = other_ran.clone();
-            tokio::spawn(async move { flag.store(true, Ordering::Relaxed) });
-            assert!(
-                done_rx.await.unwrap(),
-                "the runtime's task did not run while the long round worked"
-            );
-        });
-    }
 }
