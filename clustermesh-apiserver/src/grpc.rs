@@ -242,6 +242,7 @@ impl ApiService {
         for o in &plan.outcomes {
             tracing::info!(object = %o.object, action = %o.action, dry_run = req.dry_run, "apply");
         }
+        tracing::Span::current().record("meshd.revision", revision);
         Ok(Response::new(pb::ApplyResponse {
             results: plan.outcomes.iter().map(outcome_pb).collect(),
             revision,
@@ -262,6 +263,7 @@ impl ApiService {
         for o in &plan.outcomes {
             tracing::info!(object = %o.object, action = %o.action, "delete");
         }
+        tracing::Span::current().record("meshd.revision", revision);
         Ok(Response::new(pb::DeleteResponse {
             results: plan.outcomes.iter().map(outcome_pb).collect(),
             revision,

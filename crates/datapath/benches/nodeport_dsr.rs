@@ -7,8 +7,12 @@
 //! hits both alike. With SNAT the answer comes back through node 0; with DSR node 1 sends it
 //! to the router itself, one node's forwarding fewer.
 //!
-//! `cargo bench -p meshd-datapath --bench nodeport_dsr -- [--runs N] [--seconds S]` (root,
-//! bpffs).
+//! `--cpu-latency-us U` holds the CPUs out of idle states slower to leave than U us while it
+//! runs (`/dev/cpu_dma_latency`, as cyclictest does): on an otherwise idle VM the halted vCPUs'
+//! wake-ups, paid alike by both modes, are most of a round trip and hide the hop DSR saves.
+//!
+//! `cargo bench -p meshd-datapath --bench nodeport_dsr -- [--runs N] [--seconds S]
+//! [--cpu-latency-us U]` (root, bpffs).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -17,7 +21,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::bench::{arg, load_average, median, spread};
+use common::bench::{arg, hold_cpu_latency, load_average, median, spread};
 use common::public::{expose_node_port, with_outside};
 use meshd_datapath::{netns::run_in, ServiceLbMode};
 
@@ -70,6 +74,12 @@ fn main() -> anyhow::Result<()> {
     }
     let runs = arg("--runs", 7);
     let seconds = arg("--seconds", 3);
+    let cpu_latency = std::env::args()
+        .any(|a| a == "--cpu-latency-us")
+        .then(|| arg("--cpu-latency-us", 0));
+    let _idle_states_held = cpu_latency
+        .map(|us| hold_cpu_latency(us.try_into().unwrap_or(i32::MAX)))
+        .transpose()?;
 
     let (mut topo, outside) = with_outside("exd", &[1, 1], true, 1024..=29999)?;
     let node_ip = topo.nodes[0].node_ip;
@@ -83,7 +93,10 @@ fn main() -> anyhow::Result<()> {
     let host = outside.host.path();
 
     println!(
-        "TCP_RR external host -> router -> node port -> backend on another node (native routing), {runs} runs x {seconds}s per mode; load average {}",
+        "TCP_RR external host -> router -> node port -> backend on another node (native routing), {runs} runs x {seconds}s per mode; idle states {}; load average {}",
+        cpu_latency.map_or("as the kernel chooses".to_owned(), |us| format!(
+            "slower than {us} us to leave held off"
+        )),
         load_average()
     );
     let mut latency = [Vec::new(), Vec::new()];

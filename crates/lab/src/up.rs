@@ -592,7 +592,7 @@ fn start_control_plane(
         Some(&cp),
         &opts.apiserver(),
         &api_args,
-        &daemon_env(opts, state, &format!("{}-apiserver", cluster.name)),
+        &daemon_env(opts, state, &otlp::apiserver_host(&cluster.name)),
         &api_log,
     )?;
     record(state, pid, "apiserver", &cluster.name, "", &api_log);

@@ -123,13 +123,14 @@ fn lab_up_check_status_down_twice() {
                 "round {round}: {stdout}"
             );
         }
-        // Every agent's propagation traces reached the lab's trace collector.
+        // Every agent's propagation traces and every apiserver's API call spans reached the
+        // lab's trace collector.
         assert_eq!(
             stdout
                 .lines()
                 .filter(|l| l.starts_with("otlp traces ") && l.contains(" ok "))
                 .count(),
-            4,
+            6,
             "round {round}: {stdout}"
         );
         // The external host answered every client (and saw the address the mode implies).

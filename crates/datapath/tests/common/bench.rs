@@ -19,6 +19,24 @@ pub fn arg(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// Keeps the CPUs out of idle states slower to leave than `us` microseconds for as long as the
+/// returned file stays open (the kernel's PM QoS request `/dev/cpu_dma_latency`; what
+/// cyclictest and tuned's latency-performance profile do). On an idle VM a halted vCPU's
+/// wake-up costs tens of microseconds, paid by every round trip whatever path it takes, so a
+/// latency comparison would mostly measure it.
+pub fn hold_cpu_latency(us: i32) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    use std::io::Write;
+    let path = "/dev/cpu_dma_latency";
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {path}"))?;
+    file.write_all(&us.to_ne_bytes())
+        .with_context(|| format!("writing {us} to {path}"))?;
+    Ok(file)
+}
+
 /// The arguments of the endpoint-to-endpoint TCP benches: `--runs N` (default 9), `--seconds S`
 /// (4, per iperf3 run), `--rr N` (20000 TCP_RR transactions per run).
 pub struct TcpArgs {
