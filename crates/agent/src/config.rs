@@ -49,6 +49,10 @@
 //! cluster configs together; default [`meshd_kvstore::DEFAULT_ENTRY_LIMIT`], the scale goal's
 //! whole mesh in one cluster). New keys past it are refused, counted and the cluster shown
 //! `degraded`, never stored; values over [`meshd_kvstore::MAX_VALUE_BYTES`] are refused unread.
+//! Every remote cluster's keys together are also bounded by the room the maps have for them
+//! ([`crate::watcher::remote_room`], shared out by [`meshd_kvstore::EntryRoom`]: a share each,
+//! the other half to whoever needs it first), so that several clusters at their limits cannot
+//! overflow the maps; `remote_entry_limit: 0` turns both off.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -423,12 +423,20 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             local: true,
             tx: queues.sender(&config.cluster),
             connection: local_conn_tx,
-            entry_limit: None,
+            limits: watcher::RemoteLimits::default(),
         }
         .run(),
     );
 
     let mut wait_for: BTreeSet<_> = [config.cluster.clone()].into();
+    // Every remote cluster's keys together fit the maps (a limit per cluster alone lets a few
+    // clusters overflow them); none with `remote_entry_limit: 0`.
+    let limits = watcher::RemoteLimits {
+        per_cluster: config.remote_entry_limit,
+        room: config
+            .remote_entry_limit
+            .map(|_| meshd_kvstore::EntryRoom::new(watcher::remote_room())),
+    };
     let remote_source = resolve_remote_source(&store, &config).await;
     tracing::info!(%remote_source, "reading remote clusters");
     match remote_source {
@@ -440,7 +448,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     config.cluster.clone(),
                     queues.clone(),
                     registry_tx,
-                    config.remote_entry_limit,
+                    limits,
                 ));
             }
         }
@@ -452,7 +460,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 queues.clone(),
                 registry_tx,
                 local_conn_rx.clone(),
-                config.remote_entry_limit,
+                limits,
             ));
         }
     }
