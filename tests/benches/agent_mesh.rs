@@ -20,10 +20,13 @@
 //!
 //! Usage: cargo bench -p meshd-e2e --bench agent_mesh -- [--endpoints N] [--records R]
 //! [--rounds K] [--churn-secs S] [--churn-rate N] [--memory-only 1 (the initial sync and the
-//! memory only)] [--churn-only 1 (no propagation rounds)] (needs root, etcd, bpffs and the
+//! memory only)] [--churn-only 1 (no propagation rounds)] [--variants NAME=PATH,... (compare
+//! agent binaries in one mesh: K rounds of sync, propagation with `--propagation 1`, and
+//! churn per binary, in alternating order; see `compare`)] (needs root, etcd, bpffs and the
 //! release `meshd` binary).
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -250,46 +253,101 @@ fn agent_sync(mesh: &mut Mesh, records: usize) -> anyhow::Result<Duration> {
     Ok(t0.elapsed())
 }
 
+/// What one churn run measured.
+struct Churn {
+    probe_p50: f64,
+    probe_p99: f64,
+    raw_p50: f64,
+    raw_p99: f64,
+    /// The last change in the maps after the writer finished (ms).
+    drain: f64,
+    /// Puts and deletes written, and the rate the writer reached.
+    writes: u64,
+    rate: f64,
+    probes: usize,
+    cpu: Duration,
+}
+
+impl Churn {
+    /// The agent's CPU time per event: the churn's writes and the probes.
+    fn us_per_event(&self) -> f64 {
+        // Raw probes are not the agent's events (its watch does not cover their prefix).
+        self.cpu.as_secs_f64() * 1e6 / (self.writes as f64 + self.probes as f64)
+    }
+}
+
+/// Puts and deletes at most in flight at once: a writer that waited for each answer reached
+/// only 204-522 of the 1,000 events/s asked on the loaded machine (session 9).
+const WRITER_IN_FLIGHT: usize = 32;
+
+/// Churn on top of `records` entries: puts of new records under `10.<writer_base>.` paced at
+/// `rate` a second, alternating with deletes of the ones put 500 events earlier, for `secs`;
+/// probes under `10.<probe_base>.` (bases differ per run of one mesh: a record already in the
+/// maps would be a probe of nothing).
+#[allow(clippy::too_many_arguments)]
 async fn churn(
     mesh: &Mesh,
     store: &EtcdStore,
-    records: usize,
     identity: u32,
     host: Ipv4Addr,
     secs: u64,
     rate: u64,
-) -> anyhow::Result<()> {
+    writer_base: u8,
+    probe_base: u8,
+) -> anyhow::Result<Churn> {
     let pid = mesh.agent_pid("c1", "n1").context("agent pid")?;
+    eprintln!("(churn: {rate} events/s for {secs} s, agent pid {pid})");
     let cpu0 = cpu_time(pid)?;
     let events = secs * rate;
-    // Puts of new records alternating with deletes of ones put 500 events earlier, paced.
+    // Paced, with up to WRITER_IN_FLIGHT writes outstanding, so the writer keeps the rate
+    // while etcd answers slowly. A delete follows its put by 500 events, long after the put
+    // was answered.
     let writer = {
         let store = store.clone();
         tokio::spawn(async move {
+            let started = Instant::now();
+            let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(WRITER_IN_FLIGHT));
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+            let mut writes = Vec::with_capacity(events as usize);
             for k in 0..events as usize {
                 tick.tick().await;
-                let ip = nth_ip(220, k / 2);
-                if k % 2 == 0 {
+                let ip = nth_ip(writer_base, k / 2);
+                let op = if k % 2 == 0 {
                     let (key, value) = record(&c2_name(), ip, identity, host)?;
-                    store.put(&key, value, None).await?;
+                    Some((key, Some(value)))
                 } else if k >= 1000 {
-                    let (key, _) = record(&c2_name(), nth_ip(220, k / 2 - 250), identity, host)?;
-                    store.delete(&key).await?;
-                }
+                    let old = nth_ip(writer_base, k / 2 - 250);
+                    Some((record(&c2_name(), old, identity, host)?.0, None))
+                } else {
+                    None
+                };
+                let Some((key, value)) = op else { continue };
+                let slot = slots.clone().acquire_owned().await?;
+                let store = store.clone();
+                writes.push(tokio::spawn(async move {
+                    let _slot = slot;
+                    match value {
+                        Some(value) => store.put(&key, value, None).await.map(|_| ()),
+                        None => store.delete(&key).await.map(|_| ()),
+                    }
+                }));
             }
-            anyhow::Ok(())
+            let n = writes.len() as u64;
+            for w in writes {
+                w.await??;
+            }
+            anyhow::Ok((n, started.elapsed()))
         })
     };
     let maps = meshd_datapath::DatapathMaps::open(&mesh.node("c1", "n1")?.pin_dir)?;
     // Baseline under the same churn: raw put -> watch event on the same etcd, probes
     // alternating with the agent's.
-    let raw_prefix = "bench/churn-raw/";
+    let raw_prefix = format!("bench/churn-raw/{probe_base}/");
     let rev = store
         .put(&format!("{raw_prefix}start"), b"x".to_vec(), None)
         .await?
         .revision;
-    let mut watch = store.watch(raw_prefix, rev + 1).await?;
+    let mut watch = store.watch(&raw_prefix, rev + 1).await?;
     let mut raw = Vec::new();
     let mut lat = Vec::new();
     let started = Instant::now();
@@ -311,7 +369,7 @@ async fn churn(
         raw.push(t0.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
 
-        let ip = nth_ip(240, i);
+        let ip = nth_ip(probe_base, i);
         i += 1;
         let (key, value) = record(&c2_name(), ip, identity, host)?;
         let t0 = Instant::now();
@@ -324,11 +382,10 @@ async fn churn(
         lat.push(t0.elapsed());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    writer.await??;
-    let written = started.elapsed();
+    let (writes, writing) = writer.await??;
     // The last put of the churn, and the last delete, in the maps: how far behind the agent is.
-    let last_put = Ipv4Net::from(nth_ip(220, (events as usize - 2) / 2));
-    let last_deleted = Ipv4Net::from(nth_ip(220, (events as usize - 1) / 2 - 250));
+    let last_put = Ipv4Net::from(nth_ip(writer_base, (events as usize - 2) / 2));
+    let last_deleted = Ipv4Net::from(nth_ip(writer_base, (events as usize - 1) / 2 - 250));
     let t0 = Instant::now();
     while maps.ipcache_entry(last_put)?.is_none() || maps.ipcache_entry(last_deleted)?.is_some() {
         anyhow::ensure!(
@@ -341,23 +398,36 @@ async fn churn(
     let cpu = cpu_time(pid)? - cpu0;
     lat.sort();
     raw.sort();
+    Ok(Churn {
+        probe_p50: ms(percentile(&lat, 0.5)),
+        probe_p99: ms(percentile(&lat, 0.99)),
+        raw_p50: ms(percentile(&raw, 0.5)),
+        raw_p99: ms(percentile(&raw, 0.99)),
+        drain: ms(drain),
+        writes,
+        rate: writes as f64 / writing.as_secs_f64(),
+        probes: lat.len(),
+        cpu,
+    })
+}
+
+fn print_churn(records: usize, c: &Churn) {
     println!(
-        "churn on top of {records} entries ({rate} puts/deletes per second for {:.1} s, {} probes): \
+        "churn on top of {records} entries ({} puts/deletes at {:.0} per second, {} probes): \
          probe put -> map p50 {:.2} ms, p99 {:.2} ms (goal p99 <= 10 ms), raw put -> watch \
-         event p50 {:.2} ms, p99 {:.2} ms; last change in the maps \
-         {:.1} ms after the writer finished; agent CPU {:.2} s = {:.1} us per event (goal <= 50 us)",
-        written.as_secs_f64(),
-        lat.len(),
-        ms(percentile(&lat, 0.5)),
-        ms(percentile(&lat, 0.99)),
-        ms(percentile(&raw, 0.5)),
-        ms(percentile(&raw, 0.99)),
-        ms(drain),
-        cpu.as_secs_f64(),
-        // Raw probes are not the agent's events (its watch does not cover their prefix).
-        cpu.as_secs_f64() * 1e6 / (events as f64 + lat.len() as f64)
+         event p50 {:.2} ms, p99 {:.2} ms; last change in the maps {:.1} ms after the writer \
+         finished; agent CPU {:.2} s = {:.1} us per event (goal <= 50 us)",
+        c.writes,
+        c.rate,
+        c.probes,
+        c.probe_p50,
+        c.probe_p99,
+        c.raw_p50,
+        c.raw_p99,
+        c.drain,
+        c.cpu.as_secs_f64(),
+        c.us_per_event(),
     );
-    Ok(())
 }
 
 /// Loads `records` into c2's etcd, times a fresh agent's initial sync of them against the raw
@@ -405,6 +475,200 @@ async fn memory(
     Ok(())
 }
 
+/// `--variants NAME=PATH,NAME=PATH...`: agent binaries (or scripts that exec one) to compare
+/// in one mesh, on the same etcd and the same records.
+fn variants() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(list) = args
+        .iter()
+        .position(|a| a == "--variants")
+        .and_then(|i| args.get(i + 1))
+    else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .map(|v| {
+            let (name, path) = v.split_once('=').context("--variants NAME=PATH,...")?;
+            let path = PathBuf::from(path);
+            anyhow::ensure!(path.is_file(), "{} is no file", path.display());
+            Ok((name.to_owned(), path))
+        })
+        .collect()
+}
+
+/// Puts `binary` where the mesh starts agents from (the running agents keep theirs).
+fn install(binary: &Path, target: &Path) -> anyhow::Result<()> {
+    let staged = target.with_extension("bench-staged");
+    std::fs::copy(binary, &staged)
+        .with_context(|| format!("copying {} to {}", binary.display(), staged.display()))?;
+    std::fs::rename(&staged, target)?;
+    Ok(())
+}
+
+/// How long [`compare`] measures an agent's CPU time with nothing changing.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// One sample of one variant in [`compare`].
+struct Sample {
+    sync: f64,
+    raw_sync: f64,
+    anon_bytes_per_entry: f64,
+    /// CPU ms per second with the entries present and nothing changing.
+    idle: f64,
+    propagation: Option<(f64, f64)>,
+    churn: Option<Churn>,
+}
+
+/// `--variants`: after loading the records once, `rounds` rounds in which each variant (in
+/// alternating order) syncs c1/n1 from nothing (against a raw sync of the same round), then,
+/// with the entries present, runs a propagation round (`--endpoints` records; with
+/// `--propagation 1`) and the churn (unless `--churn-secs 0`). Medians per variant at the end.
+#[allow(clippy::too_many_arguments)]
+async fn compare(
+    mesh: &mut Mesh,
+    c2: &EtcdStore,
+    variants: &[(String, PathBuf)],
+    n: usize,
+    records: usize,
+    rounds: usize,
+    identity: u32,
+    host: Ipv4Addr,
+    parts_empty: (u64, u64, u64),
+) -> anyhow::Result<()> {
+    let target = meshd_e2e::mesh::meshd_binary()?;
+    let original = mesh.dir.path().join("meshd.original");
+    std::fs::copy(&target, &original)?;
+    let churn_secs = arg("--churn-secs", 30) as u64;
+    let rate = arg("--churn-rate", 1000) as u64;
+    let with_propagation = arg("--propagation", 0) != 0;
+    anyhow::ensure!(
+        rounds * variants.len() <= 15,
+        "at most 15 runs (address bases)"
+    );
+    load(c2, records, identity, host).await?;
+    let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
+    let mut run = 0u8;
+    let result = async {
+        for round in 0..rounds {
+            let raw = raw_sync(c2, records).await?.as_secs_f64();
+            let mut order: Vec<usize> = (0..variants.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for v in order {
+                let (name, binary) = &variants[v];
+                install(binary, &target)?;
+                let sync = agent_sync(mesh, records)?.as_secs_f64();
+                mesh.wait_all_ready(Duration::from_secs(60))?;
+                std::thread::sleep(Duration::from_secs(2));
+                let anon = mesh.agent_rss_parts("c1", "n1")?.0;
+                // The agent's own work with nothing changing (probes, timers): what churn adds
+                // to per second, whatever the rate.
+                let pid = mesh.agent_pid("c1", "n1").context("agent pid")?;
+                let cpu0 = cpu_time(pid)?;
+                tokio::time::sleep(IDLE).await;
+                let idle = (cpu_time(pid)? - cpu0).as_secs_f64() * 1e3 / IDLE.as_secs_f64();
+                let propagation = if with_propagation {
+                    Some(mesh_round_trip(mesh, c2, n, 110 + run, identity, host).await?)
+                } else {
+                    None
+                };
+                let churn = if churn_secs > 0 {
+                    Some(
+                        churn(mesh, c2, identity, host, churn_secs, rate, 220 + run, 240 + run)
+                            .await?,
+                    )
+                } else {
+                    None
+                };
+                run += 1;
+                let status = mesh.status("c1", "n1")?;
+                let sample = Sample {
+                    sync,
+                    raw_sync: raw,
+                    anon_bytes_per_entry: (anon as f64 - parts_empty.0 as f64) / records as f64,
+                    idle,
+                    propagation,
+                    churn,
+                };
+                let (l1, l5, _) = load_average();
+                println!(
+                    "round {round} {name} (load {l1:.1}/{l5:.1}): sync {:.2} s (raw {raw:.2} s, {:.2}x), \
+                     anonymous {:.0} B per entry, idle CPU {:.1} ms/s{}{}; {} full diffs, {} corrections, {} failed writes",
+                    sample.sync,
+                    sample.sync / raw,
+                    sample.anon_bytes_per_entry,
+                    sample.idle,
+                    sample
+                        .propagation
+                        .map(|(a, b)| format!(", propagation p50 {a:.2} / p99 {b:.2} ms"))
+                        .unwrap_or_default(),
+                    sample
+                        .churn
+                        .as_ref()
+                        .map(|c| format!(
+                            ", churn {} writes at {:.0}/s: probe p50 {:.2} / p99 {:.2} ms (raw {:.2} / {:.2}), drain {:.1} ms, {:.1} us per event",
+                            c.writes, c.rate, c.probe_p50, c.probe_p99, c.raw_p50, c.raw_p99, c.drain, c.us_per_event()
+                        ))
+                        .unwrap_or_default(),
+                    status["datapath"]["full_diffs"],
+                    status["datapath"]["corrections"],
+                    status["datapath"]["failed_writes"],
+                );
+                samples[v].push(sample);
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    install(&original, &target)?;
+    result?;
+    for ((name, _), s) in variants.iter().zip(&samples) {
+        let m = |f: &dyn Fn(&Sample) -> Option<f64>| {
+            let v: Vec<f64> = s.iter().filter_map(f).collect();
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                median(v)
+            }
+        };
+        println!(
+            "{name}, median of {} runs: sync {:.2} s, {:.2}x raw; anonymous {:.0} B per entry; \
+             idle CPU {:.1} ms/s; \
+             propagation p50 {:.2} / p99 {:.2} ms; churn at {:.0}/s: probe p50 {:.2} / p99 {:.2} ms \
+             (raw {:.2} / {:.2}), {:.1} us per event",
+            s.len(),
+            m(&|s| Some(s.sync)),
+            m(&|s| Some(s.sync / s.raw_sync)),
+            m(&|s| Some(s.anon_bytes_per_entry)),
+            m(&|s| Some(s.idle)),
+            m(&|s| s.propagation.map(|p| p.0)),
+            m(&|s| s.propagation.map(|p| p.1)),
+            m(&|s| s.churn.as_ref().map(|c| c.rate)),
+            m(&|s| s.churn.as_ref().map(|c| c.probe_p50)),
+            m(&|s| s.churn.as_ref().map(|c| c.probe_p99)),
+            m(&|s| s.churn.as_ref().map(|c| c.raw_p50)),
+            m(&|s| s.churn.as_ref().map(|c| c.raw_p99)),
+            m(&|s| s.churn.as_ref().map(Churn::us_per_event)),
+        );
+    }
+    Ok(())
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> (f64, f64, f64) {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    match v[..] {
+        [a, b, c] => (a, b, c),
+        _ => (f64::NAN, f64::NAN, f64::NAN),
+    }
+}
+
 async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow::Result<()> {
     let c2 = admin_store(mesh, "c2").await?;
     let identity = mesh
@@ -421,6 +685,21 @@ async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow
     let parts_empty = mesh.agent_rss_parts("c1", "n1")?;
     // `--memory-only 1`: the initial sync and the memory after it, nothing else (for measuring
     // memory changes without the latency rounds and the churn).
+    let variants = variants()?;
+    if !variants.is_empty() {
+        return compare(
+            mesh,
+            &c2,
+            &variants,
+            n,
+            records,
+            rounds,
+            identity,
+            host,
+            parts_empty,
+        )
+        .await;
+    }
     let memory_only = arg("--memory-only", 0) != 0;
     if memory_only {
         memory(mesh, &c2, records, identity, host, rss_empty, parts_empty).await?;
@@ -462,16 +741,18 @@ async fn run(mesh: &mut Mesh, n: usize, records: usize, rounds: usize) -> anyhow
         full99 / empty99.max(1e-9)
     );
     }
-    churn(
+    let c = churn(
         mesh,
         &c2,
-        records,
         identity,
         host,
         arg("--churn-secs", 30) as u64,
         arg("--churn-rate", 1000) as u64,
+        220,
+        240,
     )
     .await?;
+    print_churn(records, &c);
     let status = mesh.status("c1", "n1")?;
     println!(
         "c1/n1 datapath status: {} ipcache entries, {} full diffs, {} corrections, {} failed writes",

@@ -71,7 +71,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
     tune_allocator();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker thread (BENCHMARKS.md, issue 11, session 10): the agent is mostly one
+    // pipeline (etcd connection -> watch -> cluster watcher -> view -> reconciler), and with
+    // a second worker the hand-offs between those tasks woke the other thread, parked it
+    // again and moved the pipeline between cores: futex and scheduler work per event (under
+    // churn at 500k entries, 41 us of CPU per event with one worker, 52 with two, medians of
+    // three runs on a loaded machine). Bulk work (a list's pages, the view's
+    // big turns, the reconciler's full diffs and big batches, shelling out for endpoints)
+    // runs under `block_in_place` (`meshd_kvstore::off_the_worker`), which hands the worker's
+    // other tasks to another thread meanwhile, so an initial sync still uses both cores.
+    // `TOKIO_WORKER_THREADS` still chooses another count.
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        runtime.worker_threads(1);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?;

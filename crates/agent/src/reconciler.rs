@@ -63,6 +63,10 @@ pub struct ReconcileStatus {
 
 /// Pause after a failed write before the full diff retries it.
 const RETRY: Duration = Duration::from_secs(1);
+/// Batches with at least this many writes are written off the runtime's worker (see
+/// [`meshd_kvstore::off_the_worker`]); smaller ones, an event's few writes, cost less than
+/// the hand-off.
+const BIG_BATCH: usize = 256;
 /// Batches with at least this many writes return freed heap to the system afterwards.
 const BIG_ROUND: usize = 10_000;
 
@@ -220,7 +224,11 @@ impl Reconciler {
                     why = FullDiff::AfterFailure;
                 }
                 self.dirty = false;
-                (self.full_diff(&desired, why), counts)
+                // Reading 500k entries back and writing the difference takes seconds of
+                // syscalls: off the runtime's worker (the agent runs one, see `crate::run`),
+                // whose other tasks (the view, the API, lease keep-alives) go on meanwhile.
+                let w = meshd_kvstore::off_the_worker(|| self.full_diff(&desired, why));
+                (w, counts)
             }
             DatapathUpdate::Changes {
                 ops,
@@ -230,7 +238,13 @@ impl Reconciler {
             } => {
                 received = batch;
                 write_start = SystemTime::now();
-                (self.write(&ops, &service_ops), counts)
+                let w = if ops.len() + service_ops.len() >= BIG_BATCH {
+                    // A flood's batch: the view goes on with the next one meanwhile.
+                    meshd_kvstore::off_the_worker(|| self.write(&ops, &service_ops))
+                } else {
+                    self.write(&ops, &service_ops)
+                };
+                (w, counts)
             }
         };
         // A batch with a failed write reaches the maps with a later full diff: not timed.

@@ -37,6 +37,10 @@ pub type IdentityLabels = BTreeMap<u32, String>;
 /// 260k writes were queued in front of it).
 const BATCH: usize = 1024;
 
+/// Turns of at least this many inputs are applied off the runtime's worker; an event or a
+/// few, under churn, cost less than the hand-off.
+const BIG_TURN: usize = 64;
+
 /// What the view task hands the reconciler, in order.
 #[derive(Debug)]
 pub enum DatapathUpdate {
@@ -220,8 +224,18 @@ impl ViewTask {
             let mut turns_left = self.inputs.others_waiting();
             loop {
                 taken += turn.len();
-                for i in turn.drain(..) {
-                    self.apply(i, &mut pending, &mut log);
+                if turn.len() >= BIG_TURN {
+                    // A list or a flood: applied off the runtime's worker, so the watchers
+                    // decode the next events meanwhile (see `meshd_kvstore::off_the_worker`).
+                    meshd_kvstore::off_the_worker(|| {
+                        for i in turn.drain(..) {
+                            self.apply(i, &mut pending, &mut log);
+                        }
+                    });
+                } else {
+                    for i in turn.drain(..) {
+                        self.apply(i, &mut pending, &mut log);
+                    }
                 }
                 let writes = pending.ops.len() + pending.service_ops.len();
                 if turns_left == 0
@@ -265,8 +279,10 @@ impl ViewTask {
     /// Hands the reconciler the whole desired state (a copy: at start, after a failed write
     /// and on the safety-net timer, never per event). False once the reconciler is gone.
     async fn send_full(&mut self) -> bool {
+        // A copy of every entry (500k: a tenth of a second or more): off the worker.
+        let desired = meshd_kvstore::off_the_worker(|| Box::new(self.view.desired()));
         let update = DatapathUpdate::Full {
-            desired: Box::new(self.view.desired()),
+            desired,
             counts: self.view.desired_counts(),
         };
         self.datapath.send(update).await.is_ok()

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use meshd_state::{ClusterName, Resource};
 use tokio::sync::{mpsc, Notify};
 use tracing::Instrument;
@@ -305,9 +305,13 @@ async fn list<X: Reflect, B: Backend>(
             }
             _ => None,
         };
-        for kv in page.kvs {
-            reflection.listed(kv, stats, out);
-        }
+        // A page is thousands of entries to decode: off the worker, so the consumer (the
+        // agent's view) applies the previous page meanwhile.
+        crate::off_the_worker(|| {
+            for kv in page.kvs {
+                reflection.listed(kv, stats, out);
+            }
+        });
         if !send_all(tx, out).await {
             if let Some(next) = next {
                 next.abort();
@@ -335,6 +339,9 @@ async fn list<X: Reflect, B: Backend>(
     Ok(Some((revision, cluster_id)))
 }
 
+/// Watch responses handed to the consumer in one batch at most, when they arrived together.
+const RESPONSES_PER_BATCH: usize = 64;
+
 #[allow(clippy::too_many_arguments)]
 async fn watch<X: Reflect, B: Backend>(
     backend: &B,
@@ -355,39 +362,79 @@ async fn watch<X: Reflect, B: Backend>(
         }
     };
     loop {
-        tokio::select! {
-            msg = stream.next() => match msg {
-                None => {
-                    tracing::info!("watch stream ended; relisting");
-                    return End::Lost;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watch failed; relisting");
-                    return End::Lost;
-                }
-                Some(Ok(WatchMessage::Compacted { compact_revision })) => {
-                    tracing::info!(compact_revision, "watch compacted; relisting");
-                    return End::Relist;
-                }
-                Some(Ok(WatchMessage::Events { header, events })) => {
-                    if header.cluster_id != 0 && header.cluster_id != cluster_id {
-                        tracing::warn!(listed = format_args!("{cluster_id:x}"), now = format_args!("{:x}", header.cluster_id), "etcd cluster id changed; relisting");
-                        return End::Relist;
-                    }
-                    for ev in events {
-                        reflection.apply(ev, stats, out);
-                    }
-                    reflection.progress(header.revision, out);
-                    if !send_all(tx, out).await {
-                        return End::Closed;
-                    }
-                }
-            },
+        let mut msg = tokio::select! {
+            msg = stream.next() => msg,
             _ = relist.notified() => {
                 tracing::info!("relist requested; ending the watch");
                 return End::Lost;
             }
             _ = tx.closed() => return End::Closed,
+        };
+        // The responses already received go in the same batch: one hand-off to the consumer,
+        // and one wake-up of it, for what arrived together (under churn, several responses
+        // often come in one read of the connection).
+        let mut taken = 1;
+        let end = loop {
+            if let Some(end) = take_response(msg, cluster_id, reflection, stats, out) {
+                break Some(end);
+            }
+            if taken == RESPONSES_PER_BATCH {
+                break None;
+            }
+            match stream.next().now_or_never() {
+                Some(next) => {
+                    msg = next;
+                    taken += 1;
+                }
+                None => break None,
+            }
+        };
+        // What was applied is handed over even when the watch ends here: the reflection
+        // counts it as emitted, and a relist would not emit it again.
+        if !send_all(tx, out).await {
+            return End::Closed;
+        }
+        if let Some(end) = end {
+            return end;
+        }
+    }
+}
+
+/// Applies one message of the watch stream to the reflection; why the watch ends, if it does.
+fn take_response<X: Reflect>(
+    msg: Option<Result<WatchMessage, KvError>>,
+    cluster_id: u64,
+    reflection: &mut X,
+    stats: &WatchStats,
+    out: &mut Vec<X::Event>,
+) -> Option<End> {
+    match msg {
+        None => {
+            tracing::info!("watch stream ended; relisting");
+            Some(End::Lost)
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "watch failed; relisting");
+            Some(End::Lost)
+        }
+        Some(Ok(WatchMessage::Compacted { compact_revision })) => {
+            tracing::info!(compact_revision, "watch compacted; relisting");
+            Some(End::Relist)
+        }
+        Some(Ok(WatchMessage::Events { header, events })) => {
+            if header.cluster_id != 0 && header.cluster_id != cluster_id {
+                tracing::warn!(
+                    listed = format_args!("{cluster_id:x}"),
+                    now = format_args!("{:x}", header.cluster_id),
+                    "etcd cluster id changed; relisting"
+                );
+                return Some(End::Relist);
+            }
+            for ev in events {
+                reflection.apply(ev, stats, out);
+            }
+            reflection.progress(header.revision, out);
+            None
         }
     }
 }
@@ -497,6 +544,48 @@ mod tests {
         })
         .await;
         assert!((5..=30).contains(&n), "{n} lists");
+    }
+
+    /// Watch responses that arrived together reach the consumer as one batch (one hand-off
+    /// and one wake-up of it, not one per response), in their order.
+    #[tokio::test]
+    async fn responses_that_arrived_together_are_handed_over_as_one_batch() {
+        let store = MemoryStore::new();
+        let mut w =
+            watch_cluster::<IpcacheEntry, _>(store.new_handle(), &c1(), WatchConfig::default());
+        let listed = w.events.recv().await.expect("the list's batch");
+        assert!(
+            matches!(listed.as_slice(), [WatchEvent::Synced { .. }]),
+            "{listed:?}"
+        );
+        // Ten puts, ten revisions, ten watch responses, all queued before the watch task runs
+        // again (this test's runtime has one thread and the puts do not yield).
+        let ips: Vec<std::net::IpAddr> = (1..=10)
+            .map(|i| format!("10.0.0.{i}").parse().unwrap())
+            .collect();
+        for ip in &ips {
+            let key = meshd_state::IpcacheKey::host(c1(), *ip);
+            let value = IpcacheEntry {
+                prefix: key.prefix,
+                identity: meshd_state::NumericIdentity::new((1 << 16) | 300).unwrap(),
+                host_ip: "192.168.0.1".parse().unwrap(),
+                endpoint: None,
+                namespace: None,
+            };
+            store
+                .put(&key.to_string(), serde_json::to_vec(&value).unwrap(), None)
+                .await
+                .unwrap();
+        }
+        let batch = w.events.recv().await.expect("the watch's batch");
+        let upserted: Vec<std::net::IpAddr> = batch
+            .iter()
+            .map(|e| match e {
+                WatchEvent::Upsert { value, .. } => value.prefix.addr(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(upserted, ips, "one batch of the ten, in order");
     }
 
     #[tokio::test(start_paused = true)]
