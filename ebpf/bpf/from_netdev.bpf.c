@@ -23,9 +23,12 @@
  * client back and the connection's reply entry the frontend as source, and they are routed
  * out to the client (public_reply). With DSR (CONFIG_F_DSR_*, native routing, lib/dsr.h) it is
  * DNATed only and carries its frontend in an IPv4 option to the backend's node, which takes the
- * option out here and answers the client itself. Everything else is the node's own business and passes
- * untouched and uncounted: this program must never cost the node its own traffic (ARP, IPv6,
- * VXLAN, its connections, the health check node ports the agent serves).
+ * option out here and answers the client itself. In tunnel mode with in-program VXLAN
+ * (MESHD_CONFIG_F_TUNNEL_PROGRAM), a VXLAN packet for this node is decapsulated here and
+ * delivered as from-overlay would (lib/vxlan.h, lib/overlay.h). Everything else is the node's
+ * own business and passes untouched and uncounted: this program must never cost the node its
+ * own traffic (ARP, IPv6, the VXLAN the device handles, its connections, the health check node
+ * ports the agent serves).
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -37,6 +40,7 @@
 #include "lib/native.h"
 #include "lib/dsr.h"
 #include "lib/tunnel.h"
+#include "lib/overlay.h"
 #include "lib/deliver.h"
 #include "lib/exit.h"
 
@@ -113,6 +117,16 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
 	if (!cfg)
 		return NETDEV_PASS;
+	/* Tunnel mode with in-program VXLAN (lib/vxlan.h): a packet another node tunnelled to us
+	 * loses its outer headers here and goes the way from-overlay sends the device's. */
+	__u32 outer_src, vni;
+	if ((cfg->flags & MESHD_CONFIG_F_TUNNEL_PROGRAM) && ctx->proto == IPPROTO_UDP && ctx->daddr == cfg->node_ip &&
+	    ctx->dport == cfg->tunnel_port && vxlan_decap(skb, cfg, &outer_src, &vni)) {
+		/* Nothing learned from the outer headers may stay: the inner ones are parsed anew. */
+		__builtin_memset(ctx, 0, sizeof(*ctx));
+		ctx->direction = MESHD_DIR_INGRESS;
+		return overlay_deliver(skb, ctx, outer_src, vni);
+	}
 	__u64 now = ct_now();
 	ctx->now = now;
 	int translated = 0;

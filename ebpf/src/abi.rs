@@ -106,6 +106,7 @@ pub const CONFIG_F_MASQUERADE: u32 = 2;
 pub const CONFIG_F_NATIVE: u32 = 4;
 pub const CONFIG_F_DSR_TCP: u32 = 8;
 pub const CONFIG_F_DSR_UDP: u32 = 16;
+pub const CONFIG_F_TUNNEL_PROGRAM: u32 = 32;
 // enum meshd_nat
 pub const NAT_RETRIES: u32 = 64;
 // enum meshd_dsr
@@ -186,6 +187,10 @@ pub const CONSTANTS: &[(&str, i64)] = &[
     ("MESHD_CONFIG_F_NATIVE", CONFIG_F_NATIVE as i64),
     ("MESHD_CONFIG_F_DSR_TCP", CONFIG_F_DSR_TCP as i64),
     ("MESHD_CONFIG_F_DSR_UDP", CONFIG_F_DSR_UDP as i64),
+    (
+        "MESHD_CONFIG_F_TUNNEL_PROGRAM",
+        CONFIG_F_TUNNEL_PROGRAM as i64,
+    ),
     ("MESHD_NAT_RETRIES", NAT_RETRIES as i64),
     ("MESHD_DSR_OPT_TYPE", DSR_OPT_TYPE as i64),
     ("MESHD_DSR_OPT_LEN", DSR_OPT_LEN as i64),
@@ -377,6 +382,10 @@ pub struct DatapathConfig {
     /// SNAT port range of masquerade, host byte order, inclusive.
     pub nat_port_min: u16,
     pub nat_port_max: u16,
+    /// The VXLAN UDP port, network byte order (in-program encapsulation, see
+    /// [`CONFIG_F_TUNNEL_PROGRAM`]).
+    pub tunnel_port: u16,
+    pub pad: u16,
 }
 
 #[repr(C)]
@@ -659,7 +668,9 @@ pub fn layouts() -> Vec<Layout> {
                 policy_revision,
                 forward_revision,
                 nat_port_min,
-                nat_port_max
+                nat_port_max,
+                tunnel_port,
+                pad
             }
         ),
         layout!(

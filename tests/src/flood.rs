@@ -3,6 +3,8 @@
 //! from its etcd to a node's maps while the flood runs.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Txn, TxnOp};
@@ -120,6 +122,33 @@ pub struct Prober {
     next: usize,
     /// A probe that has not arrived by then failed (a generous deadline, not a timing goal).
     pub deadline: Duration,
+    /// Every `split_every`th probe (0: none) is also split at the node's watcher of the
+    /// cluster (see [`Split`]), into `splits`.
+    pub split_every: usize,
+    pub splits: Vec<Split>,
+    /// `meshd` and the node's API socket: how the watcher's time is read.
+    status: (PathBuf, PathBuf),
+}
+
+/// Where one probe's time went, split at the moment the node's watcher of the probed cluster
+/// handled the change (its `last_sync_ms` in `meshd status`: set by the watcher per event,
+/// after etcd sent it and the kvstore decoded it, before the view task and the reconciler).
+/// Milliseconds of the wall clock (the agent's resolution); the first part can be negative by
+/// a little, since etcd may send the watch event before the put's answer reaches the prober.
+#[derive(Debug, Clone, Copy)]
+pub struct Split {
+    /// The put answered -> the node's watcher had the change: etcd, the wire (the relay), the
+    /// agent's connection task and its decoding.
+    pub to_watcher_ms: i64,
+    /// The watcher -> the entry is in the maps: the cluster's queue, the view task, the
+    /// reconciler (and the prober's poll, 0.5 ms).
+    pub in_agent_ms: i64,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Prober {
@@ -142,8 +171,29 @@ impl Prober {
             maps: DatapathMaps::open(&mesh.node(cluster, node)?.pin_dir)?,
             next: 0,
             deadline: Duration::from_secs(30),
+            split_every: 0,
+            splits: Vec::new(),
+            status: (
+                crate::mesh::meshd_binary()?,
+                mesh.node(cluster, node)?.socket.clone(),
+            ),
             rt,
         })
+    }
+
+    /// When the node's watcher of the probed cluster last handled an event (unix ms).
+    fn watcher_ms(&self) -> anyhow::Result<i64> {
+        let out = std::process::Command::new(&self.status.0)
+            .args(["status", "-o", "json", "--socket"])
+            .arg(&self.status.1)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "meshd status: {:?}", out.status);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v["clusters"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == self.cluster.as_str()))
+            .and_then(|c| c["last_sync_ms"].as_i64())
+            .ok_or_else(|| anyhow::anyhow!("no last_sync_ms of {} in {v}", self.cluster))
     }
 
     /// One probe: put -> in the map.
@@ -153,6 +203,7 @@ impl Prober {
         let (key, value) = ipcache_record(&self.cluster, ip, self.identity, self.host)?;
         let mut client = self.source.client();
         self.rt.block_on(client.put(key.as_str(), value, None))?;
+        let put_ms = unix_ms();
         let start = Instant::now();
         while self.maps.ipcache_entry(Ipv4Net::from(ip))?.is_none() {
             anyhow::ensure!(
@@ -164,6 +215,15 @@ impl Prober {
             std::thread::sleep(Duration::from_micros(500));
         }
         let took = start.elapsed();
+        let seen_ms = unix_ms();
+        // Read before the delete, whose event moves the watcher's time on.
+        if self.split_every > 0 && (self.next - 1) % self.split_every == 0 {
+            let watcher = self.watcher_ms()?;
+            self.splits.push(Split {
+                to_watcher_ms: watcher - put_ms,
+                in_agent_ms: seen_ms - watcher,
+            });
+        }
         self.rt.block_on(client.delete(key.as_str(), None))?;
         Ok(took)
     }
@@ -201,4 +261,176 @@ pub fn summary(what: &str, sorted: &[Duration]) -> String {
             ms(*max)
         ),
     }
+}
+
+/// `what: p50 / p99 of the probes' split` (see [`Split`]).
+pub fn split_summary(what: &str, splits: &[Split]) -> String {
+    if splits.is_empty() {
+        return format!("{what}: no split probes");
+    }
+    let pct = |mut v: Vec<i64>, p: f64| {
+        v.sort();
+        v[(((v.len() - 1) as f64) * p).round() as usize]
+    };
+    let to: Vec<i64> = splits.iter().map(|s| s.to_watcher_ms).collect();
+    let inside: Vec<i64> = splits.iter().map(|s| s.in_agent_ms).collect();
+    format!(
+        "{what} ({} probes split): put -> c1/n1's watcher p50 {} / p99 {} ms; watcher -> maps p50 {} / p99 {} ms",
+        splits.len(),
+        pct(to.clone(), 0.5),
+        pct(to, 0.99),
+        pct(inside.clone(), 0.5),
+        pct(inside, 0.99)
+    )
+}
+
+/// A flood writer on a thread of its own (its own runtime and client): `records` into the etcd
+/// of `config`, [`put_parallel`]. Its result: the keys written, the time taken, and the
+/// thread's own [`Sched`] at its end (read by the thread, which is gone when it is joined).
+pub struct Writer {
+    pub handle: std::thread::JoinHandle<anyhow::Result<(usize, Duration, Sched)>>,
+}
+
+impl Writer {
+    /// `written N keys in T s (R/s); writer thread C cores, waited W ms/s for a core`.
+    pub fn report(what: &str, (written, took, sched): (usize, Duration, Sched)) -> String {
+        let secs = took.as_secs_f64().max(1e-9);
+        format!(
+            "{what}: {written} keys in {secs:.1} s ({:.0}/s); writer thread {:.2} cores, waited {:.0} ms/s for a core",
+            written as f64 / secs,
+            sched.run_ns as f64 / 1e9 / secs,
+            sched.wait_ns as f64 / 1e6 / secs
+        )
+    }
+}
+
+pub fn spawn_writer(
+    config: EtcdConfig,
+    records: Arc<Vec<Kv>>,
+    parallel: usize,
+) -> anyhow::Result<Writer> {
+    let handle = std::thread::spawn(move || {
+        let rt = runtime()?;
+        let store = rt.block_on(meshd_kvstore::connect(&config))?;
+        let (written, took) = rt.block_on(put_parallel(&store, &records, parallel, None))?;
+        let me = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+        Ok((written, took, Sched::parse(&me)))
+    });
+    Ok(Writer { handle })
+}
+
+/// CPU time and run-queue wait of a process (its threads summed) or of one thread, from
+/// `/proc/.../schedstat`: which part of a flood run takes the cores, and how long its runnable
+/// threads wait for one. Threads that ended are not counted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sched {
+    pub run_ns: u64,
+    pub wait_ns: u64,
+    pub slices: u64,
+}
+
+impl Sched {
+    fn parse(text: &str) -> Sched {
+        let mut f = text
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        Sched {
+            run_ns: f.next().unwrap_or(0),
+            wait_ns: f.next().unwrap_or(0),
+            slices: f.next().unwrap_or(0),
+        }
+    }
+
+    pub fn read(pid: u32, tid: Option<u32>) -> Sched {
+        if let Some(tid) = tid {
+            return std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                .map(|t| Sched::parse(&t))
+                .unwrap_or_default();
+        }
+        let mut sum = Sched::default();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(t) = std::fs::read_to_string(task.path().join("schedstat")) {
+                let s = Sched::parse(&t);
+                sum.run_ns += s.run_ns;
+                sum.wait_ns += s.wait_ns;
+                sum.slices += s.slices;
+            }
+        }
+        sum
+    }
+}
+
+/// A process (or thread) whose CPU a flood run reports.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub name: String,
+    pub pid: u32,
+    pub tid: Option<u32>,
+}
+
+/// Every watched process's [`Sched`] and the machine's busy and total CPU ticks, at one time.
+#[derive(Debug, Clone)]
+pub struct CpuSnapshot {
+    at: Instant,
+    tasks: Vec<Sched>,
+    machine: (u64, u64),
+}
+
+/// Busy and total ticks of all CPUs (`/proc/stat`): every process of the machine, other
+/// sessions' included.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    // idle and iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+pub fn cpu_snapshot(tasks: &[Watched]) -> CpuSnapshot {
+    CpuSnapshot {
+        at: Instant::now(),
+        tasks: tasks.iter().map(|t| Sched::read(t.pid, t.tid)).collect(),
+        machine: machine_ticks(),
+    }
+}
+
+/// One line per watched process between two snapshots: cores used, and how long its runnable
+/// threads waited for a core (ms per second of the phase, and per time slice).
+pub fn cpu_report(tasks: &[Watched], a: &CpuSnapshot, b: &CpuSnapshot) -> Vec<String> {
+    let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (busy, total) = (
+        b.machine.0.saturating_sub(a.machine.0),
+        b.machine.1.saturating_sub(a.machine.1),
+    );
+    let mut out = vec![format!(
+        "machine: {:.2} of {cores} cores busy (every process, other sessions' too), {secs:.1} s",
+        busy as f64 / (total.max(1) as f64) * cores
+    )];
+    for (i, t) in tasks.iter().enumerate() {
+        let (x, y) = (a.tasks[i], b.tasks[i]);
+        let run = y.run_ns.saturating_sub(x.run_ns) as f64;
+        let wait = y.wait_ns.saturating_sub(x.wait_ns) as f64;
+        let slices = y.slices.saturating_sub(x.slices).max(1) as f64;
+        out.push(format!(
+            "{:<22} {:.2} cores; waited for a core {:>6.0} ms/s, {:>6.0} us a slice",
+            t.name,
+            run / 1e9 / secs,
+            wait / 1e6 / secs,
+            wait / 1e3 / slices
+        ));
+    }
+    out
 }

@@ -861,6 +861,11 @@ impl Mesh {
         Ok((field("RssAnon:")?, field("RssFile:")?, field("RssShmem:")?))
     }
 
+    /// The pid of a cluster's running mirror.
+    pub fn mirror_pid(&self, cluster: &str) -> Option<u32> {
+        self.cluster(cluster).ok()?.mirror.as_ref().map(|c| c.id())
+    }
+
     pub fn agent_pid(&self, cluster: &str, node: &str) -> Option<u32> {
         self.node(cluster, node)
             .ok()?

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::inputs::InputQueues;
 use crate::now_ms;
 use crate::remotes::{Registry, RemoteEntry};
-use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
+use crate::watcher::{ClusterWatcher, Connection, Probe, RemoteLimits, ViewInput};
 
 /// The cluster a status key names, if it is a well-formed remote (not the local cluster).
 fn cluster_of_status(key: &str, local: &ClusterName) -> Option<ClusterName> {
@@ -97,7 +97,7 @@ pub async fn run(
     queues: InputQueues,
     registry: watch::Sender<Arc<Registry>>,
     mut local_connection: watch::Receiver<Connection>,
-    entry_limit: Option<u64>,
+    limits: RemoteLimits,
 ) {
     let mut statuses = watch_raw(
         store.clone(),
@@ -147,7 +147,7 @@ pub async fn run(
                     local: false,
                     tx: queues.sender(&cluster),
                     connection: conn_tx.clone(),
-                    entry_limit,
+                    limits: limits.clone(),
                 };
                 let r = Running {
                     task: tokio::spawn(watcher.run()),

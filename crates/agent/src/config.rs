@@ -18,6 +18,7 @@
 //! remote_entry_limit: 600000                  # keys held per remote cluster at most (see below); 0 = no limit
 //! bpffs_dir: /sys/fs/bpf/meshd                # pins under <bpffs_dir>/<cluster>/<node>
 //! tunnel_port: 8472
+//! tunnel_encap: device                        # or program: VXLAN written by the eBPF programs (tunnel mode)
 //! underlay_device: eth0                       # its MTU is used unless underlay_mtu is set
 //! underlay_mtu: 1500
 //! api_socket: /run/meshd/agent.sock
@@ -48,6 +49,10 @@
 //! cluster configs together; default [`meshd_kvstore::DEFAULT_ENTRY_LIMIT`], the scale goal's
 //! whole mesh in one cluster). New keys past it are refused, counted and the cluster shown
 //! `degraded`, never stored; values over [`meshd_kvstore::MAX_VALUE_BYTES`] are refused unread.
+//! Every remote cluster's keys together are also bounded by the room the maps have for them
+//! ([`crate::watcher::remote_room`], shared out by [`meshd_kvstore::EntryRoom`]: a share each,
+//! the other half to whoever needs it first), so that several clusters at their limits cannot
+//! overflow the maps; `remote_entry_limit: 0` turns both off.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -57,6 +62,7 @@ use std::time::Duration;
 use clap::Args;
 use ipnet::Ipv4Net;
 use meshd_certs::TlsFiles;
+use meshd_datapath::TunnelEncap;
 use meshd_state::{ClusterId, ClusterName};
 use serde::Deserialize;
 
@@ -111,6 +117,11 @@ pub struct AgentArgs {
     /// VXLAN UDP port.
     #[arg(long)]
     pub tunnel_port: Option<u16>,
+    /// Tunnel mode: who writes and takes off the VXLAN headers, `device` (the node's VXLAN
+    /// device) or `program` (the eBPF programs, straight to and from the uplink; same wire
+    /// format) [default: device].
+    #[arg(long, value_name = "MODE")]
+    pub tunnel_encap: Option<String>,
     /// Underlay device (its MTU is read unless --underlay-mtu is given).
     #[arg(long)]
     pub underlay_device: Option<String>,
@@ -202,6 +213,7 @@ pub struct ConfigFile {
     pub remote_source: Option<String>,
     pub bpffs_dir: Option<PathBuf>,
     pub tunnel_port: Option<u16>,
+    pub tunnel_encap: Option<String>,
     pub underlay_device: Option<String>,
     pub underlay_mtu: Option<u32>,
     pub api_socket: Option<PathBuf>,
@@ -250,6 +262,9 @@ pub struct AgentConfig {
     pub remote_source: Option<RemoteSource>,
     pub bpffs_dir: PathBuf,
     pub tunnel_port: u16,
+    /// Tunnel mode: VXLAN by the device or by the programs (always the device's in native
+    /// routing, which has no tunnel).
+    pub tunnel_encap: TunnelEncap,
     pub underlay_device: Option<String>,
     /// None: read from `underlay_device` at start.
     pub underlay_mtu: Option<u32>,
@@ -597,6 +612,20 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
     if tunnel_port == 0 {
         problem("tunnel_port", "must not be 0".into());
     }
+    let tunnel_encap = match args
+        .tunnel_encap
+        .clone()
+        .or(file.tunnel_encap)
+        .as_deref()
+        .map(str::parse::<TunnelEncap>)
+    {
+        None => TunnelEncap::default(),
+        Some(Ok(encap)) => encap,
+        Some(Err(e)) => {
+            problem("tunnel_encap", e);
+            TunnelEncap::default()
+        }
+    };
     let underlay_device = args.underlay_device.clone().or(file.underlay_device);
     if let Some(dev) = &underlay_device {
         if dev.is_empty() || dev.len() > 15 || dev.contains('/') {
@@ -748,6 +777,12 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
         pod_cidr,
         &mut problems,
     );
+    if tunnel_encap == TunnelEncap::Program && routing.native() {
+        problems.push(ConfigProblem {
+            field: "tunnel_encap".into(),
+            reason: "program needs routing_mode: tunnel (native routing has no tunnel)".into(),
+        });
+    }
 
     match (cluster, cluster_id, node, node_ip, pod_cidr) {
         (Some(cluster), Some(cluster_id), Some(node), Some(node_ip), Some(pod_cidr))
@@ -765,6 +800,7 @@ pub fn resolve(file: ConfigFile, args: &AgentArgs) -> Result<AgentConfig, Vec<Co
                 remote_source,
                 bpffs_dir,
                 tunnel_port,
+                tunnel_encap,
                 underlay_device,
                 underlay_mtu,
                 api_socket,
@@ -955,6 +991,35 @@ startup_sync_timeout_secs: 0
         })
         .unwrap_err();
         assert!(err.to_string().contains("node_name"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_encap_is_device_unless_program_is_asked_for_in_tunnel_mode() {
+        let encap = |yaml: &str| resolve(file(&format!("{GOOD}{yaml}")), &AgentArgs::default());
+        assert_eq!(encap("").unwrap().tunnel_encap, TunnelEncap::Device);
+        assert_eq!(
+            encap("tunnel_encap: program\n").unwrap().tunnel_encap,
+            TunnelEncap::Program
+        );
+        let problems = encap("tunnel_encap: kernel\n").unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].field, "tunnel_encap");
+        let problems =
+            encap("tunnel_encap: program\nrouting_mode: native\nnative_routing_cidr: 10.0.0.0/8\n")
+                .unwrap_err();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .to_string()
+                .contains("needs routing_mode: tunnel"),
+            "{problems:?}"
+        );
+        let args = AgentArgs {
+            tunnel_encap: Some("program".into()),
+            ..Default::default()
+        };
+        let cfg = resolve(file(&format!("{GOOD}tunnel_encap: device\n")), &args).unwrap();
+        assert_eq!(cfg.tunnel_encap, TunnelEncap::Program, "the flag wins");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct Inputs {
     /// Queues with events (or, rarely, whose events were taken by a turn before this entry's):
     /// the round-robin order.
     turns: VecDeque<usize>,
+    /// The queue the last turn was taken from.
+    last_turn: Option<usize>,
 }
 
 /// One cluster's sending end (cloned by whoever sends for that cluster).
@@ -117,6 +119,7 @@ pub fn input_queues(capacity: usize) -> (InputQueues, Inputs) {
         wakes: wakes_rx,
         sources: Vec::new(),
         turns: VecDeque::new(),
+        last_turn: None,
     };
     (queues, inputs)
 }
@@ -166,6 +169,18 @@ impl Inputs {
         }
     }
 
+    /// Clusters other than the last turn's with events waiting for a turn now: the turns that
+    /// complete a pass over every cluster with events (see the view task's rounds).
+    pub fn others_waiting(&mut self) -> usize {
+        while let Ok(w) = self.wakes.try_recv() {
+            self.wake(w);
+        }
+        self.turns
+            .iter()
+            .filter(|&&id| Some(id) != self.last_turn)
+            .count()
+    }
+
     /// The next turn if some cluster has events, without waiting.
     pub fn try_turn(&mut self, turn: &mut Vec<ViewInput>) -> bool {
         turn.clear();
@@ -189,6 +204,7 @@ impl Inputs {
                 self.turns.push_back(id);
             }
             if !turn.is_empty() {
+                self.last_turn = Some(id);
                 return true;
             }
         }

@@ -159,13 +159,20 @@ fn start_datapath(config: &AgentConfig) -> anyhow::Result<(Datapath, u32, String
     })?;
     maps.set_native_routing(native)?;
     maps.set_service_lb_mode(config.routing.service_lb_mode)?;
+    // The config refuses `program` in native routing; what was set in tunnel mode goes.
+    let tunnel_encap = if native {
+        meshd_datapath::TunnelEncap::Device
+    } else {
+        config.tunnel_encap
+    };
+    maps.set_tunnel_encap(tunnel_encap, config.tunnel_port)?;
     if !native {
         datapath.attach_overlay(VXLAN_IFNAME)?;
     }
     let uplink = start_egress(config, &mut datapath, &mut maps)?;
     tracing::info!(pin_dir = %pin_dir.display(), vxlan_ifindex, underlay_mtu,
         routing_mode = %config.routing.mode, service_lb_mode = %config.routing.service_lb_mode,
-        "datapath loaded");
+        %tunnel_encap, "datapath loaded");
     Ok((datapath, underlay_mtu, uplink))
 }
 
@@ -430,12 +437,20 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
             local: true,
             tx: queues.sender(&config.cluster),
             connection: local_conn_tx,
-            entry_limit: None,
+            limits: watcher::RemoteLimits::default(),
         }
         .run(),
     );
 
     let mut wait_for: BTreeSet<_> = [config.cluster.clone()].into();
+    // Every remote cluster's keys together fit the maps (a limit per cluster alone lets a few
+    // clusters overflow them); none with `remote_entry_limit: 0`.
+    let limits = watcher::RemoteLimits {
+        per_cluster: config.remote_entry_limit,
+        room: config
+            .remote_entry_limit
+            .map(|_| meshd_kvstore::EntryRoom::new(watcher::remote_room())),
+    };
     let remote_source = resolve_remote_source(&store, &config).await;
     tracing::info!(%remote_source, "reading remote clusters");
     match remote_source {
@@ -447,7 +462,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     config.cluster.clone(),
                     queues.clone(),
                     registry_tx,
-                    config.remote_entry_limit,
+                    limits,
                 ));
             }
         }
@@ -459,7 +474,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                 queues.clone(),
                 registry_tx,
                 local_conn_rx.clone(),
-                config.remote_entry_limit,
+                limits,
             ));
         }
     }

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::dir_watch::{DirWatch, Periods};
 use crate::inputs::InputQueues;
-use crate::watcher::{ClusterWatcher, Connection, Probe, ViewInput};
+use crate::watcher::{ClusterWatcher, Connection, Probe, RemoteLimits, ViewInput};
 
 /// One remote cluster as status shows it.
 #[derive(Debug, Clone)]
@@ -58,17 +58,9 @@ pub async fn run(
     local: ClusterName,
     queues: InputQueues,
     registry: watch::Sender<Arc<Registry>>,
-    entry_limit: Option<u64>,
+    limits: RemoteLimits,
 ) {
-    run_with_periods(
-        dir,
-        local,
-        queues,
-        registry,
-        entry_limit,
-        Periods::default(),
-    )
-    .await
+    run_with_periods(dir, local, queues, registry, limits, Periods::default()).await
 }
 
 /// [`run`] with the periods of the reads that no event asked for as a parameter (tests set them
@@ -78,13 +70,13 @@ pub async fn run_with_periods(
     local: ClusterName,
     queues: InputQueues,
     registry: watch::Sender<Arc<Registry>>,
-    entry_limit: Option<u64>,
+    limits: RemoteLimits,
     periods: Periods,
 ) {
     let mut remotes = Remotes {
         local,
         queues,
-        entry_limit,
+        limits,
         running: BTreeMap::new(),
         registry: BTreeMap::new(),
     };
@@ -104,8 +96,8 @@ pub async fn run_with_periods(
 struct Remotes {
     local: ClusterName,
     queues: InputQueues,
-    /// Keys held per remote cluster at most.
-    entry_limit: Option<u64>,
+    /// What each remote cluster may make this node hold.
+    limits: RemoteLimits,
     running: BTreeMap<ClusterName, Running>,
     registry: Registry,
 }
@@ -181,7 +173,7 @@ impl Remotes {
                                 local: false,
                                 tx: queues.sender(&cluster),
                                 connection: conn_tx,
-                                entry_limit: self.entry_limit,
+                                limits: self.limits.clone(),
                             };
                             Some(tokio::spawn(watcher.run()))
                         }
@@ -232,7 +224,7 @@ mod tests {
                 ClusterName::new("c1").unwrap(),
                 queues,
                 registry_tx,
-                None,
+                RemoteLimits::default(),
                 Periods {
                     rescan: AN_HOUR,
                     poll: AN_HOUR,

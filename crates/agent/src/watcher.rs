@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meshd_kvstore::{
-    watch_cluster, watch_prefix, Backend, EntryQuota, EtcdStore, WatchConfig, WatchEvent,
-    WatchHandle, WatchStats,
+    watch_cluster, watch_prefix, Backend, EntryQuota, EntryRoom, EtcdStore, WatchConfig,
+    WatchEvent, WatchHandle, WatchStats,
 };
 use meshd_mesh::{ClusterEvent, EventKind, PolicyEvent, ResourceKind};
 use meshd_state::{
@@ -97,8 +97,28 @@ pub struct ClusterWatcher<B: Backend = EtcdStore> {
     /// The cluster's own queue to the view task.
     pub tx: InputSender,
     pub connection: watch::Sender<Connection>,
-    /// Keys of the cluster held at most (a remote's `remote_entry_limit`); None: no limit.
-    pub entry_limit: Option<u64>,
+    /// What the cluster may make this node hold (nothing bounds the local cluster).
+    pub limits: RemoteLimits,
+}
+
+/// What a remote cluster may make this node hold.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteLimits {
+    /// Keys of the cluster held at most (`remote_entry_limit`); None: no limit, and no room
+    /// either.
+    pub per_cluster: Option<u64>,
+    /// The node's room for every remote cluster's keys together, shared with the others
+    /// ([`EntryRoom`]).
+    pub room: Option<Arc<EntryRoom>>,
+}
+
+/// The room the node's maps have for remote clusters' keys: IPCACHE_HOSTS, less an eighth
+/// (131,072 entries) kept for the local cluster's endpoints, which no limit bounds. Every key
+/// of a remote cluster counts (nodes, identities and services too), so the room errs towards
+/// refusing early.
+pub fn remote_room() -> u64 {
+    let hosts = u64::from(meshd_ebpf::abi::IPCACHE_HOSTS_MAX);
+    hosts - hosts / 8
 }
 
 /// How a watcher learns whether its cluster is reachable.
@@ -166,7 +186,13 @@ impl<B: Backend> ClusterWatcher<B> {
             Probe::Fed => tokio::spawn(std::future::ready(())),
         };
         let _abort_probe = AbortOnDrop(probe.abort_handle());
-        let quota = self.entry_limit.map(|l| Arc::new(EntryQuota::new(l)));
+        let quota = self.limits.per_cluster.map(|l| {
+            let q = EntryQuota::new(l);
+            Arc::new(match self.limits.room.clone() {
+                Some(room) => q.in_room(room),
+                None => q,
+            })
+        });
         let cfg = || WatchConfig {
             quota: quota.clone(),
             ..WatchConfig::default()
@@ -335,12 +361,20 @@ fn counts_into(c: &mut Connection, stats: &[Arc<WatchStats>], quota: Option<&Ent
         c.entry_limit = q.limit();
         c.entries_held = q.held();
         c.over_limit = q.refused_total();
-        c.degraded = (q.refused_recent() > 0).then(|| {
-            format!(
+        c.degraded = (q.refused_recent() > 0).then(|| match q.room() {
+            Some(room) if q.refused_for_room() > 0 => format!(
+                "over its share of the node's room for remote entries: {} keys refused since its last full list (room {} for {} remote clusters: {} each, the other half to whoever needs it first; its own limit {}); the rest is served",
+                q.refused_recent(),
+                room.room(),
+                room.members(),
+                room.share(),
+                q.limit()
+            ),
+            _ => format!(
                 "over its entry limit: {} keys refused since its last full list (limit {}); the rest is served",
                 q.refused_recent(),
                 q.limit()
-            )
+            ),
         });
     }
     problems(c) != before

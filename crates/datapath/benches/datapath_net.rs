@@ -8,7 +8,12 @@
 //! - TCP request/response latency (TCP_RR style): 1-byte ping-pong on one connection.
 //!
 //! `cargo bench -p meshd-datapath --bench datapath_net -- [--runs N] [--seconds S] [--rr N]
-//! [--profile 1]`
+//! [--profile 1] [--tunnel-encap device|program|both]`
+//!
+//! `--tunnel-encap program`: meshd's nodes write and take off VXLAN in the programs
+//! (lib/vxlan.h; from_netdev on the uplinks) instead of the device; the run ends with what the
+//! VXLAN devices still carried. `--tunnel-encap both`: a meshd topology of each kind, measured
+//! alternately with the baseline in one run (ratios against the baseline and program/device).
 //!
 //! `--offloads show` prints the offload settings of every interface of both topologies;
 //! `--offloads gro|bigtcp|gro,bigtcp` applies a tuning to both topologies alike before
@@ -30,7 +35,7 @@ use common::bench::{
     tcp_rr, two_routing_nodes, NODE_IPS,
 };
 use common::topology::Topology;
-use meshd_datapath::netns::run_in;
+use meshd_datapath::{netns::run_in, TunnelEncap};
 use meshd_testing::netns::{ChildGuard, Netns, Underlay, UNDERLAY_IFNAME};
 
 /// Two nodes with one endpoint each, wired without eBPF: endpoint veth with a /24 and the
@@ -299,9 +304,15 @@ fn prog_stats(id: u32) -> anyhow::Result<(u64, u64)> {
 
 /// One iperf3 run of each size with BPF run-time statistics on: what each program of the
 /// sending node (node 0) and the receiving node (node 1) costs per run and per byte.
-fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32, native: bool) -> anyhow::Result<()> {
+fn profile(
+    meshd: &Topology,
+    pair: &Pair<'_>,
+    seconds: u32,
+    native: bool,
+    encap: TunnelEncap,
+) -> anyhow::Result<()> {
     use meshd_ebpf::programs::{FROM_ENDPOINT, FROM_NETDEV, FROM_OVERLAY};
-    let (receive, receive_role, ack_role) = if native {
+    let (receive, receive_role, ack_role) = if native || encap == TunnelEncap::Program {
         (
             FROM_NETDEV,
             "receiver from_netdev (data)",
@@ -352,6 +363,26 @@ fn profile(meshd: &Topology, pair: &Pair<'_>, seconds: u32, native: bool) -> any
     Ok(())
 }
 
+/// The meshd topologies `--tunnel-encap` asks for, with their names: `device` (default) or
+/// `program`, or `both`: one of each, measured alternately with the baseline in one run.
+fn encaps_asked() -> anyhow::Result<Vec<TunnelEncap>> {
+    match std::env::args()
+        .skip_while(|a| a != "--tunnel-encap")
+        .nth(1)
+        .as_deref()
+    {
+        None => Ok(vec![TunnelEncap::Device]),
+        Some("both") => Ok(vec![TunnelEncap::Device, TunnelEncap::Program]),
+        Some(s) => Ok(vec![s.parse().map_err(anyhow::Error::msg)?]),
+    }
+}
+
+/// Each path's median and spread.
+fn summarize(results: Vec<Vec<f64>>) -> (Vec<f64>, Vec<String>) {
+    let spreads = results.iter().map(|r| spread(r)).collect();
+    (results.into_iter().map(median).collect(), spreads)
+}
+
 fn main() -> anyhow::Result<()> {
     let Some(args) = tcp_args() else {
         return Ok(());
@@ -366,31 +397,59 @@ fn main() -> anyhow::Result<()> {
         ("tunnel", "kernel VXLAN + routes", 1450)
     };
 
-    let meshd = Topology::with_routing("bnm", &[1, 2], 1, native)?;
+    let encaps = encaps_asked()?;
+    anyhow::ensure!(
+        !native || encaps == [TunnelEncap::Device],
+        "--tunnel-encap program is tunnel mode"
+    );
+    let mut meshd = Vec::new();
+    for &encap in &encaps {
+        meshd.push(match encap {
+            TunnelEncap::Device if encaps.len() == 1 => {
+                Topology::with_routing("bnm", &[1, 2], 1, native)?
+            }
+            // Two meshd topologies: each its own prefix.
+            TunnelEncap::Device => Topology::with_routing("encd", &[1, 2], 1, native)?,
+            TunnelEncap::Program => Topology::with_encap("encp", &[1, 2], 1, &[encap, encap])?,
+        });
+    }
     let baseline = Baseline::new("bnb", native)?;
-    let pairs = [
-        (
-            "meshd eBPF",
-            Pair {
-                client: &meshd.ep(0, 0).netns,
-                server: &meshd.ep(1, 0).netns,
-                server_ip: meshd.ep(1, 0).ip,
-            },
-        ),
-        (
-            baseline_name,
-            Pair {
-                client: &baseline.endpoints[0],
-                server: &baseline.endpoints[1],
-                server_ip: Ipv4Addr::new(10, 2, 0, 2),
-            },
-        ),
-    ];
-    let mut namespaces: Vec<(&str, &Netns)> = vec![("bridge", meshd.underlay.bridge())];
-    for node in &meshd.nodes {
-        namespaces.push(("meshd node", meshd.underlay.node(node.index)));
-        for ep in &node.endpoints {
-            namespaces.push(("meshd endpoint", &ep.netns));
+    // The meshd paths first (one per topology), the baseline last.
+    let mut pairs: Vec<(String, Pair<'_>)> = meshd
+        .iter()
+        .zip(&encaps)
+        .map(|(topo, encap)| {
+            (
+                if native {
+                    "meshd eBPF".to_owned()
+                } else {
+                    format!("meshd eBPF (VXLAN by the {encap})")
+                },
+                Pair {
+                    client: &topo.ep(0, 0).netns,
+                    server: &topo.ep(1, 0).netns,
+                    server_ip: topo.ep(1, 0).ip,
+                },
+            )
+        })
+        .collect();
+    pairs.push((
+        baseline_name.to_owned(),
+        Pair {
+            client: &baseline.endpoints[0],
+            server: &baseline.endpoints[1],
+            server_ip: Ipv4Addr::new(10, 2, 0, 2),
+        },
+    ));
+    let base = pairs.len() - 1;
+    let mut namespaces: Vec<(&str, &Netns)> = Vec::new();
+    for topo in &meshd {
+        namespaces.push(("bridge", topo.underlay.bridge()));
+        for node in &topo.nodes {
+            namespaces.push(("meshd node", topo.underlay.node(node.index)));
+            for ep in &node.endpoints {
+                namespaces.push(("meshd endpoint", &ep.netns));
+            }
         }
     }
     namespaces.push(("baseline bridge", baseline.underlay.bridge()));
@@ -405,7 +464,7 @@ fn main() -> anyhow::Result<()> {
     if !offloads.is_empty() && offloads != "show" {
         let all: Vec<&Netns> = namespaces.iter().map(|(_, ns)| *ns).collect();
         tune(&all, &offloads)?;
-        println!("tuning applied to both topologies: {offloads}");
+        println!("tuning applied to every topology: {offloads}");
     }
     if !offloads.is_empty() {
         for (role, ns) in &namespaces {
@@ -424,51 +483,78 @@ fn main() -> anyhow::Result<()> {
         .map(|(_, p)| iperf_server(p, 5201))
         .collect::<anyhow::Result<_>>()?;
 
+    let names: Vec<&str> = pairs.iter().map(|(n, _)| n.as_str()).collect();
     println!(
-        "{mode} routing: two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU {ep_mtu}, meshd against {baseline_name}, {runs} alternating runs each; load average {}",
+        "{mode} routing: two nodes on a veth/bridge underlay (MTU 1500), endpoint MTU {ep_mtu}, {} against {baseline_name}, {runs} alternating runs each; load average {}",
+        names[..base].join(" and "),
         load_average()
     );
+    let name = if native {
+        "datapath-native"
+    } else {
+        "datapath"
+    };
+    let issue = if native { 13 } else { 18 };
+    let tag = |i: usize| -> String {
+        if native {
+            String::new()
+        } else {
+            format!(" encap={}", encaps[i])
+        }
+    };
     for streams in [1u32, 4] {
-        let mut results = [Vec::new(), Vec::new()];
+        let mut results = vec![Vec::new(); pairs.len()];
         for _ in 0..runs {
             for (i, (_, pair)) in pairs.iter().enumerate() {
                 results[i].push(iperf(pair, 5201, streams, seconds)?);
             }
         }
-        let spreads = [spread(&results[0]), spread(&results[1])];
-        let [m, b] = results.map(median);
-        println!(
-            "TCP throughput, {streams} stream(s): meshd {m:.2} Gbit/s [{}], baseline {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
-            spreads[0], spreads[1]
-        );
-        let name = if native {
-            "datapath-native"
-        } else {
-            "datapath"
-        };
-        println!("RESULT {name}-tcp-{streams}stream meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=1.1x (issue {})", m / b, if native { 13 } else { 18 });
+        let (medians, spreads) = summarize(results);
+        let b = medians[base];
+        for i in 0..base {
+            let m = medians[i];
+            println!(
+                "TCP throughput, {streams} stream(s): {} {m:.2} Gbit/s [{}], baseline {b:.2} Gbit/s [{}] (median of {runs} x {seconds}s)",
+                names[i], spreads[i], spreads[base]
+            );
+            println!("RESULT {name}-tcp-{streams}stream{} meshd_gbps={m:.2} baseline_gbps={b:.2} ratio={:.3}x goal>=1.1x (issue {issue})", tag(i), m / b);
+        }
+        if base == 2 {
+            println!(
+                "RESULT {name}-tcp-{streams}stream program/device={:.3}x",
+                medians[1] / medians[0]
+            );
+        }
     }
     if profile_pass {
-        profile(&meshd, &pairs[0].1, seconds, native)?;
+        for (i, topo) in meshd.iter().enumerate() {
+            profile(topo, &pairs[i].1, seconds, native, encaps[i])?;
+        }
     }
     // `--perf 1`: a system-wide perf profile (cpu-clock, call graphs) of one 4-stream run of
-    // each path, in /tmp/meshd-perf-{meshd,baseline}.data, for `perf report --comm iperf3`.
+    // each path, in /tmp/meshd-perf-{meshd,meshd1,...,baseline}.data, for `perf report --comm
+    // iperf3`.
     if arg("--perf", 0) != 0 {
-        for (name, (_, pair)) in ["meshd", "baseline"].iter().zip(&pairs) {
+        for (i, (_, pair)) in pairs.iter().enumerate() {
+            let file = match i {
+                _ if i == base => "baseline".to_owned(),
+                0 => "meshd".to_owned(),
+                _ => format!("meshd{i}"),
+            };
             let perf = std::process::Command::new("perf")
                 .args(["record", "-q", "-a", "-g", "-e", "cpu-clock", "-o"])
-                .arg(format!("/tmp/meshd-perf-{name}.data"))
+                .arg(format!("/tmp/meshd-perf-{file}.data"))
                 .args(["--", "sleep", &seconds.to_string()])
                 .spawn()
                 .context("perf record")?;
             let gbps = iperf(pair, 5201, 4, seconds)?;
             perf.wait_with_output()?;
-            println!("perf {name}: {gbps:.2} Gbit/s");
+            println!("perf {file}: {gbps:.2} Gbit/s");
         }
     }
     drop(servers);
 
-    let mut results = [Vec::new(), Vec::new()];
+    let mut results = vec![Vec::new(); pairs.len()];
     for run in 0..runs {
         for (i, (_, pair)) in pairs.iter().enumerate() {
             results[i].push(tcp_rr(
@@ -480,31 +566,45 @@ fn main() -> anyhow::Result<()> {
             )?);
         }
     }
-    let spreads = [spread(&results[0]), spread(&results[1])];
-    let [m, b] = results.map(median);
-    println!(
-        "TCP_RR ({rr_transactions} x 1 byte): meshd {m:.1} µs [{}], baseline {b:.1} µs [{}] per transaction (median of {runs})",
-        spreads[0], spreads[1]
-    );
+    let (medians, spreads) = summarize(results);
+    let b = medians[base];
+    for i in 0..base {
+        let m = medians[i];
+        println!(
+            "TCP_RR ({rr_transactions} x 1 byte): {} {m:.1} µs [{}], baseline {b:.1} µs [{}] per transaction (median of {runs})",
+            names[i], spreads[i], spreads[base]
+        );
+        println!(
+            "RESULT {name}-tcp-rr{} meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=0.9x (issue {issue})",
+            tag(i),
+            m / b
+        );
+    }
+    if base == 2 {
+        println!(
+            "RESULT {name}-tcp-rr program/device={:.3}x",
+            medians[1] / medians[0]
+        );
+    }
     println!("load average at the end: {}", load_average());
-    println!(
-        "RESULT {}-tcp-rr meshd_us={m:.1} baseline_us={b:.1} ratio={:.3}x goal<=0.9x (issue {})",
-        if native {
-            "datapath-native"
-        } else {
-            "datapath"
-        },
-        m / b,
-        if native { 13 } else { 18 }
-    );
 
-    for node in &meshd.nodes {
-        for c in node.maps.counters()? {
-            anyhow::ensure!(
-                c.reason > 0,
-                "meshd node {} dropped packets: {c:?}",
-                node.node_ip
-            );
+    for (topo, encap) in meshd.iter().zip(&encaps) {
+        if *encap == TunnelEncap::Program {
+            for i in 0..topo.nodes.len() {
+                println!(
+                    "VXLAN device of meshd node {i} (what the programs left to it): {:?}",
+                    topo.vxlan_traffic(i)?
+                );
+            }
+        }
+        for node in &topo.nodes {
+            for c in node.maps.counters()? {
+                anyhow::ensure!(
+                    c.reason > 0,
+                    "meshd node {} dropped packets: {c:?}",
+                    node.node_ip
+                );
+            }
         }
     }
     Ok(())

@@ -5,7 +5,9 @@
 //! A typical agent start on a node:
 //! 1. [`bpffs::ensure_mounted`], then [`Datapath::load`] with the node's pin directory (maps
 //!    are reused and pinned links get the new programs atomically);
-//! 2. [`plumbing::create_vxlan`], [`DatapathMaps::set_config`], [`Datapath::attach_overlay`];
+//! 2. [`plumbing::create_vxlan`], [`DatapathMaps::set_config`], [`Datapath::attach_overlay`]
+//!    (and [`DatapathMaps::set_tunnel_encap`] with from_netdev on the uplink for in-program
+//!    encapsulation);
 //! 3. per endpoint: [`plumbing::create_endpoint`], [`DatapathMaps::upsert_endpoint`],
 //!    [`Datapath::attach_endpoint`];
 //! 4. the reconciler keeps IPCACHE, NODES, POLICY, SERVICES and BACKENDS equal to the merged
@@ -22,6 +24,7 @@ pub mod netns;
 pub mod plumbing;
 pub mod seam;
 pub mod service_lb;
+pub mod tunnel_encap;
 
 pub use error::{DatapathError, Result};
 pub use loader::{AttachPoint, Datapath, LoadOptions};
@@ -32,3 +35,4 @@ pub use maps::{
 pub use masquerade::{EgressConfig, NatMapping};
 pub use seam::ipv4_only;
 pub use service_lb::ServiceLbMode;
+pub use tunnel_encap::TunnelEncap;

@@ -346,6 +346,8 @@ impl DatapathMaps {
             forward_revision: current.forward_revision.wrapping_add(1),
             nat_port_min: current.nat_port_min,
             nat_port_max: current.nat_port_max,
+            tunnel_port: current.tunnel_port,
+            pad: 0,
         };
         self.write_config(value)
     }

@@ -69,11 +69,7 @@ fn ping_tcp_udp_across_nodes_and_on_one_node() {
     assert!(n0.counter(Direction::Egress, abi::FWD_TUNNEL).unwrap() > 0);
     assert!(n0.counter(Direction::Egress, abi::FWD_LOCAL).unwrap() > 0);
     assert!(n0.counter(Direction::Ingress, abi::FWD_LOCAL).unwrap() > 0);
-    for node in &topo.nodes {
-        for c in node.maps.counters().unwrap() {
-            assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
-        }
-    }
+    topo.assert_no_drops();
 }
 
 #[test]
@@ -233,11 +229,7 @@ fn programs_stay_attached_after_the_loader_is_gone_and_reload_breaks_no_stream()
         .expect("reader")
         .expect("stream broke during reload");
     assert_eq!(received.load(Ordering::Relaxed), sent, "bytes lost");
-    for node in &topo.nodes {
-        for c in node.maps.counters().unwrap() {
-            assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
-        }
-    }
+    topo.assert_no_drops();
 }
 
 fn wait_for_progress(received: &AtomicU64, what: &str) {

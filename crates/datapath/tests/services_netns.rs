@@ -232,11 +232,7 @@ fn tcp_and_udp_through_a_vip_to_local_and_remote_backends() {
     backend_hears_the_client_is_gone(a0, b0, 58, 5358);
     backend_hears_the_client_is_gone(a0, a1, 59, 5359);
 
-    for node in &topo.nodes {
-        for c in node.maps.counters().unwrap() {
-            assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
-        }
-    }
+    topo.assert_no_drops();
     let n0 = &topo.nodes[0].maps;
     assert!(
         n0.counter(Direction::Ingress, meshd_ebpf::abi::FWD_LOCAL)

@@ -38,7 +38,7 @@ pub use identity::{lowest_free, resolve_identity, IdentityError};
 pub use memory::MemoryStore;
 pub use offload::off_the_worker;
 pub use publisher::{Publisher, PublisherConfig, PublisherStats};
-pub use quota::{EntryQuota, DEFAULT_ENTRY_LIMIT, MAX_VALUE_BYTES};
+pub use quota::{EntryQuota, EntryRoom, DEFAULT_ENTRY_LIMIT, MAX_VALUE_BYTES};
 pub use reflection::{RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats};
 pub use retry::{is_transient, retry_transient};
 pub use watcher::{

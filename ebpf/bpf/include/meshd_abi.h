@@ -283,6 +283,12 @@ enum meshd_config_flags {
 	 * `hybrid` TCP only, `snat` neither */
 	MESHD_CONFIG_F_DSR_TCP = 8,
 	MESHD_CONFIG_F_DSR_UDP = 16,
+	/* tunnel mode: VXLAN encapsulation in from-endpoint (and from-netdev's public path),
+	 * handed straight to the underlay device, and decapsulation of VXLAN packets for node_ip
+	 * on tunnel_port in from-netdev on the uplink (lib/vxlan.h); the wire format is the
+	 * device's, and the device (vxlan_ifindex) stays for what the program leaves to it.
+	 * Without it (`tunnel_encap: device`) the device does both */
+	MESHD_CONFIG_F_TUNNEL_PROGRAM = 32,
 };
 
 /* CONFIG: a one-entry array written by the agent before it attaches the programs. */
@@ -300,6 +306,10 @@ struct datapath_config {
 	 * own connections never take a port a masqueraded flow holds */
 	__u16 nat_port_min;
 	__u16 nat_port_max;
+	/* the VXLAN UDP port (the device's dstport), network byte order: what in-program
+	 * encapsulation sends to and decapsulation accepts (MESHD_CONFIG_F_TUNNEL_PROGRAM) */
+	__u16 tunnel_port;
+	__u16 pad;
 };
 
 /*

@@ -48,6 +48,15 @@ struct pkt_ctx {
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 
+/* One's complement sum folded to 16 bits and inverted: an Internet checksum. */
+static __always_inline __u16 csum_fold_s64(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
 static __always_inline int identity_cluster(__u32 identity)
 {
 	return (identity >> MESHD_IDENTITY_CLUSTER_SHIFT) & MESHD_IDENTITY_CLUSTER_MASK;

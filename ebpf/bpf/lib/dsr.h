@@ -185,15 +185,6 @@ static __always_inline void dsr_record(const struct pkt_ctx *ctx, struct ct_valu
 	}
 }
 
-/* One's complement sum folded to 16 bits and inverted: an Internet checksum. */
-static __always_inline __u16 csum_fold_s64(__s64 sum)
-{
-	__u32 s = (__u32)sum;
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return (__u16)~s;
-}
-
 /*
  * Replaces the packet in ctx (DNATed to a backend: client -> backend, option not inserted) by
  * ICMP fragmentation needed from node_ip to its client, next-hop MTU mtu - the option, quoting

@@ -6,9 +6,10 @@
  * policy (the verdict CT already caches). Those three hash lookups were about half of
  * from_endpoint's cost under BPF_PROG_RUN with 100k ipcache entries (BENCHMARKS.md); the CT entry
  * of the packet's direction keeps their answers (ct_value fwd_*), so the steady state is one CT
- * lookup and, in tunnel mode, the tunnel key. In native routing mode the route itself is not
- * cached: routes and neighbours change without the agent (a router's routes, a neighbour's MAC),
- * and only the FIB knows them, so a cached packet still takes the FIB lookup (lib/native.h).
+ * lookup and, in tunnel mode, the tunnel key (or the encapsulation, lib/vxlan.h). In native
+ * routing mode the route itself is not cached: routes and neighbours change without the agent
+ * (a router's routes, a neighbour's MAC), and only the FIB knows them, so a cached packet still
+ * takes the FIB lookup (lib/native.h); nor is the underlay route of in-program encapsulation.
  *
  * Validity: the agent bumps CONFIG forward_revision after every ENDPOINTS, IPCACHE or CONFIG
  * change, so an answer is used only while none of the maps it came from has changed; policy
@@ -25,6 +26,7 @@
 #include "maps.h"
 #include "ct.h"
 #include "native.h"
+#include "tunnel.h"
 
 #define CT_F_NOT_PLAIN (MESHD_CT_F_SERVICE | MESHD_CT_F_REV_NAT | MESHD_CT_F_CLOSING)
 
@@ -55,16 +57,7 @@ static __always_inline int fwd_cache_forward(struct __sk_buff *skb, struct pkt_c
 	ctx->dst_identity = v->fwd_dst_identity;
 	if (native)
 		return native_forward(skb, ctx, l3_off);
-	struct bpf_tunnel_key key = {};
-	key.remote_ipv4 = bpf_ntohl(v->fwd_tunnel_endpoint);
-	ctx->tunnel_remote = key.remote_ipv4;
-	key.tunnel_id = v->fwd_src_identity;
-	key.tunnel_ttl = 64;
-	/* Zero outer UDP checksum, as the kernel's own VXLAN does by default for IPv4. */
-	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	ctx->action = bpf_redirect(cfg->vxlan_ifindex, 0);
-	return MESHD_FWD_TUNNEL;
+	return tunnel_redirect(skb, ctx, cfg, v->fwd_tunnel_endpoint, v->fwd_src_identity);
 }
 
 /* After the long path sent a packet of live entry v to a remote endpoint (tunnelled, or routed

@@ -344,6 +344,7 @@ fn checksum(bytes: &[u8]) -> u16 {
 
 pub mod bench;
 pub mod frames;
+pub mod mutations;
 pub mod public;
 pub mod topology;
 pub mod world;

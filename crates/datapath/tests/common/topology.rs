@@ -1,6 +1,8 @@
 //! Two-node (or more) test topologies in network namespaces, wired like meshd wires a node:
 //! underlay veth to a shared bridge, a VXLAN device in external mode with from_overlay, and
-//! endpoints (namespace + veth, MTU = underlay - 50) with from_endpoint.
+//! endpoints (namespace + veth, MTU = underlay - 50) with from_endpoint; with
+//! [`Topology::with_encap`], each node's VXLAN written by the device or by the programs, and
+//! from_netdev on every uplink, as the agent wires it.
 
 use meshd_state::NumericIdentity;
 use std::net::IpAddr;
@@ -17,7 +19,7 @@ use meshd_datapath::{
     bpffs::ScratchPinDir,
     netns::run_in,
     plumbing::{self, EndpointSpec},
-    Datapath, DatapathMaps, IpcacheTarget, LocalEndpoint, NodeConfig,
+    Datapath, DatapathMaps, IpcacheTarget, LocalEndpoint, NodeConfig, TunnelEncap,
 };
 use meshd_testing::netns::{Netns, Underlay};
 
@@ -70,6 +72,28 @@ impl Topology {
         endpoints_per_node: usize,
         native: bool,
     ) -> anyhow::Result<Topology> {
+        Self::build(prefix, clusters, endpoints_per_node, native, &[])
+    }
+
+    /// As [`Topology::new`] in tunnel mode, node i's VXLAN written by `encaps[i]` (the device
+    /// or the programs), and from_netdev on every node's uplink, as the agent attaches it.
+    pub fn with_encap(
+        prefix: &str,
+        clusters: &[u8],
+        endpoints_per_node: usize,
+        encaps: &[TunnelEncap],
+    ) -> anyhow::Result<Topology> {
+        anyhow::ensure!(encaps.len() == clusters.len(), "one encapsulation per node");
+        Self::build(prefix, clusters, endpoints_per_node, false, encaps)
+    }
+
+    fn build(
+        prefix: &str,
+        clusters: &[u8],
+        endpoints_per_node: usize,
+        native: bool,
+        encaps: &[TunnelEncap],
+    ) -> anyhow::Result<Topology> {
         let mut underlay = Underlay::new(prefix, 1500)?;
         let mut nodes = Vec::new();
         for (i, &cluster_id) in clusters.iter().enumerate() {
@@ -111,6 +135,11 @@ impl Topology {
                 }
             } else {
                 run_in(&node_ns.path(), || datapath.attach_overlay(VXLAN_IFNAME))?;
+                if let Some(&encap) = encaps.get(i) {
+                    maps.set_tunnel_encap(encap, plumbing::DEFAULT_VXLAN_PORT)?;
+                    let uplink = meshd_testing::netns::UNDERLAY_IFNAME;
+                    run_in(&node_ns.path(), || datapath.attach_netdev(uplink))?;
+                }
             }
 
             let mut endpoints = Vec::new();
@@ -191,6 +220,44 @@ impl Topology {
     pub fn ep(&self, node: usize, ep: usize) -> &TestEndpoint {
         &self.nodes[node].endpoints[ep]
     }
+
+    /// Fails the test if any node's datapath dropped a packet (counted a drop reason).
+    pub fn assert_no_drops(&self) {
+        for node in &self.nodes {
+            for c in node.maps.counters().unwrap() {
+                assert!(c.reason > 0, "node {} dropped packets: {c:?}", node.node_ip);
+            }
+        }
+    }
+
+    /// What node `node`'s VXLAN device has sent and received so far.
+    pub fn vxlan_traffic(&self, node: usize) -> anyhow::Result<VxlanTraffic> {
+        let ns = self.underlay.node(self.nodes[node].index);
+        let out = ns.ip(&["-j", "-s", "link", "show", VXLAN_IFNAME])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("ip -j -s link")?;
+        let stats = &v[0]["stats64"];
+        let get = |dir: &str, what: &str| {
+            stats[dir][what]
+                .as_u64()
+                .with_context(|| format!("no {dir} {what} in {out}"))
+        };
+        Ok(VxlanTraffic {
+            tx_packets: get("tx", "packets")?,
+            tx_bytes: get("tx", "bytes")?,
+            rx_packets: get("rx", "packets")?,
+            rx_bytes: get("rx", "bytes")?,
+        })
+    }
+}
+
+/// A VXLAN device's counters (`ip -s link`): what the device encapsulated (tx) and
+/// decapsulated (rx), i.e. what the programs left to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VxlanTraffic {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
 }
 
 /// Runs `f` in the endpoint's namespace.

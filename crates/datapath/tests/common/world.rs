@@ -46,10 +46,15 @@ pub struct World {
 /// thread inside a namespace wired as the module doc says. `None` where datapath tests cannot
 /// run (see [`can_run`]).
 pub fn world(nat_ports: RangeInclusive<u16>) -> Option<World> {
+    world_named("mq", nat_ports)
+}
+
+/// [`world`] in a namespace named after `name` (a test binary's own prefix).
+pub fn world_named(name: &str, nat_ports: RangeInclusive<u16>) -> Option<World> {
     if !can_run() {
         return None;
     }
-    let ns = Netns::new("mq").expect("netns");
+    let ns = Netns::new(name).expect("netns");
     for args in [
         &[
             "link",
@@ -168,6 +173,22 @@ impl World {
 
     pub fn uplink(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         self.run(programs::FROM_NETDEV, frame, self.up_if)
+    }
+
+    /// A permanent neighbour entry on the uplink: `ip` is at `mac` (`aa:bb:...`).
+    #[allow(dead_code)] // not every test binary adds any
+    pub fn uplink_neighbour(&self, ip: Ipv4Addr, mac: &str) {
+        self.ip(&[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            mac,
+            "dev",
+            "mq_up",
+            "nud",
+            "permanent",
+        ]);
     }
 
     /// `ip ARGS` in the world's namespace (routes and neighbours a test adds).
