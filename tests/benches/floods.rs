@@ -15,21 +15,38 @@
 //! (refused keys); and for each phase the CPU of every process of the run and how long their
 //! runnable threads waited for a core (`/proc/*/schedstat`).
 //!
+//! The node under test on a core of its own (session 11, `--isolate 1`): in a real mesh c2/n1's
+//! and c3/n1's agents, c3's etcd and the writer run on other machines, so they must not take
+//! c1/n1's CPU here either. Every thread of each process is pinned (`sched_setaffinity`; threads
+//! started later inherit it):
+//! - CPU 0, the node under test and the probe's path: c1/n1's agent, c1's and c2's etcd, the
+//!   relays of c1's and c2's etcd (threads `relay-2380`, `relay-2381` of this process; c2's
+//!   carries the probes to c1/n1), and this process's other threads (the prober, the status
+//!   reads and the `meshd status` they run);
+//! - CPU 1, the flood and the other machines: c2/n1's and c3/n1's agents, c3's etcd, the relay of
+//!   c3's etcd (`relay-2382`: the flood's path to both agents, the network in a real mesh), the
+//!   writer's thread, the unwatched etcd of the second baseline and, through the cache, every
+//!   cluster's mirror (a pod of its own, elsewhere, c1's too).
+//! Other sessions' processes still run on both.
+//!
 //! Usage: cargo bench -p meshd-e2e --bench floods -- [--keys K] [--limit L] [--probes P]
-//! [--cache 0|1] [--machine 0|1] [--split N]. `--limit 0` (the default) leaves the agents'
-//! (and the mirror's) default limit; `--cache 1` reads remote clusters through each cluster's
-//! mirror. Needs root, etcd, bpffs and the release binaries.
+//! [--cache 0|1] [--machine 0|1] [--split N] [--isolate 0|1]. `--limit 0` (the default) leaves
+//! the agents' (and the mirror's) default limit; `--cache 1` reads remote clusters through each
+//! cluster's mirror. Needs root, etcd, bpffs and the release binaries (and 2 CPUs or more for
+//! `--isolate 1`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshd_certs::LeafKind;
+use meshd_e2e::affinity;
 use meshd_e2e::bench::{arg, ms, percentile};
 use meshd_e2e::flood::{
     admin_config, cpu_report, cpu_snapshot, flood_records, spawn_writer, split_summary, summary,
     CpuSnapshot, Prober, Split, Watched, Writer,
 };
 use meshd_e2e::mesh::{Mesh, MeshOptions};
+use meshd_e2e::proxy::RELAY_THREAD;
 use meshd_kvstore::EtcdConfig;
 use meshd_testing::etcd::{EtcdOptions, EtcdTls};
 use meshd_testing::etcd_cluster::EtcdCluster;
@@ -40,6 +57,9 @@ const SETTLE: Duration = Duration::from_secs(1200);
 /// How often c3's status is read during the flood (when it went over its limit, whether the
 /// node settled).
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// `--isolate 1`: the node under test's CPU, and the flood's (see the module's doc).
+const NODE_CPU: usize = 0;
+const FLOOD_CPU: usize = 1;
 
 fn u(v: &serde_json::Value, field: &str) -> u64 {
     v[field].as_u64().unwrap_or(0)
@@ -124,6 +144,15 @@ fn watched(mesh: &Mesh, cached: bool) -> anyhow::Result<Vec<Watched>> {
         }
     }
     let me = std::process::id();
+    for c in ["c1", "c2", "c3"] {
+        for tid in relay_threads(mesh, c)? {
+            tasks.push(Watched {
+                name: format!("bench: {c}'s etcd relay"),
+                pid: me,
+                tid: Some(tid),
+            });
+        }
+    }
     tasks.push(Watched {
         name: "bench process (all)".into(),
         pid: me,
@@ -137,6 +166,79 @@ fn watched(mesh: &Mesh, cached: bool) -> anyhow::Result<Vec<Watched>> {
     Ok(tasks)
 }
 
+/// The port `cluster`'s (first) etcd relay listens on, which names its threads.
+fn relay_port(mesh: &Mesh, cluster: &str) -> anyhow::Result<u16> {
+    let urls = mesh.cluster(cluster)?.etcd_urls();
+    let url = urls
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("{cluster} has no etcd relay"))?;
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no port in {cluster}'s relay address {url}"))
+}
+
+/// This process's threads of `cluster`'s etcd relay.
+fn relay_threads(mesh: &Mesh, cluster: &str) -> anyhow::Result<Vec<u32>> {
+    let name = format!("{RELAY_THREAD}{}", relay_port(mesh, cluster)?);
+    Ok(affinity::threads(std::process::id())?
+        .into_iter()
+        .filter(|(_, comm)| *comm == name)
+        .map(|(tid, _)| tid)
+        .collect())
+}
+
+/// `--isolate 1`: pins everything as the module's doc says; a line per placement, checked by
+/// reading each process's (or thread's) allowed CPUs back.
+fn isolate(mesh: &Mesh, cached: bool) -> anyhow::Result<Vec<String>> {
+    let me = std::process::id();
+    let mut placed: Vec<(String, u32, u32, usize)> = Vec::new();
+    // This process first (every relay and the prober), then what goes elsewhere.
+    affinity::pin_process(me, NODE_CPU)?;
+    placed.push(("bench: prober, c1's and c2's relays".into(), me, me, NODE_CPU));
+    for (c, cpu) in [("c1", NODE_CPU), ("c2", FLOOD_CPU), ("c3", FLOOD_CPU)] {
+        let pid = mesh
+            .agent_pid(c, "n1")
+            .ok_or_else(|| anyhow::anyhow!("no agent of {c}"))?;
+        affinity::pin_process(pid, cpu)?;
+        placed.push((format!("{c}/n1 agent"), pid, pid, cpu));
+    }
+    for (c, cpu) in [("c1", NODE_CPU), ("c2", NODE_CPU), ("c3", FLOOD_CPU)] {
+        let pid = mesh
+            .cluster(c)?
+            .etcd
+            .member(0)
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("{c}'s etcd is not running"))?;
+        affinity::pin_process(pid, cpu)?;
+        placed.push((format!("{c} etcd"), pid, pid, cpu));
+        if cached {
+            let pid = mesh
+                .mirror_pid(c)
+                .ok_or_else(|| anyhow::anyhow!("no mirror of {c}"))?;
+            affinity::pin_process(pid, FLOOD_CPU)?;
+            placed.push((format!("{c} mirror"), pid, pid, FLOOD_CPU));
+        }
+    }
+    let c3_relay = relay_threads(mesh, "c3")?;
+    anyhow::ensure!(!c3_relay.is_empty(), "no thread of c3's etcd relay found");
+    for tid in c3_relay {
+        affinity::pin_thread(tid, FLOOD_CPU)?;
+        placed.push(("c3's etcd relay".into(), me, tid, FLOOD_CPU));
+    }
+    placed
+        .into_iter()
+        .map(|(what, pid, tid, cpu)| {
+            let allowed = affinity::allowed_cpus(pid, tid)?;
+            anyhow::ensure!(
+                allowed == cpu.to_string(),
+                "{what} (pid {pid}, thread {tid}) may run on CPUs {allowed}, not {cpu} alone"
+            );
+            Ok(format!("{what} (pid {pid}, thread {tid}): CPU {allowed}"))
+        })
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         meshd_e2e::mesh::prerequisites(),
@@ -148,6 +250,12 @@ fn main() -> anyhow::Result<()> {
     let cached = arg("--cache", 0) == 1;
     let machine = arg("--machine", 1) == 1;
     let split_every = arg("--split", 8);
+    let isolated = arg("--isolate", 0) == 1;
+    if isolated {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        anyhow::ensure!(cpus > FLOOD_CPU, "--isolate 1 needs 2 CPUs, this machine has {cpus}");
+    }
+    let writer_cpu = isolated.then_some(FLOOD_CPU);
     let mode = if cached { "cache" } else { "direct" };
     let mut opts = MeshOptions::clusters(3, 1);
     if limit != 0 {
@@ -167,6 +275,12 @@ fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/loadavg")?.trim()
     );
+    if isolated {
+        println!("  isolated: c1/n1 and the probe's path on CPU {NODE_CPU}, the flood on CPU {FLOOD_CPU}:");
+        for line in isolate(&mesh, cached)? {
+            println!("    {line}");
+        }
+    }
     let tasks = watched(&mesh, cached)?;
     let mut prober = Prober::new(&mesh, "c2", 2, "c1", "n1")?;
     // Measured, not a goal: a probe stuck behind a flood is waited for (a first run gave up on
@@ -214,7 +328,12 @@ fn main() -> anyhow::Result<()> {
             },
         )?;
         let config = EtcdConfig::new([spare.endpoint()]).with_tls(admin.clone());
-        let writer = spawn_writer(config, records.clone(), PARALLEL)?;
+        if isolated {
+            if let Some(pid) = spare.member(0).pid() {
+                affinity::pin_process(pid, FLOOD_CPU)?;
+            }
+        }
+        let writer = spawn_writer(config, records.clone(), PARALLEL, writer_cpu)?;
         let mut t = tasks.clone();
         if let Some(pid) = spare.member(0).pid() {
             t.push(Watched {
@@ -246,7 +365,12 @@ fn main() -> anyhow::Result<()> {
         None
     };
 
-    let writer = spawn_writer(admin_config(&mesh, "c3")?, records.clone(), PARALLEL)?;
+    let writer = spawn_writer(
+        admin_config(&mesh, "c3")?,
+        records.clone(),
+        PARALLEL,
+        writer_cpu,
+    )?;
     let t = tasks.clone();
     let start = Instant::now();
     let c_start = cpu_snapshot(&t);

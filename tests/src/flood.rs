@@ -304,12 +304,19 @@ impl Writer {
     }
 }
 
+/// With `cpu`, the writer's thread (and so its runtime) runs on that CPU alone
+/// ([`crate::affinity`]).
 pub fn spawn_writer(
     config: EtcdConfig,
     records: Arc<Vec<Kv>>,
     parallel: usize,
+    cpu: Option<usize>,
 ) -> anyhow::Result<Writer> {
     let handle = std::thread::spawn(move || {
+        // Before the runtime: threads it starts inherit the mask.
+        if let Some(cpu) = cpu {
+            crate::affinity::pin_thread(0, cpu)?;
+        }
         let rt = runtime()?;
         let store = rt.block_on(meshd_kvstore::connect(&config))?;
         let (written, took) = rt.block_on(put_parallel(&store, &records, parallel, None))?;
@@ -377,25 +384,28 @@ pub struct Watched {
 pub struct CpuSnapshot {
     at: Instant,
     tasks: Vec<Sched>,
-    machine: (u64, u64),
+    /// All CPUs, then each CPU (`cpu0`, `cpu1`, ...): (busy, total) ticks.
+    machine: Vec<(u64, u64)>,
 }
 
-/// Busy and total ticks of all CPUs (`/proc/stat`): every process of the machine, other
-/// sessions' included.
-fn machine_ticks() -> (u64, u64) {
+/// Busy and total ticks of all CPUs together, then of each (`/proc/stat`): every process of
+/// the machine, other sessions' included.
+fn machine_ticks() -> Vec<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().next() else {
-        return (0, 0);
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    // idle and iowait
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total - idle, total)
+    stat.lines()
+        .take_while(|l| l.starts_with("cpu"))
+        .map(|line| {
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            let total: u64 = v.iter().take(8).sum();
+            // idle and iowait
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
 }
 
 pub fn cpu_snapshot(tasks: &[Watched]) -> CpuSnapshot {
@@ -410,14 +420,22 @@ pub fn cpu_snapshot(tasks: &[Watched]) -> CpuSnapshot {
 /// threads waited for a core (ms per second of the phase, and per time slice).
 pub fn cpu_report(tasks: &[Watched], a: &CpuSnapshot, b: &CpuSnapshot) -> Vec<String> {
     let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let (busy, total) = (
-        b.machine.0.saturating_sub(a.machine.0),
-        b.machine.1.saturating_sub(a.machine.1),
-    );
+    // The machine's CPUs, not this process's (pinned, it may run on one of them).
+    let cores = a.machine.len().saturating_sub(1).max(1) as f64;
+    let busy = |i: usize| {
+        let (Some(x), Some(y)) = (a.machine.get(i), b.machine.get(i)) else {
+            return 0.0;
+        };
+        let total = y.1.saturating_sub(x.1).max(1) as f64;
+        y.0.saturating_sub(x.0) as f64 / total
+    };
+    let per_cpu: Vec<String> = (1..a.machine.len().min(b.machine.len()))
+        .map(|i| format!("cpu{} {:.2}", i - 1, busy(i)))
+        .collect();
     let mut out = vec![format!(
-        "machine: {:.2} of {cores} cores busy (every process, other sessions' too), {secs:.1} s",
-        busy as f64 / (total.max(1) as f64) * cores
+        "machine: {:.2} of {cores} cores busy ({}; every process, other sessions' too), {secs:.1} s",
+        busy(0) * cores,
+        per_cpu.join(", ")
     )];
     for (i, t) in tasks.iter().enumerate() {
         let (x, y) = (a.tasks[i], b.tasks[i]);

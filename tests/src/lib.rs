@@ -1,6 +1,7 @@
 //! End-to-end test harness: a multi-cluster mesh on one machine, as DESIGN.md's "Test
 //! topology" describes it, with real processes and a real kernel datapath.
 //!
+//! - [`affinity`]: processes and threads pinned to CPUs (a node measured on a core of its own);
 //! - [`pki`]: a mesh CA and each cluster's etcd server, admin and remote certificates;
 //! - [`netns_io`]: sockets opened inside a network namespace (a socket keeps the namespace it
 //!   was created in, so tests talk from endpoints without spawning processes);
@@ -14,6 +15,7 @@
 //!
 //! Everything is named uniquely per test and torn down on drop.
 
+pub mod affinity;
 pub mod bench;
 pub mod capture;
 pub mod exposition;

@@ -274,7 +274,9 @@ impl Mesh {
     pub fn start(opts: MeshOptions) -> anyhow::Result<Mesh> {
         let meshd = meshd_binary()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("m{}x{n}", std::process::id());
+        // `MESHD_E2E_PREFIX` (see `meshd_testing::run_tag`), else `m`.
+        let tag = meshd_testing::run_tag()?.unwrap_or_else(|| "m".to_owned());
+        let prefix = format!("{tag}{}x{n}", std::process::id());
         let dir = tempfile::Builder::new()
             .prefix(&format!("meshd-e2e-{prefix}-"))
             .tempdir()?;

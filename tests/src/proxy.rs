@@ -23,6 +23,9 @@ use crate::netns_io;
 /// How often the relay checks whether its target listens.
 pub const POLL: Duration = Duration::from_millis(50);
 
+/// What a relay's threads are named, followed by the port it listens on.
+pub const RELAY_THREAD: &str = "relay-";
+
 /// Runs until dropped.
 pub struct Proxy {
     runtime: Option<tokio::runtime::Runtime>,
@@ -35,6 +38,8 @@ impl Proxy {
         let first = netns_io::listen(netns, listen)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            // Told apart by its port (a benchmark pins each cluster's relay to a CPU).
+            .thread_name(format!("{RELAY_THREAD}{}", listen.port()))
             .enable_all()
             .build()
             .context("proxy runtime")?;

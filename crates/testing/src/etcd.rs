@@ -80,8 +80,12 @@ impl Etcd {
     /// A member with fresh ports and data dir, not running yet; `initial_cluster` is left for
     /// the caller, who knows every member's peer URL.
     pub(crate) fn unstarted(opts: &EtcdOptions, name: &str) -> anyhow::Result<Etcd> {
+        let prefix = match crate::run_tag()? {
+            Some(tag) => format!("meshd-etcd-{tag}-"),
+            None => "meshd-etcd-".to_owned(),
+        };
         let dir = tempfile::Builder::new()
-            .prefix("meshd-etcd-")
+            .prefix(&prefix)
             .tempdir()
             .context("creating etcd temp dir")?;
         let cluster_token = dir

@@ -109,6 +109,25 @@ pub fn which(name: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The tag of this run's names, from `MESHD_E2E_PREFIX` (1-8 lowercase letters or digits), or
+/// `None` when unset: the people sharing a machine each set their own (e.g. `s11f`), so what a
+/// run creates (network namespaces, bpffs and etcd directories) carries it, cannot be taken for
+/// another's, and can be cleaned up by its owner alone. Names also carry the pid.
+pub fn run_tag() -> anyhow::Result<Option<String>> {
+    let Ok(tag) = std::env::var("MESHD_E2E_PREFIX") else {
+        return Ok(None);
+    };
+    anyhow::ensure!(
+        !tag.is_empty()
+            && tag.len() <= 8
+            && tag
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "MESHD_E2E_PREFIX={tag:?}: want 1-8 lowercase letters or digits"
+    );
+    Ok(Some(tag))
+}
+
 /// A loopback TCP port that was free a moment ago. The OS hands out ephemeral ports in a
 /// rotating order, so a port just released is unlikely to be handed to another test at once;
 /// callers that bind it later must still retry on "address in use".
