@@ -50,13 +50,16 @@ faults: deps
 # The long flood (issue 17, item 4; tests/benches/floods.rs): c3 publishes FLOOD_KEYS keys while
 # c2's propagation to c1/n1 is timed against the same probes before the flood, and c1/n1's
 # memory is sampled; direct mode, then through the cache. FLOOD_LIMIT=0 keeps the default
-# remote_entry_limit. `make test` runs the short version (tests/tests/agent_floods.rs).
+# remote_entry_limit. FLOOD_ISOLATE=1 runs c1/n1 and the probe's path on CPU 0 and the flood
+# (c3's etcd, the writer, the other agents) on CPU 1, as if on machines of their own.
+# `make test` runs the short version (tests/tests/agent_floods.rs).
 FLOOD_KEYS ?= 1000000
 FLOOD_LIMIT ?= 0
+FLOOD_ISOLATE ?= 0
 floods: deps
 	$(CARGO) build --release -p meshd -p clustermesh-apiserver
-	$(CARGO) bench -p meshd-e2e --bench floods -- --keys $(FLOOD_KEYS) --limit $(FLOOD_LIMIT) --cache 0
-	$(CARGO) bench -p meshd-e2e --bench floods -- --keys $(FLOOD_KEYS) --limit $(FLOOD_LIMIT) --cache 1
+	$(CARGO) bench -p meshd-e2e --bench floods -- --keys $(FLOOD_KEYS) --limit $(FLOOD_LIMIT) --isolate $(FLOOD_ISOLATE) --cache 0
+	$(CARGO) bench -p meshd-e2e --bench floods -- --keys $(FLOOD_KEYS) --limit $(FLOOD_LIMIT) --isolate $(FLOOD_ISOLATE) --cache 1
 
 # The namespace lab: two clusters, two nodes each, a global service and a policy, then a
 # connectivity check. It keeps running; `make lab-down` removes it.

@@ -25,6 +25,7 @@ pub mod inputs;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
+pub mod overtake;
 pub mod reconciler;
 pub mod remotes;
 pub mod routes;
@@ -397,10 +398,11 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     // in turns by the view task ([`inputs`]): a flooding cluster's backlog never sits in front
     // of another cluster's change.
     let (queues, view_inputs) = inputs::input_queues(inputs::QUEUE);
-    // Bounded, and to one batch: a reconciler that falls behind slows the view task down (the
-    // backlog stays in the clusters' queues, where every cluster gets its turn) instead of
-    // queueing batches in front of the next round (64 of them were up to 260k writes).
-    let (datapath_tx, datapath_rx) = mpsc::channel(1);
+    // Bounded by the view task's lanes (`view_task::Lanes`), in writes: a reconciler that
+    // falls behind slows the view task down (the backlog stays in the clusters' queues, where
+    // every cluster gets its turn) instead of queueing batches in front of the next round (64
+    // of them were up to 260k writes), and a quiet cluster's small round goes ahead.
+    let (datapath_tx, datapath_rx) = mpsc::unbounded_channel();
     let (full_request_tx, full_request_rx) = mpsc::channel(1);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
     let (policies_tx, policies_rx) = watch::channel(view_task::PolicySummary::default());
@@ -496,6 +498,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     .collect(),
             }),
             inputs: view_inputs,
+            lanes: view_task::Lanes::default(),
             peers: peers_tx,
             health_checks: health_checks_tx,
             datapath: datapath_tx,
