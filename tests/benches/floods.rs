@@ -30,10 +30,13 @@
 //! Other sessions' processes still run on both.
 //!
 //! Usage: cargo bench -p meshd-e2e --bench floods -- [--keys K] [--limit L] [--probes P]
-//! [--cache 0|1] [--machine 0|1] [--split N] [--isolate 0|1]. `--limit 0` (the default) leaves
+//! [--cache 0|1] [--machine 0|1] [--split N] [--isolate 0|1] [--poll-us U] [--from-request
+//! 0|1]. `--limit 0` (the default) leaves
 //! the agents' (and the mirror's) default limit; `--cache 1` reads remote clusters through each
 //! cluster's mirror. Needs root, etcd, bpffs and the release binaries (and 2 CPUs or more for
-//! `--isolate 1`).
+//! `--isolate 1`). `--poll-us` (500 by default) is how often the prober looks at the map,
+//! `--from-request 1` times each probe from the put's request, not its answer (see
+//! `meshd_e2e::flood::Prober::from_request`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -287,6 +290,8 @@ fn main() -> anyhow::Result<()> {
     // one after 30 s).
     prober.deadline = Duration::from_secs(600);
     prober.split_every = split_every;
+    prober.poll = Duration::from_micros(arg("--poll-us", 500) as u64);
+    prober.from_request = arg("--from-request", 0) == 1;
     let rss0 = mesh.agent_rss_bytes("c1", "n1")?;
     let mirror0 = cached.then(|| mesh.mirror_rss_bytes("c1")).transpose()?;
     let s0 = cpu_snapshot(&tasks);
