@@ -130,7 +130,13 @@ mod tests {
         assert!(Overtaking::of(&[node], &[]).is_none());
         assert!(Overtaking::of(&[], &[]).is_none());
         let many: Vec<DatapathOp> = (0..=MAX_OPS)
-            .map(|i| upsert(&format!("10.2.{}.{}/32", i / 256, i % 256), 300, "192.168.0.2"))
+            .map(|i| {
+                upsert(
+                    &format!("10.2.{}.{}/32", i / 256, i % 256),
+                    (2 << 16) | 300,
+                    "192.168.0.2",
+                )
+            })
             .collect();
         assert!(Overtaking::of(&many, &[]).is_none());
     }

@@ -836,7 +836,13 @@ mod tests {
         let (c2, c3) = ((2 << 16) | 300, (3 << 16) | 300);
         // c3's batch: 300 entries, then one at 10.9.0.1 that c2's round deletes.
         let mut bulk: Vec<DatapathOp> = (0..300)
-            .map(|i| upsert(&format!("10.3.{}.{}/32", i / 256, i % 256), c3, [192, 168, 0, 3]))
+            .map(|i| {
+                upsert(
+                    &format!("10.3.{}.{}/32", i / 256, i % 256),
+                    c3,
+                    [192, 168, 0, 3],
+                )
+            })
             .collect();
         bulk.push(upsert("10.9.0.1/32", c3, [192, 168, 0, 3]));
         r.receive(changes(bulk, false));

@@ -327,11 +327,7 @@ impl ViewTask {
             taken += turn.len();
             self.apply_turn(turn, &mut pending, log);
             let writes = pending.ops.len() + pending.service_ops.len();
-            if turns_left == 0
-                || taken >= BATCH
-                || writes >= BATCH
-                || !self.inputs.try_turn(turn)
-            {
+            if turns_left == 0 || taken >= BATCH || writes >= BATCH || !self.inputs.try_turn(turn) {
                 return pending;
             }
             turns_left -= 1;
@@ -341,7 +337,12 @@ impl ViewTask {
         }
     }
 
-    fn apply_turn(&mut self, turn: &mut Vec<ViewInput>, pending: &mut Pending, log: &mut RejectionLog) {
+    fn apply_turn(
+        &mut self,
+        turn: &mut Vec<ViewInput>,
+        pending: &mut Pending,
+        log: &mut RejectionLog,
+    ) {
         if turn.len() >= BIG_TURN {
             // A list or a flood: applied off the runtime's worker, so the watchers decode the
             // next events meanwhile (see `meshd_kvstore::off_the_worker`).
@@ -829,7 +830,11 @@ mod tests {
             for n in 0..flood as u32 {
                 remote.send(c3_entry(n)).await.unwrap();
             }
-            queues.sender(&c1()).send(endpoint("10.1.1.7")).await.unwrap();
+            queues
+                .sender(&c1())
+                .send(endpoint("10.1.1.7"))
+                .await
+                .unwrap();
         })
         .await;
         let wanted: ipnet::IpNet = "10.1.1.7/32".parse().unwrap();
@@ -858,7 +863,11 @@ mod tests {
         };
         // Alone, not in a batch with c3's writes, all of which the reconciler would write
         // first; and free to overtake the ones it has not written.
-        assert_eq!(ops.len(), 1, "c1's change went out with c3's writes: {ops:?}");
+        assert_eq!(
+            ops.len(),
+            1,
+            "c1's change went out with c3's writes: {ops:?}"
+        );
         assert!(express, "c1's change cannot overtake");
         handle.abort();
     }
@@ -896,7 +905,11 @@ mod tests {
         }
         assert_eq!(lanes.bulk_room(), 0);
 
-        queues.sender(&c1()).send(endpoint("10.1.1.7")).await.unwrap();
+        queues
+            .sender(&c1())
+            .send(endpoint("10.1.1.7"))
+            .await
+            .unwrap();
         let update = tokio::time::timeout(Duration::from_secs(5), updates.recv())
             .await
             .expect("c1's change waited for c3's rounds to be written")
@@ -910,7 +923,11 @@ mod tests {
         };
         assert_eq!(ops.len(), 1, "{ops:?}");
         assert!(express);
-        assert_eq!(lanes.bulk_room(), 0, "c3's rounds were not written meanwhile");
+        assert_eq!(
+            lanes.bulk_room(),
+            0,
+            "c3's rounds were not written meanwhile"
+        );
         drop(unwritten);
         handle.abort();
     }
