@@ -211,60 +211,6 @@ impl Inputs {
         false
     }
 
-    /// Waits for a turn of a cluster with fewer than `below` events queued (at most `below -
-    /// 1` of them): a quiet cluster's, while the view task holds a bulk round the reconciler
-    /// has no room for yet ([`crate::overtake`]). Clusters with a backlog keep their place in
-    /// the order and get their turn later. False once every sender is gone. Cancel-safe.
-    pub async fn next_small_turn(&mut self, turn: &mut Vec<ViewInput>, below: usize) -> bool {
-        loop {
-            if self.try_small_turn(turn, below) {
-                return true;
-            }
-            // A backlogged queue that stays scheduled sends no wake: this waits for another
-            // cluster's events (or a new cluster), not in a loop over the skipped ones.
-            match self.wakes.recv().await {
-                Some(w) => self.wake(w),
-                None => return false,
-            }
-        }
-    }
-
-    /// [`Inputs::next_small_turn`] without waiting.
-    pub fn try_small_turn(&mut self, turn: &mut Vec<ViewInput>, below: usize) -> bool {
-        turn.clear();
-        while let Ok(w) = self.wakes.try_recv() {
-            self.wake(w);
-        }
-        let limit = below.saturating_sub(1).max(1);
-        loop {
-            let sources = &self.sources;
-            let Some(id) = self
-                .turns
-                .iter()
-                .position(|&id| sources[id].rx.len() < below)
-                .and_then(|at| self.turns.remove(at))
-            else {
-                return false;
-            };
-            let source = &mut self.sources[id];
-            // As in try_turn: cleared before taking.
-            source.scheduled.swap(false, Ordering::AcqRel);
-            while turn.len() < limit {
-                match source.rx.try_recv() {
-                    Ok(input) => turn.push(input),
-                    Err(_) => break,
-                }
-            }
-            if turn.len() == limit && !source.scheduled.swap(true, Ordering::AcqRel) {
-                self.turns.push_back(id);
-            }
-            if !turn.is_empty() {
-                self.last_turn = Some(id);
-                return true;
-            }
-        }
-    }
-
     fn wake(&mut self, wake: Wake) {
         match wake {
             Wake::Added(source) => {
@@ -334,31 +280,6 @@ mod tests {
             rest += turn.len();
         }
         assert_eq!(taken_before + rest, backlog);
-    }
-
-    /// A small turn skips a backlogged cluster, which keeps its place and all its events.
-    #[tokio::test]
-    async fn a_small_turn_skips_a_backlog_that_keeps_its_place() {
-        let (queues, mut inputs) = input_queues(4 * PER_TURN);
-        let flood = queues.sender(&cluster("c3"));
-        let quiet = queues.sender(&cluster("c2"));
-        for _ in 0..PER_TURN {
-            flood.send(event("c3")).await.unwrap();
-        }
-        let mut turn = Vec::new();
-        assert!(
-            !inputs.try_small_turn(&mut turn, 64),
-            "c3's backlog is no small turn"
-        );
-        quiet.send(event("c2")).await.unwrap();
-        assert!(inputs.try_small_turn(&mut turn, 64));
-        assert_eq!(turn.iter().map(cluster_of).collect::<Vec<_>>(), ["c2"]);
-        assert!(!inputs.try_small_turn(&mut turn, 64));
-        // c3's turn is still due, with every event.
-        assert!(inputs.try_turn(&mut turn));
-        assert_eq!(turn.len(), PER_TURN);
-        assert!(turn.iter().all(|i| cluster_of(i) == "c3"));
-        assert!(!inputs.try_turn(&mut turn));
     }
 
     /// Busy clusters alternate turn by turn; each one's events keep their order; a sender that

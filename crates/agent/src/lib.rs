@@ -25,7 +25,6 @@ pub mod inputs;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
-pub mod overtake;
 pub mod reconciler;
 pub mod remotes;
 pub mod routes;
@@ -93,23 +92,25 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(run_agent(Arc::new(config)))
 }
 
-/// Makes glibc's allocator give back what the initial sync frees (BENCHMARKS.md, issue 11:
-/// with 500k remote entries, 205 instead of 344 bytes of anonymous memory per entry in a
-/// comparison of the same agent and sync with and without these two settings):
-/// - one arena for every thread: with one per thread (the runtime's workers and blocking
-///   threads), memory freed by one thread stays in its arena, and the sync's transient memory
-///   was spread over several, each keeping its partly used pages;
-/// - a fixed mmap threshold of 256 KiB: glibc otherwise raises it to the size of each large
-///   block freed (list pages, event batches, the start-up diff's operation list, compaction
-///   buffers, up to 32 MiB), after which such blocks come from the heap and leave it fragmented
-///   when freed; above the threshold they are mapped and unmapped on their own.
+/// Makes glibc's allocator give back what the initial sync frees: a fixed mmap threshold of
+/// 256 KiB. glibc otherwise raises it to the size of each large block freed (list pages, event
+/// batches, the start-up diff's operation list, compaction buffers, up to 32 MiB), after which
+/// such blocks come from the heap and leave it fragmented when freed; above the threshold they
+/// are mapped and unmapped on their own.
+///
+/// The arenas are left as glibc makes them (one per thread that allocates). An earlier agent,
+/// with two runtime workers, also held every thread to one arena; with one worker and the bulk
+/// work on `block_in_place` threads that cost both memory and time: 247-250 against 166-167
+/// bytes of anonymous memory per remote entry after a 500k sync, and a slower sync in each of
+/// three alternating rounds (BENCHMARKS.md, issue 11, session 11). Not measured apart, but
+/// the likely cause: the list's decoding thread and the view's thread then take turns on one
+/// lock, and one heap keeps the pieces both free.
 ///
 /// Called before the runtime starts its threads.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
@@ -398,11 +399,10 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
     // in turns by the view task ([`inputs`]): a flooding cluster's backlog never sits in front
     // of another cluster's change.
     let (queues, view_inputs) = inputs::input_queues(inputs::QUEUE);
-    // Bounded by the view task's lanes (`view_task::Lanes`), in writes: a reconciler that
-    // falls behind slows the view task down (the backlog stays in the clusters' queues, where
-    // every cluster gets its turn) instead of queueing batches in front of the next round (64
-    // of them were up to 260k writes), and a quiet cluster's small round goes ahead.
-    let (datapath_tx, datapath_rx) = mpsc::unbounded_channel();
+    // Bounded, and to one batch: a reconciler that falls behind slows the view task down (the
+    // backlog stays in the clusters' queues, where every cluster gets its turn) instead of
+    // queueing batches in front of the next round (64 of them were up to 260k writes).
+    let (datapath_tx, datapath_rx) = mpsc::channel(1);
     let (full_request_tx, full_request_rx) = mpsc::channel(1);
     let (view_status_tx, view_status_rx) = watch::channel(Arc::new(Vec::new()));
     let (policies_tx, policies_rx) = watch::channel(view_task::PolicySummary::default());
@@ -498,7 +498,6 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     .collect(),
             }),
             inputs: view_inputs,
-            lanes: view_task::Lanes::default(),
             peers: peers_tx,
             health_checks: health_checks_tx,
             datapath: datapath_tx,

@@ -14,7 +14,7 @@
 //! full, kernel error) is counted, shown in status and retried by the next full diff; it never
 //! stops the other writes of its batch.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,8 +25,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::PropagationDelay;
 use crate::now_ms;
-use crate::overtake::Overtaking;
-use crate::view_task::{DatapathUpdate, Received};
+use crate::view_task::DatapathUpdate;
 use meshd_telemetry::propagation::Propagated;
 
 /// This node's endpoints as the ENDPOINTS map should hold them, with a generation number the
@@ -70,9 +69,6 @@ const RETRY: Duration = Duration::from_secs(1);
 const BIG_BATCH: usize = 256;
 /// Batches with at least this many writes return freed heap to the system afterwards.
 const BIG_ROUND: usize = 10_000;
-/// Writes of a queued batch made at a time: how long a round that overtakes it
-/// ([`crate::overtake`]) waits for the write in progress (64 writes: about 0.1 ms).
-const CHUNK: usize = 64;
 
 /// Why a full diff was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,11 +91,6 @@ pub struct Reconciler {
     endpoints_dirty: bool,
     /// Observed once per cluster event whose incremental writes all went through.
     propagation_delay: PropagationDelay,
-    /// Updates received and not (all) written yet, in order: written [`CHUNK`] writes at a
-    /// time, so a newer small round can go ahead between two chunks ([`Reconciler::receive`]).
-    backlog: VecDeque<DatapathUpdate>,
-    /// What the backlog's first batch has written so far, and when it began.
-    front: Option<(Writes, SystemTime)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,14 +108,6 @@ struct Writes {
 }
 
 impl Writes {
-    fn add(&mut self, other: Writes) {
-        self.applied += other.applied;
-        self.failed += other.failed;
-        if self.first_error.is_none() {
-            self.first_error = other.first_error;
-        }
-    }
-
     fn record(&mut self, result: Result<(), DatapathError>, what: &dyn std::fmt::Debug) {
         match result {
             Ok(()) => self.applied += 1,
@@ -153,8 +136,6 @@ impl Reconciler {
             dirty: false,
             endpoints_dirty: false,
             propagation_delay: PropagationDelay::default(),
-            backlog: VecDeque::new(),
-            front: None,
         })
     }
 
@@ -227,97 +208,14 @@ impl Reconciler {
         w
     }
 
-    /// Takes an update from the view task: queued behind the ones not written yet, or, a
-    /// small round of ipcache changes ([`DatapathUpdate::Changes::express`]), written at once
-    /// ahead of them if it may overtake every one ([`crate::overtake`]: no whole copy among
-    /// them, no write of a node it tunnels to); what it supersedes in them is dropped.
-    fn receive(&mut self, update: DatapathUpdate) {
-        if let DatapathUpdate::Changes {
-            express: true,
-            ops,
-            service_ops,
-            ..
-        } = &update
-        {
-            let overtakes = Overtaking::of(ops, service_ops).filter(|o| {
-                self.backlog.iter().all(|queued| match queued {
-                    DatapathUpdate::Full { .. } => false,
-                    DatapathUpdate::Changes { ops, .. } => !ops.iter().any(|op| o.waits_for(op)),
-                })
-            });
-            if let Some(o) = overtakes {
-                for queued in &mut self.backlog {
-                    if let DatapathUpdate::Changes { ops, .. } = queued {
-                        ops.retain(|op| !o.supersedes(op));
-                    }
-                }
-                self.update(update);
-                return;
-            }
-        }
-        self.backlog.push_back(update);
-    }
-
-    /// Writes the next chunk of the backlog (a whole copy's diff is one). True while some of
-    /// it is left.
-    fn write_next(&mut self) -> bool {
-        let chunk = match self.backlog.front_mut() {
-            None => return false,
-            Some(DatapathUpdate::Changes {
-                ops, service_ops, ..
-            }) => {
-                let chunk: Vec<DatapathOp> = ops.drain(..ops.len().min(CHUNK)).collect();
-                // A batch's service writes come after its other writes, all at once (a
-                // service's slots and its count go together).
-                let services = if ops.is_empty() {
-                    std::mem::take(service_ops)
-                } else {
-                    Vec::new()
-                };
-                Some((chunk, services))
-            }
-            Some(DatapathUpdate::Full { .. }) => None,
-        };
-        let Some((chunk, services)) = chunk else {
-            if let Some(full) = self.backlog.pop_front() {
-                self.update(full);
-            }
-            return !self.backlog.is_empty();
-        };
-        let (mut w, started) = self
-            .front
-            .take()
-            .unwrap_or_else(|| (Writes::default(), SystemTime::now()));
-        // A revision bump per chunk: the chunk's writes are in force before the next wait.
-        self.maps.defer_forward_revision();
-        w.add(self.write(&chunk, &services));
-        if let Err(e) = self.maps.flush_forward_revision() {
-            w.failed += 1;
-            w.first_error.get_or_insert(e.to_string());
-        }
-        let done = matches!(
-            self.backlog.front(),
-            Some(DatapathUpdate::Changes { ops, service_ops, .. }) if ops.is_empty() && service_ops.is_empty()
-        );
-        if !done {
-            self.front = Some((w, started));
-            return true;
-        }
-        if let Some(DatapathUpdate::Changes {
-            counts, received, ..
-        }) = self.backlog.pop_front()
-        {
-            self.complete(w, counts, received, started);
-        }
-        !self.backlog.is_empty()
-    }
-
-    /// Applies one update from the view task, whole.
+    /// Applies one update from the view task.
     fn update(&mut self, update: DatapathUpdate) {
         // One forward revision bump for the whole round (in `finish`), not one per write: two
         // CONFIG syscalls per ipcache write would slow an initial sync by about a third.
         self.maps.defer_forward_revision();
-        match update {
+        let mut received = Vec::new();
+        let mut write_start = SystemTime::now();
+        let (w, counts) = match update {
             DatapathUpdate::Full { desired, counts } => {
                 let mut why = self.next_full.take().unwrap_or(FullDiff::SafetyNet);
                 // A write failed while the safety net's copy was on its way: this diff is the
@@ -330,36 +228,25 @@ impl Reconciler {
                 // syscalls: off the runtime's worker (the agent runs one, see `crate::run`),
                 // whose other tasks (the view, the API, lease keep-alives) go on meanwhile.
                 let w = meshd_kvstore::off_the_worker(|| self.full_diff(&desired, why));
-                self.finish(w, Some(counts));
+                (w, counts)
             }
             DatapathUpdate::Changes {
                 ops,
                 service_ops,
                 counts,
-                received,
-                ..
+                received: batch,
             } => {
-                let write_start = SystemTime::now();
+                received = batch;
+                write_start = SystemTime::now();
                 let w = if ops.len() + service_ops.len() >= BIG_BATCH {
                     // A flood's batch: the view goes on with the next one meanwhile.
                     meshd_kvstore::off_the_worker(|| self.write(&ops, &service_ops))
                 } else {
                     self.write(&ops, &service_ops)
                 };
-                self.complete(w, counts, received, write_start);
+                (w, counts)
             }
-        }
-    }
-
-    /// A batch of changes is written (`w`, from `write_start`): status, and the propagation
-    /// delay of its events.
-    fn complete(
-        &mut self,
-        w: Writes,
-        counts: DesiredCounts,
-        received: Vec<Received>,
-        write_start: SystemTime,
-    ) {
+        };
         // A batch with a failed write reaches the maps with a later full diff: not timed.
         let timed = w.failed == 0;
         let writes = w.applied;
@@ -489,7 +376,7 @@ impl Reconciler {
     /// Runs until the view task and the endpoint manager are gone (the agent is shutting down).
     pub async fn run(
         mut self,
-        mut updates: mpsc::UnboundedReceiver<DatapathUpdate>,
+        mut updates: mpsc::Receiver<DatapathUpdate>,
         full_requests: mpsc::Sender<()>,
         mut endpoints: watch::Receiver<std::sync::Arc<LocalEndpoints>>,
         status: watch::Sender<ReconcileStatus>,
@@ -503,7 +390,6 @@ impl Reconciler {
         let mut safety_net = tokio::time::interval(resync);
         safety_net.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         safety_net.tick().await;
-        let mut updates_open = true;
         loop {
             status.send_replace(self.status.clone());
             let retry = async {
@@ -513,12 +399,10 @@ impl Reconciler {
                     std::future::pending().await
                 }
             };
-            // Updates first: a round that overtakes is written before the next chunk.
             tokio::select! {
-                biased;
-                u = updates.recv(), if updates_open => match u {
-                    Some(u) => self.receive(u),
-                    None => updates_open = false,
+                u = updates.recv() => match u {
+                    Some(u) => self.update(u),
+                    None => return,
                 },
                 r = endpoints.changed() => {
                     if r.is_err() {
@@ -541,12 +425,6 @@ impl Reconciler {
                         self.ask_full(&full_requests, FullDiff::SafetyNet);
                     }
                 }
-                () = std::future::ready(()), if !self.backlog.is_empty() => {
-                    self.write_next();
-                }
-            }
-            if !updates_open && self.backlog.is_empty() {
-                return;
             }
         }
     }
@@ -698,8 +576,6 @@ mod tests {
             service_ops: Vec::new(),
             counts: DesiredCounts::default(),
             received: Vec::new(),
-            express: false,
-            permit: None,
         });
         assert_eq!(r.status.failed_writes, 0);
         assert_eq!(maps.ipcache_prefixes().unwrap().len(), 2);
@@ -754,8 +630,6 @@ mod tests {
                 at: Instant::now(),
                 traced: None,
             }],
-            express: false,
-            permit: None,
         });
         assert_eq!(r.status.failed_writes, 1);
         // Part of the batch reaches the maps only with the full diff: its event is not timed.
@@ -804,109 +678,6 @@ mod tests {
         assert_eq!(r.propagation_delay().count(), 1);
     }
 
-    fn upsert(prefix: &str, identity: u32, host: [u8; 4]) -> DatapathOp {
-        DatapathOp::UpsertIpcache {
-            prefix: prefix.parse().unwrap(),
-            target: remote(identity, host),
-        }
-    }
-
-    fn changes(ops: Vec<DatapathOp>, express: bool) -> DatapathUpdate {
-        DatapathUpdate::Changes {
-            ops,
-            service_ops: Vec::new(),
-            counts: DesiredCounts::default(),
-            received: Vec::new(),
-            express,
-            permit: None,
-        }
-    }
-
-    /// Real pinned maps: a small round of ipcache changes is written between two chunks of a
-    /// batch received before it, and the batch's older write of the same key is dropped (the
-    /// key ends as the newer round left it); a round that tunnels to a node the backlog has
-    /// not written yet, or that would pass a whole copy, waits its turn.
-    #[test]
-    fn a_small_round_overtakes_the_backlog_and_supersedes_its_keys() {
-        let Some((pin, _datapath)) = scratch("meshd-agent-reconciler-overtake") else {
-            return;
-        };
-        let mut r = Reconciler::open(pin.path().to_owned()).unwrap();
-        r.update(full(&DesiredDatapath::default()));
-        let (c2, c3) = ((2 << 16) | 300, (3 << 16) | 300);
-        // c3's batch: 300 entries, then one at 10.9.0.1 that c2's round deletes.
-        let mut bulk: Vec<DatapathOp> = (0..300)
-            .map(|i| {
-                upsert(
-                    &format!("10.3.{}.{}/32", i / 256, i % 256),
-                    c3,
-                    [192, 168, 0, 3],
-                )
-            })
-            .collect();
-        bulk.push(upsert("10.9.0.1/32", c3, [192, 168, 0, 3]));
-        r.receive(changes(bulk, false));
-        assert!(r.write_next(), "more than a chunk is left");
-
-        let maps = DatapathMaps::open(pin.path()).unwrap();
-        let prefix = |p: &str| -> ipnet::Ipv4Net { p.parse().unwrap() };
-        r.receive(changes(
-            vec![
-                upsert("10.2.0.7/32", c2, [192, 168, 0, 2]),
-                DatapathOp::DeleteIpcache {
-                    prefix: "10.9.0.1/32".parse().unwrap(),
-                },
-            ],
-            true,
-        ));
-        assert!(
-            maps.ipcache_entry(prefix("10.2.0.7/32")).unwrap().is_some(),
-            "c2's change waits behind c3's batch"
-        );
-        assert_eq!(
-            maps.ipcache_prefixes().unwrap().len(),
-            CHUNK + 1,
-            "only a chunk of c3's batch before c2's change"
-        );
-        while r.write_next() {}
-        assert_eq!(r.status.failed_writes, 0);
-        assert_eq!(maps.ipcache_prefixes().unwrap().len(), 301);
-        assert!(
-            maps.ipcache_entry(prefix("10.9.0.1/32")).unwrap().is_none(),
-            "c3's older write of 10.9.0.1 came after c2's delete"
-        );
-
-        // A node the backlog adds, and an entry tunnelling to it: the entry waits.
-        r.receive(changes(
-            vec![
-                DatapathOp::UpsertNode {
-                    ip: [192, 168, 0, 4].into(),
-                    cluster_id: ClusterId::new(4).unwrap(),
-                },
-                upsert("10.4.0.1/32", (4 << 16) | 300, [192, 168, 0, 5]),
-            ],
-            false,
-        ));
-        r.receive(changes(
-            vec![upsert("10.4.0.2/32", (4 << 16) | 300, [192, 168, 0, 4])],
-            true,
-        ));
-        assert!(maps.ipcache_entry(prefix("10.4.0.2/32")).unwrap().is_none());
-        // Nor does anything overtake a whole copy.
-        r.receive(full(&DesiredDatapath::default()));
-        r.receive(changes(
-            vec![upsert("10.4.0.3/32", (4 << 16) | 300, [192, 168, 0, 5])],
-            true,
-        ));
-        assert!(maps.ipcache_entry(prefix("10.4.0.3/32")).unwrap().is_none());
-        while r.write_next() {}
-        assert_eq!(
-            maps.ipcache_prefixes().unwrap(),
-            vec![prefix("10.4.0.3/32")],
-            "written in order: the whole copy emptied the maps, then the last round"
-        );
-    }
-
     /// One received event's one ipcache write (a remote endpoint of `identity`).
     fn one_ipcache_change(
         prefix: &str,
@@ -924,8 +695,6 @@ mod tests {
                 at: Instant::now(),
                 traced,
             }],
-            express: false,
-            permit: None,
         }
     }
 
