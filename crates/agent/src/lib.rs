@@ -92,23 +92,25 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(run_agent(Arc::new(config)))
 }
 
-/// Makes glibc's allocator give back what the initial sync frees (BENCHMARKS.md, issue 11:
-/// with 500k remote entries, 205 instead of 344 bytes of anonymous memory per entry in a
-/// comparison of the same agent and sync with and without these two settings):
-/// - one arena for every thread: with one per thread (the runtime's workers and blocking
-///   threads), memory freed by one thread stays in its arena, and the sync's transient memory
-///   was spread over several, each keeping its partly used pages;
-/// - a fixed mmap threshold of 256 KiB: glibc otherwise raises it to the size of each large
-///   block freed (list pages, event batches, the start-up diff's operation list, compaction
-///   buffers, up to 32 MiB), after which such blocks come from the heap and leave it fragmented
-///   when freed; above the threshold they are mapped and unmapped on their own.
+/// Makes glibc's allocator give back what the initial sync frees: a fixed mmap threshold of
+/// 256 KiB. glibc otherwise raises it to the size of each large block freed (list pages, event
+/// batches, the start-up diff's operation list, compaction buffers, up to 32 MiB), after which
+/// such blocks come from the heap and leave it fragmented when freed; above the threshold they
+/// are mapped and unmapped on their own.
+///
+/// The arenas are left as glibc makes them (one per thread that allocates). An earlier agent,
+/// with two runtime workers, also held every thread to one arena; with one worker and the bulk
+/// work on `block_in_place` threads that cost both memory and time: 247-250 against 166-167
+/// bytes of anonymous memory per remote entry after a 500k sync, and a slower sync in each of
+/// three alternating rounds (BENCHMARKS.md, issue 11, session 11). Not measured apart, but
+/// the likely cause: the list's decoding thread and the view's thread then take turns on one
+/// lock, and one heap keeps the pieces both free.
 ///
 /// Called before the runtime starts its threads.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before other threads exist.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
