@@ -38,9 +38,11 @@ static __always_inline __u64 ct_now(void)
  * a CPU calls it once per tick. The coarse clock moves only when the tick advances jiffies and
  * then timekeeping, so the cached value is the clock's, except when the read that filled it raced
  * a tick (jiffies moved, timekeeping not yet): then it keeps the previous tick's value until the
- * next one, at most two ticks behind instead of one. A program preempted on its CPU between the
- * two writes (BPF_PROG_RUN) leaves a pair of neighbouring ticks, as harmless. Lifetimes are 60 s
- * and more (the fast path takes no closing entry), the refresh interval a second.
+ * next one, at most two ticks behind instead of one. Lifetimes are 60 s and more (the fast path
+ * takes no closing entry), the refresh interval a second. Where a program can be preempted on its
+ * CPU (BPF_PROG_RUN, PREEMPT_RT; not tc in softirq otherwise), one preempted between reading
+ * the clock and writing the cache can leave a value as old as that preemption under the current
+ * jiffies: entries then look younger by as much (a refresh or an expiry seen that much later).
  */
 static __always_inline __u64 ct_now_cached(void)
 {
@@ -51,6 +53,9 @@ static __always_inline __u64 ct_now_cached(void)
 		return ct_now();
 	if (c->jiffies != jiffies) {
 		c->now_ns = ct_now();
+		/* The value before its key, so that a reader preempting this one mid-way finds an
+		 * old key rather than an old value under the current one. */
+		asm volatile("" ::: "memory");
 		c->jiffies = jiffies;
 	}
 	return c->now_ns;
