@@ -88,9 +88,10 @@ lab-docker-down:
 PREFIX ?= /usr/local
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 install: deps
-	$(CARGO) build --release -p meshd -p clustermesh-apiserver
+	$(CARGO) build --release -p meshd -p clustermesh-apiserver -p meshd-otlp-collector
 	install -D -m 0755 target/release/meshd $(DESTDIR)$(PREFIX)/bin/meshd
 	install -D -m 0755 target/release/clustermesh-apiserver $(DESTDIR)$(PREFIX)/bin/clustermesh-apiserver
+	install -D -m 0755 target/release/meshd-otlp-collector $(DESTDIR)$(PREFIX)/bin/meshd-otlp-collector
 	install -d $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d \
 		$(DESTDIR)$(PREFIX)/share/man/man1
@@ -102,7 +103,7 @@ install: deps
 	for unit in deploy/systemd/*.service; do \
 		sed 's|@BINDIR@|$(PREFIX)/bin|g' $$unit > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/$$(basename $$unit); \
 	done
-	@echo "make install: meshd and clustermesh-apiserver in $(DESTDIR)$(PREFIX)/bin, completions and man pages under $(DESTDIR)$(PREFIX)/share, systemd units in $(DESTDIR)$(SYSTEMD_UNIT_DIR)"
+	@echo "make install: meshd, clustermesh-apiserver and meshd-otlp-collector in $(DESTDIR)$(PREFIX)/bin, completions and man pages under $(DESTDIR)$(PREFIX)/share, systemd units in $(DESTDIR)$(SYSTEMD_UNIT_DIR)"
 
 fmt:
 	$(CARGO) fmt --all

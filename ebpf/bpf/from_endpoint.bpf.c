@@ -54,14 +54,18 @@ static __always_inline int handle_from_endpoint(struct __sk_buff *skb, struct pk
 	 * new connections only. */
 	__u32 zero = 0;
 	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
-	__u64 now = ct_now();
-	ctx->now = now;
-	struct ct_value *conn = ct_find(ctx, now);
+	struct ct_value *conn = ct_entry(ctx);
 	if (conn && cfg) {
-		ret = fwd_cache_forward(skb, ctx, conn, cfg, now, l3_off);
+		ret = fwd_cache_forward(skb, ctx, conn, cfg, l3_off);
 		if (ret)
 			return ret;
 	}
+	/* The long path reads the clock itself (the fast path's cached value is good enough for
+	 * an age, not for a new entry's stamp or an event's). */
+	__u64 now = ct_now();
+	ctx->now = now;
+	if (conn && !ct_alive_proto(ctx->proto, conn, now))
+		conn = 0;
 
 	struct endpoint_key skey = {.addr = ctx->saddr};
 	struct endpoint_value *src = bpf_map_lookup_elem(&ENDPOINTS, &skey);

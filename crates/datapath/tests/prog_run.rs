@@ -892,6 +892,85 @@ fn established_packets_do_not_rewrite_their_conntrack_entries_within_the_refresh
     assert_eq!(ct_snapshot(&dp), settled);
 }
 
+/// Each CPU's cache of the coarse clock in from_endpoint's object (CT_CLOCK, lib/maps.h):
+/// [jiffies, coarse ns] per CPU. Found through the program's own maps, since every datapath this
+/// test binary loads has one (the map is not pinned).
+fn ct_clock(dp: &TestDatapath) -> Vec<[u64; 2]> {
+    let program = dp.datapath.program(programs::FROM_ENDPOINT).unwrap();
+    let ids = program
+        .info()
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .unwrap_or_default();
+    for id in ids {
+        let map = aya::maps::MapData::from_id(id).unwrap();
+        if map.info().unwrap().name_as_str() == Some("CT_CLOCK") {
+            let clock: aya::maps::PerCpuArray<_, [u64; 2]> =
+                aya::maps::PerCpuArray::try_from(aya::maps::Map::from_map_data(map).unwrap())
+                    .unwrap();
+            return clock.get(&0, 0).unwrap().iter().copied().collect();
+        }
+    }
+    panic!("from_endpoint has no CT_CLOCK map");
+}
+
+/// An established connection's packets forwarded from the CT entry's cache age the entry by
+/// conntrack's coarse clock as each CPU cached it for the current tick (ct_now_cached in
+/// lib/ct.h), not by a clock read per packet: the cache holds the coarse clock (not the fine
+/// one, not jiffies), and an entry past its lifetime is still not forwarded from its cache but
+/// opens the connection again.
+#[test]
+fn cached_forwarding_ages_entries_by_the_per_cpu_clock_cache() {
+    let Some(dp) = setup() else { return };
+    let pkt = Packet::udp(A, 5000, R, 53).bytes();
+    let send = |dp: &TestDatapath| {
+        let (verdict, _, cb) = dp.run(programs::FROM_ENDPOINT_PROBE, &pkt, A_IF, [0; 5]);
+        assert_eq!((verdict, Ipv4Addr::from(cb[0])), (TC_ACT_REDIRECT, NODE2));
+    };
+    // Opens the connection, fills the forwarding cache, is forwarded from it.
+    let before = monotonic_coarse_ns();
+    for _ in 0..3 {
+        send(&dp);
+    }
+    let after = monotonic_coarse_ns();
+    // At most two ticks behind the clock (a fill racing a tick), a tick being 10 ms at most.
+    let cached: Vec<_> = ct_clock(&dp)
+        .into_iter()
+        .filter(|&[jiffies, now]| jiffies != 0 && now + 20_000_000 >= before && now <= after)
+        .collect();
+    assert!(
+        !cached.is_empty(),
+        "no CPU cached the coarse clock of [{before}, {after}]: {:?}",
+        ct_clock(&dp)
+    );
+
+    let mut ct = ct_map(&dp);
+    let key = abi::CtKey {
+        saddr: abi::ip_to_be(A),
+        daddr: abi::ip_to_be(R),
+        sport: 5000u16.to_be(),
+        dport: 53u16.to_be(),
+        proto: UDP,
+        pad: [0; 3],
+    };
+    let entry = ct.get(&key, 0).unwrap();
+    assert_ne!(entry.fwd_tunnel_endpoint, 0, "the cache is filled");
+    // Last seen 61 s ago: past UDP's lifetime (MESHD_CT_LIFETIME_OTHER_NS, 60 s).
+    let expired = abi::CtValue {
+        last_seen_ns: entry.last_seen_ns.wrapping_sub(61_000_000_000),
+        ..entry
+    };
+    ct.insert(key, expired, 0).unwrap();
+    send(&dp);
+    let reopened = ct.get(&key, 0).unwrap();
+    assert_eq!(
+        reopened.fwd_tunnel_endpoint, 0,
+        "an expired entry was forwarded from its cache: {reopened:?}"
+    );
+    assert!(reopened.last_seen_ns >= entry.last_seen_ns, "{reopened:?}");
+}
+
 #[test]
 fn listings_reflect_what_was_written() {
     let Some(mut dp) = setup() else { return };

@@ -340,15 +340,24 @@ impl<R: Resource> Reflection<R> {
         }
     }
 
-    fn remove(&mut self, suffix: &str, out: &mut Vec<WatchEvent<R>>) {
+    /// Forgets `suffix` and emits its delete. `key` is the whole key when the caller has it (a
+    /// watch event does: no copy is built per delete); a relist's sweep passes `None`.
+    fn remove(&mut self, suffix: &str, key: Option<&str>, out: &mut Vec<WatchEvent<R>>) {
         if self.entries.remove(suffix).is_none() {
             return;
         }
         if let Some(quota) = &self.quota {
             quota.give_back();
         }
-        let raw = format!("{}{suffix}", self.prefix);
-        match R::Key::parse(&raw) {
+        let built;
+        let raw = match key {
+            Some(key) => key,
+            None => {
+                built = format!("{}{suffix}", self.prefix);
+                &built
+            }
+        };
+        match R::Key::parse(raw) {
             Ok(key) => out.push(WatchEvent::Delete { key }),
             // Only keys that parsed are inserted, and parsing is a pure function of the text.
             Err(e) => tracing::error!(key = raw, error = %e, "a held key no longer parses"),
@@ -388,7 +397,7 @@ impl<R: Resource> Reflection<R> {
             .map(|(suffix, _)| suffix.clone())
             .collect();
         for suffix in gone {
-            self.remove(suffix.as_str(), out);
+            self.remove(suffix.as_str(), None, out);
         }
         meshd_state::compact::btree_map(&mut self.entries);
         out.push(WatchEvent::Synced { revision });
@@ -409,10 +418,10 @@ impl<R: Resource> Reflection<R> {
                 match self.decode(&ev.kv.key, &ev.kv.value, stats) {
                     Decoded::Ok(key, value) => self.upsert(suffix, fp, key, value, stats, out),
                     Decoded::Foreign => {}
-                    Decoded::Malformed => self.remove(suffix, out),
+                    Decoded::Malformed => self.remove(suffix, Some(&ev.kv.key), out),
                 }
             }
-            EventKind::Delete => self.remove(suffix, out),
+            EventKind::Delete => self.remove(suffix, Some(&ev.kv.key), out),
         }
     }
 }

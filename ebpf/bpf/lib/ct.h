@@ -31,14 +31,49 @@ static __always_inline __u64 ct_now(void)
 	return bpf_ktime_get_coarse_ns();
 }
 
-static __always_inline int ct_alive(const struct ct_key *key, const struct ct_value *v, __u64 now)
+/*
+ * The established fast path's clock (lib/fwd_cache.h): conntrack's coarse clock as this CPU first
+ * read it in the current jiffy. bpf_jiffies64() is a plain load (the verifier inlines it on
+ * 64-bit JITs) and so is the per-CPU array lookup, so a packet no longer calls the clock helper;
+ * a CPU calls it once per tick. The coarse clock moves only when the tick advances jiffies and
+ * then timekeeping, so the cached value is the clock's, except when the read that filled it raced
+ * a tick (jiffies moved, timekeeping not yet): then it keeps the previous tick's value until the
+ * next one, at most two ticks behind instead of one. Lifetimes are 60 s and more (the fast path
+ * takes no closing entry), the refresh interval a second. Where a program can be preempted on its
+ * CPU (BPF_PROG_RUN, PREEMPT_RT; not tc in softirq otherwise), one preempted between reading
+ * the clock and writing the cache can leave a value as old as that preemption under the current
+ * jiffies: entries then look younger by as much (a refresh or an expiry seen that much later).
+ */
+static __always_inline __u64 ct_now_cached(void)
+{
+	__u32 zero = 0;
+	__u64 jiffies = bpf_jiffies64();
+	struct ct_clock *c = bpf_map_lookup_elem(&CT_CLOCK, &zero);
+	if (!c)
+		return ct_now();
+	if (c->jiffies != jiffies) {
+		c->now_ns = ct_now();
+		/* The value before its key, so that a reader preempting this one mid-way finds an
+		 * old key rather than an old value under the current one. */
+		asm volatile("" ::: "memory");
+		c->jiffies = jiffies;
+	}
+	return c->now_ns;
+}
+
+static __always_inline int ct_alive_proto(__u8 proto, const struct ct_value *v, __u64 now)
 {
 	__u64 lifetime = MESHD_CT_LIFETIME_OTHER_NS;
-	if (key->proto == IPPROTO_TCP)
+	if (proto == IPPROTO_TCP)
 		lifetime = (v->flags & MESHD_CT_F_CLOSING) ? MESHD_CT_LIFETIME_CLOSING_NS : MESHD_CT_LIFETIME_TCP_NS;
 	/* Signed: a stamp from the fine clock (an entry written from user space) may be up to a
 	 * tick ahead of the coarse now; that entry is alive, not 584 years old. */
 	return (__s64)(now - v->last_seen_ns) < (__s64)lifetime;
+}
+
+static __always_inline int ct_alive(const struct ct_key *key, const struct ct_value *v, __u64 now)
+{
+	return ct_alive_proto(key->proto, v, now);
 }
 
 static __always_inline void ct_reverse(const struct ct_key *k, struct ct_key *r)
@@ -78,13 +113,19 @@ static __always_inline void ct_key_of(const struct pkt_ctx *ctx, struct ct_key *
 	key->proto = ctx->proto;
 }
 
-/* The live entry of the packet's tuple as it stands in ctx, or 0. */
-static __always_inline struct ct_value *ct_find(const struct pkt_ctx *ctx, __u64 now)
+/* The entry of the packet's tuple as it stands in ctx, live or not, or 0. */
+static __always_inline struct ct_value *ct_entry(const struct pkt_ctx *ctx)
 {
 	struct ct_key key = {};
 	ct_key_of(ctx, &key);
-	struct ct_value *v = bpf_map_lookup_elem(&CT, &key);
-	return v && ct_alive(&key, v, now) ? v : 0;
+	return bpf_map_lookup_elem(&CT, &key);
+}
+
+/* The live entry of the packet's tuple as it stands in ctx, or 0. */
+static __always_inline struct ct_value *ct_find(const struct pkt_ctx *ctx, __u64 now)
+{
+	struct ct_value *v = ct_entry(ctx);
+	return v && ct_alive_proto(ctx->proto, v, now) ? v : 0;
 }
 
 /* Classifies the packet; *entry is the connection's entry: for CT_ESTABLISHED to record a fresh

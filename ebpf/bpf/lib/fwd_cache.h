@@ -37,12 +37,14 @@ static __always_inline int fwd_cache_usable(const struct ct_value *v, const stru
 }
 
 /*
- * Forwards the packet from the cache of its live CT entry v if the cache holds a current
- * answer: MESHD_FWD_TUNNEL, or what native_forward returns in native routing mode (or a
- * negative drop reason), 0 if the long path has to decide.
+ * Forwards the packet from the cache of its CT entry v (live or not: checked here) if the cache
+ * holds a current answer: MESHD_FWD_TUNNEL, or what native_forward returns in native routing
+ * mode (or a negative drop reason), 0 if the long path has to decide. The entry's age is taken
+ * from the per-CPU clock cache (ct_now_cached), not the clock helper; ctx->now stays 0, so a
+ * drop's event reads the clock itself (lib/exit.h).
  */
 static __always_inline int fwd_cache_forward(struct __sk_buff *skb, struct pkt_ctx *ctx, struct ct_value *v,
-					     const struct datapath_config *cfg, __u64 now, __u32 l3_off)
+					     const struct datapath_config *cfg, __u32 l3_off)
 {
 	int native = cfg->flags & MESHD_CONFIG_F_NATIVE;
 	if (!v->fwd_tunnel_endpoint || v->fwd_revision != cfg->forward_revision ||
@@ -50,6 +52,9 @@ static __always_inline int fwd_cache_forward(struct __sk_buff *skb, struct pkt_c
 		return 0;
 	/* The first direction's verdict is current (replies ride on it). */
 	if (!(v->flags & MESHD_CT_F_REPLY) && v->policy_revision != cfg->policy_revision)
+		return 0;
+	__u64 now = ct_now_cached();
+	if (!ct_alive_proto(ctx->proto, v, now))
 		return 0;
 	if ((__s64)(now - v->last_seen_ns) > (__s64)CT_REFRESH_NS)
 		v->last_seen_ns = now;

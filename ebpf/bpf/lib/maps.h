@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Every map of the datapath, declared once and pinned by name, so both programs (separate
- * objects) and every reload of them share the same maps under the node's bpffs directory.
+ * objects) and every reload of them share the same maps under the node's bpffs directory
+ * (but for CT_CLOCK, a per-program cache, at the end).
  */
 #ifndef MESHD_MAPS_H
 #define MESHD_MAPS_H
@@ -153,5 +154,20 @@ struct {
 	__uint(max_entries, 1);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } EVENT_BUDGET SEC(".maps");
+
+/* The one map that is not pinned: each program object keeps its own per-CPU cache of the coarse
+ * clock (ct_now_cached in lib/ct.h), which nothing outside the programs reads and a reload may
+ * start afresh. Not part of the ABI. */
+struct ct_clock {
+	__u64 jiffies; /* bpf_jiffies64() when now_ns was read */
+	__u64 now_ns;  /* bpf_ktime_get_coarse_ns() */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ct_clock);
+	__uint(max_entries, 1);
+} CT_CLOCK SEC(".maps");
 
 #endif
