@@ -198,7 +198,12 @@ fn isolate(mesh: &Mesh, cached: bool) -> anyhow::Result<Vec<String>> {
     let mut placed: Vec<(String, u32, u32, usize)> = Vec::new();
     // This process first (every relay and the prober), then what goes elsewhere.
     affinity::pin_process(me, NODE_CPU)?;
-    placed.push(("bench: prober, c1's and c2's relays".into(), me, me, NODE_CPU));
+    placed.push((
+        "bench: prober, c1's and c2's relays".into(),
+        me,
+        me,
+        NODE_CPU,
+    ));
     for (c, cpu) in [("c1", NODE_CPU), ("c2", FLOOD_CPU), ("c3", FLOOD_CPU)] {
         let pid = mesh
             .agent_pid(c, "n1")
@@ -256,7 +261,10 @@ fn main() -> anyhow::Result<()> {
     let isolated = arg("--isolate", 0) == 1;
     if isolated {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        anyhow::ensure!(cpus > FLOOD_CPU, "--isolate 1 needs 2 CPUs, this machine has {cpus}");
+        anyhow::ensure!(
+            cpus > FLOOD_CPU,
+            "--isolate 1 needs 2 CPUs, this machine has {cpus}"
+        );
     }
     let writer_cpu = isolated.then_some(FLOOD_CPU);
     let mode = if cached { "cache" } else { "direct" };
