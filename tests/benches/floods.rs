@@ -27,6 +27,7 @@
 //!   c3's etcd (`relay-2382`: the flood's path to both agents, the network in a real mesh), the
 //!   writer's thread, the unwatched etcd of the second baseline and, through the cache, every
 //!   cluster's mirror (a pod of its own, elsewhere, c1's too).
+//!
 //! Other sessions' processes still run on both.
 //!
 //! Usage: cargo bench -p meshd-e2e --bench floods -- [--keys K] [--limit L] [--probes P]
