@@ -235,9 +235,13 @@ impl MemoryStore {
 
     /// Partitions this handle: its requests fail and its watches end until [`Self::heal`].
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
         let handle = self.handle;
-        self.lock().watchers.retain(|w| w.handle != handle);
+        // Under the lock, as `watch` checks it: a watch being opened is then either registered
+        // before the cut (and ended here) or refused, never registered just after this sweep
+        // and left running through the partition.
+        let mut mem = self.lock();
+        self.cut.store(true, Ordering::SeqCst);
+        mem.watchers.retain(|w| w.handle != handle);
     }
 
     pub fn heal(&self) {
@@ -375,9 +379,10 @@ impl Backend for MemoryStore {
     }
 
     async fn watch(&self, prefix: &str, start_revision: i64) -> Result<WatchStream, KvError> {
-        self.check("watch", prefix)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let mut mem = self.lock();
+        // Checked under the lock (see `cut`).
+        self.check("watch", prefix)?;
         if start_revision < mem.compact_revision {
             let _ = tx.send(Ok(WatchMessage::Compacted {
                 compact_revision: mem.compact_revision,
