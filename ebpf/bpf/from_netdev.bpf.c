@@ -175,32 +175,15 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	if (bpf_map_lookup_elem(&ENDPOINTS, &skey))
 		ctx->src_identity = MESHD_IDENTITY_WORLD;
 
-	__u32 revision = cfg->policy_revision;
 	struct ct_value *entry = 0;
-	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
-	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {
-		ret = policy_check(ctx->dst_identity, ctx->src_identity, ctx, MESHD_DIR_INGRESS);
-		if (ret < 0)
-			return ret;
-		if (ct == CT_NEW)
-			ct_create(ctx, now, revision);
-		else if (entry)
-			entry->policy_revision = revision;
-	}
+	int ct = ingress_verdict(skb, ctx, l3_off, now, cfg->policy_revision, ctx->src_identity, &entry);
+	if (ct < 0)
+		return ct;
 	if (dsr && ct == CT_ESTABLISHED && entry)
 		dsr_record(ctx, entry);
 	/* Native routing: replies of service connections (a client here, its backend on another
 	 * node) get their frontend source back, as from-overlay gives it in tunnel mode. */
-	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
-	if (ret < 0)
-		return ret;
-
-	ret = rewrite_macs(skb, dst);
-	if (ret < 0)
-		return ret;
-	/* Straight into the endpoint's namespace, as from-overlay delivers. */
-	ctx->action = bpf_redirect_peer(dst->ifindex, 0);
-	return MESHD_FWD_LOCAL;
+	return deliver_to_endpoint(skb, ctx, l3_off, ct, entry, dst, 0);
 }
 
 SEC("classifier")

@@ -383,6 +383,22 @@ fn summarize(results: Vec<Vec<f64>>) -> (Vec<f64>, Vec<String>) {
     (results.into_iter().map(median).collect(), spreads)
 }
 
+/// Each path measured `runs` times, the paths taking turns within a run (a change in the
+/// machine's load then hits them alike): the median and spread of each path's figures.
+fn alternate(
+    pairs: &[(String, Pair<'_>)],
+    runs: u32,
+    mut measure: impl FnMut(&Pair<'_>, u32) -> anyhow::Result<f64>,
+) -> anyhow::Result<(Vec<f64>, Vec<String>)> {
+    let mut results = vec![Vec::new(); pairs.len()];
+    for run in 0..runs {
+        for (i, (_, pair)) in pairs.iter().enumerate() {
+            results[i].push(measure(pair, run)?);
+        }
+    }
+    Ok(summarize(results))
+}
+
 fn main() -> anyhow::Result<()> {
     let Some(args) = tcp_args() else {
         return Ok(());
@@ -503,13 +519,8 @@ fn main() -> anyhow::Result<()> {
         }
     };
     for streams in [1u32, 4] {
-        let mut results = vec![Vec::new(); pairs.len()];
-        for _ in 0..runs {
-            for (i, (_, pair)) in pairs.iter().enumerate() {
-                results[i].push(iperf(pair, 5201, streams, seconds)?);
-            }
-        }
-        let (medians, spreads) = summarize(results);
+        let (medians, spreads) =
+            alternate(&pairs, runs, |pair, _| iperf(pair, 5201, streams, seconds))?;
         let b = medians[base];
         for i in 0..base {
             let m = medians[i];
@@ -554,19 +565,15 @@ fn main() -> anyhow::Result<()> {
     }
     drop(servers);
 
-    let mut results = vec![Vec::new(); pairs.len()];
-    for run in 0..runs {
-        for (i, (_, pair)) in pairs.iter().enumerate() {
-            results[i].push(tcp_rr(
-                pair.client,
-                pair.server,
-                pair.server_ip,
-                6000 + run as u16,
-                rr_transactions,
-            )?);
-        }
-    }
-    let (medians, spreads) = summarize(results);
+    let (medians, spreads) = alternate(&pairs, runs, |pair, run| {
+        tcp_rr(
+            pair.client,
+            pair.server,
+            pair.server_ip,
+            6000 + run as u16,
+            rr_transactions,
+        )
+    })?;
     let b = medians[base];
     for i in 0..base {
         let m = medians[i];

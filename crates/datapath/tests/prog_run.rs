@@ -620,19 +620,8 @@ fn a_reply_passes_when_the_lru_evicted_only_the_reply_half() {
     );
 
     // Drop the reply half, as LRU eviction might.
-    let ct_path = dp.pin_dir.path().join("maps").join(meshd_ebpf::maps::CT);
-    let mut ct: aya::maps::HashMap<_, abi::CtKey, abi::CtValue> = aya::maps::HashMap::try_from(
-        aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&ct_path).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let reply_key = abi::CtKey {
-        saddr: abi::ip_to_be(B),
-        daddr: abi::ip_to_be(A),
-        sport: 8080u16.to_be(),
-        dport: 40000u16.to_be(),
-        proto: TCP,
-        pad: [0; 3],
-    };
+    let mut ct = ct_map(&dp);
+    let reply_key = ct_key(B, 8080, A, 40000, TCP);
     assert_eq!(ct.get(&reply_key, 0).unwrap().flags, abi::CT_F_REPLY);
     ct.remove(&reply_key).unwrap();
     assert_eq!(dp.maps.ct_len(), 1);
@@ -739,6 +728,18 @@ fn ct_map(dp: &TestDatapath) -> aya::maps::HashMap<aya::maps::MapData, abi::CtKe
         aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&ct_path).unwrap()).unwrap(),
     )
     .unwrap()
+}
+
+/// The CT key of one direction of a connection, as the datapath writes it.
+fn ct_key(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, proto: u8) -> abi::CtKey {
+    abi::CtKey {
+        saddr: abi::ip_to_be(saddr),
+        daddr: abi::ip_to_be(daddr),
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto,
+        pad: [0; 3],
+    }
 }
 
 /// Every CT entry, sorted, for comparing the whole map before and after.
@@ -946,14 +947,7 @@ fn cached_forwarding_ages_entries_by_the_per_cpu_clock_cache() {
     );
 
     let mut ct = ct_map(&dp);
-    let key = abi::CtKey {
-        saddr: abi::ip_to_be(A),
-        daddr: abi::ip_to_be(R),
-        sport: 5000u16.to_be(),
-        dport: 53u16.to_be(),
-        proto: UDP,
-        pad: [0; 3],
-    };
+    let key = ct_key(A, 5000, R, 53, UDP);
     let entry = ct.get(&key, 0).unwrap();
     assert_ne!(entry.fwd_tunnel_endpoint, 0, "the cache is filled");
     // Last seen 61 s ago: past UDP's lifetime (MESHD_CT_LIFETIME_OTHER_NS, 60 s).

@@ -1,9 +1,12 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Handing a packet to a local endpoint. */
+/* Handing a packet to a local endpoint: its ingress verdict, then the packet itself. */
 #ifndef MESHD_DELIVER_H
 #define MESHD_DELIVER_H
 
 #include "maps.h"
+#include "ct.h"
+#include "policy.h"
+#include "lb.h"
 
 /* Rewrites the Ethernet header to gateway -> endpoint, as if the node had routed the packet. */
 static __always_inline int rewrite_macs(struct __sk_buff *skb, const struct endpoint_value *ep)
@@ -14,6 +17,48 @@ static __always_inline int rewrite_macs(struct __sk_buff *skb, const struct endp
 	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0) < 0)
 		return MESHD_DROP_WRITE_ERROR;
 	return 0;
+}
+
+/* Connection tracking and ingress policy for a packet from `peer` to the local endpoint
+ * ctx->dst_identity. Replies and related errors ride on their connection's verdict; the first
+ * direction is checked when the connection is new and once again after every policy change
+ * (the entry then carries `revision`), so a change cuts established connections too. The CT
+ * verdict (*entry: the connection's entry, for delivery) or a drop reason. */
+static __always_inline int ingress_verdict(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, __u64 now,
+					   __u32 revision, __u32 peer, struct ct_value **entry)
+{
+	int ct = ct_lookup(skb, ctx, l3_off, now, entry, 0);
+	struct ct_value *e = *entry;
+	if (ct == CT_NEW || (ct == CT_ESTABLISHED && e && e->policy_revision != revision)) {
+		int ret = policy_check(ctx->dst_identity, peer, ctx, MESHD_DIR_INGRESS);
+		if (ret < 0)
+			return ret;
+		if (ct == CT_NEW)
+			ct_create(ctx, now, revision);
+		else if (e)
+			e->policy_revision = revision;
+	}
+	return ct;
+}
+
+/* Delivers a packet that passed ingress_verdict (ct, entry) to the local endpoint dst: a reply
+ * of a service connection (a client here, its backend on another node) gets its frontend source
+ * back (lib/lb.h), the MACs become gateway -> endpoint, and the packet goes straight into the
+ * endpoint's namespace, skipping the veth's transmit path and backlog. `retype`: the packet may
+ * carry a packet type that is not PACKET_HOST (see overlay_deliver). */
+static __always_inline int deliver_to_endpoint(struct __sk_buff *skb, struct pkt_ctx *ctx, __u32 l3_off, int ct,
+					       struct ct_value *entry, const struct endpoint_value *dst, int retype)
+{
+	int ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
+	if (ret < 0)
+		return ret;
+	ret = rewrite_macs(skb, dst);
+	if (ret < 0)
+		return ret;
+	if (retype && bpf_skb_change_type(skb, PACKET_HOST) < 0)
+		return MESHD_DROP_WRITE_ERROR;
+	ctx->action = bpf_redirect_peer(dst->ifindex, 0);
+	return MESHD_FWD_LOCAL;
 }
 
 #endif

@@ -49,36 +49,17 @@ static __always_inline int overlay_deliver(struct __sk_buff *skb, struct pkt_ctx
 	struct datapath_config *cfg = bpf_map_lookup_elem(&CONFIG, &zero);
 	if (!cfg)
 		return MESHD_DROP_NO_CONFIG;
-	__u32 revision = cfg->policy_revision;
 
 	__u64 now = ct_now();
 	ctx->now = now;
 	struct ct_value *entry = 0;
-	int ct = ct_lookup(skb, ctx, l3_off, now, &entry, 0);
-	if (ct == CT_NEW || (ct == CT_ESTABLISHED && entry && entry->policy_revision != revision)) {
-		ret = policy_check(ctx->dst_identity, vni, ctx, MESHD_DIR_INGRESS);
-		if (ret < 0)
-			return ret;
-		if (ct == CT_NEW)
-			ct_create(ctx, now, revision);
-		else if (entry)
-			entry->policy_revision = revision;
-	}
-	ret = lb_reverse_ct(skb, ctx, l3_off, ct, entry);
-	if (ret < 0)
-		return ret;
-
-	ret = rewrite_macs(skb, dst);
-	if (ret < 0)
-		return ret;
+	int ct = ingress_verdict(skb, ctx, l3_off, now, cfg->policy_revision, vni, &entry);
+	if (ct < 0)
+		return ct;
 	/* eth_type_trans on the VXLAN device compared the inner MAC with the device's own, so the
 	 * packet may be marked for another host; the endpoint's stack would drop it. (Decapsulated
 	 * on the uplink, it carries the outer frame's type, which was for this host.) */
-	if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
-		return MESHD_DROP_WRITE_ERROR;
-	/* Straight into the endpoint's namespace, skipping the veth's transmit path and backlog. */
-	ctx->action = bpf_redirect_peer(dst->ifindex, 0);
-	return MESHD_FWD_LOCAL;
+	return deliver_to_endpoint(skb, ctx, l3_off, ct, entry, dst, 1);
 }
 
 #endif
