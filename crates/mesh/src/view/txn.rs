@@ -9,11 +9,11 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use meshd_state::{ClusterName, IdentityKey, IpcacheKey, NodeKey, NumericIdentity};
 
-use super::cluster::Status;
+use super::cluster::{Status, Stored};
 use super::services::ServiceName;
 use super::{Applied, MeshView};
 use crate::desired::{order_ops, DatapathOp};
-use crate::reject::{PendingEntry, RejectedKey, Rejection};
+use crate::reject::{PendingEntry, RejectReason, RejectedKey, Rejection};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Work {
@@ -171,25 +171,19 @@ impl MeshView {
     pub(super) fn report(&mut self, txn: &mut Txn) {
         let mut rejected = Vec::new();
         for (c, name, before) in std::mem::take(&mut txn.changed_nodes) {
-            let Some(now) = self
+            let stored = self
                 .clusters
                 .get_mut(&*c)
-                .and_then(|cs| cs.nodes.get_mut(&name))
-                .and_then(|s| std::mem::take(&mut s.marked).then_some(s))
-            else {
-                continue;
-            };
-            if let Status::Rejected(reason) = &now.status {
-                if now.status != before {
-                    rejected.push(Rejection {
+                .and_then(|cs| cs.nodes.get_mut(&name));
+            if let Some(reason) = newly_rejected(stored, &before) {
+                rejected.push(Rejection {
+                    cluster: (*c).clone(),
+                    key: RejectedKey::Node(NodeKey {
                         cluster: (*c).clone(),
-                        key: RejectedKey::Node(NodeKey {
-                            cluster: (*c).clone(),
-                            node: name,
-                        }),
-                        reason: (**reason).clone(),
-                    });
-                }
+                        node: name,
+                    }),
+                    reason,
+                });
             }
         }
         for (c, prefix, before, host_before) in std::mem::take(&mut txn.changed_entries) {
@@ -228,25 +222,19 @@ impl MeshView {
             }
         }
         for (c, id, before) in std::mem::take(&mut txn.changed_identities) {
-            let Some(now) = self
+            let stored = self
                 .clusters
                 .get_mut(&*c)
-                .and_then(|cs| cs.identities.get_mut(&id))
-                .and_then(|s| std::mem::take(&mut s.marked).then_some(s))
-            else {
-                continue;
-            };
-            if let Status::Rejected(reason) = &now.status {
-                if now.status != before {
-                    rejected.push(Rejection {
+                .and_then(|cs| cs.identities.get_mut(&id));
+            if let Some(reason) = newly_rejected(stored, &before) {
+                rejected.push(Rejection {
+                    cluster: (*c).clone(),
+                    key: RejectedKey::Identity(IdentityKey {
                         cluster: (*c).clone(),
-                        key: RejectedKey::Identity(IdentityKey {
-                            cluster: (*c).clone(),
-                            id,
-                        }),
-                        reason: (**reason).clone(),
-                    });
-                }
+                        id,
+                    }),
+                    reason,
+                });
             }
         }
         for r in &rejected {
@@ -255,5 +243,16 @@ impl MeshView {
             }
         }
         txn.applied.rejected.extend(rejected);
+    }
+}
+
+/// For a key the transaction changed (`stored`: it now, if still stored; `before`: its status
+/// when the transaction first touched it): clears its mark, and gives the reason it is
+/// rejected if it is rejected now and was not so before. Unmarked: already reported.
+fn newly_rejected<T>(stored: Option<&mut Stored<T>>, before: &Status) -> Option<RejectReason> {
+    let now = stored.and_then(|s| std::mem::take(&mut s.marked).then_some(s))?;
+    match &now.status {
+        Status::Rejected(reason) if now.status != *before => Some((**reason).clone()),
+        _ => None,
     }
 }
