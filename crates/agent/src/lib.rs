@@ -24,6 +24,7 @@ pub mod health_check;
 pub mod inputs;
 pub mod ipam;
 pub mod metrics;
+pub mod moderation;
 pub mod monitor;
 pub mod reconciler;
 pub mod remotes;
@@ -85,6 +86,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         runtime.worker_threads(1);
     }
+    moderation::install(&mut runtime, config.event_moderation);
     let runtime = runtime
         .enable_all()
         .build()
@@ -574,7 +576,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
         // systemd (Type=notify) hears READY=1 once the start-up gate opened and the first full
         // diff drove the maps to the merged view: from then on a restart of a neighbour unit
         // that waits for this one finds the datapath in order. Without NOTIFY_SOCKET nothing is
-        // sent.
+        // sent. Wake-up moderation (`event_moderation_us`) starts then too.
         let mut reconciled = reconciled_rx.clone();
         tokio::spawn(async move {
             if reconciled.wait_for(|s| s.full_diffs > 0).await.is_ok() {
@@ -586,6 +588,7 @@ async fn run_agent(config: Arc<AgentConfig>) -> anyhow::Result<ExitCode> {
                     ],
                 );
                 tracing::info!("initial sync done; readiness notified");
+                moderation::arm();
             }
         });
     }

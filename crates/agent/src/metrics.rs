@@ -79,6 +79,8 @@ pub struct Snapshot<'a> {
     /// The routing mode and the node routes (`meshd status`'s routing lines).
     pub routing: &'a pb::RoutingStatus,
     pub propagation_delay: &'a PropagationDelay,
+    /// The runtime worker's naps under churn (`event_moderation_us`).
+    pub naps: crate::moderation::NapStats,
 }
 
 fn gauge_family<S, G>(registry: &mut Registry, name: &str, help: &str) -> Family<S, G>
@@ -330,6 +332,19 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Flow and drop events the datapath did not send (over its per-CPU rate limit, or its ring buffer full); the packets themselves are counted.",
         s.events_lost,
     );
+    counter(
+        &mut r,
+        "worker_naps",
+        "Naps the runtime worker took before parking under churn (event_moderation_us), gathering events into fewer wake-ups.",
+        s.naps.naps,
+    );
+    let nap_seconds: Counter<f64, AtomicU64> = Counter::default();
+    nap_seconds.inc_by(s.naps.nap_micros as f64 / 1e6);
+    r.register(
+        "worker_nap_seconds",
+        "Time the runtime worker spent in those naps.",
+        nap_seconds,
+    );
     let rt = s.routing;
     if rt.auto_direct_node_routes && rt.mode == "native" {
         let installed: Gauge = Gauge::default();
@@ -454,6 +469,10 @@ mod tests {
                 delay.observe(std::time::Instant::now());
                 delay
             },
+            naps: crate::moderation::NapStats {
+                naps: 4,
+                nap_micros: 2_500,
+            },
         });
         for line in [
             "meshd_remote_cluster_ready{cluster=\"c2\"} 0",
@@ -483,6 +502,8 @@ mod tests {
             "meshd_datapath_map_entries{map=\"conntrack\"} 10",
             "meshd_datapath_map_capacity{map=\"conntrack\"} 262144",
             "meshd_reconciler_operations_total 12",
+            "meshd_worker_naps_total 4",
+            "meshd_worker_nap_seconds_total 0.0025",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }

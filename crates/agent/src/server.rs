@@ -443,6 +443,7 @@ impl AgentService {
             now_ms: crate::now_ms(),
             routing: &routing,
             propagation_delay: &self.propagation_delay,
+            naps: crate::moderation::stats(),
         })
     }
 

@@ -36,7 +36,7 @@ pub use etcd::EtcdStore;
 pub use fenced::Fenced;
 pub use identity::{lowest_free, resolve_identity, IdentityError};
 pub use memory::MemoryStore;
-pub use offload::off_the_worker;
+pub use offload::{bulk_work_within, off_the_worker};
 pub use publisher::{Publisher, PublisherConfig, PublisherStats};
 pub use quota::{EntryQuota, EntryRoom, DEFAULT_ENTRY_LIMIT, MAX_VALUE_BYTES};
 pub use reflection::{RawReflection, RawWatchEvent, Reflect, Reflection, WatchEvent, WatchStats};
