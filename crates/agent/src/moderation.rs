@@ -18,6 +18,11 @@
 //! be slowed. The price is latency under churn: at most one window per change, on every task of
 //! the agent alike (its API, health checks and leases too: milliseconds against their seconds).
 //!
+//! Changes made one at a time, each after the last has shown (a script, an operator), come as
+//! close together as churn does but gain nothing from a nap: one in `1 + NAP_BACKOFF` of them
+//! waits, as a nap that gathered one event turns naps off for the next [`NAP_BACKOFF`]
+//! wake-ups ([`note_event`] counts the events).
+//!
 //! The policy ([`Spells`], [`nap`]) is pure; [`install`] wires it into the runtime's park
 //! hooks.
 
@@ -29,11 +34,22 @@ use std::time::{Duration, Instant};
 /// sync's pages and between a full diff's batches.
 pub const BULK_HOLD_OFF: Duration = Duration::from_millis(100);
 
+/// After a nap that gathered a single event, the wake-ups that go without a nap: changes made
+/// one at a time, each waiting for the last to show (a script, an operator), gain nothing from
+/// a nap and would each wait out a window; so only one in `1 + NAP_BACKOFF` of them does.
+pub const NAP_BACKOFF: u32 = 8;
+
 /// What a worker thread knows of its own recent past.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Spells {
     parked_at: Option<Instant>,
     last_idle: Option<Duration>,
+    /// The events count ([`note_event`]) when the worker last woke.
+    events_at_wake: u64,
+    /// Whether the worker napped before it last parked.
+    napped: bool,
+    /// Wake-ups left to go without a nap.
+    backoff: u32,
 }
 
 impl Spells {
@@ -42,26 +58,50 @@ impl Spells {
         self.parked_at = Some(at);
     }
 
-    /// The worker wakes at `at`: the idle spell since it parked is over.
-    pub fn unparked(&mut self, at: Instant) {
+    /// The worker wakes at `at`, `events` counted so far: the idle spell since it parked is
+    /// over.
+    pub fn unparked(&mut self, at: Instant, events: u64) {
         self.last_idle = self
             .parked_at
             .take()
             .map(|p| at.saturating_duration_since(p));
+        self.events_at_wake = events;
     }
 }
 
-/// How long a worker about to park should sleep first: `window` when its last idle spell was
-/// shorter than `window` (wake-ups are coming close together) and nothing holds naps off
-/// (start-up, recent bulk work); otherwise none. A zero window turns moderation off.
-pub fn nap(window: Duration, spells: &Spells, held_off: bool) -> Option<Duration> {
+/// How long a worker about to park, `events` counted so far, should sleep first: `window` when
+/// its last idle spell was shorter than `window` (wake-ups are coming close together), nothing
+/// holds naps off (start-up, recent bulk work) and naps are paying; otherwise none. A nap pays
+/// unless the wake-up after it handled exactly one event (none: it woke for something else,
+/// a timer, and says nothing); after one that did not, [`NAP_BACKOFF`] wake-ups go without. A
+/// zero window turns moderation off.
+pub fn nap(window: Duration, spells: &mut Spells, events: u64, held_off: bool) -> Option<Duration> {
+    let handled = events.wrapping_sub(spells.events_at_wake);
+    if std::mem::take(&mut spells.napped) && handled == 1 {
+        spells.backoff = NAP_BACKOFF;
+    }
     if window.is_zero() || held_off {
         return None;
     }
+    if spells.backoff > 0 {
+        spells.backoff -= 1;
+        return None;
+    }
     match spells.last_idle {
-        Some(idle) if idle < window => Some(window),
+        Some(idle) if idle < window => {
+            spells.napped = true;
+            Some(window)
+        }
         _ => None,
     }
+}
+
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// One event (a cluster's change, on its way to the view) was handled: how moderation tells a
+/// nap that paid from one that did not.
+pub fn note_event() {
+    EVENTS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Naps taken and their total length, process-wide (`/metrics`).
@@ -91,17 +131,31 @@ thread_local! {
     static SPELLS: Cell<Spells> = Cell::new(Spells::default());
 }
 
-/// Moderates the wake-ups of `runtime`'s workers with `window` (nothing when zero).
+/// Moderates the wake-ups of `runtime`'s workers with `window` (nothing when zero), once
+/// [`arm`]ed and while no bulk work is recent.
 pub fn install(runtime: &mut tokio::runtime::Builder, window: Duration) {
+    install_with(runtime, window, || {
+        !ARMED.load(Ordering::Relaxed) || meshd_kvstore::bulk_work_within(BULK_HOLD_OFF)
+    });
+}
+
+fn install_with(
+    runtime: &mut tokio::runtime::Builder,
+    window: Duration,
+    held_off: impl Fn() -> bool + Send + Sync + 'static,
+) {
     if window.is_zero() {
         return;
     }
     runtime
         .on_thread_park(move || {
             let mut spells = SPELLS.get();
-            let held_off =
-                !ARMED.load(Ordering::Relaxed) || meshd_kvstore::bulk_work_within(BULK_HOLD_OFF);
-            if let Some(d) = nap(window, &spells, held_off) {
+            if let Some(d) = nap(
+                window,
+                &mut spells,
+                EVENTS.load(Ordering::Relaxed),
+                held_off(),
+            ) {
                 // A plain sleep of the thread, on purpose: the runtime's I/O driver is polled
                 // only when the worker parks, so nothing wakes it meanwhile.
                 std::thread::sleep(d);
@@ -113,7 +167,7 @@ pub fn install(runtime: &mut tokio::runtime::Builder, window: Duration) {
         })
         .on_thread_unpark(|| {
             let mut spells = SPELLS.get();
-            spells.unparked(Instant::now());
+            spells.unparked(Instant::now(), EVENTS.load(Ordering::Relaxed));
             SPELLS.set(spells);
         });
 }
@@ -124,23 +178,23 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_millis(1);
 
+    /// A worker that parked, stayed idle for `idle` and woke with no event counted yet.
     fn after(idle: Duration) -> Spells {
         let t0 = Instant::now();
         let mut s = Spells::default();
         s.parked(t0);
-        s.unparked(t0 + idle);
+        s.unparked(t0 + idle, 0);
         s
     }
 
     #[test]
     fn naps_only_when_wake_ups_come_closer_than_the_window() {
+        let close = Duration::from_micros(300);
+        assert_eq!(nap(WINDOW, &mut after(close), 1, false), Some(WINDOW));
+        let far = Duration::from_millis(5);
+        assert_eq!(nap(WINDOW, &mut after(far), 1, false), None);
         assert_eq!(
-            nap(WINDOW, &after(Duration::from_micros(300)), false),
-            Some(WINDOW)
-        );
-        assert_eq!(nap(WINDOW, &after(Duration::from_millis(5)), false), None);
-        assert_eq!(
-            nap(WINDOW, &after(WINDOW), false),
+            nap(WINDOW, &mut after(WINDOW), 1, false),
             None,
             "a spell of exactly the window"
         );
@@ -148,49 +202,68 @@ mod tests {
 
     #[test]
     fn the_first_wake_up_and_a_change_after_a_quiet_spell_never_wait() {
-        assert_eq!(nap(WINDOW, &Spells::default(), false), None);
-        let quiet = after(Duration::from_secs(2));
-        assert_eq!(nap(WINDOW, &quiet, false), None);
+        assert_eq!(nap(WINDOW, &mut Spells::default(), 0, false), None);
+        let mut quiet = after(Duration::from_secs(2));
+        assert_eq!(nap(WINDOW, &mut quiet, 1, false), None);
     }
 
     #[test]
     fn holding_off_and_a_zero_window_turn_it_off() {
         let busy = after(Duration::from_micros(100));
-        assert_eq!(nap(WINDOW, &busy, true), None);
-        assert_eq!(nap(Duration::ZERO, &busy, false), None);
+        assert_eq!(nap(WINDOW, &mut busy.clone(), 1, true), None);
+        assert_eq!(nap(Duration::ZERO, &mut busy.clone(), 1, false), None);
     }
 
-    /// A spell counts from the park after the nap: under steady churn the wake-up after a nap
-    /// finds work at once, so the worker naps again rather than every other time.
-    #[test]
-    fn under_steady_churn_every_wake_up_naps() {
+    /// A worker's cycles: `arrivals(i)` events waiting when it wakes for the i-th time, each
+    /// wake-up 20 us after it parks (the next response already there) and busy 150 us. Returns
+    /// the naps taken in `cycles` wake-ups.
+    fn naps_in(cycles: u64, arrivals: impl Fn(u64) -> u64) -> u64 {
         let mut s = Spells::default();
         let mut t = Instant::now();
+        let mut events = 0;
         let mut naps = 0;
-        for _ in 0..10 {
-            if let Some(d) = nap(WINDOW, &s, false) {
+        for i in 0..cycles {
+            if let Some(d) = nap(WINDOW, &mut s, events, false) {
                 naps += 1;
                 t += d;
             }
             s.parked(t);
-            t += Duration::from_micros(20); // the next response was already waiting
-            s.unparked(t);
-            t += Duration::from_micros(150); // the work it brought
+            t += Duration::from_micros(20);
+            s.unparked(t, events);
+            events += arrivals(i);
+            t += Duration::from_micros(150);
         }
-        assert_eq!(naps, 9, "every wake-up after the first");
+        naps
+    }
+
+    /// Under steady churn a nap gathers several events, so the worker naps before every park
+    /// after the first: a spell counts from the park after the nap.
+    #[test]
+    fn under_steady_churn_every_wake_up_naps() {
+        assert_eq!(naps_in(10, |_| 3), 9);
+    }
+
+    /// Changes made one at a time: a nap that gathers one event backs off for NAP_BACKOFF
+    /// wake-ups; wake-ups for no event (timers) neither pay nor cost.
+    #[test]
+    fn naps_that_gather_one_event_back_off() {
+        let cycles = 1 + 5 * (1 + NAP_BACKOFF as u64);
+        // Naps at cycles 1, 10, 19, 28, 37: one in nine.
+        assert_eq!(naps_in(cycles, |_| 1), 5);
+        // Every wake-up for a timer: nothing learnt, naps continue.
+        assert_eq!(naps_in(10, |_| 0), 9);
     }
 
     /// The hooks on a real runtime: a worker woken by a 1 ms timer (tokio's resolution) over
     /// and over naps before each park, and the naps are counted (the counters are
-    /// process-wide and only grow).
+    /// process-wide; only this test naps). Nothing held off: other tests' bulk work would.
     #[test]
     fn a_runtime_with_the_hooks_naps_between_close_wake_ups() {
         let window = Duration::from_millis(5);
         let before = stats();
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder.worker_threads(1).enable_all();
-        install(&mut builder, window);
-        arm();
+        install_with(&mut builder, window, || false);
         let runtime = builder.build().unwrap();
         runtime.block_on(async {
             tokio::spawn(async {

@@ -41,7 +41,7 @@ static BULK: BulkClock = BulkClock::new();
 /// Bulk work running and when it last ended.
 struct BulkClock {
     running: AtomicUsize,
-    /// Nanoseconds since [`epoch`] when bulk work last ended; 0: never.
+    /// When bulk work last ended ([`nanos_since_epoch`]); 0: never.
     ended_ns: AtomicU64,
 }
 
@@ -81,6 +81,7 @@ impl Drop for BulkWork<'_> {
     }
 }
 
+/// Nanoseconds since the process first asked.
 fn nanos_since_epoch() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
