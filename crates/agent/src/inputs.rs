@@ -82,7 +82,6 @@ impl InputSender {
     /// Queues `input`, waiting while this cluster's queue is full (only this cluster waits).
     pub async fn send(&self, input: ViewInput) -> Result<(), Closed> {
         self.tx.send(input).await.map_err(|_| Closed)?;
-        crate::moderation::note_event();
         // After the event is in the queue. The view task clears the flag (a swap, so it sees
         // what the sender that set it had queued) before it takes a turn: either that turn
         // takes this event, or this swap finds the flag down and schedules the queue again.

@@ -21,7 +21,10 @@
 //! Changes made one at a time, each after the last has shown (a script, an operator), come as
 //! close together as churn does but gain nothing from a nap: one in `1 + NAP_BACKOFF` of them
 //! waits, as a nap that gathered one event turns naps off for the next [`NAP_BACKOFF`]
-//! wake-ups ([`note_event`] counts the events).
+//! wake-ups (the events counted as etcd watch events received,
+//! [`meshd_kvstore::watch_events_received`], whatever becomes of them). A wake-up that already
+//! found a batch ([`BATCH_ENOUGH`] events: a flood, a busy cluster) takes no nap either: its
+//! wake-up is paid for, and a nap would only hold a quiet cluster's change back behind it.
 //!
 //! The policy ([`Spells`], [`nap`]) is pure; [`install`] wires it into the runtime's park
 //! hooks.
@@ -39,12 +42,18 @@ pub const BULK_HOLD_OFF: Duration = Duration::from_millis(100);
 /// a nap and would each wait out a window; so only one in `1 + NAP_BACKOFF` of them does.
 pub const NAP_BACKOFF: u32 = 8;
 
+/// A wake-up that handled this many events or more takes no nap: its wake-up cost is already
+/// shared by a batch (a flood, a busy cluster), and a nap would only delay the next change of
+/// a quiet cluster behind it.
+pub const BATCH_ENOUGH: u64 = 16;
+
 /// What a worker thread knows of its own recent past.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Spells {
     parked_at: Option<Instant>,
     last_idle: Option<Duration>,
-    /// The events count ([`note_event`]) when the worker last woke.
+    /// Watch events received ([`meshd_kvstore::watch_events_received`]) when the worker last
+    /// woke.
     events_at_wake: u64,
     /// Whether the worker napped before it last parked.
     napped: bool,
@@ -71,16 +80,17 @@ impl Spells {
 
 /// How long a worker about to park, `events` counted so far, should sleep first: `window` when
 /// its last idle spell was shorter than `window` (wake-ups are coming close together), nothing
-/// holds naps off (start-up, recent bulk work) and naps are paying; otherwise none. A nap pays
-/// unless the wake-up after it handled exactly one event (none: it woke for something else,
-/// a timer, and says nothing); after one that did not, [`NAP_BACKOFF`] wake-ups go without. A
-/// zero window turns moderation off.
+/// holds naps off (start-up, recent bulk work), the wake-up now ending handled fewer than
+/// [`BATCH_ENOUGH`] events and naps are paying; otherwise none. A nap pays unless the wake-up
+/// after it handled exactly one event (none: it woke for something else, a timer, and says
+/// nothing); after one that did not, [`NAP_BACKOFF`] wake-ups go without. A zero window turns
+/// moderation off.
 pub fn nap(window: Duration, spells: &mut Spells, events: u64, held_off: bool) -> Option<Duration> {
     let handled = events.wrapping_sub(spells.events_at_wake);
     if std::mem::take(&mut spells.napped) && handled == 1 {
         spells.backoff = NAP_BACKOFF;
     }
-    if window.is_zero() || held_off {
+    if window.is_zero() || held_off || handled >= BATCH_ENOUGH {
         return None;
     }
     if spells.backoff > 0 {
@@ -94,14 +104,6 @@ pub fn nap(window: Duration, spells: &mut Spells, events: u64, held_off: bool) -
         }
         _ => None,
     }
-}
-
-static EVENTS: AtomicU64 = AtomicU64::new(0);
-
-/// One event (a cluster's change, on its way to the view) was handled: how moderation tells a
-/// nap that paid from one that did not.
-pub fn note_event() {
-    EVENTS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Naps taken and their total length, process-wide (`/metrics`).
@@ -153,7 +155,7 @@ fn install_with(
             if let Some(d) = nap(
                 window,
                 &mut spells,
-                EVENTS.load(Ordering::Relaxed),
+                meshd_kvstore::watch_events_received(),
                 held_off(),
             ) {
                 // A plain sleep of the thread, on purpose: the runtime's I/O driver is polled
@@ -167,7 +169,7 @@ fn install_with(
         })
         .on_thread_unpark(|| {
             let mut spells = SPELLS.get();
-            spells.unparked(Instant::now(), EVENTS.load(Ordering::Relaxed));
+            spells.unparked(Instant::now(), meshd_kvstore::watch_events_received());
             SPELLS.set(spells);
         });
 }
@@ -252,6 +254,17 @@ mod tests {
         assert_eq!(naps_in(cycles, |_| 1), 5);
         // Every wake-up for a timer: nothing learnt, naps continue.
         assert_eq!(naps_in(10, |_| 0), 9);
+    }
+
+    /// A flood: every wake-up finds a batch already, and a nap would only hold a quiet
+    /// cluster's change back behind it.
+    #[test]
+    fn a_wake_up_that_found_a_batch_takes_no_nap() {
+        assert_eq!(naps_in(10, |_| BATCH_ENOUGH), 0);
+        assert_eq!(naps_in(10, |_| BATCH_ENOUGH - 1), 9);
+        // Wake-ups alternating between a batch and a few events: a nap after each of the few
+        // (cycles 2, 4, ... 18), none after a batch.
+        assert_eq!(naps_in(20, |i| if i % 2 == 0 { 100 } else { 3 }), 9);
     }
 
     /// The hooks on a real runtime: a worker woken by a 1 ms timer (tokio's resolution) over

@@ -1,6 +1,7 @@
 //! [`Backend`] over a real etcd, through etcd-client.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,14 @@ use crate::backend::{
 use crate::connect::EtcdConfig;
 use crate::error::KvError;
 use crate::retry::retry_transient;
+
+static WATCH_EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// Watch events received from etcd by every store of the process so far (admitted or not later
+/// on). The agent's wake-up moderation reads how many a wake-up of its worker brought.
+pub fn watch_events_received() -> u64 {
+    WATCH_EVENTS.load(Ordering::Relaxed)
+}
 
 /// A connected etcd client (see [`crate::connect`]). Cheap to clone; clones share connections.
 #[derive(Clone)]
@@ -228,6 +237,7 @@ impl Backend for EtcdStore {
                         };
                         return Some((Err(err), None));
                     }
+                    WATCH_EVENTS.fetch_add(resp.events().len() as u64, Ordering::Relaxed);
                     let header = header(resp.header());
                     let events = resp
                         .events()

@@ -32,7 +32,7 @@ pub use cache::CachedCluster;
 pub use canary::wait_for_canaries;
 pub use connect::{connect, connect_lazy, EtcdConfig};
 pub use error::KvError;
-pub use etcd::EtcdStore;
+pub use etcd::{watch_events_received, EtcdStore};
 pub use fenced::Fenced;
 pub use identity::{lowest_free, resolve_identity, IdentityError};
 pub use memory::MemoryStore;
