@@ -186,21 +186,23 @@ fn request(
         &from.netns,
         from.container.as_deref(),
         url,
-        count,
+        (count, 1),
         timeout_ms,
     )
     .with_context(|| format!("running a request from {}", from.name))
 }
 
+/// `count` requests, each tried on up to `attempts` connections.
 fn request_in(
     meshd: &Path,
     netns: &str,
     container: Option<&str>,
     url: &str,
-    count: u32,
+    (count, attempts): (u32, u32),
     timeout_ms: u64,
 ) -> anyhow::Result<Child> {
     let count = count.to_string();
+    let attempts = attempts.to_string();
     let timeout = timeout_ms.to_string();
     let args = [
         "workload",
@@ -208,6 +210,8 @@ fn request_in(
         url,
         "-n",
         &count,
+        "--attempts",
+        &attempts,
         "--timeout-ms",
         &timeout,
         "-o",
@@ -223,14 +227,14 @@ fn ping(from: &LabEndpoint, to: &str) -> anyhow::Result<Child> {
         .with_context(|| format!("running ping from {}", from.name))
 }
 
-/// A row whose `count` requests to `url` run on the external host; `row` is its CHECK, TO and
-/// EXPECT.
+/// A row whose `count` requests to `url` run on the external host, each tried on up to
+/// `attempts` connections; `row` is its CHECK, TO and EXPECT.
 fn from_external(
     meshd: &Path,
     ext: &LabExternal,
     (check, to, expect): (&str, String, &str),
     url: &str,
-    count: u32,
+    count: (u32, u32),
     timeout_ms: u64,
     kind: Kind,
 ) -> anyhow::Result<Pending> {
@@ -380,7 +384,15 @@ pub fn run_check(
                 ("allow", 3000, Kind::Http { endpoint })
             };
             let row = ("from external", label(to), expect);
-            pending.push(from_external(meshd, ext, row, &url, 1, timeout_ms, kind)?);
+            pending.push(from_external(
+                meshd,
+                ext,
+                row,
+                &url,
+                (1, 1),
+                timeout_ms,
+                kind,
+            )?);
         }
     }
     if policy_denies_echo_to_echo {
@@ -456,7 +468,19 @@ pub fn run_check(
                     "allow",
                 );
                 let count = if local { 6 } else { 20 };
-                pending.push(from_external(meshd, ext, row, &url, count, 3000, kind)?);
+                // Two connections per request: about one node-port connection in a thousand
+                // through direct server return has gone unanswered for 3 s (twice in some
+                // thirty lab runs, one of a row's 20 each time; cause not found yet). The retry
+                // keeps a lab up while it shows in the row's detail.
+                pending.push(from_external(
+                    meshd,
+                    ext,
+                    row,
+                    &url,
+                    (count, 2),
+                    3000,
+                    kind,
+                )?);
             }
         }
     }
@@ -580,6 +604,12 @@ pub fn run_check(
                     );
                     pass &= ok;
                     detail.push_str(&format!("; {seen}"));
+                }
+                if summary["retried"].as_u64().unwrap_or(0) > 0 {
+                    detail.push_str(&format!(
+                        "; {} retried after {}",
+                        summary["retried"], summary["retry_errors"]
+                    ));
                 }
                 result.pass = out.status.success() && pass;
                 result.detail = if out.status.success() {

@@ -54,6 +54,11 @@ pub struct RequestArgs {
     /// Pause between requests in milliseconds.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// Connections a request may try: a request that fails is tried again on a new connection
+    /// (a new source port) up to this many times in all; the failures a retry made good are
+    /// counted as `retried` and listed under `retry_errors`, not as failures.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
+    attempts: u32,
     #[command(flatten)]
     output: OutputArgs,
 }
@@ -83,6 +88,10 @@ struct RequestSummary {
     by_endpoint: BTreeMap<String, u32>,
     /// First few errors, for diagnosis.
     errors: Vec<String>,
+    /// Requests answered only on a later attempt (`--attempts`).
+    retried: u32,
+    /// First few errors of attempts a later one made good.
+    retry_errors: Vec<String>,
     /// Every reply in order (for failover measurements).
     replies: Vec<Option<EchoReply>>,
     /// Latency of each successful request in microseconds, in order.
@@ -171,10 +180,14 @@ pub async fn get_once(
     path: &str,
     timeout: Duration,
 ) -> anyhow::Result<EchoReply> {
+    // How far the request got, for the timeout's message: an unanswered SYN and a lost answer
+    // are different faults.
+    let reached = std::cell::Cell::new(None::<SocketAddr>);
     let work = async {
         let mut stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
+        reached.set(stream.local_addr().ok());
         let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
         stream.write_all(req.as_bytes()).await?;
         let mut resp = Vec::new();
@@ -188,9 +201,13 @@ pub async fn get_once(
         }
         serde_json::from_str(body).with_context(|| format!("{addr}: answer is not echo JSON"))
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .with_context(|| format!("{addr}: no answer within {timeout:?}"))?
+    let answer = tokio::time::timeout(timeout, work).await;
+    answer.with_context(|| match reached.get() {
+        Some(local) => {
+            format!("{addr}: no answer within {timeout:?} (connected from {local}, request sent)")
+        }
+        None => format!("{addr}: no answer within {timeout:?} (not connected)"),
+    })?
 }
 
 async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
@@ -204,6 +221,8 @@ async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         by_cluster: BTreeMap::new(),
         by_endpoint: BTreeMap::new(),
         errors: Vec::new(),
+        retried: 0,
+        retry_errors: Vec::new(),
         replies: Vec::new(),
         latency_us: Vec::new(),
     };
@@ -213,7 +232,19 @@ async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
         }
         summary.sent += 1;
         let started = Instant::now();
-        match get_once(addr, &path, timeout).await {
+        let mut answer = get_once(addr, &path, timeout).await;
+        for _ in 1..args.attempts {
+            let Err(e) = &answer else { break };
+            let error = format!("{e:#}");
+            answer = get_once(addr, &path, timeout).await;
+            if answer.is_ok() {
+                summary.retried += 1;
+                if summary.retry_errors.len() < 5 {
+                    summary.retry_errors.push(error);
+                }
+            }
+        }
+        match answer {
             Ok(reply) => {
                 summary.ok += 1;
                 summary
@@ -247,6 +278,9 @@ async fn request(args: RequestArgs) -> anyhow::Result<ExitCode> {
             }
             for e in &summary.errors {
                 println!("  error: {e}");
+            }
+            for e in &summary.retry_errors {
+                println!("  retried after: {e}");
             }
         }
     }
