@@ -341,10 +341,10 @@ pub const DEFAULT_STARTUP_SYNC_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 pub const DEFAULT_RESYNC_INTERVAL_SECS: u64 = 300;
 pub const DEFAULT_CERT_EXPIRY_WARNING_DAYS: u32 = 30;
-/// 3 ms: under churn at 1,000 events/s on 500k entries, 44 us of CPU per event against 83
-/// without, for a propagation median of 3.2 ms against 0.9 and a p99 of 4.5 against 3.0 (2 ms:
-/// 54 us, 2.2 / 4.2 ms); BENCHMARKS.md, issue 11, session 13. A change after a quiet spell
-/// does not wait.
+/// 3 ms: under churn at 1,000 events/s on 500k entries, 44-53 us of CPU per event against
+/// 80-89 without (2 ms: 54-60 us), the churn's changes waiting up to the window; changes made
+/// one at a time: median 1.2 ms against 1.0 (BENCHMARKS.md, issue 11, session 13). A change
+/// after a quiet spell does not wait.
 pub const DEFAULT_EVENT_MODERATION_US: u64 = 3_000;
 /// 10 ms: past that the latency it adds would rival etcd's own.
 pub const MAX_EVENT_MODERATION_US: u64 = 10_000;
