@@ -156,9 +156,8 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	ctx->dst_identity = dst->identity;
 	/* Native routing: a connection another node balanced here by DSR names its frontend in
 	 * the option of its first packet; conntrack keeps it for the replies (lib/dsr.h). */
-	int dsr = 0;
 	if (cfg->flags & MESHD_CONFIG_F_NATIVE) {
-		dsr = dsr_take_option(skb, ctx, l3_off);
+		int dsr = dsr_take_option(skb, ctx, l3_off);
 		if (dsr < 0)
 			return dsr;
 	}
@@ -179,8 +178,6 @@ static __always_inline int handle_from_netdev(struct __sk_buff *skb, struct pkt_
 	int ct = ingress_verdict(skb, ctx, l3_off, now, cfg->policy_revision, ctx->src_identity, &entry);
 	if (ct < 0)
 		return ct;
-	if (dsr && ct == CT_ESTABLISHED && entry)
-		dsr_record(ctx, entry);
 	/* Native routing: replies of service connections (a client here, its backend on another
 	 * node) get their frontend source back, as from-overlay gives it in tunnel mode. */
 	return deliver_to_endpoint(skb, ctx, l3_off, ct, entry, dst, 0);

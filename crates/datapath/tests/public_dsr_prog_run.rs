@@ -301,6 +301,113 @@ fn the_backend_node_takes_the_option_out_and_replies_leave_from_the_frontend() {
     assert!(w.dp.maps.drain_drop_events().is_empty());
 }
 
+/// This node's own NodePort for TCP, balanced to its endpoint B.
+fn expose_local(w: &mut World) {
+    let frontend = LbFrontend {
+        addr: NODE,
+        port: NODE_PORT,
+        proto: TCP,
+    };
+    w.dp.maps
+        .upsert_backend(
+            frontend,
+            0,
+            LbBackend {
+                addr: B,
+                port: BACKEND_PORT,
+                cluster_id: 1,
+            },
+        )
+        .unwrap();
+    w.dp.maps
+        .upsert_service(frontend, 1, abi::SERVICE_F_NODE_PORT)
+        .unwrap();
+}
+
+/// A closed connection X:50000 -> B through `frontend` as the backend's node saw it: SYN,
+/// SYN-ACK, FIN both ways. Its entries live on for a while (closing).
+fn connect_and_close(w: &World, syn: &[u8], frontend: (Ipv4Addr, u16)) {
+    let (verdict, _) = w.uplink(syn);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the first connection's SYN delivered"
+    );
+    let (_, back) = w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x12), w.b_if);
+    assert_eq!(
+        (saddr(&back), sport(&back)),
+        frontend,
+        "the first connection's SYN-ACK"
+    );
+    w.uplink(&tcp(X, 50000, B, BACKEND_PORT, 0x11));
+    w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x11), w.b_if);
+}
+
+/// The lab's rare unanswered node-port connection (RELIABILITY.md): a client's source port
+/// used again, first through another node's NodePort (DSR to B here), then through this
+/// node's own (B local, DNAT here). Both arrive at B as X:50000 -> B:8080, so the second SYN
+/// found the first connection's closing entries, and B's answers left from the other node's
+/// frontend, which the client ignores, through every retransmission.
+#[test]
+fn a_client_port_used_again_through_this_nodes_own_node_port_is_answered_from_it() {
+    let Some(mut w) = setup(ServiceLbMode::Dsr) else {
+        return;
+    };
+    expose_local(&mut w);
+    let plain = tcp(X, 50000, B, BACKEND_PORT, 0x02);
+    connect_and_close(
+        &w,
+        &with_option(&plain, ENTRY, NODE_PORT),
+        (ENTRY, NODE_PORT),
+    );
+
+    for attempt in ["SYN", "retransmitted SYN"] {
+        let (verdict, out) = w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x02));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{attempt} delivered to B");
+        assert_eq!(
+            (daddr(&out), dport(&out)),
+            (B, BACKEND_PORT),
+            "{attempt} DNATed"
+        );
+        let (_, back) = w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x12), w.b_if);
+        assert_eq!(
+            (saddr(&back), sport(&back)),
+            (NODE, NODE_PORT),
+            "the answer to the {attempt} leaves from the frontend the client used now"
+        );
+        assert_checksums_valid(&back, "SYN-ACK from this node's frontend");
+    }
+    // The rest of the connection keeps it.
+    w.uplink(&tcp(X, 50000, NODE, NODE_PORT, 0x10));
+    let (_, data) = w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x18), w.b_if);
+    assert_eq!((saddr(&data), sport(&data)), (NODE, NODE_PORT));
+    assert!(w.dp.maps.drain_drop_events().is_empty());
+}
+
+/// The other order: through this node's own NodePort first, then through another node's by
+/// DSR; and the DSR connection's packets after its SYN (no option) keep its frontend.
+#[test]
+fn a_client_port_used_again_through_another_nodes_node_port_is_answered_from_that_one() {
+    let Some(mut w) = setup(ServiceLbMode::Dsr) else {
+        return;
+    };
+    expose_local(&mut w);
+    connect_and_close(&w, &tcp(X, 50000, NODE, NODE_PORT, 0x02), (NODE, NODE_PORT));
+
+    let plain = tcp(X, 50000, B, BACKEND_PORT, 0x02);
+    let (verdict, _) = w.uplink(&with_option(&plain, ENTRY, NODE_PORT));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let (_, back) = w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x12), w.b_if);
+    assert_eq!((saddr(&back), sport(&back)), (ENTRY, NODE_PORT));
+    w.uplink(&tcp(X, 50000, B, BACKEND_PORT, 0x10));
+    let (_, data) = w.egress(&tcp(B, BACKEND_PORT, X, 50000, 0x18), w.b_if);
+    assert_eq!(
+        (saddr(&data), sport(&data)),
+        (ENTRY, NODE_PORT),
+        "a packet without the option names no frontend and changes nothing"
+    );
+    assert!(w.dp.maps.drain_drop_events().is_empty());
+}
+
 #[test]
 fn without_the_option_a_reply_keeps_the_backend_address() {
     let Some(w) = setup(ServiceLbMode::Snat) else {

@@ -29,6 +29,15 @@ static __always_inline int ingress_verdict(struct __sk_buff *skb, struct pkt_ctx
 {
 	int ct = ct_lookup(skb, ctx, l3_off, now, entry, 0);
 	struct ct_value *e = *entry;
+	/* The same tuple as an earlier connection through another frontend (a client's source
+	 * port used again, through another node's node port or this node's own, while the first
+	 * connection's closed entries live on): a new connection, whose entries must name the
+	 * frontend its replies leave from, or every reply leaves from the old one and the client
+	 * never hears back. A packet naming no frontend (svc_addr 0: the rest of a DSR connection
+	 * after its SYN) says nothing. As from-endpoint does for its own clients. */
+	if (ct == CT_ESTABLISHED && e && ctx->svc_addr &&
+	    (e->nat_addr != ctx->svc_addr || e->nat_port != ctx->svc_port))
+		ct = CT_NEW;
 	if (ct == CT_NEW || (ct == CT_ESTABLISHED && e && e->policy_revision != revision)) {
 		int ret = policy_check(ctx->dst_identity, peer, ctx, MESHD_DIR_INGRESS);
 		if (ret < 0)

@@ -7,7 +7,8 @@
  *   the frontend in the DSR option, inserted after the fixed IPv4 header;
  * - the backend's node (dsr_take_option): takes the option out before delivery and hands the
  *   frontend to conntrack, which keeps it in the connection's entries exactly as for a
- *   frontend of its own (ct_create, or dsr_record for a tuple already known), so from-endpoint's
+ *   frontend of its own (ct_create; a tuple known with another frontend is a new connection,
+ *   see ingress_verdict in deliver.h), so from-endpoint's
  *   lb_reverse gives the replies the frontend as source and world routing takes them straight
  *   to the client. No map of its own: the CT entries are per connection already, live exactly
  *   as long as the connection, are looked up by the reply path anyway (no extra lookup per
@@ -163,26 +164,6 @@ static __always_inline int dsr_take_option(struct __sk_buff *skb, struct pkt_ctx
 		}
 	}
 	return 1;
-}
-
-/* A packet with the option whose connection conntrack knows already (a retransmitted SYN, the
- * next UDP datagram, a tuple reused): its entries get the frontend the option names, if they
- * hold another (or none). entry is the packet's direction's entry. */
-static __always_inline void dsr_record(const struct pkt_ctx *ctx, struct ct_value *entry)
-{
-	if (!ctx->svc_addr || (entry->nat_addr == ctx->svc_addr && entry->nat_port == ctx->svc_port))
-		return;
-	entry->nat_addr = ctx->svc_addr;
-	entry->nat_port = ctx->svc_port;
-	struct ct_key key = {}, rkey = {};
-	ct_key_of(ctx, &key);
-	ct_reverse(&key, &rkey);
-	struct ct_value *reply = bpf_map_lookup_elem(&CT, &rkey);
-	if (reply) {
-		reply->nat_addr = ctx->svc_addr;
-		reply->nat_port = ctx->svc_port;
-		reply->flags |= MESHD_CT_F_REV_NAT;
-	}
 }
 
 /*
