@@ -345,6 +345,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Time the runtime worker spent in those naps.",
         nap_seconds,
     );
+    counter(
+        &mut r,
+        "worker_nap_backoffs",
+        "Times naps turned themselves off for a few wake-ups because they gathered one event each (changes made one at a time).",
+        s.naps.backoffs,
+    );
     let rt = s.routing;
     if rt.auto_direct_node_routes && rt.mode == "native" {
         let installed: Gauge = Gauge::default();
@@ -472,6 +478,7 @@ mod tests {
             naps: crate::moderation::NapStats {
                 naps: 4,
                 nap_micros: 2_500,
+                backoffs: 1,
             },
         });
         for line in [
@@ -504,6 +511,7 @@ mod tests {
             "meshd_reconciler_operations_total 12",
             "meshd_worker_naps_total 4",
             "meshd_worker_nap_seconds_total 0.0025",
+            "meshd_worker_nap_backoffs_total 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }

@@ -19,10 +19,12 @@
 //! the agent alike (its API, health checks and leases too: milliseconds against their seconds).
 //!
 //! Changes made one at a time, each after the last has shown (a script, an operator), come as
-//! close together as churn does but gain nothing from a nap: one in `1 + NAP_BACKOFF` of them
-//! waits, as a nap that gathered one event turns naps off for the next [`NAP_BACKOFF`]
-//! wake-ups (the events counted as etcd watch events received,
-//! [`meshd_kvstore::watch_events_received`], whatever becomes of them). A wake-up that already
+//! close together as churn does but gain nothing from a nap: [`SINGLES_TO_BACK_OFF`] naps in a
+//! row that each gathered one event turn naps off for the next [`NAP_BACKOFF`] wake-ups, so
+//! two in `2 + NAP_BACKOFF` of them wait (the events counted as etcd watch events received,
+//! [`meshd_kvstore::watch_events_received`], whatever becomes of them). Under churn a nap
+//! gathers one event now and then (the changes come in bursts); one such nap alone says
+//! nothing. A wake-up that already
 //! found a batch ([`BATCH_ENOUGH`] events: a flood, a busy cluster) takes no nap either: its
 //! wake-up is paid for, and a nap would only hold a quiet cluster's change back behind it.
 //!
@@ -42,6 +44,12 @@ pub const BULK_HOLD_OFF: Duration = Duration::from_millis(100);
 /// a nap and would each wait out a window; so only one in `1 + NAP_BACKOFF` of them does.
 pub const NAP_BACKOFF: u32 = 8;
 
+/// Naps in a row that each gathered a single event before naps back off. One is not enough:
+/// under churn the changes come in bursts (a writer's puts committed together), and a nap
+/// between two bursts gathers a single event often enough (about one in six at 1,000 changes a
+/// second) that backing off on it kept the CPU per event above the goal.
+pub const SINGLES_TO_BACK_OFF: u32 = 2;
+
 /// A wake-up that handled this many events or more takes no nap: its wake-up cost is already
 /// shared by a batch (a flood, a busy cluster), and a nap would only delay the next change of
 /// a quiet cluster behind it.
@@ -57,6 +65,8 @@ pub struct Spells {
     events_at_wake: u64,
     /// Whether the worker napped before it last parked.
     napped: bool,
+    /// Naps in a row whose wake-up handled exactly one event.
+    singles: u32,
     /// Wake-ups left to go without a nap.
     backoff: u32,
 }
@@ -83,12 +93,21 @@ impl Spells {
 /// holds naps off (start-up, recent bulk work), the wake-up now ending handled fewer than
 /// [`BATCH_ENOUGH`] events and naps are paying; otherwise none. A nap pays unless the wake-up
 /// after it handled exactly one event (none: it woke for something else, a timer, and says
-/// nothing); after one that did not, [`NAP_BACKOFF`] wake-ups go without. A zero window turns
-/// moderation off.
+/// nothing); after [`SINGLES_TO_BACK_OFF`] in a row that did not, [`NAP_BACKOFF`] wake-ups go
+/// without. A zero window turns moderation off.
 pub fn nap(window: Duration, spells: &mut Spells, events: u64, held_off: bool) -> Option<Duration> {
     let handled = events.wrapping_sub(spells.events_at_wake);
-    if std::mem::take(&mut spells.napped) && handled == 1 {
-        spells.backoff = NAP_BACKOFF;
+    if std::mem::take(&mut spells.napped) {
+        match handled {
+            0 => {}
+            1 => spells.singles += 1,
+            _ => spells.singles = 0,
+        }
+        if spells.singles >= SINGLES_TO_BACK_OFF {
+            spells.singles = 0;
+            spells.backoff = NAP_BACKOFF;
+            BACKOFFS.fetch_add(1, Ordering::Relaxed);
+        }
     }
     if window.is_zero() || held_off || handled >= BATCH_ENOUGH {
         return None;
@@ -111,11 +130,14 @@ pub fn nap(window: Duration, spells: &mut Spells, events: u64, held_off: bool) -
 pub struct NapStats {
     pub naps: u64,
     pub nap_micros: u64,
+    /// Times naps turned themselves off for [`NAP_BACKOFF`] wake-ups.
+    pub backoffs: u64,
 }
 
 static ARMED: AtomicBool = AtomicBool::new(false);
 static NAPS: AtomicU64 = AtomicU64::new(0);
 static NAP_MICROS: AtomicU64 = AtomicU64::new(0);
+static BACKOFFS: AtomicU64 = AtomicU64::new(0);
 
 /// Naps may start: the agent's initial sync is done.
 pub fn arm() {
@@ -126,6 +148,7 @@ pub fn stats() -> NapStats {
     NapStats {
         naps: NAPS.load(Ordering::Relaxed),
         nap_micros: NAP_MICROS.load(Ordering::Relaxed),
+        backoffs: BACKOFFS.load(Ordering::Relaxed),
     }
 }
 
@@ -245,15 +268,28 @@ mod tests {
         assert_eq!(naps_in(10, |_| 3), 9);
     }
 
-    /// Changes made one at a time: a nap that gathers one event backs off for NAP_BACKOFF
-    /// wake-ups; wake-ups for no event (timers) neither pay nor cost.
+    /// Changes made one at a time: two naps in a row that each gather one event back off for
+    /// NAP_BACKOFF wake-ups; wake-ups for no event (timers) neither pay nor cost.
     #[test]
     fn naps_that_gather_one_event_back_off() {
-        let cycles = 1 + 5 * (1 + NAP_BACKOFF as u64);
-        // Naps at cycles 1, 10, 19, 28, 37: one in nine.
-        assert_eq!(naps_in(cycles, |_| 1), 5);
+        let singles = u64::from(SINGLES_TO_BACK_OFF);
+        let period = singles + u64::from(NAP_BACKOFF);
+        let cycles = 1 + 5 * period;
+        // Naps at cycles 1-2, 11-12, 21-22, 31-32, 41-42: two in ten.
+        assert_eq!(naps_in(cycles, |_| 1), 5 * singles);
         // Every wake-up for a timer: nothing learnt, naps continue.
         assert_eq!(naps_in(10, |_| 0), 9);
+    }
+
+    /// Churn in bursts: a nap that gathers one event between naps that gather several does not
+    /// turn naps off.
+    #[test]
+    fn a_single_event_nap_among_busier_ones_does_not_back_off() {
+        // Wake-up i handles the events that came before it: 1, 3, 1, 3, ...
+        assert_eq!(naps_in(20, |i| if i % 2 == 0 { 1 } else { 3 }), 19);
+        // Two singles in a row among them do.
+        let pattern = |i: u64| if i % 6 < 2 { 1 } else { 3 };
+        assert!(naps_in(20, pattern) < 19);
     }
 
     /// A flood: every wake-up finds a batch already, and a nap would only hold a quiet
