@@ -214,11 +214,17 @@ pub fn connect_from_port(
         }
     };
     if rc != 0 {
+        let err = std::io::Error::last_os_error();
         let step = ["", "setsockopt", "bind", "connect"][rc.unsigned_abs() as usize];
+        // connect(2) past SO_SNDTIMEO says EINPROGRESS: the SYN went unanswered.
+        let why = if rc == -3 && err.raw_os_error() == Some(libc::EINPROGRESS) {
+            format!("no answer within {timeout:?}")
+        } else {
+            err.to_string()
+        };
         bail!(
-            "{step} from port {local_port} to {addr} in {}: {}",
-            netns.display(),
-            std::io::Error::last_os_error()
+            "{step} from port {local_port} to {addr} in {}: {why}",
+            netns.display()
         );
     }
     let stream = TcpStream::from(fd);

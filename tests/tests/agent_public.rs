@@ -426,3 +426,43 @@ fn in_native_routing_dsr_keeps_the_client_and_the_backends_node_answers_it() -> 
     assert!(mesh.counted("c1", "n2", "forwarded-world")? > 0);
     Ok(())
 }
+
+/// A client's source port used again (RELIABILITY.md, the node-port flake): first through
+/// n1's NodePort (DSR to n2's backend), then, while n2 still holds that closed connection's
+/// entries, through n2's own NodePort (the same backend, local there). Both reach the backend
+/// as the same tuple; the second is answered from n2's NodePort, not from n1's, which the
+/// client would ignore through every retransmission.
+#[test]
+fn in_dsr_a_client_port_used_again_through_the_backends_own_node_port_is_answered(
+) -> anyhow::Result<()> {
+    let opts = outside(true).agent_config("service_lb_mode: dsr");
+    let Some(Setup { mesh, web, n1, n2 }) = start_with(opts)? else {
+        return Ok(());
+    };
+    mesh.publish_service("c1", &record(&[&web[1]], TrafficPolicy::Cluster))?;
+    wait_for("n1's node port to reach n2's backend", CONVERGE, || {
+        via_node_port(&mesh, n1)
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+    wait_for("n2's node port to reach its backend", CONVERGE, || {
+        via_node_port(&mesh, n2)
+    })
+    .map_err(|e| e.context(mesh.logs()))?;
+
+    let ext = mesh.external.as_ref().expect("outside");
+    const CLIENT_PORT: u16 = 41000;
+    for (node, through) in [(n1, "n1's node port (DSR)"), (n2, "n2's own node port")] {
+        let to = SocketAddr::from((node, NODE_PORT));
+        let mut s = netns_io::connect_from_port(&ext.host.path(), CLIENT_PORT, to, TIMEOUT)
+            .map_err(|e| e.context(format!("from port {CLIENT_PORT} through {through}")))?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let seen = read_seen_address(&mut s)?;
+        assert_eq!(
+            seen,
+            SocketAddr::from((ext.host_ip, CLIENT_PORT)),
+            "through {through}"
+        );
+        netns_io::echo_round_trip(&mut s, b"the same client port")?;
+    }
+    Ok(())
+}
