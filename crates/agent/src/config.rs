@@ -342,9 +342,9 @@ pub const DEFAULT_UNDERLAY_MTU: u32 = 1500;
 pub const DEFAULT_RESYNC_INTERVAL_SECS: u64 = 300;
 pub const DEFAULT_CERT_EXPIRY_WARNING_DAYS: u32 = 30;
 /// 3 ms: under churn at 1,000 events/s on 500k entries, 44-53 us of CPU per event against
-/// 80-89 without (2 ms: 54-60 us), the churn's changes waiting up to the window; changes made
-/// one at a time: median 1.2 ms against 1.0 (BENCHMARKS.md, issue 11, session 13). A change
-/// after a quiet spell does not wait.
+/// 80-89 without (2 ms: 54-60 us; 37.6-38.6 us on session 14's machine), the churn's changes
+/// waiting up to the window; changes made one at a time: median 0.8-1.2 ms against 0.9-1.0
+/// (BENCHMARKS.md, issue 11, sessions 13 and 14). A change after a quiet spell does not wait.
 pub const DEFAULT_EVENT_MODERATION_US: u64 = 3_000;
 /// 10 ms: past that the latency it adds would rival etcd's own.
 pub const MAX_EVENT_MODERATION_US: u64 = 10_000;
