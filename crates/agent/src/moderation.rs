@@ -24,9 +24,9 @@
 //! two in `2 + NAP_BACKOFF` of them wait (the events counted as etcd watch events received,
 //! [`meshd_kvstore::watch_events_received`], whatever becomes of them). Under churn a nap
 //! gathers one event now and then (the changes come in bursts); one such nap alone says
-//! nothing. A wake-up that already
-//! found a batch ([`BATCH_ENOUGH`] events: a flood, a busy cluster) takes no nap either: its
-//! wake-up is paid for, and a nap would only hold a quiet cluster's change back behind it.
+//! nothing. A wake-up that already found a batch ([`BATCH_ENOUGH`] events: a flood, a busy
+//! cluster) takes no nap either: its wake-up is paid for, and a nap would only hold a quiet
+//! cluster's change back behind it.
 //!
 //! The policy ([`Spells`], [`nap`]) is pure; [`install`] wires it into the runtime's park
 //! hooks.
@@ -39,15 +39,18 @@ use std::time::{Duration, Instant};
 /// sync's pages and between a full diff's batches.
 pub const BULK_HOLD_OFF: Duration = Duration::from_millis(100);
 
-/// After a nap that gathered a single event, the wake-ups that go without a nap: changes made
-/// one at a time, each waiting for the last to show (a script, an operator), gain nothing from
-/// a nap and would each wait out a window; so only one in `1 + NAP_BACKOFF` of them does.
+/// After [`SINGLES_TO_BACK_OFF`] naps that each gathered a single event, the wake-ups that go
+/// without a nap: changes made one at a time, each waiting for the last to show (a script, an
+/// operator), gain nothing from a nap and would each wait out a window; so only two in
+/// `2 + NAP_BACKOFF` of them do.
 pub const NAP_BACKOFF: u32 = 8;
 
-/// Naps in a row that each gathered a single event before naps back off. One is not enough:
+/// Naps in a row that each gathered a single event before naps back off. One says little:
 /// under churn the changes come in bursts (a writer's puts committed together), and a nap
-/// between two bursts gathers a single event often enough (about one in six at 1,000 changes a
-/// second) that backing off on it kept the CPU per event above the goal.
+/// between two bursts gathers a single event now and then; each such back-off costs the churn
+/// [`NAP_BACKOFF`] wake-ups of one event each. Changes made one at a time give a single event
+/// after every nap, so two in a row still tell them apart (BENCHMARKS.md, issue 11, session
+/// 14: no cost to either measured).
 pub const SINGLES_TO_BACK_OFF: u32 = 2;
 
 /// A wake-up that handled this many events or more takes no nap: its wake-up cost is already
