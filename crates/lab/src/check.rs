@@ -468,10 +468,10 @@ pub fn run_check(
                     "allow",
                 );
                 let count = if local { 6 } else { 20 };
-                // Two connections per request: about one node-port connection in a thousand
-                // through direct server return has gone unanswered for 3 s (twice in some
-                // thirty lab runs, one of a row's 20 each time; cause not found yet). The retry
-                // keeps a lab up while it shows in the row's detail.
+                // Two connections per request: a node-port connection through direct server
+                // return once went unanswered about one in a thousand (a client port reused
+                // through another node's node port, fixed in the datapath: RELIABILITY.md). A
+                // retry keeps a lab up and shows in the row's detail, where any is worth a look.
                 pending.push(from_external(
                     meshd,
                     ext,
